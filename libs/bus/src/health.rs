@@ -1,0 +1,65 @@
+//! Health over the bus: every service copy answers `dispatch.health.<service>` and
+//! `dispatch.health.<service>.<instance>` with a [`Health`] reply while it runs.
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Bus, Error, subject};
+
+/// What a service says about itself when asked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    pub service: String,
+    pub instance: String,
+    pub pid: u32,
+    /// Service-specific facts, e.g. the HTTP address ingress listens on.
+    #[serde(default)]
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Health {
+    pub fn new(service: &str, instance: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+            pid: std::process::id(),
+            detail: Default::default(),
+        }
+    }
+}
+
+/// A name for this process among the copies of its service: `<pid>-<random>`.
+pub fn instance_name() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("{}-{}", std::process::id(), &id[id.len() - 6..])
+}
+
+/// Answers health requests until `shutdown` fires.
+pub async fn serve(bus: Bus, health: Health, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = bus.client();
+    let all = client
+        .subscribe(subject::health(&health.service))
+        .await
+        .map_err(|e| Error::other("subscribe health", e))?;
+    let one = client
+        .subscribe(subject::health_instance(&health.service, &health.instance))
+        .await
+        .map_err(|e| Error::other("subscribe health", e))?;
+    let mut requests = futures::stream::select(all, one);
+    let body: bytes::Bytes = serde_json::to_vec(&health)
+        .map_err(|e| Error::other("encode health", e))?
+        .into();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            request = requests.next() => {
+                let Some(request) = request else { return Ok(()) };
+                if let Some(reply) = request.reply {
+                    // A lost health reply only delays whoever asked; they ask again.
+                    let _ = client.publish(reply, body.clone()).await;
+                }
+            }
+        }
+    }
+}

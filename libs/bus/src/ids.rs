@@ -1,0 +1,112 @@
+//! Identifiers that end up inside subjects, validated once at the edge so that no
+//! user input can add a token or a wildcard to a subject.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("run id {0:?} is not a UUID")]
+    BadRunId(String),
+    #[error(
+        "conversation id {0:?} must be 1 to 128 characters of letters, digits, '-' or '_'"
+    )]
+    BadConversation(String),
+}
+
+/// A run's id: a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RunId(uuid::Uuid);
+
+impl RunId {
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl Default for RunId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Only the canonical hyphenated lowercase form, so one run has one subject.
+        match uuid::Uuid::try_parse(s) {
+            Ok(id) if id.hyphenated().to_string() == s => Ok(Self(id)),
+            _ => Err(IdError::BadRunId(s.to_owned())),
+        }
+    }
+}
+
+/// The conversation a run reports back to. Used as a subject token.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConversationId(String);
+
+impl ConversationId {
+    /// The conversation used when an origin names none.
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ConversationId {
+    fn default() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+}
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ConversationId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(IdError::BadConversation(s.to_owned()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_parse_only_canonical_uuids() {
+        let id = RunId::new();
+        assert_eq!(id.to_string().parse::<RunId>(), Ok(id));
+        assert!("nope".parse::<RunId>().is_err());
+        assert!(id.to_string().to_uppercase().parse::<RunId>().is_err());
+        assert!("dispatch.run.*".parse::<RunId>().is_err());
+    }
+
+    #[test]
+    fn conversation_ids_cannot_carry_subject_syntax() {
+        for bad in ["", "a.b", "a*", ">", "a b", &"x".repeat(129)] {
+            assert!(bad.parse::<ConversationId>().is_err(), "{bad:?} accepted");
+        }
+        assert!("chat_7-A".parse::<ConversationId>().is_ok());
+    }
+}

@@ -1,0 +1,192 @@
+//! The bus: everything Dispatch's services need to talk over NATS and JetStream.
+//!
+//! It owns the subject names ([`subject`]), the streams and their declarations
+//! ([`streams`]), connecting with a useful error when NATS is not there, and the one
+//! primitive every append goes through: publish with `Nats-Msg-Id` (dedupe) and
+//! `Nats-Expected-Last-Subject-Sequence` (optimistic concurrency), whose lost race is a
+//! matchable [`ErrorKind::Conflict`]. It does not know what an event means: the run log
+//! (`dispatch-runlog`) and the services do.
+
+pub mod health;
+pub mod ids;
+pub mod streams;
+pub mod subject;
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use bytes::Bytes;
+
+pub use async_nats;
+pub use ids::{ConversationId, IdError, RunId};
+
+/// What went wrong, for callers that must branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// NATS could not be reached at all.
+    Unreachable,
+    /// An optimistic append lost: the subject's last sequence was not the expected one.
+    Conflict,
+    /// A request got no answer in time, or nobody listens on the subject.
+    NoResponders,
+    /// Anything else the server or client reported.
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    fn other(context: &str, err: impl std::fmt::Display) -> Self {
+        Self::new(ErrorKind::Other, format!("{context}: {err}"))
+    }
+}
+
+/// A connected bus: the core client and a JetStream context. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+/// The outcome of a successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Stream sequence the message is stored at.
+    pub stream_seq: u64,
+    /// True when the server already had a message with this id and dropped ours.
+    pub duplicate: bool,
+}
+
+impl Bus {
+    /// Connects to `url` and declares every stream Dispatch uses (idempotently).
+    ///
+    /// The first connection attempt fails fast with [`ErrorKind::Unreachable`] and a
+    /// message saying how to start NATS; after that the client reconnects on its own.
+    pub async fn connect(url: &str, name: &str) -> Result<Self, Error> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(3))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(url)
+            .await
+            .map_err(|e| unreachable_error(url, e))?;
+        // `retry_on_initial_connect` makes `connect` return before the socket is up, so
+        // check that the server answers before claiming we are connected.
+        let probe = tokio::time::timeout(Duration::from_secs(3), client.flush()).await;
+        if !matches!(probe, Ok(Ok(()))) {
+            return Err(unreachable_error(url, "no answer within 3s"));
+        }
+        let js = jetstream::new(client.clone());
+        let bus = Self { client, js };
+        streams::ensure(&bus).await?;
+        Ok(bus)
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Publishes `payload` to a stream subject and waits for the server's ack.
+    ///
+    /// `msg_id` becomes `Nats-Msg-Id`, so a retry inside the stream's duplicate window is
+    /// stored once. With `expected_last_subject_seq`, the append only succeeds if the last
+    /// message on `subject` is at that stream sequence (0: the subject is empty);
+    /// otherwise it fails with [`ErrorKind::Conflict`].
+    pub async fn append(
+        &self,
+        subject: subject::Subject,
+        msg_id: &str,
+        expected_last_subject_seq: Option<u64>,
+        extra_headers: Option<HeaderMap>,
+        payload: Bytes,
+    ) -> Result<Appended, Error> {
+        let mut headers = extra_headers.unwrap_or_default();
+        headers.insert("Nats-Msg-Id", msg_id);
+        if let Some(seq) = expected_last_subject_seq {
+            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(publish_error)?
+            .await
+            .map_err(publish_error)?;
+        Ok(Appended {
+            stream_seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Sends a JSON request on a core subject and decodes the JSON reply.
+    pub async fn request_json<Q, R>(
+        &self,
+        subject: subject::Subject,
+        query: &Q,
+        timeout: Duration,
+    ) -> Result<R, Error>
+    where
+        Q: serde::Serialize,
+        R: serde::de::DeserializeOwned,
+    {
+        let body = serde_json::to_vec(query).map_err(|e| Error::other("encode request", e))?;
+        let name = subject.as_str().to_owned();
+        let reply = tokio::time::timeout(
+            timeout,
+            self.client.request(subject, body.into()),
+        )
+        .await
+        .map_err(|_| Error::new(ErrorKind::NoResponders, format!("no reply on {name}")))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::TimedOut => {
+                Error::new(ErrorKind::NoResponders, format!("nobody answers on {name}"))
+            }
+            _ => Error::other("request", e),
+        })?;
+        serde_json::from_slice(&reply.payload)
+            .map_err(|e| Error::other(&format!("decode reply on {name}"), e))
+    }
+}
+
+fn unreachable_error(url: &str, cause: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unreachable,
+        format!(
+            "cannot reach NATS at {url} ({cause}); start the local stack with `dispatch up` \
+             (or `cargo xtask up`), or point NATS_URL at a running nats-server with JetStream"
+        ),
+    )
+}
+
+fn publish_error(err: jetstream::context::PublishError) -> Error {
+    match err.kind() {
+        PublishErrorKind::WrongLastSequence => Error::new(
+            ErrorKind::Conflict,
+            "append lost the race: the subject moved past the expected sequence",
+        ),
+        PublishErrorKind::BrokenPipe => Error::new(ErrorKind::Unreachable, "connection to NATS lost"),
+        _ => Error::other("publish", err),
+    }
+}

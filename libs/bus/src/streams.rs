@@ -1,0 +1,77 @@
+//! The streams Dispatch keeps, declared idempotently by whichever process starts first.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+
+use crate::{Bus, Error, subject};
+
+/// Every run's append-only event log, one subject per run.
+pub const RUNS: &str = "DISPATCH_RUNS";
+/// Commands (goal, policy check, tool call, gate check): each handled once.
+pub const COMMANDS: &str = "DISPATCH_COMMANDS";
+/// Events the ledger itself owns: feedback drains.
+pub const LEDGER: &str = "DISPATCH_LEDGER";
+
+/// Durable consumer names, one per command subject.
+pub mod consumers {
+    pub const DISPATCHER_GOALS: &str = "dispatcher-goals";
+    pub const POLICY_CHECKS: &str = "policy-checks";
+    pub const CONNECTOR_CALLS: &str = "connector-calls";
+}
+
+/// How long a re-published message with the same `Nats-Msg-Id` is recognised.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+fn runs() -> Config {
+    Config {
+        name: RUNS.to_owned(),
+        description: Some("Dispatch run event logs, one subject per run".to_owned()),
+        subjects: vec![subject::RUNS_ALL.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: false,
+        ..Default::default()
+    }
+}
+
+fn commands() -> Config {
+    Config {
+        name: COMMANDS.to_owned(),
+        description: Some("Dispatch commands, each handled by one service copy".to_owned()),
+        subjects: vec![subject::COMMANDS_ALL.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::WorkQueue,
+        discard: DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+fn ledger() -> Config {
+    Config {
+        name: LEDGER.to_owned(),
+        description: Some("Dispatch ledger events (feedback drains)".to_owned()),
+        subjects: vec![subject::LEDGER_ALL.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Declares every stream. Safe to call from many processes at once.
+pub async fn ensure(bus: &Bus) -> Result<(), Error> {
+    for config in [runs(), commands(), ledger()] {
+        let name = config.name.clone();
+        bus.jetstream()
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| Error::other(&format!("declare stream {name}"), e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Every subject Dispatch uses, built here and nowhere else.
+//!
+//! Layout:
+//! - `dispatch.run.<run_id>`: one run's event log (stream `DISPATCH_RUNS`);
+//! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
+//! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
+//! - `dispatch.query.<name>`: core request/reply answered by the ledger;
+//! - `dispatch.health.<service>[.<instance>]`: core request/reply health checks.
+
+pub use async_nats::Subject;
+
+use crate::{ConversationId, RunId};
+
+const RUN_PREFIX: &str = "dispatch.run.";
+
+/// All run logs, for stream declaration and projections.
+pub const RUNS_ALL: &str = "dispatch.run.*";
+/// All commands.
+pub const COMMANDS_ALL: &str = "dispatch.cmd.*";
+/// All ledger-owned events.
+pub const LEDGER_ALL: &str = "dispatch.ledger.>";
+
+/// The subject of one run's event log.
+pub fn run(run_id: &RunId) -> Subject {
+    Subject::from(format!("{RUN_PREFIX}{run_id}"))
+}
+
+/// The run id a run-log subject belongs to, if it is one.
+pub fn run_id_of(subject: &str) -> Option<RunId> {
+    subject.strip_prefix(RUN_PREFIX)?.parse().ok()
+}
+
+/// Command subjects; each is consumed by exactly one service's durable consumer.
+pub mod cmd {
+    use super::Subject;
+
+    pub const GOAL: &str = "dispatch.cmd.goal";
+    pub const POLICY: &str = "dispatch.cmd.policy";
+    pub const TOOL: &str = "dispatch.cmd.tool";
+    pub const GATE: &str = "dispatch.cmd.gate";
+
+    pub fn goal() -> Subject {
+        Subject::from_static(GOAL)
+    }
+    pub fn policy() -> Subject {
+        Subject::from_static(POLICY)
+    }
+    pub fn tool() -> Subject {
+        Subject::from_static(TOOL)
+    }
+    pub fn gate() -> Subject {
+        Subject::from_static(GATE)
+    }
+}
+
+/// The subject recording feedback drains of one conversation.
+pub fn drain(conversation: &ConversationId) -> Subject {
+    Subject::from(format!("dispatch.ledger.drain.{conversation}"))
+}
+
+/// The conversation a drain subject belongs to, if it is one.
+pub fn conversation_of_drain(subject: &str) -> Option<ConversationId> {
+    subject
+        .strip_prefix("dispatch.ledger.drain.")?
+        .parse()
+        .ok()
+}
+
+/// Queries the ledger answers (queue group [`QUERY_GROUP`]).
+pub mod query {
+    use super::Subject;
+
+    /// Queue group every ledger copy joins, so one copy answers each query.
+    pub const QUERY_GROUP: &str = "dispatch-ledger";
+    pub const RUNS: &str = "dispatch.query.runs";
+    pub const RUN: &str = "dispatch.query.run";
+    pub const TASKS: &str = "dispatch.query.tasks";
+
+    pub fn runs() -> Subject {
+        Subject::from_static(RUNS)
+    }
+    pub fn run() -> Subject {
+        Subject::from_static(RUN)
+    }
+    pub fn tasks() -> Subject {
+        Subject::from_static(TASKS)
+    }
+}
+
+/// The health subject every copy of `service` answers.
+pub fn health(service: &str) -> Subject {
+    Subject::from(format!("dispatch.health.{service}"))
+}
+
+/// The health subject only one copy (`instance`) of `service` answers.
+pub fn health_instance(service: &str, instance: &str) -> Subject {
+    Subject::from(format!("dispatch.health.{service}.{instance}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_subject_round_trips() {
+        let id = RunId::new();
+        let subject = run(&id);
+        assert_eq!(run_id_of(subject.as_str()), Some(id));
+        assert_eq!(run_id_of("dispatch.cmd.goal"), None);
+        assert_eq!(run_id_of("dispatch.run.not-a-uuid"), None);
+    }
+
+    #[test]
+    fn drain_subject_round_trips() {
+        let conversation: ConversationId = "chat-42".parse().unwrap();
+        let subject = drain(&conversation);
+        assert_eq!(conversation_of_drain(subject.as_str()), Some(conversation));
+    }
+}

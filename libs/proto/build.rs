@@ -1,0 +1,18 @@
+//! Compiles `proto/` with protox, so building Dispatch needs no `protoc`.
+
+use std::path::PathBuf;
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        root.join("dispatch/run/v1/events.proto"),
+        root.join("dispatch/command/v1/commands.proto"),
+    ];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let descriptors = protox::compile(&files, [&root]).expect("proto files compile");
+    prost_build::Config::new()
+        .compile_fds(descriptors)
+        .expect("prost code generation");
+}

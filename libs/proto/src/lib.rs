@@ -1,0 +1,55 @@
+//! The wire types of Dispatch: run events (`dispatch.run.v1`) and commands
+//! (`dispatch.command.v1`), generated from the `.proto` files under `proto/`.
+//!
+//! This crate owns only the generated types and tiny conveniences on them; how events
+//! are chained, appended and read belongs to `dispatch-runlog`, and where they travel
+//! belongs to `dispatch-bus`.
+
+pub mod run {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/dispatch.run.v1.rs"));
+
+        impl RunStatus {
+            /// The lowercase word people see (`done`, `blocked`, `stopped`).
+            pub fn word(self) -> &'static str {
+                match self {
+                    RunStatus::Unspecified => "unknown",
+                    RunStatus::Done => "done",
+                    RunStatus::Blocked => "blocked",
+                    RunStatus::Stopped => "stopped",
+                }
+            }
+        }
+
+        impl run_event::Body {
+            /// A stable snake_case name for the event kind, used in logs and JSON output.
+            pub fn kind(&self) -> &'static str {
+                use run_event::Body;
+                match self {
+                    Body::RunRequested(_) => "run_requested",
+                    Body::PlanAuthored(_) => "plan_authored",
+                    Body::PlanRejected(_) => "plan_rejected",
+                    Body::RunStarted(_) => "run_started",
+                    Body::LeafStarted(_) => "leaf_started",
+                    Body::ModelTurn(_) => "model_turn",
+                    Body::ToolCallRequested(_) => "tool_call_requested",
+                    Body::PolicyDecided(_) => "policy_decided",
+                    Body::ToolCallCompleted(_) => "tool_call_completed",
+                    Body::ToolCallFailed(_) => "tool_call_failed",
+                    Body::GateChecked(_) => "gate_checked",
+                    Body::LeafFinished(_) => "leaf_finished",
+                    Body::FeedbackQueued(_) => "feedback_queued",
+                    Body::RunFinished(_) => "run_finished",
+                }
+            }
+        }
+    }
+}
+
+pub mod command {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/dispatch.command.v1.rs"));
+    }
+}
+
+pub use prost::Message;

@@ -1,0 +1,175 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dispatch_bus::{RunId, async_nats, subject};
+use dispatch_proto::run::v1::{RunEvent, run_event::Body};
+use futures::StreamExt;
+use prost::Message as _;
+
+use crate::{Error, ErrorKind, FOLLOW_POLL, RunLog, StoredEvent, chain};
+
+/// One run's log as this process knows it: the verified events so far, and the means
+/// to append the next one or wait for others' appends.
+pub struct RunHandle {
+    log: RunLog,
+    run_id: RunId,
+    events: Vec<StoredEvent>,
+    live: Option<async_nats::Subscriber>,
+}
+
+impl RunHandle {
+    pub(crate) async fn load(log: RunLog, run_id: RunId) -> Result<Self, Error> {
+        let events = log.read(&run_id).await?;
+        Ok(Self {
+            log,
+            run_id,
+            events,
+            live: None,
+        })
+    }
+
+    pub fn run_id(&self) -> &RunId {
+        &self.run_id
+    }
+
+    pub fn events(&self) -> &[StoredEvent] {
+        &self.events
+    }
+
+    pub fn bodies(&self) -> impl Iterator<Item = &Body> {
+        self.events.iter().filter_map(|e| e.event.body.as_ref())
+    }
+
+    /// True once the log holds the run's terminal event.
+    pub fn is_finished(&self) -> bool {
+        self.bodies().any(|b| matches!(b, Body::RunFinished(_)))
+    }
+
+    /// Reads events appended since this handle last looked; returns how many.
+    pub async fn refresh(&mut self) -> Result<usize, Error> {
+        let after = self.events.last().map_or(0, |e| e.stream_seq);
+        let fresh = self.log.read_after(&self.run_id, after).await?;
+        chain::verify(&self.run_id, self.events.last().map(|e| &e.event), &fresh)?;
+        let n = fresh.len();
+        self.events.extend(fresh);
+        Ok(n)
+    }
+
+    /// Appends `body` as the next event, with a fresh event id.
+    ///
+    /// Fails with [`ErrorKind::Conflict`] when another writer appended since this handle
+    /// last read the log (the handle is refreshed, so the caller can decide again), and
+    /// with [`ErrorKind::Finished`] after the terminal event.
+    pub async fn append(&mut self, body: Body, causation_id: &str) -> Result<&StoredEvent, Error> {
+        self.append_with_id(uuid::Uuid::now_v7().to_string(), body, causation_id)
+            .await
+    }
+
+    /// Like [`Self::append`], with the event id chosen by the caller: an id that is
+    /// already in the log makes this a no-op returning the stored event.
+    pub async fn append_with_id(
+        &mut self,
+        event_id: String,
+        body: Body,
+        causation_id: &str,
+    ) -> Result<&StoredEvent, Error> {
+        if let Some(i) = self.position_of(&event_id) {
+            return Ok(&self.events[i]);
+        }
+        if self.is_finished() {
+            return Err(Error::new(
+                ErrorKind::Finished,
+                format!("run {} is finished; nothing can be appended", self.run_id),
+            ));
+        }
+        let (seq, prev_hash, expected) = match self.events.last() {
+            Some(last) => (last.event.seq + 1, last.event.hash.clone(), last.stream_seq),
+            None => (1, chain::GENESIS.to_vec(), 0),
+        };
+        let mut event = RunEvent {
+            event_id,
+            run_id: self.run_id.to_string(),
+            seq,
+            time_unix_ms: now_unix_ms(),
+            causation_id: causation_id.to_owned(),
+            prev_hash,
+            hash: Vec::new(),
+            writer: self.log.writer().to_owned(),
+            body: Some(body),
+        };
+        event.hash = chain::hash(&event).to_vec();
+        let result = self
+            .log
+            .bus()
+            .append(
+                subject::run(&self.run_id),
+                &event.event_id,
+                Some(expected),
+                None,
+                event.encode_to_vec().into(),
+            )
+            .await;
+        match result {
+            Ok(ack) if !ack.duplicate => {
+                self.events.push(StoredEvent {
+                    event,
+                    stream_seq: ack.stream_seq,
+                });
+                Ok(self.events.last().expect("just pushed"))
+            }
+            // The server already holds an event with this id: ours was a retry.
+            Ok(_) => {
+                self.refresh().await?;
+                let i = self.position_of(&event.event_id).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!("run {}: event {} acknowledged as duplicate but not in the log", self.run_id, event.event_id),
+                    )
+                })?;
+                Ok(&self.events[i])
+            }
+            Err(err) => {
+                let err = Error::from(err);
+                if err.kind() == ErrorKind::Conflict {
+                    self.refresh().await?;
+                    // A writer that chose the same id got there first: same event.
+                    if let Some(i) = self.position_of(&event.event_id) {
+                        return Ok(&self.events[i]);
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Waits until the log grows or `timeout` passes; returns how many events arrived.
+    pub async fn wait_for_more(&mut self, timeout: Duration) -> Result<usize, Error> {
+        if self.live.is_none() {
+            self.live = Some(self.log.subscribe(&self.run_id).await?);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = self.refresh().await?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(0);
+            }
+            let nap = (deadline - now).min(FOLLOW_POLL);
+            let live = self.live.as_mut().expect("subscribed above");
+            // Either a live notification or the poll interval: then read the log.
+            let _ = tokio::time::timeout(nap, live.next()).await;
+        }
+    }
+
+    fn position_of(&self, event_id: &str) -> Option<usize> {
+        self.events.iter().position(|e| e.event.event_id == event_id)
+    }
+}
+
+pub(crate) fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,184 @@
+//! The run log: one run's events, in order, hash-chained, on `dispatch.run.<run_id>`.
+//!
+//! This crate owns how an event gets into a run's log (envelope, hash chain, dedupe by
+//! event id, optimistic concurrency on the subject's last sequence), how a log is read
+//! back and verified, and how a reader follows a live run. It does not decide what a
+//! run does next: that is the dispatcher's job, and projections belong to the ledger.
+
+pub mod chain;
+mod handle;
+pub mod submit;
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use dispatch_bus::{Bus, RunId, async_nats, streams, subject};
+use dispatch_proto::run::v1::RunEvent;
+use prost::Message as _;
+
+pub use handle::RunHandle;
+
+/// What went wrong, for callers that must branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Another writer appended first; refresh and decide again.
+    Conflict,
+    /// The run already has its terminal event; nothing may follow it.
+    Finished,
+    /// The stored log does not verify: a broken chain, a gap, an undecodable event.
+    Corrupt,
+    /// NATS is not reachable.
+    Unreachable,
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl From<dispatch_bus::Error> for Error {
+    fn from(err: dispatch_bus::Error) -> Self {
+        let kind = match err.kind() {
+            dispatch_bus::ErrorKind::Conflict => ErrorKind::Conflict,
+            dispatch_bus::ErrorKind::Unreachable => ErrorKind::Unreachable,
+            _ => ErrorKind::Other,
+        };
+        Self::new(kind, err.to_string())
+    }
+}
+
+/// An event as stored: the decoded envelope and where the stream keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event: RunEvent,
+    pub stream_seq: u64,
+}
+
+/// Access to every run's log. Cheap to clone.
+#[derive(Clone)]
+pub struct RunLog {
+    bus: Bus,
+    stream: Stream,
+    writer: String,
+}
+
+impl RunLog {
+    /// Opens the run-log stream; `writer` names this process in the events it appends.
+    pub async fn open(bus: &Bus, writer: &str) -> Result<Self, Error> {
+        let stream = bus
+            .jetstream()
+            .get_stream(streams::RUNS)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Other, format!("open stream {}: {e}", streams::RUNS)))?;
+        Ok(Self {
+            bus: bus.clone(),
+            stream,
+            writer: writer.to_owned(),
+        })
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// Reads a run's whole log and verifies its chain. An unknown run has an empty log.
+    pub async fn read(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
+        let events = self.read_after(run_id, 0).await?;
+        chain::verify(run_id, None, &events)?;
+        Ok(events)
+    }
+
+    /// Opens a handle for appending to and following one run.
+    pub async fn handle(&self, run_id: RunId) -> Result<RunHandle, Error> {
+        RunHandle::load(self.clone(), run_id).await
+    }
+
+    /// Reads the events of a run stored after stream sequence `after`, in order,
+    /// without checking their chain (callers check it against what they hold).
+    pub async fn read_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
+        let subject = subject::run(run_id);
+        let mut next = after + 1;
+        let mut out = Vec::new();
+        loop {
+            let message = match self
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(out),
+                Err(e) => {
+                    return Err(Error::new(
+                        ErrorKind::Unreachable,
+                        format!("read run {run_id}: {e}"),
+                    ));
+                }
+            };
+            let event = decode(run_id, message.sequence, &message.payload)?;
+            next = message.sequence + 1;
+            out.push(StoredEvent {
+                event,
+                stream_seq: message.sequence,
+            });
+        }
+    }
+
+    pub(crate) fn writer(&self) -> &str {
+        &self.writer
+    }
+
+    pub(crate) async fn subscribe(&self, run_id: &RunId) -> Result<async_nats::Subscriber, Error> {
+        self.bus
+            .client()
+            .subscribe(subject::run(run_id))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unreachable, format!("follow run {run_id}: {e}")))
+    }
+}
+
+/// Decodes one stored event; a payload that is not a `RunEvent` of this run is corrupt.
+pub fn decode(run_id: &RunId, stream_seq: u64, payload: &[u8]) -> Result<RunEvent, Error> {
+    let event = RunEvent::decode(payload).map_err(|e| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("run {run_id}: stream sequence {stream_seq} is not a run event: {e}"),
+        )
+    })?;
+    if event.run_id != run_id.to_string() {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "run {run_id}: stream sequence {stream_seq} belongs to run {:?}",
+                event.run_id
+            ),
+        ));
+    }
+    if event.body.is_none() {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("run {run_id}: event {} has no body", event.seq),
+        ));
+    }
+    Ok(event)
+}
+
+/// How often a follower re-reads the log when no live notification arrives. Live
+/// notifications ride core NATS and can be missed across a reconnect; the poll makes
+/// that a delay, never a hang.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
