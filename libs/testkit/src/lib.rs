@@ -1,0 +1,270 @@
+//! The test harness: real parts, cleaned up on drop.
+//!
+//! - [`NatsServer`] spawns `nats-server` with JetStream on a random port (`-p -1`) and a
+//!   temporary store, reports its URL, restarts on the same store and port, and kills
+//!   and removes everything on drop.
+//! - [`Service`] starts one of Dispatch's binaries as a real process and waits for its
+//!   health reply on the bus (never a sleep).
+//!
+//! Binaries are looked up beside the test executable (`target/<profile>/`); `cargo xtask
+//! test` builds them first. The nats-server binary comes from `DISPATCH_NATS_SERVER`,
+//! the project's `.tools/bin/`, or `PATH`, in that order.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use dispatch_bus::Bus;
+use dispatch_bus::health::Health;
+use tokio::process::{Child, Command};
+
+/// How long a spawned process gets to become healthy.
+pub const STARTUP: Duration = Duration::from_secs(30);
+
+/// A `nats-server` child with JetStream, owned by a test.
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl NatsServer {
+    /// Starts a server on a random port with a fresh temporary store.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("dispatch-nats-").tempdir()?;
+        let mut server = Self {
+            child: None,
+            dir,
+            port: 0,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Where the server keeps its JetStream files and its log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Connects a bus client (streams declared).
+    pub async fn bus(&self) -> Result<Bus> {
+        Ok(Bus::connect(&self.url(), "dispatch-test").await?)
+    }
+
+    /// Kills the server (SIGKILL) and leaves it down until [`Self::restart`].
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and store.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await?;
+        self.spawn().await
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let binary = nats_server_binary()?;
+        let ports_dir = self.dir.path().join("ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        for entry in std::fs::read_dir(&ports_dir)? {
+            std::fs::remove_file(entry?.path())?;
+        }
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "--store_dir"])
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .arg("-l")
+            .arg(self.dir.path().join("nats.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", binary.display()))?;
+        self.child = Some(child);
+        self.port = wait_for_port(&ports_dir).await?;
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+async fn wait_for_port(ports_dir: &Path) -> Result<u16> {
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        if let Some(port) = read_ports_file(ports_dir) {
+            return Ok(port);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nats-server wrote no ports file in {}", ports_dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_ports_file(ports_dir: &Path) -> Option<u16> {
+    let entry = std::fs::read_dir(ports_dir).ok()?.flatten().next()?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let ports: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = ports["nats"].as_array()?.first()?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
+}
+
+/// The nats-server the tests use: `DISPATCH_NATS_SERVER`, `.tools/bin/`, or `PATH`.
+pub fn nats_server_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("DISPATCH_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let local = workspace_root().join(".tools/bin/nats-server");
+    if local.exists() {
+        return Ok(local);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.exists());
+    on_path.context("no nats-server: run `cargo xtask test`, which installs one into .tools/")
+}
+
+/// The repository root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root exists")
+}
+
+/// Where cargo put the workspace's binaries for the running test profile.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A Dispatch binary running as a child process, killed on drop.
+pub struct Service {
+    pub name: String,
+    pub instance: String,
+    child: Child,
+    health: Health,
+}
+
+impl Service {
+    /// Starts `dispatch-<service>` against `nats_url` with extra `args`, and waits until
+    /// it answers on its instance health subject.
+    pub async fn start(service: &str, nats_url: &str, workspace: &Path, args: &[&str]) -> Result<Self> {
+        let binary = bin_dir().join(format!("dispatch-{service}"));
+        if !binary.exists() {
+            bail!(
+                "{} is not built: run `cargo build --bins` (cargo xtask test does)",
+                binary.display()
+            );
+        }
+        let instance = format!("{service}-{}", uuid_suffix());
+        let log = std::fs::File::create(workspace.join(format!(".{instance}.log")))?;
+        let child = Command::new(&binary)
+            .arg("--nats-url")
+            .arg(nats_url)
+            .arg("--workspace")
+            .arg(workspace)
+            .arg("--instance")
+            .arg(&instance)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", binary.display()))?;
+        let bus = Bus::connect(nats_url, "dispatch-test-health").await?;
+        let health = wait_healthy(&bus, service, &instance).await?;
+        Ok(Self {
+            name: service.to_owned(),
+            instance,
+            child,
+            health,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.health.pid
+    }
+
+    /// What the service reported about itself, e.g. ingress's `http_addr`.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// SIGKILL, the way a crash looks.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns its exit status code.
+    pub async fn terminate(&mut self) -> Result<Option<i32>> {
+        let pid = self.child.id().context("already exited")?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let exit = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .context("service did not exit within 20s of SIGTERM")??;
+        Ok(exit.code())
+    }
+}
+
+/// Waits until `instance` of `service` answers its health subject.
+pub async fn wait_healthy(bus: &Bus, service: &str, instance: &str) -> Result<Health> {
+    let subject = dispatch_bus::subject::health_instance(service, instance);
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        match bus
+            .request_json::<_, Health>(subject.clone(), &(), Duration::from_millis(500))
+            .await
+        {
+            Ok(health) => return Ok(health),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => bail!("{service} ({instance}) never became healthy: {e}"),
+        }
+    }
+}
+
+fn uuid_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}{:08x}", std::process::id(), nanos)
+}
