@@ -1,0 +1,413 @@
+//! The `:done-when:` gate language: a tiny, closed subset of shell.
+//!
+//! A gate is untrusted input written by a model, so it is parsed here into a [`Gate`]
+//! and never handed to a shell. What parses: `test`/`[ ]` with `-s -f -d -e -r -n -z`
+//! and `=`/`!=`, `grep` with `-q -i -F -E -w -x` (combinable), `true`, `false`, `ls`,
+//! `cat`, joined by `&&`/`||` (left to right, as in sh) and prefixed by `!`. Anything
+//! else (an unknown command, pipes, redirections, `$`, globs, paths leaving the run
+//! directory) is an error, so the gate fails closed.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    #[error("unknown command {0:?}: gates may use test, [, grep, ls, cat, true, false")]
+    UnknownCommand(String),
+    #[error("unsupported shell syntax {0:?}: gates are not run by a shell")]
+    Unsupported(String),
+    #[error("path {0:?} is outside the run directory")]
+    PathOutsideRun(String),
+    #[error("{0}")]
+    Syntax(String),
+}
+
+impl GateError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            GateError::UnknownCommand(_) => "unknown_command",
+            GateError::Unsupported(_) => "unsupported_syntax",
+            GateError::PathOutsideRun(_) => "path_outside_run",
+            GateError::Syntax(_) => "gate_syntax",
+        }
+    }
+}
+
+/// A parsed gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    Check(Check),
+    Not(Box<Gate>),
+    And(Box<Gate>, Box<Gate>),
+    Or(Box<Gate>, Box<Gate>),
+}
+
+/// One command of a gate. Paths are relative to the run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    True,
+    False,
+    /// `test -s`: exists, is a file, and is not empty.
+    NonEmpty(String),
+    /// `test -f`
+    IsFile(String),
+    /// `test -d`, `ls`
+    IsDir(String),
+    /// `test -e`, `test -r`, `ls`
+    Exists(String),
+    /// `cat`: a readable file.
+    Readable(String),
+    /// `test -n` (true) / `test -z` (false)
+    StringNonEmpty(String, bool),
+    /// `test a = b` (true) / `test a != b` (false)
+    StringEquals(String, String, bool),
+    Grep(Grep),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grep {
+    pub pattern: String,
+    pub path: String,
+    pub ignore_case: bool,
+    pub fixed: bool,
+    pub word: bool,
+    pub line: bool,
+}
+
+/// Parses a gate, checking its syntax, its commands and that its paths stay inside
+/// the run directory.
+pub fn parse(source: &str) -> Result<Gate, GateError> {
+    let tokens = tokenize(source)?;
+    if tokens.is_empty() {
+        return Err(GateError::Syntax("the gate is empty".into()));
+    }
+    let mut parser = Parser { tokens, pos: 0 };
+    let gate = parser.list()?;
+    if let Some(extra) = parser.tokens.get(parser.pos) {
+        return Err(GateError::Syntax(format!("unexpected {extra}")));
+    }
+    Ok(gate)
+}
+
+impl Gate {
+    /// Every path the gate looks at, in order.
+    pub fn paths(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.walk(&mut |check| match check {
+            Check::NonEmpty(p)
+            | Check::IsFile(p)
+            | Check::IsDir(p)
+            | Check::Exists(p)
+            | Check::Readable(p) => out.push(p.as_str()),
+            Check::Grep(g) => out.push(g.path.as_str()),
+            _ => {}
+        });
+        out
+    }
+
+    /// Visits every check in the gate.
+    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a Check)) {
+        match self {
+            Gate::Check(check) => f(check),
+            Gate::Not(inner) => inner.walk(f),
+            Gate::And(a, b) | Gate::Or(a, b) => {
+                a.walk(f);
+                b.walk(f);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Word(String),
+    And,
+    Or,
+    Bang,
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Token::Word(w) => write!(f, "{w:?}"),
+            Token::And => f.write_str("&&"),
+            Token::Or => f.write_str("||"),
+            Token::Bang => f.write_str("!"),
+        }
+    }
+}
+
+fn tokenize(source: &str) -> Result<Vec<Token>, GateError> {
+    let mut tokens = Vec::new();
+    let mut chars = source.chars().peekable();
+    let mut word: Option<String> = None;
+    let unsupported = |s: &str| Err(GateError::Unsupported(s.to_owned()));
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = word.take() {
+                    tokens.push(Token::Word(w));
+                }
+            }
+            '&' if chars.peek() == Some(&'&') => {
+                chars.next();
+                if let Some(w) = word.take() {
+                    tokens.push(Token::Word(w));
+                }
+                tokens.push(Token::And);
+            }
+            '|' if chars.peek() == Some(&'|') => {
+                chars.next();
+                if let Some(w) = word.take() {
+                    tokens.push(Token::Word(w));
+                }
+                tokens.push(Token::Or);
+            }
+            '!' if word.is_none() && chars.peek().is_none_or(|c| c.is_whitespace()) => {
+                tokens.push(Token::Bang);
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => return Err(GateError::Syntax("unterminated ' quote".into())),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => return Err(GateError::Syntax("unterminated \" quote".into())),
+                        },
+                        Some('$') => return unsupported("$"),
+                        Some('`') => return unsupported("`"),
+                        Some(c) => w.push(c),
+                        None => return Err(GateError::Syntax("unterminated \" quote".into())),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => return Err(GateError::Syntax("trailing backslash".into())),
+            },
+            '|' => return unsupported("|"),
+            '&' => return unsupported("&"),
+            ';' | '<' | '>' | '(' | ')' | '$' | '`' | '*' | '?' | '{' | '}' | '~' => {
+                return unsupported(&c.to_string());
+            }
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(w) = word {
+        tokens.push(Token::Word(w));
+    }
+    Ok(tokens)
+}
+
+struct Parser {
+    tokens: Vec<Token>,
+    pos: usize,
+}
+
+impl Parser {
+    fn list(&mut self) -> Result<Gate, GateError> {
+        let mut left = self.pipeline()?;
+        loop {
+            match self.tokens.get(self.pos) {
+                Some(Token::And) => {
+                    self.pos += 1;
+                    left = Gate::And(Box::new(left), Box::new(self.pipeline()?));
+                }
+                Some(Token::Or) => {
+                    self.pos += 1;
+                    left = Gate::Or(Box::new(left), Box::new(self.pipeline()?));
+                }
+                _ => return Ok(left),
+            }
+        }
+    }
+
+    fn pipeline(&mut self) -> Result<Gate, GateError> {
+        if self.tokens.get(self.pos) == Some(&Token::Bang) {
+            self.pos += 1;
+            return Ok(Gate::Not(Box::new(self.pipeline()?)));
+        }
+        let start = self.pos;
+        while let Some(Token::Word(_)) = self.tokens.get(self.pos) {
+            self.pos += 1;
+        }
+        let words: Vec<String> = self.tokens[start..self.pos]
+            .iter()
+            .map(|t| match t {
+                Token::Word(w) => w.clone(),
+                _ => unreachable!("only words were taken"),
+            })
+            .collect();
+        if words.is_empty() {
+            let found = self
+                .tokens
+                .get(self.pos)
+                .map_or("the end".to_owned(), |t| t.to_string());
+            return Err(GateError::Syntax(format!("expected a command before {found}")));
+        }
+        command(&words).map(Gate::Check)
+    }
+}
+
+fn command(words: &[String]) -> Result<Check, GateError> {
+    let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+    match words[0].as_str() {
+        "true" if args.is_empty() => Ok(Check::True),
+        "false" if args.is_empty() => Ok(Check::False),
+        "test" => test(&args),
+        "[" => match args.split_last() {
+            Some((&"]", inner)) => test(inner),
+            _ => Err(GateError::Syntax("`[` without a closing `]`".into())),
+        },
+        "grep" => grep(&args),
+        "ls" => match args.as_slice() {
+            [path] => Ok(Check::Exists(path_arg(path)?)),
+            _ => Err(GateError::Syntax("ls takes exactly one path".into())),
+        },
+        "cat" => match args.as_slice() {
+            [path] => Ok(Check::Readable(path_arg(path)?)),
+            _ => Err(GateError::Syntax("cat takes exactly one path".into())),
+        },
+        other => Err(GateError::UnknownCommand(other.to_owned())),
+    }
+}
+
+fn test(args: &[&str]) -> Result<Check, GateError> {
+    match args {
+        ["-s", p] => Ok(Check::NonEmpty(path_arg(p)?)),
+        ["-f", p] => Ok(Check::IsFile(path_arg(p)?)),
+        ["-d", p] => Ok(Check::IsDir(path_arg(p)?)),
+        ["-e", p] | ["-r", p] => Ok(Check::Exists(path_arg(p)?)),
+        ["-n", s] => Ok(Check::StringNonEmpty((*s).to_owned(), true)),
+        ["-z", s] => Ok(Check::StringNonEmpty((*s).to_owned(), false)),
+        [a, "=", b] => Ok(Check::StringEquals((*a).to_owned(), (*b).to_owned(), true)),
+        [a, "!=", b] => Ok(Check::StringEquals((*a).to_owned(), (*b).to_owned(), false)),
+        _ => Err(GateError::Syntax(format!(
+            "unsupported test expression {:?}: use -s, -f, -d, -e, -r, -n, -z, = or !=",
+            args.join(" ")
+        ))),
+    }
+}
+
+fn grep(args: &[&str]) -> Result<Check, GateError> {
+    let mut g = Grep {
+        pattern: String::new(),
+        path: String::new(),
+        ignore_case: false,
+        fixed: false,
+        word: false,
+        line: false,
+    };
+    let mut rest = Vec::new();
+    let mut options_done = false;
+    for arg in args {
+        if !options_done && *arg == "--" {
+            options_done = true;
+        } else if !options_done && arg.len() > 1 && arg.starts_with('-') {
+            for flag in arg[1..].chars() {
+                match flag {
+                    'q' | 's' | 'E' => {}
+                    'i' => g.ignore_case = true,
+                    'F' => g.fixed = true,
+                    'w' => g.word = true,
+                    'x' => g.line = true,
+                    other => {
+                        return Err(GateError::Unsupported(format!("grep -{other}")));
+                    }
+                }
+            }
+        } else {
+            options_done = true;
+            rest.push(*arg);
+        }
+    }
+    match rest.as_slice() {
+        [pattern, path] => {
+            g.pattern = (*pattern).to_owned();
+            g.path = path_arg(path)?;
+            Ok(Check::Grep(g))
+        }
+        _ => Err(GateError::Syntax("grep takes a pattern and exactly one file".into())),
+    }
+}
+
+/// Accepts only relative paths that never climb out of the run directory.
+fn path_arg(path: &str) -> Result<String, GateError> {
+    let escapes = path.is_empty()
+        || path.starts_with('/')
+        || path.split('/').any(|part| part == "..");
+    if escapes {
+        return Err(GateError::PathOutsideRun(path.to_owned()));
+    }
+    Ok(path.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn parses_the_gates_plans_use() {
+        assert_eq!(
+            parse("test -s scratch/REPORT.org").unwrap(),
+            Gate::Check(Check::NonEmpty("scratch/REPORT.org".into()))
+        );
+        let gate = parse("[ -f scratch/a ] && grep -qi 'total: 3' scratch/a || ! test -d scratch").unwrap();
+        assert!(matches!(gate, Gate::Or(_, _)));
+        assert_eq!(gate.paths(), ["scratch/a", "scratch/a", "scratch"]);
+        let Gate::Check(Check::Grep(g)) = parse(r#"grep -q "a \"b\"" x"#).unwrap() else {
+            panic!("not a grep")
+        };
+        assert_eq!(g.pattern, "a \"b\"");
+    }
+
+    #[test]
+    fn rejects_everything_else_with_a_reason() {
+        let cases = [
+            ("curl -sL https://e2b.dev", "unknown_command"),
+            ("mkdir -p scratch", "unknown_command"),
+            ("test -s a; rm -rf /", "unsupported_syntax"),
+            ("test -s a | cat", "unsupported_syntax"),
+            ("test -s $HOME/x", "unsupported_syntax"),
+            ("test -s \"$(whoami)\"", "unsupported_syntax"),
+            ("test -s a > b", "unsupported_syntax"),
+            ("test -s scratch/*.org", "unsupported_syntax"),
+            ("test -s /etc/passwd", "path_outside_run"),
+            ("grep -q root ../../etc/passwd", "path_outside_run"),
+            ("test -s scratch/../../x", "path_outside_run"),
+            ("test -x a", "gate_syntax"),
+            ("[ -s a", "gate_syntax"),
+            ("test -s a &&", "gate_syntax"),
+            ("", "gate_syntax"),
+            ("grep -q x", "gate_syntax"),
+            ("grep -r x dir", "unsupported_syntax"),
+        ];
+        for (source, code) in cases {
+            let err = parse(source).unwrap_err();
+            assert_eq!(err.code(), code, "{source:?}: {err}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(source in ".{0,120}") {
+            let _ = parse(&source);
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The plan grammar: what an author model must write and how Dispatch reads it.
+//!
+//! A plan is an org outline: a `#+TITLE:` line and TODO-family headlines (TODO, NEXT,
+//! WAITING, DOING, STARTED, BLOCKED) with real text. Each headline may carry a
+//! `:PROPERTIES:` drawer (`:ORDERED: t`), a body, and a `:done-when:` gate line. The
+//! leaves are the TODO-family headlines with no TODO-family headline below them; they
+//! run in document order.
+//!
+//! This crate only reads text. Running a plan is the dispatcher's job, and evaluating
+//! a `:done-when:` gate is the connectors' job.
+
+use std::fmt;
+
+pub mod gate;
+
+/// Keywords that make a headline a task.
+pub const TODO_KEYWORDS: [&str; 6] = ["TODO", "NEXT", "WAITING", "DOING", "STARTED", "BLOCKED"];
+
+/// The most leaves a plan may have: a plan is an errand, not a project.
+pub const MAX_LEAVES: usize = 32;
+
+/// The most bytes of plan text accepted from a model.
+pub const MAX_PLAN_BYTES: usize = 64 * 1024;
+
+/// The grammar handed to the author model, verbatim.
+pub const GRAMMAR: &str = "\
+Answer with an org-mode outline and nothing else.
+- First line: `#+TITLE: <short title>`.
+- Then 3 to 7 top-level headlines, each `* TODO <what to do>`.
+- Under each headline, a drawer:
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+- Then one or more body lines saying how to do it with the tools you have
+  (read_file, write_file, list_files; paths are relative to the run directory
+  and files live under scratch/).
+- Then exactly one gate line, `:done-when: <check>`, where <check> is one of
+  `test -s|-f|-d|-e <path>`, `grep -q <text> <path>`, combined with `&&` or `||`.
+  A gate that names any other command never passes.
+- The last headline writes the final answer to scratch/REPORT.org.";
+
+/// A validated plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub title: String,
+    pub leaves: Vec<Leaf>,
+    /// The plan text as accepted (code fences stripped), which is what gets written to
+    /// `workflows/<slug>.org`.
+    pub text: String,
+}
+
+/// One unit of work in a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leaf {
+    pub index: u32,
+    pub keyword: String,
+    pub title: String,
+    pub body: String,
+    pub done_when: Option<String>,
+    pub ordered: bool,
+}
+
+/// Why a plan was rejected. `code()` is the stable machine-readable name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("the answer is empty")]
+    Empty,
+    #[error("the answer is {0} bytes; a plan may be at most {MAX_PLAN_BYTES}")]
+    TooLarge(usize),
+    #[error(
+        "the outline has no TODO headline with text; write headlines like `* TODO <what to do>`"
+    )]
+    NoTodoHeadings,
+    #[error("the outline has {0} leaves; a plan may have at most {MAX_LEAVES}")]
+    TooManyLeaves(usize),
+    #[error("line {line}: the :PROPERTIES: drawer is never closed with :END:")]
+    UnclosedDrawer { line: usize },
+    #[error("line {line}: leaf {title:?} has more than one :done-when: gate")]
+    DuplicateGate { line: usize, title: String },
+}
+
+impl Error {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Empty => "empty_plan",
+            Error::TooLarge(_) => "plan_too_large",
+            Error::NoTodoHeadings => "no_todo_headings",
+            Error::TooManyLeaves(_) => "too_many_leaves",
+            Error::UnclosedDrawer { .. } => "unclosed_drawer",
+            Error::DuplicateGate { .. } => "duplicate_gate",
+        }
+    }
+}
+
+/// Removes Markdown code fences a model may wrap around its answer.
+pub fn strip_code_fences(answer: &str) -> String {
+    let lines: Vec<&str> = answer
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("```"))
+        .collect();
+    let mut text = lines.join("\n").trim().to_owned();
+    text.push('\n');
+    text
+}
+
+/// Parses and validates an author model's answer.
+pub fn parse(answer: &str) -> Result<Plan, Error> {
+    if answer.len() > MAX_PLAN_BYTES {
+        return Err(Error::TooLarge(answer.len()));
+    }
+    let text = strip_code_fences(answer);
+    if text.trim().is_empty() {
+        return Err(Error::Empty);
+    }
+
+    let mut title = None;
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut in_drawer: Option<usize> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = raw.trim_end();
+        if let Some(start) = in_drawer {
+            let trimmed = line.trim();
+            if trimmed.eq_ignore_ascii_case(":END:") {
+                in_drawer = None;
+            } else if headline(line).is_some() {
+                return Err(Error::UnclosedDrawer { line: start });
+            } else if let Some(node) = nodes.last_mut() {
+                if let Some((key, value)) = property(trimmed) {
+                    node.properties.push((key, value));
+                }
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("#+TITLE:").or_else(|| line.strip_prefix("#+title:")) {
+            title.get_or_insert_with(|| rest.trim().to_owned());
+            continue;
+        }
+        if let Some((depth, text)) = headline(line) {
+            nodes.push(Node::new(depth, text, line_no));
+            continue;
+        }
+        let Some(node) = nodes.last_mut() else { continue };
+        let trimmed = line.trim();
+        if trimmed.eq_ignore_ascii_case(":PROPERTIES:") {
+            in_drawer = Some(line_no);
+        } else if let Some(gate) = strip_prefix_ci(trimmed, ":done-when:") {
+            if node.done_when.is_some() {
+                return Err(Error::DuplicateGate {
+                    line: line_no,
+                    title: node.title.clone(),
+                });
+            }
+            node.done_when = Some(gate.trim().to_owned()).filter(|g| !g.is_empty());
+        } else {
+            node.body.push(line.to_owned());
+        }
+    }
+    if let Some(start) = in_drawer {
+        return Err(Error::UnclosedDrawer { line: start });
+    }
+
+    let leaves = leaves(&nodes);
+    if leaves.is_empty() {
+        return Err(Error::NoTodoHeadings);
+    }
+    if leaves.len() > MAX_LEAVES {
+        return Err(Error::TooManyLeaves(leaves.len()));
+    }
+    let title = title
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| leaves[0].title.clone());
+    Ok(Plan {
+        title,
+        leaves,
+        text,
+    })
+}
+
+/// A URL- and file-safe name for a goal: lowercase words joined by `-`, at most 48
+/// characters, never empty.
+pub fn slug(goal: &str) -> String {
+    let mut slug = String::new();
+    for word in goal
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let word = word.to_ascii_lowercase();
+        let extra = if slug.is_empty() { word.len() } else { word.len() + 1 };
+        if slug.len() + extra > 48 {
+            if slug.is_empty() {
+                slug.push_str(&word[..48]);
+            }
+            break;
+        }
+        if !slug.is_empty() {
+            slug.push('-');
+        }
+        slug.push_str(&word);
+    }
+    if slug.is_empty() {
+        slug.push_str("goal");
+    }
+    slug
+}
+
+struct Node {
+    depth: usize,
+    keyword: Option<String>,
+    title: String,
+    body: Vec<String>,
+    properties: Vec<(String, String)>,
+    done_when: Option<String>,
+}
+
+impl Node {
+    fn new(depth: usize, text: &str, _line: usize) -> Self {
+        let (keyword, title) = match text.split_once(char::is_whitespace) {
+            Some((first, rest)) if TODO_KEYWORDS.contains(&first) => {
+                (Some(first.to_owned()), strip_tags(rest))
+            }
+            None if TODO_KEYWORDS.contains(&text) => (Some(text.to_owned()), String::new()),
+            _ => (None, strip_tags(text)),
+        };
+        Self {
+            depth,
+            keyword,
+            title,
+            body: Vec::new(),
+            properties: Vec::new(),
+            done_when: None,
+        }
+    }
+
+    /// A task headline with real text: a keyword alone or with only tags is not a task.
+    fn is_task(&self) -> bool {
+        self.keyword.is_some() && self.title.chars().any(char::is_alphanumeric)
+    }
+}
+
+fn leaves(nodes: &[Node]) -> Vec<Leaf> {
+    let mut out = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if !node.is_task() {
+            continue;
+        }
+        let has_task_child = nodes[i + 1..]
+            .iter()
+            .take_while(|n| n.depth > node.depth)
+            .any(Node::is_task);
+        if has_task_child {
+            continue;
+        }
+        let property = |key: &str| {
+            node.properties
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.clone())
+        };
+        let done_when = node
+            .done_when
+            .clone()
+            .or_else(|| property("DONE-WHEN").filter(|g| !g.is_empty()));
+        out.push(Leaf {
+            index: out.len() as u32,
+            keyword: node.keyword.clone().unwrap_or_default(),
+            title: node.title.clone(),
+            body: trim_lines(&node.body),
+            done_when,
+            ordered: property("ORDERED").is_some_and(|v| v == "t"),
+        });
+    }
+    out
+}
+
+fn headline(line: &str) -> Option<(usize, &str)> {
+    let depth = line.bytes().take_while(|&b| b == b'*').count();
+    if depth == 0 {
+        return None;
+    }
+    let rest = &line[depth..];
+    rest.starts_with(' ').then(|| (depth, rest.trim()))
+}
+
+fn property(line: &str) -> Option<(String, String)> {
+    let rest = line.strip_prefix(':')?;
+    let (key, value) = rest.split_once(':')?;
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((key.to_owned(), value.trim().to_owned()))
+}
+
+/// Drops trailing org tags (`:tag1:tag2:`) from a headline's text.
+fn strip_tags(text: &str) -> String {
+    let text = text.trim();
+    if let Some((head, last)) = text.rsplit_once(char::is_whitespace) {
+        if last.len() > 2 && last.starts_with(':') && last.ends_with(':') {
+            return head.trim().to_owned();
+        }
+    } else if text.len() > 2 && text.starts_with(':') && text.ends_with(':') {
+        return String::new();
+    }
+    text.to_owned()
+}
+
+fn strip_prefix_ci<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = line.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &line[prefix.len()..])
+}
+
+fn trim_lines(lines: &[String]) -> String {
+    let start = lines.iter().position(|l| !l.trim().is_empty());
+    let end = lines.iter().rposition(|l| !l.trim().is_empty());
+    match (start, end) {
+        (Some(s), Some(e)) => lines[s..=e]
+            .iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+impl fmt::Display for Leaf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.keyword, self.title)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SEED_PLAN: &str = "```org
+#+TITLE: Research E2B and Daytona Pricing
+
+* TODO Gather E2B Pricing Information
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+  - Use `curl` to download the official E2B pricing page
+  :done-when: test -s scratch/e2b_pricing.html
+
+* TODO Consolidate Findings into Report
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+  - Combine the per-source files into `scratch/REPORT.org`
+  :done-when: test -s scratch/REPORT.org
+```";
+
+    #[test]
+    fn reads_a_fenced_plan() {
+        let plan = parse(SEED_PLAN).unwrap();
+        assert_eq!(plan.title, "Research E2B and Daytona Pricing");
+        assert_eq!(plan.leaves.len(), 2);
+        let first = &plan.leaves[0];
+        assert_eq!(first.title, "Gather E2B Pricing Information");
+        assert_eq!(first.done_when.as_deref(), Some("test -s scratch/e2b_pricing.html"));
+        assert!(first.ordered);
+        assert_eq!(first.body, "- Use `curl` to download the official E2B pricing page");
+        assert!(!plan.text.contains("```"));
+        assert!(plan.text.starts_with("#+TITLE:"));
+    }
+
+    #[test]
+    fn rejects_outlines_without_real_tasks() {
+        for answer in [
+            "#+TITLE: nothing\n* Notes\nsome text",
+            "* TODO\n* TODO :tag:",
+            "* TODO   !!!",
+            "TODO not a headline",
+            "*TODO missing space",
+        ] {
+            let err = parse(answer).unwrap_err();
+            assert_eq!(err.code(), "no_todo_headings", "{answer:?}");
+        }
+        assert_eq!(parse("```\n```").unwrap_err().code(), "empty_plan");
+    }
+
+    #[test]
+    fn parents_are_not_leaves() {
+        let plan = parse("* TODO Parent\n** TODO Child one\n** NEXT Child two\n* DOING Sibling\n").unwrap();
+        let titles: Vec<_> = plan.leaves.iter().map(|l| l.title.as_str()).collect();
+        assert_eq!(titles, ["Child one", "Child two", "Sibling"]);
+        assert_eq!(plan.leaves[2].index, 2);
+        assert_eq!(plan.title, "Child one");
+    }
+
+    #[test]
+    fn reports_structural_mistakes_with_their_line() {
+        let err = parse("* TODO a\n:PROPERTIES:\n:ORDERED: t\n* TODO b\n").unwrap_err();
+        assert_eq!(err, Error::UnclosedDrawer { line: 2 });
+        let err = parse("* TODO a\n:done-when: test -e x\n:done-when: test -e y\n").unwrap_err();
+        assert_eq!(err.code(), "duplicate_gate");
+        let many: String = (0..40).map(|i| format!("* TODO task {i}\n")).collect();
+        assert_eq!(parse(&many).unwrap_err().code(), "too_many_leaves");
+        assert_eq!(parse(&"x".repeat(MAX_PLAN_BYTES + 1)).unwrap_err().code(), "plan_too_large");
+    }
+
+    #[test]
+    fn slugs_are_short_and_safe() {
+        assert_eq!(slug("Research E2B (e2b.dev) and Daytona pricing!"), "research-e2b-e2b-dev-and-daytona-pricing");
+        assert_eq!(slug("¿¿??"), "goal");
+        assert!(slug(&"word ".repeat(40)).len() <= 48);
+        assert_eq!(slug(&"a".repeat(100)).len(), 48);
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(answer in ".{0,400}") {
+            let _ = parse(&answer);
+        }
+
+        #[test]
+        fn slug_is_always_a_safe_file_name(goal in ".{0,200}") {
+            let s = slug(&goal);
+            prop_assert!(!s.is_empty() && s.len() <= 48);
+            prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        }
+    }
+}
