@@ -1,0 +1,315 @@
+//! The offline provider. **Not a language model**: a deterministic stand-in that
+//! needs no network and no weights. It writes the same three-leaf plan shape for every
+//! goal, and in each leaf it reads the scratch files the leaf's body names and writes
+//! whatever the leaf's `:done-when:` gate checks for. It exists so Dispatch runs end
+//! to end on any machine, and so tests see exactly reproducible runs.
+
+use dispatch_plan::gate::{self, Check};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use crate::{AuthorRequest, Error, Exchange, Provider, ToolCall, TurnReply, TurnRequest};
+
+/// The provider's name as recorded in events.
+pub const NAME: &str = "offline";
+
+#[derive(Debug, Clone, Default)]
+pub struct Offline;
+
+impl Provider for Offline {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<String, Error>> {
+        async move { Ok(plan_for(&request.goal)) }.boxed()
+    }
+
+    fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>> {
+        async move { Ok(turn(&request)) }.boxed()
+    }
+}
+
+/// The plan the offline provider writes for `goal`.
+pub fn plan_for(goal: &str) -> String {
+    let title = one_line(goal, 80);
+    format!(
+        "#+TITLE: {title}
+
+* TODO Write the goal down
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+  - Record the goal, word for word, in scratch/goal.org.
+  :done-when: test -s scratch/goal.org
+
+* TODO Note what the goal asks for
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+  - List the goal's key terms, one per line, in scratch/notes.org.
+  :done-when: grep -q 'key terms' scratch/notes.org
+
+* TODO Consolidate into a report
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+  - Read scratch/goal.org and scratch/notes.org and combine them into scratch/REPORT.org.
+  :done-when: test -s scratch/REPORT.org && grep -q '#+TITLE' scratch/REPORT.org
+"
+    )
+}
+
+fn turn(request: &TurnRequest) -> TurnReply {
+    let targets = targets(&request.leaf);
+    let inputs: Vec<String> = scratch_paths(&request.leaf.body)
+        .into_iter()
+        .filter(|p| !targets.iter().any(|(t, _)| t == p))
+        .collect();
+    let turns_taken = request
+        .history
+        .iter()
+        .filter(|e| matches!(e, Exchange::Assistant { .. }))
+        .count();
+    let wrote = request
+        .history
+        .iter()
+        .any(|e| matches!(e, Exchange::ToolResult { tool, .. } if tool == "write_file"));
+
+    if turns_taken == 0 && !inputs.is_empty() {
+        return TurnReply {
+            text: format!("Reading {}.", inputs.join(", ")),
+            tool_calls: inputs
+                .iter()
+                .map(|path| call("read_file", serde_json::json!({ "path": path })))
+                .collect(),
+        };
+    }
+    if !wrote {
+        let sources: Vec<String> = request
+            .history
+            .iter()
+            .filter_map(|e| match e {
+                Exchange::ToolResult {
+                    tool,
+                    result: Ok(out),
+                } if tool == "read_file" => Some(out.trim().to_owned()),
+                _ => None,
+            })
+            .collect();
+        let calls = targets
+            .iter()
+            .map(|(path, needles)| {
+                let content = compose(request, path, needles, &sources);
+                call("write_file", serde_json::json!({ "path": path, "content": content }))
+            })
+            .collect::<Vec<_>>();
+        let written: Vec<&str> = targets.iter().map(|(p, _)| p.as_str()).collect();
+        return TurnReply {
+            text: format!("Writing {}.", written.join(", ")),
+            tool_calls: calls,
+        };
+    }
+    let failures: Vec<String> = request
+        .history
+        .iter()
+        .filter_map(|e| match e {
+            Exchange::ToolResult { result: Err(e), .. } => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    let text = if failures.is_empty() {
+        format!("Finished: {}.", request.leaf.title)
+    } else {
+        format!("Could not finish {}: {}", request.leaf.title, failures.join("; "))
+    };
+    TurnReply {
+        text,
+        tool_calls: Vec::new(),
+    }
+}
+
+/// The files the leaf's gate checks, each with the text it must contain. A leaf
+/// without a parsable gate gets one note file so it still leaves a trace.
+fn targets(leaf: &dispatch_plan::Leaf) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let parsed = leaf.done_when.as_deref().map(gate::parse);
+    if let Some(Ok(gate)) = parsed {
+        gate.walk(&mut |check| {
+            let (path, needle) = match check {
+                Check::NonEmpty(p) | Check::IsFile(p) | Check::Exists(p) | Check::Readable(p) => {
+                    (p.clone(), None)
+                }
+                Check::IsDir(p) => (format!("{}/.keep", p.trim_end_matches('/')), None),
+                Check::Grep(g) => (
+                    g.path.clone(),
+                    Some(g.pattern.trim_start_matches('^').trim_end_matches('$').to_owned()),
+                ),
+                _ => return,
+            };
+            match out.iter_mut().find(|(p, _)| *p == path) {
+                Some((_, needles)) => needles.extend(needle),
+                None => out.push((path, needle.into_iter().collect())),
+            }
+        });
+    }
+    if out.is_empty() {
+        out.push((format!("scratch/leaf-{}.org", leaf.index + 1), Vec::new()));
+    }
+    out
+}
+
+fn compose(request: &TurnRequest, path: &str, needles: &[String], sources: &[String]) -> String {
+    let mut text = format!("#+TITLE: {}\n\n", one_line(&request.leaf.title, 80));
+    if path.ends_with("goal.org") {
+        text.push_str(&request.goal);
+        text.push('\n');
+    } else if path.ends_with("notes.org") {
+        text.push_str("key terms:\n");
+        for term in key_terms(&request.goal) {
+            text.push_str(&format!("- {term}\n"));
+        }
+    } else {
+        text.push_str(&format!("* Goal\n{}\n", request.goal));
+        if !sources.is_empty() {
+            text.push_str("\n* Sources\n");
+            for source in sources {
+                text.push_str(source);
+                text.push_str("\n\n");
+            }
+        }
+    }
+    for needle in needles {
+        if !text.contains(needle.as_str()) {
+            text.push_str(needle);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+fn key_terms(goal: &str) -> Vec<String> {
+    let mut terms: Vec<String> = Vec::new();
+    for word in goal.split(|c: char| !c.is_alphanumeric()) {
+        let word = word.to_lowercase();
+        if word.chars().count() > 3 && !terms.contains(&word) {
+            terms.push(word);
+        }
+    }
+    terms.truncate(12);
+    terms
+}
+
+/// Words in `text` that name a file under `scratch/`.
+fn scratch_paths(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for word in text.split(|c: char| c.is_whitespace() || matches!(c, '`' | ',' | '(' | ')' | '"' | '\'')) {
+        let word = word.trim_end_matches(['.', ':', ';']);
+        if word.starts_with("scratch/") && word.len() > "scratch/".len() && !out.iter().any(|p| p == word) {
+            out.push(word.to_owned());
+        }
+    }
+    out
+}
+
+fn call(tool: &str, args: serde_json::Value) -> ToolCall {
+    ToolCall {
+        tool: tool.to_owned(),
+        args_json: args.to_string(),
+    }
+}
+
+fn one_line(text: &str, max_chars: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max_chars {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max_chars - 1).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AUTHOR_TEMPERATURE;
+
+    fn drive(goal: &str, leaf: &dispatch_plan::Leaf, files: &mut Vec<(String, String)>) {
+        let mut history = Vec::new();
+        for _ in 0..5 {
+            let reply = turn(&TurnRequest {
+                goal: goal.into(),
+                leaf: leaf.clone(),
+                history: history.clone(),
+                tools: Vec::new(),
+            });
+            history.push(Exchange::Assistant {
+                text: reply.text.clone(),
+                tool_calls: reply.tool_calls.clone(),
+            });
+            if reply.tool_calls.is_empty() {
+                return;
+            }
+            for call in reply.tool_calls {
+                let args: serde_json::Value = serde_json::from_str(&call.args_json).unwrap();
+                let path = args["path"].as_str().unwrap().to_owned();
+                let result = match call.tool.as_str() {
+                    "write_file" => {
+                        files.push((path, args["content"].as_str().unwrap().to_owned()));
+                        Ok("written".to_owned())
+                    }
+                    "read_file" => files
+                        .iter()
+                        .rev()
+                        .find(|(p, _)| *p == path)
+                        .map(|(_, c)| c.clone())
+                        .ok_or_else(|| "no such file".to_owned()),
+                    other => panic!("unexpected tool {other}"),
+                };
+                history.push(Exchange::ToolResult {
+                    tool: call.tool,
+                    result,
+                });
+            }
+        }
+        panic!("the offline provider never finished the leaf");
+    }
+
+    #[test]
+    fn its_plan_is_valid_and_ends_in_a_report() {
+        let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
+            goal: "Compare  the\nprices of two sandboxes".into(),
+            grammar: dispatch_plan::GRAMMAR,
+            previous_error: None,
+            temperature: AUTHOR_TEMPERATURE,
+        }))
+        .expect("the offline provider never waits")
+        .unwrap();
+        let plan = dispatch_plan::parse(&answer).unwrap();
+        assert_eq!(plan.title, "Compare the prices of two sandboxes");
+        assert_eq!(plan.leaves.len(), 3);
+        assert!(plan.leaves.iter().all(|l| l.ordered && l.done_when.is_some()));
+        assert!(plan.leaves[2].done_when.as_deref().unwrap().contains("scratch/REPORT.org"));
+    }
+
+    #[test]
+    fn it_writes_what_every_gate_checks() {
+        let goal = "Compare the prices of two sandboxes";
+        let plan = dispatch_plan::parse(&plan_for(goal)).unwrap();
+        let mut files = Vec::new();
+        for leaf in &plan.leaves {
+            drive(goal, leaf, &mut files);
+        }
+        let get = |p: &str| files.iter().rev().find(|(f, _)| f == p).map(|(_, c)| c.clone()).unwrap();
+        assert!(get("scratch/goal.org").contains(goal));
+        assert!(get("scratch/notes.org").contains("key terms"));
+        let report = get("scratch/REPORT.org");
+        assert!(report.starts_with("#+TITLE"), "{report}");
+        assert!(report.contains("sandboxes"), "the report did not read the notes: {report}");
+    }
+
+    #[test]
+    fn it_is_deterministic() {
+        assert_eq!(plan_for("x"), plan_for("x"));
+    }
+}
