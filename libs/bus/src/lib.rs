@@ -11,6 +11,7 @@ pub mod health;
 pub mod ids;
 pub mod streams;
 pub mod subject;
+pub mod work;
 
 use std::time::Duration;
 

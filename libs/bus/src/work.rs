@@ -1,0 +1,119 @@
+//! Work-queue consumption: many copies of a service share one durable pull consumer,
+//! so each command is handled by one copy, and each copy bounds how many it handles
+//! at once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{Bus, Error, streams};
+
+/// A durable consumer on the command stream.
+#[derive(Debug, Clone)]
+pub struct WorkQueue {
+    pub consumer: &'static str,
+    pub filter_subjects: Vec<String>,
+    /// How long a fetched command may go unacknowledged before the server hands it to
+    /// another copy. Handlers that take longer send progress acks.
+    pub ack_wait: Duration,
+}
+
+/// How long the loop waits for in-flight handlers after shutdown is requested.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Fetches commands and runs `handler` on each, at most `concurrency` at a time, until
+/// `shutdown` fires; then waits up to [`DRAIN_GRACE`] for running handlers. Handlers
+/// ack their own messages.
+pub async fn consume<F, Fut>(
+    bus: &Bus,
+    queue: WorkQueue,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    handler: F,
+) -> Result<(), Error>
+where
+    F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let stream = bus
+        .jetstream()
+        .get_stream(streams::COMMANDS)
+        .await
+        .map_err(|e| Error::other("open command stream", e))?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            queue.consumer,
+            pull::Config {
+                durable_name: Some(queue.consumer.to_owned()),
+                filter_subjects: queue.filter_subjects.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: queue.ack_wait,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::other(&format!("declare consumer {}", queue.consumer), e))?;
+
+    let handler = Arc::new(handler);
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let tasks = TaskTracker::new();
+    'fetch: loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
+        };
+        let want = (permits.available_permits() + 1).min(64);
+        let batch = consumer
+            .batch()
+            .max_messages(want)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(consumer = queue.consumer, error = %e, "fetch failed, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        let mut permit = Some(first);
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break 'fetch,
+                message = batch.next() => message,
+            };
+            let Some(message) = message else { break };
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(consumer = queue.consumer, error = %e, "fetch interrupted");
+                    break;
+                }
+            };
+            let held = match permit.take() {
+                Some(p) => p,
+                None => permits.clone().acquire_owned().await.expect("semaphore never closes"),
+            };
+            let handler = handler.clone();
+            tasks.spawn(async move {
+                handler(message).await;
+                drop(held);
+            });
+        }
+    }
+    tasks.close();
+    if tokio::time::timeout(DRAIN_GRACE, tasks.wait()).await.is_err() {
+        tracing::warn!(consumer = queue.consumer, "handlers still running after the grace period");
+    }
+    Ok(())
+}

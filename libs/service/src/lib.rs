@@ -1,0 +1,100 @@
+//! What every Dispatch service process has in common, so each `main.rs` stays a few
+//! lines: the flags that locate NATS and the workspace, tracing to stderr, and a
+//! shutdown token that SIGINT or SIGTERM cancels. Service logic lives in each
+//! service's own library.
+
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+
+/// Flags every service takes. Each can also come from the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// NATS server to connect to.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Workspace root: TASKS.org and workflows/ are written here, machine state under
+    /// .dispatch/.
+    #[arg(long, env = "DISPATCH_WORKSPACE", default_value = ".")]
+    pub workspace: PathBuf,
+    /// Name of this copy among the service's copies (default: pid and a random suffix).
+    #[arg(long, env = "DISPATCH_INSTANCE")]
+    pub instance: Option<String>,
+}
+
+impl CommonArgs {
+    /// The instance name, generated once if none was given.
+    pub fn instance(&self) -> String {
+        self.instance
+            .clone()
+            .unwrap_or_else(dispatch_bus::health::instance_name)
+    }
+
+    /// `.dispatch/` under the workspace: machine-owned state.
+    pub fn state_root(&self) -> PathBuf {
+        self.workspace.join(".dispatch")
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}
+
+/// Where things live under a workspace. Machine-owned state is under `.dispatch/`;
+/// `TASKS.org` and `workflows/` sit at the root, where git sees them.
+pub mod layout {
+    use std::path::{Path, PathBuf};
+
+    pub fn state_dir(workspace: &Path) -> PathBuf {
+        workspace.join(".dispatch")
+    }
+
+    /// A run's working directory: `.dispatch/runs/<run_id>/`.
+    pub fn run_dir(workspace: &Path, run_id: &dispatch_bus::RunId) -> PathBuf {
+        state_dir(workspace).join("runs").join(run_id.to_string())
+    }
+
+    /// The leaves' shared workspace inside a run's directory.
+    pub const SCRATCH: &str = "scratch";
+
+    pub fn workflows_dir(workspace: &Path) -> PathBuf {
+        workspace.join("workflows")
+    }
+
+    pub fn tasks_file(workspace: &Path) -> PathBuf {
+        workspace.join("TASKS.org")
+    }
+}
+
+/// Cuts `text` to at most `max` characters, marking the cut with `…`.
+pub fn slice_chars(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}

@@ -1,0 +1,655 @@
+//! One run, driven from its log to its terminal event.
+//!
+//! Every step is "find it in the log, or do it and append it", so the same code runs a
+//! fresh goal and resumes an interrupted one.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dispatch_bus::{RunId, subject};
+use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
+use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
+use dispatch_proto::run::v1::{
+    Decision, FeedbackQueued, GateChecked, LeafFinished, LeafStarted, LeafState, ModelTurn,
+    PlanAuthored, PlanLeaf, PlanRejected, RunFinished, RunRequested, RunStarted, RunStatus,
+    TallyEntry, ToolCall, ToolCallRequested, run_event::Body,
+};
+use dispatch_runlog::{ErrorKind, RunHandle};
+use dispatch_service::{layout, slice_chars};
+use prost::Message as _;
+
+use crate::{Context, DEFAULT_TIMEOUT, Error};
+
+/// The most model turns one leaf may take.
+pub const MAX_TURNS: u32 = 8;
+
+/// The longest summary a terminal event carries.
+pub const SUMMARY_CHARS: usize = 300;
+
+/// The tools offered to the leaf's model.
+const TOOLS: [(&str, &str); 3] = [
+    ("read_file", "read a file under scratch/: {\"path\": \"scratch/…\"}"),
+    ("write_file", "write a file under scratch/: {\"path\": \"scratch/…\", \"content\": \"…\"}"),
+    ("list_files", "list a directory under scratch/: {\"path\": \"scratch\"}"),
+];
+
+/// Why driving a run stopped short of its plan.
+enum Stop {
+    /// The run ends `blocked` with this reason.
+    Blocked(String),
+    /// Something else already wrote the terminal event.
+    Finished,
+    /// The bus or the log failed; the run stays where its log is and is retried.
+    Infra(Error),
+}
+
+impl From<dispatch_runlog::Error> for Stop {
+    fn from(err: dispatch_runlog::Error) -> Self {
+        match err.kind() {
+            ErrorKind::Finished => Stop::Finished,
+            _ => Stop::Infra(err.into()),
+        }
+    }
+}
+
+impl From<dispatch_bus::Error> for Stop {
+    fn from(err: dispatch_bus::Error) -> Self {
+        Stop::Infra(err.into())
+    }
+}
+
+/// Drives `run_id` to its terminal event. Returns once the log holds one.
+pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> Result<(), Error> {
+    let handle = ctx.log.handle(run_id).await?;
+    let mut exec = Exec {
+        ctx,
+        run: handle,
+        command,
+    };
+    if exec.run.is_finished() {
+        return Ok(());
+    }
+    let outcome = exec.drive().await;
+    let (status, reason, summary, tally) = match outcome {
+        Ok(tally) => {
+            let summary = format!("workflow finished: {}", tally_json(&tally));
+            (RunStatus::Done, "workflow finished".to_owned(), summary, tally)
+        }
+        Err(Stop::Blocked(reason)) => (RunStatus::Blocked, reason.clone(), reason, exec.tally()),
+        Err(Stop::Finished) => return Ok(()),
+        Err(Stop::Infra(e)) => return Err(e),
+    };
+    match exec.finish(status, reason, summary, tally).await {
+        Ok(()) | Err(Stop::Finished) => Ok(()),
+        Err(Stop::Blocked(_)) => unreachable!("finishing never blocks"),
+        Err(Stop::Infra(e)) => Err(e),
+    }
+}
+
+struct Exec<'a> {
+    ctx: &'a Context,
+    run: RunHandle,
+    command: &'a SubmitGoal,
+}
+
+impl Exec<'_> {
+    async fn drive(&mut self) -> Result<Vec<TallyEntry>, Stop> {
+        let requested = self.requested().await?;
+        let plan = self.plan(&requested).await?;
+        let timeout = match requested.timeout_ms {
+            0 => DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        let deadline = self.started(timeout).await?;
+        match tokio::time::timeout_at(deadline, self.leaves(&requested, &plan)).await {
+            Ok(result) => result,
+            Err(_) => Err(Stop::Blocked(format!("timed out after {}", human(timeout)))),
+        }
+    }
+
+    async fn requested(&mut self) -> Result<RunRequested, Stop> {
+        let command = self.command;
+        if self.find(as_requested).is_none() {
+            let body = Body::RunRequested(dispatch_runlog::submit::requested(command));
+            self.run
+                .append_with_id(command.request_event_id.clone(), body, &command.run_id)
+                .await?;
+        }
+        Ok(self.find(as_requested).expect("appended above"))
+    }
+
+    async fn plan(&mut self, requested: &RunRequested) -> Result<PlanAuthored, Stop> {
+        if let Some(plan) = self.find(as_plan) {
+            return Ok(plan);
+        }
+        let mut rejected: Vec<PlanRejected> = self.all(as_rejected);
+        loop {
+            if rejected.len() >= 2 {
+                let last = rejected.last().expect("two rejections");
+                return Err(Stop::Blocked(format!("plan rejected: {}: {}", last.code, last.message)));
+            }
+            let attempt = rejected.len() as u32 + 1;
+            let previous_error = rejected.last().map(|r| {
+                format!(
+                    "Your previous outline was invalid ({}: {}). Emit a corrected org outline only.",
+                    r.code, r.message
+                )
+            });
+            let provider = &self.ctx.provider;
+            let answer = provider
+                .author(AuthorRequest {
+                    goal: requested.goal.clone(),
+                    grammar: dispatch_plan::GRAMMAR,
+                    previous_error,
+                    temperature: AUTHOR_TEMPERATURE,
+                })
+                .await
+                .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
+            match dispatch_plan::parse(&answer) {
+                Ok(plan) => {
+                    let slug = dispatch_plan::slug(&requested.goal);
+                    let path = write_workflow(&self.ctx.workspace, &slug, &plan.text)
+                        .map_err(|e| Stop::Blocked(format!("cannot write the plan: {e}")))?;
+                    let body = PlanAuthored {
+                        attempt,
+                        title: plan.title.clone(),
+                        slug,
+                        workflow_path: path,
+                        plan_text: plan.text.clone(),
+                        leaves: plan.leaves.iter().map(to_proto_leaf).collect(),
+                        model: provider.name().to_owned(),
+                    };
+                    return self.ensure(as_plan, Body::PlanAuthored(body)).await;
+                }
+                Err(e) => {
+                    tracing::info!(run_id = %self.run.run_id(), attempt, code = e.code(), "plan rejected");
+                    let body = PlanRejected {
+                        attempt,
+                        code: e.code().to_owned(),
+                        message: e.to_string(),
+                        model: provider.name().to_owned(),
+                    };
+                    let matches = move |b: &Body| match b {
+                        Body::PlanRejected(r) if r.attempt == attempt => Some(r.clone()),
+                        _ => None,
+                    };
+                    self.ensure(matches, Body::PlanRejected(body)).await?;
+                    rejected = self.all(as_rejected);
+                }
+            }
+        }
+    }
+
+    /// Records the start and returns the run's deadline as an instant.
+    async fn started(&mut self, timeout: Duration) -> Result<tokio::time::Instant, Stop> {
+        let body = Body::RunStarted(RunStarted {
+            owner: self.ctx.owner.clone(),
+            deadline_unix_ms: now_unix_ms() + timeout.as_millis() as i64,
+        });
+        let started = self.ensure(as_started, body).await?;
+        let scratch = layout::run_dir(&self.ctx.workspace, self.run.run_id()).join(layout::SCRATCH);
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| Stop::Blocked(format!("cannot create {}: {e}", scratch.display())))?;
+        let left = (started.deadline_unix_ms - now_unix_ms()).max(0) as u64;
+        Ok(tokio::time::Instant::now() + Duration::from_millis(left))
+    }
+
+    async fn leaves(&mut self, requested: &RunRequested, plan: &PlanAuthored) -> Result<Vec<TallyEntry>, Stop> {
+        for leaf in &plan.leaves {
+            let index = leaf.index;
+            if self.find(finished_leaf(index)).is_some() {
+                continue;
+            }
+            let started = Body::LeafStarted(LeafStarted {
+                leaf: index,
+                title: leaf.title.clone(),
+            });
+            self.ensure(started_leaf(index), started).await?;
+            let (state, reason) = self.leaf(requested, leaf).await?;
+            tracing::info!(run_id = %self.run.run_id(), leaf = index, state = state.as_str_name(), "leaf finished");
+            let finished = Body::LeafFinished(LeafFinished {
+                leaf: index,
+                state: state as i32,
+                reason,
+            });
+            self.ensure(finished_leaf(index), finished).await?;
+        }
+        Ok(self.tally())
+    }
+
+    /// One leaf's agent loop and gate.
+    async fn leaf(&mut self, requested: &RunRequested, leaf: &PlanLeaf) -> Result<(LeafState, String), Stop> {
+        let mut history = Vec::new();
+        let mut done = false;
+        for turn in 0..MAX_TURNS {
+            let model_turn = match self.find(model_turn(leaf.index, turn)) {
+                Some(recorded) => recorded,
+                None => {
+                    let provider = &self.ctx.provider;
+                    let reply = provider
+                        .turn(TurnRequest {
+                            goal: requested.goal.clone(),
+                            leaf: from_proto_leaf(leaf),
+                            history: history.clone(),
+                            tools: TOOLS.iter().map(|(n, d)| ((*n).to_owned(), (*d).to_owned())).collect(),
+                        })
+                        .await
+                        .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
+                    let body = Body::ModelTurn(ModelTurn {
+                        leaf: leaf.index,
+                        turn,
+                        text: reply.text,
+                        tool_calls: reply
+                            .tool_calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, call)| ToolCall {
+                                call_id: format!("l{}-t{turn}-c{i}", leaf.index),
+                                tool: call.tool,
+                                args_json: call.args_json,
+                            })
+                            .collect(),
+                        model: provider.name().to_owned(),
+                    });
+                    self.ensure(model_turn(leaf.index, turn), body).await?
+                }
+            };
+            history.push(Exchange::Assistant {
+                text: model_turn.text.clone(),
+                tool_calls: model_turn
+                    .tool_calls
+                    .iter()
+                    .map(|c| dispatch_models::ToolCall {
+                        tool: c.tool.clone(),
+                        args_json: c.args_json.clone(),
+                    })
+                    .collect(),
+            });
+            if model_turn.tool_calls.is_empty() {
+                done = true;
+                break;
+            }
+            for call in &model_turn.tool_calls {
+                let result = self.tool_call(leaf.index, call).await?;
+                history.push(Exchange::ToolResult {
+                    tool: call.tool.clone(),
+                    result,
+                });
+            }
+        }
+        if !done {
+            return Ok((
+                LeafState::Failed,
+                format!("the model did not finish the leaf within {MAX_TURNS} turns"),
+            ));
+        }
+        if leaf.done_when.is_empty() {
+            return Ok((LeafState::Done, "the model finished; the leaf has no gate".into()));
+        }
+        let gate = self.gate(leaf).await?;
+        Ok(if gate.passed {
+            (LeafState::Done, format!("gate passed: {}", gate.command))
+        } else {
+            (LeafState::Failed, slice_chars(&format!("gate failed: {}", gate.detail), SUMMARY_CHARS))
+        })
+    }
+
+    /// Request → policy decision → connector result, each step found in the log or
+    /// asked for over the bus and awaited there.
+    async fn tool_call(&mut self, leaf: u32, call: &ToolCall) -> Result<Result<String, String>, Stop> {
+        let call_id = call.call_id.clone();
+        let requested = Body::ToolCallRequested(ToolCallRequested {
+            call_id: call_id.clone(),
+            leaf,
+            tool: call.tool.clone(),
+            args_json: call.args_json.clone(),
+        });
+        self.ensure(requested_call(&call_id), requested).await?;
+
+        let decision = match self.find(decision_for(&call_id)) {
+            Some(decision) => decision,
+            None => {
+                let command = CheckPolicy {
+                    run_id: self.command.run_id.clone(),
+                    call_id: call_id.clone(),
+                    tool: call.tool.clone(),
+                    args_json: call.args_json.clone(),
+                };
+                let msg_id = format!("{}/{call_id}/policy", self.command.run_id);
+                self.ctx
+                    .bus
+                    .append(subject::cmd::policy(), &msg_id, None, None, command.encode_to_vec().into())
+                    .await?;
+                self.wait_for(decision_for(&call_id)).await?
+            }
+        };
+        if decision.decision != Decision::Allow as i32 {
+            return Ok(Err(format!("denied by policy rule {}: {}", decision.rule, decision.reason)));
+        }
+        if let Some(result) = self.find(result_for(&call_id)) {
+            return Ok(result);
+        }
+        let command = CallTool {
+            run_id: self.command.run_id.clone(),
+            call_id: call_id.clone(),
+            tool: call.tool.clone(),
+            args_json: call.args_json.clone(),
+        };
+        let msg_id = format!("{}/{call_id}/tool", self.command.run_id);
+        self.ctx
+            .bus
+            .append(subject::cmd::tool(), &msg_id, None, None, command.encode_to_vec().into())
+            .await?;
+        self.wait_for(result_for(&call_id)).await
+    }
+
+    async fn gate(&mut self, leaf: &PlanLeaf) -> Result<GateChecked, Stop> {
+        let check_id = format!("gate-l{}", leaf.index);
+        if let Some(checked) = self.find(gate_for(&check_id)) {
+            return Ok(checked);
+        }
+        let command = CheckGate {
+            run_id: self.command.run_id.clone(),
+            check_id: check_id.clone(),
+            leaf: leaf.index,
+            command: leaf.done_when.clone(),
+        };
+        let msg_id = format!("{}/{check_id}", self.command.run_id);
+        self.ctx
+            .bus
+            .append(subject::cmd::gate(), &msg_id, None, None, command.encode_to_vec().into())
+            .await?;
+        self.wait_for(gate_for(&check_id)).await
+    }
+
+    async fn finish(
+        &mut self,
+        status: RunStatus,
+        reason: String,
+        summary: String,
+        tally: Vec<TallyEntry>,
+    ) -> Result<(), Stop> {
+        let summary = slice_chars(&summary, SUMMARY_CHARS);
+        let reason = slice_chars(&reason, SUMMARY_CHARS);
+        let requested = self.find(as_requested);
+        let (goal, conversation_id) = requested
+            .map(|r| (r.goal, r.conversation_id))
+            .unwrap_or_else(|| (self.command.goal.clone(), self.command.conversation_id.clone()));
+        let note = Body::FeedbackQueued(FeedbackQueued {
+            conversation_id,
+            status: status as i32,
+            summary: summary.clone(),
+            goal,
+        });
+        self.ensure(as_feedback, note).await?;
+        let finished = Body::RunFinished(RunFinished {
+            status: status as i32,
+            reason: reason.clone(),
+            summary,
+            tally,
+        });
+        self.ensure(as_finished, finished).await?;
+        tracing::info!(run_id = %self.run.run_id(), status = status.word(), reason, "run finished");
+        Ok(())
+    }
+
+    fn tally(&self) -> Vec<TallyEntry> {
+        let (mut done, mut failed) = (0, 0);
+        for body in self.run.bodies() {
+            if let Body::LeafFinished(f) = body {
+                if f.state == LeafState::Done as i32 {
+                    done += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+        }
+        vec![
+            TallyEntry {
+                state: "DONE".into(),
+                count: done,
+            },
+            TallyEntry {
+                state: "FAILED".into(),
+                count: failed,
+            },
+        ]
+    }
+
+    fn find<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> Option<T> {
+        self.run.bodies().find_map(pick)
+    }
+
+    fn all<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> Vec<T> {
+        self.run.bodies().filter_map(pick).collect()
+    }
+
+    /// Returns the event `pick` finds, appending `body` first if there is none. A lost
+    /// race re-reads the log, where the winner's event may already be the answer.
+    async fn ensure<T>(&mut self, pick: impl Fn(&Body) -> Option<T>, body: Body) -> Result<T, Stop> {
+        loop {
+            if let Some(found) = self.find(&pick) {
+                return Ok(found);
+            }
+            match self.run.append(body.clone(), &self.command.run_id).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Conflict => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until another service appends the event `pick` finds.
+    async fn wait_for<T>(&mut self, pick: impl Fn(&Body) -> Option<T>) -> Result<T, Stop> {
+        loop {
+            if let Some(found) = self.find(&pick) {
+                return Ok(found);
+            }
+            if self.run.is_finished() {
+                return Err(Stop::Finished);
+            }
+            self.run.wait_for_more(Duration::from_secs(5)).await?;
+        }
+    }
+}
+
+fn as_requested(b: &Body) -> Option<RunRequested> {
+    match b {
+        Body::RunRequested(r) => Some(r.clone()),
+        _ => None,
+    }
+}
+
+fn as_plan(b: &Body) -> Option<PlanAuthored> {
+    match b {
+        Body::PlanAuthored(p) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+fn as_rejected(b: &Body) -> Option<PlanRejected> {
+    match b {
+        Body::PlanRejected(r) => Some(r.clone()),
+        _ => None,
+    }
+}
+
+fn as_started(b: &Body) -> Option<RunStarted> {
+    match b {
+        Body::RunStarted(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn as_feedback(b: &Body) -> Option<()> {
+    matches!(b, Body::FeedbackQueued(_)).then_some(())
+}
+
+fn as_finished(b: &Body) -> Option<()> {
+    matches!(b, Body::RunFinished(_)).then_some(())
+}
+
+fn started_leaf(leaf: u32) -> impl Fn(&Body) -> Option<()> {
+    move |b| matches!(b, Body::LeafStarted(s) if s.leaf == leaf).then_some(())
+}
+
+fn finished_leaf(leaf: u32) -> impl Fn(&Body) -> Option<()> {
+    move |b| matches!(b, Body::LeafFinished(f) if f.leaf == leaf).then_some(())
+}
+
+fn model_turn(leaf: u32, turn: u32) -> impl Fn(&Body) -> Option<ModelTurn> {
+    move |b| match b {
+        Body::ModelTurn(t) if t.leaf == leaf && t.turn == turn => Some(t.clone()),
+        _ => None,
+    }
+}
+
+fn requested_call(call_id: &str) -> impl Fn(&Body) -> Option<()> + '_ {
+    move |b| matches!(b, Body::ToolCallRequested(r) if r.call_id == call_id).then_some(())
+}
+
+fn decision_for(call_id: &str) -> impl Fn(&Body) -> Option<dispatch_proto::run::v1::PolicyDecided> + '_ {
+    move |b| match b {
+        Body::PolicyDecided(d) if d.call_id == call_id => Some(d.clone()),
+        _ => None,
+    }
+}
+
+fn result_for(call_id: &str) -> impl Fn(&Body) -> Option<Result<String, String>> + '_ {
+    move |b| match b {
+        Body::ToolCallCompleted(c) if c.call_id == call_id => Some(Ok(c.output.clone())),
+        Body::ToolCallFailed(f) if f.call_id == call_id => Some(Err(f.error.clone())),
+        _ => None,
+    }
+}
+
+fn gate_for(check_id: &str) -> impl Fn(&Body) -> Option<GateChecked> + '_ {
+    move |b| match b {
+        Body::GateChecked(g) if g.check_id == check_id => Some(g.clone()),
+        _ => None,
+    }
+}
+
+fn to_proto_leaf(leaf: &dispatch_plan::Leaf) -> PlanLeaf {
+    PlanLeaf {
+        index: leaf.index,
+        keyword: leaf.keyword.clone(),
+        title: leaf.title.clone(),
+        body: leaf.body.clone(),
+        done_when: leaf.done_when.clone().unwrap_or_default(),
+        ordered: leaf.ordered,
+    }
+}
+
+fn from_proto_leaf(leaf: &PlanLeaf) -> dispatch_plan::Leaf {
+    dispatch_plan::Leaf {
+        index: leaf.index,
+        keyword: leaf.keyword.clone(),
+        title: leaf.title.clone(),
+        body: leaf.body.clone(),
+        done_when: Some(leaf.done_when.clone()).filter(|g| !g.is_empty()),
+        ordered: leaf.ordered,
+    }
+}
+
+/// `{"DONE": 3, "FAILED": 0}`
+pub(crate) fn tally_json(tally: &[TallyEntry]) -> String {
+    let parts: Vec<String> = tally
+        .iter()
+        .map(|t| format!("{}: {}", serde_json::Value::from(t.state.clone()), t.count))
+        .collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+/// Writes the plan to `workflows/<slug>.org` (or `<slug>-N.org` if another plan holds
+/// the name) and returns the workspace-relative path. The same plan text written again
+/// reuses its file, so a resumed run does not leave copies.
+fn write_workflow(workspace: &Path, slug: &str, text: &str) -> std::io::Result<String> {
+    let dir = layout::workflows_dir(workspace);
+    std::fs::create_dir_all(&dir)?;
+    for n in 1.. {
+        let name = if n == 1 {
+            format!("{slug}.org")
+        } else {
+            format!("{slug}-{n}.org")
+        };
+        let path = dir.join(&name);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut file) => {
+                std::io::Write::write_all(&mut file, text.as_bytes())?;
+                file.sync_all()?;
+                return Ok(format!("workflows/{name}"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if std::fs::read_to_string(&path).is_ok_and(|existing| existing == text) {
+                    return Ok(format!("workflows/{name}"));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop only ends by returning")
+}
+
+/// `2s`, `35m`, `1h`, `1500ms`: how a timeout reads in a reason.
+pub(crate) fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    match s {
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(human(Duration::from_secs(2)), "2s");
+        assert_eq!(human(Duration::from_secs(35 * 60)), "35m");
+        assert_eq!(human(Duration::from_secs(7200)), "2h");
+        assert_eq!(human(Duration::from_secs(90)), "90s");
+        assert_eq!(human(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn the_tally_reads_as_json() {
+        let tally = vec![
+            TallyEntry { state: "DONE".into(), count: 4 },
+            TallyEntry { state: "FAILED".into(), count: 2 },
+        ];
+        assert_eq!(tally_json(&tally), r#"{"DONE": 4, "FAILED": 2}"#);
+    }
+
+    #[test]
+    fn workflows_get_unique_names_and_reuse_their_own() {
+        let dir = tempfile_dir();
+        assert_eq!(write_workflow(&dir, "x", "a").unwrap(), "workflows/x.org");
+        assert_eq!(write_workflow(&dir, "x", "b").unwrap(), "workflows/x-2.org");
+        assert_eq!(write_workflow(&dir, "x", "a").unwrap(), "workflows/x.org");
+        assert_eq!(std::fs::read_to_string(dir.join("workflows/x-2.org")).unwrap(), "b");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dispatch-wf-{}", uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn uuid_like() -> u128 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+    }
+}
