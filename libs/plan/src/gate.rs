@@ -71,6 +71,9 @@ pub struct Grep {
     pub fixed: bool,
     pub word: bool,
     pub line: bool,
+    /// `-E`: the pattern is an extended regular expression; otherwise it is a basic
+    /// one, where `+ ? | ( ) { }` are literal unless escaped, as in grep.
+    pub extended: bool,
 }
 
 /// Parses a gate, checking its syntax, its commands and that its paths stay inside
@@ -311,6 +314,7 @@ fn grep(args: &[&str]) -> Result<Check, GateError> {
         fixed: false,
         word: false,
         line: false,
+        extended: false,
     };
     let mut rest = Vec::new();
     let mut options_done = false;
@@ -320,7 +324,8 @@ fn grep(args: &[&str]) -> Result<Check, GateError> {
         } else if !options_done && arg.len() > 1 && arg.starts_with('-') {
             for flag in arg[1..].chars() {
                 match flag {
-                    'q' | 's' | 'E' => {}
+                    'q' | 's' => {}
+                    'E' => g.extended = true,
                     'i' => g.ignore_case = true,
                     'F' => g.fixed = true,
                     'w' => g.word = true,

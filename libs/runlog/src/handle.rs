@@ -141,6 +141,27 @@ impl RunHandle {
         }
     }
 
+    /// Returns what `pick` finds in the log, appending `body` first if it finds nothing.
+    /// A lost race re-reads the log, where the winner's event may already be the answer;
+    /// so however many writers try, the event is recorded once.
+    pub async fn ensure<T>(
+        &mut self,
+        pick: impl Fn(&Body) -> Option<T>,
+        body: Body,
+        causation_id: &str,
+    ) -> Result<T, Error> {
+        loop {
+            if let Some(found) = self.bodies().find_map(&pick) {
+                return Ok(found);
+            }
+            match self.append(body.clone(), causation_id).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Conflict => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Waits until the log grows or `timeout` passes; returns how many events arrived.
     pub async fn wait_for_more(&mut self, timeout: Duration) -> Result<usize, Error> {
         if self.live.is_none() {

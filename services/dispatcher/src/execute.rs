@@ -424,19 +424,8 @@ impl Exec<'_> {
         self.run.bodies().filter_map(pick).collect()
     }
 
-    /// Returns the event `pick` finds, appending `body` first if there is none. A lost
-    /// race re-reads the log, where the winner's event may already be the answer.
     async fn ensure<T>(&mut self, pick: impl Fn(&Body) -> Option<T>, body: Body) -> Result<T, Stop> {
-        loop {
-            if let Some(found) = self.find(&pick) {
-                return Ok(found);
-            }
-            match self.run.append(body.clone(), &self.command.run_id).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Conflict => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Ok(self.run.ensure(pick, body, &self.command.run_id).await?)
     }
 
     /// Waits until another service appends the event `pick` finds.

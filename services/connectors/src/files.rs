@@ -1,0 +1,176 @@
+//! Built-in file tools, confined to a run's `scratch/` directory.
+//!
+//! Paths are relative to the run directory and must lie under `scratch/`
+//! (`scratch/notes.org`), the workspace the leaves of one run share.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::confine;
+
+/// The largest file `write_file` writes and `read_file` returns.
+pub const MAX_FILE_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("unknown tool {0:?}; built-in tools are read_file, write_file and list_files")]
+    UnknownTool(String),
+    #[error("bad arguments for {tool}: {message}")]
+    BadArgs { tool: String, message: String },
+    #[error(transparent)]
+    Confine(#[from] confine::Error),
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("{path} is {size} bytes; tools handle files up to {MAX_FILE_BYTES} bytes")]
+    TooLarge { path: String, size: usize },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathArgs {
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteArgs {
+    path: String,
+    content: String,
+}
+
+/// Runs built-in `tool` with `args_json` in the run directory `run_dir`.
+pub fn call(run_dir: &Path, tool: &str, args_json: &str) -> Result<String, Error> {
+    match tool {
+        "read_file" => {
+            let args: PathArgs = parse(tool, args_json)?;
+            read_file(run_dir, &args.path)
+        }
+        "write_file" => {
+            let args: WriteArgs = parse(tool, args_json)?;
+            write_file(run_dir, &args.path, &args.content)
+        }
+        "list_files" => {
+            let args: PathArgs = parse(tool, args_json)?;
+            list_files(run_dir, &args.path)
+        }
+        other => Err(Error::UnknownTool(other.to_owned())),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(tool: &str, args_json: &str) -> Result<T, Error> {
+    serde_json::from_str(args_json).map_err(|e| Error::BadArgs {
+        tool: tool.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Resolves `path` (relative to the run directory) inside `scratch/`.
+fn in_scratch(run_dir: &Path, path: &str) -> Result<std::path::PathBuf, Error> {
+    let trimmed = path.trim_start_matches("./");
+    let rest = match trimmed.split_once('/') {
+        Some(("scratch", rest)) => rest,
+        None if trimmed == "scratch" => ".",
+        _ => return Err(confine::Error::Outside(path.to_owned(), "scratch/").into()),
+    };
+    let scratch = confine::resolve(run_dir, "scratch/", "scratch")?;
+    Ok(confine::resolve(&scratch, "scratch/", if rest.is_empty() { "." } else { rest })?)
+}
+
+fn io(path: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+fn read_file(run_dir: &Path, path: &str) -> Result<String, Error> {
+    let full = in_scratch(run_dir, path)?;
+    let size = std::fs::metadata(&full).map_err(io(path))?.len() as usize;
+    if size > MAX_FILE_BYTES {
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    let bytes = std::fs::read(&full).map_err(io(path))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn write_file(run_dir: &Path, path: &str, content: &str) -> Result<String, Error> {
+    if content.len() > MAX_FILE_BYTES {
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            size: content.len(),
+        });
+    }
+    let full = in_scratch(run_dir, path)?;
+    let parent = full.parent().ok_or_else(|| confine::Error::Outside(path.to_owned(), "scratch/"))?;
+    std::fs::create_dir_all(parent).map_err(io(path))?;
+    // Re-check after creating directories: nothing may have turned into a symlink.
+    let full = in_scratch(run_dir, path)?;
+    let name = full
+        .file_name()
+        .ok_or_else(|| confine::Error::Outside(path.to_owned(), "scratch/"))?
+        .to_string_lossy()
+        .into_owned();
+    let temp = full.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&temp, content).map_err(io(path))?;
+    std::fs::rename(&temp, &full).map_err(io(path))?;
+    Ok(format!("wrote {} bytes to {path}", content.len()))
+}
+
+fn list_files(run_dir: &Path, path: &str) -> Result<String, Error> {
+    let full = in_scratch(run_dir, path)?;
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&full).map_err(io(path))? {
+        let entry = entry.map_err(io(path))?;
+        let mut name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().map_err(io(path))?.is_dir() {
+            name.push('/');
+        }
+        names.push(name);
+    }
+    names.sort();
+    Ok(names.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_reads_and_lists_inside_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        std::fs::create_dir_all(run.join("scratch")).unwrap();
+        call(run, "write_file", r#"{"path":"scratch/a/b.org","content":"hi"}"#).unwrap();
+        assert_eq!(call(run, "read_file", r#"{"path":"scratch/a/b.org"}"#).unwrap(), "hi");
+        assert_eq!(call(run, "list_files", r#"{"path":"scratch"}"#).unwrap(), "a/");
+        assert_eq!(call(run, "list_files", r#"{"path":"scratch/a"}"#).unwrap(), "b.org");
+    }
+
+    #[test]
+    fn refuses_paths_outside_scratch_and_bad_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        std::fs::create_dir_all(run.join("scratch")).unwrap();
+        std::os::unix::fs::symlink("/etc", run.join("scratch/etc")).unwrap();
+        let cases = [
+            ("write_file", r#"{"path":"../x","content":""}"#, "outside"),
+            ("write_file", r#"{"path":"scratch/../../x","content":""}"#, "outside"),
+            ("write_file", r#"{"path":"TASKS.org","content":""}"#, "outside"),
+            ("read_file", r#"{"path":"/etc/passwd"}"#, "outside"),
+            ("read_file", r#"{"path":"scratch/etc/passwd"}"#, "symlink"),
+            ("write_file", r#"{"path":"scratch/etc/x","content":""}"#, "symlink"),
+            ("read_file", r#"{"path":1}"#, "bad arguments"),
+            ("write_file", r#"{"path":"scratch/x","content":"","mode":"0777"}"#, "unknown field"),
+            ("shell", r#"{}"#, "unknown tool"),
+        ];
+        for (tool, args, expect) in cases {
+            let err = call(run, tool, args).unwrap_err().to_string();
+            assert!(err.contains(expect), "{tool} {args}: {err}");
+        }
+        assert!(!dir.path().join("x").exists());
+    }
+}

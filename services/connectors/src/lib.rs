@@ -1,0 +1,223 @@
+//! The connectors service: where tool calls are executed.
+//!
+//! It takes tool-call and gate-check commands from a durable consumer shared by its
+//! copies. A tool call runs only if the run's log holds an allow decision for it and
+//! no result yet — the call id is the idempotency key — and its result is appended to
+//! the run's log. Built-in tools work on the run's `scratch/` ([`files`]); gates are
+//! evaluated by the interpreter in [`gate`], confined to the run directory. MCP
+//! servers, HTTP and secret leases come later.
+
+mod confine;
+pub mod files;
+pub mod gate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_bus::async_nats::jetstream::{self, AckKind};
+use dispatch_bus::health::{self, Health};
+use dispatch_bus::work::{self, WorkQueue};
+use dispatch_bus::{Bus, RunId, streams, subject};
+use dispatch_proto::command::v1::{CallTool, CheckGate};
+use dispatch_proto::run::v1::{
+    Decision, GateChecked, ToolCallCompleted, ToolCallFailed, run_event::Body,
+};
+use dispatch_runlog::{RunHandle, RunLog};
+use dispatch_service::layout;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "connectors";
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "dispatch-connectors", about = "Dispatch tool execution", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: dispatch_service::CommonArgs,
+    /// Most calls this copy executes at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] dispatch_bus::Error),
+    #[error(transparent)]
+    Log(#[from] dispatch_runlog::Error),
+}
+
+pub struct Connectors {
+    config: Config,
+    bus: Bus,
+    log: RunLog,
+}
+
+struct Context {
+    log: RunLog,
+    workspace: PathBuf,
+}
+
+impl Connectors {
+    pub async fn build(mut config: Config) -> Result<Self, Error> {
+        let instance = config.common.instance();
+        config.common.instance = Some(instance.clone());
+        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
+        Ok(Self { config, bus, log })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let instance = self.config.common.instance();
+        let health = tokio::spawn(health::serve(
+            self.bus.clone(),
+            Health::new(SERVICE, &instance),
+            shutdown.clone(),
+        ));
+        tracing::info!(instance, "connectors ready");
+        let ctx = Arc::new(Context {
+            log: self.log.clone(),
+            workspace: self.config.common.workspace.clone(),
+        });
+        work::consume(
+            &self.bus,
+            WorkQueue {
+                consumer: streams::consumers::CONNECTOR_CALLS,
+                filter_subjects: vec![subject::cmd::TOOL.to_owned(), subject::cmd::GATE.to_owned()],
+                ack_wait: Duration::from_secs(60),
+            },
+            self.config.concurrency,
+            shutdown,
+            move |message| handle(ctx.clone(), message),
+        )
+        .await?;
+        let _ = health.await;
+        Ok(())
+    }
+}
+
+async fn handle(ctx: Arc<Context>, message: jetstream::Message) {
+    let outcome = match message.subject.as_str() {
+        subject::cmd::TOOL => match CallTool::decode(message.payload.as_ref()) {
+            Ok(call) => call_tool(&ctx, call).await,
+            Err(e) => Err(Rejected::Malformed(e.to_string())),
+        },
+        subject::cmd::GATE => match CheckGate::decode(message.payload.as_ref()) {
+            Ok(check) => check_gate(&ctx, check).await,
+            Err(e) => Err(Rejected::Malformed(e.to_string())),
+        },
+        other => Err(Rejected::Malformed(format!("unexpected subject {other}"))),
+    };
+    match outcome {
+        Ok(()) => {
+            let _ = message.ack().await;
+        }
+        Err(Rejected::Malformed(reason)) => {
+            tracing::warn!(subject = %message.subject, reason, "dropping a malformed command");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+        Err(Rejected::Retry(e)) => {
+            tracing::warn!(subject = %message.subject, error = %e, "command failed, retrying");
+            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+enum Rejected {
+    /// The command can never succeed: drop it.
+    Malformed(String),
+    /// The bus or the log failed: try again.
+    Retry(Error),
+}
+
+impl From<dispatch_runlog::Error> for Rejected {
+    fn from(err: dispatch_runlog::Error) -> Self {
+        Rejected::Retry(err.into())
+    }
+}
+
+async fn open(ctx: &Context, run_id: &str) -> Result<(RunId, RunHandle), Rejected> {
+    let run_id: RunId = run_id
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| Rejected::Malformed(e.to_string()))?;
+    Ok((run_id, ctx.log.handle(run_id).await?))
+}
+
+/// Appends a result unless the log already has one (or the run is over).
+async fn record(run: &mut RunHandle, pick: impl Fn(&Body) -> Option<()>, body: Body, cause: &str) -> Result<(), Rejected> {
+    match run.ensure(pick, body, cause).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
+    let (run_id, mut run) = open(ctx, &call.run_id).await?;
+    let call_id = call.call_id.as_str();
+    let has_result = |b: &Body| match b {
+        Body::ToolCallCompleted(c) if c.call_id == call_id => Some(()),
+        Body::ToolCallFailed(f) if f.call_id == call_id => Some(()),
+        _ => None,
+    };
+    if run.bodies().find_map(has_result).is_some() || run.is_finished() {
+        // Already executed (a redelivery or a resumed run): never run a call twice.
+        return Ok(());
+    }
+    // Execute what the log requested and the policy allowed, not what the command says.
+    let requested = run.bodies().find_map(|b| match b {
+        Body::ToolCallRequested(r) if r.call_id == call_id => Some(r.clone()),
+        _ => None,
+    });
+    let allowed = run
+        .bodies()
+        .any(|b| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id && d.decision == Decision::Allow as i32));
+    let result = match (requested, allowed) {
+        (None, _) => Err("the run's log never requested this call".to_owned()),
+        (Some(_), false) => Err("the run's log holds no allow decision for this call".to_owned()),
+        (Some(requested), true) => {
+            let run_dir = layout::run_dir(&ctx.workspace, &run_id);
+            let (tool, args) = (requested.tool.clone(), requested.args_json.clone());
+            tokio::task::spawn_blocking(move || files::call(&run_dir, &tool, &args))
+                .await
+                .map_err(|e| Rejected::Malformed(format!("tool panicked: {e}")))?
+                .map_err(|e| e.to_string())
+        }
+    };
+    tracing::info!(run_id = %run_id, call_id, ok = result.is_ok(), "tool call executed");
+    let body = match result {
+        Ok(output) => Body::ToolCallCompleted(ToolCallCompleted {
+            call_id: call_id.to_owned(),
+            output,
+        }),
+        Err(error) => Body::ToolCallFailed(ToolCallFailed {
+            call_id: call_id.to_owned(),
+            error,
+        }),
+    };
+    record(&mut run, has_result, body, call_id).await
+}
+
+async fn check_gate(ctx: &Context, check: CheckGate) -> Result<(), Rejected> {
+    let (run_id, mut run) = open(ctx, &check.run_id).await?;
+    let check_id = check.check_id.as_str();
+    let has_result = |b: &Body| matches!(b, Body::GateChecked(g) if g.check_id == check_id).then_some(());
+    if run.bodies().find_map(has_result).is_some() || run.is_finished() {
+        return Ok(());
+    }
+    let run_dir = layout::run_dir(&ctx.workspace, &run_id);
+    let source = check.command.clone();
+    let outcome = tokio::task::spawn_blocking(move || gate::check(&run_dir, &source))
+        .await
+        .map_err(|e| Rejected::Malformed(format!("gate panicked: {e}")))?;
+    tracing::info!(run_id = %run_id, check_id, passed = outcome.passed, "gate checked");
+    let body = Body::GateChecked(GateChecked {
+        leaf: check.leaf,
+        command: check.command.clone(),
+        passed: outcome.passed,
+        detail: outcome.detail,
+        check_id: check_id.to_owned(),
+    });
+    record(&mut run, has_result, body, check_id).await
+}
