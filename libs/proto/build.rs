@@ -7,6 +7,7 @@ fn main() {
     let files = [
         root.join("dispatch/run/v1/events.proto"),
         root.join("dispatch/command/v1/commands.proto"),
+        root.join("dispatch/ledger/v1/ledger.proto"),
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

@@ -52,4 +52,10 @@ pub mod command {
     }
 }
 
+pub mod ledger {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/dispatch.ledger.v1.rs"));
+    }
+}
+
 pub use prost::Message;

@@ -1,0 +1,352 @@
+//! The ledger: Dispatch's projections.
+//!
+//! It follows every run's log (stream `DISPATCH_RUNS`) and the ledger's own drain
+//! events (stream `DISPATCH_LEDGER`) with ordered consumers that start after the last
+//! sequence committed to its sled views, so deleting the views and restarting rebuilds
+//! them from the logs. From the views it answers `dispatch.query.*` (run status for
+//! `ps`/`inspect`, a conversation's tasks with a read-once drain of its feedback
+//! notes) and renders `TASKS.org`, atomically, after every change.
+//!
+//! Every copy keeps its own views; drains are serialised through the log with
+//! optimistic concurrency, so copies agree on which notes are gone.
+
+pub mod api;
+mod project;
+pub mod render;
+pub mod view;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use dispatch_bus::health::{self, Health};
+use dispatch_bus::{Bus, ConversationId, ErrorKind, streams, subject};
+use dispatch_proto::ledger::v1::FeedbackDrained;
+use dispatch_service::layout;
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use api::{QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use project::{Pending, Views};
+use view::{Note, RunView};
+
+pub const SERVICE: &str = "ledger";
+
+/// How many messages one view transaction takes at most while catching up.
+const COMMIT_EVERY: usize = 512;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "dispatch-ledger", about = "Dispatch projections: run status, feedback, TASKS.org", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: dispatch_service::CommonArgs,
+    /// Where the sled views live (default: .dispatch/state/ledger under the workspace).
+    #[arg(long, env = "DISPATCH_LEDGER_STATE")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] dispatch_bus::Error),
+    #[error(transparent)]
+    Views(#[from] dispatch_views::Error),
+}
+
+pub struct Ledger {
+    config: Config,
+    bus: Bus,
+    views: Views,
+}
+
+/// What the ledger's tasks share.
+struct State {
+    bus: Bus,
+    views: Views,
+    render: Notify,
+    drains_applied: watch::Sender<u64>,
+}
+
+impl Ledger {
+    pub async fn build(mut config: Config) -> Result<Self, Error> {
+        let instance = config.common.instance();
+        config.common.instance = Some(instance);
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| layout::state_dir(&config.common.workspace).join("state/ledger"));
+        std::fs::create_dir_all(&state_dir).map_err(|e| dispatch_views::Error::Sled(e.into()))?;
+        let views = Views::open(&state_dir)?;
+        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        Ok(Self { config, bus, views })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let instance = self.config.common.instance();
+        let drains_cursor = self.views.cursor(streams::LEDGER)?;
+        let state = Arc::new(State {
+            bus: self.bus.clone(),
+            views: self.views.clone(),
+            render: Notify::new(),
+            drains_applied: watch::channel(drains_cursor).0,
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(health::serve(self.bus.clone(), Health::new(SERVICE, &instance), shutdown.clone()));
+        tasks.spawn(project_stream(state.clone(), streams::RUNS, shutdown.clone()));
+        tasks.spawn(project_stream(state.clone(), streams::LEDGER, shutdown.clone()));
+        tasks.spawn(answer_queries(state.clone(), shutdown.clone()));
+        let tasks_file = layout::tasks_file(&self.config.common.workspace);
+        tasks.spawn(render_tasks(state.clone(), tasks_file, shutdown.clone()));
+        state.render.notify_one();
+        tracing::info!(instance, "ledger ready");
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "ledger task failed");
+                    shutdown.cancel();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ledger task panicked");
+                    shutdown.cancel();
+                }
+            }
+        }
+        // sled also flushes on its own; a clean stop should not leave work to redo.
+        self.views.flush()?;
+        Ok(())
+    }
+}
+
+/// Follows `stream` from the views' cursor and folds its messages into the views.
+async fn project_stream(state: Arc<State>, stream_name: &'static str, shutdown: CancellationToken) -> Result<(), dispatch_bus::Error> {
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match follow(&state, stream_name, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(stream = stream_name, error = %e, "projection interrupted, resuming from the views' cursor");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn follow(state: &State, stream_name: &'static str, shutdown: &CancellationToken) -> Result<(), String> {
+    let cursor = state.views.cursor(stream_name).map_err(|e| e.to_string())?;
+    let stream = state
+        .bus
+        .jetstream()
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: if cursor == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: cursor + 1,
+                }
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut pending = Pending::default();
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => message,
+        };
+        let Some(message) = message else {
+            return Err("consumer ended".into());
+        };
+        let message = message.map_err(|e| e.to_string())?;
+        let (seq, left) = {
+            let info = message.info().map_err(|e| e.to_string())?;
+            (info.stream_sequence, info.pending)
+        };
+        match stream_name {
+            streams::RUNS => state.views.apply_run_event(&mut pending, seq, &message.subject, &message.payload),
+            _ => state.views.apply_drain(&mut pending, seq, &message.subject, &message.payload),
+        }
+        if left == 0 || pending.len() >= COMMIT_EVERY {
+            let batch = std::mem::take(&mut pending);
+            state.views.commit(stream_name, batch).map_err(|e| e.to_string())?;
+            if stream_name == streams::LEDGER {
+                state.drains_applied.send_replace(seq);
+            }
+            state.render.notify_one();
+        }
+    }
+}
+
+/// Re-renders TASKS.org whenever the views change (coalescing bursts).
+async fn render_tasks(state: Arc<State>, path: PathBuf, shutdown: CancellationToken) -> Result<(), dispatch_bus::Error> {
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = state.render.notified() => {}
+        }
+        let content = render::tasks_org(&state.views.runs());
+        if last.as_ref() == Some(&content) {
+            continue;
+        }
+        match render::write_atomically(&path, &content) {
+            Ok(()) => last = Some(content),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot write TASKS.org"),
+        }
+        // Let a burst of commits land before rendering again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn answer_queries(state: Arc<State>, shutdown: CancellationToken) -> Result<(), dispatch_bus::Error> {
+    let client = state.bus.client().clone();
+    let mut requests = client
+        .queue_subscribe("dispatch.query.*", subject::query::QUERY_GROUP.to_owned())
+        .await
+        .map_err(|e| dispatch_bus::Error::new(ErrorKind::Unreachable, e.to_string()))?;
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            request = requests.next() => request,
+        };
+        let Some(request) = request else { return Ok(()) };
+        let Some(reply_to) = request.reply.clone() else { continue };
+        let state = state.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let body = match request.subject.as_str() {
+                subject::query::RUNS => encode(parse(&request.payload).map(|q| runs(&state, q))),
+                subject::query::RUN => encode(parse(&request.payload).and_then(|q| run(&state, q))),
+                subject::query::TASKS => {
+                    let answer = match parse::<TasksQuery>(&request.payload) {
+                        Ok(q) => tasks(&state, q).await,
+                        Err(e) => Err(e),
+                    };
+                    encode(answer)
+                }
+                other => encode::<()>(Err(QueryError::BadRequest(format!("unknown query {other}")))),
+            };
+            let _ = client.publish(reply_to, body.into()).await;
+        });
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Reply<T> {
+    serde_json::from_slice(payload).map_err(|e| QueryError::BadRequest(format!("malformed query: {e}")))
+}
+
+fn encode<T: serde::Serialize>(reply: Reply<T>) -> Vec<u8> {
+    serde_json::to_vec(&reply).expect("replies serialize")
+}
+
+fn runs(state: &State, query: RunsQuery) -> RunsReply {
+    let runs = state
+        .views
+        .runs()
+        .into_iter()
+        .filter(|r| query.all || !r.status.is_terminal())
+        .filter(|r| query.conversation.as_ref().is_none_or(|c| *c == r.conversation_id))
+        .collect();
+    RunsReply { runs }
+}
+
+fn run(state: &State, query: RunQuery) -> Reply<RunView> {
+    let id = query.id.trim();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(QueryError::BadRequest(format!("{id:?} is not a run id or a prefix of one")));
+    }
+    let mut found = state.views.runs_with_prefix(id, 6);
+    match found.len() {
+        0 => Err(QueryError::NotFound(format!("no run matches {id}"))),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let ids: Vec<_> = found.iter().take(5).map(|r| r.run_id.as_str()).collect();
+            Err(QueryError::Ambiguous(format!("{id} matches several runs: {}", ids.join(", "))))
+        }
+    }
+}
+
+async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {
+    let conversation: ConversationId = query
+        .conversation
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?;
+    let feedback = drain(state, &conversation).await?;
+    let tasks = state
+        .views
+        .runs()
+        .into_iter()
+        .filter(|r| project::conversation_or_default(&r.conversation_id) == conversation.as_str())
+        .collect();
+    Ok(TasksReply { tasks, feedback })
+}
+
+/// Takes the conversation's undrained notes, recording the drain in the ledger stream
+/// first: with optimistic concurrency on the conversation's drain subject, two drains
+/// (here or in another ledger copy) never hand out the same note.
+async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>> {
+    let unavailable = |e: &dyn std::fmt::Display| QueryError::Unavailable(format!("cannot drain feedback: {e}"));
+    for _ in 0..20 {
+        let notes = state.views.undrained(conversation.as_str());
+        if notes.is_empty() {
+            return Ok(notes);
+        }
+        let expected = state.views.last_drain(conversation.as_str());
+        let event = FeedbackDrained {
+            conversation_id: conversation.to_string(),
+            run_ids: notes.iter().map(|n| n.run_id.clone()).collect(),
+            time_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+        };
+        let msg_id = format!("drain-{conversation}-{expected}-{}", std::process::id());
+        let appended = state
+            .bus
+            .append(subject::drain(conversation), &msg_id, Some(expected), None, event.encode_to_vec().into())
+            .await;
+        match appended {
+            Ok(ack) => {
+                wait_for_drains(state, ack.stream_seq).await;
+                return Ok(notes);
+            }
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                // Another drain won; catch up with it and look again.
+                let last = last_drain_seq(state, conversation).await.map_err(|e| unavailable(&e))?;
+                wait_for_drains(state, last).await;
+            }
+            Err(e) => return Err(unavailable(&e)),
+        }
+    }
+    Err(QueryError::Unavailable("feedback drain kept losing races; try again".into()))
+}
+
+async fn last_drain_seq(state: &State, conversation: &ConversationId) -> Result<u64, String> {
+    let stream = state
+        .bus
+        .jetstream()
+        .get_stream(streams::LEDGER)
+        .await
+        .map_err(|e| e.to_string())?;
+    let message = stream
+        .direct_get_last_for_subject(subject::drain(conversation).as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(message.sequence)
+}
+
+async fn wait_for_drains(state: &State, seq: u64) {
+    let mut applied = state.drains_applied.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|s| *s >= seq)).await;
+}

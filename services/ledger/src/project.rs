@@ -1,0 +1,200 @@
+//! The projector: applies stream messages to the sled views, many per transaction,
+//! each transaction carrying the stream sequence it reached.
+
+use std::collections::HashMap;
+
+use dispatch_bus::{ConversationId, subject};
+use dispatch_proto::ledger::v1::FeedbackDrained;
+use dispatch_proto::run::v1::{RunEvent, RunStatus, run_event::Body};
+use dispatch_views::{Batch, ViewStore};
+use prost::Message as _;
+
+use crate::view::{Note, RunView, TaskStatus};
+
+pub const RUNS: &str = "runs";
+pub const NOTES: &str = "notes";
+pub const DRAINED: &str = "drained";
+pub const DRAINS: &str = "drains";
+pub const TREES: [&str; 4] = [RUNS, NOTES, DRAINED, DRAINS];
+
+/// Views over the sled store.
+#[derive(Clone)]
+pub struct Views {
+    store: ViewStore,
+}
+
+/// Changes accumulated since the last commit, read through before the store.
+#[derive(Default)]
+pub struct Pending {
+    runs: HashMap<String, RunView>,
+    batch: Batch,
+    last_seq: u64,
+    applied: usize,
+}
+
+impl Pending {
+    pub fn len(&self) -> usize {
+        self.applied
+    }
+}
+
+fn note_key(conversation: &str, run_id: &str) -> Vec<u8> {
+    let mut key = conversation.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(run_id.as_bytes());
+    key
+}
+
+impl Views {
+    pub fn open(path: &std::path::Path) -> Result<Self, dispatch_views::Error> {
+        Ok(Self {
+            store: ViewStore::open(path, &TREES)?,
+        })
+    }
+
+    pub fn flush(&self) -> Result<(), dispatch_views::Error> {
+        self.store.flush()
+    }
+
+    pub fn cursor(&self, source: &str) -> Result<u64, dispatch_views::Error> {
+        self.store.cursor(source)
+    }
+
+    pub fn run(&self, run_id: &str) -> Option<RunView> {
+        let bytes = self.store.tree(RUNS).ok()?.get(run_id).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Every run, newest first (run ids are UUIDv7, so id order is time order).
+    pub fn runs(&self) -> Vec<RunView> {
+        let Ok(tree) = self.store.tree(RUNS) else { return Vec::new() };
+        tree.iter()
+            .rev()
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// Runs whose id starts with `prefix`, at most `limit`.
+    pub fn runs_with_prefix(&self, prefix: &str, limit: usize) -> Vec<RunView> {
+        let Ok(tree) = self.store.tree(RUNS) else { return Vec::new() };
+        tree.scan_prefix(prefix)
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .take(limit)
+            .collect()
+    }
+
+    /// The conversation's notes not drained yet, oldest first.
+    pub fn undrained(&self, conversation: &str) -> Vec<Note> {
+        let (Ok(notes), Ok(drained)) = (self.store.tree(NOTES), self.store.tree(DRAINED)) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Note> = notes
+            .scan_prefix(note_key(conversation, ""))
+            .filter_map(|item| item.ok())
+            .filter(|(k, _)| !drained.contains_key(k).unwrap_or(false))
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
+        out.sort_by(|a, b| (a.queued_at_ms, &a.run_id).cmp(&(b.queued_at_ms, &b.run_id)));
+        out
+    }
+
+    /// Stream sequence of the conversation's last drain applied here (0: none).
+    pub fn last_drain(&self, conversation: &str) -> u64 {
+        self.store
+            .tree(DRAINS)
+            .ok()
+            .and_then(|t| t.get(conversation).ok().flatten())
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    /// Folds one run event (stream sequence `seq`) into `pending`. A payload that is
+    /// not a run event changes no view; the cursor still moves past it.
+    pub fn apply_run_event(&self, pending: &mut Pending, seq: u64, subject_name: &str, payload: &[u8]) {
+        pending.last_seq = seq;
+        pending.applied += 1;
+        let Some(run_id) = subject::run_id_of(subject_name) else {
+            tracing::warn!(subject = subject_name, seq, "ignoring a message on a non-run subject");
+            return;
+        };
+        let event = match dispatch_runlog::decode(&run_id, seq, payload) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "ignoring an undecodable run event");
+                return;
+            }
+        };
+        let key = event.run_id.clone();
+        let current = pending.runs.remove(&key).or_else(|| self.run(&key));
+        let view = RunView::apply(current, &event);
+        if let Some(note) = note_of(&event) {
+            let conversation = conversation_or_default(&view.conversation_id);
+            pending.batch.put(
+                NOTES,
+                note_key(&conversation, &key),
+                serde_json::to_vec(&note).expect("notes serialize"),
+            );
+        }
+        pending
+            .batch
+            .put(RUNS, &key, serde_json::to_vec(&view).expect("views serialize"));
+        pending.runs.insert(key, view);
+    }
+
+    /// Folds one drain (from the ledger stream) into `pending`.
+    pub fn apply_drain(&self, pending: &mut Pending, seq: u64, subject_name: &str, payload: &[u8]) {
+        pending.last_seq = seq;
+        pending.applied += 1;
+        let Some(conversation) = subject::conversation_of_drain(subject_name) else {
+            tracing::warn!(subject = subject_name, seq, "ignoring a ledger message that is not a drain");
+            return;
+        };
+        let drained = match FeedbackDrained::decode(payload) {
+            Ok(drained) => drained,
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "ignoring an undecodable drain");
+                return;
+            }
+        };
+        for run_id in &drained.run_ids {
+            pending.batch.put(DRAINED, note_key(conversation.as_str(), run_id), Vec::new());
+        }
+        pending
+            .batch
+            .put(DRAINS, conversation.as_str(), seq.to_be_bytes().to_vec());
+    }
+
+    /// Commits `pending` under `source`'s cursor. Returns whether anything was applied.
+    pub fn commit(&self, source: &str, pending: Pending) -> Result<bool, dispatch_views::Error> {
+        if pending.applied == 0 {
+            return Ok(false);
+        }
+        self.store.commit(source, pending.last_seq, pending.batch)
+    }
+}
+
+fn note_of(event: &RunEvent) -> Option<Note> {
+    match &event.body {
+        Some(Body::FeedbackQueued(f)) => Some(Note {
+            run_id: event.run_id.clone(),
+            status: RunStatus::try_from(f.status)
+                .map_or(TaskStatus::Blocked.word(), |s| s.word())
+                .to_owned(),
+            summary: f.summary.clone(),
+            goal: f.goal.clone(),
+            queued_at_ms: event.time_unix_ms,
+        }),
+        _ => None,
+    }
+}
+
+/// Runs without a conversation report to the default one.
+pub fn conversation_or_default(conversation: &str) -> String {
+    if conversation.is_empty() {
+        ConversationId::DEFAULT.to_owned()
+    } else {
+        conversation.to_owned()
+    }
+}
