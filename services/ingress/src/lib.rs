@@ -1,0 +1,297 @@
+//! Ingress: the HTTP front door.
+//!
+//! `POST /v1/goals` answers `202 {run_id, status_url}` as soon as the goal command is
+//! stored in JetStream — before any planning — and everything else is a query the
+//! ledger answers over the bus. Bad requests get a JSON error with a specific code and
+//! publish nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dispatch_bus::health::{self, Health};
+use dispatch_bus::{Bus, ConversationId, subject};
+use dispatch_ledger::api::{QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use dispatch_ledger::view::RunView;
+use dispatch_runlog::RunLog;
+use dispatch_runlog::submit::{Goal, submit_goal};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "ingress";
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The longest goal accepted, in characters.
+pub const MAX_GOAL_CHARS: usize = 8000;
+/// Bounds on a run's kill switch a request may ask for.
+pub const MIN_TIMEOUT_MS: u64 = 1_000;
+pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// How long a query waits for the ledger.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "dispatch-ingress", about = "Dispatch HTTP front door", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: dispatch_service::CommonArgs,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "DISPATCH_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] dispatch_bus::Error),
+    #[error(transparent)]
+    Log(#[from] dispatch_runlog::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Ingress {
+    config: Config,
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+}
+
+struct App {
+    bus: Bus,
+    log: RunLog,
+}
+
+impl Ingress {
+    /// Connects to NATS and binds the listener, so [`Self::local_addr`] is known.
+    pub async fn build(mut config: Config) -> Result<Self, Error> {
+        let instance = config.common.instance();
+        config.common.instance = Some(instance.clone());
+        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Self {
+            config,
+            app: Arc::new(App { bus, log }),
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let addr = self.local_addr();
+        let mut me = Health::new(SERVICE, &self.config.common.instance());
+        me.detail.insert("http_addr".into(), json!(addr.to_string()));
+        let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
+        tracing::info!(%addr, "ingress listening");
+        let stop = shutdown.clone();
+        axum::serve(self.listener, router(self.app))
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
+        shutdown.cancel();
+        let _ = health.await;
+        Ok(())
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/goals", post(post_goal))
+        .route("/v1/runs", get(list_runs))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/tasks", get(get_tasks))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(app)
+}
+
+/// `{"error": {"code": ..., "message": ...}}` with `status`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "code": code, "message": message.into() } });
+    (status, axum::Json(body)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoalRequest {
+    goal: String,
+    #[serde(default)]
+    conversation_id: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Checks a goal request; the error is `(code, message)`.
+fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
+    let request: GoalRequest = serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_data() { "invalid_goal" } else { "invalid_json" };
+        (code, e.to_string())
+    })?;
+    let goal = request.goal.trim();
+    if goal.is_empty() {
+        return Err(("invalid_goal", "goal must not be empty".into()));
+    }
+    if goal.chars().count() > MAX_GOAL_CHARS {
+        return Err(("invalid_goal", format!("goal must be at most {MAX_GOAL_CHARS} characters")));
+    }
+    let conversation = match request.conversation_id {
+        Some(c) => c.parse().map_err(|e: dispatch_bus::IdError| ("invalid_conversation", e.to_string()))?,
+        None => ConversationId::default(),
+    };
+    let timeout_ms = match request.timeout_ms {
+        None => 0,
+        Some(ms) if (MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS).contains(&ms) => ms,
+        Some(_) => {
+            return Err((
+                "invalid_timeout",
+                format!("timeout_ms must be between {MIN_TIMEOUT_MS} and {MAX_TIMEOUT_MS}"),
+            ));
+        }
+    };
+    Ok(Goal {
+        goal: goal.to_owned(),
+        conversation,
+        timeout_ms,
+        origin: "http".into(),
+    })
+}
+
+async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body must be at most {MAX_BODY_BYTES} bytes"),
+            );
+        }
+    };
+    let goal = match validate(&body) {
+        Ok(goal) => goal,
+        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+    };
+    match submit_goal(&app.bus, &app.log, goal).await {
+        Ok(run_id) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "run_id": run_id.to_string(), "status_url": format!("/v1/runs/{run_id}") })),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "goal not stored");
+            error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", "the goal could not be stored; try again")
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    all: Option<bool>,
+    #[serde(default)]
+    conversation: Option<String>,
+}
+
+async fn list_runs(State(app): State<Arc<App>>, params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
+    };
+    let query = RunsQuery {
+        all: params.all.unwrap_or(true),
+        conversation: params.conversation,
+    };
+    let reply: Result<Reply<RunsReply>, _> = app.bus.request_json(subject::query::runs(), &query, QUERY_TIMEOUT).await;
+    respond(reply)
+}
+
+async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    let reply: Result<Reply<RunView>, _> = app.bus.request_json(subject::query::run(), &RunQuery { id }, QUERY_TIMEOUT).await;
+    respond(reply)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TasksParams {
+    #[serde(default)]
+    conversation: Option<String>,
+}
+
+async fn get_tasks(State(app): State<Arc<App>>, params: Result<Query<TasksParams>, axum::extract::rejection::QueryRejection>) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
+    };
+    let conversation = params.conversation.unwrap_or_else(|| ConversationId::DEFAULT.to_owned());
+    if let Err(e) = conversation.parse::<ConversationId>() {
+        return error(StatusCode::BAD_REQUEST, "invalid_conversation", e.to_string());
+    }
+    let reply: Result<Reply<TasksReply>, _> = app
+        .bus
+        .request_json(subject::query::tasks(), &TasksQuery { conversation }, QUERY_TIMEOUT)
+        .await;
+    respond(reply)
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let state = app.bus.client().connection_state();
+    let connected = matches!(state, dispatch_bus::async_nats::connection::State::Connected);
+    let status = if connected { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({ "status": if connected { "ok" } else { "degraded" }, "nats": state.to_string() }))).into_response()
+}
+
+fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) -> Response {
+    match reply {
+        Ok(Ok(value)) => (StatusCode::OK, axum::Json(value)).into_response(),
+        Ok(Err(QueryError::NotFound(m))) => error(StatusCode::NOT_FOUND, "not_found", m),
+        Ok(Err(QueryError::Ambiguous(m))) => error(StatusCode::BAD_REQUEST, "ambiguous", m),
+        Ok(Err(QueryError::BadRequest(m))) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Ok(Err(QueryError::Unavailable(m))) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goal_requests_are_checked_field_by_field() {
+        let cases: [(&str, &str); 9] = [
+            ("{", "invalid_json"),
+            ("[]", "invalid_goal"),
+            ("{}", "invalid_goal"),
+            (r#"{"goal":"   "}"#, "invalid_goal"),
+            (r#"{"goal":3}"#, "invalid_goal"),
+            (r#"{"goal":"x","extra":1}"#, "invalid_goal"),
+            (r#"{"goal":"x","timeout_ms":5}"#, "invalid_timeout"),
+            (r#"{"goal":"x","conversation_id":"a.b"}"#, "invalid_conversation"),
+            (r#"{"goal":"x","timeout_ms":-1}"#, "invalid_goal"),
+        ];
+        for (body, code) in cases {
+            let err = validate(body.as_bytes()).unwrap_err();
+            assert_eq!(err.0, code, "{body}: {}", err.1);
+        }
+        let goal = validate(br#"{"goal":" hello ","conversation_id":"c1","timeout_ms":2000}"#).unwrap();
+        assert_eq!((goal.goal.as_str(), goal.conversation.as_str(), goal.timeout_ms), ("hello", "c1", 2000));
+    }
+}
