@@ -7,8 +7,7 @@
 //!   health reply on the bus (never a sleep).
 //!
 //! Binaries are looked up beside the test executable (`target/<profile>/`); `cargo xtask
-//! test` builds them first. The nats-server binary comes from `DISPATCH_NATS_SERVER`,
-//! the project's `.tools/bin/`, or `PATH`, in that order.
+//! test` builds them first. The nats-server binary is found as `dispatch-natsbin` says.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -130,21 +129,11 @@ fn read_ports_file(ports_dir: &Path) -> Option<u16> {
     url.rsplit(':').next()?.parse().ok()
 }
 
-/// The nats-server the tests use: `DISPATCH_NATS_SERVER`, `.tools/bin/`, or `PATH`.
+/// The nats-server the tests use (see `dispatch-natsbin` for the lookup order).
 pub fn nats_server_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("DISPATCH_NATS_SERVER") {
-        return Ok(PathBuf::from(path));
-    }
-    let local = workspace_root().join(".tools/bin/nats-server");
-    if local.exists() {
-        return Ok(local);
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("nats-server"))
-        .find(|p| p.exists());
-    on_path.context("no nats-server: run `cargo xtask test`, which installs one into .tools/")
+    dispatch_natsbin::locate(&workspace_root())
+        .map(|(path, _)| path)
+        .map_err(|problem| anyhow::anyhow!("{problem}"))
 }
 
 /// The repository root (two levels above this crate).

@@ -1,0 +1,113 @@
+//! How runs and events read on a terminal.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dispatch_ledger::api::TasksReply;
+use dispatch_ledger::view::RunView;
+use dispatch_proto::run::v1::{Decision, LeafState, RunEvent, RunStatus, run_event::Body};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One event as one line: `#seq kind details`.
+pub fn event_line(event: &RunEvent) -> String {
+    let Some(body) = &event.body else {
+        return format!("#{:<3} (empty)", event.seq);
+    };
+    let detail = match body {
+        Body::RunRequested(r) => format!("goal {:?} (conversation {}, via {})", r.goal, r.conversation_id, r.origin),
+        Body::PlanAuthored(p) => format!("plan {:?}: {} leaves → {}", p.title, p.leaves.len(), p.workflow_path),
+        Body::PlanRejected(r) => format!("attempt {} rejected: {}: {}", r.attempt, r.code, r.message),
+        Body::RunStarted(s) => format!("owner {}", s.owner),
+        Body::LeafStarted(l) => format!("leaf {}: {}", l.leaf + 1, l.title),
+        Body::ModelTurn(t) => format!(
+            "leaf {} turn {}: {}{}",
+            t.leaf + 1,
+            t.turn + 1,
+            clip(&t.text, 100),
+            if t.tool_calls.is_empty() { String::new() } else { format!(" [{} tool call(s)]", t.tool_calls.len()) }
+        ),
+        Body::ToolCallRequested(c) => format!("{} {} {}", c.call_id, c.tool, clip(&c.args_json, 80)),
+        Body::PolicyDecided(d) => format!(
+            "{} {} by {}: {}",
+            d.call_id,
+            if d.decision == Decision::Allow as i32 { "allowed" } else { "denied" },
+            d.rule,
+            d.reason
+        ),
+        Body::ToolCallCompleted(c) => format!("{} ok: {}", c.call_id, clip(&c.output, 100)),
+        Body::ToolCallFailed(f) => format!("{} failed: {}", f.call_id, f.error),
+        Body::GateChecked(g) => format!(
+            "leaf {} gate {}: {} ({})",
+            g.leaf + 1,
+            if g.passed { "passed" } else { "failed" },
+            g.command,
+            g.detail
+        ),
+        Body::LeafFinished(f) => format!(
+            "leaf {} {}: {}",
+            f.leaf + 1,
+            if f.state == LeafState::Done as i32 { "DONE" } else { "FAILED" },
+            f.reason
+        ),
+        Body::FeedbackQueued(f) => format!("note for conversation {}", f.conversation_id),
+        Body::RunFinished(f) => format!(
+            "{}: {}{}",
+            RunStatus::try_from(f.status).map_or("unknown", |s| s.word()),
+            f.reason,
+            if f.summary != f.reason { format!(" — {}", f.summary) } else { String::new() }
+        ),
+    };
+    format!("#{:<3} {:<20} {}", event.seq, body.kind(), detail)
+}
+
+fn clip(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    dispatch_service::slice_chars(&flat, max)
+}
+
+fn age(since_ms: i64, now_ms: i64) -> String {
+    let s = ((now_ms - since_ms).max(0) / 1000) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// `dispatch ps` as a table.
+pub fn ps_table(runs: &[RunView], now_ms: i64) -> String {
+    let mut out = format!("{:<36}  {:<8}  {:<6}  {:<5}  {}\n", "RUN ID", "STATUS", "LEAVES", "AGE", "GOAL");
+    for run in runs {
+        let leaves = if run.leaves == 0 { "-".to_owned() } else { format!("{}/{}", run.leaves_done, run.leaves) };
+        out.push_str(&format!(
+            "{:<36}  {:<8}  {:<6}  {:<5}  {}\n",
+            run.run_id,
+            run.status.word(),
+            leaves,
+            age(run.requested_at_ms, now_ms),
+            clip(&run.goal, 60)
+        ));
+    }
+    out
+}
+
+/// `dispatch tasks` as text: notes first (they are shown once), then the tasks.
+pub fn tasks(reply: &TasksReply) -> String {
+    let mut out = String::new();
+    if reply.feedback.is_empty() {
+        out.push_str("no new feedback\n");
+    } else {
+        out.push_str("feedback:\n");
+        for note in &reply.feedback {
+            out.push_str(&format!("  {} {}: {} ({})\n", note.run_id, note.status, clip(&note.summary, 120), clip(&note.goal, 60)));
+        }
+    }
+    out.push('\n');
+    out.push_str(&ps_table(&reply.tasks, now_ms()));
+    out
+}

@@ -1,0 +1,350 @@
+//! `dispatch`, the command line. A client of the bus like any origin: it publishes goal
+//! commands, reads run logs straight from JetStream, and asks the ledger for views.
+//! `dispatch up` also supervises a local stack (nats-server and every service).
+//!
+//! Exit codes scripts can rely on:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success; for `run` (attached) and `wait`: the run ended `done` |
+//! | 1 | the run ended `blocked` |
+//! | 2 | the run ended `stopped` |
+//! | 3 | `wait --timeout-ms` ran out before the run ended |
+//! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
+
+mod format;
+mod up;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use dispatch_bus::{Bus, ConversationId, RunId, subject};
+use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use dispatch_ledger::view::RunView;
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_runlog::RunLog;
+use dispatch_runlog::submit::{Goal, submit_goal};
+
+/// Exit codes; see the crate docs.
+pub mod exit {
+    pub const DONE: u8 = 0;
+    pub const BLOCKED: u8 = 1;
+    pub const STOPPED: u8 = 2;
+    pub const WAIT_TIMEOUT: u8 = 3;
+    pub const ERROR: u8 = 125;
+}
+
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Parser)]
+#[command(name = "dispatch", version, about = "Hand goals to Dispatch and watch them run")]
+pub struct Cli {
+    /// NATS server of the Dispatch stack.
+    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Workspace root (TASKS.org, workflows/, .dispatch/).
+    #[arg(long, global = true, env = "DISPATCH_WORKSPACE", default_value = ".")]
+    workspace: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the local stack in the foreground: nats-server (unless NATS_URL is set) and
+    /// every service. Ctrl-C stops everything.
+    Up(up::UpArgs),
+    /// Hand a goal to Dispatch.
+    Run {
+        /// Print the run id and return at once.
+        #[arg(short, long)]
+        detach: bool,
+        /// Conversation the feedback note goes to.
+        #[arg(long, default_value = ConversationId::DEFAULT)]
+        conversation: String,
+        /// Kill-switch budget, e.g. 90s, 35m, 1h (default 35m).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// What you want done.
+        goal: Vec<String>,
+    },
+    /// List runs (queued and doing; -a for all).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        /// Only print run ids.
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Print a run's event log.
+    Logs {
+        /// Keep printing until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        run: String,
+    },
+    /// Wait for a run to end; the exit code says how it ended.
+    Wait {
+        run: String,
+        /// Give up after this many milliseconds (exit code 3).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Show everything the ledger knows about a run, as JSON.
+    Inspect { run: String },
+    /// The conversation's tasks, and its feedback notes (each shown once).
+    Tasks {
+        #[arg(long, default_value = ConversationId::DEFAULT)]
+        conversation: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// A failure that ends the command with [`exit::ERROR`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Failure(String);
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl From<dispatch_bus::Error> for Failure {
+    fn from(e: dispatch_bus::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<dispatch_runlog::Error> for Failure {
+    fn from(e: dispatch_runlog::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Runs the CLI on `args` and returns its exit code.
+pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::ERROR } else { exit::DONE };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("dispatch: {e}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    match cli.command {
+        Command::Up(args) => up::up(&cli.workspace, std::env::var("NATS_URL").ok(), args).await,
+        Command::Run {
+            detach,
+            conversation,
+            timeout,
+            goal,
+        } => {
+            let goal = goal.join(" ");
+            let goal = goal.trim();
+            if goal.is_empty() {
+                return Err(Failure::new("give a goal: dispatch run \"what you want done\""));
+            }
+            let conversation: ConversationId = conversation.parse().map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))?;
+            let timeout_ms = match timeout {
+                None => 0,
+                Some(d) if d < Duration::from_secs(1) => {
+                    return Err(Failure::new("--timeout must be at least 1s"));
+                }
+                Some(d) => d.as_millis() as u64,
+            };
+            let bus = connect(&cli.nats_url).await?;
+            let log = RunLog::open(&bus, "cli").await?;
+            let run_id = submit_goal(
+                &bus,
+                &log,
+                Goal {
+                    goal: goal.to_owned(),
+                    conversation,
+                    timeout_ms,
+                    origin: "cli".into(),
+                },
+            )
+            .await?;
+            if detach {
+                println!("{run_id}");
+                return Ok(exit::DONE);
+            }
+            eprintln!("run {run_id}");
+            follow(&log, run_id, true, None).await
+        }
+        Command::Ps { all, quiet, format } => {
+            let bus = connect(&cli.nats_url).await?;
+            let reply: RunsReply = query(&bus, subject::query::runs(), &RunsQuery { all, conversation: None }).await?;
+            if quiet {
+                for run in &reply.runs {
+                    println!("{}", run.run_id);
+                }
+            } else {
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&reply.runs).expect("views serialize")),
+                    Format::Table => print!("{}", format::ps_table(&reply.runs, format::now_ms())),
+                }
+            }
+            Ok(exit::DONE)
+        }
+        Command::Logs { follow: keep, run } => {
+            let bus = connect(&cli.nats_url).await?;
+            let run_id = resolve(&bus, &run).await?;
+            let log = RunLog::open(&bus, "cli").await?;
+            if keep {
+                follow(&log, run_id, true, None).await.map(|_| exit::DONE)
+            } else {
+                let events = log.read(&run_id).await?;
+                if events.is_empty() {
+                    return Err(Failure::new(format!("run {run_id} has no events")));
+                }
+                for stored in &events {
+                    println!("{}", format::event_line(&stored.event));
+                }
+                Ok(exit::DONE)
+            }
+        }
+        Command::Wait { run, timeout_ms } => {
+            let bus = connect(&cli.nats_url).await?;
+            let run_id = resolve(&bus, &run).await?;
+            let log = RunLog::open(&bus, "cli").await?;
+            follow(&log, run_id, false, timeout_ms.map(Duration::from_millis)).await
+        }
+        Command::Inspect { run } => {
+            let bus = connect(&cli.nats_url).await?;
+            let view: RunView = query(&bus, subject::query::run(), &RunQuery { id: run }).await?;
+            println!("{}", serde_json::to_string_pretty(&view).expect("views serialize"));
+            Ok(exit::DONE)
+        }
+        Command::Tasks { conversation, format } => {
+            conversation.parse::<ConversationId>().map_err(|e| Failure::new(e.to_string()))?;
+            let bus = connect(&cli.nats_url).await?;
+            let reply: TasksReply = query(&bus, subject::query::tasks(), &TasksQuery { conversation }).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&reply).expect("replies serialize")),
+                Format::Table => print!("{}", format::tasks(&reply)),
+            }
+            Ok(exit::DONE)
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<Bus, Failure> {
+    Ok(Bus::connect(url, "dispatch-cli").await?)
+}
+
+async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+    bus: &Bus,
+    subject: dispatch_bus::subject::Subject,
+    q: &Q,
+) -> Result<R, Failure> {
+    let reply: Reply<R> = bus.request_json(subject, q, QUERY_TIMEOUT).await.map_err(|e| {
+        Failure::new(format!("{e}; is the ledger running (`dispatch up`)?"))
+    })?;
+    reply.map_err(|e| Failure::new(e.to_string()))
+}
+
+/// A full run id is used as is; anything else must be a unique prefix the ledger knows.
+async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
+    if let Ok(run_id) = id.parse::<RunId>() {
+        return Ok(run_id);
+    }
+    let view: RunView = query(bus, subject::query::run(), &RunQuery { id: id.to_owned() }).await?;
+    view.run_id.parse().map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))
+}
+
+/// Follows a run until its terminal event, printing events if `print`. Returns the
+/// exit code for how it ended.
+async fn follow(log: &RunLog, run_id: RunId, print: bool, limit: Option<Duration>) -> Result<u8, Failure> {
+    let deadline = limit.map(|d| tokio::time::Instant::now() + d);
+    let mut handle = log.handle(run_id).await?;
+    let mut shown = 0;
+    loop {
+        for stored in &handle.events()[shown..] {
+            if print {
+                println!("{}", format::event_line(&stored.event));
+            }
+            if let Some(Body::RunFinished(f)) = &stored.event.body {
+                let status = RunStatus::try_from(f.status).unwrap_or(RunStatus::Blocked);
+                if !print {
+                    println!("{}", status.word());
+                }
+                return Ok(match status {
+                    RunStatus::Done => exit::DONE,
+                    RunStatus::Stopped => exit::STOPPED,
+                    _ => exit::BLOCKED,
+                });
+            }
+        }
+        shown = handle.events().len();
+        let wait = match deadline {
+            Some(deadline) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    eprintln!("dispatch: run {run_id} has not ended yet");
+                    return Ok(exit::WAIT_TIMEOUT);
+                }
+                (deadline - now).min(Duration::from_secs(5))
+            }
+            None => Duration::from_secs(5),
+        };
+        handle.wait_for_more(wait).await?;
+    }
+}
+
+/// `500ms`, `90s`, `35m`, `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 35m or 1h"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("{text:?} has no unit: use ms, s, m or h (e.g. 90s)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("35m"), Ok(Duration::from_secs(35 * 60)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("5d").is_err());
+    }
+}

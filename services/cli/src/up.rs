@@ -1,0 +1,276 @@
+//! `dispatch up`: a whole local stack in the foreground.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use dispatch_bus::Bus;
+use dispatch_bus::health::Health;
+use dispatch_runlog::RunLog;
+use dispatch_runlog::submit::{Goal, submit_goal};
+use dispatch_service::layout;
+use tokio::process::{Child, Command};
+
+use crate::{Failure, exit};
+
+/// The services `up` starts, in start order.
+pub const SERVICES: [&str; 5] = ["ledger", "policy", "connectors", "dispatcher", "ingress"];
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Port of the local nats-server (ignored when NATS_URL is set).
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// Address ingress listens on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// Once everything is up, run this goal end to end and show what it left.
+    #[arg(long)]
+    demo: Option<String>,
+    /// Stop the stack after the demo instead of staying up.
+    #[arg(long, requires = "demo")]
+    exit_after_demo: bool,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+pub async fn up(workspace: &Path, nats_url: Option<String>, args: UpArgs) -> Result<u8, Failure> {
+    let workspace = workspace
+        .canonicalize()
+        .map_err(|e| Failure::new(format!("workspace {}: {e}", workspace.display())))?;
+    let state = layout::state_dir(&workspace);
+    let logs = state.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Failure::new(format!("{}: {e}", logs.display())))?;
+    let mut procs: Vec<Proc> = Vec::new();
+
+    let result = start_and_serve(&workspace, &logs, nats_url, &args, &mut procs).await;
+    stop_all(&mut procs).await;
+    match result {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("dispatch: logs are in {}", logs.display());
+            Err(e)
+        }
+    }
+}
+
+async fn start_and_serve(
+    workspace: &Path,
+    logs: &Path,
+    nats_url: Option<String>,
+    args: &UpArgs,
+    procs: &mut Vec<Proc>,
+) -> Result<u8, Failure> {
+    let url = match nats_url {
+        Some(url) => {
+            eprintln!("using NATS at {url}");
+            url
+        }
+        None => {
+            let nats = start_nats(workspace, logs, args.nats_port).await?;
+            procs.push(nats);
+            format!("nats://127.0.0.1:{}", args.nats_port)
+        }
+    };
+    let bus = connect_with_retry(&url, procs).await?;
+
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or_else(|| Failure::new("cannot tell where the dispatch binaries are"))?;
+    for service in SERVICES {
+        let binary = bin_dir.join(format!("dispatch-{service}"));
+        if !binary.exists() {
+            return Err(Failure::new(format!(
+                "{} is missing; build the services with `cargo build --bins` (cargo xtask up does)",
+                binary.display()
+            )));
+        }
+        let log = std::fs::File::create(logs.join(format!("{service}.log")))
+            .map_err(|e| Failure::new(format!("log file for {service}: {e}")))?;
+        let instance = format!("{service}-local");
+        let mut command = Command::new(&binary);
+        command
+            .arg("--nats-url")
+            .arg(&url)
+            .arg("--workspace")
+            .arg(workspace)
+            .arg("--instance")
+            .arg(&instance)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if service == "ingress" {
+            command.arg("--listen").arg(&args.http);
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| Failure::new(format!("start {}: {e}", binary.display())))?;
+        procs.push(Proc {
+            name: service.to_owned(),
+            child,
+        });
+        let health = wait_healthy(&bus, service, &instance, procs).await?;
+        let extra = health
+            .detail
+            .get("http_addr")
+            .and_then(|a| a.as_str())
+            .map(|a| format!(" on http://{a}"))
+            .unwrap_or_default();
+        eprintln!("  {service:<11} up (pid {}){extra}", health.pid);
+    }
+    eprintln!("Dispatch is up. NATS {url}, workspace {}", workspace.display());
+
+    if let Some(goal) = &args.demo {
+        let code = demo(&bus, workspace, goal).await?;
+        if args.exit_after_demo {
+            return Ok(code);
+        }
+    }
+    eprintln!("Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack.");
+    serve_until_signal(procs).await
+}
+
+async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Failure> {
+    let mut roots: Vec<PathBuf> = vec![workspace.to_path_buf()];
+    // Running from target/<profile>/: the project root is two levels up.
+    if let Some(root) = std::env::current_exe().ok().and_then(|p| Some(p.parent()?.parent()?.parent()?.to_path_buf())) {
+        roots.push(root);
+    }
+    let mut last = None;
+    let mut found = None;
+    for root in &roots {
+        match dispatch_natsbin::locate(root) {
+            Ok(ok) => {
+                found = Some(ok);
+                break;
+            }
+            Err(problem) => last = Some(problem),
+        }
+    }
+    let (binary, version) = match (found, last) {
+        (Some(found), _) => found,
+        (None, Some(problem)) => return Err(Failure::new(problem.to_string())),
+        (None, None) => return Err(Failure::new(dispatch_natsbin::Problem::NotFound.to_string())),
+    };
+    let store = layout::state_dir(workspace).join("nats");
+    std::fs::create_dir_all(&store).map_err(|e| Failure::new(format!("{}: {e}", store.display())))?;
+    let child = Command::new(&binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "--store_dir"])
+        .arg(&store)
+        .arg("-l")
+        .arg(logs.join("nats.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Failure::new(format!("start {}: {e}", binary.display())))?;
+    eprintln!("  nats-server {version} on 127.0.0.1:{port}, store {}", store.display());
+    Ok(Proc {
+        name: "nats-server".into(),
+        child,
+    })
+}
+
+async fn connect_with_retry(url: &str, procs: &mut [Proc]) -> Result<Bus, Failure> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        check_alive(procs)?;
+        match Bus::connect(url, "dispatch-up").await {
+            Ok(bus) => return Ok(bus),
+            Err(e) if tokio::time::Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn wait_healthy(bus: &Bus, service: &str, instance: &str, procs: &mut [Proc]) -> Result<Health, Failure> {
+    let subject = dispatch_bus::subject::health_instance(service, instance);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        check_alive(procs)?;
+        match bus.request_json::<_, Health>(subject.clone(), &(), Duration::from_millis(500)).await {
+            Ok(health) => return Ok(health),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(Failure::new(format!("{service} did not become healthy: {e}"))),
+        }
+    }
+}
+
+fn check_alive(procs: &mut [Proc]) -> Result<(), Failure> {
+    for proc in procs.iter_mut() {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return Err(Failure::new(format!("{} exited ({status})", proc.name)));
+        }
+    }
+    Ok(())
+}
+
+async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
+    let log = RunLog::open(bus, "cli").await?;
+    let run_id = submit_goal(
+        bus,
+        &log,
+        Goal {
+            goal: goal.to_owned(),
+            conversation: Default::default(),
+            timeout_ms: 0,
+            origin: "cli".into(),
+        },
+    )
+    .await?;
+    eprintln!("\ndemo goal {goal:?} → run {run_id}");
+    let code = crate::follow(&log, run_id, true, Some(Duration::from_secs(120))).await?;
+    // Give the ledger a moment to render the terminal state before showing the file.
+    let tasks = layout::tasks_file(workspace);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let id = run_id.to_string();
+    loop {
+        let text = std::fs::read_to_string(&tasks).unwrap_or_default();
+        let settled = text.contains(&id) && !text.contains(&format!("DOING")) ;
+        if settled || tokio::time::Instant::now() > deadline {
+            eprintln!("\n{} now reads:\n{text}", tasks.display());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if code != exit::DONE {
+        eprintln!("the demo run did not end done (exit code {code})");
+    }
+    Ok(code)
+}
+
+async fn serve_until_signal(procs: &mut [Proc]) -> Result<u8, Failure> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::new(format!("install SIGTERM handler: {e}")))?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => check_alive(procs)?,
+        }
+    }
+    eprintln!("stopping");
+    Ok(exit::DONE)
+}
+
+/// SIGTERM every process, newest first (services before nats-server), then wait.
+async fn stop_all(procs: &mut Vec<Proc>) {
+    while let Some(mut proc) = procs.pop() {
+        if let Some(pid) = proc.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), proc.child.wait()).await.is_err() {
+            eprintln!("{} did not stop within 10s; killing it", proc.name);
+            let _ = proc.child.kill().await;
+        }
+    }
+}
