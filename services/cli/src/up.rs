@@ -228,14 +228,17 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
     .await?;
     eprintln!("\ndemo goal {goal:?} → run {run_id}");
     let code = crate::follow(&log, run_id, true, Some(Duration::from_secs(120))).await?;
-    // Give the ledger a moment to render the terminal state before showing the file.
+    // The ledger renders TASKS.org a moment after the run ends; wait for this run's
+    // entry to show its finish before printing the file.
     let tasks = layout::tasks_file(workspace);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let id = run_id.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&tasks).unwrap_or_default();
-        let settled = text.contains(&id) && !text.contains(&format!("DOING")) ;
-        if settled || tokio::time::Instant::now() > deadline {
+        let finished = text
+            .split_once(&id)
+            .is_some_and(|(_, entry)| entry.split("\n* ").next().is_some_and(|e| e.contains(":FINISHED:")));
+        if finished || tokio::time::Instant::now() > deadline {
             eprintln!("\n{} now reads:\n{text}", tasks.display());
             break;
         }

