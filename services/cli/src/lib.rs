@@ -268,10 +268,14 @@ async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
     reply.map_err(|e| Failure::new(e.to_string()))
 }
 
-/// A full run id is used as is; anything else must be a unique prefix the ledger knows.
+/// A full run id with a log is used as is; anything else must be a unique prefix the
+/// ledger knows.
 async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
     if let Ok(run_id) = id.parse::<RunId>() {
-        return Ok(run_id);
+        let log = RunLog::open(bus, "cli").await?;
+        if !log.read_after(&run_id, 0).await?.is_empty() {
+            return Ok(run_id);
+        }
     }
     let view: RunView = query(bus, subject::query::run(), &RunQuery { id: id.to_owned() }).await?;
     view.run_id.parse().map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))

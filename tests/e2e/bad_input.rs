@@ -1,0 +1,226 @@
+//! Bad input gets a specific error and changes nothing.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dispatch_bus::streams::{COMMANDS, RUNS};
+use dispatch_dispatcher::{Config, Dispatcher};
+use dispatch_models::offline::Offline;
+use dispatch_models::{AuthorRequest, Provider, TurnReply, TurnRequest};
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_runlog::submit::{Goal, submit_goal};
+use dispatch_tests::{Stack, count, finished};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn malformed_http_requests_get_specific_errors_and_publish_nothing() -> anyhow::Result<()> {
+    let stack = Stack::start(&["ledger", "ingress"]).await?;
+    let post = |body: Vec<u8>| {
+        stack
+            .http
+            .post(stack.url("/v1/goals"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{\"goal\": ".to_vec(), 400, "invalid_json"),
+        (b"not json at all".to_vec(), 400, "invalid_json"),
+        (b"{}".to_vec(), 400, "invalid_goal"),
+        (br#"{"goal": "   "}"#.to_vec(), 400, "invalid_goal"),
+        (br#"{"goal": "x", "colour": "red"}"#.to_vec(), 400, "invalid_goal"),
+        (br#"{"goal": "x", "timeout_ms": 10}"#.to_vec(), 400, "invalid_timeout"),
+        (br#"{"goal": "x", "conversation_id": "a.*"}"#.to_vec(), 400, "invalid_conversation"),
+        (format!(r#"{{"goal": "{}"}}"#, "x".repeat(70 * 1024)).into_bytes(), 413, "body_too_large"),
+    ];
+    for (body, status, code) in cases {
+        let response = post(body.clone()).await?;
+        assert_eq!(response.status().as_u16(), status, "{}", String::from_utf8_lossy(&body[..body.len().min(60)]));
+        let error: Value = response.json().await?;
+        assert_eq!(error["error"]["code"], code, "{error}");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+
+    let unknown = dispatch_bus::RunId::new();
+    let response = stack.http.get(stack.url(&format!("/v1/runs/{unknown}"))).send().await?;
+    assert_eq!(response.status(), 404);
+    let error: Value = response.json().await?;
+    assert_eq!(error["error"]["code"], "not_found");
+    assert!(error["error"]["message"].as_str().unwrap().contains(&unknown.to_string()));
+
+    let response = stack.http.get(stack.url("/v1/runs/not-hex!")).send().await?;
+    assert_eq!(response.status(), 400);
+    let response = stack.http.get(stack.url("/v1/tasks?conversation=a.b")).send().await?;
+    assert_eq!(response.status(), 400);
+    let response = stack.http.get(stack.url("/v1/nothing-here")).send().await?;
+    assert_eq!(response.status(), 404);
+    let error: Value = response.json().await?;
+    assert_eq!(error["error"]["code"], "not_found");
+
+    assert_eq!(stack.stream_messages(COMMANDS).await?, 0, "a rejected request published a command");
+    assert_eq!(stack.stream_messages(RUNS).await?, 0, "a rejected request wrote an event");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Result<()> {
+    let stack = Stack::start(&["ledger"]).await?;
+    let cases: [(&[&str], &str); 7] = [
+        (&["run"], "give a goal"),
+        (&["run", "   "], "give a goal"),
+        (&["run", "--timeout", "10", "x"], "no unit"),
+        (&["run", "--timeout", "500ms", "x"], "at least 1s"),
+        (&["run", "--conversation", "a.b", "x"], "conversation id"),
+        (&["inspect", "0000dead"], "no run matches 0000dead"),
+        (&["wait", "01234567-89ab-7def-8123-456789abcdef"], "no run matches"),
+    ];
+    for (args, message) in cases {
+        let out = stack.cli(args)?;
+        assert_eq!(out.code, Some(125), "{args:?}: {out:?}");
+        assert!(out.stderr.contains(message), "{args:?}: {}", out.stderr);
+    }
+    let bad_flag = stack.cli(&["ps", "--format", "yaml"])?;
+    assert_eq!(bad_flag.code, Some(125), "{bad_flag:?}");
+    assert_eq!(stack.stream_messages(COMMANDS).await?, 0);
+    assert_eq!(stack.stream_messages(RUNS).await?, 0);
+
+    // With NATS gone, the CLI says so and how to start it.
+    let out = std::process::Command::new(dispatch_testkit::bin_dir().join("dispatch"))
+        .args(["ps"])
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr.contains("cannot reach NATS at nats://127.0.0.1:1"), "{stderr}");
+    assert!(stderr.contains("dispatch up"), "{stderr}");
+    Ok(())
+}
+
+/// An author model that answers with the given plans in turn and records what it was
+/// asked; leaves are driven by the offline provider.
+struct Scripted {
+    plans: Mutex<VecDeque<String>>,
+    asked: Mutex<Vec<AuthorRequest>>,
+}
+
+impl Scripted {
+    fn new(plans: &[&str]) -> Arc<Self> {
+        Arc::new(Self {
+            plans: Mutex::new(plans.iter().map(|p| (*p).to_owned()).collect()),
+            asked: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl Provider for Scripted {
+    fn name(&self) -> &str {
+        "scripted"
+    }
+
+    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<String, dispatch_models::Error>> {
+        self.asked.lock().unwrap().push(request);
+        let plan = self.plans.lock().unwrap().pop_front().unwrap_or_default();
+        async move { Ok(plan) }.boxed()
+    }
+
+    fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
+        Offline.turn(request)
+    }
+}
+
+async fn dispatcher_in_process(stack: &Stack, provider: Arc<dyn Provider>) -> anyhow::Result<CancellationToken> {
+    let config = Config {
+        common: dispatch_service::CommonArgs {
+            nats_url: stack.nats.url(),
+            workspace: stack.root().to_path_buf(),
+            instance: Some("scripted".into()),
+        },
+        max_runs: 4,
+    };
+    let dispatcher = Dispatcher::build(config, provider).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(dispatcher.run(shutdown.clone()));
+    Ok(shutdown)
+}
+
+async fn submit(stack: &Stack, goal: &str) -> anyhow::Result<dispatch_bus::RunId> {
+    let log = stack.log().await?;
+    Ok(submit_goal(
+        &stack.bus,
+        &log,
+        Goal {
+            goal: goal.into(),
+            conversation: Default::default(),
+            timeout_ms: 0,
+            origin: "test".into(),
+        },
+    )
+    .await?)
+}
+
+#[tokio::test]
+async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_blocks() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let model = Scripted::new(&["```org\n#+TITLE: Thoughts\n* Some notes\nno tasks here\n```", "* TODO"]);
+    let shutdown = dispatcher_in_process(&stack, model.clone()).await?;
+    let run_id = submit(&stack, "Plan nothing").await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    shutdown.cancel();
+
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(end.reason.starts_with("plan rejected: no_todo_headings"), "{}", end.reason);
+    let rejections: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::PlanRejected(r)) => Some((r.attempt, r.code.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejections, [(1, "no_todo_headings".into()), (2, "no_todo_headings".into())]);
+    let asked = model.asked.lock().unwrap();
+    assert_eq!(asked.len(), 2, "exactly one retry");
+    assert!(asked[0].previous_error.is_none());
+    assert!((asked[0].temperature - 0.2).abs() < f32::EPSILON);
+    let fed_back = asked[1].previous_error.as_deref().unwrap();
+    assert!(fed_back.contains("no_todo_headings"), "{fed_back}");
+    assert_eq!(count(&events, "plan_authored"), 0);
+    assert!(!stack.root().join("workflows").exists(), "a rejected plan was written");
+    Ok(())
+}
+
+#[tokio::test]
+async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let plan = "#+TITLE: Sneaky\n\
+        * TODO Fetch with curl\n  Download it.\n  :done-when: curl -s https://example.com\n\
+        * TODO Look outside\n  Peek.\n  :done-when: test -s ../../../../etc/passwd\n\
+        * TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s scratch/note.org\n";
+    let model = Scripted::new(&[plan]);
+    let shutdown = dispatcher_in_process(&stack, model).await?;
+    let run_id = submit(&stack, "Try to escape").await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    shutdown.cancel();
+
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32);
+    assert_eq!(end.summary, r#"workflow finished: {"DONE": 1, "FAILED": 2}"#);
+    let gates: Vec<(bool, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::GateChecked(g)) => Some((g.passed, g.detail.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gates.len(), 3);
+    assert!(!gates[0].0 && gates[0].1.contains("unknown_command"), "{:?}", gates[0]);
+    assert!(!gates[1].0 && gates[1].1.contains("path_outside_run"), "{:?}", gates[1]);
+    assert!(gates[2].0, "{:?}", gates[2]);
+    Ok(())
+}

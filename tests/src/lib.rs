@@ -1,0 +1,171 @@
+//! Helpers for the end-to-end tests: a whole stack (nats-server and service processes)
+//! in a temporary workspace, an HTTP client, and the `dispatch` CLI as a process.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use dispatch_bus::{Bus, RunId};
+use dispatch_proto::run::v1::{RunFinished, run_event::Body};
+use dispatch_runlog::{RunLog, StoredEvent};
+use dispatch_testkit::{NatsServer, Service, bin_dir};
+
+/// Every service, in the order a stack starts them.
+pub const ALL: [&str; 5] = ["ledger", "policy", "connectors", "dispatcher", "ingress"];
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub workspace: tempfile::TempDir,
+    pub services: Vec<Service>,
+    pub bus: Bus,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    /// nats-server and the named services, each started as a process and healthy.
+    pub async fn start(services: &[&str]) -> Result<Self> {
+        let nats = NatsServer::start().await?;
+        let workspace = tempfile::Builder::new().prefix("dispatch-ws-").tempdir()?;
+        let bus = nats.bus().await?;
+        let mut stack = Self {
+            nats,
+            workspace,
+            services: Vec::new(),
+            bus,
+            http: reqwest::Client::new(),
+        };
+        for service in services {
+            stack.add(service).await?;
+        }
+        Ok(stack)
+    }
+
+    pub async fn add(&mut self, service: &str) -> Result<&Service> {
+        let args: &[&str] = if service == "ingress" { &["--listen", "127.0.0.1:0"] } else { &[] };
+        let started = Service::start(service, &self.nats.url(), self.workspace.path(), args).await?;
+        self.services.push(started);
+        Ok(self.services.last().expect("just pushed"))
+    }
+
+    pub fn service(&mut self, name: &str) -> Result<&mut Service> {
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no {name} in this stack"))
+    }
+
+    /// Stops a service with SIGTERM and forgets it.
+    pub async fn stop(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .services
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no {name} in this stack"))?;
+        let mut service = self.services.remove(i);
+        service.terminate().await?;
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        self.workspace.path()
+    }
+
+    /// `http://<ingress addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        let ingress = self
+            .services
+            .iter()
+            .find(|s| s.name == "ingress")
+            .expect("the stack runs ingress");
+        let addr = ingress.health().detail["http_addr"].as_str().expect("ingress reports its address");
+        format!("http://{addr}{path}")
+    }
+
+    /// Runs the `dispatch` CLI against this stack.
+    pub fn cli(&self, args: &[&str]) -> Result<Cli> {
+        let output = std::process::Command::new(bin_dir().join("dispatch"))
+            .args(args)
+            .env("NATS_URL", self.nats.url())
+            .env("DISPATCH_WORKSPACE", self.root())
+            .output()
+            .context("run dispatch")?;
+        Ok(Cli {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    pub async fn log(&self) -> Result<RunLog> {
+        Ok(RunLog::open(&self.bus, "test").await?)
+    }
+
+    /// Waits for a run's terminal event and returns its whole (verified) log.
+    pub async fn wait_finished(&self, run_id: RunId, limit: Duration) -> Result<Vec<StoredEvent>> {
+        let log = self.log().await?;
+        let mut handle = log.handle(run_id).await?;
+        let deadline = tokio::time::Instant::now() + limit;
+        while !handle.is_finished() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("run {run_id} did not finish within {limit:?}; log has {} events", handle.events().len());
+            }
+            handle.wait_for_more(Duration::from_secs(1)).await?;
+        }
+        Ok(log.read(&run_id).await?)
+    }
+
+    /// Messages currently stored in a stream.
+    pub async fn stream_messages(&self, stream: &str) -> Result<u64> {
+        let mut stream = self.bus.jetstream().get_stream(stream).await?;
+        Ok(stream.info().await?.state.messages)
+    }
+
+    /// Polls `read` until it returns `Some`, for up to `limit`.
+    pub async fn eventually<T, F, Fut>(&self, limit: Duration, mut read: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(value) = read().await {
+                return Ok(value);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("condition not met within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// What a CLI invocation printed and how it exited.
+#[derive(Debug)]
+pub struct Cli {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The terminal event of a finished log.
+pub fn finished(events: &[StoredEvent]) -> &RunFinished {
+    events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::RunFinished(f)) => Some(f),
+            _ => None,
+        })
+        .expect("the log is finished")
+}
+
+/// How many events of `kind` the log holds.
+pub fn count(events: &[StoredEvent], kind: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.event.body.as_ref().is_some_and(|b| b.kind() == kind))
+        .count()
+}
+
+pub fn read(path: PathBuf) -> String {
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
