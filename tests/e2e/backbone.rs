@@ -10,7 +10,12 @@ use serde_json::{Value, json};
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn post_goal(stack: &Stack, body: Value) -> anyhow::Result<(RunId, Value)> {
-    let response = stack.http.post(stack.url("/v1/goals")).json(&body).send().await?;
+    let response = stack
+        .http
+        .post(stack.url("/v1/goals"))
+        .json(&body)
+        .send()
+        .await?;
     assert_eq!(response.status(), 202);
     let reply: Value = response.json().await?;
     let run_id: RunId = reply["run_id"].as_str().unwrap().parse()?;
@@ -37,24 +42,37 @@ async fn run_view(stack: &Stack, run_id: &RunId, status: &str) -> anyhow::Result
 async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow::Result<()> {
     let stack = Stack::start(&ALL).await?;
     let goal = "Compare the pricing of two sandbox providers";
-    let (run_id, _) = post_goal(&stack, json!({ "goal": goal, "conversation_id": "chat-7" })).await?;
+    let (run_id, _) =
+        post_goal(&stack, json!({ "goal": goal, "conversation_id": "chat-7" })).await?;
 
     // The log: one plan, three leaves done, one terminal event with the tally.
     let events = stack.wait_finished(run_id, LIMIT).await?;
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32);
-    assert_eq!(end.summary, r#"workflow finished: {"DONE": 3, "FAILED": 0}"#);
+    assert_eq!(
+        end.summary,
+        r#"workflow finished: {"DONE": 3, "FAILED": 0}"#
+    );
     assert_eq!(count(&events, "run_finished"), 1);
     assert_eq!(count(&events, "leaf_finished"), 3);
-    assert_eq!(count(&events, "policy_decided"), count(&events, "tool_call_requested"));
-    assert_eq!(count(&events, "tool_call_completed"), count(&events, "tool_call_requested"));
+    assert_eq!(
+        count(&events, "policy_decided"),
+        count(&events, "tool_call_requested")
+    );
+    assert_eq!(
+        count(&events, "tool_call_completed"),
+        count(&events, "tool_call_requested")
+    );
 
     // The HTTP view.
     let view = run_view(&stack, &run_id, "done").await?;
     assert_eq!(view["goal"], goal);
     assert_eq!(view["leaves_done"], 3);
     let workflow = view["workflow"].as_str().unwrap().to_owned();
-    assert_eq!(workflow, "workflows/compare-the-pricing-of-two-sandbox-providers.org");
+    assert_eq!(
+        workflow,
+        "workflows/compare-the-pricing-of-two-sandbox-providers.org"
+    );
 
     // The plan file is the plan the log recorded, and it parses.
     let plan = read(stack.root().join(&workflow));
@@ -62,7 +80,11 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     assert_eq!(parsed, 3);
 
     // The run left its report in its scratch directory.
-    let report = read(stack.root().join(format!(".dispatch/runs/{run_id}/scratch/REPORT.org")));
+    let report = read(
+        stack
+            .root()
+            .join(format!(".dispatch/runs/{run_id}/scratch/REPORT.org")),
+    );
     assert!(report.contains(goal));
 
     // TASKS.org shows it DONE with its drawer and tally.
@@ -73,12 +95,18 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
         })
         .await?;
     assert!(tasks.starts_with("#+TITLE: Dispatch — tasks\n"), "{tasks}");
-    assert!(tasks.contains("#+TODO: TODO DOING BLOCKED | DONE STOPPED"), "{tasks}");
+    assert!(
+        tasks.contains("#+TODO: TODO DOING BLOCKED | DONE STOPPED"),
+        "{tasks}"
+    );
     let entry = format!(
         "* DONE {goal}\n  :PROPERTIES:\n  :ID: {run_id}\n  :FILE: {workflow}\n  :STARTED: ["
     );
     assert!(tasks.contains(&entry), "{tasks}");
-    assert!(tasks.contains("  :END:\n  workflow finished: {\"DONE\": 3, \"FAILED\": 0}\n"), "{tasks}");
+    assert!(
+        tasks.contains("  :END:\n  workflow finished: {\"DONE\": 3, \"FAILED\": 0}\n"),
+        "{tasks}"
+    );
 
     // The CLI agrees: ps, inspect by prefix, logs, wait.
     let ps = stack.cli(&["ps", "-a", "--format", "json"])?;
@@ -99,7 +127,15 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     let logs = stack.cli(&["logs", prefix])?;
     assert_eq!(logs.code, Some(0), "{}", logs.stderr);
     assert_eq!(logs.stdout.lines().count(), events.len());
-    assert!(logs.stdout.lines().last().unwrap().contains(r#"done: workflow finished — workflow finished: {"DONE": 3, "FAILED": 0}"#), "{}", logs.stdout);
+    assert!(
+        logs.stdout
+            .lines()
+            .last()
+            .unwrap()
+            .contains(r#"done: workflow finished — workflow finished: {"DONE": 3, "FAILED": 0}"#),
+        "{}",
+        logs.stdout
+    );
 
     let wait = stack.cli(&["wait", &run_id.to_string()])?;
     assert_eq!((wait.code, wait.stdout.as_str()), (Some(0), "done\n"));
@@ -113,8 +149,18 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     assert_eq!(first["tasks"][0]["run_id"], run_id.to_string());
     let second: Value = stack.http.get(&tasks_url).send().await?.json().await?;
     assert_eq!(second["feedback"], json!([]), "a note was handed out twice");
-    let other: Value = stack.http.get(stack.url("/v1/tasks")).send().await?.json().await?;
-    assert_eq!(other["feedback"], json!([]), "a note leaked to another conversation");
+    let other: Value = stack
+        .http
+        .get(stack.url("/v1/tasks"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        other["feedback"],
+        json!([]),
+        "a note leaked to another conversation"
+    );
     Ok(())
 }
 
@@ -129,7 +175,13 @@ async fn a_goal_is_accepted_with_no_dispatcher_and_carried_out_later() -> anyhow
     let (run_id, _) = post_goal(&stack, json!({ "goal": "Write a haiku about queues" })).await?;
     let queued = run_view(&stack, &run_id, "queued").await?;
     assert_eq!(queued["goal"], "Write a haiku about queues");
-    assert_eq!(stack.stream_messages(dispatch_bus::streams::COMMANDS).await?, 1, "the goal waits in JetStream");
+    assert_eq!(
+        stack
+            .stream_messages(dispatch_bus::streams::COMMANDS)
+            .await?,
+        1,
+        "the goal waits in JetStream"
+    );
 
     for service in ["policy", "connectors", "dispatcher"] {
         stack.add(service).await?;
@@ -139,7 +191,14 @@ async fn a_goal_is_accepted_with_no_dispatcher_and_carried_out_later() -> anyhow
     run_view(&stack, &run_id, "done").await?;
     // The goal command is acknowledged and gone from the work queue.
     stack
-        .eventually(LIMIT, || async { (stack.stream_messages(dispatch_bus::streams::COMMANDS).await.ok()? == 0).then_some(()) })
+        .eventually(LIMIT, || async {
+            (stack
+                .stream_messages(dispatch_bus::streams::COMMANDS)
+                .await
+                .ok()?
+                == 0)
+                .then_some(())
+        })
         .await?;
     Ok(())
 }
@@ -156,7 +215,13 @@ async fn the_ledger_rebuilds_its_views_byte_for_byte_from_the_logs() -> anyhow::
         run_view(&stack, id, "done").await?;
     }
     // Drain the default conversation so a drain event is part of what is rebuilt.
-    let drained: Value = stack.http.get(stack.url("/v1/tasks")).send().await?.json().await?;
+    let drained: Value = stack
+        .http
+        .get(stack.url("/v1/tasks"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(drained["feedback"].as_array().unwrap().len(), 3);
 
     let tasks_path = stack.root().join("TASKS.org");
@@ -183,7 +248,13 @@ async fn the_ledger_rebuilds_its_views_byte_for_byte_from_the_logs() -> anyhow::
     let after_ps = stack.cli(&["ps", "-a", "--format", "json"])?.stdout;
     assert_eq!(after_ps, before_ps);
     // Drained notes stay drained after the rebuild.
-    let again: Value = stack.http.get(stack.url("/v1/tasks")).send().await?.json().await?;
+    let again: Value = stack
+        .http
+        .get(stack.url("/v1/tasks"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(again["feedback"], json!([]));
     Ok(())
 }

@@ -34,37 +34,83 @@ async fn malformed_http_requests_get_specific_errors_and_publish_nothing() -> an
         (b"not json at all".to_vec(), 400, "invalid_json"),
         (b"{}".to_vec(), 400, "invalid_goal"),
         (br#"{"goal": "   "}"#.to_vec(), 400, "invalid_goal"),
-        (br#"{"goal": "x", "colour": "red"}"#.to_vec(), 400, "invalid_goal"),
-        (br#"{"goal": "x", "timeout_ms": 10}"#.to_vec(), 400, "invalid_timeout"),
-        (br#"{"goal": "x", "conversation_id": "a.*"}"#.to_vec(), 400, "invalid_conversation"),
-        (format!(r#"{{"goal": "{}"}}"#, "x".repeat(70 * 1024)).into_bytes(), 413, "body_too_large"),
+        (
+            br#"{"goal": "x", "colour": "red"}"#.to_vec(),
+            400,
+            "invalid_goal",
+        ),
+        (
+            br#"{"goal": "x", "timeout_ms": 10}"#.to_vec(),
+            400,
+            "invalid_timeout",
+        ),
+        (
+            br#"{"goal": "x", "conversation_id": "a.*"}"#.to_vec(),
+            400,
+            "invalid_conversation",
+        ),
+        (
+            format!(r#"{{"goal": "{}"}}"#, "x".repeat(70 * 1024)).into_bytes(),
+            413,
+            "body_too_large",
+        ),
     ];
     for (body, status, code) in cases {
         let response = post(body.clone()).await?;
-        assert_eq!(response.status().as_u16(), status, "{}", String::from_utf8_lossy(&body[..body.len().min(60)]));
+        assert_eq!(
+            response.status().as_u16(),
+            status,
+            "{}",
+            String::from_utf8_lossy(&body[..body.len().min(60)])
+        );
         let error: Value = response.json().await?;
         assert_eq!(error["error"]["code"], code, "{error}");
         assert!(!error["error"]["message"].as_str().unwrap().is_empty());
     }
 
     let unknown = dispatch_bus::RunId::new();
-    let response = stack.http.get(stack.url(&format!("/v1/runs/{unknown}"))).send().await?;
+    let response = stack
+        .http
+        .get(stack.url(&format!("/v1/runs/{unknown}")))
+        .send()
+        .await?;
     assert_eq!(response.status(), 404);
     let error: Value = response.json().await?;
     assert_eq!(error["error"]["code"], "not_found");
-    assert!(error["error"]["message"].as_str().unwrap().contains(&unknown.to_string()));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&unknown.to_string())
+    );
 
-    let response = stack.http.get(stack.url("/v1/runs/not-hex!")).send().await?;
+    let response = stack
+        .http
+        .get(stack.url("/v1/runs/not-hex!"))
+        .send()
+        .await?;
     assert_eq!(response.status(), 400);
-    let response = stack.http.get(stack.url("/v1/tasks?conversation=a.b")).send().await?;
+    let response = stack
+        .http
+        .get(stack.url("/v1/tasks?conversation=a.b"))
+        .send()
+        .await?;
     assert_eq!(response.status(), 400);
     let response = stack.http.get(stack.url("/v1/nothing-here")).send().await?;
     assert_eq!(response.status(), 404);
     let error: Value = response.json().await?;
     assert_eq!(error["error"]["code"], "not_found");
 
-    assert_eq!(stack.stream_messages(COMMANDS).await?, 0, "a rejected request published a command");
-    assert_eq!(stack.stream_messages(RUNS).await?, 0, "a rejected request wrote an event");
+    assert_eq!(
+        stack.stream_messages(COMMANDS).await?,
+        0,
+        "a rejected request published a command"
+    );
+    assert_eq!(
+        stack.stream_messages(RUNS).await?,
+        0,
+        "a rejected request wrote an event"
+    );
     Ok(())
 }
 
@@ -78,7 +124,10 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
         (&["run", "--timeout", "500ms", "x"], "at least 1s"),
         (&["run", "--conversation", "a.b", "x"], "conversation id"),
         (&["inspect", "0000dead"], "no run matches 0000dead"),
-        (&["wait", "01234567-89ab-7def-8123-456789abcdef"], "no run matches"),
+        (
+            &["wait", "01234567-89ab-7def-8123-456789abcdef"],
+            "no run matches",
+        ),
     ];
     for (args, message) in cases {
         let out = stack.cli(args)?;
@@ -97,7 +146,10 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr.contains("cannot reach NATS at nats://127.0.0.1:1"), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach NATS at nats://127.0.0.1:1"),
+        "{stderr}"
+    );
     assert!(stderr.contains("dispatch up"), "{stderr}");
     Ok(())
 }
@@ -123,18 +175,27 @@ impl Provider for Scripted {
         "scripted"
     }
 
-    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<String, dispatch_models::Error>> {
+    fn author(
+        &self,
+        request: AuthorRequest,
+    ) -> BoxFuture<'_, Result<String, dispatch_models::Error>> {
         self.asked.lock().unwrap().push(request);
         let plan = self.plans.lock().unwrap().pop_front().unwrap_or_default();
         async move { Ok(plan) }.boxed()
     }
 
-    fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
+    fn turn(
+        &self,
+        request: TurnRequest,
+    ) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
         Offline.turn(request)
     }
 }
 
-async fn dispatcher_in_process(stack: &Stack, provider: Arc<dyn Provider>) -> anyhow::Result<CancellationToken> {
+async fn dispatcher_in_process(
+    stack: &Stack,
+    provider: Arc<dyn Provider>,
+) -> anyhow::Result<CancellationToken> {
     let config = Config {
         common: dispatch_service::CommonArgs {
             nats_url: stack.nats.url(),
@@ -165,9 +226,13 @@ async fn submit(stack: &Stack, goal: &str) -> anyhow::Result<dispatch_bus::RunId
 }
 
 #[tokio::test]
-async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_blocks() -> anyhow::Result<()> {
+async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_blocks()
+-> anyhow::Result<()> {
     let stack = Stack::start(&[]).await?;
-    let model = Scripted::new(&["```org\n#+TITLE: Thoughts\n* Some notes\nno tasks here\n```", "* TODO"]);
+    let model = Scripted::new(&[
+        "```org\n#+TITLE: Thoughts\n* Some notes\nno tasks here\n```",
+        "* TODO",
+    ]);
     let shutdown = dispatcher_in_process(&stack, model.clone()).await?;
     let run_id = submit(&stack, "Plan nothing").await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
@@ -175,7 +240,11 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
 
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Blocked as i32);
-    assert!(end.reason.starts_with("plan rejected: no_todo_headings"), "{}", end.reason);
+    assert!(
+        end.reason.starts_with("plan rejected: no_todo_headings"),
+        "{}",
+        end.reason
+    );
     let rejections: Vec<_> = events
         .iter()
         .filter_map(|e| match &e.event.body {
@@ -183,7 +252,13 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
             _ => None,
         })
         .collect();
-    assert_eq!(rejections, [(1, "no_todo_headings".into()), (2, "no_todo_headings".into())]);
+    assert_eq!(
+        rejections,
+        [
+            (1, "no_todo_headings".into()),
+            (2, "no_todo_headings".into())
+        ]
+    );
     let asked = model.asked.lock().unwrap();
     assert_eq!(asked.len(), 2, "exactly one retry");
     assert!(asked[0].previous_error.is_none());
@@ -191,7 +266,10 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
     let fed_back = asked[1].previous_error.as_deref().unwrap();
     assert!(fed_back.contains("no_todo_headings"), "{fed_back}");
     assert_eq!(count(&events, "plan_authored"), 0);
-    assert!(!stack.root().join("workflows").exists(), "a rejected plan was written");
+    assert!(
+        !stack.root().join("workflows").exists(),
+        "a rejected plan was written"
+    );
     Ok(())
 }
 
@@ -210,7 +288,10 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
 
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32);
-    assert_eq!(end.summary, r#"workflow finished: {"DONE": 1, "FAILED": 2}"#);
+    assert_eq!(
+        end.summary,
+        r#"workflow finished: {"DONE": 1, "FAILED": 2}"#
+    );
     let gates: Vec<(bool, String)> = events
         .iter()
         .filter_map(|e| match &e.event.body {
@@ -219,8 +300,16 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
         })
         .collect();
     assert_eq!(gates.len(), 3);
-    assert!(!gates[0].0 && gates[0].1.contains("unknown_command"), "{:?}", gates[0]);
-    assert!(!gates[1].0 && gates[1].1.contains("path_outside_run"), "{:?}", gates[1]);
+    assert!(
+        !gates[0].0 && gates[0].1.contains("unknown_command"),
+        "{:?}",
+        gates[0]
+    );
+    assert!(
+        !gates[1].0 && gates[1].1.contains("path_outside_run"),
+        "{:?}",
+        gates[1]
+    );
     assert!(gates[2].0, "{:?}", gates[2]);
     Ok(())
 }

@@ -12,7 +12,13 @@ use dispatch_tests::{Stack, count, finished};
 async fn two_dispatchers_carry_fifty_goals_each_exactly_once() -> anyhow::Result<()> {
     let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
     for _ in 0..2 {
-        let dispatcher = Service::start("dispatcher", &stack.nats.url(), stack.root(), &["--max-runs", "8"]).await?;
+        let dispatcher = Service::start(
+            "dispatcher",
+            &stack.nats.url(),
+            stack.root(),
+            &["--max-runs", "8"],
+        )
+        .await?;
         stack.services.push(dispatcher);
     }
     let log = stack.log().await?;
@@ -43,22 +49,44 @@ async fn two_dispatchers_carry_fifty_goals_each_exactly_once() -> anyhow::Result
                 Some(Body::RunStarted(s)) => {
                     owners.insert(s.owner.clone());
                 }
-                Some(Body::ModelTurn(t)) => assert!(turns.insert((t.leaf, t.turn)), "run {id}: turn recorded twice"),
-                Some(Body::ToolCallRequested(c)) => per_call.entry(c.call_id.clone()).or_default()[0] += 1,
-                Some(Body::PolicyDecided(d)) => per_call.entry(d.call_id.clone()).or_default()[1] += 1,
-                Some(Body::ToolCallCompleted(c)) => per_call.entry(c.call_id.clone()).or_default()[2] += 1,
+                Some(Body::ModelTurn(t)) => assert!(
+                    turns.insert((t.leaf, t.turn)),
+                    "run {id}: turn recorded twice"
+                ),
+                Some(Body::ToolCallRequested(c)) => {
+                    per_call.entry(c.call_id.clone()).or_default()[0] += 1
+                }
+                Some(Body::PolicyDecided(d)) => {
+                    per_call.entry(d.call_id.clone()).or_default()[1] += 1
+                }
+                Some(Body::ToolCallCompleted(c)) => {
+                    per_call.entry(c.call_id.clone()).or_default()[2] += 1
+                }
                 _ => {}
             }
         }
         assert!(!per_call.is_empty());
         for (call, seen) in per_call {
-            assert_eq!(seen, [1, 1, 1], "run {id}: call {call} requested/decided/executed {seen:?} times");
+            assert_eq!(
+                seen,
+                [1, 1, 1],
+                "run {id}: call {call} requested/decided/executed {seen:?} times"
+            );
         }
     }
-    assert_eq!(owners.len(), 2, "both dispatchers should have taken goals: {owners:?}");
+    assert_eq!(
+        owners.len(),
+        2,
+        "both dispatchers should have taken goals: {owners:?}"
+    );
     stack
         .eventually(Duration::from_secs(30), || async {
-            (stack.stream_messages(dispatch_bus::streams::COMMANDS).await.ok()? == 0).then_some(())
+            (stack
+                .stream_messages(dispatch_bus::streams::COMMANDS)
+                .await
+                .ok()?
+                == 0)
+                .then_some(())
         })
         .await?;
     Ok(())

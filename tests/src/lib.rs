@@ -41,8 +41,13 @@ impl Stack {
     }
 
     pub async fn add(&mut self, service: &str) -> Result<&Service> {
-        let args: &[&str] = if service == "ingress" { &["--listen", "127.0.0.1:0"] } else { &[] };
-        let started = Service::start(service, &self.nats.url(), self.workspace.path(), args).await?;
+        let args: &[&str] = if service == "ingress" {
+            &["--listen", "127.0.0.1:0"]
+        } else {
+            &[]
+        };
+        let started =
+            Service::start(service, &self.nats.url(), self.workspace.path(), args).await?;
         self.services.push(started);
         Ok(self.services.last().expect("just pushed"))
     }
@@ -77,7 +82,9 @@ impl Stack {
             .iter()
             .find(|s| s.name == "ingress")
             .expect("the stack runs ingress");
-        let addr = ingress.health().detail["http_addr"].as_str().expect("ingress reports its address");
+        let addr = ingress.health().detail["http_addr"]
+            .as_str()
+            .expect("ingress reports its address");
         format!("http://{addr}{path}")
     }
 
@@ -107,7 +114,10 @@ impl Stack {
         let deadline = tokio::time::Instant::now() + limit;
         while !handle.is_finished() {
             if tokio::time::Instant::now() > deadline {
-                bail!("run {run_id} did not finish within {limit:?}; log has {} events", handle.events().len());
+                bail!(
+                    "run {run_id} did not finish within {limit:?}; log has {} events",
+                    handle.events().len()
+                );
             }
             handle.wait_for_more(Duration::from_secs(1)).await?;
         }

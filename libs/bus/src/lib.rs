@@ -126,7 +126,10 @@ impl Bus {
         let mut headers = extra_headers.unwrap_or_default();
         headers.insert("Nats-Msg-Id", msg_id);
         if let Some(seq) = expected_last_subject_seq {
-            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                seq.to_string().as_str(),
+            );
         }
         let ack = self
             .js
@@ -154,18 +157,16 @@ impl Bus {
     {
         let body = serde_json::to_vec(query).map_err(|e| Error::other("encode request", e))?;
         let name = subject.as_str().to_owned();
-        let reply = tokio::time::timeout(
-            timeout,
-            self.client.request(subject, body.into()),
-        )
-        .await
-        .map_err(|_| Error::new(ErrorKind::NoResponders, format!("no reply on {name}")))?
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::TimedOut => {
-                Error::new(ErrorKind::NoResponders, format!("nobody answers on {name}"))
-            }
-            _ => Error::other("request", e),
-        })?;
+        let reply = tokio::time::timeout(timeout, self.client.request(subject, body.into()))
+            .await
+            .map_err(|_| Error::new(ErrorKind::NoResponders, format!("no reply on {name}")))?
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders
+                | async_nats::RequestErrorKind::TimedOut => {
+                    Error::new(ErrorKind::NoResponders, format!("nobody answers on {name}"))
+                }
+                _ => Error::other("request", e),
+            })?;
         serde_json::from_slice(&reply.payload)
             .map_err(|e| Error::other(&format!("decode reply on {name}"), e))
     }
@@ -187,7 +188,9 @@ fn publish_error(err: jetstream::context::PublishError) -> Error {
             ErrorKind::Conflict,
             "append lost the race: the subject moved past the expected sequence",
         ),
-        PublishErrorKind::BrokenPipe => Error::new(ErrorKind::Unreachable, "connection to NATS lost"),
+        PublishErrorKind::BrokenPipe => {
+            Error::new(ErrorKind::Unreachable, "connection to NATS lost")
+        }
         _ => Error::other("publish", err),
     }
 }

@@ -60,10 +60,7 @@ pub fn drain(conversation: &ConversationId) -> Subject {
 
 /// The conversation a drain subject belongs to, if it is one.
 pub fn conversation_of_drain(subject: &str) -> Option<ConversationId> {
-    subject
-        .strip_prefix("dispatch.ledger.drain.")?
-        .parse()
-        .ok()
+    subject.strip_prefix("dispatch.ledger.drain.")?.parse().ok()
 }
 
 /// Queries the ledger answers (queue group [`QUERY_GROUP`]).

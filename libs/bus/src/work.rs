@@ -102,7 +102,11 @@ where
             };
             let held = match permit.take() {
                 Some(p) => p,
-                None => permits.clone().acquire_owned().await.expect("semaphore never closes"),
+                None => permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closes"),
             };
             let handler = handler.clone();
             tasks.spawn(async move {
@@ -112,8 +116,14 @@ where
         }
     }
     tasks.close();
-    if tokio::time::timeout(DRAIN_GRACE, tasks.wait()).await.is_err() {
-        tracing::warn!(consumer = queue.consumer, "handlers still running after the grace period");
+    if tokio::time::timeout(DRAIN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            consumer = queue.consumer,
+            "handlers still running after the grace period"
+        );
     }
     Ok(())
 }

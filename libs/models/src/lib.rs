@@ -44,10 +44,16 @@ pub struct ToolCall {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exchange {
     /// What the model answered on an earlier turn.
-    Assistant { text: String, tool_calls: Vec<ToolCall> },
+    Assistant {
+        text: String,
+        tool_calls: Vec<ToolCall>,
+    },
     /// The outcome of one of those calls: `Ok(output)` or `Err(reason)` (a failure or a
     /// policy denial).
-    ToolResult { tool: String, result: Result<String, String> },
+    ToolResult {
+        tool: String,
+        result: Result<String, String>,
+    },
 }
 
 /// What the leaf's model is asked on each turn.

@@ -101,7 +101,10 @@ fn turn(request: &TurnRequest) -> TurnReply {
             .iter()
             .map(|(path, needles)| {
                 let content = compose(request, path, needles, &sources);
-                call("write_file", serde_json::json!({ "path": path, "content": content }))
+                call(
+                    "write_file",
+                    serde_json::json!({ "path": path, "content": content }),
+                )
             })
             .collect::<Vec<_>>();
         let written: Vec<&str> = targets.iter().map(|(p, _)| p.as_str()).collect();
@@ -121,7 +124,11 @@ fn turn(request: &TurnRequest) -> TurnReply {
     let text = if failures.is_empty() {
         format!("Finished: {}.", request.leaf.title)
     } else {
-        format!("Could not finish {}: {}", request.leaf.title, failures.join("; "))
+        format!(
+            "Could not finish {}: {}",
+            request.leaf.title,
+            failures.join("; ")
+        )
     };
     TurnReply {
         text,
@@ -143,7 +150,12 @@ fn targets(leaf: &dispatch_plan::Leaf) -> Vec<(String, Vec<String>)> {
                 Check::IsDir(p) => (format!("{}/.keep", p.trim_end_matches('/')), None),
                 Check::Grep(g) => (
                     g.path.clone(),
-                    Some(g.pattern.trim_start_matches('^').trim_end_matches('$').to_owned()),
+                    Some(
+                        g.pattern
+                            .trim_start_matches('^')
+                            .trim_end_matches('$')
+                            .to_owned(),
+                    ),
                 ),
                 _ => return,
             };
@@ -203,9 +215,14 @@ fn key_terms(goal: &str) -> Vec<String> {
 /// Words in `text` that name a file under `scratch/`.
 fn scratch_paths(text: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for word in text.split(|c: char| c.is_whitespace() || matches!(c, '`' | ',' | '(' | ')' | '"' | '\'')) {
+    for word in
+        text.split(|c: char| c.is_whitespace() || matches!(c, '`' | ',' | '(' | ')' | '"' | '\''))
+    {
         let word = word.trim_end_matches(['.', ':', ';']);
-        if word.starts_with("scratch/") && word.len() > "scratch/".len() && !out.iter().any(|p| p == word) {
+        if word.starts_with("scratch/")
+            && word.len() > "scratch/".len()
+            && !out.iter().any(|p| p == word)
+        {
             out.push(word.to_owned());
         }
     }
@@ -288,8 +305,18 @@ mod tests {
         let plan = dispatch_plan::parse(&answer).unwrap();
         assert_eq!(plan.title, "Compare the prices of two sandboxes");
         assert_eq!(plan.leaves.len(), 3);
-        assert!(plan.leaves.iter().all(|l| l.ordered && l.done_when.is_some()));
-        assert!(plan.leaves[2].done_when.as_deref().unwrap().contains("scratch/REPORT.org"));
+        assert!(
+            plan.leaves
+                .iter()
+                .all(|l| l.ordered && l.done_when.is_some())
+        );
+        assert!(
+            plan.leaves[2]
+                .done_when
+                .as_deref()
+                .unwrap()
+                .contains("scratch/REPORT.org")
+        );
     }
 
     #[test]
@@ -300,12 +327,22 @@ mod tests {
         for leaf in &plan.leaves {
             drive(goal, leaf, &mut files);
         }
-        let get = |p: &str| files.iter().rev().find(|(f, _)| f == p).map(|(_, c)| c.clone()).unwrap();
+        let get = |p: &str| {
+            files
+                .iter()
+                .rev()
+                .find(|(f, _)| f == p)
+                .map(|(_, c)| c.clone())
+                .unwrap()
+        };
         assert!(get("scratch/goal.org").contains(goal));
         assert!(get("scratch/notes.org").contains("key terms"));
         let report = get("scratch/REPORT.org");
         assert!(report.starts_with("#+TITLE"), "{report}");
-        assert!(report.contains("sandboxes"), "the report did not read the notes: {report}");
+        assert!(
+            report.contains("sandboxes"),
+            "the report did not read the notes: {report}"
+        );
     }
 
     #[test]

@@ -26,9 +26,10 @@ impl fmt::Display for Version {
 
 /// Parses `nats-server: v2.15.1` (or `2.15.1`, with any pre-release suffix ignored).
 pub fn parse_version(output: &str) -> Option<Version> {
-    let word = output
-        .split_whitespace()
-        .find(|w| w.trim_start_matches('v').starts_with(|c: char| c.is_ascii_digit()))?;
+    let word = output.split_whitespace().find(|w| {
+        w.trim_start_matches('v')
+            .starts_with(|c: char| c.is_ascii_digit())
+    })?;
     let mut parts = word.trim_start_matches('v').split(['.', '-', '+']);
     let mut next = || parts.next()?.parse().ok();
     Some(Version(next()?, next()?, next()?))
@@ -47,11 +48,14 @@ impl fmt::Display for Problem {
             Problem::NotFound => write!(
                 f,
                 "no nats-server found (looked at $DISPATCH_NATS_SERVER, {TOOLS_BIN}/ and PATH); \
-                 run `cargo xtask up` or `cargo xtask install`, which install nats-server {} into {TOOLS_BIN}/",
-                "2.15.1"
+                 run `cargo xtask up` or `cargo xtask install`, which install nats-server 2.15.1 into {TOOLS_BIN}/"
             ),
             Problem::Unrunnable(path, why) => {
-                write!(f, "{} does not run ({why}); remove it and run `cargo xtask install`", path.display())
+                write!(
+                    f,
+                    "{} does not run ({why}); remove it and run `cargo xtask install`",
+                    path.display()
+                )
             }
             Problem::TooOld(path, version) => write!(
                 f,
@@ -84,8 +88,12 @@ pub fn version_of(binary: &Path) -> Result<Version, Problem> {
         .output()
         .map_err(|e| Problem::Unrunnable(binary.to_path_buf(), e.to_string()))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    parse_version(&text)
-        .ok_or_else(|| Problem::Unrunnable(binary.to_path_buf(), format!("unexpected --version output {text:?}")))
+    parse_version(&text).ok_or_else(|| {
+        Problem::Unrunnable(
+            binary.to_path_buf(),
+            format!("unexpected --version output {text:?}"),
+        )
+    })
 }
 
 /// The first usable nats-server: the first candidate that exists decides, so a stale
@@ -108,7 +116,10 @@ mod tests {
 
     #[test]
     fn versions_parse_and_compare() {
-        assert_eq!(parse_version("nats-server: v2.15.1\n"), Some(Version(2, 15, 1)));
+        assert_eq!(
+            parse_version("nats-server: v2.15.1\n"),
+            Some(Version(2, 15, 1))
+        );
         assert_eq!(parse_version("v2.12.3-RC.1"), Some(Version(2, 12, 3)));
         assert_eq!(parse_version("garbage"), None);
         assert!(Version(2, 9, 10) < MINIMUM);

@@ -260,7 +260,9 @@ impl Parser {
                 .tokens
                 .get(self.pos)
                 .map_or("the end".to_owned(), |t| t.to_string());
-            return Err(GateError::Syntax(format!("expected a command before {found}")));
+            return Err(GateError::Syntax(format!(
+                "expected a command before {found}"
+            )));
         }
         command(&words).map(Gate::Check)
     }
@@ -346,15 +348,16 @@ fn grep(args: &[&str]) -> Result<Check, GateError> {
             g.path = path_arg(path)?;
             Ok(Check::Grep(g))
         }
-        _ => Err(GateError::Syntax("grep takes a pattern and exactly one file".into())),
+        _ => Err(GateError::Syntax(
+            "grep takes a pattern and exactly one file".into(),
+        )),
     }
 }
 
 /// Accepts only relative paths that never climb out of the run directory.
 fn path_arg(path: &str) -> Result<String, GateError> {
-    let escapes = path.is_empty()
-        || path.starts_with('/')
-        || path.split('/').any(|part| part == "..");
+    let escapes =
+        path.is_empty() || path.starts_with('/') || path.split('/').any(|part| part == "..");
     if escapes {
         return Err(GateError::PathOutsideRun(path.to_owned()));
     }
@@ -373,7 +376,8 @@ mod tests {
             parse("test -s scratch/REPORT.org").unwrap(),
             Gate::Check(Check::NonEmpty("scratch/REPORT.org".into()))
         );
-        let gate = parse("[ -f scratch/a ] && grep -qi 'total: 3' scratch/a || ! test -d scratch").unwrap();
+        let gate = parse("[ -f scratch/a ] && grep -qi 'total: 3' scratch/a || ! test -d scratch")
+            .unwrap();
         assert!(matches!(gate, Gate::Or(_, _)));
         assert_eq!(gate.paths(), ["scratch/a", "scratch/a", "scratch"]);
         let Gate::Check(Check::Grep(g)) = parse(r#"grep -q "a \"b\"" x"#).unwrap() else {

@@ -125,14 +125,15 @@ pub fn parse(answer: &str) -> Result<Plan, Error> {
                 in_drawer = None;
             } else if headline(line).is_some() {
                 return Err(Error::UnclosedDrawer { line: start });
-            } else if let Some(node) = nodes.last_mut() {
-                if let Some((key, value)) = property(trimmed) {
-                    node.properties.push((key, value));
-                }
+            } else if let (Some(node), Some(pair)) = (nodes.last_mut(), property(trimmed)) {
+                node.properties.push(pair);
             }
             continue;
         }
-        if let Some(rest) = line.strip_prefix("#+TITLE:").or_else(|| line.strip_prefix("#+title:")) {
+        if let Some(rest) = line
+            .strip_prefix("#+TITLE:")
+            .or_else(|| line.strip_prefix("#+title:"))
+        {
             title.get_or_insert_with(|| rest.trim().to_owned());
             continue;
         }
@@ -140,7 +141,9 @@ pub fn parse(answer: &str) -> Result<Plan, Error> {
             nodes.push(Node::new(depth, text, line_no));
             continue;
         }
-        let Some(node) = nodes.last_mut() else { continue };
+        let Some(node) = nodes.last_mut() else {
+            continue;
+        };
         let trimmed = line.trim();
         if trimmed.eq_ignore_ascii_case(":PROPERTIES:") {
             in_drawer = Some(line_no);
@@ -186,7 +189,11 @@ pub fn slug(goal: &str) -> String {
         .filter(|w| !w.is_empty())
     {
         let word = word.to_ascii_lowercase();
-        let extra = if slug.is_empty() { word.len() } else { word.len() + 1 };
+        let extra = if slug.is_empty() {
+            word.len()
+        } else {
+            word.len() + 1
+        };
         if slug.len() + extra > 48 {
             if slug.is_empty() {
                 slug.push_str(&word[..48]);
@@ -306,7 +313,8 @@ fn strip_tags(text: &str) -> String {
 
 fn strip_prefix_ci<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
     let head = line.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &line[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &line[prefix.len()..])
 }
 
 fn trim_lines(lines: &[String]) -> String {
@@ -359,9 +367,15 @@ mod tests {
         assert_eq!(plan.leaves.len(), 2);
         let first = &plan.leaves[0];
         assert_eq!(first.title, "Gather E2B Pricing Information");
-        assert_eq!(first.done_when.as_deref(), Some("test -s scratch/e2b_pricing.html"));
+        assert_eq!(
+            first.done_when.as_deref(),
+            Some("test -s scratch/e2b_pricing.html")
+        );
         assert!(first.ordered);
-        assert_eq!(first.body, "- Use `curl` to download the official E2B pricing page");
+        assert_eq!(
+            first.body,
+            "- Use `curl` to download the official E2B pricing page"
+        );
         assert!(!plan.text.contains("```"));
         assert!(plan.text.starts_with("#+TITLE:"));
     }
@@ -383,7 +397,8 @@ mod tests {
 
     #[test]
     fn parents_are_not_leaves() {
-        let plan = parse("* TODO Parent\n** TODO Child one\n** NEXT Child two\n* DOING Sibling\n").unwrap();
+        let plan = parse("* TODO Parent\n** TODO Child one\n** NEXT Child two\n* DOING Sibling\n")
+            .unwrap();
         let titles: Vec<_> = plan.leaves.iter().map(|l| l.title.as_str()).collect();
         assert_eq!(titles, ["Child one", "Child two", "Sibling"]);
         assert_eq!(plan.leaves[2].index, 2);
@@ -398,12 +413,18 @@ mod tests {
         assert_eq!(err.code(), "duplicate_gate");
         let many: String = (0..40).map(|i| format!("* TODO task {i}\n")).collect();
         assert_eq!(parse(&many).unwrap_err().code(), "too_many_leaves");
-        assert_eq!(parse(&"x".repeat(MAX_PLAN_BYTES + 1)).unwrap_err().code(), "plan_too_large");
+        assert_eq!(
+            parse(&"x".repeat(MAX_PLAN_BYTES + 1)).unwrap_err().code(),
+            "plan_too_large"
+        );
     }
 
     #[test]
     fn slugs_are_short_and_safe() {
-        assert_eq!(slug("Research E2B (e2b.dev) and Daytona pricing!"), "research-e2b-e2b-dev-and-daytona-pricing");
+        assert_eq!(
+            slug("Research E2B (e2b.dev) and Daytona pricing!"),
+            "research-e2b-e2b-dev-and-daytona-pricing"
+        );
         assert_eq!(slug("¿¿??"), "goal");
         assert!(slug(&"word ".repeat(40)).len() <= 48);
         assert_eq!(slug(&"a".repeat(100)).len(), 48);

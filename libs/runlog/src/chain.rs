@@ -38,7 +38,10 @@ pub fn verify(
         let fail = |reason: &str| {
             Error::new(
                 ErrorKind::Corrupt,
-                format!("run {run_id}: event seq {} fails verification: {reason}", event.seq),
+                format!(
+                    "run {run_id}: event seq {} fails verification: {reason}",
+                    event.seq
+                ),
             )
         };
         if event.seq != seq + 1 {

@@ -122,7 +122,10 @@ impl RunHandle {
                 let i = self.position_of(&event.event_id).ok_or_else(|| {
                     Error::new(
                         ErrorKind::Corrupt,
-                        format!("run {}: event {} acknowledged as duplicate but not in the log", self.run_id, event.event_id),
+                        format!(
+                            "run {}: event {} acknowledged as duplicate but not in the log",
+                            self.run_id, event.event_id
+                        ),
                     )
                 })?;
                 Ok(&self.events[i])
@@ -185,7 +188,9 @@ impl RunHandle {
     }
 
     fn position_of(&self, event_id: &str) -> Option<usize> {
-        self.events.iter().position(|e| e.event.event_id == event_id)
+        self.events
+            .iter()
+            .position(|e| e.event.event_id == event_id)
     }
 }
 

@@ -85,7 +85,12 @@ impl RunLog {
             .jetstream()
             .get_stream(streams::RUNS)
             .await
-            .map_err(|e| Error::new(ErrorKind::Other, format!("open stream {}: {e}", streams::RUNS)))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Other,
+                    format!("open stream {}: {e}", streams::RUNS),
+                )
+            })?;
         Ok(Self {
             bus: bus.clone(),
             stream,

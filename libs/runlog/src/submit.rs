@@ -45,7 +45,11 @@ pub async fn submit_goal(bus: &Bus, log: &RunLog, goal: Goal) -> Result<RunId, E
     .await?;
     let mut handle = log.handle(run_id).await?;
     let appended = handle
-        .append_with_id(request_event_id, Body::RunRequested(requested(&command)), &command.run_id)
+        .append_with_id(
+            request_event_id,
+            Body::RunRequested(requested(&command)),
+            &command.run_id,
+        )
         .await;
     if let Err(err) = appended {
         // The command is stored, so the run will happen; the dispatcher writes the

@@ -44,7 +44,10 @@ async fn racing_writers_get_exactly_one_append_per_sequence() -> anyhow::Result<
         assert_eq!(won, 20);
         total_lost += lost;
     }
-    assert!(total_lost > 0, "three writers on one subject never collided");
+    assert!(
+        total_lost > 0,
+        "three writers on one subject never collided"
+    );
 
     let log = RunLog::open(&nats.bus().await?, "reader").await?;
     let events = log.read(&run_id).await?; // verifies the chain: no gap, no fork
@@ -67,8 +70,12 @@ async fn republishing_an_event_id_stores_it_once() -> anyhow::Result<()> {
     // A writer that read the (empty) log before the append, then retries the same event.
     let mut stale = log.handle(run_id).await?;
     let mut first = log.handle(run_id).await?;
-    first.append_with_id("fixed-id".into(), leaf(1), "c").await?;
-    let again = stale.append_with_id("fixed-id".into(), leaf(1), "c").await?;
+    first
+        .append_with_id("fixed-id".into(), leaf(1), "c")
+        .await?;
+    let again = stale
+        .append_with_id("fixed-id".into(), leaf(1), "c")
+        .await?;
     assert_eq!(again.event.seq, 1);
     assert_eq!(stale.events().len(), 1);
 
@@ -77,7 +84,13 @@ async fn republishing_an_event_id_stores_it_once() -> anyhow::Result<()> {
     let raw = prost::Message::encode_to_vec(&stored[0].event);
     let ack = log
         .bus()
-        .append(dispatch_bus::subject::run(&run_id), "fixed-id", None, None, raw.into())
+        .append(
+            dispatch_bus::subject::run(&run_id),
+            "fixed-id",
+            None,
+            None,
+            raw.into(),
+        )
         .await?;
     assert!(ack.duplicate);
     assert_eq!(log.read(&run_id).await?.len(), 1);

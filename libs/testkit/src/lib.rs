@@ -31,7 +31,9 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server on a random port with a fresh temporary store.
     pub async fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("dispatch-nats-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("dispatch-nats-")
+            .tempdir()?;
         let mut server = Self {
             child: None,
             dir,
@@ -165,7 +167,12 @@ pub struct Service {
 impl Service {
     /// Starts `dispatch-<service>` against `nats_url` with extra `args`, and waits until
     /// it answers on its instance health subject.
-    pub async fn start(service: &str, nats_url: &str, workspace: &Path, args: &[&str]) -> Result<Self> {
+    pub async fn start(
+        service: &str,
+        nats_url: &str,
+        workspace: &Path,
+        args: &[&str],
+    ) -> Result<Self> {
         let binary = bin_dir().join(format!("dispatch-{service}"));
         if !binary.exists() {
             bail!(

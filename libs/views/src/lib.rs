@@ -45,7 +45,8 @@ impl Batch {
     }
 
     pub fn remove(&mut self, tree: &str, key: impl AsRef<[u8]>) {
-        self.ops.push((tree.to_owned(), key.as_ref().to_vec(), None));
+        self.ops
+            .push((tree.to_owned(), key.as_ref().to_vec(), None));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,13 +147,29 @@ mod tests {
         let mut again = Batch::default();
         again.put("runs", "a", b"stale".to_vec());
         assert!(!store.commit("RUNS", 1, again).unwrap());
-        assert_eq!(store.tree("runs").unwrap().get("a").unwrap().unwrap().as_ref(), b"1");
+        assert_eq!(
+            store
+                .tree("runs")
+                .unwrap()
+                .get("a")
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            b"1"
+        );
         assert_eq!(store.cursor("RUNS").unwrap(), 1);
 
         let mut bad = Batch::default();
         bad.put("nope", "a", b"x".to_vec());
-        assert!(matches!(store.commit("RUNS", 2, bad), Err(Error::UnknownTree(_))));
-        assert_eq!(store.cursor("RUNS").unwrap(), 1, "a rejected batch moved the cursor");
+        assert!(matches!(
+            store.commit("RUNS", 2, bad),
+            Err(Error::UnknownTree(_))
+        ));
+        assert_eq!(
+            store.cursor("RUNS").unwrap(),
+            1,
+            "a rejected batch moved the cursor"
+        );
     }
 
     #[test]

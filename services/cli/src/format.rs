@@ -18,9 +18,19 @@ pub fn event_line(event: &RunEvent) -> String {
         return format!("#{:<3} (empty)", event.seq);
     };
     let detail = match body {
-        Body::RunRequested(r) => format!("goal {:?} (conversation {}, via {})", r.goal, r.conversation_id, r.origin),
-        Body::PlanAuthored(p) => format!("plan {:?}: {} leaves → {}", p.title, p.leaves.len(), p.workflow_path),
-        Body::PlanRejected(r) => format!("attempt {} rejected: {}: {}", r.attempt, r.code, r.message),
+        Body::RunRequested(r) => format!(
+            "goal {:?} (conversation {}, via {})",
+            r.goal, r.conversation_id, r.origin
+        ),
+        Body::PlanAuthored(p) => format!(
+            "plan {:?}: {} leaves → {}",
+            p.title,
+            p.leaves.len(),
+            p.workflow_path
+        ),
+        Body::PlanRejected(r) => {
+            format!("attempt {} rejected: {}: {}", r.attempt, r.code, r.message)
+        }
         Body::RunStarted(s) => format!("owner {}", s.owner),
         Body::LeafStarted(l) => format!("leaf {}: {}", l.leaf + 1, l.title),
         Body::ModelTurn(t) => format!(
@@ -28,13 +38,23 @@ pub fn event_line(event: &RunEvent) -> String {
             t.leaf + 1,
             t.turn + 1,
             clip(&t.text, 100),
-            if t.tool_calls.is_empty() { String::new() } else { format!(" [{} tool call(s)]", t.tool_calls.len()) }
+            if t.tool_calls.is_empty() {
+                String::new()
+            } else {
+                format!(" [{} tool call(s)]", t.tool_calls.len())
+            }
         ),
-        Body::ToolCallRequested(c) => format!("{} {} {}", c.call_id, c.tool, clip(&c.args_json, 80)),
+        Body::ToolCallRequested(c) => {
+            format!("{} {} {}", c.call_id, c.tool, clip(&c.args_json, 80))
+        }
         Body::PolicyDecided(d) => format!(
             "{} {} by {}: {}",
             d.call_id,
-            if d.decision == Decision::Allow as i32 { "allowed" } else { "denied" },
+            if d.decision == Decision::Allow as i32 {
+                "allowed"
+            } else {
+                "denied"
+            },
             d.rule,
             d.reason
         ),
@@ -50,7 +70,11 @@ pub fn event_line(event: &RunEvent) -> String {
         Body::LeafFinished(f) => format!(
             "leaf {} {}: {}",
             f.leaf + 1,
-            if f.state == LeafState::Done as i32 { "DONE" } else { "FAILED" },
+            if f.state == LeafState::Done as i32 {
+                "DONE"
+            } else {
+                "FAILED"
+            },
             f.reason
         ),
         Body::FeedbackQueued(f) => format!("note for conversation {}", f.conversation_id),
@@ -58,7 +82,11 @@ pub fn event_line(event: &RunEvent) -> String {
             "{}: {}{}",
             RunStatus::try_from(f.status).map_or("unknown", |s| s.word()),
             f.reason,
-            if f.summary != f.reason { format!(" — {}", f.summary) } else { String::new() }
+            if f.summary != f.reason {
+                format!(" — {}", f.summary)
+            } else {
+                String::new()
+            }
         ),
     };
     format!("#{:<3} {:<20} {}", event.seq, body.kind(), detail)
@@ -81,9 +109,16 @@ fn age(since_ms: i64, now_ms: i64) -> String {
 
 /// `dispatch ps` as a table.
 pub fn ps_table(runs: &[RunView], now_ms: i64) -> String {
-    let mut out = format!("{:<36}  {:<8}  {:<6}  {:<5}  {}\n", "RUN ID", "STATUS", "LEAVES", "AGE", "GOAL");
+    let mut out = format!(
+        "{:<36}  {:<8}  {:<6}  {:<5}  {}\n",
+        "RUN ID", "STATUS", "LEAVES", "AGE", "GOAL"
+    );
     for run in runs {
-        let leaves = if run.leaves == 0 { "-".to_owned() } else { format!("{}/{}", run.leaves_done, run.leaves) };
+        let leaves = if run.leaves == 0 {
+            "-".to_owned()
+        } else {
+            format!("{}/{}", run.leaves_done, run.leaves)
+        };
         out.push_str(&format!(
             "{:<36}  {:<8}  {:<6}  {:<5}  {}\n",
             run.run_id,
@@ -104,7 +139,13 @@ pub fn tasks(reply: &TasksReply) -> String {
     } else {
         out.push_str("feedback:\n");
         for note in &reply.feedback {
-            out.push_str(&format!("  {} {}: {} ({})\n", note.run_id, note.status, clip(&note.summary, 120), clip(&note.goal, 60)));
+            out.push_str(&format!(
+                "  {} {}: {} ({})\n",
+                note.run_id,
+                note.status,
+                clip(&note.summary, 120),
+                clip(&note.goal, 60)
+            ));
         }
     }
     out.push('\n');

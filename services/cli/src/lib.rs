@@ -40,10 +40,19 @@ pub mod exit {
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Parser)]
-#[command(name = "dispatch", version, about = "Hand goals to Dispatch and watch them run")]
+#[command(
+    name = "dispatch",
+    version,
+    about = "Hand goals to Dispatch and watch them run"
+)]
 pub struct Cli {
     /// NATS server of the Dispatch stack.
-    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// Workspace root (TASKS.org, workflows/, .dispatch/).
     #[arg(long, global = true, env = "DISPATCH_WORKSPACE", default_value = ".")]
@@ -140,7 +149,11 @@ pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { exit::ERROR } else { exit::DONE };
+            let code = if e.use_stderr() {
+                exit::ERROR
+            } else {
+                exit::DONE
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -166,9 +179,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let goal = goal.join(" ");
             let goal = goal.trim();
             if goal.is_empty() {
-                return Err(Failure::new("give a goal: dispatch run \"what you want done\""));
+                return Err(Failure::new(
+                    "give a goal: dispatch run \"what you want done\"",
+                ));
             }
-            let conversation: ConversationId = conversation.parse().map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))?;
+            let conversation: ConversationId = conversation
+                .parse()
+                .map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))?;
             let timeout_ms = match timeout {
                 None => 0,
                 Some(d) if d < Duration::from_secs(1) => {
@@ -198,14 +215,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Ps { all, quiet, format } => {
             let bus = connect(&cli.nats_url).await?;
-            let reply: RunsReply = query(&bus, subject::query::runs(), &RunsQuery { all, conversation: None }).await?;
+            let reply: RunsReply = query(
+                &bus,
+                subject::query::runs(),
+                &RunsQuery {
+                    all,
+                    conversation: None,
+                },
+            )
+            .await?;
             if quiet {
                 for run in &reply.runs {
                     println!("{}", run.run_id);
                 }
             } else {
                 match format {
-                    Format::Json => println!("{}", serde_json::to_string_pretty(&reply.runs).expect("views serialize")),
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&reply.runs).expect("views serialize")
+                    ),
                     Format::Table => print!("{}", format::ps_table(&reply.runs, format::now_ms())),
                 }
             }
@@ -237,15 +265,27 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Inspect { run } => {
             let bus = connect(&cli.nats_url).await?;
             let view: RunView = query(&bus, subject::query::run(), &RunQuery { id: run }).await?;
-            println!("{}", serde_json::to_string_pretty(&view).expect("views serialize"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&view).expect("views serialize")
+            );
             Ok(exit::DONE)
         }
-        Command::Tasks { conversation, format } => {
-            conversation.parse::<ConversationId>().map_err(|e| Failure::new(e.to_string()))?;
+        Command::Tasks {
+            conversation,
+            format,
+        } => {
+            conversation
+                .parse::<ConversationId>()
+                .map_err(|e| Failure::new(e.to_string()))?;
             let bus = connect(&cli.nats_url).await?;
-            let reply: TasksReply = query(&bus, subject::query::tasks(), &TasksQuery { conversation }).await?;
+            let reply: TasksReply =
+                query(&bus, subject::query::tasks(), &TasksQuery { conversation }).await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&reply).expect("replies serialize")),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply).expect("replies serialize")
+                ),
                 Format::Table => print!("{}", format::tasks(&reply)),
             }
             Ok(exit::DONE)
@@ -262,9 +302,10 @@ async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
     subject: dispatch_bus::subject::Subject,
     q: &Q,
 ) -> Result<R, Failure> {
-    let reply: Reply<R> = bus.request_json(subject, q, QUERY_TIMEOUT).await.map_err(|e| {
-        Failure::new(format!("{e}; is the ledger running (`dispatch up`)?"))
-    })?;
+    let reply: Reply<R> = bus
+        .request_json(subject, q, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| Failure::new(format!("{e}; is the ledger running (`dispatch up`)?")))?;
     reply.map_err(|e| Failure::new(e.to_string()))
 }
 
@@ -278,12 +319,19 @@ async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
         }
     }
     let view: RunView = query(bus, subject::query::run(), &RunQuery { id: id.to_owned() }).await?;
-    view.run_id.parse().map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))
+    view.run_id
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))
 }
 
 /// Follows a run until its terminal event, printing events if `print`. Returns the
 /// exit code for how it ended.
-async fn follow(log: &RunLog, run_id: RunId, print: bool, limit: Option<Duration>) -> Result<u8, Failure> {
+async fn follow(
+    log: &RunLog,
+    run_id: RunId,
+    print: bool,
+    limit: Option<Duration>,
+) -> Result<u8, Failure> {
     let deadline = limit.map(|d| tokio::time::Instant::now() + d);
     let mut handle = log.handle(run_id).await?;
     let mut shown = 0;
@@ -323,7 +371,9 @@ async fn follow(log: &RunLog, run_id: RunId, print: bool, limit: Option<Duration
 /// `500ms`, `90s`, `35m`, `1h`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
@@ -333,7 +383,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => return Err(format!("{text:?} has no unit: use ms, s, m or h (e.g. 90s)")),
+        _ => {
+            return Err(format!(
+                "{text:?} has no unit: use ms, s, m or h (e.g. 90s)"
+            ));
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -348,7 +402,11 @@ mod tests {
         assert_eq!(parse_duration("35m"), Ok(Duration::from_secs(35 * 60)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
         assert!(parse_duration("5d").is_err());
     }
 }

@@ -123,7 +123,10 @@ async fn start_and_serve(
             .unwrap_or_default();
         eprintln!("  {service:<11} up (pid {}){extra}", health.pid);
     }
-    eprintln!("Dispatch is up. NATS {url}, workspace {}", workspace.display());
+    eprintln!(
+        "Dispatch is up. NATS {url}, workspace {}",
+        workspace.display()
+    );
 
     if let Some(goal) = &args.demo {
         let code = demo(&bus, workspace, goal).await?;
@@ -131,14 +134,19 @@ async fn start_and_serve(
             return Ok(code);
         }
     }
-    eprintln!("Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack.");
+    eprintln!(
+        "Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack."
+    );
     serve_until_signal(procs).await
 }
 
 async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Failure> {
     let mut roots: Vec<PathBuf> = vec![workspace.to_path_buf()];
     // Running from target/<profile>/: the project root is two levels up.
-    if let Some(root) = std::env::current_exe().ok().and_then(|p| Some(p.parent()?.parent()?.parent()?.to_path_buf())) {
+    if let Some(root) = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.parent()?.to_path_buf()))
+    {
         roots.push(root);
     }
     let mut last = None;
@@ -155,12 +163,24 @@ async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Fa
     let (binary, version) = match (found, last) {
         (Some(found), _) => found,
         (None, Some(problem)) => return Err(Failure::new(problem.to_string())),
-        (None, None) => return Err(Failure::new(dispatch_natsbin::Problem::NotFound.to_string())),
+        (None, None) => {
+            return Err(Failure::new(
+                dispatch_natsbin::Problem::NotFound.to_string(),
+            ));
+        }
     };
     let store = layout::state_dir(workspace).join("nats");
-    std::fs::create_dir_all(&store).map_err(|e| Failure::new(format!("{}: {e}", store.display())))?;
+    std::fs::create_dir_all(&store)
+        .map_err(|e| Failure::new(format!("{}: {e}", store.display())))?;
     let child = Command::new(&binary)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "--store_dir"])
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--store_dir",
+        ])
         .arg(&store)
         .arg("-l")
         .arg(logs.join("nats.log"))
@@ -170,7 +190,10 @@ async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Fa
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| Failure::new(format!("start {}: {e}", binary.display())))?;
-    eprintln!("  nats-server {version} on 127.0.0.1:{port}, store {}", store.display());
+    eprintln!(
+        "  nats-server {version} on 127.0.0.1:{port}, store {}",
+        store.display()
+    );
     Ok(Proc {
         name: "nats-server".into(),
         child,
@@ -189,17 +212,29 @@ async fn connect_with_retry(url: &str, procs: &mut [Proc]) -> Result<Bus, Failur
     }
 }
 
-async fn wait_healthy(bus: &Bus, service: &str, instance: &str, procs: &mut [Proc]) -> Result<Health, Failure> {
+async fn wait_healthy(
+    bus: &Bus,
+    service: &str,
+    instance: &str,
+    procs: &mut [Proc],
+) -> Result<Health, Failure> {
     let subject = dispatch_bus::subject::health_instance(service, instance);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         check_alive(procs)?;
-        match bus.request_json::<_, Health>(subject.clone(), &(), Duration::from_millis(500)).await {
+        match bus
+            .request_json::<_, Health>(subject.clone(), &(), Duration::from_millis(500))
+            .await
+        {
             Ok(health) => return Ok(health),
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(Failure::new(format!("{service} did not become healthy: {e}"))),
+            Err(e) => {
+                return Err(Failure::new(format!(
+                    "{service} did not become healthy: {e}"
+                )));
+            }
         }
     }
 }
@@ -235,9 +270,12 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&tasks).unwrap_or_default();
-        let finished = text
-            .split_once(&id)
-            .is_some_and(|(_, entry)| entry.split("\n* ").next().is_some_and(|e| e.contains(":FINISHED:")));
+        let finished = text.split_once(&id).is_some_and(|(_, entry)| {
+            entry
+                .split("\n* ")
+                .next()
+                .is_some_and(|e| e.contains(":FINISHED:"))
+        });
         if finished || tokio::time::Instant::now() > deadline {
             eprintln!("\n{} now reads:\n{text}", tasks.display());
             break;
@@ -269,9 +307,16 @@ async fn serve_until_signal(procs: &mut [Proc]) -> Result<u8, Failure> {
 async fn stop_all(procs: &mut Vec<Proc>) {
     while let Some(mut proc) = procs.pop() {
         if let Some(pid) = proc.child.id() {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
         }
-        if tokio::time::timeout(Duration::from_secs(10), proc.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), proc.child.wait())
+            .await
+            .is_err()
+        {
             eprintln!("{} did not stop within 10s; killing it", proc.name);
             let _ = proc.child.kill().await;
         }

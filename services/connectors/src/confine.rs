@@ -57,11 +57,20 @@ mod tests {
         std::os::unix::fs::symlink("/etc", root.join("sub/escape")).unwrap();
         std::os::unix::fs::symlink(root.join("sub"), root.join("loop")).unwrap();
         for bad in ["", "/etc/passwd", "../x", "sub/../../x", "a\0b"] {
-            assert!(matches!(resolve(root, "scratch/", bad), Err(Error::Outside(..))), "{bad:?}");
+            assert!(
+                matches!(resolve(root, "scratch/", bad), Err(Error::Outside(..))),
+                "{bad:?}"
+            );
         }
         for link in ["sub/escape/passwd", "loop/x", "sub/escape"] {
-            assert!(matches!(resolve(root, "scratch/", link), Err(Error::Symlink(_))), "{link:?}");
+            assert!(
+                matches!(resolve(root, "scratch/", link), Err(Error::Symlink(_))),
+                "{link:?}"
+            );
         }
-        assert_eq!(resolve(root, "scratch/", "./sub/new.org").unwrap(), root.join("sub/new.org"));
+        assert_eq!(
+            resolve(root, "scratch/", "./sub/new.org").unwrap(),
+            root.join("sub/new.org")
+        );
     }
 }

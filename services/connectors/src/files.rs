@@ -74,7 +74,11 @@ fn in_scratch(run_dir: &Path, path: &str) -> Result<std::path::PathBuf, Error> {
         _ => return Err(confine::Error::Outside(path.to_owned(), "scratch/").into()),
     };
     let scratch = confine::resolve(run_dir, "scratch/", "scratch")?;
-    Ok(confine::resolve(&scratch, "scratch/", if rest.is_empty() { "." } else { rest })?)
+    Ok(confine::resolve(
+        &scratch,
+        "scratch/",
+        if rest.is_empty() { "." } else { rest },
+    )?)
 }
 
 fn io(path: &str) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -105,7 +109,9 @@ fn write_file(run_dir: &Path, path: &str, content: &str) -> Result<String, Error
         });
     }
     let full = in_scratch(run_dir, path)?;
-    let parent = full.parent().ok_or_else(|| confine::Error::Outside(path.to_owned(), "scratch/"))?;
+    let parent = full
+        .parent()
+        .ok_or_else(|| confine::Error::Outside(path.to_owned(), "scratch/"))?;
     std::fs::create_dir_all(parent).map_err(io(path))?;
     // Re-check after creating directories: nothing may have turned into a symlink.
     let full = in_scratch(run_dir, path)?;
@@ -144,10 +150,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path();
         std::fs::create_dir_all(run.join("scratch")).unwrap();
-        call(run, "write_file", r#"{"path":"scratch/a/b.org","content":"hi"}"#).unwrap();
-        assert_eq!(call(run, "read_file", r#"{"path":"scratch/a/b.org"}"#).unwrap(), "hi");
-        assert_eq!(call(run, "list_files", r#"{"path":"scratch"}"#).unwrap(), "a/");
-        assert_eq!(call(run, "list_files", r#"{"path":"scratch/a"}"#).unwrap(), "b.org");
+        call(
+            run,
+            "write_file",
+            r#"{"path":"scratch/a/b.org","content":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            call(run, "read_file", r#"{"path":"scratch/a/b.org"}"#).unwrap(),
+            "hi"
+        );
+        assert_eq!(
+            call(run, "list_files", r#"{"path":"scratch"}"#).unwrap(),
+            "a/"
+        );
+        assert_eq!(
+            call(run, "list_files", r#"{"path":"scratch/a"}"#).unwrap(),
+            "b.org"
+        );
     }
 
     #[test]
@@ -158,13 +178,29 @@ mod tests {
         std::os::unix::fs::symlink("/etc", run.join("scratch/etc")).unwrap();
         let cases = [
             ("write_file", r#"{"path":"../x","content":""}"#, "outside"),
-            ("write_file", r#"{"path":"scratch/../../x","content":""}"#, "outside"),
-            ("write_file", r#"{"path":"TASKS.org","content":""}"#, "outside"),
+            (
+                "write_file",
+                r#"{"path":"scratch/../../x","content":""}"#,
+                "outside",
+            ),
+            (
+                "write_file",
+                r#"{"path":"TASKS.org","content":""}"#,
+                "outside",
+            ),
             ("read_file", r#"{"path":"/etc/passwd"}"#, "outside"),
             ("read_file", r#"{"path":"scratch/etc/passwd"}"#, "symlink"),
-            ("write_file", r#"{"path":"scratch/etc/x","content":""}"#, "symlink"),
+            (
+                "write_file",
+                r#"{"path":"scratch/etc/x","content":""}"#,
+                "symlink",
+            ),
             ("read_file", r#"{"path":1}"#, "bad arguments"),
-            ("write_file", r#"{"path":"scratch/x","content":"","mode":"0777"}"#, "unknown field"),
+            (
+                "write_file",
+                r#"{"path":"scratch/x","content":"","mode":"0777"}"#,
+                "unknown field",
+            ),
             ("shell", r#"{}"#, "unknown tool"),
         ];
         for (tool, args, expect) in cases {

@@ -52,7 +52,14 @@ fn eval(run_dir: &Path, gate: &Gate) -> (bool, String) {
                 return (true, detail);
             }
             let (passed_b, detail_b) = eval(run_dir, b);
-            (passed_b, if passed_b { detail_b } else { format!("{detail}; {detail_b}") })
+            (
+                passed_b,
+                if passed_b {
+                    detail_b
+                } else {
+                    format!("{detail}; {detail_b}")
+                },
+            )
         }
     }
 }
@@ -79,18 +86,33 @@ fn check_one(run_dir: &Path, check: &Check) -> (bool, String) {
             Err(e) => (false, e),
         },
         Check::IsFile(p) => match meta(p) {
-            Ok(m) => verdict(m.is_some_and(|m| m.is_file()), format!("{p} is a file"), format!("{p} is not a file")),
+            Ok(m) => verdict(
+                m.is_some_and(|m| m.is_file()),
+                format!("{p} is a file"),
+                format!("{p} is not a file"),
+            ),
             Err(e) => (false, e),
         },
         Check::IsDir(p) => match meta(p) {
-            Ok(m) => verdict(m.is_some_and(|m| m.is_dir()), format!("{p} is a directory"), format!("{p} is not a directory")),
+            Ok(m) => verdict(
+                m.is_some_and(|m| m.is_dir()),
+                format!("{p} is a directory"),
+                format!("{p} is not a directory"),
+            ),
             Err(e) => (false, e),
         },
         Check::Exists(p) => match meta(p) {
-            Ok(m) => verdict(m.is_some(), format!("{p} exists"), format!("{p} does not exist")),
+            Ok(m) => verdict(
+                m.is_some(),
+                format!("{p} exists"),
+                format!("{p} does not exist"),
+            ),
             Err(e) => (false, e),
         },
-        Check::Readable(p) => match path_of(p).map_err(|e| e.to_string()).and_then(|f| std::fs::File::open(f).map_err(|e| format!("{p}: {e}"))) {
+        Check::Readable(p) => match path_of(p)
+            .map_err(|e| e.to_string())
+            .and_then(|f| std::fs::File::open(f).map_err(|e| format!("{p}: {e}")))
+        {
             Ok(_) => (true, format!("{p} is readable")),
             Err(e) => (false, e),
         },
@@ -140,7 +162,12 @@ fn grep(run_dir: &Path, g: &dispatch_plan::gate::Grep) -> (bool, String) {
         .build()
     {
         Ok(regex) => regex,
-        Err(e) => return (false, format!("grep pattern {:?} is invalid: {e}", g.pattern)),
+        Err(e) => {
+            return (
+                false,
+                format!("grep pattern {:?} is invalid: {e}", g.pattern),
+            );
+        }
     };
     let found = text.lines().any(|line| regex.is_match(line));
     if found {
@@ -183,7 +210,11 @@ mod tests {
     fn run_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
-        std::fs::write(dir.path().join("scratch/REPORT.org"), "#+TITLE: x\nTotal: 3 items\n").unwrap();
+        std::fs::write(
+            dir.path().join("scratch/REPORT.org"),
+            "#+TITLE: x\nTotal: 3 items\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("scratch/empty"), "").unwrap();
         dir
     }
@@ -222,7 +253,11 @@ mod tests {
         for (gate, expect) in cases {
             let outcome = check(dir.path(), gate);
             assert!(!outcome.passed, "{gate} passed");
-            assert!(outcome.detail.contains(expect), "{gate}: {}", outcome.detail);
+            assert!(
+                outcome.detail.contains(expect),
+                "{gate}: {}",
+                outcome.detail
+            );
         }
     }
 }

@@ -31,7 +31,11 @@ use tokio_util::sync::CancellationToken;
 pub const SERVICE: &str = "connectors";
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "dispatch-connectors", about = "Dispatch tool execution", version)]
+#[command(
+    name = "dispatch-connectors",
+    about = "Dispatch tool execution",
+    version
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: dispatch_service::CommonArgs,
@@ -119,7 +123,9 @@ async fn handle(ctx: Arc<Context>, message: jetstream::Message) {
         }
         Err(Rejected::Retry(e)) => {
             tracing::warn!(subject = %message.subject, error = %e, "command failed, retrying");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }
@@ -145,7 +151,12 @@ async fn open(ctx: &Context, run_id: &str) -> Result<(RunId, RunHandle), Rejecte
 }
 
 /// Appends a result unless the log already has one (or the run is over).
-async fn record(run: &mut RunHandle, pick: impl Fn(&Body) -> Option<()>, body: Body, cause: &str) -> Result<(), Rejected> {
+async fn record(
+    run: &mut RunHandle,
+    pick: impl Fn(&Body) -> Option<()>,
+    body: Body,
+    cause: &str,
+) -> Result<(), Rejected> {
     match run.ensure(pick, body, cause).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => Ok(()),
@@ -202,7 +213,8 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
 async fn check_gate(ctx: &Context, check: CheckGate) -> Result<(), Rejected> {
     let (run_id, mut run) = open(ctx, &check.run_id).await?;
     let check_id = check.check_id.as_str();
-    let has_result = |b: &Body| matches!(b, Body::GateChecked(g) if g.check_id == check_id).then_some(());
+    let has_result =
+        |b: &Body| matches!(b, Body::GateChecked(g) if g.check_id == check_id).then_some(());
     if run.bodies().find_map(has_result).is_some() || run.is_finished() {
         return Ok(());
     }

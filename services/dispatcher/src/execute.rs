@@ -28,9 +28,18 @@ pub const SUMMARY_CHARS: usize = 300;
 
 /// The tools offered to the leaf's model.
 const TOOLS: [(&str, &str); 3] = [
-    ("read_file", "read a file under scratch/: {\"path\": \"scratch/…\"}"),
-    ("write_file", "write a file under scratch/: {\"path\": \"scratch/…\", \"content\": \"…\"}"),
-    ("list_files", "list a directory under scratch/: {\"path\": \"scratch\"}"),
+    (
+        "read_file",
+        "read a file under scratch/: {\"path\": \"scratch/…\"}",
+    ),
+    (
+        "write_file",
+        "write a file under scratch/: {\"path\": \"scratch/…\", \"content\": \"…\"}",
+    ),
+    (
+        "list_files",
+        "list a directory under scratch/: {\"path\": \"scratch\"}",
+    ),
 ];
 
 /// Why driving a run stopped short of its plan.
@@ -73,7 +82,12 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
     let (status, reason, summary, tally) = match outcome {
         Ok(tally) => {
             let summary = format!("workflow finished: {}", tally_json(&tally));
-            (RunStatus::Done, "workflow finished".to_owned(), summary, tally)
+            (
+                RunStatus::Done,
+                "workflow finished".to_owned(),
+                summary,
+                tally,
+            )
         }
         Err(Stop::Blocked(reason)) => (RunStatus::Blocked, reason.clone(), reason, exec.tally()),
         Err(Stop::Finished) => return Ok(()),
@@ -126,7 +140,10 @@ impl Exec<'_> {
         loop {
             if rejected.len() >= 2 {
                 let last = rejected.last().expect("two rejections");
-                return Err(Stop::Blocked(format!("plan rejected: {}: {}", last.code, last.message)));
+                return Err(Stop::Blocked(format!(
+                    "plan rejected: {}: {}",
+                    last.code, last.message
+                )));
             }
             let attempt = rejected.len() as u32 + 1;
             let previous_error = rejected.last().map(|r| {
@@ -194,7 +211,11 @@ impl Exec<'_> {
         Ok(tokio::time::Instant::now() + Duration::from_millis(left))
     }
 
-    async fn leaves(&mut self, requested: &RunRequested, plan: &PlanAuthored) -> Result<Vec<TallyEntry>, Stop> {
+    async fn leaves(
+        &mut self,
+        requested: &RunRequested,
+        plan: &PlanAuthored,
+    ) -> Result<Vec<TallyEntry>, Stop> {
         for leaf in &plan.leaves {
             let index = leaf.index;
             if self.find(finished_leaf(index)).is_some() {
@@ -218,7 +239,11 @@ impl Exec<'_> {
     }
 
     /// One leaf's agent loop and gate.
-    async fn leaf(&mut self, requested: &RunRequested, leaf: &PlanLeaf) -> Result<(LeafState, String), Stop> {
+    async fn leaf(
+        &mut self,
+        requested: &RunRequested,
+        leaf: &PlanLeaf,
+    ) -> Result<(LeafState, String), Stop> {
         let mut history = Vec::new();
         let mut done = false;
         for turn in 0..MAX_TURNS {
@@ -231,7 +256,10 @@ impl Exec<'_> {
                             goal: requested.goal.clone(),
                             leaf: from_proto_leaf(leaf),
                             history: history.clone(),
-                            tools: TOOLS.iter().map(|(n, d)| ((*n).to_owned(), (*d).to_owned())).collect(),
+                            tools: TOOLS
+                                .iter()
+                                .map(|(n, d)| ((*n).to_owned(), (*d).to_owned()))
+                                .collect(),
                         })
                         .await
                         .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
@@ -284,19 +312,29 @@ impl Exec<'_> {
             ));
         }
         if leaf.done_when.is_empty() {
-            return Ok((LeafState::Done, "the model finished; the leaf has no gate".into()));
+            return Ok((
+                LeafState::Done,
+                "the model finished; the leaf has no gate".into(),
+            ));
         }
         let gate = self.gate(leaf).await?;
         Ok(if gate.passed {
             (LeafState::Done, format!("gate passed: {}", gate.command))
         } else {
-            (LeafState::Failed, slice_chars(&format!("gate failed: {}", gate.detail), SUMMARY_CHARS))
+            (
+                LeafState::Failed,
+                slice_chars(&format!("gate failed: {}", gate.detail), SUMMARY_CHARS),
+            )
         })
     }
 
     /// Request → policy decision → connector result, each step found in the log or
     /// asked for over the bus and awaited there.
-    async fn tool_call(&mut self, leaf: u32, call: &ToolCall) -> Result<Result<String, String>, Stop> {
+    async fn tool_call(
+        &mut self,
+        leaf: u32,
+        call: &ToolCall,
+    ) -> Result<Result<String, String>, Stop> {
         let call_id = call.call_id.clone();
         let requested = Body::ToolCallRequested(ToolCallRequested {
             call_id: call_id.clone(),
@@ -318,13 +356,22 @@ impl Exec<'_> {
                 let msg_id = format!("{}/{call_id}/policy", self.command.run_id);
                 self.ctx
                     .bus
-                    .append(subject::cmd::policy(), &msg_id, None, None, command.encode_to_vec().into())
+                    .append(
+                        subject::cmd::policy(),
+                        &msg_id,
+                        None,
+                        None,
+                        command.encode_to_vec().into(),
+                    )
                     .await?;
                 self.wait_for(decision_for(&call_id)).await?
             }
         };
         if decision.decision != Decision::Allow as i32 {
-            return Ok(Err(format!("denied by policy rule {}: {}", decision.rule, decision.reason)));
+            return Ok(Err(format!(
+                "denied by policy rule {}: {}",
+                decision.rule, decision.reason
+            )));
         }
         if let Some(result) = self.find(result_for(&call_id)) {
             return Ok(result);
@@ -338,7 +385,13 @@ impl Exec<'_> {
         let msg_id = format!("{}/{call_id}/tool", self.command.run_id);
         self.ctx
             .bus
-            .append(subject::cmd::tool(), &msg_id, None, None, command.encode_to_vec().into())
+            .append(
+                subject::cmd::tool(),
+                &msg_id,
+                None,
+                None,
+                command.encode_to_vec().into(),
+            )
             .await?;
         self.wait_for(result_for(&call_id)).await
     }
@@ -357,7 +410,13 @@ impl Exec<'_> {
         let msg_id = format!("{}/{check_id}", self.command.run_id);
         self.ctx
             .bus
-            .append(subject::cmd::gate(), &msg_id, None, None, command.encode_to_vec().into())
+            .append(
+                subject::cmd::gate(),
+                &msg_id,
+                None,
+                None,
+                command.encode_to_vec().into(),
+            )
             .await?;
         self.wait_for(gate_for(&check_id)).await
     }
@@ -374,7 +433,12 @@ impl Exec<'_> {
         let requested = self.find(as_requested);
         let (goal, conversation_id) = requested
             .map(|r| (r.goal, r.conversation_id))
-            .unwrap_or_else(|| (self.command.goal.clone(), self.command.conversation_id.clone()));
+            .unwrap_or_else(|| {
+                (
+                    self.command.goal.clone(),
+                    self.command.conversation_id.clone(),
+                )
+            });
         let note = Body::FeedbackQueued(FeedbackQueued {
             conversation_id,
             status: status as i32,
@@ -424,7 +488,11 @@ impl Exec<'_> {
         self.run.bodies().filter_map(pick).collect()
     }
 
-    async fn ensure<T>(&mut self, pick: impl Fn(&Body) -> Option<T>, body: Body) -> Result<T, Stop> {
+    async fn ensure<T>(
+        &mut self,
+        pick: impl Fn(&Body) -> Option<T>,
+        body: Body,
+    ) -> Result<T, Stop> {
         Ok(self.run.ensure(pick, body, &self.command.run_id).await?)
     }
 
@@ -497,7 +565,9 @@ fn requested_call(call_id: &str) -> impl Fn(&Body) -> Option<()> + '_ {
     move |b| matches!(b, Body::ToolCallRequested(r) if r.call_id == call_id).then_some(())
 }
 
-fn decision_for(call_id: &str) -> impl Fn(&Body) -> Option<dispatch_proto::run::v1::PolicyDecided> + '_ {
+fn decision_for(
+    call_id: &str,
+) -> impl Fn(&Body) -> Option<dispatch_proto::run::v1::PolicyDecided> + '_ {
     move |b| match b {
         Body::PolicyDecided(d) if d.call_id == call_id => Some(d.clone()),
         _ => None,
@@ -563,7 +633,11 @@ fn write_workflow(workspace: &Path, slug: &str, text: &str) -> std::io::Result<S
             format!("{slug}-{n}.org")
         };
         let path = dir.join(&name);
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
             Ok(mut file) => {
                 std::io::Write::write_all(&mut file, text.as_bytes())?;
                 file.sync_all()?;
@@ -583,13 +657,13 @@ fn write_workflow(workspace: &Path, slug: &str, text: &str) -> std::io::Result<S
 /// `2s`, `35m`, `1h`, `1500ms`: how a timeout reads in a reason.
 pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
     match s {
-        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
-        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s if s > 0 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s if s > 0 && s.is_multiple_of(60) => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
 }
@@ -616,8 +690,14 @@ mod tests {
     #[test]
     fn the_tally_reads_as_json() {
         let tally = vec![
-            TallyEntry { state: "DONE".into(), count: 4 },
-            TallyEntry { state: "FAILED".into(), count: 2 },
+            TallyEntry {
+                state: "DONE".into(),
+                count: 4,
+            },
+            TallyEntry {
+                state: "FAILED".into(),
+                count: 2,
+            },
         ];
         assert_eq!(tally_json(&tally), r#"{"DONE": 4, "FAILED": 2}"#);
     }
@@ -628,7 +708,10 @@ mod tests {
         assert_eq!(write_workflow(&dir, "x", "a").unwrap(), "workflows/x.org");
         assert_eq!(write_workflow(&dir, "x", "b").unwrap(), "workflows/x-2.org");
         assert_eq!(write_workflow(&dir, "x", "a").unwrap(), "workflows/x.org");
-        assert_eq!(std::fs::read_to_string(dir.join("workflows/x-2.org")).unwrap(), "b");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("workflows/x-2.org")).unwrap(),
+            "b"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -639,6 +722,9 @@ mod tests {
     }
 
     fn uuid_like() -> u128 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     }
 }

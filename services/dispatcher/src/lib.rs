@@ -39,7 +39,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(35 * 60);
 pub const GOAL_ACK_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "dispatch-dispatcher", about = "Dispatch run supervisor", version)]
+#[command(
+    name = "dispatch-dispatcher",
+    about = "Dispatch run supervisor",
+    version
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: dispatch_service::CommonArgs,
@@ -100,7 +104,11 @@ impl Dispatcher {
             Health::new(SERVICE, &instance),
             shutdown.clone(),
         ));
-        tracing::info!(instance, max_runs = self.config.max_runs, "dispatcher ready");
+        tracing::info!(
+            instance,
+            max_runs = self.config.max_runs,
+            "dispatcher ready"
+        );
         let ctx = self.ctx.clone();
         let stop = shutdown.clone();
         work::consume(
@@ -166,7 +174,9 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
         }
         Some(Err(e)) => {
             tracing::warn!(run_id = %run_id, error = %e, "run interrupted, handing the goal back");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
         None => {
             tracing::info!(run_id = %run_id, "shutting down, handing the goal back");

@@ -7,6 +7,9 @@ async fn main() -> anyhow::Result<()> {
     dispatch_service::init_tracing();
     let shutdown = dispatch_service::shutdown_on_signals();
     let provider = std::sync::Arc::new(dispatch_models::offline::Offline);
-    Dispatcher::build(config, provider).await?.run(shutdown).await?;
+    Dispatcher::build(config, provider)
+        .await?
+        .run(shutdown)
+        .await?;
     Ok(())
 }

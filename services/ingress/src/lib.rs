@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::{Bus, ConversationId, subject};
-use dispatch_ledger::api::{QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use dispatch_ledger::api::{
+    QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply,
+};
 use dispatch_ledger::view::RunView;
 use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
@@ -92,13 +94,16 @@ impl Ingress {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let addr = self.local_addr();
         let mut me = Health::new(SERVICE, &self.config.common.instance());
-        me.detail.insert("http_addr".into(), json!(addr.to_string()));
+        me.detail
+            .insert("http_addr".into(), json!(addr.to_string()));
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
         tracing::info!(%addr, "ingress listening");
         let stop = shutdown.clone();
@@ -142,7 +147,11 @@ struct GoalRequest {
 /// Checks a goal request; the error is `(code, message)`.
 fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
     let request: GoalRequest = serde_json::from_slice(body).map_err(|e| {
-        let code = if e.is_data() { "invalid_goal" } else { "invalid_json" };
+        let code = if e.is_data() {
+            "invalid_goal"
+        } else {
+            "invalid_json"
+        };
         (code, e.to_string())
     })?;
     let goal = request.goal.trim();
@@ -150,10 +159,15 @@ fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
         return Err(("invalid_goal", "goal must not be empty".into()));
     }
     if goal.chars().count() > MAX_GOAL_CHARS {
-        return Err(("invalid_goal", format!("goal must be at most {MAX_GOAL_CHARS} characters")));
+        return Err((
+            "invalid_goal",
+            format!("goal must be at most {MAX_GOAL_CHARS} characters"),
+        ));
     }
     let conversation = match request.conversation_id {
-        Some(c) => c.parse().map_err(|e: dispatch_bus::IdError| ("invalid_conversation", e.to_string()))?,
+        Some(c) => c
+            .parse()
+            .map_err(|e: dispatch_bus::IdError| ("invalid_conversation", e.to_string()))?,
         None => ConversationId::default(),
     };
     let timeout_ms = match request.timeout_ms {
@@ -192,12 +206,18 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
     match submit_goal(&app.bus, &app.log, goal).await {
         Ok(run_id) => (
             StatusCode::ACCEPTED,
-            axum::Json(json!({ "run_id": run_id.to_string(), "status_url": format!("/v1/runs/{run_id}") })),
+            axum::Json(
+                json!({ "run_id": run_id.to_string(), "status_url": format!("/v1/runs/{run_id}") }),
+            ),
         )
             .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "goal not stored");
-            error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", "the goal could not be stored; try again")
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                "the goal could not be stored; try again",
+            )
         }
     }
 }
@@ -211,7 +231,10 @@ struct ListParams {
     conversation: Option<String>,
 }
 
-async fn list_runs(State(app): State<Arc<App>>, params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn list_runs(
+    State(app): State<Arc<App>>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
@@ -220,12 +243,18 @@ async fn list_runs(State(app): State<Arc<App>>, params: Result<Query<ListParams>
         all: params.all.unwrap_or(true),
         conversation: params.conversation,
     };
-    let reply: Result<Reply<RunsReply>, _> = app.bus.request_json(subject::query::runs(), &query, QUERY_TIMEOUT).await;
+    let reply: Result<Reply<RunsReply>, _> = app
+        .bus
+        .request_json(subject::query::runs(), &query, QUERY_TIMEOUT)
+        .await;
     respond(reply)
 }
 
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let reply: Result<Reply<RunView>, _> = app.bus.request_json(subject::query::run(), &RunQuery { id }, QUERY_TIMEOUT).await;
+    let reply: Result<Reply<RunView>, _> = app
+        .bus
+        .request_json(subject::query::run(), &RunQuery { id }, QUERY_TIMEOUT)
+        .await;
     respond(reply)
 }
 
@@ -236,26 +265,46 @@ struct TasksParams {
     conversation: Option<String>,
 }
 
-async fn get_tasks(State(app): State<Arc<App>>, params: Result<Query<TasksParams>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn get_tasks(
+    State(app): State<Arc<App>>,
+    params: Result<Query<TasksParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
     };
-    let conversation = params.conversation.unwrap_or_else(|| ConversationId::DEFAULT.to_owned());
+    let conversation = params
+        .conversation
+        .unwrap_or_else(|| ConversationId::DEFAULT.to_owned());
     if let Err(e) = conversation.parse::<ConversationId>() {
-        return error(StatusCode::BAD_REQUEST, "invalid_conversation", e.to_string());
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_conversation",
+            e.to_string(),
+        );
     }
     let reply: Result<Reply<TasksReply>, _> = app
         .bus
-        .request_json(subject::query::tasks(), &TasksQuery { conversation }, QUERY_TIMEOUT)
+        .request_json(
+            subject::query::tasks(),
+            &TasksQuery { conversation },
+            QUERY_TIMEOUT,
+        )
         .await;
     respond(reply)
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let state = app.bus.client().connection_state();
-    let connected = matches!(state, dispatch_bus::async_nats::connection::State::Connected);
-    let status = if connected { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let connected = matches!(
+        state,
+        dispatch_bus::async_nats::connection::State::Connected
+    );
+    let status = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(json!({ "status": if connected { "ok" } else { "degraded" }, "nats": state.to_string() }))).into_response()
 }
 
@@ -265,8 +314,14 @@ fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) ->
         Ok(Err(QueryError::NotFound(m))) => error(StatusCode::NOT_FOUND, "not_found", m),
         Ok(Err(QueryError::Ambiguous(m))) => error(StatusCode::BAD_REQUEST, "ambiguous", m),
         Ok(Err(QueryError::BadRequest(m))) => error(StatusCode::BAD_REQUEST, "bad_request", m),
-        Ok(Err(QueryError::Unavailable(m))) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e.to_string()),
+        Ok(Err(QueryError::Unavailable(m))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger_unavailable",
+            e.to_string(),
+        ),
     }
 }
 
@@ -284,14 +339,25 @@ mod tests {
             (r#"{"goal":3}"#, "invalid_goal"),
             (r#"{"goal":"x","extra":1}"#, "invalid_goal"),
             (r#"{"goal":"x","timeout_ms":5}"#, "invalid_timeout"),
-            (r#"{"goal":"x","conversation_id":"a.b"}"#, "invalid_conversation"),
+            (
+                r#"{"goal":"x","conversation_id":"a.b"}"#,
+                "invalid_conversation",
+            ),
             (r#"{"goal":"x","timeout_ms":-1}"#, "invalid_goal"),
         ];
         for (body, code) in cases {
             let err = validate(body.as_bytes()).unwrap_err();
             assert_eq!(err.0, code, "{body}: {}", err.1);
         }
-        let goal = validate(br#"{"goal":" hello ","conversation_id":"c1","timeout_ms":2000}"#).unwrap();
-        assert_eq!((goal.goal.as_str(), goal.conversation.as_str(), goal.timeout_ms), ("hello", "c1", 2000));
+        let goal =
+            validate(br#"{"goal":" hello ","conversation_id":"c1","timeout_ms":2000}"#).unwrap();
+        assert_eq!(
+            (
+                goal.goal.as_str(),
+                goal.conversation.as_str(),
+                goal.timeout_ms
+            ),
+            ("hello", "c1", 2000)
+        );
     }
 }

@@ -39,7 +39,11 @@ pub const SERVICE: &str = "ledger";
 const COMMIT_EVERY: usize = 512;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "dispatch-ledger", about = "Dispatch projections: run status, feedback, TASKS.org", version)]
+#[command(
+    name = "dispatch-ledger",
+    about = "Dispatch projections: run status, feedback, TASKS.org",
+    version
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: dispatch_service::CommonArgs,
@@ -94,9 +98,21 @@ impl Ledger {
             drains_applied: watch::channel(drains_cursor).0,
         });
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(health::serve(self.bus.clone(), Health::new(SERVICE, &instance), shutdown.clone()));
-        tasks.spawn(project_stream(state.clone(), streams::RUNS, shutdown.clone()));
-        tasks.spawn(project_stream(state.clone(), streams::LEDGER, shutdown.clone()));
+        tasks.spawn(health::serve(
+            self.bus.clone(),
+            Health::new(SERVICE, &instance),
+            shutdown.clone(),
+        ));
+        tasks.spawn(project_stream(
+            state.clone(),
+            streams::RUNS,
+            shutdown.clone(),
+        ));
+        tasks.spawn(project_stream(
+            state.clone(),
+            streams::LEDGER,
+            shutdown.clone(),
+        ));
         tasks.spawn(answer_queries(state.clone(), shutdown.clone()));
         let tasks_file = layout::tasks_file(&self.config.common.workspace);
         tasks.spawn(render_tasks(state.clone(), tasks_file, shutdown.clone()));
@@ -122,7 +138,11 @@ impl Ledger {
 }
 
 /// Follows `stream` from the views' cursor and folds its messages into the views.
-async fn project_stream(state: Arc<State>, stream_name: &'static str, shutdown: CancellationToken) -> Result<(), dispatch_bus::Error> {
+async fn project_stream(
+    state: Arc<State>,
+    stream_name: &'static str,
+    shutdown: CancellationToken,
+) -> Result<(), dispatch_bus::Error> {
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -140,7 +160,11 @@ async fn project_stream(state: Arc<State>, stream_name: &'static str, shutdown: 
     }
 }
 
-async fn follow(state: &State, stream_name: &'static str, shutdown: &CancellationToken) -> Result<(), String> {
+async fn follow(
+    state: &State,
+    stream_name: &'static str,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
     let cursor = state.views.cursor(stream_name).map_err(|e| e.to_string())?;
     let stream = state
         .bus
@@ -177,12 +201,21 @@ async fn follow(state: &State, stream_name: &'static str, shutdown: &Cancellatio
             (info.stream_sequence, info.pending)
         };
         match stream_name {
-            streams::RUNS => state.views.apply_run_event(&mut pending, seq, &message.subject, &message.payload),
-            _ => state.views.apply_drain(&mut pending, seq, &message.subject, &message.payload),
+            streams::RUNS => {
+                state
+                    .views
+                    .apply_run_event(&mut pending, seq, &message.subject, &message.payload)
+            }
+            _ => state
+                .views
+                .apply_drain(&mut pending, seq, &message.subject, &message.payload),
         }
         if left == 0 || pending.len() >= COMMIT_EVERY {
             let batch = std::mem::take(&mut pending);
-            state.views.commit(stream_name, batch).map_err(|e| e.to_string())?;
+            state
+                .views
+                .commit(stream_name, batch)
+                .map_err(|e| e.to_string())?;
             if stream_name == streams::LEDGER {
                 state.drains_applied.send_replace(seq);
             }
@@ -192,7 +225,11 @@ async fn follow(state: &State, stream_name: &'static str, shutdown: &Cancellatio
 }
 
 /// Re-renders TASKS.org whenever the views change (coalescing bursts).
-async fn render_tasks(state: Arc<State>, path: PathBuf, shutdown: CancellationToken) -> Result<(), dispatch_bus::Error> {
+async fn render_tasks(
+    state: Arc<State>,
+    path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), dispatch_bus::Error> {
     let mut last = None;
     loop {
         tokio::select! {
@@ -212,7 +249,10 @@ async fn render_tasks(state: Arc<State>, path: PathBuf, shutdown: CancellationTo
     }
 }
 
-async fn answer_queries(state: Arc<State>, shutdown: CancellationToken) -> Result<(), dispatch_bus::Error> {
+async fn answer_queries(
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> Result<(), dispatch_bus::Error> {
     let client = state.bus.client().clone();
     let mut requests = client
         .queue_subscribe("dispatch.query.*", subject::query::QUERY_GROUP.to_owned())
@@ -223,8 +263,12 @@ async fn answer_queries(state: Arc<State>, shutdown: CancellationToken) -> Resul
             _ = shutdown.cancelled() => return Ok(()),
             request = requests.next() => request,
         };
-        let Some(request) = request else { return Ok(()) };
-        let Some(reply_to) = request.reply.clone() else { continue };
+        let Some(request) = request else {
+            return Ok(());
+        };
+        let Some(reply_to) = request.reply.clone() else {
+            continue;
+        };
         let state = state.clone();
         let client = client.clone();
         tokio::spawn(async move {
@@ -238,7 +282,9 @@ async fn answer_queries(state: Arc<State>, shutdown: CancellationToken) -> Resul
                     };
                     encode(answer)
                 }
-                other => encode::<()>(Err(QueryError::BadRequest(format!("unknown query {other}")))),
+                other => encode::<()>(Err(QueryError::BadRequest(format!(
+                    "unknown query {other}"
+                )))),
             };
             let _ = client.publish(reply_to, body.into()).await;
         });
@@ -246,7 +292,8 @@ async fn answer_queries(state: Arc<State>, shutdown: CancellationToken) -> Resul
 }
 
 fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Reply<T> {
-    serde_json::from_slice(payload).map_err(|e| QueryError::BadRequest(format!("malformed query: {e}")))
+    serde_json::from_slice(payload)
+        .map_err(|e| QueryError::BadRequest(format!("malformed query: {e}")))
 }
 
 fn encode<T: serde::Serialize>(reply: Reply<T>) -> Vec<u8> {
@@ -259,7 +306,12 @@ fn runs(state: &State, query: RunsQuery) -> RunsReply {
         .runs()
         .into_iter()
         .filter(|r| query.all || !r.status.is_terminal())
-        .filter(|r| query.conversation.as_ref().is_none_or(|c| *c == r.conversation_id))
+        .filter(|r| {
+            query
+                .conversation
+                .as_ref()
+                .is_none_or(|c| *c == r.conversation_id)
+        })
         .collect();
     RunsReply { runs }
 }
@@ -267,7 +319,9 @@ fn runs(state: &State, query: RunsQuery) -> RunsReply {
 fn run(state: &State, query: RunQuery) -> Reply<RunView> {
     let id = query.id.trim();
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
-        return Err(QueryError::BadRequest(format!("{id:?} is not a run id or a prefix of one")));
+        return Err(QueryError::BadRequest(format!(
+            "{id:?} is not a run id or a prefix of one"
+        )));
     }
     let mut found = state.views.runs_with_prefix(id, 6);
     match found.len() {
@@ -275,7 +329,10 @@ fn run(state: &State, query: RunQuery) -> Reply<RunView> {
         1 => Ok(found.remove(0)),
         _ => {
             let ids: Vec<_> = found.iter().take(5).map(|r| r.run_id.as_str()).collect();
-            Err(QueryError::Ambiguous(format!("{id} matches several runs: {}", ids.join(", "))))
+            Err(QueryError::Ambiguous(format!(
+                "{id} matches several runs: {}",
+                ids.join(", ")
+            )))
         }
     }
 }
@@ -299,7 +356,8 @@ async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {
 /// first: with optimistic concurrency on the conversation's drain subject, two drains
 /// (here or in another ledger copy) never hand out the same note.
 async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>> {
-    let unavailable = |e: &dyn std::fmt::Display| QueryError::Unavailable(format!("cannot drain feedback: {e}"));
+    let unavailable =
+        |e: &dyn std::fmt::Display| QueryError::Unavailable(format!("cannot drain feedback: {e}"));
     for _ in 0..20 {
         let notes = state.views.undrained(conversation.as_str());
         if notes.is_empty() {
@@ -309,12 +367,20 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
         let event = FeedbackDrained {
             conversation_id: conversation.to_string(),
             run_ids: notes.iter().map(|n| n.run_id.clone()).collect(),
-            time_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            time_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
         };
         let msg_id = format!("drain-{conversation}-{expected}-{}", std::process::id());
         let appended = state
             .bus
-            .append(subject::drain(conversation), &msg_id, Some(expected), None, event.encode_to_vec().into())
+            .append(
+                subject::drain(conversation),
+                &msg_id,
+                Some(expected),
+                None,
+                event.encode_to_vec().into(),
+            )
             .await;
         match appended {
             Ok(ack) => {
@@ -323,13 +389,17 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
             }
             Err(e) if e.kind() == ErrorKind::Conflict => {
                 // Another drain won; catch up with it and look again.
-                let last = last_drain_seq(state, conversation).await.map_err(|e| unavailable(&e))?;
+                let last = last_drain_seq(state, conversation)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
                 wait_for_drains(state, last).await;
             }
             Err(e) => return Err(unavailable(&e)),
         }
     }
-    Err(QueryError::Unavailable("feedback drain kept losing races; try again".into()))
+    Err(QueryError::Unavailable(
+        "feedback drain kept losing races; try again".into(),
+    ))
 }
 
 async fn last_drain_seq(state: &State, conversation: &ConversationId) -> Result<u64, String> {

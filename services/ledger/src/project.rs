@@ -67,7 +67,9 @@ impl Views {
 
     /// Every run, newest first (run ids are UUIDv7, so id order is time order).
     pub fn runs(&self) -> Vec<RunView> {
-        let Ok(tree) = self.store.tree(RUNS) else { return Vec::new() };
+        let Ok(tree) = self.store.tree(RUNS) else {
+            return Vec::new();
+        };
         tree.iter()
             .rev()
             .filter_map(|item| item.ok())
@@ -77,7 +79,9 @@ impl Views {
 
     /// Runs whose id starts with `prefix`, at most `limit`.
     pub fn runs_with_prefix(&self, prefix: &str, limit: usize) -> Vec<RunView> {
-        let Ok(tree) = self.store.tree(RUNS) else { return Vec::new() };
+        let Ok(tree) = self.store.tree(RUNS) else {
+            return Vec::new();
+        };
         tree.scan_prefix(prefix)
             .filter_map(|item| item.ok())
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
@@ -112,11 +116,21 @@ impl Views {
 
     /// Folds one run event (stream sequence `seq`) into `pending`. A payload that is
     /// not a run event changes no view; the cursor still moves past it.
-    pub fn apply_run_event(&self, pending: &mut Pending, seq: u64, subject_name: &str, payload: &[u8]) {
+    pub fn apply_run_event(
+        &self,
+        pending: &mut Pending,
+        seq: u64,
+        subject_name: &str,
+        payload: &[u8],
+    ) {
         pending.last_seq = seq;
         pending.applied += 1;
         let Some(run_id) = subject::run_id_of(subject_name) else {
-            tracing::warn!(subject = subject_name, seq, "ignoring a message on a non-run subject");
+            tracing::warn!(
+                subject = subject_name,
+                seq,
+                "ignoring a message on a non-run subject"
+            );
             return;
         };
         let event = match dispatch_runlog::decode(&run_id, seq, payload) {
@@ -137,9 +151,11 @@ impl Views {
                 serde_json::to_vec(&note).expect("notes serialize"),
             );
         }
-        pending
-            .batch
-            .put(RUNS, &key, serde_json::to_vec(&view).expect("views serialize"));
+        pending.batch.put(
+            RUNS,
+            &key,
+            serde_json::to_vec(&view).expect("views serialize"),
+        );
         pending.runs.insert(key, view);
     }
 
@@ -148,7 +164,11 @@ impl Views {
         pending.last_seq = seq;
         pending.applied += 1;
         let Some(conversation) = subject::conversation_of_drain(subject_name) else {
-            tracing::warn!(subject = subject_name, seq, "ignoring a ledger message that is not a drain");
+            tracing::warn!(
+                subject = subject_name,
+                seq,
+                "ignoring a ledger message that is not a drain"
+            );
             return;
         };
         let drained = match FeedbackDrained::decode(payload) {
@@ -159,7 +179,9 @@ impl Views {
             }
         };
         for run_id in &drained.run_ids {
-            pending.batch.put(DRAINED, note_key(conversation.as_str(), run_id), Vec::new());
+            pending
+                .batch
+                .put(DRAINED, note_key(conversation.as_str(), run_id), Vec::new());
         }
         pending
             .batch

@@ -11,7 +11,11 @@ pub fn tasks_org(runs: &[RunView]) -> String {
     let mut out = String::from(HEADER);
     for run in runs {
         out.push('\n');
-        out.push_str(&format!("* {} {}\n", run.status.keyword(), headline(&run.goal)));
+        out.push_str(&format!(
+            "* {} {}\n",
+            run.status.keyword(),
+            headline(&run.goal)
+        ));
         out.push_str("  :PROPERTIES:\n");
         out.push_str(&format!("  :ID: {}\n", run.run_id));
         if let Some(file) = &run.workflow {
@@ -24,10 +28,9 @@ pub fn tasks_org(runs: &[RunView]) -> String {
             out.push_str(&format!("  :FINISHED: {}\n", timestamp(finished)));
         }
         out.push_str("  :END:\n");
-        if run.status.is_terminal() {
-            if let Some(summary) = run.summary.as_deref().filter(|s| !s.is_empty()) {
-                out.push_str(&format!("  {}\n", summary.replace('\n', " ")));
-            }
+        let summary = run.summary.as_deref().filter(|s| !s.is_empty());
+        if let (true, Some(summary)) = (run.status.is_terminal(), summary) {
+            out.push_str(&format!("  {}\n", summary.replace('\n', " ")));
         }
     }
     out
@@ -41,7 +44,8 @@ fn headline(goal: &str) -> String {
 
 /// `[2026-06-11 04:58:28]`, UTC.
 pub fn timestamp(unix_ms: i64) -> String {
-    let format = time::macros::format_description!("[[[year]-[month]-[day] [hour]:[minute]:[second]]");
+    let format =
+        time::macros::format_description!("[[[year]-[month]-[day] [hour]:[minute]:[second]]");
     time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
         .ok()
         .and_then(|t| t.format(&format).ok())

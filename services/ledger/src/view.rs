@@ -16,7 +16,10 @@ pub enum TaskStatus {
 
 impl TaskStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskStatus::Done | TaskStatus::Blocked | TaskStatus::Stopped)
+        matches!(
+            self,
+            TaskStatus::Done | TaskStatus::Blocked | TaskStatus::Stopped
+        )
     }
 
     pub fn word(self) -> &'static str {
@@ -181,11 +184,46 @@ mod tests {
     #[test]
     fn a_run_moves_queued_doing_done_and_replays_idempotently() {
         let events = [
-            event(1, Body::RunRequested(RunRequested { goal: "g".into(), conversation_id: "c".into(), ..Default::default() })),
-            event(2, Body::RunStarted(RunStarted { owner: "d".into(), deadline_unix_ms: 9 })),
-            event(3, Body::LeafFinished(LeafFinished { leaf: 0, state: LeafState::Done as i32, reason: String::new() })),
-            event(4, Body::LeafFinished(LeafFinished { leaf: 1, state: LeafState::Failed as i32, reason: String::new() })),
-            event(5, Body::RunFinished(RunFinished { status: RunStatus::Done as i32, reason: "workflow finished".into(), summary: "s".into(), tally: vec![] })),
+            event(
+                1,
+                Body::RunRequested(RunRequested {
+                    goal: "g".into(),
+                    conversation_id: "c".into(),
+                    ..Default::default()
+                }),
+            ),
+            event(
+                2,
+                Body::RunStarted(RunStarted {
+                    owner: "d".into(),
+                    deadline_unix_ms: 9,
+                }),
+            ),
+            event(
+                3,
+                Body::LeafFinished(LeafFinished {
+                    leaf: 0,
+                    state: LeafState::Done as i32,
+                    reason: String::new(),
+                }),
+            ),
+            event(
+                4,
+                Body::LeafFinished(LeafFinished {
+                    leaf: 1,
+                    state: LeafState::Failed as i32,
+                    reason: String::new(),
+                }),
+            ),
+            event(
+                5,
+                Body::RunFinished(RunFinished {
+                    status: RunStatus::Done as i32,
+                    reason: "workflow finished".into(),
+                    summary: "s".into(),
+                    tally: vec![],
+                }),
+            ),
         ];
         let mut view = None;
         let mut seen = Vec::new();
@@ -194,11 +232,22 @@ mod tests {
             seen.push(v.status);
             view = Some(v);
         }
-        assert_eq!(seen, [TaskStatus::Queued, TaskStatus::Doing, TaskStatus::Doing, TaskStatus::Doing, TaskStatus::Done]);
+        assert_eq!(
+            seen,
+            [
+                TaskStatus::Queued,
+                TaskStatus::Doing,
+                TaskStatus::Doing,
+                TaskStatus::Doing,
+                TaskStatus::Done
+            ]
+        );
         let done = view.unwrap();
         assert_eq!((done.leaves_done, done.leaves_failed), (1, 1));
         // Re-delivering any event changes nothing.
-        let again = events.iter().fold(done.clone(), |v, e| RunView::apply(Some(v), e));
+        let again = events
+            .iter()
+            .fold(done.clone(), |v, e| RunView::apply(Some(v), e));
         assert_eq!(again, done);
     }
 }

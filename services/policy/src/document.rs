@@ -84,8 +84,15 @@ impl Document {
         };
         let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
         let doc: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        if let Some(rule) = doc.rules.iter().find(|r| r.tools.is_empty() || r.name.is_empty()) {
-            return Err(invalid(format!("rule {:?} needs a name and at least one tool", rule.name)));
+        if let Some(rule) = doc
+            .rules
+            .iter()
+            .find(|r| r.tools.is_empty() || r.name.is_empty())
+        {
+            return Err(invalid(format!(
+                "rule {:?} needs a name and at least one tool",
+                rule.name
+            )));
         }
         Ok(doc)
     }
@@ -112,7 +119,11 @@ impl Document {
                 },
             };
         }
-        let reason = match self.rules.iter().find(|r| r.tools.iter().any(|t| t == tool)) {
+        let reason = match self
+            .rules
+            .iter()
+            .find(|r| r.tools.iter().any(|t| t == tool))
+        {
             Some(rule) => format!("{tool} is only allowed when {}", describe(&rule.when)),
             None => format!("no rule allows the tool {tool:?}"),
         };
@@ -146,9 +157,7 @@ fn describe(conditions: &[Condition]) -> String {
 /// `scratch` or `scratch/...`, relative, never climbing with `..`.
 pub fn inside_scratch(path: &str) -> bool {
     let mut parts = path.split('/').filter(|p| !p.is_empty() && *p != ".");
-    !path.starts_with('/')
-        && parts.next() == Some("scratch")
-        && parts.all(|p| p != "..")
+    !path.starts_with('/') && parts.next() == Some("scratch") && parts.all(|p| p != "..")
 }
 
 #[cfg(test)]
@@ -161,7 +170,10 @@ mod tests {
         let allow = |tool: &str, args: &str| doc.decide(tool, args).effect == Effect::Allow;
         assert!(allow("read_file", r#"{"path":"scratch/a.org"}"#));
         assert!(allow("list_files", r#"{"path":"scratch"}"#));
-        assert!(allow("write_file", r#"{"path":"scratch/x/y.org","content":""}"#));
+        assert!(allow(
+            "write_file",
+            r#"{"path":"scratch/x/y.org","content":""}"#
+        ));
         assert!(!allow("write_file", r#"{"path":"../../etc/passwd"}"#));
         assert!(!allow("write_file", r#"{"path":"scratch/../../x"}"#));
         assert!(!allow("write_file", r#"{"path":"/tmp/x"}"#));
@@ -180,7 +192,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dispatch-policy-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("policy.json");
-        std::fs::write(&path, r#"{"version":2,"rules":[],"default":"allow","extra":1}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"version":2,"rules":[],"default":"allow","extra":1}"#,
+        )
+        .unwrap();
         let err = Document::load(&path).unwrap_err().to_string();
         assert!(err.contains("unknown field `extra`"), "{err}");
         std::fs::write(&path, r#"{"version":2,"rules":[{"name":"all","tools":["*"],"effect":"deny"}],"default":"allow"}"#).unwrap();

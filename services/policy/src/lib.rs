@@ -115,14 +115,19 @@ async fn handle(log: RunLog, document: Arc<Document>, message: jetstream::Messag
         }
         Err(e) => {
             tracing::warn!(run_id = check.run_id, call_id = check.call_id, error = %e, "policy check failed, retrying");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }
 
 async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Result<(), Error> {
     let Ok(run_id) = check.run_id.parse::<RunId>() else {
-        tracing::warn!(run_id = check.run_id, "policy check names no valid run; ignored");
+        tracing::warn!(
+            run_id = check.run_id,
+            "policy check names no valid run; ignored"
+        );
         return Ok(());
     };
     let mut run = log.handle(run_id).await?;
@@ -149,7 +154,8 @@ async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Resul
         reason: verdict.reason,
         policy_version: document.version,
     });
-    let decided = |b: &Body| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id).then_some(());
+    let decided =
+        |b: &Body| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id).then_some(());
     match run.ensure(decided, body, call_id).await {
         Ok(()) => Ok(()),
         // A run that ended meanwhile needs no decision.
