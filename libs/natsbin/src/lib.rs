@@ -103,16 +103,46 @@ pub fn locate(project_root: &Path) -> Result<(PathBuf, Version), Problem> {
         .into_iter()
         .find(|p| p.is_file())
         .ok_or(Problem::NotFound)?;
-    let version = version_of(&binary)?;
-    if version < MINIMUM {
-        return Err(Problem::TooOld(binary, version));
-    }
+    let version = check(&binary)?;
     Ok((binary, version))
+}
+
+/// The binary's version, if it runs and is at least [`MINIMUM`].
+pub fn check(binary: &Path) -> Result<Version, Problem> {
+    let version = version_of(binary)?;
+    if version < MINIMUM {
+        return Err(Problem::TooOld(binary.to_path_buf(), version));
+    }
+    Ok(version)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fake_server(dir: &Path, says: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("nats-server-{}", says.replace(' ', "_")));
+        std::fs::write(&path, format!("#!/bin/sh\necho '{says}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_old_server_is_refused_with_the_reason_and_the_fix() {
+        let dir = std::env::temp_dir().join(format!("natsbin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = fake_server(&dir, "nats-server: v2.9.10");
+        let message = check(&old).unwrap_err().to_string();
+        assert!(message.contains("2.9.10, older than 2.12.3"), "{message}");
+        assert!(message.contains("JetStream fixes"), "{message}");
+        assert!(message.contains("cargo xtask install"), "{message}");
+        let new = fake_server(&dir, "nats-server: v2.15.1");
+        assert_eq!(check(&new).unwrap(), Version(2, 15, 1));
+        let odd = fake_server(&dir, "hello");
+        assert!(matches!(check(&odd), Err(Problem::Unrunnable(..))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn versions_parse_and_compare() {

@@ -117,3 +117,26 @@ async fn nothing_follows_the_terminal_event() -> anyhow::Result<()> {
     assert_eq!(err.kind(), ErrorKind::Finished);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_log_survives_a_nats_server_restart_on_its_store() -> anyhow::Result<()> {
+    let mut nats = NatsServer::start().await?;
+    let run_id = RunId::new();
+    {
+        let log = RunLog::open(&nats.bus().await?, "writer").await?;
+        let mut handle = log.handle(run_id).await?;
+        handle.append(leaf(0), "").await?;
+        handle.append(leaf(1), "").await?;
+    }
+    let url = nats.url();
+    nats.restart().await?;
+    assert_eq!(
+        nats.url(),
+        url,
+        "a restart keeps the port, so clients reconnect"
+    );
+    let log = RunLog::open(&nats.bus().await?, "reader").await?;
+    let events = log.read(&run_id).await?;
+    assert_eq!(events.len(), 2);
+    Ok(())
+}

@@ -44,9 +44,13 @@ pub async fn up(workspace: &Path, nats_url: Option<String>, args: UpArgs) -> Res
     let state = layout::state_dir(&workspace);
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| Failure::new(format!("{}: {e}", logs.display())))?;
+    // Take over SIGINT/SIGTERM before starting anything, so a signal that arrives while
+    // the stack is still starting stops it cleanly instead of killing only this process.
+    let mut signals = Signals::install()?;
     let mut procs: Vec<Proc> = Vec::new();
 
-    let result = start_and_serve(&workspace, &logs, nats_url, &args, &mut procs).await;
+    let result =
+        start_and_serve(&workspace, &logs, nats_url, &args, &mut procs, &mut signals).await;
     stop_all(&mut procs).await;
     match result {
         Ok(code) => Ok(code),
@@ -63,6 +67,7 @@ async fn start_and_serve(
     nats_url: Option<String>,
     args: &UpArgs,
     procs: &mut Vec<Proc>,
+    signals: &mut Signals,
 ) -> Result<u8, Failure> {
     let url = match nats_url {
         Some(url) => {
@@ -137,7 +142,7 @@ async fn start_and_serve(
     eprintln!(
         "Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack."
     );
-    serve_until_signal(procs).await
+    serve_until_signal(procs, signals).await
 }
 
 async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Failure> {
@@ -288,14 +293,29 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
     Ok(code)
 }
 
-async fn serve_until_signal(procs: &mut [Proc]) -> Result<u8, Failure> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Failure::new(format!("install SIGTERM handler: {e}")))?;
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, Failure> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install =
+            |kind| signal(kind).map_err(|e| Failure::new(format!("install signal handler: {e}")));
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+        })
+    }
+}
+
+async fn serve_until_signal(procs: &mut [Proc], signals: &mut Signals) -> Result<u8, Failure> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = signals.interrupt.recv() => break,
+            _ = signals.terminate.recv() => break,
             _ = tick.tick() => check_alive(procs)?,
         }
     }

@@ -1,0 +1,107 @@
+//! `dispatch up`: the local stack as one foreground process.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use dispatch_testkit::bin_dir;
+use tokio::process::Command;
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("bound").port()
+}
+
+fn up(workspace: &std::path::Path, nats_port: u16, http_port: u16) -> Command {
+    let mut command = Command::new(bin_dir().join("dispatch"));
+    command
+        .current_dir(workspace)
+        .env_remove("NATS_URL")
+        .env_remove("DISPATCH_WORKSPACE")
+        .args([
+            "up",
+            "--nats-port",
+            &nats_port.to_string(),
+            "--http",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+fn port_closed(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+}
+
+#[tokio::test]
+async fn up_runs_a_demo_goal_end_to_end_and_cleans_up() -> anyhow::Result<()> {
+    let workspace = tempfile::tempdir()?;
+    let (nats_port, http_port) = (free_port(), free_port());
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        up(workspace.path(), nats_port, http_port)
+            .args(["--demo", "Tidy the shared drive", "--exit-after-demo"])
+            .output(),
+    )
+    .await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Dispatch is up"), "{stderr}");
+    let tasks = std::fs::read_to_string(workspace.path().join("TASKS.org"))?;
+    assert!(tasks.contains("* DONE Tidy the shared drive"), "{tasks}");
+    assert!(
+        workspace.path().join(".dispatch/nats").is_dir(),
+        "the local store lives under .dispatch/nats"
+    );
+    assert!(
+        workspace
+            .path()
+            .join("workflows/tidy-the-shared-drive.org")
+            .is_file()
+    );
+    assert!(
+        port_closed(nats_port) && port_closed(http_port),
+        "up left a process listening"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_the_whole_stack_cleanly() -> anyhow::Result<()> {
+    let workspace = tempfile::tempdir()?;
+    let (nats_port, http_port) = (free_port(), free_port());
+    let mut child = up(workspace.path(), nats_port, http_port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let http = reqwest::Client::new();
+    let healthz = format!("http://127.0.0.1:{http_port}/healthz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if http
+            .get(&healthz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stack never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = child.id().expect("running");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(40), child.wait()).await??;
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        port_closed(nats_port) && port_closed(http_port),
+        "a process outlived Ctrl-C"
+    );
+    Ok(())
+}
