@@ -88,12 +88,7 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     assert!(report.contains(goal));
 
     // TASKS.org shows it DONE with its drawer and tally.
-    let tasks = stack
-        .eventually(LIMIT, || async {
-            let text = std::fs::read_to_string(stack.root().join("TASKS.org")).ok()?;
-            text.contains(":FINISHED:").then_some(text)
-        })
-        .await?;
+    let tasks = stack.tasks_org_with_finished(1, LIMIT).await?;
     assert!(tasks.starts_with("#+TITLE: Dispatch — tasks\n"), "{tasks}");
     assert!(
         tasks.contains("#+TODO: TODO DOING BLOCKED | DONE STOPPED"),
@@ -149,13 +144,7 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     assert_eq!(first["tasks"][0]["run_id"], run_id.to_string());
     let second: Value = stack.http.get(&tasks_url).send().await?.json().await?;
     assert_eq!(second["feedback"], json!([]), "a note was handed out twice");
-    let other: Value = stack
-        .http
-        .get(stack.url("/v1/tasks"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let other: Value = stack.get_json("/v1/tasks").await?;
     assert_eq!(
         other["feedback"],
         json!([]),
@@ -190,16 +179,7 @@ async fn a_goal_is_accepted_with_no_dispatcher_and_carried_out_later() -> anyhow
     assert_eq!(finished(&events).status, RunStatus::Done as i32);
     run_view(&stack, &run_id, "done").await?;
     // The goal command is acknowledged and gone from the work queue.
-    stack
-        .eventually(LIMIT, || async {
-            (stack
-                .stream_messages(dispatch_bus::streams::COMMANDS)
-                .await
-                .ok()?
-                == 0)
-                .then_some(())
-        })
-        .await?;
+    stack.commands_drained(LIMIT).await?;
     Ok(())
 }
 
@@ -215,22 +195,11 @@ async fn the_ledger_rebuilds_its_views_byte_for_byte_from_the_logs() -> anyhow::
         run_view(&stack, id, "done").await?;
     }
     // Drain the default conversation so a drain event is part of what is rebuilt.
-    let drained: Value = stack
-        .http
-        .get(stack.url("/v1/tasks"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let drained: Value = stack.get_json("/v1/tasks").await?;
     assert_eq!(drained["feedback"].as_array().unwrap().len(), 3);
 
     let tasks_path = stack.root().join("TASKS.org");
-    let before_tasks = stack
-        .eventually(LIMIT, || async {
-            let text = std::fs::read_to_string(&tasks_path).ok()?;
-            (text.matches(":FINISHED:").count() == 3).then_some(text)
-        })
-        .await?;
+    let before_tasks = stack.tasks_org_with_finished(3, LIMIT).await?;
     let before_ps = stack.cli(&["ps", "-a", "--format", "json"])?.stdout;
 
     stack.stop("ledger").await?;
@@ -238,23 +207,12 @@ async fn the_ledger_rebuilds_its_views_byte_for_byte_from_the_logs() -> anyhow::
     std::fs::remove_file(&tasks_path)?;
     stack.add("ledger").await?;
 
-    let after_tasks = stack
-        .eventually(LIMIT, || async {
-            let text = std::fs::read_to_string(&tasks_path).ok()?;
-            (text.matches(":FINISHED:").count() == 3).then_some(text)
-        })
-        .await?;
+    let after_tasks = stack.tasks_org_with_finished(3, LIMIT).await?;
     assert_eq!(after_tasks, before_tasks);
     let after_ps = stack.cli(&["ps", "-a", "--format", "json"])?.stdout;
     assert_eq!(after_ps, before_ps);
     // Drained notes stay drained after the rebuild.
-    let again: Value = stack
-        .http
-        .get(stack.url("/v1/tasks"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let again: Value = stack.get_json("/v1/tasks").await?;
     assert_eq!(again["feedback"], json!([]));
     Ok(())
 }

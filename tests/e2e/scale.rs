@@ -79,15 +79,6 @@ async fn two_dispatchers_carry_fifty_goals_each_exactly_once() -> anyhow::Result
         2,
         "both dispatchers should have taken goals: {owners:?}"
     );
-    stack
-        .eventually(Duration::from_secs(30), || async {
-            (stack
-                .stream_messages(dispatch_bus::streams::COMMANDS)
-                .await
-                .ok()?
-                == 0)
-                .then_some(())
-        })
-        .await?;
+    stack.commands_drained(Duration::from_secs(30)).await?;
     Ok(())
 }

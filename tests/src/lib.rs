@@ -130,6 +130,37 @@ impl Stack {
         Ok(stream.info().await?.state.messages)
     }
 
+    /// `GET <ingress><path>` as JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        Ok(self.http.get(self.url(path)).send().await?.json().await?)
+    }
+
+    /// Waits until the command work queue is empty: every command was handled and acked.
+    pub async fn commands_drained(&self, limit: Duration) -> Result<()> {
+        self.eventually(limit, || async {
+            let left = self
+                .stream_messages(dispatch_bus::streams::COMMANDS)
+                .await
+                .ok()?;
+            (left == 0).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until TASKS.org shows `finished` runs with a `:FINISHED:` line; returns it.
+    pub async fn tasks_org_with_finished(
+        &self,
+        finished: usize,
+        limit: Duration,
+    ) -> Result<String> {
+        let path = self.root().join("TASKS.org");
+        self.eventually(limit, || async {
+            let text = std::fs::read_to_string(&path).ok()?;
+            (text.matches(":FINISHED:").count() == finished).then_some(text)
+        })
+        .await
+    }
+
     /// Polls `read` until it returns `Some`, for up to `limit`.
     pub async fn eventually<T, F, Fut>(&self, limit: Duration, mut read: F) -> Result<T>
     where
