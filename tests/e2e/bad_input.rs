@@ -203,6 +203,7 @@ async fn dispatcher_in_process(
             instance: Some("scripted".into()),
         },
         max_runs: 4,
+        lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,
     };
     let dispatcher = Dispatcher::build(config, provider).await?;
     let shutdown = CancellationToken::new();

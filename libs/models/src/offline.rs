@@ -1,8 +1,13 @@
 //! The offline provider. **Not a language model**: a deterministic stand-in that
-//! needs no network and no weights. It writes the same three-leaf plan shape for every
-//! goal, and in each leaf it reads the scratch files the leaf's body names and writes
-//! whatever the leaf's `:done-when:` gate checks for. It exists so Dispatch runs end
-//! to end on any machine, and so tests see exactly reproducible runs.
+//! needs no network and no weights. It exists so Dispatch runs end to end on any
+//! machine, and so tests and benchmarks see exactly reproducible runs.
+//!
+//! - As author, it writes the same three-leaf plan shape for every goal — unless the
+//!   goal already is an org outline with a TODO headline, which it hands back as the
+//!   plan, so a caller can choose the plan exactly.
+//! - In a leaf, it first makes the calls the leaf's body spells out on lines of the form
+//!   `call: <tool> <json args>`, then reads the scratch files the body names, then
+//!   writes whatever the leaf's `:done-when:` gate checks for, then stops.
 
 use dispatch_plan::gate::{self, Check};
 use futures::FutureExt;
@@ -22,7 +27,12 @@ impl Provider for Offline {
     }
 
     fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<String, Error>> {
-        async move { Ok(plan_for(&request.goal)) }.boxed()
+        let plan = if is_outline(&request.goal) {
+            request.goal.clone()
+        } else {
+            plan_for(&request.goal)
+        };
+        async move { Ok(plan) }.boxed()
     }
 
     fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>> {
@@ -60,7 +70,63 @@ pub fn plan_for(goal: &str) -> String {
     )
 }
 
+/// True when `goal` already is a plan: some line is a TODO-family headline.
+fn is_outline(goal: &str) -> bool {
+    goal.lines().any(|line| {
+        let stars = line.bytes().take_while(|&b| b == b'*').count();
+        stars > 0
+            && line[stars..].starts_with(' ')
+            && dispatch_plan::TODO_KEYWORDS
+                .iter()
+                .any(|k| line[stars..].trim_start().starts_with(&format!("{k} ")))
+    })
+}
+
+/// The `call: <tool> <json>` lines of a leaf's body.
+fn explicit_calls(body: &str) -> Vec<ToolCall> {
+    body.lines()
+        .filter_map(|line| {
+            let rest = line.trim().trim_start_matches("- ").strip_prefix("call:")?.trim();
+            let (tool, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, "{}"));
+            Some(ToolCall {
+                tool: tool.to_owned(),
+                args_json: args.trim().to_owned(),
+            })
+        })
+        .collect()
+}
+
 fn turn(request: &TurnRequest) -> TurnReply {
+    let explicit = explicit_calls(&request.leaf.body);
+    let turns_taken = request
+        .history
+        .iter()
+        .filter(|e| matches!(e, Exchange::Assistant { .. }))
+        .count();
+    if turns_taken == 0 && !explicit.is_empty() {
+        return TurnReply {
+            text: format!("Calling {}.", explicit.iter().map(|c| c.tool.as_str()).collect::<Vec<_>>().join(", ")),
+            tool_calls: explicit,
+        };
+    }
+    // Turns after the explicit calls behave as if those had not happened.
+    let skip = usize::from(!explicit.is_empty());
+    let mut assistant_seen = 0;
+    let history: Vec<Exchange> = request
+        .history
+        .iter()
+        .cloned()
+        .filter(|e| {
+            if matches!(e, Exchange::Assistant { .. }) {
+                assistant_seen += 1;
+            }
+            assistant_seen > skip
+        })
+        .collect();
+    let request = &TurnRequest {
+        history,
+        ..request.clone()
+    };
     let targets = targets(&request.leaf);
     let inputs: Vec<String> = scratch_paths(&request.leaf.body)
         .into_iter()
@@ -343,6 +409,33 @@ mod tests {
             report.contains("sandboxes"),
             "the report did not read the notes: {report}"
         );
+    }
+
+    #[test]
+    fn a_goal_that_is_an_outline_is_the_plan_and_call_lines_are_made_first() {
+        let goal = "#+TITLE: Exact\n* TODO Count once\n  - call: count {\"key\": \"k\"}\n  :done-when: test -s scratch/out.org\n";
+        let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
+            goal: goal.into(),
+            grammar: dispatch_plan::GRAMMAR,
+            previous_error: None,
+            temperature: AUTHOR_TEMPERATURE,
+        }))
+        .expect("the offline provider never waits")
+        .unwrap();
+        assert_eq!(answer, goal);
+        let plan = dispatch_plan::parse(&answer).unwrap();
+        let leaf = plan.leaves[0].clone();
+        let first = turn(&TurnRequest { goal: goal.into(), leaf: leaf.clone(), history: vec![], tools: vec![] });
+        assert_eq!(first.tool_calls, [ToolCall { tool: "count".into(), args_json: r#"{"key": "k"}"#.into() }]);
+        let history = vec![
+            Exchange::Assistant { text: first.text, tool_calls: first.tool_calls },
+            Exchange::ToolResult { tool: "count".into(), result: Ok("1".into()) },
+        ];
+        let second = turn(&TurnRequest { goal: goal.into(), leaf, history, tools: vec![] });
+        assert_eq!(second.tool_calls.len(), 1);
+        assert_eq!(second.tool_calls[0].tool, "write_file");
+        assert!(second.tool_calls[0].args_json.contains("scratch/out.org"));
+        assert!(!is_outline("Just do the thing * TODO later"));
     }
 
     #[test]

@@ -187,6 +187,14 @@ impl RunHandle {
         }
     }
 
+    /// Returns once the log holds the terminal event.
+    pub async fn wait_until_finished(&mut self) -> Result<(), Error> {
+        while !self.is_finished() {
+            self.wait_for_more(Duration::from_secs(5)).await?;
+        }
+        Ok(())
+    }
+
     fn position_of(&self, event_id: &str) -> Option<usize> {
         self.events
             .iter()

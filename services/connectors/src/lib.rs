@@ -10,6 +10,7 @@
 mod confine;
 pub mod files;
 pub mod gate;
+mod test_tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use dispatch_bus::work::{self, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_proto::command::v1::{CallTool, CheckGate};
 use dispatch_proto::run::v1::{
-    Decision, GateChecked, ToolCallCompleted, ToolCallFailed, run_event::Body,
+    Decision, GateChecked, ToolCallCompleted, ToolCallFailed, ToolCallStarted, run_event::Body,
 };
 use dispatch_runlog::{RunHandle, RunLog};
 use dispatch_service::layout;
@@ -42,6 +43,9 @@ pub struct Config {
     /// Most calls this copy executes at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Also offer the `sleep` and `count` tools used to test Dispatch itself.
+    #[arg(long, env = "DISPATCH_TEST_TOOLS")]
+    pub test_tools: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,9 @@ pub struct Connectors {
 struct Context {
     log: RunLog,
     workspace: PathBuf,
+    test_tools: bool,
+    /// `connectors/<instance>`, recorded in `ToolCallStarted`.
+    executor: String,
 }
 
 impl Connectors {
@@ -83,6 +90,8 @@ impl Connectors {
         let ctx = Arc::new(Context {
             log: self.log.clone(),
             workspace: self.config.common.workspace.clone(),
+            test_tools: self.config.test_tools,
+            executor: format!("{SERVICE}/{instance}"),
         });
         work::consume(
             &self.bus,
@@ -184,16 +193,48 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
     let allowed = run
         .bodies()
         .any(|b| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id && d.decision == Decision::Allow as i32));
+    let started = |b: &Body| matches!(b, Body::ToolCallStarted(s) if s.call_id == call_id).then_some(());
+    let interrupted = run.bodies().find_map(started).is_some();
     let result = match (requested, allowed) {
         (None, _) => Err("the run's log never requested this call".to_owned()),
         (Some(_), false) => Err("the run's log holds no allow decision for this call".to_owned()),
+        // Started before and never finished: its effect is unknown, so it is not run
+        // again (at most once); the model sees the failure and can decide.
+        (Some(_), true) if interrupted => {
+            Err("interrupted: the connector executing this call stopped before recording a result; \
+                 not executed again"
+                .to_owned())
+        }
         (Some(requested), true) => {
-            let run_dir = layout::run_dir(&ctx.workspace, &run_id);
-            let (tool, args) = (requested.tool.clone(), requested.args_json.clone());
-            tokio::task::spawn_blocking(move || files::call(&run_dir, &tool, &args))
-                .await
-                .map_err(|e| Rejected::Malformed(format!("tool panicked: {e}")))?
-                .map_err(|e| e.to_string())
+            // The audit record comes first: if it cannot be appended, nothing runs.
+            let audit = Body::ToolCallStarted(ToolCallStarted {
+                call_id: call_id.to_owned(),
+                executor: ctx.executor.clone(),
+            });
+            loop {
+                match run.append(audit.clone(), call_id).await.map(|_| ()) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => return Ok(()),
+                    // Someone appended first; if it was another copy starting this very
+                    // call (a redelivery race), the call is theirs.
+                    Err(e) if e.kind() == dispatch_runlog::ErrorKind::Conflict => {
+                        if run.bodies().find_map(started).is_some() || run.bodies().find_map(has_result).is_some() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // If the run ends while the call is in flight (deadline, stop), the call is
+            // abandoned: dropping its future cancels it, and nothing more is recorded.
+            tokio::select! {
+                result = execute(ctx, &run_id, call_id, &requested.tool, &requested.args_json) => result,
+                ended = run.wait_until_finished() => {
+                    ended?;
+                    tracing::info!(run_id = %run_id, call_id, "run ended during the call; call cancelled");
+                    return Ok(());
+                }
+            }
         }
     };
     tracing::info!(run_id = %run_id, call_id, ok = result.is_ok(), "tool call executed");
@@ -208,6 +249,18 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
         }),
     };
     record(&mut run, has_result, body, call_id).await
+}
+
+async fn execute(ctx: &Context, run_id: &RunId, call_id: &str, tool: &str, args: &str) -> Result<String, String> {
+    let run_dir = layout::run_dir(&ctx.workspace, run_id);
+    if ctx.test_tools && test_tools::TOOLS.contains(&tool) {
+        return test_tools::call(&ctx.workspace, &run_dir, &run_id.to_string(), call_id, tool, args).await;
+    }
+    let (tool, args) = (tool.to_owned(), args.to_owned());
+    tokio::task::spawn_blocking(move || files::call(&run_dir, &tool, &args))
+        .await
+        .map_err(|e| format!("tool panicked: {e}"))?
+        .map_err(|e| e.to_string())
 }
 
 async fn check_gate(ctx: &Context, check: CheckGate) -> Result<(), Rejected> {

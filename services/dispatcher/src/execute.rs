@@ -78,6 +78,15 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
     if exec.run.is_finished() {
         return Ok(());
     }
+    // Taken over after its deadline passed with nobody running it: the run is orphaned.
+    if let Some(started) = exec.find(as_started) {
+        if started.deadline_unix_ms <= now_unix_ms() {
+            tracing::warn!(run_id = %run_id, "deadline passed while no dispatcher ran it");
+            let tally = exec.tally();
+            return settle(exec.finish(RunStatus::Blocked, "orphaned".into(), "orphaned".into(), tally).await);
+        }
+        tracing::info!(run_id = %run_id, events = exec.run.events().len(), "resuming from the log");
+    }
     let outcome = exec.drive().await;
     let (status, reason, summary, tally) = match outcome {
         Ok(tally) => {
@@ -93,7 +102,24 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
         Err(Stop::Finished) => return Ok(()),
         Err(Stop::Infra(e)) => return Err(e),
     };
-    match exec.finish(status, reason, summary, tally).await {
+    settle(exec.finish(status, reason, summary, tally).await)
+}
+
+/// Ends `run_id` `blocked` with `reason` (sliced to 300 characters), unless it has
+/// ended already. Used when the executor itself failed.
+pub(crate) async fn block(ctx: &Context, run_id: RunId, command: &SubmitGoal, reason: String) -> Result<(), Error> {
+    let mut exec = Exec {
+        ctx,
+        run: ctx.log.handle(run_id).await?,
+        command,
+    };
+    let tally = exec.tally();
+    let reason = slice_chars(&reason, SUMMARY_CHARS);
+    settle(exec.finish(RunStatus::Blocked, reason.clone(), reason, tally).await)
+}
+
+fn settle(finished: Result<(), Stop>) -> Result<(), Error> {
+    match finished {
         Ok(()) | Err(Stop::Finished) => Ok(()),
         Err(Stop::Blocked(_)) => unreachable!("finishing never blocks"),
         Err(Stop::Infra(e)) => Err(e),

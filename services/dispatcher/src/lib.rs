@@ -34,9 +34,10 @@ pub const SERVICE: &str = "dispatcher";
 /// The default kill-switch budget of a run.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(35 * 60);
 
-/// How long a goal may go without a progress ack before another copy takes it over.
-/// This bounds how long a run owned by a dead dispatcher waits to be resumed.
-pub const GOAL_ACK_WAIT: Duration = Duration::from_secs(30);
+/// The default ownership lease: how long a goal may go without a progress ack before
+/// the server hands it to another copy. A run whose dispatcher dies is resumed by
+/// another copy within one lease (plus one fetch, at most 2 s).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -50,6 +51,10 @@ pub struct Config {
     /// Most runs this copy supervises at once.
     #[arg(long, env = "DISPATCH_MAX_RUNS", default_value_t = 32)]
     pub max_runs: usize,
+    /// Ownership lease in milliseconds: a run whose owner stops renewing it for this
+    /// long is taken over by another copy. Renewed every third of it.
+    #[arg(long, env = "DISPATCH_LEASE_MS", default_value_t = DEFAULT_LEASE.as_millis() as u64)]
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,16 @@ pub enum Error {
     Bus(#[from] dispatch_bus::Error),
     #[error(transparent)]
     Log(#[from] dispatch_runlog::Error),
+    #[error("run task cancelled: {0}")]
+    Cancelled(String),
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// A built dispatcher, ready to [`Dispatcher::run`].
@@ -73,6 +88,7 @@ struct Context {
     provider: Arc<dyn Provider>,
     workspace: PathBuf,
     owner: String,
+    lease: Duration,
 }
 
 impl Dispatcher {
@@ -90,6 +106,7 @@ impl Dispatcher {
                 provider,
                 workspace: config.common.workspace.clone(),
                 owner,
+                lease: Duration::from_millis(config.lease_ms.max(300)),
             }),
             config,
         })
@@ -116,7 +133,7 @@ impl Dispatcher {
             WorkQueue {
                 consumer: streams::consumers::DISPATCHER_GOALS,
                 filter_subjects: vec![subject::cmd::GOAL.to_owned()],
-                ack_wait: GOAL_ACK_WAIT,
+                ack_wait: self.ctx.lease,
             },
             self.config.max_runs,
             shutdown,
@@ -147,10 +164,11 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
     };
 
     let message = Arc::new(message);
+    let ctx_lease = ctx.lease;
     let keepalive = {
         let message = message.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(GOAL_ACK_WAIT / 3);
+            let mut tick = tokio::time::interval(ctx_lease / 3);
             tick.tick().await;
             loop {
                 tick.tick().await;
@@ -160,9 +178,27 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
             }
         })
     };
+    // The run executes in its own task so that a panic inside it ends the run
+    // `blocked` with the panic message instead of leaving it to nobody.
+    let task = {
+        let (ctx, command) = (ctx.clone(), command.clone());
+        tokio::spawn(async move { execute::run(&ctx, run_id, &command).await })
+    };
+    let abort = task.abort_handle();
     let outcome = tokio::select! {
-        outcome = execute::run(&ctx, run_id, &command) => Some(outcome),
-        _ = shutdown.cancelled() => None,
+        joined = task => Some(match joined {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => {
+                let reason = panic_message(e.into_panic());
+                tracing::error!(run_id = %run_id, reason, "run executor panicked");
+                execute::block(&ctx, run_id, &command, format!("leaf executor panicked: {reason}")).await
+            }
+            Err(e) => Err(Error::Cancelled(e.to_string())),
+        }),
+        _ = shutdown.cancelled() => {
+            abort.abort();
+            None
+        }
     };
     keepalive.abort();
     match outcome {

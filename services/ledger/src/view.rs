@@ -146,6 +146,7 @@ impl RunView {
             | Body::ModelTurn(_)
             | Body::ToolCallRequested(_)
             | Body::PolicyDecided(_)
+            | Body::ToolCallStarted(_)
             | Body::ToolCallCompleted(_)
             | Body::ToolCallFailed(_)
             | Body::GateChecked(_)

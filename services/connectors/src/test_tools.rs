@@ -1,0 +1,70 @@
+//! Tools for testing Dispatch itself, offered only with `--test-tools`: `sleep` (a slow
+//! call, to test deadlines and cancellation) and `count` (a side effect whose every
+//! execution is recorded, to prove no call runs twice).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Tool names this module serves.
+pub const TOOLS: [&str; 2] = ["sleep", "count"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepArgs {
+    ms: u64,
+    /// A scratch file written once the sleep completes (absent if it was cancelled).
+    #[serde(default)]
+    marker: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountArgs {
+    key: String,
+}
+
+/// Runs test tool `tool` for call `call_id` of `run_id`.
+pub async fn call(
+    workspace: &Path,
+    run_dir: &Path,
+    run_id: &str,
+    call_id: &str,
+    tool: &str,
+    args_json: &str,
+) -> Result<String, String> {
+    let bad = |e: serde_json::Error| format!("bad arguments for {tool}: {e}");
+    match tool {
+        "sleep" => {
+            let args: SleepArgs = serde_json::from_str(args_json).map_err(bad)?;
+            tokio::time::sleep(Duration::from_millis(args.ms)).await;
+            if let Some(marker) = args.marker {
+                let content = serde_json::json!({ "path": marker, "content": call_id }).to_string();
+                crate::files::call(run_dir, "write_file", &content).map_err(|e| e.to_string())?;
+            }
+            Ok(format!("slept {} ms", args.ms))
+        }
+        "count" => {
+            let args: CountArgs = serde_json::from_str(args_json).map_err(bad)?;
+            let safe = !args.key.is_empty()
+                && args.key.len() <= 64
+                && args.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !safe {
+                return Err(format!("count key {:?} must be 1-64 letters, digits, '-' or '_'", args.key));
+            }
+            let dir = dispatch_service::layout::state_dir(workspace).join("counters");
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("{}.log", args.key)))
+                .map_err(|e| e.to_string())?;
+            file.write_all(format!("{run_id} {call_id}\n").as_bytes())
+                .map_err(|e| e.to_string())?;
+            Ok(format!("counted {}", args.key))
+        }
+        other => Err(format!("unknown test tool {other:?}")),
+    }
+}
