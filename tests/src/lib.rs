@@ -107,21 +107,70 @@ impl Stack {
         Ok(RunLog::open(&self.bus, "test").await?)
     }
 
-    /// Waits for a run's terminal event and returns its whole (verified) log.
+    /// Waits for a run's terminal event and returns its whole (verified) log. Rides out
+    /// NATS being briefly away (a restart in a chaos test).
     pub async fn wait_finished(&self, run_id: RunId, limit: Duration) -> Result<Vec<StoredEvent>> {
         let log = self.log().await?;
-        let mut handle = log.handle(run_id).await?;
         let deadline = tokio::time::Instant::now() + limit;
-        while !handle.is_finished() {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "run {run_id} did not finish within {limit:?}; log has {} events",
-                    handle.events().len()
-                );
+        loop {
+            let late = tokio::time::Instant::now() > deadline;
+            match log.read(&run_id).await {
+                Ok(events)
+                    if events
+                        .iter()
+                        .any(|e| matches!(e.event.body, Some(Body::RunFinished(_)))) =>
+                {
+                    return Ok(events);
+                }
+                Ok(events) if late => {
+                    bail!(
+                        "run {run_id} did not finish within {limit:?}; log has {} events",
+                        events.len()
+                    );
+                }
+                Err(e) if late || e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
+                    return Err(e.into());
+                }
+                _ => {}
             }
-            handle.wait_for_more(Duration::from_secs(1)).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(log.read(&run_id).await?)
+    }
+
+    /// Starts `service` with extra arguments and keeps it in the stack.
+    pub async fn add_with(&mut self, service: &str, args: &[&str]) -> Result<&Service> {
+        let started =
+            Service::start(service, &self.nats.url(), self.workspace.path(), args).await?;
+        self.services.push(started);
+        Ok(self.services.last().expect("just pushed"))
+    }
+
+    /// Submits a goal over the bus as the CLI does.
+    pub async fn submit(&self, goal: &str, conversation: &str, timeout_ms: u64) -> Result<RunId> {
+        let log = self.log().await?;
+        let goal = dispatch_runlog::submit::Goal {
+            goal: goal.to_owned(),
+            conversation: conversation.parse()?,
+            timeout_ms,
+            origin: "test".into(),
+        };
+        Ok(dispatch_runlog::submit::submit_goal(&self.bus, &log, goal).await?)
+    }
+
+    /// Writes a policy document that also allows the test tools; returns its path.
+    pub fn test_policy(&self) -> Result<PathBuf> {
+        let path = self.root().join("test-policy.json");
+        std::fs::write(&path, TEST_POLICY)?;
+        Ok(path)
+    }
+
+    /// Lines of the `count` test tool's record for `key`: one per execution.
+    pub fn counted(&self, key: &str) -> Vec<String> {
+        std::fs::read_to_string(self.root().join(format!(".dispatch/counters/{key}.log")))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Messages currently stored in a stream.
@@ -179,6 +228,17 @@ impl Stack {
         }
     }
 }
+
+/// The built-in policy plus the `sleep` and `count` test tools.
+pub const TEST_POLICY: &str = r#"{
+  "version": 2,
+  "rules": [
+    {"name": "test-tools", "tools": ["sleep", "count"], "effect": "allow"},
+    {"name": "read-only-tools", "tools": ["read_file", "list_files"], "effect": "allow", "when": ["path_inside_scratch"]},
+    {"name": "writes-inside-run", "tools": ["write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
+  ],
+  "default": "deny"
+}"#;
 
 /// What a CLI invocation printed and how it exited.
 #[derive(Debug)]

@@ -86,7 +86,11 @@ fn is_outline(goal: &str) -> bool {
 fn explicit_calls(body: &str) -> Vec<ToolCall> {
     body.lines()
         .filter_map(|line| {
-            let rest = line.trim().trim_start_matches("- ").strip_prefix("call:")?.trim();
+            let rest = line
+                .trim()
+                .trim_start_matches("- ")
+                .strip_prefix("call:")?
+                .trim();
             let (tool, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, "{}"));
             Some(ToolCall {
                 tool: tool.to_owned(),
@@ -105,7 +109,14 @@ fn turn(request: &TurnRequest) -> TurnReply {
         .count();
     if turns_taken == 0 && !explicit.is_empty() {
         return TurnReply {
-            text: format!("Calling {}.", explicit.iter().map(|c| c.tool.as_str()).collect::<Vec<_>>().join(", ")),
+            text: format!(
+                "Calling {}.",
+                explicit
+                    .iter()
+                    .map(|c| c.tool.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             tool_calls: explicit,
         };
     }
@@ -425,13 +436,35 @@ mod tests {
         assert_eq!(answer, goal);
         let plan = dispatch_plan::parse(&answer).unwrap();
         let leaf = plan.leaves[0].clone();
-        let first = turn(&TurnRequest { goal: goal.into(), leaf: leaf.clone(), history: vec![], tools: vec![] });
-        assert_eq!(first.tool_calls, [ToolCall { tool: "count".into(), args_json: r#"{"key": "k"}"#.into() }]);
+        let first = turn(&TurnRequest {
+            goal: goal.into(),
+            leaf: leaf.clone(),
+            history: vec![],
+            tools: vec![],
+        });
+        assert_eq!(
+            first.tool_calls,
+            [ToolCall {
+                tool: "count".into(),
+                args_json: r#"{"key": "k"}"#.into()
+            }]
+        );
         let history = vec![
-            Exchange::Assistant { text: first.text, tool_calls: first.tool_calls },
-            Exchange::ToolResult { tool: "count".into(), result: Ok("1".into()) },
+            Exchange::Assistant {
+                text: first.text,
+                tool_calls: first.tool_calls,
+            },
+            Exchange::ToolResult {
+                tool: "count".into(),
+                result: Ok("1".into()),
+            },
         ];
-        let second = turn(&TurnRequest { goal: goal.into(), leaf, history, tools: vec![] });
+        let second = turn(&TurnRequest {
+            goal: goal.into(),
+            leaf,
+            history,
+            tools: vec![],
+        });
         assert_eq!(second.tool_calls.len(), 1);
         assert_eq!(second.tool_calls[0].tool, "write_file");
         assert!(second.tool_calls[0].args_json.contains("scratch/out.org"));

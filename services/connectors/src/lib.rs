@@ -193,18 +193,19 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
     let allowed = run
         .bodies()
         .any(|b| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id && d.decision == Decision::Allow as i32));
-    let started = |b: &Body| matches!(b, Body::ToolCallStarted(s) if s.call_id == call_id).then_some(());
+    let started =
+        |b: &Body| matches!(b, Body::ToolCallStarted(s) if s.call_id == call_id).then_some(());
     let interrupted = run.bodies().find_map(started).is_some();
     let result = match (requested, allowed) {
         (None, _) => Err("the run's log never requested this call".to_owned()),
         (Some(_), false) => Err("the run's log holds no allow decision for this call".to_owned()),
         // Started before and never finished: its effect is unknown, so it is not run
         // again (at most once); the model sees the failure and can decide.
-        (Some(_), true) if interrupted => {
-            Err("interrupted: the connector executing this call stopped before recording a result; \
+        (Some(_), true) if interrupted => Err(
+            "interrupted: the connector executing this call stopped before recording a result; \
                  not executed again"
-                .to_owned())
-        }
+                .to_owned(),
+        ),
         (Some(requested), true) => {
             // The audit record comes first: if it cannot be appended, nothing runs.
             let audit = Body::ToolCallStarted(ToolCallStarted {
@@ -218,7 +219,9 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
                     // Someone appended first; if it was another copy starting this very
                     // call (a redelivery race), the call is theirs.
                     Err(e) if e.kind() == dispatch_runlog::ErrorKind::Conflict => {
-                        if run.bodies().find_map(started).is_some() || run.bodies().find_map(has_result).is_some() {
+                        if run.bodies().find_map(started).is_some()
+                            || run.bodies().find_map(has_result).is_some()
+                        {
                             return Ok(());
                         }
                     }
@@ -251,10 +254,24 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
     record(&mut run, has_result, body, call_id).await
 }
 
-async fn execute(ctx: &Context, run_id: &RunId, call_id: &str, tool: &str, args: &str) -> Result<String, String> {
+async fn execute(
+    ctx: &Context,
+    run_id: &RunId,
+    call_id: &str,
+    tool: &str,
+    args: &str,
+) -> Result<String, String> {
     let run_dir = layout::run_dir(&ctx.workspace, run_id);
     if ctx.test_tools && test_tools::TOOLS.contains(&tool) {
-        return test_tools::call(&ctx.workspace, &run_dir, &run_id.to_string(), call_id, tool, args).await;
+        return test_tools::call(
+            &ctx.workspace,
+            &run_dir,
+            &run_id.to_string(),
+            call_id,
+            tool,
+            args,
+        )
+        .await;
     }
     let (tool, args) = (tool.to_owned(), args.to_owned());
     tokio::task::spawn_blocking(move || files::call(&run_dir, &tool, &args))

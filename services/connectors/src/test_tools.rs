@@ -50,9 +50,15 @@ pub async fn call(
             let args: CountArgs = serde_json::from_str(args_json).map_err(bad)?;
             let safe = !args.key.is_empty()
                 && args.key.len() <= 64
-                && args.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && args
+                    .key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !safe {
-                return Err(format!("count key {:?} must be 1-64 letters, digits, '-' or '_'", args.key));
+                return Err(format!(
+                    "count key {:?} must be 1-64 letters, digits, '-' or '_'",
+                    args.key
+                ));
             }
             let dir = dispatch_service::layout::state_dir(workspace).join("counters");
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

@@ -83,7 +83,15 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
         if started.deadline_unix_ms <= now_unix_ms() {
             tracing::warn!(run_id = %run_id, "deadline passed while no dispatcher ran it");
             let tally = exec.tally();
-            return settle(exec.finish(RunStatus::Blocked, "orphaned".into(), "orphaned".into(), tally).await);
+            return settle(
+                exec.finish(
+                    RunStatus::Blocked,
+                    "orphaned".into(),
+                    "orphaned".into(),
+                    tally,
+                )
+                .await,
+            );
         }
         tracing::info!(run_id = %run_id, events = exec.run.events().len(), "resuming from the log");
     }
@@ -107,7 +115,12 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
 
 /// Ends `run_id` `blocked` with `reason` (sliced to 300 characters), unless it has
 /// ended already. Used when the executor itself failed.
-pub(crate) async fn block(ctx: &Context, run_id: RunId, command: &SubmitGoal, reason: String) -> Result<(), Error> {
+pub(crate) async fn block(
+    ctx: &Context,
+    run_id: RunId,
+    command: &SubmitGoal,
+    reason: String,
+) -> Result<(), Error> {
     let mut exec = Exec {
         ctx,
         run: ctx.log.handle(run_id).await?,
@@ -115,7 +128,10 @@ pub(crate) async fn block(ctx: &Context, run_id: RunId, command: &SubmitGoal, re
     };
     let tally = exec.tally();
     let reason = slice_chars(&reason, SUMMARY_CHARS);
-    settle(exec.finish(RunStatus::Blocked, reason.clone(), reason, tally).await)
+    settle(
+        exec.finish(RunStatus::Blocked, reason.clone(), reason, tally)
+            .await,
+    )
 }
 
 fn settle(finished: Result<(), Stop>) -> Result<(), Error> {

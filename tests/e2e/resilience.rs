@@ -1,0 +1,318 @@
+//! Runs never get stuck: deadlines, crashed owners, orphans, a restarted NATS, and
+//! feedback that outlives every process.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use dispatch_bus::RunId;
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_runlog::StoredEvent;
+use dispatch_tests::{Stack, count, finished};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// ledger, policy (with the test tools allowed) and connectors (offering them).
+async fn stack() -> anyhow::Result<Stack> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    let policy = stack.test_policy()?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().unwrap()])
+        .await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    Ok(stack)
+}
+
+fn time_of(events: &[StoredEvent], kind: &str) -> i64 {
+    events
+        .iter()
+        .find(|e| e.event.body.as_ref().is_some_and(|b| b.kind() == kind))
+        .map(|e| e.event.time_unix_ms)
+        .unwrap_or_else(|| panic!("no {kind} event"))
+}
+
+/// Waits until the run's log holds an event `pick` accepts.
+async fn wait_for_event(
+    stack: &Stack,
+    run_id: RunId,
+    pick: impl Fn(&Body) -> bool,
+) -> anyhow::Result<()> {
+    let log = stack.log().await?;
+    stack
+        .eventually(LIMIT, || {
+            let log = log.clone();
+            let pick = &pick;
+            async move {
+                let events = log.read(&run_id).await.ok()?;
+                events
+                    .iter()
+                    .any(|e| e.event.body.as_ref().is_some_and(pick))
+                    .then_some(())
+            }
+        })
+        .await
+}
+
+fn owner(events: &[StoredEvent]) -> String {
+    events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::RunStarted(s)) => Some(s.owner.clone()),
+            _ => None,
+        })
+        .expect("the run started")
+}
+
+#[tokio::test]
+async fn the_kill_switch_ends_a_run_at_its_deadline_and_cancels_the_call() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    stack.add("dispatcher").await?;
+    let plan = "#+TITLE: Too slow\n* TODO Sleep past the deadline\n  - call: sleep {\"ms\": 6000, \"marker\": \"scratch/slept.txt\"}\n  :done-when: test -s scratch/slept.txt\n";
+    let run_id = stack.submit(plan, "default", 2000).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert_eq!(end.reason, "timed out after 2s");
+    let started = time_of(&events, "run_started");
+    let ended = time_of(&events, "run_finished");
+    assert!(
+        (2000..3000).contains(&(ended - started)),
+        "ended {} ms after start",
+        ended - started
+    );
+    assert_eq!(
+        count(&events, "tool_call_started"),
+        1,
+        "the sleep was running"
+    );
+
+    // Long after the sleep would have finished, it has left no trace: it was cancelled.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let marker = stack
+        .root()
+        .join(format!(".dispatch/runs/{run_id}/scratch/slept.txt"));
+    assert!(!marker.exists(), "the sleeping call ran to completion");
+    let after = stack.log().await?.read(&run_id).await?;
+    assert_eq!(
+        after.len(),
+        events.len(),
+        "something was appended after the terminal event"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_owner_is_replaced_and_no_call_runs_twice() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    for _ in 0..2 {
+        stack
+            .add_with("dispatcher", &["--lease-ms", "2000"])
+            .await?;
+    }
+    let plan = "#+TITLE: Survive\n\
+        * TODO Count around a slow call\n  - call: count {\"key\": \"takeover\"}\n  - call: sleep {\"ms\": 3000}\n  - call: count {\"key\": \"takeover\"}\n  :done-when: true\n\
+        * TODO Count once more\n  - call: count {\"key\": \"takeover\"}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 120_000).await?;
+    // Mid-leaf: the slow call is executing.
+    wait_for_event(
+        &stack,
+        run_id,
+        |b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c1"),
+    )
+    .await?;
+    let first_owner = owner(&stack.log().await?.read(&run_id).await?);
+    let victim = stack
+        .services
+        .iter_mut()
+        .find(|s| first_owner.ends_with(&s.instance))
+        .expect("the owner is one of ours");
+    victim.kill().await?;
+
+    let events = stack.wait_finished(run_id, LIMIT).await?; // verifies the chain
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert_eq!(
+        end.summary,
+        r#"workflow finished: {"DONE": 2, "FAILED": 0}"#
+    );
+    let finisher = events.last().unwrap().event.writer.clone();
+    assert_ne!(
+        finisher, first_owner,
+        "the killed dispatcher cannot have finished the run"
+    );
+    assert!(finisher.starts_with("dispatcher/"));
+    let counted = stack.counted("takeover");
+    let unique: BTreeSet<_> = counted.iter().collect();
+    assert_eq!(counted.len(), 3, "count executions: {counted:?}");
+    assert_eq!(unique.len(), 3, "a call was executed twice: {counted:?}");
+    let requested = count(&events, "tool_call_requested");
+    assert_eq!(
+        count(&events, "tool_call_started"),
+        requested,
+        "every call started once"
+    );
+    assert_eq!(
+        count(&events, "tool_call_completed"),
+        requested,
+        "every call completed once"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_run_whose_deadline_passes_with_no_dispatcher_alive_ends_orphaned() -> anyhow::Result<()>
+{
+    let mut stack = stack().await?;
+    stack
+        .add_with("dispatcher", &["--lease-ms", "1000"])
+        .await?;
+    let plan =
+        "#+TITLE: Abandoned\n* TODO Wait\n  - call: sleep {\"ms\": 20000}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 3000).await?;
+    wait_for_event(&stack, run_id, |b| matches!(b, Body::ToolCallStarted(_))).await?;
+    stack.service("dispatcher")?.kill().await?;
+    stack.services.retain(|s| s.name != "dispatcher");
+
+    // Nobody runs it past its deadline; then a dispatcher starts.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    stack
+        .add_with("dispatcher", &["--lease-ms", "1000"])
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert_eq!(end.reason, "orphaned");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    stack
+        .add_with("dispatcher", &["--lease-ms", "2000"])
+        .await?;
+    let plan = "#+TITLE: Through a restart\n\
+        * TODO Before\n  - call: count {\"key\": \"restart\"}\n  - call: sleep {\"ms\": 1500}\n  :done-when: true\n\
+        * TODO After\n  - call: count {\"key\": \"restart\"}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 120_000).await?;
+    wait_for_event(
+        &stack,
+        run_id,
+        |b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c1"),
+    )
+    .await?;
+    stack.nats.restart().await?;
+
+    let events = stack.wait_finished(run_id, LIMIT).await?; // no gap, no fork
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    let ids: BTreeSet<_> = events.iter().map(|e| e.event.event_id.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "an event is stored twice");
+    let counted = stack.counted("restart");
+    let unique: BTreeSet<_> = counted.iter().collect();
+    assert_eq!(
+        unique.len(),
+        counted.len(),
+        "a call was executed twice: {counted:?}"
+    );
+    assert!(counted.len() <= 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn feedback_survives_every_restart_and_concurrent_drains_split_it() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    stack.add("dispatcher").await?;
+    let mut kept = Vec::new();
+    for n in 0..2 {
+        kept.push(stack.submit(&format!("Keep note {n}"), "kept", 0).await?);
+    }
+    let mut split = Vec::new();
+    for n in 0..6 {
+        split.push(stack.submit(&format!("Split note {n}"), "split", 0).await?);
+    }
+    for id in kept.iter().chain(&split) {
+        stack.wait_finished(*id, LIMIT).await?;
+    }
+
+    // Every process goes down hard, nats-server too, and comes back.
+    for service in &mut stack.services {
+        service.kill().await?;
+    }
+    stack.services.clear();
+    stack.nats.restart().await?;
+    let policy = stack.test_policy()?;
+    stack.add("ledger").await?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().unwrap()])
+        .await?;
+    stack.add("ingress").await?;
+    // A second ledger copy with views of its own answers queries too.
+    let other_state = stack.root().join(".dispatch/state/ledger-2");
+    stack
+        .add_with("ledger", &["--state-dir", other_state.to_str().unwrap()])
+        .await?;
+
+    let notes = stack
+        .eventually(LIMIT, || async {
+            let reply = stack.get_json("/v1/tasks?conversation=kept").await.ok()?;
+            let notes = reply["feedback"].as_array()?.clone();
+            (!notes.is_empty()).then_some(notes)
+        })
+        .await?;
+    let got: BTreeSet<String> = notes
+        .iter()
+        .map(|n| n["run_id"].as_str().unwrap().to_owned())
+        .collect();
+    let want: BTreeSet<String> = kept.iter().map(RunId::to_string).collect();
+    assert_eq!(got, want, "undrained notes did not survive the restarts");
+
+    // Both ledgers have caught up with every run before the drains race.
+    stack
+        .eventually(LIMIT, || async {
+            let reply = stack.get_json("/v1/runs?conversation=split").await.ok()?;
+            (reply["runs"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["status"] == "done")
+                .count()
+                == 6)
+                .then_some(())
+        })
+        .await?;
+    let url = stack.url("/v1/tasks?conversation=split");
+    let drains = (0..8).map(|_| {
+        let (http, url) = (stack.http.clone(), url.clone());
+        tokio::spawn(async move {
+            http.get(url)
+                .send()
+                .await?
+                .json::<serde_json::Value>()
+                .await
+        })
+    });
+    let mut handed_out = Vec::new();
+    for drain in drains {
+        let reply = drain.await??;
+        for note in reply["feedback"].as_array().unwrap() {
+            handed_out.push(note["run_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let unique: BTreeSet<_> = handed_out.iter().cloned().collect();
+    assert_eq!(
+        unique.len(),
+        handed_out.len(),
+        "a note was handed out twice: {handed_out:?}"
+    );
+    // A ledger copy that had not yet applied some note hands it out on a later drain.
+    let rest = stack.get_json("/v1/tasks?conversation=split").await?;
+    let rest: Vec<String> = rest["feedback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["run_id"].as_str().unwrap().to_owned())
+        .collect();
+    let all: BTreeSet<String> = handed_out.into_iter().chain(rest).collect();
+    let want: BTreeSet<String> = split.iter().map(RunId::to_string).collect();
+    assert_eq!(all, want);
+    Ok(())
+}
