@@ -122,20 +122,15 @@ fn turn(request: &TurnRequest) -> TurnReply {
     }
     // Turns after the explicit calls behave as if those had not happened.
     let skip = usize::from(!explicit.is_empty());
-    let mut assistant_seen = 0;
-    let history: Vec<Exchange> = request
+    let from = request
         .history
         .iter()
-        .cloned()
-        .filter(|e| {
-            if matches!(e, Exchange::Assistant { .. }) {
-                assistant_seen += 1;
-            }
-            assistant_seen > skip
-        })
-        .collect();
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Exchange::Assistant { .. }))
+        .nth(skip)
+        .map_or(request.history.len(), |(i, _)| i);
     let request = &TurnRequest {
-        history,
+        history: request.history[from..].to_vec(),
         ..request.clone()
     };
     let targets = targets(&request.leaf);
