@@ -63,6 +63,13 @@ pub fn conversation_of_drain(subject: &str) -> Option<ConversationId> {
     subject.strip_prefix("dispatch.ledger.drain.")?.parse().ok()
 }
 
+/// Where removals of runs from the views are recorded.
+pub const REMOVED: &str = "dispatch.ledger.removed";
+
+pub fn removed() -> Subject {
+    Subject::from_static(REMOVED)
+}
+
 /// Queries the ledger answers (queue group [`QUERY_GROUP`]).
 pub mod query {
     use super::Subject;

@@ -35,6 +35,7 @@ pub mod run {
                     Body::ToolCallRequested(_) => "tool_call_requested",
                     Body::PolicyDecided(_) => "policy_decided",
                     Body::ToolCallStarted(_) => "tool_call_started",
+                    Body::StopRequested(_) => "stop_requested",
                     Body::ToolCallCompleted(_) => "tool_call_completed",
                     Body::ToolCallFailed(_) => "tool_call_failed",
                     Body::GateChecked(_) => "gate_checked",

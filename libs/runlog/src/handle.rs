@@ -1,11 +1,15 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::{RunId, async_nats, subject};
-use dispatch_proto::run::v1::{RunEvent, run_event::Body};
+use dispatch_proto::run::v1::{
+    FeedbackQueued, LeafState, RunEvent, RunFinished, RunStatus, TallyEntry, run_event::Body,
+};
 use futures::StreamExt;
 use prost::Message as _;
 
-use crate::{Error, ErrorKind, FOLLOW_POLL, RunLog, StoredEvent, chain};
+use crate::{
+    Error, ErrorKind, FOLLOW_POLL, RunLog, SUMMARY_CHARS, StoredEvent, chain, slice_chars,
+};
 
 /// One run's log as this process knows it: the verified events so far, and the means
 /// to append the next one or wait for others' appends.
@@ -184,6 +188,74 @@ impl RunHandle {
             let live = self.live.as_mut().expect("subscribed above");
             // Either a live notification or the poll interval: then read the log.
             let _ = tokio::time::timeout(nap, live.next()).await;
+        }
+    }
+
+    /// The leaf tally so far: `DONE` and `FAILED` counts, in that order.
+    pub fn tally(&self) -> Vec<TallyEntry> {
+        let (mut done, mut failed) = (0, 0);
+        for body in self.bodies() {
+            if let Body::LeafFinished(f) = body {
+                if f.state == LeafState::Done as i32 {
+                    done += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+        }
+        vec![
+            TallyEntry {
+                state: "DONE".into(),
+                count: done,
+            },
+            TallyEntry {
+                state: "FAILED".into(),
+                count: failed,
+            },
+        ]
+    }
+
+    /// Ends the run: the feedback note for its conversation, then the one terminal
+    /// event, reason and summary cut to [`SUMMARY_CHARS`]. Whoever gets there first
+    /// wins; if the run has ended already this changes nothing.
+    pub async fn finish(
+        &mut self,
+        status: RunStatus,
+        reason: &str,
+        summary: &str,
+        causation_id: &str,
+    ) -> Result<(), Error> {
+        let reason = slice_chars(reason, SUMMARY_CHARS);
+        let summary = slice_chars(summary, SUMMARY_CHARS);
+        let (goal, conversation_id) = self
+            .bodies()
+            .find_map(|b| match b {
+                Body::RunRequested(r) => Some((r.goal.clone(), r.conversation_id.clone())),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let note = Body::FeedbackQueued(FeedbackQueued {
+            conversation_id,
+            status: status as i32,
+            summary: summary.clone(),
+            goal,
+        });
+        let noted = |b: &Body| matches!(b, Body::FeedbackQueued(_)).then_some(());
+        let ended = |b: &Body| matches!(b, Body::RunFinished(_)).then_some(());
+        let terminal = Body::RunFinished(RunFinished {
+            status: status as i32,
+            reason,
+            summary,
+            tally: self.tally(),
+        });
+        let result = async {
+            self.ensure(noted, note, causation_id).await?;
+            self.ensure(ended, terminal, causation_id).await
+        }
+        .await;
+        match result {
+            Err(e) if e.kind() == ErrorKind::Finished => Ok(()),
+            other => other,
         }
     }
 

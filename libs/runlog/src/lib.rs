@@ -183,6 +183,19 @@ pub fn decode(run_id: &RunId, stream_seq: u64, payload: &[u8]) -> Result<RunEven
     Ok(event)
 }
 
+/// The longest reason or summary a terminal event carries, in characters.
+pub const SUMMARY_CHARS: usize = 300;
+
+/// Cuts `text` to at most `max` characters, marking the cut with `…`.
+pub fn slice_chars(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
 /// How often a follower re-reads the log when no live notification arrives. Live
 /// notifications ride core NATS and can be missed across a reconnect; the poll makes
 /// that a delay, never a hang.

@@ -88,13 +88,3 @@ pub mod layout {
         workspace.join("TASKS.org")
     }
 }
-
-/// Cuts `text` to at most `max` characters, marking the cut with `…`.
-pub fn slice_chars(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_owned();
-    }
-    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}

@@ -32,21 +32,55 @@ pub struct ViewStore {
     trees: Vec<(String, sled::Tree)>,
 }
 
+/// One change: put or remove `key` in `tree`, unless `key` is in the `guard` tree.
+#[derive(Debug, Clone)]
+struct Op {
+    tree: String,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    guard: Option<String>,
+}
+
 /// Changes to apply together with a cursor move.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    ops: Vec<(String, Vec<u8>, Option<Vec<u8>>)>,
+    ops: Vec<Op>,
 }
 
 impl Batch {
     pub fn put(&mut self, tree: &str, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
-        self.ops
-            .push((tree.to_owned(), key.as_ref().to_vec(), Some(value.into())));
+        self.push(tree, key, Some(value.into()), None);
+    }
+
+    /// Puts `key` unless the `guard` tree holds the same key when the batch commits
+    /// (checked inside the transaction, so a concurrent writer of `guard` is not missed).
+    pub fn put_unless(
+        &mut self,
+        guard: &str,
+        tree: &str,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Vec<u8>>,
+    ) {
+        self.push(tree, key, Some(value.into()), Some(guard));
     }
 
     pub fn remove(&mut self, tree: &str, key: impl AsRef<[u8]>) {
-        self.ops
-            .push((tree.to_owned(), key.as_ref().to_vec(), None));
+        self.push(tree, key, None, None);
+    }
+
+    fn push(
+        &mut self,
+        tree: &str,
+        key: impl AsRef<[u8]>,
+        value: Option<Vec<u8>>,
+        guard: Option<&str>,
+    ) {
+        self.ops.push(Op {
+            tree: tree.to_owned(),
+            key: key.as_ref().to_vec(),
+            value,
+            guard: guard.map(str::to_owned),
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,8 +125,11 @@ impl ViewStore {
     /// Applies `batch` and moves `source`'s cursor to `seq`, atomically. Returns false
     /// (and changes nothing) when `seq` was already applied.
     pub fn commit(&self, source: &str, seq: u64, batch: Batch) -> Result<bool, Error> {
-        for (tree, _, _) in &batch.ops {
-            self.tree(tree)?;
+        for op in &batch.ops {
+            self.tree(&op.tree)?;
+            if let Some(guard) = &op.guard {
+                self.tree(guard)?;
+            }
         }
         let mut all: Vec<&sled::Tree> = vec![&self.cursors];
         all.extend(self.trees.iter().map(|(_, t)| t));
@@ -106,11 +143,25 @@ impl ViewStore {
             if seq <= current {
                 return Ok(false);
             }
-            for (tree, key, value) in &batch.ops {
-                let i = names.iter().position(|n| n == tree).expect("checked above") + 1;
-                match value {
-                    Some(value) => txs[i].insert(key.as_slice(), value.as_slice())?,
-                    None => txs[i].remove(key.as_slice())?,
+            let index = |tree: &str| {
+                names
+                    .iter()
+                    .position(|n| *n == tree)
+                    .expect("checked above")
+                    + 1
+            };
+            for op in &batch.ops {
+                let guarded = match &op.guard {
+                    Some(guard) => txs[index(guard)].get(op.key.as_slice())?.is_some(),
+                    None => false,
+                };
+                if guarded {
+                    continue;
+                }
+                let tx = &txs[index(&op.tree)];
+                match &op.value {
+                    Some(value) => tx.insert(op.key.as_slice(), value.as_slice())?,
+                    None => tx.remove(op.key.as_slice())?,
                 };
             }
             cursors.insert(source, &seq.to_be_bytes())?;
@@ -170,6 +221,21 @@ mod tests {
             1,
             "a rejected batch moved the cursor"
         );
+    }
+
+    #[test]
+    fn a_guarded_put_yields_to_its_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path(), &["runs", "removed"]).unwrap();
+        let mut tombstone = Batch::default();
+        tombstone.put("removed", "a", Vec::new());
+        store.commit("LEDGER", 1, tombstone).unwrap();
+        let mut late = Batch::default();
+        late.put_unless("removed", "runs", "a", b"back".to_vec());
+        late.put_unless("removed", "runs", "b", b"kept".to_vec());
+        store.commit("RUNS", 1, late).unwrap();
+        assert!(store.tree("runs").unwrap().get("a").unwrap().is_none());
+        assert!(store.tree("runs").unwrap().get("b").unwrap().is_some());
     }
 
     #[test]

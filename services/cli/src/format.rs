@@ -58,6 +58,15 @@ pub fn event_line(event: &RunEvent) -> String {
             d.rule,
             d.reason
         ),
+        Body::StopRequested(s) => format!(
+            "by {}{}",
+            s.requested_by,
+            if s.force {
+                ", forced".to_owned()
+            } else {
+                format!(", grace {} ms", s.grace_ms)
+            }
+        ),
         Body::ToolCallStarted(c) => format!("{} executing on {}", c.call_id, c.executor),
         Body::ToolCallCompleted(c) => format!("{} ok: {}", c.call_id, clip(&c.output, 100)),
         Body::ToolCallFailed(f) => format!("{} failed: {}", f.call_id, f.error),
@@ -95,7 +104,7 @@ pub fn event_line(event: &RunEvent) -> String {
 
 fn clip(text: &str, max: usize) -> String {
     let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    dispatch_service::slice_chars(&flat, max)
+    dispatch_runlog::slice_chars(&flat, max)
 }
 
 fn age(since_ms: i64, now_ms: i64) -> String {

@@ -24,7 +24,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dispatch_bus::{Bus, ConversationId, RunId, subject};
 use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
 use dispatch_ledger::view::RunView;
-use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_proto::ledger::v1::RunsRemoved;
+use dispatch_proto::run::v1::{RunStatus, StopRequested, run_event::Body};
 use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
 
@@ -112,6 +113,33 @@ enum Command {
     },
     /// Show everything the ledger knows about a run, as JSON.
     Inspect { run: String },
+    /// Stop a run: its owner ends it `stopped`; after the grace period (or at once
+    /// with --force) the run is ended without waiting for the owner.
+    Stop {
+        run: String,
+        #[arg(long, default_value_t = 10_000)]
+        grace_period_ms: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop a run if it is live, then run its goal again as a new run (prints its id).
+    Restart {
+        run: String,
+        #[arg(long, default_value_t = 10_000)]
+        grace_period_ms: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove runs from the views and delete their working directories (their logs
+    /// stay). Refuses a live run unless --force, which stops it first.
+    Rm {
+        #[arg(required = true)]
+        runs: Vec<String>,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Remove every finished run from the views, with its working directory.
+    Prune,
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
         #[arg(long, default_value = ConversationId::DEFAULT)]
@@ -271,6 +299,95 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             );
             Ok(exit::DONE)
         }
+        Command::Stop {
+            run,
+            grace_period_ms,
+            force,
+        } => {
+            let bus = connect(&cli.nats_url).await?;
+            let run_id = resolve(&bus, &run).await?;
+            let log = RunLog::open(&bus, "cli").await?;
+            stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
+            println!("{run_id}");
+            Ok(exit::DONE)
+        }
+        Command::Restart {
+            run,
+            grace_period_ms,
+            force,
+        } => {
+            let bus = connect(&cli.nats_url).await?;
+            let run_id = resolve(&bus, &run).await?;
+            let log = RunLog::open(&bus, "cli").await?;
+            let events = log.read(&run_id).await?;
+            let requested = events
+                .iter()
+                .find_map(|e| match &e.event.body {
+                    Some(Body::RunRequested(r)) => Some(r.clone()),
+                    _ => None,
+                })
+                .ok_or_else(|| Failure::new(format!("run {run_id} has no request to restart")))?;
+            stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
+            let conversation = requested.conversation_id.parse().unwrap_or_default();
+            let new_id = submit_goal(
+                &bus,
+                &log,
+                Goal {
+                    goal: requested.goal,
+                    conversation,
+                    timeout_ms: requested.timeout_ms,
+                    origin: format!("restart of {run_id}"),
+                },
+            )
+            .await?;
+            println!("{new_id}");
+            Ok(exit::DONE)
+        }
+        Command::Rm { runs, force } => {
+            let bus = connect(&cli.nats_url).await?;
+            let log = RunLog::open(&bus, "cli").await?;
+            let mut ids = Vec::new();
+            for run in &runs {
+                let run_id = resolve(&bus, run).await?;
+                let handle = log.handle(run_id).await?;
+                if !handle.is_finished() {
+                    if !force {
+                        return Err(Failure::new(format!(
+                            "run {run_id} has not ended; stop it first (dispatch stop) or use rm --force"
+                        )));
+                    }
+                    stop(&log, run_id, Duration::ZERO, true).await?;
+                }
+                ids.push(run_id);
+            }
+            remove(&bus, &ids).await?;
+            for id in &ids {
+                println!("{id}");
+            }
+            Ok(exit::DONE)
+        }
+        Command::Prune => {
+            let bus = connect(&cli.nats_url).await?;
+            let query_all = RunsQuery {
+                all: true,
+                conversation: None,
+            };
+            let reply: RunsReply = query(&bus, subject::query::runs(), &query_all).await?;
+            let ids: Vec<RunId> = reply
+                .runs
+                .iter()
+                .filter(|r| r.status.is_terminal())
+                .filter_map(|r| r.run_id.parse().ok())
+                .collect();
+            if !ids.is_empty() {
+                remove(&bus, &ids).await?;
+            }
+            for id in &ids {
+                println!("{id}");
+            }
+            eprintln!("removed {} finished run(s)", ids.len());
+            Ok(exit::DONE)
+        }
         Command::Tasks {
             conversation,
             format,
@@ -366,6 +483,68 @@ async fn follow(
         };
         handle.wait_for_more(wait).await?;
     }
+}
+
+/// Asks a run to stop and makes sure it ends: the owner ends it `stopped` when it sees
+/// the request; if it has not within `grace` (or `force`), the terminal event is written
+/// here. A run that has ended already is left as it is.
+async fn stop(log: &RunLog, run_id: RunId, grace: Duration, force: bool) -> Result<(), Failure> {
+    let mut handle = log.handle(run_id).await?;
+    if handle.is_finished() {
+        return Ok(());
+    }
+    let request = Body::StopRequested(StopRequested {
+        grace_ms: grace.as_millis() as u64,
+        force,
+        requested_by: "cli".into(),
+    });
+    let asked = |b: &Body| matches!(b, Body::StopRequested(_)).then_some(());
+    match handle.ensure(asked, request, "cli").await {
+        Ok(()) => {}
+        Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    if !force {
+        let deadline = tokio::time::Instant::now() + grace;
+        while !handle.is_finished() && tokio::time::Instant::now() < deadline {
+            let left = deadline - tokio::time::Instant::now();
+            handle
+                .wait_for_more(left.min(Duration::from_secs(1)))
+                .await?;
+        }
+    }
+    if !handle.is_finished() {
+        let reason = if force {
+            "stopped by cli (forced)".to_owned()
+        } else {
+            format!(
+                "stopped by cli (forced: no owner ended it within {} ms)",
+                grace.as_millis()
+            )
+        };
+        handle
+            .finish(RunStatus::Stopped, &reason, &reason, "cli")
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records that runs leave the views; the ledger deletes their working directories.
+async fn remove(bus: &Bus, ids: &[RunId]) -> Result<(), Failure> {
+    let removed = RunsRemoved {
+        run_ids: ids.iter().map(RunId::to_string).collect(),
+        time_unix_ms: format::now_ms(),
+    };
+    let msg_id = format!("removed-{}", RunId::new());
+    bus.append(
+        subject::removed(),
+        &msg_id,
+        None,
+        None,
+        prost::Message::encode_to_vec(&removed).into(),
+    )
+    .await?;
+    Ok(())
 }
 
 /// `500ms`, `90s`, `35m`, `1h`.

@@ -10,21 +10,18 @@ use dispatch_bus::{RunId, subject};
 use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
-    Decision, FeedbackQueued, GateChecked, LeafFinished, LeafStarted, LeafState, ModelTurn,
-    PlanAuthored, PlanLeaf, PlanRejected, RunFinished, RunRequested, RunStarted, RunStatus,
-    TallyEntry, ToolCall, ToolCallRequested, run_event::Body,
+    Decision, GateChecked, LeafFinished, LeafStarted, LeafState, ModelTurn, PlanAuthored, PlanLeaf,
+    PlanRejected, RunRequested, RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall,
+    ToolCallRequested, run_event::Body,
 };
-use dispatch_runlog::{ErrorKind, RunHandle};
-use dispatch_service::{layout, slice_chars};
+use dispatch_runlog::{ErrorKind, RunHandle, SUMMARY_CHARS, slice_chars};
+use dispatch_service::layout;
 use prost::Message as _;
 
 use crate::{Context, DEFAULT_TIMEOUT, Error};
 
 /// The most model turns one leaf may take.
 pub const MAX_TURNS: u32 = 8;
-
-/// The longest summary a terminal event carries.
-pub const SUMMARY_CHARS: usize = 300;
 
 /// The tools offered to the leaf's model.
 const TOOLS: [(&str, &str); 3] = [
@@ -46,6 +43,8 @@ const TOOLS: [(&str, &str); 3] = [
 enum Stop {
     /// The run ends `blocked` with this reason.
     Blocked(String),
+    /// Someone asked the run to stop; it ends `stopped` with this reason.
+    Stopped(String),
     /// Something else already wrote the terminal event.
     Finished,
     /// The bus or the log failed; the run stays where its log is and is retried.
@@ -82,35 +81,25 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
     if let Some(started) = exec.find(as_started) {
         if started.deadline_unix_ms <= now_unix_ms() {
             tracing::warn!(run_id = %run_id, "deadline passed while no dispatcher ran it");
-            let tally = exec.tally();
             return settle(
-                exec.finish(
-                    RunStatus::Blocked,
-                    "orphaned".into(),
-                    "orphaned".into(),
-                    tally,
-                )
-                .await,
+                exec.finish(RunStatus::Blocked, "orphaned".into(), "orphaned".into())
+                    .await,
             );
         }
         tracing::info!(run_id = %run_id, events = exec.run.events().len(), "resuming from the log");
     }
     let outcome = exec.drive().await;
-    let (status, reason, summary, tally) = match outcome {
+    let (status, reason, summary) = match outcome {
         Ok(tally) => {
             let summary = format!("workflow finished: {}", tally_json(&tally));
-            (
-                RunStatus::Done,
-                "workflow finished".to_owned(),
-                summary,
-                tally,
-            )
+            (RunStatus::Done, "workflow finished".to_owned(), summary)
         }
-        Err(Stop::Blocked(reason)) => (RunStatus::Blocked, reason.clone(), reason, exec.tally()),
+        Err(Stop::Blocked(reason)) => (RunStatus::Blocked, reason.clone(), reason),
+        Err(Stop::Stopped(reason)) => (RunStatus::Stopped, reason.clone(), reason),
         Err(Stop::Finished) => return Ok(()),
         Err(Stop::Infra(e)) => return Err(e),
     };
-    settle(exec.finish(status, reason, summary, tally).await)
+    settle(exec.finish(status, reason, summary).await)
 }
 
 /// Ends `run_id` `blocked` with `reason` (sliced to 300 characters), unless it has
@@ -126,10 +115,8 @@ pub(crate) async fn block(
         run: ctx.log.handle(run_id).await?,
         command,
     };
-    let tally = exec.tally();
-    let reason = slice_chars(&reason, SUMMARY_CHARS);
     settle(
-        exec.finish(RunStatus::Blocked, reason.clone(), reason, tally)
+        exec.finish(RunStatus::Blocked, reason.clone(), reason)
             .await,
     )
 }
@@ -137,7 +124,7 @@ pub(crate) async fn block(
 fn settle(finished: Result<(), Stop>) -> Result<(), Error> {
     match finished {
         Ok(()) | Err(Stop::Finished) => Ok(()),
-        Err(Stop::Blocked(_)) => unreachable!("finishing never blocks"),
+        Err(Stop::Blocked(_) | Stop::Stopped(_)) => unreachable!("finishing never blocks"),
         Err(Stop::Infra(e)) => Err(e),
     }
 }
@@ -149,7 +136,19 @@ struct Exec<'a> {
 }
 
 impl Exec<'_> {
+    /// Runs the plan until it ends, its deadline passes, or someone asks it to stop.
     async fn drive(&mut self) -> Result<Vec<TallyEntry>, Stop> {
+        if let Some(stop) = self.find(as_stop) {
+            return Err(Stop::Stopped(stop_reason(&stop)));
+        }
+        let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id());
+        tokio::select! {
+            result = self.drive_plan() => result,
+            stop = watch => Err(Stop::Stopped(stop_reason(&stop))),
+        }
+    }
+
+    async fn drive_plan(&mut self) -> Result<Vec<TallyEntry>, Stop> {
         let requested = self.requested().await?;
         let plan = self.plan(&requested).await?;
         let timeout = match requested.timeout_ms {
@@ -277,7 +276,7 @@ impl Exec<'_> {
             });
             self.ensure(finished_leaf(index), finished).await?;
         }
-        Ok(self.tally())
+        Ok(self.run.tally())
     }
 
     /// One leaf's agent loop and gate.
@@ -468,58 +467,12 @@ impl Exec<'_> {
         status: RunStatus,
         reason: String,
         summary: String,
-        tally: Vec<TallyEntry>,
     ) -> Result<(), Stop> {
-        let summary = slice_chars(&summary, SUMMARY_CHARS);
-        let reason = slice_chars(&reason, SUMMARY_CHARS);
-        let requested = self.find(as_requested);
-        let (goal, conversation_id) = requested
-            .map(|r| (r.goal, r.conversation_id))
-            .unwrap_or_else(|| {
-                (
-                    self.command.goal.clone(),
-                    self.command.conversation_id.clone(),
-                )
-            });
-        let note = Body::FeedbackQueued(FeedbackQueued {
-            conversation_id,
-            status: status as i32,
-            summary: summary.clone(),
-            goal,
-        });
-        self.ensure(as_feedback, note).await?;
-        let finished = Body::RunFinished(RunFinished {
-            status: status as i32,
-            reason: reason.clone(),
-            summary,
-            tally,
-        });
-        self.ensure(as_finished, finished).await?;
+        self.run
+            .finish(status, &reason, &summary, &self.command.run_id)
+            .await?;
         tracing::info!(run_id = %self.run.run_id(), status = status.word(), reason, "run finished");
         Ok(())
-    }
-
-    fn tally(&self) -> Vec<TallyEntry> {
-        let (mut done, mut failed) = (0, 0);
-        for body in self.run.bodies() {
-            if let Body::LeafFinished(f) = body {
-                if f.state == LeafState::Done as i32 {
-                    done += 1;
-                } else {
-                    failed += 1;
-                }
-            }
-        }
-        vec![
-            TallyEntry {
-                state: "DONE".into(),
-                count: done,
-            },
-            TallyEntry {
-                state: "FAILED".into(),
-                count: failed,
-            },
-        ]
     }
 
     fn find<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> Option<T> {
@@ -552,6 +505,43 @@ impl Exec<'_> {
     }
 }
 
+fn as_stop(b: &Body) -> Option<StopRequested> {
+    match b {
+        Body::StopRequested(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn stop_reason(stop: &StopRequested) -> String {
+    format!("stopped by {}", stop.requested_by)
+}
+
+/// Resolves when a stop request appears in the run's log; never, if none does. It
+/// reads through a handle of its own, so it can race the executor's.
+async fn watch_for_stop(log: dispatch_runlog::RunLog, run_id: RunId) -> StopRequested {
+    loop {
+        let mut handle = match log.handle(run_id).await {
+            Ok(handle) => handle,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            if let Some(stop) = handle.bodies().find_map(as_stop) {
+                return stop;
+            }
+            if handle.is_finished() {
+                return std::future::pending().await;
+            }
+            if handle.wait_for_more(Duration::from_secs(5)).await.is_err() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                break;
+            }
+        }
+    }
+}
+
 fn as_requested(b: &Body) -> Option<RunRequested> {
     match b {
         Body::RunRequested(r) => Some(r.clone()),
@@ -578,14 +568,6 @@ fn as_started(b: &Body) -> Option<RunStarted> {
         Body::RunStarted(s) => Some(s.clone()),
         _ => None,
     }
-}
-
-fn as_feedback(b: &Body) -> Option<()> {
-    matches!(b, Body::FeedbackQueued(_)).then_some(())
-}
-
-fn as_finished(b: &Body) -> Option<()> {
-    matches!(b, Body::RunFinished(_)).then_some(())
 }
 
 fn started_leaf(leaf: u32) -> impl Fn(&Body) -> Option<()> {

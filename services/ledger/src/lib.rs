@@ -70,6 +70,7 @@ pub struct Ledger {
 struct State {
     bus: Bus,
     views: Views,
+    workspace: PathBuf,
     render: Notify,
     drains_applied: watch::Sender<u64>,
 }
@@ -94,6 +95,7 @@ impl Ledger {
         let state = Arc::new(State {
             bus: self.bus.clone(),
             views: self.views.clone(),
+            workspace: self.config.common.workspace.clone(),
             render: Notify::new(),
             drains_applied: watch::channel(drains_cursor).0,
         });
@@ -206,21 +208,42 @@ async fn follow(
                     .views
                     .apply_run_event(&mut pending, seq, &message.subject, &message.payload)
             }
-            _ => state
-                .views
-                .apply_drain(&mut pending, seq, &message.subject, &message.payload),
+            _ => state.views.apply_ledger_event(
+                &mut pending,
+                seq,
+                &message.subject,
+                &message.payload,
+            ),
         }
         if left == 0 || pending.len() >= COMMIT_EVERY {
             let batch = std::mem::take(&mut pending);
+            let removed = batch.removed().to_vec();
             state
                 .views
                 .commit(stream_name, batch)
                 .map_err(|e| e.to_string())?;
+            for run_id in removed {
+                remove_run_dir(&state.workspace, &run_id);
+            }
             if stream_name == streams::LEDGER {
                 state.drains_applied.send_replace(seq);
             }
             state.render.notify_one();
         }
+    }
+}
+
+/// Deletes a removed run's working directory (already gone is fine).
+fn remove_run_dir(workspace: &std::path::Path, run_id: &str) {
+    let Ok(id) = run_id.parse::<dispatch_bus::RunId>() else {
+        tracing::warn!(run_id, "not removing a directory for a malformed run id");
+        return;
+    };
+    let dir = layout::run_dir(workspace, &id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => tracing::info!(run_id, "removed the run's directory"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(run_id, error = %e, "cannot remove the run's directory"),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use dispatch_bus::{ConversationId, subject};
-use dispatch_proto::ledger::v1::FeedbackDrained;
+use dispatch_proto::ledger::v1::{FeedbackDrained, RunsRemoved};
 use dispatch_proto::run::v1::{RunEvent, RunStatus, run_event::Body};
 use dispatch_views::{Batch, ViewStore};
 use prost::Message as _;
@@ -15,7 +15,10 @@ pub const RUNS: &str = "runs";
 pub const NOTES: &str = "notes";
 pub const DRAINED: &str = "drained";
 pub const DRAINS: &str = "drains";
-pub const TREES: [&str; 4] = [RUNS, NOTES, DRAINED, DRAINS];
+/// Tombstones of runs removed with `rm`/`prune`, so replaying their events later (a
+/// rebuild reads the two streams independently) does not bring them back.
+pub const REMOVED: &str = "removed";
+pub const TREES: [&str; 5] = [RUNS, NOTES, DRAINED, DRAINS, REMOVED];
 
 /// Views over the sled store.
 #[derive(Clone)]
@@ -27,6 +30,7 @@ pub struct Views {
 #[derive(Default)]
 pub struct Pending {
     runs: HashMap<String, RunView>,
+    removed: Vec<String>,
     batch: Batch,
     last_seq: u64,
     applied: usize,
@@ -35,6 +39,11 @@ pub struct Pending {
 impl Pending {
     pub fn len(&self) -> usize {
         self.applied
+    }
+
+    /// Runs removed by this batch, whose working directories go once it is committed.
+    pub fn removed(&self) -> &[String] {
+        &self.removed
     }
 }
 
@@ -141,6 +150,9 @@ impl Views {
             }
         };
         let key = event.run_id.clone();
+        if self.is_removed(&key) || pending.removed.contains(&key) {
+            return;
+        }
         let current = pending.runs.remove(&key).or_else(|| self.run(&key));
         let view = RunView::apply(current, &event);
         if let Some(note) = note_of(&event) {
@@ -151,7 +163,8 @@ impl Views {
                 serde_json::to_vec(&note).expect("notes serialize"),
             );
         }
-        pending.batch.put(
+        pending.batch.put_unless(
+            REMOVED,
             RUNS,
             &key,
             serde_json::to_vec(&view).expect("views serialize"),
@@ -159,15 +172,47 @@ impl Views {
         pending.runs.insert(key, view);
     }
 
-    /// Folds one drain (from the ledger stream) into `pending`.
-    pub fn apply_drain(&self, pending: &mut Pending, seq: u64, subject_name: &str, payload: &[u8]) {
+    fn is_removed(&self, run_id: &str) -> bool {
+        self.store
+            .tree(REMOVED)
+            .is_ok_and(|t| t.contains_key(run_id).unwrap_or(false))
+    }
+
+    /// Folds one ledger-stream message (a drain or a removal) into `pending`.
+    pub fn apply_ledger_event(
+        &self,
+        pending: &mut Pending,
+        seq: u64,
+        subject_name: &str,
+        payload: &[u8],
+    ) {
+        if subject_name != subject::REMOVED {
+            return self.apply_drain(pending, seq, subject_name, payload);
+        }
+        pending.last_seq = seq;
+        pending.applied += 1;
+        match RunsRemoved::decode(payload) {
+            Ok(removed) => {
+                for run_id in removed.run_ids {
+                    pending.runs.remove(&run_id);
+                    pending.batch.remove(RUNS, &run_id);
+                    pending.batch.put(REMOVED, &run_id, Vec::new());
+                    pending.removed.push(run_id);
+                }
+            }
+            Err(e) => tracing::warn!(seq, error = %e, "ignoring an undecodable removal"),
+        }
+    }
+
+    /// Folds one drain into `pending`.
+    fn apply_drain(&self, pending: &mut Pending, seq: u64, subject_name: &str, payload: &[u8]) {
         pending.last_seq = seq;
         pending.applied += 1;
         let Some(conversation) = subject::conversation_of_drain(subject_name) else {
             tracing::warn!(
                 subject = subject_name,
                 seq,
-                "ignoring a ledger message that is not a drain"
+                "ignoring a ledger message that is neither a drain nor a removal"
             );
             return;
         };

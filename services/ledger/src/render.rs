@@ -39,7 +39,7 @@ pub fn tasks_org(runs: &[RunView]) -> String {
 /// A goal as a headline: one line, at most 120 characters.
 fn headline(goal: &str) -> String {
     let flat = goal.split_whitespace().collect::<Vec<_>>().join(" ");
-    dispatch_service::slice_chars(&flat, 120)
+    dispatch_runlog::slice_chars(&flat, 120)
 }
 
 /// `[2026-06-11 04:58:28]`, UTC.

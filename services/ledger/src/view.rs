@@ -147,6 +147,7 @@ impl RunView {
             | Body::ToolCallRequested(_)
             | Body::PolicyDecided(_)
             | Body::ToolCallStarted(_)
+            | Body::StopRequested(_)
             | Body::ToolCallCompleted(_)
             | Body::ToolCallFailed(_)
             | Body::GateChecked(_)

@@ -1,0 +1,244 @@
+//! stop, restart, rm and prune, including their refusals.
+
+use std::time::Duration;
+
+use dispatch_bus::RunId;
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_tests::{Stack, finished};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(90);
+const SLOW: &str =
+    "#+TITLE: Slow\n* TODO Sleep\n  - call: sleep {\"ms\": 30000}\n  :done-when: true\n";
+
+async fn stack() -> anyhow::Result<Stack> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    let policy = stack.test_policy()?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().unwrap()])
+        .await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    Ok(stack)
+}
+
+async fn wait_started_call(stack: &Stack, run_id: RunId) -> anyhow::Result<()> {
+    let log = stack.log().await?;
+    stack
+        .eventually(LIMIT, || {
+            let log = log.clone();
+            async move {
+                let events = log.read(&run_id).await.ok()?;
+                events
+                    .iter()
+                    .any(|e| matches!(e.event.body, Some(Body::ToolCallStarted(_))))
+                    .then_some(())
+            }
+        })
+        .await
+}
+
+async fn ps_all(stack: &Stack) -> anyhow::Result<Vec<Value>> {
+    let out = stack.cli(&["ps", "-a", "--format", "json"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    Ok(serde_json::from_str(&out.stdout)?)
+}
+
+async fn ledger_knows(stack: &Stack, run_id: RunId, status: &str) -> anyhow::Result<()> {
+    let id = run_id.to_string();
+    stack
+        .eventually(LIMIT, || async {
+            let runs = ps_all(stack).await.ok()?;
+            runs.iter()
+                .any(|r| r["run_id"] == id && r["status"] == status)
+                .then_some(())
+        })
+        .await
+}
+
+#[tokio::test]
+async fn stop_asks_the_owner_and_the_run_ends_stopped() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    stack.add("dispatcher").await?;
+    let run_id = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, run_id).await?;
+
+    let out = stack.cli(&["stop", &run_id.to_string()[..8]])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), run_id.to_string());
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Stopped as i32);
+    assert_eq!(end.reason, "stopped by cli");
+    assert!(
+        events
+            .last()
+            .unwrap()
+            .event
+            .writer
+            .starts_with("dispatcher/"),
+        "the owner ended it"
+    );
+    let wait = stack.cli(&["wait", &run_id.to_string()])?;
+    assert_eq!((wait.code, wait.stdout.as_str()), (Some(2), "stopped\n"));
+    // Stopping an ended run changes nothing.
+    let again = stack.cli(&["stop", &run_id.to_string()])?;
+    assert_eq!(again.code, Some(0));
+    assert_eq!(stack.log().await?.read(&run_id).await?.len(), events.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    // No dispatcher: the run is queued and nobody owns it.
+    let queued = stack.submit(SLOW, "default", 0).await?;
+    let out = stack.cli(&["stop", "--grace-period-ms", "300", &queued.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let events = stack.wait_finished(queued, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Stopped as i32);
+    assert_eq!(
+        end.reason,
+        "stopped by cli (forced: no owner ended it within 300 ms)"
+    );
+    assert_eq!(events.last().unwrap().event.writer, "cli");
+
+    // A dispatcher that starts now finds the run ended and leaves it be.
+    stack.add("dispatcher").await?;
+    stack.commands_drained(LIMIT).await?;
+    assert_eq!(stack.log().await?.read(&queued).await?.len(), events.len());
+
+    let running = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, running).await?;
+    let out = stack.cli(&["stop", "--force", &running.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let end = stack.wait_finished(running, LIMIT).await?;
+    assert_eq!(finished(&end).reason, "stopped by cli (forced)");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rm_refuses_live_runs_and_removes_ended_ones_from_views_and_disk() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    stack.add("dispatcher").await?;
+    let done = stack.submit("Quick errand", "default", 0).await?;
+    stack.wait_finished(done, LIMIT).await?;
+    ledger_knows(&stack, done, "done").await?;
+    let live = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, live).await?;
+
+    let refused = stack.cli(&["rm", &live.to_string()])?;
+    assert_eq!(refused.code, Some(125));
+    assert!(
+        refused.stderr.contains("has not ended"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        stack
+            .log()
+            .await?
+            .handle(live)
+            .await?
+            .events()
+            .iter()
+            .all(|e| !matches!(e.event.body, Some(Body::StopRequested(_))))
+    );
+
+    let dir = stack.root().join(format!(".dispatch/runs/{done}"));
+    assert!(dir.is_dir());
+    let out = stack.cli(&["rm", &done.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let id = done.to_string();
+    stack
+        .eventually(LIMIT, || async {
+            let gone = ps_all(&stack).await.ok()?.iter().all(|r| r["run_id"] != id);
+            (gone && !dir.exists()).then_some(())
+        })
+        .await?;
+    let tasks = stack
+        .eventually(LIMIT, || async {
+            let text = std::fs::read_to_string(stack.root().join("TASKS.org")).ok()?;
+            (!text.contains(&id)).then_some(text)
+        })
+        .await?;
+    assert!(tasks.contains(&live.to_string()));
+    // The log stays.
+    let logs = stack.cli(&["logs", &id])?;
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+
+    // --force stops a live run first.
+    let out = stack.cli(&["rm", "--force", &live.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let events = stack.wait_finished(live, LIMIT).await?;
+    assert_eq!(finished(&events).status, RunStatus::Stopped as i32);
+
+    // A rebuild of the views keeps removed runs removed.
+    let live_id = live.to_string();
+    stack
+        .eventually(LIMIT, || async {
+            ps_all(&stack)
+                .await
+                .ok()?
+                .iter()
+                .all(|r| r["run_id"] != live_id)
+                .then_some(())
+        })
+        .await?;
+    let before = stack.cli(&["ps", "-a", "--format", "json"])?.stdout;
+    stack.stop("ledger").await?;
+    std::fs::remove_dir_all(stack.root().join(".dispatch/state/ledger"))?;
+    stack.add("ledger").await?;
+    let after = stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["ps", "-a", "--format", "json"]).ok()?;
+            (out.code == Some(0) && out.stdout == before).then_some(out.stdout)
+        })
+        .await?;
+    assert_eq!(after, "[]\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_runs_the_goal_again_and_prune_clears_ended_runs() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    stack.add("dispatcher").await?;
+    let first = stack.submit("Water the plants", "garden", 0).await?;
+    stack.wait_finished(first, LIMIT).await?;
+
+    let out = stack.cli(&["restart", &first.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let second: RunId = out.stdout.trim().parse()?;
+    assert_ne!(second, first);
+    let events = stack.wait_finished(second, LIMIT).await?;
+    assert_eq!(finished(&events).status, RunStatus::Done as i32);
+    let Some(Body::RunRequested(requested)) = &events[0].event.body else {
+        panic!("first event")
+    };
+    assert_eq!(requested.goal, "Water the plants");
+    assert_eq!(requested.conversation_id, "garden");
+
+    let live = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, live).await?;
+    ledger_knows(&stack, second, "done").await?;
+    ledger_knows(&stack, live, "doing").await?;
+    let out = stack.cli(&["prune"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let pruned: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(pruned.len(), 2, "{}", out.stdout);
+    let live_id = live.to_string();
+    stack
+        .eventually(LIMIT, || async {
+            let runs = ps_all(&stack).await.ok()?;
+            (runs.len() == 1 && runs[0]["run_id"] == live_id).then_some(())
+        })
+        .await?;
+    assert!(stack.root().join(format!(".dispatch/runs/{live}")).is_dir());
+    assert!(
+        !stack
+            .root()
+            .join(format!(".dispatch/runs/{first}"))
+            .exists()
+    );
+    Ok(())
+}
