@@ -14,6 +14,8 @@ fn main() {
     }
     let descriptors = protox::compile(&files, [&root]).expect("proto files compile");
     prost_build::Config::new()
+        // Events and commands can be shown as JSON (logs, exported trails).
+        .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_fds(descriptors)
         .expect("prost code generation");
 }

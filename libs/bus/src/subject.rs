@@ -79,6 +79,11 @@ pub mod query {
     pub const RUNS: &str = "dispatch.query.runs";
     pub const RUN: &str = "dispatch.query.run";
     pub const TASKS: &str = "dispatch.query.tasks";
+    pub const REPLAY: &str = "dispatch.query.replay";
+
+    pub fn replay() -> Subject {
+        Subject::from_static(REPLAY)
+    }
 
     pub fn runs() -> Subject {
         Subject::from_static(RUNS)

@@ -11,10 +11,12 @@ use crate::{Error, ErrorKind, StoredEvent};
 /// `prev_hash` of a run's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// The hash of `event`: SHA-256 over its `prev_hash` and its encoding with `hash` empty.
+/// The hash of `event`: SHA-256 over its `prev_hash` and its encoding with `hash` and
+/// `signature` empty.
 pub fn hash(event: &RunEvent) -> [u8; 32] {
     let mut unsealed = event.clone();
     unsealed.hash.clear();
+    unsealed.signature.clear();
     let mut digest = Sha256::new();
     digest.update(&event.prev_hash);
     digest.update(unsealed.encode_to_vec());
@@ -52,6 +54,10 @@ pub fn verify(
         }
         if event.hash != hash(event) {
             return Err(fail("hash does not match the event's content"));
+        }
+        if !event.signature.is_empty() || !event.signer.is_empty() {
+            crate::seal::verify(&event.signer, &event.hash, &event.signature)
+                .map_err(|e| fail(&e))?;
         }
         seq = event.seq;
         prev = event.hash.clone();

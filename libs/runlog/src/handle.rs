@@ -98,9 +98,20 @@ impl RunHandle {
             prev_hash,
             hash: Vec::new(),
             writer: self.log.writer().to_owned(),
+            signer: Vec::new(),
+            signature: Vec::new(),
             body: Some(body),
         };
+        let sealer = matches!(event.body, Some(Body::RunFinished(_)))
+            .then(|| self.log.sealer())
+            .flatten();
+        if let Some(sealer) = sealer {
+            event.signer = sealer.public_key().to_vec();
+        }
         event.hash = chain::hash(&event).to_vec();
+        if let Some(sealer) = sealer {
+            event.signature = sealer.sign(&event.hash).to_vec();
+        }
         let result = self
             .log
             .bus()

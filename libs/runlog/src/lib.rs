@@ -7,6 +7,8 @@
 
 pub mod chain;
 mod handle;
+pub mod seal;
+pub mod steps;
 pub mod submit;
 
 use std::time::Duration;
@@ -76,6 +78,7 @@ pub struct RunLog {
     bus: Bus,
     stream: Stream,
     writer: String,
+    sealer: Option<seal::Sealer>,
 }
 
 impl RunLog {
@@ -95,7 +98,14 @@ impl RunLog {
             bus: bus.clone(),
             stream,
             writer: writer.to_owned(),
+            sealer: None,
         })
+    }
+
+    /// Seals the terminal events this log handle appends with `sealer`.
+    pub fn with_sealer(mut self, sealer: seal::Sealer) -> Self {
+        self.sealer = Some(sealer);
+        self
     }
 
     pub fn bus(&self) -> &Bus {
@@ -146,6 +156,10 @@ impl RunLog {
 
     pub(crate) fn writer(&self) -> &str {
         &self.writer
+    }
+
+    pub(crate) fn sealer(&self) -> Option<&seal::Sealer> {
+        self.sealer.as_ref()
     }
 
     pub(crate) async fn subscribe(&self, run_id: &RunId) -> Result<async_nats::Subscriber, Error> {

@@ -87,4 +87,14 @@ pub mod layout {
     pub fn tasks_file(workspace: &Path) -> PathBuf {
         workspace.join("TASKS.org")
     }
+
+    /// The Ed25519 key that seals finished runs.
+    pub fn seal_key(workspace: &Path) -> PathBuf {
+        state_dir(workspace).join("keys").join("seal.ed25519")
+    }
+
+    /// A run's exported, verifiable trail.
+    pub fn steps_file(workspace: &Path, run_id: &dispatch_bus::RunId) -> PathBuf {
+        run_dir(workspace, run_id).join("_steps.jsonl")
+    }
 }

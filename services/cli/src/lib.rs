@@ -10,6 +10,7 @@
 //! | 1 | the run ended `blocked` |
 //! | 2 | the run ended `stopped` |
 //! | 3 | `wait --timeout-ms` ran out before the run ended |
+//! | 1 | `verify`, `replay`: the trail or log does not check out |
 //! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
 
 mod format;
@@ -22,11 +23,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dispatch_bus::{Bus, ConversationId, RunId, subject};
+use dispatch_ledger::api::ReplayReply;
 use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
 use dispatch_ledger::view::RunView;
 use dispatch_proto::ledger::v1::RunsRemoved;
 use dispatch_proto::run::v1::{RunStatus, StopRequested, run_event::Body};
 use dispatch_runlog::RunLog;
+use dispatch_runlog::seal::Sealer;
 use dispatch_runlog::submit::{Goal, submit_goal};
 
 /// Exit codes; see the crate docs.
@@ -35,6 +38,8 @@ pub mod exit {
     pub const BLOCKED: u8 = 1;
     pub const STOPPED: u8 = 2;
     pub const WAIT_TIMEOUT: u8 = 3;
+    /// `verify`/`replay`: the trail or log does not check out.
+    pub const CHECK_FAILED: u8 = 1;
     pub const ERROR: u8 = 125;
 }
 
@@ -140,6 +145,20 @@ enum Command {
     },
     /// Remove every finished run from the views, with its working directory.
     Prune,
+    /// Rebuild one run's views from its log, verifying its hash chain and seal.
+    Replay { run: String },
+    /// Check an exported trail (`.dispatch/runs/<id>/_steps.jsonl`) offline. Exit 1
+    /// names the first sequence that fails.
+    Verify {
+        file: PathBuf,
+        /// The Ed25519 public key (hex) that must have sealed it; default: this
+        /// workspace's key if it has one.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Print the public key that seals this workspace's runs (creating the key pair if
+    /// there is none yet).
+    Key,
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
         #[arg(long, default_value = ConversationId::DEFAULT)]
@@ -306,7 +325,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = RunLog::open(&bus, "cli").await?;
+            let log = sealed_log(&bus, &cli.workspace).await?;
             stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
             println!("{run_id}");
             Ok(exit::DONE)
@@ -318,7 +337,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = RunLog::open(&bus, "cli").await?;
+            let log = sealed_log(&bus, &cli.workspace).await?;
             let events = log.read(&run_id).await?;
             let requested = events
                 .iter()
@@ -345,7 +364,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Rm { runs, force } => {
             let bus = connect(&cli.nats_url).await?;
-            let log = RunLog::open(&bus, "cli").await?;
+            let log = sealed_log(&bus, &cli.workspace).await?;
             let mut ids = Vec::new();
             for run in &runs {
                 let run_id = resolve(&bus, run).await?;
@@ -364,6 +383,76 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             for id in &ids {
                 println!("{id}");
             }
+            Ok(exit::DONE)
+        }
+        Command::Replay { run } => {
+            let bus = connect(&cli.nats_url).await?;
+            let reply: Reply<ReplayReply> = bus
+                .request_json(
+                    subject::query::replay(),
+                    &RunQuery { id: run },
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|e| {
+                    Failure::new(format!("{e}; is the ledger running (`dispatch up`)?"))
+                })?;
+            match reply {
+                Ok(replayed) => {
+                    let seal = match &replayed.sealed_by {
+                        Some(key) => format!("sealed by {key}"),
+                        None => "not sealed yet (the run has not ended)".to_owned(),
+                    };
+                    println!(
+                        "run {}: {} events, hash chain verified, {seal}; views rebuilt ({})",
+                        replayed.run.run_id,
+                        replayed.events,
+                        replayed.run.status.word()
+                    );
+                    Ok(exit::DONE)
+                }
+                Err(dispatch_ledger::api::QueryError::Corrupt(message)) => {
+                    eprintln!("dispatch: {message}");
+                    Ok(exit::CHECK_FAILED)
+                }
+                Err(e) => Err(Failure::new(e.to_string())),
+            }
+        }
+        Command::Verify { file, public_key } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Failure::new(format!("{}: {e}", file.display())))?;
+            let trusted = match public_key {
+                Some(hex_key) => Some(parse_key(&hex_key)?),
+                None => {
+                    let path = dispatch_service::layout::seal_key(&cli.workspace);
+                    if path.exists() {
+                        Some(Sealer::load_or_create(&path)?.public_key())
+                    } else {
+                        eprintln!(
+                            "dispatch: no --public-key and no workspace key: trusting the key the trail names"
+                        );
+                        None
+                    }
+                }
+            };
+            match dispatch_runlog::steps::verify(&text, trusted.as_ref()) {
+                Ok(verified) => {
+                    println!(
+                        "verified {} events of run {}, sealed by {}",
+                        verified.events, verified.run_id, verified.signer
+                    );
+                    Ok(exit::DONE)
+                }
+                Err(failed) => {
+                    eprintln!("dispatch: {}: {failed}", file.display());
+                    Ok(exit::CHECK_FAILED)
+                }
+            }
+        }
+        Command::Key => {
+            let sealer =
+                Sealer::load_or_create(&dispatch_service::layout::seal_key(&cli.workspace))?;
+            println!("{}", sealer.public_hex());
             Ok(exit::DONE)
         }
         Command::Prune => {
@@ -545,6 +634,20 @@ async fn remove(bus: &Bus, ids: &[RunId]) -> Result<(), Failure> {
     )
     .await?;
     Ok(())
+}
+
+/// A 32-byte Ed25519 public key in hex.
+fn parse_key(text: &str) -> Result<[u8; 32], Failure> {
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+        .ok_or_else(|| Failure::new(format!("--public-key {text:?} is not 64 hex characters")))
+}
+
+/// The run log, sealing the terminal events this CLI writes (forced stops).
+async fn sealed_log(bus: &Bus, workspace: &std::path::Path) -> Result<RunLog, Failure> {
+    let sealer = Sealer::load_or_create(&dispatch_service::layout::seal_key(workspace))?;
+    Ok(RunLog::open(bus, "cli").await?.with_sealer(sealer))
 }
 
 /// `500ms`, `90s`, `35m`, `1h`.

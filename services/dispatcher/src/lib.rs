@@ -26,6 +26,7 @@ use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_models::Provider;
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_runlog::RunLog;
+use dispatch_runlog::seal::Sealer;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +97,10 @@ impl Dispatcher {
         let instance = config.common.instance();
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
         let owner = format!("{SERVICE}/{instance}");
-        let log = RunLog::open(&bus, &owner).await?;
+        let sealer = Sealer::load_or_create(&dispatch_service::layout::seal_key(
+            &config.common.workspace,
+        ))?;
+        let log = RunLog::open(&bus, &owner).await?.with_sealer(sealer);
         let mut config = config;
         config.common.instance = Some(instance);
         Ok(Self {

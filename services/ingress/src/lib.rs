@@ -317,6 +317,9 @@ fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) ->
         Ok(Err(QueryError::Unavailable(m))) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
         }
+        Ok(Err(QueryError::Corrupt(m))) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "log_corrupt", m)
+        }
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "ledger_unavailable",

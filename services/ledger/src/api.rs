@@ -43,6 +43,16 @@ pub struct TasksReply {
     pub feedback: Vec<Note>,
 }
 
+/// `dispatch.query.replay`: rebuild one run's views from its log (takes a [`RunQuery`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayReply {
+    pub run: RunView,
+    /// Events read and verified.
+    pub events: u64,
+    /// The key that sealed the run (hex), if it has ended.
+    pub sealed_by: Option<String>,
+}
+
 /// Why a query could not be answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "code", content = "message", rename_all = "snake_case")]
@@ -55,6 +65,9 @@ pub enum QueryError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The log does not verify.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// Every reply: the answer or an error.

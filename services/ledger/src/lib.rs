@@ -29,7 +29,8 @@ use prost::Message as _;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use api::{QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use api::{QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use dispatch_runlog::RunLog;
 use project::{Pending, Views};
 use view::{Note, RunView};
 
@@ -69,8 +70,11 @@ pub struct Ledger {
 /// What the ledger's tasks share.
 struct State {
     bus: Bus,
+    log: RunLog,
     views: Views,
     workspace: PathBuf,
+    /// Runs whose `_steps.jsonl` is due; the exporter task writes them.
+    exports: tokio::sync::mpsc::UnboundedSender<String>,
     render: Notify,
     drains_applied: watch::Sender<u64>,
 }
@@ -92,7 +96,13 @@ impl Ledger {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let instance = self.config.common.instance();
         let drains_cursor = self.views.cursor(streams::LEDGER)?;
+        let log = RunLog::open(&self.bus, &format!("{SERVICE}/{instance}"))
+            .await
+            .map_err(|e| dispatch_bus::Error::new(ErrorKind::Other, e.to_string()))?;
+        let (exports, due) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(State {
+            log,
+            exports,
             bus: self.bus.clone(),
             views: self.views.clone(),
             workspace: self.config.common.workspace.clone(),
@@ -116,6 +126,7 @@ impl Ledger {
             shutdown.clone(),
         ));
         tasks.spawn(answer_queries(state.clone(), shutdown.clone()));
+        tasks.spawn(export_trails(state.clone(), due, shutdown.clone()));
         let tasks_file = layout::tasks_file(&self.config.common.workspace);
         tasks.spawn(render_tasks(state.clone(), tasks_file, shutdown.clone()));
         state.render.notify_one();
@@ -218,6 +229,7 @@ async fn follow(
         if left == 0 || pending.len() >= COMMIT_EVERY {
             let batch = std::mem::take(&mut pending);
             let removed = batch.removed().to_vec();
+            let finished = batch.finished().to_vec();
             state
                 .views
                 .commit(stream_name, batch)
@@ -225,12 +237,52 @@ async fn follow(
             for run_id in removed {
                 remove_run_dir(&state.workspace, &run_id);
             }
+            for run_id in finished {
+                let _ = state.exports.send(run_id);
+            }
             if stream_name == streams::LEDGER {
                 state.drains_applied.send_replace(seq);
             }
             state.render.notify_one();
         }
     }
+}
+
+/// Writes `.dispatch/runs/<id>/_steps.jsonl` for runs that ended, from their verified logs.
+async fn export_trails(
+    state: Arc<State>,
+    mut due: tokio::sync::mpsc::UnboundedReceiver<String>,
+    shutdown: CancellationToken,
+) -> Result<(), dispatch_bus::Error> {
+    loop {
+        let run_id = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = due.recv() => match next {
+                Some(run_id) => run_id,
+                None => return Ok(()),
+            },
+        };
+        if let Err(e) = export_trail(&state, &run_id).await {
+            tracing::warn!(run_id, error = %e, "cannot export the run's trail");
+        }
+    }
+}
+
+async fn export_trail(state: &State, run_id: &str) -> Result<u64, String> {
+    let id: dispatch_bus::RunId = run_id
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| e.to_string())?;
+    if state.views.is_removed(run_id) {
+        return Ok(0);
+    }
+    let events = state.log.read(&id).await.map_err(|e| e.to_string())?;
+    let path = layout::steps_file(&state.workspace, &id);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    render::write_atomically(&path, &dispatch_runlog::steps::export(&events))
+        .map_err(|e| e.to_string())?;
+    Ok(events.len() as u64)
 }
 
 /// Deletes a removed run's working directory (already gone is fine).
@@ -298,6 +350,13 @@ async fn answer_queries(
             let body = match request.subject.as_str() {
                 subject::query::RUNS => encode(parse(&request.payload).map(|q| runs(&state, q))),
                 subject::query::RUN => encode(parse(&request.payload).and_then(|q| run(&state, q))),
+                subject::query::REPLAY => {
+                    let answer = match parse::<RunQuery>(&request.payload) {
+                        Ok(q) => replay(&state, q).await,
+                        Err(e) => Err(e),
+                    };
+                    encode(answer)
+                }
                 subject::query::TASKS => {
                     let answer = match parse::<TasksQuery>(&request.payload) {
                         Ok(q) => tasks(&state, q).await,
@@ -358,6 +417,48 @@ fn run(state: &State, query: RunQuery) -> Reply<RunView> {
             )))
         }
     }
+}
+
+/// Rebuilds one run's views from its log: verifies the chain and seal, folds a fresh
+/// view, re-exports its trail and re-renders TASKS.org.
+async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
+    let run_id = match query.id.parse::<dispatch_bus::RunId>() {
+        Ok(id) => id,
+        Err(_) => run(state, query)?
+            .run_id
+            .parse()
+            .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?,
+    };
+    let events = state.log.read(&run_id).await.map_err(|e| match e.kind() {
+        dispatch_runlog::ErrorKind::Corrupt => QueryError::Corrupt(e.to_string()),
+        _ => QueryError::Unavailable(e.to_string()),
+    })?;
+    if events.is_empty() {
+        return Err(QueryError::NotFound(format!("no run {run_id}")));
+    }
+    let view = events
+        .iter()
+        .fold(None, |view, stored| {
+            Some(RunView::apply(view, &stored.event))
+        })
+        .expect("at least one event");
+    state
+        .views
+        .replace_run(&view)
+        .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+    let last = &events.last().expect("not empty").event;
+    let sealed_by = (!last.signature.is_empty()).then(|| hex::encode(&last.signer));
+    if sealed_by.is_some() {
+        export_trail(state, &run_id.to_string())
+            .await
+            .map_err(QueryError::Unavailable)?;
+    }
+    state.render.notify_one();
+    Ok(ReplayReply {
+        run: view,
+        events: events.len() as u64,
+        sealed_by,
+    })
 }
 
 async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {

@@ -31,6 +31,7 @@ pub struct Views {
 pub struct Pending {
     runs: HashMap<String, RunView>,
     removed: Vec<String>,
+    finished: Vec<String>,
     batch: Batch,
     last_seq: u64,
     applied: usize,
@@ -44,6 +45,11 @@ impl Pending {
     /// Runs removed by this batch, whose working directories go once it is committed.
     pub fn removed(&self) -> &[String] {
         &self.removed
+    }
+
+    /// Runs that ended in this batch, whose trails are exported once it is committed.
+    pub fn finished(&self) -> &[String] {
+        &self.finished
     }
 }
 
@@ -155,6 +161,9 @@ impl Views {
         }
         let current = pending.runs.remove(&key).or_else(|| self.run(&key));
         let view = RunView::apply(current, &event);
+        if matches!(event.body, Some(Body::RunFinished(_))) {
+            pending.finished.push(key.clone());
+        }
         if let Some(note) = note_of(&event) {
             let conversation = conversation_or_default(&view.conversation_id);
             pending.batch.put(
@@ -172,7 +181,18 @@ impl Views {
         pending.runs.insert(key, view);
     }
 
-    fn is_removed(&self, run_id: &str) -> bool {
+    /// Replaces a run's view with one folded from its whole log (`dispatch replay`).
+    pub fn replace_run(&self, view: &RunView) -> Result<(), dispatch_views::Error> {
+        if !self.is_removed(&view.run_id) {
+            let json = serde_json::to_vec(view).expect("views serialize");
+            self.store
+                .tree(RUNS)?
+                .insert(view.run_id.as_bytes(), json)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_removed(&self, run_id: &str) -> bool {
         self.store
             .tree(REMOVED)
             .is_ok_and(|t| t.contains_key(run_id).unwrap_or(false))

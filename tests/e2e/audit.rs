@@ -1,0 +1,135 @@
+//! A verifiable audit trail: sealed logs, exported steps, replay and offline verify.
+
+use std::time::Duration;
+
+use dispatch_proto::run::v1::{LeafStarted, RunEvent, run_event::Body};
+use dispatch_tests::{ALL, Stack};
+use prost::Message as _;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn finished_runs_are_sealed_exported_and_verifiable_offline() -> anyhow::Result<()> {
+    let stack = Stack::start(&ALL).await?;
+    let run_id = stack.submit("Audit this errand", "default", 0).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let last = &events.last().unwrap().event;
+    let key = stack.cli(&["key"])?;
+    assert_eq!(key.code, Some(0));
+    assert_eq!(
+        key.stdout.trim(),
+        hex::encode(&last.signer),
+        "sealed by the workspace key"
+    );
+    assert_eq!(last.signature.len(), 64);
+
+    let steps = stack
+        .root()
+        .join(format!(".dispatch/runs/{run_id}/_steps.jsonl"));
+    let trail = stack
+        .eventually(LIMIT, || async {
+            let text = std::fs::read_to_string(&steps).ok()?;
+            (text.lines().count() == events.len()).then_some(text)
+        })
+        .await?;
+    let ok = stack.cli(&["verify", steps.to_str().unwrap()])?;
+    assert_eq!(ok.code, Some(0), "{}", ok.stderr);
+    assert!(
+        ok.stdout
+            .contains(&format!("verified {} events of run {run_id}", events.len())),
+        "{}",
+        ok.stdout
+    );
+
+    // Edit one line: verify fails and names that sequence.
+    let lines: Vec<&str> = trail.lines().collect();
+    for (line, from, to) in [
+        (0, "Audit this errand", "Audit that errand"),
+        (4, "\"seq\":5", "\"seq\":6"),
+    ] {
+        let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        assert!(
+            edited[line].contains(from),
+            "{from:?} not in line {}",
+            line + 1
+        );
+        edited[line] = edited[line].replacen(from, to, 1);
+        let path = stack.root().join("edited.jsonl");
+        std::fs::write(&path, edited.join("\n") + "\n")?;
+        let bad = stack.cli(&["verify", path.to_str().unwrap()])?;
+        assert_eq!(bad.code, Some(1), "{bad:?}");
+        assert!(
+            bad.stderr
+                .contains(&format!("verification failed at seq {}", line + 1)),
+            "{}",
+            bad.stderr
+        );
+    }
+    // A trail checked against another key is refused at the seal.
+    let stranger = "11".repeat(32);
+    let wrong = stack.cli(&["verify", "--public-key", &stranger, steps.to_str().unwrap()])?;
+    assert_eq!(wrong.code, Some(1));
+    assert!(
+        wrong.stderr.contains("other than the trusted one"),
+        "{}",
+        wrong.stderr
+    );
+
+    // Replay rebuilds the run's views and its trail from the log.
+    std::fs::remove_file(&steps)?;
+    let replay = stack.cli(&["replay", &run_id.to_string()[..10]])?;
+    assert_eq!(replay.code, Some(0), "{}", replay.stderr);
+    assert!(
+        replay.stdout.contains("hash chain verified, sealed by"),
+        "{}",
+        replay.stdout
+    );
+    assert!(
+        replay.stdout.contains("views rebuilt (done)"),
+        "{}",
+        replay.stdout
+    );
+    assert_eq!(std::fs::read_to_string(&steps)?, trail);
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<()> {
+    let stack = Stack::start(&ALL).await?;
+    let run_id = stack.submit("Tamper with me", "default", 0).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    // A rogue writer appends an event that does not link to the log.
+    let forged = RunEvent {
+        event_id: "forged".into(),
+        run_id: run_id.to_string(),
+        seq: events.len() as u64 + 1,
+        prev_hash: vec![7; 32],
+        hash: vec![7; 32],
+        body: Some(Body::LeafStarted(LeafStarted {
+            leaf: 9,
+            title: "forged".into(),
+        })),
+        ..Default::default()
+    };
+    stack
+        .bus
+        .append(
+            dispatch_bus::subject::run(&run_id),
+            "forged",
+            None,
+            None,
+            forged.encode_to_vec().into(),
+        )
+        .await?;
+    let replay = stack.cli(&["replay", &run_id.to_string()])?;
+    assert_eq!(replay.code, Some(1), "{replay:?}");
+    assert!(
+        replay.stderr.contains(&format!(
+            "event seq {} fails verification",
+            events.len() + 1
+        )),
+        "{}",
+        replay.stderr
+    );
+    Ok(())
+}
