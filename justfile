@@ -15,3 +15,7 @@ lint:
 # install nats-server into .tools/ if none suitable is found
 install:
     cargo xtask install
+
+# kill every service and nats-server while runs are in flight
+chaos:
+    cargo xtask chaos

@@ -6,6 +6,7 @@
 //! - `up [dispatch up flags]` — install, build, and run `dispatch up` with a demo goal.
 //! - `test [cargo test args]` — install, build the service binaries, run every test.
 //! - `lint` — rustfmt check and clippy with warnings denied.
+//! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +30,7 @@ fn main() -> Result<()> {
         "up" => up(&root, &rest),
         "test" => test(&root, &rest),
         "lint" => lint(&root),
+        "chaos" => chaos(&root, &rest),
         _ => {
             eprintln!("usage: cargo xtask <install|up|test|lint> [args]");
             eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
@@ -37,6 +39,7 @@ fn main() -> Result<()> {
             );
             eprintln!("  test      build and run every test against a real nats-server");
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
+            eprintln!("  chaos     kill every service and nats-server while runs are in flight");
             if command.is_empty() || command == "help" || command == "--help" {
                 return Ok(());
             }
@@ -143,6 +146,27 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     command
         .current_dir(root)
         .args(["test", "--workspace"])
+        .args(args)
+        .env("DISPATCH_NATS_SERVER", &nats);
+    run(&mut command)
+}
+
+fn chaos(root: &Path, args: &[String]) -> Result<()> {
+    let nats = install(root)?;
+    cargo(root, &["build", "--bins"])?;
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(root)
+        .args([
+            "test",
+            "-p",
+            "dispatch-tests",
+            "--test",
+            "chaos",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
         .args(args)
         .env("DISPATCH_NATS_SERVER", &nats);
     run(&mut command)

@@ -19,9 +19,28 @@ use crate::{Bus, Error, streams};
 pub struct WorkQueue {
     pub consumer: &'static str,
     pub filter_subjects: Vec<String>,
-    /// How long a fetched command may go unacknowledged before the server hands it to
-    /// another copy. Handlers that take longer send progress acks.
+    /// The lease on a fetched command: renewed while its handler runs; once renewals
+    /// stop (the process died) for this long, the server hands it to another copy.
     pub ack_wait: Duration,
+}
+
+/// Sends in-progress acks (`+WPI`) every third of `ack_wait`, forever.
+async fn renew_lease(
+    client: async_nats::Client,
+    reply: Option<async_nats::Subject>,
+    ack_wait: Duration,
+) {
+    let Some(reply) = reply else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(ack_wait / 3);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = client.publish(reply.clone(), "+WPI".into()).await {
+            tracing::warn!(error = %e, "lease renewal failed");
+        }
+    }
 }
 
 /// How long the loop waits for in-flight handlers after shutdown is requested.
@@ -109,8 +128,14 @@ where
                     .expect("semaphore never closes"),
             };
             let handler = handler.clone();
+            let renew = renew_lease(bus.client().clone(), message.reply.clone(), queue.ack_wait);
             tasks.spawn(async move {
-                handler(message).await;
+                // The command stays ours while the handler runs, however long it takes;
+                // if this process dies, renewals stop and the server redelivers it.
+                tokio::select! {
+                    _ = handler(message) => {}
+                    _ = renew => unreachable!("renewing never ends"),
+                }
                 drop(held);
             });
         }

@@ -40,6 +40,10 @@ pub const SERVICE: &str = "connectors";
 pub struct Config {
     #[command(flatten)]
     pub common: dispatch_service::CommonArgs,
+    /// Lease on a command in milliseconds: if this copy dies mid-command, another copy
+    /// gets it this long after the last renewal.
+    #[arg(long, env = "DISPATCH_LEASE_MS", default_value_t = 10_000)]
+    pub lease_ms: u64,
     /// Most calls this copy executes at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -98,7 +102,7 @@ impl Connectors {
             WorkQueue {
                 consumer: streams::consumers::CONNECTOR_CALLS,
                 filter_subjects: vec![subject::cmd::TOOL.to_owned(), subject::cmd::GATE.to_owned()],
-                ack_wait: Duration::from_secs(60),
+                ack_wait: Duration::from_millis(self.config.lease_ms.max(300)),
             },
             self.config.concurrency,
             shutdown,

@@ -167,21 +167,6 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
         }
     };
 
-    let message = Arc::new(message);
-    let ctx_lease = ctx.lease;
-    let keepalive = {
-        let message = message.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ctx_lease / 3);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %e, "progress ack failed");
-                }
-            }
-        })
-    };
     // The run executes in its own task so that a panic inside it ends the run
     // `blocked` with the panic message instead of leaving it to nobody.
     let task = {
@@ -204,7 +189,6 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
             None
         }
     };
-    keepalive.abort();
     match outcome {
         Some(Ok(())) => {
             if let Err(e) = message.double_ack().await {

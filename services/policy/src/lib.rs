@@ -34,6 +34,10 @@ pub struct Config {
     /// JSON policy document; without it the built-in policy applies.
     #[arg(long, env = "DISPATCH_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Lease on a command in milliseconds: if this copy dies mid-command, another copy
+    /// gets it this long after the last renewal.
+    #[arg(long, env = "DISPATCH_LEASE_MS", default_value_t = 10_000)]
+    pub lease_ms: u64,
     /// Most checks this copy handles at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -88,7 +92,7 @@ impl PolicyService {
             WorkQueue {
                 consumer: streams::consumers::POLICY_CHECKS,
                 filter_subjects: vec![subject::cmd::POLICY.to_owned()],
-                ack_wait: Duration::from_secs(30),
+                ack_wait: Duration::from_millis(self.config.lease_ms.max(300)),
             },
             self.config.concurrency,
             shutdown,
