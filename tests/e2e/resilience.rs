@@ -280,7 +280,7 @@ async fn feedback_survives_every_restart_and_concurrent_drains_split_it() -> any
         })
         .await?;
     let url = stack.url("/v1/tasks?conversation=split");
-    let drains = (0..8).map(|_| {
+    let drains = (0..16).map(|_| {
         let (http, url) = (stack.http.clone(), url.clone());
         tokio::spawn(async move {
             http.get(url)

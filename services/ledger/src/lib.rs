@@ -495,7 +495,9 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
         };
-        let msg_id = format!("drain-{conversation}-{expected}-{}", std::process::id());
+        // A fresh id per attempt: two drains that race must not be taken for one retried
+        // publish and both told they won.
+        let msg_id = format!("drain-{}", dispatch_bus::RunId::new());
         let appended = state
             .bus
             .append(
@@ -507,10 +509,11 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
             )
             .await;
         match appended {
-            Ok(ack) => {
+            Ok(ack) if !ack.duplicate => {
                 wait_for_drains(state, ack.stream_seq).await;
                 return Ok(notes);
             }
+            Ok(ack) => wait_for_drains(state, ack.stream_seq).await,
             Err(e) if e.kind() == ErrorKind::Conflict => {
                 // Another drain won; catch up with it and look again.
                 let last = last_drain_seq(state, conversation)
