@@ -19,3 +19,7 @@ install:
 # kill every service and nats-server while runs are in flight
 chaos:
     cargo xtask chaos
+
+# speed and memory figures beside raw JetStream, in a release build
+bench:
+    cargo xtask bench

@@ -7,6 +7,8 @@
 //! - `test [cargo test args]` — install, build the service binaries, run every test.
 //! - `lint` — rustfmt check and clippy with warnings denied.
 //! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
+//! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
+//!   `target/bench/results.json`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +33,7 @@ fn main() -> Result<()> {
         "test" => test(&root, &rest),
         "lint" => lint(&root),
         "chaos" => chaos(&root, &rest),
+        "bench" => bench(&root),
         _ => {
             eprintln!("usage: cargo xtask <install|up|test|lint> [args]");
             eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
             eprintln!("  test      build and run every test against a real nats-server");
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
+            eprintln!("  bench     speed and memory figures beside raw JetStream (release build)");
             if command.is_empty() || command == "help" || command == "--help" {
                 return Ok(());
             }
@@ -170,6 +174,15 @@ fn chaos(root: &Path, args: &[String]) -> Result<()> {
         .args(args)
         .env("DISPATCH_NATS_SERVER", &nats);
     run(&mut command)
+}
+
+fn bench(root: &Path) -> Result<()> {
+    let nats = install(root)?;
+    cargo(root, &["build", "--release", "--bins"])?;
+    run(Command::new(root.join("target/release/dispatch-bench"))
+        .current_dir(root)
+        .env("DISPATCH_NATS_SERVER", &nats)
+        .env("RUST_LOG", "warn"))
 }
 
 fn lint(root: &Path) -> Result<()> {

@@ -80,6 +80,11 @@ pub mod query {
     pub const RUN: &str = "dispatch.query.run";
     pub const TASKS: &str = "dispatch.query.tasks";
     pub const REPLAY: &str = "dispatch.query.replay";
+    pub const STATUS: &str = "dispatch.query.status";
+
+    pub fn status() -> Subject {
+        Subject::from_static(STATUS)
+    }
 
     pub fn replay() -> Subject {
         Subject::from_static(REPLAY)

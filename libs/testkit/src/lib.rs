@@ -146,14 +146,16 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace root exists")
 }
 
-/// Where cargo put the workspace's binaries for the running test profile.
+/// Where cargo put the workspace's binaries for the running profile: beside this
+/// executable, or one level up when it is a test in `target/<profile>/deps/`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps/ has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A Dispatch binary running as a child process, killed on drop.
@@ -190,7 +192,10 @@ impl Service {
             .arg("--instance")
             .arg(&instance)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

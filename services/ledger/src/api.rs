@@ -53,6 +53,15 @@ pub struct ReplayReply {
     pub sealed_by: Option<String>,
 }
 
+/// `dispatch.query.status`: how far this ledger copy's views have caught up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// Last `DISPATCH_RUNS` sequence applied to the views.
+    pub runs_cursor: u64,
+    /// Last `DISPATCH_LEDGER` sequence applied to the views.
+    pub ledger_cursor: u64,
+}
+
 /// Why a query could not be answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "code", content = "message", rename_all = "snake_case")]

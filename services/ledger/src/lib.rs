@@ -29,7 +29,10 @@ use prost::Message as _;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use api::{QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
+use api::{
+    QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply, StatusReply, TasksQuery,
+    TasksReply,
+};
 use dispatch_runlog::RunLog;
 use project::{Pending, Views};
 use view::{Note, RunView};
@@ -350,6 +353,7 @@ async fn answer_queries(
             let body = match request.subject.as_str() {
                 subject::query::RUNS => encode(parse(&request.payload).map(|q| runs(&state, q))),
                 subject::query::RUN => encode(parse(&request.payload).and_then(|q| run(&state, q))),
+                subject::query::STATUS => encode(status(&state)),
                 subject::query::REPLAY => {
                     let answer = match parse::<RunQuery>(&request.payload) {
                         Ok(q) => replay(&state, q).await,
@@ -417,6 +421,19 @@ fn run(state: &State, query: RunQuery) -> Reply<RunView> {
             )))
         }
     }
+}
+
+fn status(state: &State) -> Reply<StatusReply> {
+    let cursor = |source| {
+        state
+            .views
+            .cursor(source)
+            .map_err(|e| QueryError::Unavailable(e.to_string()))
+    };
+    Ok(StatusReply {
+        runs_cursor: cursor(streams::RUNS)?,
+        ledger_cursor: cursor(streams::LEDGER)?,
+    })
 }
 
 /// Rebuilds one run's views from its log: verifies the chain and seal, folds a fresh
