@@ -31,6 +31,15 @@ impl RunHandle {
         })
     }
 
+    pub(crate) fn empty(log: RunLog, run_id: RunId) -> Self {
+        Self {
+            log,
+            run_id,
+            events: Vec::new(),
+            live: None,
+        }
+    }
+
     pub fn run_id(&self) -> &RunId {
         &self.run_id
     }

@@ -124,6 +124,13 @@ impl RunLog {
         RunHandle::load(self.clone(), run_id).await
     }
 
+    /// A handle for a run id this process just made up, so its log is known to be empty:
+    /// no read needed. If the log is not empty after all, the first append is refused as
+    /// a conflict, as with any stale handle.
+    pub fn new_run(&self, run_id: RunId) -> RunHandle {
+        RunHandle::empty(self.clone(), run_id)
+    }
+
     /// Reads the events of a run stored after stream sequence `after`, in order,
     /// without checking their chain (callers check it against what they hold).
     pub async fn read_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {

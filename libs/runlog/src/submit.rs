@@ -43,7 +43,7 @@ pub async fn submit_goal(bus: &Bus, log: &RunLog, goal: Goal) -> Result<RunId, E
         command.encode_to_vec().into(),
     )
     .await?;
-    let mut handle = log.handle(run_id).await?;
+    let mut handle = log.new_run(run_id);
     let appended = handle
         .append_with_id(
             request_event_id,

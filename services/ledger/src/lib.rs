@@ -40,7 +40,7 @@ use view::{Note, RunView};
 pub const SERVICE: &str = "ledger";
 
 /// How many messages one view transaction takes at most while catching up.
-const COMMIT_EVERY: usize = 512;
+const COMMIT_EVERY: usize = 4096;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(

@@ -172,12 +172,7 @@ impl Views {
                 serde_json::to_vec(&note).expect("notes serialize"),
             );
         }
-        pending.batch.put_unless(
-            REMOVED,
-            RUNS,
-            &key,
-            serde_json::to_vec(&view).expect("views serialize"),
-        );
+        // The view is written once per batch, at commit, however many events touched it.
         pending.runs.insert(key, view);
     }
 
@@ -258,7 +253,17 @@ impl Views {
         if pending.applied == 0 {
             return Ok(false);
         }
-        self.store.commit(source, pending.last_seq, pending.batch)
+        let mut batch = pending.batch;
+        for (key, view) in &pending.runs {
+            // A tombstone written meanwhile by the other stream's projection wins.
+            batch.put_unless(
+                REMOVED,
+                RUNS,
+                key,
+                serde_json::to_vec(view).expect("views serialize"),
+            );
+        }
+        self.store.commit(source, pending.last_seq, batch)
     }
 }
 
