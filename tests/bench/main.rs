@@ -359,10 +359,9 @@ async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {
             .await
             .context("e2e runs did not finish within 300 s")?
             .context("subscription ended")?;
-        if let Ok(event) = RunEvent::decode(message.payload.as_ref()) {
-            if matches!(event.body, Some(Body::RunFinished(_))) {
-                done += 1;
-            }
+        let event = RunEvent::decode(message.payload.as_ref());
+        if event.is_ok_and(|e| matches!(e.body, Some(Body::RunFinished(_)))) {
+            done += 1;
         }
     }
     let elapsed = started.elapsed();
