@@ -5,16 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_bus::streams::{COMMANDS, RUNS};
-use dispatch_dispatcher::{Config, Dispatcher};
 use dispatch_models::offline::Offline;
 use dispatch_models::{AuthorRequest, Provider, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
-use dispatch_runlog::submit::{Goal, submit_goal};
 use dispatch_tests::{Stack, count, finished};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -192,40 +189,6 @@ impl Provider for Scripted {
     }
 }
 
-async fn dispatcher_in_process(
-    stack: &Stack,
-    provider: Arc<dyn Provider>,
-) -> anyhow::Result<CancellationToken> {
-    let config = Config {
-        common: dispatch_service::CommonArgs {
-            nats_url: stack.nats.url(),
-            workspace: stack.root().to_path_buf(),
-            instance: Some("scripted".into()),
-        },
-        max_runs: 4,
-        lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,
-    };
-    let dispatcher = Dispatcher::build(config, provider).await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(dispatcher.run(shutdown.clone()));
-    Ok(shutdown)
-}
-
-async fn submit(stack: &Stack, goal: &str) -> anyhow::Result<dispatch_bus::RunId> {
-    let log = stack.log().await?;
-    Ok(submit_goal(
-        &stack.bus,
-        &log,
-        Goal {
-            goal: goal.into(),
-            conversation: Default::default(),
-            timeout_ms: 0,
-            origin: "test".into(),
-        },
-    )
-    .await?)
-}
-
 #[tokio::test]
 async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_blocks()
 -> anyhow::Result<()> {
@@ -234,8 +197,8 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
         "```org\n#+TITLE: Thoughts\n* Some notes\nno tasks here\n```",
         "* TODO",
     ]);
-    let shutdown = dispatcher_in_process(&stack, model.clone()).await?;
-    let run_id = submit(&stack, "Plan nothing").await?;
+    let shutdown = stack.dispatcher_in_process(model.clone()).await?;
+    let run_id = stack.submit("Plan nothing", "default", 0).await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
     shutdown.cancel();
 
@@ -282,8 +245,8 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
         * TODO Look outside\n  Peek.\n  :done-when: test -s ../../../../etc/passwd\n\
         * TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s scratch/note.org\n";
     let model = Scripted::new(&[plan]);
-    let shutdown = dispatcher_in_process(&stack, model).await?;
-    let run_id = submit(&stack, "Try to escape").await?;
+    let shutdown = stack.dispatcher_in_process(model).await?;
+    let run_id = stack.submit("Try to escape", "default", 0).await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
     shutdown.cancel();
 

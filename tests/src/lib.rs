@@ -157,6 +157,27 @@ impl Stack {
         Ok(dispatch_runlog::submit::submit_goal(&self.bus, &log, goal).await?)
     }
 
+    /// Runs a dispatcher inside the test process with `provider` as its model (the one
+    /// test double: a model this machine cannot reach). Cancel the token to stop it.
+    pub async fn dispatcher_in_process(
+        &self,
+        provider: std::sync::Arc<dyn dispatch_models::Provider>,
+    ) -> Result<tokio_util::sync::CancellationToken> {
+        let config = dispatch_dispatcher::Config {
+            common: dispatch_service::CommonArgs {
+                nats_url: self.nats.url(),
+                workspace: self.root().to_path_buf(),
+                instance: Some("in-process".into()),
+            },
+            max_runs: 4,
+            lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,
+        };
+        let dispatcher = dispatch_dispatcher::Dispatcher::build(config, provider).await?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(dispatcher.run(shutdown.clone()));
+        Ok(shutdown)
+    }
+
     /// Writes a policy document that also allows the test tools; returns its path.
     pub fn test_policy(&self) -> Result<PathBuf> {
         let path = self.root().join("test-policy.json");
