@@ -126,7 +126,10 @@ async fn main() -> Result<()> {
         rss.insert(name, json!({ "idle_mb": idle_mb, "peak_mb": peak as f64 / 1024.0, "target_met": idle_mb <= 30.0 }));
     }
     results.insert("rss".into(), Value::Object(rss));
-    drop(services);
+    // Gone for good before the rebuild, so only the fresh ledger answers its queries.
+    for mut service in services {
+        service.kill().await?;
+    }
 
     // 4. View rebuild: a fresh ledger over the whole run stream (the appends and the
     // end-to-end runs above), against a raw read of the same stream.
@@ -316,11 +319,15 @@ async fn rebuild_rate(
     .await?;
     loop {
         let status: Result<dispatch_ledger::api::StatusReply, _> = bus
-            .request_json(subject::query::status(), &(), Duration::from_secs(5))
+            .request_json(subject::query::status(), &(), Duration::from_millis(500))
             .await
             .map_err(anyhow::Error::from)
             .and_then(|r: dispatch_ledger::api::Reply<_>| r.map_err(anyhow::Error::from));
-        if status.is_ok_and(|s| s.runs_cursor >= total) {
+        let cursor = status.as_ref().map(|s| s.runs_cursor).unwrap_or(0);
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            eprintln!("{:?} {cursor}/{total}", started.elapsed());
+        }
+        if cursor >= total {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
