@@ -337,14 +337,13 @@ async fn rebuild_rate(
 
 async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {
     let mut finished = bus.client().subscribe(subject::RUNS_ALL).await?;
-    let log = RunLog::open(bus, "bench").await?;
     let plan = "#+TITLE: One leaf\n* TODO Leave a note\n  :done-when: test -s scratch/leaf-1.org\n";
     let started = Instant::now();
     let submitter = {
-        let (bus, log) = (bus.clone(), log.clone());
+        let bus = bus.clone();
         tokio::spawn(async move {
             let submits = futures::stream::iter(0..n).map(|_| {
-                let (bus, log) = (bus.clone(), log.clone());
+                let bus = bus.clone();
                 async move {
                     let goal = dispatch_runlog::submit::Goal {
                         goal: plan.to_owned(),
@@ -352,7 +351,7 @@ async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {
                         timeout_ms: 0,
                         origin: "bench".into(),
                     };
-                    dispatch_runlog::submit::submit_goal(&bus, &log, goal).await
+                    dispatch_runlog::submit::submit_goal(&bus, goal).await
                 }
             });
             let results: Vec<_> = submits.buffer_unordered(64).collect().await;

@@ -165,9 +165,7 @@ async fn a_goal_is_accepted_with_no_dispatcher_and_carried_out_later() -> anyhow
     let queued = run_view(&stack, &run_id, "queued").await?;
     assert_eq!(queued["goal"], "Write a haiku about queues");
     assert_eq!(
-        stack
-            .stream_messages(dispatch_bus::streams::COMMANDS)
-            .await?,
+        stack.stream_messages(dispatch_bus::streams::GOALS).await?,
         1,
         "the goal waits in JetStream"
     );

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dispatch_bus::streams::{COMMANDS, RUNS};
+use dispatch_bus::streams::{COMMANDS, GOALS, RUNS};
 use dispatch_models::offline::Offline;
 use dispatch_models::{AuthorRequest, Provider, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
@@ -99,6 +99,11 @@ async fn malformed_http_requests_get_specific_errors_and_publish_nothing() -> an
     assert_eq!(error["error"]["code"], "not_found");
 
     assert_eq!(
+        stack.stream_messages(GOALS).await?,
+        0,
+        "a rejected request stored a goal"
+    );
+    assert_eq!(
         stack.stream_messages(COMMANDS).await?,
         0,
         "a rejected request published a command"
@@ -133,6 +138,7 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
     }
     let bad_flag = stack.cli(&["ps", "--format", "yaml"])?;
     assert_eq!(bad_flag.code, Some(125), "{bad_flag:?}");
+    assert_eq!(stack.stream_messages(GOALS).await?, 0);
     assert_eq!(stack.stream_messages(COMMANDS).await?, 0);
     assert_eq!(stack.stream_messages(RUNS).await?, 0);
 

@@ -4,7 +4,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
-use dispatch_runlog::submit::{Goal, submit_goal};
 use dispatch_testkit::Service;
 use dispatch_tests::{Stack, count, finished};
 
@@ -21,16 +20,13 @@ async fn two_dispatchers_carry_fifty_goals_each_exactly_once() -> anyhow::Result
         .await?;
         stack.services.push(dispatcher);
     }
-    let log = stack.log().await?;
     let mut ids = Vec::new();
     for n in 0..50 {
-        let goal = Goal {
-            goal: format!("Errand number {n}"),
-            conversation: Default::default(),
-            timeout_ms: 0,
-            origin: "test".into(),
-        };
-        ids.push(submit_goal(&stack.bus, &log, goal).await?);
+        ids.push(
+            stack
+                .submit(&format!("Errand number {n}"), "default", 0)
+                .await?,
+        );
     }
 
     let mut owners = BTreeSet::new();

@@ -147,14 +147,13 @@ impl Stack {
 
     /// Submits a goal over the bus as the CLI does.
     pub async fn submit(&self, goal: &str, conversation: &str, timeout_ms: u64) -> Result<RunId> {
-        let log = self.log().await?;
         let goal = dispatch_runlog::submit::Goal {
             goal: goal.to_owned(),
             conversation: conversation.parse()?,
             timeout_ms,
             origin: "test".into(),
         };
-        Ok(dispatch_runlog::submit::submit_goal(&self.bus, &log, goal).await?)
+        Ok(dispatch_runlog::submit::submit_goal(&self.bus, goal).await?)
     }
 
     /// Runs a dispatcher inside the test process with `provider` as its model (the one
@@ -205,14 +204,26 @@ impl Stack {
         Ok(self.http.get(self.url(path)).send().await?.json().await?)
     }
 
-    /// Waits until the command work queue is empty: every command was handled and acked.
+    /// Waits until every goal was taken and acknowledged and the command work queue is
+    /// empty: nothing is left to do or in flight.
     pub async fn commands_drained(&self, limit: Duration) -> Result<()> {
         self.eventually(limit, || async {
             let left = self
                 .stream_messages(dispatch_bus::streams::COMMANDS)
                 .await
                 .ok()?;
-            (left == 0).then_some(())
+            let stream = self
+                .bus
+                .jetstream()
+                .get_stream(dispatch_bus::streams::GOALS)
+                .await
+                .ok()?;
+            let mut goals: dispatch_bus::async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(dispatch_bus::streams::consumers::DISPATCHER_GOALS)
+                .await
+                .ok()?;
+            let info = goals.info().await.ok()?;
+            (left == 0 && info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
         })
         .await
     }

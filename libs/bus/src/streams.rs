@@ -6,9 +6,13 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, Stor
 
 use crate::{Bus, Error, subject};
 
+/// Submitted goals, one subject per run. Limits retention, so the ledger can show a
+/// goal as queued before any dispatcher takes it; the dispatchers' shared durable
+/// consumer still hands each goal to one copy.
+pub const GOALS: &str = "DISPATCH_GOALS";
 /// Every run's append-only event log, one subject per run.
 pub const RUNS: &str = "DISPATCH_RUNS";
-/// Commands (goal, policy check, tool call, gate check): each handled once.
+/// Commands (policy check, tool call, gate check): each handled once.
 pub const COMMANDS: &str = "DISPATCH_COMMANDS";
 /// Events the ledger itself owns: feedback drains.
 pub const LEDGER: &str = "DISPATCH_LEDGER";
@@ -34,6 +38,20 @@ fn runs() -> Config {
         allow_direct: true,
         deny_delete: true,
         deny_purge: false,
+        ..Default::default()
+    }
+}
+
+fn goals() -> Config {
+    Config {
+        name: GOALS.to_owned(),
+        description: Some("Dispatch goals, one subject per run".to_owned()),
+        subjects: vec![subject::GOALS_ALL.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
         ..Default::default()
     }
 }
@@ -66,7 +84,7 @@ fn ledger() -> Config {
 
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
-    for config in [runs(), commands(), ledger()] {
+    for config in [goals(), runs(), commands(), ledger()] {
         let name = config.name.clone();
         bus.jetstream()
             .get_or_create_stream(config)

@@ -1,6 +1,7 @@
 //! Every subject Dispatch uses, built here and nowhere else.
 //!
 //! Layout:
+//! - `dispatch.goal.<run_id>`: a submitted goal (stream `DISPATCH_GOALS`);
 //! - `dispatch.run.<run_id>`: one run's event log (stream `DISPATCH_RUNS`);
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
@@ -15,6 +16,19 @@ const RUN_PREFIX: &str = "dispatch.run.";
 
 /// All run logs, for stream declaration and projections.
 pub const RUNS_ALL: &str = "dispatch.run.*";
+/// All submitted goals.
+pub const GOALS_ALL: &str = "dispatch.goal.*";
+const GOAL_PREFIX: &str = "dispatch.goal.";
+
+/// The subject a run's goal is submitted on.
+pub fn goal(run_id: &RunId) -> Subject {
+    Subject::from(format!("{GOAL_PREFIX}{run_id}"))
+}
+
+/// The run id a goal subject belongs to, if it is one.
+pub fn run_id_of_goal(subject: &str) -> Option<RunId> {
+    subject.strip_prefix(GOAL_PREFIX)?.parse().ok()
+}
 /// All commands.
 pub const COMMANDS_ALL: &str = "dispatch.cmd.*";
 /// All ledger-owned events.
@@ -34,14 +48,10 @@ pub fn run_id_of(subject: &str) -> Option<RunId> {
 pub mod cmd {
     use super::Subject;
 
-    pub const GOAL: &str = "dispatch.cmd.goal";
     pub const POLICY: &str = "dispatch.cmd.policy";
     pub const TOOL: &str = "dispatch.cmd.tool";
     pub const GATE: &str = "dispatch.cmd.gate";
 
-    pub fn goal() -> Subject {
-        Subject::from_static(GOAL)
-    }
     pub fn policy() -> Subject {
         Subject::from_static(POLICY)
     }
@@ -122,6 +132,13 @@ mod tests {
         assert_eq!(run_id_of(subject.as_str()), Some(id));
         assert_eq!(run_id_of("dispatch.cmd.goal"), None);
         assert_eq!(run_id_of("dispatch.run.not-a-uuid"), None);
+    }
+
+    #[test]
+    fn goal_subject_round_trips() {
+        let id = RunId::new();
+        assert_eq!(run_id_of_goal(goal(&id).as_str()), Some(id));
+        assert_eq!(run_id_of_goal(run(&id).as_str()), None);
     }
 
     #[test]

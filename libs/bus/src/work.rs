@@ -12,11 +12,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{Bus, Error, streams};
+use crate::{Bus, Error};
 
 /// A durable consumer on the command stream.
 #[derive(Debug, Clone)]
 pub struct WorkQueue {
+    /// The stream the consumer reads (a work-queue stream, or the goals stream).
+    pub stream: &'static str,
     pub consumer: &'static str,
     pub filter_subjects: Vec<String>,
     /// The lease on a fetched command: renewed while its handler runs; once renewals
@@ -62,9 +64,9 @@ where
 {
     let stream = bus
         .jetstream()
-        .get_stream(streams::COMMANDS)
+        .get_stream(queue.stream)
         .await
-        .map_err(|e| Error::other("open command stream", e))?;
+        .map_err(|e| Error::other(&format!("open stream {}", queue.stream), e))?;
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(
             queue.consumer,

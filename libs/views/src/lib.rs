@@ -32,13 +32,13 @@ pub struct ViewStore {
     trees: Vec<(String, sled::Tree)>,
 }
 
-/// One change: put or remove `key` in `tree`, unless `key` is in the `guard` tree.
+/// One change: put or remove `key` in `tree`, unless `key` is in one of the `guards`.
 #[derive(Debug, Clone)]
 struct Op {
     tree: String,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
-    guard: Option<String>,
+    guards: Vec<String>,
 }
 
 /// Changes to apply together with a cursor move.
@@ -49,7 +49,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn put(&mut self, tree: &str, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
-        self.push(tree, key, Some(value.into()), None);
+        self.push(tree, key, Some(value.into()), &[]);
     }
 
     /// Puts `key` unless the `guard` tree holds the same key when the batch commits
@@ -61,25 +61,31 @@ impl Batch {
         key: impl AsRef<[u8]>,
         value: impl Into<Vec<u8>>,
     ) {
-        self.push(tree, key, Some(value.into()), Some(guard));
+        self.push(tree, key, Some(value.into()), &[guard]);
+    }
+
+    /// Puts `key` unless any of the `guards` trees holds it at commit (a guard may be
+    /// `tree` itself: put if absent).
+    pub fn put_unless_any(
+        &mut self,
+        guards: &[&str],
+        tree: &str,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Vec<u8>>,
+    ) {
+        self.push(tree, key, Some(value.into()), guards);
     }
 
     pub fn remove(&mut self, tree: &str, key: impl AsRef<[u8]>) {
-        self.push(tree, key, None, None);
+        self.push(tree, key, None, &[]);
     }
 
-    fn push(
-        &mut self,
-        tree: &str,
-        key: impl AsRef<[u8]>,
-        value: Option<Vec<u8>>,
-        guard: Option<&str>,
-    ) {
+    fn push(&mut self, tree: &str, key: impl AsRef<[u8]>, value: Option<Vec<u8>>, guards: &[&str]) {
         self.ops.push(Op {
             tree: tree.to_owned(),
             key: key.as_ref().to_vec(),
             value,
-            guard: guard.map(str::to_owned),
+            guards: guards.iter().map(|g| (*g).to_owned()).collect(),
         });
     }
 
@@ -127,7 +133,7 @@ impl ViewStore {
     pub fn commit(&self, source: &str, seq: u64, batch: Batch) -> Result<bool, Error> {
         for op in &batch.ops {
             self.tree(&op.tree)?;
-            if let Some(guard) = &op.guard {
+            for guard in &op.guards {
                 self.tree(guard)?;
             }
         }
@@ -151,10 +157,10 @@ impl ViewStore {
                     + 1
             };
             for op in &batch.ops {
-                let guarded = match &op.guard {
-                    Some(guard) => txs[index(guard)].get(op.key.as_slice())?.is_some(),
-                    None => false,
-                };
+                let mut guarded = false;
+                for guard in &op.guards {
+                    guarded |= txs[index(guard)].get(op.key.as_slice())?.is_some();
+                }
                 if guarded {
                     continue;
                 }

@@ -244,7 +244,6 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let log = RunLog::open(&bus, "cli").await?;
             let run_id = submit_goal(
                 &bus,
-                &log,
                 Goal {
                     goal: goal.to_owned(),
                     conversation,
@@ -338,6 +337,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
             let log = sealed_log(&bus, &cli.workspace).await?;
+            stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
             let events = log.read(&run_id).await?;
             let requested = events
                 .iter()
@@ -346,11 +346,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     _ => None,
                 })
                 .ok_or_else(|| Failure::new(format!("run {run_id} has no request to restart")))?;
-            stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
             let conversation = requested.conversation_id.parse().unwrap_or_default();
             let new_id = submit_goal(
                 &bus,
-                &log,
                 Goal {
                     goal: requested.goal,
                     conversation,
@@ -520,7 +518,11 @@ async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
 async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
     if let Ok(run_id) = id.parse::<RunId>() {
         let log = RunLog::open(bus, "cli").await?;
-        if !log.read_after(&run_id, 0).await?.is_empty() {
+        let known = !log.read_after(&run_id, 0).await?.is_empty()
+            || dispatch_runlog::submit::find_goal(bus, &run_id)
+                .await?
+                .is_some();
+        if known {
             return Ok(run_id);
         }
     }
@@ -581,6 +583,14 @@ async fn stop(log: &RunLog, run_id: RunId, grace: Duration, force: bool) -> Resu
     let mut handle = log.handle(run_id).await?;
     if handle.is_finished() {
         return Ok(());
+    }
+    // A goal no dispatcher has taken yet has no log: start it from the goal, so the
+    // stop and the terminal event follow the run's request like in any other run.
+    if handle.events().is_empty() {
+        let goal = dispatch_runlog::submit::find_goal(log.bus(), &run_id)
+            .await?
+            .ok_or_else(|| Failure::new(format!("no run matches {run_id}")))?;
+        dispatch_runlog::submit::record_request(&mut handle, &goal).await?;
     }
     let request = Body::StopRequested(StopRequested {
         grace_ms: grace.as_millis() as u64,

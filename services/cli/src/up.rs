@@ -257,7 +257,6 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
     let log = RunLog::open(bus, "cli").await?;
     let run_id = submit_goal(
         bus,
-        &log,
         Goal {
             goal: goal.to_owned(),
             conversation: Default::default(),

@@ -100,6 +100,7 @@ impl Connectors {
         work::consume(
             &self.bus,
             WorkQueue {
+                stream: streams::COMMANDS,
                 consumer: streams::consumers::CONNECTOR_CALLS,
                 filter_subjects: vec![subject::cmd::TOOL.to_owned(), subject::cmd::GATE.to_owned()],
                 ack_wait: Duration::from_millis(self.config.lease_ms.max(300)),

@@ -163,14 +163,7 @@ impl Exec<'_> {
     }
 
     async fn requested(&mut self) -> Result<RunRequested, Stop> {
-        let command = self.command;
-        if self.find(as_requested).is_none() {
-            let body = Body::RunRequested(dispatch_runlog::submit::requested(command));
-            self.run
-                .append_with_id(command.request_event_id.clone(), body, &command.run_id)
-                .await?;
-        }
-        Ok(self.find(as_requested).expect("appended above"))
+        Ok(dispatch_runlog::submit::record_request(&mut self.run, self.command).await?)
     }
 
     async fn plan(&mut self, requested: &RunRequested) -> Result<PlanAuthored, Stop> {
@@ -539,13 +532,6 @@ async fn watch_for_stop(log: dispatch_runlog::RunLog, run_id: RunId) -> StopRequ
                 break;
             }
         }
-    }
-}
-
-fn as_requested(b: &Body) -> Option<RunRequested> {
-    match b {
-        Body::RunRequested(r) => Some(r.clone()),
-        _ => None,
     }
 }
 

@@ -135,8 +135,9 @@ impl Dispatcher {
         work::consume(
             &self.ctx.bus,
             WorkQueue {
+                stream: streams::GOALS,
                 consumer: streams::consumers::DISPATCHER_GOALS,
-                filter_subjects: vec![subject::cmd::GOAL.to_owned()],
+                filter_subjects: vec![subject::GOALS_ALL.to_owned()],
                 ack_wait: self.ctx.lease,
             },
             self.config.max_runs,

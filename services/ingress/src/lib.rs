@@ -20,7 +20,6 @@ use dispatch_ledger::api::{
     QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply,
 };
 use dispatch_ledger::view::RunView;
-use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
 use serde::Deserialize;
 use serde_json::json;
@@ -70,7 +69,6 @@ pub struct Ingress {
 
 struct App {
     bus: Bus,
-    log: RunLog,
 }
 
 impl Ingress {
@@ -79,7 +77,7 @@ impl Ingress {
         let instance = config.common.instance();
         config.common.instance = Some(instance.clone());
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
-        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
+
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Listen {
@@ -88,7 +86,7 @@ impl Ingress {
             })?;
         Ok(Self {
             config,
-            app: Arc::new(App { bus, log }),
+            app: Arc::new(App { bus }),
             listener,
         })
     }
@@ -203,7 +201,7 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         Ok(goal) => goal,
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
     };
-    match submit_goal(&app.bus, &app.log, goal).await {
+    match submit_goal(&app.bus, goal).await {
         Ok(run_id) => (
             StatusCode::ACCEPTED,
             axum::Json(

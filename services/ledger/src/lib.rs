@@ -1,7 +1,8 @@
 //! The ledger: Dispatch's projections.
 //!
-//! It follows every run's log (stream `DISPATCH_RUNS`) and the ledger's own drain
-//! events (stream `DISPATCH_LEDGER`) with ordered consumers that start after the last
+//! It follows submitted goals (stream `DISPATCH_GOALS`), every run's log (stream
+//! `DISPATCH_RUNS`) and the ledger's own events (stream `DISPATCH_LEDGER`) with ordered
+//! consumers that start after the last
 //! sequence committed to its sled views, so deleting the views and restarting rebuilds
 //! them from the logs. From the views it answers `dispatch.query.*` (run status for
 //! `ps`/`inspect`, a conversation's tasks with a read-once drain of its feedback
@@ -120,6 +121,11 @@ impl Ledger {
         ));
         tasks.spawn(project_stream(
             state.clone(),
+            streams::GOALS,
+            shutdown.clone(),
+        ));
+        tasks.spawn(project_stream(
+            state.clone(),
             streams::RUNS,
             shutdown.clone(),
         ));
@@ -221,6 +227,11 @@ async fn follow(
                 state
                     .views
                     .apply_run_event(&mut pending, seq, &message.subject, &message.payload)
+            }
+            streams::GOALS => {
+                state
+                    .views
+                    .apply_goal(&mut pending, seq, &message.subject, &message.payload)
             }
             _ => state.views.apply_ledger_event(
                 &mut pending,

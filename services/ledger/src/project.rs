@@ -30,6 +30,8 @@ pub struct Views {
 #[derive(Default)]
 pub struct Pending {
     runs: HashMap<String, RunView>,
+    /// Views of goals not yet taken, written only where no view exists.
+    queued: Vec<(String, RunView)>,
     removed: Vec<String>,
     finished: Vec<String>,
     batch: Batch,
@@ -193,6 +195,31 @@ impl Views {
             .is_ok_and(|t| t.contains_key(run_id).unwrap_or(false))
     }
 
+    /// Folds one submitted goal into `pending`: a queued view, unless the run has one.
+    pub fn apply_goal(&self, pending: &mut Pending, seq: u64, subject_name: &str, payload: &[u8]) {
+        pending.last_seq = seq;
+        pending.applied += 1;
+        let command = match dispatch_proto::command::v1::SubmitGoal::decode(payload) {
+            Ok(command) => command,
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "ignoring an undecodable goal");
+                return;
+            }
+        };
+        let from_subject = subject::run_id_of_goal(subject_name).map(|id| id.to_string());
+        if from_subject.as_deref() != Some(command.run_id.as_str()) {
+            tracing::warn!(
+                seq,
+                subject = subject_name,
+                "ignoring a goal whose run id does not match its subject"
+            );
+            return;
+        }
+        pending
+            .queued
+            .push((command.run_id.clone(), RunView::queued(&command)));
+    }
+
     /// Folds one ledger-stream message (a drain or a removal) into `pending`.
     pub fn apply_ledger_event(
         &self,
@@ -254,6 +281,10 @@ impl Views {
             return Ok(false);
         }
         let mut batch = pending.batch;
+        for (key, view) in &pending.queued {
+            let json = serde_json::to_vec(view).expect("views serialize");
+            batch.put_unless_any(&[REMOVED, RUNS], RUNS, key, json);
+        }
         for (key, view) in &pending.runs {
             // A tombstone written meanwhile by the other stream's projection wins.
             batch.put_unless(

@@ -95,6 +95,22 @@ impl RunView {
         }
     }
 
+    /// The view of a goal no dispatcher has taken yet. Once the run's log starts, its
+    /// `RunRequested` sets every field this one does, so the final view does not depend
+    /// on which of the two streams a projection reads first.
+    pub fn queued(command: &dispatch_proto::command::v1::SubmitGoal) -> Self {
+        let mut view = Self::new(&RunEvent {
+            run_id: command.run_id.clone(),
+            time_unix_ms: command.submitted_at_unix_ms,
+            ..Default::default()
+        });
+        view.goal = command.goal.clone();
+        view.conversation_id = command.conversation_id.clone();
+        view.origin = command.origin.clone();
+        view.timeout_ms = command.timeout_ms;
+        view
+    }
+
     /// Applies one event. Events at or below `last_seq` were applied already.
     pub fn apply(view: Option<Self>, event: &RunEvent) -> Self {
         let mut view = view.unwrap_or_else(|| Self::new(event));

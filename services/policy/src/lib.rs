@@ -90,6 +90,7 @@ impl PolicyService {
         work::consume(
             &self.bus,
             WorkQueue {
+                stream: streams::COMMANDS,
                 consumer: streams::consumers::POLICY_CHECKS,
                 filter_subjects: vec![subject::cmd::POLICY.to_owned()],
                 ack_wait: Duration::from_millis(self.config.lease_ms.max(300)),
