@@ -66,7 +66,7 @@ async fn main() -> Result<()> {
         }),
     );
     drop(ingress);
-    purge_commands(&bus).await?;
+    purge_goals(&bus).await?;
 
     // 2. Append throughput: the run-log library against raw publishes, same concurrency.
     let raw_rate = raw_publish_rate(&bus).await?;
@@ -212,11 +212,9 @@ async fn post_latencies(addr: &str, n: usize) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-async fn purge_commands(bus: &Bus) -> Result<()> {
-    let stream = bus
-        .jetstream()
-        .get_stream(dispatch_bus::streams::COMMANDS)
-        .await?;
+/// The goals POSTed for the latency figure are not part of the end-to-end figure.
+async fn purge_goals(bus: &Bus) -> Result<()> {
+    let stream = bus.jetstream().get_stream(dispatch_bus::streams::GOALS).await?;
     stream.purge().await?;
     Ok(())
 }
