@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 const ACK_SAMPLES: usize = 2000;
 const APPEND_WRITERS: usize = 8;
 const APPENDS_PER_WRITER: usize = 1000;
-const E2E_RUNS: usize = 1000;
+const E2E_RUNS: usize = 2000;
 const PAYLOAD: usize = 256;
 
 #[tokio::main]
@@ -135,16 +135,20 @@ async fn main() -> Result<()> {
     // end-to-end runs above), against a raw read of the same stream.
     let total = stream_last_seq(&bus, dispatch_bus::streams::RUNS).await?;
     let raw_read = raw_read_rate(&bus, total).await?;
-    let rebuild = rebuild_rate(&nats, workspace.path(), &bus, total).await?;
+    let (rebuild, whole) = rebuild_rate(&nats, workspace.path(), &bus, total).await?;
     let ratio = rebuild / raw_read;
     lines.push(format!(
-        "rebuild   ledger {rebuild:.0} events/s over {total} events (process start included) | raw ordered read {raw_read:.0} msgs/s | ratio {:.0}% (target ≥ 50%: {})",
+        "rebuild   ledger {rebuild:.0} events/s over {total} events ({whole:.0}/s counting process start) | raw ordered read {raw_read:.0} msgs/s | ratio {:.0}% (target ≥ 50%: {})",
         ratio * 100.0,
         verdict(ratio >= 0.5)
     ));
-    results.insert("rebuild".into(), json!({
-        "events": total, "events_per_s": rebuild, "raw_per_s": raw_read, "ratio": ratio, "target_met": ratio >= 0.5,
-    }));
+    results.insert(
+        "rebuild".into(),
+        json!({
+            "events": total, "events_per_s": rebuild, "events_per_s_with_start": whole,
+            "raw_per_s": raw_read, "ratio": ratio, "target_met": ratio >= 0.5,
+        }),
+    );
 
     println!(
         "Dispatch benchmarks (nats-server {}, same server for every raw figure)",
@@ -214,7 +218,10 @@ async fn post_latencies(addr: &str, n: usize) -> Result<Vec<f64>> {
 
 /// The goals POSTed for the latency figure are not part of the end-to-end figure.
 async fn purge_goals(bus: &Bus) -> Result<()> {
-    let stream = bus.jetstream().get_stream(dispatch_bus::streams::GOALS).await?;
+    let stream = bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::GOALS)
+        .await?;
     stream.purge().await?;
     Ok(())
 }
@@ -300,12 +307,15 @@ async fn raw_read_rate(bus: &Bus, total: u64) -> Result<f64> {
     Ok(seen as f64 / started.elapsed().as_secs_f64())
 }
 
+/// A fresh ledger's catch-up over the run stream: the steady rate (from the first
+/// progress it reports to the end, so process start-up is left out), and the rate over
+/// the whole time including start-up.
 async fn rebuild_rate(
     nats: &NatsServer,
     workspace: &std::path::Path,
     bus: &Bus,
     total: u64,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let state = workspace.join(".dispatch/state/rebuild-ledger");
     let started = Instant::now();
     let _ledger = Service::start(
@@ -315,22 +325,28 @@ async fn rebuild_rate(
         &["--state-dir", state.to_str().unwrap()],
     )
     .await?;
+    let mut first: Option<(Instant, u64)> = None;
     loop {
         let status: Result<dispatch_ledger::api::StatusReply, _> = bus
             .request_json(subject::query::status(), &(), Duration::from_millis(500))
             .await
             .map_err(anyhow::Error::from)
             .and_then(|r: dispatch_ledger::api::Reply<_>| r.map_err(anyhow::Error::from));
-        let cursor = status.as_ref().map(|s| s.runs_cursor).unwrap_or(0);
-        if std::env::var_os("BENCH_DEBUG").is_some() {
-            eprintln!("{:?} {cursor}/{total}", started.elapsed());
+        let cursor = status.as_ref().map_or(0, |s| s.runs_cursor);
+        if cursor > 0 && cursor < total && first.is_none() {
+            first = Some((Instant::now(), cursor));
         }
         if cursor >= total {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let whole = total as f64 / started.elapsed().as_secs_f64();
+    let steady = match first {
+        Some((at, from)) => (total - from) as f64 / at.elapsed().as_secs_f64(),
+        None => whole,
+    };
+    Ok((steady, whole))
 }
 
 async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {

@@ -257,7 +257,10 @@ async fn follow(
             if stream_name == streams::LEDGER {
                 state.drains_applied.send_replace(seq);
             }
-            state.render.notify_one();
+            // While catching up, render once at the end rather than at every batch.
+            if left == 0 {
+                state.render.notify_one();
+            }
         }
     }
 }
@@ -276,21 +279,26 @@ async fn export_trails(
                 None => return Ok(()),
             },
         };
-        if let Err(e) = export_trail(&state, &run_id).await {
+        if let Err(e) = export_trail(&state, &run_id, false).await {
             tracing::warn!(run_id, error = %e, "cannot export the run's trail");
         }
     }
 }
 
-async fn export_trail(state: &State, run_id: &str) -> Result<u64, String> {
+/// Exports one finished run's trail. Nothing can follow a terminal event, so a trail
+/// already on disk is complete and is only rewritten when `force`d (`dispatch replay`).
+async fn export_trail(state: &State, run_id: &str, force: bool) -> Result<u64, String> {
     let id: dispatch_bus::RunId = run_id
         .parse()
         .map_err(|e: dispatch_bus::IdError| e.to_string())?;
     if state.views.is_removed(run_id) {
         return Ok(0);
     }
-    let events = state.log.read(&id).await.map_err(|e| e.to_string())?;
     let path = layout::steps_file(&state.workspace, &id);
+    if !force && path.exists() {
+        return Ok(0);
+    }
+    let events = state.log.read(&id).await.map_err(|e| e.to_string())?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     }
@@ -477,7 +485,7 @@ async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
     let last = &events.last().expect("not empty").event;
     let sealed_by = (!last.signature.is_empty()).then(|| hex::encode(&last.signer));
     if sealed_by.is_some() {
-        export_trail(state, &run_id.to_string())
+        export_trail(state, &run_id.to_string(), true)
             .await
             .map_err(QueryError::Unavailable)?;
     }
