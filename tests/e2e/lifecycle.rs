@@ -11,16 +11,6 @@ const LIMIT: Duration = Duration::from_secs(90);
 const SLOW: &str =
     "#+TITLE: Slow\n* TODO Sleep\n  - call: sleep {\"ms\": 30000}\n  :done-when: true\n";
 
-async fn stack() -> anyhow::Result<Stack> {
-    let mut stack = Stack::start(&["ledger"]).await?;
-    let policy = stack.test_policy()?;
-    stack
-        .add_with("policy", &["--policy", policy.to_str().unwrap()])
-        .await?;
-    stack.add_with("connectors", &["--test-tools"]).await?;
-    Ok(stack)
-}
-
 async fn wait_started_call(stack: &Stack, run_id: RunId) -> anyhow::Result<()> {
     let log = stack.log().await?;
     stack
@@ -57,7 +47,7 @@ async fn ledger_knows(stack: &Stack, run_id: RunId, status: &str) -> anyhow::Res
 
 #[tokio::test]
 async fn stop_asks_the_owner_and_the_run_ends_stopped() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     let run_id = stack.submit(SLOW, "default", 0).await?;
     wait_started_call(&stack, run_id).await?;
@@ -89,7 +79,7 @@ async fn stop_asks_the_owner_and_the_run_ends_stopped() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     // No dispatcher: the run is queued and nobody owns it.
     let queued = stack.submit(SLOW, "default", 0).await?;
     let out = stack.cli(&["stop", "--grace-period-ms", "300", &queued.to_string()])?;
@@ -119,7 +109,7 @@ async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyho
 
 #[tokio::test]
 async fn rm_refuses_live_runs_and_removes_ended_ones_from_views_and_disk() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     let done = stack.submit("Quick errand", "default", 0).await?;
     stack.wait_finished(done, LIMIT).await?;
@@ -201,7 +191,7 @@ async fn rm_refuses_live_runs_and_removes_ended_ones_from_views_and_disk() -> an
 
 #[tokio::test]
 async fn restart_runs_the_goal_again_and_prune_clears_ended_runs() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     let first = stack.submit("Water the plants", "garden", 0).await?;
     stack.wait_finished(first, LIMIT).await?;

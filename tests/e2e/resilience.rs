@@ -11,17 +11,6 @@ use dispatch_tests::{Stack, count, finished};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// ledger, policy (with the test tools allowed) and connectors (offering them).
-async fn stack() -> anyhow::Result<Stack> {
-    let mut stack = Stack::start(&["ledger"]).await?;
-    let policy = stack.test_policy()?;
-    stack
-        .add_with("policy", &["--policy", policy.to_str().unwrap()])
-        .await?;
-    stack.add_with("connectors", &["--test-tools"]).await?;
-    Ok(stack)
-}
-
 fn time_of(events: &[StoredEvent], kind: &str) -> i64 {
     events
         .iter()
@@ -64,7 +53,7 @@ fn owner(events: &[StoredEvent]) -> String {
 
 #[tokio::test]
 async fn the_kill_switch_ends_a_run_at_its_deadline_and_cancels_the_call() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     let plan = "#+TITLE: Too slow\n* TODO Sleep past the deadline\n  - call: sleep {\"ms\": 6000, \"marker\": \"scratch/slept.txt\"}\n  :done-when: test -s scratch/slept.txt\n";
     let run_id = stack.submit(plan, "default", 2000).await?;
@@ -102,7 +91,7 @@ async fn the_kill_switch_ends_a_run_at_its_deadline_and_cancels_the_call() -> an
 
 #[tokio::test]
 async fn a_killed_owner_is_replaced_and_no_call_runs_twice() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     for _ in 0..2 {
         stack
             .add_with("dispatcher", &["--lease-ms", "2000"])
@@ -161,7 +150,7 @@ async fn a_killed_owner_is_replaced_and_no_call_runs_twice() -> anyhow::Result<(
 #[tokio::test]
 async fn a_run_whose_deadline_passes_with_no_dispatcher_alive_ends_orphaned() -> anyhow::Result<()>
 {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack
         .add_with("dispatcher", &["--lease-ms", "1000"])
         .await?;
@@ -186,7 +175,7 @@ async fn a_run_whose_deadline_passes_with_no_dispatcher_alive_ends_orphaned() ->
 
 #[tokio::test]
 async fn a_nats_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack
         .add_with("dispatcher", &["--lease-ms", "2000"])
         .await?;
@@ -220,7 +209,7 @@ async fn a_nats_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()
 
 #[tokio::test]
 async fn feedback_survives_every_restart_and_concurrent_drains_split_it() -> anyhow::Result<()> {
-    let mut stack = stack().await?;
+    let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     let mut kept = Vec::new();
     for n in 0..2 {

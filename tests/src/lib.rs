@@ -40,6 +40,16 @@ impl Stack {
         Ok(stack)
     }
 
+    /// ledger, policy allowing the test tools, and connectors offering them.
+    pub async fn with_test_tools() -> Result<Self> {
+        let mut stack = Self::start(&["ledger"]).await?;
+        let policy = stack.test_policy()?;
+        let policy = policy.to_str().context("policy path is UTF-8")?.to_owned();
+        stack.add_with("policy", &["--policy", &policy]).await?;
+        stack.add_with("connectors", &["--test-tools"]).await?;
+        Ok(stack)
+    }
+
     pub async fn add(&mut self, service: &str) -> Result<&Service> {
         let args: &[&str] = if service == "ingress" {
             &["--listen", "127.0.0.1:0"]
