@@ -20,6 +20,9 @@ use prost::Message as _;
 
 use crate::{Context, DEFAULT_TIMEOUT, Error};
 
+/// How long the owner of a force-stopped run waits for the requester's terminal event.
+const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// The most model turns one leaf may take.
 pub const MAX_TURNS: u32 = 8;
 
@@ -139,13 +142,28 @@ impl Exec<'_> {
     /// Runs the plan until it ends, its deadline passes, or someone asks it to stop.
     async fn drive(&mut self) -> Result<Vec<TallyEntry>, Stop> {
         if let Some(stop) = self.find(as_stop) {
-            return Err(Stop::Stopped(stop_reason(&stop)));
+            return Err(self.stopped(&stop).await);
         }
         let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id());
-        tokio::select! {
-            result = self.drive_plan() => result,
-            stop = watch => Err(Stop::Stopped(stop_reason(&stop))),
+        let stop = tokio::select! {
+            result = self.drive_plan() => return result,
+            stop = watch => stop,
+        };
+        Err(self.stopped(&stop).await)
+    }
+
+    /// The work is cancelled. A forced stop is ended by whoever forced it, so its reason
+    /// stands; this copy only steps in if that terminal event does not come.
+    async fn stopped(&mut self, stop: &StopRequested) -> Stop {
+        if stop.force {
+            let ended =
+                tokio::time::timeout(FORCED_STOP_WAIT, self.run.wait_until_finished()).await;
+            if matches!(ended, Ok(Ok(()))) {
+                return Stop::Finished;
+            }
+            return Stop::Stopped(format!("stopped by {} (forced)", stop.requested_by));
         }
+        Stop::Stopped(stop_reason(stop))
     }
 
     async fn drive_plan(&mut self) -> Result<Vec<TallyEntry>, Stop> {
