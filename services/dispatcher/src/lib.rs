@@ -197,6 +197,12 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
                 tracing::warn!(run_id = %run_id, error = %e, "ack of a finished goal failed");
             }
         }
+        // A log that does not verify cannot be continued without blessing whatever broke
+        // it: stop retrying and say so loudly; `dispatch replay` names the bad event.
+        Some(Err(Error::Log(e))) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
+            tracing::error!(run_id = %run_id, error = %e, "the run's log does not verify; not continuing it");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
         Some(Err(e)) => {
             tracing::warn!(run_id = %run_id, error = %e, "run interrupted, handing the goal back");
             let _ = message
