@@ -158,10 +158,13 @@ impl Views {
             }
         };
         let key = event.run_id.clone();
-        if self.is_removed(&key) || pending.removed.contains(&key) {
-            return;
-        }
-        let current = pending.runs.remove(&key).or_else(|| self.run(&key));
+        // Tombstones are looked up when a run first enters the batch; one written later
+        // by the other stream's projection still wins at commit (guarded put).
+        let current = match pending.runs.remove(&key) {
+            Some(view) => Some(view),
+            None if self.is_removed(&key) => return,
+            None => self.run(&key),
+        };
         let view = RunView::apply(current, &event);
         if matches!(event.body, Some(Body::RunFinished(_))) {
             pending.finished.push(key.clone());
