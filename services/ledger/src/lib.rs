@@ -209,6 +209,7 @@ async fn follow(
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     let mut pending = Pending::default();
+    let (started, mut applied, mut caught_up) = (std::time::Instant::now(), 0u64, false);
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -218,6 +219,7 @@ async fn follow(
             return Err("consumer ended".into());
         };
         let message = message.map_err(|e| e.to_string())?;
+        applied += 1;
         let (seq, left) = {
             let info = message.info().map_err(|e| e.to_string())?;
             (info.stream_sequence, info.pending)
@@ -260,6 +262,18 @@ async fn follow(
             // While catching up, render once at the end rather than at every batch.
             if left == 0 {
                 state.render.notify_one();
+                if !caught_up {
+                    caught_up = true;
+                    let ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(
+                        stream = stream_name,
+                        from = cursor,
+                        to = seq,
+                        messages = applied,
+                        ms,
+                        "views caught up"
+                    );
+                }
             }
         }
     }
