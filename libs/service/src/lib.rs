@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+pub mod config;
+
 use tokio_util::sync::CancellationToken;
 
 /// Flags every service takes. Each can also come from the environment.

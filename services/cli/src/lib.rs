@@ -193,9 +193,9 @@ impl From<dispatch_runlog::Error> for Failure {
 
 /// Runs the CLI on `args` and returns its exit code.
 pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
+    let cli: Cli = match dispatch_service::config::parse_from("dispatch", args) {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(dispatch_service::config::Error::Args(e)) => {
             let code = if e.use_stderr() {
                 exit::ERROR
             } else {
@@ -203,6 +203,10 @@ pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             };
             let _ = e.print();
             return ExitCode::from(code);
+        }
+        Err(e) => {
+            eprintln!("dispatch: {e}");
+            return ExitCode::from(exit::ERROR);
         }
     };
     match run(cli).await {
