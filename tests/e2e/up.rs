@@ -105,3 +105,76 @@ async fn ctrl_c_stops_the_whole_stack_cleanly() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Processes whose command line mentions `needle`, as (pid, command line).
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn services_stop_when_up_is_killed() -> anyhow::Result<()> {
+    let workspace = tempfile::tempdir()?;
+    let needle = workspace.path().to_string_lossy().into_owned();
+    let (nats_port, http_port) = (free_port(), free_port());
+    let mut child = up(workspace.path(), nats_port, http_port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let http = reqwest::Client::new();
+    let healthz = format!("http://127.0.0.1:{http_port}/healthz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(&healthz)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stack never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let services = |procs: &[(u32, String)]| {
+        procs
+            .iter()
+            .filter(|(_, c)| c.contains("dispatch-"))
+            .count()
+    };
+    assert_eq!(services(&processes_mentioning(&needle)), 5);
+
+    child.kill().await?; // SIGKILL: no chance to stop anything itself
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = processes_mentioning(&needle);
+        if services(&left) == 0 {
+            // nats-server has no way to notice; clean it up here.
+            for (pid, _) in left {
+                let _ = std::process::Command::new("kill")
+                    .arg("-9")
+                    .arg(pid.to_string())
+                    .status();
+            }
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "services outlived `dispatch up`: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

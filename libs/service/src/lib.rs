@@ -48,21 +48,35 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A token cancelled on the first SIGINT or SIGTERM.
+/// Set by a supervisor (`dispatch up`) that holds the child's stdin open: when the
+/// supervisor dies, even by SIGKILL, stdin reaches end-of-file and the child stops.
+pub const EXIT_WITH_PARENT: &str = "DISPATCH_EXIT_WITH_PARENT";
+
+/// A token cancelled on the first SIGINT or SIGTERM (or, under a supervisor that set
+/// [`EXIT_WITH_PARENT`], when the supervisor goes away).
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
+    let watch_parent = std::env::var_os(EXIT_WITH_PARENT).is_some();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("install SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutdown requested"),
+            _ = term.recv() => tracing::info!("shutdown requested"),
+            _ = parent_gone(), if watch_parent => tracing::warn!("supervisor gone; shutting down"),
         }
-        tracing::info!("shutdown requested");
         cancel.cancel();
     });
     token
+}
+
+/// Resolves when stdin reaches end-of-file.
+async fn parent_gone() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while !matches!(stdin.read(&mut buf).await, Ok(0) | Err(_)) {}
 }
 
 /// Where things live under a workspace. Machine-owned state is under `.dispatch/`;

@@ -105,7 +105,10 @@ async fn start_and_serve(
             .arg(workspace)
             .arg("--instance")
             .arg(&instance)
-            .stdin(Stdio::null())
+            // The child stops when this process goes, however it goes: it holds the
+            // write end of the child's stdin, which closes with it.
+            .env(dispatch_service::EXIT_WITH_PARENT, "1")
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
