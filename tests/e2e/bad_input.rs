@@ -283,3 +283,63 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
     assert!(gates[2].0, "{:?}", gates[2]);
     Ok(())
 }
+
+#[tokio::test]
+async fn malformed_goals_on_the_bus_are_dropped_and_change_nothing() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    let (garbage, claimed, actual) = (
+        dispatch_bus::RunId::new(),
+        dispatch_bus::RunId::new(),
+        dispatch_bus::RunId::new(),
+    );
+    let publish = |subject_of: dispatch_bus::RunId, payload: Vec<u8>| {
+        let bus = stack.bus.clone();
+        async move {
+            bus.append(
+                dispatch_bus::subject::goal(&subject_of),
+                &dispatch_bus::RunId::new().to_string(),
+                None,
+                None,
+                payload.into(),
+            )
+            .await
+        }
+    };
+    publish(garbage, b"\xff\xfenot protobuf".to_vec()).await?;
+    // A well-formed goal that names another run than its subject.
+    let mismatched = dispatch_proto::command::v1::SubmitGoal {
+        run_id: claimed.to_string(),
+        request_event_id: "r".into(),
+        goal: "sneak in".into(),
+        ..Default::default()
+    };
+    publish(actual, prost::Message::encode_to_vec(&mismatched)).await?;
+
+    let good = stack.submit("A proper errand", "default", 0).await?;
+    stack.wait_finished(good, LIMIT).await?;
+    stack.commands_drained(LIMIT).await?;
+    let log = stack.log().await?;
+    for id in [garbage, claimed, actual] {
+        assert!(
+            log.read(&id).await?.is_empty(),
+            "a malformed goal started run {id}"
+        );
+    }
+    let good_id = good.to_string();
+    let runs = stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["ps", "-a", "--format", "json"]).ok()?;
+            let runs: Vec<Value> = serde_json::from_str(&out.stdout).ok()?;
+            runs.iter()
+                .any(|r| r["run_id"] == good_id && r["status"] == "done")
+                .then_some(runs)
+        })
+        .await?;
+    assert_eq!(
+        runs.len(),
+        1,
+        "a malformed goal shows up as a run: {runs:?}"
+    );
+    Ok(())
+}

@@ -159,10 +159,10 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
             return;
         }
     };
-    let run_id: RunId = match command.run_id.parse() {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::warn!(error = %e, "dropping a goal command with a bad run id");
+    let run_id = match command.run_id.parse::<RunId>() {
+        Ok(id) if subject::run_id_of_goal(&message.subject) == Some(id) => id,
+        _ => {
+            tracing::warn!(subject = %message.subject, run_id = command.run_id, "dropping a goal whose run id is malformed or not its subject's");
             let _ = message.ack_with(AckKind::Term).await;
             return;
         }
