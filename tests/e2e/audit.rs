@@ -117,7 +117,6 @@ async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<
             dispatch_bus::subject::run(&run_id),
             "forged",
             None,
-            None,
             forged.encode_to_vec().into(),
         )
         .await?;

@@ -300,7 +300,6 @@ async fn malformed_goals_on_the_bus_are_dropped_and_change_nothing() -> anyhow::
                 dispatch_bus::subject::goal(&subject_of),
                 &dispatch_bus::RunId::new().to_string(),
                 None,
-                None,
                 payload.into(),
             )
             .await

@@ -120,10 +120,9 @@ impl Bus {
         subject: subject::Subject,
         msg_id: &str,
         expected_last_subject_seq: Option<u64>,
-        extra_headers: Option<HeaderMap>,
         payload: Bytes,
     ) -> Result<Appended, Error> {
-        let mut headers = extra_headers.unwrap_or_default();
+        let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         if let Some(seq) = expected_last_subject_seq {
             headers.insert(

@@ -128,7 +128,6 @@ impl RunHandle {
                 subject::run(&self.run_id),
                 &event.event_id,
                 Some(expected),
-                None,
                 event.encode_to_vec().into(),
             )
             .await;

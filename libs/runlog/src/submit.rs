@@ -37,7 +37,6 @@ pub async fn submit_goal(bus: &Bus, goal: Goal) -> Result<RunId, Error> {
         subject::goal(&run_id),
         &command.run_id,
         None,
-        None,
         command.encode_to_vec().into(),
     )
     .await?;

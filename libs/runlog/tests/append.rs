@@ -88,7 +88,6 @@ async fn republishing_an_event_id_stores_it_once() -> anyhow::Result<()> {
             dispatch_bus::subject::run(&run_id),
             "fixed-id",
             None,
-            None,
             raw.into(),
         )
         .await?;

@@ -643,7 +643,6 @@ async fn remove(bus: &Bus, ids: &[RunId]) -> Result<(), Failure> {
         subject::removed(),
         &msg_id,
         None,
-        None,
         prost::Message::encode_to_vec(&removed).into(),
     )
     .await?;

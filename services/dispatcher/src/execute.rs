@@ -412,7 +412,6 @@ impl Exec<'_> {
                         subject::cmd::policy(),
                         &msg_id,
                         None,
-                        None,
                         command.encode_to_vec().into(),
                     )
                     .await?;
@@ -441,7 +440,6 @@ impl Exec<'_> {
                 subject::cmd::tool(),
                 &msg_id,
                 None,
-                None,
                 command.encode_to_vec().into(),
             )
             .await?;
@@ -465,7 +463,6 @@ impl Exec<'_> {
             .append(
                 subject::cmd::gate(),
                 &msg_id,
-                None,
                 None,
                 command.encode_to_vec().into(),
             )

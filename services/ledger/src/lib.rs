@@ -554,7 +554,6 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
                 subject::drain(conversation),
                 &msg_id,
                 Some(expected),
-                None,
                 event.encode_to_vec().into(),
             )
             .await;
