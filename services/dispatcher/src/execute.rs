@@ -16,7 +16,6 @@ use dispatch_proto::run::v1::{
 };
 use dispatch_runlog::{ErrorKind, RunHandle, SUMMARY_CHARS, slice_chars};
 use dispatch_service::layout;
-use prost::Message as _;
 
 use crate::{Context, DEFAULT_TIMEOUT, Error};
 
@@ -405,16 +404,12 @@ impl Exec<'_> {
                     tool: call.tool.clone(),
                     args_json: call.args_json.clone(),
                 };
-                let msg_id = format!("{}/{call_id}/policy", self.command.run_id);
-                self.ctx
-                    .bus
-                    .append(
-                        subject::cmd::policy(),
-                        &msg_id,
-                        None,
-                        command.encode_to_vec().into(),
-                    )
-                    .await?;
+                self.send(
+                    subject::cmd::policy(),
+                    &format!("{call_id}/policy"),
+                    &command,
+                )
+                .await?;
                 self.wait_for(decision_for(&call_id)).await?
             }
         };
@@ -433,15 +428,7 @@ impl Exec<'_> {
             tool: call.tool.clone(),
             args_json: call.args_json.clone(),
         };
-        let msg_id = format!("{}/{call_id}/tool", self.command.run_id);
-        self.ctx
-            .bus
-            .append(
-                subject::cmd::tool(),
-                &msg_id,
-                None,
-                command.encode_to_vec().into(),
-            )
+        self.send(subject::cmd::tool(), &format!("{call_id}/tool"), &command)
             .await?;
         self.wait_for(result_for(&call_id)).await
     }
@@ -457,17 +444,24 @@ impl Exec<'_> {
             leaf: leaf.index,
             command: leaf.done_when.clone(),
         };
-        let msg_id = format!("{}/{check_id}", self.command.run_id);
+        self.send(subject::cmd::gate(), &check_id, &command).await?;
+        self.wait_for(gate_for(&check_id)).await
+    }
+
+    /// Publishes a command for this run. Its message id is `<run_id>/<key>`, so sending it
+    /// again (a resumed run) inside the duplicate window is dropped by the server.
+    async fn send(
+        &self,
+        subject: subject::Subject,
+        key: &str,
+        command: &impl prost::Message,
+    ) -> Result<(), Stop> {
+        let msg_id = format!("{}/{key}", self.command.run_id);
         self.ctx
             .bus
-            .append(
-                subject::cmd::gate(),
-                &msg_id,
-                None,
-                command.encode_to_vec().into(),
-            )
+            .append(subject, &msg_id, None, command.encode_to_vec().into())
             .await?;
-        self.wait_for(gate_for(&check_id)).await
+        Ok(())
     }
 
     async fn finish(
