@@ -56,10 +56,7 @@ impl Stack {
         } else {
             &[]
         };
-        let started =
-            Service::start(service, &self.nats.url(), self.workspace.path(), args).await?;
-        self.services.push(started);
-        Ok(self.services.last().expect("just pushed"))
+        self.add_with(service, args).await
     }
 
     pub fn service(&mut self, name: &str) -> Result<&mut Service> {

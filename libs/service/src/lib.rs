@@ -31,11 +31,6 @@ impl CommonArgs {
             .clone()
             .unwrap_or_else(dispatch_bus::health::instance_name)
     }
-
-    /// `.dispatch/` under the workspace: machine-owned state.
-    pub fn state_root(&self) -> PathBuf {
-        self.workspace.join(".dispatch")
-    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

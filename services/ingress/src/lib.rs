@@ -52,8 +52,7 @@ pub struct Config {
 pub enum Error {
     #[error(transparent)]
     Bus(#[from] dispatch_bus::Error),
-    #[error(transparent)]
-    Log(#[from] dispatch_runlog::Error),
+
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
