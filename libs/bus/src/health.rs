@@ -5,7 +5,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Bus, Error, subject};
+use crate::{Bus, Error, ErrorKind, subject};
 
 /// What a service says about itself when asked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -59,6 +59,42 @@ pub async fn serve(bus: Bus, health: Health, shutdown: CancellationToken) -> Res
                     // A lost health reply only delays whoever asked; they ask again.
                     let _ = client.publish(reply, body.clone()).await;
                 }
+            }
+        }
+    }
+}
+
+/// Asks `instance` of `service` for its health until it answers or `limit` passes.
+/// Between asks, `starting` may give up early (say, because the process has exited).
+pub async fn wait(
+    bus: &Bus,
+    service: &str,
+    instance: &str,
+    limit: std::time::Duration,
+    mut starting: impl FnMut() -> Result<(), String>,
+) -> Result<Health, Error> {
+    let subject = subject::health_instance(service, instance);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        starting().map_err(|why| {
+            Error::new(
+                ErrorKind::NoResponders,
+                format!("{service} ({instance}): {why}"),
+            )
+        })?;
+        let asked = bus
+            .request_json::<_, Health>(subject.clone(), &(), std::time::Duration::from_millis(500))
+            .await;
+        match asked {
+            Ok(health) => return Ok(health),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::NoResponders,
+                    format!("{service} ({instance}) did not become healthy within {limit:?}: {e}"),
+                ));
             }
         }
     }

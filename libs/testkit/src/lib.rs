@@ -247,20 +247,7 @@ impl Service {
 
 /// Waits until `instance` of `service` answers its health subject.
 pub async fn wait_healthy(bus: &Bus, service: &str, instance: &str) -> Result<Health> {
-    let subject = dispatch_bus::subject::health_instance(service, instance);
-    let deadline = tokio::time::Instant::now() + STARTUP;
-    loop {
-        match bus
-            .request_json::<_, Health>(subject.clone(), &(), Duration::from_millis(500))
-            .await
-        {
-            Ok(health) => return Ok(health),
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => bail!("{service} ({instance}) never became healthy: {e}"),
-        }
-    }
+    Ok(dispatch_bus::health::wait(bus, service, instance, STARTUP, || Ok(())).await?)
 }
 
 fn uuid_suffix() -> String {

@@ -5,7 +5,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dispatch_bus::Bus;
-use dispatch_bus::health::Health;
 use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
 use dispatch_service::layout;
@@ -122,7 +121,11 @@ async fn start_and_serve(
             name: service.to_owned(),
             child,
         });
-        let health = wait_healthy(&bus, service, &instance, procs).await?;
+        let health =
+            dispatch_bus::health::wait(&bus, service, &instance, Duration::from_secs(30), || {
+                check_alive(procs).map_err(|e| e.to_string())
+            })
+            .await?;
         let extra = health
             .detail
             .get("http_addr")
@@ -216,33 +219,6 @@ async fn connect_with_retry(url: &str, procs: &mut [Proc]) -> Result<Bus, Failur
             Ok(bus) => return Ok(bus),
             Err(e) if tokio::time::Instant::now() > deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-async fn wait_healthy(
-    bus: &Bus,
-    service: &str,
-    instance: &str,
-    procs: &mut [Proc],
-) -> Result<Health, Failure> {
-    let subject = dispatch_bus::subject::health_instance(service, instance);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        check_alive(procs)?;
-        match bus
-            .request_json::<_, Health>(subject.clone(), &(), Duration::from_millis(500))
-            .await
-        {
-            Ok(health) => return Ok(health),
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                return Err(Failure::new(format!(
-                    "{service} did not become healthy: {e}"
-                )));
-            }
         }
     }
 }
