@@ -12,18 +12,8 @@ const SLOW: &str =
     "#+TITLE: Slow\n* TODO Sleep\n  - call: sleep {\"ms\": 30000}\n  :done-when: true\n";
 
 async fn wait_started_call(stack: &Stack, run_id: RunId) -> anyhow::Result<()> {
-    let log = stack.log().await?;
     stack
-        .eventually(LIMIT, || {
-            let log = log.clone();
-            async move {
-                let events = log.read(&run_id).await.ok()?;
-                events
-                    .iter()
-                    .any(|e| matches!(e.event.body, Some(Body::ToolCallStarted(_))))
-                    .then_some(())
-            }
-        })
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
         .await
 }
 

@@ -19,28 +19,6 @@ fn time_of(events: &[StoredEvent], kind: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {kind} event"))
 }
 
-/// Waits until the run's log holds an event `pick` accepts.
-async fn wait_for_event(
-    stack: &Stack,
-    run_id: RunId,
-    pick: impl Fn(&Body) -> bool,
-) -> anyhow::Result<()> {
-    let log = stack.log().await?;
-    stack
-        .eventually(LIMIT, || {
-            let log = log.clone();
-            let pick = &pick;
-            async move {
-                let events = log.read(&run_id).await.ok()?;
-                events
-                    .iter()
-                    .any(|e| e.event.body.as_ref().is_some_and(pick))
-                    .then_some(())
-            }
-        })
-        .await
-}
-
 fn owner(events: &[StoredEvent]) -> String {
     events
         .iter()
@@ -102,12 +80,13 @@ async fn a_killed_owner_is_replaced_and_no_call_runs_twice() -> anyhow::Result<(
         * TODO Count once more\n  - call: count {\"key\": \"takeover\"}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 120_000).await?;
     // Mid-leaf: the slow call is executing.
-    wait_for_event(
-        &stack,
-        run_id,
-        |b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c1"),
-    )
-    .await?;
+    stack
+        .wait_for_event(
+            run_id,
+            LIMIT,
+            |b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c1"),
+        )
+        .await?;
     let first_owner = owner(&stack.log().await?.read(&run_id).await?);
     let victim = stack
         .services
@@ -157,7 +136,9 @@ async fn a_run_whose_deadline_passes_with_no_dispatcher_alive_ends_orphaned() ->
     let plan =
         "#+TITLE: Abandoned\n* TODO Wait\n  - call: sleep {\"ms\": 20000}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 3000).await?;
-    wait_for_event(&stack, run_id, |b| matches!(b, Body::ToolCallStarted(_))).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
     stack.service("dispatcher")?.kill().await?;
     stack.services.retain(|s| s.name != "dispatcher");
 
@@ -183,12 +164,13 @@ async fn a_nats_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()
         * TODO Before\n  - call: count {\"key\": \"restart\"}\n  - call: sleep {\"ms\": 1500}\n  :done-when: true\n\
         * TODO After\n  - call: count {\"key\": \"restart\"}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 120_000).await?;
-    wait_for_event(
-        &stack,
-        run_id,
-        |b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c1"),
-    )
-    .await?;
+    stack
+        .wait_for_event(
+            run_id,
+            LIMIT,
+            |b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c1"),
+        )
+        .await?;
     stack.nats.restart().await?;
 
     let events = stack.wait_finished(run_id, LIMIT).await?; // no gap, no fork

@@ -29,6 +29,25 @@ fn up(workspace: &std::path::Path, nats_port: u16, http_port: u16) -> Command {
     command
 }
 
+/// Waits until ingress under `dispatch up` answers `/healthz` on `http_port`.
+async fn wait_for_stack(http_port: u16) {
+    let http = reqwest::Client::new();
+    let healthz = format!("http://127.0.0.1:{http_port}/healthz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(&healthz)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stack never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn port_closed(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
 }
@@ -74,24 +93,7 @@ async fn ctrl_c_stops_the_whole_stack_cleanly() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    let http = reqwest::Client::new();
-    let healthz = format!("http://127.0.0.1:{http_port}/healthz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if http
-            .get(&healthz)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stack never became healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_stack(http_port).await;
     let pid = child.id().expect("running");
     let status = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])
@@ -133,21 +135,7 @@ async fn services_stop_when_up_is_killed() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let http = reqwest::Client::new();
-    let healthz = format!("http://127.0.0.1:{http_port}/healthz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(&healthz)
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stack never became healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_stack(http_port).await;
     let services = |procs: &[(u32, String)]| {
         procs
             .iter()

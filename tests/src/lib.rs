@@ -249,6 +249,28 @@ impl Stack {
         .await
     }
 
+    /// Waits until the run's log holds an event `pick` accepts.
+    pub async fn wait_for_event(
+        &self,
+        run_id: RunId,
+        limit: Duration,
+        pick: impl Fn(&Body) -> bool,
+    ) -> Result<()> {
+        let log = self.log().await?;
+        self.eventually(limit, || {
+            let log = log.clone();
+            let pick = &pick;
+            async move {
+                let events = log.read(&run_id).await.ok()?;
+                events
+                    .iter()
+                    .any(|e| e.event.body.as_ref().is_some_and(pick))
+                    .then_some(())
+            }
+        })
+        .await
+    }
+
     /// Polls `read` until it returns `Some`, for up to `limit`.
     pub async fn eventually<T, F, Fut>(&self, limit: Duration, mut read: F) -> Result<T>
     where
