@@ -173,7 +173,7 @@ impl Stack {
             common: dispatch_service::CommonArgs {
                 nats_url: self.nats.url(),
                 workspace: self.root().to_path_buf(),
-                instance: Some("in-process".into()),
+                instance: "in-process".into(),
             },
             max_runs: 4,
             lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,

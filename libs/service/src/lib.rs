@@ -19,18 +19,10 @@ pub struct CommonArgs {
     /// .dispatch/.
     #[arg(long, env = "DISPATCH_WORKSPACE", default_value = ".")]
     pub workspace: PathBuf,
-    /// Name of this copy among the service's copies (default: pid and a random suffix).
-    #[arg(long, env = "DISPATCH_INSTANCE")]
-    pub instance: Option<String>,
-}
-
-impl CommonArgs {
-    /// The instance name, generated once if none was given.
-    pub fn instance(&self) -> String {
-        self.instance
-            .clone()
-            .unwrap_or_else(dispatch_bus::health::instance_name)
-    }
+    /// Name of this copy among the service's copies (default: pid and a random suffix,
+    /// chosen once when the flags are parsed).
+    #[arg(long, env = "DISPATCH_INSTANCE", default_value_t = dispatch_bus::health::instance_name(), hide_default_value = true)]
+    pub instance: String,
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

@@ -75,16 +75,15 @@ struct Context {
 }
 
 impl Connectors {
-    pub async fn build(mut config: Config) -> Result<Self, Error> {
-        let instance = config.common.instance();
-        config.common.instance = Some(instance.clone());
+    pub async fn build(config: Config) -> Result<Self, Error> {
+        let instance = config.common.instance.clone();
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
         Ok(Self { config, bus, log })
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let instance = self.config.common.instance();
+        let instance = self.config.common.instance.clone();
         let health = tokio::spawn(health::serve(
             self.bus.clone(),
             Health::new(SERVICE, &instance),

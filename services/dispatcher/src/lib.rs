@@ -94,15 +94,13 @@ struct Context {
 
 impl Dispatcher {
     pub async fn build(config: Config, provider: Arc<dyn Provider>) -> Result<Self, Error> {
-        let instance = config.common.instance();
+        let instance = config.common.instance.clone();
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
         let owner = format!("{SERVICE}/{instance}");
         let sealer = Sealer::load_or_create(&dispatch_service::layout::seal_key(
             &config.common.workspace,
         ))?;
         let log = RunLog::open(&bus, &owner).await?.with_sealer(sealer);
-        let mut config = config;
-        config.common.instance = Some(instance);
         Ok(Self {
             ctx: Arc::new(Context {
                 bus,
@@ -119,7 +117,7 @@ impl Dispatcher {
     /// Supervises runs until `shutdown` fires. Runs in flight then are left at their
     /// last durable step and their goals handed back for another copy to resume.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let instance = self.config.common.instance();
+        let instance = self.config.common.instance.clone();
         let health = tokio::spawn(health::serve(
             self.ctx.bus.clone(),
             Health::new(SERVICE, &instance),

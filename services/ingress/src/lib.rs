@@ -72,9 +72,7 @@ struct App {
 
 impl Ingress {
     /// Connects to NATS and binds the listener, so [`Self::local_addr`] is known.
-    pub async fn build(mut config: Config) -> Result<Self, Error> {
-        let instance = config.common.instance();
-        config.common.instance = Some(instance.clone());
+    pub async fn build(config: Config) -> Result<Self, Error> {
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -98,7 +96,7 @@ impl Ingress {
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let addr = self.local_addr();
-        let mut me = Health::new(SERVICE, &self.config.common.instance());
+        let mut me = Health::new(SERVICE, &self.config.common.instance);
         me.detail
             .insert("http_addr".into(), json!(addr.to_string()));
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));

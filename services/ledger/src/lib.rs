@@ -84,9 +84,7 @@ struct State {
 }
 
 impl Ledger {
-    pub async fn build(mut config: Config) -> Result<Self, Error> {
-        let instance = config.common.instance();
-        config.common.instance = Some(instance);
+    pub async fn build(config: Config) -> Result<Self, Error> {
         let state_dir = config
             .state_dir
             .clone()
@@ -98,7 +96,7 @@ impl Ledger {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let instance = self.config.common.instance();
+        let instance = self.config.common.instance.clone();
         let drains_cursor = self.views.cursor(streams::LEDGER)?;
         let log = RunLog::open(&self.bus, &format!("{SERVICE}/{instance}"))
             .await

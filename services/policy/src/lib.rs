@@ -61,13 +61,12 @@ pub struct PolicyService {
 }
 
 impl PolicyService {
-    pub async fn build(mut config: Config) -> Result<Self, Error> {
+    pub async fn build(config: Config) -> Result<Self, Error> {
         let document = match &config.policy {
             Some(path) => Document::load(path)?,
             None => Document::builtin(),
         };
-        let instance = config.common.instance();
-        config.common.instance = Some(instance.clone());
+        let instance = config.common.instance.clone();
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
         Ok(Self {
@@ -79,7 +78,7 @@ impl PolicyService {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let instance = self.config.common.instance();
+        let instance = self.config.common.instance.clone();
         let health = tokio::spawn(health::serve(
             self.bus.clone(),
             Health::new(SERVICE, &instance),
