@@ -143,37 +143,33 @@ fn up(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
-    let nats = install(root)?;
-    // Integration tests start the service binaries as real processes.
-    cargo(root, &["build", "--bins"])?;
-    let mut command = Command::new(env!("CARGO"));
-    command
-        .current_dir(root)
-        .args(["test", "--workspace"])
-        .args(args)
-        .env("DISPATCH_NATS_SERVER", &nats);
-    run(&mut command)
+    cargo_test(root, &["--workspace"], args)
 }
 
 fn chaos(root: &Path, args: &[String]) -> Result<()> {
+    let selection = [
+        "-p",
+        "dispatch-tests",
+        "--test",
+        "chaos",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ];
+    cargo_test(root, &selection, args)
+}
+
+/// `cargo test <selection> <args>` against a real nats-server. Integration tests start
+/// the service binaries as real processes, so those are built first.
+fn cargo_test(root: &Path, selection: &[&str], args: &[String]) -> Result<()> {
     let nats = install(root)?;
     cargo(root, &["build", "--bins"])?;
-    let mut command = Command::new(env!("CARGO"));
-    command
+    run(Command::new(env!("CARGO"))
         .current_dir(root)
-        .args([
-            "test",
-            "-p",
-            "dispatch-tests",
-            "--test",
-            "chaos",
-            "--",
-            "--ignored",
-            "--nocapture",
-        ])
+        .arg("test")
+        .args(selection)
         .args(args)
-        .env("DISPATCH_NATS_SERVER", &nats);
-    run(&mut command)
+        .env("DISPATCH_NATS_SERVER", &nats))
 }
 
 fn bench(root: &Path) -> Result<()> {
