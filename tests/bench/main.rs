@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: Dispatch's speed and memory, each figure beside raw JetStream
 //! measured in the same run on the same nats-server. Prints a table and writes
-//! `target/bench/results.json`. Figures, not assertions: a shared machine is noisy.
+//! `<target dir>/bench/results.json`. Figures, not assertions: a shared machine is noisy.
 
 use std::time::{Duration, Instant};
 
@@ -157,7 +157,9 @@ async fn main() -> Result<()> {
     for line in &lines {
         println!("  {line}");
     }
-    let out = dispatch_testkit::workspace_root().join("target/bench");
+    // Beside the build output (`<target dir>/bench`), wherever CARGO_TARGET_DIR puts it.
+    let bin = dispatch_testkit::bin_dir();
+    let out = bin.parent().unwrap_or(&bin).join("bench");
     std::fs::create_dir_all(&out)?;
     let path = out.join("results.json");
     std::fs::write(
@@ -359,12 +361,8 @@ async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {
             let submits = futures::stream::iter(0..n).map(|_| {
                 let bus = bus.clone();
                 async move {
-                    let goal = dispatch_runlog::submit::Goal {
-                        goal: plan.to_owned(),
-                        conversation: Default::default(),
-                        timeout_ms: 0,
-                        origin: "bench".into(),
-                    };
+                    let goal = dispatch_runlog::submit::Goal::new(plan, "default", 0, "bench")
+                        .expect("the bench goal is valid");
                     dispatch_runlog::submit::submit_goal(&bus, goal).await
                 }
             });

@@ -154,12 +154,7 @@ impl Stack {
 
     /// Submits a goal over the bus as the CLI does.
     pub async fn submit(&self, goal: &str, conversation: &str, timeout_ms: u64) -> Result<RunId> {
-        let goal = dispatch_runlog::submit::Goal {
-            goal: goal.to_owned(),
-            conversation: conversation.parse()?,
-            timeout_ms,
-            origin: "test".into(),
-        };
+        let goal = dispatch_runlog::submit::Goal::new(goal, conversation, timeout_ms, "test")?;
         Ok(dispatch_runlog::submit::submit_goal(&self.bus, goal).await?)
     }
 
@@ -294,7 +289,7 @@ impl Stack {
 pub const TEST_POLICY: &str = r#"{
   "version": 2,
   "rules": [
-    {"name": "test-tools", "tools": ["sleep", "count"], "effect": "allow"},
+    {"name": "test-tools", "tools": ["sleep", "count", "crash"], "effect": "allow"},
     {"name": "read-only-tools", "tools": ["read_file", "list_files"], "effect": "allow", "when": ["path_inside_scratch"]},
     {"name": "writes-inside-run", "tools": ["write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
   ],

@@ -9,6 +9,12 @@
 //! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
 //! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
 //!   `target/bench/results.json`.
+//! - `fuzz [SECONDS]` — every fuzz target for SECONDS each (default 60), release build.
+//!
+//! Binaries are run from the target directory cargo actually builds into (it honours
+//! `CARGO_TARGET_DIR` and `.cargo/config`), asked of `cargo metadata`, never from a path
+//! compiled into xtask, so a shared target directory never runs another checkout's
+//! stale binaries.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,8 +40,9 @@ fn main() -> Result<()> {
         "lint" => lint(&root),
         "chaos" => chaos(&root, &rest),
         "bench" => bench(&root),
+        "fuzz" => fuzz(&root, &rest),
         _ => {
-            eprintln!("usage: cargo xtask <install|up|test|lint> [args]");
+            eprintln!("usage: cargo xtask <install|up|test|lint|chaos|bench|fuzz> [args]");
             eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
             eprintln!(
                 "  up        build and start the local stack, run a demo goal, stay up until Ctrl-C"
@@ -44,6 +51,7 @@ fn main() -> Result<()> {
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
             eprintln!("  bench     speed and memory figures beside raw JetStream (release build)");
+            eprintln!("  fuzz [S]  run every fuzz target for S seconds each (default 60)");
             if command.is_empty() || command == "help" || command == "--help" {
                 return Ok(());
             }
@@ -127,10 +135,31 @@ fn install(root: &Path) -> Result<PathBuf> {
     Ok(target)
 }
 
+/// Where cargo puts this workspace's build output.
+fn target_dir(root: &Path) -> Result<PathBuf> {
+    let output = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cannot run cargo metadata")?;
+    if !output.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("cargo metadata printed no JSON")?;
+    let dir = metadata["target_directory"]
+        .as_str()
+        .context("cargo metadata names no target directory")?;
+    Ok(PathBuf::from(dir))
+}
+
 fn up(root: &Path, args: &[String]) -> Result<()> {
     let nats = install(root)?;
     cargo(root, &["build", "--bins"])?;
-    let mut command = Command::new(root.join("target/debug/dispatch"));
+    let mut command = Command::new(target_dir(root)?.join("debug/dispatch"));
     command
         .current_dir(root)
         .arg("up")
@@ -175,10 +204,36 @@ fn cargo_test(root: &Path, selection: &[&str], args: &[String]) -> Result<()> {
 fn bench(root: &Path) -> Result<()> {
     let nats = install(root)?;
     cargo(root, &["build", "--release", "--bins"])?;
-    run(Command::new(root.join("target/release/dispatch-bench"))
+    run(
+        Command::new(target_dir(root)?.join("release/dispatch-bench"))
+            .current_dir(root)
+            .env("DISPATCH_NATS_SERVER", &nats)
+            .env("RUST_LOG", "warn"),
+    )
+}
+
+fn fuzz(root: &Path, args: &[String]) -> Result<()> {
+    let seconds: u64 = match args.first() {
+        None => 60,
+        Some(text) => text
+            .parse()
+            .with_context(|| format!("{text:?} is not a number of seconds"))?,
+    };
+    eprintln!("xtask: fuzzing every target for {seconds}s");
+    run(Command::new(env!("CARGO"))
         .current_dir(root)
-        .env("DISPATCH_NATS_SERVER", &nats)
-        .env("RUST_LOG", "warn"))
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "dispatch-fuzz",
+            "--test",
+            "targets",
+            "--",
+            "--nocapture",
+        ])
+        .env("DISPATCH_FUZZ_SECS", seconds.to_string())
+        .env("DISPATCH_FUZZ_CASES", u64::MAX.to_string()))
 }
 
 fn lint(root: &Path) -> Result<()> {

@@ -1,6 +1,15 @@
 //! Work-queue consumption: many copies of a service share one durable pull consumer,
 //! so each command is handled by one copy, and each copy bounds how many it handles
 //! at once.
+//!
+//! No message is redelivered forever. Every consumer is declared with
+//! [`MAX_DELIVER`] and a growing backoff ([`backoff`]). A message that keeps
+//! crashing or failing its handler is worked on at most [`WORK_ATTEMPTS`] times;
+//! the deliveries after that ([`Delivery::give_up`]) do not try the work again but
+//! record why it was given up (the run ends `blocked`, or the step fails), so even a
+//! message that kills its process every time ends with a recorded reason. Transient
+//! failures (NATS away for a moment) are retried inside one delivery while its lease
+//! is renewed, so an outage does not use up deliveries.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +33,102 @@ pub struct WorkQueue {
     /// The lease on a fetched command: renewed while its handler runs; once renewals
     /// stop (the process died) for this long, the server hands it to another copy.
     pub ack_wait: Duration,
+}
+
+/// How many times the server delivers one message before dropping it.
+pub const MAX_DELIVER: i64 = 10;
+
+/// Deliveries that attempt the work; the remaining ones only settle the outcome.
+pub const WORK_ATTEMPTS: i64 = 7;
+
+/// The redelivery schedule for a consumer whose lease is `lease`: the first
+/// redeliveries come one lease after the holder stopped renewing (a crashed copy is
+/// replaced quickly), later ones back off, up to ten minutes.
+pub fn backoff(lease: Duration) -> Vec<Duration> {
+    const CAP: Duration = Duration::from_secs(600);
+    [1, 1, 2, 4, 8, 16]
+        .iter()
+        .map(|factor| (lease * *factor).min(CAP).max(lease))
+        .collect()
+}
+
+/// Which delivery of its message a handler is working on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub number: i64,
+}
+
+impl Delivery {
+    pub fn of(message: &jetstream::Message) -> Self {
+        let number = message.info().map_or(1, |info| info.delivered.max(1));
+        Self { number }
+    }
+
+    /// True once the work was attempted [`WORK_ATTEMPTS`] times: the handler must not
+    /// try again, but record that the message was given up and why.
+    pub fn give_up(self) -> bool {
+        self.number > WORK_ATTEMPTS
+    }
+
+    /// The reason recorded when a message is given up.
+    pub fn give_up_reason(self, what: &str) -> String {
+        format!(
+            "gave up on {what} after {} deliveries: every attempt crashed, timed out or failed",
+            self.number - 1
+        )
+    }
+}
+
+/// How many times a transient failure is retried inside one delivery before the
+/// handler hands the message back (about half a minute of retrying).
+pub const TRANSIENT_RETRIES: usize = 7;
+
+/// Delays between retries of a transient failure inside one delivery: 250 ms
+/// doubling to 8 s, jittered so that copies retrying after one outage spread out.
+pub fn retry_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(8))
+        .with_jitter()
+        .with_max_times(TRANSIENT_RETRIES)
+        .build()
+}
+
+/// Runs `attempt` until it succeeds or fails for good: a failure `transient` accepts
+/// is tried again after the next of [`retry_delays`], inside the same delivery (whose
+/// lease keeps being renewed). Returns the last outcome, or `None` if `shutdown` came
+/// first.
+pub async fn retry<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: F,
+) -> Option<Result<T, E>>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut delays = retry_delays();
+    loop {
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            outcome = attempt() => outcome,
+        };
+        let err = match outcome {
+            Err(e) if transient(&e) => e,
+            done => return Some(done),
+        };
+        let Some(delay) = delays.next() else {
+            return Some(Err(err));
+        };
+        tracing::warn!(what, error = %err, retry_in_ms = delay.as_millis() as u64, "transient failure, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 /// Sends in-progress acks (`+WPI`) every third of `ack_wait`, forever.
@@ -67,18 +172,18 @@ where
         .get_stream(queue.stream)
         .await
         .map_err(|e| Error::other(&format!("open stream {}", queue.stream), e))?;
+    // Create or update: a consumer declared by an older release gets today's limits.
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(
-            queue.consumer,
-            pull::Config {
-                durable_name: Some(queue.consumer.to_owned()),
-                filter_subjects: queue.filter_subjects.clone(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: queue.ack_wait,
-                max_ack_pending: 100_000,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(queue.consumer.to_owned()),
+            filter_subjects: queue.filter_subjects.clone(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: queue.ack_wait,
+            max_deliver: MAX_DELIVER,
+            backoff: backoff(queue.ack_wait),
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
         .await
         .map_err(|e| Error::other(&format!("declare consumer {}", queue.consumer), e))?;
 

@@ -6,8 +6,20 @@
 //! `cat`, joined by `&&`/`||` (left to right, as in sh) and prefixed by `!`. Anything
 //! else (an unknown command, pipes, redirections, `$`, globs, paths leaving the run
 //! directory) is an error, so the gate fails closed.
+//!
+//! A gate is also bounded: at most [`MAX_GATE_BYTES`] bytes and [`MAX_COMMANDS`]
+//! commands, and `!` may not be stacked more than [`MAX_NEGATIONS`] deep. The parser
+//! never recurses, and the bounds keep the tree shallow enough that walking it cannot
+//! exhaust a stack, whatever a model writes.
 
 use std::fmt;
+
+/// The longest gate accepted, in bytes: a gate is one line.
+pub const MAX_GATE_BYTES: usize = 1024;
+/// The most commands one gate may join with `&&` and `||`.
+pub const MAX_COMMANDS: usize = 16;
+/// The most `!` that may stand before one command.
+pub const MAX_NEGATIONS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GateError {
@@ -19,6 +31,8 @@ pub enum GateError {
     PathOutsideRun(String),
     #[error("{0}")]
     Syntax(String),
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl GateError {
@@ -28,6 +42,7 @@ impl GateError {
             GateError::Unsupported(_) => "unsupported_syntax",
             GateError::PathOutsideRun(_) => "path_outside_run",
             GateError::Syntax(_) => "gate_syntax",
+            GateError::TooLarge(_) => "gate_too_large",
         }
     }
 }
@@ -79,7 +94,23 @@ pub struct Grep {
 /// Parses a gate, checking its syntax, its commands and that its paths stay inside
 /// the run directory.
 pub fn parse(source: &str) -> Result<Gate, GateError> {
+    if source.len() > MAX_GATE_BYTES {
+        return Err(GateError::TooLarge(format!(
+            "the gate is {} bytes; a gate may be at most {MAX_GATE_BYTES}",
+            source.len()
+        )));
+    }
     let tokens = tokenize(source)?;
+    let operators = tokens
+        .iter()
+        .filter(|t| matches!(t, Token::And | Token::Or))
+        .count();
+    if operators >= MAX_COMMANDS {
+        return Err(GateError::TooLarge(format!(
+            "the gate joins {} commands; a gate may join at most {MAX_COMMANDS}",
+            operators + 1
+        )));
+    }
     if tokens.is_empty() {
         return Err(GateError::Syntax("the gate is empty".into()));
     }
@@ -240,10 +271,24 @@ impl Parser {
     }
 
     fn pipeline(&mut self) -> Result<Gate, GateError> {
-        if self.tokens.get(self.pos) == Some(&Token::Bang) {
+        let mut negations = 0;
+        while self.tokens.get(self.pos) == Some(&Token::Bang) {
             self.pos += 1;
-            return Ok(Gate::Not(Box::new(self.pipeline()?)));
+            negations += 1;
         }
+        if negations > MAX_NEGATIONS {
+            return Err(GateError::TooLarge(format!(
+                "{negations} `!` before one command; at most {MAX_NEGATIONS}"
+            )));
+        }
+        let mut gate = self.command()?;
+        for _ in 0..negations {
+            gate = Gate::Not(Box::new(gate));
+        }
+        Ok(gate)
+    }
+
+    fn command(&mut self) -> Result<Gate, GateError> {
         let start = self.pos;
         while let Some(Token::Word(_)) = self.tokens.get(self.pos) {
             self.pos += 1;
@@ -388,6 +433,7 @@ mod tests {
 
     #[test]
     fn rejects_everything_else_with_a_reason() {
+        let long = "x".repeat(MAX_GATE_BYTES + 1);
         let cases = [
             ("curl -sL https://e2b.dev", "unknown_command"),
             ("mkdir -p scratch", "unknown_command"),
@@ -406,11 +452,25 @@ mod tests {
             ("", "gate_syntax"),
             ("grep -q x", "gate_syntax"),
             ("grep -r x dir", "unsupported_syntax"),
+            (long.as_str(), "gate_too_large"),
+            ("! ! ! ! ! true", "gate_too_large"),
         ];
         for (source, code) in cases {
             let err = parse(source).unwrap_err();
             assert_eq!(err.code(), code, "{source:?}: {err}");
         }
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_without_recursing() {
+        // The goal that once overflowed the parser's stack: thousands of `!`.
+        let bangs = format!("{}true", "! ".repeat(3950));
+        assert_eq!(parse(&bangs).unwrap_err().code(), "gate_too_large");
+        let chain = vec!["true"; 400].join(" && ");
+        assert_eq!(parse(&chain).unwrap_err().code(), "gate_too_large");
+        let most = vec!["true"; MAX_COMMANDS].join(" || ");
+        assert!(parse(&most).is_ok());
+        assert!(matches!(parse("! ! ! ! true").unwrap(), Gate::Not(_)));
     }
 
     proptest! {

@@ -77,6 +77,8 @@ pub enum Error {
     UnclosedDrawer { line: usize },
     #[error("line {line}: leaf {title:?} has more than one :done-when: gate")]
     DuplicateGate { line: usize, title: String },
+    #[error("leaf {title:?}: {message}")]
+    GateTooLarge { title: String, message: String },
 }
 
 impl Error {
@@ -88,6 +90,7 @@ impl Error {
             Error::TooManyLeaves(_) => "too_many_leaves",
             Error::UnclosedDrawer { .. } => "unclosed_drawer",
             Error::DuplicateGate { .. } => "duplicate_gate",
+            Error::GateTooLarge { .. } => "gate_too_large",
         }
     }
 }
@@ -170,6 +173,17 @@ pub fn parse(answer: &str) -> Result<Plan, Error> {
     if leaves.len() > MAX_LEAVES {
         return Err(Error::TooManyLeaves(leaves.len()));
     }
+    // A gate with an unknown command is kept: it fails closed when checked, as the
+    // grammar warns. One beyond the gate language's bounds is a malformed plan.
+    for leaf in &leaves {
+        let gate = leaf.done_when.as_deref().map(gate::parse);
+        if let Some(Err(e @ gate::GateError::TooLarge(_))) = gate {
+            return Err(Error::GateTooLarge {
+                title: leaf.title.clone(),
+                message: e.to_string(),
+            });
+        }
+    }
     let title = title
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| leaves[0].title.clone());
@@ -245,17 +259,34 @@ impl Node {
     }
 }
 
+/// Which nodes have a task below them, in one pass: each task marks its open
+/// ancestors, stopping at the first one already marked (everything above it is too),
+/// so the work stays linear however a hostile outline nests.
+fn with_task_below(nodes: &[Node]) -> Vec<bool> {
+    let mut marked = vec![false; nodes.len()];
+    let mut open: Vec<usize> = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        while open.last().is_some_and(|&j| nodes[j].depth >= node.depth) {
+            open.pop();
+        }
+        if node.is_task() {
+            for &j in open.iter().rev() {
+                if marked[j] {
+                    break;
+                }
+                marked[j] = true;
+            }
+        }
+        open.push(i);
+    }
+    marked
+}
+
 fn leaves(nodes: &[Node]) -> Vec<Leaf> {
     let mut out = Vec::new();
+    let task_below = with_task_below(nodes);
     for (i, node) in nodes.iter().enumerate() {
-        if !node.is_task() {
-            continue;
-        }
-        let has_task_child = nodes[i + 1..]
-            .iter()
-            .take_while(|n| n.depth > node.depth)
-            .any(Node::is_task);
-        if has_task_child {
+        if !node.is_task() || task_below[i] {
             continue;
         }
         let property = |key: &str| {
@@ -417,6 +448,30 @@ mod tests {
             parse(&"x".repeat(MAX_PLAN_BYTES + 1)).unwrap_err().code(),
             "plan_too_large"
         );
+        let poison = format!("* TODO x\n  :done-when: {}true\n", "! ".repeat(3950));
+        assert_eq!(parse(&poison).unwrap_err().code(), "gate_too_large");
+        // An unknown command is not a malformed plan: the gate fails when checked.
+        assert!(parse("* TODO x\n  :done-when: curl example.com\n").is_ok());
+    }
+
+    #[test]
+    fn leaves_are_the_tasks_with_no_task_below() {
+        let nested = "* TODO a\n** TODO b\n*** TODO c\n** TODO d\n*** note\n* TODO e\n";
+        let titles: Vec<_> = parse(nested)
+            .unwrap()
+            .leaves
+            .into_iter()
+            .map(|l| l.title)
+            .collect();
+        assert_eq!(titles, ["c", "d", "e"]);
+        // A long chain of nested tasks (the whole byte budget) still parses; its
+        // deepest task is its one leaf.
+        let chain: String = (1..=200)
+            .map(|d| format!("{} TODO t{d}\n", "*".repeat(d)))
+            .collect();
+        let plan = parse(&chain).unwrap();
+        assert_eq!(plan.leaves.len(), 1);
+        assert_eq!(plan.leaves[0].title, "t200");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod run {
                     Body::PolicyDecided(_) => "policy_decided",
                     Body::ToolCallStarted(_) => "tool_call_started",
                     Body::StopRequested(_) => "stop_requested",
+                    Body::CommandAbandoned(_) => "command_abandoned",
                     Body::ToolCallCompleted(_) => "tool_call_completed",
                     Body::ToolCallFailed(_) => "tool_call_failed",
                     Body::GateChecked(_) => "gate_checked",

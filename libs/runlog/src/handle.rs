@@ -278,6 +278,32 @@ impl RunHandle {
         }
     }
 
+    /// Records that a command about this run was given up after `deliveries`
+    /// deliveries, once; the dispatcher waiting for its step ends the run `blocked`.
+    /// Nothing happens if the run has ended already.
+    pub async fn abandon(
+        &mut self,
+        command: &str,
+        key: &str,
+        deliveries: u32,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let body = Body::CommandAbandoned(dispatch_proto::run::v1::CommandAbandoned {
+            command: command.to_owned(),
+            key: key.to_owned(),
+            deliveries,
+            reason: slice_chars(reason, SUMMARY_CHARS),
+        });
+        let recorded = |b: &Body| {
+            matches!(b, Body::CommandAbandoned(a) if a.command == command && a.key == key)
+                .then_some(())
+        };
+        match self.ensure(recorded, body, key).await {
+            Err(e) if e.kind() == ErrorKind::Finished => Ok(()),
+            other => other,
+        }
+    }
+
     /// Returns once the log holds the terminal event.
     pub async fn wait_until_finished(&mut self) -> Result<(), Error> {
         while !self.is_finished() {

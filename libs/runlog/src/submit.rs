@@ -9,13 +9,126 @@ use prost::Message as _;
 
 use crate::{Error, ErrorKind, RunHandle};
 
-/// A goal as an origin hands it over, already validated.
-#[derive(Debug, Clone)]
+/// The longest goal accepted, in characters.
+pub const MAX_GOAL_CHARS: usize = 8000;
+/// Bounds on the kill switch a goal may ask for (0 means the default).
+pub const MIN_TIMEOUT_MS: u64 = 1_000;
+pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+/// The longest origin label, in characters.
+pub const MAX_ORIGIN_CHARS: usize = 128;
+
+/// Why a goal was refused. [`GoalError::code`] is the stable machine-readable name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GoalError {
+    #[error("goal must not be empty")]
+    Empty,
+    #[error("goal must be at most {MAX_GOAL_CHARS} characters (it has {0})")]
+    TooLong(usize),
+    #[error("timeout_ms must be between {MIN_TIMEOUT_MS} and {MAX_TIMEOUT_MS} (got {0})")]
+    Timeout(u64),
+    #[error(transparent)]
+    Id(#[from] dispatch_bus::IdError),
+    #[error("origin must be 1 to {MAX_ORIGIN_CHARS} printable characters")]
+    Origin,
+    #[error("the goal's run id {claimed:?} is not the run id of its subject {subject}")]
+    Subject { claimed: String, subject: String },
+    #[error("the goal's request event id {0:?} is not a UUID")]
+    RequestId(String),
+}
+
+impl GoalError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            GoalError::Empty | GoalError::TooLong(_) => "invalid_goal",
+            GoalError::Timeout(_) => "invalid_timeout",
+            GoalError::Id(dispatch_bus::IdError::BadConversation(_)) => "invalid_conversation",
+            GoalError::Id(dispatch_bus::IdError::BadRunId(_)) | GoalError::Subject { .. } => {
+                "invalid_run_id"
+            }
+            GoalError::Origin => "invalid_origin",
+            GoalError::RequestId(_) => "invalid_request_id",
+        }
+    }
+}
+
+/// A goal as an origin hands it over. Only [`Goal::new`] makes one, so every goal
+/// submitted has passed the same checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Goal {
-    pub goal: String,
-    pub conversation: ConversationId,
-    pub timeout_ms: u64,
-    pub origin: String,
+    goal: String,
+    conversation: ConversationId,
+    timeout_ms: u64,
+    origin: String,
+}
+
+impl Goal {
+    /// Checks a goal with the rules every door applies — ingress, the CLI, and the
+    /// dispatcher again for goals that reach it straight from the bus. The goal text is
+    /// trimmed; `timeout_ms` 0 means the default.
+    pub fn new(
+        goal: &str,
+        conversation: &str,
+        timeout_ms: u64,
+        origin: &str,
+    ) -> Result<Self, GoalError> {
+        let goal = goal.trim();
+        if goal.is_empty() {
+            return Err(GoalError::Empty);
+        }
+        let chars = goal.chars().count();
+        if chars > MAX_GOAL_CHARS {
+            return Err(GoalError::TooLong(chars));
+        }
+        if timeout_ms != 0 && !(MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+            return Err(GoalError::Timeout(timeout_ms));
+        }
+        let origin_ok = !origin.is_empty()
+            && origin.chars().count() <= MAX_ORIGIN_CHARS
+            && !origin.chars().any(char::is_control);
+        if !origin_ok {
+            return Err(GoalError::Origin);
+        }
+        Ok(Self {
+            goal: goal.to_owned(),
+            conversation: conversation.parse()?,
+            timeout_ms,
+            origin: origin.to_owned(),
+        })
+    }
+
+    pub fn goal(&self) -> &str {
+        &self.goal
+    }
+
+    pub fn conversation(&self) -> &ConversationId {
+        &self.conversation
+    }
+
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+}
+
+/// Checks a stored goal command as the dispatcher takes it from `subject`: its ids,
+/// and its goal by the rules of [`Goal::new`].
+pub fn check_command(subject: &str, command: &SubmitGoal) -> Result<RunId, GoalError> {
+    let run_id: RunId = command.run_id.parse()?;
+    if subject::run_id_of_goal(subject) != Some(run_id) {
+        return Err(GoalError::Subject {
+            claimed: command.run_id.clone(),
+            subject: subject.to_owned(),
+        });
+    }
+    if uuid::Uuid::try_parse(&command.request_event_id).is_err() {
+        return Err(GoalError::RequestId(command.request_event_id.clone()));
+    }
+    Goal::new(
+        &command.goal,
+        &command.conversation_id,
+        command.timeout_ms,
+        &command.origin,
+    )?;
+    Ok(run_id)
 }
 
 /// Stores the goal on `dispatch.goal.<run_id>` and returns the run id once JetStream
@@ -75,13 +188,24 @@ pub async fn find_goal(bus: &Bus, run_id: &RunId) -> Result<Option<SubmitGoal>, 
     }
 }
 
-/// The `RunRequested` event a goal stands for.
+/// The `RunRequested` event a goal stands for. A goal that fails [`check_command`]
+/// still gets a first event, so its run can end `blocked` with the reason; what it
+/// records is bounded: the goal cut to [`MAX_GOAL_CHARS`], a timeout out of range
+/// dropped for the default, an invalid conversation replaced by the default one.
 pub fn requested(command: &SubmitGoal) -> RunRequested {
+    let timeout_ms = match command.timeout_ms {
+        ms @ MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS => ms,
+        _ => 0,
+    };
+    let conversation = command
+        .conversation_id
+        .parse::<ConversationId>()
+        .unwrap_or_default();
     RunRequested {
-        goal: command.goal.clone(),
-        conversation_id: command.conversation_id.clone(),
-        timeout_ms: command.timeout_ms,
-        origin: command.origin.clone(),
+        goal: crate::slice_chars(&command.goal, MAX_GOAL_CHARS),
+        conversation_id: conversation.to_string(),
+        timeout_ms,
+        origin: crate::slice_chars(&command.origin, MAX_ORIGIN_CHARS),
     }
 }
 
@@ -100,8 +224,84 @@ pub async fn record_request(
         return Ok(found);
     }
     let body = Body::RunRequested(requested(command));
+    // The id is a `Nats-Msg-Id` header: only a UUID is used as it is. A goal that
+    // names something else (it is being rejected) gets one derived from its run.
+    let event_id = match uuid::Uuid::try_parse(&command.request_event_id) {
+        Ok(id) => id.to_string(),
+        Err(_) => format!("{}/requested", handle.run_id()),
+    };
     handle
-        .append_with_id(command.request_event_id.clone(), body, &command.run_id)
+        .append_with_id(event_id, body, &command.run_id)
         .await?;
     Ok(handle.bodies().find_map(pick).expect("just recorded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(run_id: &RunId) -> SubmitGoal {
+        SubmitGoal {
+            run_id: run_id.to_string(),
+            request_event_id: uuid::Uuid::now_v7().to_string(),
+            goal: "Write a haiku".into(),
+            conversation_id: "chat-1".into(),
+            timeout_ms: 0,
+            origin: "http".into(),
+            submitted_at_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn goals_are_checked_the_same_way_at_every_door() {
+        let ok = Goal::new("  hi  ", "c1", 2_000, "cli").unwrap();
+        assert_eq!((ok.goal.as_str(), ok.timeout_ms), ("hi", 2_000));
+        let cases = [
+            (Goal::new(" ", "c", 0, "cli"), "invalid_goal"),
+            (
+                Goal::new(&"x".repeat(MAX_GOAL_CHARS + 1), "c", 0, "cli"),
+                "invalid_goal",
+            ),
+            (Goal::new("x", "c", 5, "cli"), "invalid_timeout"),
+            (Goal::new("x", "c", u64::MAX, "cli"), "invalid_timeout"),
+            (Goal::new("x", "a.b", 0, "cli"), "invalid_conversation"),
+            (Goal::new("x", "c", 0, ""), "invalid_origin"),
+            (Goal::new("x", "c", 0, "a\u{1b}b"), "invalid_origin"),
+        ];
+        for (result, code) in cases {
+            assert_eq!(result.unwrap_err().code(), code);
+        }
+    }
+
+    #[test]
+    fn commands_from_the_bus_are_checked_like_requests() {
+        let id = RunId::new();
+        let subject = subject::goal(&id);
+        assert_eq!(check_command(subject.as_str(), &command(&id)), Ok(id));
+        let mut huge = command(&id);
+        huge.goal = "x".repeat(900 * 1024);
+        assert_eq!(
+            check_command(subject.as_str(), &huge).unwrap_err().code(),
+            "invalid_goal"
+        );
+        let mut forever = command(&id);
+        forever.timeout_ms = i64::MAX as u64;
+        assert_eq!(
+            check_command(subject.as_str(), &forever)
+                .unwrap_err()
+                .code(),
+            "invalid_timeout"
+        );
+        // What such a run records is bounded all the same.
+        let recorded = requested(&huge);
+        assert_eq!(recorded.goal.chars().count(), MAX_GOAL_CHARS);
+        assert_eq!(requested(&forever).timeout_ms, 0);
+        let other = RunId::new();
+        assert_eq!(
+            check_command(subject::goal(&other).as_str(), &command(&id))
+                .unwrap_err()
+                .code(),
+            "invalid_run_id"
+        );
+    }
 }

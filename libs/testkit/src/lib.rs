@@ -183,7 +183,10 @@ impl Service {
             );
         }
         let instance = format!("{service}-{}", uuid_suffix());
-        let log = std::fs::File::create(workspace.join(format!(".{instance}.log")))?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(workspace.join(format!(".{instance}.log")))?;
         let child = Command::new(&binary)
             .arg("--nats-url")
             .arg(nats_url)
@@ -219,6 +222,16 @@ impl Service {
     /// What the service reported about itself, e.g. ingress's `http_addr`.
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// True once the process has exited (crashed, or was killed).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Where the service writes its log.
+    pub fn log_path(&self, workspace: &Path) -> PathBuf {
+        workspace.join(format!(".{}.log", self.instance))
     }
 
     /// SIGKILL, the way a crash looks.

@@ -68,6 +68,7 @@ pub fn event_line(event: &RunEvent) -> String {
             }
         ),
         Body::ToolCallStarted(c) => format!("{} executing on {}", c.call_id, c.executor),
+        Body::CommandAbandoned(a) => format!("{} {}: {}", a.command, a.key, a.reason),
         Body::ToolCallCompleted(c) => format!("{} ok: {}", c.call_id, clip(&c.output, 100)),
         Body::ToolCallFailed(f) => format!("{} failed: {}", f.call_id, f.error),
         Body::GateChecked(g) => format!(

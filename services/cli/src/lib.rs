@@ -228,34 +228,23 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             goal,
         } => {
             let goal = goal.join(" ");
-            let goal = goal.trim();
-            if goal.is_empty() {
+            if goal.trim().is_empty() {
                 return Err(Failure::new(
                     "give a goal: dispatch run \"what you want done\"",
                 ));
             }
-            let conversation: ConversationId = conversation
-                .parse()
-                .map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))?;
             let timeout_ms = match timeout {
                 None => 0,
                 Some(d) if d < Duration::from_secs(1) => {
                     return Err(Failure::new("--timeout must be at least 1s"));
                 }
-                Some(d) => d.as_millis() as u64,
+                Some(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             };
+            let goal = Goal::new(&goal, &conversation, timeout_ms, "cli")
+                .map_err(|e| Failure::new(e.to_string()))?;
             let bus = connect(&cli.nats_url).await?;
             let log = RunLog::open(&bus, "cli").await?;
-            let run_id = submit_goal(
-                &bus,
-                Goal {
-                    goal: goal.to_owned(),
-                    conversation,
-                    timeout_ms,
-                    origin: "cli".into(),
-                },
-            )
-            .await?;
+            let run_id = submit_goal(&bus, goal).await?;
             if detach {
                 println!("{run_id}");
                 return Ok(exit::DONE);
@@ -350,17 +339,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     _ => None,
                 })
                 .ok_or_else(|| Failure::new(format!("run {run_id} has no request to restart")))?;
-            let conversation = requested.conversation_id.parse().unwrap_or_default();
-            let new_id = submit_goal(
-                &bus,
-                Goal {
-                    goal: requested.goal,
-                    conversation,
-                    timeout_ms: requested.timeout_ms,
-                    origin: format!("restart of {run_id}"),
-                },
+            let goal = Goal::new(
+                &requested.goal,
+                &requested.conversation_id,
+                requested.timeout_ms,
+                &format!("restart of {run_id}"),
             )
-            .await?;
+            .map_err(|e| Failure::new(format!("run {run_id} cannot be restarted: {e}")))?;
+            let new_id = submit_goal(&bus, goal).await?;
             println!("{new_id}");
             Ok(exit::DONE)
         }

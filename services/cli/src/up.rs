@@ -234,16 +234,10 @@ fn check_alive(procs: &mut [Proc]) -> Result<(), Failure> {
 
 async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
     let log = RunLog::open(bus, "cli").await?;
-    let run_id = submit_goal(
-        bus,
-        Goal {
-            goal: goal.to_owned(),
-            conversation: Default::default(),
-            timeout_ms: 0,
-            origin: "cli".into(),
-        },
-    )
-    .await?;
+    let goal = Goal::new(goal, dispatch_bus::ConversationId::DEFAULT, 0, "cli")
+        .map_err(|e| Failure::new(format!("demo goal: {e}")))?;
+    let run_id = submit_goal(bus, goal.clone()).await?;
+    let goal = goal.goal();
     eprintln!("\ndemo goal {goal:?} → run {run_id}");
     let code = crate::follow(&log, run_id, true, Some(Duration::from_secs(120))).await?;
     // The ledger renders TASKS.org a moment after the run ends; wait for this run's

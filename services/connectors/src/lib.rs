@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::{self, AckKind};
 use dispatch_bus::health::{self, Health};
-use dispatch_bus::work::{self, WorkQueue};
+use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_proto::command::v1::{CallTool, CheckGate};
 use dispatch_proto::run::v1::{
@@ -96,6 +96,7 @@ impl Connectors {
             test_tools: self.config.test_tools,
             executor: format!("{SERVICE}/{instance}"),
         });
+        let stop = shutdown.clone();
         work::consume(
             &self.bus,
             WorkQueue {
@@ -106,7 +107,7 @@ impl Connectors {
             },
             self.config.concurrency,
             shutdown,
-            move |message| handle(ctx.clone(), message),
+            move |message| handle(ctx.clone(), message, stop.clone()),
         )
         .await?;
         let _ = health.await;
@@ -114,30 +115,69 @@ impl Connectors {
     }
 }
 
-async fn handle(ctx: Arc<Context>, message: jetstream::Message) {
-    let outcome = match message.subject.as_str() {
-        subject::cmd::TOOL => match CallTool::decode(message.payload.as_ref()) {
-            Ok(call) => call_tool(&ctx, call).await,
-            Err(e) => Err(Rejected::Malformed(e.to_string())),
-        },
-        subject::cmd::GATE => match CheckGate::decode(message.payload.as_ref()) {
-            Ok(check) => check_gate(&ctx, check).await,
-            Err(e) => Err(Rejected::Malformed(e.to_string())),
-        },
-        other => Err(Rejected::Malformed(format!("unexpected subject {other}"))),
-    };
-    match outcome {
-        Ok(()) => {
-            let _ = message.ack().await;
+/// A command the connectors carry out.
+enum Command {
+    Tool(CallTool),
+    Gate(CheckGate),
+}
+
+impl Command {
+    fn decode(message: &jetstream::Message) -> Result<Self, String> {
+        match message.subject.as_str() {
+            subject::cmd::TOOL => CallTool::decode(message.payload.as_ref())
+                .map(Command::Tool)
+                .map_err(|e| e.to_string()),
+            subject::cmd::GATE => CheckGate::decode(message.payload.as_ref())
+                .map(Command::Gate)
+                .map_err(|e| e.to_string()),
+            other => Err(format!("unexpected subject {other}")),
         }
-        Err(Rejected::Malformed(reason)) => {
+    }
+
+    /// The run, the command's name in `CommandAbandoned`, and the step's key.
+    fn step(&self) -> (&str, &'static str, &str) {
+        match self {
+            Command::Tool(c) => (&c.run_id, "tool", &c.call_id),
+            Command::Gate(c) => (&c.run_id, "gate", &c.check_id),
+        }
+    }
+}
+
+async fn handle(ctx: Arc<Context>, message: jetstream::Message, shutdown: CancellationToken) {
+    let delivery = Delivery::of(&message);
+    let command = match Command::decode(&message) {
+        Ok(command) => command,
+        Err(reason) => {
             tracing::warn!(subject = %message.subject, reason, "dropping a malformed command");
             let _ = message.ack_with(AckKind::Term).await;
+            return;
         }
-        Err(Rejected::Retry(e)) => {
-            tracing::warn!(subject = %message.subject, error = %e, "command failed, retrying");
+    };
+    let (run_id, kind, key) = command.step();
+    let what = format!("{kind} {run_id}/{key}");
+    let outcome = work::retry(&what, &shutdown, Rejected::is_transient, || async {
+        match &command {
+            _ if delivery.give_up() => give_up(&ctx, &command, delivery).await,
+            Command::Tool(call) => call_tool(&ctx, call, &shutdown).await,
+            Command::Gate(check) => check_gate(&ctx, check).await,
+        }
+    })
+    .await;
+    match outcome {
+        Some(Ok(())) => {
+            let _ = message.ack().await;
+        }
+        Some(Err(e)) if !e.is_transient() => {
+            tracing::warn!(subject = %message.subject, reason = %e, "dropping a command that can never succeed");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+        Some(Err(e)) => {
+            tracing::warn!(subject = %message.subject, deliveries = delivery.number, error = %e, "command failed, handing it back");
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+        None => {
             let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
                 .await;
         }
     }
@@ -150,10 +190,42 @@ enum Rejected {
     Retry(Error),
 }
 
+impl Rejected {
+    /// Worth trying again: anything but a malformed command or a log that does not
+    /// verify.
+    fn is_transient(&self) -> bool {
+        match self {
+            Rejected::Malformed(_) => false,
+            Rejected::Retry(Error::Log(e)) => e.kind() != dispatch_runlog::ErrorKind::Corrupt,
+            Rejected::Retry(_) => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejected::Malformed(reason) => f.write_str(reason),
+            Rejected::Retry(e) => e.fmt(f),
+        }
+    }
+}
+
 impl From<dispatch_runlog::Error> for Rejected {
     fn from(err: dispatch_runlog::Error) -> Self {
         Rejected::Retry(err.into())
     }
+}
+
+/// Records in the run's log that the command was given up, so the run ends `blocked`.
+async fn give_up(ctx: &Context, command: &Command, delivery: Delivery) -> Result<(), Rejected> {
+    let (run_id, kind, key) = command.step();
+    let (run_id, mut run) = open(ctx, run_id).await?;
+    let reason = delivery.give_up_reason(&format!("the {kind} command"));
+    tracing::error!(run_id = %run_id, key, reason, "giving up");
+    run.abandon(kind, key, (delivery.number - 1) as u32, &reason)
+        .await?;
+    Ok(())
 }
 
 async fn open(ctx: &Context, run_id: &str) -> Result<(RunId, RunHandle), Rejected> {
@@ -177,12 +249,21 @@ async fn record(
     }
 }
 
-async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
+async fn call_tool(
+    ctx: &Context,
+    call: &CallTool,
+    shutdown: &CancellationToken,
+) -> Result<(), Rejected> {
+    if ctx.test_tools && call.tool == test_tools::CRASH {
+        tracing::error!(call_id = call.call_id, "the crash test tool: aborting");
+        std::process::abort();
+    }
     let (run_id, mut run) = open(ctx, &call.run_id).await?;
     let call_id = call.call_id.as_str();
     let has_result = |b: &Body| match b {
         Body::ToolCallCompleted(c) if c.call_id == call_id => Some(()),
         Body::ToolCallFailed(f) if f.call_id == call_id => Some(()),
+        Body::CommandAbandoned(a) if a.command == "tool" && a.key == call_id => Some(()),
         _ => None,
     };
     if run.bodies().find_map(has_result).is_some() || run.is_finished() {
@@ -206,8 +287,8 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
         // Started before and never finished: its effect is unknown, so it is not run
         // again (at most once); the model sees the failure and can decide.
         (Some(_), true) if interrupted => Err(
-            "interrupted: the connector executing this call stopped before recording a result; \
-                 not executed again"
+            "interrupted: this call was started but its result was never recorded (its \
+                 connector stopped, or lost NATS for longer than it retries); not executed again"
                 .to_owned(),
         ),
         (Some(requested), true) => {
@@ -255,7 +336,23 @@ async fn call_tool(ctx: &Context, call: CallTool) -> Result<(), Rejected> {
             error,
         }),
     };
-    record(&mut run, has_result, body, call_id).await
+    // The call has run: its result is worth retrying to record for as long as this
+    // delivery lasts, rather than leaving it to look interrupted.
+    let mut delays = work::retry_delays();
+    loop {
+        let err = match record(&mut run, has_result, body.clone(), call_id).await {
+            Err(e) if e.is_transient() => e,
+            done => return done,
+        };
+        let Some(delay) = delays.next() else {
+            return Err(err);
+        };
+        tracing::warn!(run_id = %run_id, call_id, error = %err, "cannot record the call's result yet, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(err),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 async fn execute(
@@ -284,11 +381,14 @@ async fn execute(
         .map_err(|e| e.to_string())
 }
 
-async fn check_gate(ctx: &Context, check: CheckGate) -> Result<(), Rejected> {
+async fn check_gate(ctx: &Context, check: &CheckGate) -> Result<(), Rejected> {
     let (run_id, mut run) = open(ctx, &check.run_id).await?;
     let check_id = check.check_id.as_str();
-    let has_result =
-        |b: &Body| matches!(b, Body::GateChecked(g) if g.check_id == check_id).then_some(());
+    let has_result = |b: &Body| match b {
+        Body::GateChecked(g) if g.check_id == check_id => Some(()),
+        Body::CommandAbandoned(a) if a.command == "gate" && a.key == check_id => Some(()),
+        _ => None,
+    };
     if run.bodies().find_map(has_result).is_some() || run.is_finished() {
         return Ok(());
     }

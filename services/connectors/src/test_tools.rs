@@ -1,6 +1,8 @@
 //! Tools for testing Dispatch itself, offered only with `--test-tools`: `sleep` (a slow
-//! call, to test deadlines and cancellation) and `count` (a side effect whose every
-//! execution is recorded, to prove no call runs twice).
+//! call, to test deadlines and cancellation), `count` (a side effect whose every
+//! execution is recorded, to prove no call runs twice) and `crash` (aborts the
+//! connector process the moment the command arrives, before anything is recorded: a
+//! poison message, to prove such a command is given up after its last delivery).
 
 use std::io::Write;
 use std::path::Path;
@@ -9,7 +11,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Tool names this module serves.
-pub const TOOLS: [&str; 2] = ["sleep", "count"];
+pub const TOOLS: [&str; 3] = ["sleep", "count", CRASH];
+
+/// The test tool whose command kills the process that takes it.
+pub const CRASH: &str = "crash";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

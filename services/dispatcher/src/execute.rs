@@ -14,6 +14,7 @@ use dispatch_proto::run::v1::{
     PlanRejected, RunRequested, RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall,
     ToolCallRequested, run_event::Body,
 };
+use dispatch_runlog::submit::MAX_TIMEOUT_MS;
 use dispatch_runlog::{ErrorKind, RunHandle, SUMMARY_CHARS, slice_chars};
 use dispatch_service::layout;
 
@@ -117,6 +118,14 @@ pub(crate) async fn block(
         run: ctx.log.handle(run_id).await?,
         command,
     };
+    if exec.run.is_finished() {
+        return Ok(());
+    }
+    // A goal given up or rejected before its run began still gets its first event,
+    // so its log reads like any other run's.
+    if let Err(stop) = exec.requested().await {
+        return settle(Err(stop));
+    }
     settle(
         exec.finish(RunStatus::Blocked, reason.clone(), reason)
             .await,
@@ -168,9 +177,11 @@ impl Exec<'_> {
     async fn drive_plan(&mut self) -> Result<Vec<TallyEntry>, Stop> {
         let requested = self.requested().await?;
         let plan = self.plan(&requested).await?;
+        // The log is read back, not trusted to be sane: a timeout beyond the longest a
+        // goal may ask for is held to that.
         let timeout = match requested.timeout_ms {
             0 => DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(ms),
+            ms => Duration::from_millis(ms.min(MAX_TIMEOUT_MS)),
         };
         let deadline = self.started(timeout).await?;
         match tokio::time::timeout_at(deadline, self.leaves(&requested, &plan)).await {
@@ -252,13 +263,16 @@ impl Exec<'_> {
     async fn started(&mut self, timeout: Duration) -> Result<tokio::time::Instant, Stop> {
         let body = Body::RunStarted(RunStarted {
             owner: self.ctx.owner.clone(),
-            deadline_unix_ms: now_unix_ms() + timeout.as_millis() as i64,
+            deadline_unix_ms: now_unix_ms().saturating_add(timeout.as_millis() as i64),
         });
         let started = self.ensure(as_started, body).await?;
         let scratch = layout::run_dir(&self.ctx.workspace, self.run.run_id()).join(layout::SCRATCH);
         std::fs::create_dir_all(&scratch)
             .map_err(|e| Stop::Blocked(format!("cannot create {}: {e}", scratch.display())))?;
-        let left = (started.deadline_unix_ms - now_unix_ms()).max(0) as u64;
+        let left = started
+            .deadline_unix_ms
+            .saturating_sub(now_unix_ms())
+            .clamp(0, MAX_TIMEOUT_MS as i64) as u64;
         Ok(tokio::time::Instant::now() + Duration::from_millis(left))
     }
 
@@ -410,7 +424,8 @@ impl Exec<'_> {
                     &command,
                 )
                 .await?;
-                self.wait_for(decision_for(&call_id)).await?
+                self.wait_for(Awaited::Policy(&call_id), decision_for(&call_id))
+                    .await?
             }
         };
         if decision.decision != Decision::Allow as i32 {
@@ -430,7 +445,8 @@ impl Exec<'_> {
         };
         self.send(subject::cmd::tool(), &format!("{call_id}/tool"), &command)
             .await?;
-        self.wait_for(result_for(&call_id)).await
+        self.wait_for(Awaited::Tool(&call_id), result_for(&call_id))
+            .await
     }
 
     async fn gate(&mut self, leaf: &PlanLeaf) -> Result<GateChecked, Stop> {
@@ -445,7 +461,8 @@ impl Exec<'_> {
             command: leaf.done_when.clone(),
         };
         self.send(subject::cmd::gate(), &check_id, &command).await?;
-        self.wait_for(gate_for(&check_id)).await
+        self.wait_for(Awaited::Gate(&check_id), gate_for(&check_id))
+            .await
     }
 
     /// Publishes a command for this run. Its message id is `<run_id>/<key>`, so sending it
@@ -493,16 +510,49 @@ impl Exec<'_> {
         Ok(self.run.ensure(pick, body, &self.command.run_id).await?)
     }
 
-    /// Waits until another service appends the event `pick` finds.
-    async fn wait_for<T>(&mut self, pick: impl Fn(&Body) -> Option<T>) -> Result<T, Stop> {
+    /// Waits until another service appends the event `pick` finds. If the service
+    /// gave the command up instead, the run ends `blocked` with its reason.
+    async fn wait_for<T>(
+        &mut self,
+        awaited: Awaited<'_>,
+        pick: impl Fn(&Body) -> Option<T>,
+    ) -> Result<T, Stop> {
         loop {
             if let Some(found) = self.find(&pick) {
                 return Ok(found);
+            }
+            if let Some(reason) = self.find(|b| awaited.abandoned(b)) {
+                return Err(Stop::Blocked(slice_chars(&reason, SUMMARY_CHARS)));
             }
             if self.run.is_finished() {
                 return Err(Stop::Finished);
             }
             self.run.wait_for_more(Duration::from_secs(5)).await?;
+        }
+    }
+}
+
+/// A step another service carries out, named as its `CommandAbandoned` names it.
+#[derive(Clone, Copy)]
+enum Awaited<'a> {
+    Policy(&'a str),
+    Tool(&'a str),
+    Gate(&'a str),
+}
+
+impl Awaited<'_> {
+    /// The reason, if `body` records that this step's command was given up.
+    fn abandoned(self, body: &Body) -> Option<String> {
+        let (command, key) = match self {
+            Awaited::Policy(key) => ("policy", key),
+            Awaited::Tool(key) => ("tool", key),
+            Awaited::Gate(key) => ("gate", key),
+        };
+        match body {
+            Body::CommandAbandoned(a) if a.command == command && a.key == key => {
+                Some(format!("{command} {key}: {}", a.reason))
+            }
+            _ => None,
         }
     }
 }

@@ -21,12 +21,13 @@ use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::{self, AckKind};
 use dispatch_bus::health::{self, Health};
-use dispatch_bus::work::{self, WorkQueue};
+use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_models::Provider;
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_runlog::RunLog;
 use dispatch_runlog::seal::Sealer;
+use dispatch_runlog::submit::check_command;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -149,43 +150,54 @@ impl Dispatcher {
 }
 
 async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: CancellationToken) {
+    let delivery = Delivery::of(&message);
     let command = match SubmitGoal::decode(message.payload.as_ref()) {
         Ok(command) => command,
         Err(e) => {
-            tracing::warn!(error = %e, "dropping a goal command that is not a SubmitGoal");
+            tracing::warn!(subject = %message.subject, error = %e, "dropping a goal command that is not a SubmitGoal");
             let _ = message.ack_with(AckKind::Term).await;
             return;
         }
     };
-    let run_id = match command.run_id.parse::<RunId>() {
-        Ok(id) if subject::run_id_of_goal(&message.subject) == Some(id) => id,
-        _ => {
-            tracing::warn!(subject = %message.subject, run_id = command.run_id, "dropping a goal whose run id is malformed or not its subject's");
-            let _ = message.ack_with(AckKind::Term).await;
-            return;
-        }
-    };
-
-    // The run executes in its own task so that a panic inside it ends the run
-    // `blocked` with the panic message instead of leaving it to nobody.
-    let task = {
-        let (ctx, command) = (ctx.clone(), command.clone());
-        tokio::spawn(async move { execute::run(&ctx, run_id, &command).await })
-    };
-    let abort = task.abort_handle();
-    let outcome = tokio::select! {
-        joined = task => Some(match joined {
-            Ok(outcome) => outcome,
-            Err(e) if e.is_panic() => {
-                let reason = panic_message(e.into_panic());
-                tracing::error!(run_id = %run_id, reason, "run executor panicked");
-                execute::block(&ctx, run_id, &command, format!("leaf executor panicked: {reason}")).await
+    // Goals can reach the bus without passing ingress or the CLI, so they are checked
+    // again here, by the same rules. One that names no usable run cannot have a run;
+    // any other bad goal still gets one, ended `blocked` with the reason, so that
+    // nothing stays queued forever.
+    let settle_reason = match check_command(&message.subject, &command) {
+        Ok(_) if delivery.give_up() => Some(delivery.give_up_reason("the goal")),
+        Ok(_) => None,
+        Err(e) => match subject::run_id_of_goal(&message.subject) {
+            Some(id) if id.to_string() == command.run_id => {
+                tracing::warn!(run_id = %id, code = e.code(), reason = %e, "rejecting a goal");
+                Some(format!("rejected: {}: {e}", e.code()))
             }
-            Err(e) => Err(Error::Cancelled(e.to_string())),
-        }),
-        _ = shutdown.cancelled() => {
-            abort.abort();
-            None
+            _ => {
+                tracing::warn!(subject = %message.subject, code = e.code(), reason = %e, "dropping a goal that names no usable run");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        },
+    };
+    let run_id: RunId = command.run_id.parse().expect("checked above");
+    if delivery.give_up() {
+        tracing::error!(run_id = %run_id, deliveries = delivery.number, "giving up on a goal that never finished");
+    }
+    let what = format!("run {run_id}");
+    let outcome = match settle_reason {
+        Some(reason) => {
+            let (ctx, command) = (ctx.clone(), command.clone());
+            work::retry(&what, &shutdown, transient, move || {
+                let (ctx, command, reason) = (ctx.clone(), command.clone(), reason.clone());
+                async move { execute::block(&ctx, run_id, &command, reason).await }
+            })
+            .await
+        }
+        None => {
+            let (ctx, command) = (ctx.clone(), command.clone());
+            work::retry(&what, &shutdown, transient, move || {
+                supervise(ctx.clone(), run_id, command.clone())
+            })
+            .await
         }
     };
     match outcome {
@@ -196,20 +208,62 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
             }
         }
         // A log that does not verify cannot be continued without blessing whatever broke
-        // it: stop retrying and say so loudly; `dispatch replay` names the bad event.
+        // it: stop retrying and say so loudly. The ledger shows the run `corrupt`.
         Some(Err(Error::Log(e))) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
             tracing::error!(run_id = %run_id, error = %e, "the run's log does not verify; not continuing it");
             let _ = message.ack_with(AckKind::Term).await;
         }
         Some(Err(e)) => {
-            tracing::warn!(run_id = %run_id, error = %e, "run interrupted, handing the goal back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+            // Retried within this delivery already; the server redelivers it on its
+            // backoff schedule, and after the last attempt it is given up.
+            tracing::warn!(run_id = %run_id, deliveries = delivery.number, error = %e, "run interrupted, handing the goal back");
+            let _ = message.ack_with(AckKind::Nak(None)).await;
         }
         None => {
             tracing::info!(run_id = %run_id, "shutting down, handing the goal back");
-            let _ = message.ack_with(AckKind::Nak(None)).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
+                .await;
         }
     }
+}
+
+/// Drives the run in a task of its own, so that a panic inside it ends the run
+/// `blocked` with the panic message instead of leaving it to nobody.
+async fn supervise(ctx: Arc<Context>, run_id: RunId, command: SubmitGoal) -> Result<(), Error> {
+    let task = {
+        let (ctx, command) = (ctx.clone(), command.clone());
+        tokio::spawn(async move { execute::run(&ctx, run_id, &command).await })
+    };
+    // Dropping this future (shutdown) must not leave the run's task behind.
+    let abort = task.abort_handle();
+    let _guard = AbortOnDrop(abort);
+    match task.await {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_panic() => {
+            let reason = panic_message(e.into_panic());
+            tracing::error!(run_id = %run_id, reason, "run executor panicked");
+            execute::block(
+                &ctx,
+                run_id,
+                &command,
+                format!("leaf executor panicked: {reason}"),
+            )
+            .await
+        }
+        Err(e) => Err(Error::Cancelled(e.to_string())),
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Everything but a log that does not verify may go away if tried again.
+fn transient(e: &Error) -> bool {
+    !matches!(e, Error::Log(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt)
 }

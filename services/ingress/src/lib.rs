@@ -29,11 +29,6 @@ pub const SERVICE: &str = "ingress";
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// The longest goal accepted, in characters.
-pub const MAX_GOAL_CHARS: usize = 8000;
-/// Bounds on a run's kill switch a request may ask for.
-pub const MIN_TIMEOUT_MS: u64 = 1_000;
-pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// How long a query waits for the ledger.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -139,8 +134,9 @@ struct GoalRequest {
     timeout_ms: Option<u64>,
 }
 
-/// Checks a goal request; the error is `(code, message)`.
-fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
+/// Checks a goal request body; the error is `(code, message)`. Public so the fuzz
+/// targets can drive it with hostile bodies.
+pub fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
     let request: GoalRequest = serde_json::from_slice(body).map_err(|e| {
         let code = if e.is_data() {
             "invalid_goal"
@@ -149,38 +145,16 @@ fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
         };
         (code, e.to_string())
     })?;
-    let goal = request.goal.trim();
-    if goal.is_empty() {
-        return Err(("invalid_goal", "goal must not be empty".into()));
-    }
-    if goal.chars().count() > MAX_GOAL_CHARS {
-        return Err((
-            "invalid_goal",
-            format!("goal must be at most {MAX_GOAL_CHARS} characters"),
-        ));
-    }
-    let conversation = match request.conversation_id {
-        Some(c) => c
-            .parse()
-            .map_err(|e: dispatch_bus::IdError| ("invalid_conversation", e.to_string()))?,
-        None => ConversationId::default(),
-    };
-    let timeout_ms = match request.timeout_ms {
-        None => 0,
-        Some(ms) if (MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS).contains(&ms) => ms,
-        Some(_) => {
-            return Err((
-                "invalid_timeout",
-                format!("timeout_ms must be between {MIN_TIMEOUT_MS} and {MAX_TIMEOUT_MS}"),
-            ));
-        }
-    };
-    Ok(Goal {
-        goal: goal.to_owned(),
-        conversation,
-        timeout_ms,
-        origin: "http".into(),
-    })
+    Goal::new(
+        &request.goal,
+        request
+            .conversation_id
+            .as_deref()
+            .unwrap_or(ConversationId::DEFAULT),
+        request.timeout_ms.unwrap_or(0),
+        "http",
+    )
+    .map_err(|e| (e.code(), e.to_string()))
 }
 
 async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
@@ -350,11 +324,7 @@ mod tests {
         let goal =
             validate(br#"{"goal":" hello ","conversation_id":"c1","timeout_ms":2000}"#).unwrap();
         assert_eq!(
-            (
-                goal.goal.as_str(),
-                goal.conversation.as_str(),
-                goal.timeout_ms
-            ),
+            (goal.goal(), goal.conversation().as_str(), goal.timeout_ms()),
             ("hello", "c1", 2000)
         );
     }

@@ -164,6 +164,7 @@ impl RunView {
             | Body::PolicyDecided(_)
             | Body::ToolCallStarted(_)
             | Body::StopRequested(_)
+            | Body::CommandAbandoned(_)
             | Body::ToolCallCompleted(_)
             | Body::ToolCallFailed(_)
             | Body::GateChecked(_)

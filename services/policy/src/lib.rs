@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::{self, AckKind};
 use dispatch_bus::health::{self, Health};
-use dispatch_bus::work::{self, WorkQueue};
+use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_proto::command::v1::CheckPolicy;
 use dispatch_proto::run::v1::{Decision, PolicyDecided, run_event::Body};
@@ -85,7 +85,7 @@ impl PolicyService {
             shutdown.clone(),
         ));
         tracing::info!(instance, version = self.document.version, "policy ready");
-        let (log, document) = (self.log.clone(), self.document.clone());
+        let (log, document, stop) = (self.log.clone(), self.document.clone(), shutdown.clone());
         work::consume(
             &self.bus,
             WorkQueue {
@@ -96,7 +96,7 @@ impl PolicyService {
             },
             self.config.concurrency,
             shutdown,
-            move |message| handle(log.clone(), document.clone(), message),
+            move |message| handle(log.clone(), document.clone(), message, stop.clone()),
         )
         .await?;
         let _ = health.await;
@@ -104,7 +104,13 @@ impl PolicyService {
     }
 }
 
-async fn handle(log: RunLog, document: Arc<Document>, message: jetstream::Message) {
+async fn handle(
+    log: RunLog,
+    document: Arc<Document>,
+    message: jetstream::Message,
+    shutdown: CancellationToken,
+) {
+    let delivery = Delivery::of(&message);
     let check = match CheckPolicy::decode(message.payload.as_ref()) {
         Ok(check) => check,
         Err(e) => {
@@ -113,17 +119,56 @@ async fn handle(log: RunLog, document: Arc<Document>, message: jetstream::Messag
             return;
         }
     };
-    match decide(&log, &document, &check).await {
-        Ok(()) => {
+    let what = format!("policy check {}/{}", check.run_id, check.call_id);
+    let outcome = work::retry(&what, &shutdown, transient, || async {
+        if delivery.give_up() {
+            give_up(&log, &check, delivery).await
+        } else {
+            decide(&log, &document, &check).await
+        }
+    })
+    .await;
+    match outcome {
+        Some(Ok(())) => {
             let _ = message.ack().await;
         }
-        Err(e) => {
-            tracing::warn!(run_id = check.run_id, call_id = check.call_id, error = %e, "policy check failed, retrying");
+        Some(Err(e)) if !transient(&e) => {
+            tracing::error!(run_id = check.run_id, call_id = check.call_id, error = %e, "dropping a policy check for a run whose log does not verify");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+        Some(Err(e)) => {
+            tracing::warn!(run_id = check.run_id, call_id = check.call_id, deliveries = delivery.number, error = %e, "policy check failed, handing it back");
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+        None => {
             let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
                 .await;
         }
     }
+}
+
+/// Everything but a log that does not verify may go away if tried again.
+fn transient(e: &Error) -> bool {
+    !matches!(e, Error::Log(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt)
+}
+
+/// Records in the run's log that its check was given up, so the run ends `blocked`.
+async fn give_up(log: &RunLog, check: &CheckPolicy, delivery: Delivery) -> Result<(), Error> {
+    let Ok(run_id) = check.run_id.parse::<RunId>() else {
+        return Ok(());
+    };
+    let reason = delivery.give_up_reason("the policy check");
+    tracing::error!(run_id = %run_id, call_id = check.call_id, reason, "giving up");
+    let mut run = log.handle(run_id).await?;
+    run.abandon(
+        "policy",
+        &check.call_id,
+        (delivery.number - 1) as u32,
+        &reason,
+    )
+    .await?;
+    Ok(())
 }
 
 async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Result<(), Error> {
