@@ -78,3 +78,156 @@ async fn two_dispatchers_carry_fifty_goals_each_exactly_once() -> anyhow::Result
     stack.commands_drained(Duration::from_secs(30)).await?;
     Ok(())
 }
+
+/// With thousands of runs in the log, every listing still answers, page by page, and
+/// no page outgrows a NATS message.
+#[tokio::test]
+async fn five_thousand_runs_are_listed_in_full_over_the_cli_and_http() -> anyhow::Result<()> {
+    let stack = Stack::start(&["ledger", "ingress"]).await?;
+    // 1,000-character goals: 5,000 runs are ~5 MB of views, five times a NATS message.
+    let seeded = stack.seed_finished_runs(5000, "default", 1000).await?;
+    let want: BTreeSet<String> = seeded.iter().map(ToString::to_string).collect();
+    stack
+        .eventually(Duration::from_secs(120), || async {
+            let out = stack.cli(&["ps", "-a", "-q"]).ok()?;
+            (out.stdout.lines().count() == 5000).then_some(())
+        })
+        .await?;
+
+    let out = stack.cli(&["ps", "-a", "--format", "json"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+    let ids: BTreeSet<String> = listed
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed.len(), 5000);
+    assert_eq!(ids, want);
+
+    // Over HTTP, following `Link: rel="next"` from page to page.
+    let mut url = stack.url("/v1/runs?limit=1000");
+    let (mut seen, mut pages) = (Vec::new(), 0);
+    loop {
+        let response = stack.http.get(&url).send().await?;
+        assert_eq!(response.status(), 200);
+        let link = response
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let page: serde_json::Value = response.json().await?;
+        pages += 1;
+        let runs = page["runs"].as_array().unwrap();
+        assert!(!runs.is_empty() && runs.len() <= 1000);
+        seen.extend(
+            runs.iter()
+                .map(|r| r["run_id"].as_str().unwrap().to_owned()),
+        );
+        match link {
+            Some(link) => {
+                let next = link
+                    .strip_prefix('<')
+                    .and_then(|l| l.split_once(">; rel=\"next\""))
+                    .map(|(path, _)| path.to_owned())
+                    .expect("a Link header to the next page");
+                url = stack.url(&next);
+            }
+            None => break,
+        }
+    }
+    assert!(
+        pages > 5,
+        "pages are cut by size, not only by count: {pages}"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first, across pages");
+    assert_eq!(seen.len(), 5000, "every run listed once");
+    assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), want);
+
+    // Only finished runs: `ps` without -a lists nothing, and says why.
+    let live = stack.cli(&["ps", "--format", "json"])?;
+    assert_eq!(live.stdout.trim(), "[]");
+    assert!(live.stderr.contains("dispatch ps -a"), "{}", live.stderr);
+    Ok(())
+}
+
+/// Thousands of waiting notes are drained over several calls, concurrently, with none
+/// lost and none handed out twice.
+#[tokio::test]
+async fn two_thousand_notes_drain_completely_and_once() -> anyhow::Result<()> {
+    let stack = Stack::start(&["ledger", "ingress"]).await?;
+    let seeded = stack.seed_finished_runs(2000, "busy", 500).await?;
+    let want: BTreeSet<String> = seeded.iter().map(ToString::to_string).collect();
+    // Each seeded run is three events; wait until the ledger has folded them all.
+    stack
+        .eventually(Duration::from_secs(120), || async {
+            let status: Result<Result<serde_json::Value, serde_json::Value>, _> = stack
+                .bus
+                .request_json(
+                    dispatch_bus::subject::query::status(),
+                    &(),
+                    Duration::from_secs(5),
+                )
+                .await;
+            let status = status.ok()?.ok()?;
+            (status["runs_cursor"].as_u64()? >= 6000).then_some(())
+        })
+        .await?;
+
+    // Three clients drain at once; each keeps asking while more notes wait.
+    let drainer = |n: usize| {
+        let http = stack.http.clone();
+        let url = stack.url("/v1/tasks?conversation=busy&limit=1");
+        async move {
+            let mut got = Vec::new();
+            let mut calls = 0;
+            loop {
+                let reply: serde_json::Value = http
+                    .get(format!("{url}&drain_id=d{n}-{calls}"))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                calls += 1;
+                let notes = reply["feedback"].as_array().expect("feedback").clone();
+                got.extend(
+                    notes
+                        .iter()
+                        .map(|n| n["run_id"].as_str().unwrap().to_owned()),
+                );
+                if !reply["more_feedback"].as_bool().unwrap_or(false) {
+                    return anyhow::Ok((got, calls));
+                }
+            }
+        }
+    };
+    let results = futures::future::join_all((0..3).map(drainer)).await;
+    let mut all = Vec::new();
+    let mut calls = 0;
+    for result in results {
+        let (got, n) = result?;
+        all.extend(got);
+        calls += n;
+    }
+    assert!(
+        calls > 3,
+        "one call cannot carry 2,000 notes: {calls} calls"
+    );
+    assert_eq!(all.len(), 2000, "{} notes handed out", all.len());
+    assert_eq!(
+        all.iter().cloned().collect::<BTreeSet<_>>(),
+        want,
+        "none lost, none twice"
+    );
+
+    // A retried drain (the answer was lost) gets the same notes again, not new ones.
+    let again: serde_json::Value = stack
+        .get_json("/v1/tasks?conversation=busy&limit=1&drain_id=d0-0")
+        .await?;
+    assert!(!again["feedback"].as_array().unwrap().is_empty());
+    let after: serde_json::Value = stack
+        .get_json("/v1/tasks?conversation=busy&limit=1&drain_id=fresh")
+        .await?;
+    assert!(after["feedback"].as_array().unwrap().is_empty());
+    Ok(())
+}

@@ -158,6 +158,51 @@ impl Stack {
         Ok(dispatch_runlog::submit::submit_goal(&self.bus, goal).await?)
     }
 
+    /// Writes `n` finished runs straight into the run log, each sealed by this
+    /// workspace's key as a dispatcher would: a request with a `goal_chars`-long goal for
+    /// `conversation`, its feedback note, and `done`. For tests of what a ledger holding
+    /// many runs does, without running each one.
+    pub async fn seed_finished_runs(
+        &self,
+        n: usize,
+        conversation: &str,
+        goal_chars: usize,
+    ) -> Result<Vec<RunId>> {
+        use dispatch_proto::run::v1::{RunRequested, RunStatus};
+        let sealer = dispatch_runlog::seal::Sealer::load_or_create(
+            &dispatch_service::layout::seal_key(self.root()),
+        )?;
+        let log = RunLog::open(&self.bus, "seed").await?.with_sealer(sealer);
+        let mut ids = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+            let mut writes = Vec::new();
+            for i in chunk {
+                let run_id = RunId::new();
+                ids.push(run_id);
+                let mut handle = log.new_run(run_id);
+                let goal = format!("Seeded errand {i} {}", "x".repeat(goal_chars));
+                let conversation = conversation.to_owned();
+                writes.push(async move {
+                    let request = Body::RunRequested(RunRequested {
+                        goal,
+                        conversation_id: conversation,
+                        timeout_ms: 0,
+                        origin: "seed".into(),
+                    });
+                    handle.append(request, "seed").await?;
+                    handle
+                        .finish(RunStatus::Done, "seeded", "seeded", "seed")
+                        .await?;
+                    Ok::<_, dispatch_runlog::Error>(())
+                });
+            }
+            for result in futures::future::join_all(writes).await {
+                result?;
+            }
+        }
+        Ok(ids)
+    }
+
     /// Runs a dispatcher inside the test process with `provider` as its model (the one
     /// test double: a model this machine cannot reach). Cancel the token to stop it.
     pub async fn dispatcher_in_process(

@@ -23,6 +23,8 @@ pub enum Error {
 }
 
 const CURSORS: &str = "__cursors";
+const META: &str = "__meta";
+const SCHEMA: &str = "schema";
 
 /// A set of named trees with per-source cursors. Cheap to clone.
 #[derive(Clone)]
@@ -32,13 +34,14 @@ pub struct ViewStore {
     trees: Vec<(String, sled::Tree)>,
 }
 
-/// One change: put or remove `key` in `tree`, unless `key` is in one of the `guards`.
+/// One change: put or remove `key` in `tree`, unless one of the `guards` (a tree and a
+/// key in it) is present when the batch commits.
 #[derive(Debug, Clone)]
 struct Op {
     tree: String,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
-    guards: Vec<String>,
+    guards: Vec<(String, Vec<u8>)>,
 }
 
 /// Changes to apply together with a cursor move.
@@ -49,7 +52,23 @@ pub struct Batch {
 
 impl Batch {
     pub fn put(&mut self, tree: &str, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
-        self.push(tree, key, Some(value.into()), &[]);
+        self.push(tree, key, Some(value.into()), Vec::new());
+    }
+
+    /// Puts `key` unless any `(tree, key)` of `guards` is present at commit (checked
+    /// inside the transaction, like every guard).
+    pub fn put_guarded(
+        &mut self,
+        guards: &[(&str, &[u8])],
+        tree: &str,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Vec<u8>>,
+    ) {
+        let guards = guards
+            .iter()
+            .map(|(t, k)| ((*t).to_owned(), k.to_vec()))
+            .collect();
+        self.push(tree, key, Some(value.into()), guards);
     }
 
     /// Puts `key` unless the `guard` tree holds the same key when the batch commits
@@ -61,7 +80,8 @@ impl Batch {
         key: impl AsRef<[u8]>,
         value: impl Into<Vec<u8>>,
     ) {
-        self.push(tree, key, Some(value.into()), &[guard]);
+        let guards = vec![(guard.to_owned(), key.as_ref().to_vec())];
+        self.push(tree, key, Some(value.into()), guards);
     }
 
     /// Puts `key` unless any of the `guards` trees holds it at commit (a guard may be
@@ -73,19 +93,29 @@ impl Batch {
         key: impl AsRef<[u8]>,
         value: impl Into<Vec<u8>>,
     ) {
+        let guards = guards
+            .iter()
+            .map(|g| ((*g).to_owned(), key.as_ref().to_vec()))
+            .collect();
         self.push(tree, key, Some(value.into()), guards);
     }
 
     pub fn remove(&mut self, tree: &str, key: impl AsRef<[u8]>) {
-        self.push(tree, key, None, &[]);
+        self.push(tree, key, None, Vec::new());
     }
 
-    fn push(&mut self, tree: &str, key: impl AsRef<[u8]>, value: Option<Vec<u8>>, guards: &[&str]) {
+    fn push(
+        &mut self,
+        tree: &str,
+        key: impl AsRef<[u8]>,
+        value: Option<Vec<u8>>,
+        guards: Vec<(String, Vec<u8>)>,
+    ) {
         self.ops.push(Op {
             tree: tree.to_owned(),
             key: key.as_ref().to_vec(),
             value,
-            guards: guards.iter().map(|g| (*g).to_owned()).collect(),
+            guards,
         });
     }
 
@@ -95,14 +125,37 @@ impl Batch {
 }
 
 impl ViewStore {
-    /// Opens (or creates) a store at `path` with the given trees.
-    pub fn open(path: &Path, trees: &[&str]) -> Result<Self, Error> {
+    /// Opens (or creates) a store at `path` with the given trees, whose layout is
+    /// `schema`. A store written with another schema is emptied, cursors included, so
+    /// its owner rebuilds every view from the streams: the log is the truth, and a view
+    /// that gained an index must not be read half-filled.
+    pub fn open(path: &Path, trees: &[&str], schema: u32) -> Result<Self, Error> {
         let db = sled::Config::new().path(path).open()?;
         let cursors = db.open_tree(CURSORS)?;
         let trees = trees
             .iter()
             .map(|name| Ok(((*name).to_owned(), db.open_tree(name)?)))
             .collect::<Result<Vec<_>, sled::Error>>()?;
+        let meta = db.open_tree(META)?;
+        let stored = meta
+            .get(SCHEMA)?
+            .and_then(|b| <[u8; 4]>::try_from(b.as_ref()).ok())
+            .map(u32::from_be_bytes);
+        if stored != Some(schema) {
+            if stored.is_some() || !cursors.is_empty() {
+                tracing::warn!(
+                    ?stored,
+                    schema,
+                    "view store has another layout; rebuilding from the streams"
+                );
+            }
+            cursors.clear()?;
+            for (_, tree) in &trees {
+                tree.clear()?;
+            }
+            meta.insert(SCHEMA, &schema.to_be_bytes())?;
+            db.flush()?;
+        }
         Ok(Self { db, cursors, trees })
     }
 
@@ -133,7 +186,7 @@ impl ViewStore {
     pub fn commit(&self, source: &str, seq: u64, batch: Batch) -> Result<bool, Error> {
         for op in &batch.ops {
             self.tree(&op.tree)?;
-            for guard in &op.guards {
+            for (guard, _) in &op.guards {
                 self.tree(guard)?;
             }
         }
@@ -158,8 +211,8 @@ impl ViewStore {
             };
             for op in &batch.ops {
                 let mut guarded = false;
-                for guard in &op.guards {
-                    guarded |= txs[index(guard)].get(op.key.as_slice())?.is_some();
+                for (guard, key) in &op.guards {
+                    guarded |= txs[index(guard)].get(key.as_slice())?.is_some();
                 }
                 if guarded {
                     continue;
@@ -194,7 +247,7 @@ mod tests {
     #[test]
     fn data_and_cursor_move_together_and_redelivery_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ViewStore::open(dir.path(), &["runs"]).unwrap();
+        let store = ViewStore::open(dir.path(), &["runs"], 1).unwrap();
         assert_eq!(store.cursor("RUNS").unwrap(), 0);
 
         let mut batch = Batch::default();
@@ -232,7 +285,7 @@ mod tests {
     #[test]
     fn a_guarded_put_yields_to_its_guard() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ViewStore::open(dir.path(), &["runs", "removed"]).unwrap();
+        let store = ViewStore::open(dir.path(), &["runs", "removed"], 1).unwrap();
         let mut tombstone = Batch::default();
         tombstone.put("removed", "a", Vec::new());
         store.commit("LEDGER", 1, tombstone).unwrap();
@@ -248,13 +301,28 @@ mod tests {
     fn the_store_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = ViewStore::open(dir.path(), &["runs"]).unwrap();
+            let store = ViewStore::open(dir.path(), &["runs"], 1).unwrap();
             let mut batch = Batch::default();
             batch.put("runs", "a", b"1".to_vec());
             store.commit("RUNS", 7, batch).unwrap();
             store.flush().unwrap();
         }
-        let store = ViewStore::open(dir.path(), &["runs"]).unwrap();
+        let store = ViewStore::open(dir.path(), &["runs"], 1).unwrap();
         assert_eq!(store.cursor("RUNS").unwrap(), 7);
+    }
+
+    #[test]
+    fn another_schema_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ViewStore::open(dir.path(), &["runs"], 1).unwrap();
+            let mut batch = Batch::default();
+            batch.put("runs", "a", b"1".to_vec());
+            store.commit("RUNS", 7, batch).unwrap();
+            store.flush().unwrap();
+        }
+        let store = ViewStore::open(dir.path(), &["runs", "index"], 2).unwrap();
+        assert_eq!(store.cursor("RUNS").unwrap(), 0);
+        assert!(store.tree("runs").unwrap().is_empty());
     }
 }

@@ -254,26 +254,23 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Ps { all, quiet, format } => {
             let bus = connect(&cli.nats_url).await?;
-            let reply: RunsReply = query(
-                &bus,
-                subject::query::runs(),
-                &RunsQuery {
-                    all,
-                    conversation: None,
-                },
-            )
-            .await?;
+            let runs = list_runs(&bus, all).await?;
+            if runs.is_empty() && !all {
+                eprintln!(
+                    "dispatch: no queued or running runs; `dispatch ps -a` shows finished ones too"
+                );
+            }
             if quiet {
-                for run in &reply.runs {
+                for run in &runs {
                     println!("{}", run.run_id);
                 }
             } else {
                 match format {
                     Format::Json => println!(
                         "{}",
-                        serde_json::to_string_pretty(&reply.runs).expect("views serialize")
+                        serde_json::to_string_pretty(&runs).expect("views serialize")
                     ),
-                    Format::Table => print!("{}", format::ps_table(&reply.runs, format::now_ms())),
+                    Format::Table => print!("{}", format::ps_table(&runs, format::now_ms())),
                 }
             }
             Ok(exit::DONE)
@@ -445,20 +442,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Prune => {
             let bus = connect(&cli.nats_url).await?;
-            let query_all = RunsQuery {
-                all: true,
-                conversation: None,
-            };
-            let reply: RunsReply = query(&bus, subject::query::runs(), &query_all).await?;
-            let ids: Vec<RunId> = reply
-                .runs
+            let ids: Vec<RunId> = list_runs(&bus, true)
+                .await?
                 .iter()
                 .filter(|r| r.status.is_terminal())
                 .filter_map(|r| r.run_id.parse().ok())
                 .collect();
-            if !ids.is_empty() {
-                remove(&bus, &ids).await?;
-            }
+            remove(&bus, &ids).await?;
             for id in &ids {
                 println!("{id}");
             }
@@ -473,8 +463,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .parse::<ConversationId>()
                 .map_err(|e| Failure::new(e.to_string()))?;
             let bus = connect(&cli.nats_url).await?;
-            let reply: TasksReply =
-                query(&bus, subject::query::tasks(), &TasksQuery { conversation }).await?;
+            let reply = all_tasks(&bus, &conversation).await?;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -501,6 +490,65 @@ async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| Failure::new(format!("{e}; is the ledger running (`dispatch up`)?")))?;
     reply.map_err(|e| Failure::new(e.to_string()))
+}
+
+/// Every run the ledger lists (`all`: finished ones too), page after page.
+async fn list_runs(bus: &Bus, all: bool) -> Result<Vec<RunView>, Failure> {
+    let mut runs = Vec::new();
+    let mut after = None;
+    loop {
+        let page: RunsReply = query(
+            bus,
+            subject::query::runs(),
+            &RunsQuery {
+                all,
+                conversation: None,
+                limit: Some(dispatch_ledger::api::MAX_PAGE),
+                after: after.take(),
+            },
+        )
+        .await?;
+        runs.extend(page.runs);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(runs),
+        }
+    }
+}
+
+/// A conversation's tasks and every feedback note waiting for it, asking page after
+/// page. Each ask drains with an id of its own and repeats it if the answer is lost,
+/// so a note is never drained into an answer nobody read.
+async fn all_tasks(bus: &Bus, conversation: &str) -> Result<TasksReply, Failure> {
+    let mut all = TasksReply {
+        tasks: Vec::new(),
+        next: None,
+        feedback: Vec::new(),
+        more_feedback: false,
+    };
+    let mut after = None;
+    loop {
+        let ask = TasksQuery {
+            conversation: conversation.to_owned(),
+            limit: Some(dispatch_ledger::api::MAX_PAGE),
+            after: after.clone(),
+            drain_id: Some(RunId::new().to_string()),
+        };
+        let mut page: Result<TasksReply, Failure> = Err(Failure::new("not asked"));
+        for _ in 0..3 {
+            page = query(bus, subject::query::tasks(), &ask).await;
+            if page.is_ok() {
+                break;
+            }
+        }
+        let page = page?;
+        all.tasks.extend(page.tasks);
+        all.feedback.extend(page.feedback);
+        after = page.next.clone();
+        if page.next.is_none() && !page.more_feedback {
+            return Ok(all);
+        }
+    }
 }
 
 /// A full run id with a log is used as is; anything else must be a unique prefix the
@@ -619,19 +667,22 @@ async fn stop(log: &RunLog, run_id: RunId, grace: Duration, force: bool) -> Resu
 }
 
 /// Records that runs leave the views; the ledger deletes their working directories.
+/// Many runs go in several records, each well inside one NATS message.
 async fn remove(bus: &Bus, ids: &[RunId]) -> Result<(), Failure> {
-    let removed = RunsRemoved {
-        run_ids: ids.iter().map(RunId::to_string).collect(),
-        time_unix_ms: format::now_ms(),
-    };
-    let msg_id = format!("removed-{}", RunId::new());
-    bus.append(
-        subject::removed(),
-        &msg_id,
-        None,
-        prost::Message::encode_to_vec(&removed).into(),
-    )
-    .await?;
+    for chunk in ids.chunks(1000) {
+        let removed = RunsRemoved {
+            run_ids: chunk.iter().map(RunId::to_string).collect(),
+            time_unix_ms: format::now_ms(),
+        };
+        let msg_id = format!("removed-{}", RunId::new());
+        bus.append(
+            subject::removed(),
+            &msg_id,
+            None,
+            prost::Message::encode_to_vec(&removed).into(),
+        )
+        .await?;
+    }
     Ok(())
 }
 

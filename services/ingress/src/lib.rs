@@ -198,8 +198,14 @@ struct ListParams {
     all: Option<bool>,
     #[serde(default)]
     conversation: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    after: Option<String>,
 }
 
+/// `GET /v1/runs`: a page of runs, newest first; a `Link: <…>; rel="next"` header (and
+/// `next` in the body) leads to the next page.
 async fn list_runs(
     State(app): State<Arc<App>>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
@@ -208,15 +214,43 @@ async fn list_runs(
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
     };
+    let all = params.all.unwrap_or(true);
     let query = RunsQuery {
-        all: params.all.unwrap_or(true),
-        conversation: params.conversation,
+        all,
+        conversation: params.conversation.clone(),
+        limit: params.limit,
+        after: params.after,
     };
     let reply: Result<Reply<RunsReply>, _> = app
         .bus
         .request_json(subject::query::runs(), &query, QUERY_TIMEOUT)
         .await;
-    respond(reply)
+    let next = match &reply {
+        Ok(Ok(page)) => page.next.as_ref().map(|after| {
+            let mut link = format!("/v1/runs?all={all}&after={after}");
+            if let Some(limit) = params.limit {
+                link.push_str(&format!("&limit={limit}"));
+            }
+            if let Some(c) = &params.conversation {
+                link.push_str(&format!("&conversation={c}"));
+            }
+            link
+        }),
+        _ => None,
+    };
+    with_next_link(respond(reply), next)
+}
+
+/// Adds `Link: <next>; rel="next"` (RFC 8288) to a page's response.
+fn with_next_link(mut response: Response, next: Option<String>) -> Response {
+    if let Some(next) = next
+        && let Ok(value) = axum::http::HeaderValue::from_str(&format!("<{next}>; rel=\"next\""))
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LINK, value);
+    }
+    response
 }
 
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
@@ -232,8 +266,17 @@ async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respons
 struct TasksParams {
     #[serde(default)]
     conversation: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    drain_id: Option<String>,
 }
 
+/// `GET /v1/tasks`: a page of the conversation's tasks and its oldest feedback notes,
+/// each handed out once (`more_feedback` says more are waiting). Pass a `drain_id` to
+/// make a retry return the same notes.
 async fn get_tasks(
     State(app): State<Arc<App>>,
     params: Result<Query<TasksParams>, axum::extract::rejection::QueryRejection>,
@@ -252,15 +295,24 @@ async fn get_tasks(
             e.to_string(),
         );
     }
+    let query = TasksQuery {
+        conversation: conversation.clone(),
+        limit: params.limit,
+        after: params.after,
+        drain_id: params.drain_id,
+    };
     let reply: Result<Reply<TasksReply>, _> = app
         .bus
-        .request_json(
-            subject::query::tasks(),
-            &TasksQuery { conversation },
-            QUERY_TIMEOUT,
-        )
+        .request_json(subject::query::tasks(), &query, QUERY_TIMEOUT)
         .await;
-    respond(reply)
+    let next = match &reply {
+        Ok(Ok(page)) => page
+            .next
+            .as_ref()
+            .map(|after| format!("/v1/tasks?conversation={conversation}&after={after}")),
+        _ => None,
+    };
+    with_next_link(respond(reply), next)
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
@@ -289,11 +341,14 @@ fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) ->
         Ok(Err(QueryError::Corrupt(m))) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "log_corrupt", m)
         }
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ledger_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "the ledger did not answer");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                e.to_string(),
+            )
+        }
     }
 }
 

@@ -5,7 +5,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::view::{Note, RunView};
 
-/// `dispatch.query.runs`
+/// Runs in a page when a query names no limit.
+pub const DEFAULT_PAGE: u32 = 100;
+/// The most runs one page may hold. Pages are also cut by size, so that no reply can
+/// outgrow a NATS message, whatever the runs hold.
+pub const MAX_PAGE: u32 = 1000;
+/// The most feedback notes one tasks query drains.
+pub const MAX_NOTES: u32 = 200;
+
+/// `dispatch.query.runs`: one page of runs, newest first.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunsQuery {
@@ -14,12 +22,21 @@ pub struct RunsQuery {
     pub all: bool,
     #[serde(default)]
     pub conversation: Option<String>,
+    /// At most this many runs (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Start after this run id: the `next` of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunsReply {
     /// Newest first.
     pub runs: Vec<RunView>,
+    /// Where the next page starts (`after`), if there is one.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// `dispatch.query.run`: one run by id or unique id prefix.
@@ -29,18 +46,33 @@ pub struct RunQuery {
     pub id: String,
 }
 
-/// `dispatch.query.tasks`: the conversation's tasks, and its feedback notes drained.
+/// `dispatch.query.tasks`: a page of the conversation's tasks, and its oldest feedback
+/// notes, drained: each note is handed out once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TasksQuery {
     pub conversation: String,
+    #[serde(default)]
+    pub limit: Option<u32>,
+    #[serde(default)]
+    pub after: Option<String>,
+    /// A client-chosen id for this drain (1 to 64 of `A-Z a-z 0-9 - _`). Asking again
+    /// with the same id, say after a lost answer, returns the same notes instead of
+    /// draining new ones.
+    #[serde(default)]
+    pub drain_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TasksReply {
     pub tasks: Vec<RunView>,
+    #[serde(default)]
+    pub next: Option<String>,
     /// Oldest first; each note is handed out once.
     pub feedback: Vec<Note>,
+    /// More notes are waiting: ask again (with a new drain id) to get them.
+    #[serde(default)]
+    pub more_feedback: bool,
 }
 
 /// `dispatch.query.replay`: rebuild one run's views from its log (takes a [`RunQuery`]).

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::{Bus, ConversationId, ErrorKind, streams, subject};
 use dispatch_proto::ledger::v1::FeedbackDrained;
@@ -345,7 +346,7 @@ async fn render_tasks(
             _ = shutdown.cancelled() => return Ok(()),
             _ = state.render.notified() => {}
         }
-        let content = render::tasks_org(&state.views.runs());
+        let content = render::tasks_org(&state.views.for_tasks_org(render::RECENT));
         if last.as_ref() == Some(&content) {
             continue;
         }
@@ -382,7 +383,9 @@ async fn answer_queries(
         let client = client.clone();
         tokio::spawn(async move {
             let body = match request.subject.as_str() {
-                subject::query::RUNS => encode(parse(&request.payload).map(|q| runs(&state, q))),
+                subject::query::RUNS => {
+                    encode(parse(&request.payload).and_then(|q| runs(&state, q)))
+                }
                 subject::query::RUN => encode(parse(&request.payload).and_then(|q| run(&state, q))),
                 subject::query::STATUS => encode(status(&state)),
                 subject::query::REPLAY => {
@@ -403,7 +406,9 @@ async fn answer_queries(
                     "unknown query {other}"
                 )))),
             };
-            let _ = client.publish(reply_to, body.into()).await;
+            if let Err(e) = client.publish(reply_to, body.into()).await {
+                tracing::warn!(subject = %request.subject, error = %e, "cannot send a query's answer");
+            }
         });
     }
 }
@@ -414,23 +419,67 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Reply<T> {
 }
 
 fn encode<T: serde::Serialize>(reply: Reply<T>) -> Vec<u8> {
+    if let Err(e) = &reply {
+        tracing::info!(error = %e, "query refused");
+    }
     serde_json::to_vec(&reply).expect("replies serialize")
 }
 
-fn runs(state: &State, query: RunsQuery) -> RunsReply {
-    let runs = state
+/// The most bytes of JSON one reply may carry: half the server's message limit, so an
+/// envelope never tips it over.
+fn reply_budget(state: &State) -> usize {
+    let max_payload = state.bus.client().server_info().max_payload;
+    (max_payload / 2).clamp(16 * 1024, 4 * 1024 * 1024)
+}
+
+fn page_bounds(limit: Option<u32>, bytes: usize) -> Result<project::Bounds, QueryError> {
+    let limit = limit.unwrap_or(api::DEFAULT_PAGE);
+    if !(1..=api::MAX_PAGE).contains(&limit) {
+        return Err(QueryError::BadRequest(format!(
+            "limit must be between 1 and {}",
+            api::MAX_PAGE
+        )));
+    }
+    Ok(project::Bounds {
+        limit: limit as usize,
+        bytes,
+    })
+}
+
+/// A page cursor is a run id (or a prefix of one, for hand-written queries).
+fn cursor(after: Option<&str>) -> Result<Option<&str>, QueryError> {
+    match after {
+        None => Ok(None),
+        Some(a)
+            if !a.is_empty()
+                && a.len() <= 36
+                && a.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') =>
+        {
+            Ok(Some(a))
+        }
+        Some(a) => Err(QueryError::BadRequest(format!(
+            "after {a:?} is not a run id; pass the `next` of the previous page"
+        ))),
+    }
+}
+
+fn runs(state: &State, query: RunsQuery) -> Reply<RunsReply> {
+    let bounds = page_bounds(query.limit, reply_budget(state))?;
+    if let Some(c) = &query.conversation {
+        c.parse::<ConversationId>()
+            .map_err(|e| QueryError::BadRequest(e.to_string()))?;
+    }
+    let filter = project::Filter {
+        all: query.all,
+        conversation: query.conversation.as_deref(),
+    };
+    let page = state
         .views
-        .runs()
-        .into_iter()
-        .filter(|r| query.all || !r.status.is_terminal())
-        .filter(|r| {
-            query
-                .conversation
-                .as_ref()
-                .is_none_or(|c| *c == r.conversation_id)
-        })
-        .collect();
-    RunsReply { runs }
+        .page(filter, cursor(query.after.as_deref())?, bounds);
+    Ok(RunsReply {
+        runs: page.runs,
+        next: page.next,
+    })
 }
 
 fn run(state: &State, query: RunQuery) -> Reply<RunView> {
@@ -514,34 +563,90 @@ async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {
         .conversation
         .parse()
         .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?;
-    let feedback = drain(state, &conversation).await?;
-    let tasks = state
-        .views
-        .runs()
-        .into_iter()
-        .filter(|r| project::conversation_or_default(&r.conversation_id) == conversation.as_str())
-        .collect();
-    Ok(TasksReply { tasks, feedback })
+    if let Some(id) = &query.drain_id {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(QueryError::BadRequest(format!(
+                "drain_id {id:?} must be 1 to 64 letters, digits, '-' or '_'"
+            )));
+        }
+    }
+    // Half the reply for the tasks, half for the notes: together they always fit.
+    let half = reply_budget(state) / 2;
+    let bounds = page_bounds(query.limit, half)?;
+    let after = cursor(query.after.as_deref())?;
+    let (feedback, more_feedback) =
+        drain(state, &conversation, query.drain_id.as_deref(), half).await?;
+    let filter = project::Filter {
+        all: true,
+        conversation: Some(conversation.as_str()),
+    };
+    let page = state.views.page(filter, after, bounds);
+    Ok(TasksReply {
+        tasks: page.runs,
+        next: page.next,
+        feedback,
+        more_feedback,
+    })
 }
 
-/// Takes the conversation's undrained notes, recording the drain in the ledger stream
-/// first: with optimistic concurrency on the conversation's drain subject, two drains
-/// (here or in another ledger copy) never hand out the same note.
-async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>> {
+/// Takes a page of the conversation's oldest undrained notes, recording the drain in
+/// the ledger stream first, with exactly the notes this answer carries. With optimistic
+/// concurrency on the conversation's drain subject, two drains (here or in another
+/// ledger copy) never hand out the same note. A drain id seen before returns what that
+/// drain handed out.
+async fn drain(
+    state: &State,
+    conversation: &ConversationId,
+    drain_id: Option<&str>,
+    bytes: usize,
+) -> Reply<(Vec<Note>, bool)> {
     let unavailable =
         |e: &dyn std::fmt::Display| QueryError::Unavailable(format!("cannot drain feedback: {e}"));
-    for _ in 0..20 {
-        let notes = state.views.undrained(conversation.as_str());
-        if notes.is_empty() {
-            return Ok(notes);
+    let bounds = project::Bounds {
+        limit: api::MAX_NOTES as usize,
+        bytes,
+    };
+    if let Some(id) = drain_id {
+        // Another ledger copy may have recorded it: catch up with the drains first.
+        if state.views.drained_by(conversation.as_str(), id).is_none()
+            && let Ok(last) = last_drain_seq(state, conversation).await
+        {
+            wait_for_drains(state, last).await;
         }
-        let expected = state.views.last_drain(conversation.as_str());
+        if let Some(notes) = state.views.drained_by(conversation.as_str(), id) {
+            let (_, more) = state.views.undrained(conversation.as_str(), bounds);
+            return Ok((notes, more));
+        }
+    }
+    for _ in 0..20 {
+        // The expected sequence comes from the stream, not the views, and the views are
+        // read only once the commit that applied it has returned: a reader outside a
+        // sled transaction could otherwise see part of a commit and hand a note out
+        // twice.
+        let expected = last_drain_seq(state, conversation)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if !wait_for_drains(state, expected).await {
+            return Err(QueryError::Unavailable(
+                "the ledger is still catching up with earlier drains; try again".into(),
+            ));
+        }
+        let (notes, more) = state.views.undrained(conversation.as_str(), bounds);
+        if notes.is_empty() {
+            return Ok((notes, false));
+        }
         let event = FeedbackDrained {
             conversation_id: conversation.to_string(),
             run_ids: notes.iter().map(|n| n.run_id.clone()).collect(),
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
+            drain_id: drain_id.unwrap_or_default().to_owned(),
         };
         // A fresh id per attempt: two drains that race must not be taken for one retried
         // publish and both told they won.
@@ -558,17 +663,15 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
         match appended {
             Ok(ack) if !ack.duplicate => {
                 wait_for_drains(state, ack.stream_seq).await;
-                return Ok(notes);
+                return Ok((notes, more));
             }
-            Ok(ack) => wait_for_drains(state, ack.stream_seq).await,
-            Err(e) if e.kind() == ErrorKind::Conflict => {
-                // Another drain won; catch up with it and look again.
-                let last = last_drain_seq(state, conversation)
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                wait_for_drains(state, last).await;
+            // Another drain won, or ours was taken for a retry: look again.
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Conflict => {}
+            Err(e) => {
+                tracing::warn!(conversation = %conversation, error = %e, "cannot record a feedback drain");
+                return Err(unavailable(&e));
             }
-            Err(e) => return Err(unavailable(&e)),
         }
     }
     Err(QueryError::Unavailable(
@@ -576,6 +679,7 @@ async fn drain(state: &State, conversation: &ConversationId) -> Reply<Vec<Note>>
     ))
 }
 
+/// The stream sequence of the conversation's last drain (0: none yet).
 async fn last_drain_seq(state: &State, conversation: &ConversationId) -> Result<u64, String> {
     let stream = state
         .bus
@@ -583,14 +687,21 @@ async fn last_drain_seq(state: &State, conversation: &ConversationId) -> Result<
         .get_stream(streams::LEDGER)
         .await
         .map_err(|e| e.to_string())?;
-    let message = stream
+    match stream
         .direct_get_last_for_subject(subject::drain(conversation).as_str())
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(message.sequence)
+    {
+        Ok(message) => Ok(message.sequence),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
-async fn wait_for_drains(state: &State, seq: u64) {
+/// Waits (up to 5 s) until the views hold every ledger-stream message up to `seq`;
+/// false if they did not get there in time.
+async fn wait_for_drains(state: &State, seq: u64) -> bool {
     let mut applied = state.drains_applied.subscribe();
-    let _ = tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|s| *s >= seq)).await;
+    tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|s| *s >= seq))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }

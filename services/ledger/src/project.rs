@@ -14,11 +14,33 @@ use crate::view::{Note, RunView, TaskStatus};
 pub const RUNS: &str = "runs";
 pub const NOTES: &str = "notes";
 pub const DRAINED: &str = "drained";
-pub const DRAINS: &str = "drains";
 /// Tombstones of runs removed with `rm`/`prune`, so replaying their events later (a
 /// rebuild reads the two streams independently) does not bring them back.
 pub const REMOVED: &str = "removed";
-pub const TREES: [&str; 5] = [RUNS, NOTES, DRAINED, DRAINS, REMOVED];
+/// Index: ids of runs that have not ended (queued or doing), so listing live runs
+/// costs what is live, not what was ever run.
+pub const ACTIVE: &str = "active";
+/// Index: `<conversation>\0<run id>` for every run, so a conversation's tasks are a
+/// prefix scan.
+pub const BY_CONVERSATION: &str = "by_conversation";
+/// Index: `<conversation>\0<queued at, 8 bytes BE><run id>` for notes not drained yet,
+/// oldest first.
+pub const UNDRAINED: &str = "undrained";
+/// `<conversation>\0<drain id>` → the run ids that drain handed out, so a client that
+/// retries a drain whose answer it lost gets the same notes again.
+pub const DRAIN_IDS: &str = "drain_ids";
+pub const TREES: [&str; 8] = [
+    RUNS,
+    NOTES,
+    DRAINED,
+    REMOVED,
+    ACTIVE,
+    BY_CONVERSATION,
+    UNDRAINED,
+    DRAIN_IDS,
+];
+/// The layout of the trees above; a store of another layout is rebuilt from the log.
+pub const SCHEMA: u32 = 2;
 
 /// Views over the sled store.
 #[derive(Clone)]
@@ -55,17 +77,83 @@ impl Pending {
     }
 }
 
-fn note_key(conversation: &str, run_id: &str) -> Vec<u8> {
+/// `<conversation>\0<rest>`: conversation ids cannot hold a NUL, so a conversation's
+/// keys are exactly the prefix `<conversation>\0`.
+fn note_key(conversation: &str, rest: &str) -> Vec<u8> {
     let mut key = conversation.as_bytes().to_vec();
     key.push(0);
-    key.extend_from_slice(run_id.as_bytes());
+    key.extend_from_slice(rest.as_bytes());
     key
+}
+
+fn undrained_key(conversation: &str, note: &Note) -> Vec<u8> {
+    let mut key = note_key(conversation, "");
+    key.extend_from_slice(&(note.queued_at_ms.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(note.run_id.as_bytes());
+    key
+}
+
+/// A page of a listing, newest first, and the cursor to the next page.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub runs: Vec<RunView>,
+    /// The last run id of this page, if more runs follow it.
+    pub next: Option<String>,
+}
+
+/// Which runs a listing shows.
+#[derive(Debug, Clone, Copy)]
+pub struct Filter<'a> {
+    /// Finished runs too, not only queued and doing ones.
+    pub all: bool,
+    pub conversation: Option<&'a str>,
+}
+
+/// How big one page may grow: `limit` runs and `bytes` of JSON, whichever comes first
+/// (a page holds at least one run).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub limit: usize,
+    pub bytes: usize,
+}
+
+/// Keeps items while they fit in `bounds`; says whether the caller should stop.
+struct Filler<T> {
+    items: Vec<T>,
+    used: usize,
+    bounds: Bounds,
+    full: bool,
+}
+
+impl<T: serde::Serialize> Filler<T> {
+    fn new(bounds: Bounds) -> Self {
+        Self {
+            items: Vec::new(),
+            used: 0,
+            bounds,
+            full: false,
+        }
+    }
+
+    /// Takes `item` if it fits; false (and full from now on) if it does not.
+    fn take(&mut self, item: T) -> bool {
+        let size = serde_json::to_vec(&item).map_or(0, |b| b.len()) + 1;
+        let fits = self.items.len() < self.bounds.limit
+            && (self.items.is_empty() || self.used + size <= self.bounds.bytes);
+        if fits {
+            self.used += size;
+            self.items.push(item);
+        } else {
+            self.full = true;
+        }
+        fits
+    }
 }
 
 impl Views {
     pub fn open(path: &std::path::Path) -> Result<Self, dispatch_views::Error> {
         Ok(Self {
-            store: ViewStore::open(path, &TREES)?,
+            store: ViewStore::open(path, &TREES, SCHEMA)?,
         })
     }
 
@@ -82,16 +170,113 @@ impl Views {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Every run, newest first (run ids are UUIDv7, so id order is time order).
-    pub fn runs(&self) -> Vec<RunView> {
-        let Ok(tree) = self.store.tree(RUNS) else {
-            return Vec::new();
+    /// One page of runs, newest first (run ids are UUIDv7, so id order is time order),
+    /// starting after the run id `after`. What a page costs depends on its size and
+    /// on the index it walks (live runs, or one conversation), never on every run ever.
+    pub fn page(&self, filter: Filter<'_>, after: Option<&str>, bounds: Bounds) -> Page {
+        let mut filler = Filler::new(bounds);
+        let mut keep = |view: RunView| {
+            if filter.all || !view.status.is_terminal() {
+                filler.take(view)
+            } else {
+                true
+            }
         };
-        tree.iter()
-            .rev()
-            .filter_map(|item| item.ok())
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect()
+        let (Ok(runs), Ok(active), Ok(by_conversation)) = (
+            self.store.tree(RUNS),
+            self.store.tree(ACTIVE),
+            self.store.tree(BY_CONVERSATION),
+        ) else {
+            return Page::default();
+        };
+        let decode = |bytes: &[u8]| serde_json::from_slice::<RunView>(bytes).ok();
+        match filter.conversation {
+            Some(conversation) => {
+                let start = note_key(conversation, "");
+                let end = match after {
+                    Some(after) => note_key(conversation, after),
+                    None => {
+                        let mut end = start.clone();
+                        *end.last_mut().expect("ends in NUL") = 1;
+                        end
+                    }
+                };
+                for item in by_conversation.range(start.clone()..end).rev() {
+                    let Ok((key, _)) = item else { continue };
+                    let id = String::from_utf8_lossy(&key[start.len()..]).into_owned();
+                    if let Some(view) = self.run(&id)
+                        && !keep(view)
+                    {
+                        break;
+                    }
+                }
+            }
+            None => {
+                let index = if filter.all { runs } else { active };
+                let range = match after {
+                    Some(after) => index.range(..after.as_bytes()),
+                    None => index.range::<&[u8], _>(..),
+                };
+                for item in range.rev() {
+                    let Ok((key, value)) = item else { continue };
+                    let view = if filter.all {
+                        decode(&value)
+                    } else {
+                        self.run(&String::from_utf8_lossy(&key))
+                    };
+                    if let Some(view) = view
+                        && !keep(view)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let next = filler
+            .full
+            .then(|| filler.items.last().map(|v| v.run_id.clone()))
+            .flatten();
+        Page {
+            runs: filler.items,
+            next,
+        }
+    }
+
+    /// What TASKS.org shows: every run that has not ended, and the newest `recent` runs
+    /// whatever their state, newest first. Its cost is bounded by those two numbers.
+    pub fn for_tasks_org(&self, recent: usize) -> Vec<RunView> {
+        let unbounded = Bounds {
+            limit: usize::MAX,
+            bytes: usize::MAX,
+        };
+        let live = self.page(
+            Filter {
+                all: false,
+                conversation: None,
+            },
+            None,
+            unbounded,
+        );
+        let newest = self.page(
+            Filter {
+                all: true,
+                conversation: None,
+            },
+            None,
+            Bounds {
+                limit: recent.max(1),
+                ..unbounded
+            },
+        );
+        let mut runs: std::collections::BTreeMap<String, RunView> = newest
+            .runs
+            .into_iter()
+            .chain(live.runs)
+            .map(|v| (v.run_id.clone(), v))
+            .collect();
+        let mut out: Vec<RunView> = std::mem::take(&mut runs).into_values().collect();
+        out.reverse();
+        out
     }
 
     /// Runs whose id starts with `prefix`, at most `limit`.
@@ -106,29 +291,59 @@ impl Views {
             .collect()
     }
 
-    /// The conversation's notes not drained yet, oldest first.
-    pub fn undrained(&self, conversation: &str) -> Vec<Note> {
-        let (Ok(notes), Ok(drained)) = (self.store.tree(NOTES), self.store.tree(DRAINED)) else {
-            return Vec::new();
+    /// The conversation's oldest notes not drained yet, as many as fit in `bounds`;
+    /// and whether more are waiting.
+    pub fn undrained(&self, conversation: &str, bounds: Bounds) -> (Vec<Note>, bool) {
+        let (Ok(undrained), Ok(notes), Ok(drained)) = (
+            self.store.tree(UNDRAINED),
+            self.store.tree(NOTES),
+            self.store.tree(DRAINED),
+        ) else {
+            return (Vec::new(), false);
         };
-        let mut out: Vec<Note> = notes
-            .scan_prefix(note_key(conversation, ""))
-            .filter_map(|item| item.ok())
-            .filter(|(k, _)| !drained.contains_key(k).unwrap_or(false))
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect();
-        out.sort_by(|a, b| (a.queued_at_ms, &a.run_id).cmp(&(b.queued_at_ms, &b.run_id)));
-        out
+        let mut filler = Filler::new(bounds);
+        let prefix = note_key(conversation, "");
+        for item in undrained.scan_prefix(&prefix) {
+            let Ok((key, _)) = item else { continue };
+            let Some(run_id) = key.get(prefix.len() + 8..) else {
+                continue;
+            };
+            let note_key = [prefix.as_slice(), run_id].concat();
+            // A drain and its note can commit in either order; the drained mark wins.
+            if drained.contains_key(&note_key).unwrap_or(false) {
+                continue;
+            }
+            let note = notes
+                .get(&note_key)
+                .ok()
+                .flatten()
+                .and_then(|bytes| serde_json::from_slice::<Note>(&bytes).ok());
+            if let Some(note) = note
+                && !filler.take(note)
+            {
+                break;
+            }
+        }
+        let more = filler.full;
+        (filler.items, more)
     }
 
-    /// Stream sequence of the conversation's last drain applied here (0: none).
-    pub fn last_drain(&self, conversation: &str) -> u64 {
-        self.store
-            .tree(DRAINS)
-            .ok()
-            .and_then(|t| t.get(conversation).ok().flatten())
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes)
+    /// The notes an earlier drain with `drain_id` handed out, if there was one.
+    pub fn drained_by(&self, conversation: &str, drain_id: &str) -> Option<Vec<Note>> {
+        let ids = self
+            .store
+            .tree(DRAIN_IDS)
+            .ok()?
+            .get(note_key(conversation, drain_id))
+            .ok()??;
+        let ids: Vec<String> = serde_json::from_slice(&ids).ok()?;
+        let notes = self.store.tree(NOTES).ok()?;
+        Some(
+            ids.iter()
+                .filter_map(|id| notes.get(note_key(conversation, id)).ok().flatten())
+                .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+                .collect(),
+        )
     }
 
     /// Folds one run event (stream sequence `seq`) into `pending`. A payload that is
@@ -165,16 +380,33 @@ impl Views {
             None if self.is_removed(&key) => return,
             None => self.run(&key),
         };
+        let before = current
+            .as_ref()
+            .map(|v| conversation_or_default(&v.conversation_id));
         let view = RunView::apply(current, &event);
+        let conversation = conversation_or_default(&view.conversation_id);
+        if let Some(before) = before.filter(|b| *b != conversation) {
+            // The goal named one conversation and the run's request another (a bad
+            // one replaced by the default): the index follows the run.
+            pending
+                .batch
+                .remove(BY_CONVERSATION, note_key(&before, &key));
+        }
         if matches!(event.body, Some(Body::RunFinished(_))) {
             pending.finished.push(key.clone());
         }
         if let Some(note) = note_of(&event) {
-            let conversation = conversation_or_default(&view.conversation_id);
+            let note_id = note_key(&conversation, &key);
             pending.batch.put(
                 NOTES,
-                note_key(&conversation, &key),
+                &note_id,
                 serde_json::to_vec(&note).expect("notes serialize"),
+            );
+            pending.batch.put_guarded(
+                &[(DRAINED, &note_id)],
+                UNDRAINED,
+                undrained_key(&conversation, &note),
+                Vec::new(),
             );
         }
         // The view is written once per batch, at commit, however many events touched it.
@@ -239,8 +471,15 @@ impl Views {
         match RunsRemoved::decode(payload) {
             Ok(removed) => {
                 for run_id in removed.run_ids {
-                    pending.runs.remove(&run_id);
+                    let known = pending.runs.remove(&run_id).or_else(|| self.run(&run_id));
+                    if let Some(view) = known {
+                        let conversation = conversation_or_default(&view.conversation_id);
+                        pending
+                            .batch
+                            .remove(BY_CONVERSATION, note_key(&conversation, &run_id));
+                    }
                     pending.batch.remove(RUNS, &run_id);
+                    pending.batch.remove(ACTIVE, &run_id);
                     pending.batch.put(REMOVED, &run_id, Vec::new());
                     pending.removed.push(run_id);
                 }
@@ -268,14 +507,27 @@ impl Views {
                 return;
             }
         };
+        let notes = self.store.tree(NOTES).ok();
         for run_id in &drained.run_ids {
-            pending
-                .batch
-                .put(DRAINED, note_key(conversation.as_str(), run_id), Vec::new());
+            let note_id = note_key(conversation.as_str(), run_id);
+            let note = notes
+                .as_ref()
+                .and_then(|t| t.get(&note_id).ok().flatten())
+                .and_then(|bytes| serde_json::from_slice::<Note>(&bytes).ok());
+            if let Some(note) = note {
+                pending
+                    .batch
+                    .remove(UNDRAINED, undrained_key(conversation.as_str(), &note));
+            }
+            pending.batch.put(DRAINED, note_id, Vec::new());
         }
-        pending
-            .batch
-            .put(DRAINS, conversation.as_str(), seq.to_be_bytes().to_vec());
+        if !drained.drain_id.is_empty() {
+            pending.batch.put(
+                DRAIN_IDS,
+                note_key(conversation.as_str(), &drained.drain_id),
+                serde_json::to_vec(&drained.run_ids).expect("ids serialize"),
+            );
+        }
     }
 
     /// Commits `pending` under `source`'s cursor. Returns whether anything was applied.
@@ -285,16 +537,36 @@ impl Views {
         }
         let mut batch = pending.batch;
         for (key, view) in &pending.queued {
+            // A queued goal only creates a run where none exists; its index entries are
+            // written first, while that is still the question.
+            let unknown: [(&str, &[u8]); 2] = [(REMOVED, key.as_bytes()), (RUNS, key.as_bytes())];
+            let conversation = conversation_or_default(&view.conversation_id);
+            batch.put_guarded(&unknown, ACTIVE, key, Vec::new());
+            batch.put_guarded(
+                &unknown,
+                BY_CONVERSATION,
+                note_key(&conversation, key),
+                Vec::new(),
+            );
             let json = serde_json::to_vec(view).expect("views serialize");
-            batch.put_unless_any(&[REMOVED, RUNS], RUNS, key, json);
+            batch.put_guarded(&unknown, RUNS, key, json);
         }
         for (key, view) in &pending.runs {
             // A tombstone written meanwhile by the other stream's projection wins.
-            batch.put_unless(
-                REMOVED,
-                RUNS,
-                key,
-                serde_json::to_vec(view).expect("views serialize"),
+            let kept: [(&str, &[u8]); 1] = [(REMOVED, key.as_bytes())];
+            let json = serde_json::to_vec(view).expect("views serialize");
+            batch.put_guarded(&kept, RUNS, key, json);
+            if view.status.is_terminal() {
+                batch.remove(ACTIVE, key);
+            } else {
+                batch.put_guarded(&kept, ACTIVE, key, Vec::new());
+            }
+            let conversation = conversation_or_default(&view.conversation_id);
+            batch.put_guarded(
+                &kept,
+                BY_CONVERSATION,
+                note_key(&conversation, key),
+                Vec::new(),
             );
         }
         self.store.commit(source, pending.last_seq, batch)

@@ -104,10 +104,12 @@ impl RunView {
             time_unix_ms: command.submitted_at_unix_ms,
             ..Default::default()
         });
-        view.goal = command.goal.clone();
-        view.conversation_id = command.conversation_id.clone();
-        view.origin = command.origin.clone();
-        view.timeout_ms = command.timeout_ms;
+        // What the run's `RunRequested` will record, bounds applied the same way.
+        let requested = dispatch_runlog::submit::requested(command);
+        view.goal = requested.goal;
+        view.conversation_id = requested.conversation_id;
+        view.origin = requested.origin;
+        view.timeout_ms = requested.timeout_ms;
         view
     }
 
