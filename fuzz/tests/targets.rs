@@ -208,8 +208,9 @@ fn event_decoding_and_projection() {
     ];
     fuzz("event", payloads, |payload| {
         if let Ok(event) = dispatch_runlog::decode(&run_id, 1, &payload) {
-            let view = RunView::apply(None, &event);
-            let again = RunView::apply(Some(view.clone()), &event);
+            let trust = dispatch_runlog::seal::Trust::default();
+            let view = RunView::apply(None, &event, &trust);
+            let again = RunView::apply(Some(view.clone()), &event, &trust);
             assert_eq!(view, again, "re-applying an event changed the view");
         }
         let _ = RunEvent::decode(payload.as_slice());
@@ -236,7 +237,8 @@ fn exported_trails() {
         .prop_map(|l| l.join("\n")),
     ];
     fuzz("trail", lines, |text| {
-        assert!(dispatch_runlog::steps::verify(&text, None).is_err());
+        let trust = dispatch_runlog::seal::Trust::default();
+        assert!(dispatch_runlog::steps::verify(&text, &trust).is_err());
     });
 }
 

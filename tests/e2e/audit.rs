@@ -70,7 +70,7 @@ async fn finished_runs_are_sealed_exported_and_verifiable_offline() -> anyhow::R
     let wrong = stack.cli(&["verify", "--public-key", &stranger, steps.to_str().unwrap()])?;
     assert_eq!(wrong.code, Some(1));
     assert!(
-        wrong.stderr.contains("other than the trusted one"),
+        wrong.stderr.contains("which is not a trusted key"),
         "{}",
         wrong.stderr
     );

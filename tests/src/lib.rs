@@ -26,6 +26,10 @@ impl Stack {
     pub async fn start(services: &[&str]) -> Result<Self> {
         let nats = NatsServer::start().await?;
         let workspace = tempfile::Builder::new().prefix("dispatch-ws-").tempdir()?;
+        // As `dispatch up` does: the workspace's seal key exists before any service.
+        dispatch_runlog::seal::Sealer::load_or_create(&dispatch_service::layout::seal_key(
+            workspace.path(),
+        ))?;
         let bus = nats.bus().await?;
         let mut stack = Self {
             nats,
@@ -111,7 +115,9 @@ impl Stack {
     }
 
     pub async fn log(&self) -> Result<RunLog> {
-        Ok(RunLog::open(&self.bus, "test").await?)
+        let trust = dispatch_runlog::seal::Trust::default()
+            .with_workspace_key(&dispatch_service::layout::seal_key(self.root()));
+        Ok(RunLog::open(&self.bus, "test").await?.with_trust(trust))
     }
 
     /// Waits for a run's terminal event and returns its whole (verified) log. Rides out
@@ -214,6 +220,7 @@ impl Stack {
                 nats_url: self.nats.url(),
                 workspace: self.root().to_path_buf(),
                 instance: "in-process".into(),
+                trusted_keys: Vec::new(),
             },
             max_runs: 4,
             lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,

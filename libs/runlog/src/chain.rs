@@ -6,7 +6,9 @@ use dispatch_proto::run::v1::RunEvent;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
+use crate::seal::Trust;
 use crate::{Error, ErrorKind, StoredEvent};
+use dispatch_proto::run::v1::run_event::Body;
 
 /// `prev_hash` of a run's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -25,12 +27,15 @@ pub fn hash(event: &RunEvent) -> [u8; 32] {
 
 /// Checks `events` as a contiguous stretch of `run_id`'s log following `before`
 /// (or starting the log when `before` is `None`): sequences without gaps, every
-/// `prev_hash` linking to its predecessor, every `hash` recomputing.
+/// `prev_hash` linking to its predecessor, every `hash` recomputing, the terminal event
+/// sealed by a key `trust` accepts, and nothing after it.
 pub fn verify(
     run_id: &RunId,
     before: Option<&RunEvent>,
     events: &[StoredEvent],
+    trust: &Trust,
 ) -> Result<(), Error> {
+    let mut ended = before.is_some_and(is_terminal);
     let (mut seq, mut prev) = match before {
         Some(event) => (event.seq, event.hash.clone()),
         None => (0, GENESIS.to_vec()),
@@ -55,19 +60,43 @@ pub fn verify(
         if event.hash != hash(event) {
             return Err(fail("hash does not match the event's content"));
         }
-        if !event.signature.is_empty() || !event.signer.is_empty() {
-            crate::seal::verify(&event.signer, &event.hash, &event.signature)
-                .map_err(|e| fail(&e))?;
-        }
+        check_link(event, ended, trust).map_err(|reason| fail(&reason))?;
+        ended |= is_terminal(event);
         seq = event.seq;
         prev = event.hash.clone();
     }
     Ok(())
 }
 
+fn is_terminal(event: &RunEvent) -> bool {
+    matches!(event.body, Some(Body::RunFinished(_)))
+}
+
+/// The rules about seals one event must meet, given whether the run had ended before
+/// it: nothing follows the terminal event, the terminal event is sealed, and a seal is
+/// valid and by a trusted key.
+pub fn check_link(event: &RunEvent, ended_before: bool, trust: &Trust) -> Result<(), String> {
+    if ended_before {
+        return Err("an event follows the run's terminal event".into());
+    }
+    if is_terminal(event) && event.signature.is_empty() {
+        return Err("the terminal event is not sealed".into());
+    }
+    if !event.signature.is_empty() || !event.signer.is_empty() {
+        crate::seal::verify(&event.signer, &event.hash, &event.signature)?;
+        if !trust.trusts(&event.signer) {
+            return Err(format!(
+                "sealed by {}, which is not a trusted key",
+                hex::encode(&event.signer)
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use dispatch_proto::run::v1::{LeafStarted, run_event::Body};
+    use dispatch_proto::run::v1::{LeafStarted, RunFinished};
     use proptest::prelude::*;
 
     use super::*;
@@ -103,7 +132,7 @@ mod tests {
         #[test]
         fn an_untouched_chain_verifies(titles in proptest::collection::vec(".{0,20}", 1..20)) {
             let run_id = RunId::new();
-            prop_assert!(verify(&run_id, None, &chain(&run_id, &titles)).is_ok());
+            prop_assert!(verify(&run_id, None, &chain(&run_id, &titles), &Trust::default()).is_ok());
         }
 
         #[test]
@@ -117,11 +146,94 @@ mod tests {
             if let Some(Body::LeafStarted(leaf)) = events[i].event.body.as_mut() {
                 leaf.title.push('!');
             }
-            let err = verify(&run_id, None, &events).unwrap_err();
+            let err = verify(&run_id, None, &events, &Trust::default()).unwrap_err();
             prop_assert_eq!(err.kind(), ErrorKind::Corrupt);
             let expected = format!("event seq {} fails", i + 1);
             prop_assert!(err.to_string().contains(&expected), "{}", err);
         }
+    }
+
+    /// Appends a terminal event to `events`, sealed by `key` if given.
+    fn finish(events: &mut Vec<StoredEvent>, key: Option<&crate::seal::Sealer>) {
+        let last = &events.last().unwrap().event;
+        let mut event = RunEvent {
+            event_id: "end".into(),
+            run_id: last.run_id.clone(),
+            seq: last.seq + 1,
+            prev_hash: last.hash.clone(),
+            body: Some(Body::RunFinished(RunFinished::default())),
+            ..Default::default()
+        };
+        if let Some(key) = key {
+            event.signer = key.public_key().to_vec();
+        }
+        event.hash = hash(&event).to_vec();
+        if let Some(key) = key {
+            event.signature = key.sign(&event.hash).to_vec();
+        }
+        let stream_seq = events.last().unwrap().stream_seq + 1;
+        events.push(StoredEvent { event, stream_seq });
+    }
+
+    #[test]
+    fn a_seal_counts_only_by_a_trusted_key_and_ends_the_log() {
+        let run_id = RunId::new();
+        let dir = tempfile_dir();
+        let ours = crate::seal::Sealer::load_or_create(&dir.join("ours")).unwrap();
+        let theirs = crate::seal::Sealer::load_or_create(&dir.join("theirs")).unwrap();
+        let trust = Trust::keys([ours.public_key()]);
+        let titles = ["a".to_owned(), "b".to_owned()];
+
+        let mut sealed = chain(&run_id, &titles);
+        finish(&mut sealed, Some(&ours));
+        assert!(verify(&run_id, None, &sealed, &trust).is_ok());
+        // The workspace key, found by its file, is trusted too.
+        let workspace = Trust::default().with_workspace_key(&dir.join("ours"));
+        assert!(verify(&run_id, None, &sealed, &workspace).is_ok());
+
+        let mut forged = chain(&run_id, &titles);
+        finish(&mut forged, Some(&theirs));
+        let err = verify(&run_id, None, &forged, &trust).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("seq 3 fails verification: sealed by"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a trusted key"), "{err}");
+
+        let mut unsealed = chain(&run_id, &titles);
+        finish(&mut unsealed, None);
+        let err = verify(&run_id, None, &unsealed, &trust).unwrap_err();
+        assert!(err.to_string().contains("not sealed"), "{err}");
+
+        // Anything after the seal breaks the log, even a well-linked event.
+        let mut after = sealed.clone();
+        let last = after.last().unwrap().event.clone();
+        let mut extra = RunEvent {
+            event_id: "late".into(),
+            run_id: last.run_id.clone(),
+            seq: last.seq + 1,
+            prev_hash: last.hash.clone(),
+            body: Some(Body::LeafStarted(LeafStarted::default())),
+            ..Default::default()
+        };
+        extra.hash = hash(&extra).to_vec();
+        after.push(StoredEvent {
+            event: extra,
+            stream_seq: 99,
+        });
+        let err = verify(&run_id, None, &after, &trust).unwrap_err();
+        assert!(
+            err.to_string().contains("follows the run's terminal event"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dispatch-chain-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]
@@ -129,7 +241,7 @@ mod tests {
         let run_id = RunId::new();
         let mut events = chain(&run_id, &["a".into(), "b".into(), "c".into()]);
         events.remove(1);
-        let err = verify(&run_id, None, &events).unwrap_err();
+        let err = verify(&run_id, None, &events, &Trust::default()).unwrap_err();
         assert!(err.to_string().contains("expected seq 2"), "{err}");
     }
 }

@@ -61,7 +61,12 @@ impl RunHandle {
     pub async fn refresh(&mut self) -> Result<usize, Error> {
         let after = self.events.last().map_or(0, |e| e.stream_seq);
         let fresh = self.log.read_after(&self.run_id, after).await?;
-        chain::verify(&self.run_id, self.events.last().map(|e| &e.event), &fresh)?;
+        chain::verify(
+            &self.run_id,
+            self.events.last().map(|e| &e.event),
+            &fresh,
+            self.log.trust(),
+        )?;
         let n = fresh.len();
         self.events.extend(fresh);
         Ok(n)

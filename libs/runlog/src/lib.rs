@@ -79,6 +79,7 @@ pub struct RunLog {
     stream: Stream,
     writer: String,
     sealer: Option<seal::Sealer>,
+    trust: seal::Trust,
 }
 
 impl RunLog {
@@ -99,13 +100,31 @@ impl RunLog {
             stream,
             writer: writer.to_owned(),
             sealer: None,
+            trust: seal::Trust::default(),
         })
     }
 
-    /// Seals the terminal events this log handle appends with `sealer`.
+    /// Accepts seals by the keys of `trust` when reading. Until this is called no seal
+    /// is trusted, so a finished run reads as corrupt: a reader must say whom it trusts.
+    pub fn with_trust(mut self, trust: seal::Trust) -> Self {
+        let own = self.sealer.as_ref().map(seal::Sealer::public_key);
+        self.trust = trust;
+        if let Some(own) = own {
+            self.trust.add(own);
+        }
+        self
+    }
+
+    /// Seals the terminal events this log handle appends with `sealer` (whose seals it
+    /// then trusts).
     pub fn with_sealer(mut self, sealer: seal::Sealer) -> Self {
+        self.trust.add(sealer.public_key());
         self.sealer = Some(sealer);
         self
+    }
+
+    pub fn trust(&self) -> &seal::Trust {
+        &self.trust
     }
 
     pub fn bus(&self) -> &Bus {
@@ -115,7 +134,7 @@ impl RunLog {
     /// Reads a run's whole log and verifies its chain. An unknown run has an empty log.
     pub async fn read(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
         let events = self.read_after(run_id, 0).await?;
-        chain::verify(run_id, None, &events)?;
+        chain::verify(run_id, None, &events, &self.trust)?;
         Ok(events)
     }
 

@@ -79,9 +79,9 @@ pub struct Failed {
 }
 
 /// Checks an exported trail: every line decodes, matches its readable fields, links to
-/// the one before, recomputes its hash; the last is the sealed terminal event, signed
-/// by `trusted` when given.
-pub fn verify(text: &str, trusted: Option<&[u8; 32]>) -> Result<Verified, Failed> {
+/// the one before, recomputes its hash; the last is the terminal event, sealed by a
+/// key `trust` accepts.
+pub fn verify(text: &str, trust: &crate::seal::Trust) -> Result<Verified, Failed> {
     let mut previous: Option<RunEvent> = None;
     for (i, line) in text.lines().enumerate() {
         let seq = i as u64 + 1;
@@ -117,6 +117,7 @@ pub fn verify(text: &str, trusted: Option<&[u8; 32]>) -> Result<Verified, Failed
                 .map_err(|_| fail("bad run id".into()))?,
             previous.as_ref(),
             &stored,
+            trust,
         )
         .map_err(|e| fail(e.to_string()))?;
         previous = Some(event);
@@ -134,13 +135,8 @@ pub fn verify(text: &str, trusted: Option<&[u8; 32]>) -> Result<Verified, Failed
             "the trail does not end with the run's terminal event",
         ));
     }
-    if last.signature.is_empty() {
-        return Err(seal_fail("the terminal event is not sealed"));
-    }
-    seal::verify(&last.signer, &last.hash, &last.signature).map_err(|e| seal_fail(&e))?;
-    if trusted.is_some_and(|trusted| last.signer.as_slice() != trusted) {
-        return Err(seal_fail("sealed by a key other than the trusted one"));
-    }
+    // The chain check above refused an unsealed or untrusted terminal event already.
+    debug_assert!(seal::verify(&last.signer, &last.hash, &last.signature).is_ok());
     Ok(Verified {
         run_id: last.run_id.clone(),
         events: last.seq,
@@ -153,7 +149,7 @@ mod tests {
     use dispatch_proto::run::v1::{LeafStarted, RunFinished};
 
     use super::*;
-    use crate::seal::Sealer;
+    use crate::seal::{Sealer, Trust};
 
     fn sealed_trail(sealer: &Sealer) -> String {
         let run_id = dispatch_bus::RunId::new().to_string();
@@ -211,7 +207,7 @@ mod tests {
     fn an_untouched_trail_verifies() {
         let sealer = sealer();
         let trail = sealed_trail(&sealer);
-        let verified = verify(&trail, Some(&sealer.public_key())).unwrap();
+        let verified = verify(&trail, &Trust::keys([sealer.public_key()])).unwrap();
         assert_eq!(verified.events, 4);
         assert_eq!(verified.signer, sealer.public_hex());
     }
@@ -219,6 +215,7 @@ mod tests {
     #[test]
     fn any_edited_line_names_its_sequence() {
         let sealer = sealer();
+        let trust = Trust::keys([sealer.public_key()]);
         let trail = sealed_trail(&sealer);
         let lines: Vec<&str> = trail.lines().collect();
         let edits: [(usize, &str, &str); 4] = [
@@ -231,14 +228,15 @@ mod tests {
             let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
             assert!(edited[line].contains(from), "{from} not in line {line}");
             edited[line] = edited[line].replacen(from, to, 1);
-            let err = verify(&(edited.join("\n") + "\n"), None).unwrap_err();
+            let err = verify(&(edited.join("\n") + "\n"), &trust).unwrap_err();
             assert_eq!(err.seq, line as u64 + 1, "{err}");
         }
         // Re-encoding a tampered event consistently still breaks the chain or the seal.
         let other = super::tests::sealer();
-        let err = verify(&trail, Some(&other.public_key())).unwrap_err();
+        let err = verify(&trail, &Trust::keys([other.public_key()])).unwrap_err();
         assert_eq!(err.seq, 4);
+        assert!(err.reason.contains("not a trusted key"), "{err}");
         let truncated: String = lines[..3].iter().map(|l| format!("{l}\n")).collect();
-        assert_eq!(verify(&truncated, None).unwrap_err().seq, 3);
+        assert_eq!(verify(&truncated, &trust).unwrap_err().seq, 3);
     }
 }

@@ -23,6 +23,18 @@ pub struct CommonArgs {
     /// chosen once when the flags are parsed).
     #[arg(long, env = "DISPATCH_INSTANCE", default_value_t = dispatch_bus::health::instance_name(), hide_default_value = true)]
     pub instance: String,
+    /// Ed25519 public keys (hex, comma-separated) whose seals on finished runs are
+    /// trusted, besides the workspace's own key.
+    #[arg(long, env = "DISPATCH_TRUSTED_KEYS", value_delimiter = ',', value_parser = dispatch_runlog::seal::parse_public_key)]
+    pub trusted_keys: Vec<[u8; 32]>,
+}
+
+impl CommonArgs {
+    /// Whose seals this process accepts: the configured keys and the workspace key.
+    pub fn trust(&self) -> dispatch_runlog::seal::Trust {
+        dispatch_runlog::seal::Trust::keys(self.trusted_keys.iter().copied())
+            .with_workspace_key(&layout::seal_key(&self.workspace))
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -73,6 +85,15 @@ pub mod layout {
 
     pub fn state_dir(workspace: &Path) -> PathBuf {
         workspace.join(".dispatch")
+    }
+
+    /// The workspace `start` is in, found the way git finds a repository: the nearest
+    /// of `start` and its parents that holds a `.dispatch/` directory.
+    pub fn find_workspace(start: &Path) -> Option<PathBuf> {
+        start
+            .ancestors()
+            .find(|dir| state_dir(dir).is_dir())
+            .map(Path::to_path_buf)
     }
 
     /// A run's working directory: `.dispatch/runs/<run_id>/`.

@@ -10,6 +10,7 @@
 //! | 1 | the run ended `blocked` |
 //! | 2 | the run ended `stopped` |
 //! | 3 | `wait --timeout-ms` ran out before the run ended |
+//! | 4 | `run`, `wait`, `logs`: the run's log does not verify (corrupt or untrusted) |
 //! | 1 | `verify`, `replay`: the trail or log does not check out |
 //! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
 
@@ -29,7 +30,7 @@ use dispatch_ledger::view::RunView;
 use dispatch_proto::ledger::v1::RunsRemoved;
 use dispatch_proto::run::v1::{RunStatus, StopRequested, run_event::Body};
 use dispatch_runlog::RunLog;
-use dispatch_runlog::seal::Sealer;
+use dispatch_runlog::seal::{Sealer, Trust};
 use dispatch_runlog::submit::{Goal, submit_goal};
 
 /// Exit codes; see the crate docs.
@@ -38,6 +39,8 @@ pub mod exit {
     pub const BLOCKED: u8 = 1;
     pub const STOPPED: u8 = 2;
     pub const WAIT_TIMEOUT: u8 = 3;
+    /// The run's log fails verification: a broken chain, or a seal by no trusted key.
+    pub const CORRUPT: u8 = 4;
     /// `verify`/`replay`: the trail or log does not check out.
     pub const CHECK_FAILED: u8 = 1;
     pub const ERROR: u8 = 125;
@@ -60,9 +63,15 @@ pub struct Cli {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
-    /// Workspace root (TASKS.org, workflows/, .dispatch/).
-    #[arg(long, global = true, env = "DISPATCH_WORKSPACE", default_value = ".")]
-    workspace: PathBuf,
+    /// Workspace root (TASKS.org, workflows/, .dispatch/). Default: the nearest of the
+    /// current directory and its parents that has a .dispatch/ directory, else the
+    /// current directory.
+    #[arg(long, global = true, env = "DISPATCH_WORKSPACE")]
+    workspace: Option<PathBuf>,
+    /// Ed25519 public keys (hex, comma-separated) whose seals are trusted besides the
+    /// workspace's own key.
+    #[arg(long, global = true, env = "DISPATCH_TRUSTED_KEYS", value_delimiter = ',', value_parser = dispatch_runlog::seal::parse_public_key)]
+    trusted_keys: Vec<[u8; 32]>,
     #[command(subcommand)]
     command: Command,
 }
@@ -151,13 +160,12 @@ enum Command {
     /// names the first sequence that fails.
     Verify {
         file: PathBuf,
-        /// The Ed25519 public key (hex) that must have sealed it; default: this
-        /// workspace's key if it has one.
+        /// The Ed25519 public key (hex) that must have sealed it; default: the
+        /// workspace's key and any --trusted-keys.
         #[arg(long)]
         public_key: Option<String>,
     },
-    /// Print the public key that seals this workspace's runs (creating the key pair if
-    /// there is none yet).
+    /// Print the public key that seals this workspace's runs (never creates one).
     Key,
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
@@ -219,8 +227,22 @@ pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    let here =
+        std::env::current_dir().map_err(|e| Failure::new(format!("current directory: {e}")))?;
+    // Named, found by walking up, or (for `up`, which makes one) the current directory.
+    let found = match &cli.workspace {
+        Some(named) => Some(named.clone()),
+        None => dispatch_service::layout::find_workspace(&here),
+    };
+    let workspace = found.clone().unwrap_or_else(|| here.clone());
+    let key_path = dispatch_service::layout::seal_key(&workspace);
+    let trust = Trust::keys(cli.trusted_keys.iter().copied()).with_workspace_key(&key_path);
+    let open_log = |bus: &Bus| {
+        let (bus, trust) = (bus.clone(), trust.clone());
+        async move { Ok::<_, Failure>(RunLog::open(&bus, "cli").await?.with_trust(trust)) }
+    };
     match cli.command {
-        Command::Up(args) => up::up(&cli.workspace, std::env::var("NATS_URL").ok(), args).await,
+        Command::Up(args) => up::up(&workspace, std::env::var("NATS_URL").ok(), args).await,
         Command::Run {
             detach,
             conversation,
@@ -243,7 +265,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let goal = Goal::new(&goal, &conversation, timeout_ms, "cli")
                 .map_err(|e| Failure::new(e.to_string()))?;
             let bus = connect(&cli.nats_url).await?;
-            let log = RunLog::open(&bus, "cli").await?;
+            let log = open_log(&bus).await?;
             let run_id = submit_goal(&bus, goal).await?;
             if detach {
                 println!("{run_id}");
@@ -278,11 +300,17 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Logs { follow: keep, run } => {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = RunLog::open(&bus, "cli").await?;
+            let log = open_log(&bus).await?;
             if keep {
                 follow(&log, run_id, true, None).await.map(|_| exit::DONE)
             } else {
-                let events = log.read(&run_id).await?;
+                let events = match log.read(&run_id).await {
+                    Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
+                        eprintln!("dispatch: {e}");
+                        return Ok(exit::CORRUPT);
+                    }
+                    read => read?,
+                };
                 if events.is_empty() {
                     return Err(Failure::new(format!("run {run_id} has no events")));
                 }
@@ -295,7 +323,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Wait { run, timeout_ms } => {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = RunLog::open(&bus, "cli").await?;
+            let log = open_log(&bus).await?;
             follow(&log, run_id, false, timeout_ms.map(Duration::from_millis)).await
         }
         Command::Inspect { run } => {
@@ -314,7 +342,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = sealed_log(&bus, &cli.workspace).await?;
+            let log = sealed_log(&bus, &workspace, &trust).await?;
             stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
             println!("{run_id}");
             Ok(exit::DONE)
@@ -326,7 +354,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let bus = connect(&cli.nats_url).await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = sealed_log(&bus, &cli.workspace).await?;
+            let log = sealed_log(&bus, &workspace, &trust).await?;
             stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
             let events = log.read(&run_id).await?;
             let requested = events
@@ -349,7 +377,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Rm { runs, force } => {
             let bus = connect(&cli.nats_url).await?;
-            let log = sealed_log(&bus, &cli.workspace).await?;
+            let log = sealed_log(&bus, &workspace, &trust).await?;
             let mut ids = Vec::new();
             for run in &runs {
                 let run_id = resolve(&bus, run).await?;
@@ -406,40 +434,63 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Verify { file, public_key } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Failure::new(format!("{}: {e}", file.display())))?;
-            let trusted = match public_key {
-                Some(hex_key) => Some(parse_key(&hex_key)?),
+            // `--public-key` alone, or the configured keys and the workspace key.
+            let (trust, whose) = match public_key {
+                Some(hex_key) => (
+                    Trust::keys([parse_key(&hex_key)?]),
+                    "the key given with --public-key".to_owned(),
+                ),
                 None => {
-                    let path = dispatch_service::layout::seal_key(&cli.workspace);
-                    if path.exists() {
-                        Some(Sealer::load_or_create(&path)?.public_key())
-                    } else {
-                        eprintln!(
-                            "dispatch: no --public-key and no workspace key: trusting the key the trail names"
-                        );
-                        None
+                    let mut whose = Vec::new();
+                    if !cli.trusted_keys.is_empty() {
+                        whose.push("DISPATCH_TRUSTED_KEYS".to_owned());
                     }
+                    if found.is_some() && trust.workspace_public().is_some() {
+                        whose.push(format!("the workspace key ({})", key_path.display()));
+                    }
+                    if whose.is_empty() {
+                        return Err(Failure::new(format!(
+                            "no trusted key to check the seal against: no workspace with a key \
+                             in {} or its parents, and no --trusted-keys; pass --public-key KEY \
+                             (the sealing workspace's `dispatch key`)",
+                            here.display()
+                        )));
+                    }
+                    (trust.clone(), whose.join(" and "))
                 }
             };
-            match dispatch_runlog::steps::verify(&text, trusted.as_ref()) {
+            match dispatch_runlog::steps::verify(&text, &trust) {
                 Ok(verified) => {
                     println!(
-                        "verified {} events of run {}, sealed by {}",
+                        "verified {} events of run {}, sealed by {} (trusted: {whose})",
                         verified.events, verified.run_id, verified.signer
                     );
                     Ok(exit::DONE)
                 }
                 Err(failed) => {
-                    eprintln!("dispatch: {}: {failed}", file.display());
+                    eprintln!(
+                        "dispatch: {}: {failed} (trusted keys: {whose})",
+                        file.display()
+                    );
                     Ok(exit::CHECK_FAILED)
                 }
             }
         }
-        Command::Key => {
-            let sealer =
-                Sealer::load_or_create(&dispatch_service::layout::seal_key(&cli.workspace))?;
-            println!("{}", sealer.public_hex());
-            Ok(exit::DONE)
-        }
+        Command::Key => match Sealer::load(&key_path) {
+            Ok(sealer) => {
+                println!("{}", sealer.public_hex());
+                Ok(exit::DONE)
+            }
+            Err(_) if found.is_none() => Err(Failure::new(format!(
+                "no Dispatch workspace in {} or its parents (looked for .dispatch/); pass \
+                 --workspace, or run `dispatch up` there first",
+                here.display()
+            ))),
+            Err(e) => Err(Failure::new(format!(
+                "{e}; the workspace has no seal key yet: `dispatch up` (or the first \
+                 dispatcher) creates it"
+            ))),
+        },
         Command::Prune => {
             let bus = connect(&cli.nats_url).await?;
             let ids: Vec<RunId> = list_runs(&bus, true)
@@ -578,6 +629,21 @@ async fn follow(
     print: bool,
     limit: Option<Duration>,
 ) -> Result<u8, Failure> {
+    match follow_log(log, run_id, print, limit).await {
+        Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
+            eprintln!("dispatch: {e}");
+            Ok(exit::CORRUPT)
+        }
+        other => other.map_err(Failure::from),
+    }
+}
+
+async fn follow_log(
+    log: &RunLog,
+    run_id: RunId,
+    print: bool,
+    limit: Option<Duration>,
+) -> Result<u8, dispatch_runlog::Error> {
     let deadline = limit.map(|d| tokio::time::Instant::now() + d);
     let mut handle = log.handle(run_id).await?;
     let mut shown = 0;
@@ -688,16 +754,28 @@ async fn remove(bus: &Bus, ids: &[RunId]) -> Result<(), Failure> {
 
 /// A 32-byte Ed25519 public key in hex.
 fn parse_key(text: &str) -> Result<[u8; 32], Failure> {
-    hex::decode(text.trim())
-        .ok()
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
-        .ok_or_else(|| Failure::new(format!("--public-key {text:?} is not 64 hex characters")))
+    dispatch_runlog::seal::parse_public_key(text)
+        .map_err(|e| Failure::new(format!("--public-key: {e}")))
 }
 
-/// The run log, sealing the terminal events this CLI writes (forced stops).
-async fn sealed_log(bus: &Bus, workspace: &std::path::Path) -> Result<RunLog, Failure> {
-    let sealer = Sealer::load_or_create(&dispatch_service::layout::seal_key(workspace))?;
-    Ok(RunLog::open(bus, "cli").await?.with_sealer(sealer))
+/// The run log, sealing the terminal events this CLI writes (forced stops) with the
+/// workspace key, which must exist: the CLI never makes up a key of its own.
+async fn sealed_log(
+    bus: &Bus,
+    workspace: &std::path::Path,
+    trust: &Trust,
+) -> Result<RunLog, Failure> {
+    let path = dispatch_service::layout::seal_key(workspace);
+    let sealer = Sealer::load(&path).map_err(|e| {
+        Failure::new(format!(
+            "{e}; stopping a run seals it with the workspace key, which `dispatch up` (or the \
+             first dispatcher) creates: run this in the workspace, or pass --workspace"
+        ))
+    })?;
+    Ok(RunLog::open(bus, "cli")
+        .await?
+        .with_trust(trust.clone())
+        .with_sealer(sealer))
 }
 
 /// `500ms`, `90s`, `35m`, `1h`.

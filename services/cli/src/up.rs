@@ -40,6 +40,9 @@ pub async fn up(workspace: &Path, nats_url: Option<String>, args: UpArgs) -> Res
     let workspace = workspace
         .canonicalize()
         .map_err(|e| Failure::new(format!("workspace {}: {e}", workspace.display())))?;
+    // The key that seals this workspace's runs, made before any service starts, so
+    // every reader trusts it from its first event.
+    dispatch_runlog::seal::Sealer::load_or_create(&layout::seal_key(&workspace))?;
     let state = layout::state_dir(&workspace);
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| Failure::new(format!("{}: {e}", logs.display())))?;
@@ -233,7 +236,9 @@ fn check_alive(procs: &mut [Proc]) -> Result<(), Failure> {
 }
 
 async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
-    let log = RunLog::open(bus, "cli").await?;
+    let trust =
+        dispatch_runlog::seal::Trust::default().with_workspace_key(&layout::seal_key(workspace));
+    let log = RunLog::open(bus, "cli").await?.with_trust(trust);
     let goal = Goal::new(goal, dispatch_bus::ConversationId::DEFAULT, 0, "cli")
         .map_err(|e| Failure::new(format!("demo goal: {e}")))?;
     let run_id = submit_goal(bus, goal.clone()).await?;

@@ -78,7 +78,9 @@ impl Connectors {
     pub async fn build(config: Config) -> Result<Self, Error> {
         let instance = config.common.instance.clone();
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
-        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
+        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
+            .await?
+            .with_trust(config.common.trust());
         Ok(Self { config, bus, log })
     }
 

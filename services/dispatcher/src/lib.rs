@@ -101,7 +101,10 @@ impl Dispatcher {
         let sealer = Sealer::load_or_create(&dispatch_service::layout::seal_key(
             &config.common.workspace,
         ))?;
-        let log = RunLog::open(&bus, &owner).await?.with_sealer(sealer);
+        let log = RunLog::open(&bus, &owner)
+            .await?
+            .with_trust(config.common.trust())
+            .with_sealer(sealer);
         Ok(Self {
             ctx: Arc::new(Context {
                 bus,

@@ -91,7 +91,7 @@ impl Ledger {
             .clone()
             .unwrap_or_else(|| layout::state_dir(&config.common.workspace).join("state/ledger"));
         std::fs::create_dir_all(&state_dir).map_err(|e| dispatch_views::Error::Sled(e.into()))?;
-        let views = Views::open(&state_dir)?;
+        let views = Views::open(&state_dir, config.common.trust())?;
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
         Ok(Self { config, bus, views })
     }
@@ -101,7 +101,8 @@ impl Ledger {
         let drains_cursor = self.views.cursor(streams::LEDGER)?;
         let log = RunLog::open(&self.bus, &format!("{SERVICE}/{instance}"))
             .await
-            .map_err(|e| dispatch_bus::Error::new(ErrorKind::Other, e.to_string()))?;
+            .map_err(|e| dispatch_bus::Error::new(ErrorKind::Other, e.to_string()))?
+            .with_trust(self.views.trust().clone());
         let (exports, due) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(State {
             log,
@@ -536,7 +537,7 @@ async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
     let view = events
         .iter()
         .fold(None, |view, stored| {
-            Some(RunView::apply(view, &stored.event))
+            Some(RunView::apply(view, &stored.event, state.views.trust()))
         })
         .expect("at least one event");
     state

@@ -46,6 +46,8 @@ pub const SCHEMA: u32 = 2;
 #[derive(Clone)]
 pub struct Views {
     store: ViewStore,
+    /// Whose seals make a finished run trusted.
+    trust: dispatch_runlog::seal::Trust,
 }
 
 /// Changes accumulated since the last commit, read through before the store.
@@ -151,10 +153,18 @@ impl<T: serde::Serialize> Filler<T> {
 }
 
 impl Views {
-    pub fn open(path: &std::path::Path) -> Result<Self, dispatch_views::Error> {
+    pub fn open(
+        path: &std::path::Path,
+        trust: dispatch_runlog::seal::Trust,
+    ) -> Result<Self, dispatch_views::Error> {
         Ok(Self {
             store: ViewStore::open(path, &TREES, SCHEMA)?,
+            trust,
         })
+    }
+
+    pub fn trust(&self) -> &dispatch_runlog::seal::Trust {
+        &self.trust
     }
 
     pub fn flush(&self) -> Result<(), dispatch_views::Error> {
@@ -365,14 +375,22 @@ impl Views {
             );
             return;
         };
+        let key = run_id.to_string();
         let event = match dispatch_runlog::decode(&run_id, seq, payload) {
             Ok(event) => event,
             Err(e) => {
-                tracing::warn!(seq, error = %e, "ignoring an undecodable run event");
+                // Something on this run's subject that is not one of its events: the
+                // run's log no longer verifies.
+                tracing::warn!(run_id = key, seq, error = %e, "a run's subject holds a message that is not its event");
+                if self.is_removed(&key) {
+                    return;
+                }
+                let current = pending.runs.remove(&key).or_else(|| self.run(&key));
+                let view = RunView::apply_garbage(current, &key, e.to_string());
+                pending.runs.insert(key, view);
                 return;
             }
         };
-        let key = event.run_id.clone();
         // Tombstones are looked up when a run first enters the batch; one written later
         // by the other stream's projection still wins at commit (guarded put).
         let current = match pending.runs.remove(&key) {
@@ -383,7 +401,7 @@ impl Views {
         let before = current
             .as_ref()
             .map(|v| conversation_or_default(&v.conversation_id));
-        let view = RunView::apply(current, &event);
+        let view = RunView::apply(current, &event, &self.trust);
         let conversation = conversation_or_default(&view.conversation_id);
         if let Some(before) = before.filter(|b| *b != conversation) {
             // The goal named one conversation and the run's request another (a bad

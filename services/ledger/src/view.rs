@@ -1,6 +1,7 @@
 //! The run view and its reducer: a pure function of the run's events.
 
 use dispatch_proto::run::v1::{LeafState, RunEvent, RunStatus, run_event::Body};
+use dispatch_runlog::seal::Trust;
 use serde::{Deserialize, Serialize};
 
 /// The statuses people see.
@@ -12,13 +13,16 @@ pub enum TaskStatus {
     Done,
     Blocked,
     Stopped,
+    /// The run's log fails verification (a broken link, an untrusted or missing seal,
+    /// an event after the seal): nothing it claims is trusted, and nothing runs it.
+    Corrupt,
 }
 
 impl TaskStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskStatus::Done | TaskStatus::Blocked | TaskStatus::Stopped
+            TaskStatus::Done | TaskStatus::Blocked | TaskStatus::Stopped | TaskStatus::Corrupt
         )
     }
 
@@ -29,6 +33,7 @@ impl TaskStatus {
             TaskStatus::Done => "done",
             TaskStatus::Blocked => "blocked",
             TaskStatus::Stopped => "stopped",
+            TaskStatus::Corrupt => "corrupt",
         }
     }
 
@@ -40,6 +45,7 @@ impl TaskStatus {
             TaskStatus::Done => "DONE",
             TaskStatus::Blocked => "BLOCKED",
             TaskStatus::Stopped => "STOPPED",
+            TaskStatus::Corrupt => "CORRUPT",
         }
     }
 }
@@ -68,6 +74,20 @@ pub struct RunView {
     pub finished_at_ms: Option<i64>,
     /// Sequence of the last event applied.
     pub last_seq: u64,
+    /// Hash of the last event applied (hex): the next one must link to it.
+    #[serde(default)]
+    pub last_hash: String,
+    /// Why the run's log fails verification, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<Corruption>,
+}
+
+/// Where and why a run's log fails verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Corruption {
+    /// The first event sequence that does not check out.
+    pub seq: u64,
+    pub reason: String,
 }
 
 impl RunView {
@@ -92,7 +112,56 @@ impl RunView {
             deadline_at_ms: None,
             finished_at_ms: None,
             last_seq: 0,
+            last_hash: String::new(),
+            corrupt: None,
         }
+    }
+
+    /// Marks the run corrupt at `seq`; nothing after it is applied.
+    fn mark_corrupt(&mut self, seq: u64, reason: String) {
+        let line = format!("log fails verification at seq {seq}: {reason}");
+        self.status = TaskStatus::Corrupt;
+        self.reason = Some(dispatch_runlog::slice_chars(
+            &line,
+            dispatch_runlog::SUMMARY_CHARS,
+        ));
+        self.summary = self.reason.clone();
+        self.corrupt = Some(Corruption { seq, reason });
+    }
+
+    /// A message on the run's subject that is not one of its events.
+    pub fn apply_garbage(view: Option<Self>, run_id: &str, error: String) -> Self {
+        let mut view = view.unwrap_or_else(|| {
+            Self::new(&RunEvent {
+                run_id: run_id.to_owned(),
+                ..Default::default()
+            })
+        });
+        if view.corrupt.is_none() {
+            let seq = view.last_seq + 1;
+            view.mark_corrupt(seq, error);
+        }
+        view
+    }
+
+    /// The checks an event must pass to be applied: it is the next in sequence, links
+    /// to the last one applied, hashes to its own hash, and obeys the seal rules.
+    fn check(&self, event: &RunEvent, trust: &Trust) -> Result<(), String> {
+        if event.seq != self.last_seq + 1 {
+            return Err(format!("expected seq {}", self.last_seq + 1));
+        }
+        let linked = if self.last_seq == 0 {
+            event.prev_hash == dispatch_runlog::chain::GENESIS
+        } else {
+            hex::encode(&event.prev_hash) == self.last_hash
+        };
+        if !linked {
+            return Err("prev_hash does not link to the previous event".into());
+        }
+        if event.hash != dispatch_runlog::chain::hash(event) {
+            return Err("hash does not match the event's content".into());
+        }
+        dispatch_runlog::chain::check_link(event, self.finished_at_ms.is_some(), trust)
     }
 
     /// The view of a goal no dispatcher has taken yet. Once the run's log starts, its
@@ -113,13 +182,20 @@ impl RunView {
         view
     }
 
-    /// Applies one event. Events at or below `last_seq` were applied already.
-    pub fn apply(view: Option<Self>, event: &RunEvent) -> Self {
+    /// Applies one event, verifying it against what came before: events at or below
+    /// `last_seq` were applied already, and an event that fails verification marks the
+    /// run `corrupt` (see [`Self::check`]) and stops it from changing any further.
+    pub fn apply(view: Option<Self>, event: &RunEvent, trust: &Trust) -> Self {
         let mut view = view.unwrap_or_else(|| Self::new(event));
-        if event.seq <= view.last_seq {
+        if view.corrupt.is_some() || event.seq <= view.last_seq && event.seq != 0 {
+            return view;
+        }
+        if let Err(reason) = view.check(event, trust) {
+            view.mark_corrupt(event.seq, reason);
             return view;
         }
         view.last_seq = event.seq;
+        view.last_hash = hex::encode(&event.hash);
         let Some(body) = &event.body else { return view };
         match body {
             Body::RunRequested(r) => {
@@ -189,67 +265,92 @@ pub struct Note {
 #[cfg(test)]
 mod tests {
     use dispatch_proto::run::v1::{LeafFinished, RunFinished, RunRequested, RunStarted};
+    use dispatch_runlog::seal::Sealer;
 
     use super::*;
 
-    fn event(seq: u64, body: Body) -> RunEvent {
-        RunEvent {
-            run_id: "r".into(),
-            seq,
-            time_unix_ms: seq as i64 * 1000,
-            body: Some(body),
-            ..Default::default()
-        }
+    /// A properly chained log of `bodies`, the terminal one sealed by `sealer`.
+    fn chain(bodies: Vec<Body>, sealer: &Sealer) -> Vec<RunEvent> {
+        let mut prev = dispatch_runlog::chain::GENESIS.to_vec();
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| {
+                let terminal = matches!(body, Body::RunFinished(_));
+                let mut event = RunEvent {
+                    run_id: "r".into(),
+                    seq: i as u64 + 1,
+                    time_unix_ms: (i as i64 + 1) * 1000,
+                    prev_hash: prev.clone(),
+                    body: Some(body),
+                    ..Default::default()
+                };
+                if terminal {
+                    event.signer = sealer.public_key().to_vec();
+                }
+                event.hash = dispatch_runlog::chain::hash(&event).to_vec();
+                if terminal {
+                    event.signature = sealer.sign(&event.hash).to_vec();
+                }
+                prev = event.hash.clone();
+                event
+            })
+            .collect()
+    }
+
+    fn sealer(name: &str) -> Sealer {
+        let dir = std::env::temp_dir().join(format!("dispatch-view-{name}-{}", uuid_like()));
+        let sealer = Sealer::load_or_create(&dir.join("key")).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        sealer
+    }
+
+    fn uuid_like() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    }
+
+    fn bodies() -> Vec<Body> {
+        vec![
+            Body::RunRequested(RunRequested {
+                goal: "g".into(),
+                conversation_id: "c".into(),
+                ..Default::default()
+            }),
+            Body::RunStarted(RunStarted {
+                owner: "d".into(),
+                deadline_unix_ms: 9,
+            }),
+            Body::LeafFinished(LeafFinished {
+                leaf: 0,
+                state: LeafState::Done as i32,
+                reason: String::new(),
+            }),
+            Body::LeafFinished(LeafFinished {
+                leaf: 1,
+                state: LeafState::Failed as i32,
+                reason: String::new(),
+            }),
+            Body::RunFinished(RunFinished {
+                status: RunStatus::Done as i32,
+                reason: "workflow finished".into(),
+                summary: "s".into(),
+                tally: vec![],
+            }),
+        ]
     }
 
     #[test]
     fn a_run_moves_queued_doing_done_and_replays_idempotently() {
-        let events = [
-            event(
-                1,
-                Body::RunRequested(RunRequested {
-                    goal: "g".into(),
-                    conversation_id: "c".into(),
-                    ..Default::default()
-                }),
-            ),
-            event(
-                2,
-                Body::RunStarted(RunStarted {
-                    owner: "d".into(),
-                    deadline_unix_ms: 9,
-                }),
-            ),
-            event(
-                3,
-                Body::LeafFinished(LeafFinished {
-                    leaf: 0,
-                    state: LeafState::Done as i32,
-                    reason: String::new(),
-                }),
-            ),
-            event(
-                4,
-                Body::LeafFinished(LeafFinished {
-                    leaf: 1,
-                    state: LeafState::Failed as i32,
-                    reason: String::new(),
-                }),
-            ),
-            event(
-                5,
-                Body::RunFinished(RunFinished {
-                    status: RunStatus::Done as i32,
-                    reason: "workflow finished".into(),
-                    summary: "s".into(),
-                    tally: vec![],
-                }),
-            ),
-        ];
+        let key = sealer("ok");
+        let trust = Trust::keys([key.public_key()]);
+        let events = chain(bodies(), &key);
         let mut view = None;
         let mut seen = Vec::new();
         for e in &events {
-            let v = RunView::apply(view, e);
+            let v = RunView::apply(view, e, &trust);
             seen.push(v.status);
             view = Some(v);
         }
@@ -265,10 +366,56 @@ mod tests {
         );
         let done = view.unwrap();
         assert_eq!((done.leaves_done, done.leaves_failed), (1, 1));
+        assert!(done.corrupt.is_none());
         // Re-delivering any event changes nothing.
         let again = events
             .iter()
-            .fold(done.clone(), |v, e| RunView::apply(Some(v), e));
+            .fold(done.clone(), |v, e| RunView::apply(Some(v), e, &trust));
         assert_eq!(again, done);
+    }
+
+    #[test]
+    fn a_forged_or_broken_log_is_corrupt_never_done() {
+        let ours = sealer("ours");
+        let trust = Trust::keys([ours.public_key()]);
+        let fold = |events: &[RunEvent]| {
+            events
+                .iter()
+                .fold(None, |v, e| Some(RunView::apply(v, e, &trust)))
+                .unwrap()
+        };
+        // Sealed by a key nobody trusts.
+        let forged = fold(&chain(bodies(), &sealer("theirs")));
+        assert_eq!(forged.status, TaskStatus::Corrupt);
+        let why = forged.corrupt.unwrap();
+        assert_eq!(why.seq, 5);
+        assert!(why.reason.contains("not a trusted key"), "{}", why.reason);
+
+        // An edited event breaks its own hash; later events are not applied.
+        let mut edited = chain(bodies(), &ours);
+        if let Some(Body::LeafFinished(f)) = edited[3].body.as_mut() {
+            f.state = LeafState::Done as i32;
+        }
+        let view = fold(&edited);
+        assert_eq!(view.status, TaskStatus::Corrupt);
+        assert_eq!(view.corrupt.as_ref().unwrap().seq, 4);
+        assert_eq!(view.leaves_done, 1);
+
+        // An event after the seal.
+        let mut late = chain(bodies(), &ours);
+        let extra = chain(
+            bodies()
+                .into_iter()
+                .chain([Body::LeafStarted(Default::default())])
+                .collect(),
+            &ours,
+        );
+        late.push(extra[5].clone());
+        let view = fold(&late);
+        assert_eq!(view.status, TaskStatus::Corrupt);
+        assert!(
+            view.corrupt.unwrap().reason.contains("follows"),
+            "an event after the seal"
+        );
     }
 }

@@ -68,7 +68,9 @@ impl PolicyService {
         };
         let instance = config.common.instance.clone();
         let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
-        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}")).await?;
+        let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
+            .await?
+            .with_trust(config.common.trust());
         Ok(Self {
             config,
             bus,
