@@ -131,6 +131,35 @@ where
     }
 }
 
+/// Settles a message with what [`retry`] returned for it: acknowledged when done,
+/// terminated when it can never succeed (`transient` says no), handed back for the
+/// server's backoff schedule when it may succeed later, and handed back at once when
+/// this copy is shutting down (`None`), for another copy to take.
+pub async fn settle<E: std::fmt::Display>(
+    message: &jetstream::Message,
+    what: &str,
+    outcome: Option<Result<(), E>>,
+    transient: impl Fn(&E) -> bool,
+) {
+    use jetstream::AckKind;
+    let ack = match outcome {
+        Some(Ok(())) => AckKind::Ack,
+        Some(Err(e)) if !transient(&e) => {
+            tracing::warn!(what, reason = %e, "dropping a message that can never succeed");
+            AckKind::Term
+        }
+        Some(Err(e)) => {
+            let deliveries = Delivery::of(message).number;
+            tracing::warn!(what, deliveries, error = %e, "failed, handing it back");
+            AckKind::Nak(None)
+        }
+        None => AckKind::Nak(Some(Duration::from_millis(1))),
+    };
+    if let Err(e) = message.ack_with(ack).await {
+        tracing::warn!(what, error = %e, "cannot settle the message; it will be redelivered");
+    }
+}
+
 /// Sends in-progress acks (`+WPI`) every third of `ack_wait`, forever.
 async fn renew_lease(
     client: async_nats::Client,

@@ -165,24 +165,7 @@ async fn handle(ctx: Arc<Context>, message: jetstream::Message, shutdown: Cancel
         }
     })
     .await;
-    match outcome {
-        Some(Ok(())) => {
-            let _ = message.ack().await;
-        }
-        Some(Err(e)) if !e.is_transient() => {
-            tracing::warn!(subject = %message.subject, reason = %e, "dropping a command that can never succeed");
-            let _ = message.ack_with(AckKind::Term).await;
-        }
-        Some(Err(e)) => {
-            tracing::warn!(subject = %message.subject, deliveries = delivery.number, error = %e, "command failed, handing it back");
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
-        None => {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
-                .await;
-        }
-    }
+    work::settle(&message, &what, outcome, Rejected::is_transient).await;
 }
 
 enum Rejected {

@@ -130,24 +130,7 @@ async fn handle(
         }
     })
     .await;
-    match outcome {
-        Some(Ok(())) => {
-            let _ = message.ack().await;
-        }
-        Some(Err(e)) if !transient(&e) => {
-            tracing::error!(run_id = check.run_id, call_id = check.call_id, error = %e, "dropping a policy check for a run whose log does not verify");
-            let _ = message.ack_with(AckKind::Term).await;
-        }
-        Some(Err(e)) => {
-            tracing::warn!(run_id = check.run_id, call_id = check.call_id, deliveries = delivery.number, error = %e, "policy check failed, handing it back");
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
-        None => {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
-                .await;
-        }
-    }
+    work::settle(&message, &what, outcome, transient).await;
 }
 
 /// Everything but a log that does not verify may go away if tried again.
