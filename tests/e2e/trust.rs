@@ -19,33 +19,19 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A log of `bodies` with valid links and hashes, the terminal event sealed by `key`
 /// (or not sealed at all).
 fn forge(run_id: &RunId, bodies: Vec<Body>, key: Option<&Sealer>) -> Vec<RunEvent> {
-    let mut prev = chain::GENESIS.to_vec();
-    bodies
+    let mut events: Vec<RunEvent> = bodies
         .into_iter()
-        .enumerate()
-        .map(|(i, body)| {
-            let terminal = matches!(body, Body::RunFinished(_));
-            let mut event = RunEvent {
-                event_id: RunId::new().to_string(),
-                run_id: run_id.to_string(),
-                seq: i as u64 + 1,
-                time_unix_ms: 1_700_000_000_000,
-                prev_hash: prev.clone(),
-                writer: "forger".into(),
-                body: Some(body),
-                ..Default::default()
-            };
-            if let (true, Some(key)) = (terminal, key) {
-                event.signer = key.public_key().to_vec();
-            }
-            event.hash = chain::hash(&event).to_vec();
-            if let (true, Some(key)) = (terminal, key) {
-                event.signature = key.sign(&event.hash).to_vec();
-            }
-            prev = event.hash.clone();
-            event
+        .map(|body| RunEvent {
+            event_id: RunId::new().to_string(),
+            run_id: run_id.to_string(),
+            time_unix_ms: 1_700_000_000_000,
+            writer: "forger".into(),
+            body: Some(body),
+            ..Default::default()
         })
-        .collect()
+        .collect();
+    chain::link(&mut events, key);
+    events
 }
 
 fn done_bodies(goal: &str) -> Vec<Body> {

@@ -68,6 +68,28 @@ pub fn verify(
     Ok(())
 }
 
+/// Fills in the envelope of `events` so they form a valid log from seq 1: `seq`,
+/// `prev_hash`, `hash`, and, on a terminal event when a `sealer` is given, `signer` and
+/// `signature`. For tools and tests that write whole logs without a [`RunHandle`]
+/// (which does this one append at a time).
+///
+/// [`RunHandle`]: crate::RunHandle
+pub fn link(events: &mut [RunEvent], sealer: Option<&crate::seal::Sealer>) {
+    let mut prev = GENESIS.to_vec();
+    for (i, event) in events.iter_mut().enumerate() {
+        event.seq = i as u64 + 1;
+        event.prev_hash = prev;
+        let sealer = sealer.filter(|_| is_terminal(event));
+        event.signer = sealer.map_or_else(Vec::new, |s| s.public_key().to_vec());
+        event.signature.clear();
+        event.hash = hash(event).to_vec();
+        if let Some(sealer) = sealer {
+            event.signature = sealer.sign(&event.hash).to_vec();
+        }
+        prev = event.hash.clone();
+    }
+}
+
 fn is_terminal(event: &RunEvent) -> bool {
     matches!(event.body, Some(Body::RunFinished(_)))
 }

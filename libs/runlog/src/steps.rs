@@ -153,43 +153,34 @@ mod tests {
 
     fn sealed_trail(sealer: &Sealer) -> String {
         let run_id = dispatch_bus::RunId::new().to_string();
-        let mut prev = chain::GENESIS.to_vec();
-        let mut events = Vec::new();
-        for seq in 1..=4u64 {
-            let body = if seq == 4 {
-                Body::RunFinished(RunFinished {
-                    status: 1,
-                    reason: "workflow finished".into(),
-                    ..Default::default()
-                })
-            } else {
-                Body::LeafStarted(LeafStarted {
-                    leaf: seq as u32,
-                    title: format!("leaf {seq}"),
-                })
-            };
-            let mut event = RunEvent {
+        let mut events: Vec<RunEvent> = (1..=4u64)
+            .map(|seq| RunEvent {
                 event_id: format!("e{seq}"),
                 run_id: run_id.clone(),
-                seq,
-                prev_hash: prev.clone(),
-                body: Some(body),
+                body: Some(if seq == 4 {
+                    Body::RunFinished(RunFinished {
+                        status: 1,
+                        reason: "workflow finished".into(),
+                        ..Default::default()
+                    })
+                } else {
+                    Body::LeafStarted(LeafStarted {
+                        leaf: seq as u32,
+                        title: format!("leaf {seq}"),
+                    })
+                }),
                 ..Default::default()
-            };
-            if seq == 4 {
-                event.signer = sealer.public_key().to_vec();
-            }
-            event.hash = chain::hash(&event).to_vec();
-            if seq == 4 {
-                event.signature = sealer.sign(&event.hash).to_vec();
-            }
-            prev = event.hash.clone();
-            events.push(StoredEvent {
+            })
+            .collect();
+        chain::link(&mut events, Some(sealer));
+        let stored: Vec<StoredEvent> = events
+            .into_iter()
+            .map(|event| StoredEvent {
+                stream_seq: event.seq,
                 event,
-                stream_seq: seq,
-            });
-        }
-        export(&events)
+            })
+            .collect();
+        export(&stored)
     }
 
     fn sealer() -> Sealer {

@@ -271,31 +271,18 @@ mod tests {
 
     /// A properly chained log of `bodies`, the terminal one sealed by `sealer`.
     fn chain(bodies: Vec<Body>, sealer: &Sealer) -> Vec<RunEvent> {
-        let mut prev = dispatch_runlog::chain::GENESIS.to_vec();
-        bodies
+        let mut events: Vec<RunEvent> = bodies
             .into_iter()
             .enumerate()
-            .map(|(i, body)| {
-                let terminal = matches!(body, Body::RunFinished(_));
-                let mut event = RunEvent {
-                    run_id: "r".into(),
-                    seq: i as u64 + 1,
-                    time_unix_ms: (i as i64 + 1) * 1000,
-                    prev_hash: prev.clone(),
-                    body: Some(body),
-                    ..Default::default()
-                };
-                if terminal {
-                    event.signer = sealer.public_key().to_vec();
-                }
-                event.hash = dispatch_runlog::chain::hash(&event).to_vec();
-                if terminal {
-                    event.signature = sealer.sign(&event.hash).to_vec();
-                }
-                prev = event.hash.clone();
-                event
+            .map(|(i, body)| RunEvent {
+                run_id: "r".into(),
+                time_unix_ms: (i as i64 + 1) * 1000,
+                body: Some(body),
+                ..Default::default()
             })
-            .collect()
+            .collect();
+        dispatch_runlog::chain::link(&mut events, Some(sealer));
+        events
     }
 
     fn sealer(name: &str) -> Sealer {
