@@ -71,35 +71,6 @@ impl Batch {
         self.push(tree, key, Some(value.into()), guards);
     }
 
-    /// Puts `key` unless the `guard` tree holds the same key when the batch commits
-    /// (checked inside the transaction, so a concurrent writer of `guard` is not missed).
-    pub fn put_unless(
-        &mut self,
-        guard: &str,
-        tree: &str,
-        key: impl AsRef<[u8]>,
-        value: impl Into<Vec<u8>>,
-    ) {
-        let guards = vec![(guard.to_owned(), key.as_ref().to_vec())];
-        self.push(tree, key, Some(value.into()), guards);
-    }
-
-    /// Puts `key` unless any of the `guards` trees holds it at commit (a guard may be
-    /// `tree` itself: put if absent).
-    pub fn put_unless_any(
-        &mut self,
-        guards: &[&str],
-        tree: &str,
-        key: impl AsRef<[u8]>,
-        value: impl Into<Vec<u8>>,
-    ) {
-        let guards = guards
-            .iter()
-            .map(|g| ((*g).to_owned(), key.as_ref().to_vec()))
-            .collect();
-        self.push(tree, key, Some(value.into()), guards);
-    }
-
     pub fn remove(&mut self, tree: &str, key: impl AsRef<[u8]>) {
         self.push(tree, key, None, Vec::new());
     }
@@ -290,8 +261,8 @@ mod tests {
         tombstone.put("removed", "a", Vec::new());
         store.commit("LEDGER", 1, tombstone).unwrap();
         let mut late = Batch::default();
-        late.put_unless("removed", "runs", "a", b"back".to_vec());
-        late.put_unless("removed", "runs", "b", b"kept".to_vec());
+        late.put_guarded(&[("removed", b"a")], "runs", "a", b"back".to_vec());
+        late.put_guarded(&[("removed", b"b")], "runs", "b", b"kept".to_vec());
         store.commit("RUNS", 1, late).unwrap();
         assert!(store.tree("runs").unwrap().get("a").unwrap().is_none());
         assert!(store.tree("runs").unwrap().get("b").unwrap().is_some());
