@@ -40,7 +40,7 @@ async fn main() -> Result<()> {
     let raw = raw_publish_latencies(&bus, ACK_SAMPLES).await?;
     let ingress = Service::start(
         "ingress",
-        &nats.url(),
+        &nats,
         workspace.path(),
         &["--listen", "127.0.0.1:0"],
     )
@@ -98,7 +98,7 @@ async fn main() -> Result<()> {
         } else {
             args
         };
-        services.push(Service::start(name, &nats.url(), workspace.path(), &args).await?);
+        services.push(Service::start(name, &nats, workspace.path(), &args).await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle: Vec<(String, u64)> = services
@@ -322,7 +322,7 @@ async fn rebuild_rate(
     let started = Instant::now();
     let _ledger = Service::start(
         "ledger",
-        &nats.url(),
+        nats,
         workspace,
         &["--state-dir", state.to_str().unwrap()],
     )

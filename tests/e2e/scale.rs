@@ -13,7 +13,7 @@ async fn two_dispatchers_carry_fifty_goals_each_exactly_once() -> anyhow::Result
     for _ in 0..2 {
         let dispatcher = Service::start(
             "dispatcher",
-            &stack.nats.url(),
+            &stack.nats,
             stack.root(),
             &["--max-runs", "8"],
         )

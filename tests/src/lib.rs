@@ -104,6 +104,10 @@ impl Stack {
         let output = std::process::Command::new(bin_dir().join("dispatch"))
             .args(args)
             .env("NATS_URL", self.nats.url())
+            .env(
+                "DISPATCH_NATS_NKEY",
+                self.nats.seed(dispatch_bus::Identity::Cli),
+            )
             .env("DISPATCH_WORKSPACE", self.root())
             .output()
             .context("run dispatch")?;
@@ -152,8 +156,7 @@ impl Stack {
 
     /// Starts `service` with extra arguments and keeps it in the stack.
     pub async fn add_with(&mut self, service: &str, args: &[&str]) -> Result<&Service> {
-        let started =
-            Service::start(service, &self.nats.url(), self.workspace.path(), args).await?;
+        let started = Service::start(service, &self.nats, self.workspace.path(), args).await?;
         self.services.push(started);
         Ok(self.services.last().expect("just pushed"))
     }
@@ -221,6 +224,10 @@ impl Stack {
                 workspace: self.root().to_path_buf(),
                 instance: "in-process".into(),
                 trusted_keys: Vec::new(),
+                nats_auth: dispatch_service::NatsAuth {
+                    nats_nkey: Some(self.nats.seed(dispatch_bus::Identity::Dispatcher)),
+                    nats_creds: None,
+                },
             },
             max_runs: 4,
             lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,

@@ -7,6 +7,7 @@
 //! matchable [`ErrorKind::Conflict`]. It does not know what an event means: the run log
 //! (`dispatch-runlog`) and the services do.
 
+pub mod auth;
 pub mod health;
 pub mod ids;
 pub mod streams;
@@ -20,6 +21,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 
 pub use async_nats;
+pub use auth::{Credentials, Identity};
 pub use ids::{ConversationId, IdError, RunId};
 
 /// What went wrong, for callers that must branch on it.
@@ -31,6 +33,8 @@ pub enum ErrorKind {
     Conflict,
     /// A request got no answer in time, or nobody listens on the subject.
     NoResponders,
+    /// The server refused the credentials, or the identity may not do this.
+    Denied,
     /// Anything else the server or client reported.
     Other,
 }
@@ -76,25 +80,46 @@ pub struct Appended {
 }
 
 impl Bus {
-    /// Connects to `url` and declares every stream Dispatch uses (idempotently).
+    /// Connects to `url` as `identity` and declares every stream Dispatch uses
+    /// (idempotently; an existing stream is left as it is).
     ///
-    /// The first connection attempt fails fast with [`ErrorKind::Unreachable`] and a
-    /// message saying how to start NATS; after that the client reconnects on its own.
-    pub async fn connect(url: &str, name: &str) -> Result<Self, Error> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
+    /// The first connection attempt fails fast with [`ErrorKind::Unreachable`] (or
+    /// [`ErrorKind::Denied`] when the server refuses the credentials) and a message
+    /// saying what to do; after that the client reconnects on its own.
+    pub async fn connect(
+        url: &str,
+        identity: Identity,
+        credentials: &Credentials,
+    ) -> Result<Self, Error> {
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("dispatch-{}", identity.name()))
+            .custom_inbox_prefix(identity.inbox_prefix())
             .connection_timeout(Duration::from_secs(3))
-            .retry_on_initial_connect()
             .max_reconnects(None)
+            // A permission the server refuses is logged by the process it refuses.
+            .event_callback(|event| async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    tracing::warn!(error = %error, "NATS server error");
+                }
+            });
+        let client = credentials
+            .apply(options)
+            .await?
             .connect(url)
             .await
-            .map_err(|e| unreachable_error(url, e))?;
-        // `retry_on_initial_connect` makes `connect` return before the socket is up, so
-        // check that the server answers before claiming we are connected.
-        let probe = tokio::time::timeout(Duration::from_secs(3), client.flush()).await;
-        if !matches!(probe, Ok(Ok(()))) {
-            return Err(unreachable_error(url, "no answer within 3s"));
-        }
+            .map_err(|e| match e.kind() {
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication => Error::new(
+                    ErrorKind::Denied,
+                    format!(
+                        "NATS at {url} refused {} ({e}); a stack started by `dispatch up` \
+                         keeps each identity's nkey seed in .dispatch/auth/: run in that \
+                         workspace, or pass --nats-nkey / --nats-creds",
+                        identity.name()
+                    ),
+                ),
+                _ => unreachable_error(url, e),
+            })?;
         let js = jetstream::new(client.clone());
         let bus = Self { client, js };
         streams::ensure(&bus).await?;

@@ -17,6 +17,9 @@ pub const COMMANDS: &str = "DISPATCH_COMMANDS";
 /// Events the ledger itself owns: feedback drains.
 pub const LEDGER: &str = "DISPATCH_LEDGER";
 
+/// Every stream, in declaration order.
+pub const ALL: [&str; 4] = [GOALS, RUNS, COMMANDS, LEDGER];
+
 /// Durable consumer names, one per command subject.
 pub mod consumers {
     pub const DISPATCHER_GOALS: &str = "dispatcher-goals";
@@ -37,7 +40,7 @@ fn runs() -> Config {
         duplicate_window: DUPLICATE_WINDOW,
         allow_direct: true,
         deny_delete: true,
-        deny_purge: false,
+        deny_purge: true,
         ..Default::default()
     }
 }
@@ -78,6 +81,8 @@ fn ledger() -> Config {
         retention: RetentionPolicy::Limits,
         duplicate_window: DUPLICATE_WINDOW,
         allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
         ..Default::default()
     }
 }

@@ -63,6 +63,9 @@ pub mod cmd {
     }
 }
 
+/// All drain subjects.
+pub const DRAINS_ALL: &str = "dispatch.ledger.drain.*";
+
 /// The subject recording feedback drains of one conversation.
 pub fn drain(conversation: &ConversationId) -> Subject {
     Subject::from(format!("dispatch.ledger.drain.{conversation}"))
@@ -86,6 +89,8 @@ pub mod query {
 
     /// Queue group every ledger copy joins, so one copy answers each query.
     pub const QUERY_GROUP: &str = "dispatch-ledger";
+    /// Every query subject.
+    pub const ALL: &str = "dispatch.query.*";
     pub const RUNS: &str = "dispatch.query.runs";
     pub const RUN: &str = "dispatch.query.run";
     pub const TASKS: &str = "dispatch.query.tasks";
@@ -110,6 +115,9 @@ pub mod query {
         Subject::from_static(TASKS)
     }
 }
+
+/// Every health subject.
+pub const HEALTH_ALL: &str = "dispatch.health.>";
 
 /// The health subject every copy of `service` answers.
 pub fn health(service: &str) -> Subject {

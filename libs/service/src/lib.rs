@@ -27,6 +27,70 @@ pub struct CommonArgs {
     /// trusted, besides the workspace's own key.
     #[arg(long, env = "DISPATCH_TRUSTED_KEYS", value_delimiter = ',', value_parser = dispatch_runlog::seal::parse_public_key)]
     pub trusted_keys: Vec<[u8; 32]>,
+    #[command(flatten)]
+    pub nats_auth: NatsAuth,
+}
+
+/// How a process authenticates to NATS. Without either flag, the identity's seed in
+/// the workspace (`.dispatch/auth/<identity>.nk`, made by `dispatch up`) is used when
+/// it exists, and no credentials otherwise.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsAuth {
+    /// File holding this process's nkey seed (mode 0600).
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_NATS_NKEY",
+        conflicts_with = "nats_creds"
+    )]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS credentials file (user JWT and seed), for a server in operator mode.
+    #[arg(long, global = true, env = "DISPATCH_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// The credentials `identity` connects with from `workspace`.
+    pub fn credentials(
+        &self,
+        workspace: &std::path::Path,
+        identity: dispatch_bus::Identity,
+    ) -> Result<dispatch_bus::Credentials, dispatch_bus::Error> {
+        if let Some(path) = &self.nats_creds {
+            return Ok(dispatch_bus::Credentials::CredsFile(path.clone()));
+        }
+        if let Some(path) = &self.nats_nkey {
+            return dispatch_bus::Credentials::nkey_file(path);
+        }
+        let own = dispatch_bus::auth::seed_path(&layout::auth_dir(workspace), identity);
+        if own.exists() {
+            return dispatch_bus::Credentials::nkey_file(&own);
+        }
+        Ok(dispatch_bus::Credentials::None)
+    }
+
+    /// Connects to `url` as `identity`.
+    pub async fn connect(
+        &self,
+        url: &str,
+        workspace: &std::path::Path,
+        identity: dispatch_bus::Identity,
+    ) -> Result<dispatch_bus::Bus, dispatch_bus::Error> {
+        let credentials = self.credentials(workspace, identity)?;
+        dispatch_bus::Bus::connect(url, identity, &credentials).await
+    }
+}
+
+impl CommonArgs {
+    /// Connects this service to the bus as `identity`.
+    pub async fn connect(
+        &self,
+        identity: dispatch_bus::Identity,
+    ) -> Result<dispatch_bus::Bus, dispatch_bus::Error> {
+        self.nats_auth
+            .connect(&self.nats_url, &self.workspace, identity)
+            .await
+    }
 }
 
 impl CommonArgs {
@@ -110,6 +174,16 @@ pub mod layout {
 
     pub fn tasks_file(workspace: &Path) -> PathBuf {
         workspace.join("TASKS.org")
+    }
+
+    /// The nkey seeds of the bus identities (`<identity>.nk`, mode 0600).
+    pub fn auth_dir(workspace: &Path) -> PathBuf {
+        state_dir(workspace).join("auth")
+    }
+
+    /// The configuration `dispatch up` starts its nats-server with.
+    pub fn nats_config(workspace: &Path) -> PathBuf {
+        state_dir(workspace).join("nats.conf")
     }
 
     /// The Ed25519 key that seals finished runs.

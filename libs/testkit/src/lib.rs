@@ -1,8 +1,9 @@
 //! The test harness: real parts, cleaned up on drop.
 //!
 //! - [`NatsServer`] spawns `nats-server` with JetStream on a random port (`-p -1`) and a
-//!   temporary store, reports its URL, restarts on the same store and port, and kills
-//!   and removes everything on drop.
+//!   temporary store, with the same identities and permissions `dispatch up` sets up
+//!   (one nkey seed per identity), reports its URL, restarts on the same store and
+//!   port, and kills and removes everything on drop.
 //! - [`Service`] starts one of Dispatch's binaries as a real process and waits for its
 //!   health reply on the bus (never a sleep).
 //!
@@ -14,8 +15,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use dispatch_bus::Bus;
 use dispatch_bus::health::Health;
+use dispatch_bus::{Bus, Credentials, Identity};
 use tokio::process::{Child, Command};
 
 /// How long a spawned process gets to become healthy.
@@ -52,9 +53,23 @@ impl NatsServer {
         self.dir.path()
     }
 
-    /// Connects a bus client (streams declared).
+    /// Connects a bus client as the admin identity (streams declared).
     pub async fn bus(&self) -> Result<Bus> {
-        Ok(Bus::connect(&self.url(), "dispatch-test").await?)
+        self.bus_as(Identity::Admin).await
+    }
+
+    /// Connects a bus client as `identity`.
+    pub async fn bus_as(&self, identity: Identity) -> Result<Bus> {
+        Ok(Bus::connect(&self.url(), identity, &self.credentials(identity)?).await?)
+    }
+
+    /// Where `identity`'s nkey seed is.
+    pub fn seed(&self, identity: Identity) -> PathBuf {
+        dispatch_bus::auth::seed_path(&self.dir.path().join("auth"), identity)
+    }
+
+    pub fn credentials(&self, identity: Identity) -> Result<Credentials> {
+        Ok(Credentials::nkey_file(&self.seed(identity))?)
     }
 
     /// Kills the server (SIGKILL) and leaves it down until [`Self::restart`].
@@ -78,12 +93,16 @@ impl NatsServer {
         for entry in std::fs::read_dir(&ports_dir)? {
             std::fs::remove_file(entry?.path())?;
         }
+        let config = self.dir.path().join("nats.conf");
+        dispatch_bus::auth::write_server_config(&self.dir.path().join("auth"), &config)?;
         let port = if self.port == 0 {
             "-1".to_owned()
         } else {
             self.port.to_string()
         };
         let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&config)
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "--store_dir"])
             .arg(self.dir.path().join("store"))
             .arg("--ports_file_dir")
@@ -167,14 +186,16 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts `dispatch-<service>` against `nats_url` with extra `args`, and waits until
-    /// it answers on its instance health subject.
+    /// Starts `dispatch-<service>` against `nats` as its own identity with extra
+    /// `args`, and waits until it answers on its instance health subject.
     pub async fn start(
         service: &str,
-        nats_url: &str,
+        nats: &NatsServer,
         workspace: &Path,
         args: &[&str],
     ) -> Result<Self> {
+        let identity = Identity::of_service(service)
+            .with_context(|| format!("{service} is no Dispatch service"))?;
         let binary = bin_dir().join(format!("dispatch-{service}"));
         if !binary.exists() {
             bail!(
@@ -189,7 +210,9 @@ impl Service {
             .open(workspace.join(format!(".{instance}.log")))?;
         let child = Command::new(&binary)
             .arg("--nats-url")
-            .arg(nats_url)
+            .arg(nats.url())
+            .arg("--nats-nkey")
+            .arg(nats.seed(identity))
             .arg("--workspace")
             .arg(workspace)
             .arg("--instance")
@@ -205,7 +228,7 @@ impl Service {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawn {}", binary.display()))?;
-        let bus = Bus::connect(nats_url, "dispatch-test-health").await?;
+        let bus = nats.bus().await?;
         let health = wait_healthy(&bus, service, &instance).await?;
         Ok(Self {
             name: service.to_owned(),

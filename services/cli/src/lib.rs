@@ -72,6 +72,8 @@ pub struct Cli {
     /// workspace's own key.
     #[arg(long, global = true, env = "DISPATCH_TRUSTED_KEYS", value_delimiter = ',', value_parser = dispatch_runlog::seal::parse_public_key)]
     trusted_keys: Vec<[u8; 32]>,
+    #[command(flatten)]
+    nats_auth: dispatch_service::NatsAuth,
     #[command(subcommand)]
     command: Command,
 }
@@ -237,12 +239,20 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let workspace = found.clone().unwrap_or_else(|| here.clone());
     let key_path = dispatch_service::layout::seal_key(&workspace);
     let trust = Trust::keys(cli.trusted_keys.iter().copied()).with_workspace_key(&key_path);
+    let nats = Nats {
+        url: cli.nats_url.clone(),
+        auth: cli.nats_auth.clone(),
+        workspace: workspace.clone(),
+    };
     let open_log = |bus: &Bus| {
         let (bus, trust) = (bus.clone(), trust.clone());
         async move { Ok::<_, Failure>(RunLog::open(&bus, "cli").await?.with_trust(trust)) }
     };
     match cli.command {
-        Command::Up(args) => up::up(&workspace, std::env::var("NATS_URL").ok(), args).await,
+        Command::Up(args) => {
+            let external = std::env::var("NATS_URL").ok();
+            up::up(&workspace, external, &cli.nats_auth, args).await
+        }
         Command::Run {
             detach,
             conversation,
@@ -264,7 +274,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             };
             let goal = Goal::new(&goal, &conversation, timeout_ms, "cli")
                 .map_err(|e| Failure::new(e.to_string()))?;
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let log = open_log(&bus).await?;
             let run_id = submit_goal(&bus, goal).await?;
             if detach {
@@ -275,7 +285,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             follow(&log, run_id, true, None).await
         }
         Command::Ps { all, quiet, format } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let runs = list_runs(&bus, all).await?;
             if runs.is_empty() && !all {
                 eprintln!(
@@ -298,7 +308,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         Command::Logs { follow: keep, run } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = open_log(&bus).await?;
             if keep {
@@ -321,13 +331,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Wait { run, timeout_ms } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = open_log(&bus).await?;
             follow(&log, run_id, false, timeout_ms.map(Duration::from_millis)).await
         }
         Command::Inspect { run } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let view: RunView = query(&bus, subject::query::run(), &RunQuery { id: run }).await?;
             println!(
                 "{}",
@@ -340,7 +350,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             grace_period_ms,
             force,
         } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = sealed_log(&bus, &workspace, &trust).await?;
             stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
@@ -352,7 +362,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             grace_period_ms,
             force,
         } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = sealed_log(&bus, &workspace, &trust).await?;
             stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
@@ -376,7 +386,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         Command::Rm { runs, force } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let log = sealed_log(&bus, &workspace, &trust).await?;
             let mut ids = Vec::new();
             for run in &runs {
@@ -399,7 +409,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         Command::Replay { run } => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let reply: Reply<ReplayReply> = bus
                 .request_json(
                     subject::query::replay(),
@@ -492,7 +502,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             ))),
         },
         Command::Prune => {
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let ids: Vec<RunId> = list_runs(&bus, true)
                 .await?
                 .iter()
@@ -513,7 +523,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             conversation
                 .parse::<ConversationId>()
                 .map_err(|e| Failure::new(e.to_string()))?;
-            let bus = connect(&cli.nats_url).await?;
+            let bus = nats.connect().await?;
             let reply = all_tasks(&bus, &conversation).await?;
             match format {
                 Format::Json => println!(
@@ -527,8 +537,21 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-async fn connect(url: &str) -> Result<Bus, Failure> {
-    Ok(Bus::connect(url, "dispatch-cli").await?)
+/// Where the CLI's bus is and how it signs in: as the `cli` identity, with the seed
+/// given by flag or environment, else the workspace's own.
+struct Nats {
+    url: String,
+    auth: dispatch_service::NatsAuth,
+    workspace: PathBuf,
+}
+
+impl Nats {
+    async fn connect(&self) -> Result<Bus, Failure> {
+        Ok(self
+            .auth
+            .connect(&self.url, &self.workspace, dispatch_bus::Identity::Cli)
+            .await?)
+    }
 }
 
 async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use dispatch_bus::Bus;
+use dispatch_bus::auth::seed_path;
+use dispatch_bus::{Bus, Credentials, Identity};
 use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
 use dispatch_service::layout;
@@ -36,7 +37,12 @@ struct Proc {
     child: Child,
 }
 
-pub async fn up(workspace: &Path, nats_url: Option<String>, args: UpArgs) -> Result<u8, Failure> {
+pub async fn up(
+    workspace: &Path,
+    nats_url: Option<String>,
+    auth: &dispatch_service::NatsAuth,
+    args: UpArgs,
+) -> Result<u8, Failure> {
     let workspace = workspace
         .canonicalize()
         .map_err(|e| Failure::new(format!("workspace {}: {e}", workspace.display())))?;
@@ -51,8 +57,16 @@ pub async fn up(workspace: &Path, nats_url: Option<String>, args: UpArgs) -> Res
     let mut signals = Signals::install()?;
     let mut procs: Vec<Proc> = Vec::new();
 
-    let result =
-        start_and_serve(&workspace, &logs, nats_url, &args, &mut procs, &mut signals).await;
+    let result = start_and_serve(
+        &workspace,
+        &logs,
+        nats_url,
+        auth,
+        &args,
+        &mut procs,
+        &mut signals,
+    )
+    .await;
     stop_all(&mut procs).await;
     match result {
         Ok(code) => Ok(code),
@@ -67,22 +81,32 @@ async fn start_and_serve(
     workspace: &Path,
     logs: &Path,
     nats_url: Option<String>,
+    auth: &dispatch_service::NatsAuth,
     args: &UpArgs,
     procs: &mut Vec<Proc>,
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
-    let url = match nats_url {
+    // A local server admits only the identities whose seeds are in .dispatch/auth/;
+    // each service gets its own. An external one is reached with the credentials the
+    // operator configured (flags or environment, inherited by every service).
+    let (url, admin, seeds) = match nats_url {
         Some(url) => {
             eprintln!("using NATS at {url}");
-            url
+            let credentials = auth.credentials(workspace, Identity::Admin)?;
+            (url, credentials, None)
         }
         None => {
-            let nats = start_nats(workspace, logs, args.nats_port).await?;
+            let seeds = layout::auth_dir(workspace);
+            let config = layout::nats_config(workspace);
+            dispatch_bus::auth::write_server_config(&seeds, &config)?;
+            let nats = start_nats(workspace, logs, &config, args.nats_port).await?;
             procs.push(nats);
-            format!("nats://127.0.0.1:{}", args.nats_port)
+            let admin = Credentials::nkey_file(&seed_path(&seeds, Identity::Admin))?;
+            let url = format!("nats://127.0.0.1:{}", args.nats_port);
+            (url, admin, Some(seeds))
         }
     };
-    let bus = connect_with_retry(&url, procs).await?;
+    let bus = connect_with_retry(&url, &admin, procs).await?;
 
     let bin_dir = std::env::current_exe()
         .ok()
@@ -103,6 +127,13 @@ async fn start_and_serve(
         command
             .arg("--nats-url")
             .arg(&url)
+            .args(seeds.iter().flat_map(|dir| {
+                let identity = Identity::of_service(service).expect("a Dispatch service");
+                [
+                    "--nats-nkey".into(),
+                    seed_path(dir, identity).into_os_string(),
+                ]
+            }))
             .arg("--workspace")
             .arg(workspace)
             .arg("--instance")
@@ -154,7 +185,12 @@ async fn start_and_serve(
     serve_until_signal(procs, signals).await
 }
 
-async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Failure> {
+async fn start_nats(
+    workspace: &Path,
+    logs: &Path,
+    config: &Path,
+    port: u16,
+) -> Result<Proc, Failure> {
     let mut roots: Vec<PathBuf> = vec![workspace.to_path_buf()];
     // Running from target/<profile>/: the project root is two levels up.
     if let Some(root) = std::env::current_exe()
@@ -187,6 +223,8 @@ async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Fa
     std::fs::create_dir_all(&store)
         .map_err(|e| Failure::new(format!("{}: {e}", store.display())))?;
     let child = Command::new(&binary)
+        .arg("-c")
+        .arg(config)
         .args([
             "-js",
             "-a",
@@ -214,11 +252,16 @@ async fn start_nats(workspace: &Path, logs: &Path, port: u16) -> Result<Proc, Fa
     })
 }
 
-async fn connect_with_retry(url: &str, procs: &mut [Proc]) -> Result<Bus, Failure> {
+async fn connect_with_retry(
+    url: &str,
+    credentials: &Credentials,
+    procs: &mut [Proc],
+) -> Result<Bus, Failure> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         check_alive(procs)?;
-        match Bus::connect(url, "dispatch-up").await {
+        match Bus::connect(url, Identity::Admin, credentials).await {
+            Err(e) if e.kind() == dispatch_bus::ErrorKind::Denied => return Err(e.into()),
             Ok(bus) => return Ok(bus),
             Err(e) if tokio::time::Instant::now() > deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

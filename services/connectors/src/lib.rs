@@ -77,7 +77,10 @@ struct Context {
 impl Connectors {
     pub async fn build(config: Config) -> Result<Self, Error> {
         let instance = config.common.instance.clone();
-        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let bus = config
+            .common
+            .connect(dispatch_bus::Identity::Connectors)
+            .await?;
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
             .await?
             .with_trust(config.common.trust());

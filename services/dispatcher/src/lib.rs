@@ -96,7 +96,10 @@ struct Context {
 impl Dispatcher {
     pub async fn build(config: Config, provider: Arc<dyn Provider>) -> Result<Self, Error> {
         let instance = config.common.instance.clone();
-        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let bus = config
+            .common
+            .connect(dispatch_bus::Identity::Dispatcher)
+            .await?;
         let owner = format!("{SERVICE}/{instance}");
         let sealer = Sealer::load_or_create(&dispatch_service::layout::seal_key(
             &config.common.workspace,

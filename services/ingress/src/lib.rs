@@ -68,7 +68,10 @@ struct App {
 impl Ingress {
     /// Connects to NATS and binds the listener, so [`Self::local_addr`] is known.
     pub async fn build(config: Config) -> Result<Self, Error> {
-        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let bus = config
+            .common
+            .connect(dispatch_bus::Identity::Ingress)
+            .await?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -92,7 +92,10 @@ impl Ledger {
             .unwrap_or_else(|| layout::state_dir(&config.common.workspace).join("state/ledger"));
         std::fs::create_dir_all(&state_dir).map_err(|e| dispatch_views::Error::Sled(e.into()))?;
         let views = Views::open(&state_dir, config.common.trust())?;
-        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let bus = config
+            .common
+            .connect(dispatch_bus::Identity::Ledger)
+            .await?;
         Ok(Self { config, bus, views })
     }
 

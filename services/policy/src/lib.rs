@@ -67,7 +67,10 @@ impl PolicyService {
             None => Document::builtin(),
         };
         let instance = config.common.instance.clone();
-        let bus = Bus::connect(&config.common.nats_url, &format!("dispatch-{SERVICE}")).await?;
+        let bus = config
+            .common
+            .connect(dispatch_bus::Identity::Policy)
+            .await?;
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
             .await?
             .with_trust(config.common.trust());

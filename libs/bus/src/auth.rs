@@ -1,0 +1,508 @@
+//! Who may do what on Dispatch's bus.
+//!
+//! Every process connects as one [`Identity`]: a service, the operator's CLI, or the
+//! admin identity that `dispatch up` and the test harness use to declare streams. Each
+//! identity is an nkey pair; the server knows only the public keys, and each process
+//! holds its own seed (a file with mode 0600). What an identity may publish and
+//! subscribe to is [`Identity::permissions`], written into the nats-server
+//! configuration by [`server_config`], so the matrix lives in code, next to the subjects
+//! it names, and ARCHITECTURE.md documents it.
+//!
+//! Three rules hold for every identity but admin:
+//! - it subscribes only to its own inbox prefix (`_INBOX_<identity>.>`) for replies, so
+//!   no process reads or forges another's replies; it answers requests through
+//!   `allow_responses` (one reply per request received), never by publishing to inboxes;
+//! - it reaches the JetStream API only for the streams and durable consumers it needs,
+//!   and never for a stream delete, purge, message delete or update;
+//! - readers create only unnamed (ephemeral) consumers, so none can take over a
+//!   service's durable work-queue consumer.
+//!
+//! All identities live in one NATS account, [`ACCOUNT`]. Tenancy adds one account per
+//! tenant with the same users and permissions inside it; nothing here names the
+//! account in a subject.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::streams::{self, consumers};
+use crate::{Error, ErrorKind, subject};
+
+/// The NATS account Dispatch's identities live in.
+pub const ACCOUNT: &str = "DISPATCH";
+
+/// File name suffix of a seed file: `<identity>.nk`.
+const SEED_SUFFIX: &str = "nk";
+
+/// A process's identity on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Identity {
+    Ingress,
+    Dispatcher,
+    Policy,
+    Connectors,
+    Ledger,
+    /// The operator's `dispatch` CLI: submits, stops (sealing forced stops), prunes.
+    Cli,
+    /// Declares and updates streams (`dispatch up`, the test harness, an operator's
+    /// tools). Never given to a service.
+    Admin,
+}
+
+impl Identity {
+    pub const ALL: [Identity; 7] = [
+        Identity::Ingress,
+        Identity::Dispatcher,
+        Identity::Policy,
+        Identity::Connectors,
+        Identity::Ledger,
+        Identity::Cli,
+        Identity::Admin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Identity::Ingress => "ingress",
+            Identity::Dispatcher => "dispatcher",
+            Identity::Policy => "policy",
+            Identity::Connectors => "connectors",
+            Identity::Ledger => "ledger",
+            Identity::Cli => "cli",
+            Identity::Admin => "admin",
+        }
+    }
+
+    /// The identity of the service called `name`, if there is one.
+    pub fn of_service(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// The prefix of this identity's reply subjects.
+    pub fn inbox_prefix(self) -> String {
+        format!("_INBOX_{}", self.name())
+    }
+
+    /// What this identity may publish and subscribe to.
+    pub fn permissions(self) -> Permissions {
+        let mut p = Permissions::default();
+        if self == Identity::Admin {
+            p.publish.allow.push(">".into());
+            p.subscribe.allow.push(">".into());
+            // Even the admin cannot delete a stream or rewrite the logs of truth.
+            p.publish.deny.push(format!("{JS_API}.STREAM.DELETE.>"));
+            for stream in [streams::RUNS, streams::LEDGER] {
+                p.publish
+                    .deny
+                    .push(format!("{JS_API}.STREAM.PURGE.{stream}"));
+                p.publish
+                    .deny
+                    .push(format!("{JS_API}.STREAM.MSG.DELETE.{stream}"));
+            }
+            return p;
+        }
+        p.subscribe.allow.push(format!("{}.>", self.inbox_prefix()));
+        p.publish.allow.push(format!("{JS_API}.INFO"));
+        // Bus::connect declares any missing stream (create only: an existing stream
+        // with another configuration is refused by the server, never changed).
+        for stream in streams::ALL {
+            p.publish
+                .allow
+                .push(format!("{JS_API}.STREAM.INFO.{stream}"));
+            p.publish
+                .allow
+                .push(format!("{JS_API}.STREAM.CREATE.{stream}"));
+        }
+        let service = |p: &mut Permissions, name: &str| {
+            p.subscribe.allow.push(subject::health(name).to_string());
+            p.subscribe
+                .allow
+                .push(format!("{}.*", subject::health(name)));
+            p.allow_responses = true;
+        };
+        match self {
+            Identity::Ingress => {
+                service(&mut p, "ingress");
+                p.publish.allow.push(subject::GOALS_ALL.into());
+                p.publish.allow.push(subject::query::ALL.into());
+            }
+            Identity::Dispatcher => {
+                service(&mut p, "dispatcher");
+                p.read(&[streams::RUNS, streams::GOALS]);
+                p.work(streams::GOALS, consumers::DISPATCHER_GOALS);
+                p.publish.allow.push(subject::RUNS_ALL.into());
+                for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
+                    p.publish.allow.push(command.into());
+                }
+            }
+            Identity::Policy => {
+                service(&mut p, "policy");
+                p.read(&[streams::RUNS]);
+                p.work(streams::COMMANDS, consumers::POLICY_CHECKS);
+                p.publish.allow.push(subject::RUNS_ALL.into());
+            }
+            Identity::Connectors => {
+                service(&mut p, "connectors");
+                p.read(&[streams::RUNS]);
+                p.work(streams::COMMANDS, consumers::CONNECTOR_CALLS);
+                p.publish.allow.push(subject::RUNS_ALL.into());
+            }
+            Identity::Ledger => {
+                service(&mut p, "ledger");
+                p.read(&[streams::RUNS, streams::GOALS, streams::LEDGER]);
+                p.publish.allow.push(subject::DRAINS_ALL.into());
+                p.subscribe.allow.push(format!(
+                    "{} {}",
+                    subject::query::ALL,
+                    subject::query::QUERY_GROUP
+                ));
+            }
+            Identity::Cli => {
+                p.read(&[streams::RUNS, streams::GOALS, streams::LEDGER]);
+                p.publish.allow.push(subject::GOALS_ALL.into());
+                // Stop requests, and the sealed terminal event of a forced stop.
+                p.publish.allow.push(subject::RUNS_ALL.into());
+                p.publish.allow.push(subject::REMOVED.into());
+                p.publish.allow.push(subject::query::ALL.into());
+                p.publish.allow.push(subject::HEALTH_ALL.into());
+            }
+            Identity::Admin => unreachable!("handled above"),
+        }
+        // Readers pull from their ephemeral consumers by name, which a wildcard
+        // matches; a service's durable consumer is named, so deny it to everyone else.
+        for (stream, consumer, owner) in DURABLES {
+            if owner != self {
+                let deny = &mut p.publish.deny;
+                deny.push(format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
+            }
+        }
+        p
+    }
+}
+
+/// Every durable consumer, with the one identity that takes work from it.
+const DURABLES: [(&str, &str, Identity); 3] = [
+    (
+        streams::GOALS,
+        consumers::DISPATCHER_GOALS,
+        Identity::Dispatcher,
+    ),
+    (
+        streams::COMMANDS,
+        consumers::POLICY_CHECKS,
+        Identity::Policy,
+    ),
+    (
+        streams::COMMANDS,
+        consumers::CONNECTOR_CALLS,
+        Identity::Connectors,
+    ),
+];
+
+/// The JetStream API prefix (no domain: Dispatch's streams are in its own account).
+const JS_API: &str = "$JS.API";
+
+/// Subject permissions in nats-server's configuration shape.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Rule,
+    pub subscribe: Rule,
+    /// May answer requests it received (one reply each), whatever their reply subject.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_responses: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Rule {
+    pub allow: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+impl Permissions {
+    /// Reading streams: direct gets, unnamed ordered consumers, live run events.
+    fn read(&mut self, read: &[&str]) {
+        for stream in read {
+            let allow = &mut self.publish.allow;
+            allow.push(format!("{JS_API}.DIRECT.GET.{stream}"));
+            allow.push(format!("{JS_API}.DIRECT.GET.{stream}.>"));
+            allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}"));
+            allow.push(format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.*"));
+            if *stream == streams::RUNS {
+                self.subscribe.allow.push(subject::RUNS_ALL.into());
+            }
+        }
+    }
+
+    /// Taking work from one durable consumer: declare it, pull, and acknowledge.
+    fn work(&mut self, stream: &str, consumer: &str) {
+        let allow = &mut self.publish.allow;
+        allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.{consumer}"));
+        allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.{consumer}.>"));
+        allow.push(format!("{JS_API}.CONSUMER.INFO.{stream}.{consumer}"));
+        allow.push(format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
+        allow.push(format!("$JS.ACK.{stream}.{consumer}.>"));
+    }
+}
+
+/// How a process proves its identity to NATS.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    /// No credentials: for a server without authentication.
+    #[default]
+    None,
+    /// An nkey seed (`SU…`).
+    Nkey(String),
+    /// A credentials file (user JWT and seed), for servers run in operator mode.
+    CredsFile(PathBuf),
+}
+
+// The seed is a secret: never print it.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::Nkey(_) => f.write_str("Nkey(********)"),
+            Credentials::CredsFile(path) => write!(f, "CredsFile({})", path.display()),
+        }
+    }
+}
+
+impl Credentials {
+    /// Reads an nkey seed file, refusing one that others may read.
+    pub fn nkey_file(path: &Path) -> Result<Self, Error> {
+        let fail = |m: String| Error::new(ErrorKind::Other, format!("{}: {m}", path.display()));
+        check_private(path).map_err(fail)?;
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let seed = text.trim();
+        nkeys::KeyPair::from_seed(seed).map_err(|e| fail(format!("not an nkey seed ({e})")))?;
+        Ok(Credentials::Nkey(seed.to_owned()))
+    }
+
+    pub(crate) async fn apply(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, Error> {
+        Ok(match self {
+            Credentials::None => options,
+            Credentials::Nkey(seed) => options.nkey(seed.clone()),
+            Credentials::CredsFile(path) => {
+                check_private(path).map_err(|m| {
+                    Error::new(ErrorKind::Other, format!("{}: {m}", path.display()))
+                })?;
+                options
+                    .credentials_file(path)
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Other, format!("{}: {e}", path.display())))?
+            }
+        })
+    }
+}
+
+/// A secret file must be readable by its owner only.
+fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mode {mode:o} lets others read this secret; run `chmod 600` on it"
+        ));
+    }
+    Ok(())
+}
+
+/// Where `identity`'s seed is kept in a directory of seeds.
+pub fn seed_path(dir: &Path, identity: Identity) -> PathBuf {
+    dir.join(format!("{}.{SEED_SUFFIX}", identity.name()))
+}
+
+/// Makes sure `dir` holds a seed for every identity (mode 0600, in a 0700 directory),
+/// keeping the ones already there, and returns each identity's public key.
+pub fn ensure_seeds(dir: &Path) -> Result<Vec<(Identity, String)>, Error> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail =
+        |p: &Path, e: std::io::Error| Error::new(ErrorKind::Other, format!("{}: {e}", p.display()));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(dir, e))?;
+    let mut out = Vec::new();
+    for identity in Identity::ALL {
+        let path = seed_path(dir, identity);
+        if !path.exists() {
+            let pair = nkeys::KeyPair::new_user();
+            let seed = pair
+                .seed()
+                .map_err(|e| Error::new(ErrorKind::Other, format!("nkey seed: {e}")))?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| fail(&path, e))?;
+            file.write_all(format!("{seed}\n").as_bytes())
+                .map_err(|e| fail(&path, e))?;
+        }
+        let Credentials::Nkey(seed) = Credentials::nkey_file(&path)? else {
+            unreachable!("nkey_file reads a seed");
+        };
+        let pair = nkeys::KeyPair::from_seed(&seed)
+            .map_err(|e| Error::new(ErrorKind::Other, format!("{}: {e}", path.display())))?;
+        out.push((identity, pair.public_key()));
+    }
+    Ok(out)
+}
+
+/// The nats-server configuration (JSON, which nats-server reads as its own format)
+/// that admits exactly `users` with their permissions, JetStream enabled for the
+/// account. Listen address, port and store are left to the command line.
+pub fn server_config(users: &[(Identity, String)]) -> serde_json::Value {
+    let users: Vec<serde_json::Value> = users
+        .iter()
+        .map(|(identity, public)| {
+            serde_json::json!({ "nkey": public, "permissions": identity.permissions() })
+        })
+        .collect();
+    serde_json::json!({
+        "accounts": { ACCOUNT: { "jetstream": "enabled", "users": users } }
+    })
+}
+
+/// Writes [`server_config`] for the seeds in `seeds` to `path` (mode 0600).
+pub fn write_server_config(seeds: &Path, path: &Path) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let users = ensure_seeds(seeds)?;
+    let text = serde_json::to_string_pretty(&server_config(&users))
+        .map_err(|e| Error::new(ErrorKind::Other, format!("encode server config: {e}")))?;
+    let fail = |e: std::io::Error| Error::new(ErrorKind::Other, format!("{}: {e}", path.display()));
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail)?;
+    file.write_all(text.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn may_publish(identity: Identity, subject: &str) -> bool {
+        let p = identity.permissions();
+        let hit = |patterns: &[String]| patterns.iter().any(|pat| matches(pat, subject));
+        hit(&p.publish.allow) && !hit(&p.publish.deny)
+    }
+
+    /// NATS subject matching: `*` one token, `>` one or more trailing tokens.
+    fn matches(pattern: &str, subject: &str) -> bool {
+        let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
+        loop {
+            match (p.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_writers_of_a_log_may_append_to_it() {
+        let run = "dispatch.run.0197a0c8-0000-7000-8000-000000000000";
+        for identity in Identity::ALL {
+            let expected = matches!(
+                identity,
+                Identity::Dispatcher
+                    | Identity::Policy
+                    | Identity::Connectors
+                    | Identity::Cli
+                    | Identity::Admin
+            );
+            assert_eq!(may_publish(identity, run), expected, "{identity:?}");
+        }
+        for identity in Identity::ALL {
+            let expected = identity == Identity::Dispatcher || identity == Identity::Admin;
+            assert_eq!(
+                may_publish(identity, subject::cmd::TOOL),
+                expected,
+                "{identity:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nobody_deletes_or_purges_the_logs() {
+        for identity in Identity::ALL {
+            for stream in [streams::RUNS, streams::LEDGER] {
+                for api in [
+                    "STREAM.DELETE",
+                    "STREAM.PURGE",
+                    "STREAM.MSG.DELETE",
+                    "STREAM.UPDATE",
+                ] {
+                    let subject = format!("$JS.API.{api}.{stream}");
+                    let admin_may = identity == Identity::Admin && api == "STREAM.UPDATE";
+                    assert_eq!(
+                        may_publish(identity, &subject),
+                        admin_may,
+                        "{identity:?} {subject}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn readers_cannot_take_over_a_durable_consumer() {
+        for (stream, consumer, owner) in DURABLES {
+            for api in ["CONSUMER.CREATE", "CONSUMER.MSG.NEXT"] {
+                let subject = format!("$JS.API.{api}.{stream}.{consumer}");
+                for identity in Identity::ALL {
+                    let expected = identity == owner || identity == Identity::Admin;
+                    assert_eq!(
+                        may_publish(identity, &subject),
+                        expected,
+                        "{identity:?} {subject}"
+                    );
+                }
+            }
+        }
+        // ...while pulling from an ephemeral consumer of a stream it reads is fine.
+        assert!(may_publish(
+            Identity::Ledger,
+            "$JS.API.CONSUMER.MSG.NEXT.DISPATCH_GOALS.x1Yz"
+        ));
+    }
+
+    #[test]
+    fn seeds_are_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seeds = dir.path().join("auth");
+        let first = ensure_seeds(&seeds).unwrap();
+        let again = ensure_seeds(&seeds).unwrap();
+        assert_eq!(first, again);
+        for identity in Identity::ALL {
+            let mode = std::fs::metadata(seed_path(&seeds, identity))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let path = seed_path(&seeds, Identity::Cli);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Credentials::nkey_file(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        let shown = format!("{:?}", Credentials::Nkey("SUsecret".into()));
+        assert!(!shown.contains("secret"));
+    }
+}
