@@ -342,3 +342,65 @@ async fn malformed_goals_on_the_bus_are_dropped_and_change_nothing() -> anyhow::
     );
     Ok(())
 }
+
+/// A run cannot write outside its `scratch/`: not through a symlink planted at the
+/// file's name or at the name a temporary file would take, not by naming `scratch/`
+/// itself; and `cat` of a directory fails its gate, as real cat fails.
+#[tokio::test]
+async fn file_tools_stay_inside_scratch_whatever_is_planted() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    let plan = "#+TITLE: Escape\n\
+        * TODO Wait\n  :PROPERTIES:\n  :ORDERED: t\n  :END:\n  - call: sleep {\"ms\": 1500}\n  :done-when: true\n\
+        * TODO Write\n  - call: write_file {\"path\": \"scratch/\", \"content\": \"x\"}\n  - call: write_file {\"path\": \"scratch/.\", \"content\": \"x\"}\n  - call: write_file {\"path\": \"scratch/notes.org\", \"content\": \"owned\"}\n  :done-when: cat scratch\n";
+    let run_id = stack.submit(plan, "default", 0).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    // While the first leaf sleeps, plant symlinks to a file outside the workspace.
+    let outside = tempfile::tempdir()?;
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "keep")?;
+    let run_dir = dispatch_service::layout::run_dir(stack.root(), &run_id);
+    let scratch = run_dir.join("scratch");
+    std::os::unix::fs::symlink(&victim, scratch.join("notes.org"))?;
+    std::os::unix::fs::symlink(&victim, scratch.join(".notes.org.tmp"))?;
+
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(
+        std::fs::read_to_string(&victim)?,
+        "keep",
+        "written through a symlink"
+    );
+    assert!(
+        !run_dir.join(".scratch.tmp").exists(),
+        "wrote outside scratch/"
+    );
+    let notes = scratch.join("notes.org");
+    assert!(!notes.symlink_metadata()?.is_symlink());
+    assert_eq!(std::fs::read_to_string(notes)?, "owned");
+    let failed: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::ToolCallFailed(f)) => Some(f.error.as_str()),
+            _ => None,
+        })
+        .collect();
+    // Ours, and the offline worker's own try to make `cat scratch` pass by writing it.
+    for path in ["scratch/", "scratch/.", "scratch"] {
+        let refusal = format!("path {path:?} names a directory, not a file");
+        assert!(failed.contains(&refusal.as_str()), "{failed:?}");
+    }
+    let gate = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::GateChecked(g)) if g.command == "cat scratch" => Some(g.clone()),
+            _ => None,
+        })
+        .expect("the cat gate was checked");
+    assert!(!gate.passed, "{}", gate.detail);
+    assert!(gate.detail.contains("directory"), "{}", gate.detail);
+    let end = finished(&events);
+    assert!(end.summary.contains("\"FAILED\": 1"), "{}", end.summary);
+    Ok(())
+}

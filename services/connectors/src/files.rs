@@ -20,8 +20,6 @@ pub enum Error {
     BadArgs { tool: String, message: String },
     #[error(transparent)]
     Confine(#[from] confine::Error),
-    #[error("{path}: {message}")]
-    Io { path: String, message: String },
     #[error("{path} is {size} bytes; tools handle files up to {MAX_FILE_BYTES} bytes")]
     TooLarge { path: String, size: usize },
 }
@@ -65,39 +63,23 @@ fn parse<T: serde::de::DeserializeOwned>(tool: &str, args_json: &str) -> Result<
     })
 }
 
-/// Resolves `path` (relative to the run directory) inside `scratch/`.
-fn in_scratch(run_dir: &Path, path: &str) -> Result<std::path::PathBuf, Error> {
+/// The run's `scratch/` directory and `path` (relative to the run directory) inside it.
+fn in_scratch<'p>(run_dir: &Path, path: &'p str) -> Result<(confine::Root, &'p str), Error> {
     let trimmed = path.trim_start_matches("./");
-    let rest = match trimmed.split_once('/') {
-        Some(("scratch", rest)) => rest,
-        None if trimmed == "scratch" => ".",
+    let rest = match trimmed.strip_prefix("scratch") {
+        Some("" | "/") => ".",
+        Some(rest) if rest.starts_with('/') => &rest[1..],
         _ => return Err(confine::Error::Outside(path.to_owned(), "scratch/").into()),
     };
-    let scratch = confine::resolve(run_dir, "scratch/", "scratch")?;
-    Ok(confine::resolve(
-        &scratch,
-        "scratch/",
-        if rest.is_empty() { "." } else { rest },
-    )?)
-}
-
-fn io(path: &str) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io {
-        path: path.to_owned(),
-        message: e.to_string(),
-    }
+    let run = confine::Root::open(run_dir, "the run directory")?;
+    Ok((run.subdir("scratch", "scratch/")?, rest))
 }
 
 fn read_file(run_dir: &Path, path: &str) -> Result<String, Error> {
-    let full = in_scratch(run_dir, path)?;
-    let size = std::fs::metadata(&full).map_err(io(path))?.len() as usize;
-    if size > MAX_FILE_BYTES {
-        return Err(Error::TooLarge {
-            path: path.to_owned(),
-            size,
-        });
-    }
-    let bytes = std::fs::read(&full).map_err(io(path))?;
+    let (scratch, rest) = in_scratch(run_dir, path)?;
+    let bytes = scratch
+        .read(rest, MAX_FILE_BYTES as u64)
+        .map_err(|e| named(e, path))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -108,37 +90,31 @@ fn write_file(run_dir: &Path, path: &str, content: &str) -> Result<String, Error
             size: content.len(),
         });
     }
-    let full = in_scratch(run_dir, path)?;
-    let parent = full
-        .parent()
-        .ok_or_else(|| confine::Error::Outside(path.to_owned(), "scratch/"))?;
-    std::fs::create_dir_all(parent).map_err(io(path))?;
-    // Re-check after creating directories: nothing may have turned into a symlink.
-    let full = in_scratch(run_dir, path)?;
-    let name = full
-        .file_name()
-        .ok_or_else(|| confine::Error::Outside(path.to_owned(), "scratch/"))?
-        .to_string_lossy()
-        .into_owned();
-    let temp = full.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&temp, content).map_err(io(path))?;
-    std::fs::rename(&temp, &full).map_err(io(path))?;
+    let (scratch, rest) = in_scratch(run_dir, path)?;
+    scratch
+        .write(rest, content.as_bytes())
+        .map_err(|e| named(e, path))?;
     Ok(format!("wrote {} bytes to {path}", content.len()))
 }
 
 fn list_files(run_dir: &Path, path: &str) -> Result<String, Error> {
-    let full = in_scratch(run_dir, path)?;
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(&full).map_err(io(path))? {
-        let entry = entry.map_err(io(path))?;
-        let mut name = entry.file_name().to_string_lossy().into_owned();
-        if entry.file_type().map_err(io(path))?.is_dir() {
-            name.push('/');
-        }
-        names.push(name);
-    }
-    names.sort();
-    Ok(names.join("\n"))
+    let (scratch, rest) = in_scratch(run_dir, path)?;
+    Ok(scratch.list(rest).map_err(|e| named(e, path))?.join("\n"))
+}
+
+/// A confinement error about the path inside `scratch/`, told with the path the
+/// model gave (relative to the run directory).
+fn named(error: confine::Error, path: &str) -> Error {
+    use confine::Error as C;
+    let path = path.to_owned();
+    Error::Confine(match error {
+        C::Outside(_, root) => C::Outside(path, root),
+        C::Symlink(_) => C::Symlink(path),
+        C::Missing(_) => C::Missing(path),
+        C::IsDirectory(_) => C::IsDirectory(path),
+        C::TooLarge { size, max, .. } => C::TooLarge { path, size, max },
+        C::Io(_, message) => C::Io(path, message),
+    })
 }
 
 #[cfg(test)]

@@ -65,14 +65,11 @@ fn eval(run_dir: &Path, gate: &Gate) -> (bool, String) {
 }
 
 fn check_one(run_dir: &Path, check: &Check) -> (bool, String) {
-    let path_of = |p: &str| confine::resolve(run_dir, "the run directory", p);
-    let meta = |p: &str| -> Result<Option<std::fs::Metadata>, String> {
-        let full = path_of(p).map_err(|e| e.to_string())?;
-        match std::fs::metadata(full) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{p}: {e}")),
-        }
+    let root = || confine::Root::open(run_dir, "the run directory");
+    let meta = |p: &str| {
+        root()
+            .and_then(|r| r.metadata(p))
+            .map_err(|e| e.to_string())
     };
     let verdict = |ok: bool, yes: String, no: String| (ok, if ok { yes } else { no });
     match check {
@@ -109,12 +106,10 @@ fn check_one(run_dir: &Path, check: &Check) -> (bool, String) {
             ),
             Err(e) => (false, e),
         },
-        Check::Readable(p) => match path_of(p)
-            .map_err(|e| e.to_string())
-            .and_then(|f| std::fs::File::open(f).map_err(|e| format!("{p}: {e}")))
-        {
+        // `cat`: a file that opens for reading; a directory fails, as real cat fails.
+        Check::Readable(p) => match root().and_then(|r| r.open_file(p)) {
             Ok(_) => (true, format!("{p} is readable")),
-            Err(e) => (false, e),
+            Err(e) => (false, format!("cat: {e}")),
         },
         Check::StringNonEmpty(s, want) => {
             let ok = s.is_empty() != *want;
@@ -129,20 +124,13 @@ fn check_one(run_dir: &Path, check: &Check) -> (bool, String) {
 }
 
 fn grep(run_dir: &Path, g: &dispatch_plan::gate::Grep) -> (bool, String) {
-    let full = match confine::resolve(run_dir, "the run directory", &g.path) {
-        Ok(full) => full,
-        Err(e) => return (false, e.to_string()),
+    let bytes = match confine::Root::open(run_dir, "the run directory")
+        .and_then(|root| root.read(&g.path, MAX_GREP_BYTES))
+    {
+        Ok(bytes) => bytes,
+        Err(e) => return (false, format!("grep: {e}")),
     };
-    let text = match std::fs::metadata(&full) {
-        Ok(m) if m.len() > MAX_GREP_BYTES => {
-            return (false, format!("{} is larger than grep reads", g.path));
-        }
-        Ok(_) => match std::fs::read(&full) {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(e) => return (false, format!("{}: {e}", g.path)),
-        },
-        Err(e) => return (false, format!("{}: {e}", g.path)),
-    };
+    let text = String::from_utf8_lossy(&bytes);
     let mut pattern = if g.fixed {
         regex::escape(&g.pattern)
     } else if g.extended {
