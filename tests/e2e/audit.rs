@@ -132,3 +132,53 @@ async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// The trail exporter catches up from the views on start: a ledger SIGKILLed again and
+/// again while runs finish still leaves every finished run a verifiable `_steps.jsonl`.
+#[tokio::test]
+async fn every_finished_run_gets_a_trail_though_the_ledger_is_killed() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(
+            stack
+                .submit(&format!("Errand number {i}"), "default", 0)
+                .await?,
+        );
+    }
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let at = stack
+            .services
+            .iter()
+            .position(|s| s.name == "ledger")
+            .expect("a ledger");
+        stack.services.remove(at).kill().await?;
+        stack.add("ledger").await?;
+    }
+    for id in &ids {
+        stack.wait_finished(*id, LIMIT).await?;
+    }
+    let trust = dispatch_runlog::seal::Trust::default()
+        .with_workspace_key(&dispatch_service::layout::seal_key(stack.root()));
+    let missing = || {
+        ids.iter()
+            .filter(|id| {
+                let path = dispatch_service::layout::steps_file(stack.root(), id);
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                dispatch_runlog::steps::verify(&text, &trust).is_err()
+            })
+            .count()
+    };
+    let result = stack
+        .eventually(LIMIT, || async { (missing() == 0).then_some(()) })
+        .await;
+    assert!(
+        result.is_ok(),
+        "{} of {} runs have no verifiable trail",
+        missing(),
+        ids.len()
+    );
+    Ok(())
+}

@@ -133,7 +133,8 @@ async fn rm_refuses_live_runs_and_removes_ended_ones_from_views_and_disk() -> an
     stack
         .eventually(LIMIT, || async {
             let gone = ps_all(&stack).await.ok()?.iter().all(|r| r["run_id"] != id);
-            (gone && !dir.exists()).then_some(())
+            // The working directory goes; the audit trail stays.
+            (gone && dir_names(&dir) == ["_steps.jsonl"]).then_some(())
         })
         .await?;
     let tasks = stack
@@ -214,11 +215,73 @@ async fn restart_runs_the_goal_again_and_prune_clears_ended_runs() -> anyhow::Re
         })
         .await?;
     assert!(stack.root().join(format!(".dispatch/runs/{live}")).is_dir());
+    // prune keeps the audit trail: of an ended run's directory only `_steps.jsonl` stays.
+    let first_dir = stack.root().join(format!(".dispatch/runs/{first}"));
+    stack
+        .eventually(LIMIT, || async {
+            (dir_names(&first_dir) == ["_steps.jsonl"]).then_some(())
+        })
+        .await?;
+
+    // --trails deletes them too, but only when confirmed: never without a terminal.
+    let third = stack.submit("Sweep the yard", "garden", 0).await?;
+    stack.wait_finished(third, LIMIT).await?;
+    ledger_knows(&stack, third, "done").await?;
+    let refused = stack.cli(&["prune", "--trails"])?;
+    assert_eq!(refused.code, Some(125), "{refused:?}");
+    assert!(refused.stderr.contains("--force"), "{}", refused.stderr);
+    ledger_knows(&stack, third, "done").await?;
+    let out = stack.cli(&["prune", "--trails", "--force"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains(&third.to_string()), "{}", out.stdout);
+    let third_dir = stack.root().join(format!(".dispatch/runs/{third}"));
+    stack
+        .eventually(LIMIT, || async { (!third_dir.exists()).then_some(()) })
+        .await?;
+    assert_eq!(dir_names(&first_dir), ["_steps.jsonl"]);
+
+    // Replay of a removed run says what it did, and brings back only a kept trail.
+    let replay = stack.cli(&["replay", &first.to_string()])?;
+    assert_eq!(replay.code, Some(0), "{}", replay.stderr);
     assert!(
-        !stack
-            .root()
-            .join(format!(".dispatch/runs/{first}"))
-            .exists()
+        replay
+            .stdout
+            .contains("views not rebuilt: the run was removed"),
+        "{}",
+        replay.stdout
+    );
+    assert!(
+        replay.stdout.contains("trail written to"),
+        "{}",
+        replay.stdout
+    );
+    let replay = stack.cli(&["replay", &third.to_string()])?;
+    assert_eq!(replay.code, Some(0), "{}", replay.stderr);
+    assert!(
+        replay
+            .stdout
+            .contains("trail not written: it was deleted by prune --trails"),
+        "{}",
+        replay.stdout
+    );
+    assert!(!third_dir.exists());
+    assert_eq!(
+        ps_all(&stack).await?.len(),
+        1,
+        "replay brought no removed run back"
     );
     Ok(())
+}
+
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }

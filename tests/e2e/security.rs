@@ -218,6 +218,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
     let removed = RunsRemoved {
         run_ids: vec![live.to_string()],
         time_unix_ms: 1,
+        trails: true,
     };
     for identity in [
         Identity::Ingress,

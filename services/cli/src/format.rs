@@ -163,3 +163,38 @@ pub fn tasks(reply: &TasksReply) -> String {
     out.push_str(&ps_table(&reply.tasks, now_ms()));
     out
 }
+
+/// What `replay` did, in one line: verified, sealed, and what it rebuilt or left alone.
+pub fn replayed(replayed: &dispatch_ledger::api::ReplayReply) -> String {
+    use dispatch_ledger::api::TrailOutcome;
+    let run = &replayed.run;
+    let seal = match &replayed.sealed_by {
+        Some(key) => format!("sealed by {key}"),
+        None => "not sealed yet (the run has not ended)".to_owned(),
+    };
+    let views = if replayed.views_rebuilt {
+        format!("views rebuilt ({})", run.status.word())
+    } else {
+        "views not rebuilt: the run was removed (rm/prune) and stays out of them".to_owned()
+    };
+    let trail = match replayed.trail {
+        TrailOutcome::Exported => {
+            let path = run
+                .run_id
+                .parse()
+                .map(|id| {
+                    let relative =
+                        dispatch_service::layout::steps_file(std::path::Path::new(""), &id);
+                    relative.display().to_string()
+                })
+                .unwrap_or_else(|_| "_steps.jsonl".to_owned());
+            format!("trail written to {path}")
+        }
+        TrailOutcome::NotEnded => "no trail yet".to_owned(),
+        TrailOutcome::Removed => "trail not written: it was deleted by prune --trails".to_owned(),
+    };
+    format!(
+        "run {}: {} events, hash chain verified, {seal}; {views}; {trail}",
+        run.run_id, replayed.events
+    )
+}

@@ -147,15 +147,23 @@ enum Command {
         force: bool,
     },
     /// Remove runs from the views and delete their working directories (their logs
-    /// stay). Refuses a live run unless --force, which stops it first.
+    /// and audit trails stay). Refuses a live run unless --force, which stops it first.
     Rm {
         #[arg(required = true)]
         runs: Vec<String>,
         #[arg(short, long)]
         force: bool,
     },
-    /// Remove every finished run from the views, with its working directory.
-    Prune,
+    /// Remove every finished run from the views, with its working directory. Audit
+    /// trails (`_steps.jsonl`) are kept unless --trails.
+    Prune {
+        /// Delete the runs' audit trails too (asks first, unless --force).
+        #[arg(long)]
+        trails: bool,
+        /// Do not ask before deleting trails.
+        #[arg(short, long, requires = "trails")]
+        force: bool,
+    },
     /// Rebuild one run's views from its log, verifying its hash chain and seal.
     Replay { run: String },
     /// Check an exported trail (`.dispatch/runs/<id>/_steps.jsonl`) offline. Exit 1
@@ -402,7 +410,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 }
                 ids.push(run_id);
             }
-            remove(&bus, &ids).await?;
+            remove(&bus, &ids, false).await?;
             for id in &ids {
                 println!("{id}");
             }
@@ -422,16 +430,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 })?;
             match reply {
                 Ok(replayed) => {
-                    let seal = match &replayed.sealed_by {
-                        Some(key) => format!("sealed by {key}"),
-                        None => "not sealed yet (the run has not ended)".to_owned(),
-                    };
-                    println!(
-                        "run {}: {} events, hash chain verified, {seal}; views rebuilt ({})",
-                        replayed.run.run_id,
-                        replayed.events,
-                        replayed.run.status.word()
-                    );
+                    println!("{}", format::replayed(&replayed));
                     Ok(exit::DONE)
                 }
                 Err(dispatch_ledger::api::QueryError::Corrupt(message)) => {
@@ -501,7 +500,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                  dispatcher) creates it"
             ))),
         },
-        Command::Prune => {
+        Command::Prune { trails, force } => {
             let bus = nats.connect().await?;
             let ids: Vec<RunId> = list_runs(&bus, true)
                 .await?
@@ -509,7 +508,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .filter(|r| r.status.is_terminal())
                 .filter_map(|r| r.run_id.parse().ok())
                 .collect();
-            remove(&bus, &ids).await?;
+            if trails && !force && !ids.is_empty() && !confirm_trail_removal(ids.len())? {
+                eprintln!("nothing removed");
+                return Ok(exit::DONE);
+            }
+            remove(&bus, &ids, trails).await?;
             for id in &ids {
                 println!("{id}");
             }
@@ -755,13 +758,33 @@ async fn stop(log: &RunLog, run_id: RunId, grace: Duration, force: bool) -> Resu
     Ok(())
 }
 
-/// Records that runs leave the views; the ledger deletes their working directories.
-/// Many runs go in several records, each well inside one NATS message.
-async fn remove(bus: &Bus, ids: &[RunId]) -> Result<(), Failure> {
+/// Asks on the terminal before audit evidence is deleted; refuses without one.
+fn confirm_trail_removal(runs: usize) -> Result<bool, Failure> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::new(
+            "prune --trails deletes audit trails; confirm on a terminal, or pass --force",
+        ));
+    }
+    eprint!("delete the audit trails (_steps.jsonl) of {runs} run(s) too? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| Failure::new(format!("read the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+/// Records that runs leave the views; the ledger deletes their working directories,
+/// keeping their trails unless `trails`. Many runs go in several records, each well
+/// inside one NATS message.
+async fn remove(bus: &Bus, ids: &[RunId], trails: bool) -> Result<(), Failure> {
     for chunk in ids.chunks(1000) {
         let removed = RunsRemoved {
             run_ids: chunk.iter().map(RunId::to_string).collect(),
             time_unix_ms: format::now_ms(),
+            trails,
         };
         let msg_id = format!("removed-{}", RunId::new());
         bus.append(

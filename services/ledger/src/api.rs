@@ -83,6 +83,22 @@ pub struct ReplayReply {
     pub events: u64,
     /// The key that sealed the run (hex), if it has ended.
     pub sealed_by: Option<String>,
+    /// False for a run removed with `rm`/`prune`: it stays out of the views.
+    pub views_rebuilt: bool,
+    /// What happened to the run's `_steps.jsonl`.
+    pub trail: TrailOutcome,
+}
+
+/// What `replay` did with a run's trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrailOutcome {
+    /// Written again from the verified log.
+    Exported,
+    /// Not written: the run has not ended, so there is no sealed trail yet.
+    NotEnded,
+    /// Not written: the run was removed together with its trail (`prune --trails`).
+    Removed,
 }
 
 /// `dispatch.query.status`: how far this ledger copy's views have caught up.

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use api::{
     QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply, StatusReply, TasksQuery,
-    TasksReply,
+    TasksReply, TrailOutcome,
 };
 use dispatch_runlog::RunLog;
 use project::{Pending, Views};
@@ -79,7 +79,8 @@ struct State {
     views: Views,
     workspace: PathBuf,
     /// Runs whose `_steps.jsonl` is due; the exporter task writes them.
-    exports: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Woken when trails become due.
+    trails: Notify,
     render: Notify,
     drains_applied: watch::Sender<u64>,
 }
@@ -106,10 +107,9 @@ impl Ledger {
             .await
             .map_err(|e| dispatch_bus::Error::new(ErrorKind::Other, e.to_string()))?
             .with_trust(self.views.trust().clone());
-        let (exports, due) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(State {
             log,
-            exports,
+            trails: Notify::new(),
             bus: self.bus.clone(),
             views: self.views.clone(),
             workspace: self.config.common.workspace.clone(),
@@ -138,7 +138,7 @@ impl Ledger {
             shutdown.clone(),
         ));
         tasks.spawn(answer_queries(state.clone(), shutdown.clone()));
-        tasks.spawn(export_trails(state.clone(), due, shutdown.clone()));
+        tasks.spawn(export_trails(state.clone(), shutdown.clone()));
         let tasks_file = layout::tasks_file(&self.config.common.workspace);
         tasks.spawn(render_tasks(state.clone(), tasks_file, shutdown.clone()));
         state.render.notify_one();
@@ -248,16 +248,16 @@ async fn follow(
         if left == 0 || pending.len() >= COMMIT_EVERY {
             let batch = std::mem::take(&mut pending);
             let removed = batch.removed().to_vec();
-            let finished = batch.finished().to_vec();
+            let finished = batch.finished();
             state
                 .views
                 .commit(stream_name, batch)
                 .map_err(|e| e.to_string())?;
-            for run_id in removed {
-                remove_run_dir(&state.workspace, &run_id);
+            for (run_id, trail) in removed {
+                remove_run_dir(&state.workspace, &run_id, trail);
             }
-            for run_id in finished {
-                let _ = state.exports.send(run_id);
+            if finished > 0 {
+                state.trails.notify_one();
             }
             if stream_name == streams::LEDGER {
                 state.drains_applied.send_replace(seq);
@@ -282,24 +282,60 @@ async fn follow(
     }
 }
 
-/// Writes `.dispatch/runs/<id>/_steps.jsonl` for runs that ended, from their verified logs.
+/// How long the exporter waits before trying a trail that could not be written again.
+const TRAIL_RETRY: Duration = Duration::from_secs(5);
+
+/// Writes `.dispatch/runs/<id>/_steps.jsonl` for runs that ended, from their verified
+/// logs: every run in the views' `trails_due` tree, on start (catching up on whatever a
+/// killed ledger left) and whenever runs end; the ones that fail are tried again.
 async fn export_trails(
     state: Arc<State>,
-    mut due: tokio::sync::mpsc::UnboundedReceiver<String>,
     shutdown: CancellationToken,
 ) -> Result<(), dispatch_bus::Error> {
     loop {
-        let run_id = tokio::select! {
+        let failed = export_due(&state, &shutdown).await;
+        tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            next = due.recv() => match next {
-                Some(run_id) => run_id,
-                None => return Ok(()),
-            },
-        };
-        if let Err(e) = export_trail(&state, &run_id, false).await {
-            tracing::warn!(run_id, error = %e, "cannot export the run's trail");
+            _ = state.trails.notified() => {}
+            _ = tokio::time::sleep(TRAIL_RETRY), if failed > 0 => {}
         }
     }
+}
+
+/// One pass over the due trails; returns how many could not be written.
+async fn export_due(state: &State, shutdown: &CancellationToken) -> usize {
+    let (mut after, mut failed, mut first_error) = (None::<String>, 0usize, None);
+    loop {
+        let due = state.views.trails_due(after.as_deref(), 256);
+        if due.is_empty() || shutdown.is_cancelled() {
+            break;
+        }
+        for run_id in due {
+            match export_trail(state, &run_id, false).await {
+                Ok(_) => {
+                    if let Err(e) = state.views.trail_written(&run_id) {
+                        tracing::warn!(run_id, error = %e, "cannot mark the trail written");
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert((run_id.clone(), e));
+                }
+            }
+            after = Some(run_id);
+        }
+    }
+    if let Some((run_id, error)) = first_error {
+        // One line per pass, not one per run: an outage fails them all the same way.
+        tracing::warn!(
+            failed,
+            run_id,
+            error,
+            retry_s = TRAIL_RETRY.as_secs(),
+            "cannot export trails yet; will retry"
+        );
+    }
+    failed
 }
 
 /// Exports one finished run's trail. Nothing can follow a terminal event, so a trail
@@ -308,7 +344,7 @@ async fn export_trail(state: &State, run_id: &str, force: bool) -> Result<u64, S
     let id: dispatch_bus::RunId = run_id
         .parse()
         .map_err(|e: dispatch_bus::IdError| e.to_string())?;
-    if state.views.is_removed(run_id) {
+    if state.views.trail_removed(run_id) {
         return Ok(0);
     }
     let path = layout::steps_file(&state.workspace, &id);
@@ -324,15 +360,36 @@ async fn export_trail(state: &State, run_id: &str, force: bool) -> Result<u64, S
     Ok(events.len() as u64)
 }
 
-/// Deletes a removed run's working directory (already gone is fine).
-fn remove_run_dir(workspace: &std::path::Path, run_id: &str) {
+/// Deletes a removed run's working directory (already gone is fine), all of it with
+/// `trail`, else everything but the audit trail `_steps.jsonl`.
+fn remove_run_dir(workspace: &std::path::Path, run_id: &str, trail: bool) {
     let Ok(id) = run_id.parse::<dispatch_bus::RunId>() else {
         tracing::warn!(run_id, "not removing a directory for a malformed run id");
         return;
     };
     let dir = layout::run_dir(workspace, &id);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => tracing::info!(run_id, "removed the run's directory"),
+    let steps = layout::steps_file(workspace, &id);
+    let removed = if trail {
+        std::fs::remove_dir_all(&dir)
+    } else {
+        std::fs::read_dir(&dir).and_then(|entries| {
+            for entry in entries {
+                let path = entry?.path();
+                if path == steps {
+                    continue;
+                }
+                // Not following symlinks: a link in the run's directory goes, not its target.
+                if path.symlink_metadata()?.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+            Ok(())
+        })
+    };
+    match removed {
+        Ok(()) => tracing::info!(run_id, trail, "removed the run's directory"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(run_id, error = %e, "cannot remove the run's directory"),
     }
@@ -521,7 +578,9 @@ fn status(state: &State) -> Reply<StatusReply> {
 }
 
 /// Rebuilds one run's views from its log: verifies the chain and seal, folds a fresh
-/// view, re-exports its trail and re-renders TASKS.org.
+/// view, re-exports its trail and re-renders TASKS.org. A run removed with `rm`/`prune`
+/// stays out of the views, and one removed with its trail gets no trail back; the
+/// reply says which.
 async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
     let run_id = match query.id.parse::<dispatch_bus::RunId>() {
         Ok(id) => id,
@@ -543,22 +602,31 @@ async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
             Some(RunView::apply(view, &stored.event, state.views.trust()))
         })
         .expect("at least one event");
+    let key = run_id.to_string();
+    let removed = state.views.is_removed(&key);
     state
         .views
         .replace_run(&view)
         .map_err(|e| QueryError::Unavailable(e.to_string()))?;
     let last = &events.last().expect("not empty").event;
     let sealed_by = (!last.signature.is_empty()).then(|| hex::encode(&last.signer));
-    if sealed_by.is_some() {
-        export_trail(state, &run_id.to_string(), true)
+    let trail = if sealed_by.is_none() {
+        TrailOutcome::NotEnded
+    } else if state.views.trail_removed(&key) {
+        TrailOutcome::Removed
+    } else {
+        export_trail(state, &key, true)
             .await
             .map_err(QueryError::Unavailable)?;
-    }
+        TrailOutcome::Exported
+    };
     state.render.notify_one();
     Ok(ReplayReply {
         run: view,
         events: events.len() as u64,
         sealed_by,
+        views_rebuilt: !removed,
+        trail,
     })
 }
 

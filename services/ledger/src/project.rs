@@ -29,7 +29,11 @@ pub const UNDRAINED: &str = "undrained";
 /// `<conversation>\0<drain id>` → the run ids that drain handed out, so a client that
 /// retries a drain whose answer it lost gets the same notes again.
 pub const DRAIN_IDS: &str = "drain_ids";
-pub const TREES: [&str; 8] = [
+/// Ids of finished runs whose trail (`_steps.jsonl`) may not be on disk yet. Written in
+/// the same commit as the terminal event's view, emptied by the exporter once the trail
+/// is written, so a ledger killed at any point catches up on start.
+pub const TRAILS_DUE: &str = "trails_due";
+pub const TREES: [&str; 9] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -38,9 +42,13 @@ pub const TREES: [&str; 8] = [
     BY_CONVERSATION,
     UNDRAINED,
     DRAIN_IDS,
+    TRAILS_DUE,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 2;
+pub const SCHEMA: u32 = 3;
+
+/// The tombstone of a run removed together with its trail (`prune --trails`).
+const TRAIL_REMOVED: &[u8] = b"trail";
 
 /// Views over the sled store.
 #[derive(Clone)]
@@ -56,8 +64,8 @@ pub struct Pending {
     runs: HashMap<String, RunView>,
     /// Views of goals not yet taken, written only where no view exists.
     queued: Vec<(String, RunView)>,
-    removed: Vec<String>,
-    finished: Vec<String>,
+    removed: Vec<(String, bool)>,
+    finished: usize,
     batch: Batch,
     last_seq: u64,
     applied: usize,
@@ -68,14 +76,15 @@ impl Pending {
         self.applied
     }
 
-    /// Runs removed by this batch, whose working directories go once it is committed.
-    pub fn removed(&self) -> &[String] {
+    /// Runs removed by this batch, whose working directories go once it is committed,
+    /// each with whether its trail goes too.
+    pub fn removed(&self) -> &[(String, bool)] {
         &self.removed
     }
 
-    /// Runs that ended in this batch, whose trails are exported once it is committed.
-    pub fn finished(&self) -> &[String] {
-        &self.finished
+    /// How many runs ended in this batch (their trails are due once it is committed).
+    pub fn finished(&self) -> usize {
+        self.finished
     }
 }
 
@@ -391,6 +400,12 @@ impl Views {
                 return;
             }
         };
+        // A trail is due for every run that ends, removed from the views or not (`prune`
+        // keeps trails), unless its trail was removed too.
+        if matches!(event.body, Some(Body::RunFinished(_))) && !self.trail_removed(&key) {
+            pending.batch.put(TRAILS_DUE, &key, Vec::new());
+            pending.finished += 1;
+        }
         // Tombstones are looked up when a run first enters the batch; one written later
         // by the other stream's projection still wins at commit (guarded put).
         let current = match pending.runs.remove(&key) {
@@ -409,9 +424,6 @@ impl Views {
             pending
                 .batch
                 .remove(BY_CONVERSATION, note_key(&before, &key));
-        }
-        if matches!(event.body, Some(Body::RunFinished(_))) {
-            pending.finished.push(key.clone());
         }
         if let Some(note) = note_of(&event) {
             let note_id = note_key(&conversation, &key);
@@ -446,6 +458,42 @@ impl Views {
         self.store
             .tree(REMOVED)
             .is_ok_and(|t| t.contains_key(run_id).unwrap_or(false))
+    }
+
+    /// True when the run was removed together with its trail.
+    pub fn trail_removed(&self, run_id: &str) -> bool {
+        self.store.tree(REMOVED).is_ok_and(|t| {
+            t.get(run_id)
+                .ok()
+                .flatten()
+                .is_some_and(|v| v.as_ref() == TRAIL_REMOVED)
+        })
+    }
+
+    /// Up to `limit` runs whose trails are due, in id order after `after`.
+    pub fn trails_due(&self, after: Option<&str>, limit: usize) -> Vec<String> {
+        let Ok(tree) = self.store.tree(TRAILS_DUE) else {
+            return Vec::new();
+        };
+        let range = match after {
+            Some(after) => tree.range::<&[u8], _>((
+                std::ops::Bound::Excluded(after.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => tree.iter(),
+        };
+        range
+            .keys()
+            .take(limit)
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect()
+    }
+
+    /// The run's trail is on disk (or never will be): it is no longer due.
+    pub fn trail_written(&self, run_id: &str) -> Result<(), dispatch_views::Error> {
+        self.store.tree(TRAILS_DUE)?.remove(run_id)?;
+        Ok(())
     }
 
     /// Folds one submitted goal into `pending`: a queued view, unless the run has one.
@@ -488,6 +536,7 @@ impl Views {
         pending.applied += 1;
         match RunsRemoved::decode(payload) {
             Ok(removed) => {
+                let trails = removed.trails;
                 for run_id in removed.run_ids {
                     let known = pending.runs.remove(&run_id).or_else(|| self.run(&run_id));
                     if let Some(view) = known {
@@ -498,8 +547,16 @@ impl Views {
                     }
                     pending.batch.remove(RUNS, &run_id);
                     pending.batch.remove(ACTIVE, &run_id);
-                    pending.batch.put(REMOVED, &run_id, Vec::new());
-                    pending.removed.push(run_id);
+                    let tombstone = if trails {
+                        TRAIL_REMOVED.to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    pending.batch.put(REMOVED, &run_id, tombstone);
+                    if trails {
+                        pending.batch.remove(TRAILS_DUE, &run_id);
+                    }
+                    pending.removed.push((run_id, trails));
                 }
             }
             Err(e) => tracing::warn!(seq, error = %e, "ignoring an undecodable removal"),
