@@ -49,7 +49,8 @@ async fn main() -> Result<()> {
         .as_str()
         .context("ingress address")?
         .to_owned();
-    let ack = post_latencies(&http_addr, ACK_SAMPLES).await?;
+    let key = dispatch_tests::api_key(workspace.path())?;
+    let ack = post_latencies(&http_addr, &key, ACK_SAMPLES).await?;
     let (raw_p50, raw_p99) = (percentile(&raw, 50.0), percentile(&raw, 99.0));
     let (ack_p50, ack_p99) = (percentile(&ack, 50.0), percentile(&ack, 99.0));
     let ratio = ack_p50 / raw_p50;
@@ -202,8 +203,8 @@ async fn raw_publish_latencies(bus: &Bus, n: usize) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-async fn post_latencies(addr: &str, n: usize) -> Result<Vec<f64>> {
-    let http = reqwest::Client::new();
+async fn post_latencies(addr: &str, key: &str, n: usize) -> Result<Vec<f64>> {
+    let http = dispatch_tests::http_client(key)?;
     let url = format!("http://{addr}/v1/goals");
     let body = json!({ "goal": "x".repeat(PAYLOAD - 12) });
     let mut out = Vec::with_capacity(n);

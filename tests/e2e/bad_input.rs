@@ -61,8 +61,8 @@ async fn malformed_http_requests_get_specific_errors_and_publish_nothing() -> an
             String::from_utf8_lossy(&body[..body.len().min(60)])
         );
         let error: Value = response.json().await?;
-        assert_eq!(error["error"]["code"], code, "{error}");
-        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+        assert_eq!(error["code"], code, "{error}");
+        assert!(!error["detail"].as_str().unwrap().is_empty());
     }
 
     let unknown = dispatch_bus::RunId::new();
@@ -73,9 +73,9 @@ async fn malformed_http_requests_get_specific_errors_and_publish_nothing() -> an
         .await?;
     assert_eq!(response.status(), 404);
     let error: Value = response.json().await?;
-    assert_eq!(error["error"]["code"], "not_found");
+    assert_eq!(error["code"], "not_found");
     assert!(
-        error["error"]["message"]
+        error["detail"]
             .as_str()
             .unwrap()
             .contains(&unknown.to_string())
@@ -96,7 +96,7 @@ async fn malformed_http_requests_get_specific_errors_and_publish_nothing() -> an
     let response = stack.http.get(stack.url("/v1/nothing-here")).send().await?;
     assert_eq!(response.status(), 404);
     let error: Value = response.json().await?;
-    assert_eq!(error["error"]["code"], "not_found");
+    assert_eq!(error["code"], "not_found");
 
     assert_eq!(
         stack.stream_messages(GOALS).await?,

@@ -68,6 +68,21 @@ async fn up_runs_a_demo_goal_end_to_end_and_cleans_up() -> anyhow::Result<()> {
     assert!(stderr.contains("Dispatch is up"), "{stderr}");
     let tasks = std::fs::read_to_string(workspace.path().join("TASKS.org"))?;
     assert!(tasks.contains("* DONE Tidy the shared drive"), "{tasks}");
+    // Every identity has its own private seed, and the local user an HTTP API key.
+    use std::os::unix::fs::PermissionsExt;
+    let auth = workspace.path().join(".dispatch/auth");
+    for file in [
+        "ingress.nk",
+        "dispatcher.nk",
+        "cli.nk",
+        "admin.nk",
+        "http-token",
+        "api-keys.json",
+    ] {
+        let mode = std::fs::metadata(auth.join(file))?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    assert!(stderr.contains(".dispatch/auth/http-token"), "{stderr}");
     assert!(
         workspace.path().join(".dispatch/nats").is_dir(),
         "the local store lives under .dispatch/nats"
@@ -94,6 +109,13 @@ async fn ctrl_c_stops_the_whole_stack_cleanly() -> anyhow::Result<()> {
         .stderr(Stdio::piped())
         .spawn()?;
     wait_for_stack(http_port).await;
+    // The key `up` made for the local user opens the API; nothing else does.
+    let token = std::fs::read_to_string(workspace.path().join(".dispatch/auth/http-token"))?;
+    let runs = format!("http://127.0.0.1:{http_port}/v1/runs");
+    let http = reqwest::Client::new();
+    let with = http.get(&runs).bearer_auth(token.trim()).send().await?;
+    assert_eq!(with.status(), 200);
+    assert_eq!(http.get(&runs).send().await?.status(), 401);
     let pid = child.id().expect("running");
     let status = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])

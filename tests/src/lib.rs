@@ -18,7 +18,32 @@ pub struct Stack {
     pub workspace: tempfile::TempDir,
     pub services: Vec<Service>,
     pub bus: Bus,
+    /// An HTTP client that sends [`Self::api_key`] with every request.
     pub http: reqwest::Client,
+    /// A key from the workspace's API key store, as `dispatch api-key create` makes.
+    pub api_key: String,
+}
+
+/// Creates an API key in `workspace`'s store (as `dispatch api-key create` does).
+pub fn api_key(workspace: &Path) -> Result<String> {
+    use dispatch_service::api_keys::{Store, store_path};
+    let path = store_path(workspace);
+    let mut store = Store::load(&path)?;
+    let key = store.create("test")?;
+    store.save(&path)?;
+    Ok(key)
+}
+
+/// An HTTP client that authenticates with `key`.
+pub fn http_client(key: &str) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse()?,
+    );
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 impl Stack {
@@ -31,12 +56,14 @@ impl Stack {
             workspace.path(),
         ))?;
         let bus = nats.bus().await?;
+        let api_key = api_key(workspace.path())?;
         let mut stack = Self {
             nats,
             workspace,
             services: Vec::new(),
             bus,
-            http: reqwest::Client::new(),
+            http: http_client(&api_key)?,
+            api_key,
         };
         for service in services {
             stack.add(service).await?;

@@ -123,6 +123,10 @@ impl Identity {
             Identity::Ingress => {
                 service(&mut p, "ingress");
                 p.publish.allow.push(subject::GOALS_ALL.into());
+                // Reading back the goal an idempotency key already stored.
+                p.publish
+                    .allow
+                    .push(format!("{JS_API}.DIRECT.GET.{}", streams::GOALS));
                 p.publish.allow.push(subject::query::ALL.into());
             }
             Identity::Dispatcher => {

@@ -136,24 +136,110 @@ pub fn check_command(subject: &str, command: &SubmitGoal) -> Result<RunId, GoalE
 /// dispatcher turns it into the run's first event (`RunRequested`) when it takes it; the
 /// ledger shows it as queued meanwhile.
 pub async fn submit_goal(bus: &Bus, goal: Goal) -> Result<RunId, Error> {
-    let run_id = RunId::new();
-    let command = SubmitGoal {
-        run_id: run_id.to_string(),
-        request_event_id: uuid::Uuid::now_v7().to_string(),
-        goal: goal.goal,
-        conversation_id: goal.conversation.to_string(),
-        timeout_ms: goal.timeout_ms,
-        origin: goal.origin,
-        submitted_at_unix_ms: crate::handle::now_unix_ms(),
-    };
-    bus.append(
-        subject::goal(&run_id),
-        &command.run_id,
-        None,
-        command.encode_to_vec().into(),
-    )
-    .await?;
-    Ok(run_id)
+    let submission = Submission::new(goal);
+    submission.submit(bus).await?;
+    Ok(submission.run_id())
+}
+
+/// A goal ready to be stored, its run id and deduplication id fixed: publishing it
+/// again — after a timeout, say — can never make a second run.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    command: SubmitGoal,
+    msg_id: String,
+}
+
+/// What storing a [`Submission`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// This submission's goal is stored (now, or by an earlier try of the same one).
+    Stored(RunId),
+    /// Another submission with the same idempotency key was stored first; this is it.
+    Earlier(SubmitGoal),
+}
+
+impl Submission {
+    pub fn new(goal: Goal) -> Self {
+        let run_id = RunId::new();
+        let msg_id = run_id.to_string();
+        Self::with_msg_id(goal, run_id, msg_id)
+    }
+
+    /// A submission deduplicated by `key` (an idempotency key, already scoped to its
+    /// client) for the goal stream's duplicate window: storing another submission with
+    /// the same key in that window returns the first one instead.
+    pub fn idempotent(goal: Goal, key: &str) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let msg_id = format!("idem-{}", hex::encode(&digest[..20]));
+        Self::with_msg_id(goal, RunId::new(), msg_id)
+    }
+
+    fn with_msg_id(goal: Goal, run_id: RunId, msg_id: String) -> Self {
+        let command = SubmitGoal {
+            run_id: run_id.to_string(),
+            request_event_id: uuid::Uuid::now_v7().to_string(),
+            goal: goal.goal,
+            conversation_id: goal.conversation.to_string(),
+            timeout_ms: goal.timeout_ms,
+            origin: goal.origin,
+            submitted_at_unix_ms: crate::handle::now_unix_ms(),
+        };
+        Self { command, msg_id }
+    }
+
+    pub fn run_id(&self) -> RunId {
+        self.command.run_id.parse().expect("made from a RunId")
+    }
+
+    /// True when `earlier` asks for the same thing as this submission.
+    pub fn same_request(&self, earlier: &SubmitGoal) -> bool {
+        let (a, b) = (&self.command, earlier);
+        a.goal == b.goal && a.conversation_id == b.conversation_id && a.timeout_ms == b.timeout_ms
+    }
+
+    /// Stores the goal (safe to call again after any failure).
+    pub async fn submit(&self, bus: &Bus) -> Result<Submitted, Error> {
+        let run_id = self.run_id();
+        let appended = bus
+            .append(
+                subject::goal(&run_id),
+                &self.msg_id,
+                None,
+                self.command.encode_to_vec().into(),
+            )
+            .await?;
+        if !appended.duplicate {
+            return Ok(Submitted::Stored(run_id));
+        }
+        // The server kept an earlier message with our id: ours, or another
+        // submission's with the same idempotency key.
+        let stored = read_goal_at(bus, appended.stream_seq).await?;
+        if stored.run_id == self.command.run_id {
+            Ok(Submitted::Stored(run_id))
+        } else {
+            Ok(Submitted::Earlier(stored))
+        }
+    }
+}
+
+async fn read_goal_at(bus: &Bus, seq: u64) -> Result<SubmitGoal, Error> {
+    let unreachable = |e: String| Error::new(ErrorKind::Unreachable, e);
+    let stream = bus
+        .jetstream()
+        .get_stream(streams::GOALS)
+        .await
+        .map_err(|e| unreachable(format!("open stream {}: {e}", streams::GOALS)))?;
+    let message = stream
+        .direct_get(seq)
+        .await
+        .map_err(|e| unreachable(format!("read goal at {seq}: {e}")))?;
+    SubmitGoal::decode(message.payload.as_ref()).map_err(|e| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("goal at {seq} does not decode: {e}"),
+        )
+    })
 }
 
 /// The stored goal of `run_id`, if there is one.

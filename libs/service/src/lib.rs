@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+pub mod api_keys;
 pub mod config;
 
 use tokio_util::sync::CancellationToken;

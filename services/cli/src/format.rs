@@ -108,7 +108,7 @@ fn clip(text: &str, max: usize) -> String {
     dispatch_runlog::slice_chars(&flat, max)
 }
 
-fn age(since_ms: i64, now_ms: i64) -> String {
+pub fn age(since_ms: i64, now_ms: i64) -> String {
     let s = ((now_ms - since_ms).max(0) / 1000) as u64;
     match s {
         0..60 => format!("{s}s"),

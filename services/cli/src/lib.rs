@@ -14,6 +14,7 @@
 //! | 1 | `verify`, `replay`: the trail or log does not check out |
 //! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
 
+mod api_key;
 mod format;
 mod up;
 
@@ -89,6 +90,9 @@ enum Command {
     /// Start the local stack in the foreground: nats-server (unless NATS_URL is set) and
     /// every service. Ctrl-C stops everything.
     Up(up::UpArgs),
+    /// Manage the API keys HTTP clients authenticate with.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(api_key::ApiKeyCommand),
     /// Hand a goal to Dispatch.
     Run {
         /// Print the run id and return at once.
@@ -257,6 +261,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         async move { Ok::<_, Failure>(RunLog::open(&bus, "cli").await?.with_trust(trust)) }
     };
     match cli.command {
+        Command::ApiKey(command) => api_key::run(&workspace, command),
         Command::Up(args) => {
             let external = std::env::var("NATS_URL").ok();
             up::up(&workspace, external, &cli.nats_auth, args).await

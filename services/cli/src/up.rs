@@ -49,6 +49,8 @@ pub async fn up(
     // The key that seals this workspace's runs, made before any service starts, so
     // every reader trusts it from its first event.
     dispatch_runlog::seal::Sealer::load_or_create(&layout::seal_key(&workspace))?;
+    // And the local user's API key, so the HTTP API is usable at once.
+    crate::api_key::ensure_local(&workspace)?;
     let state = layout::state_dir(&workspace);
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| Failure::new(format!("{}: {e}", logs.display())))?;
@@ -169,8 +171,9 @@ async fn start_and_serve(
         eprintln!("  {service:<11} up (pid {}){extra}", health.pid);
     }
     eprintln!(
-        "Dispatch is up. NATS {url}, workspace {}",
-        workspace.display()
+        "Dispatch is up. NATS {url}, workspace {}\nHTTP API key (send as `Authorization: Bearer <key>`): {}",
+        workspace.display(),
+        dispatch_service::api_keys::local_key_path(workspace).display()
     );
 
     if let Some(goal) = &args.demo {

@@ -1,9 +1,15 @@
 //! Ingress: the HTTP front door.
 //!
-//! `POST /v1/goals` answers `202 {run_id, status_url}` as soon as the goal command is
-//! stored in JetStream — before any planning — and everything else is a query the
-//! ledger answers over the bus. Bad requests get a JSON error with a specific code and
-//! publish nothing.
+//! `POST /v1/goals` answers `202 {run_id, status_url}` with a `Location` header as soon
+//! as the goal command is stored in JetStream — before any planning — and everything
+//! else is a query the ledger answers over the bus. Every `/v1` request needs an API key
+//! ([`access`]); the socket has connection, header, body and request limits
+//! ([`serve`]). Bad requests get an RFC 9457 problem with a specific `code` and publish
+//! nothing.
+
+pub mod access;
+pub mod problem;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dispatch_bus::health::{self, Health};
@@ -20,7 +26,7 @@ use dispatch_ledger::api::{
     QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply,
 };
 use dispatch_ledger::view::RunView;
-use dispatch_runlog::submit::{Goal, submit_goal};
+use dispatch_runlog::submit::{Goal, Submission, Submitted};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +47,26 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "DISPATCH_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// The API key store (default: .dispatch/auth/api-keys.json in the workspace).
+    #[arg(long, env = "DISPATCH_API_KEYS")]
+    pub api_keys: Option<std::path::PathBuf>,
+    /// Origins (`https://app.example`) whose browser pages may call the API; requests
+    /// with any other `Origin` header are refused.
+    #[arg(long, env = "DISPATCH_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Connections served at once; one more is answered 503.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and the longest a kept-alive
+    /// connection may sit idle.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// Longest pause while a client sends a request body.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+    /// Longest a whole request may take (answered 408 after that).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +89,7 @@ pub struct Ingress {
 
 struct App {
     bus: Bus,
+    access: Arc<access::Access>,
 }
 
 impl Ingress {
@@ -79,9 +106,17 @@ impl Ingress {
                 addr: config.listen,
                 source,
             })?;
+        let keys = config
+            .api_keys
+            .clone()
+            .unwrap_or_else(|| dispatch_service::api_keys::store_path(&config.common.workspace));
+        if !keys.exists() {
+            tracing::warn!(path = %keys.display(), "no API key store yet: every /v1 request is refused until a key is created (`dispatch api-key create`)");
+        }
+        let access = Arc::new(access::Access::new(keys, config.allowed_origins.clone()));
         Ok(Self {
             config,
-            app: Arc::new(App { bus }),
+            app: Arc::new(App { bus, access }),
             listener,
         })
     }
@@ -99,32 +134,58 @@ impl Ingress {
             .insert("http_addr".into(), json!(addr.to_string()));
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
         tracing::info!(%addr, "ingress listening");
-        let stop = shutdown.clone();
-        axum::serve(self.listener, router(self.app))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .map_err(|source| Error::Listen { addr, source })?;
+        let limits = serve::Limits {
+            max_connections: self.config.max_connections.max(1),
+            header_timeout: self.config.header_timeout,
+            body_timeout: self.config.body_timeout,
+        };
+        let router = router(self.app, self.config.request_timeout);
+        serve::serve(
+            self.listener,
+            router,
+            limits,
+            shutdown.clone(),
+            Duration::from_secs(10),
+        )
+        .await;
         shutdown.cancel();
         let _ = health.await;
         Ok(())
     }
 }
 
-fn router(app: Arc<App>) -> Router {
-    Router::new()
+fn router(app: Arc<App>, request_timeout: Duration) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    let api = Router::new()
         .route("/v1/goals", post(post_goal))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/tasks", get(get_tasks))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.access.clone(),
+            access::check,
+        ));
+    let request_id = header::HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(api)
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(app)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(tower_http::trace::TraceLayer::new_for_http())
+                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    request_timeout,
+                )),
+        )
 }
 
-/// `{"error": {"code": ..., "message": ...}}` with `status`.
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = json!({ "error": { "code": code, "message": message.into() } });
-    (status, axum::Json(body)).into_response()
+/// A problem response (RFC 9457) with `status` and the matchable `code`.
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    problem::Problem::new(status, code, message).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,38 +221,159 @@ pub fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
     .map_err(|e| (e.code(), e.to_string()))
 }
 
+/// How long ingress keeps retrying to store a goal before it answers 503.
+const STORE_ATTEMPTS: usize = 4;
+
 async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
+    if !is_json(request.headers()) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the goal as JSON with `Content-Type: application/json`",
+        );
+    }
+    let idempotency_key = match idempotency_key(request.headers()) {
+        Ok(key) => key,
+        Err(response) => return *response,
+    };
+    let caller = request
+        .extensions()
+        .get::<access::Caller>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
-        Err(_) => {
+        Err(e) => return body_error(e),
+    };
+    let goal = match validate(&body) {
+        Ok(goal) => goal,
+        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+    };
+    let submission = match &idempotency_key {
+        // Scoped to the caller's key, so two clients cannot collide on a key.
+        Some(key) => Submission::idempotent(goal, &format!("{caller}\0{key}")),
+        None => Submission::new(goal),
+    };
+    // Retrying the same submission is safe (it is deduplicated by the server), so an
+    // answer here is definite: stored, or not known to be stored after every try.
+    let mut last_error = None;
+    for attempt in 0..STORE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        match submission.submit(&app.bus).await {
+            Ok(Submitted::Stored(run_id)) => return accepted(run_id.to_string(), false),
+            Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
+                return accepted(earlier.run_id, true);
+            }
+            Ok(Submitted::Earlier(earlier)) => {
+                return problem::Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a different goal; use a new key",
+                )
+                .with_run(earlier.run_id)
+                .into_response();
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "goal not stored yet");
+                last_error = Some(e);
+            }
+        }
+    }
+    let run_id = submission.run_id();
+    tracing::warn!(%run_id, error = ?last_error, "goal not known to be stored");
+    let detail = if idempotency_key.is_some() {
+        "NATS did not confirm the goal; it may or may not be stored. Retry with the same \
+         Idempotency-Key: that never makes a second run"
+    } else {
+        "NATS did not confirm the goal; it may or may not be stored. Check GET \
+         /v1/runs/<run_id> before sending it again, or send goals with an Idempotency-Key, \
+         whose retries never make a second run"
+    };
+    let mut response =
+        problem::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_confirmed", detail)
+            .with_run(run_id)
+            .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// `202 Accepted` with the run's id and where to watch it.
+fn accepted(run_id: String, replayed: bool) -> Response {
+    let location = format!("/v1/runs/{run_id}");
+    let mut response = (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "run_id": run_id, "status_url": location })),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// True for `application/json`, with or without parameters.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+#[allow(clippy::result_large_err)]
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Box<Response>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(key.to_owned()))
+        }
+        _ => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ))),
+    }
+}
+
+/// Why a request body could not be read: too large (413), too slow (408), or not
+/// valid HTTP framing, such as bad chunked encoding (400).
+fn body_error(e: axum::Error) -> Response {
+    let inner = e.into_inner();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+    while let Some(failure) = cause {
+        if failure.is::<http_body_util::LengthLimitError>() {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("request body must be at most {MAX_BODY_BYTES} bytes"),
             );
         }
-    };
-    let goal = match validate(&body) {
-        Ok(goal) => goal,
-        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
-    };
-    match submit_goal(&app.bus, goal).await {
-        Ok(run_id) => (
-            StatusCode::ACCEPTED,
-            axum::Json(
-                json!({ "run_id": run_id.to_string(), "status_url": format!("/v1/runs/{run_id}") }),
-            ),
-        )
-            .into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "goal not stored");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "bus_unavailable",
-                "the goal could not be stored; try again",
-            )
+        if failure.is::<tower_http::timeout::TimeoutError>() {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body stopped arriving".to_owned(),
+            );
         }
+        cause = failure.source();
     }
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+        format!("the request body is not valid HTTP framing: {inner}"),
+    )
 }
 
 #[derive(Debug, Deserialize)]
