@@ -244,3 +244,33 @@ async fn a_retried_submit_with_the_same_idempotency_key_is_one_run() -> anyhow::
     assert_eq!(bad.status(), 400);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_api_describes_itself_in_openapi() -> anyhow::Result<()> {
+    let stack = stack_with_ingress(&[]).await?;
+    let doc: Value = reqwest::Client::new()
+        .get(stack.url("/v1/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let post = &doc["paths"]["/v1/goals"]["post"];
+    assert!(
+        post["responses"]["202"]["headers"]["Location"].is_object(),
+        "{post}"
+    );
+    assert!(post["responses"]["401"].is_object(), "{post}");
+    assert_eq!(post["security"][0]["api_key"], serde_json::json!([]));
+    for path in ["/v1/runs", "/v1/runs/{id}", "/v1/tasks", "/healthz"] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path} is described");
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
+    for schema in ["RunView", "TasksReply", "Problem", "GoalRequest"] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    Ok(())
+}

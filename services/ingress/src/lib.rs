@@ -8,6 +8,7 @@
 //! nothing.
 
 pub mod access;
+pub mod openapi;
 pub mod problem;
 pub mod serve;
 
@@ -169,6 +170,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi::serve))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(app)
         .layer(
@@ -188,9 +190,10 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
     problem::Problem::new(status, code, message).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// A goal to hand to Dispatch.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct GoalRequest {
+pub struct GoalRequest {
     goal: String,
     #[serde(default)]
     conversation_id: Option<String>,
@@ -224,6 +227,23 @@ pub fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
 /// How long ingress keeps retrying to store a goal before it answers 503.
 const STORE_ATTEMPTS: usize = 4;
 
+#[utoipa::path(post, path = "/v1/goals", tag = "goals",
+    request_body(content = GoalRequest, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Retries with the same key (within 10 minutes) return the same run")),
+    responses(
+        (status = 202, description = "Stored; the run starts soon", body = Accepted,
+            headers(("Location" = String, description = "The run's status URL"))),
+        (status = 400, description = "Invalid goal, body or key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "Origin not allowed", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 408, description = "Body or request too slow", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Idempotency-Key reused for another goal", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "Not confirmed stored (see detail)", body = problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
     if !is_json(request.headers()) {
         return error(
@@ -301,14 +321,22 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
     response
 }
 
+/// The answer to a stored goal.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    pub run_id: String,
+    /// Where the run's status is (also the `Location` header).
+    pub status_url: String,
+}
+
 /// `202 Accepted` with the run's id and where to watch it.
 fn accepted(run_id: String, replayed: bool) -> Response {
     let location = format!("/v1/runs/{run_id}");
-    let mut response = (
-        StatusCode::ACCEPTED,
-        axum::Json(json!({ "run_id": run_id, "status_url": location })),
-    )
-        .into_response();
+    let body = Accepted {
+        run_id,
+        status_url: location.clone(),
+    };
+    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
     }
@@ -376,9 +404,10 @@ fn body_error(e: axum::Error) -> Response {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
     #[serde(default)]
     all: Option<bool>,
     #[serde(default)]
@@ -391,6 +420,12 @@ struct ListParams {
 
 /// `GET /v1/runs`: a page of runs, newest first; a `Link: <…>; rel="next"` header (and
 /// `next` in the body) leads to the next page.
+#[utoipa::path(get, path = "/v1/runs", tag = "runs", params(ListParams),
+    responses(
+        (status = 200, description = "A page of runs, newest first; `Link: <…>; rel=\"next\"` leads on", body = RunsReply),
+        (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 async fn list_runs(
     State(app): State<Arc<App>>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
@@ -438,6 +473,13 @@ fn with_next_link(mut response: Response, next: Option<String>) -> Response {
     response
 }
 
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "A run id or a unique prefix of one")),
+    responses(
+        (status = 200, description = "The run", body = RunView),
+        (status = 404, description = "No such run", body = problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     let reply: Result<Reply<RunView>, _> = app
         .bus
@@ -446,9 +488,10 @@ async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respons
     respond(reply)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct TasksParams {
+#[into_params(parameter_in = Query)]
+pub struct TasksParams {
     #[serde(default)]
     conversation: Option<String>,
     #[serde(default)]
@@ -462,6 +505,12 @@ struct TasksParams {
 /// `GET /v1/tasks`: a page of the conversation's tasks and its oldest feedback notes,
 /// each handed out once (`more_feedback` says more are waiting). Pass a `drain_id` to
 /// make a retry return the same notes.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(TasksParams),
+    responses(
+        (status = 200, description = "A page of the conversation's tasks and its undelivered feedback notes (each handed out once)", body = TasksReply),
+        (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 async fn get_tasks(
     State(app): State<Arc<App>>,
     params: Result<Query<TasksParams>, axum::extract::rejection::QueryRejection>,
@@ -500,6 +549,8 @@ async fn get_tasks(
     with_next_link(respond(reply), next)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "Connected to NATS"), (status = 503, description = "Not connected")))]
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let state = app.bus.client().connection_state();
     let connected = matches!(

@@ -59,3 +59,20 @@ impl IntoResponse for Problem {
         response
     }
 }
+
+/// The wire shape of a problem, for the OpenAPI document (the `problem_details` crate
+/// writes it; this type only describes it).
+#[derive(utoipa::ToSchema)]
+#[schema(as = Problem)]
+#[allow(dead_code)]
+pub struct ProblemDoc {
+    /// `/problems/<code>`.
+    r#type: String,
+    title: String,
+    status: u16,
+    detail: String,
+    /// The matchable name of the problem, e.g. `invalid_goal`, `unauthorized`.
+    code: String,
+    /// The run the problem is about, when there is one.
+    run_id: Option<String>,
+}

@@ -30,7 +30,7 @@ pub struct RunsQuery {
     pub after: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunsReply {
     /// Newest first.
     pub runs: Vec<RunView>,
@@ -63,7 +63,7 @@ pub struct TasksQuery {
     pub drain_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TasksReply {
     pub tasks: Vec<RunView>,
     #[serde(default)]

@@ -5,7 +5,7 @@ use dispatch_runlog::seal::Trust;
 use serde::{Deserialize, Serialize};
 
 /// The statuses people see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     Queued,
@@ -52,7 +52,7 @@ impl TaskStatus {
 
 /// What `ps` and `inspect` show about a run. Everything in it comes from the log, so a
 /// rebuild produces it byte for byte.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
     pub run_id: String,
     pub goal: String,
@@ -83,7 +83,7 @@ pub struct RunView {
 }
 
 /// Where and why a run's log fails verification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Corruption {
     /// The first event sequence that does not check out.
     pub seq: u64,
@@ -253,7 +253,8 @@ impl RunView {
 }
 
 /// A feedback note: how a run ended, for the conversation that asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A feedback note: how a run of the conversation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Note {
     pub run_id: String,
     pub status: String,

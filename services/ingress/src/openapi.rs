@@ -1,0 +1,48 @@
+//! The OpenAPI document of the HTTP API, generated from the handlers and types
+//! themselves (utoipa), served at `/v1/openapi.json` without a key.
+
+use axum::response::IntoResponse;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Dispatch", description = "Hand goals to Dispatch and watch them run"),
+    paths(
+        crate::post_goal,
+        crate::list_runs,
+        crate::get_run,
+        crate::get_tasks,
+        crate::healthz
+    ),
+    components(schemas(
+        crate::GoalRequest,
+        crate::Accepted,
+        crate::problem::ProblemDoc,
+        dispatch_ledger::view::RunView,
+        dispatch_ledger::view::TaskStatus,
+        dispatch_ledger::view::Corruption,
+        dispatch_ledger::view::Note,
+        dispatch_ledger::api::RunsReply,
+        dispatch_ledger::api::TasksReply
+    )),
+    modifiers(&BearerKeys)
+)]
+pub struct Doc;
+
+/// Declares the `api_key` scheme the paths require: `Authorization: Bearer <key>`.
+struct BearerKeys;
+
+impl utoipa::Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub async fn serve() -> axum::response::Response {
+    axum::Json(Doc::openapi()).into_response()
+}
