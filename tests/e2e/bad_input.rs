@@ -404,3 +404,73 @@ async fn file_tools_stay_inside_scratch_whatever_is_planted() -> anyhow::Result<
     assert!(end.summary.contains("\"FAILED\": 1"), "{}", end.summary);
     Ok(())
 }
+
+/// Control characters in a goal never reach a terminal or TASKS.org raw, and the CLI
+/// keeps Unix habits: a closed pipe ends it quietly, durations read like `90s`, and it
+/// prints shell completions.
+#[tokio::test]
+async fn hostile_text_is_escaped_and_the_cli_keeps_unix_habits() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    let run_id = stack
+        .submit(
+            "Ring the \x07 bell \x1b[2J\x1b[31m now\u{202e}",
+            "default",
+            0,
+        )
+        .await?;
+    stack.wait_finished(run_id, LIMIT).await?;
+    let id = run_id.to_string();
+    let waited = stack.cli(&["wait", &id, "--timeout", "90s"])?;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let raw = |text: &str| {
+        text.chars()
+            .any(|c| matches!(c, '\x07' | '\x1b' | '\u{202e}'))
+    };
+    let ps = stack
+        .eventually(LIMIT, || async {
+            let ps = stack.cli(&["ps", "-a"]).ok()?;
+            ps.stdout.contains(&id).then_some(ps)
+        })
+        .await?;
+    assert!(!raw(&ps.stdout), "{:?}", ps.stdout);
+    assert!(
+        ps.stdout.contains("Ring the \\u{7} bell \\u{1b}[2J"),
+        "{}",
+        ps.stdout
+    );
+    let logs = stack.cli(&["logs", &id])?;
+    assert!(!raw(&logs.stdout), "{:?}", logs.stdout);
+    let tasks = stack.tasks_org_with_finished(1, LIMIT).await?;
+    assert!(!raw(&tasks), "{tasks:?}");
+
+    // `dispatch logs X | head -0`: the reader is gone before the first line.
+    let mut child = std::process::Command::new(dispatch_testkit::bin_dir().join("dispatch"))
+        .args(["logs", &id])
+        .env("NATS_URL", stack.nats.url())
+        .env(
+            "DISPATCH_NATS_NKEY",
+            stack.nats.seed(dispatch_bus::Identity::Cli),
+        )
+        .env("DISPATCH_WORKSPACE", stack.root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let completions = stack.cli(&["completions", "bash"])?;
+    assert_eq!(completions.code, Some(0));
+    assert!(
+        completions.stdout.contains("dispatch"),
+        "{}",
+        completions.stdout
+    );
+    let bad = stack.cli(&["wait", &id, "--timeout", "10"])?;
+    assert_eq!(bad.code, Some(125));
+    assert!(bad.stderr.contains("not a duration"), "{}", bad.stderr);
+    Ok(())
+}

@@ -103,9 +103,9 @@ pub fn event_line(event: &RunEvent) -> String {
     format!("#{:<3} {:<20} {}", event.seq, body.kind(), detail)
 }
 
+/// Untrusted text on one line, control characters escaped, at most `max` characters.
 fn clip(text: &str, max: usize) -> String {
-    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    dispatch_runlog::slice_chars(&flat, max)
+    dispatch_ledger::render::one_line(text, max)
 }
 
 pub fn age(since_ms: i64, now_ms: i64) -> String {
@@ -118,26 +118,37 @@ pub fn age(since_ms: i64, now_ms: i64) -> String {
     }
 }
 
-/// `dispatch ps` as a table.
+/// `dispatch ps` as a table (column widths by display width, so wide characters in a
+/// goal do not shift the columns).
 pub fn ps_table(runs: &[RunView], now_ms: i64) -> String {
-    let mut out = format!(
-        "{:<36}  {:<8}  {:<6}  {:<5}  {}\n",
-        "RUN ID", "STATUS", "LEAVES", "AGE", "GOAL"
-    );
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(["RUN ID", "STATUS", "LEAVES", "AGE", "GOAL"]);
     for run in runs {
         let leaves = if run.leaves == 0 {
             "-".to_owned()
         } else {
             format!("{}/{}", run.leaves_done, run.leaves)
         };
-        out.push_str(&format!(
-            "{:<36}  {:<8}  {:<6}  {:<5}  {}\n",
-            run.run_id,
-            run.status.word(),
+        table.add_row([
+            run.run_id.clone(),
+            run.status.word().to_owned(),
             leaves,
             age(run.requested_at_ms, now_ms),
-            clip(&run.goal, 60)
-        ));
+            clip(&run.goal, 60),
+        ]);
+    }
+    // Docker's look: no borders, columns two spaces apart, nothing before the first.
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let mut out: String = table
+        .lines()
+        .map(|line| line.trim_end().to_owned() + "\n")
+        .collect();
+    if out.is_empty() {
+        out.push('\n');
     }
     out
 }
@@ -197,4 +208,43 @@ pub fn replayed(replayed: &dispatch_ledger::api::ReplayReply) -> String {
         "run {}: {} events, hash chain verified, {seal}; {views}; {trail}",
         run.run_id, replayed.events
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ps_table_lines_up_wide_goals() {
+        let view = |id: &str, goal: &str| RunView {
+            run_id: id.into(),
+            goal: goal.into(),
+            conversation_id: "default".into(),
+            origin: "cli".into(),
+            status: dispatch_ledger::view::TaskStatus::Done,
+            title: None,
+            workflow: None,
+            owner: None,
+            leaves: 3,
+            leaves_done: 3,
+            leaves_failed: 0,
+            reason: None,
+            summary: None,
+            timeout_ms: 0,
+            requested_at_ms: 0,
+            started_at_ms: None,
+            deadline_at_ms: None,
+            finished_at_ms: None,
+            last_seq: 1,
+            last_hash: String::new(),
+            corrupt: None,
+        };
+        let table = ps_table(&[view("a", "整理共享驱动器"), view("bb", "tidy")], 5_000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("RUN ID  STATUS"), "{table}");
+        // STATUS starts at the same display column on every line.
+        let status_at = |line: &str| line.find("done").or_else(|| line.find("STATUS"));
+        assert_eq!(status_at(lines[1]), status_at(lines[0]), "{table}");
+        assert_eq!(status_at(lines[2]), status_at(lines[0]), "{table}");
+    }
 }

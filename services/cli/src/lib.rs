@@ -90,6 +90,11 @@ enum Command {
     /// Start the local stack in the foreground: nats-server (unless NATS_URL is set) and
     /// every service. Ctrl-C stops everything.
     Up(up::UpArgs),
+    /// Print a shell completion script: `dispatch completions bash > /etc/bash_completion.d/dispatch`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Manage the API keys HTTP clients authenticate with.
     #[command(subcommand, name = "api-key")]
     ApiKey(api_key::ApiKeyCommand),
@@ -127,8 +132,11 @@ enum Command {
     /// Wait for a run to end; the exit code says how it ended.
     Wait {
         run: String,
-        /// Give up after this many milliseconds (exit code 3).
-        #[arg(long)]
+        /// Give up after this long, e.g. 90s or 5m (exit code 3).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// The same in milliseconds (older spelling).
+        #[arg(long, hide = true, conflicts_with = "timeout")]
         timeout_ms: Option<u64>,
     },
     /// Show everything the ledger knows about a run, as JSON.
@@ -137,16 +145,24 @@ enum Command {
     /// with --force) the run is ended without waiting for the owner.
     Stop {
         run: String,
-        #[arg(long, default_value_t = 10_000)]
-        grace_period_ms: u64,
+        /// How long the owner gets to end the run itself, e.g. 5s.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        grace_period: Duration,
+        /// The same in milliseconds (older spelling).
+        #[arg(long, hide = true, conflicts_with = "grace_period")]
+        grace_period_ms: Option<u64>,
         #[arg(long)]
         force: bool,
     },
     /// Stop a run if it is live, then run its goal again as a new run (prints its id).
     Restart {
         run: String,
-        #[arg(long, default_value_t = 10_000)]
-        grace_period_ms: u64,
+        /// How long the owner gets to end the run itself, e.g. 5s.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        grace_period: Duration,
+        /// The same in milliseconds (older spelling).
+        #[arg(long, hide = true, conflicts_with = "grace_period")]
+        grace_period_ms: Option<u64>,
         #[arg(long)]
         force: bool,
     },
@@ -215,6 +231,7 @@ impl From<dispatch_runlog::Error> for Failure {
 
 /// Runs the CLI on `args` and returns its exit code.
 pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    quiet_on_closed_pipe();
     let cli: Cli = match dispatch_service::config::parse_from("dispatch", args) {
         Ok(cli) => cli,
         Err(dispatch_service::config::Error::Args(e)) => {
@@ -262,6 +279,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     };
     match cli.command {
         Command::ApiKey(command) => api_key::run(&workspace, command),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "dispatch", &mut std::io::stdout());
+            Ok(exit::DONE)
+        }
         Command::Up(args) => {
             let external = std::env::var("NATS_URL").ok();
             up::up(&workspace, external, &cli.nats_auth, args).await
@@ -343,11 +365,16 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 Ok(exit::DONE)
             }
         }
-        Command::Wait { run, timeout_ms } => {
+        Command::Wait {
+            run,
+            timeout,
+            timeout_ms,
+        } => {
+            let timeout = timeout.or(timeout_ms.map(Duration::from_millis));
             let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = open_log(&bus).await?;
-            follow(&log, run_id, false, timeout_ms.map(Duration::from_millis)).await
+            follow(&log, run_id, false, timeout).await
         }
         Command::Inspect { run } => {
             let bus = nats.connect().await?;
@@ -360,25 +387,29 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Stop {
             run,
+            grace_period,
             grace_period_ms,
             force,
         } => {
+            let grace = grace_period_ms.map_or(grace_period, Duration::from_millis);
             let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = sealed_log(&bus, &workspace, &trust).await?;
-            stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
+            stop(&log, run_id, grace, force).await?;
             println!("{run_id}");
             Ok(exit::DONE)
         }
         Command::Restart {
             run,
+            grace_period,
             grace_period_ms,
             force,
         } => {
+            let grace = grace_period_ms.map_or(grace_period, Duration::from_millis);
             let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
             let log = sealed_log(&bus, &workspace, &trust).await?;
-            stop(&log, run_id, Duration::from_millis(grace_period_ms), force).await?;
+            stop(&log, run_id, grace, force).await?;
             let events = log.read(&run_id).await?;
             let requested = events
                 .iter()
@@ -543,6 +574,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
     }
+}
+
+/// `dispatch logs X | head -1`: when whoever reads the output goes away, stop at once
+/// and quietly, as Unix tools do (exit 141, as if by SIGPIPE), instead of panicking.
+/// Rust ignores SIGPIPE, so the write fails and `println!` panics with this message.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if text.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// Where the CLI's bus is and how it signs in: as the `cli` identity, with the seed
@@ -829,28 +879,10 @@ async fn sealed_log(
         .with_sealer(sealer))
 }
 
-/// `500ms`, `90s`, `35m`, `1h`.
+/// `500ms`, `90s`, `35m`, `1h`, `1h 30m`: one format for every duration flag.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 35m or 1h"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        _ => {
-            return Err(format!(
-                "{text:?} has no unit: use ms, s, m or h (e.g. 90s)"
-            ));
-        }
-    };
-    Ok(Duration::from_millis(ms))
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 90s, 35m or 1h ({e})"))
 }
 
 #[cfg(test)]
@@ -862,12 +894,12 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("35m"), Ok(Duration::from_secs(35 * 60)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(
-            parse_duration("soon")
-                .unwrap_err()
-                .contains("not a duration")
-        );
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(90 * 60)));
+        for bad in ["10", "soon", "-5s", ""] {
+            assert!(
+                parse_duration(bad).unwrap_err().contains("not a duration"),
+                "{bad:?}"
+            );
+        }
     }
 }

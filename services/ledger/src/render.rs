@@ -35,7 +35,7 @@ pub fn tasks_org(runs: &[RunView]) -> String {
         out.push_str("  :END:\n");
         let summary = run.summary.as_deref().filter(|s| !s.is_empty());
         if let (true, Some(summary)) = (run.status.is_terminal(), summary) {
-            out.push_str(&format!("  {}\n", summary.replace('\n', " ")));
+            out.push_str(&format!("  {}\n", one_line(summary, usize::MAX)));
         }
     }
     out
@@ -43,8 +43,44 @@ pub fn tasks_org(runs: &[RunView]) -> String {
 
 /// A goal as a headline: one line, at most 120 characters.
 fn headline(goal: &str) -> String {
-    let flat = goal.split_whitespace().collect::<Vec<_>>().join(" ");
-    dispatch_runlog::slice_chars(&flat, 120)
+    one_line(goal, 120)
+}
+
+/// Untrusted text (goals, model output, tool results) made safe for one line of a
+/// terminal or an org file: whitespace runs become one space, and control characters
+/// (NUL, ESC, BEL, C1 controls) and bidirectional overrides are written as `\u{…}`
+/// escapes instead of reaching a terminal raw. At most `max` characters are kept.
+pub fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    let mut chars = 0;
+    for word in text.split_whitespace() {
+        if chars > 0 {
+            if chars + 1 >= max {
+                return out;
+            }
+            out.push(' ');
+            chars += 1;
+        }
+        for c in word.chars() {
+            if chars >= max {
+                return out;
+            }
+            if c.is_control() || is_bidi_control(c) {
+                let escaped = format!("\\u{{{:x}}}", c as u32);
+                chars += escaped.len();
+                out.push_str(&escaped);
+            } else {
+                out.push(c);
+                chars += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Characters that reorder how the text around them is displayed.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `[2026-06-11 04:58:28]`, UTC.
@@ -72,6 +108,21 @@ pub fn write_atomically(path: &std::path::Path, content: &str) -> std::io::Resul
 mod tests {
     use super::*;
     use crate::view::TaskStatus;
+
+    #[test]
+    fn control_characters_never_reach_the_file_raw() {
+        let hostile = "ring\x07 the \x1b[2Jbell\0 and \u{202e}flip\u{9b}31m\nnow";
+        let line = one_line(hostile, 200);
+        assert!(
+            !line.chars().any(|c| c.is_control() || is_bidi_control(c)),
+            "{line:?}"
+        );
+        assert_eq!(
+            line,
+            "ring\\u{7} the \\u{1b}[2Jbell\\u{0} and \\u{202e}flip\\u{9b}31m now"
+        );
+        assert_eq!(one_line("a  b\tc", 3), "a b");
+    }
 
     #[test]
     fn renders_the_seed_format() {
