@@ -122,7 +122,7 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
     let cases: [(&[&str], &str); 7] = [
         (&["run"], "give a goal"),
         (&["run", "   "], "give a goal"),
-        (&["run", "--timeout", "10", "x"], "no unit"),
+        (&["run", "--timeout", "10", "x"], "time unit needed"),
         (&["run", "--timeout", "500ms", "x"], "at least 1s"),
         (&["run", "--conversation", "a.b", "x"], "conversation id"),
         (&["inspect", "0000dead"], "no run matches 0000dead"),

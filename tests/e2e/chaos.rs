@@ -145,7 +145,8 @@ async fn runs_survive_every_service_and_nats_being_killed() -> anyhow::Result<()
                 .collect();
             (terminal == want).then_some(())
         })
-        .await?;
+        .await
+        .inspect_err(|_| stack.print_service_logs(40))?;
     Ok(())
 }
 

@@ -17,11 +17,11 @@ use dispatch_bus::{Identity, RunId, subject};
 use dispatch_proto::command::v1::CallTool;
 use dispatch_proto::ledger::v1::RunsRemoved;
 use dispatch_proto::run::v1::{
-    RunEvent, RunFinished, RunRequested, RunStatus, StopRequested, run_event::Body,
+    RunFinished, RunRequested, RunStatus, StopRequested, run_event::Body,
 };
 use dispatch_runlog::chain;
 use dispatch_runlog::seal::Sealer;
-use dispatch_tests::Stack;
+use dispatch_tests::{Stack, forged_event};
 use prost::Message as _;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -85,17 +85,6 @@ impl Raw {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-fn forged_event(run_id: &RunId, body: Body) -> RunEvent {
-    RunEvent {
-        event_id: RunId::new().to_string(),
-        run_id: run_id.to_string(),
-        time_unix_ms: 1_700_000_000_000,
-        writer: "forger".into(),
-        body: Some(body),
-        ..Default::default()
     }
 }
 

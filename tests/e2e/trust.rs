@@ -21,14 +21,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn forge(run_id: &RunId, bodies: Vec<Body>, key: Option<&Sealer>) -> Vec<RunEvent> {
     let mut events: Vec<RunEvent> = bodies
         .into_iter()
-        .map(|body| RunEvent {
-            event_id: RunId::new().to_string(),
-            run_id: run_id.to_string(),
-            time_unix_ms: 1_700_000_000_000,
-            writer: "forger".into(),
-            body: Some(body),
-            ..Default::default()
-        })
+        .map(|body| dispatch_tests::forged_event(run_id, body))
         .collect();
     chain::link(&mut events, key);
     events

@@ -24,6 +24,19 @@ pub struct Stack {
     pub api_key: String,
 }
 
+/// An event of `run_id` as a forger would write it: a fresh id and a fixed time, not
+/// yet linked into a chain (`dispatch_runlog::chain::link` does that).
+pub fn forged_event(run_id: &RunId, body: Body) -> dispatch_proto::run::v1::RunEvent {
+    dispatch_proto::run::v1::RunEvent {
+        event_id: RunId::new().to_string(),
+        run_id: run_id.to_string(),
+        time_unix_ms: 1_700_000_000_000,
+        writer: "forger".into(),
+        body: Some(body),
+        ..Default::default()
+    }
+}
+
 /// Creates an API key in `workspace`'s store (as `dispatch api-key create` does).
 pub fn api_key(workspace: &Path) -> Result<String> {
     use dispatch_service::api_keys::{Store, store_path};
@@ -178,6 +191,20 @@ impl Stack {
                 _ => {}
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Prints the last `lines` lines of every running service's log to stderr (for a
+    /// failing test to say what the services saw).
+    pub fn print_service_logs(&self, lines: usize) {
+        for service in &self.services {
+            let path = service.log_path(self.root());
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} ({}) ---", service.instance, path.display());
+            for line in &all[all.len().saturating_sub(lines)..] {
+                eprintln!("{line}");
+            }
         }
     }
 

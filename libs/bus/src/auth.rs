@@ -223,7 +223,8 @@ pub struct Rule {
 }
 
 impl Permissions {
-    /// Reading streams: direct gets, unnamed ordered consumers, live run events.
+    /// Reading streams: direct gets, unnamed ordered consumers (create, pull, info),
+    /// live run events.
     fn read(&mut self, read: &[&str]) {
         for stream in read {
             let allow = &mut self.publish.allow;
@@ -231,6 +232,9 @@ impl Permissions {
             allow.push(format!("{JS_API}.DIRECT.GET.{stream}.>"));
             allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}"));
             allow.push(format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.*"));
+            // An ordered consumer asks for its own state when heartbeats stop (a NATS
+            // restart); without this it stalls until the next restart.
+            allow.push(format!("{JS_API}.CONSUMER.INFO.{stream}.*"));
             if *stream == streams::RUNS {
                 self.subscribe.allow.push(subject::RUNS_ALL.into());
             }
