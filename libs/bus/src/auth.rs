@@ -380,23 +380,39 @@ pub fn server_config(users: &[(Identity, String)]) -> serde_json::Value {
 
 /// Writes [`server_config`] for the seeds in `seeds` to `path` (mode 0600).
 pub fn write_server_config(seeds: &Path, path: &Path) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let users = ensure_seeds(seeds)?;
-    let text = serde_json::to_string_pretty(&server_config(&users))
+    let text = serde_json::to_vec_pretty(&server_config(&users))
         .map_err(|e| Error::new(ErrorKind::Other, format!("encode server config: {e}")))?;
-    let fail = |e: std::io::Error| Error::new(ErrorKind::Other, format!("{}: {e}", path.display()));
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    write_private(path, &text)
+        .map_err(|e| Error::new(ErrorKind::Other, format!("{}: {e}", path.display())))
+}
+
+/// Replaces `path` with `bytes` atomically, readable by its owner only: a fresh
+/// temporary file beside it (random name, `O_EXCL`, mode 0600), synced, then renamed
+/// over `path`. A missing directory is created with mode 0700.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let temp = path.with_extension(format!("{}.tmp", uuid::Uuid::now_v7().simple()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    file.write_all(text.as_bytes()).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
+        .open(&temp)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
 }
 
 #[cfg(test)]

@@ -114,37 +114,12 @@ impl Store {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file + rename), readable by the owner only.
+/// Writes `bytes` to `path` atomically, readable by the owner only.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let fail = |e: std::io::Error| Error::File {
+    dispatch_bus::auth::write_private(path, bytes).map_err(|e| Error::File {
         path: path.display().to_string(),
         message: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(fail)?;
-    }
-    let temp = path.with_extension(format!("{}.tmp", uuid::Uuid::now_v7().simple()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(fail)?;
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&temp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temp);
-        return Err(fail(e));
-    }
-    Ok(())
+    })
 }
 
 fn digest(key: &str) -> String {
