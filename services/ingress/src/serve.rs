@@ -12,7 +12,6 @@
 //!   timeout;
 //! - on shutdown, connections finish their current request and close.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,7 +94,7 @@ pub async fn serve(
 }
 
 /// Answers a connection over the limit and closes it.
-async fn refuse(mut stream: TcpStream) -> Result<(), Infallible> {
+async fn refuse(mut stream: TcpStream) {
     let body = crate::problem::Problem::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
@@ -113,5 +112,4 @@ async fn refuse(mut stream: TcpStream) -> Result<(), Infallible> {
         stream.shutdown().await
     })
     .await;
-    Ok(())
 }

@@ -78,8 +78,7 @@ struct State {
     log: RunLog,
     views: Views,
     workspace: PathBuf,
-    /// Runs whose `_steps.jsonl` is due; the exporter task writes them.
-    /// Woken when trails become due.
+    /// Wakes the exporter when trails become due (they are listed in the views).
     trails: Notify,
     render: Notify,
     drains_applied: watch::Sender<u64>,
@@ -351,7 +350,16 @@ async fn export_trail(state: &State, run_id: &str, force: bool) -> Result<u64, S
     if !force && path.exists() {
         return Ok(0);
     }
-    let events = state.log.read(&id).await.map_err(|e| e.to_string())?;
+    let events = match state.log.read(&id).await {
+        Ok(events) => events,
+        // No trail can ever be written for a log that does not verify: trying again
+        // every few seconds would only repeat this line forever.
+        Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
+            tracing::warn!(run_id, error = %e, "the run's log does not verify; it gets no trail");
+            return Ok(0);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     }
