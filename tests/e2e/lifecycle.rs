@@ -285,3 +285,62 @@ fn dir_names(dir: &std::path::Path) -> Vec<String> {
     names.sort();
     names
 }
+
+#[tokio::test]
+async fn short_ids_tell_apart_runs_started_together() -> anyhow::Result<()> {
+    let stack = Stack::start(&["ledger", "ingress"]).await?;
+    // Written back to back, so their ids share a long timestamp prefix.
+    let seeded = stack.seed_finished_runs(40, "default", 10).await?;
+    stack
+        .eventually(LIMIT, || async {
+            (ps_all(&stack).await.ok()?.len() == 40).then_some(())
+        })
+        .await?;
+    // Most of them share their first 7 characters (all of them unless the seeding
+    // crossed a 2^20 ms boundary of the timestamp).
+    let mut by_prefix = std::collections::BTreeMap::<String, usize>::new();
+    for id in &seeded {
+        *by_prefix.entry(id.to_string()[..7].to_owned()).or_default() += 1;
+    }
+    let (shared, n) = by_prefix.iter().max_by_key(|(_, n)| **n).unwrap();
+    assert!(*n >= 20, "{by_prefix:?}");
+    let ambiguous = stack.cli(&["inspect", shared])?;
+    assert_ne!(ambiguous.code, Some(0));
+    assert!(
+        ambiguous.stderr.contains("matches several runs"),
+        "{}",
+        ambiguous.stderr
+    );
+
+    // `ps` shows the short form, and every one of them names its run.
+    let table = stack.cli(&["ps", "-a"])?.stdout;
+    for id in &seeded {
+        let short = id.short();
+        assert!(table.contains(&format!("\n{short}  ")), "{short}:\n{table}");
+        let inspect = stack.cli(&["inspect", &short])?;
+        assert_eq!(inspect.code, Some(0), "{}", inspect.stderr);
+        let view: Value = serde_json::from_str(&inspect.stdout)?;
+        assert_eq!(view["run_id"], id.to_string());
+    }
+    let full = stack.cli(&["ps", "-a", "--no-trunc"])?.stdout;
+    assert!(full.contains(&seeded[0].to_string()), "{full}");
+
+    // A prefix of a short id works too, and so does HTTP.
+    let target = seeded[7];
+    let over_http = stack.get_json(&format!("/v1/runs/{}", target.short())).await?;
+    assert_eq!(over_http["run_id"], target.to_string());
+    let logs = stack.cli(&["logs", &target.short()[..9]])?;
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+    assert_eq!(logs.stdout.lines().count(), 3, "{}", logs.stdout);
+
+    // A removed run's short id no longer resolves.
+    let out = stack.cli(&["rm", &target.short()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["inspect", &target.short()]).ok()?;
+            out.stderr.contains("no run matches").then_some(())
+        })
+        .await?;
+    Ok(())
+}

@@ -17,8 +17,28 @@ pub enum IdError {
 pub struct RunId(uuid::Uuid);
 
 impl RunId {
+    /// How many characters a short id has.
+    pub const SHORT_LEN: usize = 12;
+
     pub fn new() -> Self {
         Self(uuid::Uuid::now_v7())
+    }
+
+    /// The id people see and type: its last 12 hex digits. A UUIDv7 begins with a
+    /// millisecond timestamp, so runs started together share a prefix; its tail is
+    /// random bits and the low bits of a counter that starts at a random value each
+    /// millisecond, so they do not share a tail.
+    pub fn short(&self) -> String {
+        short_id(&self.to_string()).to_owned()
+    }
+}
+
+/// The short form of a run id written out in full: its last 12 characters, the random
+/// tail. Anything that is not a hyphenated UUID is returned as it is.
+pub fn short_id(run_id: &str) -> &str {
+    match run_id.len() {
+        36 => &run_id[36 - RunId::SHORT_LEN..],
+        _ => run_id,
     }
 }
 
@@ -98,6 +118,17 @@ mod tests {
         assert!("nope".parse::<RunId>().is_err());
         assert!(id.to_string().to_uppercase().parse::<RunId>().is_err());
         assert!("dispatch.run.*".parse::<RunId>().is_err());
+    }
+
+    #[test]
+    fn short_ids_are_the_random_tail() {
+        let a = RunId::new();
+        let b = RunId::new();
+        assert_eq!(a.short().len(), RunId::SHORT_LEN);
+        assert!(a.to_string().ends_with(&a.short()));
+        assert!(!a.short().contains('-'));
+        assert_ne!(a.short(), b.short());
+        assert_eq!(short_id("not-an-id"), "not-an-id");
     }
 
     #[test]

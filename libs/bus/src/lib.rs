@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 pub use async_nats;
 pub use auth::{Credentials, Identity};
-pub use ids::{ConversationId, IdError, RunId};
+pub use ids::{ConversationId, IdError, RunId, short_id};
 
 /// What went wrong, for callers that must branch on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -119,8 +119,8 @@ pub fn age(since_ms: i64, now_ms: i64) -> String {
 }
 
 /// `dispatch ps` as a table (column widths by display width, so wide characters in a
-/// goal do not shift the columns).
-pub fn ps_table(runs: &[RunView], now_ms: i64) -> String {
+/// goal do not shift the columns). Ids are shown short unless `!short`.
+pub fn ps_table(runs: &[RunView], now_ms: i64, short: bool) -> String {
     let mut table = comfy_table::Table::new();
     table
         .load_preset(comfy_table::presets::NOTHING)
@@ -132,7 +132,11 @@ pub fn ps_table(runs: &[RunView], now_ms: i64) -> String {
             format!("{}/{}", run.leaves_done, run.leaves)
         };
         table.add_row([
-            run.run_id.clone(),
+            if short {
+                dispatch_bus::short_id(&run.run_id).to_owned()
+            } else {
+                run.run_id.clone()
+            },
             run.status.word().to_owned(),
             leaves,
             age(run.requested_at_ms, now_ms),
@@ -171,7 +175,7 @@ pub fn tasks(reply: &TasksReply) -> String {
         }
     }
     out.push('\n');
-    out.push_str(&ps_table(&reply.tasks, now_ms()));
+    out.push_str(&ps_table(&reply.tasks, now_ms(), true));
     out
 }
 
@@ -239,7 +243,11 @@ mod tests {
             last_hash: String::new(),
             corrupt: None,
         };
-        let table = ps_table(&[view("a", "整理共享驱动器"), view("bb", "tidy")], 5_000);
+        let table = ps_table(
+            &[view("a", "整理共享驱动器"), view("bb", "tidy")],
+            5_000,
+            true,
+        );
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("RUN ID  STATUS"), "{table}");
         // STATUS starts at the same display column on every line.

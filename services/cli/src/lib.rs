@@ -116,9 +116,12 @@ enum Command {
     Ps {
         #[arg(short, long)]
         all: bool,
-        /// Only print run ids.
+        /// Only print run ids (in full).
         #[arg(short, long)]
         quiet: bool,
+        /// Show full run ids in the table, not their 12-character short form.
+        #[arg(long)]
+        no_trunc: bool,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -319,7 +322,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             eprintln!("run {run_id}");
             follow(&log, run_id, true, None).await
         }
-        Command::Ps { all, quiet, format } => {
+        Command::Ps {
+            all,
+            quiet,
+            no_trunc,
+            format,
+        } => {
             let bus = nats.connect().await?;
             let runs = list_runs(&bus, all).await?;
             if runs.is_empty() && !all {
@@ -337,7 +345,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                         "{}",
                         serde_json::to_string_pretty(&runs).expect("views serialize")
                     ),
-                    Format::Table => print!("{}", format::ps_table(&runs, format::now_ms())),
+                    Format::Table => {
+                        print!("{}", format::ps_table(&runs, format::now_ms(), !no_trunc))
+                    }
                 }
             }
             Ok(exit::DONE)

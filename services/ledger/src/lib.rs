@@ -555,7 +555,7 @@ fn run(state: &State, query: RunQuery) -> Reply<RunView> {
     let id = query.id.trim();
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
         return Err(QueryError::BadRequest(format!(
-            "{id:?} is not a run id or a prefix of one"
+            "{id:?} is not a run id, a short id, or a prefix of either"
         )));
     }
     let mut found = state.views.runs_with_prefix(id, 6);

@@ -33,7 +33,10 @@ pub const DRAIN_IDS: &str = "drain_ids";
 /// the same commit as the terminal event's view, emptied by the exporter once the trail
 /// is written, so a ledger killed at any point catches up on start.
 pub const TRAILS_DUE: &str = "trails_due";
-pub const TREES: [&str; 9] = [
+/// Index: `<short id><run id>` for every run, so the short id people type (the random
+/// tail of the id, see [`dispatch_bus::short_id`]) resolves by a prefix scan.
+pub const BY_SHORT_ID: &str = "by_short_id";
+pub const TREES: [&str; 10] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -43,9 +46,10 @@ pub const TREES: [&str; 9] = [
     UNDRAINED,
     DRAIN_IDS,
     TRAILS_DUE,
+    BY_SHORT_ID,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 3;
+pub const SCHEMA: u32 = 4;
 
 /// The tombstone of a run removed together with its trail (`prune --trails`).
 const TRAIL_REMOVED: &[u8] = b"trail";
@@ -95,6 +99,10 @@ fn note_key(conversation: &str, rest: &str) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(rest.as_bytes());
     key
+}
+
+fn short_id_key(run_id: &str) -> Vec<u8> {
+    [dispatch_bus::short_id(run_id), run_id].concat().into_bytes()
 }
 
 fn undrained_key(conversation: &str, note: &Note) -> Vec<u8> {
@@ -298,16 +306,42 @@ impl Views {
         out
     }
 
-    /// Runs whose id starts with `prefix`, at most `limit`.
+    /// Runs whose id, or whose short id, starts with `prefix`; at most `limit`, each
+    /// once.
     pub fn runs_with_prefix(&self, prefix: &str, limit: usize) -> Vec<RunView> {
-        let Ok(tree) = self.store.tree(RUNS) else {
+        let (Ok(runs), Ok(by_short_id)) = (self.store.tree(RUNS), self.store.tree(BY_SHORT_ID))
+        else {
             return Vec::new();
         };
-        tree.scan_prefix(prefix)
-            .filter_map(|item| item.ok())
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .take(limit)
-            .collect()
+        let by_id = runs
+            .scan_prefix(prefix)
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned());
+        let short = if prefix.len() <= dispatch_bus::RunId::SHORT_LEN {
+            Some(
+                by_short_id
+                    .scan_prefix(prefix)
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter_map(|k| {
+                        let id = k.get(dispatch_bus::RunId::SHORT_LEN..)?;
+                        Some(String::from_utf8_lossy(id).into_owned())
+                    }),
+            )
+        } else {
+            None
+        };
+        let mut ids: Vec<String> = by_id.take(limit).collect();
+        for id in short.into_iter().flatten() {
+            if ids.len() >= limit {
+                break;
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids.iter().filter_map(|id| self.run(id)).collect()
     }
 
     /// The conversation's oldest notes not drained yet, as many as fit in `bounds`;
@@ -547,6 +581,7 @@ impl Views {
                     }
                     pending.batch.remove(RUNS, &run_id);
                     pending.batch.remove(ACTIVE, &run_id);
+                    pending.batch.remove(BY_SHORT_ID, short_id_key(&run_id));
                     let tombstone = if trails {
                         TRAIL_REMOVED.to_vec()
                     } else {
@@ -623,6 +658,7 @@ impl Views {
                 note_key(&conversation, key),
                 Vec::new(),
             );
+            batch.put_guarded(&unknown, BY_SHORT_ID, short_id_key(key), Vec::new());
             let json = serde_json::to_vec(view).expect("views serialize");
             batch.put_guarded(&unknown, RUNS, key, json);
         }
@@ -643,6 +679,7 @@ impl Views {
                 note_key(&conversation, key),
                 Vec::new(),
             );
+            batch.put_guarded(&kept, BY_SHORT_ID, short_id_key(key), Vec::new());
         }
         self.store.commit(source, pending.last_seq, batch)
     }
