@@ -327,7 +327,9 @@ async fn short_ids_tell_apart_runs_started_together() -> anyhow::Result<()> {
 
     // A prefix of a short id works too, and so does HTTP.
     let target = seeded[7];
-    let over_http = stack.get_json(&format!("/v1/runs/{}", target.short())).await?;
+    let over_http = stack
+        .get_json(&format!("/v1/runs/{}", target.short()))
+        .await?;
     assert_eq!(over_http["run_id"], target.to_string());
     let logs = stack.cli(&["logs", &target.short()[..9]])?;
     assert_eq!(logs.code, Some(0), "{}", logs.stderr);

@@ -188,3 +188,168 @@ async fn services_stop_when_up_is_killed() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Whether this machine lets the test give nats-server a small disk of its own: a
+/// tmpfs mounted in a private mount namespace (root, or CAP_SYS_ADMIN).
+fn small_disks_allowed() -> bool {
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=1m tmpfs "$0""#)
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Fills the file system holding `dir` with a ballast file; returns its path.
+fn fill(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut file = std::fs::File::create(&path)?;
+    let chunk = vec![0u8; 1 << 16];
+    loop {
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => return Err(e),
+        }
+    }
+    // The page cache may hold a last partial chunk; what matters is that it is full.
+    let _ = file.sync_all();
+    Ok(path)
+}
+
+#[tokio::test]
+async fn a_full_disk_is_reported_and_healed_once_space_is_freed() -> anyhow::Result<()> {
+    if !small_disks_allowed() {
+        eprintln!("skipped: mounting a small tmpfs needs root (or CAP_SYS_ADMIN)");
+        return Ok(());
+    }
+    let workspace = tempfile::tempdir()?;
+    let store = workspace.path().join(".dispatch/nats");
+    std::fs::create_dir_all(&store)?;
+    let stderr_path = tempfile::NamedTempFile::new()?.into_temp_path();
+    let (nats_port, http_port) = (free_port(), free_port());
+    // nats-server's store gets a 32 MiB disk of its own, in a mount namespace that
+    // lives and dies with `dispatch up`.
+    let up_command = up(workspace.path(), nats_port, http_port);
+    let std_up = up_command.as_std();
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=32m tmpfs "$0" && exec "$@""#)
+        .arg(&store)
+        .arg(std_up.get_program())
+        .args(std_up.get_args())
+        .current_dir(workspace.path())
+        .env_remove("NATS_URL")
+        .env_remove("DISPATCH_WORKSPACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path)?)
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let said = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    wait_for_stack(http_port).await;
+    let pid = child.id().expect("running");
+    // The store as `dispatch up` and its nats-server see it.
+    let their_store = std::path::PathBuf::from(format!("/proc/{pid}/root")).join(
+        store
+            .canonicalize()?
+            .strip_prefix("/")
+            .expect("an absolute path"),
+    );
+
+    let token = std::fs::read_to_string(workspace.path().join(".dispatch/auth/http-token"))?;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{http_port}");
+    let submit = |goal: &'static str| {
+        http.post(format!("{base}/v1/goals"))
+            .bearer_auth(token.trim())
+            .json(&serde_json::json!({ "goal": goal }))
+            .send()
+    };
+    assert_eq!(submit("Before the disk fills").await?.status(), 202);
+
+    let ballast = fill(&their_store)?;
+    // Goals are refused, and /healthz says why and what to do.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let health = loop {
+        let _ = submit("While the disk is full").await;
+        let response = http.get(format!("{base}/healthz")).send().await?;
+        if response.status() == 503 {
+            break response.json::<serde_json::Value>().await?;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz never said that writes fail; up said:\n{}",
+            said()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(
+        health["hint"].as_str().unwrap_or("").contains("Free space"),
+        "{health}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !said().contains("Free some space") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "up did not tell the operator what to do:\n{}",
+            said()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Space comes back; nobody restarts anything by hand.
+    std::fs::remove_file(&ballast)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let run_id = loop {
+        let response = submit("After space came back").await?;
+        if response.status() == 202 {
+            let body: serde_json::Value = response.json().await?;
+            break body["run_id"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "goals were still refused after space came back; up said:\n{}",
+            said()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(said().contains("restarting nats-server"), "{}", said());
+    // And it runs to the end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let view: serde_json::Value = http
+            .get(format!("{base}/v1/runs/{run_id}"))
+            .bearer_auth(token.trim())
+            .send()
+            .await?
+            .json()
+            .await?;
+        if view["status"] == "done" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never finished: {view}\nup said:\n{}",
+            said()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let healthy = http.get(format!("{base}/healthz")).send().await?;
+    assert_eq!(healthy.status(), 200);
+
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(40), child.wait()).await??;
+    assert_eq!(exit.code(), Some(0), "{}", said());
+    Ok(())
+}

@@ -113,6 +113,7 @@ impl Identity {
                 .push(format!("{JS_API}.STREAM.CREATE.{stream}"));
         }
         let service = |p: &mut Permissions, name: &str| {
+            p.publish.allow.push(subject::probe(name).to_string());
             p.subscribe.allow.push(subject::health(name).to_string());
             p.subscribe
                 .allow

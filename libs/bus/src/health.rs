@@ -64,6 +64,48 @@ pub async fn serve(bus: Bus, health: Health, shutdown: CancellationToken) -> Res
     }
 }
 
+/// Why JetStream did not accept a probe write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteRefused {
+    /// Not connected to NATS at all: not a JetStream problem.
+    #[error("not connected to NATS")]
+    Disconnected,
+    /// Connected, but the write was refused or never acknowledged; the server's reason.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// How long a probe write waits for its acknowledgement.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes one small message to `DISPATCH_PROBE` as `service` and waits for JetStream's
+/// acknowledgement: the one way to learn that the server stores writes now. A server
+/// whose store ran out of space keeps answering reads and info requests, and refuses
+/// (insufficient resources) or never acknowledges writes.
+pub async fn probe_writes(bus: &Bus, service: &str) -> Result<(), WriteRefused> {
+    use async_nats::connection::State;
+    if bus.client().connection_state() != State::Connected {
+        return Err(WriteRefused::Disconnected);
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+        .to_string();
+    let write = async {
+        bus.jetstream()
+            .publish(subject::probe(service), stamp.into())
+            .await?
+            .await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, write).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(WriteRefused::Refused(e.to_string())),
+        Err(_) => Err(WriteRefused::Refused(format!(
+            "no acknowledgement within {PROBE_TIMEOUT:?}"
+        ))),
+    }
+}
+
 /// Asks `instance` of `service` for its health until it answers or `limit` passes.
 /// Between asks, `starting` may give up early (say, because the process has exited).
 pub async fn wait(

@@ -17,8 +17,12 @@ pub const COMMANDS: &str = "DISPATCH_COMMANDS";
 /// Events the ledger itself owns: feedback drains.
 pub const LEDGER: &str = "DISPATCH_LEDGER";
 
+/// One tiny message per service: written to learn whether JetStream accepts writes
+/// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
+pub const PROBE: &str = "DISPATCH_PROBE";
+
 /// Every stream, in declaration order.
-pub const ALL: [&str; 4] = [GOALS, RUNS, COMMANDS, LEDGER];
+pub const ALL: [&str; 5] = [GOALS, RUNS, COMMANDS, LEDGER, PROBE];
 
 /// Durable consumer names, one per command subject.
 pub mod consumers {
@@ -87,9 +91,23 @@ fn ledger() -> Config {
     }
 }
 
+fn probe() -> Config {
+    Config {
+        name: PROBE.to_owned(),
+        description: Some("Dispatch write probes: is JetStream accepting writes".to_owned()),
+        subjects: vec![subject::PROBE_ALL.to_owned()],
+        // File storage, like the logs: a full disk refuses the probe as it refuses them.
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        max_messages_per_subject: 1,
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
-    for config in [goals(), runs(), commands(), ledger()] {
+    for config in [goals(), runs(), commands(), ledger(), probe()] {
         let name = config.name.clone();
         bus.jetstream()
             .get_or_create_stream(config)

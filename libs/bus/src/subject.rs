@@ -116,6 +116,14 @@ pub mod query {
     }
 }
 
+/// Every write-probe subject (stream `DISPATCH_PROBE`).
+pub const PROBE_ALL: &str = "dispatch.probe.*";
+
+/// Where `service` writes the probe that tells whether JetStream accepts writes.
+pub fn probe(service: &str) -> Subject {
+    Subject::from(format!("dispatch.probe.{service}"))
+}
+
 /// Every health subject.
 pub const HEALTH_ALL: &str = "dispatch.health.>";
 

@@ -104,7 +104,7 @@ pub fn event_line(event: &RunEvent) -> String {
 }
 
 /// Untrusted text on one line, control characters escaped, at most `max` characters.
-fn clip(text: &str, max: usize) -> String {
+pub(crate) fn clip(text: &str, max: usize) -> String {
     dispatch_ledger::render::one_line(text, max)
 }
 

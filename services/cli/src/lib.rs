@@ -16,6 +16,7 @@
 
 mod api_key;
 mod format;
+mod store_watch;
 mod up;
 
 use std::ffi::OsString;

@@ -32,10 +32,58 @@ pub struct UpArgs {
     exit_after_demo: bool,
 }
 
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
 }
+
+/// How `up` starts its own nats-server, kept so it can start it again.
+pub(crate) struct LocalNats {
+    pub binary: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub store: PathBuf,
+    pub log: PathBuf,
+}
+
+impl LocalNats {
+    /// Stops the server `running` is and starts a new one in its place.
+    pub(crate) async fn restart(&self, running: &mut Proc) -> Result<(), Failure> {
+        running.stop().await;
+        *running = self.start()?;
+        Ok(())
+    }
+
+    pub(crate) fn start(&self) -> Result<Proc, Failure> {
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.config)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "--store_dir",
+            ])
+            .arg(&self.store)
+            .arg("-l")
+            .arg(&self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Failure::new(format!("start {}: {e}", self.binary.display())))?;
+        Ok(Proc {
+            name: NATS.into(),
+            child,
+        })
+    }
+}
+
+/// The name `up` gives its nats-server among its processes.
+pub(crate) const NATS: &str = "nats-server";
 
 pub async fn up(
     workspace: &Path,
@@ -91,21 +139,21 @@ async fn start_and_serve(
     // A local server admits only the identities whose seeds are in .dispatch/auth/;
     // each service gets its own. An external one is reached with the credentials the
     // operator configured (flags or environment, inherited by every service).
-    let (url, admin, seeds) = match nats_url {
+    let (url, admin, seeds, local) = match nats_url {
         Some(url) => {
             eprintln!("using NATS at {url}");
             let credentials = auth.credentials(workspace, Identity::Admin)?;
-            (url, credentials, None)
+            (url, credentials, None, None)
         }
         None => {
             let seeds = layout::auth_dir(workspace);
             let config = layout::nats_config(workspace);
             dispatch_bus::auth::write_server_config(&seeds, &config)?;
-            let nats = start_nats(workspace, logs, &config, args.nats_port).await?;
-            procs.push(nats);
+            let local = local_nats(workspace, logs, &config, args.nats_port)?;
+            procs.push(local.start()?);
             let admin = Credentials::nkey_file(&seed_path(&seeds, Identity::Admin))?;
             let url = format!("nats://127.0.0.1:{}", args.nats_port);
-            (url, admin, Some(seeds))
+            (url, admin, Some(seeds), Some(local))
         }
     };
     let bus = connect_with_retry(&url, &admin, procs).await?;
@@ -185,15 +233,17 @@ async fn start_and_serve(
     eprintln!(
         "Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack."
     );
-    serve_until_signal(procs, signals).await
+    let watch = crate::store_watch::StoreWatch::new(bus, local);
+    serve_until_signal(procs, signals, watch).await
 }
 
-async fn start_nats(
+/// Finds nats-server and says how `up` runs it.
+fn local_nats(
     workspace: &Path,
     logs: &Path,
     config: &Path,
     port: u16,
-) -> Result<Proc, Failure> {
+) -> Result<LocalNats, Failure> {
     let mut roots: Vec<PathBuf> = vec![workspace.to_path_buf()];
     // Running from target/<profile>/: the project root is two levels up.
     if let Some(root) = std::env::current_exe()
@@ -225,33 +275,16 @@ async fn start_nats(
     let store = layout::state_dir(workspace).join("nats");
     std::fs::create_dir_all(&store)
         .map_err(|e| Failure::new(format!("{}: {e}", store.display())))?;
-    let child = Command::new(&binary)
-        .arg("-c")
-        .arg(config)
-        .args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--store_dir",
-        ])
-        .arg(&store)
-        .arg("-l")
-        .arg(logs.join("nats.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| Failure::new(format!("start {}: {e}", binary.display())))?;
     eprintln!(
         "  nats-server {version} on 127.0.0.1:{port}, store {}",
         store.display()
     );
-    Ok(Proc {
-        name: "nats-server".into(),
-        child,
+    Ok(LocalNats {
+        binary,
+        config: config.to_path_buf(),
+        port,
+        store,
+        log: logs.join("nats.log"),
     })
 }
 
@@ -333,13 +366,20 @@ impl Signals {
     }
 }
 
-async fn serve_until_signal(procs: &mut [Proc], signals: &mut Signals) -> Result<u8, Failure> {
+async fn serve_until_signal(
+    procs: &mut [Proc],
+    signals: &mut Signals,
+    mut watch: crate::store_watch::StoreWatch,
+) -> Result<u8, Failure> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut probe = tokio::time::interval(crate::store_watch::EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = signals.interrupt.recv() => break,
             _ = signals.terminate.recv() => break,
             _ = tick.tick() => check_alive(procs)?,
+            _ = probe.tick() => watch.check(procs).await?,
         }
     }
     eprintln!("stopping");
@@ -348,7 +388,24 @@ async fn serve_until_signal(procs: &mut [Proc], signals: &mut Signals) -> Result
 
 /// SIGTERM every process, newest first (services before nats-server), then wait.
 async fn stop_all(procs: &mut Vec<Proc>) {
-    while let Some(mut proc) = procs.pop() {
+    while let Some(proc) = procs.pop() {
+        stop(proc).await;
+    }
+}
+
+/// SIGTERM one process and wait for it, killing it after 10 s.
+async fn stop(mut proc: Proc) {
+    proc.stop().await
+}
+
+impl Proc {
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// SIGTERM the process and wait for it, killing it after 10 s.
+    async fn stop(&mut self) {
+        let proc = self;
         if let Some(pid) = proc.child.id() {
             let _ = Command::new("kill")
                 .arg("-TERM")

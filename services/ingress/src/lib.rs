@@ -11,6 +11,7 @@ pub mod access;
 pub mod openapi;
 pub mod problem;
 pub mod serve;
+pub mod writes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -91,6 +92,7 @@ pub struct Ingress {
 struct App {
     bus: Bus,
     access: Arc<access::Access>,
+    writes: Arc<writes::Writes>,
 }
 
 impl Ingress {
@@ -117,7 +119,11 @@ impl Ingress {
         let access = Arc::new(access::Access::new(keys, config.allowed_origins.clone()));
         Ok(Self {
             config,
-            app: Arc::new(App { bus, access }),
+            app: Arc::new(App {
+                bus,
+                access,
+                writes: Default::default(),
+            }),
             listener,
         })
     }
@@ -134,6 +140,12 @@ impl Ingress {
         me.detail
             .insert("http_addr".into(), json!(addr.to_string()));
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
+        let probe = tokio::spawn(writes::watch(
+            self.app.bus.clone(),
+            SERVICE,
+            self.app.writes.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, "ingress listening");
         let limits = serve::Limits {
             max_connections: self.config.max_connections.max(1),
@@ -151,6 +163,7 @@ impl Ingress {
         .await;
         shutdown.cancel();
         let _ = health.await;
+        let _ = probe.await;
         Ok(())
     }
 }
@@ -282,7 +295,10 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
         match submission.submit(&app.bus).await {
-            Ok(Submitted::Stored(run_id)) => return accepted(run_id.to_string(), false),
+            Ok(Submitted::Stored(run_id)) => {
+                app.writes.goal_stored();
+                return accepted(run_id.to_string(), false);
+            }
             Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
                 return accepted(earlier.run_id, true);
             }
@@ -303,6 +319,8 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
     }
     let run_id = submission.run_id();
     tracing::warn!(%run_id, error = ?last_error, "goal not known to be stored");
+    app.writes
+        .goal_not_stored(last_error.map_or_else(|| "no answer".to_owned(), |e| e.to_string()));
     let detail = if idempotency_key.is_some() {
         "NATS did not confirm the goal; it may or may not be stored. Retry with the same \
          Idempotency-Key: that never makes a second run"
@@ -550,19 +568,35 @@ async fn get_tasks(
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "health",
-    responses((status = 200, description = "Connected to NATS"), (status = 503, description = "Not connected")))]
+    responses(
+        (status = 200, description = "Connected to NATS, and JetStream stores writes"),
+        (status = 503, description = "Not connected, or JetStream does not store writes (the body says why and what to do)"),
+    ))]
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let state = app.bus.client().connection_state();
     let connected = matches!(
         state,
         dispatch_bus::async_nats::connection::State::Connected
     );
-    let status = if connected {
+    let writes = app.writes.report();
+    let ok = connected && writes.accepting;
+    let mut body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "nats": state.to_string(),
+        "jetstream": if writes.accepting { "storing writes".to_owned() } else {
+            writes.problem.clone().unwrap_or_default()
+        },
+        "probed_ms_ago": writes.probed_ago.map(|d| d.as_millis() as u64),
+    });
+    if connected && !writes.accepting {
+        body["hint"] = json!(writes::HINT);
+    }
+    let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(json!({ "status": if connected { "ok" } else { "degraded" }, "nats": state.to_string() }))).into_response()
+    (status, axum::Json(body)).into_response()
 }
 
 fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) -> Response {

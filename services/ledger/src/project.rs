@@ -102,7 +102,9 @@ fn note_key(conversation: &str, rest: &str) -> Vec<u8> {
 }
 
 fn short_id_key(run_id: &str) -> Vec<u8> {
-    [dispatch_bus::short_id(run_id), run_id].concat().into_bytes()
+    [dispatch_bus::short_id(run_id), run_id]
+        .concat()
+        .into_bytes()
 }
 
 fn undrained_key(conversation: &str, note: &Note) -> Vec<u8> {

@@ -1,0 +1,167 @@
+//! Whether JetStream is storing writes now, as `/healthz` reports it.
+//!
+//! A connected NATS is not a working one: when the disk under nats-server's store
+//! fills, the server keeps answering reads and info requests while it refuses writes
+//! ("insufficient resources") or stops acknowledging them on a stream whose write
+//! failed. Two signals tell: a probe written every [`PROBE_EVERY`] to `DISPATCH_PROBE`,
+//! and the outcome of the last goal this copy tried to store (a stream can fail while
+//! the probe's does not).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dispatch_bus::Bus;
+use dispatch_bus::health::{WriteRefused, probe_writes};
+use tokio_util::sync::CancellationToken;
+
+/// How often the probe is written.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// What an operator should do when writes are refused.
+pub const HINT: &str = "nats-server is not storing writes, most often because the disk under \
+its store is (or was) full. Free space there; `dispatch up` restarts its own nats-server once \
+space comes back, an external nats-server must be restarted (`nats-server --signal stop`, \
+then start it again)";
+
+#[derive(Debug, Default)]
+pub struct Writes {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    probe: Option<Probe>,
+    /// Since when goals have not been stored, and why (cleared by one stored goal).
+    goals_failing: Option<(Instant, String)>,
+}
+
+#[derive(Debug)]
+struct Probe {
+    at: Instant,
+    outcome: Result<(), WriteRefused>,
+}
+
+/// The `/healthz` view of writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Writes are known to be stored (the last probe was, and goals are).
+    pub accepting: bool,
+    /// Why not, in words.
+    pub problem: Option<String>,
+    /// How long ago the last probe finished.
+    pub probed_ago: Option<Duration>,
+}
+
+impl Writes {
+    pub fn goal_stored(&self) {
+        self.lock().goals_failing = None;
+    }
+
+    pub fn goal_not_stored(&self, why: String) {
+        let mut state = self.lock();
+        let since = state
+            .goals_failing
+            .take()
+            .map_or_else(Instant::now, |(t, _)| t);
+        state.goals_failing = Some((since, why));
+    }
+
+    fn probed(&self, outcome: Result<(), WriteRefused>) {
+        if let Err(WriteRefused::Refused(why)) = &outcome {
+            let was_refused = matches!(
+                self.lock().probe,
+                Some(Probe {
+                    outcome: Err(WriteRefused::Refused(_)),
+                    ..
+                })
+            );
+            if !was_refused {
+                tracing::error!(reason = %why, "JetStream refuses writes; {HINT}");
+            }
+        } else if outcome.is_ok() && self.report().problem.is_some() {
+            tracing::info!("JetStream stores writes again");
+        }
+        self.lock().probe = Some(Probe {
+            at: Instant::now(),
+            outcome,
+        });
+    }
+
+    pub fn report(&self) -> Report {
+        let state = self.lock();
+        let probe_problem = match &state.probe {
+            None => Some("not probed yet".to_owned()),
+            Some(Probe {
+                outcome: Ok(()), ..
+            }) => None,
+            Some(Probe {
+                outcome: Err(e), ..
+            }) => Some(format!("a probe write was not stored: {e}")),
+        };
+        let goal_problem = state.goals_failing.as_ref().map(|(since, why)| {
+            format!(
+                "goals have not been stored for {}s: {why}",
+                since.elapsed().as_secs()
+            )
+        });
+        let problem = match (probe_problem, goal_problem) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
+        Report {
+            accepting: problem.is_none(),
+            problem,
+            probed_ago: state.probe.as_ref().map(|p| p.at.elapsed()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is plain data, whole after every assignment: a panic elsewhere
+        // while holding the lock leaves nothing half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Writes the probe every [`PROBE_EVERY`] until `shutdown`.
+pub async fn watch(
+    bus: Bus,
+    service: &str,
+    writes: std::sync::Arc<Writes>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => writes.probed(probe_writes(&bus, service).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_probe_or_unstored_goals_mean_not_accepting() {
+        let writes = Writes::default();
+        assert!(!writes.report().accepting, "healthy before the first probe");
+        writes.probed(Ok(()));
+        assert_eq!(writes.report().problem, None);
+
+        writes.goal_not_stored("timed out".into());
+        let report = writes.report();
+        assert!(!report.accepting);
+        assert!(report.problem.unwrap().contains("timed out"));
+        writes.goal_stored();
+        assert!(writes.report().accepting);
+
+        writes.probed(Err(WriteRefused::Refused("insufficient resources".into())));
+        let report = writes.report();
+        assert!(!report.accepting);
+        assert!(report.problem.unwrap().contains("insufficient resources"));
+        writes.probed(Ok(()));
+        assert!(writes.report().accepting);
+    }
+}
