@@ -231,3 +231,98 @@ async fn two_thousand_notes_drain_completely_and_once() -> anyhow::Result<()> {
     assert!(after["feedback"].as_array().unwrap().is_empty());
     Ok(())
 }
+
+/// Runs older than TASKS.org's window go to one archive file per day, written once,
+/// rewritten when one of its runs is removed, and rebuilt byte for byte.
+#[tokio::test]
+async fn older_runs_are_archived_by_day_and_rebuilt_byte_for_byte() -> anyhow::Result<()> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    const DAY: u64 = 24 * 3600 * 1000;
+    let three_days_ago: Vec<_> = (0..30)
+        .map(|i| dispatch_tests::run_id_at(now - 3 * DAY + i))
+        .collect();
+    let two_days_ago: Vec<_> = (0..20)
+        .map(|i| dispatch_tests::run_id_at(now - 2 * DAY + i))
+        .collect();
+    stack
+        .seed_finished_runs_with_ids(&three_days_ago, "default", 10)
+        .await?;
+    stack
+        .seed_finished_runs_with_ids(&two_days_ago, "default", 10)
+        .await?;
+    // Today's runs fill TASKS.org's window (500) and then some.
+    stack.seed_finished_runs(520, "default", 10).await?;
+
+    let day = |id: &dispatch_bus::RunId| dispatch_ledger::render::day_of_run(&id.to_string());
+    let (old, older) = (
+        day(&two_days_ago[0]).unwrap(),
+        day(&three_days_ago[0]).unwrap(),
+    );
+    let root = stack.root().to_path_buf();
+    let archive = |d: &str| root.join(format!("archive/{d}.org"));
+    let entries = |text: &str| text.matches("\n* DONE ").count();
+    let read_both = || async {
+        let a = std::fs::read_to_string(archive(&older)).ok()?;
+        let b = std::fs::read_to_string(archive(&old)).ok()?;
+        let tasks = std::fs::read_to_string(root.join("TASKS.org")).ok()?;
+        Some((a, b, tasks))
+    };
+    let (a, _, tasks) = stack
+        .eventually(Duration::from_secs(120), || async {
+            let (a, b, tasks) = read_both().await?;
+            (entries(&a) == 30 && entries(&b) == 20 && entries(&tasks) == 500)
+                .then_some((a, b, tasks))
+        })
+        .await?;
+    assert!(a.starts_with(&format!(
+        "#+TITLE: Dispatch — tasks of {older} (UTC), archived\n"
+    )));
+    for id in &three_days_ago {
+        assert!(
+            a.contains(&format!(":ID: {id}\n")),
+            "{id} is not in {older}'s archive"
+        );
+        assert!(!tasks.contains(&id.to_string()));
+    }
+    // Newest first, as in TASKS.org.
+    let first = a.find(&three_days_ago[29].to_string()).unwrap();
+    let last = a.find(&three_days_ago[0].to_string()).unwrap();
+    assert!(first < last);
+    let days: Vec<_> = std::fs::read_dir(stack.root().join("archive"))?
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(days.len(), 2, "{days:?}: today is still TASKS.org's");
+
+    // Removing an archived run rewrites its day's file without it.
+    let gone = two_days_ago[5];
+    let out = stack.cli(&["rm", &gone.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let b = stack
+        .eventually(Duration::from_secs(60), || async {
+            let text = std::fs::read_to_string(archive(&old)).ok()?;
+            (entries(&text) == 19).then_some(text)
+        })
+        .await?;
+    assert!(!b.contains(&gone.to_string()));
+
+    // A rebuild from the log writes the same bytes.
+    stack.stop("ledger").await?;
+    std::fs::remove_dir_all(stack.root().join(".dispatch/state/ledger"))?;
+    std::fs::remove_dir_all(stack.root().join("archive"))?;
+    std::fs::remove_file(stack.root().join("TASKS.org"))?;
+    stack.add("ledger").await?;
+    let (a2, b2, tasks2) = stack
+        .eventually(Duration::from_secs(120), || async {
+            let (a, b, tasks) = read_both().await?;
+            (entries(&a) == 30 && entries(&b) == 19 && entries(&tasks) == 500)
+                .then_some((a, b, tasks))
+        })
+        .await?;
+    assert_eq!(a2, a);
+    assert_eq!(b2, b);
+    assert_eq!(tasks2, tasks);
+    Ok(())
+}

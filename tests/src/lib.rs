@@ -231,17 +231,29 @@ impl Stack {
         conversation: &str,
         goal_chars: usize,
     ) -> Result<Vec<RunId>> {
+        let ids: Vec<RunId> = (0..n).map(|_| RunId::new()).collect();
+        self.seed_finished_runs_with_ids(&ids, conversation, goal_chars)
+            .await?;
+        Ok(ids)
+    }
+
+    /// [`Self::seed_finished_runs`] with the given ids (say, made at other times with
+    /// [`run_id_at`]).
+    pub async fn seed_finished_runs_with_ids(
+        &self,
+        run_ids: &[RunId],
+        conversation: &str,
+        goal_chars: usize,
+    ) -> Result<()> {
         use dispatch_proto::run::v1::{RunRequested, RunStatus};
         let sealer = dispatch_runlog::seal::Sealer::load_or_create(
             &dispatch_service::layout::seal_key(self.root()),
         )?;
         let log = RunLog::open(&self.bus, "seed").await?.with_sealer(sealer);
-        let mut ids = Vec::with_capacity(n);
-        for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        let numbered: Vec<(usize, RunId)> = run_ids.iter().copied().enumerate().collect();
+        for chunk in numbered.chunks(200) {
             let mut writes = Vec::new();
-            for i in chunk {
-                let run_id = RunId::new();
-                ids.push(run_id);
+            for &(i, run_id) in chunk {
                 let mut handle = log.new_run(run_id);
                 let goal = format!("Seeded errand {i} {}", "x".repeat(goal_chars));
                 let conversation = conversation.to_owned();
@@ -263,7 +275,7 @@ impl Stack {
                 result?;
             }
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Runs a dispatcher inside the test process with `provider` as its model (the one
@@ -418,6 +430,19 @@ pub struct Cli {
 }
 
 /// The terminal event of a finished log.
+/// A run id made at `unix_ms` (a UUIDv7 carries its time), for runs seeded in the past.
+pub fn run_id_at(unix_ms: u64) -> RunId {
+    let timestamp = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        unix_ms / 1000,
+        (unix_ms % 1000) as u32 * 1_000_000,
+    );
+    uuid::Uuid::new_v7(timestamp)
+        .to_string()
+        .parse()
+        .expect("a hyphenated lowercase UUID")
+}
+
 pub fn finished(events: &[StoredEvent]) -> &RunFinished {
     events
         .iter()

@@ -403,28 +403,128 @@ fn remove_run_dir(workspace: &std::path::Path, run_id: &str, trail: bool) {
     }
 }
 
-/// Re-renders TASKS.org whenever the views change (coalescing bursts).
+/// Re-renders TASKS.org whenever the views change (coalescing bursts), and writes the
+/// dated archives that are due.
 async fn render_tasks(
     state: Arc<State>,
     path: PathBuf,
     shutdown: CancellationToken,
 ) -> Result<(), dispatch_bus::Error> {
     let mut last = None;
+    let mut archives = Archives::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = state.render.notified() => {}
         }
-        let content = render::tasks_org(&state.views.for_tasks_org(render::RECENT));
-        if last.as_ref() == Some(&content) {
-            continue;
+        let (runs, oldest_shown) = state.views.for_tasks_org(render::RECENT);
+        let content = render::tasks_org(&runs);
+        if last.as_ref() != Some(&content) {
+            match render::write_atomically(&path, &content) {
+                Ok(()) => last = Some(content),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write TASKS.org")
+                }
+            }
         }
-        match render::write_atomically(&path, &content) {
-            Ok(()) => last = Some(content),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot write TASKS.org"),
-        }
+        let boundary = oldest_shown.as_deref().and_then(render::day_of_run);
+        let state = state.clone();
+        archives = tokio::task::spawn_blocking(move || {
+            archives.write_due(&state, boundary);
+            archives
+        })
+        .await
+        .unwrap_or_default();
         // Let a burst of commits land before rendering again.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The dated archives (`archive/YYYY-MM-DD.org`): every ended run made on a day before
+/// the day of the oldest run TASKS.org shows. Each is written when its day falls behind
+/// that boundary and again only when one of its runs ends late or is removed, so a run
+/// costs one archive render, whatever the size of the log. A file is a function of the
+/// views alone, so a rebuild writes the same bytes.
+#[derive(Default)]
+struct Archives {
+    /// The boundary of the last pass; `None` before the first.
+    boundary: Option<Option<String>>,
+}
+
+impl Archives {
+    fn write_due(&mut self, state: &State, boundary: Option<String>) {
+        let workspace = &state.workspace;
+        // When the boundary moves back (runs removed), archives at or after it would
+        // repeat what TASKS.org shows now: those files go, and their days are due
+        // again once they fall behind it.
+        let moved_back = match (&self.boundary, &boundary) {
+            (None, _) => true,
+            (Some(Some(before)), Some(now)) => now < before,
+            (Some(Some(_)), None) => true,
+            (Some(None), _) => false,
+        };
+        if moved_back {
+            remove_archives_from(workspace, boundary.as_deref());
+        }
+        self.boundary = Some(boundary.clone());
+        let Some(boundary) = boundary else { return };
+        for (day, token) in state.views.archives_due(&boundary) {
+            let file = render::archive_path(workspace, &day);
+            match write_archive(state, &file, &day) {
+                Ok(()) => {
+                    if let Err(e) = state.views.archive_written(&day, &token) {
+                        tracing::warn!(day, error = %e, "cannot mark an archive written");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %file.display(), error = %e, "cannot write an archive");
+                }
+            }
+        }
+    }
+}
+
+/// Writes the archive of `day`, or removes it when no ended run of that day is left.
+fn write_archive(state: &State, file: &std::path::Path, day: &str) -> std::io::Result<()> {
+    let mut any = false;
+    state.views.each_ended_run_of_day(day, |_| {
+        any = true;
+        false
+    });
+    if !any {
+        return match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    render::write_atomically_with(file, |out| {
+        out.write_all(render::archive_header(day).as_bytes())?;
+        let mut result = Ok(());
+        state.views.each_ended_run_of_day(day, |run| {
+            result = out.write_all(render::entry(run).as_bytes());
+            result.is_ok()
+        });
+        result
+    })
+}
+
+/// Removes the archives of `from` and later days (all of them when `from` is `None`).
+fn remove_archives_from(workspace: &std::path::Path, from: Option<&str>) {
+    let dir = workspace.join(render::ARCHIVE_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(day) = name.strip_suffix(".org") else {
+            continue;
+        };
+        if render::day_key_range(day).is_some() && from.is_none_or(|from| day >= from) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -36,7 +36,11 @@ pub const TRAILS_DUE: &str = "trails_due";
 /// Index: `<short id><run id>` for every run, so the short id people type (the random
 /// tail of the id, see [`dispatch_bus::short_id`]) resolves by a prefix scan.
 pub const BY_SHORT_ID: &str = "by_short_id";
-pub const TREES: [&str; 10] = [
+/// Days (`YYYY-MM-DD`) whose archive file may be out of date → a change token. Put in
+/// the same commit as a run of that day ending or being removed; taken out by the
+/// renderer, only if no newer change came meanwhile (compare-and-swap on the token).
+pub const ARCHIVE_DUE: &str = "archive_due";
+pub const TREES: [&str; 11] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -47,9 +51,10 @@ pub const TREES: [&str; 10] = [
     DRAIN_IDS,
     TRAILS_DUE,
     BY_SHORT_ID,
+    ARCHIVE_DUE,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 4;
+pub const SCHEMA: u32 = 5;
 
 /// The tombstone of a run removed together with its trail (`prune --trails`).
 const TRAIL_REMOVED: &[u8] = b"trail";
@@ -273,7 +278,9 @@ impl Views {
 
     /// What TASKS.org shows: every run that has not ended, and the newest `recent` runs
     /// whatever their state, newest first. Its cost is bounded by those two numbers.
-    pub fn for_tasks_org(&self, recent: usize) -> Vec<RunView> {
+    /// Also the id of the oldest of those newest runs when older runs exist (the
+    /// archive boundary).
+    pub fn for_tasks_org(&self, recent: usize) -> (Vec<RunView>, Option<String>) {
         let unbounded = Bounds {
             limit: usize::MAX,
             bytes: usize::MAX,
@@ -297,6 +304,7 @@ impl Views {
                 ..unbounded
             },
         );
+        let oldest_shown = newest.next.clone();
         let mut runs: std::collections::BTreeMap<String, RunView> = newest
             .runs
             .into_iter()
@@ -305,7 +313,46 @@ impl Views {
             .collect();
         let mut out: Vec<RunView> = std::mem::take(&mut runs).into_values().collect();
         out.reverse();
-        out
+        (out, oldest_shown)
+    }
+
+    /// Days before `before` whose archives are due, each with its change token.
+    pub fn archives_due(&self, before: &str) -> Vec<(String, Vec<u8>)> {
+        let Ok(tree) = self.store.tree(ARCHIVE_DUE) else {
+            return Vec::new();
+        };
+        tree.range(..before.as_bytes())
+            .filter_map(|item| item.ok())
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            .collect()
+    }
+
+    /// The archive of `day` was written as of `token`: it is due no more, unless a
+    /// change came since (then its token differs and it stays due).
+    pub fn archive_written(&self, day: &str, token: &[u8]) -> Result<(), dispatch_views::Error> {
+        let tree = self.store.tree(ARCHIVE_DUE)?;
+        // A lost race leaves the day due; it is rendered again on the next pass.
+        let _ = tree.compare_and_swap(day.as_bytes(), Some(token), None::<&[u8]>)?;
+        Ok(())
+    }
+
+    /// Calls `each` with every ended run made on `day`, newest first, one at a time,
+    /// until it returns false.
+    pub fn each_ended_run_of_day(&self, day: &str, mut each: impl FnMut(&RunView) -> bool) {
+        let (Some((start, end)), Ok(runs)) =
+            (crate::render::day_key_range(day), self.store.tree(RUNS))
+        else {
+            return;
+        };
+        for item in runs.range(start.as_bytes()..end.as_bytes()).rev() {
+            let Ok((_, value)) = item else { continue };
+            if let Ok(view) = serde_json::from_slice::<RunView>(&value)
+                && view.status.is_terminal()
+                && !each(&view)
+            {
+                return;
+            }
+        }
     }
 
     /// Runs whose id, or whose short id, starts with `prefix`; at most `limit`, each
@@ -584,6 +631,7 @@ impl Views {
                     pending.batch.remove(RUNS, &run_id);
                     pending.batch.remove(ACTIVE, &run_id);
                     pending.batch.remove(BY_SHORT_ID, short_id_key(&run_id));
+                    mark_archive_due(&mut pending.batch, &run_id);
                     let tombstone = if trails {
                         TRAIL_REMOVED.to_vec()
                     } else {
@@ -671,6 +719,7 @@ impl Views {
             batch.put_guarded(&kept, RUNS, key, json);
             if view.status.is_terminal() {
                 batch.remove(ACTIVE, key);
+                mark_archive_due(&mut batch, key);
             } else {
                 batch.put_guarded(&kept, ACTIVE, key, Vec::new());
             }
@@ -684,6 +733,14 @@ impl Views {
             batch.put_guarded(&kept, BY_SHORT_ID, short_id_key(key), Vec::new());
         }
         self.store.commit(source, pending.last_seq, batch)
+    }
+}
+
+/// The archive of the day `run_id` was made on must be rendered again.
+fn mark_archive_due(batch: &mut Batch, run_id: &str) {
+    if let Some(day) = crate::render::day_of_run(run_id) {
+        let token = uuid::Uuid::now_v7();
+        batch.put(ARCHIVE_DUE, day, token.as_bytes().to_vec());
     }
 }
 
