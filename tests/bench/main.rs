@@ -2,6 +2,8 @@
 //! measured in the same run on the same nats-server. Prints a table and writes
 //! `<target dir>/bench/results.json`. Figures, not assertions: a shared machine is noisy.
 
+mod growth;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -150,6 +152,10 @@ async fn main() -> Result<()> {
             "raw_per_s": raw_read, "ratio": ratio, "target_met": ratio >= 0.5,
         }),
     );
+
+    // 5. Growth: the cost of one more run at 1k, 10k and 50k runs in the log.
+    let growth = growth::run(&mut lines).await?;
+    results.insert("growth".into(), growth);
 
     println!(
         "Dispatch benchmarks (nats-server {}, same server for every raw figure)",

@@ -245,37 +245,7 @@ impl Stack {
         conversation: &str,
         goal_chars: usize,
     ) -> Result<()> {
-        use dispatch_proto::run::v1::{RunRequested, RunStatus};
-        let sealer = dispatch_runlog::seal::Sealer::load_or_create(
-            &dispatch_service::layout::seal_key(self.root()),
-        )?;
-        let log = RunLog::open(&self.bus, "seed").await?.with_sealer(sealer);
-        let numbered: Vec<(usize, RunId)> = run_ids.iter().copied().enumerate().collect();
-        for chunk in numbered.chunks(200) {
-            let mut writes = Vec::new();
-            for &(i, run_id) in chunk {
-                let mut handle = log.new_run(run_id);
-                let goal = format!("Seeded errand {i} {}", "x".repeat(goal_chars));
-                let conversation = conversation.to_owned();
-                writes.push(async move {
-                    let request = Body::RunRequested(RunRequested {
-                        goal,
-                        conversation_id: conversation,
-                        timeout_ms: 0,
-                        origin: "seed".into(),
-                    });
-                    handle.append(request, "seed").await?;
-                    handle
-                        .finish(RunStatus::Done, "seeded", "seeded", "seed")
-                        .await?;
-                    Ok::<_, dispatch_runlog::Error>(())
-                });
-            }
-            for result in futures::future::join_all(writes).await {
-                result?;
-            }
-        }
-        Ok(())
+        seed_finished_runs(&self.bus, self.root(), run_ids, conversation, goal_chars).await
     }
 
     /// Runs a dispatcher inside the test process with `provider` as its model (the one
@@ -430,6 +400,49 @@ pub struct Cli {
 }
 
 /// The terminal event of a finished log.
+
+/// Writes finished runs with `run_ids` straight into the run log, each sealed by the
+/// key of `workspace` as a dispatcher would (see [`Stack::seed_finished_runs`]).
+pub async fn seed_finished_runs(
+    bus: &Bus,
+    workspace: &Path,
+    run_ids: &[RunId],
+    conversation: &str,
+    goal_chars: usize,
+) -> Result<()> {
+    use dispatch_proto::run::v1::{RunRequested, RunStatus};
+    let sealer = dispatch_runlog::seal::Sealer::load_or_create(
+        &dispatch_service::layout::seal_key(workspace),
+    )?;
+    let log = RunLog::open(bus, "seed").await?.with_sealer(sealer);
+    let numbered: Vec<(usize, RunId)> = run_ids.iter().copied().enumerate().collect();
+    for chunk in numbered.chunks(200) {
+        let mut writes = Vec::new();
+        for &(i, run_id) in chunk {
+            let mut handle = log.new_run(run_id);
+            let goal = format!("Seeded errand {i} {}", "x".repeat(goal_chars));
+            let conversation = conversation.to_owned();
+            writes.push(async move {
+                let request = Body::RunRequested(RunRequested {
+                    goal,
+                    conversation_id: conversation,
+                    timeout_ms: 0,
+                    origin: "seed".into(),
+                });
+                handle.append(request, "seed").await?;
+                handle
+                    .finish(RunStatus::Done, "seeded", "seeded", "seed")
+                    .await?;
+                Ok::<_, dispatch_runlog::Error>(())
+            });
+        }
+        for result in futures::future::join_all(writes).await {
+            result?;
+        }
+    }
+    Ok(())
+}
+
 /// A run id made at `unix_ms` (a UUIDv7 carries its time), for runs seeded in the past.
 pub fn run_id_at(unix_ms: u64) -> RunId {
     let timestamp = uuid::Timestamp::from_unix(
