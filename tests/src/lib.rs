@@ -399,8 +399,6 @@ pub struct Cli {
     pub stderr: String,
 }
 
-/// The terminal event of a finished log.
-
 /// Writes finished runs with `run_ids` straight into the run log, each sealed by the
 /// key of `workspace` as a dispatcher would (see [`Stack::seed_finished_runs`]).
 pub async fn seed_finished_runs(
@@ -456,6 +454,7 @@ pub fn run_id_at(unix_ms: u64) -> RunId {
         .expect("a hyphenated lowercase UUID")
 }
 
+/// The terminal event of a finished log.
 pub fn finished(events: &[StoredEvent]) -> &RunFinished {
     events
         .iter()
