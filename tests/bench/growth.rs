@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_ledger::api::{Reply, RunsQuery, RunsReply, StatusReply};
-use dispatch_testkit::{NatsServer, Service};
+use dispatch_testkit::Service;
 use serde_json::{Value, json};
 
 /// Runs in the log at which the figures are taken.
@@ -18,18 +18,7 @@ const ACK_SAMPLES: usize = 200;
 const E2E_RUNS: usize = 300;
 
 pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
-    let nats = NatsServer::start().await?;
-    let workspace = tempfile::Builder::new()
-        .prefix("dispatch-bench-growth-")
-        .tempdir()?;
-    let bus = nats.bus().await?;
-    bus.jetstream()
-        .get_or_create_stream(dispatch_bus::async_nats::jetstream::stream::Config {
-            name: "BENCH_RAW".into(),
-            subjects: vec!["bench.>".into()],
-            ..Default::default()
-        })
-        .await?;
+    let (nats, workspace, bus) = super::fresh_server("dispatch-bench-growth-").await?;
     let mut services = Vec::new();
     for name in ["ledger", "policy", "connectors", "dispatcher", "ingress"] {
         let args: &[&str] = match name {

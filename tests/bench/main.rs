@@ -23,18 +23,7 @@ const PAYLOAD: usize = 256;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let workspace = tempfile::Builder::new()
-        .prefix("dispatch-bench-")
-        .tempdir()?;
-    let bus = nats.bus().await?;
-    bus.jetstream()
-        .get_or_create_stream(dispatch_bus::async_nats::jetstream::stream::Config {
-            name: "BENCH_RAW".into(),
-            subjects: vec!["bench.>".into()],
-            ..Default::default()
-        })
-        .await?;
+    let (nats, workspace, bus) = fresh_server("dispatch-bench-").await?;
     let mut results = serde_json::Map::new();
     let mut lines = Vec::new();
 
@@ -175,6 +164,22 @@ async fn main() -> Result<()> {
     )?;
     println!("  written to {}", path.display());
     Ok(())
+}
+
+/// A nats-server of its own, an empty workspace, an admin connection, and the stream
+/// the raw figures are measured on.
+async fn fresh_server(prefix: &str) -> Result<(NatsServer, tempfile::TempDir, Bus)> {
+    let nats = NatsServer::start().await?;
+    let workspace = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let bus = nats.bus().await?;
+    bus.jetstream()
+        .get_or_create_stream(dispatch_bus::async_nats::jetstream::stream::Config {
+            name: "BENCH_RAW".into(),
+            subjects: vec!["bench.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    Ok((nats, workspace, bus))
 }
 
 fn verdict(met: bool) -> &'static str {

@@ -430,7 +430,7 @@ async fn hostile_text_is_escaped_and_the_cli_keeps_unix_habits() -> anyhow::Resu
     let ps = stack
         .eventually(LIMIT, || async {
             let ps = stack.cli(&["ps", "-a"]).ok()?;
-            ps.stdout.contains(&id).then_some(ps)
+            ps.stdout.contains(&run_id.short()).then_some(ps)
         })
         .await?;
     assert!(!raw(&ps.stdout), "{:?}", ps.stdout);
