@@ -17,6 +17,11 @@ use tokio_util::sync::CancellationToken;
 /// How often the probe is written.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a goal that was not stored keeps `/healthz` degraded. Bounded, so that a
+/// copy taken out of a load balancer, which then gets no goals to prove itself with,
+/// comes back; a stream that still fails fails the next goal again.
+pub const GOAL_FAILURE_MEMORY: Duration = Duration::from_secs(60);
+
 /// What an operator should do when writes are refused.
 pub const HINT: &str = "nats-server is not storing writes, most often because the disk under \
 its store is (or was) full. Free space there; `dispatch up` restarts its own nats-server once \
@@ -31,8 +36,16 @@ pub struct Writes {
 #[derive(Debug, Default)]
 struct State {
     probe: Option<Probe>,
-    /// Since when goals have not been stored, and why (cleared by one stored goal).
-    goals_failing: Option<(Instant, String)>,
+    /// Goals not stored: since when, the last failure, and why (cleared by one stored
+    /// goal, forgotten [`GOAL_FAILURE_MEMORY`] after the last failure).
+    goals_failing: Option<GoalsFailing>,
+}
+
+#[derive(Debug)]
+struct GoalsFailing {
+    since: Instant,
+    last: Instant,
+    why: String,
 }
 
 #[derive(Debug)]
@@ -59,29 +72,36 @@ impl Writes {
 
     pub fn goal_not_stored(&self, why: String) {
         let mut state = self.lock();
+        let now = Instant::now();
         let since = state
             .goals_failing
             .take()
-            .map_or_else(Instant::now, |(t, _)| t);
-        state.goals_failing = Some((since, why));
+            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
+            .map_or(now, |f| f.since);
+        state.goals_failing = Some(GoalsFailing {
+            since,
+            last: now,
+            why,
+        });
     }
 
     fn probed(&self, outcome: Result<(), WriteRefused>) {
-        if let Err(WriteRefused::Refused(why)) = &outcome {
-            let was_refused = matches!(
-                self.lock().probe,
-                Some(Probe {
-                    outcome: Err(WriteRefused::Refused(_)),
-                    ..
-                })
-            );
-            if !was_refused {
+        let mut state = self.lock();
+        let was_refused = matches!(
+            state.probe,
+            Some(Probe {
+                outcome: Err(WriteRefused::Refused(_)),
+                ..
+            })
+        );
+        match &outcome {
+            Err(WriteRefused::Refused(why)) if !was_refused => {
                 tracing::error!(reason = %why, "JetStream refuses writes; {HINT}");
             }
-        } else if outcome.is_ok() && self.report().problem.is_some() {
-            tracing::info!("JetStream stores writes again");
+            Ok(()) if was_refused => tracing::info!("JetStream stores writes again"),
+            _ => {}
         }
-        self.lock().probe = Some(Probe {
+        state.probe = Some(Probe {
             at: Instant::now(),
             outcome,
         });
@@ -98,12 +118,17 @@ impl Writes {
                 outcome: Err(e), ..
             }) => Some(format!("a probe write was not stored: {e}")),
         };
-        let goal_problem = state.goals_failing.as_ref().map(|(since, why)| {
-            format!(
-                "goals have not been stored for {}s: {why}",
-                since.elapsed().as_secs()
-            )
-        });
+        let goal_problem = state
+            .goals_failing
+            .as_ref()
+            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
+            .map(|f| {
+                format!(
+                    "goals have not been stored for {}s: {}",
+                    f.since.elapsed().as_secs(),
+                    f.why
+                )
+            });
         let problem = match (probe_problem, goal_problem) {
             (Some(a), Some(b)) => Some(format!("{a}; {b}")),
             (a, b) => a.or(b),
