@@ -53,7 +53,7 @@ pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
         in_log += ACK_SAMPLES;
         settle(&bus).await?;
 
-        let cpu_before = cpu_ns(ledger_pid);
+        let cpu_before = super::cpu_ns(ledger_pid);
         let events_before = super::stream_last_seq(&bus, streams::RUNS).await?
             + super::stream_last_seq(&bus, streams::GOALS).await?;
         let (rate, _) = super::e2e_rate(&bus, E2E_RUNS).await?;
@@ -62,7 +62,8 @@ pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
         let events = super::stream_last_seq(&bus, streams::RUNS).await?
             + super::stream_last_seq(&bus, streams::GOALS).await?
             - events_before;
-        let cpu_us_per_event = (cpu_ns(ledger_pid) - cpu_before) as f64 / 1000.0 / events as f64;
+        let cpu_us_per_event =
+            (super::cpu_ns(ledger_pid) - cpu_before) as f64 / 1000.0 / events as f64;
 
         let (ack_p50, raw_p50) = (super::percentile(&ack, 50.0), super::percentile(&raw, 50.0));
         lines.push(format!(
@@ -128,20 +129,4 @@ async fn settle(bus: &Bus) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// CPU time (user + system) the process has used, in nanoseconds, from
-/// `/proc/<pid>/stat` (clock ticks of 10 ms: the measured phases are seconds long).
-fn cpu_ns(pid: u32) -> u64 {
-    const NS_PER_TICK: u64 = 10_000_000;
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The command name may hold spaces; the fields after it do not.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let user: u64 = fields.get(11)?.parse().ok()?;
-            let system: u64 = fields.get(12)?.parse().ok()?;
-            Some((user + system) * NS_PER_TICK)
-        })
-        .unwrap_or(0)
 }

@@ -3,6 +3,7 @@
 //! `<target dir>/bench/results.json`. Figures, not assertions: a shared machine is noisy.
 
 mod growth;
+mod peer;
 
 use std::time::{Duration, Instant};
 
@@ -19,132 +20,64 @@ const ACK_SAMPLES: usize = 2000;
 const APPEND_WRITERS: usize = 8;
 const APPENDS_PER_WRITER: usize = 1000;
 const E2E_RUNS: usize = 2000;
+const E2E_CONCURRENCY: usize = 64;
+/// The offered load (POSTs per second, open loop) under which the full-stack ack
+/// latency is measured, and how many goals that is.
+const PACED_RATE: u64 = 200;
+const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
+
+/// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
+const SECTIONS: [&str; 5] = ["ack", "append", "e2e", "rebuild", "growth"];
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let mut chosen: Vec<String> = std::env::args().skip(1).collect();
+    let peer = match chosen.iter().position(|a| a == "--peer") {
+        None => None,
+        Some(at) => {
+            let name = chosen.get(at + 1).cloned().unwrap_or_default();
+            if name != "restate" {
+                bail!("--peer takes the peer to compare with; the one there is: restate");
+            }
+            chosen.drain(at..at + 2);
+            Some(name)
+        }
+    };
+    if let Some(unknown) = chosen.iter().find(|c| !SECTIONS.contains(&c.as_str())) {
+        bail!(
+            "no bench section {unknown:?}; the sections are {}",
+            SECTIONS.join(", ")
+        );
+    }
+    // With a peer, only the comparison runs unless sections are named too.
+    let wants = |section: &str| {
+        (chosen.is_empty() && peer.is_none()) || chosen.iter().any(|c| c == section)
+    };
     let (nats, workspace, bus) = fresh_server("dispatch-bench-").await?;
     let mut results = serde_json::Map::new();
     let mut lines = Vec::new();
 
-    // 1. Ack latency: POST /v1/goals → 202, against a raw publish + ack.
-    let raw = raw_publish_latencies(&bus, ACK_SAMPLES).await?;
-    let ingress = Service::start(
-        "ingress",
-        &nats,
-        workspace.path(),
-        &["--listen", "127.0.0.1:0"],
-    )
-    .await?;
-    let http_addr = ingress.health().detail["http_addr"]
-        .as_str()
-        .context("ingress address")?
-        .to_owned();
-    let key = dispatch_tests::api_key(workspace.path())?;
-    let ack = post_latencies(&http_addr, &key, ACK_SAMPLES).await?;
-    let (raw_p50, raw_p99) = (percentile(&raw, 50.0), percentile(&raw, 99.0));
-    let (ack_p50, ack_p99) = (percentile(&ack, 50.0), percentile(&ack, 99.0));
-    let ratio = ack_p50 / raw_p50;
-    lines.push(format!(
-        "ack       POST /v1/goals p50 {ack_p50:.3} ms, p99 {ack_p99:.3} ms | raw publish+ack p50 {raw_p50:.3} ms, p99 {raw_p99:.3} ms | p50 ratio {ratio:.2}x (target ≤ 3x, p99 < 10 ms: {})",
-        verdict(ratio <= 3.0 && ack_p99 < 10.0)
-    ));
-    results.insert(
-        "ack".into(),
-        json!({
-            "samples": ACK_SAMPLES, "p50_ms": ack_p50, "p99_ms": ack_p99,
-            "raw_p50_ms": raw_p50, "raw_p99_ms": raw_p99, "p50_ratio": ratio,
-            "target_met": ratio <= 3.0 && ack_p99 < 10.0,
-        }),
-    );
-    drop(ingress);
-    purge_goals(&bus).await?;
-
-    // 2. Append throughput: the run-log library against raw publishes, same concurrency.
-    let raw_rate = raw_publish_rate(&bus).await?;
-    let log_rate = runlog_append_rate(&bus).await?;
-    let ratio = log_rate / raw_rate;
-    lines.push(format!(
-        "append    run log {log_rate:.0} events/s | raw publish {raw_rate:.0} msgs/s | ratio {:.0}% (target ≥ 50%: {})",
-        ratio * 100.0,
-        verdict(ratio >= 0.5)
-    ));
-    results.insert("append".into(), json!({
-        "writers": APPEND_WRITERS, "per_writer": APPENDS_PER_WRITER,
-        "events_per_s": log_rate, "raw_per_s": raw_rate, "ratio": ratio, "target_met": ratio >= 0.5,
-    }));
-
-    // 3. End-to-end runs/s for a one-leaf plan with every service running, and RSS.
-    let mut services = Vec::new();
-    for (name, args) in [
-        ("ledger", vec!["--state-dir", "e2e-ledger"]),
-        ("policy", vec![]),
-        ("connectors", vec![]),
-        ("dispatcher", vec!["--max-runs", "512"]),
-        ("ingress", vec!["--listen", "127.0.0.1:0"]),
-    ] {
-        let state;
-        let args: Vec<&str> = if name == "ledger" {
-            state = workspace.path().join(".dispatch/state/e2e-ledger");
-            vec!["--state-dir", state.to_str().unwrap()]
-        } else {
-            args
-        };
-        services.push(Service::start(name, &nats, workspace.path(), &args).await?);
+    if wants("ack") {
+        ack_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle: Vec<(String, u64)> = services
-        .iter()
-        .map(|s| (s.name.clone(), rss_kib(s.pid(), "VmRSS")))
-        .collect();
-    let (rate, elapsed) = e2e_rate(&bus, E2E_RUNS).await?;
-    lines.push(format!(
-        "e2e       {rate:.0} runs/s ({E2E_RUNS} one-leaf runs in {:.2} s, one copy of each service) (target ≥ 200: {})",
-        elapsed.as_secs_f64(),
-        verdict(rate >= 200.0)
-    ));
-    results.insert("e2e".into(), json!({
-        "runs": E2E_RUNS, "seconds": elapsed.as_secs_f64(), "runs_per_s": rate, "target_met": rate >= 200.0,
-    }));
-    let mut rss = serde_json::Map::new();
-    for (service, (name, idle_kib)) in services.iter().zip(idle) {
-        let peak = rss_kib(service.pid(), "VmHWM");
-        let idle_mb = idle_kib as f64 / 1024.0;
-        lines.push(format!(
-            "rss       {name:<11} idle {idle_mb:.1} MB, peak under load {:.1} MB (target idle ≤ 30 MB: {})",
-            peak as f64 / 1024.0,
-            verdict(idle_mb <= 30.0)
-        ));
-        rss.insert(name, json!({ "idle_mb": idle_mb, "peak_mb": peak as f64 / 1024.0, "target_met": idle_mb <= 30.0 }));
+    if wants("append") {
+        append_section(&bus, &mut lines, &mut results).await?;
     }
-    results.insert("rss".into(), Value::Object(rss));
-    // Gone for good before the rebuild, so only the fresh ledger answers its queries.
-    for mut service in services {
-        service.kill().await?;
+    if wants("e2e") {
+        e2e_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
-
-    // 4. View rebuild: a fresh ledger over the whole run stream (the appends and the
-    // end-to-end runs above), against a raw read of the same stream.
-    let total = stream_last_seq(&bus, dispatch_bus::streams::RUNS).await?;
-    let raw_read = raw_read_rate(&bus, total).await?;
-    let (rebuild, whole) = rebuild_rate(&nats, workspace.path(), &bus, total).await?;
-    let ratio = rebuild / raw_read;
-    lines.push(format!(
-        "rebuild   ledger {rebuild:.0} events/s over {total} events ({whole:.0}/s counting process start) | raw ordered read {raw_read:.0} msgs/s | ratio {:.0}% (target ≥ 50%: {})",
-        ratio * 100.0,
-        verdict(ratio >= 0.5)
-    ));
-    results.insert(
-        "rebuild".into(),
-        json!({
-            "events": total, "events_per_s": rebuild, "events_per_s_with_start": whole,
-            "raw_per_s": raw_read, "ratio": ratio, "target_met": ratio >= 0.5,
-        }),
-    );
-
-    // 5. Growth: the cost of one more run at 1k, 10k and 50k runs in the log.
-    let growth = growth::run(&mut lines).await?;
-    results.insert("growth".into(), growth);
+    if wants("rebuild") {
+        rebuild_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if peer.is_some() {
+        peer::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("growth") {
+        // The cost of one more run at 1k, 10k and 50k runs in the log.
+        let growth = growth::run(&mut lines).await?;
+        results.insert("growth".into(), growth);
+    }
 
     println!(
         "Dispatch benchmarks (nats-server {}, same server for every raw figure)",
@@ -166,6 +99,241 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+type Results = serde_json::Map<String, Value>;
+
+/// Ack latency: POST /v1/goals → 202 with only ingress running, against a raw publish +
+/// ack.
+async fn ack_section(
+    bus: &Bus,
+    nats: &NatsServer,
+    workspace: &std::path::Path,
+    lines: &mut Vec<String>,
+    results: &mut Results,
+) -> Result<()> {
+    let raw = raw_publish_latencies(bus, ACK_SAMPLES).await?;
+    let ingress = Service::start("ingress", nats, workspace, &["--listen", "127.0.0.1:0"]).await?;
+    let http_addr = ingress.health().detail["http_addr"]
+        .as_str()
+        .context("ingress address")?
+        .to_owned();
+    let key = dispatch_tests::api_key(workspace)?;
+    let ack = post_latencies(&http_addr, &key, ACK_SAMPLES).await?;
+    let (raw_p50, raw_p99) = (percentile(&raw, 50.0), percentile(&raw, 99.0));
+    let (ack_p50, ack_p99) = (percentile(&ack, 50.0), percentile(&ack, 99.0));
+    let ratio = ack_p50 / raw_p50;
+    lines.push(format!(
+        "ack       POST /v1/goals, ingress alone, one at a time: p50 {ack_p50:.3} ms, p99 {ack_p99:.3} ms | raw publish+ack p50 {raw_p50:.3} ms, p99 {raw_p99:.3} ms | p50 ratio {ratio:.2}x (target ≤ 3x: {})",
+        verdict(ratio <= 3.0)
+    ));
+    results.insert(
+        "ack".into(),
+        json!({
+            "samples": ACK_SAMPLES, "p50_ms": ack_p50, "p99_ms": ack_p99,
+            "raw_p50_ms": raw_p50, "raw_p99_ms": raw_p99, "p50_ratio": ratio,
+            "target_met": ratio <= 3.0,
+        }),
+    );
+    drop(ingress);
+    // The goals POSTed here are not part of the end-to-end figure.
+    purge_goals(bus).await
+}
+
+/// Append throughput: the run-log library against raw publishes, same concurrency.
+async fn append_section(bus: &Bus, lines: &mut Vec<String>, results: &mut Results) -> Result<()> {
+    let raw_rate = raw_publish_rate(bus).await?;
+    let log_rate = runlog_append_rate(bus).await?;
+    let ratio = log_rate / raw_rate;
+    lines.push(format!(
+        "append    run log {log_rate:.0} events/s | raw publish {raw_rate:.0} msgs/s | ratio {:.0}% (target ≥ 50%: {})",
+        ratio * 100.0,
+        verdict(ratio >= 0.5)
+    ));
+    results.insert("append".into(), json!({
+        "writers": APPEND_WRITERS, "per_writer": APPENDS_PER_WRITER,
+        "events_per_s": log_rate, "raw_per_s": raw_rate, "ratio": ratio, "target_met": ratio >= 0.5,
+    }));
+    Ok(())
+}
+
+/// End to end with every service running: one-leaf goals POSTed 64 at a time (the ack
+/// latency under load), the completion rate, the CPU each process spent per run, and
+/// RSS.
+async fn e2e_section(
+    bus: &Bus,
+    nats: &NatsServer,
+    workspace: &std::path::Path,
+    lines: &mut Vec<String>,
+    results: &mut Results,
+) -> Result<()> {
+    let stack = Stack::start(nats, workspace).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle: Vec<(String, u64)> = stack
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), rss_kib(s.pid(), "VmRSS")))
+        .collect();
+    let cpu_before = stack.cpu_ns(nats);
+    let load = e2e_http(bus, &stack.http_addr, &stack.key, E2E_RUNS, E2E_CONCURRENCY).await?;
+    let cpu_after = stack.cpu_ns(nats);
+    let rate = load.rate();
+    lines.push(format!(
+        "e2e       {rate:.0} runs/s ({E2E_RUNS} one-leaf runs POSTed {E2E_CONCURRENCY} at a time, done in {:.2} s, one copy of each service) (target ≥ 200: {})",
+        load.elapsed.as_secs_f64(),
+        verdict(rate >= 200.0)
+    ));
+    let (closed_p50, closed_p99) = (percentile(&load.acks, 50.0), percentile(&load.acks, 99.0));
+    lines.push(format!(
+        "ack       POST /v1/goals, full stack, {E2E_CONCURRENCY} clients posting back to back: p50 {closed_p50:.3} ms, p99 {closed_p99:.3} ms (mostly queueing: {E2E_CONCURRENCY} in flight)"
+    ));
+    let steady = e2e_paced(bus, &stack.http_addr, &stack.key, PACED_RATE, PACED_RUNS).await?;
+    let (p50, p99) = (
+        percentile(&steady.acks, 50.0),
+        percentile(&steady.acks, 99.0),
+    );
+    lines.push(format!(
+        "ack       POST /v1/goals, full stack running the goals, {PACED_RATE} POSTs/s offered: p50 {p50:.3} ms, p99 {p99:.3} ms (target p99 ≤ 10 ms: {})",
+        verdict(p99 <= 10.0)
+    ));
+    let per_run: Vec<(String, f64)> = cpu_after
+        .iter()
+        .zip(&cpu_before)
+        .map(|((name, after), (_, before))| {
+            (
+                name.clone(),
+                (after - before) as f64 / 1e6 / E2E_RUNS as f64,
+            )
+        })
+        .collect();
+    let total: f64 = per_run.iter().map(|(_, ms)| ms).sum();
+    lines.push(format!(
+        "cpu       {total:.2} ms per run: {} (target ≤ 3 ms: {})",
+        per_run
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        verdict(total <= 3.0)
+    ));
+    results.insert("e2e".into(), json!({
+        "runs": E2E_RUNS, "concurrency": E2E_CONCURRENCY, "seconds": load.elapsed.as_secs_f64(),
+        "runs_per_s": rate, "target_met": rate >= 200.0,
+        "ack_closed_loop_p50_ms": closed_p50, "ack_closed_loop_p99_ms": closed_p99,
+        "ack_paced_rate": PACED_RATE, "ack_p50_ms": p50, "ack_p99_ms": p99, "ack_target_met": p99 <= 10.0,
+        "cpu_ms_per_run": total, "cpu_ms_per_run_by_process": per_run.iter().map(|(n, ms)| (n.clone(), json!(ms))).collect::<serde_json::Map<_, _>>(),
+        "cpu_target_met": total <= 3.0,
+    }));
+    let mut rss = serde_json::Map::new();
+    for (service, (name, idle_kib)) in stack.services.iter().zip(idle) {
+        let peak = rss_kib(service.pid(), "VmHWM");
+        let idle_mb = idle_kib as f64 / 1024.0;
+        lines.push(format!(
+            "rss       {name:<11} idle {idle_mb:.1} MB, peak under load {:.1} MB (target idle ≤ 20 MB: {})",
+            peak as f64 / 1024.0,
+            verdict(idle_mb <= 20.0)
+        ));
+        rss.insert(name, json!({ "idle_mb": idle_mb, "peak_mb": peak as f64 / 1024.0, "target_met": idle_mb <= 20.0 }));
+    }
+    results.insert("rss".into(), Value::Object(rss));
+    // Gone for good before the rebuild, so only the fresh ledger answers its queries.
+    stack.kill().await
+}
+
+/// View rebuild: a fresh ledger over the whole run stream (whatever the sections before
+/// left in it), against a raw read of the same stream.
+async fn rebuild_section(
+    bus: &Bus,
+    nats: &NatsServer,
+    workspace: &std::path::Path,
+    lines: &mut Vec<String>,
+    results: &mut Results,
+) -> Result<()> {
+    let total = stream_last_seq(bus, dispatch_bus::streams::RUNS).await?;
+    if total == 0 {
+        lines.push("rebuild   skipped: the run stream is empty (run it with e2e)".into());
+        return Ok(());
+    }
+    let raw_read = raw_read_rate(bus, total).await?;
+    let (rebuild, whole) = rebuild_rate(nats, workspace, bus, total).await?;
+    let ratio = rebuild / raw_read;
+    lines.push(format!(
+        "rebuild   ledger {rebuild:.0} events/s over {total} events ({whole:.0}/s counting process start) | raw ordered read {raw_read:.0} msgs/s | ratio {:.0}% (target ≥ 50%: {})",
+        ratio * 100.0,
+        verdict(ratio >= 0.5)
+    ));
+    results.insert(
+        "rebuild".into(),
+        json!({
+            "events": total, "events_per_s": rebuild, "events_per_s_with_start": whole,
+            "raw_per_s": raw_read, "ratio": ratio, "target_met": ratio >= 0.5,
+        }),
+    );
+    Ok(())
+}
+
+/// One copy of every service, ingress on a random port, and the key to call it.
+pub struct Stack {
+    pub services: Vec<Service>,
+    pub http_addr: String,
+    pub key: String,
+}
+
+impl Stack {
+    pub async fn start(nats: &NatsServer, workspace: &std::path::Path) -> Result<Self> {
+        let state = workspace.join(".dispatch/state/e2e-ledger");
+        let state = state.to_str().context("state path")?;
+        let mut services = Vec::new();
+        for (name, args) in [
+            ("ledger", vec!["--state-dir", state]),
+            ("policy", vec![]),
+            ("connectors", vec![]),
+            ("dispatcher", vec!["--max-runs", "512"]),
+            ("ingress", vec!["--listen", "127.0.0.1:0"]),
+        ] {
+            services.push(Service::start(name, nats, workspace, &args).await?);
+        }
+        let http_addr = services[4].health().detail["http_addr"]
+            .as_str()
+            .context("ingress address")?
+            .to_owned();
+        let key = dispatch_tests::api_key(workspace)?;
+        Ok(Self {
+            services,
+            http_addr,
+            key,
+        })
+    }
+
+    /// CPU time each service and the nats-server have used so far, in nanoseconds.
+    pub fn cpu_ns(&self, nats: &NatsServer) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), cpu_ns(s.pid())))
+            .collect();
+        out.push(("nats-server".into(), nats.pid().map_or(0, cpu_ns)));
+        out
+    }
+
+    /// Every process of the stack: the services and the nats-server.
+    pub fn pids(&self, nats: &NatsServer) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.services.iter().map(Service::pid).collect();
+        pids.extend(nats.pid());
+        pids
+    }
+
+    /// CPU time the whole stack has used so far, in nanoseconds.
+    pub fn cpu_total(&self, nats: &NatsServer) -> u64 {
+        self.pids(nats).into_iter().map(cpu_ns).sum()
+    }
+
+    pub async fn kill(self) -> Result<()> {
+        for mut service in self.services {
+            service.kill().await?;
+        }
+        Ok(())
+    }
+}
+
 /// A nats-server of its own, an empty workspace, an admin connection, and the stream
 /// the raw figures are measured on.
 async fn fresh_server(prefix: &str) -> Result<(NatsServer, tempfile::TempDir, Bus)> {
@@ -182,7 +350,7 @@ async fn fresh_server(prefix: &str) -> Result<(NatsServer, tempfile::TempDir, Bu
     Ok((nats, workspace, bus))
 }
 
-fn verdict(met: bool) -> &'static str {
+pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
 
@@ -193,7 +361,7 @@ fn nats_version() -> String {
         .map_or("?".into(), |v| v.to_string())
 }
 
-fn percentile(samples: &[f64], p: f64) -> f64 {
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
@@ -363,9 +531,12 @@ async fn rebuild_rate(
     Ok((steady, whole))
 }
 
+const ONE_LEAF_PLAN: &str =
+    "#+TITLE: One leaf\n* TODO Leave a note\n  :done-when: test -s scratch/leaf-1.org\n";
+
+/// `n` one-leaf runs submitted straight to the bus, 64 at a time: runs/s and the time.
 async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {
-    let mut finished = bus.client().subscribe(subject::RUNS_ALL).await?;
-    let plan = "#+TITLE: One leaf\n* TODO Leave a note\n  :done-when: test -s scratch/leaf-1.org\n";
+    let finished = bus.client().subscribe(subject::RUNS_ALL).await?;
     let started = Instant::now();
     let submitter = {
         let bus = bus.clone();
@@ -373,34 +544,141 @@ async fn e2e_rate(bus: &Bus, n: usize) -> Result<(f64, Duration)> {
             let submits = futures::stream::iter(0..n).map(|_| {
                 let bus = bus.clone();
                 async move {
-                    let goal = dispatch_runlog::submit::Goal::new(plan, "default", 0, "bench")
-                        .expect("the bench goal is valid");
+                    let goal =
+                        dispatch_runlog::submit::Goal::new(ONE_LEAF_PLAN, "default", 0, "bench")
+                            .expect("the bench goal is valid");
                     dispatch_runlog::submit::submit_goal(&bus, goal).await
                 }
             });
-            let results: Vec<_> = submits.buffer_unordered(64).collect().await;
+            let results: Vec<_> = submits.buffer_unordered(E2E_CONCURRENCY).collect().await;
             results.into_iter().collect::<Result<Vec<_>, _>>()
         })
     };
+    count_finished(finished, n).await?;
+    let elapsed = started.elapsed();
+    submitter.await??;
+    Ok((n as f64 / elapsed.as_secs_f64(), elapsed))
+}
+
+/// What a load of POSTed goals measured: each POST's latency and the time until the
+/// last run finished.
+pub struct Load {
+    pub acks: Vec<f64>,
+    pub elapsed: Duration,
+    pub runs: usize,
+}
+
+impl Load {
+    pub fn rate(&self) -> f64 {
+        self.runs as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `n` one-leaf goals POSTed to ingress, `concurrency` at a time, as a client would.
+pub async fn e2e_http(
+    bus: &Bus,
+    addr: &str,
+    key: &str,
+    n: usize,
+    concurrency: usize,
+) -> Result<Load> {
+    let finished = bus.client().subscribe(subject::RUNS_ALL).await?;
+    let http = dispatch_tests::http_client(key)?;
+    let url = format!("http://{addr}/v1/goals");
+    let started = Instant::now();
+    let posts = futures::stream::iter(0..n)
+        .map(|_| post_goal(&http, &url))
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>();
+    let (acks, counted) = tokio::join!(posts, count_finished(finished, n));
+    counted?;
+    Ok(Load {
+        acks: acks.into_iter().collect::<Result<_>>()?,
+        elapsed: started.elapsed(),
+        runs: n,
+    })
+}
+
+/// `n` one-leaf goals POSTed at `rate` per second, each answer's latency measured
+/// while the stack runs the goals before it.
+async fn e2e_paced(bus: &Bus, addr: &str, key: &str, rate: u64, n: usize) -> Result<Load> {
+    let finished = bus.client().subscribe(subject::RUNS_ALL).await?;
+    let http = dispatch_tests::http_client(key)?;
+    let started = Instant::now();
+    let acks = paced(&http, &format!("http://{addr}/v1/goals"), rate, n).await?;
+    count_finished(finished, n).await?;
+    Ok(Load {
+        acks,
+        elapsed: started.elapsed(),
+        runs: n,
+    })
+}
+
+/// `n` goals POSTed to `url` at `rate` per second whatever the answers take (an open
+/// loop, as independent clients arrive): each answer's latency in milliseconds.
+pub async fn paced(http: &reqwest::Client, url: &str, rate: u64, n: usize) -> Result<Vec<f64>> {
+    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut posts = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        ticks.tick().await;
+        let (http, url) = (http.clone(), url.to_owned());
+        posts.spawn(async move { post_goal(&http, &url).await });
+    }
+    posts.join_all().await.into_iter().collect()
+}
+
+/// POSTs the one-leaf goal to `url` and returns how long the `202` took, in ms.
+pub async fn post_goal(http: &reqwest::Client, url: &str) -> Result<f64> {
+    let sent = Instant::now();
+    let response = http
+        .post(url)
+        .json(&json!({ "goal": ONE_LEAF_PLAN }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status() == 202,
+        "POST {url} answered {}",
+        response.status()
+    );
+    Ok(sent.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Waits until `n` runs have ended, as their terminal events pass on the bus.
+async fn count_finished(mut events: dispatch_bus::async_nats::Subscriber, n: usize) -> Result<()> {
     let mut done = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while done < n {
-        let message = tokio::time::timeout_at(deadline, finished.next())
+        let message = tokio::time::timeout_at(deadline, events.next())
             .await
-            .context("e2e runs did not finish within 300 s")?
+            .context("the runs did not finish within 300 s")?
             .context("subscription ended")?;
         let event = RunEvent::decode(message.payload.as_ref());
         if event.is_ok_and(|e| matches!(e.body, Some(Body::RunFinished(_)))) {
             done += 1;
         }
     }
-    let elapsed = started.elapsed();
-    submitter.await??;
-    Ok((n as f64 / elapsed.as_secs_f64(), elapsed))
+    Ok(())
+}
+
+/// CPU time (user + system) the process has used, in nanoseconds, from
+/// `/proc/<pid>/stat` (clock ticks of 10 ms: the measured phases are seconds long).
+pub fn cpu_ns(pid: u32) -> u64 {
+    const NS_PER_TICK: u64 = 10_000_000;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The command name may hold spaces; the fields after it do not.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let user: u64 = fields.get(11)?.parse().ok()?;
+            let system: u64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) * NS_PER_TICK)
+        })
+        .unwrap_or(0)
 }
 
 /// A `/proc/<pid>/status` field in KiB (`VmRSS`: now, `VmHWM`: peak).
-fn rss_kib(pid: u32, field: &str) -> u64 {
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {

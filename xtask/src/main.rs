@@ -39,7 +39,7 @@ fn main() -> Result<()> {
         "test" => test(&root, &rest),
         "lint" => lint(&root),
         "chaos" => chaos(&root, &rest),
-        "bench" => bench(&root),
+        "bench" => bench(&root, &rest),
         "fuzz" => fuzz(&root, &rest),
         _ => {
             eprintln!("usage: cargo xtask <install|up|test|lint|chaos|bench|fuzz> [args]");
@@ -50,7 +50,12 @@ fn main() -> Result<()> {
             eprintln!("  test      build and run every test against a real nats-server");
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
-            eprintln!("  bench     speed and memory figures beside raw JetStream (release build)");
+            eprintln!(
+                "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e rebuild growth"
+            );
+            eprintln!(
+                "  bench --peer restate   Dispatch beside Restate 1.7.12 (installed from npm into .tools/restate)"
+            );
             eprintln!("  fuzz [S]  run every fuzz target for S seconds each (default 60)");
             if command.is_empty() || command == "help" || command == "--help" {
                 return Ok(());
@@ -201,15 +206,54 @@ fn cargo_test(root: &Path, selection: &[&str], args: &[String]) -> Result<()> {
         .env("DISPATCH_NATS_SERVER", &nats))
 }
 
-fn bench(root: &Path) -> Result<()> {
+fn bench(root: &Path, args: &[String]) -> Result<()> {
     let nats = install(root)?;
+    let peer = args
+        .windows(2)
+        .any(|w| w[0] == "--peer" && w[1] == "restate")
+        .then(|| install_restate(root))
+        .transpose()?;
     cargo(root, &["build", "--release", "--bins"])?;
-    run(
-        Command::new(target_dir(root)?.join("release/dispatch-bench"))
-            .current_dir(root)
-            .env("DISPATCH_NATS_SERVER", &nats)
-            .env("RUST_LOG", "warn"),
-    )
+    let mut command = Command::new(target_dir(root)?.join("release/dispatch-bench"));
+    if let Some(dir) = peer {
+        command.env("DISPATCH_RESTATE_DIR", dir);
+    }
+    run(command
+        .args(args)
+        .current_dir(root)
+        .env("DISPATCH_NATS_SERVER", &nats)
+        .env("RUST_LOG", "warn"))
+}
+
+/// Installs Restate (the benchmark's peer) into `.tools/restate` with `npm ci` from
+/// the lockfile in `tests/bench/restate`, which pins every package by version and
+/// integrity hash. Install scripts are not run: the server binary is a plain package.
+fn install_restate(root: &Path) -> Result<PathBuf> {
+    let source = root.join("tests/bench/restate");
+    let dir = root.join(".tools/restate");
+    std::fs::create_dir_all(&dir)?;
+    for file in ["package.json", "package-lock.json", "service.mjs"] {
+        std::fs::copy(source.join(file), dir.join(file))?;
+    }
+    // What was installed last, so a changed lockfile installs again.
+    let stamp = dir.join("installed-from.json");
+    let lock = std::fs::read(source.join("package-lock.json"))?;
+    if dir.join("node_modules/.bin/restate-server").exists()
+        && std::fs::read(&stamp).is_ok_and(|installed| installed == lock)
+    {
+        eprintln!("xtask: using Restate in {}", dir.display());
+        return Ok(dir);
+    }
+    eprintln!(
+        "xtask: installing Restate 1.7.12 from npm into {}",
+        dir.display()
+    );
+    run(Command::new("npm")
+        .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
+        .current_dir(&dir))
+    .context("npm could not install Restate (it needs Node.js and the npm registry)")?;
+    std::fs::write(&stamp, lock)?;
+    Ok(dir)
 }
 
 fn fuzz(root: &Path, args: &[String]) -> Result<()> {

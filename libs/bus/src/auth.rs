@@ -88,8 +88,10 @@ impl Identity {
         if self == Identity::Admin {
             p.publish.allow.push(">".into());
             p.subscribe.allow.push(">".into());
-            // Even the admin cannot delete a stream or rewrite the logs of truth.
+            // Even the admin cannot delete a stream or rewrite the logs of truth, nor
+            // speak for the server on the run feeds.
             p.publish.deny.push(format!("{JS_API}.STREAM.DELETE.>"));
+            p.publish.deny.push(subject::FEEDS_ALL.into());
             for stream in [streams::RUNS, streams::LEDGER] {
                 p.publish
                     .deny
@@ -238,6 +240,7 @@ impl Permissions {
             allow.push(format!("{JS_API}.CONSUMER.INFO.{stream}.*"));
             if *stream == streams::RUNS {
                 self.subscribe.allow.push(subject::RUNS_ALL.into());
+                self.subscribe.allow.push(subject::FEEDS_ALL.into());
             }
         }
     }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    Config, DiscardPolicy, Republish, RetentionPolicy, StorageType,
+};
 
 use crate::{Bus, Error, subject};
 
@@ -45,7 +47,17 @@ fn runs() -> Config {
         allow_direct: true,
         deny_delete: true,
         deny_purge: true,
+        republish: Some(feed()),
         ..Default::default()
+    }
+}
+
+/// Each stored run event, republished with its stream sequence to the run's feed.
+fn feed() -> Republish {
+    Republish {
+        source: subject::RUNS_ALL.to_owned(),
+        destination: subject::FEED_TEMPLATE.to_owned(),
+        headers_only: false,
     }
 }
 
@@ -109,10 +121,30 @@ fn probe() -> Config {
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
     for config in [goals(), runs(), commands(), ledger(), probe()] {
         let name = config.name.clone();
-        bus.jetstream()
+        let stream = bus
+            .jetstream()
             .get_or_create_stream(config)
             .await
             .map_err(|e| Error::other(&format!("declare stream {name}"), e))?;
+        if name == RUNS && stream.cached_info().config.republish.is_none() {
+            add_feed(bus, stream.cached_info().config.clone()).await;
+        }
     }
     Ok(())
+}
+
+/// A run-log stream declared before run feeds existed gets its feed. Only the admin
+/// may change a stream; anyone else is told, and its followers fall back to polling
+/// the log until the admin (`dispatch up`) has connected once.
+async fn add_feed(bus: &Bus, mut config: Config) {
+    config.republish = Some(feed());
+    match bus.jetstream().update_stream(config).await {
+        Ok(_) => tracing::info!(stream = RUNS, "run feeds added to the run-log stream"),
+        Err(e) => tracing::warn!(
+            stream = RUNS,
+            error = %e,
+            "the run-log stream has no run feeds and this identity cannot add them; run \
+             `dispatch up` (or connect as admin) once to add them"
+        ),
+    }
 }

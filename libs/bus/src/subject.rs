@@ -3,6 +3,8 @@
 //! Layout:
 //! - `dispatch.goal.<run_id>`: a submitted goal (stream `DISPATCH_GOALS`);
 //! - `dispatch.run.<run_id>`: one run's event log (stream `DISPATCH_RUNS`);
+//! - `dispatch.feed.<run_id>`: the events of that log the server stored, republished
+//!   with their stream sequences (written by the server only);
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
 //! - `dispatch.query.<name>`: core request/reply answered by the ledger;
@@ -38,6 +40,23 @@ pub const LEDGER_ALL: &str = "dispatch.ledger.>";
 pub fn run(run_id: &RunId) -> Subject {
     Subject::from(format!("{RUN_PREFIX}{run_id}"))
 }
+
+/// Every run's feed: the server republishes each event it stores on a run's log to
+/// `dispatch.feed.<run_id>`, with headers naming its stream sequence
+/// (`Nats-Sequence`) and that of the run's previous event (`Nats-Last-Sequence`).
+/// Only stored events appear there (a refused append never does), and no identity may
+/// publish to it.
+pub const FEEDS_ALL: &str = "dispatch.feed.*";
+const FEED_PREFIX: &str = "dispatch.feed.";
+
+/// One run's feed (see [`FEEDS_ALL`]).
+pub fn feed(run_id: &RunId) -> Subject {
+    Subject::from(format!("{FEED_PREFIX}{run_id}"))
+}
+
+/// The republish destination for the run-log stream: `dispatch.run.<id>` →
+/// `dispatch.feed.<id>`.
+pub const FEED_TEMPLATE: &str = "dispatch.feed.{{wildcard(1)}}";
 
 /// The run id a run-log subject belongs to, if it is one.
 pub fn run_id_of(subject: &str) -> Option<RunId> {

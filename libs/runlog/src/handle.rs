@@ -4,7 +4,7 @@ use dispatch_bus::{RunId, async_nats, subject};
 use dispatch_proto::run::v1::{
     FeedbackQueued, LeafState, RunEvent, RunFinished, RunStatus, TallyEntry, run_event::Body,
 };
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 
 use crate::{
@@ -114,6 +114,7 @@ impl RunHandle {
             writer: self.log.writer().to_owned(),
             signer: Vec::new(),
             signature: Vec::new(),
+            prev_stream_seq: expected,
             body: Some(body),
         };
         let sealer = matches!(event.body, Some(Body::RunFinished(_)))
@@ -194,25 +195,97 @@ impl RunHandle {
     }
 
     /// Waits until the log grows or `timeout` passes; returns how many events arrived.
+    ///
+    /// Events come from the run's feed, which carries each stored event with its stream
+    /// sequence and its predecessor's: an event that follows the last one this handle
+    /// holds is verified and taken as it is, with no read. A gap (a feed message lost
+    /// across a reconnect) or a quiet [`FOLLOW_POLL`] makes the handle read the log.
     pub async fn wait_for_more(&mut self, timeout: Duration) -> Result<usize, Error> {
-        if self.live.is_none() {
-            self.live = Some(self.log.subscribe(&self.run_id).await?);
-        }
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let n = self.refresh().await?;
-            if n > 0 {
-                return Ok(n);
+        let mut live = match self.live.take() {
+            Some(live) => live,
+            None => {
+                let live = self.log.subscribe(&self.run_id).await?;
+                self.live = Some(live);
+                // Whatever was stored before the subscription took effect.
+                let n = self.refresh().await?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                self.live.take().expect("just set")
             }
+        };
+        let result = self.follow(&mut live, deadline).await;
+        self.live = Some(live);
+        result
+    }
+
+    async fn follow(
+        &mut self,
+        live: &mut async_nats::Subscriber,
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, Error> {
+        loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(0);
             }
             let nap = (deadline - now).min(FOLLOW_POLL);
-            let live = self.live.as_mut().expect("subscribed above");
-            // Either a live notification or the poll interval: then read the log.
-            let _ = tokio::time::timeout(nap, live.next()).await;
+            let n = match tokio::time::timeout(nap, live.next()).await {
+                Ok(Some(message)) => {
+                    let mut n = self.take_fed(&message).await?;
+                    // Take whatever else is already here in the same pass.
+                    while let Some(Some(message)) = live.next().now_or_never() {
+                        n += self.take_fed(&message).await?;
+                    }
+                    n
+                }
+                // The subscription ended (the client is closing) or the feed was quiet:
+                // the log itself has the answer.
+                Ok(None) | Err(_) => self.refresh().await?,
+            };
+            if n > 0 {
+                return Ok(n);
+            }
         }
+    }
+
+    /// Takes one feed message: the next event if it follows what this handle holds,
+    /// nothing if the handle has it already, and a read of the log after a gap.
+    async fn take_fed(&mut self, message: &async_nats::Message) -> Result<usize, Error> {
+        let header = |name: &str| -> Option<u64> {
+            message
+                .headers
+                .as_ref()?
+                .get_last(name)?
+                .as_str()
+                .parse()
+                .ok()
+        };
+        let (Some(stream_seq), Some(previous)) = (header(FEED_SEQUENCE), header(FEED_PREVIOUS))
+        else {
+            return self.refresh().await;
+        };
+        let known = self.events.last().map_or(0, |e| e.stream_seq);
+        if stream_seq <= known {
+            return Ok(0);
+        }
+        if previous != known {
+            return self.refresh().await;
+        }
+        let fed = [StoredEvent {
+            event: crate::decode(&self.run_id, stream_seq, &message.payload)?,
+            stream_seq,
+        }];
+        chain::verify(
+            &self.run_id,
+            self.events.last().map(|e| &e.event),
+            &fed,
+            self.log.trust(),
+        )?;
+        let [event] = fed;
+        self.events.push(event);
+        Ok(1)
     }
 
     /// The leaf tally so far: `DONE` and `FAILED` counts, in that order.
@@ -323,6 +396,11 @@ impl RunHandle {
             .position(|e| e.event.event_id == event_id)
     }
 }
+
+/// The feed's header naming the event's stream sequence.
+const FEED_SEQUENCE: &str = "Nats-Sequence";
+/// The feed's header naming the stream sequence of the run's previous event (0: none).
+const FEED_PREVIOUS: &str = "Nats-Last-Sequence";
 
 pub(crate) fn now_unix_ms() -> i64 {
     SystemTime::now()

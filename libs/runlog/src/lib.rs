@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use dispatch_bus::{Bus, RunId, async_nats, streams, subject};
 use dispatch_proto::run::v1::RunEvent;
+use futures::TryStreamExt as _;
 use prost::Message as _;
 
 pub use handle::RunHandle;
@@ -150,9 +151,99 @@ impl RunLog {
         RunHandle::empty(self.clone(), run_id)
     }
 
+    /// Reads a run's whole log the way an auditor does: every message stored on the
+    /// run's subject, verified. [`Self::read`] follows the chain back from the last
+    /// message, so it would not see a message that is off the chain (one a forger
+    /// appended without the concurrency check); this also asks the server how many
+    /// messages the subject holds, and if the chain does not account for all of them it
+    /// reads the subject front to back, where the stray message makes the log corrupt.
+    /// For the ledger's trails and `replay`.
+    pub async fn read_every(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
+        let mut events = self.read_after(run_id, 0).await?;
+        if self.stored_on_subject(run_id).await? != events.len() as u64 {
+            events = self.scan_after(run_id, 0).await?;
+        }
+        chain::verify(run_id, None, &events, &self.trust)?;
+        Ok(events)
+    }
+
+    /// How many messages the stream holds on the run's subject.
+    async fn stored_on_subject(&self, run_id: &RunId) -> Result<u64, Error> {
+        let subject = subject::run(run_id);
+        let mut subjects = self
+            .stream
+            .info_with_subjects(subject.as_str())
+            .await
+            .map_err(|e| unreachable(run_id, e))?;
+        let mut count = 0;
+        while let Some((name, n)) = subjects
+            .try_next()
+            .await
+            .map_err(|e| unreachable(run_id, e))?
+        {
+            if name == subject.as_str() {
+                count = n as u64;
+            }
+        }
+        Ok(count)
+    }
+
     /// Reads the events of a run stored after stream sequence `after`, in order,
     /// without checking their chain (callers check it against what they hold).
+    ///
+    /// The run's last message is one direct get; each event names the stream sequence
+    /// of the one before it (`prev_stream_seq`), so the new events are fetched by
+    /// sequence, walking back to `after`: a cost of one get per new event, whatever else
+    /// the stream holds. Anything the walk cannot follow (an event from before the
+    /// pointer existed, a pointer off the run's subject) falls back to scanning the
+    /// subject forward.
     pub async fn read_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
+        let subject = subject::run(run_id);
+        let last = match self
+            .stream
+            .direct_get_last_for_subject(subject.as_str())
+            .await
+        {
+            Ok(message) => message,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(unreachable(run_id, e)),
+        };
+        if last.sequence <= after {
+            return Ok(Vec::new());
+        }
+        let mut walked = vec![StoredEvent {
+            event: decode(run_id, last.sequence, &last.payload)?,
+            stream_seq: last.sequence,
+        }];
+        loop {
+            let current = walked.last().expect("one at least");
+            let prev = current.event.prev_stream_seq;
+            if prev == after && (prev != 0 || current.event.seq == 1) {
+                walked.reverse();
+                return Ok(walked);
+            }
+            // A pointer that does not lead strictly back to `after` is not followed.
+            if prev <= after || prev >= current.stream_seq {
+                return self.scan_after(run_id, after).await;
+            }
+            let message = match self.stream.direct_get(prev).await {
+                Ok(message) if message.subject == subject => message,
+                Ok(_) => return self.scan_after(run_id, after).await,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                    return self.scan_after(run_id, after).await;
+                }
+                Err(e) => return Err(unreachable(run_id, e)),
+            };
+            walked.push(StoredEvent {
+                event: decode(run_id, prev, &message.payload)?,
+                stream_seq: prev,
+            });
+        }
+    }
+
+    /// Reads every message on the run's subject after `after`, front to back: one
+    /// direct get per message, each a scan of the stream from the previous one.
+    pub async fn scan_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
         let subject = subject::run(run_id);
         let mut next = after + 1;
         let mut out = Vec::new();
@@ -164,12 +255,7 @@ impl RunLog {
             {
                 Ok(message) => message,
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(out),
-                Err(e) => {
-                    return Err(Error::new(
-                        ErrorKind::Unreachable,
-                        format!("read run {run_id}: {e}"),
-                    ));
-                }
+                Err(e) => return Err(unreachable(run_id, e)),
             };
             let event = decode(run_id, message.sequence, &message.payload)?;
             next = message.sequence + 1;
@@ -188,13 +274,18 @@ impl RunLog {
         self.sealer.as_ref()
     }
 
+    /// Subscribes to the run's feed: its events as the server stores them.
     pub(crate) async fn subscribe(&self, run_id: &RunId) -> Result<async_nats::Subscriber, Error> {
         self.bus
             .client()
-            .subscribe(subject::run(run_id))
+            .subscribe(subject::feed(run_id))
             .await
             .map_err(|e| Error::new(ErrorKind::Unreachable, format!("follow run {run_id}: {e}")))
     }
+}
+
+fn unreachable(run_id: &RunId, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Unreachable, format!("read run {run_id}: {e}"))
 }
 
 /// Decodes one stored event; a payload that is not a `RunEvent` of this run is corrupt.

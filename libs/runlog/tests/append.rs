@@ -139,3 +139,172 @@ async fn the_log_survives_a_nats_server_restart_on_its_store() -> anyhow::Result
     assert_eq!(events.len(), 2);
     Ok(())
 }
+
+/// Appends `n` events to `run_id` with each one's pointer to its predecessor left
+/// out, as a log written before pointers existed reads.
+async fn append_without_pointers(log: &RunLog, run_id: &RunId, n: u32) -> anyhow::Result<()> {
+    let mut prev = (dispatch_runlog::chain::GENESIS.to_vec(), 0u64);
+    for i in 0..n {
+        let mut event = dispatch_proto::run::v1::RunEvent {
+            event_id: RunId::new().to_string(),
+            run_id: run_id.to_string(),
+            seq: u64::from(i) + 1,
+            prev_hash: prev.0.clone(),
+            body: Some(leaf(i)),
+            ..Default::default()
+        };
+        event.hash = dispatch_runlog::chain::hash(&event).to_vec();
+        let ack = log
+            .bus()
+            .append(
+                dispatch_bus::subject::run(run_id),
+                &event.event_id,
+                Some(prev.1),
+                prost::Message::encode_to_vec(&event).into(),
+            )
+            .await?;
+        prev = (event.hash, ack.stream_seq);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_log_is_read_back_along_its_pointers_between_other_runs_events() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let (ours, other) = (RunId::new(), RunId::new());
+    let mut mine = log.handle(ours).await?;
+    let mut theirs = log.handle(other).await?;
+    for n in 0..5 {
+        mine.append(leaf(n), "").await?;
+        theirs.append(leaf(n), "").await?;
+        theirs.append(leaf(n + 100), "").await?;
+    }
+    let events = log.read(&ours).await?;
+    assert_eq!(events.len(), 5);
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].event.prev_stream_seq, pair[0].stream_seq);
+        assert_eq!(pair[1].event.seq, pair[0].event.seq + 1);
+    }
+    assert_eq!(events[0].event.prev_stream_seq, 0);
+    // Reading on from the middle returns exactly what came after.
+    let rest = log.read_after(&ours, events[2].stream_seq).await?;
+    assert_eq!(rest, events[3..].to_vec());
+    assert!(
+        log.read_after(&ours, events[4].stream_seq)
+            .await?
+            .is_empty()
+    );
+    assert_eq!(log.read_every(&ours).await?, events);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_log_without_pointers_is_read_by_scanning() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let run_id = RunId::new();
+    append_without_pointers(&log, &run_id, 4).await?;
+    let events = log.read(&run_id).await?;
+    assert_eq!(events.len(), 4);
+    assert!(events.iter().all(|e| e.event.prev_stream_seq == 0));
+    // A handle appends after it, pointer and all.
+    let mut handle = log.handle(run_id).await?;
+    handle.append(leaf(9), "").await?;
+    assert_eq!(log.read(&run_id).await?.len(), 5);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_off_the_chain_makes_the_audit_read_corrupt() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    for n in 0..3 {
+        handle.append(leaf(n), "").await?;
+    }
+    let events = log.read(&run_id).await?;
+    // A forger with write access appends a second seq 3 after the first, without the
+    // concurrency check: a fork whose pointers skip the real seq 3.
+    let mut fork = events[2].event.clone();
+    fork.event_id = RunId::new().to_string();
+    fork.body = Some(leaf(66));
+    fork.hash = Vec::new();
+    fork.hash = dispatch_runlog::chain::hash(&fork).to_vec();
+    log.bus()
+        .append(
+            dispatch_bus::subject::run(&run_id),
+            &fork.event_id,
+            None,
+            prost::Message::encode_to_vec(&fork).into(),
+        )
+        .await?;
+    // The walk from the last message sees a consistent chain without the real seq 3;
+    // the audit read counts the subject's messages, scans, and finds the fork.
+    assert_eq!(log.read(&run_id).await?.len(), 3);
+    let err = log.read_every(&run_id).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_feed_carries_each_stored_event_with_its_sequences() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let nats = NatsServer::start().await?;
+    let bus = nats.bus().await?;
+    let log = RunLog::open(&bus, "writer").await?;
+    let run_id = RunId::new();
+    let mut feed = bus
+        .client()
+        .subscribe(dispatch_bus::subject::feed(&run_id))
+        .await?;
+    bus.client().flush().await?;
+    let mut handle = log.handle(run_id).await?;
+    handle.append(leaf(0), "").await?;
+    handle.append(leaf(1), "").await?;
+    // A refused append (a stale expectation) is never on the feed.
+    let refused = log
+        .bus()
+        .append(
+            dispatch_bus::subject::run(&run_id),
+            "stale",
+            Some(0),
+            prost::Message::encode_to_vec(&handle.events()[0].event).into(),
+        )
+        .await;
+    assert!(refused.is_err());
+    let mut previous = 0;
+    for stored in handle.events().to_vec() {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), feed.next())
+            .await?
+            .expect("feed open");
+        let headers = message.headers.expect("feed headers");
+        let header = |name: &str| headers.get_last(name).map(|v| v.as_str().to_owned());
+        assert_eq!(header("Nats-Sequence"), Some(stored.stream_seq.to_string()));
+        assert_eq!(header("Nats-Last-Sequence"), Some(previous.to_string()));
+        assert_eq!(
+            message.payload.as_ref(),
+            prost::Message::encode_to_vec(&stored.event)
+        );
+        previous = stored.stream_seq;
+    }
+    let nothing_more =
+        tokio::time::timeout(std::time::Duration::from_millis(300), feed.next()).await;
+    assert!(nothing_more.is_err(), "a refused append reached the feed");
+
+    // A follower takes the events from the feed.
+    let mut follower = log.handle(run_id).await?;
+    let mut writer = log.handle(run_id).await?;
+    let wait = tokio::spawn(async move {
+        let n = follower
+            .wait_for_more(std::time::Duration::from_secs(5))
+            .await?;
+        anyhow::Ok((n, follower.events().len()))
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    writer.append(leaf(2), "").await?;
+    let (n, len) = wait.await??;
+    assert_eq!((n, len), (1, 3));
+    Ok(())
+}

@@ -48,6 +48,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Where the server keeps its JetStream files and its log.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -360,7 +360,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             if keep {
                 follow(&log, run_id, true, None).await.map(|_| exit::DONE)
             } else {
-                let events = match log.read(&run_id).await {
+                let events = match log.read_every(&run_id).await {
                     Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
                         eprintln!("dispatch: {e}");
                         return Ok(exit::CORRUPT);

@@ -227,8 +227,9 @@ impl Exec<'_> {
             match dispatch_plan::parse(&answer) {
                 Ok(plan) => {
                     let slug = dispatch_plan::slug(&requested.goal);
-                    let path = write_workflow(&self.ctx.workspace, &slug, &plan.text)
-                        .map_err(|e| Stop::Blocked(format!("cannot write the plan: {e}")))?;
+                    let path =
+                        write_workflow(&self.ctx.workspace, &slug, self.run.run_id(), &plan.text)
+                            .map_err(|e| Stop::Blocked(format!("cannot write the plan: {e}")))?;
                     let body = PlanAuthored {
                         attempt,
                         title: plan.title.clone(),
@@ -689,18 +690,22 @@ pub(crate) fn tally_json(tally: &[TallyEntry]) -> String {
     format!("{{{}}}", parts.join(", "))
 }
 
-/// Writes the plan to `workflows/<slug>.org` (or `<slug>-N.org` if another plan holds
-/// the name) and returns the workspace-relative path. The same plan text written again
-/// reuses its file, so a resumed run does not leave copies.
-fn write_workflow(workspace: &Path, slug: &str, text: &str) -> std::io::Result<String> {
+/// Writes the plan to `workflows/<slug>.org`, or to `<slug>-<short run id>.org` if
+/// another plan holds that name, and returns the workspace-relative path. The same plan
+/// text written again reuses its file, so a resumed run does not leave copies. Two
+/// names at most are tried, however many runs share the slug.
+fn write_workflow(
+    workspace: &Path,
+    slug: &str,
+    run_id: &RunId,
+    text: &str,
+) -> std::io::Result<String> {
     let dir = layout::workflows_dir(workspace);
     std::fs::create_dir_all(&dir)?;
-    for n in 1.. {
-        let name = if n == 1 {
-            format!("{slug}.org")
-        } else {
-            format!("{slug}-{n}.org")
-        };
+    for name in [
+        format!("{slug}.org"),
+        format!("{slug}-{}.org", run_id.short()),
+    ] {
         let path = dir.join(&name);
         match std::fs::OpenOptions::new()
             .write(true)
@@ -720,7 +725,11 @@ fn write_workflow(workspace: &Path, slug: &str, text: &str) -> std::io::Result<S
             Err(e) => return Err(e),
         }
     }
-    unreachable!("the loop only ends by returning")
+    // The run's own name holds another text: a plan of this run that was rejected
+    // after writing, or a file someone edited. Replace it; the log keeps the plan.
+    let name = format!("{slug}-{}.org", run_id.short());
+    std::fs::write(dir.join(&name), text)?;
+    Ok(format!("workflows/{name}"))
 }
 
 /// `2s`, `35m`, `1h`, `1500ms`: how a timeout reads in a reason.
@@ -774,13 +783,23 @@ mod tests {
     #[test]
     fn workflows_get_unique_names_and_reuse_their_own() {
         let dir = tempfile_dir();
-        assert_eq!(write_workflow(&dir, "x", "a").unwrap(), "workflows/x.org");
-        assert_eq!(write_workflow(&dir, "x", "b").unwrap(), "workflows/x-2.org");
-        assert_eq!(write_workflow(&dir, "x", "a").unwrap(), "workflows/x.org");
+        let (a, b, c) = (RunId::new(), RunId::new(), RunId::new());
         assert_eq!(
-            std::fs::read_to_string(dir.join("workflows/x-2.org")).unwrap(),
-            "b"
+            write_workflow(&dir, "x", &a, "a").unwrap(),
+            "workflows/x.org"
         );
+        let other = format!("workflows/x-{}.org", b.short());
+        assert_eq!(write_workflow(&dir, "x", &b, "b").unwrap(), other);
+        // A resumed run finds its own file again.
+        assert_eq!(
+            write_workflow(&dir, "x", &a, "a").unwrap(),
+            "workflows/x.org"
+        );
+        assert_eq!(write_workflow(&dir, "x", &b, "b").unwrap(), other);
+        assert_eq!(std::fs::read_to_string(dir.join(&other)).unwrap(), "b");
+        // Any number of plans under one slug costs two names at most.
+        let third = format!("workflows/x-{}.org", c.short());
+        assert_eq!(write_workflow(&dir, "x", &c, "c").unwrap(), third);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

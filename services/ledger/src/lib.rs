@@ -44,6 +44,14 @@ pub const SERVICE: &str = "ledger";
 /// How many messages one view transaction takes at most while catching up.
 const COMMIT_EVERY: usize = 4096;
 
+/// How long a caught-up projection gathers messages into one view transaction: the
+/// most a view lags its stream, traded for one commit per window under load.
+const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+
+/// The least time between two renders of TASKS.org: a change is in the file within
+/// this long, and a busy stack renders once per interval, not once per change.
+const RENDER_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "dispatch-ledger",
@@ -212,9 +220,34 @@ async fn follow(
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     let mut pending = Pending::default();
     let (started, mut applied, mut caught_up) = (std::time::Instant::now(), 0u64, false);
+    // Once caught up, messages are committed in groups: the first one that leaves
+    // nothing pending opens a window of `COMMIT_WINDOW`, and whatever arrives in it
+    // joins the same transaction, so a busy stack pays for one commit per window
+    // rather than one per event.
+    let mut window: Option<tokio::time::Instant> = None;
+    let mut last_seq = cursor;
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(window.unwrap_or_else(tokio::time::Instant::now)), if window.is_some() => {
+                window = None;
+                commit(state, stream_name, &mut pending, last_seq)?;
+                // The views have everything the stream held a moment ago.
+                state.render.notify_one();
+                if !caught_up {
+                    caught_up = true;
+                    let ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(
+                        stream = stream_name,
+                        from = cursor,
+                        to = last_seq,
+                        messages = applied,
+                        ms,
+                        "views caught up"
+                    );
+                }
+                continue;
+            }
             message = messages.next() => message,
         };
         let Some(message) = message else {
@@ -226,6 +259,7 @@ async fn follow(
             let info = message.info().map_err(|e| e.to_string())?;
             (info.stream_sequence, info.pending)
         };
+        last_seq = seq;
         match stream_name {
             streams::RUNS => {
                 state
@@ -244,41 +278,42 @@ async fn follow(
                 &message.payload,
             ),
         }
-        if left == 0 || pending.len() >= COMMIT_EVERY {
-            let batch = std::mem::take(&mut pending);
-            let removed = batch.removed().to_vec();
-            let finished = batch.finished();
-            state
-                .views
-                .commit(stream_name, batch)
-                .map_err(|e| e.to_string())?;
-            for (run_id, trail) in removed {
-                remove_run_dir(&state.workspace, &run_id, trail);
-            }
-            if finished > 0 {
-                state.trails.notify_one();
-            }
-            if stream_name == streams::LEDGER {
-                state.drains_applied.send_replace(seq);
-            }
+        if pending.len() >= COMMIT_EVERY {
             // While catching up, render once at the end rather than at every batch.
-            if left == 0 {
-                state.render.notify_one();
-                if !caught_up {
-                    caught_up = true;
-                    let ms = started.elapsed().as_millis() as u64;
-                    tracing::info!(
-                        stream = stream_name,
-                        from = cursor,
-                        to = seq,
-                        messages = applied,
-                        ms,
-                        "views caught up"
-                    );
-                }
-            }
+            commit(state, stream_name, &mut pending, seq)?;
+        }
+        if left == 0 && window.is_none() {
+            window = Some(tokio::time::Instant::now() + COMMIT_WINDOW);
         }
     }
+}
+
+/// Commits what `pending` holds (up to stream sequence `seq`), then does what waited
+/// for it: working directories of removed runs go, the exporter hears of ended runs,
+/// and drains are announced as applied.
+fn commit(
+    state: &State,
+    stream_name: &'static str,
+    pending: &mut Pending,
+    seq: u64,
+) -> Result<(), String> {
+    let batch = std::mem::take(pending);
+    let removed = batch.removed().to_vec();
+    let finished = batch.finished();
+    state
+        .views
+        .commit(stream_name, batch)
+        .map_err(|e| e.to_string())?;
+    for (run_id, trail) in removed {
+        remove_run_dir(&state.workspace, &run_id, trail);
+    }
+    if finished > 0 {
+        state.trails.notify_one();
+    }
+    if stream_name == streams::LEDGER {
+        state.drains_applied.send_replace(seq);
+    }
+    Ok(())
 }
 
 /// How long the exporter waits before trying a trail that could not be written again.
@@ -350,7 +385,7 @@ async fn export_trail(state: &State, run_id: &str, force: bool) -> Result<u64, S
     if !force && path.exists() {
         return Ok(0);
     }
-    let events = match state.log.read(&id).await {
+    let events = match state.log.read_every(&id).await {
         Ok(events) => events,
         // No trail can ever be written for a log that does not verify: trying again
         // every few seconds would only repeat this line forever.
@@ -435,8 +470,11 @@ async fn render_tasks(
         })
         .await
         .unwrap_or_default();
-        // Let a burst of commits land before rendering again.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Changes meanwhile are coalesced into the next render.
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RENDER_INTERVAL) => {}
+        }
     }
 }
 
@@ -697,10 +735,14 @@ async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
             .parse()
             .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?,
     };
-    let events = state.log.read(&run_id).await.map_err(|e| match e.kind() {
-        dispatch_runlog::ErrorKind::Corrupt => QueryError::Corrupt(e.to_string()),
-        _ => QueryError::Unavailable(e.to_string()),
-    })?;
+    let events = state
+        .log
+        .read_every(&run_id)
+        .await
+        .map_err(|e| match e.kind() {
+            dispatch_runlog::ErrorKind::Corrupt => QueryError::Corrupt(e.to_string()),
+            _ => QueryError::Unavailable(e.to_string()),
+        })?;
     if events.is_empty() {
         return Err(QueryError::NotFound(format!("no run {run_id}")));
     }
