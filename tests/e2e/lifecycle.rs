@@ -139,8 +139,10 @@ async fn rm_refuses_live_runs_and_removes_ended_ones_from_views_and_disk() -> an
         .await?;
     let tasks = stack
         .eventually(LIMIT, || async {
+            // TASKS.org is rendered at most once a second: wait for the render that
+            // follows the removal, not a stale one from before either run.
             let text = std::fs::read_to_string(stack.root().join("TASKS.org")).ok()?;
-            (!text.contains(&id)).then_some(text)
+            (!text.contains(&id) && text.contains(&live.to_string())).then_some(text)
         })
         .await?;
     assert!(tasks.contains(&live.to_string()));
