@@ -155,9 +155,9 @@ async fn append_section(bus: &Bus, lines: &mut Vec<String>, results: &mut Result
     Ok(())
 }
 
-/// End to end with every service running: one-leaf goals POSTed 64 at a time (the ack
-/// latency under load), the completion rate, the CPU each process spent per run, and
-/// RSS.
+/// End to end with every service running: one-leaf goals POSTed 64 at a time (the
+/// completion rate and the CPU each process spent per run), then at a paced rate (the
+/// ack latency of a busy stack), and RSS.
 async fn e2e_section(
     bus: &Bus,
     nats: &NatsServer,

@@ -202,19 +202,15 @@ impl RunHandle {
     /// across a reconnect) or a quiet [`FOLLOW_POLL`] makes the handle read the log.
     pub async fn wait_for_more(&mut self, timeout: Duration) -> Result<usize, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut live = match self.live.take() {
-            Some(live) => live,
-            None => {
-                let live = self.log.subscribe(&self.run_id).await?;
-                self.live = Some(live);
-                // Whatever was stored before the subscription took effect.
-                let n = self.refresh().await?;
-                if n > 0 {
-                    return Ok(n);
-                }
-                self.live.take().expect("just set")
+        if self.live.is_none() {
+            self.live = Some(self.log.subscribe(&self.run_id).await?);
+            // Whatever was stored before the subscription took effect.
+            let n = self.refresh().await?;
+            if n > 0 {
+                return Ok(n);
             }
-        };
+        }
+        let mut live = self.live.take().expect("subscribed above");
         let result = self.follow(&mut live, deadline).await;
         self.live = Some(live);
         result

@@ -243,7 +243,7 @@ impl RunLog {
 
     /// Reads every message on the run's subject after `after`, front to back: one
     /// direct get per message, each a scan of the stream from the previous one.
-    pub async fn scan_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
+    async fn scan_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
         let subject = subject::run(run_id);
         let mut next = after + 1;
         let mut out = Vec::new();
