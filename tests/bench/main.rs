@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use dispatch_bus::{Bus, RunId, subject};
-use dispatch_proto::run::v1::{LeafStarted, RunEvent, run_event::Body};
+use dispatch_proto::run::v1::{LeafStarted, RunEvent, RunStatus, run_event::Body};
 use dispatch_runlog::RunLog;
 use dispatch_testkit::{NatsServer, Service};
 use futures::StreamExt;
@@ -653,8 +653,19 @@ async fn count_finished(mut events: dispatch_bus::async_nats::Subscriber, n: usi
             .await
             .context("the runs did not finish within 300 s")?
             .context("subscription ended")?;
-        let event = RunEvent::decode(message.payload.as_ref());
-        if event.is_ok_and(|e| matches!(e.body, Some(Body::RunFinished(_)))) {
+        // A run that did not end `done` did not do the work being measured.
+        if let Ok(RunEvent {
+            run_id,
+            body: Some(Body::RunFinished(finished)),
+            ..
+        }) = RunEvent::decode(message.payload.as_ref())
+        {
+            anyhow::ensure!(
+                finished.status == RunStatus::Done as i32,
+                "run {run_id} ended {}: {}",
+                finished.status().word(),
+                finished.reason
+            );
             done += 1;
         }
     }

@@ -191,6 +191,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
         call_id: "forged-call".into(),
         tool: "count".into(),
         args_json: r#"{"key":"forged"}"#.into(),
+        ..Default::default()
     };
     for identity in [
         Identity::Ingress,
@@ -255,5 +256,55 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
         .collect();
     assert!(ids.contains(&live.to_string().as_str()), "{runs}");
     assert!(!ids.contains(&forged.to_string().as_str()), "{runs}");
+    Ok(())
+}
+
+/// A tool command names where in the log its call was requested, so the connectors
+/// read a few events rather than the whole log. Pointing it at another call's request
+/// gains a sender nothing: the connectors then read the whole log, find no request
+/// for the call, and execute nothing.
+#[tokio::test]
+async fn a_tool_command_pointing_elsewhere_in_the_log_executes_nothing() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+    let live = stack.submit(SLOW, "default", 0).await?;
+    stack
+        .wait_for_event(live, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    let events = stack.log().await?.read(&live).await?;
+    let request = events
+        .iter()
+        .find(|e| matches!(e.event.body, Some(Body::ToolCallRequested(_))))
+        .expect("the sleep call was requested");
+
+    let dispatcher = Raw::connect(&stack, Identity::Dispatcher).await?;
+    let smuggled = CallTool {
+        run_id: live.to_string(),
+        call_id: "smuggled".into(),
+        tool: "count".into(),
+        args_json: r#"{"key":"smuggled"}"#.into(),
+        from_stream_seq: request.stream_seq,
+    };
+    dispatcher
+        .client
+        .publish(subject::cmd::TOOL, smuggled.encode_to_vec().into())
+        .await?;
+    dispatcher.client.flush().await?;
+    let is_smuggled = |b: &Body| matches!(b, Body::ToolCallFailed(f) if f.call_id == "smuggled");
+    stack.wait_for_event(live, LIMIT, is_smuggled).await?;
+    let events = stack.log().await?.read(&live).await?;
+    let failed = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ToolCallFailed(f)) if f.call_id == "smuggled" => Some(f.clone()),
+            _ => None,
+        })
+        .expect("waited for it");
+    assert!(failed.error.contains("never requested"), "{}", failed.error);
+    assert!(
+        stack.counted("smuggled").is_empty(),
+        "the smuggled call ran"
+    );
     Ok(())
 }

@@ -68,6 +68,30 @@ pub fn verify(
     Ok(())
 }
 
+/// Checks `events` as a contiguous stretch of `run_id`'s log that starts somewhere
+/// inside it: like [`verify`], except that the first event's link to its predecessor,
+/// which the caller does not hold, is taken as it is.
+pub fn verify_from(run_id: &RunId, events: &[StoredEvent], trust: &Trust) -> Result<(), Error> {
+    let Some((first, rest)) = events.split_first() else {
+        return Ok(());
+    };
+    let event = &first.event;
+    let fail = |reason: String| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "run {run_id}: event seq {} fails verification: {reason}",
+                event.seq
+            ),
+        )
+    };
+    if event.hash != hash(event) {
+        return Err(fail("hash does not match the event's content".into()));
+    }
+    check_link(event, false, trust).map_err(fail)?;
+    verify(run_id, Some(event), rest, trust)
+}
+
 /// Fills in the envelope of `events` so they form a valid log from seq 1: `seq`,
 /// `prev_hash`, `hash`, and, on a terminal event when a `sealer` is given, `signer` and
 /// `signature`. For tools and tests that write whole logs without a [`RunHandle`]

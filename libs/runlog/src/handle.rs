@@ -17,6 +17,9 @@ pub struct RunHandle {
     log: RunLog,
     run_id: RunId,
     events: Vec<StoredEvent>,
+    /// False for a handle opened at a position ([`RunLog::handle_at`]): `events` then
+    /// starts there, not at the run's first event.
+    whole: bool,
     live: Option<async_nats::Subscriber>,
 }
 
@@ -27,8 +30,19 @@ impl RunHandle {
             log,
             run_id,
             events,
+            whole: true,
             live: None,
         })
+    }
+
+    pub(crate) fn partial(log: RunLog, run_id: RunId, events: Vec<StoredEvent>) -> Self {
+        Self {
+            log,
+            run_id,
+            events,
+            whole: false,
+            live: None,
+        }
     }
 
     pub(crate) fn empty(log: RunLog, run_id: RunId) -> Self {
@@ -36,6 +50,7 @@ impl RunHandle {
             log,
             run_id,
             events: Vec::new(),
+            whole: true,
             live: None,
         }
     }
@@ -44,6 +59,8 @@ impl RunHandle {
         &self.run_id
     }
 
+    /// The events this handle holds: the whole log so far, or for a handle opened at a
+    /// position, the log from there.
     pub fn events(&self) -> &[StoredEvent] {
         &self.events
     }
@@ -249,17 +266,7 @@ impl RunHandle {
     /// Takes one feed message: the next event if it follows what this handle holds,
     /// nothing if the handle has it already, and a read of the log after a gap.
     async fn take_fed(&mut self, message: &async_nats::Message) -> Result<usize, Error> {
-        let header = |name: &str| -> Option<u64> {
-            message
-                .headers
-                .as_ref()?
-                .get_last(name)?
-                .as_str()
-                .parse()
-                .ok()
-        };
-        let (Some(stream_seq), Some(previous)) = (header(FEED_SEQUENCE), header(FEED_PREVIOUS))
-        else {
+        let Some((stream_seq, previous)) = crate::fed_sequences(message) else {
             return self.refresh().await;
         };
         let known = self.events.last().map_or(0, |e| e.stream_seq);
@@ -318,6 +325,11 @@ impl RunHandle {
         summary: &str,
         causation_id: &str,
     ) -> Result<(), Error> {
+        // The note and the tally are drawn from the whole log.
+        if !self.whole {
+            self.events = self.log.read(&self.run_id).await?;
+            self.whole = true;
+        }
         let reason = slice_chars(reason, SUMMARY_CHARS);
         let summary = slice_chars(summary, SUMMARY_CHARS);
         let (goal, conversation_id) = self
@@ -392,11 +404,6 @@ impl RunHandle {
             .position(|e| e.event.event_id == event_id)
     }
 }
-
-/// The feed's header naming the event's stream sequence.
-const FEED_SEQUENCE: &str = "Nats-Sequence";
-/// The feed's header naming the stream sequence of the run's previous event (0: none).
-const FEED_PREVIOUS: &str = "Nats-Last-Sequence";
 
 pub(crate) fn now_unix_ms() -> i64 {
     SystemTime::now()

@@ -11,12 +11,13 @@ pub mod seal;
 pub mod steps;
 pub mod submit;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use dispatch_bus::{Bus, RunId, async_nats, streams, subject};
-use dispatch_proto::run::v1::RunEvent;
-use futures::TryStreamExt as _;
+use dispatch_proto::run::v1::{RunEvent, run_event::Body};
+use futures::{StreamExt as _, TryStreamExt as _};
 use prost::Message as _;
 
 pub use handle::RunHandle;
@@ -76,6 +77,12 @@ pub struct StoredEvent {
 /// Access to every run's log. Cheap to clone.
 #[derive(Clone)]
 pub struct RunLog {
+    // Every handle holds a clone: one pointer, not the stream's whole configuration.
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct Inner {
     bus: Bus,
     stream: Stream,
     writer: String,
@@ -97,21 +104,24 @@ impl RunLog {
                 )
             })?;
         Ok(Self {
-            bus: bus.clone(),
-            stream,
-            writer: writer.to_owned(),
-            sealer: None,
-            trust: seal::Trust::default(),
+            inner: Arc::new(Inner {
+                bus: bus.clone(),
+                stream,
+                writer: writer.to_owned(),
+                sealer: None,
+                trust: seal::Trust::default(),
+            }),
         })
     }
 
     /// Accepts seals by the keys of `trust` when reading. Until this is called no seal
     /// is trusted, so a finished run reads as corrupt: a reader must say whom it trusts.
     pub fn with_trust(mut self, trust: seal::Trust) -> Self {
-        let own = self.sealer.as_ref().map(seal::Sealer::public_key);
-        self.trust = trust;
+        let inner = Arc::make_mut(&mut self.inner);
+        let own = inner.sealer.as_ref().map(seal::Sealer::public_key);
+        inner.trust = trust;
         if let Some(own) = own {
-            self.trust.add(own);
+            inner.trust.add(own);
         }
         self
     }
@@ -119,29 +129,58 @@ impl RunLog {
     /// Seals the terminal events this log handle appends with `sealer` (whose seals it
     /// then trusts).
     pub fn with_sealer(mut self, sealer: seal::Sealer) -> Self {
-        self.trust.add(sealer.public_key());
-        self.sealer = Some(sealer);
+        let inner = Arc::make_mut(&mut self.inner);
+        inner.trust.add(sealer.public_key());
+        inner.sealer = Some(sealer);
         self
     }
 
     pub fn trust(&self) -> &seal::Trust {
-        &self.trust
+        &self.inner.trust
     }
 
     pub fn bus(&self) -> &Bus {
-        &self.bus
+        &self.inner.bus
     }
 
     /// Reads a run's whole log and verifies its chain. An unknown run has an empty log.
     pub async fn read(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
         let events = self.read_after(run_id, 0).await?;
-        chain::verify(run_id, None, &events, &self.trust)?;
+        chain::verify(run_id, None, &events, &self.inner.trust)?;
         Ok(events)
     }
 
     /// Opens a handle for appending to and following one run.
     pub async fn handle(&self, run_id: RunId) -> Result<RunHandle, Error> {
         RunHandle::load(self.clone(), run_id).await
+    }
+
+    /// Opens a handle holding the run's log from the event stored at stream sequence
+    /// `from` on, if that event is the run's and `anchor` accepts it. A command names
+    /// where its business in the log begins (the request it answers), so the service
+    /// serving it reads a few events rather than the whole log. Anything else (0, a
+    /// sequence that is not the run's, an event `anchor` refuses) opens the whole log,
+    /// as [`Self::handle`] does.
+    ///
+    /// Such a handle verifies the chain from its first event on, and appends and
+    /// follows like any other; what it does not see is the log before `from`.
+    pub async fn handle_at(
+        &self,
+        run_id: RunId,
+        from: u64,
+        anchor: impl Fn(&Body) -> bool,
+    ) -> Result<RunHandle, Error> {
+        if from > 0
+            && let Some(events) = self.read_from(&run_id, from).await?
+            && events
+                .first()
+                .and_then(|e| e.event.body.as_ref())
+                .is_some_and(&anchor)
+        {
+            chain::verify_from(&run_id, &events, &self.inner.trust)?;
+            return Ok(RunHandle::partial(self.clone(), run_id, events));
+        }
+        self.handle(run_id).await
     }
 
     /// A handle for a run id this process just made up, so its log is known to be empty:
@@ -163,7 +202,7 @@ impl RunLog {
         if self.stored_on_subject(run_id).await? != events.len() as u64 {
             events = self.scan_after(run_id, 0).await?;
         }
-        chain::verify(run_id, None, &events, &self.trust)?;
+        chain::verify(run_id, None, &events, &self.inner.trust)?;
         Ok(events)
     }
 
@@ -171,6 +210,7 @@ impl RunLog {
     async fn stored_on_subject(&self, run_id: &RunId) -> Result<u64, Error> {
         let subject = subject::run(run_id);
         let mut subjects = self
+            .inner
             .stream
             .info_with_subjects(subject.as_str())
             .await
@@ -198,18 +238,48 @@ impl RunLog {
     /// pointer existed, a pointer off the run's subject) falls back to scanning the
     /// subject forward.
     pub async fn read_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
+        match self.walk_back(run_id, Floor::After(after)).await? {
+            Some(events) => Ok(events),
+            None => self.scan_after(run_id, after).await,
+        }
+    }
+
+    /// Reads a run's events from the one stored at stream sequence `from` on, in order,
+    /// or `None` if no event of this run is stored there. Costs one get per event read.
+    async fn read_from(
+        &self,
+        run_id: &RunId,
+        from: u64,
+    ) -> Result<Option<Vec<StoredEvent>>, Error> {
+        self.walk_back(run_id, Floor::At(from)).await
+    }
+
+    /// Walks a run's log back from its newest event along `prev_stream_seq` down to
+    /// `floor`, and returns what it passed, oldest first; `None` where the pointers do
+    /// not lead to the floor (a log from before they existed, a pointer off the run's
+    /// subject, a floor that is not one of the run's events).
+    async fn walk_back(
+        &self,
+        run_id: &RunId,
+        floor: Floor,
+    ) -> Result<Option<Vec<StoredEvent>>, Error> {
         let subject = subject::run(run_id);
         let last = match self
+            .inner
             .stream
             .direct_get_last_for_subject(subject.as_str())
             .await
         {
             Ok(message) => message,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                return Ok(matches!(floor, Floor::After(_)).then(Vec::new));
+            }
             Err(e) => return Err(unreachable(run_id, e)),
         };
-        if last.sequence <= after {
-            return Ok(Vec::new());
+        match floor {
+            Floor::After(after) if last.sequence <= after => return Ok(Some(Vec::new())),
+            Floor::At(at) if last.sequence < at => return Ok(None),
+            _ => {}
         }
         let mut walked = vec![StoredEvent {
             event: decode(run_id, last.sequence, &last.payload)?,
@@ -218,20 +288,27 @@ impl RunLog {
         loop {
             let current = walked.last().expect("one at least");
             let prev = current.event.prev_stream_seq;
-            if prev == after && (prev != 0 || current.event.seq == 1) {
+            let reached = match floor {
+                // `prev_stream_seq` 0 is also what an event from before the pointer
+                // existed says: only a first event (seq 1) really has nothing before it.
+                Floor::After(after) => prev == after && (prev != 0 || current.event.seq == 1),
+                Floor::At(at) => current.stream_seq == at,
+            };
+            if reached {
                 walked.reverse();
-                return Ok(walked);
+                return Ok(Some(walked));
             }
-            // A pointer that does not lead strictly back to `after` is not followed.
-            if prev <= after || prev >= current.stream_seq {
-                return self.scan_after(run_id, after).await;
+            let below = match floor {
+                Floor::After(after) => prev <= after,
+                Floor::At(at) => prev < at,
+            };
+            if below || prev >= current.stream_seq {
+                return Ok(None);
             }
-            let message = match self.stream.direct_get(prev).await {
+            let message = match self.inner.stream.direct_get(prev).await {
                 Ok(message) if message.subject == subject => message,
-                Ok(_) => return self.scan_after(run_id, after).await,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
-                    return self.scan_after(run_id, after).await;
-                }
+                Ok(_) => return Ok(None),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(unreachable(run_id, e)),
             };
             walked.push(StoredEvent {
@@ -241,14 +318,13 @@ impl RunLog {
         }
     }
 
-    /// Reads every message on the run's subject after `after`, front to back: one
-    /// direct get per message, each a scan of the stream from the previous one.
     async fn scan_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
         let subject = subject::run(run_id);
         let mut next = after + 1;
         let mut out = Vec::new();
         loop {
             let message = match self
+                .inner
                 .stream
                 .direct_get_next_for_subject(subject.as_str(), Some(next))
                 .await
@@ -267,21 +343,99 @@ impl RunLog {
     }
 
     pub(crate) fn writer(&self) -> &str {
-        &self.writer
+        &self.inner.writer
     }
 
     pub(crate) fn sealer(&self) -> Option<&seal::Sealer> {
-        self.sealer.as_ref()
+        self.inner.sealer.as_ref()
+    }
+
+    /// Waits until an event `pick` accepts is stored in the run's log after stream
+    /// sequence `after`, and returns what `pick` made of it.
+    ///
+    /// It follows the run's feed and decodes each event only to show it to `pick`; the
+    /// chain is not checked, so what it finds is a signal to act on through a
+    /// [`RunHandle`], not a record. The log itself is read once at the start and
+    /// whenever the feed has been quiet for `quiet` (a feed message can be lost across a
+    /// reconnect), so a long wait costs one read per `quiet`.
+    pub async fn wait_for<T>(
+        &self,
+        run_id: &RunId,
+        mut after: u64,
+        quiet: Duration,
+        pick: impl Fn(&Body) -> Option<T>,
+    ) -> Result<T, Error> {
+        let mut feed = self.subscribe(run_id).await?;
+        loop {
+            for stored in self.read_after(run_id, after).await? {
+                after = stored.stream_seq;
+                if let Some(found) = stored.event.body.as_ref().and_then(&pick) {
+                    return Ok(found);
+                }
+            }
+            loop {
+                let message = match tokio::time::timeout(quiet, feed.next()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => {
+                        // The client is closing: no more feed; keep reading the log.
+                        tokio::time::sleep(quiet).await;
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                let Some((stream_seq, _)) = fed_sequences(&message) else {
+                    break;
+                };
+                if stream_seq <= after {
+                    continue;
+                }
+                after = stream_seq;
+                let event = decode(run_id, stream_seq, &message.payload)?;
+                if let Some(found) = event.body.as_ref().and_then(&pick) {
+                    return Ok(found);
+                }
+            }
+        }
     }
 
     /// Subscribes to the run's feed: its events as the server stores them.
     pub(crate) async fn subscribe(&self, run_id: &RunId) -> Result<async_nats::Subscriber, Error> {
-        self.bus
+        self.inner
+            .bus
             .client()
             .subscribe(subject::feed(run_id))
             .await
             .map_err(|e| Error::new(ErrorKind::Unreachable, format!("follow run {run_id}: {e}")))
     }
+}
+
+/// The feed's header naming the event's stream sequence.
+const FEED_SEQUENCE: &str = "Nats-Sequence";
+/// The feed's header naming the stream sequence of the run's previous event (0: none).
+const FEED_PREVIOUS: &str = "Nats-Last-Sequence";
+
+/// A feed message's stream sequence and its run's previous event's, from the headers
+/// the server's republish sets; `None` if they are missing.
+pub(crate) fn fed_sequences(message: &async_nats::Message) -> Option<(u64, u64)> {
+    let header = |name: &str| -> Option<u64> {
+        message
+            .headers
+            .as_ref()?
+            .get_last(name)?
+            .as_str()
+            .parse()
+            .ok()
+    };
+    Some((header(FEED_SEQUENCE)?, header(FEED_PREVIOUS)?))
+}
+
+/// Where a backward walk through a run's log stops.
+#[derive(Clone, Copy)]
+enum Floor {
+    /// Above this stream sequence: the event there is not read (0: read the whole log).
+    After(u64),
+    /// At the event stored at this stream sequence, which is read.
+    At(u64),
 }
 
 fn unreachable(run_id: &RunId, e: impl std::fmt::Display) -> Error {

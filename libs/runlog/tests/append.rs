@@ -308,3 +308,149 @@ async fn the_feed_carries_each_stored_event_with_its_sequences() -> anyhow::Resu
     assert_eq!((n, len), (1, 3));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_handle_opened_at_a_position_reads_from_there_and_appends_on() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let (ours, other) = (RunId::new(), RunId::new());
+    let mut mine = log.handle(ours).await?;
+    let mut theirs = log.handle(other).await?;
+    for n in 0..4 {
+        mine.append(leaf(n), "").await?;
+        theirs.append(leaf(n), "").await?;
+    }
+    let whole = log.read(&ours).await?;
+    let is_leaf = |n: u32| move |b: &Body| matches!(b, Body::LeafStarted(l) if l.leaf == n);
+
+    // At the event the anchor names: that event and everything after it.
+    let mut at = log.handle_at(ours, whole[2].stream_seq, is_leaf(2)).await?;
+    assert_eq!(at.events(), &whole[2..]);
+    // It appends on the chain as a whole handle would.
+    at.append(leaf(4), "").await?;
+    let after = log.read(&ours).await?;
+    assert_eq!(after.len(), 5);
+    assert_eq!(after[4].event.prev_stream_seq, whole[3].stream_seq);
+
+    // Anything it cannot trust as the start opens the whole log instead: no position,
+    // another run's event, an event the anchor does not accept, a sequence past the end.
+    let theirs_seq = log.read(&other).await?[1].stream_seq;
+    for (from, anchor) in [
+        (0, is_leaf(2)),
+        (theirs_seq, is_leaf(1)),
+        (whole[1].stream_seq, is_leaf(2)),
+        (u64::MAX, is_leaf(2)),
+    ] {
+        let handle = log.handle_at(ours, from, anchor).await?;
+        assert_eq!(handle.events(), &after[..], "opened at {from}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handle_opened_at_a_position_refuses_a_broken_chain_and_finishes_from_the_whole_log()
+-> anyhow::Result<()> {
+    use dispatch_proto::run::v1::{RunRequested, RunStatus};
+    let nats = NatsServer::start().await?;
+    let keys = tempfile::tempdir()?;
+    let sealer = dispatch_runlog::seal::Sealer::load_or_create(&keys.path().join("seal"))?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .with_sealer(sealer);
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    let requested = Body::RunRequested(RunRequested {
+        goal: "the goal".into(),
+        conversation_id: "conv".into(),
+        ..Default::default()
+    });
+    handle.append(requested, "").await?;
+    handle.append(leaf(0), "").await?;
+    let from = handle.events()[1].stream_seq;
+
+    // Finishing through a handle that never saw the request still notes the goal.
+    let mut partial = log.handle_at(run_id, from, |_| true).await?;
+    assert_eq!(partial.events().len(), 1);
+    partial
+        .finish(RunStatus::Done, "all done", "all done", "")
+        .await?;
+    let events = log.read(&run_id).await?;
+    let note = events.iter().find_map(|e| match &e.event.body {
+        Some(Body::FeedbackQueued(note)) => Some(note.clone()),
+        _ => None,
+    });
+    let note = note.expect("a feedback note");
+    assert_eq!(
+        (note.goal.as_str(), note.conversation_id.as_str()),
+        ("the goal", "conv")
+    );
+
+    // An event after the position whose link is broken is refused.
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    handle.append(leaf(0), "").await?;
+    let last = handle.events()[0].clone();
+    let mut forged = last.event.clone();
+    forged.event_id = RunId::new().to_string();
+    forged.seq = 2;
+    forged.prev_hash = vec![7; 32];
+    forged.prev_stream_seq = last.stream_seq;
+    forged.hash = dispatch_runlog::chain::hash(&forged).to_vec();
+    log.bus()
+        .append(
+            dispatch_bus::subject::run(&run_id),
+            &forged.event_id,
+            Some(last.stream_seq),
+            prost::Message::encode_to_vec(&forged).into(),
+        )
+        .await?;
+    let err = match log.handle_at(run_id, last.stream_seq, |_| true).await {
+        Ok(_) => anyhow::bail!("a broken link was accepted"),
+        Err(err) => err,
+    };
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wait_for_finds_an_event_stored_before_or_after_it_starts() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let nats = NatsServer::start().await?;
+    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    handle.append(leaf(0), "").await?;
+    let start = handle.events()[0].stream_seq;
+    handle.append(leaf(1), "").await?;
+    let leaf_no = |b: &Body| match b {
+        Body::LeafStarted(l) if l.leaf > 0 => Some(l.leaf),
+        _ => None,
+    };
+    // Stored after the position but before the wait began: found by reading the log.
+    let found = log
+        .wait_for(&run_id, start, Duration::from_secs(5), leaf_no)
+        .await?;
+    assert_eq!(found, 1);
+
+    // Stored while it waits: found on the feed, well before the quiet period.
+    let after = handle.events()[1].stream_seq;
+    let waiter = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let begun = std::time::Instant::now();
+            let found = log
+                .wait_for(&run_id, after, Duration::from_secs(30), leaf_no)
+                .await?;
+            anyhow::Ok((found, begun.elapsed()))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    handle.append(leaf(2), "").await?;
+    let (found, waited) = tokio::time::timeout(Duration::from_secs(10), waiter).await???;
+    assert_eq!(found, 2);
+    assert!(
+        waited < Duration::from_secs(30),
+        "took the quiet period: {waited:?}"
+    );
+    Ok(())
+}

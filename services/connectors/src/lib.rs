@@ -31,6 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "connectors";
 
+/// A call still running after this long starts following its run, to be cancelled if
+/// the run ends; quicker ones (most built-in tools) finish before that costs anything.
+const WATCH_CALLS_AFTER: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "dispatch-connectors",
@@ -146,6 +150,34 @@ impl Command {
             Command::Gate(c) => (&c.run_id, "gate", &c.check_id),
         }
     }
+
+    /// Opens the run's log where this command's business begins: at the request of the
+    /// call, or where the sender of a gate check had read to. Everything the command
+    /// needs to know (the request, the decision, an earlier result or start) comes
+    /// after that.
+    async fn open(&self, ctx: &Context) -> Result<(RunId, RunHandle), Rejected> {
+        match self {
+            Command::Tool(call) => open_call(ctx, call).await,
+            Command::Gate(check) => open(ctx, &check.run_id, check.from_stream_seq, |_| true).await,
+        }
+    }
+}
+
+async fn open_call(ctx: &Context, call: &CallTool) -> Result<(RunId, RunHandle), Rejected> {
+    let request = |b: &Body| matches!(b, Body::ToolCallRequested(r) if r.call_id == call.call_id);
+    open(ctx, &call.run_id, call.from_stream_seq, request).await
+}
+
+async fn open(
+    ctx: &Context,
+    run_id: &str,
+    from: u64,
+    anchor: impl Fn(&Body) -> bool,
+) -> Result<(RunId, RunHandle), Rejected> {
+    let run_id: RunId = run_id
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| Rejected::Malformed(e.to_string()))?;
+    Ok((run_id, ctx.log.handle_at(run_id, from, anchor).await?))
 }
 
 async fn handle(ctx: Arc<Context>, message: jetstream::Message, shutdown: CancellationToken) {
@@ -207,20 +239,13 @@ impl From<dispatch_runlog::Error> for Rejected {
 
 /// Records in the run's log that the command was given up, so the run ends `blocked`.
 async fn give_up(ctx: &Context, command: &Command, delivery: Delivery) -> Result<(), Rejected> {
-    let (run_id, kind, key) = command.step();
-    let (run_id, mut run) = open(ctx, run_id).await?;
+    let (_, kind, key) = command.step();
+    let (run_id, mut run) = command.open(ctx).await?;
     let reason = delivery.give_up_reason(&format!("the {kind} command"));
     tracing::error!(run_id = %run_id, key, reason, "giving up");
     run.abandon(kind, key, (delivery.number - 1) as u32, &reason)
         .await?;
     Ok(())
-}
-
-async fn open(ctx: &Context, run_id: &str) -> Result<(RunId, RunHandle), Rejected> {
-    let run_id: RunId = run_id
-        .parse()
-        .map_err(|e: dispatch_bus::IdError| Rejected::Malformed(e.to_string()))?;
-    Ok((run_id, ctx.log.handle(run_id).await?))
 }
 
 /// Appends a result unless the log already has one (or the run is over).
@@ -246,7 +271,7 @@ async fn call_tool(
         tracing::error!(call_id = call.call_id, "the crash test tool: aborting");
         std::process::abort();
     }
-    let (run_id, mut run) = open(ctx, &call.run_id).await?;
+    let (run_id, mut run) = open_call(ctx, call).await?;
     let call_id = call.call_id.as_str();
     let has_result = |b: &Body| match b {
         Body::ToolCallCompleted(c) if c.call_id == call_id => Some(()),
@@ -305,7 +330,10 @@ async fn call_tool(
             // abandoned: dropping its future cancels it, and nothing more is recorded.
             tokio::select! {
                 result = execute(ctx, &run_id, call_id, &requested.tool, &requested.args_json) => result,
-                ended = run.wait_until_finished() => {
+                ended = async {
+                    tokio::time::sleep(WATCH_CALLS_AFTER).await;
+                    run.wait_until_finished().await
+                } => {
                     ended?;
                     tracing::info!(run_id = %run_id, call_id, "run ended during the call; call cancelled");
                     return Ok(());
@@ -370,7 +398,7 @@ async fn execute(
 }
 
 async fn check_gate(ctx: &Context, check: &CheckGate) -> Result<(), Rejected> {
-    let (run_id, mut run) = open(ctx, &check.run_id).await?;
+    let (run_id, mut run) = open(ctx, &check.run_id, check.from_stream_seq, |_| true).await?;
     let check_id = check.check_id.as_str();
     let has_result = |b: &Body| match b {
         Body::GateChecked(g) if g.check_id == check_id => Some(()),

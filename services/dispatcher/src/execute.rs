@@ -23,6 +23,9 @@ use crate::{Context, DEFAULT_TIMEOUT, Error};
 /// How long the owner of a force-stopped run waits for the requester's terminal event.
 const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
 
+/// How long the stop watcher trusts a quiet feed before it reads the log itself.
+const STOP_WATCH_QUIET: Duration = Duration::from_secs(5);
+
 /// The most model turns one leaf may take.
 pub const MAX_TURNS: u32 = 8;
 
@@ -152,7 +155,8 @@ impl Exec<'_> {
         if let Some(stop) = self.find(as_stop) {
             return Err(self.stopped(&stop).await);
         }
-        let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id());
+        let read = self.run.events().last().map_or(0, |e| e.stream_seq);
+        let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id(), read);
         let stop = tokio::select! {
             result = self.drive_plan() => return result,
             stop = watch => stop,
@@ -409,6 +413,7 @@ impl Exec<'_> {
             args_json: call.args_json.clone(),
         });
         self.ensure(requested_call(&call_id), requested).await?;
+        let at_request = self.position(requested_call(&call_id));
 
         let decision = match self.find(decision_for(&call_id)) {
             Some(decision) => decision,
@@ -418,6 +423,7 @@ impl Exec<'_> {
                     call_id: call_id.clone(),
                     tool: call.tool.clone(),
                     args_json: call.args_json.clone(),
+                    from_stream_seq: at_request,
                 };
                 self.send(
                     subject::cmd::policy(),
@@ -443,6 +449,7 @@ impl Exec<'_> {
             call_id: call_id.clone(),
             tool: call.tool.clone(),
             args_json: call.args_json.clone(),
+            from_stream_seq: at_request,
         };
         self.send(subject::cmd::tool(), &format!("{call_id}/tool"), &command)
             .await?;
@@ -460,6 +467,8 @@ impl Exec<'_> {
             check_id: check_id.clone(),
             leaf: leaf.index,
             command: leaf.done_when.clone(),
+            // Its result can only come after what this copy has read.
+            from_stream_seq: self.run.events().last().map_or(0, |e| e.stream_seq),
         };
         self.send(subject::cmd::gate(), &check_id, &command).await?;
         self.wait_for(Awaited::Gate(&check_id), gate_for(&check_id))
@@ -497,6 +506,15 @@ impl Exec<'_> {
 
     fn find<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> Option<T> {
         self.run.bodies().find_map(pick)
+    }
+
+    /// The stream sequence of the event `pick` finds (0: none).
+    fn position<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> u64 {
+        self.run
+            .events()
+            .iter()
+            .find(|e| e.event.body.as_ref().and_then(&pick).is_some())
+            .map_or(0, |e| e.stream_seq)
     }
 
     fn all<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> Vec<T> {
@@ -569,27 +587,22 @@ fn stop_reason(stop: &StopRequested) -> String {
     format!("stopped by {}", stop.requested_by)
 }
 
-/// Resolves when a stop request appears in the run's log; never, if none does. It
-/// reads through a handle of its own, so it can race the executor's.
-async fn watch_for_stop(log: dispatch_runlog::RunLog, run_id: RunId) -> StopRequested {
+/// Resolves when a stop request is stored in the run's log after stream sequence
+/// `after`; never, if none is before the run ends. It follows the run's feed without a
+/// handle of its own, so the executor's handle stays the one that verifies and appends.
+async fn watch_for_stop(log: dispatch_runlog::RunLog, run_id: RunId, after: u64) -> StopRequested {
+    let seen = |b: &Body| match b {
+        Body::StopRequested(stop) => Some(Some(stop.clone())),
+        Body::RunFinished(_) => Some(None),
+        _ => None,
+    };
     loop {
-        let mut handle = match log.handle(run_id).await {
-            Ok(handle) => handle,
-            Err(_) => {
+        match log.wait_for(&run_id, after, STOP_WATCH_QUIET, seen).await {
+            Ok(Some(stop)) => return stop,
+            Ok(None) => return std::future::pending().await,
+            Err(e) => {
+                tracing::warn!(run_id = %run_id, error = %e, "cannot watch the run for a stop; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        loop {
-            if let Some(stop) = handle.bodies().find_map(as_stop) {
-                return stop;
-            }
-            if handle.is_finished() {
-                return std::future::pending().await;
-            }
-            if handle.wait_for_more(Duration::from_secs(5)).await.is_err() {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                break;
             }
         }
     }

@@ -148,7 +148,9 @@ async fn give_up(log: &RunLog, check: &CheckPolicy, delivery: Delivery) -> Resul
     };
     let reason = delivery.give_up_reason("the policy check");
     tracing::error!(run_id = %run_id, call_id = check.call_id, reason, "giving up");
-    let mut run = log.handle(run_id).await?;
+    let mut run = log
+        .handle_at(run_id, check.from_stream_seq, |b| requests(b, check))
+        .await?;
     run.abandon(
         "policy",
         &check.call_id,
@@ -159,6 +161,11 @@ async fn give_up(log: &RunLog, check: &CheckPolicy, delivery: Delivery) -> Resul
     Ok(())
 }
 
+/// True for the event requesting the call `check` is about, where the log is read from.
+fn requests(body: &Body, check: &CheckPolicy) -> bool {
+    matches!(body, Body::ToolCallRequested(r) if r.call_id == check.call_id)
+}
+
 async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Result<(), Error> {
     let Ok(run_id) = check.run_id.parse::<RunId>() else {
         tracing::warn!(
@@ -167,7 +174,9 @@ async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Resul
         );
         return Ok(());
     };
-    let mut run = log.handle(run_id).await?;
+    let mut run = log
+        .handle_at(run_id, check.from_stream_seq, |b| requests(b, check))
+        .await?;
     let call_id = check.call_id.as_str();
     // The decision is about the call the run's log requested, not whatever the command
     // claims: a command for a call the log does not hold is ignored.
