@@ -80,8 +80,9 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "Dispatch benchmarks (nats-server {}, same server for every raw figure)",
-        nats_version()
+        "Dispatch benchmarks (nats-server {}, same server for every raw figure; workspaces on {})",
+        nats_version(),
+        filesystem_of(&std::env::temp_dir())
     );
     for line in &lines {
         println!("  {line}");
@@ -174,6 +175,8 @@ async fn e2e_section(
         .collect();
     let cpu_before = stack.cpu_ns(nats);
     let load = e2e_http(bus, &stack.http_addr, &stack.key, E2E_RUNS, E2E_CONCURRENCY).await?;
+    // The work a run leaves behind (its trail, its views) is part of what it costs.
+    growth::caught_up(bus).await?;
     let cpu_after = stack.cpu_ns(nats);
     let rate = load.rate();
     lines.push(format!(
@@ -348,6 +351,24 @@ async fn fresh_server(prefix: &str) -> Result<(NatsServer, tempfile::TempDir, Bu
         })
         .await?;
     Ok((nats, workspace, bus))
+}
+
+/// The type of the filesystem `path` is on (from `/proc/self/mounts`), with its
+/// device, since what a run's files cost depends on it (see ARCHITECTURE.md, "What a
+/// run costs"); `TMPDIR` moves the bench's workspaces.
+fn filesystem_of(path: &std::path::Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (device, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            path.starts_with(point)
+                .then(|| (point.len(), format!("{kind} ({device} at {point})")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "an unknown filesystem".into(), |(_, fs)| fs)
 }
 
 pub fn verdict(met: bool) -> &'static str {

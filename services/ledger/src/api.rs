@@ -108,6 +108,9 @@ pub struct StatusReply {
     pub runs_cursor: u64,
     /// Last `DISPATCH_LEDGER` sequence applied to the views.
     pub ledger_cursor: u64,
+    /// Some ended run's trail is still to be written.
+    #[serde(default)]
+    pub trails_due: bool,
 }
 
 /// Why a query could not be answered.

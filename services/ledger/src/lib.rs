@@ -316,6 +316,9 @@ fn commit(
     Ok(())
 }
 
+/// Trails exported at the same time.
+const TRAILS_AT_ONCE: usize = 16;
+
 /// How long the exporter waits before trying a trail that could not be written again.
 const TRAIL_RETRY: Duration = Duration::from_secs(5);
 
@@ -344,8 +347,17 @@ async fn export_due(state: &State, shutdown: &CancellationToken) -> usize {
         if due.is_empty() || shutdown.is_cancelled() {
             break;
         }
-        for run_id in due {
-            match export_trail(state, &run_id, false).await {
+        after = due.last().cloned();
+        // A trail is a few reads of the log, each a round trip: several at once keep
+        // the exporter from falling behind a busy stack.
+        let mut exports = futures::stream::iter(due)
+            .map(|run_id| async move {
+                let result = export_trail(state, &run_id, false).await;
+                (run_id, result)
+            })
+            .buffer_unordered(TRAILS_AT_ONCE);
+        while let Some((run_id, result)) = exports.next().await {
+            match result {
                 Ok(_) => {
                     if let Err(e) = state.views.trail_written(&run_id) {
                         tracing::warn!(run_id, error = %e, "cannot mark the trail written");
@@ -353,10 +365,9 @@ async fn export_due(state: &State, shutdown: &CancellationToken) -> usize {
                 }
                 Err(e) => {
                     failed += 1;
-                    first_error.get_or_insert((run_id.clone(), e));
+                    first_error.get_or_insert((run_id, e));
                 }
             }
-            after = Some(run_id);
         }
     }
     if let Some((run_id, error)) = first_error {
@@ -720,6 +731,7 @@ fn status(state: &State) -> Reply<StatusReply> {
     Ok(StatusReply {
         runs_cursor: cursor(streams::RUNS)?,
         ledger_cursor: cursor(streams::LEDGER)?,
+        trails_due: !state.views.trails_due(None, 1).is_empty(),
     })
 }
 
