@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dispatch_bus::streams::{COMMANDS, GOALS, RUNS};
 use dispatch_models::offline::Offline;
-use dispatch_models::{AuthorRequest, Provider, TurnReply, TurnRequest};
+use dispatch_models::{AuthorReply, AuthorRequest, Provider, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
 use dispatch_tests::{Stack, count, finished};
 use futures::FutureExt;
@@ -181,10 +181,11 @@ impl Provider for Scripted {
     fn author(
         &self,
         request: AuthorRequest,
-    ) -> BoxFuture<'_, Result<String, dispatch_models::Error>> {
+    ) -> BoxFuture<'_, Result<AuthorReply, dispatch_models::Error>> {
         self.asked.lock().unwrap().push(request);
-        let plan = self.plans.lock().unwrap().pop_front().unwrap_or_default();
-        async move { Ok(plan) }.boxed()
+        let text = self.plans.lock().unwrap().pop_front().unwrap_or_default();
+        let usage = dispatch_models::Usage::default();
+        async move { Ok(AuthorReply { text, usage }) }.boxed()
     }
 
     fn turn(

@@ -25,7 +25,7 @@ impl Provider for Broken {
     fn author(
         &self,
         request: AuthorRequest,
-    ) -> BoxFuture<'_, Result<String, dispatch_models::Error>> {
+    ) -> BoxFuture<'_, Result<dispatch_models::AuthorReply, dispatch_models::Error>> {
         Offline.author(request)
     }
 

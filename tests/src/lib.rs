@@ -210,7 +210,18 @@ impl Stack {
 
     /// Starts `service` with extra arguments and keeps it in the stack.
     pub async fn add_with(&mut self, service: &str, args: &[&str]) -> Result<&Service> {
-        let started = Service::start(service, &self.nats, self.workspace.path(), args).await?;
+        self.add_with_env(service, args, &[]).await
+    }
+
+    /// Starts `service` with extra arguments and environment variables.
+    pub async fn add_with_env(
+        &mut self,
+        service: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<&Service> {
+        let started =
+            Service::start_with_env(service, &self.nats, self.workspace.path(), args, env).await?;
         self.services.push(started);
         Ok(self.services.last().expect("just pushed"))
     }
@@ -267,8 +278,10 @@ impl Stack {
             },
             max_runs: 4,
             lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,
+            model: dispatch_dispatcher::model::ModelArgs::offline(),
         };
-        let dispatcher = dispatch_dispatcher::Dispatcher::build(config, provider).await?;
+        let providers = dispatch_dispatcher::model::Providers::both(provider);
+        let dispatcher = dispatch_dispatcher::Dispatcher::build(config, providers).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(dispatcher.run(shutdown.clone()));
         Ok(shutdown)

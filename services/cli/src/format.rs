@@ -242,6 +242,8 @@ mod tests {
             last_seq: 1,
             last_hash: String::new(),
             corrupt: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
         };
         let table = ps_table(
             &[view("a", "整理共享驱动器"), view("bb", "tidy")],

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::{RunId, subject};
-use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
+use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, ToolSpec, TurnRequest};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
     Decision, GateChecked, LeafFinished, LeafStarted, LeafState, ModelTurn, PlanAuthored, PlanLeaf,
@@ -26,24 +26,47 @@ const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long the stop watcher trusts a quiet feed before it reads the log itself.
 const STOP_WATCH_QUIET: Duration = Duration::from_secs(5);
 
-/// The most model turns one leaf may take.
-pub const MAX_TURNS: u32 = 8;
-
-/// The tools offered to the leaf's model.
-const TOOLS: [(&str, &str); 3] = [
-    (
-        "read_file",
-        "read a file under scratch/: {\"path\": \"scratch/…\"}",
-    ),
-    (
-        "write_file",
-        "write a file under scratch/: {\"path\": \"scratch/…\", \"content\": \"…\"}",
-    ),
-    (
-        "list_files",
-        "list a directory under scratch/: {\"path\": \"scratch\"}",
-    ),
-];
+/// The tools offered to the leaf's model: name, description, JSON schema of the arguments.
+fn tools() -> Vec<ToolSpec> {
+    let path = |what: &str| serde_json::json!({"type": "string", "description": what});
+    let object = |properties: serde_json::Value, required: &[&str]| {
+        serde_json::json!({
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "additionalProperties": false,
+        })
+    };
+    vec![
+        ToolSpec {
+            name: "read_file".into(),
+            description: "Read a text file under scratch/.".into(),
+            parameters: object(
+                serde_json::json!({"path": path("the file, e.g. scratch/notes.org")}),
+                &["path"],
+            ),
+        },
+        ToolSpec {
+            name: "write_file".into(),
+            description: "Write a text file under scratch/, replacing it if it exists.".into(),
+            parameters: object(
+                serde_json::json!({
+                    "path": path("the file, e.g. scratch/REPORT.org"),
+                    "content": {"type": "string", "description": "the whole new content"},
+                }),
+                &["path", "content"],
+            ),
+        },
+        ToolSpec {
+            name: "list_files".into(),
+            description: "List a directory under scratch/.".into(),
+            parameters: object(
+                serde_json::json!({"path": path("the directory, e.g. scratch")}),
+                &["path"],
+            ),
+        },
+    ]
+}
 
 /// Why driving a run stopped short of its plan.
 enum Stop {
@@ -218,7 +241,7 @@ impl Exec<'_> {
                     r.code, r.message
                 )
             });
-            let provider = &self.ctx.provider;
+            let provider = &self.ctx.providers.author;
             let answer = provider
                 .author(AuthorRequest {
                     goal: requested.goal.clone(),
@@ -228,7 +251,7 @@ impl Exec<'_> {
                 })
                 .await
                 .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
-            match dispatch_plan::parse(&answer) {
+            match dispatch_plan::parse(&answer.text) {
                 Ok(plan) => {
                     let slug = dispatch_plan::slug(&requested.goal);
                     let path =
@@ -242,6 +265,7 @@ impl Exec<'_> {
                         plan_text: plan.text.clone(),
                         leaves: plan.leaves.iter().map(to_proto_leaf).collect(),
                         model: provider.name().to_owned(),
+                        usage: Some(usage(answer.usage)),
                     };
                     return self.ensure(as_plan, Body::PlanAuthored(body)).await;
                 }
@@ -252,6 +276,7 @@ impl Exec<'_> {
                         code: e.code().to_owned(),
                         message: e.to_string(),
                         model: provider.name().to_owned(),
+                        usage: Some(usage(answer.usage)),
                     };
                     let matches = move |b: &Body| match b {
                         Body::PlanRejected(r) if r.attempt == attempt => Some(r.clone()),
@@ -316,20 +341,18 @@ impl Exec<'_> {
     ) -> Result<(LeafState, String), Stop> {
         let mut history = Vec::new();
         let mut done = false;
-        for turn in 0..MAX_TURNS {
+        let max_turns = self.ctx.max_turns;
+        for turn in 0..max_turns {
             let model_turn = match self.find(model_turn(leaf.index, turn)) {
                 Some(recorded) => recorded,
                 None => {
-                    let provider = &self.ctx.provider;
+                    let provider = &self.ctx.providers.worker;
                     let reply = provider
                         .turn(TurnRequest {
                             goal: requested.goal.clone(),
                             leaf: from_proto_leaf(leaf),
                             history: history.clone(),
-                            tools: TOOLS
-                                .iter()
-                                .map(|(n, d)| ((*n).to_owned(), (*d).to_owned()))
-                                .collect(),
+                            tools: tools(),
                         })
                         .await
                         .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
@@ -348,6 +371,8 @@ impl Exec<'_> {
                             })
                             .collect(),
                         model: provider.name().to_owned(),
+                        usage: Some(usage(reply.usage)),
+                        call_form: reply.form.word().to_owned(),
                     });
                     self.ensure(model_turn(leaf.index, turn), body).await?
                 }
@@ -358,6 +383,7 @@ impl Exec<'_> {
                     .tool_calls
                     .iter()
                     .map(|c| dispatch_models::ToolCall {
+                        id: c.call_id.clone(),
                         tool: c.tool.clone(),
                         args_json: c.args_json.clone(),
                     })
@@ -370,6 +396,7 @@ impl Exec<'_> {
             for call in &model_turn.tool_calls {
                 let result = self.tool_call(leaf.index, call).await?;
                 history.push(Exchange::ToolResult {
+                    call_id: call.call_id.clone(),
                     tool: call.tool.clone(),
                     result,
                 });
@@ -378,7 +405,7 @@ impl Exec<'_> {
         if !done {
             return Ok((
                 LeafState::Failed,
-                format!("the model did not finish the leaf within {MAX_TURNS} turns"),
+                format!("the model did not finish the leaf within {max_turns} turns"),
             ));
         }
         if leaf.done_when.is_empty() {
@@ -669,6 +696,13 @@ fn gate_for(check_id: &str) -> impl Fn(&Body) -> Option<GateChecked> + '_ {
     move |b| match b {
         Body::GateChecked(g) if g.check_id == check_id => Some(g.clone()),
         _ => None,
+    }
+}
+
+fn usage(usage: dispatch_models::Usage) -> dispatch_proto::run::v1::Usage {
+    dispatch_proto::run::v1::Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
     }
 }
 

@@ -14,6 +14,7 @@
 //! server hands the goal to another copy once the ack wait runs out.
 
 mod execute;
+pub mod model;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,6 @@ use dispatch_bus::async_nats::jetstream::{self, AckKind};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
-use dispatch_models::Provider;
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_runlog::RunLog;
 use dispatch_runlog::seal::Sealer;
@@ -57,6 +57,8 @@ pub struct Config {
     /// long is taken over by another copy. Renewed every third of it.
     #[arg(long, env = "DISPATCH_LEASE_MS", default_value_t = DEFAULT_LEASE.as_millis() as u64)]
     pub lease_ms: u64,
+    #[command(flatten)]
+    pub model: model::ModelArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,14 +89,16 @@ pub struct Dispatcher {
 struct Context {
     bus: Bus,
     log: RunLog,
-    provider: Arc<dyn Provider>,
+    providers: model::Providers,
+    /// The most model turns one leaf may take.
+    max_turns: u32,
     workspace: PathBuf,
     owner: String,
     lease: Duration,
 }
 
 impl Dispatcher {
-    pub async fn build(config: Config, provider: Arc<dyn Provider>) -> Result<Self, Error> {
+    pub async fn build(config: Config, providers: model::Providers) -> Result<Self, Error> {
         let instance = config.common.instance.clone();
         let bus = config
             .common
@@ -112,7 +116,8 @@ impl Dispatcher {
             ctx: Arc::new(Context {
                 bus,
                 log,
-                provider,
+                providers,
+                max_turns: config.model.max_turns,
                 workspace: config.common.workspace.clone(),
                 owner,
                 lease: Duration::from_millis(config.lease_ms.max(300)),

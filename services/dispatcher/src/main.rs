@@ -5,8 +5,8 @@ async fn main() -> anyhow::Result<()> {
     let config: Config = dispatch_service::config::parse(dispatch_dispatcher::SERVICE);
     dispatch_service::init_tracing();
     let shutdown = dispatch_service::shutdown_on_signals();
-    let provider = std::sync::Arc::new(dispatch_models::offline::Offline);
-    Dispatcher::build(config, provider)
+    let providers = config.model.providers()?;
+    Dispatcher::build(config, providers)
         .await?
         .run(shutdown)
         .await?;

@@ -243,6 +243,8 @@ mod tests {
             last_seq: 9,
             last_hash: String::new(),
             corrupt: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
         };
         let org = tasks_org(&[run]);
         let expected = format!(

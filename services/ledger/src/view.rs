@@ -80,6 +80,13 @@ pub struct RunView {
     /// Why the run's log fails verification, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<Corruption>,
+    /// Prompt tokens of every model answer in the run (plans and turns), as the model
+    /// servers counted them.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens of every model answer in the run.
+    #[serde(default)]
+    pub completion_tokens: u64,
 }
 
 /// Where and why a run's log fails verification.
@@ -114,6 +121,17 @@ impl RunView {
             last_seq: 0,
             last_hash: String::new(),
             corrupt: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        }
+    }
+
+    fn add_usage(&mut self, usage: Option<&dispatch_proto::run::v1::Usage>) {
+        if let Some(usage) = usage {
+            self.prompt_tokens = self.prompt_tokens.saturating_add(usage.prompt_tokens);
+            self.completion_tokens = self
+                .completion_tokens
+                .saturating_add(usage.completion_tokens);
         }
     }
 
@@ -206,6 +224,7 @@ impl RunView {
                 view.requested_at_ms = event.time_unix_ms;
             }
             Body::PlanAuthored(p) => {
+                view.add_usage(p.usage.as_ref());
                 view.title = Some(p.title.clone());
                 view.workflow = Some(p.workflow_path.clone());
                 view.leaves = p.leaves.len() as u32;
@@ -235,9 +254,9 @@ impl RunView {
                 view.summary = Some(f.summary.clone());
                 view.finished_at_ms = Some(event.time_unix_ms);
             }
-            Body::PlanRejected(_)
-            | Body::LeafStarted(_)
-            | Body::ModelTurn(_)
+            Body::PlanRejected(p) => view.add_usage(p.usage.as_ref()),
+            Body::ModelTurn(t) => view.add_usage(t.usage.as_ref()),
+            Body::LeafStarted(_)
             | Body::ToolCallRequested(_)
             | Body::PolicyDecided(_)
             | Body::ToolCallStarted(_)

@@ -1,0 +1,742 @@
+//! An OpenAI-compatible chat-completions provider: OpenAI, vLLM, Ollama, llama.cpp's
+//! `llama-server`, llama-cpp-python — anything serving `POST {base}/chat/completions`.
+//!
+//! Answers are streamed (server-sent events, parsed by `eventsource-stream`): text and
+//! `tool_calls` arrive as deltas and are put together here. Native tool calls come
+//! first; a model that writes its call as JSON in its text instead — fenced, bare, or in
+//! `<tool_call>` tags, as small local models do — is understood too, and the reply says
+//! which form it used ([`CallForm`]).
+//!
+//! Transient failures (429, 5xx, a refused or dropped connection, a stream cut short)
+//! are retried with jittered exponential backoff, waiting at least what `Retry-After`
+//! asks. The API key is a [`Secret`]: it is sent as a bearer token and nowhere else —
+//! not in `Debug`, not in errors (a server that echoes it gets it masked).
+//!
+//! Dropping a call's future drops its connection: that is how a run's deadline or a
+//! stop cancels a model request, streaming or not.
+
+use std::time::Duration;
+
+use eventsource_stream::Eventsource as _;
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, StreamExt as _};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    AuthorReply, AuthorRequest, CallForm, Error, Exchange, Provider, ToolCall, ToolSpec, TurnReply,
+    TurnRequest, Usage,
+};
+
+/// Most bytes of text and tool arguments one answer may stream.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Most tool calls one answer may make.
+pub const MAX_CALLS: usize = 16;
+/// The longest `Retry-After` honoured; a server asking for more gets this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// A value that must never be shown: its `Debug` and `Display` are `********`.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `text` with every occurrence of the secret masked.
+    pub fn mask(&self, text: &str) -> String {
+        if self.0.is_empty() {
+            text.to_owned()
+        } else {
+            text.replace(&self.0, "********")
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("********")
+    }
+}
+
+/// How to reach one model.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The API's base URL, up to and including `/v1` (`http://127.0.0.1:8091/v1`).
+    pub base_url: String,
+    /// The model's name as the server knows it.
+    pub model: String,
+    /// Sent as `Authorization: Bearer …` when set.
+    pub api_key: Option<Secret>,
+    /// The longest one request may take, streaming included; retries get their own.
+    pub timeout: Duration,
+    /// The longest a stream may go without sending anything.
+    pub idle_timeout: Duration,
+    /// `max_tokens` of every request.
+    pub max_tokens: u32,
+    /// Attempts after the first, for transient failures.
+    pub retries: u32,
+    /// The first retry's delay; later ones double, with jitter.
+    pub backoff: Duration,
+    /// The worker's sampling temperature (the author always uses
+    /// [`crate::AUTHOR_TEMPERATURE`]).
+    pub temperature: f32,
+}
+
+impl Config {
+    /// A configuration with the defaults for everything but where and what.
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key: None,
+            timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(60),
+            max_tokens: 2048,
+            retries: 3,
+            backoff: Duration::from_millis(500),
+            temperature: 0.2,
+        }
+    }
+}
+
+/// The provider for one configured model.
+#[derive(Debug, Clone)]
+pub struct OpenAi {
+    name: String,
+    config: Config,
+    http: reqwest::Client,
+    endpoint: String,
+}
+
+impl OpenAi {
+    pub fn new(config: Config) -> Result<Self, Error> {
+        let base = config.base_url.trim_end_matches('/');
+        let url = reqwest::Url::parse(base)
+            .map_err(|e| Error::Config(format!("model URL {base:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Config(format!("model URL {base:?} is not http(s)")));
+        }
+        if config.model.trim().is_empty() {
+            return Err(Error::Config("no model name given".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            name: format!("openai:{}", config.model),
+            endpoint: format!("{base}/chat/completions"),
+            config,
+            http,
+        })
+    }
+
+    /// One chat completion, retried while the failure is transient.
+    async fn complete(&self, request: &ChatRequest<'_>) -> Result<Answer, Error> {
+        let mut delays = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(self.config.backoff)
+                .with_max_delay(Duration::from_secs(30))
+                .with_max_times(self.config.retries as usize)
+                .with_jitter(),
+        );
+        loop {
+            let failure =
+                match tokio::time::timeout(self.config.timeout, self.attempt(request)).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(failure)) => failure,
+                    Err(_) => Failure::transient(format!(
+                        "no complete answer within {} s",
+                        self.config.timeout.as_secs()
+                    )),
+                };
+            let Some(delay) = delays.next().filter(|_| failure.transient) else {
+                return Err(self.error(failure.message));
+            };
+            let delay = delay.max(failure.retry_after.unwrap_or_default());
+            tracing::warn!(provider = self.name, reason = %self.mask(&failure.message), delay_ms = delay.as_millis() as u64, "model request failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(&self, request: &ChatRequest<'_>) -> Result<Answer, Failure> {
+        let mut builder = self.http.post(&self.endpoint).json(request);
+        if let Some(key) = &self.config.api_key {
+            builder = builder.bearer_auth(key.expose());
+        }
+        let response = builder.send().await.map_err(|e| {
+            Failure::transient(format!("cannot reach {}: {}", self.endpoint, plain(&e)))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = retry_after(response.headers());
+            let body = response.text().await.unwrap_or_default();
+            let message = format!("{} answered {status}: {}", self.endpoint, excerpt(&body));
+            let transient = status.as_u16() == 429 || status.is_server_error();
+            return Err(Failure {
+                message,
+                transient,
+                retry_after,
+            });
+        }
+        let is_stream = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_stream {
+            self.read_stream(response).await
+        } else {
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| Failure::transient(format!("answer cut short: {}", plain(&e))))?;
+            let completion: Completion = serde_json::from_slice(&body).map_err(|e| {
+                Failure::fatal(format!(
+                    "not a chat completion: {e}: {}",
+                    excerpt(&String::from_utf8_lossy(&body))
+                ))
+            })?;
+            Answer::from_completion(completion).map_err(Failure::fatal)
+        }
+    }
+
+    async fn read_stream(&self, response: reqwest::Response) -> Result<Answer, Failure> {
+        let mut events = response.bytes_stream().eventsource();
+        let mut answer = Answer::default();
+        loop {
+            let event = match tokio::time::timeout(self.config.idle_timeout, events.next()).await {
+                Err(_) => {
+                    return Err(Failure::transient(format!(
+                        "the stream sent nothing for {} s",
+                        self.config.idle_timeout.as_secs()
+                    )));
+                }
+                Ok(None) => {
+                    return Err(Failure::transient("the stream ended without [DONE]".into()));
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(Failure::transient(format!("the stream broke: {e}")));
+                }
+                Ok(Some(Ok(event))) => event,
+            };
+            let data = event.data.trim();
+            if data == "[DONE]" {
+                return Ok(answer);
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let chunk: Chunk = serde_json::from_str(data).map_err(|e| {
+                Failure::fatal(format!(
+                    "not a chat completion chunk: {e}: {}",
+                    excerpt(data)
+                ))
+            })?;
+            answer.take(chunk).map_err(Failure::fatal)?;
+        }
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Provider {
+            provider: self.name.clone(),
+            message: self.mask(&message),
+        }
+    }
+
+    fn mask(&self, text: &str) -> String {
+        match &self.config.api_key {
+            Some(key) => key.mask(text),
+            None => text.to_owned(),
+        }
+    }
+}
+
+impl Provider for OpenAi {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<AuthorReply, Error>> {
+        async move {
+            let mut user = format!("Goal: {}", request.goal);
+            if let Some(error) = &request.previous_error {
+                user.push_str(&format!("\n\n{error}"));
+            }
+            let messages = vec![
+                Message::system(request.grammar.to_owned()),
+                Message::user(user),
+            ];
+            let answer = self
+                .complete(&ChatRequest::new(
+                    &self.config,
+                    messages,
+                    &[],
+                    request.temperature,
+                ))
+                .await?;
+            Ok(AuthorReply {
+                text: answer.text,
+                usage: answer.usage,
+            })
+        }
+        .boxed()
+    }
+
+    fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>> {
+        async move {
+            let messages = conversation(&request);
+            let answer = self
+                .complete(&ChatRequest::new(
+                    &self.config,
+                    messages,
+                    &request.tools,
+                    self.config.temperature,
+                ))
+                .await?;
+            Ok(answer.into_turn(&request.tools))
+        }
+        .boxed()
+    }
+}
+
+/// The worker's instructions.
+const WORKER_PROMPT: &str = "You carry out one step of a plan. Use the tools to do \
+what the step asks; every path is relative to the run's directory, and files you make \
+go under scratch/. Call one tool at a time and look at its result before going on. When \
+the step is done, answer with one short paragraph saying what you did, and call no tool.";
+
+/// The messages of one leaf's turn: instructions, the step, and the turns so far.
+fn conversation(request: &TurnRequest) -> Vec<Message> {
+    let leaf = &request.leaf;
+    let mut step = format!("The goal: {}\n\nThis step: {}", request.goal, leaf.title);
+    if !leaf.body.trim().is_empty() {
+        step.push_str(&format!("\n\n{}", leaf.body.trim()));
+    }
+    if let Some(gate) = leaf.done_when.as_deref().filter(|g| !g.is_empty()) {
+        step.push_str(&format!(
+            "\n\nThe step counts as done when this check passes: {gate}"
+        ));
+    }
+    let mut messages = vec![
+        Message::system(WORKER_PROMPT.to_owned()),
+        Message::user(step),
+    ];
+    for exchange in &request.history {
+        match exchange {
+            Exchange::Assistant { text, tool_calls } => messages.push(Message {
+                role: "assistant",
+                content: Some(text.clone()),
+                tool_calls: tool_calls
+                    .iter()
+                    .map(|call| WireCall {
+                        id: call.id.clone(),
+                        kind: "function",
+                        function: WireFunction {
+                            name: call.tool.clone(),
+                            arguments: call.args_json.clone(),
+                        },
+                    })
+                    .collect(),
+                tool_call_id: None,
+            }),
+            Exchange::ToolResult {
+                call_id, result, ..
+            } => messages.push(Message {
+                role: "tool",
+                content: Some(match result {
+                    Ok(output) => output.clone(),
+                    Err(reason) => format!("error: {reason}"),
+                }),
+                tool_calls: Vec::new(),
+                tool_call_id: Some(call_id.clone()),
+            }),
+        }
+    }
+    messages
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<Message>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'static str>,
+    temperature: f32,
+    max_tokens: u32,
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+impl<'a> ChatRequest<'a> {
+    fn new(
+        config: &'a Config,
+        messages: Vec<Message>,
+        tools: &'a [ToolSpec],
+        temperature: f32,
+    ) -> Self {
+        Self {
+            model: &config.model,
+            messages,
+            tool_choice: (!tools.is_empty()).then_some("auto"),
+            tools: tools
+                .iter()
+                .map(|tool| WireTool {
+                    kind: "function",
+                    function: WireToolFunction {
+                        name: &tool.name,
+                        description: &tool.description,
+                        parameters: &tool.parameters,
+                    },
+                })
+                .collect(),
+            temperature,
+            max_tokens: config.max_tokens,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct Message {
+    role: &'static str,
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireCall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<String>,
+}
+
+impl Message {
+    fn system(content: String) -> Self {
+        Self {
+            role: "system",
+            content: Some(content),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    fn user(content: String) -> Self {
+        Self {
+            role: "user",
+            ..Self::system(content)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireCall {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunction,
+}
+
+#[derive(Serialize)]
+struct WireFunction {
+    name: String,
+    arguments: String,
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireToolFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireToolFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+// Lists are `Option`s: servers send `null` for an empty one (llama-cpp-python's
+// `"tool_calls": null` in every text chunk), which a plain `Vec` refuses.
+
+/// A whole (non-streamed) chat completion.
+#[derive(Deserialize)]
+struct Completion {
+    choices: Option<Vec<CompletionChoice>>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    message: CompletionMessage,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage {
+    content: Option<String>,
+    tool_calls: Option<Vec<CompletedCall>>,
+}
+
+#[derive(Deserialize)]
+struct CompletedCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: CallDelta,
+}
+
+/// One streamed chunk.
+#[derive(Deserialize)]
+struct Chunk {
+    choices: Option<Vec<ChunkChoice>>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    delta: Option<Delta>,
+}
+
+#[derive(Default, Deserialize)]
+struct Delta {
+    content: Option<String>,
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta {
+    index: Option<usize>,
+    id: Option<String>,
+    function: Option<CallDelta>,
+}
+
+#[derive(Default, Deserialize)]
+struct CallDelta {
+    name: Option<String>,
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// An answer as it is put together from deltas.
+#[derive(Debug, Default)]
+struct Answer {
+    text: String,
+    calls: Vec<PartialCall>,
+    usage: Usage,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct PartialCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+impl Answer {
+    fn from_completion(completion: Completion) -> Result<Self, String> {
+        let mut answer = Answer::default();
+        if let Some(usage) = completion.usage {
+            answer.usage = usage.into();
+        }
+        let Some(choice) = completion.choices.unwrap_or_default().into_iter().next() else {
+            return Err("the completion has no choices".into());
+        };
+        answer.add_text(choice.message.content.as_deref().unwrap_or_default())?;
+        let calls = choice.message.tool_calls.unwrap_or_default();
+        for (index, call) in calls.into_iter().enumerate() {
+            answer.add_call(index, call.id, call.function)?;
+        }
+        Ok(answer)
+    }
+
+    fn take(&mut self, chunk: Chunk) -> Result<(), String> {
+        if let Some(usage) = chunk.usage {
+            self.usage = usage.into();
+        }
+        for choice in chunk.choices.unwrap_or_default() {
+            let delta = choice.delta.unwrap_or_default();
+            if let Some(text) = &delta.content {
+                self.add_text(text)?;
+            }
+            for call in delta.tool_calls.unwrap_or_default() {
+                let index = call.index.unwrap_or_default();
+                self.add_call(index, call.id, call.function.unwrap_or_default())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_text(&mut self, text: &str) -> Result<(), String> {
+        self.count(text.len())?;
+        self.text.push_str(text);
+        Ok(())
+    }
+
+    fn add_call(
+        &mut self,
+        index: usize,
+        id: Option<String>,
+        delta: CallDelta,
+    ) -> Result<(), String> {
+        if index >= MAX_CALLS {
+            return Err(format!("the answer makes more than {MAX_CALLS} tool calls"));
+        }
+        if self.calls.len() <= index {
+            self.calls.resize_with(index + 1, PartialCall::default);
+        }
+        let name = delta.name.unwrap_or_default();
+        let arguments = delta.arguments.unwrap_or_default();
+        self.count(name.len() + arguments.len() + id.as_ref().map_or(0, String::len))?;
+        let call = &mut self.calls[index];
+        if let Some(id) = id {
+            call.id = id;
+        }
+        // OpenAI sends the name once; llama-cpp-python repeats it whole in every delta.
+        // A name is never really split, so a repeat of the name so far is not appended.
+        if name != call.name {
+            call.name.push_str(&name);
+        }
+        call.arguments.push_str(&arguments);
+        Ok(())
+    }
+
+    fn count(&mut self, bytes: usize) -> Result<(), String> {
+        self.bytes += bytes;
+        if self.bytes > MAX_ANSWER_BYTES {
+            return Err(format!(
+                "the answer is longer than {MAX_ANSWER_BYTES} bytes"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The turn: native calls if the model made any, else calls written in its text.
+    fn into_turn(self, tools: &[ToolSpec]) -> TurnReply {
+        let native: Vec<ToolCall> = self
+            .calls
+            .into_iter()
+            .filter(|c| !c.name.is_empty())
+            .map(|c| ToolCall {
+                id: c.id,
+                tool: c.name,
+                args_json: if c.arguments.trim().is_empty() {
+                    "{}".into()
+                } else {
+                    c.arguments
+                },
+            })
+            .collect();
+        if !native.is_empty() {
+            return TurnReply {
+                text: self.text,
+                tool_calls: native,
+                usage: self.usage,
+                form: CallForm::Native,
+            };
+        }
+        let (tool_calls, form) = match crate::textcalls::parse(&self.text, tools) {
+            Some((calls, form)) => (calls, form),
+            None => (Vec::new(), CallForm::None),
+        };
+        TurnReply {
+            text: self.text,
+            tool_calls,
+            usage: self.usage,
+            form,
+        }
+    }
+}
+
+impl From<WireUsage> for Usage {
+    fn from(usage: WireUsage) -> Self {
+        Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+        }
+    }
+}
+
+/// Why one attempt failed, and whether another may do better.
+struct Failure {
+    message: String,
+    transient: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn transient(message: String) -> Self {
+        Self {
+            message,
+            transient: true,
+            retry_after: None,
+        }
+    }
+
+    fn fatal(message: String) -> Self {
+        Self {
+            message,
+            transient: false,
+            retry_after: None,
+        }
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not honoured: the backoff applies).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+}
+
+/// A reqwest error without its URL's query or anything else it may carry.
+fn plain(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection refused or failed"
+    } else if e.is_body() || e.is_decode() {
+        "the body broke off"
+    } else {
+        "request failed"
+    };
+    match std::error::Error::source(e) {
+        Some(source) => format!("{kind}: {source}"),
+        None => kind.to_owned(),
+    }
+}
+
+/// The start of a response body, for an error message.
+fn excerpt(body: &str) -> String {
+    const MAX: usize = 200;
+    let body = body.trim();
+    match body.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &body[..at]),
+        None => body.to_owned(),
+    }
+}

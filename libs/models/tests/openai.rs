@@ -1,0 +1,264 @@
+//! The OpenAI-compatible provider against a stand-in server that speaks the real wire
+//! protocol: its successful answers are bodies and SSE streams recorded from real
+//! servers (`libs/testkit/captures/openai/record.py`: llama-server with Qwen2.5-Coder-0.5B, and
+//! llama-cpp-python for native streamed tool calls), replayed byte for byte; its
+//! failures (429 with Retry-After, 500, a stream cut off, a stream too slow for the
+//! deadline) are made on purpose.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use dispatch_models::openai::{Config, OpenAi, Secret};
+use dispatch_models::{
+    AUTHOR_TEMPERATURE, AuthorRequest, CallForm, Exchange, Provider, ToolCall, ToolSpec,
+    TurnRequest,
+};
+use dispatch_testkit::model::{Reply, StandIn};
+use serde_json::{Value, json};
+
+const KEY: &str = "sk-test-0123456789abcdef";
+
+fn provider(url: &str) -> OpenAi {
+    let mut config = Config::new(url, "recorded");
+    config.api_key = Some(Secret::new(KEY));
+    config.backoff = Duration::from_millis(20);
+    OpenAi::new(config).unwrap()
+}
+
+fn tools() -> Vec<ToolSpec> {
+    ["read_file", "write_file", "list_files"]
+        .into_iter()
+        .map(|name| ToolSpec {
+            name: name.into(),
+            description: format!("{name} under scratch/"),
+            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+        })
+        .collect()
+}
+
+fn turn_request(history: Vec<Exchange>) -> TurnRequest {
+    TurnRequest {
+        goal: "Write the word hello into a file".into(),
+        leaf: dispatch_plan::parse(
+            "#+TITLE: t\n* TODO Write hello to scratch/hello.txt\n  :done-when: test -s scratch/hello.txt\n",
+        )
+        .unwrap()
+        .leaves[0]
+            .clone(),
+        history,
+        tools: tools(),
+    }
+}
+
+fn author_request() -> AuthorRequest {
+    AuthorRequest {
+        goal: "Write the word hello into scratch/hello.txt".into(),
+        grammar: dispatch_plan::GRAMMAR,
+        previous_error: None,
+        temperature: AUTHOR_TEMPERATURE,
+    }
+}
+
+#[tokio::test]
+async fn a_recorded_plan_is_read_streamed_or_whole() {
+    for name in ["llama-server/author.sse", "llama-server/author.json"] {
+        let (stand_in, url) = StandIn::start(vec![Reply::Replay(name)]).await;
+        let reply = provider(&url).author(author_request()).await.unwrap();
+        assert!(reply.text.contains("#+TITLE"), "{name}: {}", reply.text);
+        assert!(
+            reply.usage.completion_tokens > 0,
+            "{name}: {:?}",
+            reply.usage
+        );
+        let (auth, body) = &stand_in.requests()[0];
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {KEY}").as_str()));
+        let temperature = body["temperature"].as_f64().unwrap();
+        assert!(
+            (temperature - f64::from(AUTHOR_TEMPERATURE)).abs() < 1e-6,
+            "{temperature}"
+        );
+        assert_eq!(body["stream"], json!(true));
+        assert_eq!(
+            body["messages"][0]["content"],
+            json!(dispatch_plan::GRAMMAR)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_call_the_model_wrote_as_json_in_its_text_is_a_call() {
+    let (stand_in, url) = StandIn::start(vec![Reply::Replay("llama-server/text-call.sse")]).await;
+    let reply = provider(&url).turn(turn_request(vec![])).await.unwrap();
+    assert_ne!(
+        reply.form,
+        CallForm::Native,
+        "recorded from a server that writes calls as text"
+    );
+    assert_ne!(reply.form, CallForm::None, "{}", reply.text);
+    assert_eq!(reply.tool_calls.len(), 1, "{reply:?}");
+    assert_eq!(reply.tool_calls[0].tool, "write_file");
+    let args: Value = serde_json::from_str(&reply.tool_calls[0].args_json).unwrap();
+    assert!(args["path"].as_str().unwrap().contains("hello"), "{args}");
+    // The request offered the tools with their schemas.
+    let (_, body) = &stand_in.requests()[0];
+    assert_eq!(body["tools"][1]["function"]["name"], json!("write_file"));
+    assert_eq!(
+        body["tools"][1]["function"]["parameters"]["type"],
+        json!("object")
+    );
+    assert_eq!(body["tool_choice"], json!("auto"));
+}
+
+#[tokio::test]
+async fn native_streamed_tool_calls_are_put_together_from_their_deltas() {
+    for name in [
+        "llama-cpp-python/native-call.sse",
+        "llama-cpp-python/native-call.json",
+    ] {
+        let (_stand_in, url) = StandIn::start(vec![Reply::Replay(name)]).await;
+        let reply = provider(&url).turn(turn_request(vec![])).await.unwrap();
+        assert_eq!(reply.form, CallForm::Native, "{name}");
+        assert_eq!(reply.tool_calls.len(), 1, "{name}: {reply:?}");
+        assert_eq!(reply.tool_calls[0].tool, "write_file");
+        let args: Value = serde_json::from_str(&reply.tool_calls[0].args_json)
+            .unwrap_or_else(|e| panic!("{name}: {e}: {}", reply.tool_calls[0].args_json));
+        assert!(args.is_object());
+    }
+}
+
+#[tokio::test]
+async fn the_history_goes_back_with_call_ids() {
+    let (stand_in, url) = StandIn::start(vec![Reply::Replay("llama-server/final.sse")]).await;
+    let history = vec![
+        Exchange::Assistant {
+            text: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "l0-t0-c0".into(),
+                tool: "write_file".into(),
+                args_json: r#"{"path":"scratch/hello.txt","content":"hello"}"#.into(),
+            }],
+        },
+        Exchange::ToolResult {
+            call_id: "l0-t0-c0".into(),
+            tool: "write_file".into(),
+            result: Ok("wrote 5 bytes".into()),
+        },
+    ];
+    let reply = provider(&url).turn(turn_request(history)).await.unwrap();
+    // The recorded model answered with one JSON call per line until its token limit cut
+    // the last one off: that is text, not calls.
+    assert!(reply.text.contains("write_file"), "{}", reply.text);
+    assert_eq!((reply.tool_calls.len(), reply.form), (0, CallForm::None));
+    let (_, body) = &stand_in.requests()[0];
+    let messages = body["messages"].as_array().unwrap();
+    assert_eq!(messages[2]["tool_calls"][0]["id"], json!("l0-t0-c0"));
+    assert_eq!(messages[3]["role"], json!("tool"));
+    assert_eq!(messages[3]["tool_call_id"], json!("l0-t0-c0"));
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_the_time_it_asks_for() {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::Status(429, Some("1"), "slow down".into()),
+        Reply::Replay("llama-server/author.sse"),
+    ])
+    .await;
+    let started = Instant::now();
+    let reply = provider(&url).author(author_request()).await.unwrap();
+    assert!(reply.text.contains("#+TITLE"));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stand_in.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_reported_without_the_key() {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::Status(500, None, "oops".into()),
+        Reply::Replay("llama-server/author.sse"),
+    ])
+    .await;
+    provider(&url).author(author_request()).await.unwrap();
+    assert_eq!(stand_in.requests().len(), 2);
+
+    // A server that keeps failing, and echoes the key: 1 try + 3 retries, then an error
+    // that names the status and masks the key.
+    let echo = format!("internal error for Bearer {KEY}");
+    let (stand_in, url) = StandIn::start(
+        (0..4)
+            .map(|_| Reply::Status(503, None, echo.clone()))
+            .collect(),
+    )
+    .await;
+    let err = provider(&url)
+        .author(author_request())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(stand_in.requests().len(), 4);
+    assert!(err.contains("503"), "{err}");
+    assert!(!err.contains(KEY), "{err}");
+    assert!(err.contains("********"), "{err}");
+    assert!(!format!("{:?}", provider(&url)).contains(KEY));
+
+    // A client error is not retried.
+    let (stand_in, url) = StandIn::start(vec![Reply::Status(400, None, "bad".into())]).await;
+    let err = provider(&url)
+        .author(author_request())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("400"), "{err}");
+    assert_eq!(stand_in.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_cut_off_midway_is_asked_again() {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::CutAfter("llama-server/author.sse", 300),
+        Reply::Replay("llama-server/author.sse"),
+    ])
+    .await;
+    let reply = provider(&url).author(author_request()).await.unwrap();
+    assert!(reply.text.contains("#+TITLE"));
+    assert_eq!(stand_in.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_deadline_cancels_a_slow_stream_and_hangs_up() {
+    let (stand_in, url) = StandIn::start(vec![Reply::Slowly(
+        "llama-server/author.sse",
+        Duration::from_millis(200),
+    )])
+    .await;
+    let provider = provider(&url);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(700),
+        provider.author(author_request()),
+    )
+    .await;
+    assert!(cut.is_err(), "the slow stream finished within the deadline");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stand_in.hung_up.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the request was not cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_reason() {
+    for (url, model, expected) in [
+        ("not a url", "m", "model URL"),
+        ("ftp://host/v1", "m", "not http(s)"),
+        ("http://127.0.0.1:1/v1", " ", "no model name"),
+    ] {
+        let err = OpenAi::new(Config::new(url, model))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{url}: {err}");
+    }
+    assert_eq!(format!("{:?}", Secret::new(KEY)), "********");
+}

@@ -1,0 +1,178 @@
+//! A stand-in for an OpenAI-compatible model server, for tests: it speaks the real
+//! wire protocol, and its successful answers are bodies and SSE streams recorded from
+//! real servers (`captures/openai/record.py`: llama-server with Qwen2.5-Coder-0.5B, and
+//! llama-cpp-python for native streamed tool calls), replayed byte for byte. Its
+//! failures (a status with `Retry-After`, a stream cut off, a stream too slow) are made
+//! on purpose. Each request takes the next scripted [`Reply`]; a request beyond the
+//! script gets a 500 saying so.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use serde_json::Value;
+
+/// What the stand-in does with one request.
+pub enum Reply {
+    /// Replays a recorded body (`.sse` as an event stream, `.json` as JSON).
+    Replay(&'static str),
+    /// Answers with a status, an optional `Retry-After` and a body.
+    Status(u16, Option<&'static str>, String),
+    /// Sends the first `n` bytes of a recorded stream, then breaks the connection.
+    CutAfter(&'static str, usize),
+    /// Sends a recorded stream one event per interval.
+    Slowly(&'static str, Duration),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Replay(name) => write!(f, "Replay({name})"),
+            Reply::Status(code, ..) => write!(f, "Status({code})"),
+            Reply::CutAfter(name, n) => write!(f, "CutAfter({name}, {n})"),
+            Reply::Slowly(name, every) => write!(f, "Slowly({name}, {every:?})"),
+        }
+    }
+}
+
+/// A request as the stand-in saw it: its `Authorization` header and JSON body.
+pub type Seen = (Option<String>, Value);
+
+#[derive(Clone)]
+pub struct StandIn {
+    replies: Arc<Mutex<VecDeque<Reply>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Set when a response body is dropped before it was sent whole.
+    pub hung_up: Arc<AtomicBool>,
+}
+
+impl StandIn {
+    /// Serves `replies` on a random loopback port; returns the stand-in and its base
+    /// URL (`http://127.0.0.1:<port>/v1`).
+    pub async fn start(replies: Vec<Reply>) -> (Self, String) {
+        let stand_in = StandIn {
+            replies: Arc::new(Mutex::new(VecDeque::from(replies))),
+            seen: Arc::default(),
+            hung_up: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(answer))
+            .with_state(stand_in.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (stand_in, url)
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A recorded body, by its path under `captures/openai/`.
+pub fn capture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("captures/openai")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn kind_of(name: &str) -> &'static str {
+    if name.ends_with(".sse") {
+        "text/event-stream"
+    } else {
+        "application/json"
+    }
+}
+
+/// Sets the stand-in's flag if dropped before `done` is called: the client hung up.
+struct HangUp(Arc<AtomicBool>, bool);
+
+impl HangUp {
+    /// The body was sent whole.
+    fn finish(mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn answer(
+    axum::extract::State(stand_in): axum::extract::State<StandIn>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    stand_in.seen.lock().unwrap().push((auth.clone(), json));
+    let reply = stand_in
+        .replies
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| Reply::Status(500, None, "the stand-in has no reply scripted".into()));
+    let builder = Response::builder();
+    match reply {
+        Reply::Replay(name) => builder
+            .header(header::CONTENT_TYPE, kind_of(name))
+            .body(Body::from(capture(name)))
+            .unwrap(),
+        Reply::Status(code, retry_after, body) => {
+            let mut builder = builder.status(StatusCode::from_u16(code).unwrap());
+            if let Some(seconds) = retry_after {
+                builder = builder.header(header::RETRY_AFTER, seconds);
+            }
+            builder.body(Body::from(body)).unwrap()
+        }
+        Reply::CutAfter(name, n) => {
+            let head = Bytes::from(capture(name)[..n].to_vec());
+            let chunks = futures::stream::iter([
+                Ok(head),
+                Err(std::io::Error::other("the stand-in cuts the stream")),
+            ]);
+            builder
+                .header(header::CONTENT_TYPE, kind_of(name))
+                .body(Body::from_stream(chunks))
+                .unwrap()
+        }
+        Reply::Slowly(name, every) => {
+            let text = String::from_utf8(capture(name)).unwrap();
+            let events: Vec<String> = text.split_inclusive("\n\n").map(str::to_owned).collect();
+            let guard = HangUp(stand_in.hung_up.clone(), false);
+            let chunks = futures::stream::unfold(
+                (events.into_iter(), guard),
+                move |(mut events, guard)| async move {
+                    tokio::time::sleep(every).await;
+                    match events.next() {
+                        Some(event) => {
+                            Some((Ok::<_, std::io::Error>(Bytes::from(event)), (events, guard)))
+                        }
+                        None => {
+                            guard.finish();
+                            None
+                        }
+                    }
+                },
+            );
+            builder
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(Body::from_stream(chunks))
+                .unwrap()
+        }
+    }
+}

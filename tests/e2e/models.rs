@@ -1,0 +1,139 @@
+//! The dispatcher driven by a real model's answers: a stand-in OpenAI-compatible server
+//! replays what llama-server with Qwen2.5-Coder-0.5B answered to a plan request
+//! (`libs/testkit/captures/openai`), and the dispatcher, a real process, talks to it
+//! with an API key. The small model's plan does not follow the grammar, so the run
+//! shows the author's retry with the validation error and the end `blocked` — with
+//! each answer's tokens recorded and summed, and the key nowhere but on the wire.
+
+use std::time::Duration;
+
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_testkit::model::{Reply, StandIn};
+use dispatch_tests::{Stack, finished};
+use prost::Message as _;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const KEY: &str = "sk-e2e-do-not-leak-4f1c9a";
+
+#[tokio::test]
+async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_nowhere()
+-> anyhow::Result<()> {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::Replay("llama-server/author.sse"),
+        Reply::Replay("llama-server/author.json"),
+    ])
+    .await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &[
+                "--model-url",
+                &url,
+                "--model",
+                "recorded",
+                "--model-api-key-env",
+                "E2E_MODEL_KEY",
+            ],
+            &[("E2E_MODEL_KEY", KEY)],
+        )
+        .await?;
+    let run_id = stack
+        .submit("Write the word hello into scratch/hello.txt", "default", 0)
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+
+    // The author was asked twice, the second time with the first answer's error.
+    let asked = stand_in.requests();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(
+        asked
+            .iter()
+            .all(|(auth, _)| auth.as_deref() == Some(&*format!("Bearer {KEY}")))
+    );
+    let retry = asked[1].1["messages"][1]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(retry.contains("previous outline was invalid"), "{retry}");
+
+    let rejected: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::PlanRejected(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected.len(), 2);
+    for r in &rejected {
+        assert_eq!(r.model, "openai:recorded");
+        let usage = r.usage.expect("usage recorded");
+        assert!(
+            usage.prompt_tokens > 0 && usage.completion_tokens > 0,
+            "{usage:?}"
+        );
+    }
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(end.reason.starts_with("plan rejected"), "{}", end.reason);
+
+    // `inspect` sums the tokens.
+    let expected: u64 = rejected
+        .iter()
+        .map(|r| r.usage.unwrap().completion_tokens)
+        .sum();
+    let inspect = stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["inspect", &run_id.to_string()]).ok()?;
+            let view: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            (view["status"] == "blocked").then_some(out.stdout)
+        })
+        .await?;
+    let view: serde_json::Value = serde_json::from_str(&inspect)?;
+    assert_eq!(view["completion_tokens"], serde_json::json!(expected));
+
+    // The key is in no event, no log line, no answer, no file the run left.
+    let mut places = vec![("inspect".to_owned(), inspect.into_bytes())];
+    for event in &events {
+        places.push((
+            format!("event {}", event.event.seq),
+            event.event.encode_to_vec(),
+        ));
+    }
+    stack
+        .eventually(LIMIT, || async {
+            let trail = dispatch_service::layout::steps_file(stack.root(), &run_id);
+            trail.exists().then_some(())
+        })
+        .await?;
+    for entry in walk(stack.root()) {
+        places.push((entry.display().to_string(), std::fs::read(&entry)?));
+    }
+    for (place, bytes) in &places {
+        assert!(
+            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "the API key leaked into {place}"
+        );
+    }
+    assert!(
+        places.iter().any(|(p, _)| p.ends_with(".log")),
+        "service logs were scanned"
+    );
+    Ok(())
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(path),
+                Ok(t) if t.is_file() => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out
+}
