@@ -32,6 +32,8 @@ use crate::{
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Most tool calls one answer may make.
 pub const MAX_CALLS: usize = 16;
+/// Most bytes of an error answer read (for its message).
+const ERROR_BODY_BYTES: usize = 4096;
 /// The longest `Retry-After` honoured; a server asking for more gets this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -177,7 +179,10 @@ impl OpenAi {
         let status = response.status();
         if !status.is_success() {
             let retry_after = retry_after(response.headers());
-            let body = response.text().await.unwrap_or_default();
+            let body = read_capped(response, ERROR_BODY_BYTES)
+                .await
+                .unwrap_or_default();
+            let body = String::from_utf8_lossy(&body);
             let message = format!("{} answered {status}: {}", self.endpoint, excerpt(&body));
             let transient = status.as_u16() == 429 || status.is_server_error();
             return Err(Failure {
@@ -194,10 +199,7 @@ impl OpenAi {
         if is_stream {
             self.read_stream(response).await
         } else {
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| Failure::transient(format!("answer cut short: {}", plain(&e))))?;
+            let body = read_capped(response, MAX_ANSWER_BYTES * 2).await?;
             let completion: Completion = serde_json::from_slice(&body).map_err(|e| {
                 Failure::fatal(format!(
                     "not a chat completion: {e}: {}",
@@ -700,6 +702,24 @@ impl Failure {
             retry_after: None,
         }
     }
+}
+
+/// Reads a body, refusing one longer than `max` bytes: a server's answer is held in
+/// memory, so its size is ours to bound.
+async fn read_capped(response: reqwest::Response, max: usize) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|e| Failure::transient(format!("answer cut short: {}", plain(&e))))?;
+        if body.len() + chunk.len() > max {
+            return Err(Failure::fatal(format!(
+                "the answer is longer than {max} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not honoured: the backoff applies).

@@ -262,3 +262,20 @@ fn bad_configuration_is_refused_with_the_reason() {
     }
     assert_eq!(format!("{:?}", Secret::new(KEY)), "********");
 }
+
+#[tokio::test]
+async fn an_answer_too_large_to_hold_is_refused_not_read() {
+    let huge = "x".repeat(3 << 20);
+    let (stand_in, url) = StandIn::start(vec![Reply::Status(200, None, huge)]).await;
+    let err = provider(&url)
+        .author(author_request())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("longer than"), "{err}");
+    assert_eq!(
+        stand_in.requests().len(),
+        1,
+        "a refused answer is not asked again"
+    );
+}
