@@ -101,7 +101,7 @@ impl ViewStore {
     /// its owner rebuilds every view from the streams: the log is the truth, and a view
     /// that gained an index must not be read half-filled.
     pub fn open(path: &Path, trees: &[&str], schema: u32) -> Result<Self, Error> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = open_db(path)?;
         let cursors = db.open_tree(CURSORS)?;
         let trees = trees
             .iter()
@@ -208,6 +208,25 @@ impl ViewStore {
     pub fn flush(&self) -> Result<(), Error> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+/// Opens the sled database at `path`. sled holds a file lock that its background
+/// flusher releases a moment after the last handle is dropped, so a store closed just
+/// before (a copy handing over, a reopen in the same process) may still hold it: a
+/// refused lock is tried again for up to a second before it is an error.
+fn open_db(path: &Path) -> Result<sled::Db, sled::Error> {
+    let mut tries = 0;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if tries < 20 && e.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 
