@@ -28,8 +28,11 @@ use crate::{
     TurnRequest, Usage,
 };
 
-/// Most bytes of text and tool arguments one answer may stream.
-pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Most bytes of text and tool arguments one answer may stream. An answer is recorded
+/// in one event (`ModelTurn`; `PlanAuthored` holds a plan's text and its leaves, about
+/// twice that), and an event must fit in a NATS message (1 MiB by default) with room
+/// to spare; 2,048 tokens of answer are about 8 KiB.
+pub const MAX_ANSWER_BYTES: usize = 128 * 1024;
 /// Most tool calls one answer may make.
 pub const MAX_CALLS: usize = 16;
 /// Most bytes of an error answer read (for its message).
@@ -758,5 +761,40 @@ fn excerpt(body: &str) -> String {
     match body.char_indices().nth(MAX) {
         Some((at, _)) => format!("{}…", &body[..at]),
         None => body.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(delta: Value) -> Chunk {
+        serde_json::from_value(serde_json::json!({"choices": [{"delta": delta}]})).unwrap()
+    }
+
+    #[test]
+    fn an_answer_stays_small_enough_for_one_event() {
+        let mut answer = Answer::default();
+        answer
+            .take(chunk(
+                serde_json::json!({"content": "x".repeat(MAX_ANSWER_BYTES)}),
+            ))
+            .unwrap();
+        let err = answer
+            .take(chunk(serde_json::json!({"content": "x"})))
+            .unwrap_err();
+        assert!(err.contains("longer than"), "{err}");
+
+        let mut answer = Answer::default();
+        let call = |index: usize| {
+            chunk(serde_json::json!({"tool_calls": [{"index": index, "function": {"name": "f"}}]}))
+        };
+        answer.take(call(MAX_CALLS - 1)).unwrap();
+        assert!(
+            answer
+                .take(call(MAX_CALLS))
+                .unwrap_err()
+                .contains("more than")
+        );
     }
 }
