@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dispatch_bus::{Bus, RunId, streams, subject};
-use dispatch_ledger::api::{Reply, RunsQuery, RunsReply, StatusReply};
+use dispatch_ledger::api::{Reply, RunsQuery, RunsReply};
 use dispatch_testkit::Service;
 use serde_json::{Value, json};
 
@@ -93,11 +93,11 @@ pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
     Ok(json!({ "levels": figures }))
 }
 
-/// Waits until no run is live and the ledger has caught up ([`caught_up`]).
+/// Waits until no run is live and the ledger has caught up ([`super::caught_up`]).
 async fn settle(bus: &Bus) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        caught_up(bus).await?;
+        super::caught_up(bus).await?;
         let live: Option<RunsReply> = bus
             .request_json::<_, Reply<RunsReply>>(
                 subject::query::runs(),
@@ -118,32 +118,5 @@ async fn settle(bus: &Bus) -> Result<()> {
             "runs were still live after 600 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until the ledger has folded everything in the run log and written every
-/// trail: what a run leaves behind is billed to it, and seeding ends thousands of runs
-/// at once whose trails must not be billed to the runs measured after.
-pub async fn caught_up(bus: &Bus) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let target = super::stream_last_seq(bus, streams::RUNS).await?;
-        let status: Option<StatusReply> = bus
-            .request_json::<_, Reply<StatusReply>>(
-                subject::query::status(),
-                &(),
-                Duration::from_secs(5),
-            )
-            .await
-            .ok()
-            .and_then(|r| r.ok());
-        if status.is_some_and(|s| s.runs_cursor >= target && !s.trails_due) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the ledger did not catch up within 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -176,7 +176,7 @@ async fn e2e_section(
     let cpu_before = stack.cpu_ns(nats);
     let load = e2e_http(bus, &stack.http_addr, &stack.key, E2E_RUNS, E2E_CONCURRENCY).await?;
     // The work a run leaves behind (its trail, its views) is part of what it costs.
-    growth::caught_up(bus).await?;
+    caught_up(bus).await?;
     let cpu_after = stack.cpu_ns(nats);
     let rate = load.rate();
     lines.push(format!(
@@ -530,11 +530,7 @@ async fn rebuild_rate(
     .await?;
     let mut first: Option<(Instant, u64)> = None;
     loop {
-        let status: Result<dispatch_ledger::api::StatusReply, _> = bus
-            .request_json(subject::query::status(), &(), Duration::from_millis(500))
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r: dispatch_ledger::api::Reply<_>| r.map_err(anyhow::Error::from));
+        let status = ledger_status(bus, Duration::from_millis(500)).await;
         let cursor = status.as_ref().map_or(0, |s| s.runs_cursor);
         if cursor > 0 && cursor < total && first.is_none() {
             first = Some((Instant::now(), cursor));
@@ -721,4 +717,31 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|kb| kb.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Waits until the ledger has folded everything in the run log and written every
+/// trail: what a run leaves behind is billed to it, and seeding ends thousands of runs
+/// at once whose trails must not be billed to the runs measured after.
+pub async fn caught_up(bus: &Bus) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let target = stream_last_seq(bus, dispatch_bus::streams::RUNS).await?;
+        let status = ledger_status(bus, Duration::from_secs(5)).await;
+        if status.is_some_and(|s| s.runs_cursor >= target && !s.trails_due) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the ledger did not catch up within 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ledger's status, or `None` while it does not answer.
+async fn ledger_status(bus: &Bus, timeout: Duration) -> Option<dispatch_ledger::api::StatusReply> {
+    bus.request_json::<_, dispatch_ledger::api::Reply<_>>(subject::query::status(), &(), timeout)
+        .await
+        .ok()?
+        .ok()
 }

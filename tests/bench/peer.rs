@@ -59,7 +59,7 @@ pub async fn run(
         let cpu = stack.cpu_total(nats);
         let load = super::e2e_http(bus, &stack.http_addr, &stack.key, FIRED, 64).await?;
         // Billed with what the runs leave behind (trails, views), as in the e2e section.
-        super::growth::caught_up(bus).await?;
+        super::caught_up(bus).await?;
         ours.push((load, stack.cpu_total(nats) - cpu));
         let cpu = restate.cpu_total();
         let load = restate.fire(&http_restate, FIRED, 64).await?;

@@ -88,6 +88,18 @@ impl Raw {
     }
 }
 
+/// A stack running a run whose 30-second call has started: a live run to forge against.
+async fn stack_with_a_live_call() -> anyhow::Result<(Stack, RunId)> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+    let live = stack.submit(SLOW, "default", 0).await?;
+    stack
+        .wait_for_event(live, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    Ok((stack, live))
+}
+
 #[tokio::test]
 async fn a_process_without_a_known_key_cannot_connect() -> anyhow::Result<()> {
     let stack = Stack::start(&[]).await?;
@@ -125,13 +137,7 @@ async fn a_process_without_a_known_key_cannot_connect() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
-    let mut stack = Stack::with_test_tools().await?;
-    stack.add("dispatcher").await?;
-    stack.add("ingress").await?;
-    let live = stack.submit(SLOW, "default", 0).await?;
-    stack
-        .wait_for_event(live, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
-        .await?;
+    let (stack, live) = stack_with_a_live_call().await?;
     let events_before = stack.log().await?.read(&live).await?.len();
 
     // Identities that are not writers of run logs, commands or removals.
@@ -265,13 +271,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
 /// for the call, and execute nothing.
 #[tokio::test]
 async fn a_tool_command_pointing_elsewhere_in_the_log_executes_nothing() -> anyhow::Result<()> {
-    let mut stack = Stack::with_test_tools().await?;
-    stack.add("dispatcher").await?;
-    stack.add("ingress").await?;
-    let live = stack.submit(SLOW, "default", 0).await?;
-    stack
-        .wait_for_event(live, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
-        .await?;
+    let (stack, live) = stack_with_a_live_call().await?;
     let events = stack.log().await?.read(&live).await?;
     let request = events
         .iter()
