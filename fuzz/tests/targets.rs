@@ -154,7 +154,7 @@ fn sample_events(run_id: &RunId) -> Vec<Vec<u8>> {
         Body::ModelTurn(ModelTurn {
             tool_calls: vec![ToolCall {
                 call_id: "l0-t0-c0".into(),
-                tool: "write_file".into(),
+                tool: "files.write_file".into(),
                 args_json: "{}".into(),
             }],
             ..Default::default()

@@ -352,8 +352,8 @@ async fn file_tools_stay_inside_scratch_whatever_is_planted() -> anyhow::Result<
     let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     let plan = "#+TITLE: Escape\n\
-        * TODO Wait\n  :PROPERTIES:\n  :ORDERED: t\n  :END:\n  - call: sleep {\"ms\": 1500}\n  :done-when: true\n\
-        * TODO Write\n  - call: write_file {\"path\": \"scratch/\", \"content\": \"x\"}\n  - call: write_file {\"path\": \"scratch/.\", \"content\": \"x\"}\n  - call: write_file {\"path\": \"scratch/notes.org\", \"content\": \"owned\"}\n  :done-when: cat scratch\n";
+        * TODO Wait\n  :PROPERTIES:\n  :ORDERED: t\n  :END:\n  - call: test.sleep {\"ms\": 1500}\n  :done-when: true\n\
+        * TODO Write\n  - call: files.write_file {\"path\": \"scratch/\", \"content\": \"x\"}\n  - call: files.write_file {\"path\": \"scratch/.\", \"content\": \"x\"}\n  - call: files.write_file {\"path\": \"scratch/notes.org\", \"content\": \"owned\"}\n  :done-when: cat scratch\n";
     let run_id = stack.submit(plan, "default", 0).await?;
     stack
         .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))

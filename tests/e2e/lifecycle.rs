@@ -9,7 +9,7 @@ use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(90);
 const SLOW: &str =
-    "#+TITLE: Slow\n* TODO Sleep\n  - call: sleep {\"ms\": 30000}\n  :done-when: true\n";
+    "#+TITLE: Slow\n* TODO Sleep\n  - call: test.sleep {\"ms\": 30000}\n  :done-when: true\n";
 
 async fn wait_started_call(stack: &Stack, run_id: RunId) -> anyhow::Result<()> {
     stack

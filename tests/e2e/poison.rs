@@ -132,8 +132,7 @@ async fn a_command_that_crashes_its_handler_every_time_is_given_up() -> anyhow::
     let connectors = ["--test-tools", "--lease-ms", "300"];
     stack.add_with("connectors", &connectors).await?;
     stack.add("dispatcher").await?;
-    let plan =
-        "#+TITLE: Poison\n* TODO Crash the connector\n  - call: crash {}\n  :done-when: true\n";
+    let plan = "#+TITLE: Poison\n* TODO Crash the connector\n  - call: test.crash {}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 0).await?;
 
     // Like a supervisor would, restart the connector each time the command kills it.

@@ -33,7 +33,7 @@ fn owner(events: &[StoredEvent]) -> String {
 async fn the_kill_switch_ends_a_run_at_its_deadline_and_cancels_the_call() -> anyhow::Result<()> {
     let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
-    let plan = "#+TITLE: Too slow\n* TODO Sleep past the deadline\n  - call: sleep {\"ms\": 6000, \"marker\": \"scratch/slept.txt\"}\n  :done-when: test -s scratch/slept.txt\n";
+    let plan = "#+TITLE: Too slow\n* TODO Sleep past the deadline\n  - call: test.sleep {\"ms\": 6000, \"marker\": \"scratch/slept.txt\"}\n  :done-when: test -s scratch/slept.txt\n";
     let run_id = stack.submit(plan, "default", 2000).await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
     let end = finished(&events);
@@ -76,8 +76,8 @@ async fn a_killed_owner_is_replaced_and_no_call_runs_twice() -> anyhow::Result<(
             .await?;
     }
     let plan = "#+TITLE: Survive\n\
-        * TODO Count around a slow call\n  - call: count {\"key\": \"takeover\"}\n  - call: sleep {\"ms\": 3000}\n  - call: count {\"key\": \"takeover\"}\n  :done-when: true\n\
-        * TODO Count once more\n  - call: count {\"key\": \"takeover\"}\n  :done-when: true\n";
+        * TODO Count around a slow call\n  - call: test.count {\"key\": \"takeover\"}\n  - call: test.sleep {\"ms\": 3000}\n  - call: test.count {\"key\": \"takeover\"}\n  :done-when: true\n\
+        * TODO Count once more\n  - call: test.count {\"key\": \"takeover\"}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 120_000).await?;
     // Mid-leaf: the slow call is executing.
     stack
@@ -133,8 +133,7 @@ async fn a_run_whose_deadline_passes_with_no_dispatcher_alive_ends_orphaned() ->
     stack
         .add_with("dispatcher", &["--lease-ms", "1000"])
         .await?;
-    let plan =
-        "#+TITLE: Abandoned\n* TODO Wait\n  - call: sleep {\"ms\": 20000}\n  :done-when: true\n";
+    let plan = "#+TITLE: Abandoned\n* TODO Wait\n  - call: test.sleep {\"ms\": 20000}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 3000).await?;
     stack
         .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
@@ -161,8 +160,8 @@ async fn a_nats_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()
         .add_with("dispatcher", &["--lease-ms", "2000"])
         .await?;
     let plan = "#+TITLE: Through a restart\n\
-        * TODO Before\n  - call: count {\"key\": \"restart\"}\n  - call: sleep {\"ms\": 1500}\n  :done-when: true\n\
-        * TODO After\n  - call: count {\"key\": \"restart\"}\n  :done-when: true\n";
+        * TODO Before\n  - call: test.count {\"key\": \"restart\"}\n  - call: test.sleep {\"ms\": 1500}\n  :done-when: true\n\
+        * TODO After\n  - call: test.count {\"key\": \"restart\"}\n  :done-when: true\n";
     let run_id = stack.submit(plan, "default", 120_000).await?;
     stack
         .wait_for_event(

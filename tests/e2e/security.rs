@@ -26,7 +26,7 @@ use prost::Message as _;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const SLOW: &str =
-    "#+TITLE: Slow\n* TODO Sleep\n  - call: sleep {\"ms\": 30000}\n  :done-when: true\n";
+    "#+TITLE: Slow\n* TODO Sleep\n  - call: test.sleep {\"ms\": 30000}\n  :done-when: true\n";
 
 /// A raw NATS client signed in as `identity` that collects the server's complaints.
 struct Raw {
@@ -195,7 +195,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
     let call = CallTool {
         run_id: live.to_string(),
         call_id: "forged-call".into(),
-        tool: "count".into(),
+        tool: "test.count".into(),
         args_json: r#"{"key":"forged"}"#.into(),
         ..Default::default()
     };
@@ -282,7 +282,7 @@ async fn a_tool_command_pointing_elsewhere_in_the_log_executes_nothing() -> anyh
     let smuggled = CallTool {
         run_id: live.to_string(),
         call_id: "smuggled".into(),
-        tool: "count".into(),
+        tool: "test.count".into(),
         args_json: r#"{"key":"smuggled"}"#.into(),
         from_stream_seq: request.stream_seq,
     };

@@ -393,13 +393,13 @@ impl Stack {
     }
 }
 
-/// The built-in policy plus the `sleep` and `count` test tools.
+/// The built-in policy plus the test connector's tools.
 pub const TEST_POLICY: &str = r#"{
   "version": 2,
   "rules": [
-    {"name": "test-tools", "tools": ["sleep", "count", "crash"], "effect": "allow"},
-    {"name": "read-only-tools", "tools": ["read_file", "list_files"], "effect": "allow", "when": ["path_inside_scratch"]},
-    {"name": "writes-inside-run", "tools": ["write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
+    {"name": "test-tools", "tools": ["test.*"], "effect": "allow"},
+    {"name": "read-only-tools", "tools": ["files.read_file", "files.list_files"], "effect": "allow", "when": ["path_inside_scratch"]},
+    {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
   ],
   "default": "deny"
 }"#;

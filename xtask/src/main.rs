@@ -5,7 +5,8 @@
 //!   into `.tools/bin/`.
 //! - `up [--model URL] [dispatch up flags]` — install, build, and run `dispatch up` with a
 //!   demo goal; `--model` points the dispatcher at an OpenAI-compatible server.
-//! - `test [cargo test args]` — install, build the service binaries, run every test.
+//! - `test [cargo test args]` — install (nats-server, and the MCP servers the connector
+//!   tests run into `.tools/mcp`), build the service binaries, run every test.
 //! - `lint` — rustfmt check and clippy with warnings denied.
 //! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
 //! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
@@ -201,7 +202,63 @@ fn up(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
-    cargo_test(root, &["--workspace"], args)
+    let servers = install_mcp_servers(root)?;
+    cargo_test_with(
+        root,
+        &["--workspace"],
+        args,
+        &[("DISPATCH_MCP_SERVERS", &servers)],
+    )
+}
+
+/// Installs the MCP servers the connector tests run into `.tools/mcp`: the npm ones
+/// with `npm ci` from the lockfile in `tests/mcp` (every package pinned by version and
+/// integrity hash, install scripts not run), and `mcp-server-time` into a virtualenv
+/// with pip from hash-pinned wheels. Done again only when a pin changes.
+fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
+    let source = root.join("tests/mcp");
+    let dir = root.join(".tools/mcp");
+    std::fs::create_dir_all(&dir)?;
+    let pins = ["package.json", "package-lock.json", "requirements.txt"];
+    let mut wanted = Vec::new();
+    for file in pins {
+        std::fs::copy(source.join(file), dir.join(file))?;
+        wanted.extend(std::fs::read(source.join(file))?);
+    }
+    let stamp = dir.join("installed-from");
+    if std::fs::read(&stamp).is_ok_and(|installed| installed == wanted) {
+        eprintln!("xtask: using the MCP servers in {}", dir.display());
+        return Ok(dir);
+    }
+    eprintln!(
+        "xtask: installing MCP servers (npm: server-filesystem, server-everything; PyPI: \
+         mcp-server-time) into {}",
+        dir.display()
+    );
+    run(Command::new("npm")
+        .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
+        .current_dir(&dir))
+    .context("npm could not install the MCP servers (they need Node.js and the npm registry)")?;
+    let venv = dir.join("venv");
+    if !venv.join("bin/python").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "-r",
+            "requirements.txt",
+        ])
+        .current_dir(&dir))
+    .context("pip could not install mcp-server-time (hash-pinned wheels for CPython 3.11)")?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(dir)
 }
 
 fn chaos(root: &Path, args: &[String]) -> Result<()> {
@@ -220,14 +277,29 @@ fn chaos(root: &Path, args: &[String]) -> Result<()> {
 /// `cargo test <selection> <args>` against a real nats-server. Integration tests start
 /// the service binaries as real processes, so those are built first.
 fn cargo_test(root: &Path, selection: &[&str], args: &[String]) -> Result<()> {
+    cargo_test_with(root, selection, args, &[])
+}
+
+/// [`cargo_test`] with more environment for the tests.
+fn cargo_test_with(
+    root: &Path,
+    selection: &[&str],
+    args: &[String],
+    env: &[(&str, &Path)],
+) -> Result<()> {
     let nats = install(root)?;
     cargo(root, &["build", "--bins"])?;
-    run(Command::new(env!("CARGO"))
+    let mut command = Command::new(env!("CARGO"));
+    command
         .current_dir(root)
         .arg("test")
         .args(selection)
         .args(args)
-        .env("DISPATCH_NATS_SERVER", &nats))
+        .env("DISPATCH_NATS_SERVER", &nats);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    run(&mut command)
 }
 
 fn bench(root: &Path, args: &[String]) -> Result<()> {

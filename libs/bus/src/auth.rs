@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::catalogue;
 use crate::streams::{self, consumers};
 use crate::{Error, ErrorKind, subject};
 
@@ -134,7 +135,7 @@ impl Identity {
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");
-                p.read(&[streams::RUNS, streams::GOALS]);
+                p.read(&[streams::RUNS, streams::GOALS, catalogue::STREAM]);
                 p.work(streams::GOALS, consumers::DISPATCHER_GOALS);
                 p.publish.allow.push(subject::RUNS_ALL.into());
                 for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
@@ -143,13 +144,17 @@ impl Identity {
             }
             Identity::Policy => {
                 service(&mut p, "policy");
-                p.read(&[streams::RUNS]);
+                p.read(&[streams::RUNS, catalogue::STREAM]);
+                p.publish.allow.push(catalogue_key(catalogue::POLICY_KEY));
                 p.work(streams::COMMANDS, consumers::POLICY_CHECKS);
                 p.publish.allow.push(subject::RUNS_ALL.into());
             }
             Identity::Connectors => {
                 service(&mut p, "connectors");
-                p.read(&[streams::RUNS]);
+                p.read(&[streams::RUNS, catalogue::STREAM]);
+                p.publish
+                    .allow
+                    .push(catalogue_key(&format!("{}>", catalogue::TOOLS_PREFIX)));
                 p.work(streams::COMMANDS, consumers::CONNECTOR_CALLS);
                 p.publish.allow.push(subject::RUNS_ALL.into());
             }
@@ -164,7 +169,12 @@ impl Identity {
                 ));
             }
             Identity::Cli => {
-                p.read(&[streams::RUNS, streams::GOALS, streams::LEDGER]);
+                p.read(&[
+                    streams::RUNS,
+                    streams::GOALS,
+                    streams::LEDGER,
+                    catalogue::STREAM,
+                ]);
                 p.publish.allow.push(subject::GOALS_ALL.into());
                 // Stop requests, and the sealed terminal event of a forced stop.
                 p.publish.allow.push(subject::RUNS_ALL.into());
@@ -204,6 +214,11 @@ const DURABLES: [(&str, &str, Identity); 3] = [
         Identity::Connectors,
     ),
 ];
+
+/// The subject a put of catalogue key `key` is published on.
+fn catalogue_key(key: &str) -> String {
+    format!("$KV.{}.{key}", catalogue::BUCKET)
+}
 
 /// The JetStream API prefix (no domain: Dispatch's streams are in its own account).
 const JS_API: &str = "$JS.API";

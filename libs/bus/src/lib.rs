@@ -8,6 +8,7 @@
 //! (`dispatch-runlog`) and the services do.
 
 pub mod auth;
+pub mod catalogue;
 pub mod health;
 pub mod ids;
 pub mod streams;

@@ -23,8 +23,16 @@ pub const LEDGER: &str = "DISPATCH_LEDGER";
 /// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
 pub const PROBE: &str = "DISPATCH_PROBE";
 
-/// Every stream, in declaration order.
-pub const ALL: [&str; 5] = [GOALS, RUNS, COMMANDS, LEDGER, PROBE];
+/// Every stream, in declaration order; the last is the tool catalogue's key-value
+/// bucket ([`crate::catalogue`]).
+pub const ALL: [&str; 6] = [
+    GOALS,
+    RUNS,
+    COMMANDS,
+    LEDGER,
+    PROBE,
+    crate::catalogue::STREAM,
+];
 
 /// Durable consumer names, one per command subject.
 pub mod consumers {
@@ -129,6 +137,18 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         if name == RUNS && stream.cached_info().config.republish.is_none() {
             add_feed(bus, stream.cached_info().config.clone()).await;
         }
+    }
+    // An existing bucket is left as it is (create only, as for the streams above).
+    if bus
+        .jetstream()
+        .get_key_value(crate::catalogue::BUCKET)
+        .await
+        .is_err()
+    {
+        bus.jetstream()
+            .create_key_value(crate::catalogue::config())
+            .await
+            .map_err(|e| Error::other("declare the tool catalogue", e))?;
     }
     Ok(())
 }

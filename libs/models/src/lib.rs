@@ -63,10 +63,32 @@ impl ToolCall {
 /// A tool on offer to the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolSpec {
+    /// Namespaced by its connector: `files.read_file`.
     pub name: String,
     pub description: String,
     /// The JSON schema of its arguments.
     pub parameters: serde_json::Value,
+}
+
+impl ToolSpec {
+    /// The name as model APIs see it: they allow no `.` in a function name, so the
+    /// connector and the tool are joined with `__` (`files__read_file`). Connector
+    /// names hold no `_`, so the first `__` is always that joint.
+    pub fn wire_name(&self) -> String {
+        wire_name(&self.name)
+    }
+}
+
+/// [`ToolSpec::wire_name`] of a tool name.
+pub fn wire_name(name: &str) -> String {
+    name.replacen('.', "__", 1)
+}
+
+/// The tool on offer that a model named, by its name or its wire name.
+pub fn resolve<'t>(tools: &'t [ToolSpec], named: &str) -> Option<&'t ToolSpec> {
+    tools
+        .iter()
+        .find(|t| t.name == named || t.wire_name() == named)
 }
 
 /// Tokens one answer took.
@@ -157,4 +179,29 @@ pub trait Provider: Send + Sync {
 
     /// Takes one turn of a leaf's agent loop.
     fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tools_are_found_by_their_name_or_their_wire_name() {
+        let spec = |name: &str| ToolSpec {
+            name: name.into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object"}),
+        };
+        let tools = [spec("files.write_file"), spec("fs.a__b")];
+        assert_eq!(tools[0].wire_name(), "files__write_file");
+        assert_eq!(tools[1].wire_name(), "fs__a__b");
+        for (named, found) in [
+            ("files__write_file", "files.write_file"),
+            ("files.write_file", "files.write_file"),
+            ("fs__a__b", "fs.a__b"),
+        ] {
+            assert_eq!(resolve(&tools, named).map(|t| t.name.as_str()), Some(found));
+        }
+        assert!(resolve(&tools, "write_file").is_none());
+    }
 }

@@ -150,12 +150,12 @@ fn turn(request: &TurnRequest) -> TurnReply {
     let wrote = request
         .history
         .iter()
-        .any(|e| matches!(e, Exchange::ToolResult { tool, .. } if tool == "write_file"));
+        .any(|e| matches!(e, Exchange::ToolResult { tool, .. } if tool == "files.write_file"));
 
     if turns_taken == 0 && !inputs.is_empty() {
         let calls = inputs
             .iter()
-            .map(|path| call("read_file", serde_json::json!({ "path": path })))
+            .map(|path| call("files.read_file", serde_json::json!({ "path": path })))
             .collect();
         return reply(format!("Reading {}.", inputs.join(", ")), calls);
     }
@@ -168,7 +168,7 @@ fn turn(request: &TurnRequest) -> TurnReply {
                     tool,
                     result: Ok(out),
                     ..
-                } if tool == "read_file" => Some(out.trim().to_owned()),
+                } if tool == "files.read_file" => Some(out.trim().to_owned()),
                 _ => None,
             })
             .collect();
@@ -177,7 +177,7 @@ fn turn(request: &TurnRequest) -> TurnReply {
             .map(|(path, needles)| {
                 let content = compose(request, path, needles, &sources);
                 call(
-                    "write_file",
+                    "files.write_file",
                     serde_json::json!({ "path": path, "content": content }),
                 )
             })
@@ -351,11 +351,11 @@ mod tests {
                 let args: serde_json::Value = serde_json::from_str(&call.args_json).unwrap();
                 let path = args["path"].as_str().unwrap().to_owned();
                 let result = match call.tool.as_str() {
-                    "write_file" => {
+                    "files.write_file" => {
                         files.push((path, args["content"].as_str().unwrap().to_owned()));
                         Ok("written".to_owned())
                     }
-                    "read_file" => files
+                    "files.read_file" => files
                         .iter()
                         .rev()
                         .find(|(p, _)| *p == path)
@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn a_goal_that_is_an_outline_is_the_plan_and_call_lines_are_made_first() {
-        let goal = "#+TITLE: Exact\n* TODO Count once\n  - call: count {\"key\": \"k\"}\n  :done-when: test -s scratch/out.org\n";
+        let goal = "#+TITLE: Exact\n* TODO Count once\n  - call: test.count {\"key\": \"k\"}\n  :done-when: test -s scratch/out.org\n";
         let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
             goal: goal.into(),
             grammar: dispatch_plan::GRAMMAR,
@@ -450,7 +450,7 @@ mod tests {
         });
         assert_eq!(
             first.tool_calls,
-            [ToolCall::new("count", r#"{"key": "k"}"#)]
+            [ToolCall::new("test.count", r#"{"key": "k"}"#)]
         );
         let history = vec![
             Exchange::Assistant {
@@ -459,7 +459,7 @@ mod tests {
             },
             Exchange::ToolResult {
                 call_id: "c0".into(),
-                tool: "count".into(),
+                tool: "test.count".into(),
                 result: Ok("1".into()),
             },
         ];
@@ -470,7 +470,7 @@ mod tests {
             tools: vec![],
         });
         assert_eq!(second.tool_calls.len(), 1);
-        assert_eq!(second.tool_calls[0].tool, "write_file");
+        assert_eq!(second.tool_calls[0].tool, "files.write_file");
         assert!(second.tool_calls[0].args_json.contains("scratch/out.org"));
         assert!(!is_outline("Just do the thing * TODO later"));
     }

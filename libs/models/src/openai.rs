@@ -345,7 +345,7 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
                         id: call.id.clone(),
                         kind: "function",
                         function: WireFunction {
-                            name: call.tool.clone(),
+                            name: crate::wire_name(&call.tool),
                             arguments: call.args_json.clone(),
                         },
                     })
@@ -398,7 +398,7 @@ impl<'a> ChatRequest<'a> {
                 .map(|tool| WireTool {
                     kind: "function",
                     function: WireToolFunction {
-                        name: &tool.name,
+                        name: tool.wire_name(),
                         description: &tool.description,
                         parameters: &tool.parameters,
                     },
@@ -470,7 +470,7 @@ struct WireTool<'a> {
 
 #[derive(Serialize)]
 struct WireToolFunction<'a> {
-    name: &'a str,
+    name: String,
     description: &'a str,
     parameters: &'a Value,
 }
@@ -644,7 +644,9 @@ impl Answer {
             .filter(|c| !c.name.is_empty())
             .map(|c| ToolCall {
                 id: c.id,
-                tool: c.name,
+                // Back from the wire name to the tool's own; a tool not on offer keeps
+                // the name the model gave it (and is refused further on).
+                tool: crate::resolve(tools, &c.name).map_or(c.name, |t| t.name.clone()),
                 args_json: if c.arguments.trim().is_empty() {
                     "{}".into()
                 } else {

@@ -67,7 +67,7 @@ fn calls(blocks: &[&str], tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
 fn call(object: &Value, tools: &[ToolSpec]) -> Option<ToolCall> {
     let object = object.get("function").unwrap_or(object);
     let name = object.get("name")?.as_str()?;
-    let tool = tools.iter().find(|t| t.name == name)?;
+    let tool = crate::resolve(tools, name)?;
     let arguments = match object.get("arguments").or_else(|| object.get("parameters")) {
         None => Value::Object(Default::default()),
         Some(Value::String(text)) => serde_json::from_str(text).ok()?,

@@ -32,7 +32,7 @@ Answer with an org-mode outline and nothing else.
   :ORDERED: t
   :END:
 - Then one or more body lines saying how to do it with the tools you have
-  (read_file, write_file, list_files; paths are relative to the run directory
+  (files.read_file, files.write_file, files.list_files; paths are relative to the run directory
   and files live under scratch/).
 - Then exactly one gate line, `:done-when: <check>`, where <check> is one of
   `test -s|-f|-d|-e <path>`, `grep -q <text> <path>`, combined with `&&` or `||`.

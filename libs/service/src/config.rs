@@ -17,6 +17,10 @@
 //!
 //! The file's values become the flags' defaults, so clap's own order does the rest. A
 //! key that is no setting of the service is an error naming the key, not a silent no-op.
+//!
+//! A few settings are more than a value and live only in the file, read with
+//! [`section`]: the connectors' MCP servers (`[[connectors.mcp]]`) and HTTP connector
+//! (`[connectors.http]`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,9 @@ const SERVICES: [&str; 6] = [
     "ledger",
     "dispatch",
 ];
+
+/// Keys of a service's table that [`section`] reads rather than the flags.
+const STRUCTURED: [(&str, &str); 2] = [("connectors", "mcp"), ("connectors", "http")];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -121,6 +128,9 @@ fn settings(path: &Path, service: &str) -> Result<Vec<(String, String)>, Error> 
         match value {
             toml::Value::Table(section) if key == service => {
                 for (key, value) in section {
+                    if STRUCTURED.contains(&(service, key.as_str())) {
+                        continue;
+                    }
                     out.push((
                         key.clone(),
                         scalar(value).map_err(|m| fail(format!("[{service}] {key}: {m}")))?,
@@ -136,6 +146,34 @@ fn settings(path: &Path, service: &str) -> Result<Vec<(String, String)>, Error> 
         }
     }
     Ok(out)
+}
+
+/// The structured setting `key` of `service`'s table in the workspace's
+/// `dispatch.toml` (`T::default()` when the file or the key is absent). A mistake in it
+/// is an error naming the file and the key.
+pub fn section<T>(workspace: &Path, service: &str, key: &str) -> Result<T, Error>
+where
+    T: serde::de::DeserializeOwned + Default,
+{
+    debug_assert!(STRUCTURED.contains(&(service, key)));
+    let path = workspace.join(FILE);
+    let fail = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(T::default()),
+        Err(e) => return Err(fail(e.to_string())),
+    };
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
+    match table.get(service).and_then(|s| s.get(key)) {
+        None => Ok(T::default()),
+        Some(value) => T::deserialize(value.clone())
+            .map_err(|e| fail(format!("[{service}.{key}]: {}", e.message()))),
+    }
 }
 
 fn scalar(value: &toml::Value) -> Result<String, String> {
@@ -194,6 +232,40 @@ mod tests {
         assert_eq!(demo.lease_ms, 700);
         let without = tempfile::tempdir().unwrap();
         assert_eq!(parse(without.path(), &[]).unwrap().lease_ms, 30_000);
+    }
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Server {
+        name: String,
+        #[serde(default)]
+        args: Vec<String>,
+    }
+
+    #[test]
+    fn structured_settings_are_read_apart_from_the_flags() {
+        let dir = workspace(
+            "[connectors]\nlease_ms = 5\n[[connectors.mcp]]\nname = \"fs\"\nargs = [\"a\"]\n[[connectors.mcp]]\nname = \"time\"\n",
+        );
+        let servers: Vec<Server> = section(dir.path(), "connectors", "mcp").unwrap();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[0].args, ["a"]);
+        // The flags of the service do not see the structured key.
+        let mut args = vec!["demo".to_owned(), "--workspace".into()];
+        args.push(dir.path().display().to_string());
+        let demo: Demo = parse_from("connectors", args).unwrap();
+        assert_eq!(demo.lease_ms, 5);
+        let none: Vec<Server> =
+            section(tempfile::tempdir().unwrap().path(), "connectors", "mcp").unwrap();
+        assert!(none.is_empty());
+        let dir = workspace("[[connectors.mcp]]\nname = \"fs\"\ncommand = 1\n");
+        let err = section::<Vec<Server>>(dir.path(), "connectors", "mcp")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[connectors.mcp]") && err.contains("command"),
+            "{err}"
+        );
     }
 
     #[test]

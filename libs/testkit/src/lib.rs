@@ -9,6 +9,9 @@
 //! - [`model::StandIn`] stands in for an OpenAI-compatible model server, replaying
 //!   answers recorded from real ones.
 //!
+//! - [`mcp_servers`] and [`kill_processes_with`] reach the MCP servers `cargo xtask test`
+//!   installs, and kill one of them (or anything else) by a marker in its command line.
+//!
 //! Binaries are looked up beside the test executable (`target/<profile>/`); `cargo xtask
 //! test` builds them first. The nats-server binary is found as `dispatch-natsbin` says.
 
@@ -312,4 +315,43 @@ fn uuid_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("{}{:08x}", std::process::id(), nanos)
+}
+
+/// Where `cargo xtask test` installed the MCP servers the tests run
+/// (`DISPATCH_MCP_SERVERS`, `.tools/mcp`): `node_modules/` and a `venv/`.
+pub fn mcp_servers() -> PathBuf {
+    PathBuf::from(std::env::var_os("DISPATCH_MCP_SERVERS").expect(
+        "DISPATCH_MCP_SERVERS is not set: run `cargo xtask test`, which installs the MCP \
+         servers into .tools/mcp",
+    ))
+}
+
+/// The pids of processes whose command line holds `marker`.
+pub fn pids_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILLs every process whose command line holds `marker`; returns how many.
+pub fn kill_processes_with(marker: &str) -> usize {
+    pids_with(marker)
+        .into_iter()
+        .filter(|pid| {
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .count()
 }

@@ -157,6 +157,84 @@ pub fn ps_table(runs: &[RunView], now_ms: i64, short: bool) -> String {
     out
 }
 
+/// One line of `dispatch tools`.
+#[derive(Debug, serde::Serialize)]
+pub struct ToolRow {
+    pub name: String,
+    pub connector: String,
+    pub risk: dispatch_bus::catalogue::Risk,
+    /// `allow`, `deny`, `depends` (on the arguments), or `unknown` (no policy in the
+    /// catalogue yet).
+    pub policy: &'static str,
+    /// The rule that says so.
+    pub rule: String,
+    pub version: String,
+    pub description: String,
+}
+
+/// The catalogue's tools with the policy's standing on each.
+pub fn tool_rows(snapshot: &dispatch_bus::catalogue::Snapshot) -> Vec<ToolRow> {
+    use dispatch_policy::document::{Document, Standing};
+    let policy: Option<Document> = snapshot
+        .policy
+        .clone()
+        .and_then(|value| serde_json::from_value(value).ok());
+    snapshot
+        .tools
+        .values()
+        .map(|tool| {
+            let (policy, rule) = match policy.as_ref().map(|p| p.standing(&tool.name)) {
+                Some(Standing::Allowed(rule)) => ("allow", rule),
+                Some(Standing::Denied(rule)) => ("deny", rule),
+                Some(Standing::Depends(rule)) => ("depends", rule),
+                None => ("unknown", String::new()),
+            };
+            ToolRow {
+                name: tool.name.clone(),
+                connector: tool.connector.clone(),
+                risk: tool.risk,
+                policy,
+                rule,
+                version: tool.version.clone(),
+                description: tool.description.clone(),
+            }
+        })
+        .collect()
+}
+
+/// `dispatch tools` as a table.
+pub fn tools_table(rows: &[ToolRow]) -> String {
+    if rows.is_empty() {
+        return "no tools: no connectors copy has put any in the catalogue (is dispatch-connectors running?)\n".into();
+    }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(["TOOL", "CONNECTOR", "RISK", "POLICY", "DESCRIPTION"]);
+    for row in rows {
+        let policy = if row.rule.is_empty() {
+            row.policy.to_owned()
+        } else {
+            format!("{} ({})", row.policy, row.rule)
+        };
+        let description = row.description.lines().next().unwrap_or_default();
+        table.add_row([
+            row.name.clone(),
+            row.connector.clone(),
+            row.risk.word().to_owned(),
+            policy,
+            clip(description, 50),
+        ]);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table
+        .lines()
+        .map(|line| line.trim_end().to_owned() + "\n")
+        .collect()
+}
+
 /// `dispatch tasks` as text: notes first (they are shown once), then the tasks.
 pub fn tasks(reply: &TasksReply) -> String {
     let mut out = String::new();

@@ -201,6 +201,12 @@ enum Command {
     },
     /// Print the public key that seals this workspace's runs (never creates one).
     Key,
+    /// The tool catalogue: every tool a connector serves now, its risk class, and what
+    /// the policy in force says of it before seeing any arguments.
+    Tools {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
         #[arg(long, default_value = ConversationId::DEFAULT)]
@@ -564,6 +570,20 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 println!("{id}");
             }
             eprintln!("removed {} finished run(s)", ids.len());
+            Ok(exit::DONE)
+        }
+        Command::Tools { format } => {
+            let bus = nats.connect().await?;
+            let store = dispatch_bus::catalogue::open(&bus).await?;
+            let snapshot = dispatch_bus::catalogue::Snapshot::read(&store).await?;
+            let rows = format::tool_rows(&snapshot);
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("rows serialize")
+                ),
+                Format::Table => print!("{}", format::tools_table(&rows)),
+            }
             Ok(exit::DONE)
         }
         Command::Tasks {

@@ -1,10 +1,12 @@
-//! Built-in file tools, confined to a run's `scratch/` directory.
+//! Built-in file tools, confined to a run's `scratch/` directory: the `files`
+//! connector (`files.read_file`, `files.write_file`, `files.list_files`).
 //!
 //! Paths are relative to the run directory and must lie under `scratch/`
 //! (`scratch/notes.org`), the workspace the leaves of one run share.
 
 use std::path::Path;
 
+use dispatch_bus::catalogue::{Risk, ToolEntry};
 use serde::Deserialize;
 
 use crate::confine;
@@ -14,7 +16,7 @@ pub const MAX_FILE_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    #[error("unknown tool {0:?}; built-in tools are read_file, write_file and list_files")]
+    #[error("unknown tool {0:?}; the files connector has read_file, write_file and list_files")]
     UnknownTool(String),
     #[error("bad arguments for {tool}: {message}")]
     BadArgs { tool: String, message: String },
@@ -37,7 +39,60 @@ struct WriteArgs {
     content: String,
 }
 
-/// Runs built-in `tool` with `args_json` in the run directory `run_dir`.
+/// The connector's name: the namespace of its tools.
+pub const CONNECTOR: &str = "files";
+
+/// The catalogue entries of the file tools. `write_file` replaces a file, but only
+/// inside the run's own scratch directory, which nothing outside the run reads: it is
+/// a `write`, not a `destructive`, tool.
+pub fn entries() -> Vec<ToolEntry> {
+    let path = |what: &str| serde_json::json!({"type": "string", "description": what});
+    let object = |properties: serde_json::Value, required: &[&str]| {
+        serde_json::json!({
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "additionalProperties": false,
+        })
+    };
+    let entry = |tool, description, parameters, risk| {
+        ToolEntry::builtin(CONNECTOR, tool, description, parameters, risk)
+    };
+    vec![
+        entry(
+            "read_file",
+            "Read a text file under scratch/.",
+            object(
+                serde_json::json!({"path": path("the file, e.g. scratch/notes.org")}),
+                &["path"],
+            ),
+            Risk::Read,
+        ),
+        entry(
+            "write_file",
+            "Write a text file under scratch/, replacing it if it exists.",
+            object(
+                serde_json::json!({
+                    "path": path("the file, e.g. scratch/REPORT.org"),
+                    "content": {"type": "string", "description": "the whole new content"},
+                }),
+                &["path", "content"],
+            ),
+            Risk::Write,
+        ),
+        entry(
+            "list_files",
+            "List a directory under scratch/.",
+            object(
+                serde_json::json!({"path": path("the directory, e.g. scratch")}),
+                &["path"],
+            ),
+            Risk::Read,
+        ),
+    ]
+}
+
+/// Runs built-in `tool` (its name inside the connector) with `args_json` in the run directory `run_dir`.
 pub fn call(run_dir: &Path, tool: &str, args_json: &str) -> Result<String, Error> {
     match tool {
         "read_file" => {

@@ -3,20 +3,28 @@
 //! It takes tool-call and gate-check commands from a durable consumer shared by its
 //! copies. A tool call runs only if the run's log holds an allow decision for it and
 //! no result yet — the call id is the idempotency key — and its result is appended to
-//! the run's log. Built-in tools work on the run's `scratch/` ([`files`]); gates are
-//! evaluated by the interpreter in [`gate`], confined to the run directory. MCP
-//! servers, HTTP and secret leases come later.
+//! the run's log.
+//!
+//! Tools are served by connectors and named `<connector>.<tool>`: the built-in
+//! `files` connector works on the run's `scratch/` ([`files`]), each configured MCP
+//! server is one more ([`mcp`]). Every copy puts the tools it serves in the tool
+//! catalogue ([`dispatch_bus::catalogue`]), where the dispatcher finds what to offer.
+//! Gates are evaluated by the interpreter in [`gate`], confined to the run directory.
 
 mod confine;
 pub mod files;
 pub mod gate;
+pub mod mcp;
 mod test_tools;
+
+use std::collections::BTreeMap;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_bus::async_nats::jetstream::{self, AckKind};
+use dispatch_bus::async_nats::jetstream::{self, AckKind, kv};
+use dispatch_bus::catalogue::{self, ToolEntry};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
@@ -62,24 +70,153 @@ pub enum Error {
     Bus(#[from] dispatch_bus::Error),
     #[error(transparent)]
     Log(#[from] dispatch_runlog::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub struct Connectors {
     config: Config,
     bus: Bus,
     log: RunLog,
+    registry: Arc<Registry>,
 }
 
 struct Context {
     log: RunLog,
     workspace: PathBuf,
-    test_tools: bool,
+    registry: Arc<Registry>,
     /// `connectors/<instance>`, recorded in `ToolCallStarted`.
     executor: String,
 }
 
+/// The connectors this copy serves.
+pub struct Registry {
+    test_tools: bool,
+    servers: BTreeMap<String, Arc<mcp::Server>>,
+}
+
+impl Registry {
+    /// The built-in connectors, and the MCP servers `dispatch.toml` configures in
+    /// `workspace` (checked: a mistake is an error naming it).
+    pub fn configured(workspace: &std::path::Path, test_tools: bool) -> Result<Self, Error> {
+        let configs: Vec<mcp::ServerConfig> =
+            dispatch_service::config::section(workspace, SERVICE, "mcp")
+                .map_err(|e| Error::Config(e.to_string()))?;
+        Self::new(configs, workspace, test_tools)
+    }
+
+    pub fn new(
+        configs: Vec<mcp::ServerConfig>,
+        workspace: &std::path::Path,
+        test_tools: bool,
+    ) -> Result<Self, Error> {
+        let reserved = [files::CONNECTOR, test_tools::CONNECTOR];
+        let mut servers = BTreeMap::new();
+        for config in configs {
+            config.check(&reserved).map_err(Error::Config)?;
+            let name = config.name.clone();
+            let server = Arc::new(mcp::Server::new(config, workspace));
+            if servers.insert(name.clone(), server).is_some() {
+                return Err(Error::Config(format!(
+                    "two MCP servers are named {name:?}; names must differ"
+                )));
+            }
+        }
+        Ok(Self {
+            test_tools,
+            servers,
+        })
+    }
+
+    /// The configured MCP servers.
+    pub fn servers(&self) -> impl Iterator<Item = &Arc<mcp::Server>> {
+        self.servers.values()
+    }
+
+    /// Entries of the built-in connectors' tools.
+    fn builtin_entries(&self) -> Vec<ToolEntry> {
+        let mut entries = files::entries();
+        if self.test_tools {
+            entries.extend(test_tools::entries());
+        }
+        entries
+    }
+
+    /// Runs `tool` (`<connector>.<tool>`) for call `call_id` of `run_id`.
+    pub async fn call(
+        &self,
+        workspace: &std::path::Path,
+        run_id: &RunId,
+        call_id: &str,
+        tool: &str,
+        args: &str,
+    ) -> Result<String, String> {
+        let run_dir = layout::run_dir(workspace, run_id);
+        let (connector, name) = tool.split_once('.').unwrap_or(("", tool));
+        match connector {
+            files::CONNECTOR => {
+                let (name, args) = (name.to_owned(), args.to_owned());
+                tokio::task::spawn_blocking(move || files::call(&run_dir, &name, &args))
+                    .await
+                    .map_err(|e| format!("tool panicked: {e}"))?
+                    .map_err(|e| e.to_string())
+            }
+            test_tools::CONNECTOR if self.test_tools => {
+                let run = run_id.to_string();
+                test_tools::call(workspace, &run_dir, &run, call_id, name, args).await
+            }
+            _ => match self.servers.get(connector) {
+                Some(server) => server.call(name, args).await,
+                None => Err(format!(
+                    "no connector serves {tool:?}: tools are named <connector>.<tool>, and \
+                     this service has {}",
+                    self.names().join(", ")
+                )),
+            },
+        }
+    }
+
+    fn names(&self) -> Vec<&str> {
+        let mut names = vec![files::CONNECTOR];
+        if self.test_tools {
+            names.push(test_tools::CONNECTOR);
+        }
+        names.extend(self.servers.keys().map(String::as_str));
+        names
+    }
+
+    /// Supervises every MCP server and keeps the built-in tools in the catalogue, until
+    /// `shutdown`.
+    pub async fn serve(self: Arc<Self>, store: Option<kv::Store>, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for server in self.servers.values() {
+            tasks.spawn(server.clone().supervise(store.clone(), shutdown.clone()));
+        }
+        if let Some(store) = store {
+            let mut refresh = tokio::time::interval(catalogue::REFRESH);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = refresh.tick() => {
+                        for entry in self.builtin_entries() {
+                            if let Err(e) = catalogue::put_tool(&store, &entry).await {
+                                tracing::warn!(tool = entry.name, error = %e, "cannot put a tool in the catalogue");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
 impl Connectors {
     pub async fn build(config: Config) -> Result<Self, Error> {
+        let registry = Arc::new(Registry::configured(
+            &config.common.workspace,
+            config.test_tools,
+        )?);
         let instance = config.common.instance.clone();
         let bus = config
             .common
@@ -88,7 +225,12 @@ impl Connectors {
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
             .await?
             .with_trust(config.common.trust());
-        Ok(Self { config, bus, log })
+        Ok(Self {
+            config,
+            bus,
+            log,
+            registry,
+        })
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
@@ -98,11 +240,17 @@ impl Connectors {
             Health::new(SERVICE, &instance),
             shutdown.clone(),
         ));
-        tracing::info!(instance, "connectors ready");
+        let store = catalogue::open(&self.bus).await?;
+        let connectors = tokio::spawn(self.registry.clone().serve(Some(store), shutdown.clone()));
+        tracing::info!(
+            instance,
+            mcp_servers = self.registry.servers.len(),
+            "connectors ready"
+        );
         let ctx = Arc::new(Context {
             log: self.log.clone(),
             workspace: self.config.common.workspace.clone(),
-            test_tools: self.config.test_tools,
+            registry: self.registry.clone(),
             executor: format!("{SERVICE}/{instance}"),
         });
         let stop = shutdown.clone();
@@ -120,6 +268,7 @@ impl Connectors {
         )
         .await?;
         let _ = health.await;
+        let _ = connectors.await;
         Ok(())
     }
 }
@@ -267,7 +416,7 @@ async fn call_tool(
     call: &CallTool,
     shutdown: &CancellationToken,
 ) -> Result<(), Rejected> {
-    if ctx.test_tools && call.tool == test_tools::CRASH {
+    if ctx.registry.test_tools && call.tool == test_tools::CRASH {
         tracing::error!(call_id = call.call_id, "the crash test tool: aborting");
         std::process::abort();
     }
@@ -329,7 +478,7 @@ async fn call_tool(
             // If the run ends while the call is in flight (deadline, stop), the call is
             // abandoned: dropping its future cancels it, and nothing more is recorded.
             tokio::select! {
-                result = execute(ctx, &run_id, call_id, &requested.tool, &requested.args_json) => result,
+                result = ctx.registry.call(&ctx.workspace, &run_id, call_id, &requested.tool, &requested.args_json) => result,
                 ended = async {
                     tokio::time::sleep(WATCH_CALLS_AFTER).await;
                     run.wait_until_finished().await
@@ -369,32 +518,6 @@ async fn call_tool(
             _ = tokio::time::sleep(delay) => {}
         }
     }
-}
-
-async fn execute(
-    ctx: &Context,
-    run_id: &RunId,
-    call_id: &str,
-    tool: &str,
-    args: &str,
-) -> Result<String, String> {
-    let run_dir = layout::run_dir(&ctx.workspace, run_id);
-    if ctx.test_tools && test_tools::TOOLS.contains(&tool) {
-        return test_tools::call(
-            &ctx.workspace,
-            &run_dir,
-            &run_id.to_string(),
-            call_id,
-            tool,
-            args,
-        )
-        .await;
-    }
-    let (tool, args) = (tool.to_owned(), args.to_owned());
-    tokio::task::spawn_blocking(move || files::call(&run_dir, &tool, &args))
-        .await
-        .map_err(|e| format!("tool panicked: {e}"))?
-        .map_err(|e| e.to_string())
 }
 
 async fn check_gate(ctx: &Context, check: &CheckGate) -> Result<(), Rejected> {

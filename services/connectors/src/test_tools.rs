@@ -1,20 +1,51 @@
-//! Tools for testing Dispatch itself, offered only with `--test-tools`: `sleep` (a slow
-//! call, to test deadlines and cancellation), `count` (a side effect whose every
-//! execution is recorded, to prove no call runs twice) and `crash` (aborts the
-//! connector process the moment the command arrives, before anything is recorded: a
-//! poison message, to prove such a command is given up after its last delivery).
+//! Tools for testing Dispatch itself, the `test` connector, offered only with
+//! `--test-tools`: `test.sleep` (a slow call, to test deadlines and cancellation),
+//! `test.count` (a side effect whose every execution is recorded, to prove no call runs
+//! twice) and `test.crash` (aborts the connector process the moment the command
+//! arrives, before anything is recorded: a poison message, to prove such a command is
+//! given up after its last delivery).
 
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use dispatch_bus::catalogue::{Risk, ToolEntry};
 use serde::Deserialize;
 
-/// Tool names this module serves.
-pub const TOOLS: [&str; 3] = ["sleep", "count", CRASH];
+/// The connector's name: the namespace of its tools.
+pub const CONNECTOR: &str = "test";
 
 /// The test tool whose command kills the process that takes it.
-pub const CRASH: &str = "crash";
+pub const CRASH: &str = "test.crash";
+
+/// The catalogue entries of the test tools.
+pub fn entries() -> Vec<ToolEntry> {
+    let entry = |tool, description, parameters, risk| {
+        ToolEntry::builtin(CONNECTOR, tool, description, parameters, risk)
+    };
+    vec![
+        entry(
+            "sleep",
+            "Wait ms milliseconds, then write call's id to scratch file marker if given.",
+            serde_json::json!({"type": "object", "required": ["ms"], "properties": {
+                "ms": {"type": "integer"}, "marker": {"type": "string"}}}),
+            Risk::Read,
+        ),
+        entry(
+            "count",
+            "Record one execution under key.",
+            serde_json::json!({"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string"}}}),
+            Risk::Write,
+        ),
+        entry(
+            "crash",
+            "Abort the connector process that takes the call.",
+            serde_json::json!({"type": "object"}),
+            Risk::Destructive,
+        ),
+    ]
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,7 +62,7 @@ struct CountArgs {
     key: String,
 }
 
-/// Runs test tool `tool` for call `call_id` of `run_id`.
+/// Runs test tool `tool` (its name inside the connector) for call `call_id` of `run_id`.
 pub async fn call(
     workspace: &Path,
     run_dir: &Path,

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::{RunId, subject};
-use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, ToolSpec, TurnRequest};
+use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
     Decision, GateChecked, LeafFinished, LeafStarted, LeafState, ModelTurn, PlanAuthored, PlanLeaf,
-    PlanRejected, RunRequested, RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall,
+    PlanRejected, Risk, RunRequested, RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall,
     ToolCallRequested, run_event::Body,
 };
 use dispatch_runlog::submit::MAX_TIMEOUT_MS;
@@ -25,48 +25,6 @@ const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the stop watcher trusts a quiet feed before it reads the log itself.
 const STOP_WATCH_QUIET: Duration = Duration::from_secs(5);
-
-/// The tools offered to the leaf's model: name, description, JSON schema of the arguments.
-fn tools() -> Vec<ToolSpec> {
-    let path = |what: &str| serde_json::json!({"type": "string", "description": what});
-    let object = |properties: serde_json::Value, required: &[&str]| {
-        serde_json::json!({
-            "type": "object",
-            "properties": properties,
-            "required": required,
-            "additionalProperties": false,
-        })
-    };
-    vec![
-        ToolSpec {
-            name: "read_file".into(),
-            description: "Read a text file under scratch/.".into(),
-            parameters: object(
-                serde_json::json!({"path": path("the file, e.g. scratch/notes.org")}),
-                &["path"],
-            ),
-        },
-        ToolSpec {
-            name: "write_file".into(),
-            description: "Write a text file under scratch/, replacing it if it exists.".into(),
-            parameters: object(
-                serde_json::json!({
-                    "path": path("the file, e.g. scratch/REPORT.org"),
-                    "content": {"type": "string", "description": "the whole new content"},
-                }),
-                &["path", "content"],
-            ),
-        },
-        ToolSpec {
-            name: "list_files".into(),
-            description: "List a directory under scratch/.".into(),
-            parameters: object(
-                serde_json::json!({"path": path("the directory, e.g. scratch")}),
-                &["path"],
-            ),
-        },
-    ]
-}
 
 /// Why driving a run stopped short of its plan.
 enum Stop {
@@ -347,12 +305,13 @@ impl Exec<'_> {
                 Some(recorded) => recorded,
                 None => {
                     let provider = &self.ctx.providers.worker;
+                    let tools = self.ctx.offer.current().await.specs();
                     let reply = provider
                         .turn(TurnRequest {
                             goal: requested.goal.clone(),
                             leaf: from_proto_leaf(leaf),
                             history: history.clone(),
-                            tools: tools(),
+                            tools,
                         })
                         .await
                         .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
@@ -433,11 +392,16 @@ impl Exec<'_> {
         call: &ToolCall,
     ) -> Result<Result<String, String>, Stop> {
         let call_id = call.call_id.clone();
+        let risk = match self.find(requested_call(&call_id)) {
+            Some(()) => Risk::Unspecified,
+            None => risk_of(self.ctx.offer.current().await.risk(&call.tool)),
+        };
         let requested = Body::ToolCallRequested(ToolCallRequested {
             call_id: call_id.clone(),
             leaf,
             tool: call.tool.clone(),
             args_json: call.args_json.clone(),
+            risk: risk as i32,
         });
         self.ensure(requested_call(&call_id), requested).await?;
         let at_request = self.position(requested_call(&call_id));
@@ -797,6 +761,17 @@ fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The catalogue's risk class as the event records it.
+fn risk_of(risk: dispatch_bus::catalogue::Risk) -> Risk {
+    use dispatch_bus::catalogue::Risk as R;
+    match risk {
+        R::Read => Risk::Read,
+        R::Write => Risk::Write,
+        R::Destructive => Risk::Destructive,
+        R::External => Risk::External,
+    }
 }
 
 #[cfg(test)]

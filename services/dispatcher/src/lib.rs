@@ -15,6 +15,7 @@
 
 mod execute;
 pub mod model;
+mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -95,6 +96,8 @@ struct Context {
     workspace: PathBuf,
     owner: String,
     lease: Duration,
+    /// The tools leaves are offered.
+    offer: tools::Offer,
 }
 
 impl Dispatcher {
@@ -112,8 +115,10 @@ impl Dispatcher {
             .await?
             .with_trust(config.common.trust())
             .with_sealer(sealer);
+        let offer = tools::Offer::new(dispatch_bus::catalogue::open(&bus).await?);
         Ok(Self {
             ctx: Arc::new(Context {
+                offer,
                 bus,
                 log,
                 providers,

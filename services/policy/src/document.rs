@@ -21,7 +21,8 @@ pub enum Condition {
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub name: String,
-    /// Tool names this rule covers; `"*"` covers every tool.
+    /// Tools this rule covers: a name (`files.read_file`), every tool of a connector
+    /// (`files.*`), or every tool (`*`).
     pub tools: Vec<String>,
     pub effect: Effect,
     /// All must hold for the rule to match.
@@ -36,6 +37,31 @@ pub struct Document {
     pub version: u32,
     pub rules: Vec<Rule>,
     pub default: Effect,
+}
+
+impl Rule {
+    fn covers(&self, tool: &str) -> bool {
+        self.tools
+            .iter()
+            .any(|pattern| match pattern.strip_suffix(".*") {
+                _ if pattern == "*" => true,
+                Some(connector) => tool
+                    .strip_prefix(connector)
+                    .is_some_and(|rest| rest.starts_with('.')),
+                None => pattern == tool,
+            })
+    }
+}
+
+/// What the policy says of a tool before seeing any call's arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Every call is allowed, by this rule.
+    Allowed(String),
+    /// Every call is denied, by this rule (or `default`).
+    Denied(String),
+    /// It depends on the arguments; this is the first rule that looks at them.
+    Depends(String),
 }
 
 /// A decision and why.
@@ -61,13 +87,13 @@ impl Document {
             rules: vec![
                 Rule {
                     name: "read-only-tools".into(),
-                    tools: vec!["read_file".into(), "list_files".into()],
+                    tools: vec!["files.read_file".into(), "files.list_files".into()],
                     effect: Effect::Allow,
                     when: vec![Condition::PathInsideScratch],
                 },
                 Rule {
                     name: "writes-inside-run".into(),
-                    tools: vec!["write_file".into()],
+                    tools: vec!["files.write_file".into()],
                     effect: Effect::Allow,
                     when: vec![Condition::PathInsideScratch],
                 },
@@ -101,7 +127,7 @@ impl Document {
     pub fn decide(&self, tool: &str, args_json: &str) -> Verdict {
         let args: serde_json::Value = serde_json::from_str(args_json).unwrap_or_default();
         for rule in &self.rules {
-            if !rule.tools.iter().any(|t| t == "*" || t == tool) {
+            if !rule.covers(tool) {
                 continue;
             }
             if let Some(failed) = rule.when.iter().find(|c| !holds(**c, &args)) {
@@ -122,7 +148,7 @@ impl Document {
         let reason = match self
             .rules
             .iter()
-            .find(|r| r.tools.iter().any(|t| t == tool))
+            .find(|r| r.covers(tool) && !r.when.is_empty())
         {
             Some(rule) => format!("{tool} is only allowed when {}", describe(&rule.when)),
             None => format!("no rule allows the tool {tool:?}"),
@@ -131,6 +157,27 @@ impl Document {
             effect: self.default,
             rule: "default".into(),
             reason,
+        }
+    }
+}
+
+impl Document {
+    /// The tool's standing whatever its arguments: the first rule covering it that
+    /// has no conditions decides; a conditional allow before it makes it depend on
+    /// the arguments (a conditional deny does not: calls it lets through go on to the
+    /// next rules); with neither, the default decides.
+    pub fn standing(&self, tool: &str) -> Standing {
+        for rule in self.rules.iter().filter(|r| r.covers(tool)) {
+            match (rule.when.is_empty(), rule.effect) {
+                (true, Effect::Allow) => return Standing::Allowed(rule.name.clone()),
+                (true, Effect::Deny) => return Standing::Denied(rule.name.clone()),
+                (false, Effect::Allow) => return Standing::Depends(rule.name.clone()),
+                (false, Effect::Deny) => {}
+            }
+        }
+        match self.default {
+            Effect::Allow => Standing::Allowed("default".into()),
+            Effect::Deny => Standing::Denied("default".into()),
         }
     }
 }
@@ -168,23 +215,70 @@ mod tests {
     fn the_builtin_policy_allows_reads_and_scratch_writes_only() {
         let doc = Document::builtin();
         let allow = |tool: &str, args: &str| doc.decide(tool, args).effect == Effect::Allow;
-        assert!(allow("read_file", r#"{"path":"scratch/a.org"}"#));
-        assert!(allow("list_files", r#"{"path":"scratch"}"#));
+        assert!(allow("files.read_file", r#"{"path":"scratch/a.org"}"#));
+        assert!(allow("files.list_files", r#"{"path":"scratch"}"#));
         assert!(allow(
+            "files.write_file",
+            r#"{"path":"scratch/x/y.org","content":""}"#
+        ));
+        assert!(!allow("files.write_file", r#"{"path":"../../etc/passwd"}"#));
+        assert!(!allow("files.write_file", r#"{"path":"scratch/../../x"}"#));
+        assert!(!allow("files.write_file", r#"{"path":"/tmp/x"}"#));
+        assert!(!allow("files.write_file", r#"{"path":"TASKS.org"}"#));
+        assert!(!allow("files.write_file", "not json"));
+        assert!(!allow(
             "write_file",
             r#"{"path":"scratch/x/y.org","content":""}"#
         ));
-        assert!(!allow("write_file", r#"{"path":"../../etc/passwd"}"#));
-        assert!(!allow("write_file", r#"{"path":"scratch/../../x"}"#));
-        assert!(!allow("write_file", r#"{"path":"/tmp/x"}"#));
-        assert!(!allow("write_file", r#"{"path":"TASKS.org"}"#));
-        assert!(!allow("write_file", "not json"));
         assert!(!allow("send_email", "{}"));
         let verdict = doc.decide("send_email", "{}");
         assert_eq!(verdict.rule, "default");
         assert!(verdict.reason.contains("send_email"), "{}", verdict.reason);
-        let verdict = doc.decide("write_file", r#"{"path":"/etc/x"}"#);
+        let verdict = doc.decide("files.write_file", r#"{"path":"/etc/x"}"#);
         assert!(verdict.reason.contains("scratch"), "{}", verdict.reason);
+    }
+
+    #[test]
+    fn a_tool_s_standing_is_what_no_arguments_can_change() {
+        let doc: Document = serde_json::from_str(
+            r#"{"version":3,"default":"deny","rules":[
+                {"name":"no-moves","tools":["fs.move_file"],"effect":"deny"},
+                {"name":"fs-reads","tools":["fs.*"],"effect":"allow","when":["path_inside_scratch"]},
+                {"name":"clock","tools":["time.*"],"effect":"allow"}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            doc.standing("fs.move_file"),
+            Standing::Denied("no-moves".into())
+        );
+        assert_eq!(
+            doc.standing("fs.read_file"),
+            Standing::Depends("fs-reads".into())
+        );
+        assert_eq!(
+            doc.standing("time.get_current_time"),
+            Standing::Allowed("clock".into())
+        );
+        assert_eq!(
+            doc.standing("http.request"),
+            Standing::Denied("default".into())
+        );
+        // `fs.*` covers the connector's tools only, not a connector whose name starts alike.
+        assert_eq!(
+            doc.standing("fsx.read_file"),
+            Standing::Denied("default".into())
+        );
+        assert_eq!(doc.decide("time.convert_time", "{}").effect, Effect::Allow);
+        let builtin = Document::builtin();
+        assert!(matches!(
+            builtin.standing("files.write_file"),
+            Standing::Depends(_)
+        ));
+        assert!(matches!(
+            builtin.standing("test.sleep"),
+            Standing::Denied(_)
+        ));
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl PolicyService {
             Health::new(SERVICE, &instance),
             shutdown.clone(),
         ));
+        publish_document(&self.bus, &self.document).await?;
         tracing::info!(instance, version = self.document.version, "policy ready");
         let (log, document, stop) = (self.log.clone(), self.document.clone(), shutdown.clone());
         work::consume(
@@ -107,6 +108,15 @@ impl PolicyService {
         let _ = health.await;
         Ok(())
     }
+}
+
+/// Puts the document in force into the tool catalogue, where the dispatcher reads
+/// which tools not to offer at all and `dispatch tools` shows each tool's standing.
+async fn publish_document(bus: &Bus, document: &Document) -> Result<(), Error> {
+    let store = dispatch_bus::catalogue::open(bus).await?;
+    let value = serde_json::to_value(document).expect("a policy document is JSON");
+    dispatch_bus::catalogue::put_policy(&store, &value).await?;
+    Ok(())
 }
 
 async fn handle(

@@ -1,0 +1,639 @@
+//! MCP connectors: tools served by Model Context Protocol servers, reached with the
+//! official Rust SDK (`rmcp`) as the client.
+//!
+//! Each server configured in `dispatch.toml` is one connector:
+//!
+//! ```toml
+//! [[connectors.mcp]]
+//! name = "fs"                       # its tools are fs.read_file, fs.write_file, …
+//! command = "npx"                   # stdio: started and supervised by this service
+//! args = ["-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]
+//! env = { LOG_LEVEL = "warn" }      # added to a minimal environment (PATH, HOME, …)
+//! call_timeout_ms = 60000
+//!
+//! [[connectors.mcp]]
+//! name = "search"
+//! url = "https://mcp.example.com/mcp"   # streamable HTTP
+//! headers = { "X-Team" = "ops" }
+//! bearer_token_env = "SEARCH_TOKEN"     # the token is read from this variable
+//! ```
+//!
+//! A [`Server`] keeps its connection up: it connects (starting the process for stdio),
+//! runs the initialize handshake, lists the tools with their schemas and annotations,
+//! and puts them in the catalogue; when the connection ends (the process exits, the
+//! HTTP session fails) it connects again after a jittered, growing delay. A stdio
+//! server gets only a minimal environment, so the secrets Dispatch itself holds (a
+//! model API key) never reach it.
+//!
+//! A call runs under a timeout; when it times out, or the run it belongs to ends, its
+//! future is dropped and `rmcp` sends `notifications/cancelled` for it. A server that
+//! goes away mid-call fails the call with that reason; the connectors' at-most-once
+//! rule (`ToolCallStarted` before the request leaves) keeps it from being sent again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::catalogue::{self, Hints, Risk, ToolEntry};
+use futures::StreamExt as _;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
+    ContentBlock, Implementation, JsonObject, ResourceContents, Tool,
+};
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{Peer, ServiceError, ServiceExt as _};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::sync::CancellationToken;
+
+/// The largest tool output recorded; the rest is cut, and the cut is said.
+pub const MAX_OUTPUT_BYTES: usize = 256 * 1024;
+/// Most tools taken from one server.
+const MAX_TOOLS: usize = 128;
+/// Longest tool description kept, in characters.
+const MAX_DESCRIPTION_CHARS: usize = 2_000;
+/// How long connecting and the initialize handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long listing the tools may take.
+const LIST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a call waits for a server that is (re)starting.
+const STARTING_WAIT: Duration = Duration::from_secs(15);
+/// A connection that lasted this long resets the restart delay.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// The default per-call timeout.
+const DEFAULT_CALL_TIMEOUT_MS: u64 = 60_000;
+/// Environment variables a stdio server inherits; everything else it gets is configured.
+const INHERITED_ENV: [&str; 7] = ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TERM"];
+
+/// One `[[connectors.mcp]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The connector's name, the namespace of its tools.
+    pub name: String,
+    /// stdio: the program to start (a relative path is taken from the workspace).
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// stdio: environment added to the minimal one it inherits.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// stdio: working directory (default: the workspace).
+    pub cwd: Option<PathBuf>,
+    /// Streamable HTTP: the endpoint.
+    pub url: Option<String>,
+    /// Streamable HTTP: headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Streamable HTTP: the environment variable holding a bearer token.
+    pub bearer_token_env: Option<String>,
+    /// How long one call may take, in milliseconds.
+    pub call_timeout_ms: Option<u64>,
+}
+
+impl ServerConfig {
+    /// Checks one server's table; `reserved` are names taken by built-in connectors.
+    pub fn check(&self, reserved: &[&str]) -> Result<(), String> {
+        let name = &self.name;
+        if !catalogue::valid_connector_name(name) {
+            return Err(format!(
+                "MCP server name {name:?}: use 1-32 of a-z, 0-9 and '-', starting with a letter"
+            ));
+        }
+        if reserved.contains(&name.as_str()) {
+            return Err(format!(
+                "MCP server name {name:?} is taken by a built-in connector"
+            ));
+        }
+        match (&self.command, &self.url) {
+            (Some(_), Some(_)) => Err(format!(
+                "MCP server {name}: give either command (stdio) or url (HTTP), not both"
+            )),
+            (None, None) => Err(format!(
+                "MCP server {name}: give command (stdio) or url (HTTP)"
+            )),
+            (Some(command), None) if command.trim().is_empty() => {
+                Err(format!("MCP server {name}: command is empty"))
+            }
+            (None, Some(url)) => {
+                let parsed = url
+                    .parse::<http::Uri>()
+                    .map_err(|e| format!("MCP server {name}: url: {e}"))?;
+                if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+                    return Err(format!("MCP server {name}: url must be http or https"));
+                }
+                if parsed.authority().is_some_and(|a| a.as_str().contains('@')) {
+                    return Err(format!(
+                        "MCP server {name}: put credentials in bearer_token_env, not in the url"
+                    ));
+                }
+                for (key, value) in &self.headers {
+                    http::HeaderName::try_from(key.as_str())
+                        .map_err(|e| format!("MCP server {name}: header {key:?}: {e}"))?;
+                    http::HeaderValue::try_from(value.as_str())
+                        .map_err(|e| format!("MCP server {name}: header {key:?}: {e}"))?;
+                }
+                Ok(())
+            }
+            (Some(_), None) if !self.headers.is_empty() || self.bearer_token_env.is_some() => Err(
+                format!("MCP server {name}: headers and bearer_token_env are for url servers"),
+            ),
+            (Some(_), None) => Ok(()),
+        }?;
+        if self.call_timeout_ms == Some(0) {
+            return Err(format!(
+                "MCP server {name}: call_timeout_ms must be above 0"
+            ));
+        }
+        Ok(())
+    }
+
+    fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms.unwrap_or(DEFAULT_CALL_TIMEOUT_MS))
+    }
+}
+
+/// Where a server's connection stands.
+#[derive(Clone)]
+enum State {
+    Starting,
+    Up(Arc<Up>),
+    /// Not connected, and why.
+    Down(String),
+}
+
+struct Up {
+    peer: Peer<RoleClient>,
+    /// Tool names as the server knows them, with their catalogue entries.
+    tools: Vec<(String, ToolEntry)>,
+}
+
+type Connection = RunningService<RoleClient, ClientConfig>;
+
+/// One configured MCP server and its connection.
+pub struct Server {
+    config: ServerConfig,
+    workspace: PathBuf,
+    state: watch::Sender<State>,
+}
+
+impl Server {
+    pub fn new(config: ServerConfig, workspace: &Path) -> Self {
+        Self {
+            config,
+            workspace: workspace.to_owned(),
+            state: watch::Sender::new(State::Starting),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Keeps the connection up until `shutdown`, putting the server's tools in the
+    /// catalogue (`None`: tests that only call) whenever they are listed.
+    pub async fn supervise(
+        self: Arc<Self>,
+        catalogue: Option<kv::Store>,
+        shutdown: CancellationToken,
+    ) {
+        let name = self.config.name.clone();
+        let restart_delays = || {
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(30))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut delays = restart_delays();
+        loop {
+            let since = Instant::now();
+            let why = match self.connect().await {
+                Ok(connection) => self.serve(connection, catalogue.as_ref(), &shutdown).await,
+                Err(why) => why,
+            };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if since.elapsed() > STABLE_AFTER {
+                delays = restart_delays();
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(30));
+            tracing::warn!(
+                server = name,
+                reason = why,
+                delay_ms = delay.as_millis() as u64,
+                "MCP server down; connecting again"
+            );
+            self.state.send_replace(State::Down(why));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Connects and runs the initialize handshake.
+    async fn connect(&self) -> Result<Connection, String> {
+        let name = &self.config.name;
+        let client = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("dispatch-connectors", env!("CARGO_PKG_VERSION")),
+        );
+        let handshake = async {
+            match (&self.config.command, &self.config.url) {
+                (Some(command), _) => {
+                    let (process, stderr) = TokioChildProcess::builder(self.command(command))
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .map_err(|e| format!("cannot start {command:?}: {e}"))?;
+                    if let Some(stderr) = stderr {
+                        tokio::spawn(forward_stderr(name.clone(), stderr));
+                    }
+                    client.serve(process).await.map_err(|e| e.to_string())
+                }
+                (None, Some(url)) => {
+                    let transport = StreamableHttpClientTransport::from_config(self.http(url)?);
+                    client.serve(transport).await.map_err(|e| e.to_string())
+                }
+                (None, None) => Err("neither command nor url".to_owned()),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| format!("no answer to initialize within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("initialize failed: {e}"))
+    }
+
+    /// The stdio server's command: configured arguments and environment on top of a
+    /// minimal inherited one.
+    fn command(&self, program: &str) -> tokio::process::Command {
+        let program = match Path::new(program) {
+            path if path.is_relative() && program.contains('/') => self.workspace.join(path),
+            path => path.to_owned(),
+        };
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(&self.config.args)
+            .env_clear()
+            .current_dir(self.config.cwd.as_ref().unwrap_or(&self.workspace))
+            .kill_on_drop(true);
+        for key in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
+        command.envs(&self.config.env);
+        command
+    }
+
+    fn http(&self, url: &str) -> Result<StreamableHttpClientTransportConfig, String> {
+        // rmcp's HTTP client (reqwest, built without a crypto provider of its own) uses
+        // the process's; ring is the one already compiled in. A second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut headers = std::collections::HashMap::new();
+        for (key, value) in &self.config.headers {
+            let key = http::HeaderName::try_from(key.as_str()).map_err(|e| e.to_string())?;
+            let value = http::HeaderValue::try_from(value.as_str()).map_err(|e| e.to_string())?;
+            headers.insert(key, value);
+        }
+        let mut config = StreamableHttpClientTransportConfig::with_uri(url).custom_headers(headers);
+        if let Some(variable) = &self.config.bearer_token_env {
+            let token = std::env::var(variable)
+                .map_err(|_| format!("the bearer token variable {variable} is not set"))?;
+            config = config.auth_header(token);
+        }
+        Ok(config)
+    }
+
+    /// Lists the tools, puts them in the catalogue, and keeps doing so every
+    /// [`catalogue::REFRESH`] until the connection ends (returning why) or `shutdown`.
+    async fn serve(
+        &self,
+        connection: Connection,
+        store: Option<&kv::Store>,
+        shutdown: &CancellationToken,
+    ) -> String {
+        let name = &self.config.name;
+        let peer = connection.peer().clone();
+        let version = peer
+            .peer_info()
+            .and_then(|info| info.server_info.as_ref().map(|s| s.version.clone()))
+            .unwrap_or_default();
+        let closer = connection.cancellation_token();
+        let mut waiting = std::pin::pin!(connection.waiting());
+        let mut refresh = tokio::time::interval(catalogue::REFRESH);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    closer.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+                    return "shutting down".into();
+                }
+                quit = &mut waiting => {
+                    return match quit {
+                        Ok(reason) => format!("the connection ended ({reason:?})"),
+                        Err(e) => format!("the connection's task failed: {e}"),
+                    };
+                }
+                _ = refresh.tick() => {
+                    let tools = match tokio::time::timeout(LIST_TIMEOUT, peer.list_all_tools()).await {
+                        Ok(Ok(tools)) => tools,
+                        Ok(Err(e)) => {
+                            tracing::warn!(server = name, error = %e, "tools/list failed");
+                            continue;
+                        }
+                        Err(_) => {
+                            tracing::warn!(server = name, "tools/list did not answer in time");
+                            continue;
+                        }
+                    };
+                    let tools = self.entries(&tools, &version);
+                    let first = !matches!(*self.state.borrow(), State::Up(_));
+                    if first {
+                        tracing::info!(server = name, version, tools = tools.len(), "MCP server up");
+                    }
+                    if let Some(store) = store {
+                        for (_, entry) in &tools {
+                            if let Err(e) = catalogue::put_tool(store, entry).await {
+                                tracing::warn!(server = name, tool = entry.name, error = %e, "cannot put a tool in the catalogue");
+                            }
+                        }
+                    }
+                    self.state.send_replace(State::Up(Arc::new(Up { peer: peer.clone(), tools })));
+                }
+            }
+        }
+    }
+
+    /// Catalogue entries for the tools a server lists; tools whose names Dispatch
+    /// cannot carry are left out, said once per listing.
+    fn entries(&self, tools: &[Tool], version: &str) -> Vec<(String, ToolEntry)> {
+        let name = &self.config.name;
+        let now = catalogue::now_unix_ms();
+        let mut out = Vec::new();
+        for tool in tools {
+            if !catalogue::valid_tool_name(&tool.name) {
+                tracing::warn!(server = name, tool = %tool.name, "leaving out a tool whose name is not 1-64 letters, digits, '_' or '-'");
+                continue;
+            }
+            if out.len() == MAX_TOOLS {
+                tracing::warn!(
+                    server = name,
+                    listed = tools.len(),
+                    "the server lists more than {MAX_TOOLS} tools; the rest are left out"
+                );
+                break;
+            }
+            let hints = tool.annotations.as_ref().map(|a| Hints {
+                read_only: a.read_only_hint,
+                destructive: a.destructive_hint,
+                open_world: a.open_world_hint,
+            });
+            let description = tool
+                .description
+                .as_deref()
+                .or(tool.title.as_deref())
+                .unwrap_or_default();
+            out.push((
+                tool.name.to_string(),
+                ToolEntry {
+                    name: format!("{name}.{}", tool.name),
+                    connector: name.clone(),
+                    description: description.chars().take(MAX_DESCRIPTION_CHARS).collect(),
+                    parameters: serde_json::Value::Object((*tool.input_schema).clone()),
+                    risk: Risk::from_hints(hints),
+                    version: version.to_owned(),
+                    refreshed_unix_ms: now,
+                },
+            ));
+        }
+        out
+    }
+
+    /// The catalogue entries of the tools the server listed last (empty while down).
+    pub fn tools(&self) -> Vec<ToolEntry> {
+        match &*self.state.borrow() {
+            State::Up(up) => up.tools.iter().map(|(_, e)| e.clone()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Calls the server's tool `tool` (its own name, without the namespace).
+    pub async fn call(&self, tool: &str, args_json: &str) -> Result<String, String> {
+        let name = &self.config.name;
+        let arguments: JsonObject = serde_json::from_str(args_json)
+            .map_err(|e| format!("the arguments of {name}.{tool} are not a JSON object: {e}"))?;
+        let up = self.wait_up().await?;
+        if !up.tools.iter().any(|(t, _)| t == tool) {
+            return Err(format!("the MCP server {name} has no tool {tool:?}"));
+        }
+        let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments);
+        let timeout = self.config.call_timeout();
+        // Dropping the call's future (timeout here, or the run ending above) makes rmcp
+        // send notifications/cancelled for it.
+        let answer = tokio::time::timeout(timeout, up.peer.call_tool_once(params)).await;
+        match answer {
+            Err(_) => Err(format!(
+                "{name}.{tool} did not answer within {} ms; the call was cancelled",
+                timeout.as_millis()
+            )),
+            Ok(Err(ServiceError::TransportClosed)) => Err(format!(
+                "the MCP server {name} went away during the call (it exited, was killed or \
+                 closed the connection); whether the call took effect is unknown"
+            )),
+            Ok(Err(ServiceError::McpError(e))) => Err(format!(
+                "the MCP server {name} refused the call: {}",
+                e.message
+            )),
+            Ok(Err(e)) => Err(format!("the call to {name}.{tool} failed: {e}")),
+            Ok(Ok(CallToolResponse::Complete(result))) => render(result),
+            Ok(Ok(CallToolResponse::InputRequired(_))) => Err(format!(
+                "{name}.{tool} asked for more input, which Dispatch does not give"
+            )),
+            Ok(Ok(_)) => Err(format!(
+                "{name}.{tool} answered with a task to poll, or a kind of answer Dispatch \
+                 does not follow"
+            )),
+        }
+    }
+
+    async fn wait_up(&self) -> Result<Arc<Up>, String> {
+        let mut state = self.state.subscribe();
+        let up = tokio::time::timeout(STARTING_WAIT, state.wait_for(|s| matches!(s, State::Up(_))))
+            .await;
+        if let Ok(Ok(state)) = up
+            && let State::Up(up) = &*state
+        {
+            return Ok(up.clone());
+        }
+        let name = &self.config.name;
+        Err(match &*self.state.borrow() {
+            State::Down(why) => format!("the MCP server {name} is not running: {why}"),
+            _ => format!("the MCP server {name} did not start within {STARTING_WAIT:?}"),
+        })
+    }
+}
+
+/// A call's result as the text the model reads. An `isError` result fails the call.
+fn render(result: CallToolResult) -> Result<String, String> {
+    let mut parts = Vec::new();
+    for block in &result.content {
+        parts.push(match block {
+            ContentBlock::Text(text) => text.text.clone(),
+            ContentBlock::Image(image) => {
+                format!(
+                    "[image {}, {} bytes of base64]",
+                    image.mime_type,
+                    image.data.len()
+                )
+            }
+            ContentBlock::Audio(audio) => {
+                format!(
+                    "[audio {}, {} bytes of base64]",
+                    audio.mime_type,
+                    audio.data.len()
+                )
+            }
+            ContentBlock::Resource(embedded) => match &embedded.resource {
+                ResourceContents::TextResourceContents { text, .. } => text.clone(),
+                ResourceContents::BlobResourceContents { uri, blob, .. } => {
+                    format!("[resource {uri}, {} bytes of base64]", blob.len())
+                }
+                _ => "[a resource of a kind Dispatch does not read]".to_owned(),
+            },
+            ContentBlock::ResourceLink(link) => format!("[resource {}]", link.uri),
+            _ => "[content of a kind Dispatch does not read]".to_owned(),
+        });
+    }
+    if parts.is_empty()
+        && let Some(structured) = &result.structured_content
+    {
+        parts.push(structured.to_string());
+    }
+    let text = cap(parts.join("\n"));
+    if result.is_error == Some(true) {
+        Err(text)
+    } else {
+        Ok(text)
+    }
+}
+
+/// `text` cut to [`MAX_OUTPUT_BYTES`] on a character boundary, saying so.
+pub fn cap(mut text: String) -> String {
+    if text.len() <= MAX_OUTPUT_BYTES {
+        return text;
+    }
+    let total = text.len();
+    let mut end = MAX_OUTPUT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("\n[cut: {total} bytes, the first {end} kept]"));
+    text
+}
+
+/// A stdio server's stderr, line by line, into this service's log.
+async fn forward_stderr(server: String, stderr: tokio::process::ChildStderr) {
+    let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(4096));
+    while let Some(line) = lines.next().await {
+        match line {
+            Ok(line) => tracing::info!(server, "{line}"),
+            // An over-long line is skipped; the rest go on.
+            Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(toml: &str) -> Result<(), String> {
+        let config: ServerConfig = toml::from_str(toml).map_err(|e| e.to_string())?;
+        config.check(&["files", "test"])
+    }
+
+    #[test]
+    fn server_tables_are_checked() {
+        assert!(server("name = \"fs\"\ncommand = \"node\"\nargs = [\"x\"]").is_ok());
+        assert!(
+            server("name = \"web\"\nurl = \"https://h/mcp\"\nheaders = { X-A = \"b\" }").is_ok()
+        );
+        let cases = [
+            ("name = \"Fs\"\ncommand = \"x\"", "MCP server name"),
+            ("name = \"files\"\ncommand = \"x\"", "taken by a built-in"),
+            ("name = \"fs\"", "give command"),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nurl = \"http://h\"",
+                "not both",
+            ),
+            ("name = \"fs\"\nurl = \"ftp://h\"", "http or https"),
+            ("name = \"fs\"\nurl = \"http://u:p@h\"", "bearer_token_env"),
+            (
+                "name = \"fs\"\nurl = \"http://h\"\nheaders = { \"a b\" = \"c\" }",
+                "header",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nheaders = { a = \"c\" }",
+                "for url servers",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\ncall_timeout_ms = 0",
+                "above 0",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nshell = true",
+                "unknown field",
+            ),
+        ];
+        for (toml, expect) in cases {
+            let err = server(toml).unwrap_err();
+            assert!(err.contains(expect), "{toml:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn outputs_are_capped_on_a_character_boundary() {
+        let long = "é".repeat(MAX_OUTPUT_BYTES);
+        let capped = cap(long);
+        assert!(capped.len() < MAX_OUTPUT_BYTES + 100);
+        assert!(
+            capped.ends_with("kept]"),
+            "{}",
+            &capped[capped.len() - 60..]
+        );
+        assert_eq!(cap("short".into()), "short");
+    }
+
+    #[test]
+    fn results_render_as_text_and_errors_fail() {
+        let ok: CallToolResult = serde_json::from_value(serde_json::json!({
+            "content": [{"type": "text", "text": "a"}, {"type": "image", "data": "AAAA", "mimeType": "image/png"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            render(ok).unwrap(),
+            "a\n[image image/png, 4 bytes of base64]"
+        );
+        let structured: CallToolResult = serde_json::from_value(
+            serde_json::json!({"content": [], "structuredContent": {"t": 1}}),
+        )
+        .unwrap();
+        assert_eq!(render(structured).unwrap(), r#"{"t":1}"#);
+        let failed: CallToolResult = serde_json::from_value(serde_json::json!({
+            "content": [{"type": "text", "text": "no such file"}], "isError": true
+        }))
+        .unwrap();
+        assert_eq!(render(failed).unwrap_err(), "no such file");
+    }
+}

@@ -1,0 +1,150 @@
+//! Which tools a leaf's model is offered: the catalogue's live tools, less those the
+//! policy in force denies whatever their arguments, read at most every [`MAX_AGE`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::catalogue::{Risk, Snapshot, ToolEntry};
+use dispatch_models::ToolSpec;
+use dispatch_policy::document::{Document, Standing};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// How long one reading of the catalogue serves.
+const MAX_AGE: Duration = Duration::from_secs(2);
+
+/// The tool catalogue as this dispatcher last read it.
+#[derive(Clone)]
+pub struct Offer {
+    store: kv::Store,
+    cached: Arc<Mutex<Option<Reading>>>,
+}
+
+/// One reading of the catalogue, and when it was made.
+type Reading = (Instant, Arc<Offered>);
+
+/// What one reading found.
+#[derive(Debug, Default)]
+pub struct Offered {
+    /// Live tools not denied outright, by name.
+    pub tools: BTreeMap<String, ToolEntry>,
+    /// Every live tool's risk, offered or not.
+    risks: BTreeMap<String, Risk>,
+}
+
+impl Offered {
+    fn from_snapshot(snapshot: Snapshot) -> Self {
+        let policy: Option<Document> = snapshot
+            .policy
+            .and_then(|value| serde_json::from_value(value).ok());
+        let risks = snapshot
+            .tools
+            .values()
+            .map(|t| (t.name.clone(), t.risk))
+            .collect();
+        let tools = snapshot
+            .tools
+            .into_iter()
+            .filter(|(name, _)| {
+                !matches!(
+                    policy.as_ref().map(|p| p.standing(name)),
+                    Some(Standing::Denied(_))
+                )
+            })
+            .collect();
+        Self { tools, risks }
+    }
+
+    /// The tools as the model is offered them.
+    pub fn specs(&self) -> Vec<ToolSpec> {
+        self.tools
+            .values()
+            .map(|t| ToolSpec {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                parameters: t.parameters.clone(),
+            })
+            .collect()
+    }
+
+    /// The risk of `tool`: its catalogue entry's, or destructive for a tool no
+    /// connector serves.
+    pub fn risk(&self, tool: &str) -> Risk {
+        self.risks.get(tool).copied().unwrap_or(Risk::Destructive)
+    }
+}
+
+impl Offer {
+    pub fn new(store: kv::Store) -> Self {
+        Self {
+            store,
+            cached: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The current offer. When the catalogue cannot be read, the last reading serves
+    /// (or an empty one, before any).
+    pub async fn current(&self) -> Arc<Offered> {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, offered)) = cached.as_ref()
+            && at.elapsed() < MAX_AGE
+        {
+            return offered.clone();
+        }
+        match Snapshot::read(&self.store).await {
+            Ok(snapshot) => {
+                let offered = Arc::new(Offered::from_snapshot(snapshot));
+                *cached = Some((Instant::now(), offered.clone()));
+                offered
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the tool catalogue; using the last reading");
+                cached
+                    .as_ref()
+                    .map(|(_, offered)| offered.clone())
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, risk: Risk) -> ToolEntry {
+        ToolEntry {
+            name: name.into(),
+            connector: name.split('.').next().unwrap().into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object"}),
+            risk,
+            version: "1".into(),
+            refreshed_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn tools_the_policy_denies_outright_are_not_offered() {
+        let mut snapshot = Snapshot::default();
+        for (name, risk) in [
+            ("files.read_file", Risk::Read),
+            ("files.write_file", Risk::Write),
+            ("fs.move_file", Risk::Destructive),
+        ] {
+            snapshot.tools.insert(name.into(), entry(name, risk));
+        }
+        snapshot.policy = Some(serde_json::to_value(Document::builtin()).unwrap());
+        let offered = Offered::from_snapshot(snapshot.clone());
+        let names: Vec<&str> = offered.tools.keys().map(String::as_str).collect();
+        assert_eq!(names, ["files.read_file", "files.write_file"]);
+        assert_eq!(offered.risk("fs.move_file"), Risk::Destructive);
+        assert_eq!(offered.risk("files.read_file"), Risk::Read);
+        assert_eq!(offered.risk("nobody.serves_this"), Risk::Destructive);
+        // Without a policy in the catalogue, every live tool is offered.
+        snapshot.policy = None;
+        assert_eq!(Offered::from_snapshot(snapshot).tools.len(), 3);
+    }
+}

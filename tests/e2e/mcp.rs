@@ -1,0 +1,236 @@
+//! MCP tools through the whole stack, with real MCP servers from package registries
+//! (installed by `cargo xtask test` into `.tools/mcp`): the catalogue, a call recorded
+//! in the run's log with its risk class, and at most once when the MCP server or the
+//! connectors service is SIGKILLed mid-call.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dispatch_proto::run::v1::{Risk, RunStatus, run_event::Body};
+use dispatch_runlog::StoredEvent;
+use dispatch_tests::{Stack, finished};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+use dispatch_testkit::{kill_processes_with, mcp_servers as servers_dir};
+
+fn everything_script() -> PathBuf {
+    servers_dir().join("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
+}
+
+/// The policy of these tests: the file tools as built in, and every MCP tool.
+const POLICY: &str = r#"{"version": 7, "default": "deny", "rules": [
+  {"name": "no-moves", "tools": ["fs.move_file"], "effect": "deny"},
+  {"name": "mcp-tools", "tools": ["fs.*", "everything.*"], "effect": "allow"},
+  {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
+]}"#;
+
+/// ledger and policy, with `dispatch.toml` configuring `mcp` (TOML tables) for the
+/// connectors started next.
+async fn stack_with(mcp: &str) -> anyhow::Result<Stack> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    std::fs::write(stack.root().join("dispatch.toml"), mcp)?;
+    let policy = stack.root().join("policy.json");
+    std::fs::write(&policy, POLICY)?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().unwrap()])
+        .await?;
+    Ok(stack)
+}
+
+/// An everything server whose stdin is appended to `seen` on its way in, so a test
+/// can count the requests it was sent across restarts. Its command line ends with
+/// `marker`, to single its process out.
+fn everything_teed(seen: &Path, marker: &str) -> String {
+    format!(
+        "[[connectors.mcp]]\nname = \"everything\"\ncommand = \"sh\"\nargs = [\"-c\", \"tee -a {} | exec node {} stdio {marker}\"]\n",
+        seen.display(),
+        everything_script().display()
+    )
+}
+
+/// `tools/call` requests in a teed stdin file.
+fn calls_sent(seen: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(seen)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["method"] == "tools/call")
+        .collect()
+}
+
+async fn wait_for_tool(stack: &Stack, tool: &str) -> anyhow::Result<()> {
+    stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["tools"]).ok()?;
+            out.stdout.contains(tool).then_some(())
+        })
+        .await
+}
+
+fn requested_risk(events: &[StoredEvent]) -> i32 {
+    events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r)) => Some(r.risk),
+            _ => None,
+        })
+        .expect("a call was requested")
+}
+
+fn failure(events: &[StoredEvent]) -> String {
+    events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ToolCallFailed(f)) => Some(f.error.clone()),
+            _ => None,
+        })
+        .expect("a call failed")
+}
+
+#[tokio::test]
+async fn an_mcp_tool_is_catalogued_called_and_recorded() -> anyhow::Result<()> {
+    let shared = tempfile::tempdir()?;
+    let config = format!(
+        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\n",
+        servers_dir()
+            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
+            .display()
+            .to_string(),
+        shared.path().display().to_string(),
+    );
+    let mut stack = stack_with(&config).await?;
+    stack.add("connectors").await?;
+    stack.add("dispatcher").await?;
+    wait_for_tool(&stack, "fs.write_file").await?;
+
+    // The catalogue: namespaced names, risk classes, and the policy's standing.
+    let listed = stack.cli(&["tools", "--format", "json"])?;
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {rows:?}"))
+            .clone()
+    };
+    let write = row("fs.write_file");
+    assert_eq!(write["connector"], "fs");
+    assert_eq!(write["risk"], "destructive");
+    assert_eq!(write["policy"], "allow");
+    assert_eq!(row("fs.read_text_file")["risk"], "read");
+    assert_eq!(row("fs.move_file")["policy"], "deny");
+    assert_eq!(row("files.write_file")["policy"], "depends");
+    assert_eq!(row("files.read_file")["policy"], "deny");
+    let table = stack.cli(&["tools"])?.stdout;
+    assert!(table.starts_with("TOOL"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("fs.move_file") && l.contains("deny (no-moves)")),
+        "{table}"
+    );
+
+    let target = shared.path().join("out.txt");
+    let plan = format!(
+        "#+TITLE: Through MCP\n* TODO Write with the filesystem server\n  - call: fs.write_file {}\n  :done-when: true\n",
+        serde_json::json!({"path": target, "content": "written over MCP"})
+    );
+    let run_id = stack.submit(&plan, "default", 60_000).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status, RunStatus::Done as i32);
+    assert_eq!(requested_risk(&events), Risk::Destructive as i32);
+    let completed = |b: &Body| matches!(b, Body::ToolCallCompleted(c) if c.call_id == "l0-t0-c0");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event.body.as_ref().is_some_and(completed))
+    );
+    assert_eq!(std::fs::read_to_string(&target)?, "written over MCP");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_mcp_server_killed_mid_call_fails_the_call_and_it_is_never_sent_again()
+-> anyhow::Result<()> {
+    let seen = tempfile::NamedTempFile::new()?;
+    let marker = format!("server-{}", dispatch_bus::RunId::new());
+    let mut stack = stack_with(&everything_teed(seen.path(), &marker)).await?;
+    stack.add("connectors").await?;
+    stack.add("dispatcher").await?;
+    wait_for_tool(&stack, "everything.echo").await?;
+    let plan = "#+TITLE: Interrupted\n* TODO Wait on the server\n  - call: everything.trigger-long-running-operation {\"duration\": 20, \"steps\": 4}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 60_000).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    stack
+        .eventually(LIMIT, || async {
+            (!calls_sent(seen.path()).is_empty()).then_some(())
+        })
+        .await?;
+    // The server and the shell that started it (the tee of its input lives on, but
+    // holds nothing of the connection's output).
+    let killed = kill_processes_with(&marker);
+    assert_eq!(killed, 2, "the shell and the server");
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let error = failure(&events);
+    assert!(error.contains("went away during the call"), "{error}");
+    assert_eq!(requested_risk(&events), Risk::Read as i32);
+
+    // Resumed by another dispatcher, the run's call is not sent again.
+    stack.stop("dispatcher").await?;
+    stack.add("dispatcher").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(calls_sent(seen.path()).len(), 1);
+    assert_eq!(
+        starts_of_the_mcp_call(&stack.log().await?.read(&run_id).await?),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn connectors_killed_mid_mcp_call_send_it_at_most_once() -> anyhow::Result<()> {
+    let seen = tempfile::NamedTempFile::new()?;
+    let marker = format!("server-{}", dispatch_bus::RunId::new());
+    let mut stack = stack_with(&everything_teed(seen.path(), &marker)).await?;
+    stack
+        .add_with("connectors", &["--lease-ms", "1500"])
+        .await?;
+    stack.add("dispatcher").await?;
+    wait_for_tool(&stack, "everything.echo").await?;
+    let plan = "#+TITLE: Taken over\n* TODO Wait on the server\n  - call: everything.trigger-long-running-operation {\"duration\": 6, \"steps\": 3}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 60_000).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    stack.service("connectors")?.kill().await?;
+    stack
+        .add_with("connectors", &["--lease-ms", "1500"])
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let error = failure(&events);
+    assert!(error.contains("interrupted"), "{error}");
+    assert_eq!(starts_of_the_mcp_call(&events), 1);
+    // Long after the operation would have ended, the server was asked once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        calls_sent(seen.path()).len(),
+        1,
+        "{:?}",
+        calls_sent(seen.path())
+    );
+    Ok(())
+}
+
+/// `ToolCallStarted` events of the plan's MCP call (the first call of the first turn;
+/// the offline model's later turns call the file tools).
+fn starts_of_the_mcp_call(events: &[StoredEvent]) -> usize {
+    events
+        .iter()
+        .filter(
+            |e| matches!(&e.event.body, Some(Body::ToolCallStarted(s)) if s.call_id == "l0-t0-c0"),
+        )
+        .count()
+}
