@@ -164,6 +164,8 @@ fn sample_events(run_id: &RunId) -> Vec<Vec<u8>> {
             reason: "r".into(),
             summary: "s".into(),
             tally: vec![],
+            report: "r".into(),
+            report_path: String::new(),
         }),
     ];
     bodies

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use dispatch_bus::RunId;
-use dispatch_proto::run::v1::RunStatus;
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
 use dispatch_tests::{ALL, Stack, count, finished, read};
 use serde_json::{Value, json};
 
@@ -49,9 +50,12 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     let events = stack.wait_finished(run_id, LIMIT).await?;
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32);
-    assert_eq!(
-        end.summary,
-        r#"workflow finished: {"DONE": 3, "FAILED": 0}"#
+    // The tally, then the first lines of the report the run wrote.
+    assert!(
+        end.summary
+            .starts_with("workflow finished: {\"DONE\": 3, \"FAILED\": 0}\n* Goal\n"),
+        "{}",
+        end.summary
     );
     assert_eq!(count(&events, "run_finished"), 1);
     assert_eq!(count(&events, "leaf_finished"), 3);
@@ -99,7 +103,7 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     );
     assert!(tasks.contains(&entry), "{tasks}");
     assert!(
-        tasks.contains("  :END:\n  workflow finished: {\"DONE\": 3, \"FAILED\": 0}\n"),
+        tasks.contains("  :END:\n  workflow finished: {\"DONE\": 3, \"FAILED\": 0} * Goal "),
         "{tasks}"
     );
 
@@ -123,11 +127,9 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     assert_eq!(logs.code, Some(0), "{}", logs.stderr);
     assert_eq!(logs.stdout.lines().count(), events.len());
     assert!(
-        logs.stdout
-            .lines()
-            .last()
-            .unwrap()
-            .contains(r#"done: workflow finished — workflow finished: {"DONE": 3, "FAILED": 0}"#),
+        logs.stdout.lines().last().unwrap().contains(
+            r#"done: workflow finished — workflow finished: {"DONE": 3, "FAILED": 0} * Goal"#
+        ),
         "{}",
         logs.stdout
     );
@@ -212,5 +214,86 @@ async fn the_ledger_rebuilds_its_views_byte_for_byte_from_the_logs() -> anyhow::
     // Drained notes stay drained after the rebuild.
     let again: Value = stack.get_json("/v1/tasks").await?;
     assert_eq!(again["feedback"], json!([]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_run_leaves_a_report_that_run_prints_and_inspect_points_to() -> anyhow::Result<()> {
+    let stack = Stack::start(&["ledger", "policy", "connectors", "dispatcher"]).await?;
+    let out = stack.cli(&["run", "Summarise what a kill switch is for"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let run_id: RunId = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("run "))
+        .context("dispatch run names the run")?
+        .trim()
+        .parse()?;
+    let path = format!(".dispatch/runs/{run_id}/scratch/REPORT.org");
+    let written = std::fs::read_to_string(stack.root().join(&path))?;
+    // Printed after the events, whole, under a heading that says where it is.
+    let printed = out
+        .stdout
+        .split_once(&format!("── report ({path}) ──\n"))
+        .context("the report is printed")?
+        .1;
+    assert_eq!(printed.trim_end(), written.trim_end());
+
+    let events = stack.log().await?.read(&run_id).await?;
+    let end = finished(&events);
+    assert_eq!(end.report, written);
+    assert_eq!(end.report_path, path);
+    // The note's summary: the tally, then the report's first lines, within 300 chars.
+    let first_line = written
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("#+"))
+        .context("the report says something")?;
+    assert!(
+        end.summary.starts_with("workflow finished: {"),
+        "{}",
+        end.summary
+    );
+    assert!(end.summary.contains(first_line.trim()), "{}", end.summary);
+    assert!(end.summary.chars().count() <= 300);
+
+    let inspect = stack.cli(&["inspect", &run_id.to_string()])?;
+    let view: Value = serde_json::from_str(&inspect.stdout)?;
+    assert_eq!(view["report_path"], path.as_str());
+    assert_eq!(view["report_bytes"], written.len() as u64);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_report_planted_as_a_link_is_not_read() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    let secret = stack.root().join("secret.txt");
+    std::fs::write(&secret, "the secret")?;
+    let plan =
+        "#+TITLE: Planted\n* TODO Wait\n  - call: test.sleep {\"ms\": 1500}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 60_000).await?;
+    let scratch = stack
+        .root()
+        .join(format!(".dispatch/runs/{run_id}/scratch"));
+    stack
+        .eventually(Duration::from_secs(30), || async {
+            scratch.is_dir().then_some(())
+        })
+        .await?;
+    std::os::unix::fs::symlink(&secret, scratch.join("REPORT.org"))?;
+    let events = stack.wait_finished(run_id, Duration::from_secs(60)).await?;
+    let end = finished(&events);
+    assert!(!end.report.contains("the secret"), "{}", end.report);
+    assert_eq!(end.report_path, "", "the link is not the report");
+    // The report is then the last leaf's answer.
+    let answer = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::LeafFinished(f)) => Some(f.answer.clone()),
+            _ => None,
+        })
+        .context("the leaf finished")?;
+    assert!(!answer.is_empty());
+    assert_eq!(end.report, answer);
     Ok(())
 }

@@ -259,9 +259,11 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
 
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32);
-    assert_eq!(
-        end.summary,
-        r#"workflow finished: {"DONE": 1, "FAILED": 2}"#
+    assert!(
+        end.summary
+            .starts_with(r#"workflow finished: {"DONE": 1, "FAILED": 2}"#),
+        "{}",
+        end.summary
     );
     let gates: Vec<(bool, String)> = events
         .iter()

@@ -1,7 +1,8 @@
 //! MCP tools through the whole stack, with real MCP servers from package registries
 //! (installed by `cargo xtask test` into `.tools/mcp`): the catalogue, a call recorded
 //! in the run's log with its risk class, and at most once when the MCP server or the
-//! connectors service is SIGKILLed mid-call.
+//! connectors service is SIGKILLed mid-call. And the built-in HTTP connector, whose
+//! calls take their risk from their method.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,7 +22,7 @@ fn everything_script() -> PathBuf {
 /// The policy of these tests: the file tools as built in, and every MCP tool.
 const POLICY: &str = r#"{"version": 7, "default": "deny", "rules": [
   {"name": "no-moves", "tools": ["fs.move_file"], "effect": "deny"},
-  {"name": "mcp-tools", "tools": ["fs.*", "everything.*"], "effect": "allow"},
+  {"name": "mcp-tools", "tools": ["fs.*", "everything.*", "http.*"], "effect": "allow"},
   {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
 ]}"#;
 
@@ -221,6 +222,51 @@ async fn connectors_killed_mid_mcp_call_send_it_at_most_once() -> anyhow::Result
         "{:?}",
         calls_sent(seen.path())
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_calls_carry_the_risk_of_their_method() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = axum::Router::new().route(
+        "/notes",
+        axum::routing::get(|| async { "three notes" }).post(|| async { "stored" }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = format!("[connectors.http]\nallow_hosts = [\"127.0.0.1:{port}\"]\n");
+    let mut stack = stack_with(&config).await?;
+    stack.add("connectors").await?;
+    stack.add("dispatcher").await?;
+    wait_for_tool(&stack, "http.request").await?;
+    let url = format!("http://127.0.0.1:{port}/notes");
+    let plan = format!(
+        "#+TITLE: Over HTTP\n* TODO Read then write\n  - call: http.request {}\n  - call: http.request {}\n  :done-when: true\n",
+        serde_json::json!({"method": "GET", "url": url}),
+        serde_json::json!({"method": "POST", "url": url, "body": "a fourth"}),
+    );
+    let run_id = stack.submit(&plan, "default", 60_000).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let calls: Vec<(i32, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r)) if r.tool == "http.request" => {
+                let output = events.iter().find_map(|e| match &e.event.body {
+                    Some(Body::ToolCallCompleted(c)) if c.call_id == r.call_id => {
+                        Some(c.output.clone())
+                    }
+                    _ => None,
+                });
+                Some((r.risk, output.unwrap_or_default()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].0, Risk::Read as i32);
+    assert!(calls[0].1.ends_with("three notes"), "{}", calls[0].1);
+    assert_eq!(calls[1].0, Risk::External as i32);
+    assert!(calls[1].1.ends_with("stored"), "{}", calls[1].1);
     Ok(())
 }
 

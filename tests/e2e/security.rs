@@ -177,6 +177,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
                 reason: "workflow finished".into(),
                 summary: "all good".into(),
                 tally: vec![],
+                ..Default::default()
             }),
         ),
     ];

@@ -40,6 +40,7 @@ fn done_bodies(goal: &str) -> Vec<Body> {
             reason: "workflow finished".into(),
             summary: "all good, honestly".into(),
             tally: vec![],
+            ..Default::default()
         }),
     ]
 }

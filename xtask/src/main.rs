@@ -7,6 +7,8 @@
 //!   demo goal; `--model` points the dispatcher at an OpenAI-compatible server.
 //! - `test [cargo test args]` — install (nats-server, and the MCP servers the connector
 //!   tests run into `.tools/mcp`), build the service binaries, run every test.
+//!   `test --real-model` runs the end-to-end tests against the local model server of
+//!   `model` instead (building it first if need be).
 //! - `lint` — rustfmt check and clippy with warnings denied.
 //! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
 //! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
@@ -55,6 +57,9 @@ fn main() -> Result<()> {
                 "  up        build and start the local stack, run a demo goal, stay up until Ctrl-C"
             );
             eprintln!("  test      build and run every test against a real nats-server");
+            eprintln!(
+                "  test --real-model   the end-to-end tests against a local model server (see model)"
+            );
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
             eprintln!(
@@ -202,12 +207,48 @@ fn up(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    if let Some(at) = args.iter().position(|a| a == "--real-model") {
+        let mut rest = args.to_vec();
+        rest.remove(at);
+        return real_model(root, &rest);
+    }
     let servers = install_mcp_servers(root)?;
     cargo_test_with(
         root,
         &["--workspace"],
         args,
-        &[("DISPATCH_MCP_SERVERS", &servers)],
+        &[("DISPATCH_MCP_SERVERS", servers.as_os_str())],
+    )
+}
+
+/// The end-to-end tests against a real model: installs (or reuses) the local
+/// llama-server and model of `cargo xtask model`, starts it on a free port, and runs
+/// `tests/e2e/real_model.rs` with its URL, printing what the model did.
+fn real_model(root: &Path, args: &[String]) -> Result<()> {
+    let (server, model_file) = model::install()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    eprintln!("xtask: starting llama-server on 127.0.0.1:{port}");
+    let _running = model::start(&server, &model_file, port)?;
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let selection = [
+        "-p",
+        "dispatch-tests",
+        "--test",
+        "real_model",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ];
+    cargo_test_with(
+        root,
+        &selection,
+        args,
+        &[
+            ("DISPATCH_REAL_MODEL_URL", url.as_ref()),
+            ("DISPATCH_REAL_MODEL", model::MODEL_NAME.as_ref()),
+        ],
     )
 }
 
@@ -285,7 +326,7 @@ fn cargo_test_with(
     root: &Path,
     selection: &[&str],
     args: &[String],
-    env: &[(&str, &Path)],
+    env: &[(&str, &std::ffi::OsStr)],
 ) -> Result<()> {
     let nats = install(root)?;
     cargo(root, &["build", "--bins"])?;

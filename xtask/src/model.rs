@@ -10,7 +10,8 @@
 //!
 //! The build takes about six minutes, so everything lives in a cache outside the
 //! checkout (`$XDG_CACHE_HOME/dispatch/model`, else `~/.cache/dispatch/model`) and is
-//! reused. Not part of `cargo xtask test`.
+//! reused. Not part of `cargo xtask test`; `cargo xtask test --real-model` starts it
+//! for the real-model end-to-end tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -196,34 +197,50 @@ if digest.hexdigest() != want:
     Ok(())
 }
 
-/// Runs llama-server in the foreground until it exits or Ctrl-C.
-fn serve(server: &Path, model: &Path, port: u16) -> Result<()> {
-    let mut child = Command::new(server)
+/// A llama-server child, killed when dropped.
+pub struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts llama-server on 127.0.0.1:`port` and waits until it answers `/health`.
+pub fn start(server: &Path, model: &Path, port: u16) -> Result<Running> {
+    let child = Command::new(server)
         .arg("-m")
         .arg(model)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--jinja", "-t", "2", "-c", "4096", "-np", "1", "--no-webui"])
         .spawn()
         .with_context(|| format!("cannot start {}", server.display()))?;
+    let mut running = Running(child);
     let health = format!("127.0.0.1:{port}");
     let started = Instant::now();
     while !healthy(&health) {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = running.0.try_wait()? {
             bail!("llama-server exited before it was ready ({status})");
         }
         if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
             bail!("llama-server was not ready within 120 s");
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    Ok(running)
+}
+
+/// Runs llama-server in the foreground until it exits or Ctrl-C.
+fn serve(server: &Path, model: &Path, port: u16) -> Result<()> {
+    let mut running = start(server, model, port)?;
     eprintln!();
     eprintln!("xtask: the model is up. Point Dispatch at it:");
     eprintln!(
         "  DISPATCH_MODEL_URL=http://127.0.0.1:{port}/v1 DISPATCH_MODEL={MODEL_NAME} cargo xtask up"
     );
     eprintln!("  (Ctrl-C stops the model server)");
-    let status = child.wait()?;
+    let status = running.0.wait()?;
     if !status.success() {
         bail!("llama-server exited with {status}");
     }

@@ -109,6 +109,17 @@ pub struct ToolEntry {
     pub version: String,
     /// When it was last put, by the putter's clock.
     pub refreshed_unix_ms: u64,
+    /// A call whose argument is one of these values is only a `read`, whatever the
+    /// tool's own risk (`http.request` with `method` GET or HEAD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_when: Option<ArgumentIn>,
+}
+
+/// An argument and the values (compared without case) that make a call a read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArgumentIn {
+    pub argument: String,
+    pub values: Vec<String>,
 }
 
 impl ToolEntry {
@@ -128,7 +139,22 @@ impl ToolEntry {
             risk,
             version: env!("CARGO_PKG_VERSION").into(),
             refreshed_unix_ms: now_unix_ms(),
+            read_when: None,
         }
+    }
+
+    /// The risk of one call with `args_json`: [`ToolEntry::read_when`] may make it a
+    /// read; otherwise it is the tool's.
+    pub fn risk_of_call(&self, args_json: &str) -> Risk {
+        let Some(read_when) = &self.read_when else {
+            return self.risk;
+        };
+        let args: serde_json::Value = serde_json::from_str(args_json).unwrap_or_default();
+        let read = args
+            .get(&read_when.argument)
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| read_when.values.iter().any(|r| r.eq_ignore_ascii_case(v)));
+        if read { Risk::Read } else { self.risk }
     }
 
     fn is_live(&self, now_ms: u64) -> bool {
@@ -302,6 +328,25 @@ mod tests {
             Risk::from_hints(hints(Some(false), Some(false), Some(false))),
             Risk::Write
         );
+    }
+
+    #[test]
+    fn an_argument_can_make_a_call_a_read() {
+        let mut entry = ToolEntry::builtin(
+            "http",
+            "request",
+            "",
+            serde_json::json!({"type": "object"}),
+            Risk::External,
+        );
+        entry.read_when = Some(ArgumentIn {
+            argument: "method".into(),
+            values: vec!["GET".into(), "HEAD".into()],
+        });
+        assert_eq!(entry.risk_of_call(r#"{"method":"get"}"#), Risk::Read);
+        assert_eq!(entry.risk_of_call(r#"{"method":"POST"}"#), Risk::External);
+        assert_eq!(entry.risk_of_call(r#"{"method":1}"#), Risk::External);
+        assert_eq!(entry.risk_of_call("not json"), Risk::External);
     }
 
     #[test]

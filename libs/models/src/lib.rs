@@ -36,6 +36,8 @@ pub struct AuthorRequest {
     /// The validation error of the previous attempt, fed back for the one retry.
     pub previous_error: Option<String>,
     pub temperature: f32,
+    /// The tools the plan's steps can use (the author sees names and descriptions).
+    pub tools: Vec<ToolSpec>,
 }
 
 /// A tool call as the model asks for it.

@@ -378,6 +378,7 @@ mod tests {
         let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
             goal: "Compare  the\nprices of two sandboxes".into(),
             grammar: dispatch_plan::GRAMMAR,
+            tools: Vec::new(),
             previous_error: None,
             temperature: AUTHOR_TEMPERATURE,
         }))
@@ -433,6 +434,7 @@ mod tests {
         let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
             goal: goal.into(),
             grammar: dispatch_plan::GRAMMAR,
+            tools: Vec::new(),
             previous_error: None,
             temperature: AUTHOR_TEMPERATURE,
         }))

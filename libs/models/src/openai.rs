@@ -272,6 +272,14 @@ impl Provider for OpenAi {
     fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<AuthorReply, Error>> {
         async move {
             let mut user = format!("Goal: {}", request.goal);
+            if !request.tools.is_empty() {
+                user.push_str("\n\nTools the steps can use:");
+                for tool in request.tools.iter().take(MAX_TOOLS_LISTED) {
+                    let about = tool.description.lines().next().unwrap_or_default();
+                    let about: String = about.chars().take(200).collect();
+                    user.push_str(&format!("\n- {}: {about}", tool.name));
+                }
+            }
             if let Some(error) = &request.previous_error {
                 user.push_str(&format!("\n\n{error}"));
             }
@@ -313,6 +321,9 @@ impl Provider for OpenAi {
 }
 
 /// The worker's instructions.
+/// Most tools named to the author.
+const MAX_TOOLS_LISTED: usize = 64;
+
 const WORKER_PROMPT: &str = "You carry out one step of a plan. Use the tools to do \
 what the step asks; every path is relative to the run's directory, and files you make \
 go under scratch/. Call one tool at a time and look at its result before going on. When \

@@ -56,6 +56,11 @@ fn author_request() -> AuthorRequest {
         grammar: dispatch_plan::GRAMMAR,
         previous_error: None,
         temperature: AUTHOR_TEMPERATURE,
+        tools: vec![ToolSpec {
+            name: "fs.list_directory".into(),
+            description: "List a directory.\nMore detail the author does not need.".into(),
+            parameters: json!({"type": "object"}),
+        }],
     }
 }
 
@@ -82,6 +87,14 @@ async fn a_recorded_plan_is_read_streamed_or_whole() {
             body["messages"][0]["content"],
             json!(dispatch_plan::GRAMMAR)
         );
+        // The author is told which tools the steps can use, by name and first line.
+        let user = body["messages"][1]["content"].as_str().unwrap();
+        assert!(
+            user.ends_with("Tools the steps can use:\n- fs.list_directory: List a directory."),
+            "{user}"
+        );
+        // It writes a plan, not calls: no tools are offered to it as functions.
+        assert!(body.get("tools").is_none());
     }
 }
 

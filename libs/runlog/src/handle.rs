@@ -11,6 +11,15 @@ use crate::{
     Error, ErrorKind, FOLLOW_POLL, RunLog, SUMMARY_CHARS, StoredEvent, chain, slice_chars,
 };
 
+/// What a run has to show for itself, recorded on its terminal event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The report's text (its writer bounds it).
+    pub text: String,
+    /// Where it is, relative to the workspace; empty when it lives only in the log.
+    pub path: String,
+}
+
 /// One run's log as this process knows it: the verified events so far, and the means
 /// to append the next one or wait for others' appends.
 pub struct RunHandle {
@@ -325,6 +334,19 @@ impl RunHandle {
         summary: &str,
         causation_id: &str,
     ) -> Result<(), Error> {
+        self.finish_with(status, reason, summary, Report::default(), causation_id)
+            .await
+    }
+
+    /// [`Self::finish`], recording what the run has to show for itself.
+    pub async fn finish_with(
+        &mut self,
+        status: RunStatus,
+        reason: &str,
+        summary: &str,
+        report: Report,
+        causation_id: &str,
+    ) -> Result<(), Error> {
         // The note and the tally are drawn from the whole log.
         if !self.whole {
             self.events = self.log.read(&self.run_id).await?;
@@ -352,6 +374,8 @@ impl RunHandle {
             reason,
             summary,
             tally: self.tally(),
+            report: report.text,
+            report_path: report.path,
         });
         let result = async {
             self.ensure(noted, note, causation_id).await?;

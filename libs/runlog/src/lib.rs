@@ -20,7 +20,7 @@ use dispatch_proto::run::v1::{RunEvent, run_event::Body};
 use futures::{StreamExt as _, TryStreamExt as _};
 use prost::Message as _;
 
-pub use handle::RunHandle;
+pub use handle::{Report, RunHandle};
 
 /// What went wrong, for callers that must branch on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -92,15 +92,39 @@ pub fn event_line(event: &RunEvent) -> String {
         Body::RunFinished(f) => format!(
             "{}: {}{}",
             RunStatus::try_from(f.status).map_or("unknown", |s| s.word()),
-            f.reason,
+            clip(&f.reason, 300),
             if f.summary != f.reason {
-                format!(" — {}", f.summary)
+                format!(" — {}", clip(&f.summary, 300))
             } else {
                 String::new()
             }
         ),
     };
     format!("#{:<3} {:<20} {}", event.seq, body.kind(), detail)
+}
+
+/// A finished run's report, to print after its events: a heading saying where it is,
+/// then the text, control characters escaped but lines kept. `None` if it has none.
+pub fn report(finished: &dispatch_proto::run::v1::RunFinished) -> Option<String> {
+    if finished.report.trim().is_empty() {
+        return None;
+    }
+    let source = if finished.report_path.is_empty() {
+        "the last leaf's answer".to_owned()
+    } else {
+        finished.report_path.clone()
+    };
+    let mut out = format!("\n── report ({source}) ──\n");
+    for c in finished.report.trim_end().chars() {
+        let hidden = c.is_control() || dispatch_ledger::render::is_bidi_control(c);
+        if c == '\n' || c == '\t' || !hidden {
+            out.push(c);
+        } else {
+            out.push_str(&c.escape_unicode().to_string());
+        }
+    }
+    out.push('\n');
+    Some(out)
 }
 
 /// Untrusted text on one line, control characters escaped, at most `max` characters.
@@ -297,6 +321,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_report_keeps_its_lines_and_escapes_what_would_hide_text() {
+        let finished = dispatch_proto::run::v1::RunFinished {
+            report: "* Findings\n\u{1b}[2Jgone\tok \u{202e}txt\n\n".into(),
+            report_path: ".dispatch/runs/r/scratch/REPORT.org".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            report(&finished).unwrap(),
+            "\n── report (.dispatch/runs/r/scratch/REPORT.org) ──\n* Findings\n\\u{1b}[2Jgone\tok \\u{202e}txt\n"
+        );
+        let answer = dispatch_proto::run::v1::RunFinished {
+            report: "done".into(),
+            ..Default::default()
+        };
+        assert!(
+            report(&answer)
+                .unwrap()
+                .contains("(the last leaf's answer)")
+        );
+        assert!(report(&Default::default()).is_none());
+    }
+
+    #[test]
     fn the_ps_table_lines_up_wide_goals() {
         let view = |id: &str, goal: &str| RunView {
             run_id: id.into(),
@@ -322,6 +369,8 @@ mod tests {
             corrupt: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            report_path: None,
+            report_bytes: 0,
         };
         let table = ps_table(
             &[view("a", "整理共享驱动器"), view("bb", "tidy")],

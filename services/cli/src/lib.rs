@@ -768,6 +768,8 @@ async fn follow_log(
                 let status = RunStatus::try_from(f.status).unwrap_or(RunStatus::Blocked);
                 if !print {
                     println!("{}", status.word());
+                } else if let Some(report) = format::report(f) {
+                    print!("{report}");
                 }
                 return Ok(match status {
                     RunStatus::Done => exit::DONE,

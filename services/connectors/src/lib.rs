@@ -6,7 +6,8 @@
 //! the run's log.
 //!
 //! Tools are served by connectors and named `<connector>.<tool>`: the built-in
-//! `files` connector works on the run's `scratch/` ([`files`]), each configured MCP
+//! `files` connector works on the run's `scratch/` ([`files`]), the built-in `http`
+//! connector reaches the hosts its allowlist names ([`http`]), and each configured MCP
 //! server is one more ([`mcp`]). Every copy puts the tools it serves in the tool
 //! catalogue ([`dispatch_bus::catalogue`]), where the dispatcher finds what to offer.
 //! Gates are evaluated by the interpreter in [`gate`], confined to the run directory.
@@ -14,6 +15,7 @@
 mod confine;
 pub mod files;
 pub mod gate;
+pub mod http;
 pub mod mcp;
 mod test_tools;
 
@@ -92,6 +94,7 @@ struct Context {
 /// The connectors this copy serves.
 pub struct Registry {
     test_tools: bool,
+    http: Option<http::Http>,
     servers: BTreeMap<String, Arc<mcp::Server>>,
 }
 
@@ -99,18 +102,20 @@ impl Registry {
     /// The built-in connectors, and the MCP servers `dispatch.toml` configures in
     /// `workspace` (checked: a mistake is an error naming it).
     pub fn configured(workspace: &std::path::Path, test_tools: bool) -> Result<Self, Error> {
-        let configs: Vec<mcp::ServerConfig> =
-            dispatch_service::config::section(workspace, SERVICE, "mcp")
-                .map_err(|e| Error::Config(e.to_string()))?;
-        Self::new(configs, workspace, test_tools)
+        use dispatch_service::config::section;
+        let config = |e: dispatch_service::config::Error| Error::Config(e.to_string());
+        let servers = section(workspace, SERVICE, "mcp").map_err(config)?;
+        let http = section(workspace, SERVICE, "http").map_err(config)?;
+        Self::new(servers, http, workspace, test_tools)
     }
 
     pub fn new(
         configs: Vec<mcp::ServerConfig>,
+        http: http::HttpConfig,
         workspace: &std::path::Path,
         test_tools: bool,
     ) -> Result<Self, Error> {
-        let reserved = [files::CONNECTOR, test_tools::CONNECTOR];
+        let reserved = [files::CONNECTOR, test_tools::CONNECTOR, http::CONNECTOR];
         let mut servers = BTreeMap::new();
         for config in configs {
             config.check(&reserved).map_err(Error::Config)?;
@@ -124,6 +129,7 @@ impl Registry {
         }
         Ok(Self {
             test_tools,
+            http: http::Http::new(http).map_err(Error::Config)?,
             servers,
         })
     }
@@ -139,6 +145,7 @@ impl Registry {
         if self.test_tools {
             entries.extend(test_tools::entries());
         }
+        entries.extend(self.http.as_ref().map(http::Http::entry));
         entries
     }
 
@@ -153,6 +160,9 @@ impl Registry {
     ) -> Result<String, String> {
         let run_dir = layout::run_dir(workspace, run_id);
         let (connector, name) = tool.split_once('.').unwrap_or(("", tool));
+        if let (http::CONNECTOR, Some(http)) = (connector, &self.http) {
+            return http.call(name, args).await;
+        }
         match connector {
             files::CONNECTOR => {
                 let (name, args) = (name.to_owned(), args.to_owned());
@@ -180,6 +190,9 @@ impl Registry {
         let mut names = vec![files::CONNECTOR];
         if self.test_tools {
             names.push(test_tools::CONNECTOR);
+        }
+        if self.http.is_some() {
+            names.push(http::CONNECTOR);
         }
         names.extend(self.servers.keys().map(String::as_str));
         names

@@ -412,6 +412,7 @@ impl Server {
                     risk: Risk::from_hints(hints),
                     version: version.to_owned(),
                     refreshed_unix_ms: now,
+                    read_when: None,
                 },
             ));
         }

@@ -52,7 +52,8 @@ struct Served {
 impl Served {
     async fn start(configs: Vec<ServerConfig>) -> Self {
         let workspace = tempfile::tempdir().unwrap();
-        let registry = Arc::new(Registry::new(configs, workspace.path(), false).unwrap());
+        let registry =
+            Arc::new(Registry::new(configs, Default::default(), workspace.path(), false).unwrap());
         let stop = CancellationToken::new();
         tokio::spawn(registry.clone().serve(None, stop.clone()));
         let served = Self {

@@ -15,13 +15,20 @@ use dispatch_proto::run::v1::{
     ToolCallRequested, run_event::Body,
 };
 use dispatch_runlog::submit::MAX_TIMEOUT_MS;
-use dispatch_runlog::{ErrorKind, RunHandle, SUMMARY_CHARS, slice_chars};
+use dispatch_runlog::{ErrorKind, Report, RunHandle, SUMMARY_CHARS, slice_chars};
 use dispatch_service::layout;
 
 use crate::{Context, DEFAULT_TIMEOUT, Error};
 
 /// How long the owner of a force-stopped run waits for the requester's terminal event.
 const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// The report a run may write in its scratch directory.
+const REPORT_FILE: &str = "REPORT.org";
+/// The most of a report recorded in `RunFinished`.
+const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// The most of a leaf's answer recorded in `LeafFinished`.
+const MAX_ANSWER_BYTES: usize = 16 * 1024;
 
 /// How long the stop watcher trusts a quiet feed before it reads the log itself.
 const STOP_WATCH_QUIET: Duration = Duration::from_secs(5);
@@ -76,9 +83,14 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
         tracing::info!(run_id = %run_id, events = exec.run.events().len(), "resuming from the log");
     }
     let outcome = exec.drive().await;
+    let report = exec.report();
     let (status, reason, summary) = match outcome {
         Ok(tally) => {
-            let summary = format!("workflow finished: {}", tally_json(&tally));
+            let mut summary = format!("workflow finished: {}", tally_json(&tally));
+            let opening = opening_lines(&report.text);
+            if !opening.is_empty() {
+                summary = format!("{summary}\n{opening}");
+            }
             (RunStatus::Done, "workflow finished".to_owned(), summary)
         }
         Err(Stop::Blocked(reason)) => (RunStatus::Blocked, reason.clone(), reason),
@@ -86,7 +98,7 @@ pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> R
         Err(Stop::Finished) => return Ok(()),
         Err(Stop::Infra(e)) => return Err(e),
     };
-    settle(exec.finish(status, reason, summary).await)
+    settle(exec.finish_with(status, reason, summary, report).await)
 }
 
 /// Ends `run_id` `blocked` with `reason` (sliced to 300 characters), unless it has
@@ -200,12 +212,14 @@ impl Exec<'_> {
                 )
             });
             let provider = &self.ctx.providers.author;
+            let tools = self.ctx.offer.current().await.specs();
             let answer = provider
                 .author(AuthorRequest {
                     goal: requested.goal.clone(),
                     grammar: dispatch_plan::GRAMMAR,
                     previous_error,
                     temperature: AUTHOR_TEMPERATURE,
+                    tools,
                 })
                 .await
                 .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
@@ -279,12 +293,13 @@ impl Exec<'_> {
                 title: leaf.title.clone(),
             });
             self.ensure(started_leaf(index), started).await?;
-            let (state, reason) = self.leaf(requested, leaf).await?;
+            let (state, reason, answer) = self.leaf(requested, leaf).await?;
             tracing::info!(run_id = %self.run.run_id(), leaf = index, state = state.as_str_name(), "leaf finished");
             let finished = Body::LeafFinished(LeafFinished {
                 leaf: index,
                 state: state as i32,
                 reason,
+                answer,
             });
             self.ensure(finished_leaf(index), finished).await?;
         }
@@ -296,9 +311,11 @@ impl Exec<'_> {
         &mut self,
         requested: &RunRequested,
         leaf: &PlanLeaf,
-    ) -> Result<(LeafState, String), Stop> {
+    ) -> Result<(LeafState, String, String), Stop> {
         let mut history = Vec::new();
         let mut done = false;
+        // The model's last words on the leaf: its answer.
+        let mut answer = String::new();
         let max_turns = self.ctx.max_turns;
         for turn in 0..max_turns {
             let model_turn = match self.find(model_turn(leaf.index, turn)) {
@@ -348,6 +365,7 @@ impl Exec<'_> {
                     })
                     .collect(),
             });
+            answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
                 done = true;
                 break;
@@ -361,25 +379,33 @@ impl Exec<'_> {
                 });
             }
         }
+        let answer = slice_bytes(&answer, MAX_ANSWER_BYTES);
         if !done {
             return Ok((
                 LeafState::Failed,
                 format!("the model did not finish the leaf within {max_turns} turns"),
+                answer,
             ));
         }
         if leaf.done_when.is_empty() {
             return Ok((
                 LeafState::Done,
                 "the model finished; the leaf has no gate".into(),
+                answer,
             ));
         }
         let gate = self.gate(leaf).await?;
         Ok(if gate.passed {
-            (LeafState::Done, format!("gate passed: {}", gate.command))
+            (
+                LeafState::Done,
+                format!("gate passed: {}", gate.command),
+                answer,
+            )
         } else {
             (
                 LeafState::Failed,
                 slice_chars(&format!("gate failed: {}", gate.detail), SUMMARY_CHARS),
+                answer,
             )
         })
     }
@@ -394,7 +420,13 @@ impl Exec<'_> {
         let call_id = call.call_id.clone();
         let risk = match self.find(requested_call(&call_id)) {
             Some(()) => Risk::Unspecified,
-            None => risk_of(self.ctx.offer.current().await.risk(&call.tool)),
+            None => risk_of(
+                self.ctx
+                    .offer
+                    .current()
+                    .await
+                    .risk(&call.tool, &call.args_json),
+            ),
         };
         let requested = Body::ToolCallRequested(ToolCallRequested {
             call_id: call_id.clone(),
@@ -488,11 +520,50 @@ impl Exec<'_> {
         reason: String,
         summary: String,
     ) -> Result<(), Stop> {
+        self.finish_with(status, reason, summary, Report::default())
+            .await
+    }
+
+    async fn finish_with(
+        &mut self,
+        status: RunStatus,
+        reason: String,
+        summary: String,
+        report: Report,
+    ) -> Result<(), Stop> {
         self.run
-            .finish(status, &reason, &summary, &self.command.run_id)
+            .finish_with(status, &reason, &summary, report, &self.command.run_id)
             .await?;
         tracing::info!(run_id = %self.run.run_id(), status = status.word(), reason, "run finished");
         Ok(())
+    }
+
+    /// What the run has to show: `scratch/REPORT.org` if it wrote one, else the last
+    /// answer a leaf gave.
+    fn report(&self) -> Report {
+        let run_id = self.run.run_id();
+        let run_dir = layout::run_dir(&self.ctx.workspace, run_id);
+        if let Some(text) = read_report(&run_dir) {
+            let path = run_dir.join(layout::SCRATCH).join(REPORT_FILE);
+            let path = path
+                .strip_prefix(&self.ctx.workspace)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            return Report { text, path };
+        }
+        let last_answer = self
+            .run
+            .bodies()
+            .filter_map(|b| match b {
+                Body::LeafFinished(f) if !f.answer.trim().is_empty() => Some(f.answer.clone()),
+                _ => None,
+            })
+            .last();
+        Report {
+            text: last_answer.unwrap_or_default(),
+            path: String::new(),
+        }
     }
 
     fn find<T>(&self, pick: impl Fn(&Body) -> Option<T>) -> Option<T> {
@@ -763,6 +834,70 @@ fn now_unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// `scratch/REPORT.org` of `run_dir`, at most [`MAX_REPORT_BYTES`] of it, if it is a
+/// regular file. The run's tools wrote it, so nothing on the way is followed if it is a
+/// symbolic link: a report linked to a secret file is not read.
+fn read_report(run_dir: &Path) -> Option<String> {
+    use rustix::fs::{Mode, OFlags, openat};
+    use std::io::Read as _;
+    let nofollow = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let run = openat(
+        rustix::fs::CWD,
+        run_dir,
+        nofollow | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .ok()?;
+    let scratch = openat(
+        &run,
+        layout::SCRATCH,
+        nofollow | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .ok()?;
+    let file = openat(
+        &scratch,
+        REPORT_FILE,
+        nofollow | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .ok()?;
+    let file = std::fs::File::from(file);
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_REPORT_BYTES as u64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    (!text.trim().is_empty()).then_some(text)
+}
+
+/// The first lines of a report that say something, as they fit a feedback note
+/// (`#+` keyword lines such as `#+TITLE:` are skipped).
+fn opening_lines(report: &str) -> String {
+    let lines: Vec<&str> = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("#+"))
+        .take(4)
+        .collect();
+    slice_chars(&lines.join("\n"), SUMMARY_CHARS)
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary.
+fn slice_bytes(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 /// The catalogue's risk class as the event records it.
 fn risk_of(risk: dispatch_bus::catalogue::Risk) -> Risk {
     use dispatch_bus::catalogue::Risk as R;
@@ -777,6 +912,22 @@ fn risk_of(risk: dispatch_bus::catalogue::Risk) -> Risk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_note_opens_with_the_report_s_first_lines() {
+        let report =
+            "#+TITLE: Kill switches\n\n* Summary\nA kill switch ends a run.\n\nMore.\nAnd more.\n";
+        assert_eq!(
+            opening_lines(report),
+            "* Summary\nA kill switch ends a run.\nMore.\nAnd more."
+        );
+        assert_eq!(
+            opening_lines(&"x".repeat(400)).chars().count(),
+            SUMMARY_CHARS
+        );
+        assert_eq!(slice_bytes("é", 1), "");
+        assert_eq!(slice_bytes("aé", 2), "a");
+    }
 
     #[test]
     fn durations_read_like_people_write_them() {

@@ -30,8 +30,8 @@ type Reading = (Instant, Arc<Offered>);
 pub struct Offered {
     /// Live tools not denied outright, by name.
     pub tools: BTreeMap<String, ToolEntry>,
-    /// Every live tool's risk, offered or not.
-    risks: BTreeMap<String, Risk>,
+    /// Every live tool, offered or not.
+    all: BTreeMap<String, ToolEntry>,
 }
 
 impl Offered {
@@ -39,13 +39,9 @@ impl Offered {
         let policy: Option<Document> = snapshot
             .policy
             .and_then(|value| serde_json::from_value(value).ok());
-        let risks = snapshot
-            .tools
-            .values()
-            .map(|t| (t.name.clone(), t.risk))
-            .collect();
-        let tools = snapshot
-            .tools
+        let all = snapshot.tools;
+        let tools = all
+            .clone()
             .into_iter()
             .filter(|(name, _)| {
                 !matches!(
@@ -54,7 +50,7 @@ impl Offered {
                 )
             })
             .collect();
-        Self { tools, risks }
+        Self { tools, all }
     }
 
     /// The tools as the model is offered them.
@@ -69,10 +65,12 @@ impl Offered {
             .collect()
     }
 
-    /// The risk of `tool`: its catalogue entry's, or destructive for a tool no
-    /// connector serves.
-    pub fn risk(&self, tool: &str) -> Risk {
-        self.risks.get(tool).copied().unwrap_or(Risk::Destructive)
+    /// The risk of a call of `tool` with `args_json`: as its catalogue entry says, or
+    /// destructive for a tool no connector serves.
+    pub fn risk(&self, tool: &str, args_json: &str) -> Risk {
+        self.all
+            .get(tool)
+            .map_or(Risk::Destructive, |t| t.risk_of_call(args_json))
     }
 }
 
@@ -123,6 +121,7 @@ mod tests {
             risk,
             version: "1".into(),
             refreshed_unix_ms: 0,
+            read_when: None,
         }
     }
 
@@ -140,9 +139,9 @@ mod tests {
         let offered = Offered::from_snapshot(snapshot.clone());
         let names: Vec<&str> = offered.tools.keys().map(String::as_str).collect();
         assert_eq!(names, ["files.read_file", "files.write_file"]);
-        assert_eq!(offered.risk("fs.move_file"), Risk::Destructive);
-        assert_eq!(offered.risk("files.read_file"), Risk::Read);
-        assert_eq!(offered.risk("nobody.serves_this"), Risk::Destructive);
+        assert_eq!(offered.risk("fs.move_file", "{}"), Risk::Destructive);
+        assert_eq!(offered.risk("files.read_file", "{}"), Risk::Read);
+        assert_eq!(offered.risk("nobody.serves_this", "{}"), Risk::Destructive);
         // Without a policy in the catalogue, every live tool is offered.
         snapshot.policy = None;
         assert_eq!(Offered::from_snapshot(snapshot).tools.len(), 3);

@@ -138,7 +138,7 @@ pub fn one_line(text: &str, max: usize) -> String {
 }
 
 /// Characters that reorder how the text around them is displayed.
-fn is_bidi_control(c: char) -> bool {
+pub fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
@@ -245,6 +245,8 @@ mod tests {
             corrupt: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            report_path: None,
+            report_bytes: 0,
         };
         let org = tasks_org(&[run]);
         let expected = format!(

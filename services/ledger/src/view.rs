@@ -87,6 +87,14 @@ pub struct RunView {
     /// Completion tokens of every model answer in the run.
     #[serde(default)]
     pub completion_tokens: u64,
+    /// Where the run's report is, relative to the workspace (`.dispatch/runs/<id>/
+    /// scratch/REPORT.org`); absent when the run wrote none (its report, if any, is then
+    /// the last leaf's answer, kept in the log's `RunFinished`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_path: Option<String>,
+    /// Size of the report recorded on the run's terminal event, in bytes (0: none).
+    #[serde(default)]
+    pub report_bytes: u64,
 }
 
 /// Where and why a run's log fails verification.
@@ -123,6 +131,8 @@ impl RunView {
             corrupt: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            report_path: None,
+            report_bytes: 0,
         }
     }
 
@@ -253,6 +263,8 @@ impl RunView {
                 view.reason = Some(f.reason.clone());
                 view.summary = Some(f.summary.clone());
                 view.finished_at_ms = Some(event.time_unix_ms);
+                view.report_path = (!f.report_path.is_empty()).then(|| f.report_path.clone());
+                view.report_bytes = f.report.len() as u64;
             }
             Body::PlanRejected(p) => view.add_usage(p.usage.as_ref()),
             Body::ModelTurn(t) => view.add_usage(t.usage.as_ref()),
@@ -334,17 +346,20 @@ mod tests {
                 leaf: 0,
                 state: LeafState::Done as i32,
                 reason: String::new(),
+                answer: String::new(),
             }),
             Body::LeafFinished(LeafFinished {
                 leaf: 1,
                 state: LeafState::Failed as i32,
                 reason: String::new(),
+                answer: String::new(),
             }),
             Body::RunFinished(RunFinished {
                 status: RunStatus::Done as i32,
                 reason: "workflow finished".into(),
                 summary: "s".into(),
                 tally: vec![],
+                ..Default::default()
             }),
         ]
     }

@@ -1,0 +1,351 @@
+//! The built-in `http` connector: one tool, `http.request` (method, URL, headers,
+//! body), reaching only the hosts `dispatch.toml` allows:
+//!
+//! ```toml
+//! [connectors.http]
+//! allow_hosts = ["api.example.com", "*.example.org", "127.0.0.1:8080"]
+//! max_body_bytes = 262144     # the most of a response body kept
+//! timeout_ms = 30000
+//! ```
+//!
+//! Nothing is reachable by default: without `allow_hosts` the connector serves no tool.
+//! A host entry without a port allows the scheme's default port only; `*.example.org`
+//! allows the subdomains of `example.org`, not `example.org` itself. Every redirect is
+//! checked against the same list. A call is a `read` for GET and HEAD and `external`
+//! otherwise. The answer is the status line, a few headers and the body as text, cut at
+//! `max_body_bytes` (read no further than that).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dispatch_bus::catalogue::{ArgumentIn, Risk, ToolEntry};
+use futures::StreamExt as _;
+use serde::Deserialize;
+
+/// The connector's name: the namespace of its tool.
+pub const CONNECTOR: &str = "http";
+/// Its one tool.
+const TOOL: &str = "request";
+/// Most redirects followed.
+const MAX_REDIRECTS: usize = 5;
+/// Response headers shown to the model.
+const SHOWN_HEADERS: [&str; 4] = ["content-type", "content-length", "location", "retry-after"];
+
+/// `[connectors.http]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Hosts (`name`, `name:port`, `*.suffix`) calls may reach.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// The most of a response body kept, in bytes (default 256 KiB).
+    pub max_body_bytes: Option<usize>,
+    /// How long one request may take, redirects included (default 30 s).
+    pub timeout_ms: Option<u64>,
+}
+
+/// One allowed host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Allowed {
+    /// A name, or the suffix after `*.`.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl Allowed {
+    fn parse(entry: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("[connectors.http] allow_hosts entry {entry:?}: {why}");
+        let (host, port) = match entry.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => (
+                host,
+                Some(
+                    port.parse::<u16>()
+                        .map_err(|_| bad("the port is not a number"))?,
+                ),
+            ),
+            _ => (entry, None),
+        };
+        let (host, wildcard) = match host.strip_prefix("*.") {
+            Some(rest) => (rest, true),
+            None => (host, false),
+        };
+        let fits = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+        if host.is_empty() || !host.bytes().all(fits) || host.starts_with('.') {
+            return Err(bad(
+                "give a host name or address, `*.suffix`, or either with :port",
+            ));
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            wildcard,
+            port,
+        })
+    }
+
+    fn admits(&self, host: &str, port: u16, default_port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let name = if self.wildcard {
+            host.strip_suffix(&self.host)
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.'))
+        } else {
+            host == self.host
+        };
+        name && port == self.port.unwrap_or(default_port)
+    }
+}
+
+/// The arguments of `http.request`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    /// Required, so that a call's risk can be read from its arguments alone.
+    method: String,
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+/// The configured connector.
+pub struct Http {
+    allowed: Vec<Allowed>,
+    max_body_bytes: usize,
+    client: reqwest::Client,
+}
+
+impl Http {
+    /// The connector `config` describes; `None` when it allows no host.
+    pub fn new(config: HttpConfig) -> Result<Option<Self>, String> {
+        if config.allow_hosts.is_empty() {
+            return Ok(None);
+        }
+        let allowed = config
+            .allow_hosts
+            .iter()
+            .map(|e| Allowed::parse(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_body_bytes = config.max_body_bytes.unwrap_or(256 * 1024);
+        if max_body_bytes == 0 || max_body_bytes > crate::mcp::MAX_OUTPUT_BYTES {
+            return Err(format!(
+                "[connectors.http] max_body_bytes must be 1 to {}",
+                crate::mcp::MAX_OUTPUT_BYTES
+            ));
+        }
+        let timeout = Duration::from_millis(config.timeout_ms.unwrap_or(30_000).max(1));
+        let policy_hosts = allowed.clone();
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if admitted(&policy_hosts, attempt.url()) {
+                attempt.follow()
+            } else {
+                let to = attempt.url().to_string();
+                attempt.error(format!(
+                    "redirected to {to}, which the allowlist does not admit"
+                ))
+            }
+        });
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(redirects)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Some(Self {
+            allowed,
+            max_body_bytes,
+            client,
+        }))
+    }
+
+    /// The catalogue entry of `http.request`.
+    pub fn entry(&self) -> ToolEntry {
+        let hosts: Vec<String> = self
+            .allowed
+            .iter()
+            .map(|a| {
+                let host = if a.wildcard {
+                    format!("*.{}", a.host)
+                } else {
+                    a.host.clone()
+                };
+                a.port.map_or(host.clone(), |p| format!("{host}:{p}"))
+            })
+            .collect();
+        let mut entry = ToolEntry::builtin(
+            CONNECTOR,
+            TOOL,
+            &format!(
+                "Make an HTTP request to one of these hosts: {}. Returns the status, a few \
+                 headers and the body as text (at most {} bytes).",
+                hosts.join(", "),
+                self.max_body_bytes
+            ),
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "method": {"type": "string", "description": "GET, HEAD, POST, PUT, PATCH or DELETE"},
+                    "url": {"type": "string", "description": "http:// or https:// URL"},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "body": {"type": "string", "description": "the request body, as text"},
+                },
+                "required": ["method", "url"],
+                "additionalProperties": false,
+            }),
+            Risk::External,
+        );
+        entry.read_when = Some(ArgumentIn {
+            argument: "method".into(),
+            values: vec!["GET".into(), "HEAD".into()],
+        });
+        entry
+    }
+
+    /// Runs `http.request` with `args_json`.
+    pub async fn call(&self, tool: &str, args_json: &str) -> Result<String, String> {
+        if tool != TOOL {
+            return Err(format!(
+                "unknown tool {tool:?}; the http connector has request"
+            ));
+        }
+        let request: Request = serde_json::from_str(args_json)
+            .map_err(|e| format!("bad arguments for http.request: {e}"))?;
+        let method = request.method.to_ascii_uppercase();
+        let method = match method.as_str() {
+            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" => {
+                reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?
+            }
+            other => return Err(format!("method {other:?} is not one http.request makes")),
+        };
+        let url =
+            reqwest::Url::parse(&request.url).map_err(|e| format!("url {:?}: {e}", request.url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("url {url}: only http and https"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!("url {url}: credentials in the URL are refused"));
+        }
+        if !admitted(&self.allowed, &url) {
+            return Err(format!(
+                "{} is not an allowed host (allow it under [connectors.http] allow_hosts)",
+                url.host_str().unwrap_or_default()
+            ));
+        }
+        let mut builder = self.client.request(method, url);
+        for (name, value) in &request.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("header {name:?}: {e}"))?;
+            let value = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|e| format!("header {name}: {e}"))?;
+            builder = builder.header(name, value);
+        }
+        if let Some(body) = request.body {
+            builder = builder.body(body);
+        }
+        let response = builder.send().await.map_err(|e| describe(&e))?;
+        let mut out = format!("HTTP {}\n", response.status());
+        for name in SHOWN_HEADERS {
+            if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
+                out.push_str(&format!("{name}: {value}\n"));
+            }
+        }
+        out.push('\n');
+        let (body, cut) = self.read_body(response).await?;
+        out.push_str(&String::from_utf8_lossy(&body));
+        if cut {
+            out.push_str(&format!(
+                "\n[cut: the body is longer than {} bytes]",
+                self.max_body_bytes
+            ));
+        }
+        Ok(out)
+    }
+
+    /// At most `max_body_bytes` of the body, and whether there was more.
+    async fn read_body(&self, response: reqwest::Response) -> Result<(Vec<u8>, bool), String> {
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| describe(&e))?;
+            let room = self.max_body_bytes - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                return Ok((body, true));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((body, false))
+    }
+}
+
+/// Does the allowlist admit `url`'s host and port?
+fn admitted(allowed: &[Allowed], url: &reqwest::Url) -> bool {
+    let (Some(host), Some(port), Some(default)) = (
+        url.host_str(),
+        url.port_or_known_default(),
+        match url.scheme() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        },
+    ) else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    allowed.iter().any(|a| a.admits(host, port, default))
+}
+
+/// A request error with its causes, none of which holds a secret (the URL has no
+/// credentials; headers are not in errors).
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(entries: &[&str]) -> Vec<Allowed> {
+        entries.iter().map(|e| Allowed::parse(e).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_allowlist_admits_hosts_ports_and_subdomains_it_names() {
+        let list = allowed(&["api.example.com", "*.example.org", "127.0.0.1:8080"]);
+        let admits = |url: &str| admitted(&list, &reqwest::Url::parse(url).unwrap());
+        assert!(admits("https://api.example.com/v1"));
+        assert!(admits("http://API.EXAMPLE.COM/"));
+        assert!(admits("https://a.b.example.org/"));
+        assert!(admits("http://127.0.0.1:8080/x"));
+        assert!(!admits("https://api.example.com:8443/"), "another port");
+        assert!(!admits("https://example.org/"), "the wildcard's own domain");
+        assert!(!admits("https://badexample.org/"));
+        assert!(!admits("https://api.example.com.evil.net/"));
+        assert!(!admits("http://127.0.0.1/"));
+        assert!(!admits("http://localhost:8080/"));
+        assert!(!admits("ftp://api.example.com/"));
+        for bad in ["", "*.", "a b", "host:port", "http://x", ".example.com"] {
+            assert!(Allowed::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_reachable_by_default() {
+        assert!(Http::new(HttpConfig::default()).unwrap().is_none());
+        let err = Http::new(HttpConfig {
+            allow_hosts: vec!["x".into()],
+            max_body_bytes: Some(0),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.contains("max_body_bytes"), "{err}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The `http.request` tool against a real HTTP server on this machine.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
+use dispatch_bus::catalogue::Risk;
+use dispatch_connectors::http::{Http, HttpConfig};
+
+async fn serve() -> SocketAddr {
+    let app = Router::new()
+        .route("/hello", get(|| async { "hello over http" }))
+        .route(
+            "/echo",
+            post(|headers: HeaderMap, body: String| async move {
+                let team = headers
+                    .get("x-team")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                (StatusCode::CREATED, format!("{team}:{body}"))
+            }),
+        )
+        .route("/big", get(|| async { "x".repeat(10_000) }))
+        .route("/missing", get(|| async { StatusCode::NOT_FOUND }))
+        .route(
+            "/away",
+            get(|| async { Redirect::temporary("http://127.0.0.2:9/elsewhere") }),
+        )
+        .route(
+            "/here",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/hello")]).into_response() }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn connector(addr: SocketAddr, max_body_bytes: Option<usize>) -> Http {
+    Http::new(HttpConfig {
+        allow_hosts: vec![format!("127.0.0.1:{}", addr.port())],
+        max_body_bytes,
+        timeout_ms: Some(5_000),
+    })
+    .unwrap()
+    .expect("a connector with hosts")
+}
+
+#[tokio::test]
+async fn requests_reach_allowed_hosts_only() {
+    let addr = serve().await;
+    let http = connector(addr, Some(1_000));
+    let call = |args: serde_json::Value| {
+        let http = &http;
+        async move { http.call("request", &args.to_string()).await }
+    };
+    let base = format!("http://127.0.0.1:{}", addr.port());
+
+    let hello = call(serde_json::json!({"method": "GET", "url": format!("{base}/hello")}))
+        .await
+        .unwrap();
+    assert!(hello.starts_with("HTTP 200 OK\n"), "{hello}");
+    assert!(hello.contains("content-type: text/plain"), "{hello}");
+    assert!(hello.ends_with("\n\nhello over http"), "{hello}");
+
+    let posted = call(serde_json::json!({
+        "method": "post", "url": format!("{base}/echo"),
+        "headers": {"X-Team": "ops"}, "body": "payload"
+    }))
+    .await
+    .unwrap();
+    assert!(posted.starts_with("HTTP 201 Created"), "{posted}");
+    assert!(posted.ends_with("ops:payload"), "{posted}");
+
+    let big = call(serde_json::json!({"method": "GET", "url": format!("{base}/big")}))
+        .await
+        .unwrap();
+    assert!(
+        big.contains(&"x".repeat(1_000)) && !big.contains(&"x".repeat(1_001)),
+        "cut at 1000"
+    );
+    assert!(
+        big.ends_with("[cut: the body is longer than 1000 bytes]"),
+        "{big}"
+    );
+
+    let missing = call(serde_json::json!({"method": "GET", "url": format!("{base}/missing")}))
+        .await
+        .unwrap();
+    assert!(missing.starts_with("HTTP 404 Not Found"), "{missing}");
+
+    // A redirect within the allowlist is followed; one out of it is refused.
+    let here = call(serde_json::json!({"method": "GET", "url": format!("{base}/here")}))
+        .await
+        .unwrap();
+    assert!(here.ends_with("hello over http"), "{here}");
+    let away = call(serde_json::json!({"method": "GET", "url": format!("{base}/away")}))
+        .await
+        .unwrap_err();
+    assert!(
+        away.contains("which the allowlist does not admit"),
+        "{away}"
+    );
+
+    for (args, expect) in [
+        (
+            serde_json::json!({"method": "GET", "url": "http://127.0.0.1:9/x"}),
+            "not an allowed host",
+        ),
+        (
+            serde_json::json!({"method": "GET", "url": format!("http://localhost:{}/hello", addr.port())}),
+            "not an allowed host",
+        ),
+        (
+            serde_json::json!({"method": "GET", "url": format!("http://u:p@127.0.0.1:{}/", addr.port())}),
+            "credentials",
+        ),
+        (
+            serde_json::json!({"method": "GET", "url": "file:///etc/passwd"}),
+            "only http and https",
+        ),
+        (
+            serde_json::json!({"url": format!("{base}/hello")}),
+            "missing field `method`",
+        ),
+        (
+            serde_json::json!({"url": format!("{base}/hello"), "method": "CONNECT"}),
+            "not one http.request makes",
+        ),
+        (
+            serde_json::json!({"method": "GET", "url": format!("{base}/hello"), "headers": {"a b": "c"}}),
+            "header",
+        ),
+        (
+            serde_json::json!({"method": "GET", "url": format!("{base}/hello"), "verbose": true}),
+            "unknown field",
+        ),
+    ] {
+        let err = call(args.clone()).await.unwrap_err();
+        assert!(err.contains(expect), "{args}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_get_is_a_read_and_anything_else_external() {
+    let addr = serve().await;
+    let entry = connector(addr, None).entry();
+    assert_eq!(entry.name, "http.request");
+    assert!(
+        entry
+            .description
+            .contains(&format!("127.0.0.1:{}", addr.port()))
+    );
+    assert_eq!(entry.risk_of_call(r#"{"url":"x"}"#), Risk::External);
+    assert_eq!(
+        entry.risk_of_call(r#"{"url":"x","method":"GET"}"#),
+        Risk::Read
+    );
+    assert_eq!(
+        entry.risk_of_call(r#"{"url":"x","method":"head"}"#),
+        Risk::Read
+    );
+    assert_eq!(
+        entry.risk_of_call(r#"{"url":"x","method":"DELETE"}"#),
+        Risk::External
+    );
+}

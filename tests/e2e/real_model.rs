@@ -1,0 +1,115 @@
+//! Against a real model: `cargo xtask test --real-model` starts the local llama-server
+//! that `cargo xtask model` builds and runs these (ignored otherwise) with
+//! `DISPATCH_REAL_MODEL_URL` and `DISPATCH_REAL_MODEL` set.
+//!
+//! A half-billion-parameter model does not finish every errand, so what is asserted is
+//! what Dispatch must do with whatever it answers: the plan is the model's, a leaf's
+//! model is offered tools and its call goes through the policy and a connector into the
+//! log. What the model did is printed, event by event.
+
+use std::time::Duration;
+
+use dispatch_proto::run::v1::run_event::Body;
+use dispatch_runlog::StoredEvent;
+use dispatch_tests::{Stack, finished};
+
+/// A small model on two cores: each answer takes seconds, a run minutes.
+const LIMIT: Duration = Duration::from_secs(15 * 60);
+
+fn model() -> (String, String) {
+    let url = std::env::var("DISPATCH_REAL_MODEL_URL")
+        .expect("DISPATCH_REAL_MODEL_URL is not set: run `cargo xtask test --real-model`");
+    let name = std::env::var("DISPATCH_REAL_MODEL").unwrap_or_else(|_| "default".into());
+    (url, name)
+}
+
+fn print(events: &[StoredEvent]) {
+    for stored in events {
+        let Some(body) = &stored.event.body else {
+            continue;
+        };
+        let detail = match body {
+            Body::PlanAuthored(p) => format!("attempt {}: {:?}", p.attempt, p.plan_text),
+            Body::PlanRejected(p) => format!("attempt {}: {} {}", p.attempt, p.code, p.message),
+            Body::ModelTurn(t) => format!(
+                "leaf {} turn {} ({}): {:?} calls {:?}",
+                t.leaf,
+                t.turn,
+                t.call_form,
+                t.text.chars().take(300).collect::<String>(),
+                t.tool_calls
+                    .iter()
+                    .map(|c| format!("{} {}", c.tool, c.args_json))
+                    .collect::<Vec<_>>()
+            ),
+            Body::PolicyDecided(d) => format!("{} {:?}: {}", d.call_id, d.decision(), d.reason),
+            Body::ToolCallCompleted(c) => format!("{}: {:?}", c.call_id, c.output),
+            Body::ToolCallFailed(f) => format!("{}: {}", f.call_id, f.error),
+            Body::GateChecked(g) => format!("{} passed={} {}", g.command, g.passed, g.detail),
+            Body::LeafFinished(f) => format!("leaf {} {:?}: {}", f.leaf, f.state(), f.reason),
+            Body::RunFinished(f) => {
+                format!("{:?}: {} | report {:?}", f.status(), f.summary, f.report)
+            }
+            other => format!("{other:?}").chars().take(200).collect(),
+        };
+        eprintln!("#{:<3} {:<20} {detail}", stored.event.seq, body.kind());
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a real model server: cargo xtask test --real-model"]
+async fn a_real_model_plans_and_its_leaf_calls_a_tool() -> anyhow::Result<()> {
+    let (url, name) = model();
+    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &["--max-turns", "4"],
+            &[
+                ("DISPATCH_MODEL_URL", url.as_str()),
+                ("DISPATCH_MODEL", name.as_str()),
+            ],
+        )
+        .await?;
+    let goal = "Write the word hello into the file scratch/hello.txt";
+    let run_id = stack
+        .submit(goal, "default", LIMIT.as_millis() as u64)
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    print(&events);
+    let bodies: Vec<&Body> = events
+        .iter()
+        .filter_map(|e| e.event.body.as_ref())
+        .collect();
+    let plan = bodies
+        .iter()
+        .find_map(|b| match b {
+            Body::PlanAuthored(p) => Some(p),
+            _ => None,
+        })
+        .expect("the model's plan was accepted (see the events above)");
+    assert!(plan.model.starts_with("openai:"), "{}", plan.model);
+    let called = bodies
+        .iter()
+        .any(|b| matches!(b, Body::ModelTurn(t) if !t.tool_calls.is_empty()));
+    assert!(
+        called,
+        "no leaf's model called a tool (see the events above)"
+    );
+    let executed = bodies
+        .iter()
+        .any(|b| matches!(b, Body::ToolCallCompleted(_) | Body::ToolCallFailed(_)));
+    assert!(executed, "no call reached a connector");
+    let end = finished(&events);
+    eprintln!(
+        "run {run_id} ended {:?}; hello.txt holds {:?}",
+        end.status(),
+        std::fs::read_to_string(
+            stack
+                .root()
+                .join(format!(".dispatch/runs/{run_id}/scratch/hello.txt"))
+        )
+        .ok()
+    );
+    Ok(())
+}
