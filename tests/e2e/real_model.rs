@@ -30,7 +30,10 @@ fn print(events: &[StoredEvent]) {
         };
         let detail = match body {
             Body::PlanAuthored(p) => format!("attempt {}: {:?}", p.attempt, p.plan_text),
-            Body::PlanRejected(p) => format!("attempt {}: {} {}", p.attempt, p.code, p.message),
+            Body::PlanRejected(p) => format!(
+                "attempt {}: {} {}; it wrote {:?}",
+                p.attempt, p.code, p.message, p.answer
+            ),
             Body::ModelTurn(t) => format!(
                 "leaf {} turn {} ({}): {:?} calls {:?}",
                 t.leaf,

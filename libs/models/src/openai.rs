@@ -271,22 +271,22 @@ impl Provider for OpenAi {
 
     fn author(&self, request: AuthorRequest) -> BoxFuture<'_, Result<AuthorReply, Error>> {
         async move {
-            let mut user = format!("Goal: {}", request.goal);
+            // The tools go with the grammar, in the system message: a small model
+            // echoes its user message back, tool list and all.
+            let mut system = request.grammar.to_owned();
             if !request.tools.is_empty() {
-                user.push_str("\n\nTools the steps can use:");
+                system.push_str("\n\nTools the steps can use:");
                 for tool in request.tools.iter().take(MAX_TOOLS_LISTED) {
                     let about = tool.description.lines().next().unwrap_or_default();
                     let about: String = about.chars().take(200).collect();
-                    user.push_str(&format!("\n- {}: {about}", tool.name));
+                    system.push_str(&format!("\n- {}: {about}", tool.name));
                 }
             }
+            let mut user = format!("Goal: {}", request.goal);
             if let Some(error) = &request.previous_error {
                 user.push_str(&format!("\n\n{error}"));
             }
-            let messages = vec![
-                Message::system(request.grammar.to_owned()),
-                Message::user(user),
-            ];
+            let messages = vec![Message::system(system), Message::user(user)];
             let answer = self
                 .complete(&ChatRequest::new(
                     &self.config,

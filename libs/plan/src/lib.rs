@@ -95,6 +95,30 @@ impl Error {
     }
 }
 
+/// `* TODO: x` as `* TODO x`: small models write the colon however the grammar puts
+/// it, and nothing else can be meant, so the plan is read and stored without it.
+fn drop_keyword_colons(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let stars = line.len() - line.trim_start_matches('*').len();
+        let rest = &line[stars..];
+        let fixed = (stars > 0 && rest.starts_with(' '))
+            .then(|| {
+                let word_at = rest.len() - rest.trim_start().len();
+                TODO_KEYWORDS.iter().find_map(|k| {
+                    rest[word_at..]
+                        .strip_prefix(k)
+                        .and_then(|after| after.strip_prefix(':'))
+                        .filter(|after| after.starts_with(char::is_whitespace))
+                        .map(|after| format!("{}{}{k}{after}", &line[..stars], &rest[..word_at]))
+                })
+            })
+            .flatten();
+        out.push_str(fixed.as_deref().unwrap_or(line));
+    }
+    out
+}
+
 /// Removes Markdown code fences a model may wrap around its answer.
 pub fn strip_code_fences(answer: &str) -> String {
     let lines: Vec<&str> = answer
@@ -111,7 +135,7 @@ pub fn parse(answer: &str) -> Result<Plan, Error> {
     if answer.len() > MAX_PLAN_BYTES {
         return Err(Error::TooLarge(answer.len()));
     }
-    let text = strip_code_fences(answer);
+    let text = drop_keyword_colons(&strip_code_fences(answer));
     if text.trim().is_empty() {
         return Err(Error::Empty);
     }
@@ -428,6 +452,16 @@ mod tests {
 
     #[test]
     fn parents_are_not_leaves() {
+        let colon =
+            parse("#+TITLE: t\n* TODO: Write hello\n** NEXT:\tand then\nTODO: not a headline\n")
+                .unwrap();
+        assert_eq!(colon.leaves[0].keyword, "NEXT");
+        assert_eq!(colon.leaves[0].title, "and then");
+        assert_eq!(
+            colon.text,
+            "#+TITLE: t\n* TODO Write hello\n** NEXT\tand then\nTODO: not a headline\n"
+        );
+        assert!(parse("* TODO:Write\n").is_err(), "no space: not a keyword");
         let plan = parse("* TODO Parent\n** TODO Child one\n** NEXT Child two\n* DOING Sibling\n")
             .unwrap();
         let titles: Vec<_> = plan.leaves.iter().map(|l| l.title.as_str()).collect();

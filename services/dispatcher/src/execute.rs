@@ -249,6 +249,7 @@ impl Exec<'_> {
                         message: e.to_string(),
                         model: provider.name().to_owned(),
                         usage: Some(usage(answer.usage)),
+                        answer: slice_bytes(&answer.text, MAX_ANSWER_BYTES),
                     };
                     let matches = move |b: &Body| match b {
                         Body::PlanRejected(r) if r.attempt == attempt => Some(r.clone()),
