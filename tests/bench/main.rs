@@ -4,6 +4,7 @@
 
 mod growth;
 mod peer;
+mod tools;
 
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 5] = ["ack", "append", "e2e", "rebuild", "growth"];
+const SECTIONS: [&str; 6] = ["ack", "append", "e2e", "tools", "rebuild", "growth"];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -66,6 +67,9 @@ async fn main() -> Result<()> {
     }
     if wants("e2e") {
         e2e_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("tools") {
+        tools::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("rebuild") {
         rebuild_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;

@@ -1,9 +1,11 @@
 //! The dispatcher driven by a real model's answers: a stand-in OpenAI-compatible server
 //! replays what llama-server with Qwen2.5-Coder-0.5B answered to a plan request
 //! (`libs/testkit/captures/openai`), and the dispatcher, a real process, talks to it
-//! with an API key. The small model's plan does not follow the grammar, so the run
-//! shows the author's retry with the validation error and the end `blocked` — with
-//! each answer's tokens recorded and summed, and the key nowhere but on the wire.
+//! with an API key. The small model's first plan does not follow the grammar, so the
+//! run shows the author's retry with the validation error; its second is taken (eight
+//! leaves, seven with gates naming commands no gate runs), and each leaf's worker
+//! answers with text — with each answer's tokens recorded and summed, and the key nowhere but on
+//! the wire.
 
 use std::time::Duration;
 
@@ -14,15 +16,21 @@ use prost::Message as _;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const KEY: &str = "sk-e2e-do-not-leak-4f1c9a";
+/// Leaves in the recorded plan the author's second answer holds.
+const LEAVES: usize = 8;
 
 #[tokio::test]
 async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_nowhere()
 -> anyhow::Result<()> {
-    let (stand_in, url) = StandIn::start(vec![
+    // The recorded author answers: one the grammar refuses, one it takes (eight leaves,
+    // most with gates the gate interpreter refuses); then the recorded
+    // worker answer, text and no call, for each leaf.
+    let mut script = vec![
         Reply::Replay("llama-server/author.sse"),
         Reply::Replay("llama-server/author.json"),
-    ])
-    .await;
+    ];
+    script.extend((0..LEAVES).map(|_| Reply::Replay("llama-server/final.sse")));
+    let (stand_in, url) = StandIn::start(script).await;
     let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
     stack
         .add_with_env(
@@ -43,9 +51,10 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
         .await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
 
-    // The author was asked twice, the second time with the first answer's error.
+    // The author was asked twice, the second time with the first answer's error; then
+    // the worker once for each leaf.
     let asked = stand_in.requests();
-    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert_eq!(asked.len(), 2 + LEAVES, "{asked:?}");
     assert!(
         asked
             .iter()
@@ -63,29 +72,48 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
             _ => None,
         })
         .collect();
-    assert_eq!(rejected.len(), 2);
-    for r in &rejected {
-        assert_eq!(r.model, "openai:recorded");
-        let usage = r.usage.expect("usage recorded");
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0].answer.contains("*: TODO:"),
+        "{}",
+        rejected[0].answer
+    );
+    // Every answer, refused, taken or a worker's turn, records the model and its tokens.
+    let usages: Vec<(String, dispatch_proto::run::v1::Usage)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::PlanRejected(r)) => Some((r.model.clone(), r.usage?)),
+            Some(Body::PlanAuthored(p)) => Some((p.model.clone(), p.usage?)),
+            Some(Body::ModelTurn(t)) => Some((t.model.clone(), t.usage?)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(usages.len(), 2 + LEAVES, "{usages:?}");
+    for (model, usage) in &usages {
+        assert_eq!(model, "openai:recorded");
         assert!(
             usage.prompt_tokens > 0 && usage.completion_tokens > 0,
             "{usage:?}"
         );
     }
+    // Each leaf's answer was text; seven gates name commands no gate runs, so those
+    // leaves failed; the last leaf (cut short by the author's token limit) has no gate.
     let end = finished(&events);
-    assert_eq!(end.status, RunStatus::Blocked as i32);
-    assert!(end.reason.starts_with("plan rejected"), "{}", end.reason);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert!(
+        end.summary
+            .starts_with(r#"workflow finished: {"DONE": 1, "FAILED": 7}"#),
+        "{}",
+        end.summary
+    );
 
     // `inspect` sums the tokens.
-    let expected: u64 = rejected
-        .iter()
-        .map(|r| r.usage.unwrap().completion_tokens)
-        .sum();
+    let expected: u64 = usages.iter().map(|(_, u)| u.completion_tokens).sum();
     let inspect = stack
         .eventually(LIMIT, || async {
             let out = stack.cli(&["inspect", &run_id.to_string()]).ok()?;
             let view: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-            (view["status"] == "blocked").then_some(out.stdout)
+            (view["status"] == "done").then_some(out.stdout)
         })
         .await?;
     let view: serde_json::Value = serde_json::from_str(&inspect)?;
