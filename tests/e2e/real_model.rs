@@ -1,6 +1,7 @@
 //! Against a real model: `cargo xtask test --real-model` starts the local llama-server
 //! that `cargo xtask model` builds and runs these (ignored otherwise) with
-//! `DISPATCH_REAL_MODEL_URL` and `DISPATCH_REAL_MODEL` set.
+//! `DISPATCH_REAL_MODEL_URL` and `DISPATCH_REAL_MODEL` set, and the MCP servers of
+//! `.tools/mcp` installed.
 //!
 //! A half-billion-parameter model does not finish every errand, so what is asserted is
 //! what Dispatch must do with whatever it answers: the plan is the model's, a leaf's
@@ -59,9 +60,8 @@ fn print(events: &[StoredEvent]) {
     }
 }
 
-#[tokio::test]
-#[ignore = "needs a real model server: cargo xtask test --real-model"]
-async fn a_real_model_plans_and_its_leaf_calls_a_tool() -> anyhow::Result<()> {
+/// ledger, policy and connectors, then a dispatcher on the real model.
+async fn stack_on_the_model() -> anyhow::Result<Stack> {
     let (url, name) = model();
     let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
     stack
@@ -74,6 +74,13 @@ async fn a_real_model_plans_and_its_leaf_calls_a_tool() -> anyhow::Result<()> {
             ],
         )
         .await?;
+    Ok(stack)
+}
+
+#[tokio::test]
+#[ignore = "needs a real model server: cargo xtask test --real-model"]
+async fn a_real_model_plans_and_its_leaf_calls_a_tool() -> anyhow::Result<()> {
+    let stack = stack_on_the_model().await?;
     let goal = "Write the word hello into the file scratch/hello.txt";
     let run_id = stack
         .submit(goal, "default", LIMIT.as_millis() as u64)
@@ -113,6 +120,86 @@ async fn a_real_model_plans_and_its_leaf_calls_a_tool() -> anyhow::Result<()> {
                 .join(format!(".dispatch/runs/{run_id}/scratch/hello.txt"))
         )
         .ok()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a real model server: cargo xtask test --real-model"]
+async fn a_real_model_lists_files_through_the_filesystem_server() -> anyhow::Result<()> {
+    // The official filesystem MCP server, rooted at a directory with a few files.
+    let shared = tempfile::tempdir()?;
+    for (name, text) in [
+        ("notes.md", "Meeting notes: ship the MCP connectors.\n"),
+        ("todo.txt", "1. write tests\n2. run them\n"),
+        ("data.csv", "a,b\n1,2\n"),
+    ] {
+        std::fs::write(shared.path().join(name), text)?;
+    }
+    let script = dispatch_testkit::mcp_servers()
+        .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js");
+    let policy = r#"{"version": 1, "default": "deny", "rules": [
+      {"name": "fs-reads", "effect": "allow", "tools": ["fs.list_directory",
+        "fs.list_directory_with_sizes", "fs.directory_tree", "fs.read_text_file",
+        "fs.read_file", "fs.get_file_info", "fs.search_files", "fs.list_allowed_directories"]},
+      {"name": "scratch", "effect": "allow", "tools": ["files.*"], "when": ["path_inside_scratch"]}
+    ]}"#;
+    let (url, name) = model();
+    let mut stack = Stack::start(&["ledger"]).await?;
+    std::fs::write(
+        stack.root().join("dispatch.toml"),
+        format!(
+            "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\n",
+            script.display().to_string(),
+            shared.path().display().to_string()
+        ),
+    )?;
+    let path = stack.root().join("policy.json");
+    std::fs::write(&path, policy)?;
+    let path = path.display().to_string();
+    stack.add_with("policy", &["--policy", &path]).await?;
+    stack.add("connectors").await?;
+    stack
+        .eventually(Duration::from_secs(60), || async {
+            let out = stack.cli(&["tools"]).ok()?;
+            out.stdout.contains("fs.list_directory").then_some(())
+        })
+        .await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &["--max-turns", "6"],
+            &[
+                ("DISPATCH_MODEL_URL", url.as_str()),
+                ("DISPATCH_MODEL", name.as_str()),
+            ],
+        )
+        .await?;
+    let goal = format!(
+        "List the files in {} and write a short summary of them to scratch/REPORT.org",
+        shared.path().display()
+    );
+    let run_id = stack
+        .submit(&goal, "default", LIMIT.as_millis() as u64)
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    print(&events);
+    let fs_calls: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r)) if r.tool.starts_with("fs.") => Some(r.tool.as_str()),
+            _ => None,
+        })
+        .collect();
+    let end = finished(&events);
+    eprintln!(
+        "run {run_id} ended {:?}; filesystem calls {fs_calls:?}; report at {:?}",
+        end.status(),
+        end.report_path
+    );
+    assert!(
+        !fs_calls.is_empty(),
+        "the model called no filesystem tool (see the events above)"
     );
     Ok(())
 }

@@ -225,6 +225,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
 /// llama-server and model of `cargo xtask model`, starts it on a free port, and runs
 /// `tests/e2e/real_model.rs` with its URL, printing what the model did.
 fn real_model(root: &Path, args: &[String]) -> Result<()> {
+    let servers = install_mcp_servers(root)?;
     let (server, model_file) = model::install()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -248,6 +249,7 @@ fn real_model(root: &Path, args: &[String]) -> Result<()> {
         &[
             ("DISPATCH_REAL_MODEL_URL", url.as_ref()),
             ("DISPATCH_REAL_MODEL", model::MODEL_NAME.as_ref()),
+            ("DISPATCH_MCP_SERVERS", servers.as_os_str()),
         ],
     )
 }

@@ -31,9 +31,9 @@ Answer with an org-mode outline and nothing else.
   :PROPERTIES:
   :ORDERED: t
   :END:
-- Then one or more body lines saying how to do it with the tools you are given
-  (files.read_file, files.write_file and files.list_files work on scratch/; paths
-  are relative to the run directory).
+- Then one or more body lines saying how to do it, naming the tools to use from
+  the list below (the files.* tools work on scratch/, relative to the run directory;
+  other tools take the paths or arguments their own descriptions ask for).
 - Then exactly one gate line, `:done-when: <check>`, where <check> is one of
   `test -s|-f|-d|-e <path>`, `grep -q <text> <path>`, combined with `&&` or `||`.
   A gate that names any other command never passes.
