@@ -481,7 +481,26 @@ pub fn slice_chars(text: &str, max: usize) -> String {
     out
 }
 
+/// At most `max` bytes of `text`, cut on a character boundary: for text bounded by
+/// what it costs in an event rather than by what a person reads.
+pub fn slice_bytes(text: &str, max: usize) -> &str {
+    &text[..text.floor_char_boundary(max)]
+}
+
 /// How often a follower re-reads the log when no live notification arrives. Live
 /// notifications ride core NATS and can be missed across a reconnect; the poll makes
 /// that a delay, never a hang.
 pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_cut_on_character_boundaries() {
+        assert_eq!(slice_bytes("é", 1), "");
+        assert_eq!(slice_bytes("aé", 2), "a");
+        assert_eq!(slice_bytes("abc", 10), "abc");
+        assert_eq!(slice_chars("abcdef", 4), "abc…");
+    }
+}

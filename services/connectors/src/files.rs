@@ -9,7 +9,7 @@ use std::path::Path;
 use dispatch_bus::catalogue::{Risk, ToolEntry};
 use serde::Deserialize;
 
-use crate::confine;
+use dispatch_confine as confine;
 
 /// The largest file `write_file` writes and `read_file` returns.
 pub const MAX_FILE_BYTES: usize = 256 * 1024;
@@ -167,6 +167,7 @@ fn named(error: confine::Error, path: &str) -> Error {
         C::Symlink(_) => C::Symlink(path),
         C::Missing(_) => C::Missing(path),
         C::IsDirectory(_) => C::IsDirectory(path),
+        C::NotAFile(_) => C::NotAFile(path),
         C::TooLarge { size, max, .. } => C::TooLarge { path, size, max },
         C::Io(_, message) => C::Io(path, message),
     })

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use dispatch_plan::gate::{self, Check, Gate};
 
-use crate::confine;
+use dispatch_confine as confine;
 
 /// The largest file `grep` reads.
 const MAX_GREP_BYTES: u64 = 8 * 1024 * 1024;

@@ -12,7 +12,6 @@
 //! catalogue ([`dispatch_bus::catalogue`]), where the dispatcher finds what to offer.
 //! Gates are evaluated by the interpreter in [`gate`], confined to the run directory.
 
-mod confine;
 pub mod files;
 pub mod gate;
 pub mod http;
@@ -20,7 +19,6 @@ pub mod mcp;
 mod test_tools;
 
 use std::collections::BTreeMap;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -504,14 +502,16 @@ async fn call_tool(
         }
     };
     tracing::info!(run_id = %run_id, call_id, ok = result.is_ok(), "tool call executed");
+    // Whatever the connector (an MCP server's error text, a long listing), the result
+    // is bounded so that its event fits a NATS message.
     let body = match result {
         Ok(output) => Body::ToolCallCompleted(ToolCallCompleted {
             call_id: call_id.to_owned(),
-            output,
+            output: mcp::cap(output),
         }),
         Err(error) => Body::ToolCallFailed(ToolCallFailed {
             call_id: call_id.to_owned(),
-            error,
+            error: mcp::cap(error),
         }),
     };
     // The call has run: its result is worth retrying to record for as long as this

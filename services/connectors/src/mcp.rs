@@ -52,7 +52,8 @@ use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::sync::CancellationToken;
 
-/// The largest tool output recorded; the rest is cut, and the cut is said.
+/// The largest tool output or error recorded, from any connector; the rest is cut,
+/// and the cut is said ([`cap`]).
 pub const MAX_OUTPUT_BYTES: usize = 256 * 1024;
 /// Most tools taken from one server.
 const MAX_TOOLS: usize = 128;
@@ -519,7 +520,7 @@ fn render(result: CallToolResult) -> Result<String, String> {
     {
         parts.push(structured.to_string());
     }
-    let text = cap(parts.join("\n"));
+    let text = parts.join("\n");
     if result.is_error == Some(true) {
         Err(text)
     } else {
@@ -528,18 +529,16 @@ fn render(result: CallToolResult) -> Result<String, String> {
 }
 
 /// `text` cut to [`MAX_OUTPUT_BYTES`] on a character boundary, saying so.
-pub fn cap(mut text: String) -> String {
+pub fn cap(text: String) -> String {
     if text.len() <= MAX_OUTPUT_BYTES {
         return text;
     }
-    let total = text.len();
-    let mut end = MAX_OUTPUT_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text.push_str(&format!("\n[cut: {total} bytes, the first {end} kept]"));
-    text
+    let kept = dispatch_runlog::slice_bytes(&text, MAX_OUTPUT_BYTES);
+    format!(
+        "{kept}\n[cut: {} bytes, the first {} kept]",
+        text.len(),
+        kept.len()
+    )
 }
 
 /// A stdio server's stderr, line by line, into this service's log.

@@ -15,7 +15,7 @@ use dispatch_proto::run::v1::{
     ToolCallRequested, run_event::Body,
 };
 use dispatch_runlog::submit::MAX_TIMEOUT_MS;
-use dispatch_runlog::{ErrorKind, Report, RunHandle, SUMMARY_CHARS, slice_chars};
+use dispatch_runlog::{ErrorKind, Report, RunHandle, SUMMARY_CHARS, slice_bytes, slice_chars};
 use dispatch_service::layout;
 
 use crate::{Context, DEFAULT_TIMEOUT, Error};
@@ -249,7 +249,7 @@ impl Exec<'_> {
                         message: e.to_string(),
                         model: provider.name().to_owned(),
                         usage: Some(usage(answer.usage)),
-                        answer: slice_bytes(&answer.text, MAX_ANSWER_BYTES),
+                        answer: slice_bytes(&answer.text, MAX_ANSWER_BYTES).to_owned(),
                     };
                     let matches = move |b: &Body| match b {
                         Body::PlanRejected(r) if r.attempt == attempt => Some(r.clone()),
@@ -380,7 +380,7 @@ impl Exec<'_> {
                 });
             }
         }
-        let answer = slice_bytes(&answer, MAX_ANSWER_BYTES);
+        let answer = slice_bytes(&answer, MAX_ANSWER_BYTES).to_owned();
         if !done {
             return Ok((
                 LeafState::Failed,
@@ -836,37 +836,14 @@ fn now_unix_ms() -> i64 {
 }
 
 /// `scratch/REPORT.org` of `run_dir`, at most [`MAX_REPORT_BYTES`] of it, if it is a
-/// regular file. The run's tools wrote it, so nothing on the way is followed if it is a
-/// symbolic link: a report linked to a secret file is not read.
+/// regular file. The run's tools wrote it, so it is reached through `dispatch_confine`:
+/// no symbolic link is followed on the way (a report linked to a secret file is not
+/// read) and a FIFO cannot stall the read.
 fn read_report(run_dir: &Path) -> Option<String> {
-    use rustix::fs::{Mode, OFlags, openat};
     use std::io::Read as _;
-    let nofollow = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let run = openat(
-        rustix::fs::CWD,
-        run_dir,
-        nofollow | OFlags::DIRECTORY,
-        Mode::empty(),
-    )
-    .ok()?;
-    let scratch = openat(
-        &run,
-        layout::SCRATCH,
-        nofollow | OFlags::DIRECTORY,
-        Mode::empty(),
-    )
-    .ok()?;
-    let file = openat(
-        &scratch,
-        REPORT_FILE,
-        nofollow | OFlags::NONBLOCK,
-        Mode::empty(),
-    )
-    .ok()?;
-    let file = std::fs::File::from(file);
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
+    let run = dispatch_confine::Root::open(run_dir, "the run directory").ok()?;
+    let scratch = run.subdir(layout::SCRATCH, "scratch/").ok()?;
+    let file = scratch.open_file(REPORT_FILE).ok()?;
     let mut bytes = Vec::new();
     file.take(MAX_REPORT_BYTES as u64)
         .read_to_end(&mut bytes)
@@ -885,18 +862,6 @@ fn opening_lines(report: &str) -> String {
         .take(4)
         .collect();
     slice_chars(&lines.join("\n"), SUMMARY_CHARS)
-}
-
-/// At most `max` bytes of `text`, cut on a character boundary.
-fn slice_bytes(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
 }
 
 /// The catalogue's risk class as the event records it.
@@ -926,8 +891,6 @@ mod tests {
             opening_lines(&"x".repeat(400)).chars().count(),
             SUMMARY_CHARS
         );
-        assert_eq!(slice_bytes("é", 1), "");
-        assert_eq!(slice_bytes("aé", 2), "a");
     }
 
     #[test]

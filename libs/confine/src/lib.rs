@@ -7,6 +7,11 @@
 //! open, because there is no separate check: the open is the check. Paths are also
 //! refused lexically (absolute, `..`, empty, NUL) so the error says why.
 //!
+//! Files are opened non-blocking and anything but a regular file is refused, so a FIFO
+//! planted where a file is expected cannot stall the reader.
+//!
+//! Used by the connectors (file tools, gates) and the dispatcher (a run's report).
+//!
 //! Writes are atomic and race-free: the content goes to a fresh temporary file created
 //! with `O_CREAT | O_EXCL` (which never follows a symlink) under a random name in the
 //! same directory handle, then is renamed over the target (a rename replaces a planted
@@ -17,7 +22,7 @@ use std::io::{Read, Write};
 use std::path::{Component, Path};
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
-use cap_std::fs::{Dir, File, Metadata, OpenOptions};
+use cap_std::fs::{Dir, File, Metadata, OpenOptions, OpenOptionsExt};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -29,6 +34,8 @@ pub enum Error {
     Missing(String),
     #[error("path {0:?} names a directory, not a file")]
     IsDirectory(String),
+    #[error("path {0:?} is not a regular file")]
+    NotAFile(String),
     #[error("{path} is {size} bytes; tools handle files up to {max} bytes")]
     TooLarge { path: String, size: u64, max: u64 },
     #[error("path {0:?}: {1}")]
@@ -105,18 +112,26 @@ impl Root {
         Ok(bytes)
     }
 
-    /// Opens the regular file `path` for reading (not a directory, not a symlink).
+    /// Opens the regular file `path` for reading (not a directory, not a symlink, not
+    /// a FIFO or device: it is opened non-blocking, so none of those can stall it).
     pub fn open_file(&self, path: &str) -> Result<File, Error> {
         let (parent, Some(last)) = self.walk(path, false)? else {
             return Err(Error::IsDirectory(path.to_owned()));
         };
         let mut options = OpenOptions::new();
-        options.read(true).follow(FollowSymlinks::No);
+        options
+            .read(true)
+            .follow(FollowSymlinks::No)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
         let file = parent
             .open_with(&last, &options)
             .map_err(|e| self.io_error(&parent, &last, path, e))?;
-        if file.metadata().map_err(io(path))?.is_dir() {
+        let kind = file.metadata().map_err(io(path))?.file_type();
+        if kind.is_dir() {
             return Err(Error::IsDirectory(path.to_owned()));
+        }
+        if !kind.is_file() {
+            return Err(Error::NotAFile(path.to_owned()));
         }
         Ok(file)
     }
@@ -290,6 +305,22 @@ mod tests {
         let target = dir.path().join("notes.org");
         assert!(!target.symlink_metadata().unwrap().is_symlink());
         assert_eq!(std::fs::read_to_string(target).unwrap(), "new");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let (dir, root) = root();
+        let status = std::process::Command::new("mkfifo")
+            .arg(dir.path().join("pipe"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Opening a FIFO for reading with no writer would block; here it is refused.
+        assert!(
+            matches!(root.read("pipe", 10), Err(Error::NotAFile(_))),
+            "{:?}",
+            root.read("pipe", 10)
+        );
     }
 
     #[test]
