@@ -8,6 +8,7 @@ fn main() {
         root.join("dispatch/run/v1/events.proto"),
         root.join("dispatch/command/v1/commands.proto"),
         root.join("dispatch/ledger/v1/ledger.proto"),
+        root.join("dispatch/policy/v1/policy.proto"),
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

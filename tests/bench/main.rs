@@ -5,6 +5,7 @@
 mod growth;
 mod peer;
 mod tools;
+mod turns;
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,9 @@ const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 6] = ["ack", "append", "e2e", "tools", "rebuild", "growth"];
+const SECTIONS: [&str; 7] = [
+    "ack", "append", "e2e", "tools", "turns", "rebuild", "growth",
+];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -70,6 +73,9 @@ async fn main() -> Result<()> {
     }
     if wants("tools") {
         tools::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("turns") {
+        turns::run(&bus, &mut lines, &mut results).await?;
     }
     if wants("rebuild") {
         rebuild_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;

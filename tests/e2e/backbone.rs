@@ -95,7 +95,7 @@ async fn a_goal_posted_over_http_reaches_done_and_every_view_agrees() -> anyhow:
     let tasks = stack.tasks_org_with_finished(1, LIMIT).await?;
     assert!(tasks.starts_with("#+TITLE: Dispatch — tasks\n"), "{tasks}");
     assert!(
-        tasks.contains("#+TODO: TODO DOING BLOCKED CORRUPT | DONE STOPPED"),
+        tasks.contains("#+TODO: TODO DOING WAITING BLOCKED CORRUPT | DONE STOPPED"),
         "{tasks}"
     );
     let entry = format!(

@@ -194,6 +194,13 @@ impl Provider for Scripted {
     ) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
         Offline.turn(request)
     }
+
+    fn judge(
+        &self,
+        request: dispatch_models::JudgeRequest,
+    ) -> BoxFuture<'_, Result<dispatch_models::Judgement, dispatch_models::Error>> {
+        Offline.judge(request)
+    }
 }
 
 #[tokio::test]

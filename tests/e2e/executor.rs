@@ -45,6 +45,13 @@ impl Provider for Broken {
         }
         .boxed()
     }
+
+    fn judge(
+        &self,
+        request: dispatch_models::JudgeRequest,
+    ) -> BoxFuture<'_, Result<dispatch_models::Judgement, dispatch_models::Error>> {
+        Offline.judge(request)
+    }
 }
 
 #[tokio::test]

@@ -20,10 +20,10 @@ fn everything_script() -> PathBuf {
 }
 
 /// The policy of these tests: the file tools as built in, and every MCP tool.
-const POLICY: &str = r#"{"version": 7, "default": "deny", "rules": [
+const POLICY: &str = r#"{"default": "deny", "rules": [
   {"name": "no-moves", "tools": ["fs.move_file"], "effect": "deny"},
   {"name": "mcp-tools", "tools": ["fs.*", "everything.*", "http.*"], "effect": "allow"},
-  {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
+  {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": {"path_prefix": ["scratch"]}}
 ]}"#;
 
 /// ledger and policy, with `dispatch.toml` configuring `mcp` (TOML tables) for the

@@ -138,11 +138,12 @@ async fn a_real_model_lists_files_through_the_filesystem_server() -> anyhow::Res
     }
     let script = dispatch_testkit::mcp_servers()
         .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js");
-    let policy = r#"{"version": 1, "default": "deny", "rules": [
+    let policy = r#"{"default": "deny", "rules": [
       {"name": "fs-reads", "effect": "allow", "tools": ["fs.list_directory",
         "fs.list_directory_with_sizes", "fs.directory_tree", "fs.read_text_file",
         "fs.read_file", "fs.get_file_info", "fs.search_files", "fs.list_allowed_directories"]},
-      {"name": "scratch", "effect": "allow", "tools": ["files.*"], "when": ["path_inside_scratch"]}
+      {"name": "no-run-reads", "effect": "deny", "tools": ["files.read_file", "files.list_files"]},
+      {"name": "scratch", "effect": "allow", "tools": ["files.write_file"], "when": {"path_prefix": ["scratch"]}}
     ]}"#;
     let (url, name) = model();
     let mut stack = Stack::start(&["ledger"]).await?;

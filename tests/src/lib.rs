@@ -395,11 +395,10 @@ impl Stack {
 
 /// The built-in policy plus the test connector's tools.
 pub const TEST_POLICY: &str = r#"{
-  "version": 2,
   "rules": [
     {"name": "test-tools", "tools": ["test.*"], "effect": "allow"},
-    {"name": "read-only-tools", "tools": ["files.read_file", "files.list_files"], "effect": "allow", "when": ["path_inside_scratch"]},
-    {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": ["path_inside_scratch"]}
+    {"name": "read-only-tools", "tools": ["files.read_file", "files.list_files"], "effect": "allow", "when": {"path_prefix": ["scratch"]}},
+    {"name": "writes-inside-run", "tools": ["files.write_file"], "effect": "allow", "when": {"path_prefix": ["scratch"]}}
   ],
   "default": "deny"
 }"#;

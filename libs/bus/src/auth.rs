@@ -132,6 +132,7 @@ impl Identity {
                     .allow
                     .push(format!("{JS_API}.DIRECT.GET.{}", streams::GOALS));
                 p.publish.allow.push(subject::query::ALL.into());
+                p.publish.allow.push(subject::policy::ALL.into());
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");
@@ -144,10 +145,16 @@ impl Identity {
             }
             Identity::Policy => {
                 service(&mut p, "policy");
-                p.read(&[streams::RUNS, catalogue::STREAM]);
+                p.read(&[streams::RUNS, streams::POLICY, catalogue::STREAM]);
                 p.publish.allow.push(catalogue_key(catalogue::POLICY_KEY));
+                p.publish.allow.push(subject::POLICY_DOCUMENT.into());
                 p.work(streams::COMMANDS, consumers::POLICY_CHECKS);
                 p.publish.allow.push(subject::RUNS_ALL.into());
+                p.subscribe.allow.push(format!(
+                    "{} {}",
+                    subject::policy::ALL,
+                    subject::policy::POLICY_GROUP
+                ));
             }
             Identity::Connectors => {
                 service(&mut p, "connectors");
@@ -173,9 +180,11 @@ impl Identity {
                     streams::RUNS,
                     streams::GOALS,
                     streams::LEDGER,
+                    streams::POLICY,
                     catalogue::STREAM,
                 ]);
                 p.publish.allow.push(subject::GOALS_ALL.into());
+                p.publish.allow.push(subject::policy::ALL.into());
                 // Stop requests, and the sealed terminal event of a forced stop.
                 p.publish.allow.push(subject::RUNS_ALL.into());
                 p.publish.allow.push(subject::REMOVED.into());

@@ -157,6 +157,15 @@ impl ToolEntry {
         if read { Risk::Read } else { self.risk }
     }
 
+    /// The risk classes its calls can have: its own, and `read` for the calls
+    /// [`ToolEntry::read_when`] makes reads.
+    pub fn possible_risks(&self) -> Vec<Risk> {
+        match &self.read_when {
+            Some(_) if self.risk != Risk::Read => vec![self.risk, Risk::Read],
+            _ => vec![self.risk],
+        }
+    }
+
     fn is_live(&self, now_ms: u64) -> bool {
         now_ms.saturating_sub(self.refreshed_unix_ms) < STALE_AFTER.as_millis() as u64
     }

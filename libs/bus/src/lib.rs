@@ -169,6 +169,44 @@ impl Bus {
         })
     }
 
+    /// Sends a protobuf request on a core subject and decodes the protobuf reply.
+    pub async fn request_proto<Q, R>(
+        &self,
+        subject: subject::Subject,
+        query: &Q,
+        timeout: Duration,
+    ) -> Result<R, Error>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let name = subject.as_str().to_owned();
+        let reply = self
+            .request(subject, query.encode_to_vec().into(), timeout)
+            .await?;
+        R::decode(reply.payload.as_ref())
+            .map_err(|e| Error::other(&format!("decode reply on {name}"), e))
+    }
+
+    async fn request(
+        &self,
+        subject: subject::Subject,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<async_nats::Message, Error> {
+        let name = subject.as_str().to_owned();
+        tokio::time::timeout(timeout, self.client.request(subject, body))
+            .await
+            .map_err(|_| Error::new(ErrorKind::NoResponders, format!("no reply on {name}")))?
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders
+                | async_nats::RequestErrorKind::TimedOut => {
+                    Error::new(ErrorKind::NoResponders, format!("nobody answers on {name}"))
+                }
+                _ => Error::other("request", e),
+            })
+    }
+
     /// Sends a JSON request on a core subject and decodes the JSON reply.
     pub async fn request_json<Q, R>(
         &self,
@@ -182,16 +220,7 @@ impl Bus {
     {
         let body = serde_json::to_vec(query).map_err(|e| Error::other("encode request", e))?;
         let name = subject.as_str().to_owned();
-        let reply = tokio::time::timeout(timeout, self.client.request(subject, body.into()))
-            .await
-            .map_err(|_| Error::new(ErrorKind::NoResponders, format!("no reply on {name}")))?
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders
-                | async_nats::RequestErrorKind::TimedOut => {
-                    Error::new(ErrorKind::NoResponders, format!("nobody answers on {name}"))
-                }
-                _ => Error::other("request", e),
-            })?;
+        let reply = self.request(subject, body.into(), timeout).await?;
         serde_json::from_slice(&reply.payload)
             .map_err(|e| Error::other(&format!("decode reply on {name}"), e))
     }

@@ -19,18 +19,24 @@ pub const COMMANDS: &str = "DISPATCH_COMMANDS";
 /// Events the ledger itself owns: feedback drains.
 pub const LEDGER: &str = "DISPATCH_LEDGER";
 
+/// The policy document, one message per version (`dispatch.policy.document`).
+pub const POLICY: &str = "DISPATCH_POLICY";
+/// How many versions of the policy document are kept.
+pub const POLICY_HISTORY: i64 = 1000;
+
 /// One tiny message per service: written to learn whether JetStream accepts writes
 /// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
 pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; the last is the tool catalogue's key-value
 /// bucket ([`crate::catalogue`]).
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     GOALS,
     RUNS,
     COMMANDS,
     LEDGER,
     PROBE,
+    POLICY,
     crate::catalogue::STREAM,
 ];
 
@@ -111,6 +117,25 @@ fn ledger() -> Config {
     }
 }
 
+fn policy() -> Config {
+    Config {
+        name: POLICY.to_owned(),
+        description: Some(
+            "Dispatch policy document versions; the last is in force, the rest its audit"
+                .to_owned(),
+        ),
+        subjects: vec![subject::POLICY_DOCUMENT.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        max_messages_per_subject: POLICY_HISTORY,
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    }
+}
+
 fn probe() -> Config {
     Config {
         name: PROBE.to_owned(),
@@ -127,7 +152,7 @@ fn probe() -> Config {
 
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
-    for config in [goals(), runs(), commands(), ledger(), probe()] {
+    for config in [goals(), runs(), commands(), ledger(), probe(), policy()] {
         let name = config.name.clone();
         let stream = bus
             .jetstream()

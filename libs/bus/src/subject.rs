@@ -135,6 +135,37 @@ pub mod query {
     }
 }
 
+/// The policy document's versions (stream `DISPATCH_POLICY`): the last message is the
+/// document in force.
+pub const POLICY_DOCUMENT: &str = "dispatch.policy.document";
+
+pub fn policy_document() -> Subject {
+    Subject::from_static(POLICY_DOCUMENT)
+}
+
+/// Requests the policy service answers (queue group [`POLICY_GROUP`]): changing the
+/// document, dry-running a decision, resolving an approval.
+pub mod policy {
+    use super::Subject;
+
+    /// Queue group every policy copy joins, so one copy answers each request.
+    pub const POLICY_GROUP: &str = "dispatch-policy";
+    pub const ALL: &str = "dispatch.req.policy.*";
+    pub const SET: &str = "dispatch.req.policy.set";
+    pub const TEST: &str = "dispatch.req.policy.test";
+    pub const RESOLVE: &str = "dispatch.req.policy.resolve";
+
+    pub fn set() -> Subject {
+        Subject::from_static(SET)
+    }
+    pub fn test() -> Subject {
+        Subject::from_static(TEST)
+    }
+    pub fn resolve() -> Subject {
+        Subject::from_static(RESOLVE)
+    }
+}
+
 /// Every write-probe subject (stream `DISPATCH_PROBE`).
 pub const PROBE_ALL: &str = "dispatch.probe.*";
 

@@ -171,6 +171,48 @@ pub struct AuthorReply {
     pub usage: Usage,
 }
 
+/// What the permission gate's validator is asked about one tool call.
+#[derive(Debug, Clone)]
+pub struct JudgeRequest {
+    /// The policy's guidance, in words.
+    pub guidance: String,
+    /// The rule that sent the call to the validator, and its reason.
+    pub rule: String,
+    pub rule_reason: String,
+    pub tool: String,
+    /// `read`, `write`, `destructive` or `external`.
+    pub risk: String,
+    pub args_json: String,
+}
+
+/// The validator's verdict on a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// A person should decide.
+    Escalate,
+}
+
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Escalate => "escalate",
+        }
+    }
+}
+
+/// A verdict and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub verdict: Verdict,
+    pub reason: String,
+    pub usage: Usage,
+}
+
 /// A model provider. Implementations must be safe to share between runs.
 pub trait Provider: Send + Sync {
     /// A name recorded in the events the model's answers produce.
@@ -181,6 +223,9 @@ pub trait Provider: Send + Sync {
 
     /// Takes one turn of a leaf's agent loop.
     fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>>;
+
+    /// Judges one tool call for the permission gate.
+    fn judge(&self, request: JudgeRequest) -> BoxFuture<'_, Result<Judgement, Error>>;
 }
 
 #[cfg(test)]

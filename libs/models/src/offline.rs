@@ -14,8 +14,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::{
-    AuthorReply, AuthorRequest, CallForm, Error, Exchange, Provider, ToolCall, TurnReply,
-    TurnRequest, Usage,
+    AuthorReply, AuthorRequest, CallForm, Error, Exchange, JudgeRequest, Judgement, Provider,
+    ToolCall, TurnReply, TurnRequest, Usage, Verdict,
 };
 
 /// The provider's name as recorded in events.
@@ -38,6 +38,31 @@ impl Provider for Offline {
         async move {
             Ok(AuthorReply {
                 text,
+                usage: Usage::default(),
+            })
+        }
+        .boxed()
+    }
+
+    /// The offline validator's verdict depends on the call's risk class alone, so
+    /// every path of the gate can be shown without a model: reads and writes are
+    /// allowed, external calls denied, destructive ones escalated to a person.
+    fn judge(&self, request: JudgeRequest) -> BoxFuture<'_, Result<Judgement, Error>> {
+        let (verdict, reason) = match request.risk.as_str() {
+            "read" | "write" => (
+                Verdict::Allow,
+                "the offline validator allows reads and writes",
+            ),
+            "external" => (Verdict::Deny, "the offline validator denies external calls"),
+            _ => (
+                Verdict::Escalate,
+                "the offline validator leaves destructive calls to a person",
+            ),
+        };
+        async move {
+            Ok(Judgement {
+                verdict,
+                reason: reason.to_owned(),
                 usage: Usage::default(),
             })
         }

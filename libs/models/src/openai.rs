@@ -158,8 +158,8 @@ impl OpenAi {
                     Ok(Ok(answer)) => return Ok(answer),
                     Ok(Err(failure)) => failure,
                     Err(_) => Failure::transient(format!(
-                        "no complete answer within {} s",
-                        self.config.timeout.as_secs()
+                        "no complete answer within {} ms",
+                        self.config.timeout.as_millis()
                     )),
                 };
             let Some(delay) = delays.next().filter(|_| failure.transient) else {
@@ -318,11 +318,74 @@ impl Provider for OpenAi {
         }
         .boxed()
     }
+
+    fn judge(
+        &self,
+        request: crate::JudgeRequest,
+    ) -> BoxFuture<'_, Result<crate::Judgement, Error>> {
+        async move {
+            let mut call = format!(
+                "Policy guidance: {}\n\nRule: {}",
+                request.guidance, request.rule
+            );
+            if !request.rule_reason.is_empty() {
+                call.push_str(&format!(" ({})", request.rule_reason));
+            }
+            call.push_str(&format!(
+                "\n\nTool: {}\nRisk: {}\nArguments: {}",
+                request.tool, request.risk, request.args_json
+            ));
+            let messages = vec![
+                Message::system(JUDGE_PROMPT.to_owned()),
+                Message::user(call),
+            ];
+            let answer = self
+                .complete(&ChatRequest::new(&self.config, messages, &[], 0.0))
+                .await?;
+            let Some((verdict, reason)) = verdict_of(&answer.text) else {
+                let said: String = answer.text.chars().take(200).collect();
+                return Err(
+                    self.error(format!("the validator's answer holds no verdict: {said:?}"))
+                );
+            };
+            Ok(crate::Judgement {
+                verdict,
+                reason,
+                usage: answer.usage,
+            })
+        }
+        .boxed()
+    }
 }
 
-/// The worker's instructions.
 /// Most tools named to the author.
 const MAX_TOOLS_LISTED: usize = 64;
+
+/// The validator's instructions.
+const JUDGE_PROMPT: &str = "You are the validator of a permission gate. An agent wants \
+to make the tool call below on a real system. Decide, by the policy's guidance and the \
+rule that sent the call to you, whether it may go ahead. Answer with one JSON object and \
+nothing else: {\"verdict\": \"allow\" | \"deny\" | \"escalate\", \"reason\": \"<one \
+sentence>\"}. Choose escalate when a person should decide.";
+
+/// The longest reason a verdict keeps.
+const MAX_VERDICT_REASON: usize = 300;
+
+/// Reads the validator's answer: a JSON object with `verdict` and `reason`, perhaps in
+/// a code fence or among other words. Anything else is no verdict.
+fn verdict_of(text: &str) -> Option<(crate::Verdict, String)> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        verdict: crate::Verdict,
+        #[serde(default)]
+        reason: String,
+    }
+    let start = text.find('{')?;
+    let end = text.rfind('}')?;
+    let answer: Answer = serde_json::from_str(text.get(start..=end)?).ok()?;
+    let reason: String = answer.reason.chars().take(MAX_VERDICT_REASON).collect();
+    Some((answer.verdict, reason))
+}
 
 const WORKER_PROMPT: &str = "You carry out one step of a plan. Use the tools to do \
 what the step asks; every path is relative to the run's directory, and files you make \
@@ -376,8 +439,17 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
             }),
         }
     }
+    // Small models answer a tool result by making the same call again; a word after
+    // the results reminds them how a step ends.
+    if matches!(request.history.last(), Some(Exchange::ToolResult { .. })) {
+        messages.push(Message::user(CONTINUE.to_owned()));
+    }
     messages
 }
+
+/// Said after the tool results of the last turn.
+const CONTINUE: &str = "Those are the results. If the step is done, answer with one short \
+paragraph saying what you did and call no tool; otherwise make the next call.";
 
 #[derive(Serialize)]
 struct ChatRequest<'a> {
@@ -780,6 +852,29 @@ fn excerpt(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verdict_is_read_from_json_in_the_answer_or_not_at_all() {
+        let (verdict, reason) =
+            verdict_of("```json\n{\"verdict\": \"deny\", \"reason\": \"mass email\"}\n```")
+                .unwrap();
+        assert_eq!(
+            (verdict, reason.as_str()),
+            (crate::Verdict::Deny, "mass email")
+        );
+        assert_eq!(
+            verdict_of(r#"Sure. {"verdict":"escalate"}"#).unwrap().0,
+            crate::Verdict::Escalate
+        );
+        for unclear in ["allow", r#"{"verdict": "yes"}"#, "{", "}{", ""] {
+            assert!(verdict_of(unclear).is_none(), "{unclear}");
+        }
+        let long = format!(r#"{{"verdict":"allow","reason":"{}"}}"#, "é".repeat(1000));
+        assert_eq!(
+            verdict_of(&long).unwrap().1.chars().count(),
+            MAX_VERDICT_REASON
+        );
+    }
 
     fn chunk(delta: Value) -> Chunk {
         serde_json::from_value(serde_json::json!({"choices": [{"delta": delta}]})).unwrap()

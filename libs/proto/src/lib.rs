@@ -1,5 +1,5 @@
-//! The wire types of Dispatch: run events (`dispatch.run.v1`) and commands
-//! (`dispatch.command.v1`), generated from the `.proto` files under `proto/`.
+//! The wire types of Dispatch: run events (`dispatch.run.v1`), commands
+//! (`dispatch.command.v1`), the ledger's and the policy's own records and requests, generated from the `.proto` files under `proto/`.
 //!
 //! This crate owns only the generated types and tiny conveniences on them; how events
 //! are chained, appended and read belongs to `dispatch-runlog`, and where they travel
@@ -17,6 +17,19 @@ pub mod run {
                     RunStatus::Done => "done",
                     RunStatus::Blocked => "blocked",
                     RunStatus::Stopped => "stopped",
+                }
+            }
+        }
+
+        impl Risk {
+            /// The lowercase word the catalogue and the policy use (`read`, `write`,
+            /// `destructive`, `external`); unrecorded is unknown, and unknown is risky.
+            pub fn word(self) -> &'static str {
+                match self {
+                    Risk::Read => "read",
+                    Risk::Write => "write",
+                    Risk::External => "external",
+                    Risk::Destructive | Risk::Unspecified => "destructive",
                 }
             }
         }
@@ -43,6 +56,8 @@ pub mod run {
                     Body::LeafFinished(_) => "leaf_finished",
                     Body::FeedbackQueued(_) => "feedback_queued",
                     Body::RunFinished(_) => "run_finished",
+                    Body::ApprovalRequested(_) => "approval_requested",
+                    Body::ApprovalResolved(_) => "approval_resolved",
                 }
             }
         }
@@ -58,6 +73,12 @@ pub mod command {
 pub mod ledger {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/dispatch.ledger.v1.rs"));
+    }
+}
+
+pub mod policy {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/dispatch.policy.v1.rs"));
     }
 }
 

@@ -49,6 +49,9 @@ pub struct StandIn {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Set when a response body is dropped before it was sent whole.
     pub hung_up: Arc<AtomicBool>,
+    /// Time spent in the handler, summed over requests: what the stand-in itself costs
+    /// a caller, to take out of figures about the caller.
+    busy: Arc<Mutex<Duration>>,
 }
 
 impl StandIn {
@@ -59,6 +62,7 @@ impl StandIn {
             replies: Arc::new(Mutex::new(VecDeque::from(replies))),
             seen: Arc::default(),
             hung_up: Arc::default(),
+            busy: Arc::default(),
         };
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(answer))
@@ -72,6 +76,16 @@ impl StandIn {
     /// Every request so far.
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Adds replies to the end of the script.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.replies.lock().unwrap().extend(replies);
+    }
+
+    /// The time its handler took, summed over every request so far.
+    pub fn busy(&self) -> Duration {
+        *self.busy.lock().unwrap()
     }
 }
 
@@ -114,6 +128,14 @@ async fn answer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let started = std::time::Instant::now();
+    let busy = stand_in.busy.clone();
+    let response = respond(stand_in, headers, body);
+    *busy.lock().unwrap() += started.elapsed();
+    response
+}
+
+fn respond(stand_in: StandIn, headers: HeaderMap, body: Bytes) -> Response {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

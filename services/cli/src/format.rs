@@ -48,15 +48,38 @@ pub fn event_line(event: &RunEvent) -> String {
             format!("{} {} {}", c.call_id, c.tool, clip(&c.args_json, 80))
         }
         Body::PolicyDecided(d) => format!(
-            "{} {} by {}: {}",
+            "{} {} by {} (policy v{}): {}",
             d.call_id,
-            if d.decision == Decision::Allow as i32 {
-                "allowed"
+            match d.decision() {
+                Decision::Allow => "allowed",
+                Decision::Ask => "sent to a person",
+                _ => "denied",
+            },
+            d.rule,
+            d.policy_version,
+            d.reason
+        ),
+        Body::ApprovalRequested(a) => format!(
+            "{} waits for approval: {} {} ({})",
+            a.approval_id,
+            a.tool,
+            clip(&a.args_json, 80),
+            a.reason
+        ),
+        Body::ApprovalResolved(r) => format!(
+            "{} {} by {}{}",
+            r.approval_id,
+            if r.decision() == Decision::Allow {
+                "approved"
             } else {
                 "denied"
             },
-            d.rule,
-            d.reason
+            r.resolved_by,
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            }
         ),
         Body::StopRequested(s) => format!(
             "by {}{}",
@@ -187,8 +210,8 @@ pub struct ToolRow {
     pub name: String,
     pub connector: String,
     pub risk: dispatch_bus::catalogue::Risk,
-    /// `allow`, `deny`, `depends` (on the arguments), or `unknown` (no policy in the
-    /// catalogue yet).
+    /// `allow`, `deny`, `ask`, `validate`, `depends` (on the call), or `unknown` (no
+    /// policy in the catalogue yet).
     pub policy: &'static str,
     /// The rule that says so.
     pub rule: String,
@@ -198,19 +221,22 @@ pub struct ToolRow {
 
 /// The catalogue's tools with the policy's standing on each.
 pub fn tool_rows(snapshot: &dispatch_bus::catalogue::Snapshot) -> Vec<ToolRow> {
-    use dispatch_policy::document::{Document, Standing};
-    let policy: Option<Document> = snapshot
+    let policy = snapshot
         .policy
-        .clone()
-        .and_then(|value| serde_json::from_value(value).ok());
+        .as_ref()
+        .and_then(dispatch_rules::Document::from_mirror);
     snapshot
         .tools
         .values()
         .map(|tool| {
-            let (policy, rule) = match policy.as_ref().map(|p| p.standing(&tool.name)) {
-                Some(Standing::Allowed(rule)) => ("allow", rule),
-                Some(Standing::Denied(rule)) => ("deny", rule),
-                Some(Standing::Depends(rule)) => ("depends", rule),
+            let standing = policy
+                .as_ref()
+                .map(|p| p.standing(&tool.name, &tool.possible_risks()));
+            let (policy, rule) = match standing {
+                Some(standing) => (
+                    standing.effect.map_or("depends", |e| e.word()),
+                    standing.rule,
+                ),
                 None => ("unknown", String::new()),
             };
             ToolRow {
@@ -371,6 +397,7 @@ mod tests {
             completion_tokens: 0,
             report_path: None,
             report_bytes: 0,
+            approvals: Vec::new(),
         };
         let table = ps_table(
             &[view("a", "整理共享驱动器"), view("bb", "tidy")],

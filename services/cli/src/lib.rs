@@ -16,6 +16,7 @@
 
 mod api_key;
 mod format;
+mod gate;
 mod store_watch;
 mod up;
 
@@ -206,6 +207,34 @@ enum Command {
     Tools {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+    /// The permission gate's policy document: show, set, history, test.
+    Policy {
+        #[command(subcommand)]
+        command: gate::PolicyCommand,
+    },
+    /// Tool calls waiting for a person's approval.
+    Approvals {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Let a waiting tool call go ahead.
+    Approve {
+        /// The approval's id (`dispatch approvals` lists them).
+        id: String,
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Who is answering; default: $USER.
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Refuse a waiting tool call; the run's model is told why.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        by: Option<String>,
     },
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
@@ -586,6 +615,17 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(exit::DONE)
         }
+        Command::Policy { command } => gate::policy(&nats.connect().await?, command).await,
+        Command::Approvals { format } => gate::approvals(&nats.connect().await?, format).await,
+        Command::Approve { id, note, by } => {
+            gate::resolve(&nats.connect().await?, id, true, note, by).await
+        }
+        Command::Deny { id, reason, by } => {
+            if reason.trim().is_empty() {
+                return Err(Failure::new("say why: --reason is told to the run's model"));
+            }
+            gate::resolve(&nats.connect().await?, id, false, reason, by).await
+        }
         Command::Tasks {
             conversation,
             format,
@@ -656,7 +696,7 @@ async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
 }
 
 /// Every run the ledger lists (`all`: finished ones too), page after page.
-async fn list_runs(bus: &Bus, all: bool) -> Result<Vec<RunView>, Failure> {
+pub(crate) async fn list_runs(bus: &Bus, all: bool) -> Result<Vec<RunView>, Failure> {
     let mut runs = Vec::new();
     let mut after = None;
     loop {

@@ -448,9 +448,22 @@ async fn call_tool(
         Body::ToolCallRequested(r) if r.call_id == call_id => Some(r.clone()),
         _ => None,
     });
-    let allowed = run
-        .bodies()
-        .any(|b| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id && d.decision == Decision::Allow as i32));
+    // Allowed by the policy, or asked and approved by a person.
+    let decided = run.bodies().find_map(|b| match b {
+        Body::PolicyDecided(d) if d.call_id == call_id => Some(d.decision()),
+        _ => None,
+    });
+    let approved = || {
+        run.bodies().any(|b| {
+            matches!(b, Body::ApprovalResolved(r)
+                if r.call_id == call_id && r.decision() == Decision::Allow)
+        })
+    };
+    let allowed = match decided {
+        Some(Decision::Allow) => true,
+        Some(Decision::Ask) => approved(),
+        _ => false,
+    };
     let started =
         |b: &Body| matches!(b, Body::ToolCallStarted(s) if s.call_id == call_id).then_some(());
     let interrupted = run.bodies().find_map(started).is_some();

@@ -1,7 +1,8 @@
 //! Tools for testing Dispatch itself, the `test` connector, offered only with
 //! `--test-tools`: `test.sleep` (a slow call, to test deadlines and cancellation),
 //! `test.count` (a side effect whose every execution is recorded, to prove no call runs
-//! twice) and `test.crash` (aborts the connector process the moment the command
+//! twice; `test.erase` and `test.send` do the same as destructive and external calls, for
+//! the permission gate) and `test.crash` (aborts the connector process the moment the command
 //! arrives, before anything is recorded: a poison message, to prove such a command is
 //! given up after its last delivery).
 
@@ -37,6 +38,20 @@ pub fn entries() -> Vec<ToolEntry> {
             serde_json::json!({"type": "object", "required": ["key"], "properties": {
                 "key": {"type": "string"}}}),
             Risk::Write,
+        ),
+        entry(
+            "erase",
+            "Record one execution under key, as a destructive call.",
+            serde_json::json!({"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string"}}}),
+            Risk::Destructive,
+        ),
+        entry(
+            "send",
+            "Record one execution under key, as a call reaching outside.",
+            serde_json::json!({"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string"}}}),
+            Risk::External,
         ),
         entry(
             "crash",
@@ -82,7 +97,8 @@ pub async fn call(
             }
             Ok(format!("slept {} ms", args.ms))
         }
-        "count" => {
+        // The same side effect under three risk classes, for the permission gate.
+        "count" | "erase" | "send" => {
             let args: CountArgs = serde_json::from_str(args_json).map_err(bad)?;
             let safe = !args.key.is_empty()
                 && args.key.len() <= 64

@@ -10,10 +10,11 @@ use dispatch_bus::{RunId, subject};
 use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
-    Decision, GateChecked, LeafFinished, LeafStarted, LeafState, ModelTurn, PlanAuthored, PlanLeaf,
-    PlanRejected, Risk, RunRequested, RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall,
-    ToolCallRequested, run_event::Body,
+    ApprovalRequested, ApprovalResolved, Decision, GateChecked, LeafFinished, LeafStarted,
+    LeafState, ModelTurn, PlanAuthored, PlanLeaf, PlanRejected, PolicyDecided, Risk, RunRequested,
+    RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall, ToolCallRequested, run_event::Body,
 };
+use dispatch_rules::MEMO_RULE;
 use dispatch_runlog::submit::MAX_TIMEOUT_MS;
 use dispatch_runlog::{ErrorKind, Report, RunHandle, SUMMARY_CHARS, slice_bytes, slice_chars};
 use dispatch_service::layout;
@@ -29,6 +30,9 @@ const REPORT_FILE: &str = "REPORT.org";
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 /// The most of a leaf's answer recorded in `LeafFinished`.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
+
+/// How often a run waiting for approval looks at its log when its feed is quiet.
+const APPROVAL_POLL: Duration = Duration::from_secs(5);
 
 /// How long the stop watcher trusts a quiet feed before it reads the log itself.
 const STOP_WATCH_QUIET: Duration = Duration::from_secs(5);
@@ -183,6 +187,9 @@ impl Exec<'_> {
         let deadline = self.started(timeout).await?;
         match tokio::time::timeout_at(deadline, self.leaves(&requested, &plan)).await {
             Ok(result) => result,
+            Err(_) if self.waiting_for_approval() => {
+                Err(Stop::Blocked("timed out waiting for approval".into()))
+            }
             Err(_) => Err(Stop::Blocked(format!("timed out after {}", human(timeout)))),
         }
     }
@@ -441,29 +448,48 @@ impl Exec<'_> {
 
         let decision = match self.find(decision_for(&call_id)) {
             Some(decision) => decision,
-            None => {
-                let command = CheckPolicy {
-                    run_id: self.command.run_id.clone(),
-                    call_id: call_id.clone(),
-                    tool: call.tool.clone(),
-                    args_json: call.args_json.clone(),
-                    from_stream_seq: at_request,
-                };
-                self.send(
-                    subject::cmd::policy(),
-                    &format!("{call_id}/policy"),
-                    &command,
-                )
-                .await?;
-                self.wait_for(Awaited::Policy(&call_id), decision_for(&call_id))
-                    .await?
-            }
+            // Denied before in this run: denied again, with no check and no new request.
+            None => match self.memo(call) {
+                Some(memo) => {
+                    self.ensure(decision_for(&call_id), Body::PolicyDecided(memo))
+                        .await?
+                }
+                None => {
+                    let command = CheckPolicy {
+                        run_id: self.command.run_id.clone(),
+                        call_id: call_id.clone(),
+                        tool: call.tool.clone(),
+                        args_json: call.args_json.clone(),
+                        from_stream_seq: at_request,
+                        origin: self
+                            .find(as_requested)
+                            .map(|r| r.origin)
+                            .unwrap_or_default(),
+                    };
+                    self.send(
+                        subject::cmd::policy(),
+                        &format!("{call_id}/policy"),
+                        &command,
+                    )
+                    .await?;
+                    self.wait_for(Awaited::Policy(&call_id), decision_for(&call_id))
+                        .await?
+                }
+            },
         };
-        if decision.decision != Decision::Allow as i32 {
-            return Ok(Err(format!(
-                "denied by policy rule {}: {}",
-                decision.rule, decision.reason
-            )));
+        match decision.decision() {
+            Decision::Allow => {}
+            Decision::Ask => {
+                if let Err(denied) = self.approval(&call_id).await? {
+                    return Ok(Err(denied));
+                }
+            }
+            _ => {
+                return Ok(Err(format!(
+                    "denied by policy rule {}: {}",
+                    decision.rule, decision.reason
+                )));
+            }
         }
         if let Some(result) = self.find(result_for(&call_id)) {
             return Ok(result);
@@ -479,6 +505,112 @@ impl Exec<'_> {
             .await?;
         self.wait_for(Awaited::Tool(&call_id), result_for(&call_id))
             .await
+    }
+
+    /// Waits for a person's answer to the approval request of `call_id`, and denies it
+    /// at its expiry if nobody answers first. The wait holds only this run's lease and
+    /// its feed subscription; a dispatcher that takes the run over waits on the same
+    /// request instead of asking again.
+    async fn approval(&mut self, call_id: &str) -> Result<Result<(), String>, Stop> {
+        let asked = self
+            .wait_for(Awaited::Policy(call_id), approval_requested(call_id))
+            .await?;
+        loop {
+            if let Some(resolved) = self.find(approval_resolved(call_id)) {
+                return Ok(match resolved.decision() {
+                    Decision::Allow => Ok(()),
+                    _ if resolved.expired => Err(format!(
+                        "denied: nobody answered the approval request {} before it expired",
+                        resolved.approval_id
+                    )),
+                    _ => Err(format!(
+                        "denied by {}: {}",
+                        resolved.resolved_by,
+                        if resolved.reason.is_empty() {
+                            "no reason given"
+                        } else {
+                            &resolved.reason
+                        }
+                    )),
+                });
+            }
+            if self.run.is_finished() {
+                return Err(Stop::Finished);
+            }
+            let left = asked.expires_unix_ms.saturating_sub(now_unix_ms());
+            if left <= 0 {
+                let expired = ApprovalResolved {
+                    approval_id: asked.approval_id.clone(),
+                    call_id: call_id.to_owned(),
+                    decision: Decision::Deny as i32,
+                    resolved_by: "expiry".into(),
+                    reason: "nobody answered in time".into(),
+                    expired: true,
+                };
+                self.ensure(approval_resolved(call_id), Body::ApprovalResolved(expired))
+                    .await?;
+                continue;
+            }
+            let nap = Duration::from_millis(left as u64).min(APPROVAL_POLL);
+            self.run.wait_for_more(nap).await?;
+        }
+    }
+
+    /// True while an approval request of this run has no answer.
+    fn waiting_for_approval(&self) -> bool {
+        self.run.bodies().any(|b| {
+            matches!(b, Body::ApprovalRequested(a)
+                if self.find(approval_resolved(&a.call_id)).is_none())
+        })
+    }
+
+    /// The denial that stands for `call`: an earlier call of this run with the same tool
+    /// and the same arguments (as JSON values, whatever their spacing or key order) was
+    /// denied, by the policy or by a person.
+    fn memo(&self, call: &ToolCall) -> Option<PolicyDecided> {
+        let same = normalized(&call.args_json);
+        self.run.bodies().find_map(|b| {
+            let Body::ToolCallRequested(earlier) = b else {
+                return None;
+            };
+            if earlier.call_id == call.call_id
+                || earlier.tool != call.tool
+                || normalized(&earlier.args_json) != same
+            {
+                return None;
+            }
+            let decided = self.find(decision_for(&earlier.call_id))?;
+            let why = match decided.decision() {
+                Decision::Deny => format!("rule {}: {}", decided.rule, decided.reason),
+                Decision::Ask => {
+                    let resolved = self.find(approval_resolved(&earlier.call_id))?;
+                    if resolved.decision() == Decision::Allow {
+                        return None;
+                    }
+                    match resolved.expired {
+                        true => "nobody approved it in time".to_owned(),
+                        false => format!("{}: {}", resolved.resolved_by, resolved.reason),
+                    }
+                }
+                _ => return None,
+            };
+            Some(PolicyDecided {
+                call_id: call.call_id.clone(),
+                decision: Decision::Deny as i32,
+                rule: MEMO_RULE.into(),
+                reason: slice_chars(
+                    &format!(
+                        "the same call ({}) was denied earlier in this run, by {why}",
+                        earlier.call_id
+                    ),
+                    1024,
+                ),
+                policy_version: decided.policy_version,
+                policy_hash: decided.policy_hash.clone(),
+                memo_of: earlier.call_id.clone(),
+                ..Default::default()
+            })
+        })
     }
 
     async fn gate(&mut self, leaf: &PlanLeaf) -> Result<GateChecked, Stop> {
@@ -726,6 +858,34 @@ fn result_for(call_id: &str) -> impl Fn(&Body) -> Option<Result<String, String>>
         Body::ToolCallFailed(f) if f.call_id == call_id => Some(Err(f.error.clone())),
         _ => None,
     }
+}
+
+fn approval_requested(call_id: &str) -> impl Fn(&Body) -> Option<ApprovalRequested> + '_ {
+    move |b| match b {
+        Body::ApprovalRequested(a) if a.call_id == call_id => Some(a.clone()),
+        _ => None,
+    }
+}
+
+fn approval_resolved(call_id: &str) -> impl Fn(&Body) -> Option<ApprovalResolved> + '_ {
+    move |b| match b {
+        Body::ApprovalResolved(r) if r.call_id == call_id => Some(r.clone()),
+        _ => None,
+    }
+}
+
+fn as_requested(b: &Body) -> Option<RunRequested> {
+    match b {
+        Body::RunRequested(r) => Some(r.clone()),
+        _ => None,
+    }
+}
+
+/// Arguments as one canonical JSON text (keys sorted, no spacing); the text itself if
+/// it is not JSON.
+fn normalized(args_json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(args_json)
+        .map_or_else(|_| args_json.to_owned(), |v| v.to_string())
 }
 
 fn gate_for(check_id: &str) -> impl Fn(&Body) -> Option<GateChecked> + '_ {

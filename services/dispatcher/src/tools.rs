@@ -8,7 +8,7 @@ use std::time::Duration;
 use dispatch_bus::async_nats::jetstream::kv;
 use dispatch_bus::catalogue::{Risk, Snapshot, ToolEntry};
 use dispatch_models::ToolSpec;
-use dispatch_policy::document::{Document, Standing};
+use dispatch_rules::{Document, Effect};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -36,18 +36,15 @@ pub struct Offered {
 
 impl Offered {
     fn from_snapshot(snapshot: Snapshot) -> Self {
-        let policy: Option<Document> = snapshot
-            .policy
-            .and_then(|value| serde_json::from_value(value).ok());
+        let policy = snapshot.policy.as_ref().and_then(Document::from_mirror);
         let all = snapshot.tools;
         let tools = all
             .clone()
             .into_iter()
-            .filter(|(name, _)| {
-                !matches!(
-                    policy.as_ref().map(|p| p.standing(name)),
-                    Some(Standing::Denied(_))
-                )
+            .filter(|(name, entry)| {
+                policy.as_ref().is_none_or(|p| {
+                    p.standing(name, &entry.possible_risks()).effect != Some(Effect::Deny)
+                })
             })
             .collect();
         Self { tools, all }
@@ -135,7 +132,12 @@ mod tests {
         ] {
             snapshot.tools.insert(name.into(), entry(name, risk));
         }
-        snapshot.policy = Some(serde_json::to_value(Document::builtin()).unwrap());
+        let policy = Document::parse(
+            r#"{"default": "ask", "rules": [{"name": "no-moves", "effect": "deny", "tools": ["fs.move_file"]}]}"#,
+        )
+        .unwrap();
+        snapshot.policy =
+            Some(serde_json::json!({"version": 2, "hash": policy.hash(), "document": policy}));
         let offered = Offered::from_snapshot(snapshot.clone());
         let names: Vec<&str> = offered.tools.keys().map(String::as_str).collect();
         assert_eq!(names, ["files.read_file", "files.write_file"]);

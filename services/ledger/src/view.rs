@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub enum TaskStatus {
     Queued,
     Doing,
+    /// Doing, and stopped at the gate until a person answers an approval request.
+    Waiting,
     Done,
     Blocked,
     Stopped,
@@ -30,6 +32,7 @@ impl TaskStatus {
         match self {
             TaskStatus::Queued => "queued",
             TaskStatus::Doing => "doing",
+            TaskStatus::Waiting => "waiting",
             TaskStatus::Done => "done",
             TaskStatus::Blocked => "blocked",
             TaskStatus::Stopped => "stopped",
@@ -42,6 +45,7 @@ impl TaskStatus {
         match self {
             TaskStatus::Queued => "TODO",
             TaskStatus::Doing => "DOING",
+            TaskStatus::Waiting => "WAITING",
             TaskStatus::Done => "DONE",
             TaskStatus::Blocked => "BLOCKED",
             TaskStatus::Stopped => "STOPPED",
@@ -95,7 +99,29 @@ pub struct RunView {
     /// Size of the report recorded on the run's terminal event, in bytes (0: none).
     #[serde(default)]
     pub report_bytes: u64,
+    /// Approval requests nobody has answered yet, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<PendingApproval>,
 }
+
+/// An approval request waiting for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PendingApproval {
+    /// What `dispatch approve` and `POST /v1/approvals/{id}` take.
+    pub approval_id: String,
+    pub run_id: String,
+    pub tool: String,
+    /// The call's arguments (at most 1 KiB of them).
+    pub args_json: String,
+    pub risk: String,
+    pub rule: String,
+    pub reason: String,
+    pub requested_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// The most of a call's arguments a pending approval shows.
+const APPROVAL_ARGS_BYTES: usize = 1024;
 
 /// Where and why a run's log fails verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -133,6 +159,7 @@ impl RunView {
             completion_tokens: 0,
             report_path: None,
             report_bytes: 0,
+            approvals: Vec::new(),
         }
     }
 
@@ -254,7 +281,39 @@ impl RunView {
                     view.leaves_failed += 1;
                 }
             }
+            Body::ApprovalRequested(a) => {
+                if !view
+                    .approvals
+                    .iter()
+                    .any(|p| p.approval_id == a.approval_id)
+                {
+                    let risk = dispatch_proto::run::v1::Risk::try_from(a.risk)
+                        .map_or("destructive", |r| r.word());
+                    view.approvals.push(PendingApproval {
+                        approval_id: a.approval_id.clone(),
+                        run_id: event.run_id.clone(),
+                        tool: a.tool.clone(),
+                        args_json: dispatch_runlog::slice_bytes(&a.args_json, APPROVAL_ARGS_BYTES)
+                            .to_owned(),
+                        risk: risk.to_owned(),
+                        rule: a.rule.clone(),
+                        reason: a.reason.clone(),
+                        requested_at_ms: event.time_unix_ms,
+                        expires_at_ms: a.expires_unix_ms,
+                    });
+                }
+                if !view.status.is_terminal() {
+                    view.status = TaskStatus::Waiting;
+                }
+            }
+            Body::ApprovalResolved(r) => {
+                view.approvals.retain(|p| p.approval_id != r.approval_id);
+                if view.approvals.is_empty() && view.status == TaskStatus::Waiting {
+                    view.status = TaskStatus::Doing;
+                }
+            }
             Body::RunFinished(f) => {
+                view.approvals.clear();
                 view.status = match RunStatus::try_from(f.status) {
                     Ok(RunStatus::Done) => TaskStatus::Done,
                     Ok(RunStatus::Stopped) => TaskStatus::Stopped,

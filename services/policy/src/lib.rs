@@ -1,28 +1,44 @@
 //! The policy service: the permission gate every tool call passes.
 //!
-//! It takes policy-check commands from a durable consumer shared by its copies,
-//! decides each call against the policy document ([`document::Document`]; a built-in
-//! default allows read-only tools and writes inside the run's scratch directory and
-//! denies the rest) and appends the decision to the run's log, once, whatever the
-//! number of deliveries. Approval queues and per-run denial memos come later.
+//! - It keeps the policy document ([`dispatch_rules::Document`]) in the stream
+//!   `DISPATCH_POLICY` ([`store`]): every copy follows the version in force, and a
+//!   change (`dispatch policy set`) is checked, numbered, hashed and appended there as
+//!   its own audited record. The version in force is mirrored into the tool catalogue,
+//!   where dispatchers read which tools not to offer at all.
+//! - It takes policy-check commands from a durable consumer shared by its copies,
+//!   decides each call (`allow`, `deny`, `ask`, or `validate` by the validator model,
+//!   which fails closed to `ask`), and appends the decision, naming the version and the
+//!   rule, to the run's log, once, whatever the number of deliveries. An `ask` also
+//!   appends an `ApprovalRequested` the run then waits on.
+//! - It answers requests on `dispatch.req.policy.*`: set a document, dry-run a call,
+//!   and resolve an approval, where of two answers given at once exactly one is
+//!   recorded (optimistic concurrency on the run's log).
+//!
+//! The per-run denial memo is kept by the dispatcher, which holds the run's log: an
+//! identical call denied before is denied again without a check ([`MEMO_RULE`]).
 
-pub mod document;
+pub mod requests;
+pub mod store;
+pub mod validator;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::async_nats::jetstream::{self, AckKind};
+use dispatch_bus::catalogue::Risk;
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_proto::command::v1::CheckPolicy;
-use dispatch_proto::run::v1::{Decision, PolicyDecided, run_event::Body};
+use dispatch_proto::run::v1::{ApprovalRequested, Decision, PolicyDecided, run_event::Body};
+pub use dispatch_rules::{DEFAULT_RULE, Document, Effect, MEMO_RULE};
 use dispatch_runlog::RunLog;
 use prost::Message as _;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use document::{Document, Effect};
+use store::InForce;
 
 pub const SERVICE: &str = "policy";
 
@@ -31,7 +47,8 @@ pub const SERVICE: &str = "policy";
 pub struct Config {
     #[command(flatten)]
     pub common: dispatch_service::CommonArgs,
-    /// JSON policy document; without it the built-in policy applies.
+    /// A JSON policy document to put in force at start, if it is not already. Without
+    /// it, the document in force stays; when none was ever set, the built-in one is.
     #[arg(long, env = "DISPATCH_POLICY")]
     pub policy: Option<PathBuf>,
     /// Lease on a command in milliseconds: if this copy dies mid-command, another copy
@@ -41,6 +58,13 @@ pub struct Config {
     /// Most checks this copy handles at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// How long a person has to answer an approval request before it is denied, in
+    /// milliseconds, unless its rule says otherwise.
+    #[arg(long, env = "DISPATCH_APPROVAL_TTL_MS", default_value_t = 3_600_000,
+          value_parser = clap::value_parser!(u64).range(1..=dispatch_rules::MAX_APPROVAL_TTL_MS))]
+    pub approval_ttl_ms: u64,
+    #[command(flatten)]
+    pub validator: validator::ValidatorArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,22 +74,46 @@ pub enum Error {
     #[error(transparent)]
     Log(#[from] dispatch_runlog::Error),
     #[error(transparent)]
-    Document(#[from] document::Error),
+    Store(#[from] store::Error),
+    #[error("policy document {path}: {message}")]
+    Document { path: String, message: String },
+    #[error(transparent)]
+    Model(#[from] dispatch_models::Error),
+}
+
+/// What a check needs, shared by every task of this copy.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    pub log: RunLog,
+    pub bus: Bus,
+    pub in_force: watch::Receiver<Arc<InForce>>,
+    pub validator: validator::Validator,
+    pub approval_ttl: Duration,
 }
 
 pub struct PolicyService {
     config: Config,
     bus: Bus,
     log: RunLog,
-    document: Arc<Document>,
+    seed: Option<(Document, String)>,
+    validator: validator::Validator,
 }
 
 impl PolicyService {
     pub async fn build(config: Config) -> Result<Self, Error> {
-        let document = match &config.policy {
-            Some(path) => Document::load(path)?,
-            None => Document::builtin(),
+        let seed = match &config.policy {
+            Some(path) => {
+                let invalid = |message: String| Error::Document {
+                    path: path.display().to_string(),
+                    message,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+                let document = Document::parse(&text).map_err(|e| invalid(e.to_string()))?;
+                Some((document, format!("--policy {}", path.display())))
+            }
+            None => None,
         };
+        let validator = config.validator.build()?;
         let instance = config.common.instance.clone();
         let bus = config
             .common
@@ -78,7 +126,8 @@ impl PolicyService {
             config,
             bus,
             log,
-            document: Arc::new(document),
+            seed,
+            validator,
         })
     }
 
@@ -89,9 +138,25 @@ impl PolicyService {
             Health::new(SERVICE, &instance),
             shutdown.clone(),
         ));
-        publish_document(&self.bus, &self.document).await?;
-        tracing::info!(instance, version = self.document.version, "policy ready");
-        let (log, document, stop) = (self.log.clone(), self.document.clone(), shutdown.clone());
+        let first = seed(&self.bus, self.seed.as_ref(), &instance).await?;
+        let in_force = store::follow(&self.bus, first, shutdown.clone()).await?;
+        tokio::spawn(mirror(self.bus.clone(), in_force.clone(), shutdown.clone()));
+        let version = in_force.borrow().record.clone();
+        tracing::info!(
+            instance,
+            version = version.version,
+            hash = version.hash,
+            "policy ready"
+        );
+        let gate = Gate {
+            log: self.log.clone(),
+            bus: self.bus.clone(),
+            in_force,
+            validator: self.validator.clone(),
+            approval_ttl: Duration::from_millis(self.config.approval_ttl_ms),
+        };
+        let requests = tokio::spawn(requests::serve(gate.clone(), shutdown.clone()));
+        let stop = shutdown.clone();
         work::consume(
             &self.bus,
             WorkQueue {
@@ -102,29 +167,70 @@ impl PolicyService {
             },
             self.config.concurrency,
             shutdown,
-            move |message| handle(log.clone(), document.clone(), message, stop.clone()),
+            move |message| handle(gate.clone(), message, stop.clone()),
         )
         .await?;
+        let _ = requests.await;
         let _ = health.await;
         Ok(())
     }
 }
 
-/// Puts the document in force into the tool catalogue, where the dispatcher reads
-/// which tools not to offer at all and `dispatch tools` shows each tool's standing.
-async fn publish_document(bus: &Bus, document: &Document) -> Result<(), Error> {
-    let store = dispatch_bus::catalogue::open(bus).await?;
-    let value = serde_json::to_value(document).expect("a policy document is JSON");
-    dispatch_bus::catalogue::put_policy(&store, &value).await?;
-    Ok(())
+/// The version in force once this copy starts: the stored one, replaced by the
+/// `--policy` document if that differs, or the built-in document if none was ever set.
+/// Copies starting at once race with optimistic concurrency; a loser reads the winner's.
+async fn seed(
+    bus: &Bus,
+    seed: Option<&(Document, String)>,
+    instance: &str,
+) -> Result<InForce, Error> {
+    for _ in 0..5 {
+        let current = store::current(bus).await?;
+        let (document, note) = match (seed, &current) {
+            (Some((document, from)), _) => (document.clone(), from.clone()),
+            (None, Some(current)) => return Ok(current.clone()),
+            (None, None) => (Document::builtin(), "the built-in policy".to_owned()),
+        };
+        let by = format!("{SERVICE}/{instance}");
+        match store::set(bus, current.as_ref(), &document, &by, &note).await {
+            Ok((version, _)) => return Ok(version),
+            Err(store::Error::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(store::current(bus)
+        .await?
+        .expect("a version exists once an append conflicted"))
 }
 
-async fn handle(
-    log: RunLog,
-    document: Arc<Document>,
-    message: jetstream::Message,
+/// Mirrors the version in force into the tool catalogue whenever it changes.
+async fn mirror(
+    bus: Bus,
+    mut in_force: watch::Receiver<Arc<InForce>>,
     shutdown: CancellationToken,
 ) {
+    let Ok(catalogue) = dispatch_bus::catalogue::open(&bus).await else {
+        tracing::error!("cannot open the tool catalogue; dispatchers will not see the policy");
+        return;
+    };
+    loop {
+        let version = in_force.borrow_and_update().clone();
+        let value = serde_json::json!({
+            "version": version.record.version,
+            "hash": version.record.hash,
+            "document": version.document,
+        });
+        if let Err(e) = dispatch_bus::catalogue::put_policy(&catalogue, &value).await {
+            tracing::warn!(error = %e, "cannot mirror the policy into the catalogue");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = in_force.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn handle(gate: Gate, message: jetstream::Message, shutdown: CancellationToken) {
     let delivery = Delivery::of(&message);
     let check = match CheckPolicy::decode(message.payload.as_ref()) {
         Ok(check) => check,
@@ -137,9 +243,9 @@ async fn handle(
     let what = format!("policy check {}/{}", check.run_id, check.call_id);
     let outcome = work::retry(&what, &shutdown, transient, || async {
         if delivery.give_up() {
-            give_up(&log, &check, delivery).await
+            give_up(&gate.log, &check, delivery).await
         } else {
-            decide(&log, &document, &check).await
+            decide(&gate, &check).await
         }
     })
     .await;
@@ -159,7 +265,7 @@ async fn give_up(log: &RunLog, check: &CheckPolicy, delivery: Delivery) -> Resul
     let reason = delivery.give_up_reason("the policy check");
     tracing::error!(run_id = %run_id, call_id = check.call_id, reason, "giving up");
     let mut run = log
-        .handle_at(run_id, check.from_stream_seq, |b| requests(b, check))
+        .handle_at(run_id, check.from_stream_seq, |b| requests_call(b, check))
         .await?;
     run.abandon(
         "policy",
@@ -172,11 +278,44 @@ async fn give_up(log: &RunLog, check: &CheckPolicy, delivery: Delivery) -> Resul
 }
 
 /// True for the event requesting the call `check` is about, where the log is read from.
-fn requests(body: &Body, check: &CheckPolicy) -> bool {
+fn requests_call(body: &Body, check: &CheckPolicy) -> bool {
     matches!(body, Body::ToolCallRequested(r) if r.call_id == check.call_id)
 }
 
-async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Result<(), Error> {
+/// The id people use for the approval of `call_id` in `run_id`.
+pub fn approval_id(run_id: &RunId, call_id: &str) -> String {
+    format!("{run_id}.{call_id}")
+}
+
+/// The run and call an approval id names, if it is one.
+pub fn parse_approval_id(id: &str) -> Option<(RunId, String)> {
+    let (run, call) = id.split_once('.')?;
+    let valid_call = !call.is_empty()
+        && call.len() <= 64
+        && call
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    Some((run.parse().ok()?, call.to_owned())).filter(|_| valid_call)
+}
+
+fn risk_of(risk: i32) -> Risk {
+    use dispatch_proto::run::v1::Risk as R;
+    match R::try_from(risk).unwrap_or(R::Unspecified) {
+        R::Read => Risk::Read,
+        R::Write => Risk::Write,
+        R::External => Risk::External,
+        // Unrecorded is unknown, and unknown is risky.
+        R::Destructive | R::Unspecified => Risk::Destructive,
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
     let Ok(run_id) = check.run_id.parse::<RunId>() else {
         tracing::warn!(
             run_id = check.run_id,
@@ -184,8 +323,9 @@ async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Resul
         );
         return Ok(());
     };
-    let mut run = log
-        .handle_at(run_id, check.from_stream_seq, |b| requests(b, check))
+    let mut run = gate
+        .log
+        .handle_at(run_id, check.from_stream_seq, |b| requests_call(b, check))
         .await?;
     let call_id = check.call_id.as_str();
     // The decision is about the call the run's log requested, not whatever the command
@@ -198,24 +338,106 @@ async fn decide(log: &RunLog, document: &Document, check: &CheckPolicy) -> Resul
         tracing::warn!(run_id = %run_id, call_id, "policy check for a call the log never requested; ignored");
         return Ok(());
     };
-    let verdict = document.decide(&requested.tool, &requested.args_json);
-    tracing::info!(run_id = %run_id, call_id, tool = requested.tool, effect = ?verdict.effect, rule = verdict.rule, "decided");
-    let body = Body::PolicyDecided(PolicyDecided {
+    let decided = |b: &Body| match b {
+        Body::PolicyDecided(d) if d.call_id == call_id => Some(d.clone()),
+        _ => None,
+    };
+    let existing = run.bodies().find_map(decided);
+    let decision = match existing {
+        Some(decision) => decision,
+        None => {
+            let in_force = gate.in_force.borrow().clone();
+            let risk = risk_of(requested.risk);
+            let verdict = in_force.document.decide(dispatch_rules::Call {
+                tool: &requested.tool,
+                args_json: &requested.args_json,
+                risk,
+                origin: &check.origin,
+            });
+            let mut body = PolicyDecided {
+                call_id: call_id.to_owned(),
+                decision: Decision::Deny as i32,
+                rule: verdict.rule.clone(),
+                reason: verdict.reason.clone(),
+                policy_version: in_force.record.version,
+                policy_hash: in_force.record.hash.clone(),
+                ..Default::default()
+            };
+            body.decision = match verdict.effect {
+                Effect::Allow => Decision::Allow,
+                Effect::Deny => Decision::Deny,
+                Effect::Ask => Decision::Ask,
+                Effect::Validate => {
+                    let judged = gate
+                        .validator
+                        .judge(&in_force.document, &verdict, &requested, risk)
+                        .await;
+                    body.validator = judged.validator;
+                    body.validator_verdict = judged.verdict.to_owned();
+                    body.reason = judged.reason;
+                    judged.decision
+                }
+            } as i32;
+            tracing::info!(run_id = %run_id, call_id, tool = requested.tool, decision = ?body.decision(), rule = body.rule, version = body.policy_version, "decided");
+            match run
+                .ensure(decided, Body::PolicyDecided(body), call_id)
+                .await
+            {
+                Ok(decision) => decision,
+                // A run that ended meanwhile needs no decision.
+                Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if decision.decision() != Decision::Ask {
+        return Ok(());
+    }
+    // Asked: the request a person answers. A redelivered check finds it there.
+    let ttl = gate
+        .in_force
+        .borrow()
+        .document
+        .rule(&decision.rule)
+        .and_then(|rule| rule.approval_ttl_ms)
+        .map_or(gate.approval_ttl, Duration::from_millis);
+    let body = Body::ApprovalRequested(ApprovalRequested {
+        approval_id: approval_id(&run_id, call_id),
         call_id: call_id.to_owned(),
-        decision: match verdict.effect {
-            Effect::Allow => Decision::Allow,
-            Effect::Deny => Decision::Deny,
-        } as i32,
-        rule: verdict.rule,
-        reason: verdict.reason,
-        policy_version: document.version,
+        tool: requested.tool.clone(),
+        args_json: requested.args_json.clone(),
+        risk: requested.risk,
+        rule: decision.rule.clone(),
+        reason: decision.reason.clone(),
+        expires_unix_ms: now_unix_ms().saturating_add(ttl.as_millis() as i64),
     });
-    let decided =
-        |b: &Body| matches!(b, Body::PolicyDecided(d) if d.call_id == call_id).then_some(());
-    match run.ensure(decided, body, call_id).await {
+    let asked =
+        |b: &Body| matches!(b, Body::ApprovalRequested(a) if a.call_id == call_id).then_some(());
+    match run.ensure(asked, body, call_id).await {
         Ok(()) => Ok(()),
-        // A run that ended meanwhile needs no decision.
         Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approval_ids_name_a_run_and_a_call() {
+        let run = RunId::new();
+        let id = approval_id(&run, "l0-t2-c1");
+        assert_eq!(parse_approval_id(&id), Some((run, "l0-t2-c1".to_owned())));
+        for bad in [
+            "",
+            "nonsense",
+            &format!("{run}."),
+            &format!("{run}.a.b"),
+            &format!("{run}.a b"),
+            "x.l0-t0-c0",
+        ] {
+            assert_eq!(parse_approval_id(bad), None, "{bad}");
+        }
     }
 }

@@ -1,0 +1,571 @@
+//! The policy document: what the permission gate decides for a tool call.
+//!
+//! A document is ordered rules and a default. A rule matches a call by tool name (a
+//! name, every tool of a connector, or every tool), risk class, the run's origin, and
+//! predicates on the call's arguments (path prefixes, URL hosts); the first rule that
+//! matches decides, with one of four effects: `allow`, `deny`, `ask` (a person
+//! decides) or `validate` (a validator model decides, and may hand it to a person).
+//!
+//! This crate owns the document's form, its checks and its matching. Where documents
+//! are stored and versioned, and who may change them, belongs to the policy service;
+//! the version of a document is its content hash ([`Document::hash`]).
+
+use dispatch_bus::catalogue::Risk;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+/// The most rules a document may hold.
+pub const MAX_RULES: usize = 256;
+/// The largest document, as written.
+pub const MAX_DOCUMENT_BYTES: usize = 48 * 1024;
+/// The longest approval wait a rule may ask for: a week.
+pub const MAX_APPROVAL_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// What a rule does with a call it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    Allow,
+    Deny,
+    /// A person decides.
+    Ask,
+    /// The validator model decides; it may escalate to a person.
+    Validate,
+}
+
+impl Effect {
+    pub fn word(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+            Effect::Ask => "ask",
+            Effect::Validate => "validate",
+        }
+    }
+}
+
+/// Conditions on a call's arguments. Every one given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    /// Every path the call names (its `path`, `source`, `destination` and `paths`
+    /// arguments) lies under one of these. A relative prefix (`scratch/`) matches
+    /// relative paths, an absolute one (`/srv/shared/`) absolute paths; a path that
+    /// climbs with `..`, or a call that names no path, does not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_prefix: Vec<String>,
+    /// The call's `url` argument is an http(s) URL whose host is one of these: a name
+    /// (`api.example.com`) or every name under a domain (`*.example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub url_host: Vec<String>,
+}
+
+impl When {
+    fn is_empty(&self) -> bool {
+        self.path_prefix.is_empty() && self.url_host.is_empty()
+    }
+}
+
+/// One rule. Every condition given must hold for it to match; a condition left out
+/// matches anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub effect: Effect,
+    /// Tool patterns: `files.write_file`, `fs.*` (every tool of the connector `fs`),
+    /// or `*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    /// Risk classes, as the tool catalogue gives them for the call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub risk: Vec<Risk>,
+    /// Origins of the run (`cli`, `http`, `cron`, `webhook`, `todo`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origin: Vec<String>,
+    #[serde(default, skip_serializing_if = "When::is_empty")]
+    pub when: When,
+    /// Why the rule is there, in words: told to the model on a denial, to the person
+    /// asked, and to the validator.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// For `ask` (and `validate` escalations): how long a person has to answer before
+    /// the request is denied; the service's default when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_ttl_ms: Option<u64>,
+}
+
+impl Rule {
+    /// What is wrong with the rule, if anything.
+    fn check(&self) -> Result<(), String> {
+        let name = &self.name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "rule name {name:?} must be 1-64 letters, digits, '-' or '_'"
+            ));
+        }
+        if name == DEFAULT_RULE || name == MEMO_RULE {
+            return Err(format!("{name:?} is a name the gate uses itself"));
+        }
+        for pattern in &self.tools {
+            if !valid_pattern(pattern) {
+                return Err(format!(
+                    "tool pattern {pattern:?} is not a tool name (connector.tool), connector.* or *"
+                ));
+            }
+        }
+        for origin in &self.origin {
+            if origin.is_empty()
+                || origin.len() > 32
+                || !origin.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            {
+                return Err(format!(
+                    "origin {origin:?} must be 1-32 lowercase letters or '-'"
+                ));
+            }
+        }
+        for prefix in &self.when.path_prefix {
+            if prefix.trim_matches('/').is_empty() && !prefix.starts_with('/') {
+                return Err("an empty path prefix matches nothing".into());
+            }
+            if normalize(prefix).is_none() {
+                return Err(format!("path prefix {prefix:?} may not climb with '..'"));
+            }
+        }
+        for host in &self.when.url_host {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            let valid = !bare.is_empty()
+                && bare.len() <= 253
+                && bare.split('.').all(|l| {
+                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !valid {
+                return Err(format!("url host {host:?} is not a host name or *.domain"));
+            }
+        }
+        if self.reason.len() > 1024 {
+            return Err("a reason may be at most 1024 bytes".into());
+        }
+        match self.approval_ttl_ms {
+            Some(0) => Err("approval_ttl_ms must be more than 0".into()),
+            Some(ms) if ms > MAX_APPROVAL_TTL_MS => Err(format!(
+                "approval_ttl_ms may be at most {MAX_APPROVAL_TTL_MS} (a week)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The rule name a decision by the document's default carries.
+pub const DEFAULT_RULE: &str = "default";
+/// The rule name a decision carries when an identical call was denied earlier in the
+/// run, and that denial stands for it.
+pub const MEMO_RULE: &str = "denial-memo";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    /// What the policy is for, in words: given to the validator model with each call
+    /// it judges.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guidance: String,
+    pub rules: Vec<Rule>,
+    /// The effect when no rule matches.
+    pub default: Effect,
+}
+
+/// A call as the gate sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub tool: &'a str,
+    pub args_json: &'a str,
+    pub risk: Risk,
+    /// The run's origin; empty if unknown.
+    pub origin: &'a str,
+}
+
+/// A decision and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub effect: Effect,
+    pub rule: String,
+    pub reason: String,
+    /// From the rule, for an `ask`.
+    pub approval_ttl_ms: Option<u64>,
+}
+
+/// What the policy says of a tool before seeing a call's arguments or origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// The effect every call gets, or `None` when it depends on the call.
+    pub effect: Option<Effect>,
+    /// The rule that decides, or the first that looks at the call.
+    pub rule: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The document is not one: why, with its line and column where there is one.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Document {
+    /// The policy in force when none was ever set: reads are allowed, and writes
+    /// inside the run's scratch directory; destructive and external calls, and
+    /// anything else, wait for a person.
+    pub fn builtin() -> Self {
+        let rule = |name: &str, effect, risk: Vec<Risk>, when: When, reason: &str| Rule {
+            name: name.into(),
+            effect,
+            tools: Vec::new(),
+            risk,
+            origin: Vec::new(),
+            when,
+            reason: reason.into(),
+            approval_ttl_ms: None,
+        };
+        Self {
+            guidance: "Dispatch acts on real systems. Reads are free; writes stay inside \
+                       the run's own scratch directory unless a person allows more."
+                .into(),
+            rules: vec![
+                rule(
+                    "reads",
+                    Effect::Allow,
+                    vec![Risk::Read],
+                    When::default(),
+                    "reading changes nothing",
+                ),
+                rule(
+                    "run-writes",
+                    Effect::Allow,
+                    vec![Risk::Write],
+                    When {
+                        path_prefix: vec!["scratch/".into()],
+                        url_host: Vec::new(),
+                    },
+                    "writes inside the run's own scratch/",
+                ),
+                rule(
+                    "risky",
+                    Effect::Ask,
+                    vec![Risk::Destructive, Risk::External],
+                    When::default(),
+                    "destructive and external calls need a person's approval",
+                ),
+            ],
+            default: Effect::Ask,
+        }
+    }
+
+    /// Reads and checks a document written as JSON. A bad one is refused with the
+    /// reason and, where it has one, the line and column.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        if text.len() > MAX_DOCUMENT_BYTES {
+            return Err(Error::Invalid(format!(
+                "the document is {} bytes; a policy document may be at most {MAX_DOCUMENT_BYTES}",
+                text.len()
+            )));
+        }
+        let doc: Self = serde_json::from_str(text).map_err(|e| Error::Invalid(e.to_string()))?;
+        if doc.rules.len() > MAX_RULES {
+            return Err(Error::Invalid(format!(
+                "{} rules; a document may hold at most {MAX_RULES}",
+                doc.rules.len()
+            )));
+        }
+        if doc.guidance.len() > 4096 {
+            return Err(Error::Invalid(
+                "guidance may be at most 4096 bytes".to_owned(),
+            ));
+        }
+        for (i, rule) in doc.rules.iter().enumerate() {
+            if let Err(why) = rule.check() {
+                let at = line_of_rule(text, &rule.name)
+                    .map(|line| format!(" at line {line}"))
+                    .unwrap_or_default();
+                return Err(Error::Invalid(format!(
+                    "rule {} {:?}{at}: {why}",
+                    i + 1,
+                    rule.name
+                )));
+            }
+            if let Some(j) = doc.rules[..i].iter().position(|r| r.name == rule.name) {
+                return Err(Error::Invalid(format!(
+                    "rules {} and {} are both named {:?}; names must be unique, decisions name them",
+                    j + 1,
+                    i + 1,
+                    rule.name
+                )));
+            }
+        }
+        Ok(doc)
+    }
+
+    /// The document the policy service mirrors into the tool catalogue (`{"version",
+    /// "hash", "document"}`), if `value` reads as one.
+    pub fn from_mirror(value: &serde_json::Value) -> Option<Self> {
+        serde_json::from_value(value.get("document")?.clone()).ok()
+    }
+
+    /// The canonical form: what is stored and hashed.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a document is JSON")
+    }
+
+    /// `sha256:<hex>` of the canonical form: the version's identity.
+    pub fn hash(&self) -> String {
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(self.to_json().as_bytes()))
+        )
+    }
+
+    /// Decides one call: the first rule that matches, else the default.
+    pub fn decide(&self, call: Call<'_>) -> Verdict {
+        let args: serde_json::Value = serde_json::from_str(call.args_json).unwrap_or_default();
+        if let Some(rule) = self.rules.iter().find(|r| r.matches(&call, &args)) {
+            let reason = match rule.reason.as_str() {
+                "" => format!("{} by rule {}", rule.effect.word(), rule.name),
+                why => format!("{} by rule {}: {why}", rule.effect.word(), rule.name),
+            };
+            return Verdict {
+                effect: rule.effect,
+                rule: rule.name.clone(),
+                reason,
+                approval_ttl_ms: rule.approval_ttl_ms,
+            };
+        }
+        // Say what would have allowed it, if a rule came close.
+        let near = self
+            .rules
+            .iter()
+            .find(|r| r.effect == Effect::Allow && r.covers(call.tool) && r.risk_ok(call.risk));
+        let reason = match near {
+            Some(rule) if !rule.when.is_empty() => format!(
+                "{} by default: {} (risk {}) is allowed only when {}",
+                self.default.word(),
+                call.tool,
+                call.risk.word(),
+                rule.when.describe()
+            ),
+            _ => format!(
+                "{} by default: no rule matches {} (risk {})",
+                self.default.word(),
+                call.tool,
+                call.risk.word()
+            ),
+        };
+        Verdict {
+            effect: self.default,
+            rule: DEFAULT_RULE.into(),
+            reason,
+            approval_ttl_ms: None,
+        }
+    }
+
+    /// What every call of `tool` gets, whatever its arguments and origin, given the
+    /// risks its calls can have (`risks`: the catalogue's class, and `read` too for a
+    /// tool some of whose calls are reads).
+    pub fn standing(&self, tool: &str, risks: &[Risk]) -> Standing {
+        for rule in self.rules.iter().filter(|r| r.covers(tool)) {
+            let some = risks.iter().any(|r| rule.risk_ok(*r));
+            if !some {
+                continue;
+            }
+            let all = risks.iter().all(|r| rule.risk_ok(*r));
+            if all && rule.origin.is_empty() && rule.when.is_empty() {
+                return Standing {
+                    effect: Some(rule.effect),
+                    rule: rule.name.clone(),
+                };
+            }
+            // A conditional deny lets other calls through to later rules; anything
+            // else conditional makes the tool's fate depend on the call.
+            if rule.effect != Effect::Deny {
+                return Standing {
+                    effect: None,
+                    rule: rule.name.clone(),
+                };
+            }
+        }
+        Standing {
+            effect: Some(self.default),
+            rule: DEFAULT_RULE.into(),
+        }
+    }
+
+    /// The rule named `name`, if any.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+}
+
+impl Rule {
+    fn covers(&self, tool: &str) -> bool {
+        self.tools.is_empty()
+            || self
+                .tools
+                .iter()
+                .any(|pattern| match pattern.strip_suffix(".*") {
+                    _ if pattern == "*" => true,
+                    Some(connector) => tool
+                        .strip_prefix(connector)
+                        .is_some_and(|rest| rest.starts_with('.')),
+                    None => pattern == tool,
+                })
+    }
+
+    fn risk_ok(&self, risk: Risk) -> bool {
+        self.risk.is_empty() || self.risk.contains(&risk)
+    }
+
+    fn matches(&self, call: &Call<'_>, args: &serde_json::Value) -> bool {
+        self.covers(call.tool)
+            && self.risk_ok(call.risk)
+            && (self.origin.is_empty() || self.origin.iter().any(|o| o == call.origin))
+            && self.when.holds(args)
+    }
+}
+
+impl When {
+    fn holds(&self, args: &serde_json::Value) -> bool {
+        if !self.path_prefix.is_empty() {
+            let paths = paths_of(args);
+            let under = |path: &String| {
+                normalize(path).is_some_and(|path| {
+                    self.path_prefix
+                        .iter()
+                        .filter_map(|p| normalize(p))
+                        .any(|prefix| is_under(&path, &prefix))
+                })
+            };
+            if paths.is_empty() || !paths.iter().all(under) {
+                return false;
+            }
+        }
+        if !self.url_host.is_empty() {
+            let host = args
+                .get("url")
+                .and_then(|u| u.as_str())
+                .and_then(|u| url::Url::parse(u).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+            let Some(host) = host else {
+                return false;
+            };
+            let allowed = self.url_host.iter().any(|pattern| {
+                let pattern = pattern.to_ascii_lowercase();
+                match pattern.strip_prefix("*.") {
+                    Some(domain) => host
+                        .strip_suffix(domain)
+                        .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                    None => host == pattern,
+                }
+            });
+            if !allowed {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.path_prefix.is_empty() {
+            parts.push(format!(
+                "every path it names is under {}",
+                self.path_prefix.join(" or ")
+            ));
+        }
+        if !self.url_host.is_empty() {
+            parts.push(format!("its url's host is {}", self.url_host.join(" or ")));
+        }
+        parts.join(" and ")
+    }
+}
+
+/// The paths a call names: its `path`, `source`, `destination` and `paths`
+/// arguments (a non-string among them counts as a path that matches nothing).
+fn paths_of(args: &serde_json::Value) -> Vec<String> {
+    let mut paths = Vec::new();
+    let mut take = |value: &serde_json::Value| {
+        paths.push(
+            value
+                .as_str()
+                .map_or_else(|| "..".to_owned(), str::to_owned),
+        );
+    };
+    for key in ["path", "source", "destination"] {
+        if let Some(value) = args.get(key) {
+            take(value);
+        }
+    }
+    if let Some(list) = args.get("paths") {
+        match list.as_array() {
+            Some(items) => items.iter().for_each(&mut take),
+            None => take(list),
+        }
+    }
+    paths
+}
+
+/// A path with `.` and empty components dropped; `None` if it climbs with `..`.
+/// Absolute paths keep their leading `/`.
+fn normalize(path: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            part => parts.push(part),
+        }
+    }
+    let joined = parts.join("/");
+    Some(if path.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    })
+}
+
+fn is_under(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return path.starts_with('/');
+    }
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The line where the rule named `name` is written: where its `"name"` key is.
+fn line_of_rule(text: &str, name: &str) -> Option<usize> {
+    let quoted = serde_json::to_string(name).ok()?;
+    text.match_indices("\"name\"").find_map(|(at, key)| {
+        let rest = text[at + key.len()..].trim_start().strip_prefix(':')?;
+        rest.trim_start()
+            .starts_with(&quoted)
+            .then(|| text[..at].matches('\n').count() + 1)
+    })
+}
+
+fn valid_pattern(pattern: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    let Some((connector, tool)) = pattern.split_once('.') else {
+        return false;
+    };
+    dispatch_bus::catalogue::valid_connector_name(connector)
+        && (tool == "*" || dispatch_bus::catalogue::valid_tool_name(tool))
+}
+
+#[cfg(test)]
+mod tests;

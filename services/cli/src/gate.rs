@@ -1,0 +1,297 @@
+//! `dispatch policy show | set FILE | history | test TOOL ARGS`, `dispatch approvals`,
+//! `dispatch approve ID`, `dispatch deny ID`: the permission gate from the terminal.
+//!
+//! Changes and answers go to the policy service (`dispatch.req.policy.*`), which checks
+//! and records them; versions are read from the policy stream, and waiting approvals
+//! from the ledger's view of the runs in progress.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dispatch_bus::{Bus, subject};
+use dispatch_proto::policy::v1::{
+    ResolveApprovalRequest, ResolveApprovalResponse, SetPolicyRequest, SetPolicyResponse,
+    TestPolicyRequest, TestPolicyResponse, resolve_approval_response::Outcome,
+};
+
+use crate::{Failure, Format, exit};
+
+/// How long the policy service has to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCommand {
+    /// The policy document in force, with its version and hash.
+    Show {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Put a JSON document in force. It is checked first: a bad one is refused with
+    /// the line and the reason, and nothing changes.
+    Set {
+        file: PathBuf,
+        /// Why, kept with the version.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Who is changing it; default: $USER.
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Every version, newest last: who changed it, when and why.
+    History {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// What the policy in force decides for a call, recording nothing.
+    Test {
+        /// The tool, e.g. files.write_file.
+        tool: String,
+        /// Its arguments as JSON.
+        #[arg(default_value = "{}")]
+        args: String,
+        /// The run's origin (cli, http, cron, ...).
+        #[arg(long, default_value = "cli")]
+        origin: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// Who the person at the terminal is.
+fn person(by: Option<String>) -> String {
+    let name = by
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| "someone".into());
+    format!("{} (cli)", name.trim())
+}
+
+async fn no_policy_service<T>(result: Result<T, dispatch_bus::Error>) -> Result<T, Failure> {
+    result.map_err(|e| {
+        Failure::new(format!(
+            "{e}; is the policy service running (`dispatch up`)?"
+        ))
+    })
+}
+
+pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
+    match command {
+        PolicyCommand::Show { format } => {
+            let Some(version) = dispatch_policy::store::current(bus)
+                .await
+                .map_err(|e| Failure::new(e.to_string()))?
+            else {
+                return Err(Failure::new(
+                    "no policy was ever set; the policy service puts the built-in one in force when it starts",
+                ));
+            };
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": version.record.version,
+                        "hash": version.record.hash,
+                        "changed_by": version.record.changed_by,
+                        "changed_at_unix_ms": version.record.changed_at_unix_ms,
+                        "document": version.document,
+                    })
+                ),
+                Format::Table => {
+                    println!(
+                        "# version {} {} (by {})",
+                        version.record.version, version.record.hash, version.record.changed_by
+                    );
+                    println!("{}", version.record.document_json);
+                }
+            }
+            Ok(exit::DONE)
+        }
+        PolicyCommand::Set { file, note, by } => {
+            let document = std::fs::read_to_string(&file)
+                .map_err(|e| Failure::new(format!("{}: {e}", file.display())))?;
+            let reply: SetPolicyResponse = no_policy_service(
+                bus.request_proto(
+                    subject::policy::set(),
+                    &SetPolicyRequest {
+                        document,
+                        changed_by: person(by),
+                        note,
+                    },
+                    TIMEOUT,
+                )
+                .await,
+            )
+            .await?;
+            if !reply.error.is_empty() {
+                return Err(Failure::new(format!(
+                    "{}: {}; nothing changed",
+                    file.display(),
+                    reply.error
+                )));
+            }
+            let version = reply.version.unwrap_or_default();
+            if reply.unchanged {
+                println!(
+                    "unchanged: version {} ({}) is already in force",
+                    version.version, version.hash
+                );
+            } else {
+                println!("version {} in force ({})", version.version, version.hash);
+            }
+            Ok(exit::DONE)
+        }
+        PolicyCommand::History { format } => {
+            let versions = dispatch_policy::store::history(
+                bus,
+                dispatch_bus::streams::POLICY_HISTORY as usize,
+            )
+            .await
+            .map_err(|e| Failure::new(e.to_string()))?;
+            let rows: Vec<serde_json::Value> = versions
+                .iter()
+                .map(|v| {
+                    serde_json::json!({
+                        "version": v.record.version,
+                        "hash": v.record.hash,
+                        "previous_hash": v.record.previous_hash,
+                        "changed_by": v.record.changed_by,
+                        "changed_at_unix_ms": v.record.changed_at_unix_ms,
+                        "note": v.record.note,
+                        "rules": v.document.rules.len(),
+                    })
+                })
+                .collect();
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("rows serialize")
+                ),
+                Format::Table => {
+                    println!(
+                        "{:<8} {:<20} {:<24} {:<6} NOTE",
+                        "VERSION", "HASH", "BY", "RULES"
+                    );
+                    for v in &versions {
+                        println!(
+                            "{:<8} {:<20} {:<24} {:<6} {}",
+                            v.record.version,
+                            v.record.hash.chars().take(19).collect::<String>(),
+                            crate::format::clip(&v.record.changed_by, 24),
+                            v.document.rules.len(),
+                            v.record.note
+                        );
+                    }
+                }
+            }
+            Ok(exit::DONE)
+        }
+        PolicyCommand::Test {
+            tool,
+            args,
+            origin,
+            format,
+        } => {
+            let reply: TestPolicyResponse = no_policy_service(
+                bus.request_proto(
+                    subject::policy::test(),
+                    &TestPolicyRequest {
+                        tool,
+                        args_json: args,
+                        origin,
+                    },
+                    TIMEOUT,
+                )
+                .await,
+            )
+            .await?;
+            if !reply.error.is_empty() {
+                return Err(Failure::new(reply.error));
+            }
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "effect": reply.effect, "rule": reply.rule, "reason": reply.reason,
+                        "risk": reply.risk, "policy_version": reply.policy_version,
+                        "policy_hash": reply.policy_hash,
+                    })
+                ),
+                Format::Table => println!(
+                    "{} (risk {}, rule {}, policy version {}): {}",
+                    reply.effect, reply.risk, reply.rule, reply.policy_version, reply.reason
+                ),
+            }
+            Ok(exit::DONE)
+        }
+    }
+}
+
+/// `dispatch approvals`: every approval request nobody has answered, oldest first.
+pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
+    let mut pending: Vec<dispatch_ledger::view::PendingApproval> = crate::list_runs(bus, false)
+        .await?
+        .into_iter()
+        .flat_map(|run| run.approvals)
+        .collect();
+    pending.sort_by_key(|p| p.requested_at_ms);
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&pending).expect("approvals serialize")
+        ),
+        Format::Table => {
+            println!(
+                "{:<50} {:<24} {:<12} {:<16} {:<10} ARGS",
+                "ID", "TOOL", "RISK", "RULE", "EXPIRES"
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            for p in &pending {
+                let left = (p.expires_at_ms - now).max(0) / 1000;
+                println!(
+                    "{:<50} {:<24} {:<12} {:<16} {:<10} {}",
+                    p.approval_id,
+                    p.tool,
+                    p.risk,
+                    p.rule,
+                    format!("in {left}s"),
+                    crate::format::clip(&p.args_json, 60)
+                );
+            }
+        }
+    }
+    Ok(exit::DONE)
+}
+
+/// `dispatch approve ID` / `dispatch deny ID --reason`: exactly one answer is recorded;
+/// whoever comes second is told who came first.
+pub async fn resolve(
+    bus: &Bus,
+    id: String,
+    allow: bool,
+    reason: String,
+    by: Option<String>,
+) -> Result<u8, Failure> {
+    let reply: ResolveApprovalResponse = no_policy_service(
+        bus.request_proto(
+            subject::policy::resolve(),
+            &ResolveApprovalRequest {
+                approval_id: id,
+                decision: if allow { "allow" } else { "deny" }.into(),
+                resolved_by: person(by),
+                reason,
+            },
+            TIMEOUT,
+        )
+        .await,
+    )
+    .await?;
+    match reply.outcome() {
+        Outcome::Resolved => {
+            println!("{}", reply.message);
+            Ok(exit::DONE)
+        }
+        _ => Err(Failure::new(reply.message)),
+    }
+}

@@ -1,0 +1,304 @@
+//! Requests the policy service answers on `dispatch.req.policy.*` (one copy each, by
+//! queue group): set the document, dry-run a call, resolve an approval. Each reply is
+//! a small protobuf message; a request that does not decode is answered with why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_bus::async_nats;
+use dispatch_bus::catalogue::{self, Risk};
+use dispatch_bus::subject;
+use dispatch_proto::policy::v1::{
+    ResolveApprovalRequest, ResolveApprovalResponse, SetPolicyRequest, SetPolicyResponse,
+    TestPolicyRequest, TestPolicyResponse, resolve_approval_response::Outcome,
+};
+use dispatch_proto::run::v1::{ApprovalResolved, Decision, run_event::Body};
+use dispatch_rules::Document;
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Gate, parse_approval_id, store};
+
+/// Requests this copy answers at once.
+const CONCURRENCY: usize = 32;
+/// The longest name a person gives themselves, and the longest reason.
+const MAX_WHO: usize = 128;
+const MAX_REASON: usize = 1024;
+
+pub(crate) async fn serve(gate: Gate, shutdown: CancellationToken) {
+    let client = gate.bus.client().clone();
+    let mut requests = match client
+        .queue_subscribe(
+            subject::policy::ALL,
+            subject::policy::POLICY_GROUP.to_owned(),
+        )
+        .await
+    {
+        Ok(subscription) => subscription,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take policy requests");
+            return;
+        }
+    };
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (gate, client) = (gate.clone(), client.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply) = message.reply.clone() else {
+                return;
+            };
+            let answer = match message.subject.as_str() {
+                subject::policy::SET => set(&gate, &message).await.encode_to_vec(),
+                subject::policy::TEST => test(&gate, &message).await.encode_to_vec(),
+                subject::policy::RESOLVE => resolve(&gate, &message).await.encode_to_vec(),
+                other => {
+                    tracing::warn!(subject = other, "no such policy request");
+                    return;
+                }
+            };
+            if let Err(e) = client.publish(reply, answer.into()).await {
+                tracing::warn!(error = %e, "cannot answer a policy request");
+            }
+        });
+    }
+}
+
+async fn set(gate: &Gate, message: &async_nats::Message) -> SetPolicyResponse {
+    let refused = |error: String| SetPolicyResponse {
+        error,
+        ..Default::default()
+    };
+    let Ok(request) = SetPolicyRequest::decode(message.payload.as_ref()) else {
+        return refused("the request is not a SetPolicyRequest".into());
+    };
+    let document = match Document::parse(&request.document) {
+        Ok(document) => document,
+        Err(e) => return refused(e.to_string()),
+    };
+    let who = clip(&request.changed_by, MAX_WHO);
+    let who = if who.is_empty() {
+        "someone".to_owned()
+    } else {
+        who
+    };
+    let note = clip(&request.note, MAX_REASON);
+    // Built on the newest version there is, not this copy's view of it, which may lag.
+    let current = match store::current(&gate.bus).await {
+        Ok(current) => current,
+        Err(e) => return refused(e.to_string()),
+    };
+    match store::set(&gate.bus, current.as_ref(), &document, &who, &note).await {
+        Ok((version, added)) => {
+            if added {
+                tracing::info!(
+                    version = version.record.version,
+                    hash = version.record.hash,
+                    changed_by = who,
+                    "policy changed"
+                );
+            }
+            SetPolicyResponse {
+                error: String::new(),
+                version: Some(version.record),
+                unchanged: !added,
+            }
+        }
+        Err(e) => refused(e.to_string()),
+    }
+}
+
+async fn test(gate: &Gate, message: &async_nats::Message) -> TestPolicyResponse {
+    let refused = |error: String| TestPolicyResponse {
+        error,
+        ..Default::default()
+    };
+    let Ok(request) = TestPolicyRequest::decode(message.payload.as_ref()) else {
+        return refused("the request is not a TestPolicyRequest".into());
+    };
+    if request.args_json.len() > 256 * 1024 {
+        return refused("the arguments are larger than 256 KiB".into());
+    }
+    if serde_json::from_str::<serde_json::Value>(&request.args_json).is_err() {
+        return refused(format!(
+            "the arguments are not JSON: {}",
+            clip(&request.args_json, 80)
+        ));
+    }
+    let risk = match catalogue_risk(gate, &request.tool, &request.args_json).await {
+        Ok(risk) => risk,
+        Err(e) => return refused(e),
+    };
+    let in_force = gate.in_force.borrow().clone();
+    let verdict = in_force.document.decide(dispatch_rules::Call {
+        tool: &request.tool,
+        args_json: &request.args_json,
+        risk,
+        origin: &request.origin,
+    });
+    TestPolicyResponse {
+        error: String::new(),
+        effect: verdict.effect.word().to_owned(),
+        rule: verdict.rule,
+        reason: verdict.reason,
+        risk: risk.word().to_owned(),
+        policy_version: in_force.record.version,
+        policy_hash: in_force.record.hash.clone(),
+    }
+}
+
+/// The risk the catalogue gives a call; destructive for a tool nobody serves.
+async fn catalogue_risk(gate: &Gate, tool: &str, args_json: &str) -> Result<Risk, String> {
+    let store = catalogue::open(&gate.bus)
+        .await
+        .map_err(|e| e.to_string())?;
+    let snapshot = catalogue::Snapshot::read(&store)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(snapshot
+        .tools
+        .get(tool)
+        .map_or(Risk::Destructive, |entry| entry.risk_of_call(args_json)))
+}
+
+async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalResponse {
+    let answer = |outcome: Outcome, message: String| ResolveApprovalResponse {
+        outcome: outcome as i32,
+        message,
+        ..Default::default()
+    };
+    let Ok(request) = ResolveApprovalRequest::decode(message.payload.as_ref()) else {
+        return answer(
+            Outcome::Invalid,
+            "the request is not a ResolveApprovalRequest".into(),
+        );
+    };
+    let decision = match request.decision.as_str() {
+        "allow" => Decision::Allow,
+        "deny" => Decision::Deny,
+        other => {
+            return answer(
+                Outcome::Invalid,
+                format!("decision {other:?} is neither allow nor deny"),
+            );
+        }
+    };
+    let who = clip(request.resolved_by.trim(), MAX_WHO);
+    if who.is_empty() {
+        return answer(
+            Outcome::Invalid,
+            "say who is answering (resolved_by)".into(),
+        );
+    }
+    let Some((run_id, call_id)) = parse_approval_id(&request.approval_id) else {
+        return answer(
+            Outcome::Invalid,
+            format!(
+                "{:?} is not an approval id (<run id>.<call id>)",
+                clip(&request.approval_id, 100)
+            ),
+        );
+    };
+    let mut run = match gate.log.handle(run_id).await {
+        Ok(run) => run,
+        Err(e) => return answer(Outcome::Unspecified, e.to_string()),
+    };
+    let body = Body::ApprovalResolved(ApprovalResolved {
+        approval_id: request.approval_id.clone(),
+        call_id: call_id.clone(),
+        decision: decision as i32,
+        resolved_by: who.clone(),
+        reason: clip(&request.reason, MAX_REASON),
+        expired: false,
+    });
+    loop {
+        let asked = run
+            .bodies()
+            .any(|b| matches!(b, Body::ApprovalRequested(a) if a.call_id == call_id));
+        if !asked {
+            return answer(
+                Outcome::NotFound,
+                format!("no approval request {}", request.approval_id),
+            );
+        }
+        let resolved = run.bodies().find_map(|b| match b {
+            Body::ApprovalResolved(r) if r.call_id == call_id => Some(r.clone()),
+            _ => None,
+        });
+        if let Some(resolved) = resolved {
+            let word = word(resolved.decision());
+            return ResolveApprovalResponse {
+                outcome: Outcome::AlreadyDecided as i32,
+                message: format!(
+                    "{} was already decided: {word} by {}",
+                    request.approval_id, resolved.resolved_by
+                ),
+                decision: word.to_owned(),
+                resolved_by: resolved.resolved_by,
+            };
+        }
+        if run.is_finished() {
+            return answer(
+                Outcome::RunEnded,
+                format!("run {run_id} ended before anyone answered"),
+            );
+        }
+        // Appended with the log's last sequence expected: of two answers at once, the
+        // second finds the first in the log when it reads again.
+        match run.append(body.clone(), &request.approval_id).await {
+            Ok(_) => {
+                tracing::info!(run_id = %run_id, call_id, decision = word(decision), by = who, "approval resolved");
+                return ResolveApprovalResponse {
+                    outcome: Outcome::Resolved as i32,
+                    message: format!("{} {}", request.approval_id, past(decision)),
+                    decision: word(decision).to_owned(),
+                    resolved_by: who,
+                };
+            }
+            Err(e) if e.kind() == dispatch_runlog::ErrorKind::Conflict => {
+                if let Err(e) = run.refresh().await {
+                    return answer(Outcome::Unspecified, e.to_string());
+                }
+            }
+            Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => {
+                return answer(
+                    Outcome::RunEnded,
+                    format!("run {run_id} ended before anyone answered"),
+                );
+            }
+            Err(e) => return answer(Outcome::Unspecified, e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn word(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Allow => "allow",
+        _ => "deny",
+    }
+}
+
+fn past(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Allow => "approved",
+        _ => "denied",
+    }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn clip(text: &str, max: usize) -> String {
+    dispatch_runlog::slice_bytes(text, max).to_owned()
+}

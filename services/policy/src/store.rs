@@ -1,0 +1,255 @@
+//! Where the policy document lives: the stream `DISPATCH_POLICY`, one message per
+//! version on `dispatch.policy.document`. The last message is the document in force;
+//! the ones before it are its history and the audit of every change (who, when, what
+//! it replaced). A new version is appended with the last version's stream sequence as
+//! the expected one, so two changes made at once cannot both take the same number:
+//! one wins, the other is told and may try again on top of it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
+use dispatch_bus::{Bus, ErrorKind, streams, subject};
+use dispatch_proto::policy::v1::PolicyVersion;
+use dispatch_rules::Document;
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A version of the document, decoded.
+#[derive(Debug, Clone)]
+pub struct InForce {
+    pub record: PolicyVersion,
+    pub document: Document,
+    /// Its stream sequence: what the next version expects.
+    pub stream_seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] dispatch_bus::Error),
+    #[error("the policy store: {0}")]
+    Store(String),
+    /// Another change was made first; nothing was written.
+    #[error("another change to the policy was made at the same time; nothing changed, try again")]
+    Conflict,
+}
+
+fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Store(format!("{what}: {e}"))
+}
+
+/// Decodes one stored version. A record that does not decode, or whose document does
+/// not parse or does not match its hash, is not a version (only the policy service
+/// writes here, so this is damage, not an attack; it is reported, not used).
+fn decode(payload: &[u8], stream_seq: u64) -> Result<InForce, Error> {
+    let record = PolicyVersion::decode(payload)
+        .map_err(|e| store_error(&format!("version at {stream_seq}"), e))?;
+    let document = Document::parse(&record.document_json)
+        .map_err(|e| store_error(&format!("version {}", record.version), e))?;
+    if document.hash() != record.hash {
+        return Err(Error::Store(format!(
+            "version {} does not match its hash",
+            record.version
+        )));
+    }
+    Ok(InForce {
+        record,
+        document,
+        stream_seq,
+    })
+}
+
+/// The document in force, if one was ever set.
+pub async fn current(bus: &Bus) -> Result<Option<InForce>, Error> {
+    let stream = bus
+        .jetstream()
+        .get_stream(streams::POLICY)
+        .await
+        .map_err(|e| store_error("open", e))?;
+    match stream
+        .direct_get_last_for_subject(subject::POLICY_DOCUMENT)
+        .await
+    {
+        Ok(message) => decode(&message.payload, message.sequence).map(Some),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(store_error("read", e)),
+    }
+}
+
+/// Appends `document` as the next version after `previous` (none: the first), unless
+/// it is the document in force already. Returns the version now in force and whether
+/// it is new.
+pub async fn set(
+    bus: &Bus,
+    previous: Option<&InForce>,
+    document: &Document,
+    changed_by: &str,
+    note: &str,
+) -> Result<(InForce, bool), Error> {
+    let hash = document.hash();
+    if let Some(previous) = previous
+        && previous.record.hash == hash
+    {
+        return Ok((previous.clone(), false));
+    }
+    let record = PolicyVersion {
+        version: previous.map_or(1, |p| p.record.version + 1),
+        hash: hash.clone(),
+        previous_hash: previous.map(|p| p.record.hash.clone()).unwrap_or_default(),
+        changed_by: changed_by.to_owned(),
+        changed_at_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+        document_json: document.to_json(),
+        note: note.to_owned(),
+    };
+    let expected = previous.map_or(0, |p| p.stream_seq);
+    // The message id names the version and its content: a retry of this very append
+    // is dropped as a duplicate, and a different change for the same number is not.
+    let msg_id = format!("policy-v{}-{hash}", record.version);
+    match bus
+        .append(
+            subject::policy_document(),
+            &msg_id,
+            Some(expected),
+            record.encode_to_vec().into(),
+        )
+        .await
+    {
+        Ok(appended) => Ok((
+            InForce {
+                record,
+                document: document.clone(),
+                stream_seq: appended.stream_seq,
+            },
+            true,
+        )),
+        Err(e) if e.kind() == ErrorKind::Conflict => Err(Error::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Every version kept, oldest first, at most `limit` (the newest ones).
+pub async fn history(bus: &Bus, limit: usize) -> Result<Vec<InForce>, Error> {
+    let stream = bus
+        .jetstream()
+        .get_stream(streams::POLICY)
+        .await
+        .map_err(|e| store_error("open", e))?;
+    let last = match stream
+        .direct_get_last_for_subject(subject::POLICY_DOCUMENT)
+        .await
+    {
+        Ok(message) => message.sequence,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(store_error("read", e)),
+    };
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject::POLICY_DOCUMENT.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| store_error("read", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| store_error("read", e))?;
+    let mut versions = std::collections::VecDeque::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .map_err(|_| Error::Store("reading the history timed out".into()))?
+    {
+        let message = message.map_err(|e| store_error("read", e))?;
+        let seq = message
+            .info()
+            .map_err(|e| store_error("read", e))?
+            .stream_sequence;
+        match decode(&message.payload, seq) {
+            Ok(version) => versions.push_back(version),
+            Err(e) => tracing::warn!(error = %e, "skipping a damaged policy version"),
+        }
+        if versions.len() > limit {
+            versions.pop_front();
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(versions.into())
+}
+
+/// Follows the document in force: the receiver holds the newest version this copy has
+/// seen, from the stream's last message on, and changes whenever a version is added.
+pub async fn follow(
+    bus: &Bus,
+    first: InForce,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<Arc<InForce>>, Error> {
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        loop {
+            let after = tx.borrow().stream_seq;
+            let followed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = follow_from(&bus, after, &tx) => result,
+            };
+            if let Err(e) = followed {
+                tracing::warn!(error = %e, "lost the policy document's stream; following again");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    Ok(rx)
+}
+
+async fn follow_from(bus: &Bus, after: u64, tx: &watch::Sender<Arc<InForce>>) -> Result<(), Error> {
+    let stream = bus
+        .jetstream()
+        .get_stream(streams::POLICY)
+        .await
+        .map_err(|e| store_error("open", e))?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject::POLICY_DOCUMENT.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| store_error("follow", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| store_error("follow", e))?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| store_error("follow", e))?;
+        let seq = message
+            .info()
+            .map_err(|e| store_error("follow", e))?
+            .stream_sequence;
+        match decode(&message.payload, seq) {
+            Ok(version) => {
+                tracing::info!(
+                    version = version.record.version,
+                    hash = version.record.hash,
+                    changed_by = version.record.changed_by,
+                    "policy version in force"
+                );
+                tx.send_replace(Arc::new(version));
+            }
+            Err(e) => tracing::error!(error = %e, "ignoring a damaged policy version"),
+        }
+    }
+    Err(Error::Store("the stream ended".into()))
+}
