@@ -254,6 +254,35 @@ pub async fn put_policy(store: &kv::Store, document: &serde_json::Value) -> Resu
     Ok(())
 }
 
+/// The live entry of the tool `name` (`connector.tool`), if a connector serves it now.
+/// A name that is no tool's name is served by nobody.
+pub async fn tool(store: &kv::Store, name: &str) -> Result<Option<ToolEntry>, Error> {
+    let Some((connector, tool)) = name.split_once('.') else {
+        return Ok(None);
+    };
+    if !valid_connector_name(connector) || !valid_tool_name(tool) {
+        return Ok(None);
+    }
+    let key = format!("{TOOLS_PREFIX}{name}");
+    let value = store
+        .get(&key)
+        .await
+        .map_err(|e| Error::other(&format!("read catalogue entry {key}"), e))?;
+    Ok(value.and_then(|value| live_entry(&key, &value, now_unix_ms())))
+}
+
+/// A tool entry as stored, if it parses and is live.
+fn live_entry(key: &str, value: &[u8], now: u64) -> Option<ToolEntry> {
+    match serde_json::from_slice::<ToolEntry>(value) {
+        Ok(entry) if entry.is_live(now) => Some(entry),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(key, error = %e, "skipping a catalogue entry that does not parse");
+            None
+        }
+    }
+}
+
 /// What the catalogue holds now.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -286,16 +315,10 @@ impl Snapshot {
             };
             if key == POLICY_KEY {
                 snapshot.policy = serde_json::from_slice(&value).ok();
-            } else if key.starts_with(TOOLS_PREFIX) {
-                match serde_json::from_slice::<ToolEntry>(&value) {
-                    Ok(entry) if entry.is_live(now) => {
-                        snapshot.tools.insert(entry.name.clone(), entry);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(key, error = %e, "skipping a catalogue entry that does not parse")
-                    }
-                }
+            } else if key.starts_with(TOOLS_PREFIX)
+                && let Some(entry) = live_entry(&key, &value, now)
+            {
+                snapshot.tools.insert(entry.name.clone(), entry);
             }
         }
         Ok(snapshot)

@@ -99,7 +99,8 @@ pub struct RunView {
     /// Size of the report recorded on the run's terminal event, in bytes (0: none).
     #[serde(default)]
     pub report_bytes: u64,
-    /// Approval requests nobody has answered yet, oldest first.
+    /// Approval requests nobody has answered yet, oldest first (at most
+    /// [`MAX_PENDING_APPROVALS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<PendingApproval>,
 }
@@ -120,8 +121,12 @@ pub struct PendingApproval {
     pub expires_at_ms: i64,
 }
 
-/// The most of a call's arguments a pending approval shows.
+/// The most of a call's arguments, and of its rule and reason, a pending approval shows.
 const APPROVAL_ARGS_BYTES: usize = 1024;
+const APPROVAL_TEXT_BYTES: usize = 1024;
+/// The most pending approvals one run's view holds. A run asks one at a time; a log
+/// that says otherwise still leaves a view that fits a reply.
+pub const MAX_PENDING_APPROVALS: usize = 32;
 
 /// Where and why a run's log fails verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -282,22 +287,28 @@ impl RunView {
                 }
             }
             Body::ApprovalRequested(a) => {
-                if !view
-                    .approvals
-                    .iter()
-                    .any(|p| p.approval_id == a.approval_id)
+                if view.approvals.len() < MAX_PENDING_APPROVALS
+                    && !view
+                        .approvals
+                        .iter()
+                        .any(|p| p.approval_id == a.approval_id)
                 {
                     let risk = dispatch_proto::run::v1::Risk::try_from(a.risk)
                         .map_or("destructive", |r| r.word());
                     view.approvals.push(PendingApproval {
-                        approval_id: a.approval_id.clone(),
+                        approval_id: dispatch_runlog::slice_bytes(
+                            &a.approval_id,
+                            APPROVAL_TEXT_BYTES,
+                        )
+                        .to_owned(),
                         run_id: event.run_id.clone(),
-                        tool: a.tool.clone(),
+                        tool: dispatch_runlog::slice_bytes(&a.tool, APPROVAL_TEXT_BYTES).to_owned(),
                         args_json: dispatch_runlog::slice_bytes(&a.args_json, APPROVAL_ARGS_BYTES)
                             .to_owned(),
                         risk: risk.to_owned(),
-                        rule: a.rule.clone(),
-                        reason: a.reason.clone(),
+                        rule: dispatch_runlog::slice_bytes(&a.rule, APPROVAL_TEXT_BYTES).to_owned(),
+                        reason: dispatch_runlog::slice_bytes(&a.reason, APPROVAL_TEXT_BYTES)
+                            .to_owned(),
                         requested_at_ms: event.time_unix_ms,
                         expires_at_ms: a.expires_unix_ms,
                     });
@@ -355,7 +366,9 @@ pub struct Note {
 
 #[cfg(test)]
 mod tests {
-    use dispatch_proto::run::v1::{LeafFinished, RunFinished, RunRequested, RunStarted};
+    use dispatch_proto::run::v1::{
+        ApprovalRequested, ApprovalResolved, LeafFinished, RunFinished, RunRequested, RunStarted,
+    };
     use dispatch_runlog::seal::Sealer;
 
     use super::*;
@@ -453,6 +466,47 @@ mod tests {
             .iter()
             .fold(done.clone(), |v, e| RunView::apply(Some(v), e, &trust));
         assert_eq!(again, done);
+    }
+
+    #[test]
+    fn a_run_waits_while_an_approval_is_pending_and_its_view_stays_bounded() {
+        let key = sealer("approvals");
+        let trust = Trust::keys([key.public_key()]);
+        let asked = |i: usize| {
+            Body::ApprovalRequested(ApprovalRequested {
+                approval_id: format!("r.l0-t{i}-c0"),
+                call_id: format!("l0-t{i}-c0"),
+                tool: "test.erase".into(),
+                args_json: "x".repeat(10_000),
+                reason: "y".repeat(10_000),
+                ..Default::default()
+            })
+        };
+        let mut log = bodies()[..2].to_vec();
+        log.push(asked(0));
+        log.push(Body::ApprovalResolved(ApprovalResolved {
+            approval_id: "r.l0-t0-c0".into(),
+            call_id: "l0-t0-c0".into(),
+            ..Default::default()
+        }));
+        // A log that asks far more than a run ever does at once.
+        log.extend((1..=100).map(asked));
+        let events = chain(log, &key);
+        let mut view = None;
+        let mut seen = Vec::new();
+        for e in &events {
+            let v = RunView::apply(view, e, &trust);
+            seen.push(v.status);
+            view = Some(v);
+        }
+        assert_eq!(seen[2], TaskStatus::Waiting);
+        assert_eq!(seen[3], TaskStatus::Doing);
+        let view = view.unwrap();
+        assert_eq!(view.status, TaskStatus::Waiting);
+        assert_eq!(view.approvals.len(), MAX_PENDING_APPROVALS);
+        assert_eq!(view.approvals[0].approval_id, "r.l0-t1-c0");
+        assert!(serde_json::to_vec(&view).unwrap().len() < 128 * 1024);
+        assert_eq!(TaskStatus::Waiting.keyword(), "WAITING");
     }
 
     #[test]

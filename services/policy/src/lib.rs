@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dispatch_bus::async_nats::jetstream::{self, AckKind};
+use dispatch_bus::async_nats::jetstream::{self, AckKind, kv};
 use dispatch_bus::catalogue::Risk;
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::work::{self, Delivery, WorkQueue};
@@ -86,6 +86,7 @@ pub enum Error {
 pub(crate) struct Gate {
     pub log: RunLog,
     pub bus: Bus,
+    pub catalogue: kv::Store,
     pub in_force: watch::Receiver<Arc<InForce>>,
     pub validator: validator::Validator,
     pub approval_ttl: Duration,
@@ -139,8 +140,13 @@ impl PolicyService {
             shutdown.clone(),
         ));
         let first = seed(&self.bus, self.seed.as_ref(), &instance).await?;
-        let in_force = store::follow(&self.bus, first, shutdown.clone()).await?;
-        tokio::spawn(mirror(self.bus.clone(), in_force.clone(), shutdown.clone()));
+        let in_force = store::follow(&self.bus, first, shutdown.clone());
+        let catalogue = dispatch_bus::catalogue::open(&self.bus).await?;
+        tokio::spawn(mirror(
+            catalogue.clone(),
+            in_force.clone(),
+            shutdown.clone(),
+        ));
         let version = in_force.borrow().record.clone();
         tracing::info!(
             instance,
@@ -151,6 +157,7 @@ impl PolicyService {
         let gate = Gate {
             log: self.log.clone(),
             bus: self.bus.clone(),
+            catalogue,
             in_force,
             validator: self.validator.clone(),
             approval_ttl: Duration::from_millis(self.config.approval_ttl_ms),
@@ -198,21 +205,20 @@ async fn seed(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(store::current(bus)
-        .await?
-        .expect("a version exists once an append conflicted"))
+    // Five lost races in a row: whoever won is in force.
+    store::current(bus).await?.ok_or_else(|| {
+        Error::Store(store::Error::Store(
+            "the policy document could not be put in force".into(),
+        ))
+    })
 }
 
 /// Mirrors the version in force into the tool catalogue whenever it changes.
 async fn mirror(
-    bus: Bus,
+    catalogue: kv::Store,
     mut in_force: watch::Receiver<Arc<InForce>>,
     shutdown: CancellationToken,
 ) {
-    let Ok(catalogue) = dispatch_bus::catalogue::open(&bus).await else {
-        tracing::error!("cannot open the tool catalogue; dispatchers will not see the policy");
-        return;
-    };
     loop {
         let version = in_force.borrow_and_update().clone();
         let value = serde_json::json!({
@@ -356,14 +362,13 @@ async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
             });
             let mut body = PolicyDecided {
                 call_id: call_id.to_owned(),
-                decision: Decision::Deny as i32,
                 rule: verdict.rule.clone(),
                 reason: verdict.reason.clone(),
                 policy_version: in_force.record.version,
                 policy_hash: in_force.record.hash.clone(),
                 ..Default::default()
             };
-            body.decision = match verdict.effect {
+            let decision = match verdict.effect {
                 Effect::Allow => Decision::Allow,
                 Effect::Deny => Decision::Deny,
                 Effect::Ask => Decision::Ask,
@@ -377,7 +382,8 @@ async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
                     body.reason = judged.reason;
                     judged.decision
                 }
-            } as i32;
+            };
+            body.decision = decision as i32;
             tracing::info!(run_id = %run_id, call_id, tool = requested.tool, decision = ?body.decision(), rule = body.rule, version = body.policy_version, "decided");
             match run
                 .ensure(decided, Body::PolicyDecided(body), call_id)

@@ -23,6 +23,9 @@ use crate::{Gate, parse_approval_id, store};
 
 /// Requests this copy answers at once.
 const CONCURRENCY: usize = 32;
+/// How many lost appends one answer rides out before it asks the person to try again:
+/// a waiting run appends nothing, so losing more than a few means the log is busy.
+const MAX_RACES: usize = 16;
 /// The longest name a person gives themselves, and the longest reason.
 const MAX_WHO: usize = 128;
 const MAX_REASON: usize = 1024;
@@ -161,16 +164,10 @@ async fn test(gate: &Gate, message: &async_nats::Message) -> TestPolicyResponse 
 
 /// The risk the catalogue gives a call; destructive for a tool nobody serves.
 async fn catalogue_risk(gate: &Gate, tool: &str, args_json: &str) -> Result<Risk, String> {
-    let store = catalogue::open(&gate.bus)
+    let entry = catalogue::tool(&gate.catalogue, tool)
         .await
         .map_err(|e| e.to_string())?;
-    let snapshot = catalogue::Snapshot::read(&store)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(snapshot
-        .tools
-        .get(tool)
-        .map_or(Risk::Destructive, |entry| entry.risk_of_call(args_json)))
+    Ok(entry.map_or(Risk::Destructive, |entry| entry.risk_of_call(args_json)))
 }
 
 async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalResponse {
@@ -223,7 +220,7 @@ async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalR
         reason: clip(&request.reason, MAX_REASON),
         expired: false,
     });
-    loop {
+    for _ in 0..MAX_RACES {
         let asked = run
             .bodies()
             .any(|b| matches!(b, Body::ApprovalRequested(a) if a.call_id == call_id));
@@ -267,11 +264,8 @@ async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalR
                     resolved_by: who,
                 };
             }
-            Err(e) if e.kind() == dispatch_runlog::ErrorKind::Conflict => {
-                if let Err(e) = run.refresh().await {
-                    return answer(Outcome::Unspecified, e.to_string());
-                }
-            }
+            // The handle has read the log again; look once more.
+            Err(e) if e.kind() == dispatch_runlog::ErrorKind::Conflict => {}
             Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => {
                 return answer(
                     Outcome::RunEnded,
@@ -282,6 +276,12 @@ async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalR
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    answer(
+        Outcome::Unspecified,
+        format!(
+            "run {run_id} kept changing while the answer was recorded; nothing was recorded, try again"
+        ),
+    )
 }
 
 fn word(decision: Decision) -> &'static str {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dispatch_bus::async_nats::jetstream;
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::{Bus, ErrorKind, streams, subject};
@@ -63,20 +64,32 @@ fn decode(payload: &[u8], stream_seq: u64) -> Result<InForce, Error> {
     })
 }
 
-/// The document in force, if one was ever set.
-pub async fn current(bus: &Bus) -> Result<Option<InForce>, Error> {
-    let stream = bus
-        .jetstream()
+async fn stream(bus: &Bus) -> Result<jetstream::stream::Stream, Error> {
+    bus.jetstream()
         .get_stream(streams::POLICY)
         .await
-        .map_err(|e| store_error("open", e))?;
+        .map_err(|e| store_error("open", e))
+}
+
+/// The newest version's message, if there is one.
+async fn last(
+    stream: &jetstream::stream::Stream,
+) -> Result<Option<jetstream::message::StreamMessage>, Error> {
     match stream
         .direct_get_last_for_subject(subject::POLICY_DOCUMENT)
         .await
     {
-        Ok(message) => decode(&message.payload, message.sequence).map(Some),
+        Ok(message) => Ok(Some(message)),
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
         Err(e) => Err(store_error("read", e)),
+    }
+}
+
+/// The document in force, if one was ever set.
+pub async fn current(bus: &Bus) -> Result<Option<InForce>, Error> {
+    match last(&stream(bus).await?).await? {
+        Some(message) => decode(&message.payload, message.sequence).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -135,18 +148,9 @@ pub async fn set(
 
 /// Every version kept, oldest first, at most `limit` (the newest ones).
 pub async fn history(bus: &Bus, limit: usize) -> Result<Vec<InForce>, Error> {
-    let stream = bus
-        .jetstream()
-        .get_stream(streams::POLICY)
-        .await
-        .map_err(|e| store_error("open", e))?;
-    let last = match stream
-        .direct_get_last_for_subject(subject::POLICY_DOCUMENT)
-        .await
-    {
-        Ok(message) => message.sequence,
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(store_error("read", e)),
+    let stream = stream(bus).await?;
+    let Some(last) = last(&stream).await?.map(|m| m.sequence) else {
+        return Ok(Vec::new());
     };
     let consumer = stream
         .create_consumer(OrderedConfig {
@@ -186,11 +190,11 @@ pub async fn history(bus: &Bus, limit: usize) -> Result<Vec<InForce>, Error> {
 
 /// Follows the document in force: the receiver holds the newest version this copy has
 /// seen, from the stream's last message on, and changes whenever a version is added.
-pub async fn follow(
+pub fn follow(
     bus: &Bus,
     first: InForce,
     shutdown: CancellationToken,
-) -> Result<watch::Receiver<Arc<InForce>>, Error> {
+) -> watch::Receiver<Arc<InForce>> {
     let (tx, rx) = watch::channel(Arc::new(first));
     let bus = bus.clone();
     tokio::spawn(async move {
@@ -209,7 +213,7 @@ pub async fn follow(
             }
         }
     });
-    Ok(rx)
+    rx
 }
 
 async fn follow_from(bus: &Bus, after: u64, tx: &watch::Sender<Arc<InForce>>) -> Result<(), Error> {
