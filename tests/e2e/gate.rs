@@ -440,3 +440,264 @@ async fn the_validator_allows_denies_and_escalates_and_fails_closed() -> Result<
     }
     Ok(())
 }
+
+/// The approval id of `run_id`'s request as `GET /v1/approvals` lists it.
+async fn listed_over_http(stack: &Stack, run_id: RunId) -> Result<String> {
+    let run = run_id.to_string();
+    stack
+        .eventually(LIMIT, || async {
+            let page = stack.get_json("/v1/approvals").await.ok()?;
+            page["approvals"]
+                .as_array()?
+                .iter()
+                .find(|a| a["run_id"] == run.as_str())
+                .and_then(|a| a["approval_id"].as_str().map(str::to_owned))
+        })
+        .await
+}
+
+async fn answer_over_http(stack: &Stack, id: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+    let response = stack
+        .http
+        .post(stack.url(&format!("/v1/approvals/{id}")))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await?;
+    Ok((response.status().as_u16(), response.json().await?))
+}
+
+#[tokio::test]
+async fn approvals_are_listed_page_by_page_and_answered_over_http() -> Result<()> {
+    let mut stack = stack(POLICY, &[]).await?;
+    stack.add("ingress").await?;
+    let first = stack
+        .submit(
+            &plan(&[r#"test.erase {"key": "http-a"}"#]),
+            "default",
+            60_000,
+        )
+        .await?;
+    let second = stack
+        .submit(
+            &plan(&[r#"test.erase {"key": "http-b"}"#]),
+            "default",
+            60_000,
+        )
+        .await?;
+    let a = listed_over_http(&stack, first).await?;
+    let b = listed_over_http(&stack, second).await?;
+
+    // One per page: the Link header leads to the other, and the last page has none.
+    let response = stack
+        .http
+        .get(stack.url("/v1/approvals?limit=1"))
+        .send()
+        .await?;
+    let link = response
+        .headers()
+        .get("link")
+        .context("a first page of one links on")?
+        .to_str()?
+        .to_owned();
+    let page: serde_json::Value = response.json().await?;
+    assert_eq!(page["approvals"][0]["approval_id"], a.as_str(), "{page}");
+    assert_eq!(page["approvals"][0]["tool"], "test.erase");
+    assert_eq!(page["approvals"][0]["risk"], "destructive");
+    let next = link
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .context("a link")?;
+    let rest = stack.get_json(next).await?;
+    assert_eq!(rest["approvals"][0]["approval_id"], b.as_str(), "{rest}");
+    assert_eq!(rest["next"], serde_json::Value::Null);
+
+    // Bad answers change nothing.
+    for (id, body, status, code) in [
+        (a.as_str(), r#"{"decision":"deny"}"#, 400, "invalid_reason"),
+        (
+            a.as_str(),
+            r#"{"decision":"perhaps"}"#,
+            400,
+            "invalid_decision",
+        ),
+        (a.as_str(), "{", 400, "invalid_json"),
+        (
+            "not-an-id",
+            r#"{"decision":"allow"}"#,
+            400,
+            "invalid_approval",
+        ),
+    ] {
+        let (got, problem) = answer_over_http(&stack, id, body).await?;
+        assert_eq!(
+            (got, problem["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {problem}"
+        );
+    }
+    let unknown = format!("{}.l0-t0-c0", RunId::new());
+    let (got, problem) = answer_over_http(&stack, &unknown, r#"{"decision":"allow"}"#).await?;
+    assert_eq!(
+        (got, problem["code"].as_str()),
+        (404, Some("not_found")),
+        "{problem}"
+    );
+    assert!(stack.counted("http-a").is_empty());
+
+    let (got, answered) = answer_over_http(&stack, &a, r#"{"decision":"allow"}"#).await?;
+    assert_eq!(got, 200, "{answered}");
+    assert!(
+        answered["resolved_by"]
+            .as_str()
+            .unwrap()
+            .ends_with("(http)"),
+        "{answered}"
+    );
+    let (got, late) =
+        answer_over_http(&stack, &a, r#"{"decision":"deny","reason":"too late"}"#).await?;
+    assert_eq!(
+        (got, late["code"].as_str()),
+        (409, Some("already_decided")),
+        "{late}"
+    );
+    assert!(
+        late["detail"].as_str().unwrap().contains("(http)"),
+        "{late}"
+    );
+    let (got, denied) = answer_over_http(
+        &stack,
+        &b,
+        r#"{"decision":"deny","reason":"not over http"}"#,
+    )
+    .await?;
+    assert_eq!(got, 200, "{denied}");
+
+    let events = stack.wait_finished(first, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    assert_eq!(stack.counted("http-a").len(), 1);
+    let events = stack.wait_finished(second, LIMIT).await?;
+    let resolved = bodies(&events)
+        .find_map(|b| match b {
+            Body::ApprovalResolved(r) => Some(r.clone()),
+            _ => None,
+        })
+        .context("no resolution")?;
+    assert_eq!(resolved.decision(), Decision::Deny);
+    assert_eq!(resolved.reason, "not over http");
+    assert!(resolved.resolved_by.ends_with("(http)"));
+    assert!(stack.counted("http-b").is_empty());
+    let page = stack.get_json("/v1/approvals").await?;
+    assert_eq!(page["approvals"], serde_json::json!([]), "{page}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dispatcher_killed_while_its_run_waits_is_replaced_and_the_run_keeps_waiting()
+-> Result<()> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    let path = stack.root().join("gate-policy.json");
+    std::fs::write(&path, POLICY)?;
+    let path = path.to_str().context("utf-8")?.to_owned();
+    stack.add_with("policy", &["--policy", &path]).await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    stack
+        .add_with("dispatcher", &["--lease-ms", "1000"])
+        .await?;
+    let run_id = stack
+        .submit(&plan(&[r#"test.erase {"key": "kept"}"#]), "default", 60_000)
+        .await?;
+    let id = waiting_approval(&stack, run_id).await?;
+    stack.service("dispatcher")?.kill().await?;
+    stack.services.retain(|s| s.name != "dispatcher");
+    stack
+        .add_with("dispatcher", &["--lease-ms", "1000"])
+        .await?;
+    // Well past one lease: the new copy has taken the run over, and waits.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let events = stack.log().await?.read(&run_id).await?;
+    assert!(!finished_yet(&events), "the run ended without an answer");
+    assert_eq!(count(&events, "approval_requested"), 1, "asked again");
+    assert_eq!(count(&events, "policy_decided"), 1, "checked again");
+    assert!(stack.counted("kept").is_empty());
+
+    let approved = stack.cli(&["approve", &id])?;
+    assert_eq!(approved.code, Some(0), "{}", approved.stderr);
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    assert_eq!(count(&events, "approval_requested"), 1);
+    assert_eq!(stack.counted("kept").len(), 1);
+    let finisher = &events.last().unwrap().event.writer;
+    let started_by = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::RunStarted(s)) => Some(s.owner.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_ne!(finisher, &started_by, "the killed copy finished the run");
+    Ok(())
+}
+
+fn finished_yet(events: &[StoredEvent]) -> bool {
+    bodies(events).any(|b| matches!(b, Body::RunFinished(_)))
+}
+
+#[tokio::test]
+async fn a_write_whose_audit_event_cannot_be_stored_does_not_happen() -> Result<()> {
+    use dispatch_bus::async_nats::jetstream::stream::DiscardPolicy;
+    let stack = stack(POLICY, &[]).await?;
+    let run_id = stack
+        .submit(
+            &plan(&[r#"test.erase {"key": "audited"}"#]),
+            "default",
+            60_000,
+        )
+        .await?;
+    let id = waiting_approval(&stack, run_id).await?;
+
+    // From now on the run's subject takes exactly one more event: the answer. The
+    // connector's audit event (ToolCallStarted) is refused by the server.
+    let js = stack.bus.jetstream();
+    let mut runs = js.get_stream(dispatch_bus::streams::RUNS).await?;
+    let original = runs.info().await?.config.clone();
+    let held = stack.log().await?.read(&run_id).await?.len() as i64;
+    let mut refusing = original.clone();
+    refusing.max_messages_per_subject = held + 1;
+    refusing.discard = DiscardPolicy::New;
+    refusing.discard_new_per_subject = true;
+    js.update_stream(refusing).await?;
+
+    let approved = stack.cli(&["approve", &id])?;
+    assert_eq!(approved.code, Some(0), "{}", approved.stderr);
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ApprovalResolved(_)))
+        .await?;
+    // The connector keeps trying to record the start; the write never goes out.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let events = stack.log().await?.read(&run_id).await?;
+    assert!(
+        !bodies(&events).any(|b| matches!(b, Body::ToolCallStarted(_))),
+        "the refused audit event is in the log"
+    );
+    assert!(
+        stack.counted("audited").is_empty(),
+        "the write happened without its audit event"
+    );
+
+    // Once the log takes events again, the audit event comes first, then the write.
+    js.update_stream(original).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    assert_eq!(stack.counted("audited").len(), 1);
+    let position = |kind: fn(&Body) -> bool| {
+        events
+            .iter()
+            .position(|e| e.event.body.as_ref().is_some_and(kind))
+    };
+    let started = position(|b| matches!(b, Body::ToolCallStarted(_))).context("no audit")?;
+    let completed = position(|b| matches!(b, Body::ToolCallCompleted(_))).context("no result")?;
+    assert!(started < completed);
+    Ok(())
+}

@@ -132,7 +132,8 @@ impl Identity {
                     .allow
                     .push(format!("{JS_API}.DIRECT.GET.{}", streams::GOALS));
                 p.publish.allow.push(subject::query::ALL.into());
-                p.publish.allow.push(subject::policy::ALL.into());
+                // Answering approvals; changing the policy stays with the CLI.
+                p.publish.allow.push(subject::policy::RESOLVE.into());
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");

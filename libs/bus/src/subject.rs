@@ -115,6 +115,11 @@ pub mod query {
     pub const TASKS: &str = "dispatch.query.tasks";
     pub const REPLAY: &str = "dispatch.query.replay";
     pub const STATUS: &str = "dispatch.query.status";
+    pub const APPROVALS: &str = "dispatch.query.approvals";
+
+    pub fn approvals() -> Subject {
+        Subject::from_static(APPROVALS)
+    }
 
     pub fn status() -> Subject {
         Subject::from_static(STATUS)

@@ -35,6 +35,54 @@ pub struct WorkQueue {
     pub ack_wait: Duration,
 }
 
+/// A handler's share of its loop's concurrency. A handler that only waits (a run
+/// waiting for a person) gives it back for the wait with [`Slot::idle`], so that
+/// waiting work does not hold room that running work needs; hundreds of commands can
+/// wait while `concurrency` of them run.
+#[derive(Clone)]
+pub struct Slot(Arc<SlotInner>);
+
+struct SlotInner {
+    permits: Arc<Semaphore>,
+    held: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Slot {
+    fn new(permits: Arc<Semaphore>, held: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(SlotInner {
+            permits,
+            held: std::sync::Mutex::new(Some(held)),
+        }))
+    }
+
+    /// Runs `wait` without holding the slot, then takes a slot again (waiting for one
+    /// if the loop is busy). If `wait` is dropped before it ends, the slot stays given
+    /// back: the handler is being cancelled.
+    pub async fn idle<T>(&self, wait: impl Future<Output = T>) -> T {
+        drop(self.lock().take());
+        let out = wait.await;
+        let permit = self
+            .0
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        *self.lock() = Some(permit);
+        out
+    }
+
+    /// True while the handler holds a slot (not idle).
+    pub fn is_held(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<tokio::sync::OwnedSemaphorePermit>> {
+        // An Option assigned whole: nothing half-written to recover from.
+        self.0.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// How many times the server delivers one message before dropping it.
 pub const MAX_DELIVER: i64 = 10;
 
@@ -182,9 +230,9 @@ async fn renew_lease(
 /// How long the loop waits for in-flight handlers after shutdown is requested.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
-/// Fetches commands and runs `handler` on each, at most `concurrency` at a time, until
-/// `shutdown` fires; then waits up to [`DRAIN_GRACE`] for running handlers. Handlers
-/// ack their own messages.
+/// Fetches commands and runs `handler` on each, at most `concurrency` at a time (not
+/// counting handlers idle in [`Slot::idle`]), until `shutdown` fires; then waits up to
+/// [`DRAIN_GRACE`] for running handlers. Handlers ack their own messages.
 pub async fn consume<F, Fut>(
     bus: &Bus,
     queue: WorkQueue,
@@ -193,7 +241,7 @@ pub async fn consume<F, Fut>(
     handler: F,
 ) -> Result<(), Error>
 where
-    F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
+    F: Fn(jetstream::Message, Slot) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let stream = bus
@@ -265,14 +313,14 @@ where
             };
             let handler = handler.clone();
             let renew = renew_lease(bus.client().clone(), message.reply.clone(), queue.ack_wait);
+            let slot = Slot::new(permits.clone(), held);
             tasks.spawn(async move {
                 // The command stays ours while the handler runs, however long it takes;
                 // if this process dies, renewals stop and the server redelivers it.
                 tokio::select! {
-                    _ = handler(message) => {}
+                    _ = handler(message, slot) => {}
                     _ = renew => unreachable!("renewing never ends"),
                 }
-                drop(held);
             });
         }
     }
@@ -287,4 +335,37 @@ where
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_slot_makes_room_and_is_taken_back_after() {
+        let permits = Arc::new(Semaphore::new(1));
+        let first = permits.clone().acquire_owned().await.unwrap();
+        let slot = Slot::new(permits.clone(), first);
+        assert_eq!(permits.available_permits(), 0);
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let waiting = {
+            let slot = slot.clone();
+            tokio::spawn(async move { slot.idle(rx).await })
+        };
+        // While it waits, another handler gets the room.
+        let other = tokio::time::timeout(Duration::from_secs(5), permits.clone().acquire_owned())
+            .await
+            .expect("the idle slot was given back")
+            .unwrap();
+        tx.send(()).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!slot.is_held(), "took a slot the other handler holds");
+        drop(other);
+        waiting.await.unwrap().unwrap();
+        assert!(slot.is_held());
+        assert_eq!(permits.available_permits(), 0);
+        drop(slot);
+        assert_eq!(permits.available_permits(), 1);
+    }
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dispatch_bus::{Bus, subject};
+use dispatch_ledger::api::{ApprovalsQuery, ApprovalsReply};
 use dispatch_proto::policy::v1::{
     ResolveApprovalRequest, ResolveApprovalResponse, SetPolicyRequest, SetPolicyResponse,
     TestPolicyRequest, TestPolicyResponse, resolve_approval_response::Outcome,
@@ -226,14 +227,27 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
     }
 }
 
-/// `dispatch approvals`: every approval request nobody has answered, oldest first.
+/// `dispatch approvals`: every approval request nobody has answered, oldest run first,
+/// asked of the ledger page by page.
 pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
-    let mut pending: Vec<dispatch_ledger::view::PendingApproval> = crate::list_runs(bus, false)
-        .await?
-        .into_iter()
-        .flat_map(|run| run.approvals)
-        .collect();
-    pending.sort_by_key(|p| p.requested_at_ms);
+    let mut pending = Vec::new();
+    let mut after = None;
+    loop {
+        let page: ApprovalsReply = crate::query(
+            bus,
+            subject::query::approvals(),
+            &ApprovalsQuery {
+                limit: Some(dispatch_ledger::api::MAX_PAGE),
+                after: after.take(),
+            },
+        )
+        .await?;
+        pending.extend(page.approvals);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
     match format {
         Format::Json => println!(
             "{}",

@@ -683,7 +683,7 @@ impl Nats {
     }
 }
 
-async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+pub(crate) async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
     bus: &Bus,
     subject: dispatch_bus::subject::Subject,
     q: &Q,

@@ -275,7 +275,7 @@ impl Connectors {
             },
             self.config.concurrency,
             shutdown,
-            move |message| handle(ctx.clone(), message, stop.clone()),
+            move |message, _slot| handle(ctx.clone(), message, stop.clone()),
         )
         .await?;
         let _ = health.await;

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dispatch_bus::work::Slot;
 use dispatch_bus::{RunId, subject};
 use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
@@ -65,12 +66,18 @@ impl From<dispatch_bus::Error> for Stop {
 }
 
 /// Drives `run_id` to its terminal event. Returns once the log holds one.
-pub(crate) async fn run(ctx: &Context, run_id: RunId, command: &SubmitGoal) -> Result<(), Error> {
+pub(crate) async fn run(
+    ctx: &Context,
+    run_id: RunId,
+    command: &SubmitGoal,
+    slot: Slot,
+) -> Result<(), Error> {
     let handle = ctx.log.handle(run_id).await?;
     let mut exec = Exec {
         ctx,
         run: handle,
         command,
+        slot: Some(slot),
     };
     if exec.run.is_finished() {
         return Ok(());
@@ -117,6 +124,7 @@ pub(crate) async fn block(
         ctx,
         run: ctx.log.handle(run_id).await?,
         command,
+        slot: None,
     };
     if exec.run.is_finished() {
         return Ok(());
@@ -144,6 +152,9 @@ struct Exec<'a> {
     ctx: &'a Context,
     run: RunHandle,
     command: &'a SubmitGoal,
+    /// This run's share of the copy's `--max-runs`, given back while it waits for a
+    /// person (none when only settling a run).
+    slot: Option<Slot>,
 }
 
 impl Exec<'_> {
@@ -515,6 +526,19 @@ impl Exec<'_> {
         let asked = self
             .wait_for(Awaited::Policy(call_id), approval_requested(call_id))
             .await?;
+        // Waiting for a person takes none of the copy's room for running work.
+        match self.slot.clone() {
+            Some(slot) => slot.idle(self.answer(call_id, &asked)).await,
+            None => self.answer(call_id, &asked).await,
+        }
+    }
+
+    /// Waits for the answer to `asked`, or records its expiry.
+    async fn answer(
+        &mut self,
+        call_id: &str,
+        asked: &ApprovalRequested,
+    ) -> Result<Result<(), String>, Stop> {
         loop {
             if let Some(resolved) = self.find(approval_resolved(call_id)) {
                 return Ok(match resolved.decision() {

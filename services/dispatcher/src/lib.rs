@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::{self, AckKind};
 use dispatch_bus::health::{self, Health};
-use dispatch_bus::work::{self, Delivery, WorkQueue};
+use dispatch_bus::work::{self, Delivery, Slot, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_runlog::RunLog;
@@ -157,7 +157,7 @@ impl Dispatcher {
             },
             self.config.max_runs,
             shutdown,
-            move |message| handle_goal(ctx.clone(), message, stop.clone()),
+            move |message, slot| handle_goal(ctx.clone(), message, slot, stop.clone()),
         )
         .await?;
         let _ = health.await;
@@ -165,7 +165,12 @@ impl Dispatcher {
     }
 }
 
-async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: CancellationToken) {
+async fn handle_goal(
+    ctx: Arc<Context>,
+    message: jetstream::Message,
+    slot: Slot,
+    shutdown: CancellationToken,
+) {
     let delivery = Delivery::of(&message);
     let command = match SubmitGoal::decode(message.payload.as_ref()) {
         Ok(command) => command,
@@ -211,7 +216,7 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
         None => {
             let (ctx, command) = (ctx.clone(), command.clone());
             work::retry(&what, &shutdown, transient, move || {
-                supervise(ctx.clone(), run_id, command.clone())
+                supervise(ctx.clone(), run_id, command.clone(), slot.clone())
             })
             .await
         }
@@ -246,10 +251,15 @@ async fn handle_goal(ctx: Arc<Context>, message: jetstream::Message, shutdown: C
 
 /// Drives the run in a task of its own, so that a panic inside it ends the run
 /// `blocked` with the panic message instead of leaving it to nobody.
-async fn supervise(ctx: Arc<Context>, run_id: RunId, command: SubmitGoal) -> Result<(), Error> {
+async fn supervise(
+    ctx: Arc<Context>,
+    run_id: RunId,
+    command: SubmitGoal,
+    slot: Slot,
+) -> Result<(), Error> {
     let task = {
         let (ctx, command) = (ctx.clone(), command.clone());
-        tokio::spawn(async move { execute::run(&ctx, run_id, &command).await })
+        tokio::spawn(async move { execute::run(&ctx, run_id, &command, slot).await })
     };
     // Dropping this future (shutdown) must not leave the run's task behind.
     let abort = task.abort_handle();

@@ -8,6 +8,7 @@
 //! nothing.
 
 pub mod access;
+pub mod approvals;
 pub mod openapi;
 pub mod problem;
 pub mod serve;
@@ -175,6 +176,8 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/tasks", get(get_tasks))
+        .route("/v1/approvals", get(approvals::list))
+        .route("/v1/approvals/{id}", post(approvals::answer))
         .route_layer(axum::middleware::from_fn_with_state(
             app.access.clone(),
             access::check,

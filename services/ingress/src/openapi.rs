@@ -13,6 +13,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::list_runs,
         crate::get_run,
         crate::get_tasks,
+        crate::approvals::list,
+        crate::approvals::answer,
         crate::healthz
     ),
     components(schemas(
@@ -24,7 +26,11 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         dispatch_ledger::view::Corruption,
         dispatch_ledger::view::Note,
         dispatch_ledger::api::RunsReply,
-        dispatch_ledger::api::TasksReply
+        dispatch_ledger::api::TasksReply,
+        dispatch_ledger::api::ApprovalsReply,
+        dispatch_ledger::view::PendingApproval,
+        crate::approvals::Answer,
+        crate::approvals::Answered
     )),
     modifiers(&BearerKeys)
 )]

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::view::{Note, RunView};
+use crate::view::{Note, PendingApproval, RunView};
 
 /// Runs in a page when a query names no limit.
 pub const DEFAULT_PAGE: u32 = 100;
@@ -73,6 +73,27 @@ pub struct TasksReply {
     /// More notes are waiting: ask again (with a new drain id) to get them.
     #[serde(default)]
     pub more_feedback: bool,
+}
+
+/// `dispatch.query.approvals`: a page of the approval requests nobody has answered,
+/// in approval id order (oldest run first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsQuery {
+    /// At most this many (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Start after this approval id: the `next` of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApprovalsReply {
+    pub approvals: Vec<PendingApproval>,
+    /// Where the next page starts (`after`), if there is one.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// `dispatch.query.replay`: rebuild one run's views from its log (takes a [`RunQuery`]).

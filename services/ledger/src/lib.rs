@@ -32,8 +32,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use api::{
-    QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply, StatusReply, TasksQuery,
-    TasksReply, TrailOutcome,
+    ApprovalsQuery, ApprovalsReply, QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply,
+    StatusReply, TasksQuery, TasksReply, TrailOutcome,
 };
 use dispatch_runlog::RunLog;
 use project::{Pending, Views};
@@ -606,6 +606,9 @@ async fn answer_queries(
                 }
                 subject::query::RUN => encode(parse(&request.payload).and_then(|q| run(&state, q))),
                 subject::query::STATUS => encode(status(&state)),
+                subject::query::APPROVALS => {
+                    encode(parse(&request.payload).and_then(|q| approvals(&state, q)))
+                }
                 subject::query::REPLAY => {
                     let answer = match parse::<RunQuery>(&request.payload) {
                         Ok(q) => replay(&state, q).await,
@@ -698,6 +701,28 @@ fn runs(state: &State, query: RunsQuery) -> Reply<RunsReply> {
         runs: page.runs,
         next: page.next,
     })
+}
+
+fn approvals(state: &State, query: ApprovalsQuery) -> Reply<ApprovalsReply> {
+    let bounds = page_bounds(query.limit, reply_budget(state))?;
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(a)
+            if !a.is_empty()
+                && a.len() <= 256
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            Some(a)
+        }
+        Some(a) => {
+            return Err(QueryError::BadRequest(format!(
+                "after {a:?} is not an approval id; pass the `next` of the previous page"
+            )));
+        }
+    };
+    let (approvals, next) = state.views.approvals(after, bounds);
+    Ok(ApprovalsReply { approvals, next })
 }
 
 fn run(state: &State, query: RunQuery) -> Reply<RunView> {

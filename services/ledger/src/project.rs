@@ -9,7 +9,7 @@ use dispatch_proto::run::v1::{RunEvent, RunStatus, run_event::Body};
 use dispatch_views::{Batch, ViewStore};
 use prost::Message as _;
 
-use crate::view::{Note, RunView, TaskStatus};
+use crate::view::{Note, PendingApproval, RunView, TaskStatus};
 
 pub const RUNS: &str = "runs";
 pub const NOTES: &str = "notes";
@@ -40,7 +40,10 @@ pub const BY_SHORT_ID: &str = "by_short_id";
 /// the same commit as a run of that day ending or being removed; taken out by the
 /// renderer, only if no newer change came meanwhile (compare-and-swap on the token).
 pub const ARCHIVE_DUE: &str = "archive_due";
-pub const TREES: [&str; 11] = [
+/// Index: ids of runs that have not ended and wait for at least one approval, so
+/// listing what waits for a person costs what waits, not what is live.
+pub const WAITING: &str = "waiting";
+pub const TREES: [&str; 12] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -52,9 +55,10 @@ pub const TREES: [&str; 11] = [
     TRAILS_DUE,
     BY_SHORT_ID,
     ARCHIVE_DUE,
+    WAITING,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 5;
+pub const SCHEMA: u32 = 6;
 
 /// The tombstone of a run removed together with its trail (`prune --trails`).
 const TRAIL_REMOVED: &[u8] = b"trail";
@@ -274,6 +278,41 @@ impl Views {
             runs: filler.items,
             next,
         }
+    }
+
+    /// One page of the approval requests nobody has answered, in approval id order
+    /// (`<run id>.<call id>`, so oldest run first), starting after the approval id
+    /// `after`. It walks only the runs that wait for someone.
+    pub fn approvals(
+        &self,
+        after: Option<&str>,
+        bounds: Bounds,
+    ) -> (Vec<PendingApproval>, Option<String>) {
+        let mut filler = Filler::new(bounds);
+        let Ok(waiting) = self.store.tree(WAITING) else {
+            return (Vec::new(), None);
+        };
+        let after = after.unwrap_or("");
+        // The run of the cursor may hold approvals after it; start there.
+        let start = after.split('.').next().unwrap_or("");
+        'runs: for item in waiting.range(start.as_bytes()..) {
+            let Ok((key, _)) = item else { continue };
+            let Some(view) = self.run(&String::from_utf8_lossy(&key)) else {
+                continue;
+            };
+            let mut approvals = view.approvals;
+            approvals.sort_by(|a, b| a.approval_id.cmp(&b.approval_id));
+            for approval in approvals {
+                if approval.approval_id.as_str() > after && !filler.take(approval) {
+                    break 'runs;
+                }
+            }
+        }
+        let next = filler
+            .full
+            .then(|| filler.items.last().map(|a| a.approval_id.clone()))
+            .flatten();
+        (filler.items, next)
     }
 
     /// What TASKS.org shows: every run that has not ended, and the newest `recent` runs
@@ -630,6 +669,7 @@ impl Views {
                     }
                     pending.batch.remove(RUNS, &run_id);
                     pending.batch.remove(ACTIVE, &run_id);
+                    pending.batch.remove(WAITING, &run_id);
                     pending.batch.remove(BY_SHORT_ID, short_id_key(&run_id));
                     mark_archive_due(&mut pending.batch, &run_id);
                     let tombstone = if trails {
@@ -722,6 +762,11 @@ impl Views {
                 mark_archive_due(&mut batch, key);
             } else {
                 batch.put_guarded(&kept, ACTIVE, key, Vec::new());
+            }
+            if view.status.is_terminal() || view.approvals.is_empty() {
+                batch.remove(WAITING, key);
+            } else {
+                batch.put_guarded(&kept, WAITING, key, Vec::new());
             }
             let conversation = conversation_or_default(&view.conversation_id);
             batch.put_guarded(

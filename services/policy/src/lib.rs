@@ -174,7 +174,7 @@ impl PolicyService {
             },
             self.config.concurrency,
             shutdown,
-            move |message| handle(gate.clone(), message, stop.clone()),
+            move |message, _slot| handle(gate.clone(), message, stop.clone()),
         )
         .await?;
         let _ = requests.await;
