@@ -159,7 +159,7 @@ impl Identity {
             }
             Identity::Connectors => {
                 service(&mut p, "connectors");
-                p.read(&[streams::RUNS, catalogue::STREAM]);
+                p.read(&[streams::RUNS, catalogue::STREAM, streams::SECRETS]);
                 p.publish
                     .allow
                     .push(catalogue_key(&format!("{}>", catalogue::TOOLS_PREFIX)));
@@ -191,6 +191,11 @@ impl Identity {
                 p.publish.allow.push(subject::REMOVED.into());
                 p.publish.allow.push(subject::query::ALL.into());
                 p.publish.allow.push(subject::HEALTH_ALL.into());
+                // `dispatch secret set/rm/ls` (values sealed with the workspace's key).
+                p.read(&[streams::SECRETS]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.*", streams::SECRETS_BUCKET));
             }
             Identity::Admin => unreachable!("handled above"),
         }

@@ -30,7 +30,7 @@ pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; the last is the tool catalogue's key-value
 /// bucket ([`crate::catalogue`]).
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -38,7 +38,28 @@ pub const ALL: [&str; 7] = [
     PROBE,
     POLICY,
     crate::catalogue::STREAM,
+    SECRETS,
 ];
+
+/// The secrets bucket: names → values encrypted with the workspace's secrets key
+/// (`dispatch-secrets` holds the cipher; the bus only declares the bucket). Only the
+/// CLI writes it and only the connectors read it.
+pub const SECRETS_BUCKET: &str = "DISPATCH_SECRETS";
+/// The stream behind [`SECRETS_BUCKET`].
+pub const SECRETS: &str = "KV_DISPATCH_SECRETS";
+/// The largest stored (encrypted) secret.
+pub const MAX_SECRET_BYTES: i32 = 16 * 1024;
+
+fn secrets() -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: SECRETS_BUCKET.to_owned(),
+        description: "Dispatch secrets, encrypted with the workspace's key".to_owned(),
+        history: 1,
+        max_value_size: MAX_SECRET_BYTES,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
 
 /// Durable consumer names, one per command subject.
 pub mod consumers {
@@ -164,16 +185,16 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         }
     }
     // An existing bucket is left as it is (create only, as for the streams above).
-    if bus
-        .jetstream()
-        .get_key_value(crate::catalogue::BUCKET)
-        .await
-        .is_err()
-    {
-        bus.jetstream()
-            .create_key_value(crate::catalogue::config())
-            .await
-            .map_err(|e| Error::other("declare the tool catalogue", e))?;
+    for (config, what) in [
+        (crate::catalogue::config(), "the tool catalogue"),
+        (secrets(), "the secrets bucket"),
+    ] {
+        if bus.jetstream().get_key_value(&config.bucket).await.is_err() {
+            bus.jetstream()
+                .create_key_value(config)
+                .await
+                .map_err(|e| Error::other(&format!("declare {what}"), e))?;
+        }
     }
     Ok(())
 }

@@ -55,6 +55,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Where the server keeps its JetStream store.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
     /// The server's process id while it runs (benchmarks read its CPU time).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)

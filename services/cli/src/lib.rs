@@ -17,6 +17,7 @@
 mod api_key;
 mod format;
 mod gate;
+mod secret;
 mod store_watch;
 mod up;
 
@@ -97,6 +98,9 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Manage the secrets tools use (values from stdin, never shown).
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Manage the API keys HTTP clients authenticate with.
     #[command(subcommand, name = "api-key")]
     ApiKey(api_key::ApiKeyCommand),
@@ -616,6 +620,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         Command::Policy { command } => gate::policy(&nats.connect().await?, command).await,
+        Command::Secret(command) => {
+            secret::run(&nats.connect().await?, &nats.workspace, command).await
+        }
         Command::Approvals { format } => gate::approvals(&nats.connect().await?, format).await,
         Command::Approve { id, note, by } => {
             gate::resolve(&nats.connect().await?, id, true, note, by).await

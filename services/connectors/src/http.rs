@@ -8,6 +8,18 @@
 //! timeout_ms = 30000
 //! ```
 //!
+//! A host can be given a credential from the secrets (`dispatch secret set NAME`); the
+//! connector leases it for the one call that goes there, adds it as a header, follows
+//! no redirect with it, and masks it (`********`) in whatever comes back:
+//!
+//! ```toml
+//! [[connectors.http.credentials]]
+//! host = "api.example.com"     # an allow_hosts entry's form
+//! header = "Authorization"
+//! secret = "example-token"     # a secret's name, never its value
+//! prefix = "Bearer "           # put before the value (optional)
+//! ```
+//!
 //! Nothing is reachable by default: without `allow_hosts` the connector serves no tool.
 //! A host entry without a port allows the scheme's default port only; `*.example.org`
 //! allows the subdomains of `example.org`, not `example.org` itself. Every redirect is
@@ -42,6 +54,52 @@ pub struct HttpConfig {
     pub max_body_bytes: Option<usize>,
     /// How long one request may take, redirects included (default 30 s).
     pub timeout_ms: Option<u64>,
+    /// Credentials added to requests to given hosts, from the secrets.
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+}
+
+/// One `[[connectors.http.credentials]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    pub host: String,
+    pub header: String,
+    /// The secret's name.
+    pub secret: String,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// A credential, checked.
+#[derive(Debug, Clone)]
+struct Credential {
+    host: Allowed,
+    header: reqwest::header::HeaderName,
+    secret: String,
+    prefix: String,
+}
+
+/// What a call may lease, and for whom.
+pub struct Leasing<'a> {
+    pub store: Option<&'a dispatch_secrets::Store>,
+    pub grants: &'a dispatch_secrets::Grants,
+    pub run_id: &'a str,
+    pub call_id: &'a str,
+}
+
+static NO_GRANTS: dispatch_secrets::Grants = dispatch_secrets::Grants::none();
+
+impl Leasing<'static> {
+    /// For a call that may lease nothing.
+    pub fn none() -> Self {
+        Self {
+            store: None,
+            grants: &NO_GRANTS,
+            run_id: "",
+            call_id: "",
+        }
+    }
 }
 
 /// One allowed host.
@@ -111,8 +169,13 @@ struct Request {
 /// The configured connector.
 pub struct Http {
     allowed: Vec<Allowed>,
+    credentials: Vec<Credential>,
     max_body_bytes: usize,
+    timeout: Duration,
     client: reqwest::Client,
+    /// For requests that carry a credential: it follows no redirect, so the
+    /// credential goes to the host it was configured for and nowhere else.
+    credentialed: reqwest::Client,
 }
 
 impl Http {
@@ -152,11 +215,47 @@ impl Http {
             .redirect(redirects)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
+        let credentialed = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        let credentials = config
+            .credentials
+            .iter()
+            .map(|c| {
+                let bad =
+                    |why: String| format!("[[connectors.http.credentials]] {}: {why}", c.host);
+                let host = Allowed::parse(&c.host)?;
+                if !allowed.contains(&host) {
+                    return Err(bad("the host is not one of allow_hosts".into()));
+                }
+                let header = reqwest::header::HeaderName::from_bytes(c.header.as_bytes())
+                    .map_err(|e| bad(format!("header {:?}: {e}", c.header)))?;
+                dispatch_secrets::check_name(&c.secret).map_err(|e| bad(e.to_string()))?;
+                reqwest::header::HeaderValue::from_str(&c.prefix)
+                    .map_err(|e| bad(format!("prefix: {e}")))?;
+                Ok(Credential {
+                    host,
+                    header,
+                    secret: c.secret.clone(),
+                    prefix: c.prefix.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Some(Self {
             allowed,
+            credentials,
             max_body_bytes,
+            timeout,
             client,
+            credentialed,
         }))
+    }
+
+    /// The secrets this connector's configuration names.
+    pub fn secrets(&self) -> impl Iterator<Item = &str> {
+        self.credentials.iter().map(|c| c.secret.as_str())
     }
 
     /// The catalogue entry of `http.request`.
@@ -202,8 +301,14 @@ impl Http {
         entry
     }
 
-    /// Runs `http.request` with `args_json`.
-    pub async fn call(&self, tool: &str, args_json: &str) -> Result<String, String> {
+    /// Runs `http.request` with `args_json`, leasing the credentials of its host for
+    /// this call only; whatever it answers has them masked.
+    pub async fn call(
+        &self,
+        tool: &str,
+        args_json: &str,
+        leasing: Leasing<'_>,
+    ) -> Result<String, String> {
         if tool != TOOL {
             return Err(format!(
                 "unknown tool {tool:?}; the http connector has request"
@@ -232,18 +337,55 @@ impl Http {
                 url.host_str().unwrap_or_default()
             ));
         }
-        let mut builder = self.client.request(method, url);
+        let credentials: Vec<&Credential> = self
+            .credentials
+            .iter()
+            .filter(|c| admitted(std::slice::from_ref(&c.host), &url))
+            .collect();
+        let lease = match credentials.is_empty() {
+            true => None,
+            false => Some(self.lease(&credentials, &leasing).await?),
+        };
+        let client = if lease.is_some() {
+            &self.credentialed
+        } else {
+            &self.client
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in &request.headers {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| format!("header {name:?}: {e}"))?;
             let value = reqwest::header::HeaderValue::from_str(value)
                 .map_err(|e| format!("header {name}: {e}"))?;
-            builder = builder.header(name, value);
+            headers.insert(name, value);
         }
+        if let Some(lease) = &lease {
+            for credential in &credentials {
+                let secret = lease.value(&credential.secret).map_err(|e| e.to_string())?;
+                let mut value = reqwest::header::HeaderValue::from_str(&format!(
+                    "{}{secret}",
+                    credential.prefix
+                ))
+                .map_err(|_| {
+                    format!(
+                        "secret {} cannot go in a header (it holds characters headers cannot)",
+                        credential.secret
+                    )
+                })?;
+                value.set_sensitive(true);
+                // The configured credential wins over a header the model sent.
+                headers.insert(credential.header.clone(), value);
+            }
+        }
+        let mut builder = client.request(method, url).headers(headers);
         if let Some(body) = request.body {
             builder = builder.body(body);
         }
-        let response = builder.send().await.map_err(|e| describe(&e))?;
+        let scrub = |text: String| match &lease {
+            Some(lease) => lease.scrub(&text),
+            None => text,
+        };
+        let response = builder.send().await.map_err(|e| scrub(describe(&e)))?;
         let mut out = format!("HTTP {}\n", response.status());
         for name in SHOWN_HEADERS {
             if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
@@ -251,8 +393,10 @@ impl Http {
             }
         }
         out.push('\n');
-        let (body, cut) = self.read_body(response).await?;
+        let (body, cut) = self.read_body(response).await.map_err(scrub)?;
         out.push_str(&String::from_utf8_lossy(&body));
+        // Masked before the note, so a credential cut off at the end is masked too.
+        let mut out = scrub(out);
         if cut {
             out.push_str(&format!(
                 "\n[cut: the body is longer than {} bytes]",
@@ -260,6 +404,28 @@ impl Http {
             ));
         }
         Ok(out)
+    }
+
+    /// A lease of `credentials`' secrets for this call, ending with its timeout.
+    async fn lease(
+        &self,
+        credentials: &[&Credential],
+        leasing: &Leasing<'_>,
+    ) -> Result<dispatch_secrets::Lease, String> {
+        let store = leasing.store.ok_or_else(|| {
+            "this host needs a credential, and the connectors cannot reach the secrets".to_owned()
+        })?;
+        let names: Vec<&str> = credentials.iter().map(|c| c.secret.as_str()).collect();
+        let scope = dispatch_secrets::Scope {
+            connector: CONNECTOR.to_owned(),
+            run_id: leasing.run_id.to_owned(),
+            call_id: leasing.call_id.to_owned(),
+        };
+        let until = std::time::Instant::now() + self.timeout;
+        store
+            .lease(leasing.grants, scope, &names, until)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// At most `max_body_bytes` of the body, and whether there was more.

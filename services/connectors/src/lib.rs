@@ -85,6 +85,8 @@ struct Context {
     log: RunLog,
     workspace: PathBuf,
     registry: Arc<Registry>,
+    /// The secrets, when a connector's configuration names any.
+    secrets: Option<dispatch_secrets::Store>,
     /// `connectors/<instance>`, recorded in `ToolCallStarted`.
     executor: String,
 }
@@ -94,6 +96,8 @@ pub struct Registry {
     test_tools: bool,
     http: Option<http::Http>,
     servers: BTreeMap<String, Arc<mcp::Server>>,
+    /// Which connector may lease which secret: what its configuration names.
+    grants: dispatch_secrets::Grants,
 }
 
 impl Registry {
@@ -125,10 +129,16 @@ impl Registry {
                 )));
             }
         }
+        let http = http::Http::new(http).map_err(Error::Config)?;
+        let mut grants = dispatch_secrets::Grants::default();
+        for name in http.iter().flat_map(http::Http::secrets) {
+            grants.grant(http::CONNECTOR, name);
+        }
         Ok(Self {
             test_tools,
-            http: http::Http::new(http).map_err(Error::Config)?,
+            http,
             servers,
+            grants,
         })
     }
 
@@ -147,10 +157,12 @@ impl Registry {
         entries
     }
 
-    /// Runs `tool` (`<connector>.<tool>`) for call `call_id` of `run_id`.
+    /// Runs `tool` (`<connector>.<tool>`) for call `call_id` of `run_id`, leasing
+    /// from `secrets` what the connector's configuration names.
     pub async fn call(
         &self,
         workspace: &std::path::Path,
+        secrets: Option<&dispatch_secrets::Store>,
         run_id: &RunId,
         call_id: &str,
         tool: &str,
@@ -159,7 +171,14 @@ impl Registry {
         let run_dir = layout::run_dir(workspace, run_id);
         let (connector, name) = tool.split_once('.').unwrap_or(("", tool));
         if let (http::CONNECTOR, Some(http)) = (connector, &self.http) {
-            return http.call(name, args).await;
+            let run = run_id.to_string();
+            let leasing = http::Leasing {
+                store: secrets,
+                grants: &self.grants,
+                run_id: &run,
+                call_id,
+            };
+            return http.call(name, args, leasing).await;
         }
         match connector {
             files::CONNECTOR => {
@@ -258,10 +277,26 @@ impl Connectors {
             mcp_servers = self.registry.servers.len(),
             "connectors ready"
         );
+        let secrets = if self.registry.grants.is_empty() {
+            None
+        } else {
+            let path = dispatch_secrets::key_path(&self.config.common.workspace);
+            let key =
+                dispatch_secrets::Key::load(&path).map_err(|e| Error::Config(e.to_string()))?;
+            if key.is_none() {
+                tracing::warn!(path = %path.display(), "no secrets key: only secrets in DISPATCH_SECRET_* variables can be leased");
+            }
+            Some(
+                dispatch_secrets::Store::open(&self.bus, path, key)
+                    .await
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            )
+        };
         let ctx = Arc::new(Context {
             log: self.log.clone(),
             workspace: self.config.common.workspace.clone(),
             registry: self.registry.clone(),
+            secrets,
             executor: format!("{SERVICE}/{instance}"),
         });
         let stop = shutdown.clone();
@@ -502,7 +537,7 @@ async fn call_tool(
             // If the run ends while the call is in flight (deadline, stop), the call is
             // abandoned: dropping its future cancels it, and nothing more is recorded.
             tokio::select! {
-                result = ctx.registry.call(&ctx.workspace, &run_id, call_id, &requested.tool, &requested.args_json) => result,
+                result = ctx.registry.call(&ctx.workspace, ctx.secrets.as_ref(), &run_id, call_id, &requested.tool, &requested.args_json) => result,
                 ended = async {
                     tokio::time::sleep(WATCH_CALLS_AFTER).await;
                     run.wait_until_finished().await

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::{get, post};
 use dispatch_bus::catalogue::Risk;
-use dispatch_connectors::http::{Http, HttpConfig};
+use dispatch_connectors::http::{Http, HttpConfig, Leasing};
 
 async fn serve() -> SocketAddr {
     let app = Router::new()
@@ -44,6 +44,7 @@ fn connector(addr: SocketAddr, max_body_bytes: Option<usize>) -> Http {
         allow_hosts: vec![format!("127.0.0.1:{}", addr.port())],
         max_body_bytes,
         timeout_ms: Some(5_000),
+        credentials: Vec::new(),
     })
     .unwrap()
     .expect("a connector with hosts")
@@ -55,7 +56,10 @@ async fn requests_reach_allowed_hosts_only() {
     let http = connector(addr, Some(1_000));
     let call = |args: serde_json::Value| {
         let http = &http;
-        async move { http.call("request", &args.to_string()).await }
+        async move {
+            http.call("request", &args.to_string(), Leasing::none())
+                .await
+        }
     };
     let base = format!("http://127.0.0.1:{}", addr.port());
 

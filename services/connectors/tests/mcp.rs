@@ -88,6 +88,7 @@ impl Served {
         self.registry
             .call(
                 self.workspace.path(),
+                None,
                 &RunId::new(),
                 "c0",
                 tool,

@@ -1,0 +1,574 @@
+//! Secrets: named values that tools need (an API token) and nothing else may see.
+//!
+//! Where they live:
+//! - environment variables `DISPATCH_SECRET_<NAME>` of the connectors' process, for
+//!   local use (they win, as environment wins over files everywhere in Dispatch);
+//! - the JetStream KV bucket `DISPATCH_SECRETS`, each value sealed with
+//!   XChaCha20-Poly1305 under a 256-bit key kept in `.dispatch/keys/secrets.key`
+//!   (mode 0600; a key file others can read is refused). The value's name is bound
+//!   into the seal, so a value moved under another name does not open. NATS holds only
+//!   ciphertext; only the CLI may write the bucket and only the connectors read it.
+//!
+//! How they are used: connector configuration names a secret; for each call that needs
+//! it the connectors take a [`Lease`] scoped to that connector, that run and that call,
+//! which hands the value out only until the call's deadline and wipes it when dropped.
+//! Whatever the call answers is passed through [`Lease::scrub`] before it goes into an
+//! event, so a server that echoes the credential back shows [`MASK`].
+//!
+//! What this crate does not do: decide which connector may use which secret (the
+//! connectors' configuration does, see `Grants`), or keep a value out of a process
+//! started with it in its environment (a stdio MCP server holds what it was given).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::{Bus, streams};
+use futures::StreamExt as _;
+use zeroize::{Zeroize, Zeroizing};
+
+/// What a secret's value is shown as, everywhere. Sent back in an update, it means
+/// "keep the stored value".
+pub const MASK: &str = "********";
+
+/// The environment variable prefix of local secrets.
+pub const ENV_PREFIX: &str = "DISPATCH_SECRET_";
+
+/// The longest value accepted.
+pub const MAX_VALUE_BYTES: usize = 8 * 1024;
+
+/// The shortest value scrubbed from output. Shorter ones would mask ordinary words,
+/// and are too short to be credentials worth the name.
+pub const MIN_SCRUBBED_BYTES: usize = 4;
+
+/// Version byte of the sealed format: `1 | nonce (24) | ciphertext+tag`.
+const SEALED_V1: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("secret name {0:?}: use 1-64 of A-Z, a-z, 0-9, '_' and '-', starting with a letter")]
+    BadName(String),
+    #[error("secret {name}: {why}")]
+    BadValue { name: String, why: String },
+    #[error("no secret named {0} (set it with `dispatch secret set {0}`)")]
+    NotFound(String),
+    #[error("secret {name} is not granted to the {connector} connector")]
+    NotGranted { name: String, connector: String },
+    #[error("secret {0} could not be opened: it was sealed with another key, or altered")]
+    Unsealable(String),
+    #[error("secrets key {path}: {why}")]
+    Key { path: String, why: String },
+    #[error("secrets bucket: {0}")]
+    Bucket(String),
+}
+
+/// Checks a secret's name.
+pub fn check_name(name: &str) -> Result<(), Error> {
+    let ok = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName(name.chars().take(80).collect()))
+    }
+}
+
+/// The environment variable that holds secret `name` locally.
+pub fn env_var(name: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        name.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// Where the workspace's secrets key lives.
+pub fn key_path(workspace: &Path) -> PathBuf {
+    workspace.join(".dispatch").join("keys").join("secrets.key")
+}
+
+/// The key that seals values in the bucket.
+pub struct Key(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(********)")
+    }
+}
+
+impl Key {
+    /// Reads the key at `path`; `None` if there is none yet. A key that others may
+    /// read, or that is not one, is an error.
+    pub fn load(path: &Path) -> Result<Option<Self>, Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let bad = |why: String| Error::Key {
+            path: path.display().to_string(),
+            why,
+        };
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(bad(format!(
+                "mode {:o} lets others read it; `chmod 600 {}`",
+                meta.permissions().mode() & 0o777,
+                path.display()
+            )));
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(text.trim(), bytes.as_mut())
+            .map_err(|_| bad("not a 64-digit hex key".into()))?;
+        Ok(Some(Self(bytes)))
+    }
+
+    /// Reads the key at `path`, making one (mode 0600) if there is none.
+    pub fn load_or_create(path: &Path) -> Result<Self, Error> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if let Some(key) = Self::load(path)? {
+            return Ok(key);
+        }
+        let bad = |e: std::io::Error| Error::Key {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(bad)?;
+        }
+        let key = XChaCha20Poly1305::generate_key(&mut rand_core::OsRng);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut file) => {
+                let text = Zeroizing::new(hex::encode(key.as_slice()));
+                file.write_all(text.as_bytes()).map_err(bad)?;
+                file.sync_all().map_err(bad)?;
+            }
+            // Made by someone else meanwhile: theirs is the key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(bad(e)),
+        }
+        Self::load(path)?.ok_or_else(|| Error::Key {
+            path: path.display().to_string(),
+            why: "vanished right after it was made".into(),
+        })
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(self.0.as_ref().into())
+    }
+
+    /// Seals `value` for the name `name`.
+    pub fn seal(&self, name: &str, value: &str) -> Vec<u8> {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut rand_core::OsRng);
+        let sealed = self
+            .cipher()
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: value.as_bytes(),
+                    aad: aad(name).as_bytes(),
+                },
+            )
+            .expect("sealing a bounded value cannot fail");
+        let mut out = Vec::with_capacity(1 + nonce.len() + sealed.len());
+        out.push(SEALED_V1);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens what [`Self::seal`] sealed for `name`.
+    pub fn open(&self, name: &str, sealed: &[u8]) -> Result<Zeroizing<String>, Error> {
+        let unsealable = || Error::Unsealable(name.to_owned());
+        let (version, rest) = sealed.split_first().ok_or_else(unsealable)?;
+        if *version != SEALED_V1 || rest.len() < 24 {
+            return Err(unsealable());
+        }
+        let (nonce, ciphertext) = rest.split_at(24);
+        let plain = self
+            .cipher()
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: aad(name).as_bytes(),
+                },
+            )
+            .map_err(|_| unsealable())?;
+        let plain = Zeroizing::new(plain);
+        Ok(Zeroizing::new(
+            std::str::from_utf8(&plain)
+                .map_err(|_| unsealable())?
+                .to_owned(),
+        ))
+    }
+}
+
+fn aad(name: &str) -> String {
+    format!("dispatch-secret/v1/{name}")
+}
+
+/// Checks a value before it is stored.
+pub fn check_value(name: &str, value: &str) -> Result<(), Error> {
+    let bad = |why: &str| Error::BadValue {
+        name: name.to_owned(),
+        why: why.to_owned(),
+    };
+    if value.is_empty() {
+        return Err(bad("the value is empty"));
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(bad(&format!("the value is over {MAX_VALUE_BYTES} bytes")));
+    }
+    if value.len() < MIN_SCRUBBED_BYTES {
+        return Err(bad(&format!(
+            "the value is under {MIN_SCRUBBED_BYTES} bytes, too short to be kept out of output"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(bad(
+            "the value holds control characters (a trailing newline?)",
+        ));
+    }
+    Ok(())
+}
+
+/// Where a listed secret comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Store,
+    Env,
+}
+
+/// A secret as `dispatch secret ls` shows it: never its value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listed {
+    pub name: String,
+    /// Always [`MASK`].
+    pub value: &'static str,
+    pub source: Source,
+    /// When it was last set (the store's own time; 0 for environment variables).
+    pub updated_unix_ms: i64,
+}
+
+/// What [`Store::set`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Set {
+    Stored,
+    /// The value sent was [`MASK`]: the stored one stays.
+    Kept,
+}
+
+/// The secrets of a workspace: the bucket (opened with its key) and the environment.
+pub struct Store {
+    bucket: kv::Store,
+    /// Loaded when first needed if it was not there at start (`dispatch secret set`
+    /// makes it after the services are up).
+    key: std::sync::Mutex<Option<std::sync::Arc<Key>>>,
+    key_path: PathBuf,
+    env: BTreeMap<String, Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the bucket; `key` is the workspace's key (see [`key_path`]), if it has
+    /// one. Secrets in the environment are read once, now.
+    pub async fn open(bus: &Bus, key_path: PathBuf, key: Option<Key>) -> Result<Self, Error> {
+        let bucket = bus
+            .jetstream()
+            .get_key_value(streams::SECRETS_BUCKET)
+            .await
+            .map_err(|e| Error::Bucket(e.to_string()))?;
+        let env = std::env::vars()
+            .filter_map(|(var, value)| {
+                let name = var.strip_prefix(ENV_PREFIX)?;
+                Some((name.to_ascii_uppercase(), Zeroizing::new(value)))
+            })
+            .collect();
+        Ok(Self {
+            bucket,
+            key: std::sync::Mutex::new(key.map(std::sync::Arc::new)),
+            key_path,
+            env,
+        })
+    }
+
+    fn key(&self) -> Result<std::sync::Arc<Key>, Error> {
+        // Plain data assigned whole: nothing half-written to recover from.
+        let mut key = self.key.lock().unwrap_or_else(|e| e.into_inner());
+        if key.is_none() {
+            *key = Key::load(&self.key_path)?.map(std::sync::Arc::new);
+        }
+        key.clone().ok_or_else(|| Error::Key {
+            path: self.key_path.display().to_string(),
+            why: "there is no secrets key here (`dispatch secret set` makes one)".into(),
+        })
+    }
+
+    /// Stores `value` under `name`; [`MASK`] keeps the stored value (and is refused
+    /// when there is none).
+    pub async fn set(&self, name: &str, value: &str) -> Result<Set, Error> {
+        check_name(name)?;
+        if value == MASK {
+            return match self.bucket.entry(name).await {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => Ok(Set::Kept),
+                Ok(_) => Err(Error::BadValue {
+                    name: name.to_owned(),
+                    why: format!("{MASK} keeps a stored value, and none is stored"),
+                }),
+                Err(e) => Err(Error::Bucket(e.to_string())),
+            };
+        }
+        check_value(name, value)?;
+        let sealed = self.key()?.seal(name, value);
+        self.bucket
+            .put(name, sealed.into())
+            .await
+            .map_err(|e| Error::Bucket(e.to_string()))?;
+        Ok(Set::Stored)
+    }
+
+    /// Removes `name` from the bucket; false if it was not there.
+    pub async fn remove(&self, name: &str) -> Result<bool, Error> {
+        check_name(name)?;
+        let there = matches!(
+            self.bucket.entry(name).await,
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put
+        );
+        if there {
+            self.bucket
+                .purge(name)
+                .await
+                .map_err(|e| Error::Bucket(e.to_string()))?;
+        }
+        Ok(there)
+    }
+
+    /// Every secret's name, where it comes from and when it was set; no values.
+    pub async fn list(&self) -> Result<Vec<Listed>, Error> {
+        let mut listed: BTreeMap<String, Listed> = BTreeMap::new();
+        let mut keys = self
+            .bucket
+            .keys()
+            .await
+            .map_err(|e| Error::Bucket(e.to_string()))?;
+        while let Some(name) = keys.next().await {
+            let name = name.map_err(|e| Error::Bucket(e.to_string()))?;
+            let updated = match self.bucket.entry(&name).await {
+                Ok(Some(entry)) => entry.created.unix_timestamp_nanos() / 1_000_000,
+                _ => 0,
+            };
+            listed.insert(
+                name.clone(),
+                Listed {
+                    name,
+                    value: MASK,
+                    source: Source::Store,
+                    updated_unix_ms: updated as i64,
+                },
+            );
+        }
+        for name in self.env.keys() {
+            listed.insert(
+                name.clone(),
+                Listed {
+                    name: name.clone(),
+                    value: MASK,
+                    source: Source::Env,
+                    updated_unix_ms: 0,
+                },
+            );
+        }
+        Ok(listed.into_values().collect())
+    }
+
+    /// The value of `name`, from the environment or the bucket.
+    async fn value(&self, name: &str) -> Result<Zeroizing<String>, Error> {
+        check_name(name)?;
+        let env_name = env_var(name);
+        if let Some(value) = self.env.get(&env_name[ENV_PREFIX.len()..]) {
+            return Ok(value.clone());
+        }
+        match self.bucket.entry(name).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                self.key()?.open(name, &entry.value)
+            }
+            Ok(_) => Err(Error::NotFound(name.to_owned())),
+            Err(e) => Err(Error::Bucket(e.to_string())),
+        }
+    }
+
+    /// A lease of the secrets `grants` gives `scope.connector` and the call names:
+    /// each value is readable until `until` and wiped when the lease is dropped.
+    pub async fn lease(
+        &self,
+        grants: &Grants,
+        scope: Scope,
+        names: &[&str],
+        until: Instant,
+    ) -> Result<Lease, Error> {
+        let mut values = Vec::with_capacity(names.len());
+        for name in names {
+            if !grants.allows(&scope.connector, name) {
+                return Err(Error::NotGranted {
+                    name: (*name).to_owned(),
+                    connector: scope.connector.clone(),
+                });
+            }
+            values.push(((*name).to_owned(), self.value(name).await?));
+        }
+        tracing::info!(
+            connector = scope.connector,
+            run_id = scope.run_id,
+            call_id = scope.call_id,
+            secrets = ?names,
+            "secrets leased for one call"
+        );
+        Ok(Lease {
+            scope,
+            values,
+            until,
+        })
+    }
+}
+
+/// Which connector may lease which secrets: what its configuration names, nothing else.
+#[derive(Debug, Clone, Default)]
+pub struct Grants(BTreeMap<String, Vec<String>>);
+
+impl Grants {
+    /// Nothing granted to anyone.
+    pub const fn none() -> Self {
+        Self(BTreeMap::new())
+    }
+
+    pub fn grant(&mut self, connector: &str, name: &str) {
+        let names = self.0.entry(connector.to_owned()).or_default();
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+    }
+
+    pub fn allows(&self, connector: &str, name: &str) -> bool {
+        self.0
+            .get(connector)
+            .is_some_and(|names| names.iter().any(|n| n == name))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Whose lease it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub connector: String,
+    pub run_id: String,
+    pub call_id: String,
+}
+
+/// Secret values for one call of one connector in one run.
+pub struct Lease {
+    scope: Scope,
+    values: Vec<(String, Zeroizing<String>)>,
+    until: Instant,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("scope", &self.scope)
+            .field(
+                "secrets",
+                &self.values.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// The value of `name` while the lease lasts.
+    pub fn value(&self, name: &str) -> Result<&str, Error> {
+        if Instant::now() >= self.until {
+            return Err(Error::NotGranted {
+                name: name.to_owned(),
+                connector: format!("{} (its lease has expired)", self.scope.connector),
+            });
+        }
+        self.values
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| Error::NotGranted {
+                name: name.to_owned(),
+                connector: self.scope.connector.clone(),
+            })
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// `text` with every leased value replaced by [`MASK`].
+    pub fn scrub(&self, text: &str) -> String {
+        scrub(text, self.values.iter().map(|(_, v)| v.as_str()))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Zeroizing wipes each value; the names go too, so a lease keeps nothing.
+        for (name, _) in &mut self.values {
+            name.zeroize();
+        }
+    }
+}
+
+/// `text` with every occurrence of each of `secrets` replaced by [`MASK`], and a
+/// start of one cut off at the end of `text` (at least [`MIN_SCRUBBED_BYTES`] of it:
+/// output cut at a size limit) too. Values shorter than [`MIN_SCRUBBED_BYTES`] are not
+/// looked for (none can be stored).
+pub fn scrub<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = text.to_owned();
+    for secret in secrets {
+        if secret.len() < MIN_SCRUBBED_BYTES {
+            continue;
+        }
+        if out.contains(secret) {
+            out = out.replace(secret, MASK);
+        }
+        let cut = (MIN_SCRUBBED_BYTES..secret.len())
+            .rev()
+            .filter(|&n| secret.is_char_boundary(n))
+            .find(|&n| out.ends_with(&secret[..n]));
+        if let Some(n) = cut {
+            out.truncate(out.len() - n);
+            out.push_str(MASK);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
