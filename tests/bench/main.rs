@@ -2,6 +2,7 @@
 //! measured in the same run on the same nats-server. Prints a table and writes
 //! `<target dir>/bench/results.json`. Figures, not assertions: a shared machine is noisy.
 
+mod gate;
 mod growth;
 mod peer;
 mod tools;
@@ -30,8 +31,8 @@ const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 7] = [
-    "ack", "append", "e2e", "tools", "turns", "rebuild", "growth",
+const SECTIONS: [&str; 8] = [
+    "ack", "append", "e2e", "tools", "turns", "rebuild", "gate", "growth",
 ];
 
 #[tokio::main]
@@ -79,6 +80,9 @@ async fn main() -> Result<()> {
     }
     if wants("rebuild") {
         rebuild_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("gate") {
+        gate::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if peer.is_some() {
         peer::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;

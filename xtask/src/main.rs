@@ -63,7 +63,7 @@ fn main() -> Result<()> {
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
             eprintln!(
-                "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e tools turns rebuild growth"
+                "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e tools turns rebuild gate growth"
             );
             eprintln!(
                 "  bench --peer restate   Dispatch beside Restate 1.7.12 (installed from npm into .tools/restate)"
