@@ -168,6 +168,13 @@ async fn a_denied_call_is_told_to_the_model_and_the_same_call_is_denied_again_wi
         "{}",
         memo.reason
     );
+    // The model was handed the denial as the call's result: the offline worker's next
+    // turn is built from it.
+    assert!(
+        bodies(&events).any(|b| matches!(b, Body::ModelTurn(t)
+            if t.text.contains("denied by bob (cli): not today"))),
+        "no model turn after the denial says it"
+    );
     Ok(())
 }
 

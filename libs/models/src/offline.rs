@@ -149,6 +149,16 @@ fn turn(request: &TurnRequest) -> TurnReply {
         );
         return reply(text, explicit);
     }
+    // Whatever failed in this leaf, the explicit calls included (a denial among them),
+    // is said in the closing answer.
+    let failures: Vec<String> = request
+        .history
+        .iter()
+        .filter_map(|e| match e {
+            Exchange::ToolResult { result: Err(e), .. } => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
     // Turns after the explicit calls behave as if those had not happened.
     let skip = usize::from(!explicit.is_empty());
     let from = request
@@ -210,14 +220,6 @@ fn turn(request: &TurnRequest) -> TurnReply {
         let written: Vec<&str> = targets.iter().map(|(p, _)| p.as_str()).collect();
         return reply(format!("Writing {}.", written.join(", ")), calls);
     }
-    let failures: Vec<String> = request
-        .history
-        .iter()
-        .filter_map(|e| match e {
-            Exchange::ToolResult { result: Err(e), .. } => Some(e.clone()),
-            _ => None,
-        })
-        .collect();
     let text = if failures.is_empty() {
         format!("Finished: {}.", request.leaf.title)
     } else {
