@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dispatch_bus::{Bus, subject};
-use dispatch_proto::run::v1::{RunEvent, RunStatus, run_event::Body};
+use dispatch_proto::run::v1::{RunEvent, run_event::Body};
 use dispatch_testkit::{NatsServer, Service};
 use futures::StreamExt;
 use prost::Message as _;
 use serde_json::{Value, json};
 
-use crate::{Results, Stack, percentile, rss_kib, verdict};
+use crate::{Results, Stack, percentile, rss_kib, tools, verdict};
 
 const CALLS: usize = 20;
 const ROUNDS: usize = 10;
@@ -29,47 +29,21 @@ const WAITING: usize = 200;
 /// Runs `goal` to its end; for each of its calls, how long after its request was
 /// stored its decision was, in milliseconds.
 async fn decision_times(bus: &Bus, goal: &str) -> Result<Vec<f64>> {
-    let mut events = bus.client().subscribe(subject::RUNS_ALL).await?;
-    let goal = dispatch_runlog::submit::Goal::new(goal, "default", 0, "bench")?;
-    let run_id = dispatch_runlog::submit::submit_goal(bus, goal)
-        .await?
-        .to_string();
     let mut requested: HashMap<String, Instant> = HashMap::new();
     let mut times = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let message = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .context("the run did not finish within 60 s")?
-            .context("subscription ended")?;
-        let at = Instant::now();
-        let Ok(event) = RunEvent::decode(message.payload.as_ref()) else {
-            continue;
-        };
-        if event.run_id != run_id {
-            continue;
+    tools::watch_run(bus, goal, |at, body| match body {
+        Body::ToolCallRequested(r) => {
+            requested.insert(r.call_id.clone(), at);
         }
-        match event.body {
-            Some(Body::ToolCallRequested(r)) => {
-                requested.insert(r.call_id, at);
+        Body::PolicyDecided(d) => {
+            if let Some(asked) = requested.get(&d.call_id) {
+                times.push(at.duration_since(*asked).as_secs_f64() * 1e3);
             }
-            Some(Body::PolicyDecided(d)) => {
-                if let Some(asked) = requested.get(&d.call_id) {
-                    times.push(at.duration_since(*asked).as_secs_f64() * 1e3);
-                }
-            }
-            Some(Body::RunFinished(f)) => {
-                anyhow::ensure!(
-                    f.status == RunStatus::Done as i32,
-                    "run {run_id} ended {}: {}",
-                    f.status().word(),
-                    f.reason
-                );
-                return Ok(times);
-            }
-            _ => {}
         }
-    }
+        _ => {}
+    })
+    .await?;
+    Ok(times)
 }
 
 pub async fn run(
@@ -80,11 +54,7 @@ pub async fn run(
     results: &mut Results,
 ) -> Result<()> {
     let stack = Stack::start(nats, workspace).await?;
-    let mut plan = String::from("#+TITLE: Decisions\n* TODO Call the tools\n");
-    for _ in 0..CALLS {
-        plan.push_str("  - call: files.list_files {\"path\": \"scratch\"}\n");
-    }
-    plan.push_str("  :done-when: true\n");
+    let plan = tools::plan(CALLS);
     decision_times(bus, &plan).await?; // warm-up
     let mut times = Vec::new();
     for _ in 0..ROUNDS {
@@ -142,11 +112,8 @@ async fn waiting(nats: &NatsServer, workspace: &std::path::Path) -> Result<Waiti
     let bus = nats.bus().await?;
     let dispatcher = services[2].pid();
     // One plain run first, so the dispatcher's pools and caches exist before measuring.
-    let warm = "#+TITLE: Warm\n* TODO Read\n  - call: files.list_files {\"path\": \"scratch\"}\n  :done-when: true\n";
+    tools::watch_run(&bus, &tools::plan(1), |_, _| {}).await?;
     let mut events = bus.client().subscribe(subject::RUNS_ALL).await?;
-    let goal = dispatch_runlog::submit::Goal::new(warm, "default", 0, "bench")?;
-    dispatch_runlog::submit::submit_goal(&bus, goal).await?;
-    wait_for(&mut events, 1, |b| matches!(b, Body::RunFinished(_))).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(dispatcher, "VmRSS");
 

@@ -23,7 +23,8 @@ const CALLS: usize = 20;
 /// Runs of each kind, alternating.
 const ROUNDS: usize = 15;
 
-fn plan(calls: usize) -> String {
+/// A one-leaf plan whose leaf makes `calls` reads.
+pub fn plan(calls: usize) -> String {
     let mut plan = String::from("#+TITLE: Calls\n* TODO Call the tools\n");
     for _ in 0..calls {
         plan.push_str("  - call: files.list_files {\"path\": \"scratch\"}\n");
@@ -34,23 +35,42 @@ fn plan(calls: usize) -> String {
 
 /// Submits `goal` and waits for its run to end `done`; the time that took.
 async fn one_run(bus: &Bus, goal: &str) -> Result<Duration> {
+    watch_run(bus, goal, |_, _| {}).await
+}
+
+/// Submits `goal`, hands each of its run's events to `seen` with the moment it
+/// arrived, and waits for the run to end `done`; the time that took.
+pub async fn watch_run(
+    bus: &Bus,
+    goal: &str,
+    mut seen: impl FnMut(Instant, &Body),
+) -> Result<Duration> {
     let mut events = bus.client().subscribe(subject::RUNS_ALL).await?;
     let started = Instant::now();
     let goal = dispatch_runlog::submit::Goal::new(goal, "default", 0, "bench")?;
-    let run_id = dispatch_runlog::submit::submit_goal(bus, goal).await?;
+    let run_id = dispatch_runlog::submit::submit_goal(bus, goal)
+        .await?
+        .to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let message = tokio::time::timeout_at(deadline, events.next())
             .await
             .context("the run did not finish within 60 s")?
             .context("subscription ended")?;
-        if let Ok(RunEvent {
+        let at = Instant::now();
+        let Ok(RunEvent {
             run_id: id,
-            body: Some(Body::RunFinished(finished)),
+            body: Some(body),
             ..
         }) = RunEvent::decode(message.payload.as_ref())
-            && id == run_id.to_string()
-        {
+        else {
+            continue;
+        };
+        if id != run_id {
+            continue;
+        }
+        seen(at, &body);
+        if let Body::RunFinished(finished) = body {
             anyhow::ensure!(
                 finished.status == RunStatus::Done as i32,
                 "run {id} ended {}: {}",

@@ -73,7 +73,8 @@ impl Slot {
     }
 
     /// True while the handler holds a slot (not idle).
-    pub fn is_held(&self) -> bool {
+    #[cfg(test)]
+    fn is_held(&self) -> bool {
         self.lock().is_some()
     }
 

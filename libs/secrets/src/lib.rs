@@ -28,7 +28,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use dispatch_bus::async_nats::jetstream::kv;
 use dispatch_bus::{Bus, streams};
 use futures::StreamExt as _;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// What a secret's value is shown as, everywhere. Sent back in an update, it means
 /// "keep the stored value".
@@ -81,10 +81,12 @@ pub fn check_name(name: &str) -> Result<(), Error> {
 
 /// The environment variable that holds secret `name` locally.
 pub fn env_var(name: &str) -> String {
-    format!(
-        "{ENV_PREFIX}{}",
-        name.to_ascii_uppercase().replace('-', "_")
-    )
+    format!("{ENV_PREFIX}{}", env_suffix(name))
+}
+
+/// What follows [`ENV_PREFIX`] in the variable of secret `name`.
+fn env_suffix(name: &str) -> String {
+    name.to_ascii_uppercase().replace('-', "_")
 }
 
 /// Where the workspace's secrets key lives.
@@ -405,8 +407,7 @@ impl Store {
     /// The value of `name`, from the environment or the bucket.
     async fn value(&self, name: &str) -> Result<Zeroizing<String>, Error> {
         check_name(name)?;
-        let env_name = env_var(name);
-        if let Some(value) = self.env.get(&env_name[ENV_PREFIX.len()..]) {
+        if let Some(value) = self.env.get(&env_suffix(name)) {
             return Ok(value.clone());
         }
         match self.bucket.entry(name).await {
@@ -488,7 +489,8 @@ pub struct Scope {
     pub call_id: String,
 }
 
-/// Secret values for one call of one connector in one run.
+/// Secret values for one call of one connector in one run, each wiped when the lease
+/// is dropped (`Zeroizing`).
 pub struct Lease {
     scope: Scope,
     values: Vec<(String, Zeroizing<String>)>,
@@ -533,15 +535,6 @@ impl Lease {
     /// `text` with every leased value replaced by [`MASK`].
     pub fn scrub(&self, text: &str) -> String {
         scrub(text, self.values.iter().map(|(_, v)| v.as_str()))
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        // Zeroizing wipes each value; the names go too, so a lease keeps nothing.
-        for (name, _) in &mut self.values {
-            name.zeroize();
-        }
     }
 }
 

@@ -342,9 +342,10 @@ impl Http {
             .iter()
             .filter(|c| admitted(std::slice::from_ref(&c.host), &url))
             .collect();
-        let lease = match credentials.is_empty() {
-            true => None,
-            false => Some(self.lease(&credentials, &leasing).await?),
+        let lease = if credentials.is_empty() {
+            None
+        } else {
+            Some(self.lease(&credentials, &leasing).await?)
         };
         let client = if lease.is_some() {
             &self.credentialed

@@ -12,13 +12,13 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use dispatch_bus::subject;
-use dispatch_ledger::api::{ApprovalsQuery, ApprovalsReply, Reply};
+use dispatch_ledger::api::{ApprovalsQuery, ApprovalsReply};
 use dispatch_proto::policy::v1::{
     ResolveApprovalRequest, ResolveApprovalResponse, resolve_approval_response::Outcome,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{App, MAX_BODY_BYTES, QUERY_TIMEOUT, access, body_error, error, is_json};
+use crate::{App, MAX_BODY_BYTES, access, body_error, error, is_json};
 
 /// The longest reason an answer may carry.
 pub const MAX_REASON_BYTES: usize = 1024;
@@ -57,21 +57,14 @@ pub(crate) async fn list(
         limit: params.limit,
         after: params.after,
     };
-    let reply: Result<Reply<ApprovalsReply>, _> = app
-        .bus
-        .request_json(subject::query::approvals(), &query, QUERY_TIMEOUT)
-        .await;
-    let next = match &reply {
-        Ok(Ok(page)) => page.next.as_ref().map(|after| {
-            let mut link = format!("/v1/approvals?after={after}");
-            if let Some(limit) = params.limit {
-                link.push_str(&format!("&limit={limit}"));
-            }
-            link
-        }),
-        _ => None,
-    };
-    crate::with_next_link(crate::respond(reply), next)
+    crate::page::<_, ApprovalsReply>(&app, subject::query::approvals(), &query, |after| {
+        let mut link = format!("/v1/approvals?after={after}");
+        if let Some(limit) = params.limit {
+            link.push_str(&format!("&limit={limit}"));
+        }
+        link
+    })
+    .await
 }
 
 /// A person's answer to an approval request.
@@ -164,6 +157,7 @@ pub(crate) async fn answer(
         Ok(answer) => answer,
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
     };
+    let resolved_by = format!("api key {caller} (http)");
     let reply: Result<ResolveApprovalResponse, _> = app
         .bus
         .request_proto(
@@ -171,7 +165,7 @@ pub(crate) async fn answer(
             &ResolveApprovalRequest {
                 approval_id: id.clone(),
                 decision: answer.decision.clone(),
-                resolved_by: format!("api key {caller} (http)"),
+                resolved_by: resolved_by.clone(),
                 reason: answer.reason,
             },
             RESOLVE_TIMEOUT,
@@ -194,7 +188,7 @@ pub(crate) async fn answer(
             axum::Json(Answered {
                 approval_id: id,
                 decision: answer.decision,
-                resolved_by: format!("api key {caller} (http)"),
+                resolved_by,
                 message: reply.message,
             }),
         )

@@ -462,34 +462,64 @@ async fn list_runs(
         limit: params.limit,
         after: params.after,
     };
-    let reply: Result<Reply<RunsReply>, _> = app
-        .bus
-        .request_json(subject::query::runs(), &query, QUERY_TIMEOUT)
-        .await;
-    let next = match &reply {
-        Ok(Ok(page)) => page.next.as_ref().map(|after| {
-            let mut link = format!("/v1/runs?all={all}&after={after}");
-            if let Some(limit) = params.limit {
-                link.push_str(&format!("&limit={limit}"));
-            }
-            if let Some(c) = &params.conversation {
-                link.push_str(&format!("&conversation={c}"));
-            }
-            link
-        }),
-        _ => None,
-    };
-    with_next_link(respond(reply), next)
+    page::<_, RunsReply>(&app, subject::query::runs(), &query, |after| {
+        let mut link = format!("/v1/runs?all={all}&after={after}");
+        if let Some(limit) = params.limit {
+            link.push_str(&format!("&limit={limit}"));
+        }
+        if let Some(c) = &params.conversation {
+            link.push_str(&format!("&conversation={c}"));
+        }
+        link
+    })
+    .await
 }
 
-/// Adds `Link: <next>; rel="next"` (RFC 8288) to a page's response.
-fn with_next_link(mut response: Response, next: Option<String>) -> Response {
+/// A page of a listing: where the next one starts.
+trait Paged {
+    fn next(&self) -> Option<&str>;
+}
+
+impl Paged for RunsReply {
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+impl Paged for TasksReply {
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+impl Paged for dispatch_ledger::api::ApprovalsReply {
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+/// Asks the ledger for one page and answers with it, adding `Link: <next>;
+/// rel="next"` (RFC 8288), the URL `link` makes of the next page's cursor.
+async fn page<Q, R>(
+    app: &App,
+    subject: subject::Subject,
+    query: &Q,
+    link: impl FnOnce(&str) -> String,
+) -> Response
+where
+    Q: serde::Serialize,
+    R: Paged + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let reply: Result<Reply<R>, _> = app.bus.request_json(subject, query, QUERY_TIMEOUT).await;
+    let next = match &reply {
+        Ok(Ok(page)) => page.next().map(link),
+        _ => None,
+    };
+    let mut response = respond(reply);
     if let Some(next) = next
-        && let Ok(value) = axum::http::HeaderValue::from_str(&format!("<{next}>; rel=\"next\""))
+        && let Ok(value) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\""))
     {
-        response
-            .headers_mut()
-            .insert(axum::http::header::LINK, value);
+        response.headers_mut().insert(header::LINK, value);
     }
     response
 }
@@ -556,18 +586,10 @@ async fn get_tasks(
         after: params.after,
         drain_id: params.drain_id,
     };
-    let reply: Result<Reply<TasksReply>, _> = app
-        .bus
-        .request_json(subject::query::tasks(), &query, QUERY_TIMEOUT)
-        .await;
-    let next = match &reply {
-        Ok(Ok(page)) => page
-            .next
-            .as_ref()
-            .map(|after| format!("/v1/tasks?conversation={conversation}&after={after}")),
-        _ => None,
-    };
-    with_next_link(respond(reply), next)
+    page::<_, TasksReply>(&app, subject::query::tasks(), &query, |after| {
+        format!("/v1/tasks?conversation={conversation}&after={after}")
+    })
+    .await
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "health",

@@ -436,18 +436,24 @@ mod tests {
         ]
     }
 
+    /// Folds `events` into a view; the status after each, and the last view.
+    fn fold(events: &[RunEvent], trust: &Trust) -> (Vec<TaskStatus>, RunView) {
+        let mut view = None;
+        let mut seen = Vec::new();
+        for e in events {
+            let v = RunView::apply(view, e, trust);
+            seen.push(v.status);
+            view = Some(v);
+        }
+        (seen, view.expect("at least one event"))
+    }
+
     #[test]
     fn a_run_moves_queued_doing_done_and_replays_idempotently() {
         let key = sealer("ok");
         let trust = Trust::keys([key.public_key()]);
         let events = chain(bodies(), &key);
-        let mut view = None;
-        let mut seen = Vec::new();
-        for e in &events {
-            let v = RunView::apply(view, e, &trust);
-            seen.push(v.status);
-            view = Some(v);
-        }
+        let (seen, view) = fold(&events, &trust);
         assert_eq!(
             seen,
             [
@@ -458,7 +464,7 @@ mod tests {
                 TaskStatus::Done
             ]
         );
-        let done = view.unwrap();
+        let done = view;
         assert_eq!((done.leaves_done, done.leaves_failed), (1, 1));
         assert!(done.corrupt.is_none());
         // Re-delivering any event changes nothing.
@@ -492,16 +498,9 @@ mod tests {
         // A log that asks far more than a run ever does at once.
         log.extend((1..=100).map(asked));
         let events = chain(log, &key);
-        let mut view = None;
-        let mut seen = Vec::new();
-        for e in &events {
-            let v = RunView::apply(view, e, &trust);
-            seen.push(v.status);
-            view = Some(v);
-        }
+        let (seen, view) = fold(&events, &trust);
         assert_eq!(seen[2], TaskStatus::Waiting);
         assert_eq!(seen[3], TaskStatus::Doing);
-        let view = view.unwrap();
         assert_eq!(view.status, TaskStatus::Waiting);
         assert_eq!(view.approvals.len(), MAX_PENDING_APPROVALS);
         assert_eq!(view.approvals[0].approval_id, "r.l0-t1-c0");
