@@ -1,8 +1,10 @@
 //! Secret leases end to end: a secret set through the CLI (from stdin), leased by the
-//! HTTP connector for one call to the one host configured for it, and then looked for
-//! everywhere a test can look: every message in JetStream's store on disk, the run's
-//! events and trail, every file in the workspace (service logs, TASKS.org, workflows),
-//! the HTTP API and the CLI's outputs. Only the server it was meant for sees it.
+//! HTTP connector for one call to the one host configured for it, or by an MCP
+//! connector for one connection (a stdio server's environment, an HTTP server's bearer
+//! token), and then looked for everywhere a test can look: every message in JetStream's
+//! store on disk, the run's events and trail, every file in the workspace (service
+//! logs, TASKS.org, workflows), the HTTP API and the CLI's outputs. Only the server it
+//! was meant for sees it.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
-use dispatch_testkit::bin_dir;
+use dispatch_testkit::{bin_dir, mcp_servers, pids_with};
 use dispatch_tests::{Stack, finished};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -97,6 +99,69 @@ fn files_holding(dir: &std::path::Path, needle: &[u8], except: &std::path::Path)
     found
 }
 
+/// Looks for `secret` everywhere a test can: files in the workspace but the secrets
+/// key, JetStream's store on disk, `events`, what the CLI and the HTTP API show.
+async fn found_nowhere(
+    stack: &Stack,
+    run_id: dispatch_bus::RunId,
+    events: &[dispatch_runlog::StoredEvent],
+    secret: &str,
+) -> Result<()> {
+    let trail = dispatch_service::layout::steps_file(stack.root(), &run_id);
+    stack
+        .eventually(LIMIT, || async { trail.exists().then_some(()) })
+        .await?;
+    let needle = secret.as_bytes();
+    let key_file = dispatch_secrets::key_path(stack.root());
+    assert_eq!(
+        files_holding(stack.root(), needle, &key_file),
+        Vec::<String>::new(),
+        "workspace files (logs, trail, TASKS.org, views) hold the secret"
+    );
+    assert_eq!(
+        files_holding(&stack.nats.store_dir(), needle, &key_file),
+        Vec::<String>::new(),
+        "JetStream's store holds the secret in the clear"
+    );
+    for event in events {
+        let bytes = prost::Message::encode_to_vec(&event.event);
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+    }
+    let run = run_id.to_string();
+    for args in [
+        vec!["logs", run.as_str()],
+        vec!["inspect", run.as_str()],
+        vec!["ps", "-a", "--format", "json"],
+        vec!["secret", "ls"],
+        vec!["secret", "ls", "--format", "json"],
+        vec!["tasks"],
+        vec!["replay", run.as_str()],
+        vec!["tools"],
+    ] {
+        let out = stack.cli(&args)?;
+        assert_eq!(out.code, Some(0), "{args:?}: {}", out.stderr);
+        assert!(
+            !out.stdout.contains(secret) && !out.stderr.contains(secret),
+            "dispatch {args:?} shows the secret"
+        );
+    }
+    for path in [
+        format!("/v1/runs/{run}"),
+        "/v1/runs?all=true".into(),
+        "/v1/tasks".into(),
+    ] {
+        let body = stack
+            .http
+            .get(stack.url(&path))
+            .send()
+            .await?
+            .text()
+            .await?;
+        assert!(!body.contains(secret), "GET {path} shows the secret");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_leased_secret_reaches_its_host_and_nothing_else() -> Result<()> {
     let (port, seen) = echo_server().await?;
@@ -179,62 +244,167 @@ prefix = "Bearer "
         "{output}"
     );
 
-    // Now look everywhere.
-    let trail = dispatch_service::layout::steps_file(stack.root(), &run_id);
-    stack
-        .eventually(LIMIT, || async { trail.exists().then_some(()) })
-        .await?;
-    let needle = PLANTED.as_bytes();
-    let key_file = dispatch_secrets::key_path(stack.root());
-    assert_eq!(
-        files_holding(stack.root(), needle, &key_file),
-        Vec::<String>::new(),
-        "workspace files (logs, trail, TASKS.org, views) hold the secret"
-    );
-    assert_eq!(
-        files_holding(&stack.nats.store_dir(), needle, &key_file),
-        Vec::<String>::new(),
-        "JetStream's store holds the secret in the clear"
-    );
-    for event in &events {
-        let bytes = prost::Message::encode_to_vec(&event.event);
-        assert!(!bytes.windows(needle.len()).any(|w| w == needle));
-    }
-    let run = run_id.to_string();
-    for args in [
-        vec!["logs", run.as_str()],
-        vec!["inspect", run.as_str()],
-        vec!["ps", "-a", "--format", "json"],
-        vec!["secret", "ls"],
-        vec!["secret", "ls", "--format", "json"],
-        vec!["tasks"],
-        vec!["replay", run.as_str()],
-    ] {
-        let out = stack.cli(&args)?;
-        assert_eq!(out.code, Some(0), "{args:?}: {}", out.stderr);
-        assert!(
-            !out.stdout.contains(PLANTED) && !out.stderr.contains(PLANTED),
-            "dispatch {args:?} shows the secret"
-        );
-    }
     let listed = stack.cli(&["secret", "ls"])?.stdout;
     assert!(
         listed.contains("planted") && listed.contains("********"),
         "{listed}"
     );
-    for path in [
-        format!("/v1/runs/{run}"),
-        "/v1/runs?all=true".into(),
-        "/v1/tasks".into(),
-    ] {
-        let body = stack
-            .http
-            .get(stack.url(&path))
-            .send()
-            .await?
-            .text()
-            .await?;
-        assert!(!body.contains(PLANTED), "GET {path} shows the secret");
+    found_nowhere(&stack, run_id, &events, PLANTED).await
+}
+
+/// A free local port.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The output of the call to `tool` in `events`, or its error.
+fn outcome(events: &[dispatch_runlog::StoredEvent], tool: &str) -> Result<String, String> {
+    let call_id = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r)) if r.tool == tool => Some(r.call_id.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ToolCallCompleted(c)) if c.call_id == call_id => Some(Ok(c.output.clone())),
+            Some(Body::ToolCallFailed(f)) if f.call_id == call_id => Some(Err(f.error.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| Err(format!("no outcome of {tool}")))
+}
+
+/// Runs a plan calling `calls` (tool and JSON arguments) in one leaf; its events.
+async fn run_calls(
+    stack: &Stack,
+    calls: &[(&str, &str)],
+) -> Result<(dispatch_bus::RunId, Vec<dispatch_runlog::StoredEvent>)> {
+    let mut plan = "#+TITLE: Use the servers\n* TODO Call them\n".to_owned();
+    for (tool, args) in calls {
+        plan.push_str(&format!("  - call: {tool} {args}\n"));
     }
+    plan.push_str("  :done-when: true\n");
+    let run_id = stack.submit(&plan, "default", 60_000).await?;
+    Ok((run_id, stack.wait_finished(run_id, LIMIT).await?))
+}
+
+#[tokio::test]
+async fn mcp_servers_are_given_secrets_by_name_and_never_show_them() -> Result<()> {
+    const WEB_TOKEN: &str = "wt-planted-2b8e61d4-do-not-leak";
+    const ROTATED: &str = "sk-rotated-91c0f5a7-do-not-leak";
+    // A streamable HTTP MCP server that answers 401 without the token, and whose one
+    // tool says what Authorization header it was called with.
+    let port = free_port()?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/mcp/bearer_server.py");
+    let _web = tokio::process::Command::new(mcp_servers().join("venv/bin/python"))
+        .args([script, &port.to_string()])
+        .env("BEARER_TOKEN", WEB_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    // The everything server (stdio), its process singled out by a marker.
+    let marker = format!("stdio-{}", uuid::Uuid::now_v7());
+    let everything =
+        mcp_servers().join("node_modules/@modelcontextprotocol/server-everything/dist/index.js");
+    let mut stack = Stack::start(&["ledger"]).await?;
+    std::fs::write(
+        stack.root().join("dispatch.toml"),
+        format!(
+            r#"
+[[connectors.mcp]]
+name = "everything"
+command = "node"
+args = ["{}", "stdio", "{marker}"]
+secret_env = {{ EVERYTHING_TOKEN = "planted" }}
+
+[[connectors.mcp]]
+name = "web"
+url = "http://127.0.0.1:{port}/mcp"
+bearer_token_secret = "web-token"
+"#,
+            everything.display()
+        ),
+    )?;
+    for (name, value) in [("planted", PLANTED), ("web-token", WEB_TOKEN)] {
+        let set = set_secret(&stack, name, value)?;
+        assert!(
+            set.status.success(),
+            "{}",
+            String::from_utf8_lossy(&set.stderr)
+        );
+    }
+    let policy = stack.root().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default": "deny", "rules": [
+  {"name": "mcp", "effect": "allow", "tools": ["everything.*", "web.*"]}
+]}"#,
+    )?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().context("utf-8")?])
+        .await?;
+    stack.add("connectors").await?;
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+    // Both servers come up: the HTTP one only with the right token.
+    stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["tools"]).ok()?.stdout;
+            (out.contains("everything.get-env") && out.contains("web.whoami")).then_some(())
+        })
+        .await?;
+
+    let (run_id, events) = run_calls(
+        &stack,
+        &[("everything.get-env", "{}"), ("web.whoami", "{}")],
+    )
+    .await?;
+    assert_eq!(
+        finished(&events).status(),
+        RunStatus::Done,
+        "{}",
+        finished(&events).reason
+    );
+    // The stdio server had the value in its environment, the HTTP server got the token
+    // with its call, and what they said back is masked.
+    let env = outcome(&events, "everything.get-env").map_err(anyhow::Error::msg)?;
+    assert!(env.contains(r#""EVERYTHING_TOKEN": "********""#), "{env}");
+    let whoami = outcome(&events, "web.whoami").map_err(anyhow::Error::msg)?;
+    assert_eq!(whoami, "authorization: Bearer ********");
+    found_nowhere(&stack, run_id, &events, PLANTED).await?;
+    found_nowhere(&stack, run_id, &events, WEB_TOKEN).await?;
+
+    // Rotated: the server is started again with the new value.
+    let [before] = pids_with(&marker)[..] else {
+        anyhow::bail!("expected one everything process: {:?}", pids_with(&marker));
+    };
+    let set = set_secret(&stack, "planted", ROTATED)?;
+    assert!(set.status.success());
+    stack
+        .eventually(LIMIT, || async {
+            let now = pids_with(&marker);
+            (now.len() == 1 && now[0] != before).then_some(())
+        })
+        .await?;
+    let (run_id, events) = run_calls(&stack, &[("everything.get-env", "{}")]).await?;
+    let env = outcome(&events, "everything.get-env").map_err(anyhow::Error::msg)?;
+    assert!(env.contains(r#""EVERYTHING_TOKEN": "********""#), "{env}");
+    found_nowhere(&stack, run_id, &events, ROTATED).await?;
+
+    // Removed: the server is stopped, and calls say why.
+    let out = stack.cli(&["secret", "rm", "planted"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    stack
+        .eventually(LIMIT, || async {
+            pids_with(&marker).is_empty().then_some(())
+        })
+        .await?;
+    let (_, events) = run_calls(&stack, &[("everything.get-env", "{}")]).await?;
+    let error = outcome(&events, "everything.get-env").unwrap_err();
+    assert!(error.contains("no secret named planted"), "{error}");
     Ok(())
 }

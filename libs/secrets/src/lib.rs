@@ -13,7 +13,9 @@
 //! it the connectors take a [`Lease`] scoped to that connector, that run and that call,
 //! which hands the value out only until the call's deadline and wipes it when dropped.
 //! Whatever the call answers is passed through [`Lease::scrub`] before it goes into an
-//! event, so a server that echoes the credential back shows [`MASK`].
+//! event, so a server that echoes the credential back shows [`MASK`]. A connector that
+//! serves every run over one connection (an MCP server) takes a lease per connection
+//! instead, and checks with [`Store::still_current`] that its values were not changed.
 //!
 //! What this crate does not do: decide which connector may use which secret (the
 //! connectors' configuration does, see `Grants`), or keep a value out of a process
@@ -443,13 +445,26 @@ impl Store {
             run_id = scope.run_id,
             call_id = scope.call_id,
             secrets = ?names,
-            "secrets leased for one call"
+            "secrets leased"
         );
         Ok(Lease {
             scope,
             values,
             until,
         })
+    }
+}
+
+impl Store {
+    /// Whether every value `lease` holds is still the one stored under its name (an
+    /// error when one can no longer be had: removed, or not opening).
+    pub async fn still_current(&self, lease: &Lease) -> Result<bool, Error> {
+        for (name, value) in &lease.values {
+            if self.value(name).await? != *value {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -481,7 +496,9 @@ impl Grants {
     }
 }
 
-/// Whose lease it is.
+/// Whose lease it is: one call of one connector in one run, or (with no run, and
+/// `call_id` saying so) one connection of a connector that serves every run, such as
+/// an MCP server's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
     pub connector: String,

@@ -86,7 +86,7 @@ struct Context {
     workspace: PathBuf,
     registry: Arc<Registry>,
     /// The secrets, when a connector's configuration names any.
-    secrets: Option<dispatch_secrets::Store>,
+    secrets: Option<Arc<dispatch_secrets::Store>>,
     /// `connectors/<instance>`, recorded in `ToolCallStarted`.
     executor: String,
 }
@@ -119,9 +119,13 @@ impl Registry {
     ) -> Result<Self, Error> {
         let reserved = [files::CONNECTOR, test_tools::CONNECTOR, http::CONNECTOR];
         let mut servers = BTreeMap::new();
+        let mut grants = dispatch_secrets::Grants::default();
         for config in configs {
             config.check(&reserved).map_err(Error::Config)?;
             let name = config.name.clone();
+            for secret in config.secrets() {
+                grants.grant(&name, secret);
+            }
             let server = Arc::new(mcp::Server::new(config, workspace));
             if servers.insert(name.clone(), server).is_some() {
                 return Err(Error::Config(format!(
@@ -130,7 +134,6 @@ impl Registry {
             }
         }
         let http = http::Http::new(http).map_err(Error::Config)?;
-        let mut grants = dispatch_secrets::Grants::default();
         for name in http.iter().flat_map(http::Http::secrets) {
             grants.grant(http::CONNECTOR, name);
         }
@@ -217,10 +220,19 @@ impl Registry {
 
     /// Supervises every MCP server and keeps the built-in tools in the catalogue, until
     /// `shutdown`.
-    pub async fn serve(self: Arc<Self>, store: Option<kv::Store>, shutdown: CancellationToken) {
+    pub async fn serve(
+        self: Arc<Self>,
+        store: Option<kv::Store>,
+        secrets: Option<Arc<dispatch_secrets::Store>>,
+        shutdown: CancellationToken,
+    ) {
         let mut tasks = tokio::task::JoinSet::new();
         for server in self.servers.values() {
-            tasks.spawn(server.clone().supervise(store.clone(), shutdown.clone()));
+            let supervised =
+                server
+                    .clone()
+                    .supervise(store.clone(), secrets.clone(), shutdown.clone());
+            tasks.spawn(supervised);
         }
         if let Some(store) = store {
             let mut refresh = tokio::time::interval(catalogue::REFRESH);
@@ -270,13 +282,6 @@ impl Connectors {
             Health::new(SERVICE, &instance),
             shutdown.clone(),
         ));
-        let store = catalogue::open(&self.bus).await?;
-        let connectors = tokio::spawn(self.registry.clone().serve(Some(store), shutdown.clone()));
-        tracing::info!(
-            instance,
-            mcp_servers = self.registry.servers.len(),
-            "connectors ready"
-        );
         let secrets = if self.registry.grants.is_empty() {
             None
         } else {
@@ -286,12 +291,23 @@ impl Connectors {
             if key.is_none() {
                 tracing::warn!(path = %path.display(), "no secrets key: only secrets in DISPATCH_SECRET_* variables can be leased");
             }
-            Some(
+            Some(Arc::new(
                 dispatch_secrets::Store::open(&self.bus, path, key)
                     .await
                     .map_err(|e| Error::Config(e.to_string()))?,
-            )
+            ))
         };
+        let store = catalogue::open(&self.bus).await?;
+        let connectors = tokio::spawn(self.registry.clone().serve(
+            Some(store),
+            secrets.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(
+            instance,
+            mcp_servers = self.registry.servers.len(),
+            "connectors ready"
+        );
         let ctx = Arc::new(Context {
             log: self.log.clone(),
             workspace: self.config.common.workspace.clone(),
@@ -537,7 +553,7 @@ async fn call_tool(
             // If the run ends while the call is in flight (deadline, stop), the call is
             // abandoned: dropping its future cancels it, and nothing more is recorded.
             tokio::select! {
-                result = ctx.registry.call(&ctx.workspace, ctx.secrets.as_ref(), &run_id, call_id, &requested.tool, &requested.args_json) => result,
+                result = ctx.registry.call(&ctx.workspace, ctx.secrets.as_deref(), &run_id, call_id, &requested.tool, &requested.args_json) => result,
                 ended = async {
                     tokio::time::sleep(WATCH_CALLS_AFTER).await;
                     run.wait_until_finished().await

@@ -9,13 +9,15 @@
 //! command = "npx"                   # stdio: started and supervised by this service
 //! args = ["-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]
 //! env = { LOG_LEVEL = "warn" }      # added to a minimal environment (PATH, HOME, …)
+//! secret_env = { GITHUB_TOKEN = "github-token" }   # variable = a secret's name
 //! call_timeout_ms = 60000
 //!
 //! [[connectors.mcp]]
 //! name = "search"
 //! url = "https://mcp.example.com/mcp"   # streamable HTTP
 //! headers = { "X-Team" = "ops" }
-//! bearer_token_env = "SEARCH_TOKEN"     # the token is read from this variable
+//! bearer_token_secret = "search-token"  # or bearer_token_env = "SEARCH_TOKEN"
+//! secret_headers = { "X-Api-Key" = "search-key" }  # header = a secret's name
 //! ```
 //!
 //! A [`Server`] keeps its connection up: it connects (starting the process for stdio),
@@ -24,6 +26,15 @@
 //! HTTP session fails) it connects again after a jittered, growing delay. A stdio
 //! server gets only a minimal environment, so the secrets Dispatch itself holds (a
 //! model API key) never reach it.
+//!
+//! Secrets (`secret_env`, `bearer_token_secret`, `secret_headers`) are leased per
+//! connection, not per call: a stdio server is one process serving every run, started
+//! with the values in its environment, and an HTTP session sends its headers with every
+//! request. Each connection takes a fresh lease whose values can be read only while it
+//! connects; everything the server says afterwards (results, errors, stderr) is scrubbed
+//! with them. Every [`SECRET_CHECK`] the values are read again: a secret that was
+//! changed or removed ends the connection once its calls in flight are done (or their
+//! timeout passed), and the next one uses the new value or stays down saying why.
 //!
 //! A call runs under a timeout; when it times out, or the run it belongs to ends, its
 //! future is dropped and `rmcp` sends `notifications/cancelled` for it. A server that
@@ -38,6 +49,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use dispatch_bus::async_nats::jetstream::kv;
 use dispatch_bus::catalogue::{self, Hints, Risk, ToolEntry};
+use dispatch_secrets::{Grants, Lease, Scope, Store};
 use futures::StreamExt as _;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
@@ -65,6 +77,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a call waits for a server that is (re)starting.
 const STARTING_WAIT: Duration = Duration::from_secs(15);
+/// How often a connection's secrets are read again, to see whether they changed.
+pub const SECRET_CHECK: Duration = Duration::from_secs(10);
 /// A connection that lasted this long resets the restart delay.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// The default per-call timeout.
@@ -85,6 +99,9 @@ pub struct ServerConfig {
     /// stdio: environment added to the minimal one it inherits.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// stdio: environment variables whose values are secrets, by the secrets' names.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
     /// stdio: working directory (default: the workspace).
     pub cwd: Option<PathBuf>,
     /// Streamable HTTP: the endpoint.
@@ -94,6 +111,11 @@ pub struct ServerConfig {
     pub headers: BTreeMap<String, String>,
     /// Streamable HTTP: the environment variable holding a bearer token.
     pub bearer_token_env: Option<String>,
+    /// Streamable HTTP: the name of the secret that is the bearer token.
+    pub bearer_token_secret: Option<String>,
+    /// Streamable HTTP: headers whose values are secrets, by the secrets' names.
+    #[serde(default)]
+    pub secret_headers: BTreeMap<String, String>,
     /// How long one call may take, in milliseconds.
     pub call_timeout_ms: Option<u64>,
 }
@@ -131,7 +153,12 @@ impl ServerConfig {
                 }
                 if parsed.authority().is_some_and(|a| a.as_str().contains('@')) {
                     return Err(format!(
-                        "MCP server {name}: put credentials in bearer_token_env, not in the url"
+                        "MCP server {name}: put credentials in bearer_token_secret, not in the url"
+                    ));
+                }
+                if self.bearer_token_env.is_some() && self.bearer_token_secret.is_some() {
+                    return Err(format!(
+                        "MCP server {name}: give bearer_token_env or bearer_token_secret, not both"
                     ));
                 }
                 for (key, value) in &self.headers {
@@ -140,19 +167,60 @@ impl ServerConfig {
                     http::HeaderValue::try_from(value.as_str())
                         .map_err(|e| format!("MCP server {name}: header {key:?}: {e}"))?;
                 }
+                let bearer = self.bearer_token_env.is_some() || self.bearer_token_secret.is_some();
+                for key in self.secret_headers.keys() {
+                    let header = http::HeaderName::try_from(key.as_str())
+                        .map_err(|e| format!("MCP server {name}: secret header {key:?}: {e}"))?;
+                    if self.headers.keys().any(|h| h.eq_ignore_ascii_case(key))
+                        || (bearer && header == http::header::AUTHORIZATION)
+                    {
+                        return Err(format!("MCP server {name}: header {key:?} is given twice"));
+                    }
+                }
                 Ok(())
             }
-            (Some(_), None) if !self.headers.is_empty() || self.bearer_token_env.is_some() => Err(
-                format!("MCP server {name}: headers and bearer_token_env are for url servers"),
-            ),
-            (Some(_), None) => Ok(()),
+            (Some(_), None)
+                if !self.headers.is_empty()
+                    || !self.secret_headers.is_empty()
+                    || self.bearer_token_env.is_some()
+                    || self.bearer_token_secret.is_some() =>
+            {
+                Err(format!(
+                    "MCP server {name}: headers, secret_headers and bearer tokens are for url servers"
+                ))
+            }
+            (Some(_), None) => {
+                if let Some(key) = self.secret_env.keys().find(|k| self.env.contains_key(*k)) {
+                    return Err(format!(
+                        "MCP server {name}: {key} is in both env and secret_env"
+                    ));
+                }
+                Ok(())
+            }
         }?;
+        if self.url.is_some() && !self.secret_env.is_empty() {
+            return Err(format!(
+                "MCP server {name}: secret_env is for command (stdio) servers"
+            ));
+        }
+        for secret in self.secrets() {
+            dispatch_secrets::check_name(secret).map_err(|e| format!("MCP server {name}: {e}"))?;
+        }
         if self.call_timeout_ms == Some(0) {
             return Err(format!(
                 "MCP server {name}: call_timeout_ms must be above 0"
             ));
         }
         Ok(())
+    }
+
+    /// The names of the secrets this server is given.
+    pub fn secrets(&self) -> impl Iterator<Item = &str> {
+        self.secret_env
+            .values()
+            .chain(&self.bearer_token_secret)
+            .chain(self.secret_headers.values())
+            .map(String::as_str)
     }
 
     fn call_timeout(&self) -> Duration {
@@ -173,22 +241,38 @@ struct Up {
     peer: Peer<RoleClient>,
     /// Tool names as the server knows them, with their catalogue entries.
     tools: Vec<(String, ToolEntry)>,
+    /// The connection's secrets, to scrub what the server answers with.
+    lease: Option<Arc<Lease>>,
 }
 
 type Connection = RunningService<RoleClient, ClientConfig>;
+
+/// A connection just made, with what it was made with.
+struct Connected<'a> {
+    connection: Connection,
+    lease: Option<Arc<Lease>>,
+    secrets: Option<&'a Store>,
+}
 
 /// One configured MCP server and its connection.
 pub struct Server {
     config: ServerConfig,
     workspace: PathBuf,
+    /// The secrets its configuration names, granted to it alone.
+    grants: Grants,
     state: watch::Sender<State>,
 }
 
 impl Server {
     pub fn new(config: ServerConfig, workspace: &Path) -> Self {
+        let mut grants = Grants::default();
+        for secret in config.secrets() {
+            grants.grant(&config.name, secret);
+        }
         Self {
             config,
             workspace: workspace.to_owned(),
+            grants,
             state: watch::Sender::new(State::Starting),
         }
     }
@@ -198,10 +282,12 @@ impl Server {
     }
 
     /// Keeps the connection up until `shutdown`, putting the server's tools in the
-    /// catalogue (`None`: tests that only call) whenever they are listed.
+    /// catalogue (`None`: tests that only call) whenever they are listed, and leasing
+    /// the secrets it is configured with from `secrets`.
     pub async fn supervise(
         self: Arc<Self>,
         catalogue: Option<kv::Store>,
+        secrets: Option<Arc<Store>>,
         shutdown: CancellationToken,
     ) {
         let name = self.config.name.clone();
@@ -216,8 +302,18 @@ impl Server {
         let mut delays = restart_delays();
         loop {
             let since = Instant::now();
-            let why = match self.connect().await {
-                Ok(connection) => self.serve(connection, catalogue.as_ref(), &shutdown).await,
+            let why = match self.lease(secrets.as_deref()).await {
+                Ok(lease) => match self.connect(lease.as_ref()).await {
+                    Ok(connection) => {
+                        let up = Connected {
+                            connection,
+                            lease,
+                            secrets: secrets.as_deref(),
+                        };
+                        self.serve(up, catalogue.as_ref(), &shutdown).await
+                    }
+                    Err(why) => scrub(lease.as_deref(), why),
+                },
                 Err(why) => why,
             };
             if shutdown.is_cancelled() {
@@ -241,8 +337,30 @@ impl Server {
         }
     }
 
-    /// Connects and runs the initialize handshake.
-    async fn connect(&self) -> Result<Connection, String> {
+    /// A lease of the secrets the server is configured with, for one connection: its
+    /// values can be read while connecting, and scrub what the server says for as
+    /// long as the connection lasts.
+    async fn lease(&self, secrets: Option<&Store>) -> Result<Option<Arc<Lease>>, String> {
+        let names: Vec<&str> = self.config.secrets().collect();
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let store = secrets.ok_or("it is configured with secrets, and no secrets store is open")?;
+        let scope = Scope {
+            connector: self.config.name.clone(),
+            run_id: String::new(),
+            call_id: "connection".into(),
+        };
+        let until = Instant::now() + CONNECT_TIMEOUT;
+        store
+            .lease(&self.grants, scope, &names, until)
+            .await
+            .map(|lease| Some(Arc::new(lease)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Connects and runs the initialize handshake, handing `lease`'s values over.
+    async fn connect(&self, lease: Option<&Arc<Lease>>) -> Result<Connection, String> {
         let name = &self.config.name;
         let client = ClientConfig::new(
             ClientCapabilities::default(),
@@ -251,17 +369,19 @@ impl Server {
         let handshake = async {
             match (&self.config.command, &self.config.url) {
                 (Some(command), _) => {
-                    let (process, stderr) = TokioChildProcess::builder(self.command(command))
-                        .stderr(std::process::Stdio::piped())
-                        .spawn()
-                        .map_err(|e| format!("cannot start {command:?}: {e}"))?;
+                    let (process, stderr) =
+                        TokioChildProcess::builder(self.command(command, lease.map(|l| &**l))?)
+                            .stderr(std::process::Stdio::piped())
+                            .spawn()
+                            .map_err(|e| format!("cannot start {command:?}: {e}"))?;
                     if let Some(stderr) = stderr {
-                        tokio::spawn(forward_stderr(name.clone(), stderr));
+                        tokio::spawn(forward_stderr(name.clone(), stderr, lease.cloned()));
                     }
                     client.serve(process).await.map_err(|e| e.to_string())
                 }
                 (None, Some(url)) => {
-                    let transport = StreamableHttpClientTransport::from_config(self.http(url)?);
+                    let config = self.http(url, lease.map(|l| &**l))?;
+                    let transport = StreamableHttpClientTransport::from_config(config);
                     client.serve(transport).await.map_err(|e| e.to_string())
                 }
                 (None, None) => Err("neither command nor url".to_owned()),
@@ -273,9 +393,13 @@ impl Server {
             .map_err(|e| format!("initialize failed: {e}"))
     }
 
-    /// The stdio server's command: configured arguments and environment on top of a
-    /// minimal inherited one.
-    fn command(&self, program: &str) -> tokio::process::Command {
+    /// The stdio server's command: configured arguments and environment (secrets'
+    /// values from `lease`) on top of a minimal inherited one.
+    fn command(
+        &self,
+        program: &str,
+        lease: Option<&Lease>,
+    ) -> Result<tokio::process::Command, String> {
         let program = match Path::new(program) {
             path if path.is_relative() && program.contains('/') => self.workspace.join(path),
             path => path.to_owned(),
@@ -292,10 +416,17 @@ impl Server {
             }
         }
         command.envs(&self.config.env);
-        command
+        for (variable, secret) in &self.config.secret_env {
+            command.env(variable, leased(lease, secret)?);
+        }
+        Ok(command)
     }
 
-    fn http(&self, url: &str) -> Result<StreamableHttpClientTransportConfig, String> {
+    fn http(
+        &self,
+        url: &str,
+        lease: Option<&Lease>,
+    ) -> Result<StreamableHttpClientTransportConfig, String> {
         // rmcp's HTTP client (reqwest, built without a crypto provider of its own) uses
         // the process's; ring is the one already compiled in. A second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -305,23 +436,39 @@ impl Server {
             let value = http::HeaderValue::try_from(value.as_str()).map_err(|e| e.to_string())?;
             headers.insert(key, value);
         }
+        for (key, secret) in &self.config.secret_headers {
+            let key = http::HeaderName::try_from(key.as_str()).map_err(|e| e.to_string())?;
+            let mut value = http::HeaderValue::try_from(leased(lease, secret)?)
+                .map_err(|_| format!("secret {secret} cannot be sent in a header"))?;
+            value.set_sensitive(true);
+            headers.insert(key, value);
+        }
         let mut config = StreamableHttpClientTransportConfig::with_uri(url).custom_headers(headers);
         if let Some(variable) = &self.config.bearer_token_env {
             let token = std::env::var(variable)
                 .map_err(|_| format!("the bearer token variable {variable} is not set"))?;
             config = config.auth_header(token);
         }
+        if let Some(secret) = &self.config.bearer_token_secret {
+            config = config.auth_header(leased(lease, secret)?);
+        }
         Ok(config)
     }
 
     /// Lists the tools, puts them in the catalogue, and keeps doing so every
-    /// [`catalogue::REFRESH`] until the connection ends (returning why) or `shutdown`.
+    /// [`catalogue::REFRESH`] until the connection ends (returning why), its secrets
+    /// change, or `shutdown`.
     async fn serve(
         &self,
-        connection: Connection,
+        connected: Connected<'_>,
         store: Option<&kv::Store>,
         shutdown: &CancellationToken,
     ) -> String {
+        let Connected {
+            connection,
+            lease,
+            secrets,
+        } = connected;
         let name = &self.config.name;
         let peer = connection.peer().clone();
         let version = peer
@@ -331,24 +478,41 @@ impl Server {
         let closer = connection.cancellation_token();
         let mut waiting = std::pin::pin!(connection.waiting());
         let mut refresh = tokio::time::interval(catalogue::REFRESH);
-        loop {
+        let mut check = tokio::time::interval(SECRET_CHECK);
+        check.reset();
+        let why = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    closer.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), waiting).await;
-                    return "shutting down".into();
-                }
+                _ = shutdown.cancelled() => break "shutting down".to_owned(),
                 quit = &mut waiting => {
-                    return match quit {
+                    let why = match quit {
                         Ok(reason) => format!("the connection ended ({reason:?})"),
                         Err(e) => format!("the connection's task failed: {e}"),
                     };
+                    return scrub(lease.as_deref(), why);
+                }
+                _ = check.tick(), if lease.is_some() => {
+                    let (Some(secrets), Some(lease)) = (secrets, &lease) else { continue };
+                    match secrets.still_current(lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.drain().await;
+                            break "its secrets changed; connecting with the new values".to_owned();
+                        }
+                        Err(dispatch_secrets::Error::Bucket(e)) => {
+                            tracing::warn!(server = name, error = e, "cannot read the secrets bucket to check this server's secrets");
+                        }
+                        Err(e) => {
+                            self.drain().await;
+                            break format!("its secrets can no longer be leased: {e}");
+                        }
+                    }
                 }
                 _ = refresh.tick() => {
                     let tools = match tokio::time::timeout(LIST_TIMEOUT, peer.list_all_tools()).await {
                         Ok(Ok(tools)) => tools,
                         Ok(Err(e)) => {
-                            tracing::warn!(server = name, error = %e, "tools/list failed");
+                            let error = scrub(lease.as_deref(), e.to_string());
+                            tracing::warn!(server = name, error, "tools/list failed");
                             continue;
                         }
                         Err(_) => {
@@ -368,8 +532,23 @@ impl Server {
                             }
                         }
                     }
-                    self.state.send_replace(State::Up(Arc::new(Up { peer: peer.clone(), tools })));
+                    let up = Up { peer: peer.clone(), tools, lease: lease.clone() };
+                    self.state.send_replace(State::Up(Arc::new(up)));
                 }
+            }
+        };
+        closer.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        why
+    }
+
+    /// Takes the connection out of use and waits until the calls on it have ended,
+    /// or a call's timeout has passed.
+    async fn drain(&self) {
+        if let State::Up(up) = self.state.send_replace(State::Starting) {
+            let deadline = Instant::now() + self.config.call_timeout();
+            while Arc::strong_count(&up) > 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -442,7 +621,7 @@ impl Server {
         // Dropping the call's future (timeout here, or the run ending above) makes rmcp
         // send notifications/cancelled for it.
         let answer = tokio::time::timeout(timeout, up.peer.call_tool_once(params)).await;
-        match answer {
+        let answer = match answer {
             Err(_) => Err(format!(
                 "{name}.{tool} did not answer within {} ms; the call was cancelled",
                 timeout.as_millis()
@@ -464,7 +643,11 @@ impl Server {
                 "{name}.{tool} answered with a task to poll, or a kind of answer Dispatch \
                  does not follow"
             )),
-        }
+        };
+        let lease = up.lease.as_deref();
+        answer
+            .map(|text| scrub(lease, text))
+            .map_err(|e| scrub(lease, e))
     }
 
     async fn wait_up(&self) -> Result<Arc<Up>, String> {
@@ -528,6 +711,22 @@ fn render(result: CallToolResult) -> Result<String, String> {
     }
 }
 
+/// `text` with the values of `lease`, if any, masked.
+fn scrub(lease: Option<&Lease>, text: String) -> String {
+    match lease {
+        Some(lease) => lease.scrub(&text),
+        None => text,
+    }
+}
+
+/// The value of `secret` from a connection's lease.
+fn leased<'a>(lease: Option<&'a Lease>, secret: &str) -> Result<&'a str, String> {
+    lease
+        .ok_or_else(|| format!("secret {secret} was not leased"))?
+        .value(secret)
+        .map_err(|e| e.to_string())
+}
+
 /// `text` cut to [`MAX_OUTPUT_BYTES`] on a character boundary, saying so.
 pub fn cap(text: String) -> String {
     if text.len() <= MAX_OUTPUT_BYTES {
@@ -542,11 +741,15 @@ pub fn cap(text: String) -> String {
 }
 
 /// A stdio server's stderr, line by line, into this service's log.
-async fn forward_stderr(server: String, stderr: tokio::process::ChildStderr) {
+async fn forward_stderr(
+    server: String,
+    stderr: tokio::process::ChildStderr,
+    lease: Option<Arc<Lease>>,
+) {
     let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(4096));
     while let Some(line) = lines.next().await {
         match line {
-            Ok(line) => tracing::info!(server, "{line}"),
+            Ok(line) => tracing::info!(server, "{}", scrub(lease.as_deref(), line)),
             // An over-long line is skipped; the rest go on.
             Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {}
             Err(_) => break,
@@ -567,6 +770,14 @@ mod tests {
     fn server_tables_are_checked() {
         assert!(server("name = \"fs\"\ncommand = \"node\"\nargs = [\"x\"]").is_ok());
         assert!(
+            server("name = \"gh\"\ncommand = \"node\"\nsecret_env = { GITHUB_TOKEN = \"github-token\" }")
+                .is_ok()
+        );
+        assert!(
+            server("name = \"web\"\nurl = \"https://h/mcp\"\nbearer_token_secret = \"t\"\nsecret_headers = { X-Key = \"k\" }")
+                .is_ok()
+        );
+        assert!(
             server("name = \"web\"\nurl = \"https://h/mcp\"\nheaders = { X-A = \"b\" }").is_ok()
         );
         let cases = [
@@ -578,7 +789,42 @@ mod tests {
                 "not both",
             ),
             ("name = \"fs\"\nurl = \"ftp://h\"", "http or https"),
-            ("name = \"fs\"\nurl = \"http://u:p@h\"", "bearer_token_env"),
+            (
+                "name = \"fs\"\nurl = \"http://u:p@h\"",
+                "bearer_token_secret",
+            ),
+            (
+                "name = \"fs\"\nurl = \"http://h\"\nbearer_token_env = \"T\"\nbearer_token_secret = \"t\"",
+                "not both",
+            ),
+            (
+                "name = \"fs\"\nurl = \"http://h\"\nbearer_token_secret = \"9t\"",
+                "secret name",
+            ),
+            (
+                "name = \"fs\"\nurl = \"http://h\"\nbearer_token_secret = \"t\"\nsecret_headers = { authorization = \"u\" }",
+                "given twice",
+            ),
+            (
+                "name = \"fs\"\nurl = \"http://h\"\nheaders = { X-Key = \"a\" }\nsecret_headers = { x-key = \"u\" }",
+                "given twice",
+            ),
+            (
+                "name = \"fs\"\nurl = \"http://h\"\nsecret_env = { T = \"t\" }",
+                "for command (stdio) servers",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nbearer_token_secret = \"t\"",
+                "for url servers",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nenv = { T = \"a\" }\nsecret_env = { T = \"t\" }",
+                "both env and secret_env",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nsecret_env = { T = \"no spaces\" }",
+                "secret name",
+            ),
             (
                 "name = \"fs\"\nurl = \"http://h\"\nheaders = { \"a b\" = \"c\" }",
                 "header",

@@ -55,7 +55,7 @@ impl Served {
         let registry =
             Arc::new(Registry::new(configs, Default::default(), workspace.path(), false).unwrap());
         let stop = CancellationToken::new();
-        tokio::spawn(registry.clone().serve(None, stop.clone()));
+        tokio::spawn(registry.clone().serve(None, None, stop.clone()));
         let served = Self {
             registry,
             workspace,
