@@ -164,7 +164,10 @@ async fn services_stop_when_up_is_killed() -> anyhow::Result<()> {
             .filter(|(_, c)| c.contains("dispatch-"))
             .count()
     };
-    assert_eq!(services(&processes_mentioning(&needle)), 5);
+    assert_eq!(
+        services(&processes_mentioning(&needle)),
+        dispatch_tests::ALL.len()
+    );
 
     child.kill().await?; // SIGKILL: no chance to stop anything itself
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

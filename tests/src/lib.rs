@@ -11,7 +11,14 @@ use dispatch_runlog::{RunLog, StoredEvent};
 use dispatch_testkit::{NatsServer, Service, bin_dir};
 
 /// Every service, in the order a stack starts them.
-pub const ALL: [&str; 5] = ["ledger", "policy", "connectors", "dispatcher", "ingress"];
+pub const ALL: [&str; 6] = [
+    "ledger",
+    "policy",
+    "connectors",
+    "streamer",
+    "dispatcher",
+    "ingress",
+];
 
 pub struct Stack {
     pub nats: NatsServer,
@@ -487,4 +494,59 @@ pub fn count(events: &[StoredEvent], kind: &str) -> usize {
 
 pub fn read(path: PathBuf) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// One server-sent event: its id (a cursor) and its data, parsed as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// Reads server-sent events from `response` until `last` says an event is the last
+/// one wanted (it is included), `max` events were read, or `limit` passes.
+pub async fn read_sse(
+    response: reqwest::Response,
+    max: usize,
+    limit: Duration,
+    last: impl Fn(&SseEvent) -> bool,
+) -> Result<Vec<SseEvent>> {
+    use futures::StreamExt as _;
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let (mut id, mut data) = (None, String::new());
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        while let Some(end) = buffer.find('\n') {
+            let line: String = buffer.drain(..=end).collect();
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !data.is_empty() {
+                    let event = SseEvent {
+                        id: id.take(),
+                        data: serde_json::from_str(&data)
+                            .with_context(|| format!("an SSE event that is not JSON: {data}"))?,
+                    };
+                    data.clear();
+                    let done = last(&event);
+                    events.push(event);
+                    if done || events.len() == max {
+                        return Ok(events);
+                    }
+                }
+            } else if let Some(value) = line.strip_prefix("id:") {
+                id = Some(value.trim().to_owned());
+            } else if let Some(value) = line.strip_prefix("data:") {
+                data.push_str(value.strip_prefix(' ').unwrap_or(value));
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .with_context(|| format!("{} events, then nothing for too long", events.len()))?;
+        match chunk {
+            Some(bytes) => buffer.push_str(&String::from_utf8_lossy(&bytes?)),
+            None => return Ok(events),
+        }
+    }
 }

@@ -43,6 +43,7 @@ pub enum Identity {
     Policy,
     Connectors,
     Ledger,
+    Streamer,
     /// The operator's `dispatch` CLI: submits, stops (sealing forced stops), prunes.
     Cli,
     /// Declares and updates streams (`dispatch up`, the test harness, an operator's
@@ -51,12 +52,13 @@ pub enum Identity {
 }
 
 impl Identity {
-    pub const ALL: [Identity; 7] = [
+    pub const ALL: [Identity; 8] = [
         Identity::Ingress,
         Identity::Dispatcher,
         Identity::Policy,
         Identity::Connectors,
         Identity::Ledger,
+        Identity::Streamer,
         Identity::Cli,
         Identity::Admin,
     ];
@@ -68,6 +70,7 @@ impl Identity {
             Identity::Policy => "policy",
             Identity::Connectors => "connectors",
             Identity::Ledger => "ledger",
+            Identity::Streamer => "streamer",
             Identity::Cli => "cli",
             Identity::Admin => "admin",
         }
@@ -134,6 +137,8 @@ impl Identity {
                 p.publish.allow.push(subject::query::ALL.into());
                 // Answering approvals; changing the policy stays with the CLI.
                 p.publish.allow.push(subject::policy::RESOLVE.into());
+                // Serving conversation streams to clients.
+                p.read(&[streams::CONVERSATIONS]);
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");
@@ -175,6 +180,18 @@ impl Identity {
                     subject::query::ALL,
                     subject::query::QUERY_GROUP
                 ));
+            }
+            Identity::Streamer => {
+                service(&mut p, "streamer");
+                p.read(&[streams::RUNS]);
+                p.work(streams::RUNS, consumers::STREAMER);
+                p.publish.allow.push(subject::conv::ALL.into());
+                // Keeping its stream's knobs in line, and purging persisted turns.
+                for api in ["UPDATE", "PURGE"] {
+                    p.publish
+                        .allow
+                        .push(format!("{JS_API}.STREAM.{api}.{}", streams::CONVERSATIONS));
+                }
             }
             Identity::Cli => {
                 p.read(&[

@@ -24,19 +24,25 @@ pub const POLICY: &str = "DISPATCH_POLICY";
 /// How many versions of the policy document are kept.
 pub const POLICY_HISTORY: i64 = 1000;
 
+/// Conversation streams: chunks of output, one subject per conversation. A resume
+/// buffer, not a record: the streamer purges a conversation once its runs' transcripts
+/// are persisted, and `max_age` expires what never was.
+pub const CONVERSATIONS: &str = "DISPATCH_CONVERSATIONS";
+
 /// One tiny message per service: written to learn whether JetStream accepts writes
 /// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
 pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; the last is the tool catalogue's key-value
 /// bucket ([`crate::catalogue`]).
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     GOALS,
     RUNS,
     COMMANDS,
     LEDGER,
     PROBE,
     POLICY,
+    CONVERSATIONS,
     crate::catalogue::STREAM,
     SECRETS,
 ];
@@ -66,6 +72,56 @@ pub mod consumers {
     pub const DISPATCHER_GOALS: &str = "dispatcher-goals";
     pub const POLICY_CHECKS: &str = "policy-checks";
     pub const CONNECTOR_CALLS: &str = "connector-calls";
+    /// The streamer's consumer of every run's events (pinned: one copy at a time).
+    pub const STREAMER: &str = "streamer";
+}
+
+/// The knobs of the conversation stream, which `streamer` keeps the existing stream in
+/// line with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationKnobs {
+    /// Memory is faster and cheaper, and lost when NATS restarts.
+    pub memory: bool,
+    /// The backstop: chunks of a turn that never persisted expire after this long.
+    pub max_age: Duration,
+    /// Most chunks kept per conversation (-1: no limit).
+    pub max_msgs_per_subject: i64,
+    pub replicas: usize,
+}
+
+impl Default for ConversationKnobs {
+    fn default() -> Self {
+        Self {
+            memory: false,
+            max_age: Duration::from_secs(180),
+            max_msgs_per_subject: 100_000,
+            replicas: 1,
+        }
+    }
+}
+
+/// The conversation stream's configuration with `knobs`.
+pub fn conversations(knobs: &ConversationKnobs) -> Config {
+    Config {
+        name: CONVERSATIONS.to_owned(),
+        description: Some(
+            "Dispatch conversation streams: a resume buffer of output chunks".to_owned(),
+        ),
+        subjects: vec![subject::conv::ALL.to_owned()],
+        storage: if knobs.memory {
+            StorageType::Memory
+        } else {
+            StorageType::File
+        },
+        retention: RetentionPolicy::Limits,
+        max_age: knobs.max_age,
+        max_messages_per_subject: knobs.max_msgs_per_subject,
+        num_replicas: knobs.replicas,
+        // Long enough to collapse a chunk published again after a streamer copy died.
+        duplicate_window: Duration::from_secs(120).min(knobs.max_age),
+        allow_direct: true,
+        ..Default::default()
+    }
 }
 
 /// How long a re-published message with the same `Nats-Msg-Id` is recognised.
@@ -173,7 +229,16 @@ fn probe() -> Config {
 
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
-    for config in [goals(), runs(), commands(), ledger(), probe(), policy()] {
+    let defaults = conversations(&ConversationKnobs::default());
+    for config in [
+        goals(),
+        runs(),
+        commands(),
+        ledger(),
+        probe(),
+        policy(),
+        defaults,
+    ] {
         let name = config.name.clone();
         let stream = bus
             .jetstream()

@@ -8,6 +8,8 @@
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
 //! - `dispatch.query.<name>`: core request/reply answered by the ledger;
+//! - `dispatch.conv.<account>.<agent>.<conv_token>`: a conversation's stream of output
+//!   chunks (stream `DISPATCH_CONVERSATIONS`, written by the streamer);
 //! - `dispatch.health.<service>[.<instance>]`: core request/reply health checks.
 
 pub use async_nats::Subject;
@@ -93,6 +95,47 @@ pub fn drain(conversation: &ConversationId) -> Subject {
 /// The conversation a drain subject belongs to, if it is one.
 pub fn conversation_of_drain(subject: &str) -> Option<ConversationId> {
     subject.strip_prefix("dispatch.ledger.drain.")?.parse().ok()
+}
+
+/// Conversation streams: chunks of model output and run progress, one subject per
+/// conversation, `dispatch.conv.<account>.<agent>.<conv_token>`.
+pub mod conv {
+    use base64::Engine as _;
+
+    use super::Subject;
+    use crate::ConversationId;
+
+    /// Every conversation's subject.
+    pub const ALL: &str = "dispatch.conv.>";
+    /// The account and agent of every conversation until tenancy lands.
+    pub const DEFAULT_ACCOUNT: &str = "default";
+    pub const DEFAULT_AGENT: &str = "default";
+
+    /// The conversation key as one NATS-safe token: its base64url, without padding.
+    pub fn token(conversation: &ConversationId) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(conversation.as_str())
+    }
+
+    /// The subject of one conversation's stream.
+    pub fn subject(account: &str, agent: &str, conversation: &ConversationId) -> Subject {
+        Subject::from(format!(
+            "dispatch.conv.{account}.{agent}.{}",
+            token(conversation)
+        ))
+    }
+
+    /// The subject of a conversation of the default account and agent.
+    pub fn of(conversation: &ConversationId) -> Subject {
+        subject(DEFAULT_ACCOUNT, DEFAULT_AGENT, conversation)
+    }
+
+    /// Headers every chunk carries besides `Nats-Msg-Id` (`<event_id>:<index>`): the
+    /// run it belongs to, the sequence of the run event it came from and its index among
+    /// that event's chunks — together a cursor that grows monotonically within a run, for
+    /// core subscribers that dedupe against what they read from the stream.
+    pub const RUN_HEADER: &str = "Dispatch-Run-Id";
+    pub const RUN_SEQ_HEADER: &str = "Dispatch-Run-Seq";
+    pub const INDEX_HEADER: &str = "Dispatch-Chunk";
 }
 
 /// Where removals of runs from the views are recorded.

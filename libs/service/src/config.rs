@@ -30,12 +30,13 @@ pub const FILE: &str = "dispatch.toml";
 
 /// Tables that configure the other services (skipped, not errors, when one service
 /// reads the file).
-const SERVICES: [&str; 6] = [
+const SERVICES: [&str; 7] = [
     "ingress",
     "dispatcher",
     "policy",
     "connectors",
     "ledger",
+    "streamer",
     "dispatch",
 ];
 

@@ -14,7 +14,14 @@ use tokio::process::{Child, Command};
 use crate::{Failure, exit};
 
 /// The services `up` starts, in start order.
-pub const SERVICES: [&str; 5] = ["ledger", "policy", "connectors", "dispatcher", "ingress"];
+pub const SERVICES: [&str; 6] = [
+    "ledger",
+    "policy",
+    "connectors",
+    "streamer",
+    "dispatcher",
+    "ingress",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {

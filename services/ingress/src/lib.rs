@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod approvals;
+mod conversations;
 pub mod openapi;
 pub mod problem;
 pub mod serve;
@@ -94,6 +95,8 @@ struct App {
     bus: Bus,
     access: Arc<access::Access>,
     writes: Arc<writes::Writes>,
+    /// Cancelled when the service stops, to end the streams it serves.
+    stopping: CancellationToken,
 }
 
 impl Ingress {
@@ -124,6 +127,7 @@ impl Ingress {
                 bus,
                 access,
                 writes: Default::default(),
+                stopping: CancellationToken::new(),
             }),
             listener,
         })
@@ -153,6 +157,12 @@ impl Ingress {
             header_timeout: self.config.header_timeout,
             body_timeout: self.config.body_timeout,
         };
+        let stopping = self.app.stopping.clone();
+        let stop_streams = shutdown.clone();
+        tokio::spawn(async move {
+            stop_streams.cancelled().await;
+            stopping.cancel();
+        });
         let router = router(self.app, self.config.request_timeout);
         serve::serve(
             self.listener,
@@ -178,6 +188,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/tasks", get(get_tasks))
         .route("/v1/approvals", get(approvals::list))
         .route("/v1/approvals/{id}", post(approvals::answer))
+        .route("/v1/conversations/{id}/stream", get(conversations::stream))
         .route_layer(axum::middleware::from_fn_with_state(
             app.access.clone(),
             access::check,

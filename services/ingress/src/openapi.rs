@@ -15,6 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::get_tasks,
         crate::approvals::list,
         crate::approvals::answer,
+        crate::conversations::stream,
         crate::healthz
     ),
     components(schemas(

@@ -1,0 +1,252 @@
+//! Run events as chunks of the AI SDK's UI message stream protocol: each run is one
+//! assistant message (`start` … `finish`, its id the run id), each leaf a step, model
+//! text a text part, tool calls tool parts, and what is Dispatch's own (the plan, a
+//! leaf's state, an approval request, how the run ended) data parts: `data-run`,
+//! `data-plan`, `data-leaf`, `data-approval`. Data parts carry an `id`, so a later
+//! part with the same id (a leaf finishing, an approval answered) replaces the earlier
+//! one in a client that assembles the message.
+//!
+//! The mapping is a function of the event alone, so a chunk published again after a
+//! crash is the same chunk, and any copy of the streamer produces the same stream.
+
+use dispatch_proto::run::v1::{
+    Decision, LeafState, RunEvent, RunStatus, TallyEntry, run_event::Body,
+};
+use serde_json::{Value, json};
+
+/// Most characters of a goal, a report or a tool's output put in one chunk; the rest
+/// is in the run's log, and the transcript.
+pub const MAX_TEXT_CHARS: usize = 16 * 1024;
+
+/// The chunks `event` (of run `run_id`) becomes, in order; none for events a client
+/// has no use for (a gate check's detail, a command abandoned).
+pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
+    let Some(body) = &event.body else {
+        return Vec::new();
+    };
+    match body {
+        Body::RunRequested(r) => vec![
+            json!({"type": "start", "messageId": run_id}),
+            data_run(
+                run_id,
+                json!({"status": "queued", "goal": cut(&r.goal), "origin": r.origin}),
+            ),
+        ],
+        Body::RunStarted(_) => vec![data_run(run_id, json!({"status": "running"}))],
+        Body::PlanAuthored(p) => vec![json!({
+            "type": "data-plan",
+            "id": "plan",
+            "data": {
+                "title": p.title,
+                "workflow": p.workflow_path,
+                "leaves": p.leaves.iter().map(|l| json!({"leaf": l.index, "title": l.title})).collect::<Vec<_>>(),
+            },
+        })],
+        Body::PlanRejected(p) => vec![json!({
+            "type": "data-plan-rejected",
+            "id": format!("plan-rejected-{}", p.attempt),
+            "data": {"attempt": p.attempt, "code": p.code, "message": cut(&p.message)},
+        })],
+        Body::LeafStarted(l) => vec![
+            json!({"type": "start-step"}),
+            data_leaf(
+                l.leaf,
+                json!({"leaf": l.leaf, "title": l.title, "state": "doing"}),
+            ),
+        ],
+        Body::ModelTurn(t) if !t.text.is_empty() => {
+            let id = format!("text-{}-{}", t.leaf, t.turn);
+            vec![
+                json!({"type": "text-start", "id": id}),
+                json!({"type": "text-delta", "id": id, "delta": t.text}),
+                json!({"type": "text-end", "id": id}),
+            ]
+        }
+        Body::ToolCallRequested(c) => vec![json!({
+            "type": "tool-input-available",
+            "toolCallId": c.call_id,
+            "toolName": c.tool,
+            "input": serde_json::from_str::<Value>(&c.args_json).unwrap_or_else(|_| Value::String(cut(&c.args_json))),
+        })],
+        Body::PolicyDecided(d) if d.decision() == Decision::Deny => {
+            vec![json!({"type": "tool-output-denied", "toolCallId": d.call_id})]
+        }
+        Body::ApprovalRequested(a) => vec![
+            json!({"type": "tool-approval-request", "approvalId": a.approval_id, "toolCallId": a.call_id}),
+            json!({
+                "type": "data-approval",
+                "id": a.approval_id,
+                "data": {
+                    "approval": a.approval_id,
+                    "call": a.call_id,
+                    "tool": a.tool,
+                    "reason": a.reason,
+                    "rule": a.rule,
+                    "expires_unix_ms": a.expires_unix_ms,
+                    "state": "waiting",
+                },
+            }),
+        ],
+        Body::ApprovalResolved(a) => vec![json!({
+            "type": "data-approval",
+            "id": a.approval_id,
+            "data": {
+                "approval": a.approval_id,
+                "call": a.call_id,
+                "state": if a.decision() == Decision::Allow { "approved" } else { "denied" },
+                "by": a.resolved_by,
+                "reason": a.reason,
+                "expired": a.expired,
+            },
+        })],
+        Body::ToolCallCompleted(c) => vec![json!({
+            "type": "tool-output-available",
+            "toolCallId": c.call_id,
+            "output": cut(&c.output),
+        })],
+        Body::ToolCallFailed(f) => vec![json!({
+            "type": "tool-output-error",
+            "toolCallId": f.call_id,
+            "errorText": cut(&f.error),
+        })],
+        Body::LeafFinished(l) => vec![
+            data_leaf(
+                l.leaf,
+                json!({
+                    "leaf": l.leaf,
+                    "state": if l.state() == LeafState::Done { "done" } else { "failed" },
+                    "reason": l.reason,
+                }),
+            ),
+            json!({"type": "finish-step"}),
+        ],
+        Body::RunFinished(f) => vec![
+            data_run(
+                run_id,
+                json!({
+                    "status": status_name(f.status()),
+                    "reason": f.reason,
+                    "summary": f.summary,
+                    "tally": tally(&f.tally),
+                    "report": cut(&f.report),
+                }),
+            ),
+            json!({"type": "finish"}),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `event` ends its run's message.
+pub fn is_terminal(event: &RunEvent) -> bool {
+    matches!(event.body, Some(Body::RunFinished(_)))
+}
+
+fn data_run(run_id: &str, mut data: Value) -> Value {
+    data["run"] = json!(run_id);
+    json!({"type": "data-run", "id": run_id, "data": data})
+}
+
+fn data_leaf(leaf: u32, data: Value) -> Value {
+    json!({"type": "data-leaf", "id": format!("leaf-{leaf}"), "data": data})
+}
+
+fn status_name(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Done => "done",
+        RunStatus::Blocked => "blocked",
+        RunStatus::Stopped => "stopped",
+        RunStatus::Unspecified => "unknown",
+    }
+}
+
+fn tally(entries: &[TallyEntry]) -> Value {
+    entries
+        .iter()
+        .map(|e| (e.state.clone(), json!(e.count)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn cut(text: &str) -> String {
+    dispatch_runlog::slice_chars(text, MAX_TEXT_CHARS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dispatch_proto::run::v1::{ModelTurn, RunFinished, RunRequested, ToolCallRequested};
+
+    fn event(body: Body) -> RunEvent {
+        RunEvent {
+            body: Some(body),
+            ..Default::default()
+        }
+    }
+
+    fn types(chunks: &[Value]) -> Vec<&str> {
+        chunks.iter().map(|c| c["type"].as_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_run_is_one_message_with_text_and_tool_parts() {
+        let run = "r1";
+        let start = of(
+            run,
+            &event(Body::RunRequested(RunRequested {
+                goal: "say hi".into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(types(&start), ["start", "data-run"]);
+        assert_eq!(start[0]["messageId"], "r1");
+        let turn = of(
+            run,
+            &event(Body::ModelTurn(ModelTurn {
+                leaf: 1,
+                turn: 2,
+                text: "hello".into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(types(&turn), ["text-start", "text-delta", "text-end"]);
+        assert_eq!(turn[1]["delta"], "hello");
+        assert_eq!(turn[1]["id"], "text-1-2");
+        // A turn with only tool calls has no text part.
+        assert!(of(run, &event(Body::ModelTurn(ModelTurn::default()))).is_empty());
+        let call = of(
+            run,
+            &event(Body::ToolCallRequested(ToolCallRequested {
+                call_id: "c1".into(),
+                tool: "files.read_file".into(),
+                args_json: r#"{"path": "a"}"#.into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(call[0]["input"]["path"], "a");
+        let end = of(
+            run,
+            &event(Body::RunFinished(RunFinished {
+                status: RunStatus::Blocked as i32,
+                reason: "timed out".into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(types(&end), ["data-run", "finish"]);
+        assert_eq!(end[0]["data"]["status"], "blocked");
+        assert_eq!(end[0]["id"], "r1");
+    }
+
+    #[test]
+    fn arguments_that_are_not_json_are_given_as_text() {
+        let call = of(
+            "r",
+            &event(Body::ToolCallRequested(ToolCallRequested {
+                call_id: "c".into(),
+                args_json: "{not json".into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(call[0]["input"], "{not json");
+    }
+}

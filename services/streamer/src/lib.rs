@@ -1,0 +1,429 @@
+//! The streamer: every run's events, turned into chunks of the AI SDK's UI message
+//! stream protocol ([`chunks`]) and published on the subject of the conversation the
+//! run reports to, `dispatch.conv.<account>.<agent>.<conv_token>`. The conversation
+//! stream `DISPATCH_CONVERSATIONS` captures each chunk once, for clients that resume;
+//! core subscribers on the subject get the same message live.
+//!
+//! Copies: the service reads the run logs through one durable consumer with a pinned
+//! client, so one copy at a time streams (in order: a run's chunks follow its log) and
+//! the others wait on standby. An event is acknowledged only after the stream stored
+//! all its chunks. When the pinned copy dies the server pins another, and hands it new
+//! events at once while the dead copy's unacknowledged ones would come back only after
+//! the acknowledgement wait — out of order. So a copy that has just been pinned first
+//! reads the events between the consumer's acknowledgement floor and the first one it
+//! was handed straight from the run-log stream, and relays those, in order. When the
+//! server delivers them again later they are relayed again: every chunk carries a
+//! `Nats-Msg-Id` of `<event_id>:<index>`, so the stream's duplicate window collapses
+//! them, and a client reading the stream sees each chunk once, in the log's order.
+
+pub mod chunks;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dispatch_bus::async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
+use dispatch_bus::async_nats::jetstream::{self, AckKind};
+use dispatch_bus::async_nats::{HeaderMap, Subject};
+use dispatch_bus::health::{self, Health};
+use dispatch_bus::streams::{self, ConversationKnobs};
+use dispatch_bus::{Bus, ConversationId, RunId, subject};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "streamer";
+
+/// The priority group every copy pulls in.
+const GROUP: &str = "streamer";
+/// How long the pinned copy may go without pulling before another is pinned.
+const PIN_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long one pull waits; well below [`PIN_TIMEOUT`], so a live copy keeps its pin.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How long an event may go unacknowledged before it is delivered again.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Deliveries of one event before it is given up on (said in the log): a stream that
+/// refuses its chunks that long is not going to take them.
+const MAX_DELIVER: i64 = 20;
+/// Most runs whose conversation is remembered; past it the memory is cleared and
+/// conversations are looked up again (one direct get each).
+const MAX_REMEMBERED_RUNS: usize = 100_000;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "dispatch-streamer",
+    about = "Dispatch conversation streams",
+    version
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: dispatch_service::CommonArgs,
+    /// Keep the conversation stream in memory (faster, lost when NATS restarts). Only
+    /// takes effect when the stream is created.
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_MEMORY")]
+    pub memory: bool,
+    /// Backstop: chunks of a turn that never persisted expire after this long.
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_MAX_AGE", default_value = "3m", value_parser = parse_duration)]
+    pub max_age: Duration,
+    /// Most chunks kept per conversation.
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_MAX_MSGS_PER_SUBJECT", default_value_t = 100_000,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_msgs_per_subject: i64,
+    /// Replicas of the conversation stream (3 in a cluster multiplies its storage by 3).
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
+}
+
+impl Config {
+    fn knobs(&self) -> ConversationKnobs {
+        ConversationKnobs {
+            memory: self.memory,
+            max_age: self.max_age,
+            max_msgs_per_subject: self.max_msgs_per_subject,
+            replicas: usize::from(self.replicas),
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+        Ok(_) => Err(format!("{text:?}: at least 1s")),
+        Err(e) => Err(format!("{text:?} is not a duration like 90s or 3m ({e})")),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] dispatch_bus::Error),
+    #[error("{0}")]
+    Nats(String),
+}
+
+fn nats(what: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
+    move |e| Error::Nats(format!("{what}: {e}"))
+}
+
+pub struct Streamer {
+    config: Config,
+    bus: Bus,
+}
+
+impl Streamer {
+    pub async fn build(config: Config) -> Result<Self, Error> {
+        let bus = config
+            .common
+            .connect(dispatch_bus::Identity::Streamer)
+            .await?;
+        Ok(Self { config, bus })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let instance = self.config.common.instance.clone();
+        let health = tokio::spawn(health::serve(
+            self.bus.clone(),
+            Health::new(SERVICE, &instance),
+            shutdown.clone(),
+        ));
+        self.sync_knobs().await?;
+        let js = self.bus.jetstream();
+        let runs = js
+            .get_stream(streams::RUNS)
+            .await
+            .map_err(|e| nats("open the run-log stream")(&e))?;
+        let consumer: consumer::PullConsumer = runs
+            .get_or_create_consumer(
+                streams::consumers::STREAMER,
+                pull::Config {
+                    durable_name: Some(streams::consumers::STREAMER.to_owned()),
+                    description: Some("the streamer: run events to conversation chunks".into()),
+                    deliver_policy: DeliverPolicy::New,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_deliver: MAX_DELIVER,
+                    filter_subject: subject::RUNS_ALL.to_owned(),
+                    priority_policy: consumer::PriorityPolicy::PinnedClient,
+                    priority_groups: vec![GROUP.to_owned()],
+                    priority_timeout: PIN_TIMEOUT,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| nats("declare the streamer's consumer")(&e))?;
+        tracing::info!(
+            instance,
+            "streamer ready (streams while pinned, on standby otherwise)"
+        );
+        let mut relay = Relay {
+            js: js.clone(),
+            runs,
+            consumer: consumer.clone(),
+            conversations: HashMap::new(),
+            fresh: true,
+        };
+        while !shutdown.is_cancelled() {
+            relay.fresh = true;
+            let mut messages = match consumer
+                .stream()
+                .group(GROUP)
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_EXPIRES / 4)
+                .messages()
+                .await
+            {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull run events; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    message = messages.next() => message,
+                };
+                match message {
+                    Some(Ok(message)) => relay.relay(message).await,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "pulling run events");
+                    }
+                    None => break,
+                }
+            }
+        }
+        let _ = health.await;
+        Ok(())
+    }
+
+    /// Puts the configured knobs on the existing conversation stream. The storage
+    /// kind cannot be changed on a stream that exists; that is said, not forced.
+    async fn sync_knobs(&self) -> Result<(), Error> {
+        let want = streams::conversations(&self.config.knobs());
+        let js = self.bus.jetstream();
+        let mut stream = js
+            .get_or_create_stream(want.clone())
+            .await
+            .map_err(|e| nats("declare the conversation stream")(&e))?;
+        let have = stream
+            .info()
+            .await
+            .map_err(|e| nats("read the conversation stream")(&e))?
+            .config
+            .clone();
+        if have.storage != want.storage {
+            tracing::warn!(
+                have = ?have.storage,
+                want = ?want.storage,
+                "the conversation stream's storage cannot be changed in place; delete the stream \
+                 (it holds only a resume buffer) to change it"
+            );
+        }
+        let changed = have.max_age != want.max_age
+            || have.max_messages_per_subject != want.max_messages_per_subject
+            || have.num_replicas != want.num_replicas
+            || have.duplicate_window != want.duplicate_window;
+        if changed {
+            let update = jetstream::stream::Config {
+                storage: have.storage,
+                ..want
+            };
+            js.update_stream(update)
+                .await
+                .map_err(|e| nats("update the conversation stream's knobs")(&e))?;
+            tracing::info!("conversation stream knobs updated");
+        }
+        Ok(())
+    }
+}
+
+/// What the pinned copy keeps while relaying.
+struct Relay {
+    js: jetstream::Context,
+    runs: jetstream::stream::Stream,
+    consumer: consumer::PullConsumer,
+    /// Each run's conversation, learned from its first event.
+    conversations: HashMap<RunId, ConversationId>,
+    /// Nothing handed to this copy yet since it (re)started pulling: the next event it
+    /// gets may follow ones a copy that died left unacknowledged.
+    fresh: bool,
+}
+
+/// Why an event's chunks were not all stored.
+struct Retry(String);
+
+impl Relay {
+    /// Publishes one run event's chunks, and acknowledges it once they are stored;
+    /// an event that cannot be read is acknowledged and said (never redelivered
+    /// forever), one whose chunks were refused comes back later.
+    async fn relay(&mut self, message: jetstream::Message) {
+        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        if std::mem::take(&mut self.fresh) {
+            self.catch_up(stream_seq).await;
+        }
+        match self
+            .forward(message.subject.as_str(), stream_seq, &message.payload)
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = message.ack().await {
+                    tracing::debug!(error = %e, "ack of a relayed event");
+                }
+            }
+            Err(Retry(why)) => {
+                tracing::warn!(stream_seq, error = why, "chunks not stored; trying again");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    /// Relays, in order, the events after the consumer's acknowledgement floor and
+    /// before `first` (the first event this copy was handed): those a copy that died
+    /// was handed and did not finish.
+    async fn catch_up(&mut self, first: u64) {
+        let floor = match self.consumer.info().await {
+            // Only `first` unacknowledged: nothing was left behind (and a consumer just
+            // made has no floor worth reading from).
+            Ok(info) if info.num_ack_pending <= 1 => return,
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the consumer's acknowledgement floor");
+                return;
+            }
+        };
+        if floor + 1 >= first {
+            return;
+        }
+        tracing::info!(
+            from = floor + 1,
+            to = first - 1,
+            "taking over: relaying what the last copy left unacknowledged"
+        );
+        for seq in floor + 1..first {
+            let message = match self.runs.direct_get(seq).await {
+                Ok(message) => message,
+                // Gone (expired, or never a run event); nothing to relay.
+                Err(e) => {
+                    tracing::debug!(seq, error = %e, "not in the run-log stream");
+                    continue;
+                }
+            };
+            if let Err(Retry(why)) = self
+                .forward(message.subject.as_str(), seq, &message.payload)
+                .await
+            {
+                // The server delivers it again after the acknowledgement wait.
+                tracing::warn!(seq, error = why, "catching up: chunks not stored");
+            }
+        }
+    }
+
+    /// The chunks of the run event stored at `stream_seq` on `subject`, published and
+    /// stored. An event that cannot be read is said and skipped (`Ok`).
+    async fn forward(
+        &mut self,
+        subject: &str,
+        stream_seq: u64,
+        payload: &[u8],
+    ) -> Result<(), Retry> {
+        let Some(run_id) = subject::run_id_of(subject) else {
+            tracing::warn!(subject, "not a run log subject; skipped");
+            return Ok(());
+        };
+        let event = match dispatch_runlog::decode(&run_id, stream_seq, payload) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(error = %e, "an event that does not decode; skipped");
+                return Ok(());
+            }
+        };
+        let chunks = chunks::of(&run_id.to_string(), &event);
+        if !chunks.is_empty() {
+            let conversation = self
+                .conversation(&run_id, &event)
+                .await
+                .map_err(|e| Retry(format!("cannot learn run {run_id}'s conversation: {e}")))?;
+            let to = subject::conv::of(&conversation);
+            self.publish(&to, &run_id, &event, &chunks)
+                .await
+                .map_err(Retry)?;
+        }
+        if chunks::is_terminal(&event) {
+            self.conversations.remove(&run_id);
+        }
+        Ok(())
+    }
+
+    /// Sends every chunk, then waits for the stream to have stored them all.
+    async fn publish(
+        &self,
+        to: &Subject,
+        run_id: &RunId,
+        event: &dispatch_proto::run::v1::RunEvent,
+        chunks: &[serde_json::Value],
+    ) -> Result<(), String> {
+        let mut acks = Vec::with_capacity(chunks.len());
+        for (index, chunk) in chunks.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("{}:{index}", event.event_id).as_str(),
+            );
+            headers.insert(subject::conv::RUN_HEADER, run_id.to_string().as_str());
+            headers.insert(
+                subject::conv::RUN_SEQ_HEADER,
+                event.seq.to_string().as_str(),
+            );
+            headers.insert(subject::conv::INDEX_HEADER, index.to_string().as_str());
+            let payload = serde_json::to_vec(chunk).map_err(|e| e.to_string())?;
+            let ack = self
+                .js
+                .publish_with_headers(to.clone(), headers, payload.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The conversation `run_id` reports to: from its first event, remembered.
+    async fn conversation(
+        &mut self,
+        run_id: &RunId,
+        event: &dispatch_proto::run::v1::RunEvent,
+    ) -> Result<ConversationId, String> {
+        use dispatch_proto::run::v1::run_event::Body;
+        if let Some(known) = self.conversations.get(run_id) {
+            return Ok(known.clone());
+        }
+        let requested = match &event.body {
+            Some(Body::RunRequested(r)) => r.clone(),
+            _ => {
+                let first = self
+                    .runs
+                    .direct_get_next_for_subject(subject::run(run_id).to_string(), Some(1))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let first = dispatch_runlog::decode(run_id, first.sequence, &first.payload)
+                    .map_err(|e| e.to_string())?;
+                match first.body {
+                    Some(Body::RunRequested(r)) => r,
+                    _ => return Err("the run's first event is not its request".into()),
+                }
+            }
+        };
+        let conversation = requested.conversation_id.parse().unwrap_or_default();
+        if self.conversations.len() >= MAX_REMEMBERED_RUNS {
+            self.conversations.clear();
+        }
+        self.conversations.insert(*run_id, conversation);
+        Ok(self.conversations[run_id].clone())
+    }
+}

@@ -1,0 +1,179 @@
+//! Conversation streams end to end: the streamer turning a run's events into UI message
+//! stream chunks on the conversation's subject, ingress serving them over SSE, a client
+//! that drops and resumes with `Last-Event-ID`, and a streamer SIGKILLed mid-run.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use dispatch_bus::RunId;
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_tests::{SseEvent, Stack, finished, read_sse};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// Three leaves, each waiting a little, so the run streams for a while.
+const PLAN: &str = "#+TITLE: Streamed\n\
+* TODO First\n  - call: test.sleep {\"ms\": 400}\n  :done-when: true\n\
+* TODO Second\n  - call: test.sleep {\"ms\": 400}\n  :done-when: true\n\
+* TODO Third\n  - call: test.sleep {\"ms\": 400}\n  :done-when: true\n";
+
+/// The test tools, the streamer(s), a dispatcher and ingress.
+async fn stack(streamers: usize) -> Result<Stack> {
+    let mut stack = Stack::with_test_tools().await?;
+    for _ in 0..streamers {
+        stack.add("streamer").await?;
+    }
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+    Ok(stack)
+}
+
+/// Opens the conversation's SSE stream, resuming after `after` if given.
+async fn open(stack: &Stack, conversation: &str, after: Option<&str>) -> Result<reqwest::Response> {
+    let mut request = stack
+        .http
+        .get(stack.url(&format!("/v1/conversations/{conversation}/stream")));
+    if let Some(after) = after {
+        request = request.header("Last-Event-ID", after);
+    }
+    let response = request.send().await?;
+    anyhow::ensure!(response.status() == 200, "status {}", response.status());
+    Ok(response)
+}
+
+/// Is this the chunk that ends `run_id`'s message? (`finish` follows the run's final
+/// `data-run`; the message's last chunk.)
+fn ends(run_id: RunId) -> impl Fn(&SseEvent) -> bool {
+    let seen_end = std::cell::Cell::new(false);
+    move |event| {
+        if event.data["type"] == "data-run"
+            && event.data["id"] == run_id.to_string()
+            && event.data["data"]["status"]
+                .as_str()
+                .is_some_and(|s| s != "queued" && s != "running")
+        {
+            seen_end.set(true);
+        }
+        seen_end.get() && event.data["type"] == "finish"
+    }
+}
+
+/// The chunks the run's events should have become, in order.
+fn expected(run_id: RunId, events: &[dispatch_runlog::StoredEvent]) -> Vec<Value> {
+    events
+        .iter()
+        .flat_map(|e| dispatch_streamer::chunks::of(&run_id.to_string(), &e.event))
+        .collect()
+}
+
+/// The text the model wrote in the run, as the log has it.
+fn model_text(events: &[dispatch_runlog::StoredEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::ModelTurn(t)) => Some(t.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn text_of(chunks: &[SseEvent]) -> String {
+    chunks
+        .iter()
+        .filter(|c| c.data["type"] == "text-delta")
+        .filter_map(|c| c.data["delta"].as_str())
+        .collect()
+}
+
+/// Every chunk of the conversation's buffer, read from its start to `run_id`'s end.
+async fn whole(stack: &Stack, conversation: &str, run_id: RunId) -> Result<Vec<SseEvent>> {
+    read_sse(
+        open(stack, conversation, None).await?,
+        10_000,
+        LIMIT,
+        ends(run_id),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_client_that_drops_and_resumes_gets_exactly_the_rest() -> Result<()> {
+    let stack = stack(1).await?;
+    let conversation = "chat-resume";
+    // Connected before the run starts: it sees the run from its first chunk.
+    let first = open(&stack, conversation, None).await?;
+    let run_id = stack.submit(PLAN, conversation, 60_000).await?;
+    let head = read_sse(first, 6, LIMIT, |_| false).await?;
+    assert_eq!(head.len(), 6, "{head:?}");
+    assert_eq!(head[0].data["type"], "start");
+    assert_eq!(head[0].data["messageId"], run_id.to_string());
+    let cursor = head.last().and_then(|e| e.id.clone()).context("an id")?;
+
+    // Dropped mid-run; back with the cursor, it gets the rest as it happens.
+    let rest = read_sse(
+        open(&stack, conversation, Some(&cursor)).await?,
+        10_000,
+        LIMIT,
+        ends(run_id),
+    )
+    .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+
+    // Together: exactly what the buffer holds, which is exactly what the log says.
+    let all = whole(&stack, conversation, run_id).await?;
+    let resumed: Vec<SseEvent> = head.iter().chain(&rest).cloned().collect();
+    assert_eq!(resumed, all, "a gap or a duplicate across the reconnect");
+    let data: Vec<Value> = all.iter().map(|e| e.data.clone()).collect();
+    assert_eq!(data, expected(run_id, &events));
+    assert!(!model_text(&events).is_empty());
+    assert_eq!(text_of(&resumed), model_text(&events));
+    // Cursors only grow.
+    let ids: Vec<u64> = all
+        .iter()
+        .map(|e| e.id.as_deref().unwrap_or("").parse().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+
+    // A bad cursor is refused, clearly.
+    let bad = stack
+        .http
+        .get(stack.url(&format!("/v1/conversations/{conversation}/stream")))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    let problem: Value = bad.json().await?;
+    assert_eq!(problem["code"], "invalid_cursor");
+    let bad = stack
+        .http
+        .get(stack.url("/v1/conversations/no%20spaces/stream"))
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_streamer_killed_mid_run_loses_no_chunk_and_two_copies_do_not_double() -> Result<()> {
+    // Two copies from the start: one streams, the other stands by.
+    let mut stack = stack(2).await?;
+    let conversation = "chat-crash";
+    let live = open(&stack, conversation, None).await?;
+    let run_id = stack.submit(PLAN, conversation, 60_000).await?;
+    let head = read_sse(live, 4, LIMIT, |_| false).await?;
+    assert_eq!(head.len(), 4);
+    // Both are SIGKILLed mid-run, whichever was streaming; a new copy takes over.
+    for service in stack.services.iter_mut().filter(|s| s.name == "streamer") {
+        service.kill().await?;
+    }
+    stack.services.retain(|s| s.name != "streamer");
+    stack.add("streamer").await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let all = whole(&stack, conversation, run_id).await?;
+    let data: Vec<Value> = all.iter().map(|e| e.data.clone()).collect();
+    assert_eq!(data, expected(run_id, &events), "a chunk lost or doubled");
+    assert_eq!(all[..4], head[..]);
+    Ok(())
+}
