@@ -78,6 +78,7 @@ fn request() -> TurnRequest {
             },
         ],
         tools,
+        deltas: None,
     }
 }
 
@@ -121,6 +122,7 @@ pub async fn run(bus: &Bus, lines: &mut Vec<String>, results: &mut Results) -> R
                 completion_tokens: reply.usage.completion_tokens,
             }),
             call_form: reply.form.word().to_owned(),
+            ..Default::default()
         });
         let started = Instant::now();
         let at = turn as u32;

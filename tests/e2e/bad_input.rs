@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use dispatch_bus::streams::{COMMANDS, GOALS, RUNS};
 use dispatch_models::offline::Offline;
+
+/// The offline provider, answering at once.
+static OFFLINE: Offline = Offline {
+    pace: std::time::Duration::ZERO,
+};
 use dispatch_models::{AuthorReply, AuthorRequest, Provider, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
 use dispatch_tests::{Stack, count, finished};
@@ -192,14 +197,14 @@ impl Provider for Scripted {
         &self,
         request: TurnRequest,
     ) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
-        Offline.turn(request)
+        OFFLINE.turn(request)
     }
 
     fn judge(
         &self,
         request: dispatch_models::JudgeRequest,
     ) -> BoxFuture<'_, Result<dispatch_models::Judgement, dispatch_models::Error>> {
-        Offline.judge(request)
+        OFFLINE.judge(request)
     }
 }
 

@@ -4,6 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_models::offline::Offline;
+
+/// The offline provider, answering at once.
+static OFFLINE: Offline = Offline {
+    pace: std::time::Duration::ZERO,
+};
 use dispatch_models::{AuthorRequest, Provider, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::RunStatus;
 use dispatch_tests::{Stack, finished};
@@ -26,7 +31,7 @@ impl Provider for Broken {
         &self,
         request: AuthorRequest,
     ) -> BoxFuture<'_, Result<dispatch_models::AuthorReply, dispatch_models::Error>> {
-        Offline.author(request)
+        OFFLINE.author(request)
     }
 
     fn turn(
@@ -50,7 +55,7 @@ impl Provider for Broken {
         &self,
         request: dispatch_models::JudgeRequest,
     ) -> BoxFuture<'_, Result<dispatch_models::Judgement, dispatch_models::Error>> {
-        Offline.judge(request)
+        OFFLINE.judge(request)
     }
 }
 

@@ -24,7 +24,10 @@ async fn stack(streamers: usize) -> Result<Stack> {
     for _ in 0..streamers {
         stack.add("streamer").await?;
     }
-    stack.add("dispatcher").await?;
+    // The offline model writes a word every 30 ms, so its text streams in pieces.
+    stack
+        .add_with("dispatcher", &["--offline-pace-ms", "30"])
+        .await?;
     stack.add("ingress").await?;
     Ok(stack)
 }
@@ -129,6 +132,16 @@ async fn a_client_that_drops_and_resumes_gets_exactly_the_rest() -> Result<()> {
     assert_eq!(data, expected(run_id, &events));
     assert!(!model_text(&events).is_empty());
     assert_eq!(text_of(&resumed), model_text(&events));
+    // The text came as it was written: a part in more than one piece.
+    let starts = all
+        .iter()
+        .filter(|e| e.data["type"] == "text-start")
+        .count();
+    let pieces = all
+        .iter()
+        .filter(|e| e.data["type"] == "text-delta")
+        .count();
+    assert!(pieces > starts, "{pieces} pieces in {starts} parts");
     // Cursors only grow.
     let ids: Vec<u64> = all
         .iter()
@@ -175,5 +188,63 @@ async fn a_streamer_killed_mid_run_loses_no_chunk_and_two_copies_do_not_double()
     let data: Vec<Value> = all.iter().map(|e| e.data.clone()).collect();
     assert_eq!(data, expected(run_id, &events), "a chunk lost or doubled");
     assert_eq!(all[..4], head[..]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_turn_cut_short_by_a_dispatcher_crash_streams_again_in_a_new_part() -> Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("streamer").await?;
+    // Slow enough that the dispatcher dies with a turn's text half out.
+    let slow = ["--offline-pace-ms", "400", "--lease-ms", "1000"];
+    stack.add_with("dispatcher", &slow).await?;
+    stack.add("ingress").await?;
+    let conversation = "chat-resumed";
+    let plan = "#+TITLE: Cut\n* TODO Only\n  - call: test.sleep {\"ms\": 10}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, conversation, 60_000).await?;
+    let log = stack.log().await?;
+    stack
+        .eventually(LIMIT, || async {
+            let events = log.read(&run_id).await.ok()?;
+            events
+                .iter()
+                .any(|e| matches!(&e.event.body, Some(Body::OutputDelta(_))))
+                .then_some(())
+        })
+        .await?;
+    stack.service("dispatcher")?.kill().await?;
+    stack.services.retain(|s| s.name != "dispatcher");
+    stack.add_with("dispatcher", &slow).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    // The part the dead copy was streaming ended as void; the turn streamed again.
+    let deltas: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::OutputDelta(d)) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    let void = deltas
+        .iter()
+        .find(|d| d.abandoned)
+        .context("the cut part is ended")?;
+    let turn = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ModelTurn(t)) if t.leaf == void.leaf && t.turn == void.turn => Some(t),
+            _ => None,
+        })
+        .context("the turn was taken")?;
+    assert!(turn.streamed && turn.streamed_part > void.part, "{turn:?}");
+    let all = whole(&stack, conversation, run_id).await?;
+    let data: Vec<Value> = all.iter().map(|e| e.data.clone()).collect();
+    assert_eq!(data, expected(run_id, &events));
+    let ended = format!("text-{}-{}-{}", void.leaf, void.turn, void.part);
+    assert!(
+        all.iter()
+            .any(|e| e.data["type"] == "text-end" && e.data["id"] == ended),
+        "the void part is closed for clients"
+    );
     Ok(())
 }

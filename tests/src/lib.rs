@@ -63,6 +63,9 @@ pub fn http_client(key: &str) -> Result<reqwest::Client> {
     );
     Ok(reqwest::Client::builder()
         .default_headers(headers)
+        // Ingress closes a kept-alive connection idle for 10 s (`--header-timeout`); a
+        // client that keeps one longer races that close with its next request.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()?)
 }
 

@@ -153,7 +153,22 @@ pub struct TurnRequest {
     pub history: Vec<Exchange>,
     /// The tools on offer.
     pub tools: Vec<ToolSpec>,
+    /// Where the answer's text goes as it arrives, if anyone is listening.
+    pub deltas: Option<DeltaSink>,
 }
+
+/// Text of an answer as it streams in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// The next piece of the answer's text.
+    Text(String),
+    /// The text sent so far is void: the request failed and is being made again.
+    Restart,
+}
+
+/// Where a provider sends [`Delta`]s. Unbounded: an answer is capped in size, and a
+/// provider never waits on whoever reads them.
+pub type DeltaSink = tokio::sync::mpsc::UnboundedSender<Delta>;
 
 /// The model's answer on one turn: tool calls to make, or none when the leaf is done.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,8 +21,13 @@ use crate::{
 /// The provider's name as recorded in events.
 pub const NAME: &str = "offline";
 
+/// The offline provider. `pace` is how long it takes per word of a turn's text when
+/// someone listens to it stream (zero: the whole text at once), so a stack without a
+/// model streams as it would with one.
 #[derive(Debug, Clone, Default)]
-pub struct Offline;
+pub struct Offline {
+    pub pace: std::time::Duration,
+}
 
 impl Provider for Offline {
     fn name(&self) -> &str {
@@ -70,7 +75,19 @@ impl Provider for Offline {
     }
 
     fn turn(&self, request: TurnRequest) -> BoxFuture<'_, Result<TurnReply, Error>> {
-        async move { Ok(turn(&request)) }.boxed()
+        async move {
+            let reply = turn(&request);
+            if let Some(deltas) = &request.deltas {
+                for word in reply.text.split_inclusive(' ') {
+                    if !self.pace.is_zero() {
+                        tokio::time::sleep(self.pace).await;
+                    }
+                    let _ = deltas.send(crate::Delta::Text(word.to_owned()));
+                }
+            }
+            Ok(reply)
+        }
+        .boxed()
     }
 }
 
@@ -366,6 +383,7 @@ mod tests {
                 leaf: leaf.clone(),
                 history: history.clone(),
                 tools: Vec::new(),
+                deltas: None,
             });
             history.push(Exchange::Assistant {
                 text: reply.text.clone(),
@@ -402,7 +420,7 @@ mod tests {
 
     #[test]
     fn its_plan_is_valid_and_ends_in_a_report() {
-        let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
+        let answer = futures::FutureExt::now_or_never(Offline::default().author(AuthorRequest {
             goal: "Compare  the\nprices of two sandboxes".into(),
             grammar: dispatch_plan::GRAMMAR,
             tools: Vec::new(),
@@ -458,7 +476,7 @@ mod tests {
     #[test]
     fn a_goal_that_is_an_outline_is_the_plan_and_call_lines_are_made_first() {
         let goal = "#+TITLE: Exact\n* TODO Count once\n  - call: test.count {\"key\": \"k\"}\n  :done-when: test -s scratch/out.org\n";
-        let answer = futures::FutureExt::now_or_never(Offline.author(AuthorRequest {
+        let answer = futures::FutureExt::now_or_never(Offline::default().author(AuthorRequest {
             goal: goal.into(),
             grammar: dispatch_plan::GRAMMAR,
             tools: Vec::new(),
@@ -476,6 +494,7 @@ mod tests {
             leaf: leaf.clone(),
             history: vec![],
             tools: vec![],
+            deltas: None,
         });
         assert_eq!(
             first.tool_calls,
@@ -497,6 +516,7 @@ mod tests {
             leaf,
             history,
             tools: vec![],
+            deltas: None,
         });
         assert_eq!(second.tool_calls.len(), 1);
         assert_eq!(second.tool_calls[0].tool, "files.write_file");

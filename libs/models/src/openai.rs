@@ -143,8 +143,13 @@ impl OpenAi {
         })
     }
 
-    /// One chat completion, retried while the failure is transient.
-    async fn complete(&self, request: &ChatRequest<'_>) -> Result<Answer, Error> {
+    /// One chat completion, retried while the failure is transient; the text goes to
+    /// `deltas` as it streams in, and a retry after some went says so there.
+    async fn complete(
+        &self,
+        request: &ChatRequest<'_>,
+        deltas: Option<&crate::DeltaSink>,
+    ) -> Result<Answer, Error> {
         let mut delays = backon::BackoffBuilder::build(
             backon::ExponentialBuilder::default()
                 .with_min_delay(self.config.backoff)
@@ -153,25 +158,36 @@ impl OpenAi {
                 .with_jitter(),
         );
         loop {
-            let failure =
-                match tokio::time::timeout(self.config.timeout, self.attempt(request)).await {
-                    Ok(Ok(answer)) => return Ok(answer),
-                    Ok(Err(failure)) => failure,
-                    Err(_) => Failure::transient(format!(
-                        "no complete answer within {} ms",
-                        self.config.timeout.as_millis()
-                    )),
-                };
+            let failure = match tokio::time::timeout(
+                self.config.timeout,
+                self.attempt(request, deltas),
+            )
+            .await
+            {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(failure)) => failure,
+                Err(_) => Failure::transient(format!(
+                    "no complete answer within {} ms",
+                    self.config.timeout.as_millis()
+                )),
+            };
             let Some(delay) = delays.next().filter(|_| failure.transient) else {
                 return Err(self.error(failure.message));
             };
             let delay = delay.max(failure.retry_after.unwrap_or_default());
+            if let Some(deltas) = deltas {
+                let _ = deltas.send(crate::Delta::Restart);
+            }
             tracing::warn!(provider = self.name, reason = %self.mask(&failure.message), delay_ms = delay.as_millis() as u64, "model request failed; retrying");
             tokio::time::sleep(delay).await;
         }
     }
 
-    async fn attempt(&self, request: &ChatRequest<'_>) -> Result<Answer, Failure> {
+    async fn attempt(
+        &self,
+        request: &ChatRequest<'_>,
+        deltas: Option<&crate::DeltaSink>,
+    ) -> Result<Answer, Failure> {
         let mut builder = self.http.post(&self.endpoint).json(request);
         if let Some(key) = &self.config.api_key {
             builder = builder.bearer_auth(key.expose());
@@ -200,7 +216,7 @@ impl OpenAi {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if is_stream {
-            self.read_stream(response).await
+            self.read_stream(response, deltas).await
         } else {
             let body = read_capped(response, MAX_ANSWER_BYTES * 2).await?;
             let completion: Completion = serde_json::from_slice(&body).map_err(|e| {
@@ -213,7 +229,11 @@ impl OpenAi {
         }
     }
 
-    async fn read_stream(&self, response: reqwest::Response) -> Result<Answer, Failure> {
+    async fn read_stream(
+        &self,
+        response: reqwest::Response,
+        deltas: Option<&crate::DeltaSink>,
+    ) -> Result<Answer, Failure> {
         let mut events = response.bytes_stream().eventsource();
         let mut answer = Answer::default();
         loop {
@@ -245,7 +265,13 @@ impl OpenAi {
                     excerpt(data)
                 ))
             })?;
+            let before = answer.text.len();
             answer.take(chunk).map_err(Failure::fatal)?;
+            if let Some(deltas) = deltas
+                && answer.text.len() > before
+            {
+                let _ = deltas.send(crate::Delta::Text(answer.text[before..].to_owned()));
+            }
         }
     }
 
@@ -288,12 +314,10 @@ impl Provider for OpenAi {
             }
             let messages = vec![Message::system(system), Message::user(user)];
             let answer = self
-                .complete(&ChatRequest::new(
-                    &self.config,
-                    messages,
-                    &[],
-                    request.temperature,
-                ))
+                .complete(
+                    &ChatRequest::new(&self.config, messages, &[], request.temperature),
+                    None,
+                )
                 .await?;
             Ok(AuthorReply {
                 text: answer.text,
@@ -307,12 +331,15 @@ impl Provider for OpenAi {
         async move {
             let messages = conversation(&request);
             let answer = self
-                .complete(&ChatRequest::new(
-                    &self.config,
-                    messages,
-                    &request.tools,
-                    self.config.temperature,
-                ))
+                .complete(
+                    &ChatRequest::new(
+                        &self.config,
+                        messages,
+                        &request.tools,
+                        self.config.temperature,
+                    ),
+                    request.deltas.as_ref(),
+                )
                 .await?;
             Ok(answer.into_turn(&request.tools))
         }
@@ -340,7 +367,7 @@ impl Provider for OpenAi {
                 Message::user(call),
             ];
             let answer = self
-                .complete(&ChatRequest::new(&self.config, messages, &[], 0.0))
+                .complete(&ChatRequest::new(&self.config, messages, &[], 0.0), None)
                 .await?;
             let Some((verdict, reason)) = verdict_of(&answer.text) else {
                 let said: String = answer.text.chars().take(200).collect();

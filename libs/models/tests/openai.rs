@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use dispatch_models::openai::{Config, OpenAi, Secret};
 use dispatch_models::{
-    AUTHOR_TEMPERATURE, AuthorRequest, CallForm, Exchange, Provider, ToolCall, ToolSpec,
+    AUTHOR_TEMPERATURE, AuthorRequest, CallForm, Delta, Exchange, Provider, ToolCall, ToolSpec,
     TurnRequest,
 };
 use dispatch_testkit::model::{Reply, StandIn};
@@ -47,6 +47,7 @@ fn turn_request(history: Vec<Exchange>) -> TurnRequest {
             .clone(),
         history,
         tools: tools(),
+        deltas: None,
     }
 }
 
@@ -290,4 +291,40 @@ async fn an_answer_too_large_to_hold_is_refused_not_read() {
         1,
         "a refused answer is not asked again"
     );
+}
+
+#[tokio::test]
+async fn a_turn_streams_its_text_and_says_when_it_starts_over() {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::CutAfter("llama-server/text-call.sse", 1200),
+        Reply::Replay("llama-server/text-call.sse"),
+    ])
+    .await;
+    let (sink, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let mut request = turn_request(vec![]);
+    request.deltas = Some(sink);
+    let reply = provider(&url).turn(request).await.unwrap();
+    assert_eq!(stand_in.requests().len(), 2);
+    let mut deltas = Vec::new();
+    while let Ok(delta) = received.try_recv() {
+        deltas.push(delta);
+    }
+    let restart = deltas
+        .iter()
+        .rposition(|d| *d == Delta::Restart)
+        .expect("the cut-off answer is said to be void");
+    // (What the first try streamed before the cut, if the cut let any through, is
+    // before the restart.)
+    let text_of = |deltas: &[Delta]| -> String {
+        deltas
+            .iter()
+            .map(|d| match d {
+                Delta::Text(text) => text.as_str(),
+                Delta::Restart => "",
+            })
+            .collect()
+    };
+    // After the restart, the pieces are the answer, exactly, in several pieces.
+    assert_eq!(text_of(&deltas[restart + 1..]), reply.text);
+    assert!(deltas[restart + 1..].len() > 2, "{deltas:?}");
 }

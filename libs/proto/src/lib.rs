@@ -58,6 +58,7 @@ pub mod run {
                     Body::RunFinished(_) => "run_finished",
                     Body::ApprovalRequested(_) => "approval_requested",
                     Body::ApprovalResolved(_) => "approval_resolved",
+                    Body::OutputDelta(_) => "output_delta",
                 }
             }
         }

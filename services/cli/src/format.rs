@@ -33,6 +33,18 @@ pub fn event_line(event: &RunEvent) -> String {
         }
         Body::RunStarted(s) => format!("owner {}", s.owner),
         Body::LeafStarted(l) => format!("leaf {}: {}", l.leaf + 1, l.title),
+        Body::OutputDelta(d) if d.abandoned => format!(
+            "leaf {} turn {} part {}: streamed text void (asked again)",
+            d.leaf + 1,
+            d.turn + 1,
+            d.part
+        ),
+        Body::OutputDelta(d) => format!(
+            "leaf {} turn {} streaming: {}",
+            d.leaf + 1,
+            d.turn + 1,
+            clip(&d.text, 100)
+        ),
         Body::ModelTurn(t) => format!(
             "leaf {} turn {}: {}{}",
             t.leaf + 1,

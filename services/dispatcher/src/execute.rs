@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::work::Slot;
 use dispatch_bus::{RunId, subject};
-use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Exchange, TurnRequest};
+use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Delta, Exchange, TurnReply, TurnRequest};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
     ApprovalRequested, ApprovalResolved, Decision, GateChecked, LeafFinished, LeafStarted,
-    LeafState, ModelTurn, PlanAuthored, PlanLeaf, PlanRejected, PolicyDecided, Risk, RunRequested,
-    RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall, ToolCallRequested, run_event::Body,
+    LeafState, ModelTurn, OutputDelta, PlanAuthored, PlanLeaf, PlanRejected, PolicyDecided, Risk,
+    RunRequested, RunStarted, RunStatus, StopRequested, TallyEntry, ToolCall, ToolCallRequested,
+    run_event::Body,
 };
 use dispatch_rules::MEMO_RULE;
 use dispatch_runlog::submit::MAX_TIMEOUT_MS;
@@ -31,6 +32,11 @@ const REPORT_FILE: &str = "REPORT.org";
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 /// The most of a leaf's answer recorded in `LeafFinished`.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
+/// How often streamed model text is appended to the log, at most: a few events a
+/// second per streaming run, each soon on the conversation stream.
+const DELTA_EVERY: Duration = Duration::from_millis(50);
+/// Streamed text appended at once when this much has gathered before [`DELTA_EVERY`].
+const DELTA_BYTES: usize = 2048;
 
 /// How often a run waiting for approval looks at its log when its feed is quiet.
 const APPROVAL_POLL: Duration = Duration::from_secs(5);
@@ -325,6 +331,125 @@ impl Exec<'_> {
         Ok(self.run.tally())
     }
 
+    /// Asks the worker model for one turn, appending its text to the log as it streams
+    /// (`OutputDelta`s, gathered for [`DELTA_EVERY`]; an answer quicker than that adds
+    /// none). Returns the reply and the part whose deltas are exactly its text, if any.
+    async fn streamed_turn(
+        &mut self,
+        leaf: u32,
+        turn: u32,
+        mut request: TurnRequest,
+    ) -> Result<(TurnReply, Option<u32>), Stop> {
+        let provider = self.ctx.providers.worker.clone();
+        let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel();
+        request.deltas = Some(sink);
+        // A part this turn streamed before (a resumed run) is void: end it, go on in
+        // the next one.
+        let earlier = self
+            .run
+            .bodies()
+            .filter_map(|b| match b {
+                Body::OutputDelta(d) if d.leaf == leaf && d.turn == turn => Some(d.clone()),
+                _ => None,
+            })
+            .last();
+        let mut part = Part::new(leaf, turn, 0);
+        if let Some(earlier) = earlier {
+            if !earlier.abandoned {
+                let mut void = Part::new(leaf, turn, earlier.part);
+                void.offset = earlier.offset + earlier.text.len() as u64;
+                self.append_delta(void.delta(String::new(), true)).await?;
+            }
+            part = Part::new(leaf, turn, earlier.part + 1);
+        }
+        let mut reply = std::pin::pin!(provider.turn(request));
+        // First flush after DELTA_EVERY: an answer quicker than that is not streamed
+        // at all (no events beyond its ModelTurn).
+        let mut every =
+            tokio::time::interval_at(tokio::time::Instant::now() + DELTA_EVERY, DELTA_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reply = loop {
+            tokio::select! {
+                biased;
+                reply = &mut reply => break reply,
+                Some(delta) = deltas.recv() => match delta {
+                    Delta::Text(text) => {
+                        part.pending.push_str(&text);
+                        if part.pending.len() >= DELTA_BYTES {
+                            self.flush(&mut part).await?;
+                        }
+                    }
+                    Delta::Restart => self.abandon(&mut part).await?,
+                },
+                _ = every.tick() => self.flush(&mut part).await?,
+            }
+        };
+        while let Ok(delta) = deltas.try_recv() {
+            match delta {
+                Delta::Text(text) => part.pending.push_str(&text),
+                Delta::Restart => self.abandon(&mut part).await?,
+            }
+        }
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.abandon(&mut part).await?;
+                return Err(Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)));
+            }
+        };
+        if part.sent.is_empty() {
+            // Nothing went out while the model answered: the ModelTurn says it all.
+            return Ok((reply, None));
+        }
+        self.flush(&mut part).await?;
+        if part.sent != reply.text {
+            self.abandon(&mut part).await?;
+            return Ok((reply, None));
+        }
+        Ok((reply, Some(part.part)))
+    }
+
+    /// Appends the text gathered in `part`, if any.
+    async fn flush(&mut self, part: &mut Part) -> Result<(), Stop> {
+        if part.pending.is_empty() {
+            return Ok(());
+        }
+        let text = std::mem::take(&mut part.pending);
+        self.append_delta(part.delta(text.clone(), false)).await?;
+        part.offset += text.len() as u64;
+        part.sent.push_str(&text);
+        Ok(())
+    }
+
+    /// Ends `part` as void (its text was not the answer) and starts the next one.
+    async fn abandon(&mut self, part: &mut Part) -> Result<(), Stop> {
+        part.pending.clear();
+        if !part.sent.is_empty() {
+            self.append_delta(part.delta(String::new(), true)).await?;
+            *part = Part::new(part.leaf, part.turn, part.part + 1);
+        }
+        Ok(())
+    }
+
+    async fn append_delta(&mut self, delta: OutputDelta) -> Result<(), Stop> {
+        let cause = self.command.run_id.clone();
+        for _ in 0..3 {
+            match self
+                .run
+                .append(Body::OutputDelta(delta.clone()), &cause)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Another writer (a stop request) appended; the handle has read it.
+                Err(e) if e.kind() == ErrorKind::Conflict => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Streamed text is a courtesy to whoever watches; the turn's text is in its
+        // ModelTurn whatever happens here.
+        Ok(())
+    }
+
     /// One leaf's agent loop and gate.
     async fn leaf(
         &mut self,
@@ -340,17 +465,16 @@ impl Exec<'_> {
             let model_turn = match self.find(model_turn(leaf.index, turn)) {
                 Some(recorded) => recorded,
                 None => {
-                    let provider = &self.ctx.providers.worker;
                     let tools = self.ctx.offer.current().await.specs();
-                    let reply = provider
-                        .turn(TurnRequest {
-                            goal: requested.goal.clone(),
-                            leaf: from_proto_leaf(leaf),
-                            history: history.clone(),
-                            tools,
-                        })
-                        .await
-                        .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
+                    let request = TurnRequest {
+                        goal: requested.goal.clone(),
+                        leaf: from_proto_leaf(leaf),
+                        history: history.clone(),
+                        tools,
+                        deltas: None,
+                    };
+                    let (reply, streamed) = self.streamed_turn(leaf.index, turn, request).await?;
+                    let provider = &self.ctx.providers.worker;
                     let body = Body::ModelTurn(ModelTurn {
                         leaf: leaf.index,
                         turn,
@@ -368,6 +492,8 @@ impl Exec<'_> {
                         model: provider.name().to_owned(),
                         usage: Some(usage(reply.usage)),
                         call_form: reply.form.word().to_owned(),
+                        streamed: streamed.is_some(),
+                        streamed_part: streamed.unwrap_or_default(),
                     });
                     self.ensure(model_turn(leaf.index, turn), body).await?
                 }
@@ -845,6 +971,43 @@ fn as_started(b: &Body) -> Option<RunStarted> {
     match b {
         Body::RunStarted(s) => Some(s.clone()),
         _ => None,
+    }
+}
+
+/// A turn's text being streamed into the log.
+struct Part {
+    leaf: u32,
+    turn: u32,
+    part: u32,
+    /// Bytes appended so far.
+    offset: u64,
+    /// Text appended so far.
+    sent: String,
+    /// Text not appended yet.
+    pending: String,
+}
+
+impl Part {
+    fn new(leaf: u32, turn: u32, part: u32) -> Self {
+        Self {
+            leaf,
+            turn,
+            part,
+            offset: 0,
+            sent: String::new(),
+            pending: String::new(),
+        }
+    }
+
+    fn delta(&self, text: String, abandoned: bool) -> OutputDelta {
+        OutputDelta {
+            leaf: self.leaf,
+            turn: self.turn,
+            part: self.part,
+            offset: self.offset,
+            text,
+            abandoned,
+        }
     }
 }
 

@@ -58,6 +58,10 @@ pub struct ModelArgs {
     /// The author's model name, if not the worker's.
     #[arg(long, env = "DISPATCH_AUTHOR_MODEL")]
     pub author_model: Option<String>,
+    /// Without a model: how long the offline provider takes per word of its answers,
+    /// so they stream as a model's would (0: each answer at once).
+    #[arg(long, env = "DISPATCH_OFFLINE_PACE_MS", default_value_t = 0)]
+    pub offline_pace_ms: u64,
     /// The most model turns one leaf may take before it fails.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub max_turns: u32,
@@ -75,6 +79,7 @@ impl ModelArgs {
             model_retries: 3,
             author_model_url: None,
             author_model: None,
+            offline_pace_ms: 0,
             max_turns: 8,
         }
     }
@@ -83,7 +88,11 @@ impl ModelArgs {
     /// error naming it.
     pub fn providers(&self) -> Result<Providers, dispatch_models::Error> {
         let Some(url) = &self.model_url else {
-            return Ok(Providers::both(Arc::new(dispatch_models::offline::Offline)));
+            return Ok(Providers::both(Arc::new(
+                dispatch_models::offline::Offline {
+                    pace: Duration::from_millis(self.offline_pace_ms),
+                },
+            )));
         };
         let api_key = std::env::var(&self.model_api_key_env)
             .ok()

@@ -347,7 +347,8 @@ impl RunView {
             | Body::ToolCallCompleted(_)
             | Body::ToolCallFailed(_)
             | Body::GateChecked(_)
-            | Body::FeedbackQueued(_) => {}
+            | Body::FeedbackQueued(_)
+            | Body::OutputDelta(_) => {}
         }
         view
     }

@@ -33,7 +33,7 @@ impl ValidatorArgs {
     pub fn build(&self) -> Result<Validator, dispatch_models::Error> {
         let timeout = Duration::from_millis(self.validator_timeout_ms.max(1));
         let provider: Arc<dyn Provider> = match &self.validator_url {
-            None => Arc::new(dispatch_models::offline::Offline),
+            None => Arc::new(dispatch_models::offline::Offline::default()),
             Some(url) => {
                 let mut config = openai::Config::new(url, &self.validator_model);
                 config.api_key = std::env::var(&self.validator_api_key_env)

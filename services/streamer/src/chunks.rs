@@ -54,6 +54,26 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                 json!({"leaf": l.leaf, "title": l.title, "state": "doing"}),
             ),
         ],
+        // Text as the model writes it: each part opened by its first piece and
+        // closed by the turn it became, or by being given up.
+        Body::OutputDelta(d) if d.abandoned => match d.offset {
+            0 => Vec::new(),
+            _ => vec![json!({"type": "text-end", "id": streamed_id(d.leaf, d.turn, d.part)})],
+        },
+        Body::OutputDelta(d) => {
+            let id = streamed_id(d.leaf, d.turn, d.part);
+            let mut chunks = Vec::with_capacity(2);
+            if d.offset == 0 {
+                chunks.push(json!({"type": "text-start", "id": id}));
+            }
+            chunks.push(json!({"type": "text-delta", "id": id, "delta": d.text}));
+            chunks
+        }
+        Body::ModelTurn(t) if t.streamed => {
+            vec![json!({"type": "text-end", "id": streamed_id(t.leaf, t.turn, t.streamed_part)})]
+        }
+        // Not streamed (a provider that does not, or text that was not what streamed):
+        // the whole text at once.
         Body::ModelTurn(t) if !t.text.is_empty() => {
             let id = format!("text-{}-{}", t.leaf, t.turn);
             vec![
@@ -142,6 +162,11 @@ pub fn is_terminal(event: &RunEvent) -> bool {
     matches!(event.body, Some(Body::RunFinished(_)))
 }
 
+/// The id of the text part a turn's text streams into.
+fn streamed_id(leaf: u32, turn: u32, part: u32) -> String {
+    format!("text-{leaf}-{turn}-{part}")
+}
+
 fn data_run(run_id: &str, mut data: Value) -> Value {
     data["run"] = json!(run_id);
     json!({"type": "data-run", "id": run_id, "data": data})
@@ -175,7 +200,9 @@ fn cut(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dispatch_proto::run::v1::{ModelTurn, RunFinished, RunRequested, ToolCallRequested};
+    use dispatch_proto::run::v1::{
+        ModelTurn, OutputDelta, RunFinished, RunRequested, ToolCallRequested,
+    };
 
     fn event(body: Body) -> RunEvent {
         RunEvent {
@@ -235,6 +262,50 @@ mod tests {
         assert_eq!(types(&end), ["data-run", "finish"]);
         assert_eq!(end[0]["data"]["status"], "blocked");
         assert_eq!(end[0]["id"], "r1");
+    }
+
+    #[test]
+    fn streamed_text_opens_a_part_grows_it_and_the_turn_closes_it() {
+        let delta = |part: u32, offset: u64, text: &str, abandoned: bool| {
+            of(
+                "r",
+                &event(Body::OutputDelta(OutputDelta {
+                    leaf: 0,
+                    turn: 1,
+                    part,
+                    offset,
+                    text: text.into(),
+                    abandoned,
+                })),
+            )
+        };
+        let first = delta(0, 0, "Hel", false);
+        assert_eq!(types(&first), ["text-start", "text-delta"]);
+        assert_eq!(first[0]["id"], "text-0-1-0");
+        assert_eq!(types(&delta(0, 3, "lo", false)), ["text-delta"]);
+        // Given up: the part ends; nothing streamed, nothing to end.
+        assert_eq!(types(&delta(0, 5, "", true)), ["text-end"]);
+        assert!(delta(1, 0, "", true).is_empty());
+        let turn = |streamed: bool| {
+            of(
+                "r",
+                &event(Body::ModelTurn(ModelTurn {
+                    leaf: 0,
+                    turn: 1,
+                    text: "Hello".into(),
+                    streamed,
+                    streamed_part: 2,
+                    ..Default::default()
+                })),
+            )
+        };
+        let closed = turn(true);
+        assert_eq!(types(&closed), ["text-end"]);
+        assert_eq!(closed[0]["id"], "text-0-1-2");
+        assert_eq!(
+            types(&turn(false)),
+            ["text-start", "text-delta", "text-end"]
+        );
     }
 
     #[test]
