@@ -18,11 +18,14 @@ const PLAN: &str = "#+TITLE: Streamed\n\
 * TODO Second\n  - call: test.sleep {\"ms\": 400}\n  :done-when: true\n\
 * TODO Third\n  - call: test.sleep {\"ms\": 400}\n  :done-when: true\n";
 
+/// Streamer flags that keep a finished run's chunks buffered while a test reads them.
+const KEEP_BUFFER: &[&str] = &["--purge-after", "5m"];
+
 /// The test tools, the streamer(s), a dispatcher and ingress.
 async fn stack(streamers: usize) -> Result<Stack> {
     let mut stack = Stack::with_test_tools().await?;
     for _ in 0..streamers {
-        stack.add("streamer").await?;
+        stack.add_with("streamer", KEEP_BUFFER).await?;
     }
     // The offline model writes a word every 30 ms, so its text streams in pieces.
     stack
@@ -66,7 +69,7 @@ fn ends(run_id: RunId) -> impl Fn(&SseEvent) -> bool {
 fn expected(run_id: RunId, events: &[dispatch_runlog::StoredEvent]) -> Vec<Value> {
     events
         .iter()
-        .flat_map(|e| dispatch_streamer::chunks::of(&run_id.to_string(), &e.event))
+        .flat_map(|e| dispatch_chunks::of(&run_id.to_string(), &e.event))
         .collect()
 }
 
@@ -145,7 +148,13 @@ async fn a_client_that_drops_and_resumes_gets_exactly_the_rest() -> Result<()> {
     // Cursors only grow.
     let ids: Vec<u64> = all
         .iter()
-        .map(|e| e.id.as_deref().unwrap_or("").parse().unwrap())
+        .map(|e| {
+            let id = e.id.as_deref().unwrap_or("");
+            id.split_once('-')
+                .map_or(id, |(seq, _)| seq)
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
 
@@ -182,7 +191,7 @@ async fn a_streamer_killed_mid_run_loses_no_chunk_and_two_copies_do_not_double()
         service.kill().await?;
     }
     stack.services.retain(|s| s.name != "streamer");
-    stack.add("streamer").await?;
+    stack.add_with("streamer", KEEP_BUFFER).await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
     let all = whole(&stack, conversation, run_id).await?;
     let data: Vec<Value> = all.iter().map(|e| e.data.clone()).collect();
@@ -194,7 +203,7 @@ async fn a_streamer_killed_mid_run_loses_no_chunk_and_two_copies_do_not_double()
 #[tokio::test]
 async fn a_turn_cut_short_by_a_dispatcher_crash_streams_again_in_a_new_part() -> Result<()> {
     let mut stack = Stack::with_test_tools().await?;
-    stack.add("streamer").await?;
+    stack.add_with("streamer", KEEP_BUFFER).await?;
     // Slow enough that the dispatcher dies with a turn's text half out.
     let slow = ["--offline-pace-ms", "400", "--lease-ms", "1000"];
     stack.add_with("dispatcher", &slow).await?;
@@ -246,5 +255,75 @@ async fn a_turn_cut_short_by_a_dispatcher_crash_streams_again_in_a_new_part() ->
             .any(|e| e.data["type"] == "text-end" && e.data["id"] == ended),
         "the void part is closed for clients"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_persisted_run_is_purged_and_a_late_client_gets_it_from_the_transcript() -> Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add_with("streamer", &["--purge-after", "1s"]).await?;
+    stack
+        .add_with("dispatcher", &["--offline-pace-ms", "30"])
+        .await?;
+    stack.add("ingress").await?;
+    let conversation = "chat-late";
+    let live = open(&stack, conversation, None).await?;
+    let run_id = stack.submit(PLAN, conversation, 60_000).await?;
+    let head = read_sse(live, 5, LIMIT, |_| false).await?;
+    let cursor = head.last().and_then(|e| e.id.clone()).context("an id")?;
+    assert!(cursor.ends_with(&run_id.to_string()), "{cursor}");
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+
+    // Once the run is in its log for good, its chunks leave the buffer.
+    let buffer = stack
+        .bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::CONVERSATIONS)
+        .await?;
+    let subject = dispatch_bus::subject::conv::of(&conversation.parse()?).to_string();
+    stack
+        .eventually(LIMIT, || async {
+            buffer
+                .direct_get_last_for_subject(subject.as_str())
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await?;
+
+    // Back with its old cursor, the client gets the run whole from its transcript.
+    let resumed = read_sse(
+        open(&stack, conversation, Some(&cursor)).await?,
+        10_000,
+        LIMIT,
+        ends(run_id),
+    )
+    .await?;
+    let data: Vec<Value> = resumed.iter().map(|e| e.data.clone()).collect();
+    let whole = dispatch_chunks::transcript(&run_id.to_string(), events.iter().map(|e| &e.event));
+    assert_eq!(data, whole);
+    assert_eq!(text_of(&resumed), model_text(&events));
+
+    // The transcript endpoint has it as messages.
+    let response = stack
+        .http
+        .get(stack.url(&format!("/v1/conversations/{conversation}/transcript")))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let page: Value = response.json().await?;
+    let run = &page["runs"][0];
+    assert_eq!(run["run_id"], run_id.to_string());
+    assert_eq!(run["status"], "done");
+    assert_eq!(run["messages"][0]["role"], "user");
+    assert_eq!(run["messages"][0]["parts"][0]["text"], PLAN.trim_end());
+    let said: String = run["messages"][1]["parts"]
+        .as_array()
+        .context("parts")?
+        .iter()
+        .filter(|p| p["type"] == "text")
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert_eq!(said, model_text(&events));
     Ok(())
 }

@@ -159,6 +159,11 @@ pub mod query {
     pub const REPLAY: &str = "dispatch.query.replay";
     pub const STATUS: &str = "dispatch.query.status";
     pub const APPROVALS: &str = "dispatch.query.approvals";
+    pub const TRANSCRIPT: &str = "dispatch.query.transcript";
+
+    pub fn transcript() -> Subject {
+        Subject::from_static(TRANSCRIPT)
+    }
 
     pub fn approvals() -> Subject {
         Subject::from_static(APPROVALS)

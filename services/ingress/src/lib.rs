@@ -189,6 +189,10 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/approvals", get(approvals::list))
         .route("/v1/approvals/{id}", post(approvals::answer))
         .route("/v1/conversations/{id}/stream", get(conversations::stream))
+        .route(
+            "/v1/conversations/{id}/transcript",
+            get(conversations::transcript),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             app.access.clone(),
             access::check,

@@ -16,6 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::approvals::list,
         crate::approvals::answer,
         crate::conversations::stream,
+        crate::conversations::transcript,
         crate::healthz
     ),
     components(schemas(
@@ -31,7 +32,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         dispatch_ledger::api::ApprovalsReply,
         dispatch_ledger::view::PendingApproval,
         crate::approvals::Answer,
-        crate::approvals::Answered
+        crate::approvals::Answered,
+        crate::conversations::TranscriptPage,
+        crate::conversations::TranscriptEntry
     )),
     modifiers(&BearerKeys)
 )]

@@ -96,6 +96,49 @@ pub struct ApprovalsReply {
     pub next: Option<String>,
 }
 
+/// `dispatch.query.transcript`: a conversation's runs, newest first, each with its
+/// transcript: the UI message stream chunks of the whole run, texts whole.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscriptQuery {
+    pub conversation: String,
+    /// At most this many runs (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Start after this run id: the `next` of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Stop at this run (included): only it and the runs after it.
+    #[serde(default)]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TranscriptReply {
+    /// Newest first.
+    pub runs: Vec<TranscriptRun>,
+    /// Where the next (older) page starts (`after`), if there is one.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TranscriptRun {
+    pub run_id: String,
+    pub goal: String,
+    pub status: crate::view::TaskStatus,
+    /// The run's chunks (AI SDK UI message stream protocol), oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub chunks: Vec<serde_json::Value>,
+    /// The sequence of the run's last event these chunks come from: a stream reader
+    /// goes on with the chunks of later events (their `Dispatch-Run-Seq`).
+    pub last_seq: u64,
+    /// Some chunks were left out to keep the answer within a message: the whole run
+    /// is in its log (`dispatch logs`).
+    #[serde(default)]
+    pub cut: bool,
+}
+
 /// `dispatch.query.replay`: rebuild one run's views from its log (takes a [`RunQuery`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplayReply {

@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use api::{
     ApprovalsQuery, ApprovalsReply, QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply,
-    StatusReply, TasksQuery, TasksReply, TrailOutcome,
+    StatusReply, TasksQuery, TasksReply, TrailOutcome, TranscriptQuery, TranscriptReply,
+    TranscriptRun,
 };
 use dispatch_runlog::RunLog;
 use project::{Pending, Views};
@@ -616,6 +617,13 @@ async fn answer_queries(
                     };
                     encode(answer)
                 }
+                subject::query::TRANSCRIPT => {
+                    let answer = match parse::<TranscriptQuery>(&request.payload) {
+                        Ok(q) => transcript(&state, q).await,
+                        Err(e) => Err(e),
+                    };
+                    encode(answer)
+                }
                 subject::query::TASKS => {
                     let answer = match parse::<TasksQuery>(&request.payload) {
                         Ok(q) => tasks(&state, q).await,
@@ -815,6 +823,74 @@ async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
         views_rebuilt: !removed,
         trail,
     })
+}
+
+/// A page of the conversation's runs, newest first, each with its transcript built
+/// from its log now (the log is what persists a turn; nothing else is kept). Stops at
+/// `since` when given, and before the answer would outgrow [`reply_budget`].
+async fn transcript(state: &State, query: TranscriptQuery) -> Reply<TranscriptReply> {
+    let conversation: ConversationId = query
+        .conversation
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?;
+    let budget = reply_budget(state);
+    let bounds = page_bounds(query.limit, budget)?;
+    let after = cursor(query.after.as_deref())?;
+    let since = cursor(query.since.as_deref())?;
+    let filter = project::Filter {
+        all: true,
+        conversation: Some(conversation.as_str()),
+    };
+    let page = state.views.page(filter, after, bounds);
+    let mut runs: Vec<TranscriptRun> = Vec::new();
+    let mut used = 0;
+    let mut next = page.next;
+    for view in page.runs {
+        if since.is_some_and(|since| view.run_id.as_str() < since) {
+            next = None;
+            break;
+        }
+        if used >= budget {
+            // The rest start the next page.
+            next = runs.last().map(|r| r.run_id.clone());
+            break;
+        }
+        let run_id: dispatch_bus::RunId = view
+            .run_id
+            .parse()
+            .map_err(|e: dispatch_bus::IdError| QueryError::Unavailable(e.to_string()))?;
+        let events = state.log.read(&run_id).await.map_err(|e| match e.kind() {
+            dispatch_runlog::ErrorKind::Corrupt => QueryError::Corrupt(e.to_string()),
+            _ => QueryError::Unavailable(e.to_string()),
+        })?;
+        let mut run = TranscriptRun {
+            run_id: view.run_id.clone(),
+            goal: view.goal.clone(),
+            status: view.status,
+            chunks: Vec::new(),
+            last_seq: events.last().map_or(0, |e| e.event.seq),
+            cut: false,
+        };
+        let left = budget.saturating_sub(used);
+        let mut size = 0;
+        for chunk in dispatch_chunks::transcript(&view.run_id, events.iter().map(|e| &e.event)) {
+            let bytes = chunk.to_string().len() + 1;
+            if size + bytes > left {
+                run.cut = true;
+                break;
+            }
+            size += bytes;
+            run.chunks.push(chunk);
+        }
+        if run.cut && !runs.is_empty() {
+            // The next page starts with it, whole if it fits there.
+            next = runs.last().map(|r| r.run_id.clone());
+            break;
+        }
+        used += size + view.goal.len() + 128;
+        runs.push(run);
+    }
+    Ok(TranscriptReply { runs, next })
 }
 
 async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {

@@ -16,9 +16,9 @@
 //! `Nats-Msg-Id` of `<event_id>:<index>`, so the stream's duplicate window collapses
 //! them, and a client reading the stream sees each chunk once, in the log's order.
 
-pub mod chunks;
-
 use std::collections::HashMap;
+
+use dispatch_chunks as chunks;
 use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "DISPATCH_CONVERSATIONS_MAX_MSGS_PER_SUBJECT", default_value_t = 100_000,
           value_parser = clap::value_parser!(i64).range(1..))]
     pub max_msgs_per_subject: i64,
+    /// How long after a run's last chunk its conversation's buffer is purged (when no
+    /// other run of the conversation is streaming): time for live readers to take the
+    /// last chunks. A reader back later gets the finished run from its transcript.
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_PURGE_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub purge_after: Duration,
     /// Replicas of the conversation stream (3 in a cluster multiplies its storage by 3).
     #[arg(long, env = "DISPATCH_CONVERSATIONS_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -154,9 +159,15 @@ impl Streamer {
             instance,
             "streamer ready (streams while pinned, on standby otherwise)"
         );
+        let conversations = js
+            .get_stream(streams::CONVERSATIONS)
+            .await
+            .map_err(|e| nats("open the conversation stream")(&e))?;
         let mut relay = Relay {
             js: js.clone(),
             runs,
+            buffer: conversations,
+            purge_after: self.config.purge_after,
             consumer: consumer.clone(),
             conversations: HashMap::new(),
             fresh: true,
@@ -243,6 +254,9 @@ impl Streamer {
 struct Relay {
     js: jetstream::Context,
     runs: jetstream::stream::Stream,
+    /// The conversation stream, to purge.
+    buffer: jetstream::stream::Stream,
+    purge_after: Duration,
     consumer: consumer::PullConsumer,
     /// Each run's conversation, learned from its first event.
     conversations: HashMap<RunId, ConversationId>,
@@ -348,24 +362,55 @@ impl Relay {
                 .await
                 .map_err(|e| Retry(format!("cannot learn run {run_id}'s conversation: {e}")))?;
             let to = subject::conv::of(&conversation);
-            self.publish(&to, &run_id, &event, &chunks)
+            let last = self
+                .publish(&to, &run_id, &event, &chunks)
                 .await
                 .map_err(Retry)?;
-        }
-        if chunks::is_terminal(&event) {
-            self.conversations.remove(&run_id);
+            if chunks::is_terminal(&event) {
+                self.conversations.remove(&run_id);
+                self.purge_later(&conversation, to, last);
+            }
         }
         Ok(())
     }
 
-    /// Sends every chunk, then waits for the stream to have stored them all.
+    /// Purge on persist: a finished run is in its log, which is its transcript, so its
+    /// chunks need not stay. After [`Config::purge_after`] the conversation's buffer up
+    /// to `last` (the run's last chunk) is purged — unless another run of the
+    /// conversation is still streaming, whose own end purges both.
+    fn purge_later(&self, conversation: &ConversationId, to: Subject, last: u64) {
+        if self.conversations.values().any(|c| c == conversation) {
+            return;
+        }
+        let buffer = self.buffer.clone();
+        let after = self.purge_after;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            match buffer
+                .purge()
+                .filter(to.to_string())
+                .sequence(last + 1)
+                .await
+            {
+                Ok(purged) => {
+                    tracing::debug!(subject = %to, purged = purged.purged, "conversation buffer purged")
+                }
+                Err(e) => {
+                    tracing::warn!(subject = %to, error = %e, "cannot purge a conversation buffer; max_age will")
+                }
+            }
+        });
+    }
+
+    /// Sends every chunk, then waits for the stream to have stored them all; returns the
+    /// stream sequence of the last.
     async fn publish(
         &self,
         to: &Subject,
         run_id: &RunId,
         event: &dispatch_proto::run::v1::RunEvent,
         chunks: &[serde_json::Value],
-    ) -> Result<(), String> {
+    ) -> Result<u64, String> {
         let mut acks = Vec::with_capacity(chunks.len());
         for (index, chunk) in chunks.iter().enumerate() {
             let mut headers = HeaderMap::new();
@@ -387,10 +432,11 @@ impl Relay {
                 .map_err(|e| e.to_string())?;
             acks.push(ack);
         }
+        let mut last = 0;
         for ack in acks {
-            ack.await.map_err(|e| e.to_string())?;
+            last = ack.await.map_err(|e| e.to_string())?.sequence;
         }
-        Ok(())
+        Ok(last)
     }
 
     /// The conversation `run_id` reports to: from its first event, remembered.

@@ -157,6 +157,108 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
     }
 }
 
+/// A finished run's chunks as a transcript has them: what [`of`] makes of its events,
+/// with each turn's text whole (the pieces it streamed in are left out).
+pub fn transcript<'a>(run_id: &str, events: impl IntoIterator<Item = &'a RunEvent>) -> Vec<Value> {
+    events
+        .into_iter()
+        .filter_map(|event| match &event.body {
+            Some(Body::OutputDelta(_)) => None,
+            Some(Body::ModelTurn(t)) if t.streamed => {
+                let whole = RunEvent {
+                    body: Some(Body::ModelTurn(dispatch_proto::run::v1::ModelTurn {
+                        streamed: false,
+                        ..t.clone()
+                    })),
+                    ..Default::default()
+                };
+                Some(of(run_id, &whole))
+            }
+            Some(_) => Some(of(run_id, event)),
+            None => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// A run's transcript as the AI SDK's `UIMessage`s: the goal as the user's message, and
+/// the run as the assistant's, its parts assembled from `chunks` (from [`transcript`]):
+/// text parts, tool parts (`tool-<name>` with their state, input and output), step
+/// starts, and data parts (the last of each id).
+pub fn messages(run_id: &str, goal: &str, chunks: &[Value]) -> Vec<Value> {
+    let mut parts: Vec<Value> = Vec::new();
+    let mut text_at: std::collections::HashMap<String, usize> = Default::default();
+    let mut tool_at: std::collections::HashMap<String, usize> = Default::default();
+    let mut data_at: std::collections::HashMap<String, usize> = Default::default();
+    for chunk in chunks {
+        let kind = chunk["type"].as_str().unwrap_or_default();
+        let id = chunk["id"].as_str().unwrap_or_default().to_owned();
+        let call = chunk["toolCallId"].as_str().unwrap_or_default().to_owned();
+        match kind {
+            "start-step" => parts.push(json!({"type": "step-start"})),
+            "text-start" => {
+                text_at.insert(id, parts.len());
+                parts.push(json!({"type": "text", "text": "", "state": "streaming"}));
+            }
+            "text-delta" => {
+                if let Some(&at) = text_at.get(&id) {
+                    let text = format!(
+                        "{}{}",
+                        parts[at]["text"].as_str().unwrap_or_default(),
+                        chunk["delta"].as_str().unwrap_or_default()
+                    );
+                    parts[at]["text"] = json!(text);
+                }
+            }
+            "text-end" => {
+                if let Some(&at) = text_at.get(&id) {
+                    parts[at]["state"] = json!("done");
+                }
+            }
+            "tool-input-available" => {
+                tool_at.insert(call.clone(), parts.len());
+                parts.push(json!({
+                    "type": format!("tool-{}", chunk["toolName"].as_str().unwrap_or_default()),
+                    "toolCallId": call,
+                    "state": "input-available",
+                    "input": chunk["input"],
+                }));
+            }
+            "tool-output-available" | "tool-output-error" | "tool-output-denied" => {
+                if let Some(&at) = tool_at.get(&call) {
+                    let part = &mut parts[at];
+                    match kind {
+                        "tool-output-available" => {
+                            part["state"] = json!("output-available");
+                            part["output"] = chunk["output"].clone();
+                        }
+                        "tool-output-error" => {
+                            part["state"] = json!("output-error");
+                            part["errorText"] = chunk["errorText"].clone();
+                        }
+                        _ => part["state"] = json!("output-denied"),
+                    }
+                }
+            }
+            data if data.starts_with("data-") => {
+                let part = json!({"type": data, "id": id, "data": chunk["data"]});
+                match data_at.get(&format!("{data}\0{id}")) {
+                    Some(&at) => parts[at] = part,
+                    None => {
+                        data_at.insert(format!("{data}\0{id}"), parts.len());
+                        parts.push(part);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    vec![
+        json!({"id": format!("{run_id}-goal"), "role": "user", "parts": [{"type": "text", "text": goal}]}),
+        json!({"id": run_id, "role": "assistant", "parts": parts}),
+    ]
+}
+
 /// Whether `event` ends its run's message.
 pub fn is_terminal(event: &RunEvent) -> bool {
     matches!(event.body, Some(Body::RunFinished(_)))
@@ -306,6 +408,61 @@ mod tests {
             types(&turn(false)),
             ["text-start", "text-delta", "text-end"]
         );
+    }
+
+    #[test]
+    fn a_transcript_has_whole_texts_and_assembles_into_messages() {
+        let events = [
+            event(Body::RunRequested(RunRequested {
+                goal: "say hi".into(),
+                ..Default::default()
+            })),
+            event(Body::OutputDelta(OutputDelta {
+                text: "Hel".into(),
+                ..Default::default()
+            })),
+            event(Body::ModelTurn(ModelTurn {
+                text: "Hello".into(),
+                streamed: true,
+                tool_calls: vec![],
+                ..Default::default()
+            })),
+            event(Body::ToolCallRequested(ToolCallRequested {
+                call_id: "c1".into(),
+                tool: "files.read_file".into(),
+                args_json: "{}".into(),
+                ..Default::default()
+            })),
+            event(Body::ToolCallCompleted(
+                dispatch_proto::run::v1::ToolCallCompleted {
+                    call_id: "c1".into(),
+                    output: "contents".into(),
+                },
+            )),
+        ];
+        let chunks = transcript("r", &events);
+        assert_eq!(
+            types(&chunks),
+            [
+                "start",
+                "data-run",
+                "text-start",
+                "text-delta",
+                "text-end",
+                "tool-input-available",
+                "tool-output-available"
+            ]
+        );
+        let messages = messages("r", "say hi", &chunks);
+        assert_eq!(messages[0]["role"], "user");
+        assert_eq!(messages[0]["parts"][0]["text"], "say hi");
+        let parts = &messages[1]["parts"];
+        assert_eq!(parts[1]["type"], "text");
+        assert_eq!(parts[1]["text"], "Hello");
+        assert_eq!(parts[1]["state"], "done");
+        assert_eq!(parts[2]["type"], "tool-files.read_file");
+        assert_eq!(parts[2]["state"], "output-available");
+        assert_eq!(parts[2]["output"], "contents");
     }
 
     #[test]
