@@ -327,3 +327,183 @@ async fn a_persisted_run_is_purged_and_a_late_client_gets_it_from_the_transcript
     assert_eq!(said, model_text(&events));
     Ok(())
 }
+
+/// A WebSocket to the conversation, started with `hello`.
+async fn websocket(
+    stack: &Stack,
+    conversation: &str,
+    hello: Value,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    use futures::SinkExt as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let url = stack
+        .url(&format!("/v1/conversations/{conversation}/ws"))
+        .replacen("http://", "ws://", 1);
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", stack.api_key).parse()?,
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            hello.to_string().into(),
+        ))
+        .await?;
+    Ok(socket)
+}
+
+/// Reads `{id, chunk}` messages until `last` says one is the last wanted, or `max`.
+async fn read_ws(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    max: usize,
+    last: impl Fn(&SseEvent) -> bool,
+) -> Result<Vec<SseEvent>> {
+    use futures::StreamExt as _;
+    let mut read = Vec::new();
+    while read.len() < max {
+        let message = tokio::time::timeout(LIMIT, socket.next())
+            .await?
+            .context("the socket closed")??;
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+            continue;
+        };
+        let value: Value = serde_json::from_str(&text)?;
+        let event = SseEvent {
+            id: value["id"].as_str().map(str::to_owned),
+            data: value["chunk"].clone(),
+        };
+        let done = last(&event);
+        read.push(event);
+        if done {
+            break;
+        }
+    }
+    Ok(read)
+}
+
+#[tokio::test]
+async fn websocket_direct_and_run_event_clients_get_the_same_chunks() -> Result<()> {
+    let stack = stack(1).await?;
+
+    // WebSocket: half a run, a reconnect with the cursor, the rest.
+    let conversation = "chat-ws";
+    let mut socket = websocket(&stack, conversation, serde_json::json!({})).await?;
+    let run_id = stack.submit(PLAN, conversation, 60_000).await?;
+    let head = read_ws(&mut socket, 5, |_| false).await?;
+    drop(socket);
+    let cursor = head.last().and_then(|e| e.id.clone()).context("an id")?;
+    let mut socket = websocket(&stack, conversation, serde_json::json!({"resume": cursor})).await?;
+    let rest = read_ws(&mut socket, 10_000, ends(run_id)).await?;
+    let all = whole(&stack, conversation, run_id).await?;
+    let resumed: Vec<SseEvent> = head.iter().chain(&rest).cloned().collect();
+    assert_eq!(resumed, all, "a gap or a duplicate across the reconnect");
+    // A first message that is not a start is refused, saying why.
+    let mut socket = websocket(&stack, conversation, serde_json::json!({"resume": "x"})).await?;
+    let closed = tokio::time::timeout(LIMIT, futures::StreamExt::next(&mut socket))
+        .await?
+        .context("a close")??;
+    let tokio_tungstenite::tungstenite::Message::Close(Some(frame)) = closed else {
+        anyhow::bail!("expected a close, got {closed:?}");
+    };
+    assert_eq!(u16::from(frame.code), 1008);
+    assert!(frame.reason.contains("resume"), "{}", frame.reason);
+
+    // Direct mode: the goal's answer is its run's stream, to [DONE].
+    let response = stack
+        .http
+        .post(stack.url("/v1/goals"))
+        .header("accept", "text/event-stream")
+        .json(&serde_json::json!({"goal": PLAN, "conversation_id": "chat-direct"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let direct = read_sse(response, 10_000, LIMIT, |e| e.data == "[DONE]").await?;
+    assert_eq!(direct.last().map(|e| &e.data), Some(&Value::from("[DONE]")));
+    let direct_run: RunId = direct[0].data["messageId"]
+        .as_str()
+        .context("a start")?
+        .parse()?;
+    let events = stack.wait_finished(direct_run, LIMIT).await?;
+    let data: Vec<Value> = direct[..direct.len() - 1]
+        .iter()
+        .map(|e| e.data.clone())
+        .collect();
+    assert_eq!(data, expected(direct_run, &events));
+
+    // The run's log as events, resumable by sequence.
+    let url = stack.url(&format!("/v1/runs/{direct_run}/events"));
+    let log = read_sse(stack.http.get(&url).send().await?, 10_000, LIMIT, |e| {
+        e.data["body"]["RunFinished"].is_object()
+    })
+    .await?;
+    assert_eq!(log.len(), events.len());
+    assert_eq!(log[0].id.as_deref(), Some("1"));
+    let later = read_sse(
+        stack
+            .http
+            .get(&url)
+            .header("Last-Event-ID", "3")
+            .send()
+            .await?,
+        10_000,
+        LIMIT,
+        |e| e.data["body"]["RunFinished"].is_object(),
+    )
+    .await?;
+    assert_eq!(later[0].id.as_deref(), Some("4"));
+    assert_eq!(later.len(), events.len() - 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dispatch_attach_follows_a_conversation_in_a_terminal() -> Result<()> {
+    let stack = stack(1).await?;
+    let conversation = "chat-attach";
+    let run_id = stack.submit(PLAN, conversation, 60_000).await?;
+    // From the oldest chunk buffered, until the run ends; its exit code says how.
+    let out = stack.cli(&[
+        "attach",
+        conversation,
+        "--all",
+        "--exit",
+        "--format",
+        "json",
+    ])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let lines: Vec<SseEvent> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            SseEvent {
+                id: v["id"].as_str().map(str::to_owned),
+                data: v["chunk"].clone(),
+            }
+        })
+        .collect();
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(text_of(&lines), model_text(&events));
+    assert!(
+        lines[0]
+            .id
+            .as_deref()
+            .unwrap()
+            .ends_with(&run_id.to_string())
+    );
+    let out = stack.cli(&["attach", conversation, "--all", "--exit"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!("● run {run_id} done")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("→ test.sleep"), "{}", out.stdout);
+    let bad = stack.cli(&["attach", "no spaces"])?;
+    assert_eq!(bad.code, Some(125));
+    Ok(())
+}

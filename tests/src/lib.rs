@@ -526,10 +526,15 @@ pub async fn read_sse(
             let line = line.trim_end_matches(['\n', '\r']);
             if line.is_empty() {
                 if !data.is_empty() {
+                    let value = match data.as_str() {
+                        // The protocol's end of a response.
+                        "[DONE]" => serde_json::Value::String(data.clone()),
+                        _ => serde_json::from_str(&data)
+                            .with_context(|| format!("an SSE event that is not JSON: {data}"))?,
+                    };
                     let event = SseEvent {
                         id: id.take(),
-                        data: serde_json::from_str(&data)
-                            .with_context(|| format!("an SSE event that is not JSON: {data}"))?,
+                        data: value,
                     };
                     data.clear();
                     let done = last(&event);

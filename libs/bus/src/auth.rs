@@ -137,8 +137,8 @@ impl Identity {
                 p.publish.allow.push(subject::query::ALL.into());
                 // Answering approvals; changing the policy stays with the CLI.
                 p.publish.allow.push(subject::policy::RESOLVE.into());
-                // Serving conversation streams to clients.
-                p.read(&[streams::CONVERSATIONS]);
+                // Serving conversation streams and run logs to clients.
+                p.read(&[streams::CONVERSATIONS, streams::RUNS]);
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");
@@ -200,6 +200,7 @@ impl Identity {
                     streams::LEDGER,
                     streams::POLICY,
                     catalogue::STREAM,
+                    streams::CONVERSATIONS,
                 ]);
                 p.publish.allow.push(subject::GOALS_ALL.into());
                 p.publish.allow.push(subject::policy::ALL.into());

@@ -15,6 +15,7 @@
 //! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
 
 mod api_key;
+mod attach;
 mod format;
 mod gate;
 mod secret;
@@ -48,6 +49,8 @@ pub mod exit {
     /// `verify`/`replay`: the trail or log does not check out.
     pub const CHECK_FAILED: u8 = 1;
     pub const ERROR: u8 = 125;
+    /// Whoever read the output went away (as if by SIGPIPE).
+    pub const PIPE_CLOSED: u8 = 141;
 }
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -216,6 +219,21 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: gate::PolicyCommand,
+    },
+    /// Follow a conversation's stream: the model's words as they come, tool calls and
+    /// results, each run's start and end.
+    Attach {
+        /// The conversation.
+        conversation: String,
+        /// Start at the oldest chunk still buffered, not at what comes next.
+        #[arg(long)]
+        all: bool,
+        /// Return when the next run ends, with its exit code (0 done, 1 blocked, 2
+        /// stopped).
+        #[arg(long)]
+        exit: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Tool calls waiting for a person's approval.
     Approvals {
@@ -624,6 +642,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }
         Command::Approvals { format } => gate::approvals(&nats.connect().await?, format).await,
+        Command::Attach {
+            conversation,
+            all,
+            exit,
+            format,
+        } => attach::attach(&nats.connect().await?, &conversation, all, exit, format).await,
         Command::Approve { id, note, by } => {
             gate::resolve(&nats.connect().await?, id, true, note, by).await
         }

@@ -50,12 +50,20 @@ pub struct StreamParams {
 
 /// Where a client was: a chunk's sequence, and its run when the client knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Cursor {
+pub(crate) struct Cursor {
     seq: u64,
     run: Option<String>,
 }
 
 impl Cursor {
+    /// A cursor before the first chunk of `run`.
+    pub(crate) fn of_run(run: &str) -> Self {
+        Self {
+            seq: 0,
+            run: Some(run.to_owned()),
+        }
+    }
+
     fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
         let (seq, run) = match text.split_once('-') {
@@ -72,6 +80,177 @@ impl Cursor {
             run,
         })
     }
+}
+
+/// One chunk read from the conversation stream.
+pub(crate) struct Chunk {
+    /// Its cursor: `<sequence>-<run id>`.
+    pub id: String,
+    /// The run it belongs to.
+    pub run: Option<String>,
+    /// The chunk, JSON.
+    pub data: String,
+}
+
+/// A conversation's chunks from a client's position on: what the transcripts give
+/// (when the buffer no longer holds the position), then the buffer's, live.
+pub(crate) type Chunks = futures::stream::BoxStream<'static, Chunk>;
+
+/// Where a reader starts: after a cursor, at a sequence, or at the oldest chunk
+/// buffered, or only at what comes next.
+pub(crate) enum Start {
+    After(Cursor),
+    At(u64),
+    Oldest,
+    Next,
+}
+
+/// The chunks of `conversation` from `start` on. A cursor the buffer no longer holds
+/// is resumed from the transcripts of the runs from its run on.
+pub(crate) async fn chunks(
+    app: &App,
+    conversation: &ConversationId,
+    start: Start,
+) -> Result<Chunks, Response> {
+    let to = subject::conv::of(conversation);
+    let buffer = app
+        .bus
+        .jetstream()
+        .get_stream(streams::CONVERSATIONS)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut resumed = Vec::new();
+    let mut served = HashMap::new();
+    let deliver = match start {
+        Start::After(cursor) => match buffer.direct_get(cursor.seq).await {
+            Ok(message) if message.subject.as_str() == to.as_str() => {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: cursor.seq.saturating_add(1),
+                }
+            }
+            Ok(_) => return Err(bad_cursor("the cursor is not a chunk of this conversation")),
+            Err(_) => match &cursor.run {
+                Some(run) => {
+                    let id = format!("{}-{run}", cursor.seq);
+                    for transcript in transcripts_since(app, conversation, run).await? {
+                        served.insert(transcript.run_id.clone(), transcript.last_seq);
+                        resumed.extend(transcript.chunks.iter().map(|chunk| Chunk {
+                            id: id.clone(),
+                            run: Some(transcript.run_id.clone()),
+                            data: chunk.to_string(),
+                        }));
+                    }
+                    DeliverPolicy::All
+                }
+                None => DeliverPolicy::ByStartSequence {
+                    start_sequence: cursor.seq.saturating_add(1),
+                },
+            },
+        },
+        Start::At(0) | Start::Oldest => DeliverPolicy::All,
+        Start::At(seq) => DeliverPolicy::ByStartSequence {
+            start_sequence: seq,
+        },
+        Start::Next => DeliverPolicy::New,
+    };
+    let live = buffer
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: to.to_string(),
+            deliver_policy: deliver,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?
+        .messages()
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let live = live.filter_map(move |message| {
+        let chunk = message.ok().and_then(|message| {
+            let seq = message.info().ok()?.stream_sequence;
+            let header = |name: &str| {
+                message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let run = header(subject::conv::RUN_HEADER);
+            let run_seq: u64 = header(subject::conv::RUN_SEQ_HEADER)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            // Already given from the run's transcript.
+            if let Some(run) = &run
+                && served.get(run).is_some_and(|&last| run_seq <= last)
+            {
+                return None;
+            }
+            let data = std::str::from_utf8(&message.payload).ok()?.to_owned();
+            let id = match &run {
+                Some(run) => format!("{seq}-{run}"),
+                None => seq.to_string(),
+            };
+            Some(Chunk { id, run, data })
+        });
+        async move { chunk }
+    });
+    let stopping = app.stopping.clone();
+    Ok(futures::stream::iter(resumed)
+        .chain(live)
+        .take_until(async move { stopping.cancelled_owned().await })
+        .boxed())
+}
+
+/// `chunks` as a server-sent event response.
+pub(crate) fn sse(chunks: impl futures::Stream<Item = Event> + Send + 'static) -> Response {
+    let mut response = Sse::new(chunks.map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        "x-vercel-ai-ui-message-stream",
+        HeaderValue::from_static("v1"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Direct mode: the chunks of one run as the response, ending with its `finish` and
+/// the protocol's `[DONE]`.
+pub(crate) fn one_run(chunks: Chunks, run_id: String) -> Response {
+    let ours = chunks
+        .filter(move |chunk| std::future::ready(chunk.run.as_deref() == Some(run_id.as_str())));
+    let events = until(ours, |chunk: &Chunk| {
+        serde_json::from_str::<serde_json::Value>(&chunk.data).is_ok_and(|c| c["type"] == "finish")
+    })
+    .map(event)
+    .chain(futures::stream::once(async {
+        Event::default().data("[DONE]")
+    }));
+    sse(events)
+}
+
+/// `items` up to and including the first that `last` says is the last; the stream
+/// ends right after it, without waiting for another.
+fn until<T: Send + 'static>(
+    items: impl futures::Stream<Item = T> + Send + 'static,
+    last: impl Fn(&T) -> bool + Send + 'static,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(
+        (Box::pin(items), last, false),
+        |(mut items, last, done)| async move {
+            if done {
+                return None;
+            }
+            let item = items.next().await?;
+            let done = last(&item);
+            Some((item, (items, last, done)))
+        },
+    )
+}
+
+fn event(chunk: Chunk) -> Event {
+    Event::default().id(chunk.id).data(chunk.data)
 }
 
 /// `GET /v1/conversations/{id}/stream`.
@@ -98,115 +277,115 @@ pub(crate) async fn stream(
     let Ok(conversation) = id.parse::<ConversationId>() else {
         return bad_conversation();
     };
-    let cursor = match headers.get("last-event-id").map(HeaderValue::to_str) {
-        None => None,
+    let start = match headers.get("last-event-id").map(HeaderValue::to_str) {
+        None => match params.from {
+            Some(seq) => Start::At(seq),
+            None => Start::Oldest,
+        },
         Some(Ok(text)) => match Cursor::parse(text) {
-            Some(cursor) => Some(cursor),
+            Some(cursor) => Start::After(cursor),
             None => return bad_cursor("Last-Event-ID is the id of an event this stream sent"),
         },
         Some(Err(_)) => return bad_cursor("Last-Event-ID is not text"),
     };
-    let to = subject::conv::of(&conversation);
-    let js = app.bus.jetstream();
-    let buffer = match js.get_stream(streams::CONVERSATIONS).await {
-        Ok(buffer) => buffer,
-        Err(e) => return unavailable(&e),
+    match chunks(&app, &conversation, start).await {
+        Ok(chunks) => sse(chunks.map(event)),
+        Err(response) => response,
+    }
+}
+
+/// What a WebSocket client sends first: where to start.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hello {
+    /// The `id` of the last chunk it read.
+    #[serde(default)]
+    resume: Option<String>,
+    /// A sequence to start at.
+    #[serde(default)]
+    from: Option<u64>,
+}
+
+/// How long a WebSocket client has to say where it starts.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+/// The largest message a WebSocket client may send (it only ever says where it starts).
+const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
+
+/// `GET /v1/conversations/{id}/ws`: the same chunks over a WebSocket. The client's
+/// first message says where to start — `{"resume": "<id>"}`, `{"from": N}` or `{}` —
+/// and each server message is `{"id": "<cursor>", "chunk": {...}}`. A bad first
+/// message closes the socket with 1008 and the reason.
+pub(crate) async fn websocket(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    use axum::extract::ws::{CloseFrame, Message, close_code};
+    let Ok(conversation) = id.parse::<ConversationId>() else {
+        return bad_conversation();
     };
-    // Where the client was, and whether the buffer still holds it.
-    let mut resumed = Vec::new();
-    let mut served = HashMap::new();
-    let deliver = match (&cursor, params.from) {
-        (Some(cursor), _) => match buffer.direct_get(cursor.seq).await {
-            Ok(message) if message.subject.as_str() == to.as_str() => {
-                DeliverPolicy::ByStartSequence {
-                    start_sequence: cursor.seq.saturating_add(1),
-                }
-            }
-            Ok(_) => return bad_cursor("Last-Event-ID is not a chunk of this conversation"),
-            Err(_) => match &cursor.run {
-                // Gone: the runs from the cursor's on come from their transcripts.
-                Some(run) => {
-                    let runs = match transcripts_since(&app, &conversation, run).await {
-                        Ok(runs) => runs,
-                        Err(response) => return response,
-                    };
-                    let id = format!("{}-{run}", cursor.seq);
-                    for transcript in runs {
-                        served.insert(transcript.run_id.clone(), transcript.last_seq);
-                        resumed.extend(transcript.chunks.iter().map(|chunk| {
-                            Ok(Event::default().id(id.clone()).data(chunk.to_string()))
-                        }));
-                    }
-                    DeliverPolicy::All
-                }
-                None => DeliverPolicy::ByStartSequence {
-                    start_sequence: cursor.seq.saturating_add(1),
+    upgrade
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |mut socket| async move {
+            let close = |reason: String| {
+                Message::Close(Some(CloseFrame {
+                    code: close_code::POLICY,
+                    reason: reason.chars().take(120).collect::<String>().into(),
+                }))
+            };
+            let hello = match tokio::time::timeout(HELLO_WAIT, socket.recv()).await {
+                Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Hello>(&text)
+                    .map_err(|e| format!("the first message says where to start: {e}")),
+                Ok(Some(Ok(_))) => Err("the first message is JSON text".to_owned()),
+                Ok(_) => return,
+                Err(_) => Err(format!("nothing said within {HELLO_WAIT:?}")),
+            };
+            let start = match hello {
+                Ok(Hello {
+                    resume: Some(cursor),
+                    ..
+                }) => match Cursor::parse(&cursor) {
+                    Some(cursor) => Ok(Start::After(cursor)),
+                    None => Err("resume is the id of a chunk this stream sent".to_owned()),
                 },
-            },
-        },
-        (None, Some(0) | None) => DeliverPolicy::All,
-        (None, Some(seq)) => DeliverPolicy::ByStartSequence {
-            start_sequence: seq,
-        },
-    };
-    let consumer = buffer
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: to.to_string(),
-            deliver_policy: deliver,
-            ..Default::default()
-        })
-        .await;
-    let live = match consumer {
-        Ok(consumer) => match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(e) => return unavailable(&e),
-        },
-        Err(e) => return unavailable(&e),
-    };
-    let live = live.filter_map(move |message| {
-        let event = message.ok().and_then(|message| {
-            let seq = message.info().ok()?.stream_sequence;
-            let header = |name: &str| {
-                message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_owned())
+                Ok(Hello { from: Some(seq), .. }) => Ok(Start::At(seq)),
+                Ok(_) => Ok(Start::Oldest),
+                Err(e) => Err(e),
             };
-            let run = header(subject::conv::RUN_HEADER);
-            let run_seq: u64 = header(subject::conv::RUN_SEQ_HEADER)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            // Already given from the run's transcript.
-            if let Some(run) = &run
-                && served.get(run).is_some_and(|&last| run_seq <= last)
-            {
-                return None;
+            let start = match start {
+                Ok(start) => start,
+                Err(why) => {
+                    let _ = socket.send(close(why)).await;
+                    return;
+                }
+            };
+            let mut chunks = match chunks(&app, &conversation, start).await {
+                Ok(chunks) => chunks,
+                Err(_) => {
+                    let _ = socket
+                        .send(close("the conversation cannot be read now".into()))
+                        .await;
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    chunk = chunks.next() => {
+                        let Some(chunk) = chunk else { break };
+                        let text = format!("{{\"id\":{},\"chunk\":{}}}", serde_json::json!(chunk.id), chunk.data);
+                        if socket.send(Message::Text(text.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    incoming = socket.recv() => match incoming {
+                        // Pings are answered by axum; anything else is ignored.
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                        Some(Ok(_)) => {}
+                    },
+                }
             }
-            let data = std::str::from_utf8(&message.payload).ok()?;
-            let id = match run {
-                Some(run) => format!("{seq}-{run}"),
-                None => seq.to_string(),
-            };
-            Some(Ok::<_, Infallible>(Event::default().id(id).data(data)))
-        });
-        async move { event }
-    });
-    let stopping = app.stopping.clone();
-    let events = futures::stream::iter(resumed)
-        .chain(live)
-        .take_until(async move { stopping.cancelled_owned().await });
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        "x-vercel-ai-ui-message-stream",
-        HeaderValue::from_static("v1"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+            let _ = socket.send(Message::Close(None)).await;
+        })
 }
 
 /// The conversation's runs from `run` (included) to the newest, oldest first, with
@@ -381,4 +560,117 @@ mod tests {
             assert_eq!(Cursor::parse(bad), None, "{bad:?}");
         }
     }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// Start after the event with this sequence; `Last-Event-ID` wins over it.
+    #[serde(default)]
+    after: Option<u64>,
+}
+
+/// `GET /v1/runs/{id}/events`: one run's log as server-sent events, each event's `id`
+/// its sequence in the run, its `event` its kind and its `data` the event as JSON;
+/// live until the run's terminal event. `Last-Event-ID` (or `?after=`) resumes.
+#[utoipa::path(get, path = "/v1/runs/{id}/events", tag = "runs",
+    params(("id" = String, Path, description = "The run's id"), EventsParams,
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event")),
+    responses(
+        (status = 200, description = "The run's events, then live ones until it ends", content_type = "text/event-stream"),
+        (status = 400, description = "A bad run id, cursor or query", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such run", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "The run log cannot be read", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub(crate) async fn run_events(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    params: Result<Query<EventsParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
+    };
+    let Ok(run_id) = id.parse::<dispatch_bus::RunId>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_run_id",
+            "a run id is a UUID in its hyphenated form",
+        );
+    };
+    let after = match headers.get("last-event-id").map(HeaderValue::to_str) {
+        None => params.after.unwrap_or(0),
+        Some(Ok(text)) => match text.trim().parse::<u64>() {
+            Ok(seq) => seq,
+            Err(_) => return bad_cursor("Last-Event-ID is the id of an event this stream sent"),
+        },
+        Some(Err(_)) => return bad_cursor("Last-Event-ID is not text"),
+    };
+    let js = app.bus.jetstream();
+    let Ok(runs) = js.get_stream(streams::RUNS).await else {
+        return unavailable(&"the run-log stream");
+    };
+    let log = subject::run(&run_id);
+    if runs
+        .direct_get_next_for_subject(log.to_string(), Some(1))
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no run {run_id}"),
+        );
+    }
+    let messages = match runs
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: log.to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(consumer) => match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(e) => return unavailable(&e),
+        },
+        Err(e) => return unavailable(&e),
+    };
+    let events = messages.filter_map(move |message| {
+        let event = message.ok().and_then(|message| {
+            let stream_seq = message.info().ok()?.stream_sequence;
+            dispatch_runlog::decode(&run_id, stream_seq, &message.payload).ok()
+        });
+        std::future::ready(event.filter(|e| e.seq > after))
+    });
+    let events = until(events, |event| {
+        matches!(
+            event.body,
+            Some(dispatch_proto::run::v1::run_event::Body::RunFinished(_))
+        )
+    })
+    .map(|event| {
+        let kind = event.body.as_ref().map_or("event", |b| b.kind());
+        let data = serde_json::to_string(&event).unwrap_or_default();
+        Event::default()
+            .id(event.seq.to_string())
+            .event(kind)
+            .data(data)
+    });
+    let stopping = app.stopping.clone();
+    let mut response = Sse::new(
+        events
+            .take_until(async move { stopping.cancelled_owned().await })
+            .map(Ok::<_, Infallible>),
+    )
+    .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }

@@ -185,6 +185,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/goals", post(post_goal))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/events", get(conversations::run_events))
         .route("/v1/tasks", get(get_tasks))
         .route("/v1/approvals", get(approvals::list))
         .route("/v1/approvals/{id}", post(approvals::answer))
@@ -193,6 +194,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
             "/v1/conversations/{id}/transcript",
             get(conversations::transcript),
         )
+        .route("/v1/conversations/{id}/ws", get(conversations::websocket))
         .route_layer(axum::middleware::from_fn_with_state(
             app.access.clone(),
             access::check,
@@ -287,6 +289,11 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         Ok(key) => key,
         Err(response) => return *response,
     };
+    let direct = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
     let caller = request
         .extensions()
         .get::<access::Caller>()
@@ -299,6 +306,17 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
     let goal = match validate(&body) {
         Ok(goal) => goal,
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+    };
+    let conversation = goal.conversation().clone();
+    // Direct mode: following the conversation before the goal is stored, so none of
+    // the run's chunks can come before the reader.
+    let live = if direct {
+        match conversations::chunks(&app, &conversation, conversations::Start::Next).await {
+            Ok(live) => Some(live),
+            Err(response) => return response,
+        }
+    } else {
+        None
     };
     let submission = match &idempotency_key {
         // Scoped to the caller's key, so two clients cannot collide on a key.
@@ -315,9 +333,21 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         match submission.submit(&app.bus).await {
             Ok(Submitted::Stored(run_id)) => {
                 app.writes.goal_stored();
-                return accepted(run_id.to_string(), false);
+                return match live {
+                    Some(live) => conversations::one_run(live, run_id.to_string()),
+                    None => accepted(run_id.to_string(), false),
+                };
             }
             Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
+                if direct {
+                    // Asked again: the run so far from its transcript, then the rest.
+                    let cursor = conversations::Cursor::of_run(&earlier.run_id);
+                    let start = conversations::Start::After(cursor);
+                    return match conversations::chunks(&app, &conversation, start).await {
+                        Ok(chunks) => conversations::one_run(chunks, earlier.run_id),
+                        Err(response) => response,
+                    };
+                }
                 return accepted(earlier.run_id, true);
             }
             Ok(Submitted::Earlier(earlier)) => {

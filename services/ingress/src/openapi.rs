@@ -17,6 +17,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::approvals::answer,
         crate::conversations::stream,
         crate::conversations::transcript,
+        crate::conversations::run_events,
         crate::healthz
     ),
     components(schemas(
