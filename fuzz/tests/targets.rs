@@ -146,6 +146,15 @@ fn sample_events(run_id: &RunId) -> Vec<Vec<u8>> {
             conversation_id: "c".into(),
             timeout_ms: 1000,
             origin: "http".into(),
+            callback_url: "https://h/x".into(),
+        }),
+        Body::OutputDelta(dispatch_proto::run::v1::OutputDelta {
+            leaf: 0,
+            turn: 0,
+            part: 0,
+            offset: 0,
+            text: "Hel".into(),
+            abandoned: false,
         }),
         Body::LeafStarted(LeafStarted {
             leaf: 0,

@@ -65,6 +65,7 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
         timeout_ms: 0,
         origin: "bus".into(),
         submitted_at_unix_ms: 1,
+        callback_url: String::new(),
     };
     let cases = [
         (
@@ -89,6 +90,13 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
                 ..good("Odd id")
             },
             "rejected: invalid_request_id",
+        ),
+        (
+            SubmitGoal {
+                callback_url: "file:///etc/passwd".into(),
+                ..good("Call me back")
+            },
+            "rejected: invalid_callback",
         ),
     ];
     for (mut command, reason) in cases {

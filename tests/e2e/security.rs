@@ -168,6 +168,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
                 conversation_id: "default".into(),
                 timeout_ms: 0,
                 origin: "forged".into(),
+                callback_url: String::new(),
             }),
         ),
         forged_event(

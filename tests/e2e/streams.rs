@@ -507,3 +507,186 @@ async fn dispatch_attach_follows_a_conversation_in_a_terminal() -> Result<()> {
     assert_eq!(bad.code, Some(125));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_background_result_reaches_the_stream_and_a_signed_callback_that_failed_twice()
+-> Result<()> {
+    use base64::Engine as _;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?.port()
+    };
+    let mut stack = Stack::with_test_tools().await?;
+    // The signing secret, stored as `dispatch secret set webhook-signing` would.
+    let key_path = dispatch_secrets::key_path(stack.root());
+    let key = dispatch_secrets::Key::load_or_create(&key_path)?;
+    let secrets = dispatch_secrets::Store::open(&stack.bus, key_path, Some(key)).await?;
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::now_v7().as_bytes())
+    );
+    secrets.set("webhook-signing", &secret).await?;
+    // A receiver on the Standard Webhooks library that answers 500 twice first.
+    let log = stack.root().join("received.jsonl");
+    let _receiver =
+        tokio::process::Command::new(dispatch_testkit::mcp_servers().join("venv/bin/python"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/mcp/webhook_receiver.py"
+            ))
+            .args([
+                &port.to_string(),
+                &secret,
+                "2",
+                log.to_str().context("utf-8")?,
+            ])
+            .kill_on_drop(true)
+            .spawn()?;
+    let hosts = format!("127.0.0.1:{port}");
+    stack
+        .add_with(
+            "streamer",
+            &[
+                "--purge-after",
+                "5m",
+                "--callback-hosts",
+                &hosts,
+                "--delivery-lease-ms",
+                "500",
+            ],
+        )
+        .await?;
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+
+    // Started from a conversation whose client goes away at once.
+    let conversation = "chat-background";
+    let client = open(&stack, conversation, None).await?;
+    let response = stack
+        .http
+        .post(stack.url("/v1/goals"))
+        .json(&serde_json::json!({
+            "goal": PLAN,
+            "conversation_id": conversation,
+            "callback_url": format!("http://127.0.0.1:{port}/hooks/dispatch?tenant=7"),
+        }))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let run_id: RunId = response.json::<Value>().await?["run_id"]
+        .as_str()
+        .context("a run id")?
+        .parse()?;
+    drop(client);
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+
+    // Back later: the result is in the conversation stream.
+    let back = whole(&stack, conversation, run_id).await?;
+    let end = back
+        .iter()
+        .find(|e| e.data["type"] == "data-run" && e.data["data"]["status"] == "done")
+        .context("the result in the stream")?;
+    assert_eq!(end.data["data"]["summary"], finished(&events).summary);
+
+    // The callback got it once, signed, after two failures.
+    let received = stack
+        .eventually(LIMIT, || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let lines: Vec<Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            lines.iter().any(|l| l["verified"] == true).then_some(lines)
+        })
+        .await?;
+    let statuses: Vec<i64> = received
+        .iter()
+        .filter_map(|l| l["status"].as_i64())
+        .collect();
+    assert_eq!(statuses, [500, 500, 204], "{received:?}");
+    let delivered = &received[2];
+    assert_eq!(delivered["headers"]["webhook-id"], run_id.to_string());
+    let body: Value = serde_json::from_str(delivered["body"].as_str().context("a body")?)?;
+    assert_eq!(body["type"], "run.finished");
+    assert_eq!(body["data"]["run_id"], run_id.to_string());
+    assert_eq!(body["data"]["status"], "done");
+    assert_eq!(body["data"]["conversation_id"], conversation);
+    // Every try is on the run's delivery record.
+    let deliveries = stack
+        .bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::DELIVERIES)
+        .await?;
+    let mut attempts = Vec::new();
+    let subject = dispatch_bus::subject::delivery(&run_id).to_string();
+    let mut seq = 1;
+    while let Ok(message) = deliveries
+        .direct_get_next_for_subject(subject.as_str(), Some(seq))
+        .await
+    {
+        seq = message.sequence + 1;
+        attempts.push(
+            <dispatch_proto::command::v1::DeliveryAttempt as prost::Message>::decode(
+                &message.payload[..],
+            )?,
+        );
+    }
+    let summary: Vec<(u32, u32, bool)> = attempts
+        .iter()
+        .map(|a| (a.attempt, a.status, a.delivered))
+        .collect();
+    assert_eq!(summary, [(1, 500, false), (2, 500, false), (3, 204, true)]);
+    assert_eq!(
+        attempts[0].url,
+        format!("http://127.0.0.1:{port}/hooks/dispatch")
+    );
+    // And nothing more comes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = std::fs::read_to_string(&log)?;
+    assert_eq!(text.lines().count(), 3);
+
+    // A host the streamer does not allow is not called: given up, and said so.
+    let elsewhere = stack
+        .http
+        .post(stack.url("/v1/goals"))
+        .json(&serde_json::json!({"goal": PLAN, "callback_url": "http://127.0.0.1:1/x"}))
+        .send()
+        .await?;
+    let elsewhere: RunId = elsewhere.json::<Value>().await?["run_id"]
+        .as_str()
+        .context("a run id")?
+        .parse()?;
+    stack.wait_finished(elsewhere, LIMIT).await?;
+    let subject = dispatch_bus::subject::delivery(&elsewhere).to_string();
+    let refused = stack
+        .eventually(LIMIT, || async {
+            let message = deliveries
+                .direct_get_last_for_subject(subject.as_str())
+                .await
+                .ok()?;
+            <dispatch_proto::command::v1::DeliveryAttempt as prost::Message>::decode(
+                &message.payload[..],
+            )
+            .ok()
+        })
+        .await?;
+    assert!(refused.gave_up && !refused.delivered, "{refused:?}");
+    assert!(
+        refused.error.contains("--callback-hosts"),
+        "{}",
+        refused.error
+    );
+
+    // A callback that is not an http(s) URL is refused at the door.
+    let refused = stack
+        .http
+        .post(stack.url("/v1/goals"))
+        .json(&serde_json::json!({"goal": "x", "callback_url": "ftp://h/x"}))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 400);
+    let problem: Value = refused.json().await?;
+    assert_eq!(problem["code"], "invalid_callback");
+    Ok(())
+}

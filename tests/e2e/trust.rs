@@ -34,6 +34,7 @@ fn done_bodies(goal: &str) -> Vec<Body> {
             conversation_id: "default".into(),
             timeout_ms: 0,
             origin: "forged".into(),
+            callback_url: String::new(),
         }),
         Body::RunFinished(RunFinished {
             status: RunStatus::Done as i32,

@@ -448,6 +448,7 @@ pub async fn seed_finished_runs(
                     conversation_id: conversation,
                     timeout_ms: 0,
                     origin: "seed".into(),
+                    callback_url: String::new(),
                 });
                 handle.append(request, "seed").await?;
                 handle

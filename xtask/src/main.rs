@@ -268,7 +268,8 @@ fn real_model(root: &Path, args: &[String]) -> Result<()> {
 
 /// Installs the MCP servers the connector tests run into `.tools/mcp`: the npm ones
 /// with `npm ci` from the lockfile in `tests/mcp` (every package pinned by version and
-/// integrity hash, install scripts not run), and `mcp-server-time` into a virtualenv
+/// integrity hash, install scripts not run), and `mcp-server-time` and `standardwebhooks`
+/// (the delivery test's receiver checks signatures with it) into a virtualenv
 /// with pip from hash-pinned wheels. Done again only when a pin changes.
 fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
     let source = root.join("tests/mcp");
@@ -311,7 +312,7 @@ fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
             "requirements.txt",
         ])
         .current_dir(&dir))
-    .context("pip could not install mcp-server-time (hash-pinned wheels for CPython 3.11)")?;
+    .context("pip could not install mcp-server-time and standardwebhooks (hash-pinned wheels for CPython 3.11)")?;
     std::fs::write(&stamp, wanted)?;
     Ok(dir)
 }

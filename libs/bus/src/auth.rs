@@ -183,9 +183,13 @@ impl Identity {
             }
             Identity::Streamer => {
                 service(&mut p, "streamer");
-                p.read(&[streams::RUNS]);
+                p.read(&[streams::RUNS, streams::SECRETS, streams::DELIVERIES]);
                 p.work(streams::RUNS, consumers::STREAMER);
                 p.publish.allow.push(subject::conv::ALL.into());
+                // Deliveries of results to callbacks: queued, worked, recorded.
+                p.publish.allow.push(subject::cmd::DELIVER.into());
+                p.work(streams::COMMANDS, consumers::DELIVERIES);
+                p.publish.allow.push(subject::DELIVERIES_ALL.into());
                 // Keeping its stream's knobs in line, and purging persisted turns.
                 for api in ["UPDATE", "PURGE"] {
                     p.publish

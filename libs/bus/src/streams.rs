@@ -29,13 +29,17 @@ pub const POLICY_HISTORY: i64 = 1000;
 /// are persisted, and `max_age` expires what never was.
 pub const CONVERSATIONS: &str = "DISPATCH_CONVERSATIONS";
 
+/// Deliveries of finished runs' results to their callbacks: every attempt, one
+/// subject per run (`dispatch.delivery.<run_id>`).
+pub const DELIVERIES: &str = "DISPATCH_DELIVERIES";
+
 /// One tiny message per service: written to learn whether JetStream accepts writes
 /// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
 pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; the last is the tool catalogue's key-value
 /// bucket ([`crate::catalogue`]).
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -43,6 +47,7 @@ pub const ALL: [&str; 9] = [
     PROBE,
     POLICY,
     CONVERSATIONS,
+    DELIVERIES,
     crate::catalogue::STREAM,
     SECRETS,
 ];
@@ -74,6 +79,8 @@ pub mod consumers {
     pub const CONNECTOR_CALLS: &str = "connector-calls";
     /// The streamer's consumer of every run's events (pinned: one copy at a time).
     pub const STREAMER: &str = "streamer";
+    /// The streamer's consumer of delivery commands (every copy takes some).
+    pub const DELIVERIES: &str = "deliveries";
 }
 
 /// The knobs of the conversation stream, which `streamer` keeps the existing stream in
@@ -213,6 +220,21 @@ fn policy() -> Config {
     }
 }
 
+fn deliveries() -> Config {
+    Config {
+        name: DELIVERIES.to_owned(),
+        description: Some("Dispatch deliveries of run results to callbacks".to_owned()),
+        subjects: vec![subject::DELIVERIES_ALL.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        max_messages_per_subject: 100,
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
 fn probe() -> Config {
     Config {
         name: PROBE.to_owned(),
@@ -238,6 +260,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         probe(),
         policy(),
         defaults,
+        deliveries(),
     ] {
         let name = config.name.clone();
         let stream = bus

@@ -72,6 +72,7 @@ pub mod cmd {
     pub const POLICY: &str = "dispatch.cmd.policy";
     pub const TOOL: &str = "dispatch.cmd.tool";
     pub const GATE: &str = "dispatch.cmd.gate";
+    pub const DELIVER: &str = "dispatch.cmd.deliver";
 
     pub fn policy() -> Subject {
         Subject::from_static(POLICY)
@@ -81,6 +82,9 @@ pub mod cmd {
     }
     pub fn gate() -> Subject {
         Subject::from_static(GATE)
+    }
+    pub fn deliver() -> Subject {
+        Subject::from_static(DELIVER)
     }
 }
 
@@ -136,6 +140,14 @@ pub mod conv {
     pub const RUN_HEADER: &str = "Dispatch-Run-Id";
     pub const RUN_SEQ_HEADER: &str = "Dispatch-Run-Seq";
     pub const INDEX_HEADER: &str = "Dispatch-Chunk";
+}
+
+/// Every run's delivery record.
+pub const DELIVERIES_ALL: &str = "dispatch.delivery.*";
+
+/// Where the attempts to deliver a run's result to its callback are recorded.
+pub fn delivery(run_id: &RunId) -> Subject {
+    Subject::from(format!("dispatch.delivery.{run_id}"))
 }
 
 /// Where removals of runs from the views are recorded.

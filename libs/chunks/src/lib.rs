@@ -66,7 +66,7 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
             if d.offset == 0 {
                 chunks.push(json!({"type": "text-start", "id": id}));
             }
-            chunks.push(json!({"type": "text-delta", "id": id, "delta": d.text}));
+            chunks.push(json!({"type": "text-delta", "id": id, "delta": cut(&d.text)}));
             chunks
         }
         Body::ModelTurn(t) if t.streamed => {

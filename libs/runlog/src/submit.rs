@@ -16,6 +16,7 @@ pub const MIN_TIMEOUT_MS: u64 = 1_000;
 pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 /// The longest origin label, in characters.
 pub const MAX_ORIGIN_CHARS: usize = 128;
+pub const MAX_CALLBACK_CHARS: usize = 2048;
 
 /// Why a goal was refused. [`GoalError::code`] is the stable machine-readable name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum GoalError {
     Subject { claimed: String, subject: String },
     #[error("the goal's request event id {0:?} is not a UUID")]
     RequestId(String),
+    #[error("callback_url: {0}")]
+    Callback(String),
 }
 
 impl GoalError {
@@ -47,6 +50,7 @@ impl GoalError {
             }
             GoalError::Origin => "invalid_origin",
             GoalError::RequestId(_) => "invalid_request_id",
+            GoalError::Callback(_) => "invalid_callback",
         }
     }
 }
@@ -59,6 +63,7 @@ pub struct Goal {
     conversation: ConversationId,
     timeout_ms: u64,
     origin: String,
+    callback_url: Option<String>,
 }
 
 impl Goal {
@@ -93,7 +98,15 @@ impl Goal {
             conversation: conversation.parse()?,
             timeout_ms,
             origin: origin.to_owned(),
+            callback_url: None,
         })
+    }
+
+    /// The goal, with its result POSTed to `url` when the run ends (empty: none).
+    pub fn with_callback(mut self, url: &str) -> Result<Self, GoalError> {
+        check_callback(url)?;
+        self.callback_url = (!url.is_empty()).then(|| url.to_owned());
+        Ok(self)
     }
 
     pub fn goal(&self) -> &str {
@@ -128,7 +141,34 @@ pub fn check_command(subject: &str, command: &SubmitGoal) -> Result<RunId, GoalE
         command.timeout_ms,
         &command.origin,
     )?;
+    check_callback(&command.callback_url)?;
     Ok(run_id)
+}
+
+/// Checks a callback URL: empty (none), or an absolute http(s) URL of at most
+/// [`MAX_CALLBACK_CHARS`] with a host and no credentials in it. Which hosts may be
+/// called is the streamer's to say (its `--callback-hosts`).
+pub fn check_callback(url: &str) -> Result<(), GoalError> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let bad = |why: &str| Err(GoalError::Callback(why.to_owned()));
+    if url.len() > MAX_CALLBACK_CHARS {
+        return bad("at most 2048 characters");
+    }
+    let Ok(parsed) = url::Url::parse(url) else {
+        return bad("not an absolute URL");
+    };
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return bad("http or https only");
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return bad("no host");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return bad("credentials in the URL are refused");
+    }
+    Ok(())
 }
 
 /// Stores the goal on `dispatch.goal.<run_id>` and returns the run id once JetStream
@@ -184,6 +224,7 @@ impl Submission {
             timeout_ms: goal.timeout_ms,
             origin: goal.origin,
             submitted_at_unix_ms: crate::handle::now_unix_ms(),
+            callback_url: goal.callback_url.unwrap_or_default(),
         };
         Self { command, msg_id }
     }
@@ -195,7 +236,10 @@ impl Submission {
     /// True when `earlier` asks for the same thing as this submission.
     pub fn same_request(&self, earlier: &SubmitGoal) -> bool {
         let (a, b) = (&self.command, earlier);
-        a.goal == b.goal && a.conversation_id == b.conversation_id && a.timeout_ms == b.timeout_ms
+        a.goal == b.goal
+            && a.conversation_id == b.conversation_id
+            && a.timeout_ms == b.timeout_ms
+            && a.callback_url == b.callback_url
     }
 
     /// Stores the goal (safe to call again after any failure).
@@ -277,7 +321,8 @@ pub async fn find_goal(bus: &Bus, run_id: &RunId) -> Result<Option<SubmitGoal>, 
 /// The `RunRequested` event a goal stands for. A goal that fails [`check_command`]
 /// still gets a first event, so its run can end `blocked` with the reason; what it
 /// records is bounded: the goal cut to [`MAX_GOAL_CHARS`], a timeout out of range
-/// dropped for the default, an invalid conversation replaced by the default one.
+/// dropped for the default, an invalid conversation replaced by the default one, an
+/// invalid callback dropped.
 pub fn requested(command: &SubmitGoal) -> RunRequested {
     let timeout_ms = match command.timeout_ms {
         ms @ MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS => ms,
@@ -292,6 +337,11 @@ pub fn requested(command: &SubmitGoal) -> RunRequested {
         conversation_id: conversation.to_string(),
         timeout_ms,
         origin: crate::slice_chars(&command.origin, MAX_ORIGIN_CHARS),
+        // A callback that does not check out is not called.
+        callback_url: match check_callback(&command.callback_url) {
+            Ok(()) => command.callback_url.clone(),
+            Err(_) => String::new(),
+        },
     }
 }
 
@@ -335,6 +385,7 @@ mod tests {
             timeout_ms: 0,
             origin: "http".into(),
             submitted_at_unix_ms: 1,
+            callback_url: String::new(),
         }
     }
 
@@ -353,6 +404,17 @@ mod tests {
             (Goal::new("x", "a.b", 0, "cli"), "invalid_conversation"),
             (Goal::new("x", "c", 0, ""), "invalid_origin"),
             (Goal::new("x", "c", 0, "a\u{1b}b"), "invalid_origin"),
+            (ok.clone().with_callback("ftp://h/x"), "invalid_callback"),
+            (ok.clone().with_callback("/relative"), "invalid_callback"),
+            (
+                ok.clone().with_callback("https://u:p@h/x"),
+                "invalid_callback",
+            ),
+            (
+                ok.clone()
+                    .with_callback(&format!("https://h/{}", "x".repeat(MAX_CALLBACK_CHARS))),
+                "invalid_callback",
+            ),
         ];
         for (result, code) in cases {
             assert_eq!(result.unwrap_err().code(), code);

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 pub mod api_keys;
 pub mod config;
+pub mod hosts;
 
 use tokio_util::sync::CancellationToken;
 

@@ -118,6 +118,9 @@ enum Command {
         /// Kill-switch budget, e.g. 90s, 35m, 1h (default 35m).
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
+        /// POST the run's result here when it ends (signed per Standard Webhooks).
+        #[arg(long)]
+        callback: Option<String>,
         /// What you want done.
         goal: Vec<String>,
     },
@@ -353,6 +356,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             detach,
             conversation,
             timeout,
+            callback,
             goal,
         } => {
             let goal = goal.join(" ");
@@ -369,6 +373,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 Some(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             };
             let goal = Goal::new(&goal, &conversation, timeout_ms, "cli")
+                .and_then(|goal| goal.with_callback(callback.as_deref().unwrap_or_default()))
                 .map_err(|e| Failure::new(e.to_string()))?;
             let bus = nats.connect().await?;
             let log = open_log(&bus).await?;

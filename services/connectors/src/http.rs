@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dispatch_bus::catalogue::{ArgumentIn, Risk, ToolEntry};
+use dispatch_service::hosts::AllowedHost;
 use futures::StreamExt as _;
 use serde::Deserialize;
 
@@ -102,54 +103,19 @@ impl Leasing<'static> {
     }
 }
 
-/// One allowed host.
+/// One allowed host, as `[connectors.http] allow_hosts` has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Allowed {
-    /// A name, or the suffix after `*.`.
-    host: String,
-    wildcard: bool,
-    port: Option<u16>,
-}
+struct Allowed(AllowedHost);
 
 impl Allowed {
     fn parse(entry: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("[connectors.http] allow_hosts entry {entry:?}: {why}");
-        let (host, port) = match entry.rsplit_once(':') {
-            Some((host, port)) if !host.contains(':') => (
-                host,
-                Some(
-                    port.parse::<u16>()
-                        .map_err(|_| bad("the port is not a number"))?,
-                ),
-            ),
-            _ => (entry, None),
-        };
-        let (host, wildcard) = match host.strip_prefix("*.") {
-            Some(rest) => (rest, true),
-            None => (host, false),
-        };
-        let fits = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
-        if host.is_empty() || !host.bytes().all(fits) || host.starts_with('.') {
-            return Err(bad(
-                "give a host name or address, `*.suffix`, or either with :port",
-            ));
-        }
-        Ok(Self {
-            host: host.to_ascii_lowercase(),
-            wildcard,
-            port,
-        })
+        AllowedHost::parse(entry)
+            .map(Self)
+            .map_err(|why| format!("[connectors.http] allow_hosts entry {entry:?}: {why}"))
     }
 
     fn admits(&self, host: &str, port: u16, default_port: u16) -> bool {
-        let host = host.to_ascii_lowercase();
-        let name = if self.wildcard {
-            host.strip_suffix(&self.host)
-                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.'))
-        } else {
-            host == self.host
-        };
-        name && port == self.port.unwrap_or(default_port)
+        self.0.admits(host, port, default_port)
     }
 }
 
@@ -260,18 +226,7 @@ impl Http {
 
     /// The catalogue entry of `http.request`.
     pub fn entry(&self) -> ToolEntry {
-        let hosts: Vec<String> = self
-            .allowed
-            .iter()
-            .map(|a| {
-                let host = if a.wildcard {
-                    format!("*.{}", a.host)
-                } else {
-                    a.host.clone()
-                };
-                a.port.map_or(host.clone(), |p| format!("{host}:{p}"))
-            })
-            .collect();
+        let hosts: Vec<String> = self.allowed.iter().map(|a| a.0.to_string()).collect();
         let mut entry = ToolEntry::builtin(
             CONNECTOR,
             TOOL,

@@ -232,6 +232,9 @@ pub struct GoalRequest {
     conversation_id: Option<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// Where the run's result is POSTed when it ends, signed per Standard Webhooks.
+    #[serde(default)]
+    callback_url: Option<String>,
 }
 
 /// Checks a goal request body; the error is `(code, message)`. Public so the fuzz
@@ -254,6 +257,7 @@ pub fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
         request.timeout_ms.unwrap_or(0),
         "http",
     )
+    .and_then(|goal| goal.with_callback(request.callback_url.as_deref().unwrap_or_default()))
     .map_err(|e| (e.code(), e.to_string()))
 }
 

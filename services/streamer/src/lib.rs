@@ -16,7 +16,10 @@
 //! `Nats-Msg-Id` of `<event_id>:<index>`, so the stream's duplicate window collapses
 //! them, and a client reading the stream sees each chunk once, in the log's order.
 
+pub mod delivery;
+
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use dispatch_chunks as chunks;
 use std::time::Duration;
@@ -72,6 +75,14 @@ pub struct Config {
     /// last chunks. A reader back later gets the finished run from its transcript.
     #[arg(long, env = "DISPATCH_CONVERSATIONS_PURGE_AFTER", default_value = "10s", value_parser = parse_duration)]
     pub purge_after: Duration,
+    /// Hosts finished runs' results may be POSTed to (a goal's `callback_url`): names
+    /// or addresses, `*.suffix`, either with `:port`; none by default.
+    #[arg(long, env = "DISPATCH_CALLBACK_HOSTS", value_delimiter = ',')]
+    pub callback_hosts: Vec<String>,
+    /// Lease on a delivery, in milliseconds: tries of a failing callback come this long
+    /// apart at first, then further (the command consumer's backoff).
+    #[arg(long, env = "DISPATCH_DELIVERY_LEASE_MS", default_value_t = 5_000)]
+    pub delivery_lease_ms: u64,
     /// Replicas of the conversation stream (3 in a cluster multiplies its storage by 3).
     #[arg(long, env = "DISPATCH_CONVERSATIONS_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -103,6 +114,8 @@ pub enum Error {
     Bus(#[from] dispatch_bus::Error),
     #[error("{0}")]
     Nats(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 fn nats(what: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
@@ -159,11 +172,29 @@ impl Streamer {
             instance,
             "streamer ready (streams while pinned, on standby otherwise)"
         );
+        let allowed = self
+            .config
+            .callback_hosts
+            .iter()
+            .map(|entry| {
+                dispatch_service::hosts::AllowedHost::parse(entry).map_err(|why| {
+                    Error::Config(format!("--callback-hosts entry {entry:?}: {why}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let deliverer = delivery::Deliverer::new(&self.bus, &self.config.common.workspace, allowed)
+            .await
+            .map_err(Error::Config)?;
+        let deliveries = tokio::spawn(Arc::new(deliverer).serve(
+            Duration::from_millis(self.config.delivery_lease_ms.max(300)),
+            shutdown.clone(),
+        ));
         let conversations = js
             .get_stream(streams::CONVERSATIONS)
             .await
             .map_err(|e| nats("open the conversation stream")(&e))?;
         let mut relay = Relay {
+            bus: self.bus.clone(),
             js: js.clone(),
             runs,
             buffer: conversations,
@@ -206,6 +237,7 @@ impl Streamer {
             }
         }
         let _ = health.await;
+        let _ = deliveries.await;
         Ok(())
     }
 
@@ -252,14 +284,16 @@ impl Streamer {
 
 /// What the pinned copy keeps while relaying.
 struct Relay {
+    bus: Bus,
     js: jetstream::Context,
     runs: jetstream::stream::Stream,
     /// The conversation stream, to purge.
     buffer: jetstream::stream::Stream,
     purge_after: Duration,
     consumer: consumer::PullConsumer,
-    /// Each run's conversation, learned from its first event.
-    conversations: HashMap<RunId, ConversationId>,
+    /// Each run's conversation, and whether it has a callback, learned from its
+    /// first event.
+    conversations: HashMap<RunId, (ConversationId, bool)>,
     /// Nothing handed to this copy yet since it (re)started pulling: the next event it
     /// gets may follow ones a copy that died left unacknowledged.
     fresh: bool,
@@ -357,7 +391,7 @@ impl Relay {
         };
         let chunks = chunks::of(&run_id.to_string(), &event);
         if !chunks.is_empty() {
-            let conversation = self
+            let (conversation, callback) = self
                 .conversation(&run_id, &event)
                 .await
                 .map_err(|e| Retry(format!("cannot learn run {run_id}'s conversation: {e}")))?;
@@ -367,6 +401,11 @@ impl Relay {
                 .await
                 .map_err(Retry)?;
             if chunks::is_terminal(&event) {
+                if callback {
+                    delivery::queue(&self.bus, &run_id).await.map_err(|e| {
+                        Retry(format!("cannot queue the delivery of run {run_id}: {e}"))
+                    })?;
+                }
                 self.conversations.remove(&run_id);
                 self.purge_later(&conversation, to, last);
             }
@@ -379,7 +418,7 @@ impl Relay {
     /// to `last` (the run's last chunk) is purged — unless another run of the
     /// conversation is still streaming, whose own end purges both.
     fn purge_later(&self, conversation: &ConversationId, to: Subject, last: u64) {
-        if self.conversations.values().any(|c| c == conversation) {
+        if self.conversations.values().any(|(c, _)| c == conversation) {
             return;
         }
         let buffer = self.buffer.clone();
@@ -439,12 +478,13 @@ impl Relay {
         Ok(last)
     }
 
-    /// The conversation `run_id` reports to: from its first event, remembered.
+    /// The conversation `run_id` reports to, and whether its result goes to a
+    /// callback: from its first event, remembered.
     async fn conversation(
         &mut self,
         run_id: &RunId,
         event: &dispatch_proto::run::v1::RunEvent,
-    ) -> Result<ConversationId, String> {
+    ) -> Result<(ConversationId, bool), String> {
         use dispatch_proto::run::v1::run_event::Body;
         if let Some(known) = self.conversations.get(run_id) {
             return Ok(known.clone());
@@ -469,7 +509,8 @@ impl Relay {
         if self.conversations.len() >= MAX_REMEMBERED_RUNS {
             self.conversations.clear();
         }
-        self.conversations.insert(*run_id, conversation);
-        Ok(self.conversations[run_id].clone())
+        let known = (conversation, !requested.callback_url.is_empty());
+        self.conversations.insert(*run_id, known.clone());
+        Ok(known)
     }
 }
