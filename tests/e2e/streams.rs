@@ -690,3 +690,53 @@ async fn a_background_result_reaches_the_stream_and_a_signed_callback_that_faile
     assert_eq!(problem["code"], "invalid_callback");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_vercel_ai_sdk_reads_a_run_and_assembles_its_message() -> Result<()> {
+    let stack = stack(1).await?;
+    // The SDK resolves from where the script is: beside the installed packages.
+    let script = dispatch_testkit::mcp_servers().join("ai_sdk_reader.mjs");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/mcp/ai_sdk_reader.mjs"),
+        &script,
+    )?;
+    let body = serde_json::json!({"goal": PLAN, "conversation_id": "chat-sdk"}).to_string();
+    let out = tokio::process::Command::new("node")
+        .arg(&script)
+        .args([&stack.url("/v1/goals"), &stack.api_key, &body])
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let message: Value = serde_json::from_slice(&out.stdout)?;
+    let run_id: RunId = message["id"].as_str().context("an id")?.parse()?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(message["role"], "assistant");
+    let parts = message["parts"].as_array().context("parts")?;
+    let text: String = parts
+        .iter()
+        .filter(|p| p["type"] == "text")
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert_eq!(text, model_text(&events));
+    // Tool calls with their results, the run's own data parts, a step per leaf.
+    let sleeps = parts
+        .iter()
+        .filter(|p| p["type"] == "tool-test.sleep" && p["state"] == "output-available")
+        .count();
+    assert_eq!(sleeps, 3, "{parts:?}");
+    assert!(parts.iter().any(|p| p["type"] == "data-plan"));
+    let run = parts
+        .iter()
+        .find(|p| p["type"] == "data-run")
+        .context("the run's state")?;
+    assert_eq!(run["data"]["status"], "done");
+    assert_eq!(
+        parts.iter().filter(|p| p["type"] == "step-start").count(),
+        3
+    );
+    Ok(())
+}

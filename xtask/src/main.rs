@@ -283,12 +283,12 @@ fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
     }
     let stamp = dir.join("installed-from");
     if std::fs::read(&stamp).is_ok_and(|installed| installed == wanted) {
-        eprintln!("xtask: using the MCP servers in {}", dir.display());
+        eprintln!("xtask: using the test servers and clients in {}", dir.display());
         return Ok(dir);
     }
     eprintln!(
-        "xtask: installing MCP servers (npm: server-filesystem, server-everything; PyPI: \
-         mcp-server-time) into {}",
+        "xtask: installing the test servers and clients (npm: server-filesystem, \
+         server-everything, ai; PyPI: mcp-server-time, standardwebhooks) into {}",
         dir.display()
     );
     run(Command::new("npm")
