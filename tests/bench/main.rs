@@ -5,6 +5,7 @@
 mod gate;
 mod growth;
 mod peer;
+mod streams;
 mod tools;
 mod turns;
 
@@ -31,8 +32,8 @@ const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 8] = [
-    "ack", "append", "e2e", "tools", "turns", "rebuild", "gate", "growth",
+const SECTIONS: [&str; 9] = [
+    "ack", "append", "e2e", "tools", "turns", "rebuild", "gate", "streams", "growth",
 ];
 
 #[tokio::main]
@@ -83,6 +84,9 @@ async fn main() -> Result<()> {
     }
     if wants("gate") {
         gate::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("streams") {
+        streams::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if peer.is_some() {
         peer::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;

@@ -283,7 +283,10 @@ fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
     }
     let stamp = dir.join("installed-from");
     if std::fs::read(&stamp).is_ok_and(|installed| installed == wanted) {
-        eprintln!("xtask: using the test servers and clients in {}", dir.display());
+        eprintln!(
+            "xtask: using the test servers and clients in {}",
+            dir.display()
+        );
         return Ok(dir);
     }
     eprintln!(
