@@ -740,3 +740,183 @@ async fn the_vercel_ai_sdk_reads_a_run_and_assembles_its_message() -> Result<()>
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn grpc_clients_submit_read_watch_and_resume_with_the_same_keys() -> Result<()> {
+    use dispatch_proto::api::v1::dispatch_client::DispatchClient;
+    use dispatch_proto::api::v1::{
+        GetRunRequest, ListRunsRequest, SubmitGoalRequest, SubscribeConversationRequest,
+        WatchRunRequest,
+    };
+    let stack = stack(1).await?;
+    let channel = tonic::transport::Channel::from_shared(stack.grpc_url())?
+        .connect()
+        .await?;
+    let key: tonic::metadata::MetadataValue<_> = format!("Bearer {}", stack.api_key).parse()?;
+    let mut client =
+        DispatchClient::with_interceptor(channel.clone(), move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", key.clone());
+            Ok(request)
+        });
+
+    // Without a key: refused.
+    let mut anonymous = DispatchClient::new(channel.clone());
+    let refused = anonymous
+        .get_run(GetRunRequest { id: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    // Follow the conversation first, then submit.
+    let conversation = "chat-grpc";
+    let mut chunks = client
+        .subscribe_conversation(SubscribeConversationRequest {
+            conversation_id: conversation.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let submitted = client
+        .submit_goal(SubmitGoalRequest {
+            goal: PLAN.into(),
+            conversation_id: conversation.into(),
+            idempotency_key: "grpc-1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run_id: RunId = submitted.run_id.parse()?;
+    assert!(!submitted.replayed);
+    // The same key again: the same run.
+    let again = client
+        .submit_goal(SubmitGoalRequest {
+            goal: PLAN.into(),
+            conversation_id: conversation.into(),
+            idempotency_key: "grpc-1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (again.run_id.as_str(), again.replayed),
+        (submitted.run_id.as_str(), true)
+    );
+    let bad = client
+        .submit_goal(SubmitGoalRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("invalid_goal"),
+        "{}",
+        bad.message()
+    );
+
+    // Half the run's chunks, then a resume with the cursor: exactly the rest.
+    let mut head = Vec::new();
+    while head.len() < 5 {
+        let chunk = chunks.message().await?.context("the stream ended")?;
+        head.push(chunk);
+    }
+    drop(chunks);
+    let cursor = head.last().map(|c| c.id.clone()).context("an id")?;
+    let mut rest = Vec::new();
+    let mut resumed = client
+        .subscribe_conversation(SubscribeConversationRequest {
+            conversation_id: conversation.into(),
+            cursor,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let ended = ends(run_id);
+    loop {
+        let chunk = resumed.message().await?.context("the stream ended")?;
+        let event = SseEvent {
+            id: Some(chunk.id.clone()),
+            data: serde_json::from_str(&chunk.chunk_json)?,
+        };
+        rest.push(event.clone());
+        if ended(&event) {
+            break;
+        }
+    }
+    let all = whole(&stack, conversation, run_id).await?;
+    let resumed: Vec<SseEvent> = head
+        .iter()
+        .map(|c| SseEvent {
+            id: Some(c.id.clone()),
+            data: serde_json::from_str(&c.chunk_json).unwrap(),
+        })
+        .chain(rest)
+        .collect();
+    assert_eq!(resumed, all, "a gap or a duplicate across the reconnect");
+
+    // The run: watched to its end, read, listed.
+    let mut watched = client
+        .watch_run(WatchRunRequest {
+            run_id: run_id.to_string(),
+            after_seq: 2,
+        })
+        .await?
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(event) = watched.message().await? {
+        seqs.push(event.seq);
+    }
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(seqs, (3..=events.len() as u64).collect::<Vec<_>>());
+    let run = client
+        .get_run(GetRunRequest {
+            id: run_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(run.status, "done");
+    assert_eq!(run.leaves_done, 3);
+    let listed = client
+        .list_runs(ListRunsRequest {
+            all: true,
+            conversation_id: conversation.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(listed.runs.len(), 1);
+    assert_eq!(listed.runs[0].run_id, run_id.to_string());
+
+    // Health and reflection, without a key, as grpcurl uses them.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "dispatch.api.v1.Dispatch".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await?
+        .into_inner();
+    let answer = answers.message().await?.context("an answer")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        anyhow::bail!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"dispatch.api.v1.Dispatch".to_owned()),
+        "{names:?}"
+    );
+    Ok(())
+}

@@ -23,6 +23,8 @@ fn up(workspace: &std::path::Path, nats_port: u16, http_port: u16) -> Command {
             &nats_port.to_string(),
             "--http",
             &format!("127.0.0.1:{http_port}"),
+            "--grpc",
+            "127.0.0.1:0",
         ])
         .stdin(Stdio::null())
         .kill_on_drop(true);

@@ -106,7 +106,7 @@ impl Stack {
 
     pub async fn add(&mut self, service: &str) -> Result<&Service> {
         let args: &[&str] = if service == "ingress" {
-            &["--listen", "127.0.0.1:0"]
+            &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]
         } else {
             &[]
         };
@@ -147,6 +147,19 @@ impl Stack {
             .as_str()
             .expect("ingress reports its address");
         format!("http://{addr}{path}")
+    }
+
+    /// `http://<ingress gRPC addr>`.
+    pub fn grpc_url(&self) -> String {
+        let ingress = self
+            .services
+            .iter()
+            .find(|s| s.name == "ingress")
+            .expect("the stack runs ingress");
+        let addr = ingress.health().detail["grpc_addr"]
+            .as_str()
+            .expect("ingress serves gRPC");
+        format!("http://{addr}")
     }
 
     /// Runs the `dispatch` CLI against this stack.

@@ -65,6 +65,17 @@ pub mod run {
     }
 }
 
+/// The gRPC API: messages, the `Dispatch` service's server and client.
+pub mod api {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/dispatch.api.v1.rs"));
+    }
+
+    /// The encoded descriptors of every `.proto` file, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+}
+
 pub mod command {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/dispatch.command.v1.rs"));

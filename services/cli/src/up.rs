@@ -31,6 +31,9 @@ pub struct UpArgs {
     /// Address ingress listens on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
+    /// Address ingress serves gRPC on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    grpc: String,
     /// Once everything is up, run this goal end to end and show what it left.
     #[arg(long)]
     demo: Option<String>,
@@ -203,7 +206,11 @@ async fn start_and_serve(
             .stderr(log)
             .kill_on_drop(true);
         if service == "ingress" {
-            command.arg("--listen").arg(&args.http);
+            command
+                .arg("--listen")
+                .arg(&args.http)
+                .arg("--grpc-listen")
+                .arg(&args.grpc);
         }
         let child = command
             .spawn()
@@ -222,7 +229,15 @@ async fn start_and_serve(
             .get("http_addr")
             .and_then(|a| a.as_str())
             .map(|a| format!(" on http://{a}"))
-            .unwrap_or_default();
+            .into_iter()
+            .chain(
+                health
+                    .detail
+                    .get("grpc_addr")
+                    .and_then(|a| a.as_str())
+                    .map(|a| format!(", gRPC on {a}")),
+            )
+            .collect::<String>();
         eprintln!("  {service:<11} up (pid {}){extra}", health.pid);
     }
     eprintln!(

@@ -57,11 +57,34 @@ impl Access {
         Ok(store)
     }
 
+    /// The id of the key `presented` (a bearer token), if it is a known one.
+    pub fn caller(&self, presented: Option<&str>) -> Result<String, Denied> {
+        let presented = presented.ok_or(Denied::Missing)?;
+        let keys = self.keys().map_err(|e| {
+            tracing::error!(error = %e, "cannot read the API key store");
+            Denied::Unavailable
+        })?;
+        keys.check(presented)
+            .map(str::to_owned)
+            .ok_or(Denied::Unknown)
+    }
+
     fn origin_allowed(&self, origin: &HeaderValue) -> bool {
         origin
             .to_str()
             .is_ok_and(|o| self.allowed_origins.iter().any(|a| a == o))
     }
+}
+
+/// Why a request has no caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// It presented no key.
+    Missing,
+    /// The key is not one the store knows.
+    Unknown,
+    /// The store cannot be read.
+    Unavailable,
 }
 
 /// Middleware: refuses foreign origins (403) and requests without a known key (401).
@@ -90,15 +113,17 @@ pub async fn check(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(presented) = presented else {
-        return unauthorized(
-            "send an API key as `Authorization: Bearer <key>`; create one with `dispatch api-key create`",
-        );
-    };
-    let keys = match access.keys() {
-        Ok(keys) => keys,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the API key store");
+    let id = match access.caller(presented) {
+        Ok(id) => id,
+        Err(Denied::Missing) => {
+            return unauthorized(
+                "send an API key as `Authorization: Bearer <key>`; create one with `dispatch api-key create`",
+            );
+        }
+        Err(Denied::Unknown) => {
+            return unauthorized("the API key is not known (revoked, or mistyped)");
+        }
+        Err(Denied::Unavailable) => {
             return Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "key_store_unavailable",
@@ -107,10 +132,7 @@ pub async fn check(
             .into_response();
         }
     };
-    let Some(id) = keys.check(presented) else {
-        return unauthorized("the API key is not known (revoked, or mistyped)");
-    };
-    request.extensions_mut().insert(Caller(id.to_owned()));
+    request.extensions_mut().insert(Caller(id));
     next.run(request).await
 }
 

@@ -64,7 +64,7 @@ impl Cursor {
         }
     }
 
-    fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
         let (seq, run) = match text.split_once('-') {
             Some((seq, run)) => (seq, Some(run)),
@@ -232,7 +232,7 @@ pub(crate) fn one_run(chunks: Chunks, run_id: String) -> Response {
 
 /// `items` up to and including the first that `last` says is the last; the stream
 /// ends right after it, without waiting for another.
-fn until<T: Send + 'static>(
+pub(crate) fn until<T: Send + 'static>(
     items: impl futures::Stream<Item = T> + Send + 'static,
     last: impl Fn(&T) -> bool + Send + 'static,
 ) -> impl futures::Stream<Item = T> + Send + 'static {

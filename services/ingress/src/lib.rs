@@ -10,6 +10,7 @@
 pub mod access;
 pub mod approvals;
 mod conversations;
+mod grpc;
 pub mod openapi;
 pub mod problem;
 pub mod serve;
@@ -51,6 +52,9 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "DISPATCH_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address to serve gRPC on (port 0 picks a free one); none without it.
+    #[arg(long, env = "DISPATCH_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
     /// The API key store (default: .dispatch/auth/api-keys.json in the workspace).
     #[arg(long, env = "DISPATCH_API_KEYS")]
     pub api_keys: Option<std::path::PathBuf>,
@@ -89,6 +93,7 @@ pub struct Ingress {
     config: Config,
     app: Arc<App>,
     listener: tokio::net::TcpListener,
+    grpc: Option<tokio::net::TcpListener>,
 }
 
 struct App {
@@ -113,6 +118,14 @@ impl Ingress {
                 addr: config.listen,
                 source,
             })?;
+        let grpc = match config.grpc_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let keys = config
             .api_keys
             .clone()
@@ -130,6 +143,7 @@ impl Ingress {
                 stopping: CancellationToken::new(),
             }),
             listener,
+            grpc,
         })
     }
 
@@ -144,6 +158,23 @@ impl Ingress {
         let mut me = Health::new(SERVICE, &self.config.common.instance);
         me.detail
             .insert("http_addr".into(), json!(addr.to_string()));
+        let grpc = match self.grpc {
+            Some(listener) => {
+                let grpc_addr = listener
+                    .local_addr()
+                    .map_err(|source| Error::Listen { addr, source })?;
+                me.detail
+                    .insert("grpc_addr".into(), json!(grpc_addr.to_string()));
+                tracing::info!(%grpc_addr, "gRPC listening");
+                let serving = grpc::serve(self.app.clone(), listener, shutdown.clone());
+                Some(tokio::spawn(async move {
+                    if let Err(e) = serving.await {
+                        tracing::error!(error = %e, "the gRPC server stopped");
+                    }
+                }))
+            }
+            None => None,
+        };
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
         let probe = tokio::spawn(writes::watch(
             self.app.bus.clone(),
@@ -175,6 +206,9 @@ impl Ingress {
         shutdown.cancel();
         let _ = health.await;
         let _ = probe.await;
+        if let Some(grpc) = grpc {
+            let _ = grpc.await;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,312 @@
+//! The gRPC front door (tonic), beside HTTP on `--grpc-listen`: the `Dispatch`
+//! service of `proto/dispatch/api/v1/api.proto` on the same API keys, the standard
+//! health service, and server reflection (grpcurl needs no `.proto` files). Every
+//! method goes the way its HTTP twin goes: goals through the same checks and the same
+//! submission, runs from the same ledger queries, conversations from the same chunk
+//! source as SSE.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use dispatch_bus::{ConversationId, RunId, streams, subject};
+use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply};
+use dispatch_ledger::view::RunView;
+use dispatch_proto::api::v1 as api;
+use dispatch_proto::api::v1::dispatch_server::{Dispatch, DispatchServer};
+use dispatch_proto::run::v1::RunEvent;
+use dispatch_runlog::submit::{Submission, Submitted};
+use futures::{Stream, StreamExt as _};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::conversations::{self, Cursor, Start};
+use crate::{App, QUERY_TIMEOUT};
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Serves gRPC on `listener` until `shutdown`.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<DispatchServer<Service>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dispatch_proto::api::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptors compiled with the crate are valid");
+    let access = app.access.clone();
+    let dispatch = DispatchServer::with_interceptor(Service { app }, move |request| {
+        authenticate(&access, request)
+    });
+    let incoming = tokio_stream_of(listener);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(dispatch)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+}
+
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// The same API keys as HTTP: `authorization: Bearer <key>` metadata.
+fn authenticate(
+    access: &crate::access::Access,
+    mut request: Request<()>,
+) -> Result<Request<()>, Status> {
+    let presented = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match access.caller(presented) {
+        Ok(caller) => {
+            request
+                .extensions_mut()
+                .insert(crate::access::Caller(caller));
+            Ok(request)
+        }
+        Err(crate::access::Denied::Missing) => Err(Status::unauthenticated(
+            "send an API key as `authorization: Bearer <key>` metadata; create one with \
+             `dispatch api-key create`",
+        )),
+        Err(crate::access::Denied::Unknown) => Err(Status::unauthenticated(
+            "the API key is not known (revoked, or mistyped)",
+        )),
+        Err(crate::access::Denied::Unavailable) => {
+            Err(Status::unavailable("the API key store cannot be read"))
+        }
+    }
+}
+
+pub struct Service {
+    app: Arc<App>,
+}
+
+/// A ledger answer as a gRPC status.
+fn ledger<T>(reply: Result<Reply<T>, dispatch_bus::Error>) -> Result<T, Status> {
+    use dispatch_ledger::api::QueryError;
+    match reply {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(QueryError::NotFound(m))) => Err(Status::not_found(m)),
+        Ok(Err(QueryError::Ambiguous(m) | QueryError::BadRequest(m))) => {
+            Err(Status::invalid_argument(m))
+        }
+        Ok(Err(QueryError::Unavailable(m))) => Err(Status::unavailable(m)),
+        Ok(Err(QueryError::Corrupt(m))) => Err(Status::data_loss(m)),
+        Err(e) => Err(Status::unavailable(format!(
+            "the ledger did not answer: {e}"
+        ))),
+    }
+}
+
+fn run(view: RunView) -> api::Run {
+    api::Run {
+        run_id: view.run_id,
+        goal: view.goal,
+        conversation_id: view.conversation_id,
+        origin: view.origin,
+        status: view.status.word().to_owned(),
+        title: view.title.unwrap_or_default(),
+        reason: view.reason.unwrap_or_default(),
+        summary: view.summary.unwrap_or_default(),
+        leaves: view.leaves,
+        leaves_done: view.leaves_done,
+        leaves_failed: view.leaves_failed,
+        requested_at_ms: view.requested_at_ms,
+        finished_at_ms: view.finished_at_ms.unwrap_or_default(),
+        last_seq: view.last_seq,
+    }
+}
+
+#[tonic::async_trait]
+impl Dispatch for Service {
+    async fn submit_goal(
+        &self,
+        request: Request<api::SubmitGoalRequest>,
+    ) -> Result<Response<api::SubmitGoalResponse>, Status> {
+        let caller = request
+            .extensions()
+            .get::<crate::access::Caller>()
+            .map(|c| c.0.clone())
+            .unwrap_or_default();
+        let body = request.into_inner();
+        let conversation = match body.conversation_id.as_str() {
+            "" => ConversationId::DEFAULT,
+            id => id,
+        };
+        let goal =
+            dispatch_runlog::submit::Goal::new(&body.goal, conversation, body.timeout_ms, "grpc")
+                .and_then(|goal| goal.with_callback(&body.callback_url))
+                .map_err(|e| Status::invalid_argument(format!("{}: {e}", e.code())))?;
+        let submission = match body.idempotency_key.as_str() {
+            "" => Submission::new(goal),
+            key if key.len() > 255 || key.chars().any(char::is_control) => {
+                return Err(Status::invalid_argument(
+                    "idempotency_key: at most 255 printable characters",
+                ));
+            }
+            key => Submission::idempotent(goal, &format!("{caller}\0{key}")),
+        };
+        let (run_id, replayed) = match submission.submit(&self.app.bus).await {
+            Ok(Submitted::Stored(run_id)) => {
+                self.app.writes.goal_stored();
+                (run_id.to_string(), false)
+            }
+            Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
+                (earlier.run_id, true)
+            }
+            Ok(Submitted::Earlier(_)) => {
+                return Err(Status::failed_precondition(
+                    "this idempotency_key was used for a different goal; use a new key",
+                ));
+            }
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "the goal is not known to be stored; submit it again: {e}"
+                )));
+            }
+        };
+        Ok(Response::new(api::SubmitGoalResponse {
+            status_url: format!("/v1/runs/{run_id}"),
+            run_id,
+            replayed,
+        }))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<api::GetRunRequest>,
+    ) -> Result<Response<api::Run>, Status> {
+        let query = RunQuery {
+            id: request.into_inner().id,
+        };
+        let reply = self
+            .app
+            .bus
+            .request_json(subject::query::run(), &query, QUERY_TIMEOUT)
+            .await;
+        Ok(Response::new(run(ledger::<RunView>(reply)?)))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<api::ListRunsRequest>,
+    ) -> Result<Response<api::ListRunsResponse>, Status> {
+        let body = request.into_inner();
+        let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
+        let query = RunsQuery {
+            all: body.all,
+            conversation: none_if_empty(body.conversation_id),
+            limit: (body.limit != 0).then_some(body.limit),
+            after: none_if_empty(body.after),
+        };
+        let reply = self
+            .app
+            .bus
+            .request_json(subject::query::runs(), &query, QUERY_TIMEOUT)
+            .await;
+        let page = ledger::<RunsReply>(reply)?;
+        Ok(Response::new(api::ListRunsResponse {
+            runs: page.runs.into_iter().map(run).collect(),
+            next: page.next.unwrap_or_default(),
+        }))
+    }
+
+    type WatchRunStream = Streamed<RunEvent>;
+
+    async fn watch_run(
+        &self,
+        request: Request<api::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let body = request.into_inner();
+        let run_id: RunId = body
+            .run_id
+            .parse()
+            .map_err(|_| Status::invalid_argument("run_id is a UUID in its hyphenated form"))?;
+        let js = self.app.bus.jetstream();
+        let runs = js
+            .get_stream(streams::RUNS)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let log = subject::run(&run_id).to_string();
+        if runs
+            .direct_get_next_for_subject(log.clone(), Some(1))
+            .await
+            .is_err()
+        {
+            return Err(Status::not_found(format!("no run {run_id}")));
+        }
+        let messages = runs
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: log,
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .messages()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let after = body.after_seq;
+        let events = messages.filter_map(move |message| {
+            let event = message.ok().and_then(|message| {
+                let stream_seq = message.info().ok()?.stream_sequence;
+                dispatch_runlog::decode(&run_id, stream_seq, &message.payload).ok()
+            });
+            std::future::ready(event.filter(|e| e.seq > after))
+        });
+        let events = conversations::until(events, |event| {
+            matches!(
+                event.body,
+                Some(dispatch_proto::run::v1::run_event::Body::RunFinished(_))
+            )
+        });
+        let stopping = self.app.stopping.clone();
+        Ok(Response::new(Box::pin(events.map(Ok).take_until(
+            async move { stopping.cancelled_owned().await },
+        ))))
+    }
+
+    type SubscribeConversationStream = Streamed<api::ConversationChunk>;
+
+    async fn subscribe_conversation(
+        &self,
+        request: Request<api::SubscribeConversationRequest>,
+    ) -> Result<Response<Self::SubscribeConversationStream>, Status> {
+        let body = request.into_inner();
+        let conversation: ConversationId = body.conversation_id.parse().map_err(|_| {
+            Status::invalid_argument("a conversation id is 1-128 of A-Z, a-z, 0-9, '-' and '_'")
+        })?;
+        let start = match (body.cursor.as_str(), body.from) {
+            ("", 0) => Start::Oldest,
+            ("", seq) => Start::At(seq),
+            (cursor, _) => Start::After(Cursor::parse(cursor).ok_or_else(|| {
+                Status::invalid_argument("cursor is the id of a chunk this stream sent")
+            })?),
+        };
+        let chunks = conversations::chunks(&self.app, &conversation, start)
+            .await
+            .map_err(|_| Status::unavailable("the conversation stream cannot be read now"))?;
+        Ok(Response::new(Box::pin(chunks.map(|chunk| {
+            Ok(api::ConversationChunk {
+                id: chunk.id,
+                chunk_json: chunk.data,
+            })
+        }))))
+    }
+}
