@@ -138,28 +138,25 @@ impl Stack {
 
     /// `http://<ingress addr><path>`.
     pub fn url(&self, path: &str) -> String {
-        let ingress = self
-            .services
-            .iter()
-            .find(|s| s.name == "ingress")
-            .expect("the stack runs ingress");
-        let addr = ingress.health().detail["http_addr"]
-            .as_str()
-            .expect("ingress reports its address");
-        format!("http://{addr}{path}")
+        format!("http://{}{path}", self.ingress_addr("http_addr"))
     }
 
     /// `http://<ingress gRPC addr>`.
     pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.ingress_addr("grpc_addr"))
+    }
+
+    /// An address ingress reports in its health (`http_addr`, `grpc_addr`).
+    fn ingress_addr(&self, which: &str) -> String {
         let ingress = self
             .services
             .iter()
             .find(|s| s.name == "ingress")
             .expect("the stack runs ingress");
-        let addr = ingress.health().detail["grpc_addr"]
+        ingress.health().detail[which]
             .as_str()
-            .expect("ingress serves gRPC");
-        format!("http://{addr}")
+            .unwrap_or_else(|| panic!("ingress reports no {which}"))
+            .to_owned()
     }
 
     /// Runs the `dispatch` CLI against this stack.

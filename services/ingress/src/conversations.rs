@@ -562,6 +562,63 @@ mod tests {
     }
 }
 
+/// Why a run's log cannot be followed.
+pub(crate) enum RunLogError {
+    NoRun,
+    Unavailable(String),
+}
+
+/// `run_id`'s events after sequence `after`, verified one by one as they are read,
+/// live until its terminal event (included) or until ingress stops.
+pub(crate) async fn run_log(
+    app: &App,
+    run_id: dispatch_bus::RunId,
+    after: u64,
+) -> Result<futures::stream::BoxStream<'static, dispatch_proto::run::v1::RunEvent>, RunLogError> {
+    let unavailable = |e: &dyn std::fmt::Display| RunLogError::Unavailable(e.to_string());
+    let runs = app
+        .bus
+        .jetstream()
+        .get_stream(streams::RUNS)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let log = subject::run(&run_id).to_string();
+    if runs
+        .direct_get_next_for_subject(log.clone(), Some(1))
+        .await
+        .is_err()
+    {
+        return Err(RunLogError::NoRun);
+    }
+    let messages = runs
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: log,
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?
+        .messages()
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let events = messages.filter_map(move |message| {
+        let event = message.ok().and_then(|message| {
+            let stream_seq = message.info().ok()?.stream_sequence;
+            dispatch_runlog::decode(&run_id, stream_seq, &message.payload).ok()
+        });
+        std::future::ready(event.filter(|e| e.seq > after))
+    });
+    let stopping = app.stopping.clone();
+    Ok(until(events, |event| {
+        matches!(
+            event.body,
+            Some(dispatch_proto::run::v1::run_event::Body::RunFinished(_))
+        )
+    })
+    .take_until(async move { stopping.cancelled_owned().await })
+    .boxed())
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -610,50 +667,18 @@ pub(crate) async fn run_events(
         },
         Some(Err(_)) => return bad_cursor("Last-Event-ID is not text"),
     };
-    let js = app.bus.jetstream();
-    let Ok(runs) = js.get_stream(streams::RUNS).await else {
-        return unavailable(&"the run-log stream");
+    let events = match run_log(&app, run_id, after).await {
+        Ok(events) => events,
+        Err(RunLogError::NoRun) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no run {run_id}"),
+            );
+        }
+        Err(RunLogError::Unavailable(e)) => return unavailable(&e),
     };
-    let log = subject::run(&run_id);
-    if runs
-        .direct_get_next_for_subject(log.to_string(), Some(1))
-        .await
-        .is_err()
-    {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no run {run_id}"),
-        );
-    }
-    let messages = match runs
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: log.to_string(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(consumer) => match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(e) => return unavailable(&e),
-        },
-        Err(e) => return unavailable(&e),
-    };
-    let events = messages.filter_map(move |message| {
-        let event = message.ok().and_then(|message| {
-            let stream_seq = message.info().ok()?.stream_sequence;
-            dispatch_runlog::decode(&run_id, stream_seq, &message.payload).ok()
-        });
-        std::future::ready(event.filter(|e| e.seq > after))
-    });
-    let events = until(events, |event| {
-        matches!(
-            event.body,
-            Some(dispatch_proto::run::v1::run_event::Body::RunFinished(_))
-        )
-    })
-    .map(|event| {
+    let events = events.map(|event| {
         let kind = event.body.as_ref().map_or("event", |b| b.kind());
         let data = serde_json::to_string(&event).unwrap_or_default();
         Event::default()
@@ -661,14 +686,9 @@ pub(crate) async fn run_events(
             .event(kind)
             .data(data)
     });
-    let stopping = app.stopping.clone();
-    let mut response = Sse::new(
-        events
-            .take_until(async move { stopping.cancelled_owned().await })
-            .map(Ok::<_, Infallible>),
-    )
-    .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-    .into_response();
+    let mut response = Sse::new(events.map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -8,8 +8,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use dispatch_bus::{ConversationId, RunId, streams, subject};
+use dispatch_bus::{ConversationId, RunId, subject};
 use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply};
 use dispatch_ledger::view::RunView;
 use dispatch_proto::api::v1 as api;
@@ -238,48 +237,14 @@ impl Dispatch for Service {
             .run_id
             .parse()
             .map_err(|_| Status::invalid_argument("run_id is a UUID in its hyphenated form"))?;
-        let js = self.app.bus.jetstream();
-        let runs = js
-            .get_stream(streams::RUNS)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let log = subject::run(&run_id).to_string();
-        if runs
-            .direct_get_next_for_subject(log.clone(), Some(1))
-            .await
-            .is_err()
-        {
-            return Err(Status::not_found(format!("no run {run_id}")));
-        }
-        let messages = runs
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: log,
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .messages()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let after = body.after_seq;
-        let events = messages.filter_map(move |message| {
-            let event = message.ok().and_then(|message| {
-                let stream_seq = message.info().ok()?.stream_sequence;
-                dispatch_runlog::decode(&run_id, stream_seq, &message.payload).ok()
-            });
-            std::future::ready(event.filter(|e| e.seq > after))
-        });
-        let events = conversations::until(events, |event| {
-            matches!(
-                event.body,
-                Some(dispatch_proto::run::v1::run_event::Body::RunFinished(_))
-            )
-        });
-        let stopping = self.app.stopping.clone();
-        Ok(Response::new(Box::pin(events.map(Ok).take_until(
-            async move { stopping.cancelled_owned().await },
-        ))))
+        let events = match conversations::run_log(&self.app, run_id, body.after_seq).await {
+            Ok(events) => events,
+            Err(conversations::RunLogError::NoRun) => {
+                return Err(Status::not_found(format!("no run {run_id}")));
+            }
+            Err(conversations::RunLogError::Unavailable(e)) => return Err(Status::unavailable(e)),
+        };
+        Ok(Response::new(Box::pin(events.map(Ok))))
     }
 
     type SubscribeConversationStream = Streamed<api::ConversationChunk>;

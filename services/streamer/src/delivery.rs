@@ -42,14 +42,26 @@ pub async fn queue(bus: &Bus, run_id: &RunId) -> Result<(), String> {
     let command = DeliverRun {
         run_id: run_id.to_string(),
     };
+    store(
+        bus,
+        subject::cmd::deliver(),
+        &format!("deliver-{run_id}"),
+        &command,
+    )
+    .await
+}
+
+/// Publishes `message` on `to` once (`Nats-Msg-Id`: `id`) and waits until it is stored.
+async fn store(
+    bus: &Bus,
+    to: subject::Subject,
+    id: &str,
+    message: &impl prost::Message,
+) -> Result<(), String> {
     let mut headers = dispatch_bus::async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("deliver-{run_id}").as_str());
+    headers.insert("Nats-Msg-Id", id);
     bus.jetstream()
-        .publish_with_headers(
-            subject::cmd::deliver(),
-            headers,
-            command.encode_to_vec().into(),
-        )
+        .publish_with_headers(to, headers, message.encode_to_vec().into())
         .await
         .map_err(|e| e.to_string())?
         .await
@@ -309,23 +321,8 @@ impl Deliverer {
     }
 
     async fn record(&self, run_id: &RunId, attempt: &DeliveryAttempt) -> Result<(), String> {
-        let mut headers = dispatch_bus::async_nats::HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{run_id}:{}", attempt.attempt).as_str(),
-        );
-        self.bus
-            .jetstream()
-            .publish_with_headers(
-                subject::delivery(run_id),
-                headers,
-                attempt.encode_to_vec().into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
+        let id = format!("{run_id}:{}", attempt.attempt);
+        store(&self.bus, subject::delivery(run_id), &id, attempt).await
     }
 }
 
