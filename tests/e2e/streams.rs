@@ -920,3 +920,28 @@ async fn grpc_clients_submit_read_watch_and_resume_with_the_same_keys() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn websockets_count_against_the_connection_limit() -> Result<()> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    stack
+        .add_with(
+            "ingress",
+            &["--listen", "127.0.0.1:0", "--max-connections", "2"],
+        )
+        .await?;
+    let first = websocket(&stack, "chat-limit", serde_json::json!({})).await?;
+    let second = websocket(&stack, "chat-limit", serde_json::json!({})).await?;
+    // Both sockets hold their slots: an HTTP request finds none.
+    let http = dispatch_tests::http_client(&stack.api_key)?;
+    let full = http.get(stack.url("/v1/runs")).send().await?;
+    assert_eq!(full.status(), 503);
+    drop((first, second));
+    stack
+        .eventually(LIMIT, || async {
+            let response = http.get(stack.url("/v1/runs")).send().await.ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await?;
+    Ok(())
+}

@@ -234,7 +234,7 @@ impl Identity {
 }
 
 /// Every durable consumer, with the one identity that takes work from it.
-const DURABLES: [(&str, &str, Identity); 3] = [
+const DURABLES: [(&str, &str, Identity); 5] = [
     (
         streams::GOALS,
         consumers::DISPATCHER_GOALS,
@@ -250,6 +250,8 @@ const DURABLES: [(&str, &str, Identity); 3] = [
         consumers::CONNECTOR_CALLS,
         Identity::Connectors,
     ),
+    (streams::RUNS, consumers::STREAMER, Identity::Streamer),
+    (streams::COMMANDS, consumers::DELIVERIES, Identity::Streamer),
 ];
 
 /// The subject a put of catalogue key `key` is published on.

@@ -78,7 +78,7 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
             let id = format!("text-{}-{}", t.leaf, t.turn);
             vec![
                 json!({"type": "text-start", "id": id}),
-                json!({"type": "text-delta", "id": id, "delta": t.text}),
+                json!({"type": "text-delta", "id": id, "delta": cut(&t.text)}),
                 json!({"type": "text-end", "id": id}),
             ]
         }
@@ -86,7 +86,7 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
             "type": "tool-input-available",
             "toolCallId": c.call_id,
             "toolName": c.tool,
-            "input": serde_json::from_str::<Value>(&c.args_json).unwrap_or_else(|_| Value::String(cut(&c.args_json))),
+            "input": input(&c.args_json),
         })],
         Body::PolicyDecided(d) if d.decision() == Decision::Deny => {
             vec![json!({"type": "tool-output-denied", "toolCallId": d.call_id})]
@@ -100,7 +100,7 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                     "approval": a.approval_id,
                     "call": a.call_id,
                     "tool": a.tool,
-                    "reason": a.reason,
+                    "reason": cut(&a.reason),
                     "rule": a.rule,
                     "expires_unix_ms": a.expires_unix_ms,
                     "state": "waiting",
@@ -114,8 +114,8 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                 "approval": a.approval_id,
                 "call": a.call_id,
                 "state": if a.decision() == Decision::Allow { "approved" } else { "denied" },
-                "by": a.resolved_by,
-                "reason": a.reason,
+                "by": cut(&a.resolved_by),
+                "reason": cut(&a.reason),
                 "expired": a.expired,
             },
         })],
@@ -135,7 +135,7 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                 json!({
                     "leaf": l.leaf,
                     "state": if l.state() == LeafState::Done { "done" } else { "failed" },
-                    "reason": l.reason,
+                    "reason": cut(&l.reason),
                 }),
             ),
             json!({"type": "finish-step"}),
@@ -145,8 +145,8 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                 run_id,
                 json!({
                     "status": status_name(f.status()),
-                    "reason": f.reason,
-                    "summary": f.summary,
+                    "reason": cut(&f.reason),
+                    "summary": cut(&f.summary),
                     "tally": tally(&f.tally),
                     "report": cut(&f.report),
                 }),
@@ -159,11 +159,24 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
 
 /// A finished run's chunks as a transcript has them: what [`of`] makes of its events,
 /// with each turn's text whole (the pieces it streamed in are left out).
-pub fn transcript<'a>(run_id: &str, events: impl IntoIterator<Item = &'a RunEvent>) -> Vec<Value> {
+pub fn transcript<'a>(
+    run_id: &str,
+    events: impl IntoIterator<Item = &'a RunEvent> + Clone,
+) -> Vec<Value> {
+    // Turns the log has whole; a turn still being written (no ModelTurn yet) is given
+    // as its pieces so far, so a reader can go on with the pieces that follow.
+    let whole: std::collections::HashSet<(u32, u32)> = events
+        .clone()
+        .into_iter()
+        .filter_map(|event| match &event.body {
+            Some(Body::ModelTurn(t)) => Some((t.leaf, t.turn)),
+            _ => None,
+        })
+        .collect();
     events
         .into_iter()
         .filter_map(|event| match &event.body {
-            Some(Body::OutputDelta(_)) => None,
+            Some(Body::OutputDelta(d)) if whole.contains(&(d.leaf, d.turn)) => None,
             Some(Body::ModelTurn(t)) if t.streamed => {
                 let whole = RunEvent {
                     body: Some(Body::ModelTurn(dispatch_proto::run::v1::ModelTurn {
@@ -293,6 +306,15 @@ fn tally(entries: &[TallyEntry]) -> Value {
         .map(|e| (e.state.clone(), json!(e.count)))
         .collect::<serde_json::Map<_, _>>()
         .into()
+}
+
+/// A call's arguments as the chunk's `input`: the JSON object, or (not JSON, or too
+/// large to repeat) its text cut.
+fn input(args_json: &str) -> Value {
+    match serde_json::from_str::<Value>(args_json) {
+        Ok(value) if args_json.len() <= MAX_TEXT_CHARS => value,
+        _ => Value::String(cut(args_json)),
+    }
 }
 
 fn cut(text: &str) -> String {
@@ -463,6 +485,34 @@ mod tests {
         assert_eq!(parts[2]["type"], "tool-files.read_file");
         assert_eq!(parts[2]["state"], "output-available");
         assert_eq!(parts[2]["output"], "contents");
+    }
+
+    #[test]
+    fn a_turn_still_being_written_is_in_the_transcript_as_its_pieces() {
+        let delta = |offset: u64, text: &str| {
+            event(Body::OutputDelta(OutputDelta {
+                leaf: 0,
+                turn: 1,
+                offset,
+                text: text.into(),
+                ..Default::default()
+            }))
+        };
+        let events = [delta(0, "Hel"), delta(3, "lo")];
+        let chunks = transcript("r", &events);
+        assert_eq!(types(&chunks), ["text-start", "text-delta", "text-delta"]);
+        // Once the turn is whole, the transcript has it whole instead.
+        let mut done = events.to_vec();
+        done.push(event(Body::ModelTurn(ModelTurn {
+            leaf: 0,
+            turn: 1,
+            text: "Hello".into(),
+            streamed: true,
+            ..Default::default()
+        })));
+        let chunks = transcript("r", &done);
+        assert_eq!(types(&chunks), ["text-start", "text-delta", "text-end"]);
+        assert_eq!(chunks[1]["delta"], "Hello");
     }
 
     #[test]

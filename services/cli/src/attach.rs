@@ -106,7 +106,8 @@ fn show(
         *at_line_start = true;
         writeln!(out, "{text}")
     };
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    // Model and tool text is untrusted: no terminal control sequences get through.
+    let text = |v: &Value| printable(v.as_str().unwrap_or_default());
     match chunk["type"].as_str().unwrap_or_default() {
         "text-delta" => {
             let delta = text(&chunk["delta"]);
@@ -115,7 +116,11 @@ fn show(
         }
         "tool-input-available" => line(
             out,
-            format!("→ {} {}", text(&chunk["toolName"]), chunk["input"]),
+            format!(
+                "→ {} {}",
+                text(&chunk["toolName"]),
+                one_line(&printable(&chunk["input"].to_string()))
+            ),
         ),
         "tool-output-available" => line(out, format!("← {}", one_line(&text(&chunk["output"])))),
         "tool-output-error" => line(out, format!("✗ {}", one_line(&text(&chunk["errorText"])))),
@@ -148,6 +153,14 @@ fn show(
         }
         _ => Ok(()),
     }
+}
+
+/// `text` without control characters but newlines and tabs (an escape sequence from a
+/// model or a tool could rewrite the terminal).
+fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
 }
 
 /// The first line of `text`, at most 120 characters.

@@ -409,15 +409,20 @@ impl Exec<'_> {
         Ok((reply, Some(part.part)))
     }
 
-    /// Appends the text gathered in `part`, if any.
+    /// Appends the text gathered in `part`, if any; text not appended stays gathered
+    /// for the next try.
     async fn flush(&mut self, part: &mut Part) -> Result<(), Stop> {
         if part.pending.is_empty() {
             return Ok(());
         }
-        let text = std::mem::take(&mut part.pending);
-        self.append_delta(part.delta(text.clone(), false)).await?;
-        part.offset += text.len() as u64;
-        part.sent.push_str(&text);
+        if self
+            .append_delta(part.delta(part.pending.clone(), false))
+            .await?
+        {
+            let text = std::mem::take(&mut part.pending);
+            part.offset += text.len() as u64;
+            part.sent.push_str(&text);
+        }
         Ok(())
     }
 
@@ -425,13 +430,17 @@ impl Exec<'_> {
     async fn abandon(&mut self, part: &mut Part) -> Result<(), Stop> {
         part.pending.clear();
         if !part.sent.is_empty() {
+            // Not appended, the part stays open to clients until the turn ends it.
             self.append_delta(part.delta(String::new(), true)).await?;
             *part = Part::new(part.leaf, part.turn, part.part + 1);
         }
         Ok(())
     }
 
-    async fn append_delta(&mut self, delta: OutputDelta) -> Result<(), Stop> {
+    /// Appends `delta`; whether it was. Streamed text is a courtesy to whoever
+    /// watches (the turn's text is in its ModelTurn whatever happens here), so only a
+    /// run that has ended stops the turn.
+    async fn append_delta(&mut self, delta: OutputDelta) -> Result<bool, Stop> {
         let cause = self.command.run_id.clone();
         for _ in 0..3 {
             match self
@@ -439,15 +448,17 @@ impl Exec<'_> {
                 .append(Body::OutputDelta(delta.clone()), &cause)
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(true),
                 // Another writer (a stop request) appended; the handle has read it.
                 Err(e) if e.kind() == ErrorKind::Conflict => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind() == ErrorKind::Finished => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(run_id = %self.run.run_id(), error = %e, "streamed text not appended; trying with the next piece");
+                    return Ok(false);
+                }
             }
         }
-        // Streamed text is a courtesy to whoever watches; the turn's text is in its
-        // ModelTurn whatever happens here.
-        Ok(())
+        Ok(false)
     }
 
     /// One leaf's agent loop and gate.

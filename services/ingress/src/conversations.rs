@@ -220,13 +220,27 @@ pub(crate) fn sse(chunks: impl futures::Stream<Item = Event> + Send + 'static) -
 pub(crate) fn one_run(chunks: Chunks, run_id: String) -> Response {
     let ours = chunks
         .filter(move |chunk| std::future::ready(chunk.run.as_deref() == Some(run_id.as_str())));
-    let events = until(ours, |chunk: &Chunk| {
-        serde_json::from_str::<serde_json::Value>(&chunk.data).is_ok_and(|c| c["type"] == "finish")
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = finished.clone();
+    let events = until(ours, move |chunk: &Chunk| {
+        let last = serde_json::from_str::<serde_json::Value>(&chunk.data)
+            .is_ok_and(|c| c["type"] == "finish");
+        if last {
+            seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        last
     })
     .map(event)
-    .chain(futures::stream::once(async {
-        Event::default().data("[DONE]")
-    }));
+    // `[DONE]` only after the run's `finish`: a stream cut short (ingress stopping)
+    // must not look complete.
+    .chain(
+        futures::stream::once(async move {
+            finished
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| Event::default().data("[DONE]"))
+        })
+        .filter_map(std::future::ready),
+    );
     sse(events)
 }
 
@@ -318,6 +332,7 @@ const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 pub(crate) async fn websocket(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    slot: Option<axum::Extension<crate::serve::ConnectionSlot>>,
     upgrade: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
     use axum::extract::ws::{CloseFrame, Message, close_code};
@@ -326,14 +341,24 @@ pub(crate) async fn websocket(
     };
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |mut socket| async move {
+            // The socket holds its connection's slot until it ends: hyper lets the
+            // connection go once it is upgraded.
+            let _slot = slot;
             let close = |reason: String| {
                 Message::Close(Some(CloseFrame {
                     code: close_code::POLICY,
-                    reason: reason.chars().take(120).collect::<String>().into(),
+                    // A close frame's reason is at most 123 bytes.
+                    reason: dispatch_runlog::slice_bytes(&reason, 120).to_owned().into(),
                 }))
             };
-            let hello = match tokio::time::timeout(HELLO_WAIT, socket.recv()).await {
+            let stopping = app.stopping.clone();
+            let first = tokio::select! {
+                _ = stopping.cancelled() => return,
+                first = tokio::time::timeout(HELLO_WAIT, socket.recv()) => first,
+            };
+            let hello = match first {
                 Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Hello>(&text)
                     .map_err(|e| format!("the first message says where to start: {e}")),
                 Ok(Some(Ok(_))) => Err("the first message is JSON text".to_owned()),

@@ -24,10 +24,26 @@ use crate::{App, QUERY_TIMEOUT};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Serves gRPC on `listener` until `shutdown`.
+/// Connections served at once, HTTP/2 streams per connection, and how long a silent
+/// peer is kept: the limits the HTTP side has, for the gRPC listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+}
+
+/// Concurrent streams one connection may open.
+const MAX_STREAMS: u32 = 64;
+/// Pings a peer that has said nothing this long; one that does not answer in
+/// [`PING_TIMEOUT`] is closed.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves gRPC on `listener` until `shutdown`, at most `limits.max_connections`
+/// connections at once (the next waits in the kernel's backlog).
 pub async fn serve(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -40,8 +56,13 @@ pub async fn serve(
     let dispatch = DispatchServer::with_interceptor(Service { app }, move |request| {
         authenticate(&access, request)
     });
-    let incoming = tokio_stream_of(listener);
+    let incoming = accepted(listener, limits.max_connections);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS)
+        .concurrency_limit_per_connection(MAX_STREAMS as usize)
+        .http2_keepalive_interval(Some(PING_EVERY))
+        .http2_keepalive_timeout(Some(PING_TIMEOUT))
+        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(dispatch)
@@ -49,16 +70,84 @@ pub async fn serve(
         .await
 }
 
-fn tokio_stream_of(
+/// Connections from `listener`, each holding one of `max` slots until it closes; an
+/// accept error (out of descriptors) is waited out, not spun on.
+fn accepted(
     listener: tokio::net::TcpListener,
-) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((accepted, listener))
+    max: usize,
+) -> impl Stream<Item = std::io::Result<Limited>> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let limited = Limited {
+                        stream,
+                        _slot: slot,
+                    };
+                    return Some((Ok(limited), (listener, slots)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a gRPC connection; waiting");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
     })
+}
+
+/// A connection and its slot, given back when tonic drops the connection.
+pub struct Limited {
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Limited {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
 }
 
 /// The same API keys as HTTP: `authorization: Bearer <key>` metadata.

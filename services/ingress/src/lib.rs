@@ -166,7 +166,10 @@ impl Ingress {
                 me.detail
                     .insert("grpc_addr".into(), json!(grpc_addr.to_string()));
                 tracing::info!(%grpc_addr, "gRPC listening");
-                let serving = grpc::serve(self.app.clone(), listener, shutdown.clone());
+                let limits = grpc::Limits {
+                    max_connections: self.config.max_connections,
+                };
+                let serving = grpc::serve(self.app.clone(), listener, limits, shutdown.clone());
                 Some(tokio::spawn(async move {
                     if let Err(e) = serving.await {
                         tracing::error!(error = %e, "the gRPC server stopped");
@@ -206,8 +209,15 @@ impl Ingress {
         shutdown.cancel();
         let _ = health.await;
         let _ = probe.await;
-        if let Some(grpc) = grpc {
-            let _ = grpc.await;
+        if let Some(mut grpc) = grpc {
+            // A client that stops reading a stream must not hold the shutdown.
+            if tokio::time::timeout(Duration::from_secs(10), &mut grpc)
+                .await
+                .is_err()
+            {
+                tracing::warn!("gRPC connections still open after the grace period; closing them");
+                grpc.abort();
+            }
         }
         Ok(())
     }

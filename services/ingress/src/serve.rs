@@ -25,6 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+/// A connection's share of [`Limits::max_connections`], in every request's extensions:
+/// a handler that takes the connection over (a WebSocket) keeps it for as long as it
+/// uses the connection.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// The limits the loop enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -72,10 +80,19 @@ pub async fn serve(
             .keep_alive(true);
         // With upgrades: WebSockets (`/v1/conversations/{id}/ws`) take over their
         // connection, still holding its slot until they end.
+        let slot = ConnectionSlot {
+            _permit: Arc::new(slot),
+        };
         let connection = http
             .serve_connection(
                 TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
+                TowerToHyperService::new(
+                    ServiceBuilder::new()
+                        .layer(tower_http::add_extension::AddExtensionLayer::new(
+                            slot.clone(),
+                        ))
+                        .service(service.clone()),
+                ),
             )
             .with_upgrades();
         let stop = shutdown.clone();

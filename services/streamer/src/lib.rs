@@ -24,8 +24,8 @@ use std::sync::Arc;
 use dispatch_chunks as chunks;
 use std::time::Duration;
 
+use dispatch_bus::async_nats::jetstream;
 use dispatch_bus::async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
-use dispatch_bus::async_nats::jetstream::{self, AckKind};
 use dispatch_bus::async_nats::{HeaderMap, Subject};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::streams::{self, ConversationKnobs};
@@ -43,9 +43,12 @@ const PIN_TIMEOUT: Duration = Duration::from_secs(6);
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How long an event may go unacknowledged before it is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(10);
-/// Deliveries of one event before it is given up on (said in the log): a stream that
-/// refuses its chunks that long is not going to take them.
+/// Deliveries of one event before the server gives up on it (a copy that keeps dying
+/// on it); the relay itself never hands an event back.
 const MAX_DELIVER: i64 = 20;
+/// Tries at relaying one event, in place and backing off (about 3 s in all, well
+/// inside [`PIN_TIMEOUT`], so the copy keeps its pin), before it is given up and said.
+const RELAY_ATTEMPTS: u32 = 6;
 /// Most runs whose conversation is remembered; past it the memory is cleared and
 /// conversations are looked up again (one direct get each).
 const MAX_REMEMBERED_RUNS: usize = 100_000;
@@ -311,21 +314,36 @@ impl Relay {
         if std::mem::take(&mut self.fresh) {
             self.catch_up(stream_seq).await;
         }
-        match self
-            .forward(message.subject.as_str(), stream_seq, &message.payload)
-            .await
-        {
-            Ok(()) => {
-                if let Err(e) = message.ack().await {
-                    tracing::debug!(error = %e, "ack of a relayed event");
+        // Tried again here, not handed back: the events after it must not go first.
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=RELAY_ATTEMPTS {
+            match self
+                .forward(message.subject.as_str(), stream_seq, &message.payload)
+                .await
+            {
+                Ok(()) => break,
+                Err(Retry(why)) if attempt == RELAY_ATTEMPTS => {
+                    tracing::error!(
+                        stream_seq,
+                        error = why,
+                        "gave up relaying a run event: its chunks are not in the conversation stream (the run's transcript has them)"
+                    );
+                }
+                Err(Retry(why)) => {
+                    tracing::warn!(
+                        stream_seq,
+                        attempt,
+                        error = why,
+                        "chunks not stored; trying again"
+                    );
+                    // The pull keeps the pin: this copy is alive, only waiting.
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
-            Err(Retry(why)) => {
-                tracing::warn!(stream_seq, error = why, "chunks not stored; trying again");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
+        }
+        if let Err(e) = message.ack().await {
+            tracing::debug!(error = %e, "ack of a relayed event");
         }
     }
 
