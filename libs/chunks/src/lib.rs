@@ -9,9 +9,7 @@
 //! The mapping is a function of the event alone, so a chunk published again after a
 //! crash is the same chunk, and any copy of the streamer produces the same stream.
 
-use dispatch_proto::run::v1::{
-    Decision, LeafState, RunEvent, RunStatus, TallyEntry, run_event::Body,
-};
+use dispatch_proto::run::v1::{Decision, LeafState, RunEvent, TallyEntry, run_event::Body};
 use serde_json::{Value, json};
 
 /// Most characters of a goal, a report or a tool's output put in one chunk; the rest
@@ -144,7 +142,7 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
             data_run(
                 run_id,
                 json!({
-                    "status": status_name(f.status()),
+                    "status": f.status().word(),
                     "reason": cut(&f.reason),
                     "summary": cut(&f.summary),
                     "tally": tally(&f.tally),
@@ -291,16 +289,8 @@ fn data_leaf(leaf: u32, data: Value) -> Value {
     json!({"type": "data-leaf", "id": format!("leaf-{leaf}"), "data": data})
 }
 
-fn status_name(status: RunStatus) -> &'static str {
-    match status {
-        RunStatus::Done => "done",
-        RunStatus::Blocked => "blocked",
-        RunStatus::Stopped => "stopped",
-        RunStatus::Unspecified => "unknown",
-    }
-}
-
-fn tally(entries: &[TallyEntry]) -> Value {
+/// A run's leaf tally as a JSON object, `{"DONE": 3, "FAILED": 0}`.
+pub fn tally(entries: &[TallyEntry]) -> Value {
     entries
         .iter()
         .map(|e| (e.state.clone(), json!(e.count)))
@@ -325,7 +315,7 @@ fn cut(text: &str) -> String {
 mod tests {
     use super::*;
     use dispatch_proto::run::v1::{
-        ModelTurn, OutputDelta, RunFinished, RunRequested, ToolCallRequested,
+        ModelTurn, OutputDelta, RunFinished, RunRequested, RunStatus, ToolCallRequested,
     };
 
     fn event(body: Body) -> RunEvent {

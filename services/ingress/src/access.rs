@@ -23,6 +23,13 @@ use crate::problem::Problem;
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
 
+impl Caller {
+    /// The key id of the caller `found` among a request's extensions (none: empty).
+    pub fn id(found: Option<&Caller>) -> String {
+        found.map(|c| c.0.clone()).unwrap_or_default()
+    }
+}
+
 pub struct Access {
     keys_path: PathBuf,
     allowed_origins: Vec<String>,

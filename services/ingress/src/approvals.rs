@@ -144,11 +144,7 @@ pub(crate) async fn answer(
             "send the answer as JSON with `Content-Type: application/json`",
         );
     }
-    let caller = request
-        .extensions()
-        .get::<access::Caller>()
-        .map(|c| c.0.clone())
-        .unwrap_or_default();
+    let caller = access::Caller::id(request.extensions().get());
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(e) => return body_error(e),

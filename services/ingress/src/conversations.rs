@@ -200,16 +200,23 @@ pub(crate) async fn chunks(
         .boxed())
 }
 
-/// `chunks` as a server-sent event response.
+/// `chunks` as a server-sent event response in the UI message stream protocol.
 pub(crate) fn sse(chunks: impl futures::Stream<Item = Event> + Send + 'static) -> Response {
-    let mut response = Sse::new(chunks.map(Ok::<_, Infallible>))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
-    let headers = response.headers_mut();
-    headers.insert(
+    let mut response = event_stream(chunks);
+    response.headers_mut().insert(
         "x-vercel-ai-ui-message-stream",
         HeaderValue::from_static("v1"),
     );
+    response
+}
+
+/// `events` as a server-sent event response: kept alive while idle, cached and
+/// buffered by no proxy.
+fn event_stream(events: impl futures::Stream<Item = Event> + Send + 'static) -> Response {
+    let mut response = Sse::new(events.map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -711,11 +718,5 @@ pub(crate) async fn run_events(
             .event(kind)
             .data(data)
     });
-    let mut response = Sse::new(events.map(Ok::<_, Infallible>))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    event_stream(events)
 }

@@ -227,11 +227,7 @@ impl Dispatch for Service {
         &self,
         request: Request<api::SubmitGoalRequest>,
     ) -> Result<Response<api::SubmitGoalResponse>, Status> {
-        let caller = request
-            .extensions()
-            .get::<crate::access::Caller>()
-            .map(|c| c.0.clone())
-            .unwrap_or_default();
+        let caller = crate::access::Caller::id(request.extensions().get());
         let body = request.into_inner();
         let conversation = match body.conversation_id.as_str() {
             "" => ConversationId::DEFAULT,

@@ -342,11 +342,7 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
-    let caller = request
-        .extensions()
-        .get::<access::Caller>()
-        .map(|c| c.0.clone())
-        .unwrap_or_default();
+    let caller = access::Caller::id(request.extensions().get());
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(e) => return body_error(e),

@@ -328,28 +328,17 @@ impl Deliverer {
 
 /// The body of a delivery.
 fn payload(run_id: &RunId, requested: &RunRequested, finished: &RunFinished) -> serde_json::Value {
-    let status = match finished.status() {
-        dispatch_proto::run::v1::RunStatus::Done => "done",
-        dispatch_proto::run::v1::RunStatus::Blocked => "blocked",
-        dispatch_proto::run::v1::RunStatus::Stopped => "stopped",
-        dispatch_proto::run::v1::RunStatus::Unspecified => "unknown",
-    };
-    let tally: serde_json::Map<String, serde_json::Value> = finished
-        .tally
-        .iter()
-        .map(|t| (t.state.clone(), serde_json::json!(t.count)))
-        .collect();
     serde_json::json!({
         "type": "run.finished",
         "timestamp": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         "data": {
             "run_id": run_id.to_string(),
             "conversation_id": requested.conversation_id,
-            "status": status,
+            "status": finished.status().word(),
             "reason": finished.reason,
             "summary": finished.summary,
             "report": finished.report,
-            "tally": tally,
+            "tally": dispatch_chunks::tally(&finished.tally),
         },
     })
 }

@@ -49,6 +49,9 @@ const MAX_DELIVER: i64 = 20;
 /// Tries at relaying one event, in place and backing off (about 3 s in all, well
 /// inside [`PIN_TIMEOUT`], so the copy keeps its pin), before it is given up and said.
 const RELAY_ATTEMPTS: u32 = 6;
+/// Events handed to the streaming copy and not yet acknowledged, at most; a copy that
+/// takes over catches up at most this many.
+const MAX_UNACKED: i64 = 1000;
 /// Most runs whose conversation is remembered; past it the memory is cleared and
 /// conversations are looked up again (one direct get each).
 const MAX_REMEMBERED_RUNS: usize = 100_000;
@@ -166,6 +169,7 @@ impl Streamer {
                     priority_policy: consumer::PriorityPolicy::PinnedClient,
                     priority_groups: vec![GROUP.to_owned()],
                     priority_timeout: PIN_TIMEOUT,
+                    max_ack_pending: MAX_UNACKED,
                     ..Default::default()
                 },
             )
@@ -204,6 +208,7 @@ impl Streamer {
             purge_after: self.config.purge_after,
             consumer: consumer.clone(),
             conversations: HashMap::new(),
+            streaming: HashMap::new(),
             fresh: true,
         };
         while !shutdown.is_cancelled() {
@@ -297,6 +302,9 @@ struct Relay {
     /// Each run's conversation, and whether it has a callback, learned from its
     /// first event.
     conversations: HashMap<RunId, (ConversationId, bool)>,
+    /// How many of those runs each conversation has: a run's end purges only when it
+    /// was its conversation's last (looked up, not counted, per event).
+    streaming: HashMap<ConversationId, usize>,
     /// Nothing handed to this copy yet since it (re)started pulling: the next event it
     /// gets may follow ones a copy that died left unacknowledged.
     fresh: bool,
@@ -364,12 +372,23 @@ impl Relay {
         if floor + 1 >= first {
             return;
         }
+        // At most what the consumer lets be unacknowledged: a floor further behind is
+        // not a dead copy's leftovers, and is not walked event by event.
+        let from = (floor + 1).max(first.saturating_sub(MAX_UNACKED as u64));
+        if from > floor + 1 {
+            tracing::warn!(
+                floor,
+                first,
+                "the acknowledgement floor is further behind than anything left in flight; \
+                 catching up only the last {MAX_UNACKED} events"
+            );
+        }
         tracing::info!(
-            from = floor + 1,
+            from,
             to = first - 1,
             "taking over: relaying what the last copy left unacknowledged"
         );
-        for seq in floor + 1..first {
+        for seq in from..first {
             let message = match self.runs.direct_get(seq).await {
                 Ok(message) => message,
                 // Gone (expired, or never a run event); nothing to relay.
@@ -424,7 +443,7 @@ impl Relay {
                         Retry(format!("cannot queue the delivery of run {run_id}: {e}"))
                     })?;
                 }
-                self.conversations.remove(&run_id);
+                self.forget(&run_id);
                 self.purge_later(&conversation, to, last);
             }
         }
@@ -436,7 +455,7 @@ impl Relay {
     /// to `last` (the run's last chunk) is purged — unless another run of the
     /// conversation is still streaming, whose own end purges both.
     fn purge_later(&self, conversation: &ConversationId, to: Subject, last: u64) {
-        if self.conversations.values().any(|(c, _)| c == conversation) {
+        if self.streaming.contains_key(conversation) {
             return;
         }
         let buffer = self.buffer.clone();
@@ -523,12 +542,29 @@ impl Relay {
                 }
             }
         };
-        let conversation = requested.conversation_id.parse().unwrap_or_default();
+        let conversation: ConversationId = requested.conversation_id.parse().unwrap_or_default();
         if self.conversations.len() >= MAX_REMEMBERED_RUNS {
             self.conversations.clear();
+            self.streaming.clear();
         }
+        *self.streaming.entry(conversation.clone()).or_default() += 1;
         let known = (conversation, !requested.callback_url.is_empty());
         self.conversations.insert(*run_id, known.clone());
         Ok(known)
+    }
+
+    /// Drops an ended run from what is remembered.
+    fn forget(&mut self, run_id: &RunId) {
+        let Some((conversation, _)) = self.conversations.remove(run_id) else {
+            return;
+        };
+        if let std::collections::hash_map::Entry::Occupied(mut runs) =
+            self.streaming.entry(conversation)
+        {
+            *runs.get_mut() -= 1;
+            if *runs.get() == 0 {
+                runs.remove();
+            }
+        }
     }
 }
