@@ -3,7 +3,8 @@
 
 use dispatch_bus::RunId;
 use dispatch_fuzz::fuzz;
-use dispatch_ledger::view::RunView;
+use dispatch_ledger::view::Fold as _;
+use dispatch_proto::api::v1::RunView;
 use dispatch_proto::run::v1::{
     LeafStarted, ModelTurn, RunEvent, RunFinished, RunRequested, ToolCall, run_event::Body,
 };

@@ -9,6 +9,7 @@ fn main() {
         root.join("dispatch/command/v1/commands.proto"),
         root.join("dispatch/ledger/v1/ledger.proto"),
         root.join("dispatch/policy/v1/policy.proto"),
+        root.join("dispatch/api/v1/queries.proto"),
         root.join("dispatch/api/v1/api.proto"),
     ];
     for file in &files {
@@ -22,9 +23,62 @@ fn main() {
         prost::Message::encode_to_vec(&descriptors),
     )
     .expect("OUT_DIR is writable");
-    tonic_prost_build::configure()
+    let mut build = tonic_prost_build::configure()
         // Events and commands can be shown as JSON (logs, exported trails).
         .type_attribute(".", "#[derive(serde::Serialize)]")
+        // The front doors' contract is JSON too (HTTP bodies, the ledger's queries on
+        // the bus): read back, described in the OpenAPI document, absent fields default.
+        .message_attribute(
+            ".dispatch.api.v1",
+            "#[derive(serde::Deserialize, utoipa::ToSchema)] #[serde(default)]",
+        )
+        .enum_attribute(
+            ".dispatch.api.v1",
+            "#[derive(serde::Deserialize, utoipa::ToSchema)] #[serde(rename_all = \"snake_case\")]",
+        );
+    // A query names only what it knows: a misspelt field is an error, not ignored.
+    for query in [
+        "ListRunsRequest",
+        "GetRunRequest",
+        "ListTasksRequest",
+        "ListApprovalsRequest",
+        "GetTranscriptRequest",
+        "ReplayRunRequest",
+    ] {
+        build = build.message_attribute(
+            format!(".dispatch.api.v1.{query}"),
+            "#[serde(deny_unknown_fields)]",
+        );
+    }
+    // An enum field is its word in JSON (`"status": "done"`), not its number.
+    for (field, module, schema) in [
+        ("RunView.status", "task_status", "TaskStatus"),
+        ("TranscriptRun.status", "task_status", "TaskStatus"),
+        ("ReplayRunResponse.trail", "trail_outcome", "TrailOutcome"),
+    ] {
+        build = build.field_attribute(
+            format!(".dispatch.api.v1.{field}"),
+            format!(
+                "#[serde(with = \"crate::api::json::{module}\")] #[schema(value_type = {schema})]"
+            ),
+        );
+    }
+    // Chunks are JSON objects kept as text; in JSON they are the objects themselves.
+    build = build.field_attribute(
+        ".dispatch.api.v1.TranscriptRun.chunks",
+        "#[serde(with = \"crate::api::json::raw\")] #[schema(value_type = Vec<Object>)]",
+    );
+    for (field, skip) in [
+        ("RunView.corrupt", "Option::is_none"),
+        ("RunView.report_path", "Option::is_none"),
+        ("RunView.approvals", "Vec::is_empty"),
+    ] {
+        build = build.field_attribute(
+            format!(".dispatch.api.v1.{field}"),
+            format!("#[serde(skip_serializing_if = \"{skip}\")]"),
+        );
+    }
+    build
         .compile_fds(descriptors)
         .expect("prost and tonic code generation");
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dispatch_bus::{Bus, RunId, streams, subject};
-use dispatch_ledger::api::{Reply, RunsQuery, RunsReply};
+use dispatch_proto::api::Reply;
+use dispatch_proto::api::v1::{ListRunsRequest, ListRunsResponse};
 use dispatch_testkit::Service;
 use serde_json::{Value, json};
 
@@ -98,10 +99,10 @@ async fn settle(bus: &Bus) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         super::caught_up(bus).await?;
-        let live: Option<RunsReply> = bus
-            .request_json::<_, Reply<RunsReply>>(
+        let live: Option<ListRunsResponse> = bus
+            .request_json::<_, Reply<ListRunsResponse>>(
                 subject::query::runs(),
-                &RunsQuery {
+                &ListRunsRequest {
                     limit: Some(1),
                     ..Default::default()
                 },

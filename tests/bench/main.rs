@@ -757,8 +757,11 @@ pub async fn caught_up(bus: &Bus) -> Result<()> {
 }
 
 /// The ledger's status, or `None` while it does not answer.
-async fn ledger_status(bus: &Bus, timeout: Duration) -> Option<dispatch_ledger::api::StatusReply> {
-    bus.request_json::<_, dispatch_ledger::api::Reply<_>>(subject::query::status(), &(), timeout)
+async fn ledger_status(
+    bus: &Bus,
+    timeout: Duration,
+) -> Option<dispatch_proto::api::v1::LedgerStatusResponse> {
+    bus.request_json::<_, dispatch_proto::api::Reply<_>>(subject::query::status(), &(), timeout)
         .await
         .ok()?
         .ok()

@@ -269,7 +269,7 @@ async fn the_api_describes_itself_in_openapi() -> anyhow::Result<()> {
         doc["components"]["securitySchemes"]["api_key"]["scheme"],
         "bearer"
     );
-    for schema in ["RunView", "TasksReply", "Problem", "GoalRequest"] {
+    for schema in ["RunView", "ListTasksResponse", "Problem", "GoalRequest"] {
         assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
     }
     Ok(())

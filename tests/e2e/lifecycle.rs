@@ -97,6 +97,122 @@ async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyho
     Ok(())
 }
 
+/// The front doors that write no run log: HTTP and gRPC hand the stop to the
+/// dispatcher, which records it; the owner ends the run, or the dispatcher does.
+#[tokio::test]
+async fn http_and_grpc_stop_runs_through_the_dispatcher() -> anyhow::Result<()> {
+    use dispatch_proto::api::v1::StopRunRequest;
+    use dispatch_proto::api::v1::dispatch_client::DispatchClient;
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+    let keys = dispatch_service::api_keys::store_path(stack.root());
+    let key_id = dispatch_service::api_keys::Store::load(&keys)?.keys[0]
+        .id
+        .clone();
+
+    let asked = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, asked).await?;
+    let stop = |id: String, body: &'static str| {
+        let request = stack
+            .http
+            .post(stack.url(&format!("/v1/runs/{id}/stop")))
+            .header("content-type", "application/json")
+            .body(body);
+        async move { request.send().await }
+    };
+    let answer = stop(asked.to_string()[..8].to_owned(), r#"{"grace_ms": 20000}"#).await?;
+    assert_eq!(answer.status(), 202);
+    assert_eq!(
+        answer.headers()["location"].to_str()?,
+        format!("/v1/runs/{asked}")
+    );
+    let body: Value = answer.json().await?;
+    assert_eq!(body["run_id"], asked.to_string());
+    let events = stack.wait_finished(asked, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Stopped as i32);
+    assert_eq!(end.reason, format!("stopped by http:{key_id}"));
+    // The request was written by the dispatcher, and the owner ended the run.
+    let request = events
+        .iter()
+        .find(|e| matches!(e.event.body, Some(Body::StopRequested(_))))
+        .expect("a stop request in the log");
+    assert!(
+        request.event.writer.starts_with("dispatcher/"),
+        "{}",
+        request.event.writer
+    );
+    assert!(
+        events
+            .last()
+            .unwrap()
+            .event
+            .writer
+            .starts_with("dispatcher/")
+    );
+
+    // An ended run, an unknown one, a bad body: refused, and nothing changes.
+    let again = stop(asked.to_string(), "").await?;
+    assert_eq!(again.status(), 409);
+    let problem: Value = again.json().await?;
+    assert_eq!(problem["code"], "run_ended");
+    let unknown = stop(RunId::new().to_string(), "").await?;
+    assert_eq!(unknown.status(), 404);
+    for body in [r#"{"grace": 1}"#, r#"{"grace_ms": 600001}"#, "{"] {
+        let bad = stop(asked.to_string(), body).await?;
+        assert_eq!(bad.status(), 400, "{body}");
+    }
+    assert_eq!(stack.log().await?.read(&asked).await?.len(), events.len());
+
+    // gRPC, forced: the dispatcher ends it without waiting for the owner.
+    let channel = tonic::transport::Channel::from_shared(stack.grpc_url())?
+        .connect()
+        .await?;
+    let key: tonic::metadata::MetadataValue<_> = format!("Bearer {}", stack.api_key).parse()?;
+    let mut client =
+        DispatchClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", key.clone());
+            Ok(request)
+        });
+    let forced = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, forced).await?;
+    let stopped = client
+        .stop_run(StopRunRequest {
+            run_id: forced.to_string(),
+            force: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stopped.run_id, forced.to_string());
+    let events = stack.wait_finished(forced, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Stopped as i32);
+    assert!(
+        end.reason.starts_with(&format!("stopped by grpc:{key_id}")),
+        "{}",
+        end.reason
+    );
+    let ended = client
+        .stop_run(StopRunRequest {
+            run_id: forced.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::FailedPrecondition);
+    let unknown = client
+        .stop_run(StopRunRequest {
+            run_id: RunId::new().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    Ok(())
+}
+
 #[tokio::test]
 async fn rm_refuses_live_runs_and_removes_ended_ones_from_views_and_disk() -> anyhow::Result<()> {
     let mut stack = Stack::with_test_tools().await?;

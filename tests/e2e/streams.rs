@@ -872,12 +872,12 @@ async fn grpc_clients_submit_read_watch_and_resume_with_the_same_keys() -> Resul
         })
         .await?
         .into_inner();
-    assert_eq!(run.status, "done");
+    assert_eq!(run.status(), dispatch_proto::api::v1::TaskStatus::Done);
     assert_eq!(run.leaves_done, 3);
     let listed = client
         .list_runs(ListRunsRequest {
             all: true,
-            conversation_id: conversation.into(),
+            conversation_id: Some(conversation.into()),
             ..Default::default()
         })
         .await?

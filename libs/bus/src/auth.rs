@@ -137,6 +137,8 @@ impl Identity {
                 p.publish.allow.push(subject::query::ALL.into());
                 // Answering approvals; changing the policy stays with the CLI.
                 p.publish.allow.push(subject::policy::RESOLVE.into());
+                // Stopping runs, through the dispatcher: ingress writes no run log.
+                p.publish.allow.push(subject::cmd::STOP.into());
                 // Serving conversation streams and run logs to clients.
                 p.read(&[streams::CONVERSATIONS, streams::RUNS]);
             }
@@ -144,6 +146,7 @@ impl Identity {
                 service(&mut p, "dispatcher");
                 p.read(&[streams::RUNS, streams::GOALS, catalogue::STREAM]);
                 p.work(streams::GOALS, consumers::DISPATCHER_GOALS);
+                p.work(streams::COMMANDS, consumers::DISPATCHER_STOPS);
                 p.publish.allow.push(subject::RUNS_ALL.into());
                 for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
                     p.publish.allow.push(command.into());
@@ -234,10 +237,15 @@ impl Identity {
 }
 
 /// Every durable consumer, with the one identity that takes work from it.
-const DURABLES: [(&str, &str, Identity); 5] = [
+const DURABLES: [(&str, &str, Identity); 6] = [
     (
         streams::GOALS,
         consumers::DISPATCHER_GOALS,
+        Identity::Dispatcher,
+    ),
+    (
+        streams::COMMANDS,
+        consumers::DISPATCHER_STOPS,
         Identity::Dispatcher,
     ),
     (

@@ -73,6 +73,8 @@ pub mod cmd {
     pub const TOOL: &str = "dispatch.cmd.tool";
     pub const GATE: &str = "dispatch.cmd.gate";
     pub const DELIVER: &str = "dispatch.cmd.deliver";
+    /// Stop a run: how the front doors that do not write run logs stop one.
+    pub const STOP: &str = "dispatch.cmd.stop";
 
     pub fn policy() -> Subject {
         Subject::from_static(POLICY)
@@ -85,6 +87,9 @@ pub mod cmd {
     }
     pub fn deliver() -> Subject {
         Subject::from_static(DELIVER)
+    }
+    pub fn stop() -> Subject {
+        Subject::from_static(STOP)
     }
 }
 

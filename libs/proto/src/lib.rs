@@ -1,5 +1,7 @@
-//! The wire types of Dispatch: run events (`dispatch.run.v1`), commands
-//! (`dispatch.command.v1`), the ledger's and the policy's own records and requests, generated from the `.proto` files under `proto/`.
+//! The wire types of Dispatch, generated from the `.proto` files under `proto/`: run
+//! events (`dispatch.run.v1`), commands (`dispatch.command.v1`), the ledger's and the
+//! policy's own records and requests, and the front doors' contract (`dispatch.api.v1`:
+//! the run views, the queries and their answers, the gRPC service).
 //!
 //! This crate owns only the generated types and tiny conveniences on them; how events
 //! are chained, appended and read belongs to `dispatch-runlog`, and where they travel
@@ -65,16 +67,7 @@ pub mod run {
     }
 }
 
-/// The gRPC API: messages, the `Dispatch` service's server and client.
-pub mod api {
-    pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/dispatch.api.v1.rs"));
-    }
-
-    /// The encoded descriptors of every `.proto` file, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
-}
+pub mod api;
 
 pub mod command {
     pub mod v1 {

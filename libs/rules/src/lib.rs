@@ -10,6 +10,8 @@
 //! are stored and versioned, and who may change them, belongs to the policy service;
 //! the version of a document is its content hash ([`Document::hash`]).
 
+pub mod store;
+
 use dispatch_bus::catalogue::Risk;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;

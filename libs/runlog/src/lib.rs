@@ -9,6 +9,7 @@ pub mod chain;
 mod handle;
 pub mod seal;
 pub mod steps;
+pub mod stop;
 pub mod submit;
 
 use std::sync::Arc;
@@ -487,6 +488,43 @@ pub fn slice_bytes(text: &str, max: usize) -> &str {
     &text[..text.floor_char_boundary(max)]
 }
 
+/// Untrusted text (goals, model output, tool results) made safe for one line of a
+/// terminal or an org file: whitespace runs become one space, and control characters
+/// (NUL, ESC, BEL, C1 controls) and bidirectional overrides are written as `\u{…}`
+/// escapes instead of reaching a terminal raw. At most `max` characters are kept.
+pub fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    let mut chars = 0;
+    for word in text.split_whitespace() {
+        if chars > 0 {
+            if chars + 1 >= max {
+                return out;
+            }
+            out.push(' ');
+            chars += 1;
+        }
+        for c in word.chars() {
+            if chars >= max {
+                return out;
+            }
+            if c.is_control() || is_bidi_control(c) {
+                let escaped = format!("\\u{{{:x}}}", c as u32);
+                chars += escaped.len();
+                out.push_str(&escaped);
+            } else {
+                out.push(c);
+                chars += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Characters that reorder how the text around them is displayed.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// How often a follower re-reads the log when no live notification arrives. Live
 /// notifications ride core NATS and can be missed across a reconnect; the poll makes
 /// that a delay, never a hang.
@@ -495,6 +533,21 @@ pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_file_raw() {
+        let hostile = "ring\x07 the \x1b[2Jbell\0 and \u{202e}flip\u{9b}31m\nnow";
+        let line = one_line(hostile, 200);
+        assert!(
+            !line.chars().any(|c| c.is_control() || is_bidi_control(c)),
+            "{line:?}"
+        );
+        assert_eq!(
+            line,
+            "ring\\u{7} the \\u{1b}[2Jbell\\u{0} and \\u{202e}flip\\u{9b}31m now"
+        );
+        assert_eq!(one_line("a  b\tc", 3), "a b");
+    }
 
     #[test]
     fn text_is_cut_on_character_boundaries() {

@@ -2,8 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dispatch_ledger::api::TasksReply;
-use dispatch_ledger::view::RunView;
+use dispatch_proto::api::v1::ListTasksResponse;
+use dispatch_proto::api::v1::RunView;
 use dispatch_proto::run::v1::{Decision, LeafState, RunEvent, RunStatus, run_event::Body};
 
 pub fn now_ms() -> i64 {
@@ -151,7 +151,7 @@ pub fn report(finished: &dispatch_proto::run::v1::RunFinished) -> Option<String>
     };
     let mut out = format!("\n── report ({source}) ──\n");
     for c in finished.report.trim_end().chars() {
-        let hidden = c.is_control() || dispatch_ledger::render::is_bidi_control(c);
+        let hidden = c.is_control() || dispatch_runlog::is_bidi_control(c);
         if c == '\n' || c == '\t' || !hidden {
             out.push(c);
         } else {
@@ -164,7 +164,7 @@ pub fn report(finished: &dispatch_proto::run::v1::RunFinished) -> Option<String>
 
 /// Untrusted text on one line, control characters escaped, at most `max` characters.
 pub(crate) fn clip(text: &str, max: usize) -> String {
-    dispatch_ledger::render::one_line(text, max)
+    dispatch_runlog::one_line(text, max)
 }
 
 pub fn age(since_ms: i64, now_ms: i64) -> String {
@@ -180,29 +180,40 @@ pub fn age(since_ms: i64, now_ms: i64) -> String {
 /// `dispatch ps` as a table (column widths by display width, so wide characters in a
 /// goal do not shift the columns). Ids are shown short unless `!short`.
 pub fn ps_table(runs: &[RunView], now_ms: i64, short: bool) -> String {
-    let mut table = comfy_table::Table::new();
-    table
-        .load_preset(comfy_table::presets::NOTHING)
-        .set_header(["RUN ID", "STATUS", "LEAVES", "AGE", "GOAL"]);
-    for run in runs {
+    let rows = runs.iter().map(|run| {
         let leaves = if run.leaves == 0 {
             "-".to_owned()
         } else {
             format!("{}/{}", run.leaves_done, run.leaves)
         };
-        table.add_row([
+        [
             if short {
                 dispatch_bus::short_id(&run.run_id).to_owned()
             } else {
                 run.run_id.clone()
             },
-            run.status.word().to_owned(),
+            run.status().word().to_owned(),
             leaves,
             age(run.requested_at_ms, now_ms),
             clip(&run.goal, 60),
-        ]);
+        ]
+    });
+    plain_table(["RUN ID", "STATUS", "LEAVES", "AGE", "GOAL"], rows)
+}
+
+/// Rows under a header in Docker's look: no borders, columns two spaces apart,
+/// nothing before the first.
+pub fn plain_table<const N: usize>(
+    header: [&str; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> String {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(header);
+    for row in rows {
+        table.add_row(row);
     }
-    // Docker's look: no borders, columns two spaces apart, nothing before the first.
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
@@ -298,7 +309,7 @@ pub fn tools_table(rows: &[ToolRow]) -> String {
 }
 
 /// `dispatch tasks` as text: notes first (they are shown once), then the tasks.
-pub fn tasks(reply: &TasksReply) -> String {
+pub fn tasks(reply: &ListTasksResponse) -> String {
     let mut out = String::new();
     if reply.feedback.is_empty() {
         out.push_str("no new feedback\n");
@@ -320,19 +331,24 @@ pub fn tasks(reply: &TasksReply) -> String {
 }
 
 /// What `replay` did, in one line: verified, sealed, and what it rebuilt or left alone.
-pub fn replayed(replayed: &dispatch_ledger::api::ReplayReply) -> String {
-    use dispatch_ledger::api::TrailOutcome;
-    let run = &replayed.run;
+pub fn replayed(replayed: &dispatch_proto::api::v1::ReplayRunResponse) -> String {
+    use dispatch_proto::api::v1::TrailOutcome;
+    let Some(run) = &replayed.run else {
+        return format!(
+            "{} events, hash chain verified; the ledger named no run",
+            replayed.events
+        );
+    };
     let seal = match &replayed.sealed_by {
         Some(key) => format!("sealed by {key}"),
         None => "not sealed yet (the run has not ended)".to_owned(),
     };
     let views = if replayed.views_rebuilt {
-        format!("views rebuilt ({})", run.status.word())
+        format!("views rebuilt ({})", run.status().word())
     } else {
         "views not rebuilt: the run was removed (rm/prune) and stays out of them".to_owned()
     };
-    let trail = match replayed.trail {
+    let trail = match replayed.trail() {
         TrailOutcome::Exported => {
             let path = run
                 .run_id
@@ -347,6 +363,7 @@ pub fn replayed(replayed: &dispatch_ledger::api::ReplayReply) -> String {
         }
         TrailOutcome::NotEnded => "no trail yet".to_owned(),
         TrailOutcome::Removed => "trail not written: it was deleted by prune --trails".to_owned(),
+        TrailOutcome::Unspecified => "the ledger did not say what became of the trail".to_owned(),
     };
     format!(
         "run {}: {} events, hash chain verified, {seal}; {views}; {trail}",
@@ -388,7 +405,7 @@ mod tests {
             goal: goal.into(),
             conversation_id: "default".into(),
             origin: "cli".into(),
-            status: dispatch_ledger::view::TaskStatus::Done,
+            status: dispatch_proto::api::v1::TaskStatus::Done as i32,
             title: None,
             workflow: None,
             owner: None,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dispatch_bus::{Bus, subject};
-use dispatch_ledger::api::{ApprovalsQuery, ApprovalsReply};
+use dispatch_proto::api::v1::{ListApprovalsRequest, ListApprovalsResponse};
 use dispatch_proto::policy::v1::{
     ResolveApprovalRequest, ResolveApprovalResponse, SetPolicyRequest, SetPolicyResponse,
     TestPolicyRequest, TestPolicyResponse, resolve_approval_response::Outcome,
@@ -78,7 +78,7 @@ async fn no_policy_service<T>(result: Result<T, dispatch_bus::Error>) -> Result<
 pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
     match command {
         PolicyCommand::Show { format } => {
-            let Some(version) = dispatch_policy::store::current(bus)
+            let Some(version) = dispatch_rules::store::current(bus)
                 .await
                 .map_err(|e| Failure::new(e.to_string()))?
             else {
@@ -142,12 +142,10 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         PolicyCommand::History { format } => {
-            let versions = dispatch_policy::store::history(
-                bus,
-                dispatch_bus::streams::POLICY_HISTORY as usize,
-            )
-            .await
-            .map_err(|e| Failure::new(e.to_string()))?;
+            let versions =
+                dispatch_rules::store::history(bus, dispatch_bus::streams::POLICY_HISTORY as usize)
+                    .await
+                    .map_err(|e| Failure::new(e.to_string()))?;
             let rows: Vec<serde_json::Value> = versions
                 .iter()
                 .map(|v| {
@@ -233,11 +231,11 @@ pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
     let mut pending = Vec::new();
     let mut after = None;
     loop {
-        let page: ApprovalsReply = crate::query(
+        let page: ListApprovalsResponse = crate::query(
             bus,
             subject::query::approvals(),
-            &ApprovalsQuery {
-                limit: Some(dispatch_ledger::api::MAX_PAGE),
+            &ListApprovalsRequest {
+                limit: Some(dispatch_proto::api::MAX_PAGE),
                 after: after.take(),
             },
         )

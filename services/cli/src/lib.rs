@@ -29,11 +29,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dispatch_bus::{Bus, ConversationId, RunId, subject};
-use dispatch_ledger::api::ReplayReply;
-use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply};
-use dispatch_ledger::view::RunView;
+use dispatch_proto::api::Reply;
+use dispatch_proto::api::v1::ReplayRunResponse;
+use dispatch_proto::api::v1::RunView;
+use dispatch_proto::api::v1::{
+    GetRunRequest, ListRunsRequest, ListRunsResponse, ListTasksRequest, ListTasksResponse,
+};
 use dispatch_proto::ledger::v1::RunsRemoved;
-use dispatch_proto::run::v1::{RunStatus, StopRequested, run_event::Body};
+use dispatch_proto::run::v1::{RunStatus, run_event::Body};
 use dispatch_runlog::RunLog;
 use dispatch_runlog::seal::{Sealer, Trust};
 use dispatch_runlog::submit::{Goal, submit_goal};
@@ -451,7 +454,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Inspect { run } => {
             let bus = nats.connect().await?;
-            let view: RunView = query(&bus, subject::query::run(), &RunQuery { id: run }).await?;
+            let view: RunView =
+                query(&bus, subject::query::run(), &GetRunRequest { id: run }).await?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&view).expect("views serialize")
@@ -527,10 +531,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Replay { run } => {
             let bus = nats.connect().await?;
-            let reply: Reply<ReplayReply> = bus
+            let reply: Reply<ReplayRunResponse> = bus
                 .request_json(
                     subject::query::replay(),
-                    &RunQuery { id: run },
+                    &GetRunRequest { id: run },
                     Duration::from_secs(30),
                 )
                 .await
@@ -542,7 +546,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     println!("{}", format::replayed(&replayed));
                     Ok(exit::DONE)
                 }
-                Err(dispatch_ledger::api::QueryError::Corrupt(message)) => {
+                Err(dispatch_proto::api::QueryError::Corrupt(message)) => {
                     eprintln!("dispatch: {message}");
                     Ok(exit::CHECK_FAILED)
                 }
@@ -614,7 +618,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let ids: Vec<RunId> = list_runs(&bus, true)
                 .await?
                 .iter()
-                .filter(|r| r.status.is_terminal())
+                .filter(|r| r.status().is_terminal())
                 .filter_map(|r| r.run_id.parse().ok())
                 .collect();
             if trails && !force && !ids.is_empty() && !confirm_trail_removal(ids.len())? {
@@ -736,13 +740,13 @@ pub(crate) async fn list_runs(bus: &Bus, all: bool) -> Result<Vec<RunView>, Fail
     let mut runs = Vec::new();
     let mut after = None;
     loop {
-        let page: RunsReply = query(
+        let page: ListRunsResponse = query(
             bus,
             subject::query::runs(),
-            &RunsQuery {
+            &ListRunsRequest {
                 all,
-                conversation: None,
-                limit: Some(dispatch_ledger::api::MAX_PAGE),
+                conversation_id: None,
+                limit: Some(dispatch_proto::api::MAX_PAGE),
                 after: after.take(),
             },
         )
@@ -758,8 +762,8 @@ pub(crate) async fn list_runs(bus: &Bus, all: bool) -> Result<Vec<RunView>, Fail
 /// A conversation's tasks and every feedback note waiting for it, asking page after
 /// page. Each ask drains with an id of its own and repeats it if the answer is lost,
 /// so a note is never drained into an answer nobody read.
-async fn all_tasks(bus: &Bus, conversation: &str) -> Result<TasksReply, Failure> {
-    let mut all = TasksReply {
+async fn all_tasks(bus: &Bus, conversation: &str) -> Result<ListTasksResponse, Failure> {
+    let mut all = ListTasksResponse {
         tasks: Vec::new(),
         next: None,
         feedback: Vec::new(),
@@ -767,13 +771,13 @@ async fn all_tasks(bus: &Bus, conversation: &str) -> Result<TasksReply, Failure>
     };
     let mut after = None;
     loop {
-        let ask = TasksQuery {
-            conversation: conversation.to_owned(),
-            limit: Some(dispatch_ledger::api::MAX_PAGE),
+        let ask = ListTasksRequest {
+            conversation_id: conversation.to_owned(),
+            limit: Some(dispatch_proto::api::MAX_PAGE),
             after: after.clone(),
             drain_id: Some(RunId::new().to_string()),
         };
-        let mut page: Result<TasksReply, Failure> = Err(Failure::new("not asked"));
+        let mut page: Result<ListTasksResponse, Failure> = Err(Failure::new("not asked"));
         for _ in 0..3 {
             page = query(bus, subject::query::tasks(), &ask).await;
             if page.is_ok() {
@@ -803,7 +807,12 @@ async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
             return Ok(run_id);
         }
     }
-    let view: RunView = query(bus, subject::query::run(), &RunQuery { id: id.to_owned() }).await?;
+    let view: RunView = query(
+        bus,
+        subject::query::run(),
+        &GetRunRequest { id: id.to_owned() },
+    )
+    .await?;
     view.run_id
         .parse()
         .map_err(|e: dispatch_bus::IdError| Failure::new(e.to_string()))
@@ -870,56 +879,14 @@ async fn follow_log(
     }
 }
 
-/// Asks a run to stop and makes sure it ends: the owner ends it `stopped` when it sees
-/// the request; if it has not within `grace` (or `force`), the terminal event is written
-/// here. A run that has ended already is left as it is.
+/// Asks a run to stop and makes sure it ends (see [`dispatch_runlog::stop::stop`]).
 async fn stop(log: &RunLog, run_id: RunId, grace: Duration, force: bool) -> Result<(), Failure> {
-    let mut handle = log.handle(run_id).await?;
-    if handle.is_finished() {
-        return Ok(());
-    }
-    // A goal no dispatcher has taken yet has no log: start it from the goal, so the
-    // stop and the terminal event follow the run's request like in any other run.
-    if handle.events().is_empty() {
-        let goal = dispatch_runlog::submit::find_goal(log.bus(), &run_id)
-            .await?
-            .ok_or_else(|| Failure::new(format!("no run matches {run_id}")))?;
-        dispatch_runlog::submit::record_request(&mut handle, &goal).await?;
-    }
-    let request = Body::StopRequested(StopRequested {
-        grace_ms: grace.as_millis() as u64,
-        force,
-        requested_by: "cli".into(),
-    });
-    let asked = |b: &Body| matches!(b, Body::StopRequested(_)).then_some(());
-    match handle.ensure(asked, request, "cli").await {
-        Ok(()) => {}
-        Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => return Ok(()),
-        Err(e) => return Err(e.into()),
-    }
-    if !force {
-        let deadline = tokio::time::Instant::now() + grace;
-        while !handle.is_finished() && tokio::time::Instant::now() < deadline {
-            let left = deadline - tokio::time::Instant::now();
-            handle
-                .wait_for_more(left.min(Duration::from_secs(1)))
-                .await?;
+    match dispatch_runlog::stop::stop(log, run_id, grace, force, "cli").await? {
+        dispatch_runlog::stop::Stopped::NoSuchRun => {
+            Err(Failure::new(format!("no run matches {run_id}")))
         }
+        _ => Ok(()),
     }
-    if !handle.is_finished() {
-        let reason = if force {
-            "stopped by cli (forced)".to_owned()
-        } else {
-            format!(
-                "stopped by cli (forced: no owner ended it within {} ms)",
-                grace.as_millis()
-            )
-        };
-        handle
-            .finish(RunStatus::Stopped, &reason, &reason, "cli")
-            .await?;
-    }
-    Ok(())
 }
 
 /// Asks on the terminal before audit evidence is deleted; refuses without one.

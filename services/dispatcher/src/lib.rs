@@ -12,9 +12,13 @@
 //! repeats a recorded model turn or tool call. The goal command stays unacknowledged
 //! (with progress acks) until the terminal event is written: if this copy dies, the
 //! server hands the goal to another copy once the ack wait runs out.
+//!
+//! It also takes stop commands (`dispatch.cmd.stop`) for the front doors that write no
+//! run logs: it records the request, and ends the run itself if the owner does not.
 
 mod execute;
 pub mod model;
+mod stops;
 mod tools;
 
 use std::path::PathBuf;
@@ -145,9 +149,11 @@ impl Dispatcher {
             max_runs = self.config.max_runs,
             "dispatcher ready"
         );
+        let stops_shutdown = shutdown.child_token();
+        let stops = tokio::spawn(stops::serve(self.ctx.clone(), stops_shutdown.clone()));
         let ctx = self.ctx.clone();
         let stop = shutdown.clone();
-        work::consume(
+        let goals = work::consume(
             &self.ctx.bus,
             WorkQueue {
                 stream: streams::GOALS,
@@ -159,8 +165,13 @@ impl Dispatcher {
             shutdown,
             move |message, slot| handle_goal(ctx.clone(), message, slot, stop.clone()),
         )
-        .await?;
+        .await;
+        // The goals end only at shutdown or when their consumer fails: the stops go too.
+        stops_shutdown.cancel();
+        let stops = stops.await.unwrap_or(Ok(()));
         let _ = health.await;
+        goals?;
+        stops?;
         Ok(())
     }
 }

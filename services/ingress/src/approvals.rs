@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use dispatch_bus::subject;
-use dispatch_ledger::api::{ApprovalsQuery, ApprovalsReply};
+use dispatch_proto::api::v1::{ListApprovalsRequest, ListApprovalsResponse};
 use dispatch_proto::policy::v1::{
     ResolveApprovalRequest, ResolveApprovalResponse, resolve_approval_response::Outcome,
 };
@@ -40,7 +40,7 @@ pub struct ApprovalsParams {
 /// run first; `Link: <…>; rel="next"` (and `next` in the body) leads on.
 #[utoipa::path(get, path = "/v1/approvals", tag = "approvals", params(ApprovalsParams),
     responses(
-        (status = 200, description = "A page of unanswered approval requests", body = ApprovalsReply),
+        (status = 200, description = "A page of unanswered approval requests", body = ListApprovalsResponse),
         (status = 400, description = "Bad limit or cursor", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown API key", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
     ),
@@ -53,11 +53,11 @@ pub(crate) async fn list(
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
     };
-    let query = ApprovalsQuery {
+    let query = ListApprovalsRequest {
         limit: params.limit,
         after: params.after,
     };
-    crate::page::<_, ApprovalsReply>(&app, subject::query::approvals(), &query, |after| {
+    crate::page::<_, ListApprovalsResponse>(&app, subject::query::approvals(), &query, |after| {
         let mut link = format!("/v1/approvals?after={after}");
         if let Some(limit) = params.limit {
             link.push_str(&format!("&limit={limit}"));

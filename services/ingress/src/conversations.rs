@@ -28,7 +28,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse as _, Response};
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use dispatch_bus::{ConversationId, streams, subject};
-use dispatch_ledger::api::{QueryError, Reply, TranscriptQuery, TranscriptReply, TranscriptRun};
+use dispatch_proto::api::v1::{GetTranscriptRequest, GetTranscriptResponse, TranscriptRun};
+use dispatch_proto::api::{QueryError, Reply};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
@@ -137,7 +138,7 @@ pub(crate) async fn chunks(
                         resumed.extend(transcript.chunks.iter().map(|chunk| Chunk {
                             id: id.clone(),
                             run: Some(transcript.run_id.clone()),
-                            data: chunk.to_string(),
+                            data: chunk.clone(),
                         }));
                     }
                     DeliverPolicy::All
@@ -430,13 +431,13 @@ async fn transcripts_since(
     let mut runs = Vec::new();
     let mut after = None;
     for _ in 0..MAX_RESUME_PAGES {
-        let query = TranscriptQuery {
-            conversation: conversation.to_string(),
+        let query = GetTranscriptRequest {
+            conversation_id: conversation.to_string(),
             limit: None,
             after: after.take(),
             since: Some(run.to_owned()),
         };
-        let reply: Result<Reply<TranscriptReply>, _> = app
+        let reply: Result<Reply<GetTranscriptResponse>, _> = app
             .bus
             .request_json(subject::query::transcript(), &query, QUERY_TIMEOUT)
             .await;
@@ -479,7 +480,7 @@ pub struct TranscriptPage {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TranscriptEntry {
     run_id: String,
-    status: dispatch_ledger::view::TaskStatus,
+    status: dispatch_proto::api::v1::TaskStatus,
     /// The goal as the user's message and the run as the assistant's (AI SDK
     /// `UIMessage`s).
     #[schema(value_type = Vec<Object>)]
@@ -511,13 +512,13 @@ pub(crate) async fn transcript(
     if id.parse::<ConversationId>().is_err() {
         return bad_conversation();
     }
-    let query = TranscriptQuery {
-        conversation: id.clone(),
+    let query = GetTranscriptRequest {
+        conversation_id: id.clone(),
         limit: params.limit,
         after: params.after,
         since: None,
     };
-    let reply: Result<Reply<TranscriptReply>, _> = app
+    let reply: Result<Reply<GetTranscriptResponse>, _> = app
         .bus
         .request_json(subject::query::transcript(), &query, QUERY_TIMEOUT)
         .await;
@@ -531,9 +532,16 @@ pub(crate) async fn transcript(
             .runs
             .into_iter()
             .map(|run| TranscriptEntry {
-                messages: dispatch_chunks::messages(&run.run_id, &run.goal, &run.chunks),
+                messages: {
+                    let chunks: Vec<serde_json::Value> = run
+                        .chunks
+                        .iter()
+                        .filter_map(|chunk| serde_json::from_str(chunk).ok())
+                        .collect();
+                    dispatch_chunks::messages(&run.run_id, &run.goal, &chunks)
+                },
+                status: run.status(),
                 run_id: run.run_id,
-                status: run.status,
                 cut: run.cut,
             })
             .collect(),

@@ -9,10 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use dispatch_bus::{ConversationId, RunId, subject};
-use dispatch_ledger::api::{Reply, RunQuery, RunsQuery, RunsReply};
-use dispatch_ledger::view::RunView;
-use dispatch_proto::api::v1 as api;
 use dispatch_proto::api::v1::dispatch_server::{Dispatch, DispatchServer};
+use dispatch_proto::api::v1::{
+    self as api, GetRunRequest, ListRunsRequest, ListRunsResponse, RunView,
+};
+use dispatch_proto::api::{QueryError, Reply};
 use dispatch_proto::run::v1::RunEvent;
 use dispatch_runlog::submit::{Submission, Submitted};
 use futures::{Stream, StreamExt as _};
@@ -187,37 +188,21 @@ pub struct Service {
 
 /// A ledger answer as a gRPC status.
 fn ledger<T>(reply: Result<Reply<T>, dispatch_bus::Error>) -> Result<T, Status> {
-    use dispatch_ledger::api::QueryError;
     match reply {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(QueryError::NotFound(m))) => Err(Status::not_found(m)),
-        Ok(Err(QueryError::Ambiguous(m) | QueryError::BadRequest(m))) => {
-            Err(Status::invalid_argument(m))
-        }
-        Ok(Err(QueryError::Unavailable(m))) => Err(Status::unavailable(m)),
-        Ok(Err(QueryError::Corrupt(m))) => Err(Status::data_loss(m)),
+        Ok(answer) => answer.map_err(refused),
         Err(e) => Err(Status::unavailable(format!(
             "the ledger did not answer: {e}"
         ))),
     }
 }
 
-fn run(view: RunView) -> api::Run {
-    api::Run {
-        run_id: view.run_id,
-        goal: view.goal,
-        conversation_id: view.conversation_id,
-        origin: view.origin,
-        status: view.status.word().to_owned(),
-        title: view.title.unwrap_or_default(),
-        reason: view.reason.unwrap_or_default(),
-        summary: view.summary.unwrap_or_default(),
-        leaves: view.leaves,
-        leaves_done: view.leaves_done,
-        leaves_failed: view.leaves_failed,
-        requested_at_ms: view.requested_at_ms,
-        finished_at_ms: view.finished_at_ms.unwrap_or_default(),
-        last_seq: view.last_seq,
+/// Why the ledger could not answer, as a gRPC status.
+fn refused(e: QueryError) -> Status {
+    match e {
+        QueryError::NotFound(m) => Status::not_found(m),
+        QueryError::Ambiguous(m) | QueryError::BadRequest(m) => Status::invalid_argument(m),
+        QueryError::Unavailable(m) => Status::unavailable(m),
+        QueryError::Corrupt(m) => Status::data_loss(m),
     }
 }
 
@@ -272,43 +257,47 @@ impl Dispatch for Service {
         }))
     }
 
-    async fn get_run(
-        &self,
-        request: Request<api::GetRunRequest>,
-    ) -> Result<Response<api::Run>, Status> {
-        let query = RunQuery {
-            id: request.into_inner().id,
-        };
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<RunView>, Status> {
         let reply = self
             .app
             .bus
-            .request_json(subject::query::run(), &query, QUERY_TIMEOUT)
+            .request_json(subject::query::run(), request.get_ref(), QUERY_TIMEOUT)
             .await;
-        Ok(Response::new(run(ledger::<RunView>(reply)?)))
+        Ok(Response::new(ledger::<RunView>(reply)?))
     }
 
     async fn list_runs(
         &self,
-        request: Request<api::ListRunsRequest>,
-    ) -> Result<Response<api::ListRunsResponse>, Status> {
-        let body = request.into_inner();
-        let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
-        let query = RunsQuery {
-            all: body.all,
-            conversation: none_if_empty(body.conversation_id),
-            limit: (body.limit != 0).then_some(body.limit),
-            after: none_if_empty(body.after),
-        };
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
         let reply = self
             .app
             .bus
-            .request_json(subject::query::runs(), &query, QUERY_TIMEOUT)
+            .request_json(subject::query::runs(), request.get_ref(), QUERY_TIMEOUT)
             .await;
-        let page = ledger::<RunsReply>(reply)?;
-        Ok(Response::new(api::ListRunsResponse {
-            runs: page.runs.into_iter().map(run).collect(),
-            next: page.next.unwrap_or_default(),
-        }))
+        Ok(Response::new(ledger::<ListRunsResponse>(reply)?))
+    }
+
+    async fn stop_run(
+        &self,
+        request: Request<api::StopRunRequest>,
+    ) -> Result<Response<api::StopRunResponse>, Status> {
+        use crate::stops::Refused;
+        let caller = crate::access::Caller::id(request.extensions().get());
+        let body = request.into_inner();
+        let by = crate::stops::requested_by("grpc", &caller);
+        match crate::stops::stop(&self.app, &body.run_id, body.grace_ms, body.force, by).await {
+            Ok(run_id) => Ok(Response::new(api::StopRunResponse {
+                status_url: format!("/v1/runs/{run_id}"),
+                run_id,
+            })),
+            Err(Refused::Query(e)) => Err(refused(e)),
+            Err(Refused::Ended { run_id, status }) => Err(Status::failed_precondition(format!(
+                "run {run_id} has ended already ({status})"
+            ))),
+            Err(Refused::BadGrace(m)) => Err(Status::invalid_argument(m)),
+            Err(Refused::Unavailable(m)) => Err(Status::unavailable(m)),
+        }
     }
 
     type WatchRunStream = Streamed<RunEvent>;

@@ -14,6 +14,7 @@ mod grpc;
 pub mod openapi;
 pub mod problem;
 pub mod serve;
+mod stops;
 pub mod writes;
 
 use std::net::SocketAddr;
@@ -27,10 +28,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::{Bus, ConversationId, subject};
-use dispatch_ledger::api::{
-    QueryError, Reply, RunQuery, RunsQuery, RunsReply, TasksQuery, TasksReply,
+use dispatch_proto::api::v1::RunView;
+use dispatch_proto::api::v1::{
+    GetRunRequest, ListRunsRequest, ListRunsResponse, ListTasksRequest, ListTasksResponse,
 };
-use dispatch_ledger::view::RunView;
+use dispatch_proto::api::{QueryError, Reply};
 use dispatch_runlog::submit::{Goal, Submission, Submitted};
 use serde::Deserialize;
 use serde_json::json;
@@ -229,6 +231,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/goals", post(post_goal))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/stop", post(stops::stop_run))
         .route("/v1/runs/{id}/events", get(conversations::run_events))
         .route("/v1/tasks", get(get_tasks))
         .route("/v1/approvals", get(approvals::list))
@@ -532,7 +535,7 @@ pub struct ListParams {
 /// `next` in the body) leads to the next page.
 #[utoipa::path(get, path = "/v1/runs", tag = "runs", params(ListParams),
     responses(
-        (status = 200, description = "A page of runs, newest first; `Link: <…>; rel=\"next\"` leads on", body = RunsReply),
+        (status = 200, description = "A page of runs, newest first; `Link: <…>; rel=\"next\"` leads on", body = ListRunsResponse),
         (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
@@ -545,13 +548,13 @@ async fn list_runs(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
     };
     let all = params.all.unwrap_or(true);
-    let query = RunsQuery {
+    let query = ListRunsRequest {
         all,
-        conversation: params.conversation.clone(),
+        conversation_id: params.conversation.clone(),
         limit: params.limit,
         after: params.after,
     };
-    page::<_, RunsReply>(&app, subject::query::runs(), &query, |after| {
+    page::<_, ListRunsResponse>(&app, subject::query::runs(), &query, |after| {
         let mut link = format!("/v1/runs?all={all}&after={after}");
         if let Some(limit) = params.limit {
             link.push_str(&format!("&limit={limit}"));
@@ -569,19 +572,19 @@ trait Paged {
     fn next(&self) -> Option<&str>;
 }
 
-impl Paged for RunsReply {
+impl Paged for ListRunsResponse {
     fn next(&self) -> Option<&str> {
         self.next.as_deref()
     }
 }
 
-impl Paged for TasksReply {
+impl Paged for ListTasksResponse {
     fn next(&self) -> Option<&str> {
         self.next.as_deref()
     }
 }
 
-impl Paged for dispatch_ledger::api::ApprovalsReply {
+impl Paged for dispatch_proto::api::v1::ListApprovalsResponse {
     fn next(&self) -> Option<&str> {
         self.next.as_deref()
     }
@@ -623,7 +626,7 @@ where
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     let reply: Result<Reply<RunView>, _> = app
         .bus
-        .request_json(subject::query::run(), &RunQuery { id }, QUERY_TIMEOUT)
+        .request_json(subject::query::run(), &GetRunRequest { id }, QUERY_TIMEOUT)
         .await;
     respond(reply)
 }
@@ -647,7 +650,7 @@ pub struct TasksParams {
 /// make a retry return the same notes.
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(TasksParams),
     responses(
-        (status = 200, description = "A page of the conversation's tasks and its undelivered feedback notes (each handed out once)", body = TasksReply),
+        (status = 200, description = "A page of the conversation's tasks and its undelivered feedback notes (each handed out once)", body = ListTasksResponse),
         (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
@@ -669,13 +672,13 @@ async fn get_tasks(
             e.to_string(),
         );
     }
-    let query = TasksQuery {
-        conversation: conversation.clone(),
+    let query = ListTasksRequest {
+        conversation_id: conversation.clone(),
         limit: params.limit,
         after: params.after,
         drain_id: params.drain_id,
     };
-    page::<_, TasksReply>(&app, subject::query::tasks(), &query, |after| {
+    page::<_, ListTasksResponse>(&app, subject::query::tasks(), &query, |after| {
         format!("/v1/tasks?conversation={conversation}&after={after}")
     })
     .await

@@ -11,7 +11,6 @@
 //! Every copy keeps its own views; drains are serialised through the log with
 //! optimistic concurrency, so copies agree on which notes are gone.
 
-pub mod api;
 mod project;
 pub mod render;
 pub mod view;
@@ -31,14 +30,16 @@ use prost::Message as _;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use api::{
-    ApprovalsQuery, ApprovalsReply, QueryError, ReplayReply, Reply, RunQuery, RunsQuery, RunsReply,
-    StatusReply, TasksQuery, TasksReply, TrailOutcome, TranscriptQuery, TranscriptReply,
-    TranscriptRun,
+use dispatch_proto::api::v1::{
+    GetRunRequest, GetTranscriptRequest, GetTranscriptResponse, LedgerStatusResponse,
+    ListApprovalsRequest, ListApprovalsResponse, ListRunsRequest, ListRunsResponse,
+    ListTasksRequest, ListTasksResponse, Note, ReplayRunRequest, ReplayRunResponse, RunView,
+    TrailOutcome, TranscriptRun,
 };
+use dispatch_proto::api::{self, QueryError, Reply};
 use dispatch_runlog::RunLog;
 use project::{Pending, Views};
-use view::{Note, RunView};
+use view::Fold;
 
 pub const SERVICE: &str = "ledger";
 
@@ -611,21 +612,21 @@ async fn answer_queries(
                     encode(parse(&request.payload).and_then(|q| approvals(&state, q)))
                 }
                 subject::query::REPLAY => {
-                    let answer = match parse::<RunQuery>(&request.payload) {
+                    let answer = match parse::<ReplayRunRequest>(&request.payload) {
                         Ok(q) => replay(&state, q).await,
                         Err(e) => Err(e),
                     };
                     encode(answer)
                 }
                 subject::query::TRANSCRIPT => {
-                    let answer = match parse::<TranscriptQuery>(&request.payload) {
+                    let answer = match parse::<GetTranscriptRequest>(&request.payload) {
                         Ok(q) => transcript(&state, q).await,
                         Err(e) => Err(e),
                     };
                     encode(answer)
                 }
                 subject::query::TASKS => {
-                    let answer = match parse::<TasksQuery>(&request.payload) {
+                    let answer = match parse::<ListTasksRequest>(&request.payload) {
                         Ok(q) => tasks(&state, q).await,
                         Err(e) => Err(e),
                     };
@@ -692,26 +693,26 @@ fn cursor(after: Option<&str>) -> Result<Option<&str>, QueryError> {
     }
 }
 
-fn runs(state: &State, query: RunsQuery) -> Reply<RunsReply> {
+fn runs(state: &State, query: ListRunsRequest) -> Reply<ListRunsResponse> {
     let bounds = page_bounds(query.limit, reply_budget(state))?;
-    if let Some(c) = &query.conversation {
+    if let Some(c) = &query.conversation_id {
         c.parse::<ConversationId>()
             .map_err(|e| QueryError::BadRequest(e.to_string()))?;
     }
     let filter = project::Filter {
         all: query.all,
-        conversation: query.conversation.as_deref(),
+        conversation: query.conversation_id.as_deref(),
     };
     let page = state
         .views
         .page(filter, cursor(query.after.as_deref())?, bounds);
-    Ok(RunsReply {
+    Ok(ListRunsResponse {
         runs: page.runs,
         next: page.next,
     })
 }
 
-fn approvals(state: &State, query: ApprovalsQuery) -> Reply<ApprovalsReply> {
+fn approvals(state: &State, query: ListApprovalsRequest) -> Reply<ListApprovalsResponse> {
     let bounds = page_bounds(query.limit, reply_budget(state))?;
     let after = match query.after.as_deref() {
         None => None,
@@ -730,10 +731,10 @@ fn approvals(state: &State, query: ApprovalsQuery) -> Reply<ApprovalsReply> {
         }
     };
     let (approvals, next) = state.views.approvals(after, bounds);
-    Ok(ApprovalsReply { approvals, next })
+    Ok(ListApprovalsResponse { approvals, next })
 }
 
-fn run(state: &State, query: RunQuery) -> Reply<RunView> {
+fn run(state: &State, query: GetRunRequest) -> Reply<RunView> {
     let id = query.id.trim();
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
         return Err(QueryError::BadRequest(format!(
@@ -754,14 +755,14 @@ fn run(state: &State, query: RunQuery) -> Reply<RunView> {
     }
 }
 
-fn status(state: &State) -> Reply<StatusReply> {
+fn status(state: &State) -> Reply<LedgerStatusResponse> {
     let cursor = |source| {
         state
             .views
             .cursor(source)
             .map_err(|e| QueryError::Unavailable(e.to_string()))
     };
-    Ok(StatusReply {
+    Ok(LedgerStatusResponse {
         runs_cursor: cursor(streams::RUNS)?,
         ledger_cursor: cursor(streams::LEDGER)?,
         trails_due: !state.views.trails_due(None, 1).is_empty(),
@@ -772,10 +773,10 @@ fn status(state: &State) -> Reply<StatusReply> {
 /// view, re-exports its trail and re-renders TASKS.org. A run removed with `rm`/`prune`
 /// stays out of the views, and one removed with its trail gets no trail back; the
 /// reply says which.
-async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
+async fn replay(state: &State, query: ReplayRunRequest) -> Reply<ReplayRunResponse> {
     let run_id = match query.id.parse::<dispatch_bus::RunId>() {
         Ok(id) => id,
-        Err(_) => run(state, query)?
+        Err(_) => run(state, GetRunRequest { id: query.id })?
             .run_id
             .parse()
             .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?,
@@ -816,21 +817,21 @@ async fn replay(state: &State, query: RunQuery) -> Reply<ReplayReply> {
         TrailOutcome::Exported
     };
     state.render.notify_one();
-    Ok(ReplayReply {
-        run: view,
+    Ok(ReplayRunResponse {
+        run: Some(view),
         events: events.len() as u64,
         sealed_by,
         views_rebuilt: !removed,
-        trail,
+        trail: trail as i32,
     })
 }
 
 /// A page of the conversation's runs, newest first, each with its transcript built
 /// from its log now (the log is what persists a turn; nothing else is kept). Stops at
 /// `since` when given, and before the answer would outgrow [`reply_budget`].
-async fn transcript(state: &State, query: TranscriptQuery) -> Reply<TranscriptReply> {
+async fn transcript(state: &State, query: GetTranscriptRequest) -> Reply<GetTranscriptResponse> {
     let conversation: ConversationId = query
-        .conversation
+        .conversation_id
         .parse()
         .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?;
     let budget = reply_budget(state);
@@ -874,7 +875,8 @@ async fn transcript(state: &State, query: TranscriptQuery) -> Reply<TranscriptRe
         let left = budget.saturating_sub(used);
         let mut size = 0;
         for chunk in dispatch_chunks::transcript(&view.run_id, events.iter().map(|e| &e.event)) {
-            let bytes = chunk.to_string().len() + 1;
+            let chunk = chunk.to_string();
+            let bytes = chunk.len() + 1;
             if size + bytes > left {
                 run.cut = true;
                 break;
@@ -890,12 +892,12 @@ async fn transcript(state: &State, query: TranscriptQuery) -> Reply<TranscriptRe
         used += size + view.goal.len() + 128;
         runs.push(run);
     }
-    Ok(TranscriptReply { runs, next })
+    Ok(GetTranscriptResponse { runs, next })
 }
 
-async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {
+async fn tasks(state: &State, query: ListTasksRequest) -> Reply<ListTasksResponse> {
     let conversation: ConversationId = query
-        .conversation
+        .conversation_id
         .parse()
         .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?;
     if let Some(id) = &query.drain_id {
@@ -921,7 +923,7 @@ async fn tasks(state: &State, query: TasksQuery) -> Reply<TasksReply> {
         conversation: Some(conversation.as_str()),
     };
     let page = state.views.page(filter, after, bounds);
-    Ok(TasksReply {
+    Ok(ListTasksResponse {
         tasks: page.runs,
         next: page.next,
         feedback,

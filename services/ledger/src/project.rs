@@ -9,7 +9,8 @@ use dispatch_proto::run::v1::{RunEvent, RunStatus, run_event::Body};
 use dispatch_views::{Batch, ViewStore};
 use prost::Message as _;
 
-use crate::view::{Note, PendingApproval, RunView, TaskStatus};
+use crate::view::Fold;
+use dispatch_proto::api::v1::{Note, PendingApproval, RunView, TaskStatus};
 
 pub const RUNS: &str = "runs";
 pub const NOTES: &str = "notes";
@@ -214,7 +215,7 @@ impl Views {
     pub fn page(&self, filter: Filter<'_>, after: Option<&str>, bounds: Bounds) -> Page {
         let mut filler = Filler::new(bounds);
         let mut keep = |view: RunView| {
-            if filter.all || !view.status.is_terminal() {
+            if filter.all || !view.status().is_terminal() {
                 filler.take(view)
             } else {
                 true
@@ -386,7 +387,7 @@ impl Views {
         for item in runs.range(start.as_bytes()..end.as_bytes()).rev() {
             let Ok((_, value)) = item else { continue };
             if let Ok(view) = serde_json::from_slice::<RunView>(&value)
-                && view.status.is_terminal()
+                && view.status().is_terminal()
                 && !each(&view)
             {
                 return;
@@ -757,13 +758,13 @@ impl Views {
             let kept: [(&str, &[u8]); 1] = [(REMOVED, key.as_bytes())];
             let json = serde_json::to_vec(view).expect("views serialize");
             batch.put_guarded(&kept, RUNS, key, json);
-            if view.status.is_terminal() {
+            if view.status().is_terminal() {
                 batch.remove(ACTIVE, key);
                 mark_archive_due(&mut batch, key);
             } else {
                 batch.put_guarded(&kept, ACTIVE, key, Vec::new());
             }
-            if view.status.is_terminal() || view.approvals.is_empty() {
+            if view.status().is_terminal() || view.approvals.is_empty() {
                 batch.remove(WAITING, key);
             } else {
                 batch.put_guarded(&kept, WAITING, key, Vec::new());

@@ -3,7 +3,8 @@
 
 use std::io::Write as _;
 
-use crate::view::RunView;
+use dispatch_proto::api::v1::RunView;
+use dispatch_runlog::one_line;
 
 /// How many of the newest runs TASKS.org lists besides every live one. Older finished
 /// runs stay in the ledger (`dispatch ps -a`, `GET /v1/runs`), but not in the file, so
@@ -79,7 +80,7 @@ fn push_entry(out: &mut String, run: &RunView) {
     out.push('\n');
     out.push_str(&format!(
         "* {} {}\n",
-        run.status.keyword(),
+        run.status().keyword(),
         headline(&run.goal)
     ));
     out.push_str("  :PROPERTIES:\n");
@@ -95,7 +96,7 @@ fn push_entry(out: &mut String, run: &RunView) {
     }
     out.push_str("  :END:\n");
     let summary = run.summary.as_deref().filter(|s| !s.is_empty());
-    if let (true, Some(summary)) = (run.status.is_terminal(), summary) {
+    if let (true, Some(summary)) = (run.status().is_terminal(), summary) {
         out.push_str(&format!("  {}\n", one_line(summary, usize::MAX)));
     }
 }
@@ -103,43 +104,6 @@ fn push_entry(out: &mut String, run: &RunView) {
 /// A goal as a headline: one line, at most 120 characters.
 fn headline(goal: &str) -> String {
     one_line(goal, 120)
-}
-
-/// Untrusted text (goals, model output, tool results) made safe for one line of a
-/// terminal or an org file: whitespace runs become one space, and control characters
-/// (NUL, ESC, BEL, C1 controls) and bidirectional overrides are written as `\u{…}`
-/// escapes instead of reaching a terminal raw. At most `max` characters are kept.
-pub fn one_line(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max));
-    let mut chars = 0;
-    for word in text.split_whitespace() {
-        if chars > 0 {
-            if chars + 1 >= max {
-                return out;
-            }
-            out.push(' ');
-            chars += 1;
-        }
-        for c in word.chars() {
-            if chars >= max {
-                return out;
-            }
-            if c.is_control() || is_bidi_control(c) {
-                let escaped = format!("\\u{{{:x}}}", c as u32);
-                chars += escaped.len();
-                out.push_str(&escaped);
-            } else {
-                out.push(c);
-                chars += 1;
-            }
-        }
-    }
-    out
-}
-
-/// Characters that reorder how the text around them is displayed.
-pub fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `[2026-06-11 04:58:28]`, UTC.
@@ -181,22 +145,7 @@ pub fn write_atomically_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::TaskStatus;
-
-    #[test]
-    fn control_characters_never_reach_the_file_raw() {
-        let hostile = "ring\x07 the \x1b[2Jbell\0 and \u{202e}flip\u{9b}31m\nnow";
-        let line = one_line(hostile, 200);
-        assert!(
-            !line.chars().any(|c| c.is_control() || is_bidi_control(c)),
-            "{line:?}"
-        );
-        assert_eq!(
-            line,
-            "ring\\u{7} the \\u{1b}[2Jbell\\u{0} and \\u{202e}flip\\u{9b}31m now"
-        );
-        assert_eq!(one_line("a  b\tc", 3), "a b");
-    }
+    use dispatch_proto::api::v1::TaskStatus;
 
     #[test]
     fn a_run_id_names_its_day_and_a_day_its_key_range() {
@@ -226,7 +175,7 @@ mod tests {
             goal: "Research E2B\nand Daytona pricing".into(),
             conversation_id: "default".into(),
             origin: "cli".into(),
-            status: TaskStatus::Done,
+            status: TaskStatus::Done as i32,
             title: Some("t".into()),
             workflow: Some("workflows/research-e2b.org".into()),
             owner: None,

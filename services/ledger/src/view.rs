@@ -1,125 +1,10 @@
-//! The run view and its reducer: a pure function of the run's events.
+//! The run view's reducer: a run's view is a pure function of its events. The view
+//! itself is the front doors' contract (`dispatch_proto::api::v1::RunView`); how it is
+//! folded from a log is the ledger's.
 
+use dispatch_proto::api::v1::{Corruption, PendingApproval, RunView, TaskStatus};
 use dispatch_proto::run::v1::{LeafState, RunEvent, RunStatus, run_event::Body};
 use dispatch_runlog::seal::Trust;
-use serde::{Deserialize, Serialize};
-
-/// The statuses people see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskStatus {
-    Queued,
-    Doing,
-    /// Doing, and stopped at the gate until a person answers an approval request.
-    Waiting,
-    Done,
-    Blocked,
-    Stopped,
-    /// The run's log fails verification (a broken link, an untrusted or missing seal,
-    /// an event after the seal): nothing it claims is trusted, and nothing runs it.
-    Corrupt,
-}
-
-impl TaskStatus {
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            TaskStatus::Done | TaskStatus::Blocked | TaskStatus::Stopped | TaskStatus::Corrupt
-        )
-    }
-
-    pub fn word(self) -> &'static str {
-        match self {
-            TaskStatus::Queued => "queued",
-            TaskStatus::Doing => "doing",
-            TaskStatus::Waiting => "waiting",
-            TaskStatus::Done => "done",
-            TaskStatus::Blocked => "blocked",
-            TaskStatus::Stopped => "stopped",
-            TaskStatus::Corrupt => "corrupt",
-        }
-    }
-
-    /// The org keyword in TASKS.org.
-    pub fn keyword(self) -> &'static str {
-        match self {
-            TaskStatus::Queued => "TODO",
-            TaskStatus::Doing => "DOING",
-            TaskStatus::Waiting => "WAITING",
-            TaskStatus::Done => "DONE",
-            TaskStatus::Blocked => "BLOCKED",
-            TaskStatus::Stopped => "STOPPED",
-            TaskStatus::Corrupt => "CORRUPT",
-        }
-    }
-}
-
-/// What `ps` and `inspect` show about a run. Everything in it comes from the log, so a
-/// rebuild produces it byte for byte.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RunView {
-    pub run_id: String,
-    pub goal: String,
-    pub conversation_id: String,
-    pub origin: String,
-    pub status: TaskStatus,
-    pub title: Option<String>,
-    pub workflow: Option<String>,
-    pub owner: Option<String>,
-    pub leaves: u32,
-    pub leaves_done: u32,
-    pub leaves_failed: u32,
-    pub reason: Option<String>,
-    pub summary: Option<String>,
-    pub timeout_ms: u64,
-    pub requested_at_ms: i64,
-    pub started_at_ms: Option<i64>,
-    pub deadline_at_ms: Option<i64>,
-    pub finished_at_ms: Option<i64>,
-    /// Sequence of the last event applied.
-    pub last_seq: u64,
-    /// Hash of the last event applied (hex): the next one must link to it.
-    #[serde(default)]
-    pub last_hash: String,
-    /// Why the run's log fails verification, if it does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub corrupt: Option<Corruption>,
-    /// Prompt tokens of every model answer in the run (plans and turns), as the model
-    /// servers counted them.
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    /// Completion tokens of every model answer in the run.
-    #[serde(default)]
-    pub completion_tokens: u64,
-    /// Where the run's report is, relative to the workspace (`.dispatch/runs/<id>/
-    /// scratch/REPORT.org`); absent when the run wrote none (its report, if any, is then
-    /// the last leaf's answer, kept in the log's `RunFinished`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report_path: Option<String>,
-    /// Size of the report recorded on the run's terminal event, in bytes (0: none).
-    #[serde(default)]
-    pub report_bytes: u64,
-    /// Approval requests nobody has answered yet, oldest first (at most
-    /// [`MAX_PENDING_APPROVALS`]).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub approvals: Vec<PendingApproval>,
-}
-
-/// An approval request waiting for a person.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PendingApproval {
-    /// What `dispatch approve` and `POST /v1/approvals/{id}` take.
-    pub approval_id: String,
-    pub run_id: String,
-    pub tool: String,
-    /// The call's arguments (at most 1 KiB of them).
-    pub args_json: String,
-    pub risk: String,
-    pub rule: String,
-    pub reason: String,
-    pub requested_at_ms: i64,
-    pub expires_at_ms: i64,
-}
 
 /// The most of a call's arguments, and of its rule and reason, a pending approval shows.
 const APPROVAL_ARGS_BYTES: usize = 1024;
@@ -128,107 +13,88 @@ const APPROVAL_TEXT_BYTES: usize = 1024;
 /// that says otherwise still leaves a view that fits a reply.
 pub const MAX_PENDING_APPROVALS: usize = 32;
 
-/// Where and why a run's log fails verification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Corruption {
-    /// The first event sequence that does not check out.
-    pub seq: u64,
-    pub reason: String,
+/// Folding a run's events into its view.
+pub trait Fold: Sized {
+    /// A message on the run's subject that is not one of its events.
+    fn apply_garbage(view: Option<Self>, run_id: &str, error: String) -> Self;
+    /// The view of a goal no dispatcher has taken yet.
+    fn queued(command: &dispatch_proto::command::v1::SubmitGoal) -> Self;
+    /// Applies one event, verifying it against what came before.
+    fn apply(view: Option<Self>, event: &RunEvent, trust: &Trust) -> Self;
 }
 
-impl RunView {
-    fn new(event: &RunEvent) -> Self {
-        Self {
-            run_id: event.run_id.clone(),
-            goal: String::new(),
-            conversation_id: String::new(),
-            origin: String::new(),
-            status: TaskStatus::Queued,
-            title: None,
-            workflow: None,
-            owner: None,
-            leaves: 0,
-            leaves_done: 0,
-            leaves_failed: 0,
-            reason: None,
-            summary: None,
-            timeout_ms: 0,
-            requested_at_ms: event.time_unix_ms,
-            started_at_ms: None,
-            deadline_at_ms: None,
-            finished_at_ms: None,
-            last_seq: 0,
-            last_hash: String::new(),
-            corrupt: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            report_path: None,
-            report_bytes: 0,
-            approvals: Vec::new(),
-        }
+/// A run's view before its first event is applied.
+fn new_view(event: &RunEvent) -> RunView {
+    RunView {
+        run_id: event.run_id.clone(),
+        status: TaskStatus::Queued as i32,
+        requested_at_ms: event.time_unix_ms,
+        ..Default::default()
     }
+}
 
-    fn add_usage(&mut self, usage: Option<&dispatch_proto::run::v1::Usage>) {
-        if let Some(usage) = usage {
-            self.prompt_tokens = self.prompt_tokens.saturating_add(usage.prompt_tokens);
-            self.completion_tokens = self
-                .completion_tokens
-                .saturating_add(usage.completion_tokens);
-        }
+fn add_usage(view: &mut RunView, usage: Option<&dispatch_proto::run::v1::Usage>) {
+    if let Some(usage) = usage {
+        view.prompt_tokens = view.prompt_tokens.saturating_add(usage.prompt_tokens);
+        view.completion_tokens = view
+            .completion_tokens
+            .saturating_add(usage.completion_tokens);
     }
+}
 
-    /// Marks the run corrupt at `seq`; nothing after it is applied.
-    fn mark_corrupt(&mut self, seq: u64, reason: String) {
-        let line = format!("log fails verification at seq {seq}: {reason}");
-        self.status = TaskStatus::Corrupt;
-        self.reason = Some(dispatch_runlog::slice_chars(
-            &line,
-            dispatch_runlog::SUMMARY_CHARS,
-        ));
-        self.summary = self.reason.clone();
-        self.corrupt = Some(Corruption { seq, reason });
+/// Marks the run corrupt at `seq`; nothing after it is applied.
+fn mark_corrupt(view: &mut RunView, seq: u64, reason: String) {
+    let line = format!("log fails verification at seq {seq}: {reason}");
+    view.status = TaskStatus::Corrupt as i32;
+    view.reason = Some(dispatch_runlog::slice_chars(
+        &line,
+        dispatch_runlog::SUMMARY_CHARS,
+    ));
+    view.summary = view.reason.clone();
+    view.corrupt = Some(Corruption { seq, reason });
+}
+
+/// The checks an event must pass to be applied: it is the next in sequence, links to
+/// the last one applied, hashes to its own hash, and obeys the seal rules.
+fn check(view: &RunView, event: &RunEvent, trust: &Trust) -> Result<(), String> {
+    if event.seq != view.last_seq + 1 {
+        return Err(format!("expected seq {}", view.last_seq + 1));
     }
+    let linked = if view.last_seq == 0 {
+        event.prev_hash == dispatch_runlog::chain::GENESIS
+    } else {
+        hex::encode(&event.prev_hash) == view.last_hash
+    };
+    if !linked {
+        return Err("prev_hash does not link to the previous event".into());
+    }
+    if event.hash != dispatch_runlog::chain::hash(event) {
+        return Err("hash does not match the event's content".into());
+    }
+    dispatch_runlog::chain::check_link(event, view.finished_at_ms.is_some(), trust)
+}
 
+impl Fold for RunView {
     /// A message on the run's subject that is not one of its events.
-    pub fn apply_garbage(view: Option<Self>, run_id: &str, error: String) -> Self {
+    fn apply_garbage(view: Option<Self>, run_id: &str, error: String) -> Self {
         let mut view = view.unwrap_or_else(|| {
-            Self::new(&RunEvent {
+            new_view(&RunEvent {
                 run_id: run_id.to_owned(),
                 ..Default::default()
             })
         });
         if view.corrupt.is_none() {
             let seq = view.last_seq + 1;
-            view.mark_corrupt(seq, error);
+            mark_corrupt(&mut view, seq, error);
         }
         view
-    }
-
-    /// The checks an event must pass to be applied: it is the next in sequence, links
-    /// to the last one applied, hashes to its own hash, and obeys the seal rules.
-    fn check(&self, event: &RunEvent, trust: &Trust) -> Result<(), String> {
-        if event.seq != self.last_seq + 1 {
-            return Err(format!("expected seq {}", self.last_seq + 1));
-        }
-        let linked = if self.last_seq == 0 {
-            event.prev_hash == dispatch_runlog::chain::GENESIS
-        } else {
-            hex::encode(&event.prev_hash) == self.last_hash
-        };
-        if !linked {
-            return Err("prev_hash does not link to the previous event".into());
-        }
-        if event.hash != dispatch_runlog::chain::hash(event) {
-            return Err("hash does not match the event's content".into());
-        }
-        dispatch_runlog::chain::check_link(event, self.finished_at_ms.is_some(), trust)
     }
 
     /// The view of a goal no dispatcher has taken yet. Once the run's log starts, its
     /// `RunRequested` sets every field this one does, so the final view does not depend
     /// on which of the two streams a projection reads first.
-    pub fn queued(command: &dispatch_proto::command::v1::SubmitGoal) -> Self {
-        let mut view = Self::new(&RunEvent {
+    fn queued(command: &dispatch_proto::command::v1::SubmitGoal) -> Self {
+        let mut view = new_view(&RunEvent {
             run_id: command.run_id.clone(),
             time_unix_ms: command.submitted_at_unix_ms,
             ..Default::default()
@@ -244,14 +110,14 @@ impl RunView {
 
     /// Applies one event, verifying it against what came before: events at or below
     /// `last_seq` were applied already, and an event that fails verification marks the
-    /// run `corrupt` (see [`Self::check`]) and stops it from changing any further.
-    pub fn apply(view: Option<Self>, event: &RunEvent, trust: &Trust) -> Self {
-        let mut view = view.unwrap_or_else(|| Self::new(event));
+    /// run `corrupt` (see [`check`]) and stops it from changing any further.
+    fn apply(view: Option<Self>, event: &RunEvent, trust: &Trust) -> Self {
+        let mut view = view.unwrap_or_else(|| new_view(event));
         if view.corrupt.is_some() || event.seq <= view.last_seq && event.seq != 0 {
             return view;
         }
-        if let Err(reason) = view.check(event, trust) {
-            view.mark_corrupt(event.seq, reason);
+        if let Err(reason) = check(&view, event, trust) {
+            mark_corrupt(&mut view, event.seq, reason);
             return view;
         }
         view.last_seq = event.seq;
@@ -266,14 +132,14 @@ impl RunView {
                 view.requested_at_ms = event.time_unix_ms;
             }
             Body::PlanAuthored(p) => {
-                view.add_usage(p.usage.as_ref());
+                add_usage(&mut view, p.usage.as_ref());
                 view.title = Some(p.title.clone());
                 view.workflow = Some(p.workflow_path.clone());
                 view.leaves = p.leaves.len() as u32;
             }
             Body::RunStarted(s) => {
-                if !view.status.is_terminal() {
-                    view.status = TaskStatus::Doing;
+                if !view.status().is_terminal() {
+                    view.set_status(TaskStatus::Doing);
                 }
                 view.owner = Some(s.owner.clone());
                 view.started_at_ms = Some(event.time_unix_ms);
@@ -313,31 +179,31 @@ impl RunView {
                         expires_at_ms: a.expires_unix_ms,
                     });
                 }
-                if !view.status.is_terminal() {
-                    view.status = TaskStatus::Waiting;
+                if !view.status().is_terminal() {
+                    view.set_status(TaskStatus::Waiting);
                 }
             }
             Body::ApprovalResolved(r) => {
                 view.approvals.retain(|p| p.approval_id != r.approval_id);
-                if view.approvals.is_empty() && view.status == TaskStatus::Waiting {
-                    view.status = TaskStatus::Doing;
+                if view.approvals.is_empty() && view.status() == TaskStatus::Waiting {
+                    view.set_status(TaskStatus::Doing);
                 }
             }
             Body::RunFinished(f) => {
                 view.approvals.clear();
-                view.status = match RunStatus::try_from(f.status) {
+                view.set_status(match RunStatus::try_from(f.status) {
                     Ok(RunStatus::Done) => TaskStatus::Done,
                     Ok(RunStatus::Stopped) => TaskStatus::Stopped,
                     _ => TaskStatus::Blocked,
-                };
+                });
                 view.reason = Some(f.reason.clone());
                 view.summary = Some(f.summary.clone());
                 view.finished_at_ms = Some(event.time_unix_ms);
                 view.report_path = (!f.report_path.is_empty()).then(|| f.report_path.clone());
                 view.report_bytes = f.report.len() as u64;
             }
-            Body::PlanRejected(p) => view.add_usage(p.usage.as_ref()),
-            Body::ModelTurn(t) => view.add_usage(t.usage.as_ref()),
+            Body::PlanRejected(p) => add_usage(&mut view, p.usage.as_ref()),
+            Body::ModelTurn(t) => add_usage(&mut view, t.usage.as_ref()),
             Body::LeafStarted(_)
             | Body::ToolCallRequested(_)
             | Body::PolicyDecided(_)
@@ -352,17 +218,6 @@ impl RunView {
         }
         view
     }
-}
-
-/// A feedback note: how a run ended, for the conversation that asked.
-/// A feedback note: how a run of the conversation ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Note {
-    pub run_id: String,
-    pub status: String,
-    pub summary: String,
-    pub goal: String,
-    pub queued_at_ms: i64,
 }
 
 #[cfg(test)]
@@ -443,7 +298,7 @@ mod tests {
         let mut seen = Vec::new();
         for e in events {
             let v = RunView::apply(view, e, trust);
-            seen.push(v.status);
+            seen.push(v.status());
             view = Some(v);
         }
         (seen, view.expect("at least one event"))
@@ -502,7 +357,7 @@ mod tests {
         let (seen, view) = fold(&events, &trust);
         assert_eq!(seen[2], TaskStatus::Waiting);
         assert_eq!(seen[3], TaskStatus::Doing);
-        assert_eq!(view.status, TaskStatus::Waiting);
+        assert_eq!(view.status(), TaskStatus::Waiting);
         assert_eq!(view.approvals.len(), MAX_PENDING_APPROVALS);
         assert_eq!(view.approvals[0].approval_id, "r.l0-t1-c0");
         assert!(serde_json::to_vec(&view).unwrap().len() < 128 * 1024);
@@ -521,7 +376,7 @@ mod tests {
         };
         // Sealed by a key nobody trusts.
         let forged = fold(&chain(bodies(), &sealer("theirs")));
-        assert_eq!(forged.status, TaskStatus::Corrupt);
+        assert_eq!(forged.status(), TaskStatus::Corrupt);
         let why = forged.corrupt.unwrap();
         assert_eq!(why.seq, 5);
         assert!(why.reason.contains("not a trusted key"), "{}", why.reason);
@@ -532,7 +387,7 @@ mod tests {
             f.state = LeafState::Done as i32;
         }
         let view = fold(&edited);
-        assert_eq!(view.status, TaskStatus::Corrupt);
+        assert_eq!(view.status(), TaskStatus::Corrupt);
         assert_eq!(view.corrupt.as_ref().unwrap().seq, 4);
         assert_eq!(view.leaves_done, 1);
 
@@ -547,7 +402,7 @@ mod tests {
         );
         late.push(extra[5].clone());
         let view = fold(&late);
-        assert_eq!(view.status, TaskStatus::Corrupt);
+        assert_eq!(view.status(), TaskStatus::Corrupt);
         assert!(
             view.corrupt.unwrap().reason.contains("follows"),
             "an event after the seal"

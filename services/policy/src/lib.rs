@@ -18,7 +18,7 @@
 //! identical call denied before is denied again without a check ([`MEMO_RULE`]).
 
 pub mod requests;
-pub mod store;
+
 pub mod validator;
 
 use std::path::PathBuf;
@@ -38,7 +38,7 @@ use prost::Message as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use store::InForce;
+use dispatch_rules::store::{self, InForce};
 
 pub const SERVICE: &str = "policy";
 

@@ -19,7 +19,8 @@ use prost::Message as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Gate, parse_approval_id, store};
+use crate::{Gate, parse_approval_id};
+use dispatch_rules::store;
 
 /// Requests this copy answers at once.
 const CONCURRENCY: usize = 32;

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::Document;
 use dispatch_bus::async_nats::jetstream;
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::{Bus, ErrorKind, streams, subject};
 use dispatch_proto::policy::v1::PolicyVersion;
-use dispatch_rules::Document;
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::sync::watch;

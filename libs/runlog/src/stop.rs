@@ -1,0 +1,91 @@
+//! Stopping a run, the same way for every door: the CLI (which writes logs itself) and
+//! the dispatcher (which does it for the HTTP and gRPC front doors, which do not).
+
+use std::time::Duration;
+
+use dispatch_bus::RunId;
+use dispatch_proto::run::v1::{RunStatus, StopRequested, run_event::Body};
+
+use crate::{Error, ErrorKind, RunLog};
+
+/// The grace period of a stop that names none.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// The longest grace period a stop may ask for: past it, asking is waiting forever.
+pub const MAX_GRACE: Duration = Duration::from_secs(600);
+
+/// What a stop found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The run has ended `stopped`: by its owner within the grace period, or here.
+    Now,
+    /// The run had ended already; it is left as it is.
+    Already,
+    /// No goal and no log name the run.
+    NoSuchRun,
+}
+
+/// Asks a run to stop and makes sure it ends: the owner ends it `stopped` when it sees
+/// the request; if it has not within `grace` (or `force`), the terminal event is written
+/// here, naming `by`. Asking twice records one request.
+pub async fn stop(
+    log: &RunLog,
+    run_id: RunId,
+    grace: Duration,
+    force: bool,
+    by: &str,
+) -> Result<Stopped, Error> {
+    let grace = grace.min(MAX_GRACE);
+    let mut handle = log.handle(run_id).await?;
+    if handle.is_finished() {
+        return Ok(Stopped::Already);
+    }
+    // A goal no dispatcher has taken yet has no log: start it from the goal, so the
+    // stop and the terminal event follow the run's request like in any other run.
+    if handle.events().is_empty() {
+        let Some(goal) = crate::submit::find_goal(log.bus(), &run_id).await? else {
+            return Ok(Stopped::NoSuchRun);
+        };
+        crate::submit::record_request(&mut handle, &goal).await?;
+    }
+    let request = Body::StopRequested(StopRequested {
+        grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+        force,
+        requested_by: by.to_owned(),
+    });
+    let asked = |b: &Body| matches!(b, Body::StopRequested(_)).then_some(());
+    match handle.ensure(asked, request, by).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::Finished => return Ok(Stopped::Already),
+        Err(e) => return Err(e),
+    }
+    if !force {
+        let deadline = tokio::time::Instant::now() + grace;
+        while !handle.is_finished() && tokio::time::Instant::now() < deadline {
+            let left = deadline - tokio::time::Instant::now();
+            handle
+                .wait_for_more(left.min(Duration::from_secs(1)))
+                .await?;
+        }
+    }
+    if !handle.is_finished() {
+        let reason = if force {
+            format!("stopped by {by} (forced)")
+        } else {
+            format!(
+                "stopped by {by} (forced: no owner ended it within {} ms)",
+                grace.as_millis()
+            )
+        };
+        match handle
+            .finish(RunStatus::Stopped, &reason, &reason, by)
+            .await
+        {
+            Ok(_) => {}
+            // The owner ended it in the meantime: that ending stands.
+            Err(e) if e.kind() == ErrorKind::Finished => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Stopped::Now)
+}
