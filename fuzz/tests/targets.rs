@@ -148,6 +148,7 @@ fn sample_events(run_id: &RunId) -> Vec<Vec<u8>> {
             timeout_ms: 1000,
             origin: "http".into(),
             callback_url: "https://h/x".into(),
+            payload: "p".into(),
         }),
         Body::OutputDelta(dispatch_proto::run::v1::OutputDelta {
             leaf: 0,

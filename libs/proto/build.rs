@@ -10,6 +10,7 @@ fn main() {
         root.join("dispatch/ledger/v1/ledger.proto"),
         root.join("dispatch/policy/v1/policy.proto"),
         root.join("dispatch/api/v1/queries.proto"),
+        root.join("dispatch/api/v1/schedules.proto"),
         root.join("dispatch/api/v1/api.proto"),
     ];
     for file in &files {
@@ -44,6 +45,9 @@ fn main() {
         "ListApprovalsRequest",
         "GetTranscriptRequest",
         "ReplayRunRequest",
+        "AddScheduleRequest",
+        "ScheduleIdRequest",
+        "ListSchedulesRequest",
     ] {
         build = build.message_attribute(
             format!(".dispatch.api.v1.{query}"),
@@ -55,6 +59,10 @@ fn main() {
         ("RunView.status", "task_status", "TaskStatus"),
         ("TranscriptRun.status", "task_status", "TaskStatus"),
         ("ReplayRunResponse.trail", "trail_outcome", "TrailOutcome"),
+        ("Schedule.missed", "missed_fires", "MissedFires"),
+        ("Schedule.overlap", "overlap", "Overlap"),
+        ("AddScheduleRequest.missed", "missed_fires", "MissedFires"),
+        ("AddScheduleRequest.overlap", "overlap", "Overlap"),
     ] {
         build = build.field_attribute(
             format!(".dispatch.api.v1.{field}"),

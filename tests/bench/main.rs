@@ -5,6 +5,7 @@
 mod gate;
 mod growth;
 mod peer;
+mod schedules;
 mod streams;
 mod tools;
 mod turns;
@@ -32,8 +33,17 @@ const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 9] = [
-    "ack", "append", "e2e", "tools", "turns", "rebuild", "gate", "streams", "growth",
+const SECTIONS: [&str; 10] = [
+    "ack",
+    "append",
+    "e2e",
+    "tools",
+    "turns",
+    "rebuild",
+    "gate",
+    "streams",
+    "schedules",
+    "growth",
 ];
 
 #[tokio::main]
@@ -87,6 +97,9 @@ async fn main() -> Result<()> {
     }
     if wants("streams") {
         streams::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("schedules") {
+        schedules::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if peer.is_some() {
         peer::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;

@@ -66,6 +66,7 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
         origin: "bus".into(),
         submitted_at_unix_ms: 1,
         callback_url: String::new(),
+        payload: String::new(),
     };
     let cases = [
         (

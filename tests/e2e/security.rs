@@ -169,6 +169,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
                 timeout_ms: 0,
                 origin: "forged".into(),
                 callback_url: String::new(),
+                payload: String::new(),
             }),
         ),
         forged_event(

@@ -35,6 +35,7 @@ fn done_bodies(goal: &str) -> Vec<Body> {
             timeout_ms: 0,
             origin: "forged".into(),
             callback_url: String::new(),
+            payload: String::new(),
         }),
         Body::RunFinished(RunFinished {
             status: RunStatus::Done as i32,

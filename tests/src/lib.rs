@@ -11,11 +11,12 @@ use dispatch_runlog::{RunLog, StoredEvent};
 use dispatch_testkit::{NatsServer, Service, bin_dir};
 
 /// Every service, in the order a stack starts them.
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     "ledger",
     "policy",
     "connectors",
     "streamer",
+    "scheduler",
     "dispatcher",
     "ingress",
 ];
@@ -459,6 +460,7 @@ pub async fn seed_finished_runs(
                     timeout_ms: 0,
                     origin: "seed".into(),
                     callback_url: String::new(),
+                    payload: String::new(),
                 });
                 handle.append(request, "seed").await?;
                 handle

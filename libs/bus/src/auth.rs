@@ -44,6 +44,7 @@ pub enum Identity {
     Connectors,
     Ledger,
     Streamer,
+    Scheduler,
     /// The operator's `dispatch` CLI: submits, stops (sealing forced stops), prunes.
     Cli,
     /// Declares and updates streams (`dispatch up`, the test harness, an operator's
@@ -52,13 +53,14 @@ pub enum Identity {
 }
 
 impl Identity {
-    pub const ALL: [Identity; 8] = [
+    pub const ALL: [Identity; 9] = [
         Identity::Ingress,
         Identity::Dispatcher,
         Identity::Policy,
         Identity::Connectors,
         Identity::Ledger,
         Identity::Streamer,
+        Identity::Scheduler,
         Identity::Cli,
         Identity::Admin,
     ];
@@ -71,6 +73,7 @@ impl Identity {
             Identity::Connectors => "connectors",
             Identity::Ledger => "ledger",
             Identity::Streamer => "streamer",
+            Identity::Scheduler => "scheduler",
             Identity::Cli => "cli",
             Identity::Admin => "admin",
         }
@@ -139,6 +142,7 @@ impl Identity {
                 p.publish.allow.push(subject::policy::RESOLVE.into());
                 // Stopping runs, through the dispatcher: ingress writes no run log.
                 p.publish.allow.push(subject::cmd::STOP.into());
+                p.publish.allow.push(subject::schedule::ALL.into());
                 // Serving conversation streams and run logs to clients.
                 p.read(&[streams::CONVERSATIONS, streams::RUNS]);
             }
@@ -200,6 +204,21 @@ impl Identity {
                         .push(format!("{JS_API}.STREAM.{api}.{}", streams::CONVERSATIONS));
                 }
             }
+            Identity::Scheduler => {
+                service(&mut p, "scheduler");
+                p.subscribe.allow.push(format!(
+                    "{} {}",
+                    subject::schedule::ALL,
+                    subject::schedule::GROUP
+                ));
+                // Its bucket: watched, created in, updated with expected revisions.
+                p.read(&[streams::SCHEDULES, streams::RUNS, streams::GOALS]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::SCHEDULES_BUCKET));
+                // Each fire stores its run's goal.
+                p.publish.allow.push(subject::GOALS_ALL.into());
+            }
             Identity::Cli => {
                 p.read(&[
                     streams::RUNS,
@@ -211,6 +230,7 @@ impl Identity {
                 ]);
                 p.publish.allow.push(subject::GOALS_ALL.into());
                 p.publish.allow.push(subject::policy::ALL.into());
+                p.publish.allow.push(subject::schedule::ALL.into());
                 // Stop requests, and the sealed terminal event of a forced stop.
                 p.publish.allow.push(subject::RUNS_ALL.into());
                 p.publish.allow.push(subject::REMOVED.into());

@@ -37,9 +37,9 @@ pub const DELIVERIES: &str = "DISPATCH_DELIVERIES";
 /// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
 pub const PROBE: &str = "DISPATCH_PROBE";
 
-/// Every stream, in declaration order; the last is the tool catalogue's key-value
-/// bucket ([`crate::catalogue`]).
-pub const ALL: [&str; 10] = [
+/// Every stream, in declaration order; the last three are key-value buckets' (the tool
+/// catalogue's, [`crate::catalogue`], the secrets' and the schedules').
+pub const ALL: [&str; 11] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -50,6 +50,7 @@ pub const ALL: [&str; 10] = [
     DELIVERIES,
     crate::catalogue::STREAM,
     SECRETS,
+    SCHEDULES,
 ];
 
 /// The secrets bucket: names → values encrypted with the workspace's secrets key
@@ -67,6 +68,24 @@ fn secrets() -> async_nats::jetstream::kv::Config {
         description: "Dispatch secrets, encrypted with the workspace's key".to_owned(),
         history: 1,
         max_value_size: MAX_SECRET_BYTES,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The schedules bucket: one `Schedule` (protobuf) per key, the key its id.
+pub const SCHEDULES_BUCKET: &str = "DISPATCH_SCHEDULES";
+/// The stream behind [`SCHEDULES_BUCKET`].
+pub const SCHEDULES: &str = "KV_DISPATCH_SCHEDULES";
+/// The largest stored schedule (a goal and a payload of at most 4 KiB each fit).
+pub const MAX_SCHEDULE_BYTES: i32 = 32 * 1024;
+
+fn schedules() -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: SCHEDULES_BUCKET.to_owned(),
+        description: "Dispatch schedules, kept by the scheduler".to_owned(),
+        history: 1,
+        max_value_size: MAX_SCHEDULE_BYTES,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     }
@@ -278,6 +297,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
     for (config, what) in [
         (crate::catalogue::config(), "the tool catalogue"),
         (secrets(), "the secrets bucket"),
+        (schedules(), "the schedules bucket"),
     ] {
         if bus.jetstream().get_key_value(&config.bucket).await.is_err() {
             bus.jetstream()

@@ -237,6 +237,40 @@ pub mod policy {
 }
 
 /// Every write-probe subject (stream `DISPATCH_PROBE`).
+/// Managing schedules (`dispatch.req.schedule.*`), answered by one scheduler copy.
+pub mod schedule {
+    use super::Subject;
+
+    /// The queue group the scheduler copies answer in.
+    pub const GROUP: &str = "dispatch-scheduler";
+    pub const ALL: &str = "dispatch.req.schedule.*";
+    pub const ADD: &str = "dispatch.req.schedule.add";
+    pub const GET: &str = "dispatch.req.schedule.get";
+    pub const LIST: &str = "dispatch.req.schedule.list";
+    pub const RM: &str = "dispatch.req.schedule.rm";
+    pub const PAUSE: &str = "dispatch.req.schedule.pause";
+    pub const RESUME: &str = "dispatch.req.schedule.resume";
+
+    pub fn add() -> Subject {
+        Subject::from_static(ADD)
+    }
+    pub fn get() -> Subject {
+        Subject::from_static(GET)
+    }
+    pub fn list() -> Subject {
+        Subject::from_static(LIST)
+    }
+    pub fn rm() -> Subject {
+        Subject::from_static(RM)
+    }
+    pub fn pause() -> Subject {
+        Subject::from_static(PAUSE)
+    }
+    pub fn resume() -> Subject {
+        Subject::from_static(RESUME)
+    }
+}
+
 pub const PROBE_ALL: &str = "dispatch.probe.*";
 
 /// Where `service` writes the probe that tells whether JetStream accepts writes.

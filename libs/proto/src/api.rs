@@ -95,6 +95,8 @@ pub(crate) mod json {
 
     enumeration!(task_status, crate::api::v1::TaskStatus);
     enumeration!(trail_outcome, crate::api::v1::TrailOutcome);
+    enumeration!(missed_fires, crate::api::v1::MissedFires);
+    enumeration!(overlap, crate::api::v1::Overlap);
 
     /// JSON texts as the JSON values they hold.
     pub mod raw {

@@ -30,13 +30,14 @@ pub const FILE: &str = "dispatch.toml";
 
 /// Tables that configure the other services (skipped, not errors, when one service
 /// reads the file).
-const SERVICES: [&str; 7] = [
+const SERVICES: [&str; 8] = [
     "ingress",
     "dispatcher",
     "policy",
     "connectors",
     "ledger",
     "streamer",
+    "scheduler",
     "dispatch",
 ];
 

@@ -227,6 +227,12 @@ pub fn plain_table<const N: usize>(
     out
 }
 
+/// `2026-11-22T09:00:00Z`.
+pub fn utc(unix_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 /// One line of `dispatch tools`.
 #[derive(Debug, serde::Serialize)]
 pub struct ToolRow {

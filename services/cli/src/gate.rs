@@ -59,7 +59,7 @@ pub enum PolicyCommand {
 }
 
 /// Who the person at the terminal is.
-fn person(by: Option<String>) -> String {
+pub(crate) fn person(by: Option<String>) -> String {
     let name = by
         .or_else(|| std::env::var("USER").ok())
         .filter(|n| !n.trim().is_empty())

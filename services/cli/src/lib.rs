@@ -18,6 +18,7 @@ mod api_key;
 mod attach;
 mod format;
 mod gate;
+mod schedule;
 mod secret;
 mod store_watch;
 mod up;
@@ -137,6 +138,10 @@ enum Command {
         /// Show full run ids in the table, not their 12-character short form.
         #[arg(long)]
         no_trunc: bool,
+        /// Only runs that match, e.g. `origin=schedule` or `conversation=chat-1`
+        /// (repeatable: all must match).
+        #[arg(long, value_parser = RunFilter::parse)]
+        filter: Vec<RunFilter>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -225,6 +230,11 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: gate::PolicyCommand,
+    },
+    /// Goals started on cron expressions: add, ls, rm, pause, resume.
+    Schedule {
+        #[command(subcommand)]
+        command: schedule::ScheduleCommand,
     },
     /// Follow a conversation's stream: the model's words as they come, tool calls and
     /// results, each run's start and end.
@@ -392,10 +402,21 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             all,
             quiet,
             no_trunc,
+            filter,
             format,
         } => {
             let bus = nats.connect().await?;
-            let runs = list_runs(&bus, all).await?;
+            let mut request = ListRunsRequest {
+                all,
+                ..Default::default()
+            };
+            for f in filter {
+                match f {
+                    RunFilter::Origin(origin) => request.origin = Some(origin),
+                    RunFilter::Conversation(c) => request.conversation_id = Some(c),
+                }
+            }
+            let runs = list_runs(&bus, request).await?;
             if runs.is_empty() && !all {
                 eprintln!(
                     "dispatch: no queued or running runs; `dispatch ps -a` shows finished ones too"
@@ -615,7 +636,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         },
         Command::Prune { trails, force } => {
             let bus = nats.connect().await?;
-            let ids: Vec<RunId> = list_runs(&bus, true)
+            let every = ListRunsRequest {
+                all: true,
+                ..Default::default()
+            };
+            let ids: Vec<RunId> = list_runs(&bus, every)
                 .await?
                 .iter()
                 .filter(|r| r.status().is_terminal())
@@ -647,6 +672,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         Command::Policy { command } => gate::policy(&nats.connect().await?, command).await,
+        Command::Schedule { command } => schedule::run(&nats.connect().await?, command).await,
         Command::Secret(command) => {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }
@@ -736,25 +762,38 @@ pub(crate) async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
 }
 
 /// Every run the ledger lists (`all`: finished ones too), page after page.
-pub(crate) async fn list_runs(bus: &Bus, all: bool) -> Result<Vec<RunView>, Failure> {
+/// Every run `request` asks for, page after page.
+pub(crate) async fn list_runs(
+    bus: &Bus,
+    mut request: ListRunsRequest,
+) -> Result<Vec<RunView>, Failure> {
+    request.limit = Some(dispatch_proto::api::MAX_PAGE);
     let mut runs = Vec::new();
-    let mut after = None;
     loop {
-        let page: ListRunsResponse = query(
-            bus,
-            subject::query::runs(),
-            &ListRunsRequest {
-                all,
-                conversation_id: None,
-                limit: Some(dispatch_proto::api::MAX_PAGE),
-                after: after.take(),
-            },
-        )
-        .await?;
+        let page: ListRunsResponse = query(bus, subject::query::runs(), &request).await?;
         runs.extend(page.runs);
         match page.next {
-            Some(next) => after = Some(next),
+            Some(next) => request.after = Some(next),
             None => return Ok(runs),
+        }
+    }
+}
+
+/// A `ps --filter`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RunFilter {
+    Origin(String),
+    Conversation(String),
+}
+
+impl RunFilter {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.split_once('=') {
+            Some(("origin", v)) if !v.is_empty() => Ok(Self::Origin(v.to_owned())),
+            Some(("conversation", v)) if !v.is_empty() => Ok(Self::Conversation(v.to_owned())),
+            _ => Err(format!(
+                "{text:?}: a filter is origin=VALUE or conversation=VALUE"
+            )),
         }
     }
 }
@@ -956,7 +995,7 @@ async fn sealed_log(
 }
 
 /// `500ms`, `90s`, `35m`, `1h`, `1h 30m`: one format for every duration flag.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("{text:?} is not a duration like 90s, 35m or 1h ({e})"))
 }

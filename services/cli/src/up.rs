@@ -14,11 +14,12 @@ use tokio::process::{Child, Command};
 use crate::{Failure, exit};
 
 /// The services `up` starts, in start order.
-pub const SERVICES: [&str; 6] = [
+pub const SERVICES: [&str; 7] = [
     "ledger",
     "policy",
     "connectors",
     "streamer",
+    "scheduler",
     "dispatcher",
     "ingress",
 ];

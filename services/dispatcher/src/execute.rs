@@ -239,7 +239,7 @@ impl Exec<'_> {
             let tools = self.ctx.offer.current().await.specs();
             let answer = provider
                 .author(AuthorRequest {
-                    goal: requested.goal.clone(),
+                    goal: dispatch_runlog::submit::prompt_goal(requested),
                     grammar: dispatch_plan::GRAMMAR,
                     previous_error,
                     temperature: AUTHOR_TEMPERATURE,
@@ -478,7 +478,7 @@ impl Exec<'_> {
                 None => {
                     let tools = self.ctx.offer.current().await.specs();
                     let request = TurnRequest {
-                        goal: requested.goal.clone(),
+                        goal: dispatch_runlog::submit::prompt_goal(requested),
                         leaf: from_proto_leaf(leaf),
                         history: history.clone(),
                         tools,

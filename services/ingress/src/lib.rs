@@ -13,6 +13,7 @@ mod conversations;
 mod grpc;
 pub mod openapi;
 pub mod problem;
+mod schedules;
 pub mod serve;
 mod stops;
 pub mod writes;
@@ -232,6 +233,13 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/stop", post(stops::stop_run))
+        .route("/v1/schedules", get(schedules::list).post(schedules::add))
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get).delete(schedules::remove),
+        )
+        .route("/v1/schedules/{id}/pause", post(schedules::pause))
+        .route("/v1/schedules/{id}/resume", post(schedules::resume))
         .route("/v1/runs/{id}/events", get(conversations::run_events))
         .route("/v1/tasks", get(get_tasks))
         .route("/v1/approvals", get(approvals::list))
@@ -529,6 +537,9 @@ pub struct ListParams {
     limit: Option<u32>,
     #[serde(default)]
     after: Option<String>,
+    /// Only runs from this origin (`http`, `cli`, `schedule`, …).
+    #[serde(default)]
+    origin: Option<String>,
 }
 
 /// `GET /v1/runs`: a page of runs, newest first; a `Link: <…>; rel="next"` header (and
@@ -553,22 +564,28 @@ async fn list_runs(
         conversation_id: params.conversation.clone(),
         limit: params.limit,
         after: params.after,
+        origin: params.origin.clone(),
     };
     page::<_, ListRunsResponse>(&app, subject::query::runs(), &query, |after| {
-        let mut link = format!("/v1/runs?all={all}&after={after}");
+        let mut link = url::form_urlencoded::Serializer::new(String::new());
+        link.append_pair("all", &all.to_string());
+        link.append_pair("after", after);
         if let Some(limit) = params.limit {
-            link.push_str(&format!("&limit={limit}"));
+            link.append_pair("limit", &limit.to_string());
         }
         if let Some(c) = &params.conversation {
-            link.push_str(&format!("&conversation={c}"));
+            link.append_pair("conversation", c);
         }
-        link
+        if let Some(origin) = &params.origin {
+            link.append_pair("origin", origin);
+        }
+        format!("/v1/runs?{}", link.finish())
     })
     .await
 }
 
 /// A page of a listing: where the next one starts.
-trait Paged {
+pub(crate) trait Paged {
     fn next(&self) -> Option<&str>;
 }
 
@@ -602,12 +619,27 @@ where
     Q: serde::Serialize,
     R: Paged + serde::Serialize + serde::de::DeserializeOwned,
 {
+    page_of::<Q, R>(app, "ledger", subject, query, link).await
+}
+
+/// [`page`], from the service `who` (named when it does not answer).
+async fn page_of<Q, R>(
+    app: &App,
+    who: &str,
+    subject: subject::Subject,
+    query: &Q,
+    link: impl FnOnce(&str) -> String,
+) -> Response
+where
+    Q: serde::Serialize,
+    R: Paged + serde::Serialize + serde::de::DeserializeOwned,
+{
     let reply: Result<Reply<R>, _> = app.bus.request_json(subject, query, QUERY_TIMEOUT).await;
     let next = match &reply {
         Ok(Ok(page)) => page.next().map(link),
         _ => None,
     };
-    let mut response = respond(reply);
+    let mut response = respond_from(who, reply);
     if let Some(next) = next
         && let Ok(value) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\""))
     {
@@ -717,6 +749,14 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) -> Response {
+    respond_from("ledger", reply)
+}
+
+/// An answer of the service `who` (the ledger, the scheduler) as an HTTP response.
+fn respond_from<T: serde::Serialize>(
+    who: &str,
+    reply: Result<Reply<T>, dispatch_bus::Error>,
+) -> Response {
     match reply {
         Ok(Ok(value)) => (StatusCode::OK, axum::Json(value)).into_response(),
         Ok(Err(QueryError::NotFound(m))) => error(StatusCode::NOT_FOUND, "not_found", m),
@@ -729,11 +769,16 @@ fn respond<T: serde::Serialize>(reply: Result<Reply<T>, dispatch_bus::Error>) ->
             error(StatusCode::INTERNAL_SERVER_ERROR, "log_corrupt", m)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "the ledger did not answer");
+            tracing::warn!(service = who, error = %e, "no answer");
+            let code = if who == "scheduler" {
+                "scheduler_unavailable"
+            } else {
+                "ledger_unavailable"
+            };
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "ledger_unavailable",
-                e.to_string(),
+                code,
+                format!("the {who} did not answer: {e}"),
             )
         }
     }

@@ -699,9 +699,18 @@ fn runs(state: &State, query: ListRunsRequest) -> Reply<ListRunsResponse> {
         c.parse::<ConversationId>()
             .map_err(|e| QueryError::BadRequest(e.to_string()))?;
     }
+    if let Some(origin) = &query.origin
+        && (origin.is_empty() || origin.len() > dispatch_runlog::submit::MAX_ORIGIN_CHARS)
+    {
+        return Err(QueryError::BadRequest(format!(
+            "origin must be 1 to {} characters",
+            dispatch_runlog::submit::MAX_ORIGIN_CHARS
+        )));
+    }
     let filter = project::Filter {
         all: query.all,
         conversation: query.conversation_id.as_deref(),
+        origin: query.origin.as_deref(),
     };
     let page = state
         .views
@@ -841,6 +850,7 @@ async fn transcript(state: &State, query: GetTranscriptRequest) -> Reply<GetTran
     let filter = project::Filter {
         all: true,
         conversation: Some(conversation.as_str()),
+        origin: None,
     };
     let page = state.views.page(filter, after, bounds);
     let mut runs: Vec<TranscriptRun> = Vec::new();
@@ -921,6 +931,7 @@ async fn tasks(state: &State, query: ListTasksRequest) -> Reply<ListTasksRespons
     let filter = project::Filter {
         all: true,
         conversation: Some(conversation.as_str()),
+        origin: None,
     };
     let page = state.views.page(filter, after, bounds);
     Ok(ListTasksResponse {

@@ -44,7 +44,10 @@ pub const ARCHIVE_DUE: &str = "archive_due";
 /// Index: ids of runs that have not ended and wait for at least one approval, so
 /// listing what waits for a person costs what waits, not what is live.
 pub const WAITING: &str = "waiting";
-pub const TREES: [&str; 12] = [
+/// Index: `<origin>\0<run id>` for every run, so the runs of one origin (`schedule`,
+/// `cli`, …) are a prefix scan.
+pub const BY_ORIGIN: &str = "by_origin";
+pub const TREES: [&str; 13] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -57,9 +60,10 @@ pub const TREES: [&str; 12] = [
     BY_SHORT_ID,
     ARCHIVE_DUE,
     WAITING,
+    BY_ORIGIN,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 6;
+pub const SCHEMA: u32 = 7;
 
 /// The tombstone of a run removed together with its trail (`prune --trails`).
 const TRAIL_REMOVED: &[u8] = b"trail";
@@ -138,6 +142,7 @@ pub struct Filter<'a> {
     /// Finished runs too, not only queued and doing ones.
     pub all: bool,
     pub conversation: Option<&'a str>,
+    pub origin: Option<&'a str>,
 }
 
 /// How big one page may grow: `limit` runs and `bytes` of JSON, whichever comes first
@@ -215,32 +220,41 @@ impl Views {
     pub fn page(&self, filter: Filter<'_>, after: Option<&str>, bounds: Bounds) -> Page {
         let mut filler = Filler::new(bounds);
         let mut keep = |view: RunView| {
-            if filter.all || !view.status().is_terminal() {
+            let live = filter.all || !view.status().is_terminal();
+            if live && filter.origin.is_none_or(|o| o == view.origin) {
                 filler.take(view)
             } else {
                 true
             }
         };
-        let (Ok(runs), Ok(active), Ok(by_conversation)) = (
+        let (Ok(runs), Ok(active), Ok(by_conversation), Ok(by_origin)) = (
             self.store.tree(RUNS),
             self.store.tree(ACTIVE),
             self.store.tree(BY_CONVERSATION),
+            self.store.tree(BY_ORIGIN),
         ) else {
             return Page::default();
         };
         let decode = |bytes: &[u8]| serde_json::from_slice::<RunView>(bytes).ok();
-        match filter.conversation {
-            Some(conversation) => {
-                let start = note_key(conversation, "");
+        // The index walked is the narrowest at hand: one conversation's runs, live runs
+        // (for a page without finished ones), or one origin's runs.
+        let index = match (filter.conversation, filter.origin) {
+            (Some(conversation), _) => Some((by_conversation, conversation)),
+            (None, Some(origin)) if filter.all => Some((by_origin, origin)),
+            _ => None,
+        };
+        match index {
+            Some((by_key, key)) => {
+                let start = note_key(key, "");
                 let end = match after {
-                    Some(after) => note_key(conversation, after),
+                    Some(after) => note_key(key, after),
                     None => {
                         let mut end = start.clone();
                         *end.last_mut().expect("ends in NUL") = 1;
                         end
                     }
                 };
-                for item in by_conversation.range(start.clone()..end).rev() {
+                for item in by_key.range(start.clone()..end).rev() {
                     let Ok((key, _)) = item else { continue };
                     let id = String::from_utf8_lossy(&key[start.len()..]).into_owned();
                     if let Some(view) = self.run(&id)
@@ -329,6 +343,7 @@ impl Views {
             Filter {
                 all: false,
                 conversation: None,
+                origin: None,
             },
             None,
             unbounded,
@@ -337,6 +352,7 @@ impl Views {
             Filter {
                 all: true,
                 conversation: None,
+                origin: None,
             },
             None,
             Bounds {
@@ -539,6 +555,7 @@ impl Views {
         let before = current
             .as_ref()
             .map(|v| conversation_or_default(&v.conversation_id));
+        let origin_before = current.as_ref().map(|v| v.origin.clone());
         let view = RunView::apply(current, &event, &self.trust);
         let conversation = conversation_or_default(&view.conversation_id);
         if let Some(before) = before.filter(|b| *b != conversation) {
@@ -547,6 +564,9 @@ impl Views {
             pending
                 .batch
                 .remove(BY_CONVERSATION, note_key(&before, &key));
+        }
+        if let Some(before) = origin_before.filter(|b| *b != view.origin) {
+            pending.batch.remove(BY_ORIGIN, note_key(&before, &key));
         }
         if let Some(note) = note_of(&event) {
             let note_id = note_key(&conversation, &key);
@@ -667,6 +687,9 @@ impl Views {
                         pending
                             .batch
                             .remove(BY_CONVERSATION, note_key(&conversation, &run_id));
+                        pending
+                            .batch
+                            .remove(BY_ORIGIN, note_key(&view.origin, &run_id));
                     }
                     pending.batch.remove(RUNS, &run_id);
                     pending.batch.remove(ACTIVE, &run_id);
@@ -750,6 +773,7 @@ impl Views {
                 Vec::new(),
             );
             batch.put_guarded(&unknown, BY_SHORT_ID, short_id_key(key), Vec::new());
+            batch.put_guarded(&unknown, BY_ORIGIN, note_key(&view.origin, key), Vec::new());
             let json = serde_json::to_vec(view).expect("views serialize");
             batch.put_guarded(&unknown, RUNS, key, json);
         }
@@ -777,6 +801,7 @@ impl Views {
                 Vec::new(),
             );
             batch.put_guarded(&kept, BY_SHORT_ID, short_id_key(key), Vec::new());
+            batch.put_guarded(&kept, BY_ORIGIN, note_key(&view.origin, key), Vec::new());
         }
         self.store.commit(source, pending.last_seq, batch)
     }

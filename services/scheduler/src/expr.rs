@@ -1,0 +1,210 @@
+//! Cron expressions read in a time zone: the `cron` crate's seconds-aware form, and the
+//! classic five fields.
+//!
+//! - 7 fields: `sec min hour day-of-month month day-of-week year`.
+//! - 6 fields: the same without the year.
+//! - 5 fields: classic crontab, `min hour day-of-month month day-of-week`; it fires at
+//!   second 0, and its day-of-week numbers mean what crontab means (0 or 7 Sunday,
+//!   1 Monday … 6 Saturday). In the 6- and 7-field forms they are the `cron` crate's
+//!   (1 Sunday … 7 Saturday); names (`MON-FRI`) mean the same everywhere.
+
+use std::str::FromStr;
+
+use chrono::{TimeZone as _, Utc};
+use chrono_tz::Tz;
+
+/// The longest expression accepted.
+pub const MAX_EXPRESSION_BYTES: usize = 256;
+
+/// A cron expression read in a time zone.
+#[derive(Debug, Clone)]
+pub struct Expr {
+    schedule: cron::Schedule,
+    zone: Tz,
+}
+
+impl Expr {
+    /// Reads `expression` in `time_zone` (an IANA name; empty: UTC), or says precisely
+    /// what is wrong with either.
+    pub fn parse(expression: &str, time_zone: &str) -> Result<Self, String> {
+        if expression.len() > MAX_EXPRESSION_BYTES {
+            return Err(format!(
+                "the expression is {} bytes; at most {MAX_EXPRESSION_BYTES}",
+                expression.len()
+            ));
+        }
+        let fields: Vec<&str> = expression.split_whitespace().collect();
+        let full = match fields.len() {
+            5 => {
+                let dow = crontab_days(fields[4])?;
+                format!(
+                    "0 {} {} {} {} {dow}",
+                    fields[0], fields[1], fields[2], fields[3]
+                )
+            }
+            6 | 7 => fields.join(" "),
+            0 => return Err("the expression is empty".into()),
+            n => {
+                return Err(format!(
+                    "`{expression}` has {n} fields; a cron expression has 5 (minute hour \
+                     day-of-month month day-of-week), 6 (second first) or 7 (and a year)"
+                ));
+            }
+        };
+        let schedule = cron::Schedule::from_str(&full)
+            .map_err(|e| format!("`{expression}` is not a cron expression: {e}"))?;
+        let zone = match time_zone.trim() {
+            "" => Tz::UTC,
+            name => name.parse::<Tz>().map_err(|_| {
+                format!("`{name}` is not an IANA time zone (say `UTC` or `Europe/Lisbon`)")
+            })?,
+        };
+        Ok(Self { schedule, zone })
+    }
+
+    /// The first fire time strictly after `after_ms` (unix ms), if there is one.
+    pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+        let after = Utc.timestamp_millis_opt(after_ms).single()?;
+        self.schedule
+            .after(&after.with_timezone(&self.zone))
+            .next()
+            .map(|t| t.timestamp_millis())
+    }
+
+    /// The latest fire time at or before `at_ms`, if there is one.
+    pub fn latest_at_or_before(&self, at_ms: i64) -> Option<i64> {
+        let after = Utc.timestamp_millis_opt(at_ms.checked_add(1)?).single()?;
+        self.schedule
+            .after(&after.with_timezone(&self.zone))
+            .next_back()
+            .map(|t| t.timestamp_millis())
+    }
+
+    /// The fire times in `(after_ms, until_ms]`, oldest first, at most `cap` of them,
+    /// and whether there were more.
+    pub fn between(&self, after_ms: i64, until_ms: i64, cap: usize) -> (Vec<i64>, bool) {
+        let Some(after) = Utc.timestamp_millis_opt(after_ms).single() else {
+            return (Vec::new(), false);
+        };
+        let mut times = Vec::new();
+        for t in self.schedule.after(&after.with_timezone(&self.zone)) {
+            let t = t.timestamp_millis();
+            if t > until_ms {
+                return (times, false);
+            }
+            if times.len() == cap {
+                return (times, true);
+            }
+            times.push(t);
+        }
+        (times, false)
+    }
+}
+
+/// A crontab day-of-week field with its numbers as names: crontab counts from Sunday = 0
+/// (7 too), the `cron` crate from Sunday = 1.
+fn crontab_days(field: &str) -> Result<String, String> {
+    const NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+    let name = |token: &str| -> Result<String, String> {
+        match token.parse::<usize>() {
+            Ok(n) if n < NAMES.len() => Ok(NAMES[n].to_owned()),
+            Ok(n) => Err(format!(
+                "day-of-week {n} is out of range: 0-7 (0 and 7 are Sunday)"
+            )),
+            Err(_) => Ok(token.to_owned()),
+        }
+    };
+    field
+        .split(',')
+        .map(|item| {
+            let (range, step) = match item.split_once('/') {
+                Some((range, step)) => (range, Some(step)),
+                None => (item, None),
+            };
+            let range = match range.split_once('-') {
+                Some((a, b)) => format!("{}-{}", name(a)?, name(b)?),
+                None => name(range)?,
+            };
+            Ok(match step {
+                Some(step) => format!("{range}/{step}"),
+                None => range,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(|items| items.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(rfc3339: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn the_three_forms_fire_when_they_say() {
+        let every_two = Expr::parse("*/2 * * * * * *", "").unwrap();
+        let start = ms("2026-01-01T00:00:00Z");
+        assert_eq!(every_two.next_after(start), Some(start + 2000));
+        let (times, more) = every_two.between(start, start + 6000, 10);
+        assert_eq!(times, vec![start + 2000, start + 4000, start + 6000]);
+        assert!(!more);
+        let (times, more) = every_two.between(start, start + 60_000, 5);
+        assert_eq!((times.len(), more), (5, true));
+        assert_eq!(
+            every_two.latest_at_or_before(start + 5_999),
+            Some(start + 4000)
+        );
+        assert_eq!(
+            every_two.latest_at_or_before(start + 6000),
+            Some(start + 6000)
+        );
+
+        let six = Expr::parse("30 * * * * *", "UTC").unwrap();
+        assert_eq!(six.next_after(start), Some(start + 30_000));
+        // Crontab's 1-5 is Monday to Friday: 2026-01-01 is a Thursday, 01-03 a Saturday.
+        let weekdays = Expr::parse("0 9 * * 1-5", "").unwrap();
+        let friday = ms("2026-01-02T09:00:00Z");
+        assert_eq!(
+            weekdays.next_after(ms("2026-01-01T09:00:00Z")),
+            Some(friday)
+        );
+        assert_eq!(
+            weekdays.next_after(friday),
+            Some(ms("2026-01-05T09:00:00Z")),
+            "the weekend is skipped"
+        );
+        let sunday = Expr::parse("0 0 * * 0", "").unwrap();
+        assert_eq!(sunday.next_after(start), Some(ms("2026-01-04T00:00:00Z")));
+    }
+
+    #[test]
+    fn a_time_zone_moves_the_fire_time() {
+        let nine = Expr::parse("0 9 * * *", "America/New_York").unwrap();
+        assert_eq!(
+            nine.next_after(ms("2026-01-01T00:00:00Z")),
+            Some(ms("2026-01-01T14:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn bad_expressions_and_zones_are_refused_precisely() {
+        let cases = [
+            ("", "", "empty"),
+            ("* * *", "", "has 3 fields"),
+            ("* * * * * * * *", "", "has 8 fields"),
+            ("61 * * * *", "", "not a cron expression"),
+            ("0 9 * * 8", "", "day-of-week 8 is out of range"),
+            ("0 9 * * *", "Mars/Olympus", "not an IANA time zone"),
+        ];
+        for (expression, zone, said) in cases {
+            let error = Expr::parse(expression, zone).unwrap_err();
+            assert!(error.contains(said), "{expression:?} {zone:?}: {error}");
+        }
+        let long = "*".repeat(MAX_EXPRESSION_BYTES + 1);
+        assert!(Expr::parse(&long, "").unwrap_err().contains("at most"));
+    }
+}

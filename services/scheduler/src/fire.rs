@@ -1,0 +1,262 @@
+//! The fire loop: sleeps until the earliest schedule is due, fires it, and moves it on.
+
+use std::time::Duration;
+
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::{RunId, streams, subject};
+use dispatch_proto::api::v1::{MissedFires, Overlap, Schedule};
+use dispatch_proto::run::v1::{RunEvent, run_event::Body};
+use dispatch_runlog::submit::{Goal, Submission};
+use prost::Message as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::book::RECHECK_MS;
+use crate::expr::Expr;
+use crate::{CONCURRENCY, MAX_CATCH_UP, Shared, now_ms};
+
+/// The longest the loop sleeps without looking at the book.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// The origin recorded on every run a schedule starts.
+pub const ORIGIN: &str = "schedule";
+
+/// What firing a schedule came to.
+enum Outcome {
+    /// Updated to this revision.
+    Moved(Box<Schedule>, u64),
+    /// Look again at this time (a queued fire still waits, or NATS failed).
+    Retry(i64),
+    /// Another copy moved it first: its update is on its way through the watch.
+    Raced,
+}
+
+pub(crate) async fn run(shared: Shared, shutdown: CancellationToken) {
+    let mut fires: JoinSet<(String, Outcome)> = JoinSet::new();
+    loop {
+        let now = now_ms();
+        let room = CONCURRENCY.saturating_sub(fires.len());
+        for (id, schedule, revision) in shared.book().take_due(now, room) {
+            let shared = shared.clone();
+            fires.spawn(async move {
+                let outcome = fire(&shared, &schedule, revision).await;
+                (id, outcome)
+            });
+        }
+        let wait = shared
+            .book()
+            .next_due()
+            .map_or(IDLE, |at| {
+                Duration::from_millis(at.saturating_sub(now).max(0) as u64)
+            })
+            .min(IDLE);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.changed.notified() => {}
+            _ = tokio::time::sleep(wait), if fires.len() < CONCURRENCY => {}
+            Some(done) = fires.join_next(), if !fires.is_empty() => {
+                let Ok((id, outcome)) = done else { continue };
+                let mut book = shared.book();
+                match outcome {
+                    Outcome::Moved(schedule, revision) => book.adopt(&id, *schedule, revision),
+                    Outcome::Retry(at) => book.retry(&id, at),
+                    Outcome::Raced => {}
+                }
+                book.done(&id);
+            }
+        }
+    }
+    fires.shutdown().await;
+}
+
+/// Fires what of `schedule` is due now and moves it on, with `revision` as the
+/// expected one.
+async fn fire(shared: &Shared, schedule: &Schedule, revision: u64) -> Outcome {
+    let id = schedule.schedule_id.clone();
+    let now = now_ms();
+    let mut moved = schedule.clone();
+    let expr = match Expr::parse(&schedule.expression, &schedule.time_zone) {
+        Ok(expr) => expr,
+        Err(e) => {
+            // Only a write past the scheduler's checks stores such a schedule.
+            tracing::warn!(
+                schedule_id = id,
+                error = e,
+                "a stored schedule does not parse; pausing it"
+            );
+            moved.paused = true;
+            return update(shared, moved, revision).await;
+        }
+    };
+    // A fire held back for the previous run goes once that run has ended.
+    if schedule.queued_fire_at_ms != 0 {
+        match finished(shared, &schedule.last_run_id).await {
+            Ok(true) => match start(shared, schedule, schedule.queued_fire_at_ms).await {
+                Ok(run_id) => {
+                    moved.last_run_id = run_id.to_string();
+                    moved.last_fired_at_ms = schedule.queued_fire_at_ms;
+                    moved.queued_fire_at_ms = 0;
+                    moved.fires += 1;
+                }
+                Err(e) => return not_started(shared, schedule, revision, now, e).await,
+            },
+            Ok(false) if schedule.next_fire_at_ms == 0 || schedule.next_fire_at_ms > now => {
+                return Outcome::Retry(now + RECHECK_MS);
+            }
+            Ok(false) => {}
+            Err(e) => return retry(&id, now, &e),
+        }
+    }
+    if moved.next_fire_at_ms != 0 && moved.next_fire_at_ms <= now {
+        // Every fire time from the due one up to now: more than one after downtime.
+        let (missed, more) = expr.between(moved.next_fire_at_ms - 1, now, MAX_CATCH_UP);
+        let last = missed.last().copied().unwrap_or(moved.next_fire_at_ms);
+        let latest = if more {
+            expr.latest_at_or_before(now).unwrap_or(last)
+        } else {
+            last
+        };
+        let times: Vec<i64> = match moved.missed() {
+            MissedFires::All => missed.clone(),
+            MissedFires::Skip | MissedFires::Unspecified => vec![latest],
+        };
+        // Under `skip`, the missed times before the latest are not started.
+        moved.skipped += (missed.len() - times.len().min(missed.len())) as u64;
+        let running = match moved.overlap() {
+            Overlap::Allow => false,
+            _ => match finished(shared, &moved.last_run_id).await {
+                Ok(done) => !done,
+                Err(e) => return retry(&id, now, &e),
+            },
+        };
+        match (running, moved.overlap()) {
+            (true, Overlap::Queue) => {
+                moved.skipped += (times.len() as u64).saturating_sub(1);
+                moved.queued_fire_at_ms = latest;
+            }
+            (true, _) => moved.skipped += times.len() as u64,
+            (false, _) => {
+                for &at in &times {
+                    match start(shared, &moved, at).await {
+                        Ok(run_id) => {
+                            moved.last_run_id = run_id.to_string();
+                            moved.last_fired_at_ms = at;
+                            moved.fires += 1;
+                        }
+                        Err(e) => return not_started(shared, schedule, revision, now, e).await,
+                    }
+                }
+            }
+        }
+        moved.next_fire_at_ms = expr.next_after(latest.max(now)).unwrap_or(0);
+    }
+    if moved == *schedule {
+        return Outcome::Retry(now + RECHECK_MS);
+    }
+    update(shared, moved, revision).await
+}
+
+/// A fire that did not start: tried again in a moment, or, when the schedule itself is
+/// bad (only a write past the scheduler's checks makes one), paused.
+async fn not_started(
+    shared: &Shared,
+    schedule: &Schedule,
+    revision: u64,
+    now: i64,
+    why: NotStarted,
+) -> Outcome {
+    match why {
+        NotStarted::Failed(e) => retry(&schedule.schedule_id, now, &e),
+        NotStarted::Bad(e) => {
+            tracing::warn!(
+                schedule_id = schedule.schedule_id,
+                error = e,
+                "pausing a schedule that cannot start a run"
+            );
+            let mut paused = schedule.clone();
+            paused.paused = true;
+            update(shared, paused, revision).await
+        }
+    }
+}
+
+fn retry(id: &str, now: i64, error: &str) -> Outcome {
+    tracing::warn!(
+        schedule_id = id,
+        error,
+        "a fire did not go through; trying again"
+    );
+    Outcome::Retry(now + RECHECK_MS)
+}
+
+/// Stores `schedule` if the bucket still holds `revision`.
+async fn update(shared: &Shared, schedule: Schedule, revision: u64) -> Outcome {
+    let id = schedule.schedule_id.clone();
+    match shared
+        .schedules
+        .update(&id, schedule.encode_to_vec().into(), revision)
+        .await
+    {
+        Ok(revision) => Outcome::Moved(Box::new(schedule), revision),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Outcome::Raced,
+        Err(e) => retry(&id, now_ms(), &e.to_string()),
+    }
+}
+
+/// Why a fire's goal was not stored.
+enum NotStarted {
+    /// The stored schedule's goal does not check out: it never will.
+    Bad(String),
+    /// NATS did not store it; another try may.
+    Failed(String),
+}
+
+/// Stores the goal of `schedule`'s fire at `at`: the same run whoever stores it.
+async fn start(shared: &Shared, schedule: &Schedule, at: i64) -> Result<RunId, NotStarted> {
+    let goal = Goal::new(
+        &schedule.goal,
+        &schedule.conversation_id,
+        schedule.timeout_ms,
+        ORIGIN,
+    )
+    .and_then(|goal| goal.with_payload(&schedule.payload))
+    .map_err(|e| NotStarted::Bad(format!("the schedule's goal does not check out: {e}")))?;
+    let submission = Submission::fired(goal, &schedule.schedule_id, at);
+    let run_id = submission.run_id();
+    submission
+        .submit(&shared.bus)
+        .await
+        .map_err(|e| NotStarted::Failed(e.to_string()))?;
+    tracing::info!(schedule_id = schedule.schedule_id, %run_id, fire_at_ms = at, "fired");
+    Ok(run_id)
+}
+
+/// Whether the run `run_id` has ended (no run at all has).
+async fn finished(shared: &Shared, run_id: &str) -> Result<bool, String> {
+    let Ok(run_id) = run_id.parse::<RunId>() else {
+        return Ok(true);
+    };
+    let stream = shared
+        .bus
+        .jetstream()
+        .get_stream(streams::RUNS)
+        .await
+        .map_err(|e| format!("open the run-log stream: {e}"))?;
+    match stream
+        .direct_get_last_for_subject(subject::run(&run_id).to_string())
+        .await
+    {
+        Ok(message) => Ok(matches!(
+            RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
+            Ok(Some(Body::RunFinished(_)))
+        )),
+        // No event yet: the run is queued.
+        Err(e)
+            if e.kind()
+                == dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(format!("read run {run_id}: {e}")),
+    }
+}

@@ -1,0 +1,277 @@
+//! Requests on `dispatch.req.schedule.*` (JSON, one copy answers each): `add`, `get`,
+//! `list`, `pause`, `resume`, `rm`. Each answer is a `Reply`: the schedule (or the page)
+//! as it is afterwards, or why not. A bad request changes nothing.
+
+use std::sync::Arc;
+
+use dispatch_bus::{ConversationId, subject};
+use dispatch_proto::api::v1::{
+    AddScheduleRequest, ListSchedulesRequest, ListSchedulesResponse, MissedFires, Overlap,
+    Schedule, ScheduleIdRequest,
+};
+use dispatch_proto::api::{DEFAULT_PAGE, MAX_PAGE, QueryError, Reply};
+use dispatch_runlog::submit::Goal;
+use futures::StreamExt as _;
+use prost::Message as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::book::Lookup;
+use crate::expr::Expr;
+use crate::fire::ORIGIN;
+use crate::{Shared, now_ms};
+
+/// Requests this copy answers at once.
+const CONCURRENCY: usize = 32;
+/// The most schedules the bucket holds: every copy keeps all of them in memory.
+pub const MAX_SCHEDULES: usize = 100_000;
+/// The longest name of who made a schedule.
+const MAX_WHO_CHARS: usize = 128;
+/// How many lost races a pause or resume rides out.
+const MAX_RACES: usize = 8;
+
+pub(crate) async fn serve(shared: Shared, shutdown: CancellationToken) {
+    let client = shared.bus.client().clone();
+    let mut requests = loop {
+        match client
+            .queue_subscribe(subject::schedule::ALL, subject::schedule::GROUP.to_owned())
+            .await
+        {
+            Ok(subscription) => break subscription,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take schedule requests yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (shared, client) = (shared.clone(), client.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let body = &message.payload;
+            let answer = match message.subject.as_str() {
+                subject::schedule::ADD => json(match parse(body) {
+                    Ok(request) => add(&shared, request).await,
+                    Err(e) => Err(e),
+                }),
+                subject::schedule::GET => json(parse(body).and_then(|r| get(&shared, r))),
+                subject::schedule::LIST => json(parse(body).and_then(|r| list(&shared, r))),
+                subject::schedule::RM => json(match parse(body) {
+                    Ok(request) => remove(&shared, request).await,
+                    Err(e) => Err(e),
+                }),
+                verb @ (subject::schedule::PAUSE | subject::schedule::RESUME) => {
+                    let paused = verb == subject::schedule::PAUSE;
+                    json(match parse(body) {
+                        Ok(request) => pause(&shared, request, paused).await,
+                        Err(e) => Err(e),
+                    })
+                }
+                other => json::<()>(Err(QueryError::BadRequest(format!(
+                    "no such schedule request: {other}"
+                )))),
+            };
+            if let Err(e) = client.publish(reply, answer.into()).await {
+                tracing::warn!(error = %e, "cannot answer a schedule request");
+            }
+        });
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, QueryError> {
+    serde_json::from_slice(body).map_err(|e| QueryError::BadRequest(format!("the request: {e}")))
+}
+
+fn json<T: serde::Serialize>(answer: Reply<T>) -> Vec<u8> {
+    serde_json::to_vec(&answer).unwrap_or_else(|e| {
+        serde_json::to_vec(&Reply::<()>::Err(QueryError::Unavailable(e.to_string())))
+            .expect("an error serializes")
+    })
+}
+
+/// Checks a new schedule by every rule, works out its first fire time, and stores it.
+async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
+    let bad = QueryError::BadRequest;
+    let expr = Expr::parse(&request.expression, &request.time_zone).map_err(bad)?;
+    let conversation = match request.conversation_id.as_str() {
+        "" => ConversationId::DEFAULT,
+        id => id,
+    };
+    Goal::new(&request.goal, conversation, request.timeout_ms, ORIGIN)
+        .and_then(|goal| goal.with_payload(&request.payload))
+        .map_err(|e| bad(format!("{}: {e}", e.code())))?;
+    let now = now_ms();
+    let next = expr.next_after(now).ok_or_else(|| {
+        bad(format!(
+            "`{}` has no fire time after now",
+            request.expression
+        ))
+    })?;
+    if shared.book().len() >= MAX_SCHEDULES {
+        return Err(bad(format!(
+            "there are {MAX_SCHEDULES} schedules already; remove some first"
+        )));
+    }
+    let schedule = Schedule {
+        schedule_id: uuid::Uuid::now_v7().to_string(),
+        expression: request
+            .expression
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+        time_zone: match request.time_zone.trim() {
+            "" => "UTC".to_owned(),
+            zone => zone.to_owned(),
+        },
+        goal: request.goal.trim().to_owned(),
+        conversation_id: conversation.to_owned(),
+        payload: request.payload.clone(),
+        // Stored as what they mean: unspecified is `skip` for both.
+        missed: match request.missed() {
+            MissedFires::Unspecified => MissedFires::Skip,
+            missed => missed,
+        } as i32,
+        overlap: match request.overlap() {
+            Overlap::Unspecified => Overlap::Skip,
+            overlap => overlap,
+        } as i32,
+        timeout_ms: request.timeout_ms,
+        next_fire_at_ms: next,
+        created_at_ms: now,
+        created_by: dispatch_runlog::one_line(&request.created_by, MAX_WHO_CHARS),
+        ..Default::default()
+    };
+    let revision = shared
+        .schedules
+        .create(&schedule.schedule_id, schedule.encode_to_vec().into())
+        .await
+        .map_err(|e| QueryError::Unavailable(format!("the schedule was not stored: {e}")))?;
+    tracing::info!(
+        schedule_id = schedule.schedule_id,
+        expression = schedule.expression,
+        "schedule added"
+    );
+    shared.hold(
+        &schedule.schedule_id,
+        Some((schedule.clone(), revision)),
+        revision,
+    );
+    Ok(schedule)
+}
+
+fn find(shared: &Shared, id: &str) -> Result<(Schedule, u64), QueryError> {
+    shared.book().find(id).map_err(|lookup| match lookup {
+        Lookup::None => QueryError::NotFound(format!("no schedule matches {id:?}")),
+        Lookup::Ambiguous(ids) => QueryError::Ambiguous(format!(
+            "{id:?} matches more than one schedule ({}…); give more of the id",
+            ids.join(", ")
+        )),
+    })
+}
+
+fn get(shared: &Shared, request: ScheduleIdRequest) -> Reply<Schedule> {
+    find(shared, &request.schedule_id).map(|(schedule, _)| schedule)
+}
+
+fn list(shared: &Shared, request: ListSchedulesRequest) -> Reply<ListSchedulesResponse> {
+    let limit = request.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(QueryError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    // A schedule can be tens of KiB of JSON (a goal and a payload full of escapes):
+    // pages are cut by size too, so no answer outgrows a message.
+    let (mut schedules, mut next) = shared.book().page(request.after.as_deref(), limit as usize);
+    let mut bytes = 0;
+    if let Some(cut) = schedules.iter().position(|s| {
+        bytes += serde_json::to_vec(s).map_or(REPLY_BUDGET, |json| json.len() + 1);
+        bytes > REPLY_BUDGET
+    }) {
+        schedules.truncate(cut.max(1));
+        next = schedules.last().map(|s| s.schedule_id.clone());
+    }
+    Ok(ListSchedulesResponse { schedules, next })
+}
+
+/// The most bytes of JSON one answer carries: well inside NATS's default 1 MiB.
+const REPLY_BUDGET: usize = 512 * 1024;
+
+async fn remove(shared: &Shared, request: ScheduleIdRequest) -> Reply<Schedule> {
+    let (schedule, _) = find(shared, &request.schedule_id)?;
+    shared
+        .schedules
+        .delete(&schedule.schedule_id)
+        .await
+        .map_err(|e| QueryError::Unavailable(format!("the schedule was not removed: {e}")))?;
+    tracing::info!(schedule_id = schedule.schedule_id, "schedule removed");
+    Ok(schedule)
+}
+
+/// Pauses or resumes a schedule. A resumed schedule fires next at its first time after
+/// now: the times it was paused through are not missed fires.
+async fn pause(shared: &Shared, request: ScheduleIdRequest, paused: bool) -> Reply<Schedule> {
+    let (mut schedule, mut revision) = find(shared, &request.schedule_id)?;
+    for _ in 0..MAX_RACES {
+        if schedule.paused == paused {
+            return Ok(schedule);
+        }
+        let mut changed = schedule.clone();
+        changed.paused = paused;
+        if !paused {
+            let expr = Expr::parse(&changed.expression, &changed.time_zone)
+                .map_err(QueryError::BadRequest)?;
+            changed.next_fire_at_ms = expr.next_after(now_ms()).unwrap_or(0);
+        }
+        match shared
+            .schedules
+            .update(
+                &changed.schedule_id,
+                changed.encode_to_vec().into(),
+                revision,
+            )
+            .await
+        {
+            Ok(new) => {
+                shared.hold(&changed.schedule_id, Some((changed.clone(), new)), new);
+                return Ok(changed);
+            }
+            Err(e)
+                if e.kind()
+                    == dispatch_bus::async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision =>
+            {
+                let entry = shared
+                    .schedules
+                    .entry(&changed.schedule_id)
+                    .await
+                    .map_err(|e| QueryError::Unavailable(e.to_string()))?
+                    .filter(|e| e.operation == dispatch_bus::async_nats::jetstream::kv::Operation::Put)
+                    .ok_or_else(|| QueryError::NotFound("the schedule was removed".into()))?;
+                schedule = Schedule::decode(entry.value.as_ref())
+                    .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+                revision = entry.revision;
+            }
+            Err(e) => return Err(QueryError::Unavailable(e.to_string())),
+        }
+    }
+    Err(QueryError::Unavailable(
+        "the schedule kept changing under this request; ask again".into(),
+    ))
+}
