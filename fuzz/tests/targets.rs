@@ -149,6 +149,7 @@ fn sample_events(run_id: &RunId) -> Vec<Vec<u8>> {
             origin: "http".into(),
             callback_url: "https://h/x".into(),
             payload: "p".into(),
+            kind: String::new(),
         }),
         Body::OutputDelta(dispatch_proto::run::v1::OutputDelta {
             leaf: 0,

@@ -68,7 +68,8 @@ async fn stop_asks_the_owner_and_the_run_ends_stopped() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyhow::Result<()> {
+async fn stop_ends_unowned_runs_escalates_past_the_grace_and_force_does_not_wait()
+-> anyhow::Result<()> {
     let mut stack = Stack::with_test_tools().await?;
     // No dispatcher: the run is queued and nobody owns it.
     let queued = stack.submit(SLOW, "default", 0).await?;
@@ -77,10 +78,8 @@ async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyho
     let events = stack.wait_finished(queued, LIMIT).await?;
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Stopped as i32);
-    assert_eq!(
-        end.reason,
-        "stopped by cli (forced: no owner ended it within 300 ms)"
-    );
+    // Nobody owns a queued run: it ends at once, without waiting out the grace.
+    assert_eq!(end.reason, "stopped by cli (before it started)");
     assert_eq!(events.last().unwrap().event.writer, "cli");
 
     // A dispatcher that starts now finds the run ended and leaves it be.
@@ -94,6 +93,19 @@ async fn stop_escalates_when_no_owner_answers_and_force_does_not_wait() -> anyho
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let end = stack.wait_finished(running, LIMIT).await?;
     assert_eq!(finished(&end).reason, "stopped by cli (forced)");
+
+    // A started run whose owner is gone: the grace runs out, and the CLI ends it.
+    let orphan = stack.submit(SLOW, "default", 0).await?;
+    wait_started_call(&stack, orphan).await?;
+    stack.service("dispatcher")?.kill().await?;
+    stack.services.retain(|s| s.name != "dispatcher");
+    let out = stack.cli(&["stop", "--grace-period-ms", "300", &orphan.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let end = stack.wait_finished(orphan, LIMIT).await?;
+    assert_eq!(
+        finished(&end).reason,
+        "stopped by cli (forced: no owner ended it within 300 ms)"
+    );
     Ok(())
 }
 
@@ -462,5 +474,81 @@ async fn short_ids_tell_apart_runs_started_together() -> anyhow::Result<()> {
             out.stderr.contains("no run matches").then_some(())
         })
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn job_and_heartbeat_runs_carry_their_kind_and_payload() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    let cases: [(&[&str], &str, &str); 3] = [
+        (&["--job", r#"{"rows": 3}"#], "job", r#"{"rows": 3}"#),
+        (&["--heartbeat=tick 7"], "heartbeat", "tick 7"),
+        (&["--heartbeat"], "heartbeat", ""),
+    ];
+    for (flags, kind, payload) in cases {
+        let mut args = vec!["run", "-d"];
+        args.extend_from_slice(flags);
+        args.push("Quick errand");
+        let out = stack.cli(&args)?;
+        assert_eq!(out.code, Some(0), "{flags:?}: {}", out.stderr);
+        let run_id: RunId = out.stdout.trim().parse()?;
+        let events = stack.wait_finished(run_id, LIMIT).await?;
+        let requested = events
+            .iter()
+            .find_map(|e| match &e.event.body {
+                Some(Body::RunRequested(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .expect("requested");
+        assert_eq!(
+            (requested.kind.as_str(), requested.payload.as_str()),
+            (kind, payload)
+        );
+        ledger_knows(&stack, run_id, "done").await?;
+        let view = ps_all(&stack)
+            .await?
+            .into_iter()
+            .find(|r| r["run_id"] == run_id.to_string())
+            .expect("listed");
+        assert_eq!(view["kind"], kind);
+    }
+    // A restart runs the same kind with the same payload.
+    let mut restarted_one = false;
+    for view in ps_all(&stack).await? {
+        let id: RunId = view["run_id"].as_str().unwrap_or_default().parse()?;
+        let events = stack.log().await?.read(&id).await?;
+        let Some(Body::RunRequested(first)) = events[0].event.body.clone() else {
+            continue;
+        };
+        if first.payload != "tick 7" {
+            continue;
+        }
+        let out = stack.cli(&["restart", &id.to_string()])?;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let again: RunId = out.stdout.trim().parse()?;
+        let events = stack.wait_finished(again, LIMIT).await?;
+        let Some(Body::RunRequested(second)) = events[0].event.body.clone() else {
+            panic!("a run starts with its request");
+        };
+        assert_eq!((second.kind, second.payload), (first.kind, first.payload));
+        restarted_one = true;
+    }
+    assert!(restarted_one, "the heartbeat run was restarted");
+    let both = stack.cli(&[
+        "run",
+        "-d",
+        "--job",
+        "x",
+        "--heartbeat",
+        "y",
+        "Quick errand",
+    ])?;
+    assert_ne!(both.code, Some(0));
+    assert!(
+        both.stderr.contains("cannot be used with"),
+        "{}",
+        both.stderr
+    );
     Ok(())
 }

@@ -67,6 +67,7 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
         submitted_at_unix_ms: 1,
         callback_url: String::new(),
         payload: String::new(),
+        kind: String::new(),
     };
     let cases = [
         (

@@ -474,3 +474,66 @@ async fn a_fire_while_the_last_run_goes_is_skipped_or_queued() -> Result<()> {
     }
     Ok(())
 }
+
+fn todos(stack: &Stack) -> Result<Vec<Value>> {
+    let out = stack.cli(&["todo", "ls", "--format", "json"])?;
+    anyhow::ensure!(out.code == Some(0), "todo ls: {}", out.stderr);
+    Ok(serde_json::from_str(&out.stdout)?)
+}
+
+#[tokio::test]
+async fn a_todo_becomes_a_run_when_due_and_follows_it() -> Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("scheduler").await?;
+    stack.add("dispatcher").await?;
+    let added = Instant::now();
+    let out = stack.cli(&["todo", "add", "Quick errand", "--due", "4s"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let later = out.stdout.trim().to_owned();
+    let out = stack.cli(&["todo", "add", "Quick errand"])?;
+    let now = out.stdout.trim().to_owned();
+
+    // Not due yet: pending, no run. The one without a due time runs at once.
+    let listed = todos(&stack)?;
+    let state = |listed: &[Value], id: &str| {
+        listed
+            .iter()
+            .find(|t| t["todo_id"] == id)
+            .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
+    };
+    if added.elapsed() < Duration::from_secs(3) {
+        assert_eq!(state(&listed, &later).as_deref(), Some("pending"));
+    }
+    stack
+        .eventually(LIMIT, || async {
+            let listed = todos(&stack).ok()?;
+            (state(&listed, &now)? == "done").then_some(())
+        })
+        .await?;
+    stack
+        .eventually(LIMIT, || async {
+            let listed = todos(&stack).ok()?;
+            (state(&listed, &later)? == "done").then_some(())
+        })
+        .await?;
+    assert!(
+        added.elapsed() >= Duration::from_secs(4),
+        "it waited until due"
+    );
+    let ps = stack.cli(&["ps", "-a", "--filter", "origin=todo", "--format", "json"])?;
+    let ps: Vec<Value> = serde_json::from_str(&ps.stdout)?;
+    assert_eq!(ps.len(), 2, "one run per todo, origin todo: {ps:?}");
+
+    // Checked off, it leaves the list; a schedule is not a todo.
+    let out = stack.cli(&["todo", "done", dispatch_bus::short_id(&later)])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(state(&todos(&stack)?, &later).is_none());
+    let schedule = add(&stack, &["0 0 1 1 *", "Yearly"])?;
+    let refused = stack.cli(&["todo", "done", &schedule])?;
+    assert_ne!(refused.code, Some(0));
+    assert!(refused.stderr.contains("not a todo"), "{}", refused.stderr);
+    let bad = stack.cli(&["todo", "add", "x", "--due", "soonish"])?;
+    assert_ne!(bad.code, Some(0));
+    assert!(bad.stderr.contains("--due"), "{}", bad.stderr);
+    Ok(())
+}

@@ -170,6 +170,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
                 origin: "forged".into(),
                 callback_url: String::new(),
                 payload: String::new(),
+                kind: String::new(),
             }),
         ),
         forged_event(

@@ -36,6 +36,7 @@ fn done_bodies(goal: &str) -> Vec<Body> {
             origin: "forged".into(),
             callback_url: String::new(),
             payload: String::new(),
+            kind: String::new(),
         }),
         Body::RunFinished(RunFinished {
             status: RunStatus::Done as i32,

@@ -461,6 +461,7 @@ pub async fn seed_finished_runs(
                     origin: "seed".into(),
                     callback_url: String::new(),
                     payload: String::new(),
+                    kind: String::new(),
                 });
                 handle.append(request, "seed").await?;
                 handle

@@ -211,8 +211,10 @@ impl Identity {
                     subject::schedule::ALL,
                     subject::schedule::GROUP
                 ));
-                // Its bucket: watched, created in, updated with expected revisions.
-                p.read(&[streams::SCHEDULES, streams::RUNS, streams::GOALS]);
+                // Its bucket: watched, created in, updated with expected revisions; a
+                // run's last event and a stored goal, by direct get only.
+                p.read(&[streams::SCHEDULES]);
+                p.look_up(&[streams::RUNS, streams::GOALS]);
                 p.publish
                     .allow
                     .push(format!("$KV.{}.>", streams::SCHEDULES_BUCKET));
@@ -328,6 +330,15 @@ impl Permissions {
     }
 
     /// Taking work from one durable consumer: declare it, pull, and acknowledge.
+    /// Direct gets from `streams`, nothing else of them: no consumers, no subscriptions.
+    fn look_up(&mut self, streams: &[&str]) {
+        for stream in streams {
+            let allow = &mut self.publish.allow;
+            allow.push(format!("{JS_API}.DIRECT.GET.{stream}"));
+            allow.push(format!("{JS_API}.DIRECT.GET.{stream}.>"));
+        }
+    }
+
     fn work(&mut self, stream: &str, consumer: &str) {
         let allow = &mut self.publish.allow;
         allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.{consumer}"));

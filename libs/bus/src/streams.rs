@@ -79,6 +79,8 @@ pub const SCHEDULES_BUCKET: &str = "DISPATCH_SCHEDULES";
 pub const SCHEDULES: &str = "KV_DISPATCH_SCHEDULES";
 /// The largest stored schedule (a goal and a payload of at most 4 KiB each fit).
 pub const MAX_SCHEDULE_BYTES: i32 = 32 * 1024;
+/// The most schedules the bucket holds.
+pub const MAX_SCHEDULES: i64 = 100_000;
 
 fn schedules() -> async_nats::jetstream::kv::Config {
     async_nats::jetstream::kv::Config {

@@ -26,8 +26,8 @@ pub enum Stopped {
 }
 
 /// Asks a run to stop and makes sure it ends: the owner ends it `stopped` when it sees
-/// the request; if it has not within `grace` (or `force`), the terminal event is written
-/// here, naming `by`. Asking twice records one request.
+/// the request; if it has not within `grace` (or `force`, or the run has not started),
+/// the terminal event is written here, naming `by`. Asking twice records one request.
 pub async fn stop(
     log: &RunLog,
     run_id: RunId,
@@ -59,7 +59,11 @@ pub async fn stop(
         Err(e) if e.kind() == ErrorKind::Finished => return Ok(Stopped::Already),
         Err(e) => return Err(e),
     }
-    if !force {
+    // A run no dispatcher has started has no owner to wait for: it ends now (a
+    // dispatcher starting it meanwhile finds it ended). Waiting would hold the stop for
+    // its whole grace period for nothing.
+    let started = handle.bodies().any(|b| matches!(b, Body::RunStarted(_)));
+    if !force && started {
         let deadline = tokio::time::Instant::now() + grace;
         while !handle.is_finished() && tokio::time::Instant::now() < deadline {
             let left = deadline - tokio::time::Instant::now();
@@ -71,6 +75,8 @@ pub async fn stop(
     if !handle.is_finished() {
         let reason = if force {
             format!("stopped by {by} (forced)")
+        } else if !started {
+            format!("stopped by {by} (before it started)")
         } else {
             format!(
                 "stopped by {by} (forced: no owner ended it within {} ms)",

@@ -41,7 +41,12 @@ pub enum GoalError {
     Callback(String),
     #[error("payload must be at most {MAX_PAYLOAD_BYTES} bytes (it has {0})")]
     Payload(usize),
+    #[error("kind must be job or heartbeat (got {0:?})")]
+    Kind(String),
 }
+
+/// The kinds of run: a `job` does its goal once; a `heartbeat` is woken by a payload.
+pub const KINDS: [&str; 2] = ["job", "heartbeat"];
 
 impl GoalError {
     pub fn code(&self) -> &'static str {
@@ -56,6 +61,7 @@ impl GoalError {
             GoalError::RequestId(_) => "invalid_request_id",
             GoalError::Callback(_) => "invalid_callback",
             GoalError::Payload(_) => "invalid_payload",
+            GoalError::Kind(_) => "invalid_kind",
         }
     }
 }
@@ -70,6 +76,7 @@ pub struct Goal {
     origin: String,
     callback_url: Option<String>,
     payload: String,
+    kind: String,
 }
 
 impl Goal {
@@ -106,6 +113,7 @@ impl Goal {
             origin: origin.to_owned(),
             callback_url: None,
             payload: String::new(),
+            kind: KINDS[0].to_owned(),
         })
     }
 
@@ -122,6 +130,13 @@ impl Goal {
             return Err(GoalError::Payload(payload.len()));
         }
         self.payload = payload.to_owned();
+        Ok(self)
+    }
+
+    /// The goal, run as `kind` (one of [`KINDS`]).
+    pub fn with_kind(mut self, kind: &str) -> Result<Self, GoalError> {
+        check_kind(kind)?;
+        self.kind = kind.to_owned();
         Ok(self)
     }
 
@@ -161,7 +176,18 @@ pub fn check_command(subject: &str, command: &SubmitGoal) -> Result<RunId, GoalE
     if command.payload.len() > MAX_PAYLOAD_BYTES {
         return Err(GoalError::Payload(command.payload.len()));
     }
+    if !command.kind.is_empty() {
+        check_kind(&command.kind)?;
+    }
     Ok(run_id)
+}
+
+fn check_kind(kind: &str) -> Result<(), GoalError> {
+    if KINDS.contains(&kind) {
+        Ok(())
+    } else {
+        Err(GoalError::Kind(crate::slice_chars(kind, 32)))
+    }
 }
 
 /// Checks a callback URL: empty (none), or an absolute http(s) URL of at most
@@ -206,6 +232,8 @@ pub async fn submit_goal(bus: &Bus, goal: Goal) -> Result<RunId, Error> {
 pub struct Submission {
     command: SubmitGoal,
     msg_id: String,
+    /// The run id is made from the message id: a duplicate is this very goal.
+    derived: bool,
 }
 
 /// What storing a [`Submission`] found.
@@ -253,6 +281,7 @@ impl Submission {
             .expect("a UUIDv7 is a run id");
         let mut submission = Self::with_msg_id(goal, run_id, msg_id);
         submission.command.request_event_id = id(&digest[10..20]).to_string();
+        submission.derived = true;
         submission
     }
 
@@ -267,8 +296,13 @@ impl Submission {
             submitted_at_unix_ms: crate::handle::now_unix_ms(),
             callback_url: goal.callback_url.unwrap_or_default(),
             payload: goal.payload,
+            kind: goal.kind,
         };
-        Self { command, msg_id }
+        Self {
+            command,
+            msg_id,
+            derived: false,
+        }
     }
 
     pub fn run_id(&self) -> RunId {
@@ -283,6 +317,7 @@ impl Submission {
             && a.timeout_ms == b.timeout_ms
             && a.callback_url == b.callback_url
             && a.payload == b.payload
+            && a.kind == b.kind
     }
 
     /// Stores the goal (safe to call again after any failure).
@@ -296,7 +331,7 @@ impl Submission {
                 self.command.encode_to_vec().into(),
             )
             .await?;
-        if !appended.duplicate {
+        if !appended.duplicate || self.derived {
             return Ok(Submitted::Stored(run_id));
         }
         // The server kept an earlier message with our id: ours, or another
@@ -386,6 +421,11 @@ pub fn requested(command: &SubmitGoal) -> RunRequested {
             Err(_) => String::new(),
         },
         payload: crate::slice_bytes(&command.payload, MAX_PAYLOAD_BYTES).to_owned(),
+        // An unknown kind is recorded as a job (its run is refused anyway).
+        kind: match check_kind(&command.kind) {
+            Ok(()) => command.kind.clone(),
+            Err(_) => KINDS[0].to_owned(),
+        },
     }
 }
 
@@ -445,6 +485,7 @@ mod tests {
             submitted_at_unix_ms: 1,
             callback_url: String::new(),
             payload: String::new(),
+            kind: String::new(),
         }
     }
 
@@ -468,6 +509,27 @@ mod tests {
             a.run_id()
         );
         assert_ne!(Submission::fired(goal(), "s2", at).run_id(), a.run_id());
+    }
+
+    #[test]
+    fn a_kind_is_job_or_heartbeat_at_every_door() {
+        let goal = Goal::new("g", "c", 0, "cli").unwrap();
+        assert_eq!(
+            goal.clone().with_kind("service").unwrap_err().code(),
+            "invalid_kind"
+        );
+        let heartbeat = Submission::new(goal.clone().with_kind("heartbeat").unwrap());
+        assert_eq!(requested(&heartbeat.command).kind, "heartbeat");
+        assert_eq!(requested(&Submission::new(goal).command).kind, "job");
+        let run_id = RunId::new();
+        let mut forged = command(&run_id);
+        forged.kind = "daemon".into();
+        let subject = dispatch_bus::subject::goal(&run_id).to_string();
+        assert_eq!(
+            check_command(&subject, &forged).unwrap_err().code(),
+            "invalid_kind"
+        );
+        assert_eq!(requested(&forged).kind, "job");
     }
 
     #[test]

@@ -229,7 +229,13 @@ pub fn plain_table<const N: usize>(
 
 /// `2026-11-22T09:00:00Z`.
 pub fn utc(unix_ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    // RFC 3339 ends at the year 9999; a later time (only a forged record has one) is
+    // shown as its number.
+    const YEAR_10000_MS: i64 = 253_402_300_800_000;
+    if !(0..YEAR_10000_MS).contains(&unix_ms) {
+        return format!("{unix_ms} ms");
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms as u64);
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
@@ -433,6 +439,7 @@ mod tests {
             report_path: None,
             report_bytes: 0,
             approvals: Vec::new(),
+            kind: "job".into(),
         };
         let table = ps_table(
             &[view("a", "整理共享驱动器"), view("bb", "tidy")],

@@ -21,6 +21,7 @@ mod gate;
 mod schedule;
 mod secret;
 mod store_watch;
+mod todo;
 mod up;
 
 use std::ffi::OsString;
@@ -125,6 +126,19 @@ enum Command {
         /// POST the run's result here when it ends (signed per Standard Webhooks).
         #[arg(long)]
         callback: Option<String>,
+        /// Run it as a job with this payload (data the run gets beside its goal).
+        #[arg(long, value_name = "PAYLOAD", conflicts_with = "heartbeat")]
+        job: Option<String>,
+        /// Run it as a heartbeat, woken by this payload: `--heartbeat=PAYLOAD`, or
+        /// `--heartbeat` alone for none (the `=` keeps the goal from being taken for it).
+        #[arg(
+            long,
+            value_name = "PAYLOAD",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = ""
+        )]
+        heartbeat: Option<String>,
         /// What you want done.
         goal: Vec<String>,
     },
@@ -235,6 +249,11 @@ enum Command {
     Schedule {
         #[command(subcommand)]
         command: schedule::ScheduleCommand,
+    },
+    /// Todos that become runs when due: add, ls, done.
+    Todo {
+        #[command(subcommand)]
+        command: todo::TodoCommand,
     },
     /// Follow a conversation's stream: the model's words as they come, tool calls and
     /// results, each run's start and end.
@@ -370,6 +389,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             conversation,
             timeout,
             callback,
+            job,
+            heartbeat,
             goal,
         } => {
             let goal = goal.join(" ");
@@ -385,8 +406,15 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 }
                 Some(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             };
+            let (kind, payload) = match (job, heartbeat) {
+                (_, Some(payload)) => ("heartbeat", payload),
+                (Some(payload), None) => ("job", payload),
+                (None, None) => ("job", String::new()),
+            };
             let goal = Goal::new(&goal, &conversation, timeout_ms, "cli")
                 .and_then(|goal| goal.with_callback(callback.as_deref().unwrap_or_default()))
+                .and_then(|goal| goal.with_kind(kind))
+                .and_then(|goal| goal.with_payload(&payload))
                 .map_err(|e| Failure::new(e.to_string()))?;
             let bus = nats.connect().await?;
             let log = open_log(&bus).await?;
@@ -516,12 +544,18 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     _ => None,
                 })
                 .ok_or_else(|| Failure::new(format!("run {run_id} has no request to restart")))?;
+            let kind = match requested.kind.as_str() {
+                "" => "job",
+                kind => kind,
+            };
             let goal = Goal::new(
                 &requested.goal,
                 &requested.conversation_id,
                 requested.timeout_ms,
                 &format!("restart of {run_id}"),
             )
+            .and_then(|goal| goal.with_kind(kind))
+            .and_then(|goal| goal.with_payload(&requested.payload))
             .map_err(|e| Failure::new(format!("run {run_id} cannot be restarted: {e}")))?;
             let new_id = submit_goal(&bus, goal).await?;
             println!("{new_id}");
@@ -673,6 +707,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Policy { command } => gate::policy(&nats.connect().await?, command).await,
         Command::Schedule { command } => schedule::run(&nats.connect().await?, command).await,
+        Command::Todo { command } => todo::run(&nats.connect().await?, command).await,
         Command::Secret(command) => {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }

@@ -103,6 +103,7 @@ pub async fn run(bus: &Bus, command: ScheduleCommand) -> Result<u8, Failure> {
                 } as i32,
                 timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
                 created_by: crate::gate::person(None),
+                ..Default::default()
             };
             let schedule: Schedule = ask(bus, subject::schedule::add(), &request).await?;
             if quiet {
@@ -117,24 +118,7 @@ pub async fn run(bus: &Bus, command: ScheduleCommand) -> Result<u8, Failure> {
             Ok(exit::DONE)
         }
         ScheduleCommand::Ls { format } => {
-            let mut all = Vec::new();
-            let mut after = None;
-            loop {
-                let page: ListSchedulesResponse = ask(
-                    bus,
-                    subject::schedule::list(),
-                    &ListSchedulesRequest {
-                        limit: Some(MAX_PAGE),
-                        after,
-                    },
-                )
-                .await?;
-                all.extend(page.schedules);
-                match page.next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
+            let all: Vec<Schedule> = every(bus).await?.into_iter().filter(|s| !s.todo).collect();
             match format {
                 Format::Json => println!(
                     "{}",
@@ -152,13 +136,35 @@ pub async fn run(bus: &Bus, command: ScheduleCommand) -> Result<u8, Failure> {
     }
 }
 
+/// Every schedule and todo, page after page.
+pub(crate) async fn every(bus: &Bus) -> Result<Vec<Schedule>, Failure> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page: ListSchedulesResponse = ask(
+            bus,
+            subject::schedule::list(),
+            &ListSchedulesRequest {
+                limit: Some(MAX_PAGE),
+                after,
+            },
+        )
+        .await?;
+        all.extend(page.schedules);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(all),
+        }
+    }
+}
+
 async fn one(bus: &Bus, to: subject::Subject, schedule_id: String) -> Result<u8, Failure> {
     let schedule: Schedule = ask(bus, to, &ScheduleIdRequest { schedule_id }).await?;
     println!("{}", schedule.schedule_id);
     Ok(exit::DONE)
 }
 
-async fn ask<Q, R>(bus: &Bus, to: subject::Subject, request: &Q) -> Result<R, Failure>
+pub(crate) async fn ask<Q, R>(bus: &Bus, to: subject::Subject, request: &Q) -> Result<R, Failure>
 where
     Q: serde::Serialize,
     R: serde::de::DeserializeOwned,
@@ -174,7 +180,7 @@ where
 }
 
 /// `2026-11-22T09:00:00Z`, or `never`.
-fn when(unix_ms: i64) -> String {
+pub(crate) fn when(unix_ms: i64) -> String {
     if unix_ms == 0 {
         return "never".into();
     }

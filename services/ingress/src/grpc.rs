@@ -231,11 +231,8 @@ impl Dispatch for Service {
             }
             key => Submission::idempotent(goal, &format!("{caller}\0{key}")),
         };
-        let (run_id, replayed) = match submission.submit(&self.app.bus).await {
-            Ok(Submitted::Stored(run_id)) => {
-                self.app.writes.goal_stored();
-                (run_id.to_string(), false)
-            }
+        let (run_id, replayed) = match crate::store(&self.app, &submission).await {
+            Ok(Submitted::Stored(run_id)) => (run_id.to_string(), false),
             Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
                 (earlier.run_id, true)
             }
@@ -246,7 +243,8 @@ impl Dispatch for Service {
             }
             Err(e) => {
                 return Err(Status::unavailable(format!(
-                    "the goal is not known to be stored; submit it again: {e}"
+                    "the goal is not known to be stored; submit it again (with an \
+                     idempotency_key that never makes a second run): {e}"
                 )));
             }
         };

@@ -378,52 +378,37 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         Some(key) => Submission::idempotent(goal, &format!("{caller}\0{key}")),
         None => Submission::new(goal),
     };
-    // Retrying the same submission is safe (it is deduplicated by the server), so an
-    // answer here is definite: stored, or not known to be stored after every try.
-    let mut last_error = None;
-    for attempt in 0..STORE_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+    match store(&app, &submission).await {
+        Ok(Submitted::Stored(run_id)) => {
+            return match live {
+                Some(live) => conversations::one_run(live, run_id.to_string()),
+                None => accepted(run_id.to_string(), false),
+            };
         }
-        match submission.submit(&app.bus).await {
-            Ok(Submitted::Stored(run_id)) => {
-                app.writes.goal_stored();
-                return match live {
-                    Some(live) => conversations::one_run(live, run_id.to_string()),
-                    None => accepted(run_id.to_string(), false),
+        Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
+            if direct {
+                // Asked again: the run so far from its transcript, then the rest.
+                let cursor = conversations::Cursor::of_run(&earlier.run_id);
+                let start = conversations::Start::After(cursor);
+                return match conversations::chunks(&app, &conversation, start).await {
+                    Ok(chunks) => conversations::one_run(chunks, earlier.run_id),
+                    Err(response) => response,
                 };
             }
-            Ok(Submitted::Earlier(earlier)) if submission.same_request(&earlier) => {
-                if direct {
-                    // Asked again: the run so far from its transcript, then the rest.
-                    let cursor = conversations::Cursor::of_run(&earlier.run_id);
-                    let start = conversations::Start::After(cursor);
-                    return match conversations::chunks(&app, &conversation, start).await {
-                        Ok(chunks) => conversations::one_run(chunks, earlier.run_id),
-                        Err(response) => response,
-                    };
-                }
-                return accepted(earlier.run_id, true);
-            }
-            Ok(Submitted::Earlier(earlier)) => {
-                return problem::Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used for a different goal; use a new key",
-                )
-                .with_run(earlier.run_id)
-                .into_response();
-            }
-            Err(e) => {
-                tracing::warn!(attempt, error = %e, "goal not stored yet");
-                last_error = Some(e);
-            }
+            return accepted(earlier.run_id, true);
         }
+        Ok(Submitted::Earlier(earlier)) => {
+            return problem::Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different goal; use a new key",
+            )
+            .with_run(earlier.run_id)
+            .into_response();
+        }
+        Err(_) => {}
     }
     let run_id = submission.run_id();
-    tracing::warn!(%run_id, error = ?last_error, "goal not known to be stored");
-    app.writes
-        .goal_not_stored(last_error.map_or_else(|| "no answer".to_owned(), |e| e.to_string()));
     let detail = if idempotency_key.is_some() {
         "NATS did not confirm the goal; it may or may not be stored. Retry with the same \
          Idempotency-Key: that never makes a second run"
@@ -440,6 +425,32 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+/// Stores `submission`, trying [`STORE_ATTEMPTS`] times: storing it again is safe (the
+/// server drops the duplicate), so the answer is definite: stored, or not known to be
+/// stored after every try. `/healthz` hears of the outcome.
+async fn store(app: &App, submission: &Submission) -> Result<Submitted, dispatch_runlog::Error> {
+    let mut last_error = None;
+    for attempt in 0..STORE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        match submission.submit(&app.bus).await {
+            Ok(submitted) => {
+                app.writes.goal_stored();
+                return Ok(submitted);
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "goal not stored yet");
+                last_error = Some(e);
+            }
+        }
+    }
+    let error = last_error.expect("at least one attempt");
+    tracing::warn!(run_id = %submission.run_id(), error = %error, "goal not known to be stored");
+    app.writes.goal_not_stored(error.to_string());
+    Err(error)
 }
 
 /// The answer to a stored goal.

@@ -197,6 +197,7 @@ mod tests {
             report_path: None,
             report_bytes: 0,
             approvals: Vec::new(),
+            kind: "job".into(),
         };
         let org = tasks_org(&[run]);
         let expected = format!(

@@ -105,6 +105,7 @@ impl Fold for RunView {
         view.conversation_id = requested.conversation_id;
         view.origin = requested.origin;
         view.timeout_ms = requested.timeout_ms;
+        view.kind = requested.kind;
         view
     }
 
@@ -129,6 +130,11 @@ impl Fold for RunView {
                 view.conversation_id = r.conversation_id.clone();
                 view.origin = r.origin.clone();
                 view.timeout_ms = r.timeout_ms;
+                view.kind = if r.kind.is_empty() {
+                    dispatch_runlog::submit::KINDS[0].to_owned()
+                } else {
+                    r.kind.clone()
+                };
                 view.requested_at_ms = event.time_unix_ms;
             }
             Body::PlanAuthored(p) => {

@@ -14,7 +14,18 @@ pub struct Book {
     held: BTreeMap<String, Held>,
     /// `(when to look, id)` of every schedule that is not being fired now.
     due: BTreeSet<(i64, String)>,
+    /// The revision each removed schedule was removed at, so an older copy of it
+    /// arriving late (a request's own update racing the removal) does not bring it
+    /// back. The oldest are forgotten past [`MAX_TOMBSTONES`]; by then every update
+    /// older than them has long arrived.
+    gone: std::collections::HashMap<String, u64>,
+    gone_order: std::collections::VecDeque<String>,
+    /// `(short id, id)`: the short id people see is an id's last 12 characters.
+    by_short: BTreeSet<(String, String)>,
 }
+
+/// How many removals a book remembers.
+const MAX_TOMBSTONES: usize = 100_000;
 
 #[derive(Debug)]
 struct Held {
@@ -59,10 +70,15 @@ impl Book {
         {
             return;
         }
+        if self.gone.get(id).is_some_and(|&at| at >= revision) {
+            return;
+        }
         self.unschedule(id);
         match entry {
             Some((schedule, revision)) => {
                 let busy = self.held.get(id).is_some_and(|h| h.busy);
+                self.by_short
+                    .insert((dispatch_bus::short_id(id).to_owned(), id.to_owned()));
                 self.held.insert(
                     id.to_owned(),
                     Held {
@@ -76,6 +92,16 @@ impl Book {
             }
             None => {
                 self.held.remove(id);
+                self.by_short
+                    .remove(&(dispatch_bus::short_id(id).to_owned(), id.to_owned()));
+                if self.gone.insert(id.to_owned(), revision).is_none() {
+                    self.gone_order.push_back(id.to_owned());
+                    if self.gone_order.len() > MAX_TOMBSTONES
+                        && let Some(oldest) = self.gone_order.pop_front()
+                    {
+                        self.gone.remove(&oldest);
+                    }
+                }
             }
         }
     }
@@ -155,11 +181,11 @@ impl Book {
             .collect();
         // The short id people see is an id's last 12 characters (as for runs).
         let matches = if matches.is_empty() && id.len() == dispatch_bus::RunId::SHORT_LEN {
-            self.held
-                .iter()
-                .filter(|(key, _)| key.ends_with(id))
+            self.by_short
+                .range((id.to_owned(), String::new())..)
+                .take_while(|(short, _)| short == id)
                 .take(3)
-                .map(|(_, held)| held)
+                .filter_map(|(_, full)| self.held.get(full))
                 .collect()
         } else {
             matches
@@ -248,6 +274,9 @@ mod tests {
         assert_eq!(book.next_due(), Some(200));
         book.hold("b", None, 4);
         book.adopt("b", schedule("b", 60), 5);
+        assert!(book.find("b").is_err());
+        // A request's own copy from before the removal does not bring it back.
+        book.hold("b", Some((schedule("b", 60), 3)), 3);
         assert!(book.find("b").is_err());
     }
 

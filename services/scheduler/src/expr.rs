@@ -7,6 +7,8 @@
 //!   second 0, and its day-of-week numbers mean what crontab means (0 or 7 Sunday,
 //!   1 Monday … 6 Saturday). In the 6- and 7-field forms they are the `cron` crate's
 //!   (1 Sunday … 7 Saturday); names (`MON-FRI`) mean the same everywhere.
+//! - Unlike crontab, a day-of-month and a day-of-week both given must both match
+//!   (`0 0 1 * MON`: the 1st, when it is a Monday), in every form.
 
 use std::str::FromStr;
 
@@ -63,12 +65,18 @@ impl Expr {
     }
 
     /// The first fire time strictly after `after_ms` (unix ms), if there is one.
+    ///
+    /// The `cron` crate's iterator can step back across a clock change (in the hour
+    /// an autumn change repeats, it yields the first pass's time after the second's):
+    /// whatever it yields at or before `after_ms` is passed over, so time only moves
+    /// forward here.
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
         let after = Utc.timestamp_millis_opt(after_ms).single()?;
         self.schedule
             .after(&after.with_timezone(&self.zone))
-            .next()
             .map(|t| t.timestamp_millis())
+            .take(MAX_STEPS_BACK)
+            .find(|&t| t > after_ms)
     }
 
     /// The latest fire time at or before `at_ms`, if there is one.
@@ -76,19 +84,18 @@ impl Expr {
         let after = Utc.timestamp_millis_opt(at_ms.checked_add(1)?).single()?;
         self.schedule
             .after(&after.with_timezone(&self.zone))
-            .next_back()
+            .rev()
             .map(|t| t.timestamp_millis())
+            .take(MAX_STEPS_BACK)
+            .find(|&t| t <= at_ms)
     }
 
     /// The fire times in `(after_ms, until_ms]`, oldest first, at most `cap` of them,
     /// and whether there were more.
     pub fn between(&self, after_ms: i64, until_ms: i64, cap: usize) -> (Vec<i64>, bool) {
-        let Some(after) = Utc.timestamp_millis_opt(after_ms).single() else {
-            return (Vec::new(), false);
-        };
         let mut times = Vec::new();
-        for t in self.schedule.after(&after.with_timezone(&self.zone)) {
-            let t = t.timestamp_millis();
+        let mut from = after_ms;
+        while let Some(t) = self.next_after(from) {
             if t > until_ms {
                 return (times, false);
             }
@@ -96,10 +103,15 @@ impl Expr {
                 return (times, true);
             }
             times.push(t);
+            from = t;
         }
         (times, false)
     }
 }
+
+/// How many times the iterator may yield on the wrong side of the asked time before
+/// one on the right side: a repeated hour of per-second fires is 3,600.
+const MAX_STEPS_BACK: usize = 4000;
 
 /// A crontab day-of-week field with its numbers as names: crontab counts from Sunday = 0
 /// (7 too), the `cron` crate from Sunday = 1.
@@ -122,6 +134,11 @@ fn crontab_days(field: &str) -> Result<String, String> {
                 None => (item, None),
             };
             let range = match range.split_once('-') {
+                // Crontab's 7 is Sunday again: a range up to it wraps round to it.
+                Some((a, "7")) if step.is_none() => match name(a)?.as_str() {
+                    "SUN" => "SUN-SAT".to_owned(),
+                    a => format!("{a}-SAT,SUN"),
+                },
                 Some((a, b)) => format!("{}-{}", name(a)?, name(b)?),
                 None => name(range)?,
             };
@@ -179,6 +196,44 @@ mod tests {
         );
         let sunday = Expr::parse("0 0 * * 0", "").unwrap();
         assert_eq!(sunday.next_after(start), Some(ms("2026-01-04T00:00:00Z")));
+    }
+
+    #[test]
+    fn crontab_day_ranges_up_to_seven_end_on_sunday() {
+        let saturday = ms("2026-01-03T00:00:00Z");
+        for (field, next) in [
+            ("0-7", "2026-01-04T00:00:00Z"),
+            ("1-7", "2026-01-04T00:00:00Z"),
+            ("5-7", "2026-01-04T00:00:00Z"),
+        ] {
+            let expr = Expr::parse(&format!("0 0 * * {field}"), "").unwrap();
+            assert_eq!(expr.next_after(saturday), Some(ms(next)), "{field}");
+        }
+        let weekend = Expr::parse("0 0 * * 6-7", "").unwrap();
+        assert_eq!(
+            weekend.next_after(ms("2026-01-02T00:00:00Z")),
+            Some(saturday)
+        );
+    }
+
+    #[test]
+    fn time_only_moves_forward_across_a_clock_change() {
+        // New York's clocks went back at 06:00Z on 2025-11-02: 01:00-02:00 local came
+        // twice. Every five minutes through it, nothing is returned twice or backwards.
+        let every_five = Expr::parse("*/5 * * * *", "America/New_York").unwrap();
+        let start = ms("2025-11-02T04:30:00Z");
+        let (times, _) = every_five.between(start, ms("2025-11-02T08:00:00Z"), 100);
+        assert!(times.windows(2).all(|w| w[1] > w[0]), "{times:?}");
+        let mut at = ms("2025-11-02T06:10:00Z");
+        for _ in 0..30 {
+            let next = every_five.next_after(at).unwrap();
+            assert!(next > at && next - at <= 5 * 60_000, "{at} -> {next}");
+            at = next;
+        }
+        let latest = every_five
+            .latest_at_or_before(ms("2025-11-02T06:12:00Z"))
+            .unwrap();
+        assert!(latest <= ms("2025-11-02T06:12:00Z"), "{latest}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The fire loop: sleeps until the earliest schedule is due, fires it, and moves it on.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::kv;
-use dispatch_bus::{RunId, streams, subject};
+use dispatch_bus::{RunId, subject};
 use dispatch_proto::api::v1::{MissedFires, Overlap, Schedule};
 use dispatch_proto::run::v1::{RunEvent, run_event::Body};
 use dispatch_runlog::submit::{Goal, Submission};
@@ -20,6 +21,8 @@ const IDLE: Duration = Duration::from_secs(60);
 
 /// The origin recorded on every run a schedule starts.
 pub const ORIGIN: &str = "schedule";
+/// The origin recorded on a todo's run.
+pub const TODO_ORIGIN: &str = "todo";
 
 /// What firing a schedule came to.
 enum Outcome {
@@ -27,21 +30,24 @@ enum Outcome {
     Moved(Box<Schedule>, u64),
     /// Look again at this time (a queued fire still waits, or NATS failed).
     Retry(i64),
-    /// Another copy moved it first: its update is on its way through the watch.
+    /// Another copy moved it first: its update is on its way through the watch, and
+    /// the entry is read afresh before it is fired again.
     Raced,
+    /// It was removed meanwhile.
+    Gone(u64),
 }
 
 pub(crate) async fn run(shared: Shared, shutdown: CancellationToken) {
-    let mut fires: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut fires: JoinSet<Outcome> = JoinSet::new();
+    // Which schedule each fire is of, so even a fire that panicked gives it back.
+    let mut firing: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
         let now = now_ms();
         let room = CONCURRENCY.saturating_sub(fires.len());
         for (id, schedule, revision) in shared.book().take_due(now, room) {
             let shared = shared.clone();
-            fires.spawn(async move {
-                let outcome = fire(&shared, &schedule, revision).await;
-                (id, outcome)
-            });
+            let task = fires.spawn(async move { fire(&shared, &schedule, revision).await });
+            firing.insert(task.id(), id);
         }
         let wait = shared
             .book()
@@ -54,13 +60,21 @@ pub(crate) async fn run(shared: Shared, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = shared.changed.notified() => {}
             _ = tokio::time::sleep(wait), if fires.len() < CONCURRENCY => {}
-            Some(done) = fires.join_next(), if !fires.is_empty() => {
-                let Ok((id, outcome)) = done else { continue };
+            Some(done) = fires.join_next_with_id(), if !fires.is_empty() => {
+                let (task, outcome) = match done {
+                    Ok((task, outcome)) => (task, outcome),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a fire panicked; its schedule is looked at again in a moment");
+                        (e.id(), Outcome::Retry(now_ms() + RECHECK_MS))
+                    }
+                };
+                let Some(id) = firing.remove(&task) else { continue };
                 let mut book = shared.book();
                 match outcome {
                     Outcome::Moved(schedule, revision) => book.adopt(&id, *schedule, revision),
                     Outcome::Retry(at) => book.retry(&id, at),
                     Outcome::Raced => {}
+                    Outcome::Gone(revision) => book.hold(&id, None, revision),
                 }
                 book.done(&id);
             }
@@ -70,11 +84,45 @@ pub(crate) async fn run(shared: Shared, shutdown: CancellationToken) {
 }
 
 /// Fires what of `schedule` is due now and moves it on, with `revision` as the
-/// expected one.
+/// expected one. The entry is read first: a schedule another copy moved, or a person
+/// paused or removed, since this copy's book heard of it is not fired from the old
+/// copy.
 async fn fire(shared: &Shared, schedule: &Schedule, revision: u64) -> Outcome {
     let id = schedule.schedule_id.clone();
+    match shared.schedules.entry(&id).await {
+        Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+            if entry.revision != revision {
+                return match Schedule::decode(entry.value.as_ref()) {
+                    Ok(mut fresh) => {
+                        fresh.schedule_id = id;
+                        Outcome::Moved(Box::new(fresh), entry.revision)
+                    }
+                    Err(_) => Outcome::Retry(now_ms() + RECHECK_MS),
+                };
+            }
+        }
+        Ok(Some(entry)) => return Outcome::Gone(entry.revision),
+        Ok(None) => return Outcome::Gone(revision + 1),
+        Err(e) => return retry(&id, now_ms(), &e.to_string()),
+    }
     let now = now_ms();
     let mut moved = schedule.clone();
+    if schedule.todo {
+        // A todo fires once, when due, and is spent.
+        if moved.next_fire_at_ms == 0 || moved.next_fire_at_ms > now {
+            return Outcome::Retry(now + RECHECK_MS);
+        }
+        match start(shared, schedule, moved.next_fire_at_ms).await {
+            Ok(run_id) => {
+                moved.last_run_id = run_id.to_string();
+                moved.last_fired_at_ms = moved.next_fire_at_ms;
+                moved.next_fire_at_ms = 0;
+                moved.fires += 1;
+            }
+            Err(e) => return not_started(shared, schedule, revision, now, e).await,
+        }
+        return update(shared, moved, revision).await;
+    }
     let expr = match Expr::parse(&schedule.expression, &schedule.time_zone) {
         Ok(expr) => expr,
         Err(e) => {
@@ -213,11 +261,12 @@ enum NotStarted {
 
 /// Stores the goal of `schedule`'s fire at `at`: the same run whoever stores it.
 async fn start(shared: &Shared, schedule: &Schedule, at: i64) -> Result<RunId, NotStarted> {
+    let origin = if schedule.todo { TODO_ORIGIN } else { ORIGIN };
     let goal = Goal::new(
         &schedule.goal,
         &schedule.conversation_id,
         schedule.timeout_ms,
-        ORIGIN,
+        origin,
     )
     .and_then(|goal| goal.with_payload(&schedule.payload))
     .map_err(|e| NotStarted::Bad(format!("the schedule's goal does not check out: {e}")))?;
@@ -236,13 +285,8 @@ async fn finished(shared: &Shared, run_id: &str) -> Result<bool, String> {
     let Ok(run_id) = run_id.parse::<RunId>() else {
         return Ok(true);
     };
-    let stream = shared
-        .bus
-        .jetstream()
-        .get_stream(streams::RUNS)
-        .await
-        .map_err(|e| format!("open the run-log stream: {e}"))?;
-    match stream
+    match shared
+        .runs
         .direct_get_last_for_subject(subject::run(&run_id).to_string())
         .await
     {

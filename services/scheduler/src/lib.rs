@@ -70,6 +70,7 @@ pub struct Scheduler {
     config: Config,
     bus: Bus,
     schedules: kv::Store,
+    runs: dispatch_bus::async_nats::jetstream::stream::Stream,
 }
 
 /// What the fire loop, the fires it starts and the request handlers share.
@@ -77,6 +78,10 @@ pub struct Scheduler {
 struct Shared {
     bus: Bus,
     schedules: kv::Store,
+    /// The run-log stream, for a run's last event (has the last run ended?).
+    runs: dispatch_bus::async_nats::jetstream::stream::Stream,
+    /// True once the book holds the whole bucket: requests wait for it.
+    loaded: tokio::sync::watch::Receiver<bool>,
     book: Arc<Mutex<book::Book>>,
     /// Wakes the fire loop when the book changed under it.
     changed: Arc<tokio::sync::Notify>,
@@ -108,10 +113,16 @@ impl Scheduler {
             .get_key_value(streams::SCHEDULES_BUCKET)
             .await
             .map_err(|e| Error::Nats(format!("open the schedules bucket: {e}")))?;
+        let runs = bus
+            .jetstream()
+            .get_stream(streams::RUNS)
+            .await
+            .map_err(|e| Error::Nats(format!("open the run-log stream: {e}")))?;
         Ok(Self {
             config,
             bus,
             schedules,
+            runs,
         })
     }
 
@@ -123,13 +134,16 @@ impl Scheduler {
             Health::new(SERVICE, &instance),
             shutdown.clone(),
         ));
+        let (loaded_tx, loaded) = tokio::sync::watch::channel(false);
         let shared = Shared {
             bus: self.bus.clone(),
             schedules: self.schedules.clone(),
+            runs: self.runs.clone(),
+            loaded,
             book: Arc::new(Mutex::new(book::Book::default())),
             changed: Arc::new(tokio::sync::Notify::new()),
         };
-        let watch = tokio::spawn(watch(shared.clone(), shutdown.clone()));
+        let watch = tokio::spawn(watch(shared.clone(), loaded_tx, shutdown.clone()));
         let requests = tokio::spawn(requests::serve(shared.clone(), shutdown.clone()));
         tracing::info!(instance, "scheduler ready");
         fire::run(shared, shutdown).await;
@@ -139,9 +153,20 @@ impl Scheduler {
 }
 
 /// Follows the bucket into the book: every schedule as it is, then every change, again
-/// from the start whenever the watch ends (a NATS restart, say).
-async fn watch(shared: Shared, shutdown: CancellationToken) {
+/// from the start whenever the watch ends (a NATS restart, say). `loaded` turns true
+/// once the book has caught up with the bucket the first time.
+async fn watch(
+    shared: Shared,
+    loaded: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
     loop {
+        // An empty bucket has nothing to deliver: it is caught up at once.
+        if let Ok(status) = shared.schedules.status().await
+            && status.values() == 0
+        {
+            loaded.send_replace(true);
+        }
         match shared.schedules.watch_with_history(">").await {
             Ok(mut entries) => loop {
                 let entry = tokio::select! {
@@ -149,7 +174,13 @@ async fn watch(shared: Shared, shutdown: CancellationToken) {
                     entry = entries.next() => entry,
                 };
                 match entry {
-                    Some(Ok(entry)) => take(&shared, entry),
+                    Some(Ok(entry)) => {
+                        let caught_up = entry.delta == 0;
+                        take(&shared, entry);
+                        if caught_up {
+                            loaded.send_replace(true);
+                        }
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "the schedules watch failed; watching again");
                         break;
@@ -169,7 +200,9 @@ async fn watch(shared: Shared, shutdown: CancellationToken) {
 fn take(shared: &Shared, entry: kv::Entry) {
     match entry.operation {
         kv::Operation::Put => match Schedule::decode(entry.value.as_ref()) {
-            Ok(schedule) => {
+            Ok(mut schedule) => {
+                // The key is the id, whatever a forged value says.
+                schedule.schedule_id = entry.key.clone();
                 let revision = entry.revision;
                 shared.hold(&entry.key, Some((schedule, revision)), revision);
             }

@@ -18,19 +18,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::book::Lookup;
 use crate::expr::Expr;
-use crate::fire::ORIGIN;
+use crate::fire::{ORIGIN, TODO_ORIGIN};
 use crate::{Shared, now_ms};
 
 /// Requests this copy answers at once.
 const CONCURRENCY: usize = 32;
 /// The most schedules the bucket holds: every copy keeps all of them in memory.
-pub const MAX_SCHEDULES: usize = 100_000;
+pub const MAX_SCHEDULES: usize = dispatch_bus::streams::MAX_SCHEDULES as usize;
 /// The longest name of who made a schedule.
 const MAX_WHO_CHARS: usize = 128;
 /// How many lost races a pause or resume rides out.
 const MAX_RACES: usize = 8;
 
 pub(crate) async fn serve(shared: Shared, shutdown: CancellationToken) {
+    // A copy answers only once its book holds the whole bucket: before that it would
+    // not find schedules that exist, nor list them all.
+    let mut loaded = shared.loaded.clone();
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        ready = loaded.wait_for(|loaded| *loaded) => if ready.is_err() { return },
+    }
     let client = shared.bus.client().clone();
     let mut requests = loop {
         match client
@@ -109,21 +116,32 @@ fn json<T: serde::Serialize>(answer: Reply<T>) -> Vec<u8> {
 /// Checks a new schedule by every rule, works out its first fire time, and stores it.
 async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
     let bad = QueryError::BadRequest;
-    let expr = Expr::parse(&request.expression, &request.time_zone).map_err(bad)?;
+    let now = now_ms();
+    // A todo has no expression: it fires once, when due (now, if that has passed).
+    let (next, origin) = if request.todo {
+        if !request.expression.trim().is_empty() {
+            return Err(bad(
+                "a todo has a due time, not an expression: leave `expression` empty".into(),
+            ));
+        }
+        (request.due_at_ms.max(now), TODO_ORIGIN)
+    } else {
+        let expr = Expr::parse(&request.expression, &request.time_zone).map_err(bad)?;
+        let next = expr.next_after(now).ok_or_else(|| {
+            bad(format!(
+                "`{}` has no fire time after now",
+                request.expression
+            ))
+        })?;
+        (next, ORIGIN)
+    };
     let conversation = match request.conversation_id.as_str() {
         "" => ConversationId::DEFAULT,
         id => id,
     };
-    Goal::new(&request.goal, conversation, request.timeout_ms, ORIGIN)
+    Goal::new(&request.goal, conversation, request.timeout_ms, origin)
         .and_then(|goal| goal.with_payload(&request.payload))
         .map_err(|e| bad(format!("{}: {e}", e.code())))?;
-    let now = now_ms();
-    let next = expr.next_after(now).ok_or_else(|| {
-        bad(format!(
-            "`{}` has no fire time after now",
-            request.expression
-        ))
-    })?;
     if shared.book().len() >= MAX_SCHEDULES {
         return Err(bad(format!(
             "there are {MAX_SCHEDULES} schedules already; remove some first"
@@ -153,11 +171,21 @@ async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
             overlap => overlap,
         } as i32,
         timeout_ms: request.timeout_ms,
+        todo: request.todo,
         next_fire_at_ms: next,
         created_at_ms: now,
         created_by: dispatch_runlog::one_line(&request.created_by, MAX_WHO_CHARS),
         ..Default::default()
     };
+    // Room for what firing adds (a run id, times, counters) under the bucket's limit.
+    let size = schedule.encoded_len() + 1024;
+    if size > dispatch_bus::streams::MAX_SCHEDULE_BYTES as usize {
+        return Err(bad(format!(
+            "the schedule is {size} bytes with room to fire; at most {} (shorten the goal or \
+             the payload)",
+            dispatch_bus::streams::MAX_SCHEDULE_BYTES
+        )));
+    }
     let revision = shared
         .schedules
         .create(&schedule.schedule_id, schedule.encode_to_vec().into())
@@ -235,10 +263,15 @@ async fn pause(shared: &Shared, request: ScheduleIdRequest, paused: bool) -> Rep
         }
         let mut changed = schedule.clone();
         changed.paused = paused;
-        if !paused {
+        if !paused && !changed.todo {
             let expr = Expr::parse(&changed.expression, &changed.time_zone)
                 .map_err(QueryError::BadRequest)?;
-            changed.next_fire_at_ms = expr.next_after(now_ms()).unwrap_or(0);
+            changed.next_fire_at_ms = expr.next_after(now_ms()).ok_or_else(|| {
+                QueryError::BadRequest(format!(
+                    "`{}` has no fire time after now; remove the schedule instead",
+                    changed.expression
+                ))
+            })?;
         }
         match shared
             .schedules
