@@ -160,11 +160,12 @@ async fn watch(
     loaded: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
+    // An empty bucket has nothing to deliver: it is caught up at once. Asked again
+    // while nothing arrives, so a failed first ask does not leave requests waiting.
+    let empty =
+        || async { matches!(shared.schedules.status().await, Ok(status) if status.values() == 0) };
     loop {
-        // An empty bucket has nothing to deliver: it is caught up at once.
-        if let Ok(status) = shared.schedules.status().await
-            && status.values() == 0
-        {
+        if empty().await {
             loaded.send_replace(true);
         }
         match shared.schedules.watch_with_history(">").await {
@@ -172,6 +173,12 @@ async fn watch(
                 let entry = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     entry = entries.next() => entry,
+                    _ = tokio::time::sleep(Duration::from_secs(2)), if !*loaded.borrow() => {
+                        if empty().await {
+                            loaded.send_replace(true);
+                        }
+                        continue;
+                    }
                 };
                 match entry {
                     Some(Ok(entry)) => {
