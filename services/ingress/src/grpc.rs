@@ -218,10 +218,14 @@ impl Dispatch for Service {
             "" => ConversationId::DEFAULT,
             id => id,
         };
-        let goal =
-            dispatch_runlog::submit::Goal::new(&body.goal, conversation, body.timeout_ms, "grpc")
-                .and_then(|goal| goal.with_callback(&body.callback_url))
-                .map_err(|e| Status::invalid_argument(format!("{}: {e}", e.code())))?;
+        let goal = dispatch_runlog::submit::Goal::new(
+            &body.goal,
+            conversation,
+            body.timeout_ms,
+            crate::ORIGIN,
+        )
+        .and_then(|goal| goal.with_callback(&body.callback_url))
+        .map_err(|e| Status::invalid_argument(format!("{}: {e}", e.code())))?;
         let submission = match body.idempotency_key.as_str() {
             "" => Submission::new(goal),
             key if key.len() > 255 || key.chars().any(char::is_control) => {

@@ -41,6 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "ingress";
 
+/// The origin of every run a goal over HTTP or gRPC starts.
+pub const ORIGIN: &str = "api";
+
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -310,7 +313,7 @@ pub fn validate(body: &[u8]) -> Result<Goal, (&'static str, String)> {
             .as_deref()
             .unwrap_or(ConversationId::DEFAULT),
         request.timeout_ms.unwrap_or(0),
-        "http",
+        ORIGIN,
     )
     .and_then(|goal| goal.with_callback(request.callback_url.as_deref().unwrap_or_default()))
     .map_err(|e| (e.code(), e.to_string()))
@@ -548,7 +551,7 @@ pub struct ListParams {
     limit: Option<u32>,
     #[serde(default)]
     after: Option<String>,
-    /// Only runs from this origin (`http`, `cli`, `schedule`, …).
+    /// Only runs from this origin (`api`, `cli`, `schedule`, `todo`, …).
     #[serde(default)]
     origin: Option<String>,
 }
