@@ -11,15 +11,7 @@ use dispatch_runlog::{RunLog, StoredEvent};
 use dispatch_testkit::{NatsServer, Service, bin_dir};
 
 /// Every service, in the order a stack starts them.
-pub const ALL: [&str; 7] = [
-    "ledger",
-    "policy",
-    "connectors",
-    "streamer",
-    "scheduler",
-    "dispatcher",
-    "ingress",
-];
+pub use dispatch_service::SERVICES as ALL;
 
 pub struct Stack {
     pub nats: NatsServer,

@@ -28,18 +28,9 @@ use std::path::{Path, PathBuf};
 /// The file's name in the workspace.
 pub const FILE: &str = "dispatch.toml";
 
-/// Tables that configure the other services (skipped, not errors, when one service
-/// reads the file).
-const SERVICES: [&str; 8] = [
-    "ingress",
-    "dispatcher",
-    "policy",
-    "connectors",
-    "ledger",
-    "streamer",
-    "scheduler",
-    "dispatch",
-];
+/// The table that configures the CLI; the services' tables are named after them
+/// ([`crate::SERVICES`]). A table another process reads is skipped, not an error.
+const CLI_TABLE: &str = "dispatch";
 
 /// Keys of a service's table that [`section`] reads rather than the flags.
 const STRUCTURED: [(&str, &str); 2] = [("connectors", "mcp"), ("connectors", "http")];
@@ -139,7 +130,8 @@ fn settings(path: &Path, service: &str) -> Result<Vec<(String, String)>, Error> 
                     ));
                 }
             }
-            toml::Value::Table(_) if SERVICES.contains(&key.as_str()) => {}
+            toml::Value::Table(_)
+                if key == CLI_TABLE || crate::SERVICES.contains(&key.as_str()) => {}
             toml::Value::Table(_) => return Err(fail(format!("[{key}] is not a service"))),
             value => out.push((
                 key.clone(),

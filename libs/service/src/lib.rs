@@ -5,6 +5,17 @@
 
 use std::path::PathBuf;
 
+/// Every service, in the order a stack starts them (`dispatch up`, the test stacks).
+pub const SERVICES: [&str; 7] = [
+    "ledger",
+    "policy",
+    "connectors",
+    "streamer",
+    "scheduler",
+    "dispatcher",
+    "ingress",
+];
+
 pub mod api_keys;
 pub mod config;
 pub mod hosts;

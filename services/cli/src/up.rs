@@ -14,15 +14,7 @@ use tokio::process::{Child, Command};
 use crate::{Failure, exit};
 
 /// The services `up` starts, in start order.
-pub const SERVICES: [&str; 7] = [
-    "ledger",
-    "policy",
-    "connectors",
-    "streamer",
-    "scheduler",
-    "dispatcher",
-    "ingress",
-];
+pub use dispatch_service::SERVICES;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
