@@ -7,6 +7,7 @@
 //! matchable [`ErrorKind::Conflict`]. It does not know what an event means: the run log
 //! (`dispatch-runlog`) and the services do.
 
+pub mod answer;
 pub mod auth;
 pub mod catalogue;
 pub mod health;

@@ -2,7 +2,6 @@
 //! queue group): set the document, dry-run a call, resolve an approval. Each reply is
 //! a small protobuf message; a request that does not decode is answered with why.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_bus::async_nats;
@@ -14,9 +13,7 @@ use dispatch_proto::policy::v1::{
 };
 use dispatch_proto::run::v1::{ApprovalResolved, Decision, run_event::Body};
 use dispatch_rules::Document;
-use futures::StreamExt;
 use prost::Message as _;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Gate, parse_approval_id};
@@ -32,51 +29,31 @@ const MAX_WHO: usize = 128;
 const MAX_REASON: usize = 1024;
 
 pub(crate) async fn serve(gate: Gate, shutdown: CancellationToken) {
-    let client = gate.bus.client().clone();
-    let mut requests = match client
-        .queue_subscribe(
-            subject::policy::ALL,
-            subject::policy::POLICY_GROUP.to_owned(),
-        )
-        .await
-    {
-        Ok(subscription) => subscription,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take policy requests");
-            return;
-        }
-    };
-    let permits = Arc::new(Semaphore::new(CONCURRENCY));
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = requests.next() => match message {
-                Some(message) => message,
-                None => return,
-            },
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (gate, client) = (gate.clone(), client.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(reply) = message.reply.clone() else {
-                return;
-            };
-            let answer = match message.subject.as_str() {
-                subject::policy::SET => set(&gate, &message).await.encode_to_vec(),
-                subject::policy::TEST => test(&gate, &message).await.encode_to_vec(),
-                subject::policy::RESOLVE => resolve(&gate, &message).await.encode_to_vec(),
-                other => {
-                    tracing::warn!(subject = other, "no such policy request");
-                    return;
-                }
-            };
-            if let Err(e) = client.publish(reply, answer.into()).await {
-                tracing::warn!(error = %e, "cannot answer a policy request");
+    let bus = gate.bus.clone();
+    let answered = dispatch_bus::answer::serve(
+        &bus,
+        subject::policy::ALL,
+        subject::policy::POLICY_GROUP,
+        CONCURRENCY,
+        shutdown,
+        move |message| {
+            let gate = gate.clone();
+            async move {
+                Some(match message.subject.as_str() {
+                    subject::policy::SET => set(&gate, &message).await.encode_to_vec(),
+                    subject::policy::TEST => test(&gate, &message).await.encode_to_vec(),
+                    subject::policy::RESOLVE => resolve(&gate, &message).await.encode_to_vec(),
+                    other => {
+                        tracing::warn!(subject = other, "no such policy request");
+                        return None;
+                    }
+                })
             }
-        });
+        },
+    )
+    .await;
+    if let Err(e) = answered {
+        tracing::error!(error = %e, "cannot take policy requests");
     }
 }
 

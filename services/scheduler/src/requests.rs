@@ -2,8 +2,6 @@
 //! `list`, `pause`, `resume`, `rm`. Each answer is a `Reply`: the schedule (or the page)
 //! as it is afterwards, or why not. A bad request changes nothing.
 
-use std::sync::Arc;
-
 use dispatch_bus::{ConversationId, subject};
 use dispatch_proto::api::v1::{
     AddScheduleRequest, ListSchedulesRequest, ListSchedulesResponse, MissedFires, Overlap,
@@ -11,9 +9,7 @@ use dispatch_proto::api::v1::{
 };
 use dispatch_proto::api::{DEFAULT_PAGE, MAX_PAGE, QueryError, Reply};
 use dispatch_runlog::submit::Goal;
-use futures::StreamExt as _;
 use prost::Message as _;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::book::Lookup;
@@ -38,67 +34,57 @@ pub(crate) async fn serve(shared: Shared, shutdown: CancellationToken) {
         _ = shutdown.cancelled() => return,
         ready = loaded.wait_for(|loaded| *loaded) => if ready.is_err() { return },
     }
-    let client = shared.bus.client().clone();
-    let mut requests = loop {
-        match client
-            .queue_subscribe(subject::schedule::ALL, subject::schedule::GROUP.to_owned())
-            .await
-        {
-            Ok(subscription) => break subscription,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot take schedule requests yet");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
-    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    // Taken again after a second whenever the subscription cannot be made.
     loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = requests.next() => match message {
-                Some(message) => message,
-                None => return,
+        let shared = shared.clone();
+        let bus = shared.bus.clone();
+        let answered = dispatch_bus::answer::serve(
+            &bus,
+            subject::schedule::ALL,
+            subject::schedule::GROUP,
+            CONCURRENCY,
+            shutdown.clone(),
+            move |message| {
+                let shared = shared.clone();
+                async move { Some(answer(&shared, &message).await) }
             },
-        };
-        let Some(reply) = message.reply.clone() else {
-            continue;
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (shared, client) = (shared.clone(), client.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let body = &message.payload;
-            let answer = match message.subject.as_str() {
-                subject::schedule::ADD => json(match parse(body) {
-                    Ok(request) => add(&shared, request).await,
-                    Err(e) => Err(e),
-                }),
-                subject::schedule::GET => json(parse(body).and_then(|r| get(&shared, r))),
-                subject::schedule::LIST => json(parse(body).and_then(|r| list(&shared, r))),
-                subject::schedule::RM => json(match parse(body) {
-                    Ok(request) => remove(&shared, request).await,
-                    Err(e) => Err(e),
-                }),
-                verb @ (subject::schedule::PAUSE | subject::schedule::RESUME) => {
-                    let paused = verb == subject::schedule::PAUSE;
-                    json(match parse(body) {
-                        Ok(request) => pause(&shared, request, paused).await,
-                        Err(e) => Err(e),
-                    })
-                }
-                other => json::<()>(Err(QueryError::BadRequest(format!(
-                    "no such schedule request: {other}"
-                )))),
-            };
-            if let Err(e) = client.publish(reply, answer.into()).await {
-                tracing::warn!(error = %e, "cannot answer a schedule request");
-            }
-        });
+        )
+        .await;
+        match answered {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot take schedule requests yet"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The answer to one request, by its subject.
+async fn answer(shared: &Shared, message: &dispatch_bus::async_nats::Message) -> Vec<u8> {
+    let body = &message.payload;
+    match message.subject.as_str() {
+        subject::schedule::ADD => json(match parse(body) {
+            Ok(request) => add(shared, request).await,
+            Err(e) => Err(e),
+        }),
+        subject::schedule::GET => json(parse(body).and_then(|r| get(shared, r))),
+        subject::schedule::LIST => json(parse(body).and_then(|r| list(shared, r))),
+        subject::schedule::RM => json(match parse(body) {
+            Ok(request) => remove(shared, request).await,
+            Err(e) => Err(e),
+        }),
+        verb @ (subject::schedule::PAUSE | subject::schedule::RESUME) => {
+            let paused = verb == subject::schedule::PAUSE;
+            json(match parse(body) {
+                Ok(request) => pause(shared, request, paused).await,
+                Err(e) => Err(e),
+            })
+        }
+        other => json::<()>(Err(QueryError::BadRequest(format!(
+            "no such schedule request: {other}"
+        )))),
     }
 }
 
