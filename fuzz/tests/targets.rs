@@ -150,6 +150,12 @@ fn sample_events(run_id: &RunId) -> Vec<Vec<u8>> {
             callback_url: "https://h/x".into(),
             payload: "p".into(),
             kind: String::new(),
+            ..Default::default()
+        }),
+        Body::ServiceWoken(dispatch_proto::run::v1::ServiceWoken {
+            run_id: run_id.to_string(),
+            wake: "webhook".into(),
+            listener: 1,
         }),
         Body::OutputDelta(dispatch_proto::run::v1::OutputDelta {
             leaf: 0,

@@ -68,6 +68,7 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
         callback_url: String::new(),
         payload: String::new(),
         kind: String::new(),
+        ..Default::default()
     };
     let cases = [
         (
@@ -100,6 +101,22 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
             },
             "rejected: invalid_callback",
         ),
+        (
+            SubmitGoal {
+                kind: "service".into(),
+                ..good("A service with no spec")
+            },
+            "rejected: invalid_service",
+        ),
+        (
+            SubmitGoal {
+                kind: "heartbeat".into(),
+                parent_run_id: RunId::new().to_string(),
+                wake: "because".into(),
+                ..good("An odd wake")
+            },
+            "rejected: invalid_wake",
+        ),
     ];
     let rejected = cases.len();
     for (mut command, reason) in cases {
@@ -128,6 +145,31 @@ async fn goals_that_skip_ingress_are_checked_by_the_dispatcher() -> anyhow::Resu
         rejected,
         "every rejection is logged with its reason"
     );
+    // A wake of a run that is no service never runs, and changes nothing there.
+    let next = stack.submit("An ordinary errand", "default", 0).await?;
+    let events = stack.wait_finished(next, LIMIT).await?;
+    let wake = RunId::new();
+    let command = SubmitGoal {
+        run_id: wake.to_string(),
+        kind: "heartbeat".into(),
+        parent_run_id: next.to_string(),
+        wake: "manual".into(),
+        ..good("Wake a job")
+    };
+    stack
+        .bus
+        .append(
+            subject::goal(&wake),
+            &wake.to_string(),
+            None,
+            prost::Message::encode_to_vec(&command).into(),
+        )
+        .await?;
+    let woken = stack.wait_finished(wake, LIMIT).await?;
+    let end = finished(&woken);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert_eq!(end.reason, format!("run {next} is not a service run"));
+    assert_eq!(stack.log().await?.read(&next).await?.len(), events.len());
     let next = stack.submit("An ordinary errand", "default", 0).await?;
     let events = stack.wait_finished(next, LIMIT).await?;
     assert_eq!(finished(&events).status, RunStatus::Done as i32);

@@ -79,26 +79,6 @@ fn set_secret(stack: &Stack, name: &str, value: &str) -> Result<std::process::Ou
     Ok(child.wait_with_output()?)
 }
 
-/// Every file under `dir` that holds `needle`, but `except`.
-fn files_holding(dir: &std::path::Path, needle: &[u8], except: &std::path::Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path != except
-                && std::fs::read(&path)
-                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
-}
-
 /// Looks for `secret` everywhere a test can: files in the workspace but the secrets
 /// key, JetStream's store on disk, `events`, what the CLI and the HTTP API show.
 async fn found_nowhere(
@@ -114,12 +94,12 @@ async fn found_nowhere(
     let needle = secret.as_bytes();
     let key_file = dispatch_secrets::key_path(stack.root());
     assert_eq!(
-        files_holding(stack.root(), needle, &key_file),
+        dispatch_tests::files_holding(stack.root(), needle, &key_file),
         Vec::<String>::new(),
         "workspace files (logs, trail, TASKS.org, views) hold the secret"
     );
     assert_eq!(
-        files_holding(&stack.nats.store_dir(), needle, &key_file),
+        dispatch_tests::files_holding(&stack.nats.store_dir(), needle, &key_file),
         Vec::<String>::new(),
         "JetStream's store holds the secret in the clear"
     );

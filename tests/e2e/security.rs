@@ -171,6 +171,7 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
                 callback_url: String::new(),
                 payload: String::new(),
                 kind: String::new(),
+                ..Default::default()
             }),
         ),
         forged_event(

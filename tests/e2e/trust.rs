@@ -37,6 +37,7 @@ fn done_bodies(goal: &str) -> Vec<Body> {
             callback_url: String::new(),
             payload: String::new(),
             kind: String::new(),
+            ..Default::default()
         }),
         Body::RunFinished(RunFinished {
             status: RunStatus::Done as i32,

@@ -154,8 +154,14 @@ impl Stack {
 
     /// Runs the `dispatch` CLI against this stack.
     pub fn cli(&self, args: &[&str]) -> Result<Cli> {
+        self.cli_with_env(args, &[])
+    }
+
+    /// Runs the `dispatch` CLI against this stack with `env` set besides.
+    pub fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Cli> {
         let output = std::process::Command::new(bin_dir().join("dispatch"))
             .args(args)
+            .envs(env.iter().copied())
             .env("NATS_URL", self.nats.url())
             .env(
                 "DISPATCH_NATS_NKEY",
@@ -451,9 +457,7 @@ pub async fn seed_finished_runs(
                     conversation_id: conversation,
                     timeout_ms: 0,
                     origin: "seed".into(),
-                    callback_url: String::new(),
-                    payload: String::new(),
-                    kind: String::new(),
+                    ..Default::default()
                 });
                 handle.append(request, "seed").await?;
                 handle
@@ -563,4 +567,28 @@ pub async fn read_sse(
             None => return Ok(events),
         }
     }
+}
+
+/// Every file under `dir` that holds `needle`, but `except`.
+pub fn files_holding(
+    dir: &std::path::Path,
+    needle: &[u8],
+    except: &std::path::Path,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path != except
+                && std::fs::read(&path)
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
 }

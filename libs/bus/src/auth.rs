@@ -155,6 +155,8 @@ impl Identity {
                 for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
                     p.publish.allow.push(command.into());
                 }
+                // A service run's schedules.
+                p.publish.allow.push(subject::schedule::ADD.into());
             }
             Identity::Policy => {
                 service(&mut p, "policy");

@@ -61,6 +61,7 @@ pub mod run {
                     Body::ApprovalRequested(_) => "approval_requested",
                     Body::ApprovalResolved(_) => "approval_resolved",
                     Body::OutputDelta(_) => "output_delta",
+                    Body::ServiceWoken(_) => "service_woken",
                 }
             }
         }

@@ -174,6 +174,15 @@ impl RunHandle {
             // The server already holds an event with this id: ours was a retry.
             Ok(_) => {
                 self.refresh().await?;
+                if !self.whole && self.position_of(&event.event_id).is_none() {
+                    return Err(Error::new(
+                        ErrorKind::Duplicate,
+                        format!(
+                            "run {}: event {} was stored before",
+                            self.run_id, event.event_id
+                        ),
+                    ));
+                }
                 let i = self.position_of(&event.event_id).ok_or_else(|| {
                     Error::new(
                         ErrorKind::Corrupt,

@@ -8,6 +8,7 @@
 pub mod chain;
 mod handle;
 pub mod seal;
+pub mod service;
 pub mod steps;
 pub mod stop;
 pub mod submit;
@@ -34,6 +35,9 @@ pub enum ErrorKind {
     Corrupt,
     /// NATS is not reachable.
     Unreachable,
+    /// The server dropped the append as a duplicate of an event stored before the part
+    /// of the log the handle holds: the event is in the log already.
+    Duplicate,
     Other,
 }
 
@@ -182,6 +186,66 @@ impl RunLog {
             return Ok(RunHandle::partial(self.clone(), run_id, events));
         }
         self.handle(run_id).await
+    }
+
+    /// Opens a handle holding only the run's last event: enough to append after it, or
+    /// to see that the run has ended, for one read however long the log is. For
+    /// appending to a long-lived run (a service's wakes) without reading all of it.
+    pub async fn handle_tail(&self, run_id: RunId) -> Result<RunHandle, Error> {
+        let subject = subject::run(&run_id);
+        match self
+            .inner
+            .stream
+            .direct_get_last_for_subject(subject.as_str())
+            .await
+        {
+            Ok(last) => {
+                let events = vec![StoredEvent {
+                    event: decode(&run_id, last.sequence, &last.payload)?,
+                    stream_seq: last.sequence,
+                }];
+                chain::verify_from(&run_id, &events, &self.inner.trust)?;
+                Ok(RunHandle::partial(self.clone(), run_id, events))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                Ok(RunHandle::empty(self.clone(), run_id))
+            }
+            Err(e) => Err(unreachable(&run_id, e)),
+        }
+    }
+
+    /// The run's first event, if it has one: one read, however long the log is. It is
+    /// not verified against the rest of the log; a reader acting on it alone trusts
+    /// only what the envelope's own hash covers.
+    pub async fn first_event(&self, run_id: &RunId) -> Result<Option<StoredEvent>, Error> {
+        let subject = subject::run(run_id);
+        match self
+            .inner
+            .stream
+            .direct_get_next_for_subject(subject.as_str(), None)
+            .await
+        {
+            Ok(first) => {
+                let events = vec![StoredEvent {
+                    event: decode(run_id, first.sequence, &first.payload)?,
+                    stream_seq: first.sequence,
+                }];
+                chain::verify_from(run_id, &events, &self.inner.trust)?;
+                let first = events.into_iter().next().expect("one");
+                if first.event.seq != 1 {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "run {run_id}: its first stored event has seq {}",
+                            first.event.seq
+                        ),
+                    ));
+                }
+                Ok(Some(first))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unreachable(run_id, e)),
+        }
     }
 
     /// A handle for a run id this process just made up, so its log is known to be empty:
@@ -471,6 +535,27 @@ pub fn decode(run_id: &RunId, stream_seq: u64, payload: &[u8]) -> Result<RunEven
 
 /// The longest reason or summary a terminal event carries, in characters.
 pub const SUMMARY_CHARS: usize = 300;
+
+/// A UUIDv7 made from `key` and a time: the same key and time give the same id,
+/// whoever makes it. For ids that every try of one thing must share (a fire's run,
+/// a wake's event, a service's schedules).
+pub fn derived_uuid(millis: u64, key: &str) -> uuid::Uuid {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let random: [u8; 10] = digest[..10].try_into().expect("ten bytes");
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
+/// The time (unix ms) in a UUIDv7 `id`; 0 for any other id.
+pub fn uuid_millis(id: &str) -> u64 {
+    uuid::Uuid::parse_str(id)
+        .ok()
+        .and_then(|u| u.get_timestamp())
+        .map_or(0, |t| {
+            let (secs, nanos) = t.to_unix();
+            secs * 1000 + u64::from(nanos) / 1_000_000
+        })
+}
 
 /// Cuts `text` to at most `max` characters, marking the cut with `…`.
 pub fn slice_chars(text: &str, max: usize) -> String {

@@ -63,7 +63,12 @@ pub async fn stop(
     // dispatcher starting it meanwhile finds it ended). Waiting would hold the stop for
     // its whole grace period for nothing.
     let started = handle.bodies().any(|b| matches!(b, Body::RunStarted(_)));
-    if !force && started {
+    // Nor has an idle service: nothing runs it between wakes (its wakes are runs of
+    // their own, and go on).
+    let service = handle
+        .bodies()
+        .any(|b| matches!(b, Body::RunRequested(r) if r.kind == crate::service::KIND));
+    if !force && started && !service {
         let deadline = tokio::time::Instant::now() + grace;
         while !handle.is_finished() && tokio::time::Instant::now() < deadline {
             let left = deadline - tokio::time::Instant::now();
@@ -73,7 +78,9 @@ pub async fn stop(
         }
     }
     if !handle.is_finished() {
-        let reason = if force {
+        let reason = if service {
+            format!("stopped by {by}")
+        } else if force {
             format!("stopped by {by} (forced)")
         } else if !started {
             format!("stopped by {by} (before it started)")

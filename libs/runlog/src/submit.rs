@@ -4,7 +4,7 @@
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::{Bus, ConversationId, RunId, async_nats, streams, subject};
 use dispatch_proto::command::v1::SubmitGoal;
-use dispatch_proto::run::v1::{RunRequested, run_event::Body};
+use dispatch_proto::run::v1::{RunRequested, ServiceSpec, run_event::Body};
 use prost::Message as _;
 
 use crate::{Error, ErrorKind, RunHandle};
@@ -41,12 +41,17 @@ pub enum GoalError {
     Callback(String),
     #[error("payload must be at most {MAX_PAYLOAD_BYTES} bytes (it has {0})")]
     Payload(usize),
-    #[error("kind must be job or heartbeat (got {0:?})")]
+    #[error("kind must be job, heartbeat or service (got {0:?})")]
     Kind(String),
+    #[error("service: {0}")]
+    Service(String),
+    #[error("wake: {0}")]
+    Wake(String),
 }
 
-/// The kinds of run: a `job` does its goal once; a `heartbeat` is woken by a payload.
-pub const KINDS: [&str; 2] = ["job", "heartbeat"];
+/// The kinds of run: a `job` does its goal once; a `heartbeat` is woken by a payload; a
+/// `service` is long-lived, and each of its wakes is a heartbeat run of its goal.
+pub const KINDS: [&str; 3] = ["job", "heartbeat", crate::service::KIND];
 
 impl GoalError {
     pub fn code(&self) -> &'static str {
@@ -62,13 +67,15 @@ impl GoalError {
             GoalError::Callback(_) => "invalid_callback",
             GoalError::Payload(_) => "invalid_payload",
             GoalError::Kind(_) => "invalid_kind",
+            GoalError::Service(_) => "invalid_service",
+            GoalError::Wake(_) => "invalid_wake",
         }
     }
 }
 
 /// A goal as an origin hands it over. Only [`Goal::new`] makes one, so every goal
 /// submitted has passed the same checks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Goal {
     goal: String,
     conversation: ConversationId,
@@ -77,6 +84,9 @@ pub struct Goal {
     callback_url: Option<String>,
     payload: String,
     kind: String,
+    service: Option<ServiceSpec>,
+    /// A wake's: the service run it wakes, why, and by which listener (0: none).
+    wake: Option<(RunId, String, u32)>,
 }
 
 impl Goal {
@@ -114,6 +124,8 @@ impl Goal {
             callback_url: None,
             payload: String::new(),
             kind: KINDS[0].to_owned(),
+            service: None,
+            wake: None,
         })
     }
 
@@ -133,10 +145,47 @@ impl Goal {
         Ok(self)
     }
 
-    /// The goal, run as `kind` (one of [`KINDS`]).
+    /// The goal, run as `kind` (one of [`KINDS`]; a service through
+    /// [`Self::with_service`]).
     pub fn with_kind(mut self, kind: &str) -> Result<Self, GoalError> {
         check_kind(kind)?;
+        if kind == crate::service::KIND {
+            return Err(GoalError::Service(
+                "a service run is started with its spec (`dispatch serve`)".into(),
+            ));
+        }
         self.kind = kind.to_owned();
+        self.service = None;
+        Ok(self)
+    }
+
+    /// The goal as a service run's: long-lived, woken by what `spec` lists, each wake
+    /// a heartbeat run of this goal.
+    pub fn with_service(mut self, spec: ServiceSpec) -> Result<Self, GoalError> {
+        crate::service::check_spec(&spec).map_err(GoalError::Service)?;
+        self.kind = crate::service::KIND.to_owned();
+        self.service = Some(spec);
+        self.wake = None;
+        Ok(self)
+    }
+
+    /// The goal as a wake of the service run `parent`, for `reason` (one of
+    /// [`crate::service::WAKES`]): a heartbeat run recorded in the service's log.
+    pub fn woken(self, parent: RunId, reason: &str) -> Result<Self, GoalError> {
+        self.woken_by(parent, reason, 0)
+    }
+
+    /// [`Self::woken`] by a request to the service's `listener`th listener (1-based).
+    pub fn woken_by(
+        mut self,
+        parent: RunId,
+        reason: &str,
+        listener: u32,
+    ) -> Result<Self, GoalError> {
+        check_wake(reason)?;
+        self.kind = KINDS[1].to_owned();
+        self.service = None;
+        self.wake = Some((parent, reason.to_owned(), listener));
         Ok(self)
     }
 
@@ -179,6 +228,29 @@ pub fn check_command(subject: &str, command: &SubmitGoal) -> Result<RunId, GoalE
     if !command.kind.is_empty() {
         check_kind(&command.kind)?;
     }
+    match (&command.service, command.kind == crate::service::KIND) {
+        (Some(spec), true) => crate::service::check_spec(spec).map_err(GoalError::Service)?,
+        (None, true) => return Err(GoalError::Service("a service run needs its spec".into())),
+        (Some(_), false) => {
+            return Err(GoalError::Service(
+                "only a service run has a service spec".into(),
+            ));
+        }
+        (None, false) => {}
+    }
+    if !command.parent_run_id.is_empty() || !command.wake.is_empty() {
+        let parent: RunId = command
+            .parent_run_id
+            .parse()
+            .map_err(|e| GoalError::Wake(format!("the service run: {e}")))?;
+        if parent == run_id {
+            return Err(GoalError::Wake("a run cannot wake itself".into()));
+        }
+        check_wake(&command.wake)?;
+        if command.kind != KINDS[1] {
+            return Err(GoalError::Wake("a wake is a heartbeat run".into()));
+        }
+    }
     Ok(run_id)
 }
 
@@ -187,6 +259,18 @@ fn check_kind(kind: &str) -> Result<(), GoalError> {
         Ok(())
     } else {
         Err(GoalError::Kind(crate::slice_chars(kind, 32)))
+    }
+}
+
+fn check_wake(reason: &str) -> Result<(), GoalError> {
+    if crate::service::WAKES.contains(&reason) {
+        Ok(())
+    } else {
+        Err(GoalError::Wake(format!(
+            "the reason must be one of {} (got {:?})",
+            crate::service::WAKES.join(", "),
+            crate::slice_chars(reason, 32)
+        )))
     }
 }
 
@@ -267,20 +351,15 @@ impl Submission {
     /// (UUIDv7s whose time is `at_ms`), so however many times and by whomever it is
     /// stored, one goal is kept and one run starts.
     pub fn fired(goal: Goal, source: &str, at_ms: i64) -> Self {
-        use sha2::Digest;
         let msg_id = format!("{source}:{at_ms}");
-        let digest = sha2::Sha256::digest(msg_id.as_bytes());
         let millis = u64::try_from(at_ms).unwrap_or(0);
-        let id = |bytes: &[u8]| {
-            let random: [u8; 10] = bytes.try_into().expect("ten bytes");
-            uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
-        };
-        let run_id: RunId = id(&digest[..10])
+        let run_id: RunId = crate::derived_uuid(millis, &msg_id)
             .to_string()
             .parse()
             .expect("a UUIDv7 is a run id");
-        let mut submission = Self::with_msg_id(goal, run_id, msg_id);
-        submission.command.request_event_id = id(&digest[10..20]).to_string();
+        let mut submission = Self::with_msg_id(goal, run_id, msg_id.clone());
+        submission.command.request_event_id =
+            crate::derived_uuid(millis, &format!("{msg_id}/requested")).to_string();
         submission.derived = true;
         submission
     }
@@ -297,6 +376,13 @@ impl Submission {
             callback_url: goal.callback_url.unwrap_or_default(),
             payload: goal.payload,
             kind: goal.kind,
+            service: goal.service,
+            parent_run_id: goal
+                .wake
+                .as_ref()
+                .map_or_else(String::new, |(parent, _, _)| parent.to_string()),
+            listener: goal.wake.as_ref().map_or(0, |(_, _, listener)| *listener),
+            wake: goal.wake.map(|(_, reason, _)| reason).unwrap_or_default(),
         };
         Self {
             command,
@@ -318,6 +404,10 @@ impl Submission {
             && a.callback_url == b.callback_url
             && a.payload == b.payload
             && a.kind == b.kind
+            && a.service == b.service
+            && a.parent_run_id == b.parent_run_id
+            && a.wake == b.wake
+            && a.listener == b.listener
     }
 
     /// Stores the goal (safe to call again after any failure).
@@ -426,6 +516,19 @@ pub fn requested(command: &SubmitGoal) -> RunRequested {
             Ok(()) => command.kind.clone(),
             Err(_) => KINDS[0].to_owned(),
         },
+        // Bounded like the rest: a spec that does not check out is not recorded.
+        service: command
+            .service
+            .clone()
+            .filter(|spec| crate::service::check_spec(spec).is_ok()),
+        parent_run_id: match command.parent_run_id.parse::<RunId>() {
+            Ok(parent) => parent.to_string(),
+            Err(_) => String::new(),
+        },
+        wake: match check_wake(&command.wake) {
+            Ok(()) => command.wake.clone(),
+            Err(_) => String::new(),
+        },
     }
 }
 
@@ -486,6 +589,7 @@ mod tests {
             callback_url: String::new(),
             payload: String::new(),
             kind: String::new(),
+            ..Default::default()
         }
     }
 
@@ -512,11 +616,91 @@ mod tests {
     }
 
     #[test]
+    fn services_and_wakes_are_checked_at_every_door() {
+        let goal = Goal::new("g", "c", 0, "cli").unwrap();
+        let spec = ServiceSpec {
+            interval_ms: 30_000,
+            ..Default::default()
+        };
+        let service = Submission::new(goal.clone().with_service(spec.clone()).unwrap());
+        let run_id = service.run_id();
+        let subject = dispatch_bus::subject::goal(&run_id).to_string();
+        assert_eq!(check_command(&subject, &service.command), Ok(run_id));
+        let recorded = requested(&service.command);
+        assert_eq!(
+            (recorded.kind.as_str(), recorded.service),
+            ("service", Some(spec))
+        );
+        let bad_spec = ServiceSpec {
+            interval_ms: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            goal.clone()
+                .with_service(bad_spec.clone())
+                .unwrap_err()
+                .code(),
+            "invalid_service"
+        );
+        let mut forged = service.command.clone();
+        forged.service = Some(bad_spec);
+        assert_eq!(
+            check_command(&subject, &forged).unwrap_err().code(),
+            "invalid_service"
+        );
+        assert_eq!(requested(&forged).service, None, "not recorded");
+        forged.service = None;
+        assert_eq!(
+            check_command(&subject, &forged).unwrap_err().code(),
+            "invalid_service"
+        );
+        let mut job_with_spec = command(&run_id);
+        job_with_spec.service = Some(ServiceSpec::default());
+        assert_eq!(
+            check_command(&subject, &job_with_spec).unwrap_err().code(),
+            "invalid_service"
+        );
+
+        let wake = Submission::new(
+            goal.clone()
+                .woken_by(run_id, crate::service::WAKE_WEBHOOK, 2)
+                .unwrap(),
+        );
+        let wake_subject = dispatch_bus::subject::goal(&wake.run_id()).to_string();
+        assert!(check_command(&wake_subject, &wake.command).is_ok());
+        let recorded = requested(&wake.command);
+        assert_eq!(
+            (recorded.kind.as_str(), recorded.wake.as_str()),
+            ("heartbeat", "webhook")
+        );
+        assert_eq!(recorded.parent_run_id, run_id.to_string());
+        assert_eq!(wake.command.listener, 2);
+        assert_eq!(
+            goal.clone().woken(run_id, "whenever").unwrap_err().code(),
+            "invalid_wake"
+        );
+        for forge in [
+            |c: &mut SubmitGoal| c.wake = "whenever".into(),
+            |c: &mut SubmitGoal| c.parent_run_id = "nope".into(),
+            |c: &mut SubmitGoal| c.parent_run_id = c.run_id.clone(),
+            |c: &mut SubmitGoal| c.kind = "job".into(),
+        ] {
+            let mut forged = wake.command.clone();
+            forge(&mut forged);
+            assert_eq!(
+                check_command(&wake_subject, &forged).unwrap_err().code(),
+                "invalid_wake",
+                "{forged:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_kind_is_job_or_heartbeat_at_every_door() {
         let goal = Goal::new("g", "c", 0, "cli").unwrap();
         assert_eq!(
             goal.clone().with_kind("service").unwrap_err().code(),
-            "invalid_kind"
+            "invalid_service"
         );
         let heartbeat = Submission::new(goal.clone().with_kind("heartbeat").unwrap());
         assert_eq!(requested(&heartbeat.command).kind, "heartbeat");

@@ -406,8 +406,10 @@ impl Store {
         Ok(listed.into_values().collect())
     }
 
-    /// The value of `name`, from the environment or the bucket.
-    async fn value(&self, name: &str) -> Result<Zeroizing<String>, Error> {
+    /// The value of `name`, from the environment or the bucket. For the workspace's
+    /// owner (`dispatch serve` reads a listener's secret); tools get values only through
+    /// a [`Lease`].
+    pub async fn value(&self, name: &str) -> Result<Zeroizing<String>, Error> {
         check_name(name)?;
         if let Some(value) = self.env.get(&env_suffix(name)) {
             return Ok(value.clone());

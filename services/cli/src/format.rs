@@ -19,8 +19,20 @@ pub fn event_line(event: &RunEvent) -> String {
     };
     let detail = match body {
         Body::RunRequested(r) => format!(
-            "goal {:?} (conversation {}, via {})",
-            r.goal, r.conversation_id, r.origin
+            "{}goal {:?} (conversation {}, via {}){}",
+            if r.kind == dispatch_runlog::service::KIND {
+                "service, "
+            } else {
+                ""
+            },
+            r.goal,
+            r.conversation_id,
+            r.origin,
+            if r.parent_run_id.is_empty() {
+                String::new()
+            } else {
+                format!(", a {} wake of {}", r.wake, r.parent_run_id)
+            }
         ),
         Body::PlanAuthored(p) => format!(
             "plan {:?}: {} leaves → {}",
@@ -31,7 +43,13 @@ pub fn event_line(event: &RunEvent) -> String {
         Body::PlanRejected(r) => {
             format!("attempt {} rejected: {}: {}", r.attempt, r.code, r.message)
         }
+        Body::RunStarted(s) if s.deadline_unix_ms == 0 => format!(
+            "owner {}, no deadline, {} schedule(s)",
+            s.owner,
+            s.schedule_ids.len()
+        ),
         Body::RunStarted(s) => format!("owner {}", s.owner),
+        Body::ServiceWoken(w) => format!("woke ({}): run {}", w.wake, w.run_id),
         Body::LeafStarted(l) => format!("leaf {}: {}", l.leaf + 1, l.title),
         Body::OutputDelta(d) if d.abandoned => format!(
             "leaf {} turn {} part {}: streamed text void (asked again)",
@@ -418,28 +436,11 @@ mod tests {
             conversation_id: "default".into(),
             origin: "cli".into(),
             status: dispatch_proto::api::v1::TaskStatus::Done as i32,
-            title: None,
-            workflow: None,
-            owner: None,
             leaves: 3,
             leaves_done: 3,
-            leaves_failed: 0,
-            reason: None,
-            summary: None,
-            timeout_ms: 0,
-            requested_at_ms: 0,
-            started_at_ms: None,
-            deadline_at_ms: None,
-            finished_at_ms: None,
             last_seq: 1,
-            last_hash: String::new(),
-            corrupt: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            report_path: None,
-            report_bytes: 0,
-            approvals: Vec::new(),
             kind: "job".into(),
+            ..Default::default()
         };
         let table = ps_table(
             &[view("a", "整理共享驱动器"), view("bb", "tidy")],

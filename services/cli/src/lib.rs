@@ -14,12 +14,14 @@
 //! | 1 | `verify`, `replay`: the trail or log does not check out |
 //! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
 
+mod agentfile;
 mod api_key;
 mod attach;
 mod format;
 mod gate;
 mod schedule;
 mod secret;
+mod serve;
 mod store_watch;
 mod todo;
 mod up;
@@ -250,6 +252,9 @@ enum Command {
         #[command(subcommand)]
         command: schedule::ScheduleCommand,
     },
+    /// Start a service: a long-lived run woken by schedules, an interval and webhooks,
+    /// each wake a run of its own. Prints its run id; `dispatch stop` ends it.
+    Serve(serve::ServeArgs),
     /// Todos that become runs when due: add, ls, done.
     Todo {
         #[command(subcommand)]
@@ -544,18 +549,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     _ => None,
                 })
                 .ok_or_else(|| Failure::new(format!("run {run_id} has no request to restart")))?;
-            let kind = match requested.kind.as_str() {
-                "" => "job",
-                kind => kind,
-            };
             let goal = Goal::new(
                 &requested.goal,
                 &requested.conversation_id,
                 requested.timeout_ms,
                 &format!("restart of {run_id}"),
             )
-            .and_then(|goal| goal.with_kind(kind))
             .and_then(|goal| goal.with_payload(&requested.payload))
+            // A service comes back with every wake source its log recorded.
+            .and_then(|goal| match (requested.kind.as_str(), &requested.service) {
+                ("service", Some(spec)) => goal.with_service(spec.clone()),
+                (_, _) if !requested.parent_run_id.is_empty() => {
+                    let parent = requested.parent_run_id.parse().map_err(|e| {
+                        dispatch_runlog::submit::GoalError::Wake(format!("its service: {e}"))
+                    })?;
+                    goal.woken(parent, dispatch_runlog::service::WAKE_MANUAL)
+                }
+                ("" | "service", _) => Ok(goal),
+                (kind, _) => goal.with_kind(kind),
+            })
             .map_err(|e| Failure::new(format!("run {run_id} cannot be restarted: {e}")))?;
             let new_id = submit_goal(&bus, goal).await?;
             println!("{new_id}");
@@ -708,6 +720,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Policy { command } => gate::policy(&nats.connect().await?, command).await,
         Command::Schedule { command } => schedule::run(&nats.connect().await?, command).await,
         Command::Todo { command } => todo::run(&nats.connect().await?, command).await,
+        Command::Serve(args) => serve::run(&nats.connect().await?, &nats.workspace, args).await,
         Command::Secret(command) => {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }

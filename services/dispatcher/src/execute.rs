@@ -78,7 +78,18 @@ pub(crate) async fn run(
     command: &SubmitGoal,
     slot: Slot,
 ) -> Result<(), Error> {
+    if command.kind == dispatch_runlog::service::KIND {
+        return crate::service::start(ctx, run_id, command).await;
+    }
     let handle = ctx.log.handle(run_id).await?;
+    // A wake is recorded in its service's log before its own first event; one that has
+    // its first event was recorded already.
+    if handle.events().is_empty() && !command.parent_run_id.is_empty() {
+        if let Err(reason) = crate::service::record_wake(ctx, run_id, command).await? {
+            tracing::info!(run_id = %run_id, reason, "a wake may not run");
+            return block(ctx, run_id, command, reason).await;
+        }
+    }
     let mut exec = Exec {
         ctx,
         run: handle,
@@ -291,6 +302,7 @@ impl Exec<'_> {
         let body = Body::RunStarted(RunStarted {
             owner: self.ctx.owner.clone(),
             deadline_unix_ms: now_unix_ms().saturating_add(timeout.as_millis() as i64),
+            ..Default::default()
         });
         let started = self.ensure(as_started, body).await?;
         let scratch = layout::run_dir(&self.ctx.workspace, self.run.run_id()).join(layout::SCRATCH);

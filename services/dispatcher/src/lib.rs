@@ -18,6 +18,7 @@
 
 mod execute;
 pub mod model;
+mod service;
 mod stops;
 mod tools;
 

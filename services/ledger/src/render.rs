@@ -198,6 +198,7 @@ mod tests {
             report_bytes: 0,
             approvals: Vec::new(),
             kind: "job".into(),
+            ..Default::default()
         };
         let org = tasks_org(&[run]);
         let expected = format!(

@@ -2,7 +2,9 @@
 //! itself is the front doors' contract (`dispatch_proto::api::v1::RunView`); how it is
 //! folded from a log is the ledger's.
 
-use dispatch_proto::api::v1::{Corruption, PendingApproval, RunView, TaskStatus};
+use dispatch_proto::api::v1::{
+    Corruption, ListenerView, PendingApproval, RunView, ServiceView, TaskStatus,
+};
 use dispatch_proto::run::v1::{LeafState, RunEvent, RunStatus, run_event::Body};
 use dispatch_runlog::seal::Trust;
 
@@ -101,11 +103,11 @@ impl Fold for RunView {
         });
         // What the run's `RunRequested` will record, bounds applied the same way.
         let requested = dispatch_runlog::submit::requested(command);
+        apply_requested(&mut view, &requested);
         view.goal = requested.goal;
         view.conversation_id = requested.conversation_id;
         view.origin = requested.origin;
         view.timeout_ms = requested.timeout_ms;
-        view.kind = requested.kind;
         view
     }
 
@@ -130,11 +132,7 @@ impl Fold for RunView {
                 view.conversation_id = r.conversation_id.clone();
                 view.origin = r.origin.clone();
                 view.timeout_ms = r.timeout_ms;
-                view.kind = if r.kind.is_empty() {
-                    dispatch_runlog::submit::KINDS[0].to_owned()
-                } else {
-                    r.kind.clone()
-                };
+                apply_requested(&mut view, r);
                 view.requested_at_ms = event.time_unix_ms;
             }
             Body::PlanAuthored(p) => {
@@ -149,7 +147,25 @@ impl Fold for RunView {
                 }
                 view.owner = Some(s.owner.clone());
                 view.started_at_ms = Some(event.time_unix_ms);
-                view.deadline_at_ms = Some(s.deadline_unix_ms);
+                // A service has no deadline.
+                view.deadline_at_ms = (s.deadline_unix_ms != 0).then_some(s.deadline_unix_ms);
+                if let Some(service) = view.service.as_mut() {
+                    service.schedule_ids = s.schedule_ids.clone();
+                }
+            }
+            Body::ServiceWoken(w) => {
+                if let Some(service) = view.service.as_mut() {
+                    service.wakes += 1;
+                    service.last_wake_at_ms = Some(event.time_unix_ms);
+                    service.last_wake_run_id = Some(w.run_id.clone());
+                    let listener = (w.listener as usize)
+                        .checked_sub(1)
+                        .and_then(|i| service.listeners.get_mut(i));
+                    if let Some(listener) = listener {
+                        listener.requests_handled += 1;
+                        listener.last_request_at_ms = Some(event.time_unix_ms);
+                    }
+                }
             }
             Body::LeafFinished(f) => {
                 if f.state == LeafState::Done as i32 {
@@ -226,6 +242,49 @@ impl Fold for RunView {
     }
 }
 
+/// What a run's request sets in its view beyond the goal: its kind, and a service's
+/// wake sources or a wake's service.
+fn apply_requested(view: &mut RunView, r: &dispatch_proto::run::v1::RunRequested) {
+    view.kind = if r.kind.is_empty() {
+        dispatch_runlog::submit::KINDS[0].to_owned()
+    } else {
+        r.kind.clone()
+    };
+    view.parent_run_id = r.parent_run_id.clone();
+    view.wake = r.wake.clone();
+    view.service = (r.kind == dispatch_runlog::service::KIND).then(|| {
+        let spec = r.service.clone().unwrap_or_default();
+        ServiceView {
+            source: spec.source,
+            schedules: spec
+                .schedules
+                .iter()
+                .map(|s| match s.time_zone.as_str() {
+                    "" => format!("{} UTC", s.expression),
+                    zone => format!("{} {zone}", s.expression),
+                })
+                .collect(),
+            interval_ms: spec.interval_ms,
+            listeners: spec
+                .listeners
+                .iter()
+                .map(|l| ListenerView {
+                    listen_addr: l.listen_addr.clone(),
+                    hook: l.hook.clone(),
+                    path: l.path.clone(),
+                    methods: l.methods.clone(),
+                    shared_secret: !l.secret_sha256.is_empty(),
+                    signed: !l.signing_secret.is_empty(),
+                    max_body_bytes: l.max_body_bytes,
+                    max_header_bytes: l.max_header_bytes,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use dispatch_proto::run::v1::{
@@ -275,6 +334,7 @@ mod tests {
             Body::RunStarted(RunStarted {
                 owner: "d".into(),
                 deadline_unix_ms: 9,
+                ..Default::default()
             }),
             Body::LeafFinished(LeafFinished {
                 leaf: 0,

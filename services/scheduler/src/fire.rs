@@ -13,8 +13,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::book::RECHECK_MS;
-use crate::expr::Expr;
 use crate::{CONCURRENCY, MAX_CATCH_UP, Shared, now_ms};
+use dispatch_cron::Expr;
 
 /// The longest the loop sleeps without looking at the book.
 const IDLE: Duration = Duration::from_secs(60);
@@ -122,6 +122,14 @@ async fn fire(shared: &Shared, schedule: &Schedule, revision: u64) -> Outcome {
             Err(e) => return not_started(shared, schedule, revision, now, e).await,
         }
         return update(shared, moved, revision).await;
+    }
+    // A service's schedule lasts as long as its service: once that has ended, it goes.
+    if !schedule.service_run_id.is_empty() {
+        match finished(shared, &schedule.service_run_id).await {
+            Ok(true) => return remove(shared, &id, revision).await,
+            Ok(false) => {}
+            Err(e) => return retry(&id, now, &e),
+        }
     }
     let expr = match Expr::parse(&schedule.expression, &schedule.time_zone) {
         Ok(expr) => expr,
@@ -237,6 +245,22 @@ fn retry(id: &str, now: i64, error: &str) -> Outcome {
     Outcome::Retry(now + RECHECK_MS)
 }
 
+/// Removes the schedule `id` if the bucket still holds `revision`.
+async fn remove(shared: &Shared, id: &str, revision: u64) -> Outcome {
+    match shared
+        .schedules
+        .delete_expect_revision(id, Some(revision))
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(schedule_id = id, "its service has ended; schedule removed");
+            Outcome::Gone(revision + 1)
+        }
+        Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Outcome::Raced,
+        Err(e) => retry(id, now_ms(), &e.to_string()),
+    }
+}
+
 /// Stores `schedule` if the bucket still holds `revision`.
 async fn update(shared: &Shared, schedule: Schedule, revision: u64) -> Outcome {
     let id = schedule.schedule_id.clone();
@@ -262,13 +286,28 @@ enum NotStarted {
 /// Stores the goal of `schedule`'s fire at `at`: the same run whoever stores it.
 async fn start(shared: &Shared, schedule: &Schedule, at: i64) -> Result<RunId, NotStarted> {
     let origin = if schedule.todo { TODO_ORIGIN } else { ORIGIN };
+    let service = match schedule.service_run_id.as_str() {
+        "" => None,
+        id => Some(
+            id.parse::<RunId>()
+                .map_err(|e| NotStarted::Bad(format!("its service run id: {e}")))?,
+        ),
+    };
+    let payload = match (&service, schedule.payload.as_str()) {
+        (Some(_), "") => wake_payload(schedule, at),
+        _ => schedule.payload.clone(),
+    };
     let goal = Goal::new(
         &schedule.goal,
         &schedule.conversation_id,
         schedule.timeout_ms,
         origin,
     )
-    .and_then(|goal| goal.with_payload(&schedule.payload))
+    .and_then(|goal| goal.with_payload(&payload))
+    .and_then(|goal| match service {
+        Some(parent) => goal.woken(parent, wake_reason(schedule)),
+        None => Ok(goal),
+    })
     .map_err(|e| NotStarted::Bad(format!("the schedule's goal does not check out: {e}")))?;
     let submission = Submission::fired(goal, &schedule.schedule_id, at);
     let run_id = submission.run_id();
@@ -278,6 +317,30 @@ async fn start(shared: &Shared, schedule: &Schedule, at: i64) -> Result<RunId, N
         .map_err(|e| NotStarted::Failed(e.to_string()))?;
     tracing::info!(schedule_id = schedule.schedule_id, %run_id, fire_at_ms = at, "fired");
     Ok(run_id)
+}
+
+/// Why a service's schedule woke it: its interval, or its cron expression.
+fn wake_reason(schedule: &Schedule) -> &'static str {
+    if schedule
+        .expression
+        .trim_start()
+        .starts_with(dispatch_cron::EVERY)
+    {
+        dispatch_runlog::service::WAKE_INTERVAL
+    } else {
+        dispatch_runlog::service::WAKE_SCHEDULE
+    }
+}
+
+/// The payload of a service's wake by a schedule that names none: why, and when.
+fn wake_payload(schedule: &Schedule, at: i64) -> String {
+    serde_json::json!({
+        "wake": wake_reason(schedule),
+        "schedule_id": schedule.schedule_id,
+        "expression": schedule.expression,
+        "fire_at_ms": at,
+    })
+    .to_string()
 }
 
 /// Whether the run `run_id` has ended (no run at all has).

@@ -23,7 +23,6 @@
 //! pause, resume and remove schedules; see [`requests`].
 
 pub mod book;
-pub mod expr;
 mod fire;
 mod requests;
 

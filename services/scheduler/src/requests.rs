@@ -2,7 +2,8 @@
 //! `list`, `pause`, `resume`, `rm`. Each answer is a `Reply`: the schedule (or the page)
 //! as it is afterwards, or why not. A bad request changes nothing.
 
-use dispatch_bus::{ConversationId, subject};
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::{ConversationId, RunId, subject};
 use dispatch_proto::api::v1::{
     AddScheduleRequest, ListSchedulesRequest, ListSchedulesResponse, MissedFires, Overlap,
     Schedule, ScheduleIdRequest,
@@ -12,8 +13,9 @@ use dispatch_runlog::submit::Goal;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use dispatch_cron::Expr;
+
 use crate::book::Lookup;
-use crate::expr::Expr;
 use crate::fire::{ORIGIN, TODO_ORIGIN};
 use crate::{Shared, now_ms};
 
@@ -125,8 +127,28 @@ async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
         "" => ConversationId::DEFAULT,
         id => id,
     };
+    let service = match request.service_run_id.as_str() {
+        "" => None,
+        id => Some(
+            id.parse::<RunId>()
+                .map_err(|e| bad(format!("service_run_id: {e}")))?,
+        ),
+    };
+    if service.is_some() && request.todo {
+        return Err(bad("a service's schedule is not a todo".into()));
+    }
+    let schedule_id = match request.schedule_id.as_str() {
+        "" => uuid::Uuid::now_v7(),
+        id => uuid::Uuid::try_parse(id)
+            .map_err(|_| bad(format!("schedule_id {id:?} is not a UUID")))?,
+    }
+    .to_string();
     Goal::new(&request.goal, conversation, request.timeout_ms, origin)
         .and_then(|goal| goal.with_payload(&request.payload))
+        .and_then(|goal| match service {
+            Some(parent) => goal.woken(parent, dispatch_runlog::service::WAKE_SCHEDULE),
+            None => Ok(goal),
+        })
         .map_err(|e| bad(format!("{}: {e}", e.code())))?;
     if shared.book().len() >= MAX_SCHEDULES {
         return Err(bad(format!(
@@ -134,7 +156,8 @@ async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
         )));
     }
     let schedule = Schedule {
-        schedule_id: uuid::Uuid::now_v7().to_string(),
+        schedule_id,
+        service_run_id: request.service_run_id.clone(),
         expression: request
             .expression
             .split_whitespace()
@@ -172,11 +195,22 @@ async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
             dispatch_bus::streams::MAX_SCHEDULE_BYTES
         )));
     }
-    let revision = shared
+    let revision = match shared
         .schedules
         .create(&schedule.schedule_id, schedule.encode_to_vec().into())
         .await
-        .map_err(|e| QueryError::Unavailable(format!("the schedule was not stored: {e}")))?;
+    {
+        Ok(revision) => revision,
+        // Asked again (a retry): the one stored stands, if it is this one.
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            return same_as_stored(shared, &schedule).await;
+        }
+        Err(e) => {
+            return Err(QueryError::Unavailable(format!(
+                "the schedule was not stored: {e}"
+            )));
+        }
+    };
     tracing::info!(
         schedule_id = schedule.schedule_id,
         expression = schedule.expression,
@@ -188,6 +222,30 @@ async fn add(shared: &Shared, request: AddScheduleRequest) -> Reply<Schedule> {
         revision,
     );
     Ok(schedule)
+}
+
+/// The stored schedule with `wanted`'s id, if it asks for what `wanted` asks for.
+async fn same_as_stored(shared: &Shared, wanted: &Schedule) -> Reply<Schedule> {
+    let taken = || {
+        QueryError::BadRequest(format!(
+            "schedule {} exists and is another schedule",
+            wanted.schedule_id
+        ))
+    };
+    let entry = shared
+        .schedules
+        .entry(&wanted.schedule_id)
+        .await
+        .map_err(|e| QueryError::Unavailable(format!("read schedule: {e}")))?
+        .filter(|entry| entry.operation == kv::Operation::Put)
+        .ok_or_else(taken)?;
+    let stored = Schedule::decode(entry.value.as_ref()).map_err(|_| taken())?;
+    let same = stored.service_run_id == wanted.service_run_id
+        && stored.expression == wanted.expression
+        && stored.time_zone == wanted.time_zone
+        && stored.goal == wanted.goal
+        && stored.payload == wanted.payload;
+    if same { Ok(stored) } else { Err(taken()) }
 }
 
 fn find(shared: &Shared, id: &str) -> Result<(Schedule, u64), QueryError> {

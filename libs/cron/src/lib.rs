@@ -1,5 +1,5 @@
-//! Cron expressions read in a time zone: the `cron` crate's seconds-aware form, and the
-//! classic five fields.
+//! Schedule expressions read in a time zone: the `cron` crate's seconds-aware form, the
+//! classic five fields, and `@every <duration>`.
 //!
 //! - 7 fields: `sec min hour day-of-month month day-of-week year`.
 //! - 6 fields: the same without the year.
@@ -9,8 +9,15 @@
 //!   (1 Sunday … 7 Saturday); names (`MON-FRI`) mean the same everywhere.
 //! - Unlike crontab, a day-of-month and a day-of-week both given must both match
 //!   (`0 0 1 * MON`: the 1st, when it is a Monday), in every form.
+//! - `@every 30s` (any `humantime` duration from 1 s to 366 days) fires at each whole
+//!   multiple of the duration since the Unix epoch, whatever the time zone: the same
+//!   times on every copy of the scheduler, so each fire has one identity.
+//!
+//! The scheduler fires them; the CLI reads them too, to refuse a bad one (an
+//! Agentfile's, say) before anything is stored.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use chrono::{TimeZone as _, Utc};
 use chrono_tz::Tz;
@@ -18,11 +25,25 @@ use chrono_tz::Tz;
 /// The longest expression accepted.
 pub const MAX_EXPRESSION_BYTES: usize = 256;
 
-/// A cron expression read in a time zone.
+/// The prefix of an interval expression.
+pub const EVERY: &str = "@every";
+
+/// The shortest and longest interval `@every` takes.
+pub const MIN_EVERY: Duration = Duration::from_secs(1);
+pub const MAX_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A schedule expression read in a time zone.
 #[derive(Debug, Clone)]
-pub struct Expr {
-    schedule: cron::Schedule,
-    zone: Tz,
+pub struct Expr(Kind);
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Cron {
+        schedule: cron::Schedule,
+        zone: Tz,
+    },
+    /// Every this many milliseconds, counted from the epoch.
+    Every(i64),
 }
 
 impl Expr {
@@ -34,6 +55,15 @@ impl Expr {
                 "the expression is {} bytes; at most {MAX_EXPRESSION_BYTES}",
                 expression.len()
             ));
+        }
+        let zone = match time_zone.trim() {
+            "" => Tz::UTC,
+            name => name.parse::<Tz>().map_err(|_| {
+                format!("`{name}` is not an IANA time zone (say `UTC` or `Europe/Lisbon`)")
+            })?,
+        };
+        if let Some(rest) = expression.trim().strip_prefix(EVERY) {
+            return every(rest).map(|ms| Self(Kind::Every(ms)));
         }
         let fields: Vec<&str> = expression.split_whitespace().collect();
         let full = match fields.len() {
@@ -55,13 +85,12 @@ impl Expr {
         };
         let schedule = cron::Schedule::from_str(&full)
             .map_err(|e| format!("`{expression}` is not a cron expression: {e}"))?;
-        let zone = match time_zone.trim() {
-            "" => Tz::UTC,
-            name => name.parse::<Tz>().map_err(|_| {
-                format!("`{name}` is not an IANA time zone (say `UTC` or `Europe/Lisbon`)")
-            })?,
-        };
-        Ok(Self { schedule, zone })
+        Ok(Self(Kind::Cron { schedule, zone }))
+    }
+
+    /// True for an `@every` interval.
+    pub fn is_interval(&self) -> bool {
+        matches!(self.0, Kind::Every(_))
     }
 
     /// The first fire time strictly after `after_ms` (unix ms), if there is one.
@@ -71,9 +100,13 @@ impl Expr {
     /// whatever it yields at or before `after_ms` is passed over, so time only moves
     /// forward here.
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+        let (schedule, zone) = match &self.0 {
+            Kind::Every(ms) => return after_ms.div_euclid(*ms).checked_add(1)?.checked_mul(*ms),
+            Kind::Cron { schedule, zone } => (schedule, zone),
+        };
         let after = Utc.timestamp_millis_opt(after_ms).single()?;
-        self.schedule
-            .after(&after.with_timezone(&self.zone))
+        schedule
+            .after(&after.with_timezone(zone))
             .map(|t| t.timestamp_millis())
             .take(MAX_STEPS_BACK)
             .find(|&t| t > after_ms)
@@ -81,9 +114,13 @@ impl Expr {
 
     /// The latest fire time at or before `at_ms`, if there is one.
     pub fn latest_at_or_before(&self, at_ms: i64) -> Option<i64> {
+        let (schedule, zone) = match &self.0 {
+            Kind::Every(ms) => return at_ms.div_euclid(*ms).checked_mul(*ms),
+            Kind::Cron { schedule, zone } => (schedule, zone),
+        };
         let after = Utc.timestamp_millis_opt(at_ms.checked_add(1)?).single()?;
-        self.schedule
-            .after(&after.with_timezone(&self.zone))
+        schedule
+            .after(&after.with_timezone(zone))
             .rev()
             .map(|t| t.timestamp_millis())
             .take(MAX_STEPS_BACK)
@@ -107,6 +144,24 @@ impl Expr {
         }
         (times, false)
     }
+}
+
+/// The milliseconds of an `@every` interval (what follows the keyword).
+fn every(rest: &str) -> Result<i64, String> {
+    let text = rest.trim();
+    if text.is_empty() || !rest.starts_with(char::is_whitespace) {
+        return Err(format!(
+            "`{EVERY}` takes a duration: `{EVERY} 30s`, `{EVERY} 5m`, `{EVERY} 1h30m`"
+        ));
+    }
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("`{EVERY} {text}`: `{text}` is not a duration ({e})"))?;
+    if duration < MIN_EVERY || duration > MAX_EVERY {
+        return Err(format!(
+            "`{EVERY} {text}` is out of range: from 1s to 366 days"
+        ));
+    }
+    Ok(duration.as_millis() as i64)
 }
 
 /// How many times the iterator may yield on the wrong side of the asked time before
@@ -234,6 +289,35 @@ mod tests {
             .latest_at_or_before(ms("2025-11-02T06:12:00Z"))
             .unwrap();
         assert!(latest <= ms("2025-11-02T06:12:00Z"), "{latest}");
+    }
+
+    #[test]
+    fn every_fires_on_the_multiples_of_its_interval() {
+        let every = Expr::parse("@every 30s", "Europe/Lisbon").unwrap();
+        assert!(every.is_interval());
+        let start = ms("2026-01-01T00:00:10Z");
+        assert_eq!(every.next_after(start), Some(ms("2026-01-01T00:00:30Z")));
+        assert_eq!(
+            every.next_after(ms("2026-01-01T00:00:30Z")),
+            Some(ms("2026-01-01T00:01:00Z"))
+        );
+        assert_eq!(
+            every.latest_at_or_before(ms("2026-01-01T00:00:59.999Z")),
+            Some(ms("2026-01-01T00:00:30Z"))
+        );
+        let (times, more) = every.between(start, start + 60_000, 10);
+        assert_eq!((times.len(), more), (2, false));
+        assert!(!Expr::parse("*/2 * * * * * *", "").unwrap().is_interval());
+        for (bad, said) in [
+            ("@every", "takes a duration"),
+            ("@everyday", "takes a duration"),
+            ("@every soon", "not a duration"),
+            ("@every 10ms", "out of range"),
+            ("@every 400days", "out of range"),
+        ] {
+            let error = Expr::parse(bad, "").unwrap_err();
+            assert!(error.contains(said), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -1,0 +1,248 @@
+//! `dispatch serve [AGENTFILE]`: start a service run.
+//!
+//! The spec is the Agentfile's with the flags on top: scalar settings (the goal, the
+//! interval, a listener's path, secret and size limits) are the flag's when given;
+//! schedules, listeners and methods are merged without duplicates. A shared secret is
+//! resolved here — from the flag, or the `SECRET` the file names, read from the
+//! environment and then the secret store — and only its SHA-256 leaves this process.
+//! The run id is printed at once; the service lives in the stack until `dispatch stop`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dispatch_bus::{Bus, ConversationId};
+use dispatch_proto::run::v1::{Listener, ServiceSchedule, ServiceSpec};
+use dispatch_runlog::submit::{Goal, submit_goal};
+use sha2::Digest as _;
+use zeroize::Zeroizing;
+
+use crate::agentfile::{self, Agentfile};
+use crate::{Failure, exit, parse_duration};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// An Agentfile declaring the service (see examples/Agentfile).
+    agentfile: Option<PathBuf>,
+    /// What each wake does (overrides the Agentfile's GOAL).
+    #[arg(long)]
+    goal: Option<String>,
+    /// Wake on this cron expression (5, 6 or 7 fields; repeatable), added to the
+    /// Agentfile's.
+    #[arg(long, value_name = "CRON")]
+    schedule: Vec<String>,
+    /// The time zone of the --schedule expressions (IANA name; default UTC).
+    #[arg(long, value_name = "ZONE", default_value = "")]
+    tz: String,
+    /// An idle heartbeat: wake this often when nothing else does, e.g. 30s, 10m.
+    #[arg(long, value_parser = parse_duration)]
+    interval: Option<Duration>,
+    /// Listen for webhooks on this address (served by ingress; port 0: any free one;
+    /// repeatable).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Take webhooks at ingress's /hooks/{account}/{agent}/{channel} (repeatable).
+    #[arg(long, value_name = "ACCOUNT/AGENT/CHANNEL")]
+    hook: Vec<String>,
+    /// Only requests to this path wake the service (404 otherwise).
+    #[arg(long, value_name = "PATH")]
+    listen_path: Option<String>,
+    /// Only these methods (405 otherwise; repeatable; default POST).
+    #[arg(long, value_name = "METHOD")]
+    listen_method: Vec<String>,
+    /// Requests must carry this in `x-dispatch-secret` or `Authorization: Bearer`
+    /// (401 otherwise). Only its SHA-256 is recorded.
+    #[arg(long, value_name = "TOKEN")]
+    listen_shared_secret: Option<String>,
+    /// Requests must be signed per Standard Webhooks with the key (`whsec_…`) stored
+    /// as this secret (`dispatch secret set NAME`).
+    #[arg(long, value_name = "NAME")]
+    listen_signing_secret: Option<String>,
+    /// Largest request body taken (413 beyond it; default 8192).
+    #[arg(long, value_name = "BYTES")]
+    listen_max_body_bytes: Option<u32>,
+    /// Largest request head taken (431 beyond it; default 4096).
+    #[arg(long, value_name = "BYTES")]
+    listen_max_header_bytes: Option<u32>,
+    /// Conversation the wakes' feedback notes go to.
+    #[arg(long)]
+    conversation: Option<String>,
+    /// Each wake's kill-switch budget, e.g. 90s, 35m.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+}
+
+pub async fn run(bus: &Bus, workspace: &Path, args: ServeArgs) -> Result<u8, Failure> {
+    let file = match &args.agentfile {
+        Some(path) => agentfile::read(path).map_err(Failure::new)?,
+        None => Agentfile::default(),
+    };
+    let goal = args.goal.clone().or(file.goal.clone()).ok_or_else(|| {
+        Failure::new(
+            "say what each wake does: a GOAL in the Agentfile, or --goal \"…\" \
+             (see examples/Agentfile)",
+        )
+    })?;
+    let timeout = match (&args.timeout, &file.timeout) {
+        (Some(d), _) => Some(*d),
+        (None, Some(text)) => Some(parse_duration(text).map_err(Failure::new)?),
+        (None, None) => None,
+    };
+    let timeout_ms = match timeout {
+        None => 0,
+        Some(d) if d < Duration::from_secs(1) => {
+            return Err(Failure::new("the timeout must be at least 1s"));
+        }
+        Some(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    };
+    let conversation = args
+        .conversation
+        .clone()
+        .or(file.conversation.clone())
+        .unwrap_or_else(|| ConversationId::DEFAULT.to_owned());
+    let secret = shared_secret(bus, workspace, &args, &file).await?;
+    let spec = spec(&args, &file, secret.as_ref().map(|s| s.as_str()))?;
+    let goal = Goal::new(&goal, &conversation, timeout_ms, "cli")
+        .and_then(|goal| goal.with_service(spec))
+        .map_err(|e| Failure::new(e.to_string()))?;
+    let run_id = submit_goal(bus, goal).await?;
+    println!("{run_id}");
+    eprintln!(
+        "service {run_id} started: `dispatch inspect {}` shows its wakes, `dispatch stop {}` \
+         ends it",
+        run_id.short(),
+        run_id.short()
+    );
+    Ok(exit::DONE)
+}
+
+/// The service's spec from the file and the flags.
+fn spec(args: &ServeArgs, file: &Agentfile, secret: Option<&str>) -> Result<ServiceSpec, Failure> {
+    let mut schedules: Vec<ServiceSchedule> = Vec::new();
+    let flag_schedules = args.schedule.iter().map(|e| (e.clone(), args.tz.clone()));
+    for (expression, time_zone) in file.schedules.iter().cloned().chain(flag_schedules) {
+        dispatch_cron::Expr::parse(&expression, &time_zone)
+            .map_err(|e| Failure::new(format!("--schedule: {e}")))?;
+        let schedule = ServiceSchedule {
+            expression,
+            time_zone,
+            payload: String::new(),
+        };
+        if !schedules.contains(&schedule) {
+            schedules.push(schedule);
+        }
+    }
+    let interval = match (&args.interval, &file.interval) {
+        (Some(d), _) => Some(*d),
+        (None, Some(text)) => Some(parse_duration(text).map_err(Failure::new)?),
+        (None, None) => None,
+    };
+    let mut methods: Vec<String> = file.listen_methods.clone();
+    for method in &args.listen_method {
+        let method = method.to_ascii_uppercase();
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+    }
+    let policy = Listener {
+        path: args
+            .listen_path
+            .clone()
+            .or(file.listen_path.clone())
+            .unwrap_or_default(),
+        methods,
+        secret_sha256: secret
+            .map_or_else(Vec::new, |s| sha2::Sha256::digest(s.as_bytes()).to_vec()),
+        signing_secret: args
+            .listen_signing_secret
+            .clone()
+            .or(file.listen_signing_secret.clone())
+            .unwrap_or_default(),
+        max_body_bytes: args
+            .listen_max_body_bytes
+            .or(file.listen_max_body_bytes)
+            .unwrap_or(0),
+        max_header_bytes: args
+            .listen_max_header_bytes
+            .or(file.listen_max_header_bytes)
+            .unwrap_or(0),
+        ..Default::default()
+    };
+    let mut listeners: Vec<Listener> = Vec::new();
+    let mut addrs: Vec<&String> = Vec::new();
+    for addr in file.listen.iter().chain(&args.listen) {
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+            listeners.push(Listener {
+                listen_addr: addr.clone(),
+                ..policy.clone()
+            });
+        }
+    }
+    let mut hooks: Vec<&String> = Vec::new();
+    for hook in file.hooks.iter().chain(&args.hook) {
+        if !hooks.contains(&hook) {
+            hooks.push(hook);
+            listeners.push(Listener {
+                hook: hook.clone(),
+                ..policy.clone()
+            });
+        }
+    }
+    let has_policy = !policy.path.is_empty()
+        || !policy.methods.is_empty()
+        || secret.is_some()
+        || !policy.signing_secret.is_empty();
+    if listeners.is_empty() && has_policy {
+        return Err(Failure::new(
+            "listener settings without a listener: add --listen ADDR or --hook A/B/C",
+        ));
+    }
+    Ok(ServiceSpec {
+        source: args
+            .agentfile
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        schedules,
+        interval_ms: interval.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        listeners,
+    })
+}
+
+/// The shared secret listeners require, if any: the flag's, or the value of the
+/// `SECRET` the Agentfile's `LISTEN_SECRET` names (its environment variable, then the
+/// secret store).
+async fn shared_secret(
+    bus: &Bus,
+    workspace: &Path,
+    args: &ServeArgs,
+    file: &Agentfile,
+) -> Result<Option<Zeroizing<String>>, Failure> {
+    if let Some(token) = &args.listen_shared_secret {
+        if token.is_empty() {
+            return Err(Failure::new("--listen-shared-secret is empty"));
+        }
+        return Ok(Some(Zeroizing::new(token.clone())));
+    }
+    let Some(name) = &file.listen_secret else {
+        return Ok(None);
+    };
+    if let Ok(value) = std::env::var(name)
+        && !value.is_empty()
+    {
+        return Ok(Some(Zeroizing::new(value)));
+    }
+    let path = dispatch_secrets::key_path(workspace);
+    let key = dispatch_secrets::Key::load(&path).map_err(|e| Failure::new(e.to_string()))?;
+    let store = dispatch_secrets::Store::open(bus, path, key)
+        .await
+        .map_err(|e| Failure::new(e.to_string()))?;
+    match store.value(name).await {
+        Ok(value) => Ok(Some(value)),
+        Err(dispatch_secrets::Error::NotFound(_)) => Err(Failure::new(format!(
+            "LISTEN_SECRET {name}: set the environment variable {name}, or store it with \
+             `dispatch secret set {name}`"
+        ))),
+        Err(e) => Err(Failure::new(format!("LISTEN_SECRET {name}: {e}"))),
+    }
+}
