@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use base64::Engine as _;
 use dispatch_bus::{RunId, streams};
 use dispatch_proto::run::v1::{RunRequested, RunStatus, ServiceWoken, run_event::Body};
 use dispatch_runlog::StoredEvent;
@@ -241,5 +242,339 @@ async fn the_example_agentfile_serves_restarts_from_its_log_and_keeps_its_secret
         out.stderr
     );
     assert_eq!(stack.stream_messages(streams::GOALS).await?, goals_before);
+    Ok(())
+}
+
+/// A client with no API key: listeners check their own secrets.
+fn plain() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+/// Signs `body` with the Standard Webhooks Python library and POSTs it to `url`:
+/// the answer's status and body.
+async fn send_signed(
+    url: &str,
+    secret: &str,
+    id: &str,
+    body: &str,
+    skew_secs: i64,
+    tamper: bool,
+) -> Result<(u16, Value)> {
+    let out = tokio::process::Command::new(dispatch_testkit::mcp_servers().join("venv/bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/mcp/webhook_sender.py"
+        ))
+        .args([
+            url,
+            secret,
+            id,
+            body,
+            &skew_secs.to_string(),
+            if tamper { "tamper" } else { "honest" },
+        ])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "webhook_sender.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    let status = answer["status"].as_u64().context("a status")? as u16;
+    let body =
+        serde_json::from_str(answer["body"].as_str().unwrap_or("null")).unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+async fn wake_payload(stack: &Stack, run: &str) -> Result<(RunRequested, Value)> {
+    let log = stack.log().await?;
+    let run: RunId = run.parse()?;
+    let requested = stack
+        .eventually(LIMIT, || async {
+            requested(&log.read(&run).await.ok()?).ok()
+        })
+        .await?;
+    let payload = serde_json::from_str(&requested.payload)?;
+    Ok((requested, payload))
+}
+
+#[tokio::test]
+async fn a_bound_listener_answers_each_case_as_specified_and_never_keeps_the_secret() -> Result<()>
+{
+    let mut stack = Stack::start(&["ledger", "dispatcher", "ingress"]).await?;
+    let out = stack.cli(&[
+        "serve",
+        "--goal",
+        "Hook errand",
+        "--listen",
+        "127.0.0.1:0",
+        "--listen-path",
+        "/hook",
+        "--listen-method",
+        "post",
+        "--listen-shared-secret",
+        SECRET,
+        "--listen-max-body-bytes",
+        "64",
+        "--listen-max-header-bytes",
+        "1024",
+    ])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let service = out.stdout.trim().to_owned();
+    let bound = stack
+        .eventually(LIMIT, || async {
+            let view = inspect(&stack, &service).ok()?;
+            let addr = view["service"]["listeners"][0]["bound_addr"].as_str()?;
+            (!addr.is_empty()).then(|| addr.to_owned())
+        })
+        .await?;
+    let url = |path: &str| format!("http://{bound}{path}");
+    let client = plain()?;
+
+    // 202 with the secret in either header; each request is a wake of its own.
+    let mut woken = Vec::new();
+    for (name, value) in [
+        ("x-dispatch-secret", SECRET.to_owned()),
+        ("authorization", format!("Bearer {SECRET}")),
+    ] {
+        let answer = client
+            .post(url("/hook?source=test"))
+            .header(name, value)
+            .header("x-github-event", "issues")
+            .body(r#"{"n": 1}"#)
+            .send()
+            .await?;
+        assert_eq!(answer.status(), 202);
+        let body: Value = answer.json().await?;
+        woken.push(body["run_id"].as_str().context("a run id")?.to_owned());
+    }
+    let (child, payload) = wake_payload(&stack, &woken[0]).await?;
+    assert_eq!(
+        (
+            child.origin.as_str(),
+            child.kind.as_str(),
+            child.wake.as_str()
+        ),
+        ("automation", "heartbeat", "webhook")
+    );
+    assert_eq!(child.parent_run_id, service);
+    assert_eq!(payload["method"], "POST");
+    assert_eq!(payload["target"], "/hook?source=test");
+    assert_eq!(payload["listener"], bound.as_str());
+    assert_eq!(payload["body"], r#"{"n": 1}"#);
+    assert_eq!(payload["headers"]["x-github-event"], "issues");
+    assert_eq!(payload["headers"]["x-dispatch-secret"], "********");
+    assert!(
+        payload["remote_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:"))
+    );
+    let (_, payload) = wake_payload(&stack, &woken[1]).await?;
+    assert_eq!(payload["headers"]["authorization"], "********");
+
+    // Every refusal, each with its own status, and none makes a run.
+    let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
+        (client.post(url("/hook")).body("{}"), 401),
+        (
+            client
+                .post(url("/hook"))
+                .header("x-dispatch-secret", "wrong")
+                .body("{}"),
+            401,
+        ),
+        (
+            client
+                .post(url("/hook"))
+                .header("authorization", "Basic abc")
+                .body("{}"),
+            401,
+        ),
+        (
+            client
+                .post(url("/elsewhere"))
+                .header("x-dispatch-secret", SECRET),
+            404,
+        ),
+        (
+            client.get(url("/hook")).header("x-dispatch-secret", SECRET),
+            405,
+        ),
+        (
+            client
+                .post(url("/hook"))
+                .header("x-dispatch-secret", SECRET)
+                .body("x".repeat(65)),
+            413,
+        ),
+        (
+            client
+                .post(url("/hook"))
+                .header("x-dispatch-secret", SECRET)
+                .header("x-padding", "p".repeat(2000)),
+            431,
+        ),
+    ];
+    for (request, status) in cases {
+        let answer = request.send().await?;
+        let allow = answer.headers().get("allow").cloned();
+        assert_eq!(
+            answer.status().as_u16(),
+            status,
+            "{:?}",
+            answer.text().await
+        );
+        if status == 405 {
+            assert_eq!(allow.as_ref().and_then(|a| a.to_str().ok()), Some("POST"));
+        }
+    }
+    // Malformed HTTP is answered 400 by the server itself.
+    let mut raw = tokio::net::TcpStream::connect(&bound).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"THIS IS NOT HTTP\r\n\r\n").await?;
+    let mut head = vec![0; 64];
+    let n = tokio::io::AsyncReadExt::read(&mut raw, &mut head).await?;
+    assert!(
+        String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+
+    // The service's log has the two wakes, by its first listener; inspect counts them.
+    let log = stack.log().await?;
+    let service_id: RunId = service.parse()?;
+    let events = log.read(&service_id).await?;
+    let woke = wakes(&events);
+    assert_eq!(woke.len(), 2, "{woke:?}");
+    assert!(woke.iter().all(|w| w.wake == "webhook" && w.listener == 1));
+    let view = inspect(&stack, &service)?;
+    let listener = &view["service"]["listeners"][0];
+    assert_eq!(listener["requests_handled"], 2);
+    assert!(listener["last_request_at_ms"].as_i64().is_some());
+
+    // 500 when the wake cannot be stored (NATS is down), and it serves again after.
+    stack.nats.kill().await?;
+    let answer = client
+        .post(url("/hook"))
+        .header("x-dispatch-secret", SECRET)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 500);
+    stack.nats.restart().await?;
+    stack
+        .eventually(LIMIT, || async {
+            let answer = client
+                .post(url("/hook"))
+                .header("x-dispatch-secret", SECRET)
+                .body("{}")
+                .send()
+                .await
+                .ok()?;
+            (answer.status() == 202).then_some(())
+        })
+        .await?;
+
+    // Stopped, the service's listener closes; the secret was never stored anywhere.
+    let out = stack.cli(&["stop", &service])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    stack
+        .eventually(LIMIT, || async {
+            client
+                .post(url("/hook"))
+                .send()
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await?;
+    for dir in [stack.nats.store_dir(), stack.root().to_path_buf()] {
+        assert_eq!(
+            dispatch_tests::files_holding(&dir, SECRET.as_bytes(), &dir.join("none")),
+            Vec::<String>::new(),
+            "the secret is stored nowhere"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id() -> Result<()> {
+    let stack = Stack::start(&["ledger", "dispatcher", "ingress"]).await?;
+    let key_path = dispatch_secrets::key_path(stack.root());
+    let key = dispatch_secrets::Key::load_or_create(&key_path)?;
+    let secrets = dispatch_secrets::Store::open(&stack.bus, key_path, Some(key)).await?;
+    let signing = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::now_v7().as_bytes())
+    );
+    secrets.set("HOOK_KEY", &signing).await?;
+    let out = stack.cli(&[
+        "serve",
+        "--goal",
+        "Signed errand",
+        "--hook",
+        "acme/triage/github",
+        "--listen-signing-secret",
+        "HOOK_KEY",
+    ])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let service = out.stdout.trim().to_owned();
+    stack
+        .eventually(LIMIT, || async {
+            (inspect(&stack, &service).ok()?["status"] == "doing").then_some(())
+        })
+        .await?;
+    let hook = stack.url("/hooks/acme/triage/github");
+    let body = r#"{"action": "opened"}"#;
+
+    // Signed by the library: accepted; the same webhook-id again is the same run.
+    let (status, first) = send_signed(&hook, &signing, "msg_1", body, 0, false).await?;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = send_signed(&hook, &signing, "msg_1", body, 0, false).await?;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(first["run_id"], again["run_id"], "one run per webhook-id");
+    let (status, other) = send_signed(&hook, &signing, "msg_2", body, 0, false).await?;
+    assert_eq!(status, 202);
+    assert_ne!(other["run_id"], first["run_id"]);
+    let (child, payload) = wake_payload(&stack, first["run_id"].as_str().context("id")?).await?;
+    assert_eq!(child.origin, "automation");
+    assert_eq!(payload["listener"], "/hooks/acme/triage/github");
+    assert_eq!(payload["body"], body);
+    assert_eq!(payload["headers"]["webhook-signature"], "********");
+    assert_eq!(payload["headers"]["webhook-id"], "msg_1");
+
+    // Tampered, signed with another key, or stale: refused.
+    let wrong = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(b"another key entirely")
+    );
+    for (secret, skew, tamper) in [
+        (signing.as_str(), 0, true),
+        (wrong.as_str(), 0, false),
+        (signing.as_str(), -600, false),
+        (signing.as_str(), 600, false),
+    ] {
+        let (status, answer) = send_signed(&hook, secret, "msg_3", body, skew, tamper).await?;
+        assert_eq!(status, 401, "{secret} {skew} {tamper}: {answer}");
+    }
+    let unsigned = plain()?.post(&hook).body(body).send().await?;
+    assert_eq!(unsigned.status(), 401);
+
+    // Two wakes in the service's log: a redelivery made none.
+    let log = stack.log().await?;
+    let events = log.read(&service.parse()?).await?;
+    assert_eq!(wakes(&events).len(), 2);
+
+    // No root webhook, no unknown hook; and none once the service has ended.
+    for path in ["/hooks", "/hooks/acme/triage", "/hooks/acme/triage/gitlab"] {
+        let answer = plain()?.post(stack.url(path)).body(body).send().await?;
+        assert_eq!(answer.status(), 404, "{path}");
+    }
+    let out = stack.cli(&["stop", &service])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let (status, _) = send_signed(&hook, &signing, "msg_4", body, 0, false).await?;
+    assert_eq!(status, 404);
     Ok(())
 }

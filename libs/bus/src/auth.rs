@@ -145,6 +145,12 @@ impl Identity {
                 p.publish.allow.push(subject::schedule::ALL.into());
                 // Serving conversation streams and run logs to clients.
                 p.read(&[streams::CONVERSATIONS, streams::RUNS]);
+                // Serving service runs' listeners: watched, claimed, removed once their
+                // service has ended; a signed listener's key read from the secrets.
+                p.read(&[streams::LISTENERS, streams::SECRETS]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::LISTENERS_BUCKET));
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");
@@ -155,8 +161,12 @@ impl Identity {
                 for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
                     p.publish.allow.push(command.into());
                 }
-                // A service run's schedules.
+                // A service run's schedules and listeners.
                 p.publish.allow.push(subject::schedule::ADD.into());
+                p.look_up(&[streams::LISTENERS]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::LISTENERS_BUCKET));
             }
             Identity::Policy => {
                 service(&mut p, "policy");
@@ -183,6 +193,8 @@ impl Identity {
             Identity::Ledger => {
                 service(&mut p, "ledger");
                 p.read(&[streams::RUNS, streams::GOALS, streams::LEDGER]);
+                // Where a service's listeners are bound, for its view.
+                p.look_up(&[streams::LISTENERS]);
                 p.publish.allow.push(subject::DRAINS_ALL.into());
                 p.subscribe.allow.push(format!(
                     "{} {}",

@@ -60,7 +60,7 @@ impl Error {
         self.kind
     }
 
-    fn other(context: &str, err: impl std::fmt::Display) -> Self {
+    pub fn other(context: &str, err: impl std::fmt::Display) -> Self {
         Self::new(ErrorKind::Other, format!("{context}: {err}"))
     }
 }

@@ -39,7 +39,7 @@ pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; the last three are key-value buckets' (the tool
 /// catalogue's, [`crate::catalogue`], the secrets' and the schedules').
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -51,11 +51,13 @@ pub const ALL: [&str; 11] = [
     crate::catalogue::STREAM,
     SECRETS,
     SCHEDULES,
+    LISTENERS,
 ];
 
 /// The secrets bucket: names → values encrypted with the workspace's secrets key
 /// (`dispatch-secrets` holds the cipher; the bus only declares the bucket). Only the
-/// CLI writes it and only the connectors read it.
+/// CLI writes it; the connectors read it, and ingress reads the signing keys of
+/// listeners that check Standard Webhooks signatures.
 pub const SECRETS_BUCKET: &str = "DISPATCH_SECRETS";
 /// The stream behind [`SECRETS_BUCKET`].
 pub const SECRETS: &str = "KV_DISPATCH_SECRETS";
@@ -88,6 +90,27 @@ fn schedules() -> async_nats::jetstream::kv::Config {
         description: "Dispatch schedules, kept by the scheduler".to_owned(),
         history: 1,
         max_value_size: MAX_SCHEDULE_BYTES,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The listeners bucket: one `ListenerEntry` (protobuf) per live listener of a service
+/// run, under `<run_id>.<n>`, and a hook's also under `hook.<account>.<agent>.<channel>`.
+/// The dispatcher writes them when a service starts; ingress serves, claims and
+/// removes them.
+pub const LISTENERS_BUCKET: &str = "DISPATCH_LISTENERS";
+/// The stream behind [`LISTENERS_BUCKET`].
+pub const LISTENERS: &str = "KV_DISPATCH_LISTENERS";
+/// The largest stored listener entry (a goal of at most 8000 characters fits).
+pub const MAX_LISTENER_BYTES: i32 = 48 * 1024;
+
+fn listeners() -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: LISTENERS_BUCKET.to_owned(),
+        description: "Dispatch service runs' webhook listeners, served by ingress".to_owned(),
+        history: 1,
+        max_value_size: MAX_LISTENER_BYTES,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     }
@@ -300,6 +323,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         (crate::catalogue::config(), "the tool catalogue"),
         (secrets(), "the secrets bucket"),
         (schedules(), "the schedules bucket"),
+        (listeners(), "the listeners bucket"),
     ] {
         if bus.jetstream().get_key_value(&config.bucket).await.is_err() {
             bus.jetstream()

@@ -39,7 +39,7 @@ pub struct Expr(Kind);
 #[derive(Debug, Clone)]
 enum Kind {
     Cron {
-        schedule: cron::Schedule,
+        schedule: Box<cron::Schedule>,
         zone: Tz,
     },
     /// Every this many milliseconds, counted from the epoch.
@@ -85,7 +85,10 @@ impl Expr {
         };
         let schedule = cron::Schedule::from_str(&full)
             .map_err(|e| format!("`{expression}` is not a cron expression: {e}"))?;
-        Ok(Self(Kind::Cron { schedule, zone }))
+        Ok(Self(Kind::Cron {
+            schedule: Box::new(schedule),
+            zone,
+        }))
     }
 
     /// True for an `@every` interval.

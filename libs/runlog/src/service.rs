@@ -40,8 +40,8 @@ pub const MAX_SOURCE_CHARS: usize = 512;
 /// name.
 pub const DEFAULT_MAX_BODY_BYTES: u32 = 8192;
 pub const DEFAULT_MAX_HEADER_BYTES: u32 = 4096;
-pub const MAX_BODY_BYTES: u32 = 1024 * 1024;
-pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
+pub const MAX_BODY_BYTES: u32 = 32 * 1024;
+pub const MAX_HEADER_BYTES: u32 = 16 * 1024;
 
 /// Checks a service's spec: every schedule parses, every listener is well formed, and
 /// the whole is small. The error names the part at fault.
@@ -143,7 +143,7 @@ fn check_listener(listener: &Listener) -> Result<(), String> {
     }
     if !listener.signing_secret.is_empty() && !is_name(&listener.signing_secret, 64) {
         return Err(format!(
-            "signing secret {:?} is not a secret name (letters, digits, `_`, `-`, `.`)",
+            "signing secret {:?} is not a secret name (letters, digits, `_` and `-`)",
             crate::slice_chars(&listener.signing_secret, 64)
         ));
     }
@@ -160,24 +160,36 @@ fn check_listener(listener: &Listener) -> Result<(), String> {
 /// {channel}` takes them.
 pub fn check_hook(hook: &str) -> Result<(), String> {
     let parts: Vec<&str> = hook.split('/').collect();
-    if parts.len() == 3 && parts.iter().all(|p| is_name(p, 64)) {
+    let ok = parts.len() == 3 && parts.iter().all(|p| is_name(p, 64));
+    if ok {
         Ok(())
     } else {
         Err(format!(
             "hook {:?} must be `account/agent/channel`, each a name of letters, digits, \
-             `_`, `-` and `.` (at most 64)",
+             `_` and `-` (at most 64)",
             crate::slice_chars(hook, 64)
         ))
     }
 }
 
+/// The key a service's `index`th listener (1-based) is kept under in the listeners
+/// bucket.
+pub fn listener_key(service: &RunId, index: u32) -> String {
+    format!("{service}.{index}")
+}
+
+/// The key a hook (`account/agent/channel`, checked) is found under in the listeners
+/// bucket.
+pub fn hook_key(hook: &str) -> String {
+    format!("hook.{}", hook.replace('/', "."))
+}
+
 fn is_name(text: &str, max: usize) -> bool {
     !text.is_empty()
         && text.len() <= max
-        && !text.starts_with('.')
         && text
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
 /// Records in the service run `parent`'s log that it woke for `reason` and started

@@ -17,8 +17,9 @@ pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 /// The longest origin label, in characters.
 pub const MAX_ORIGIN_CHARS: usize = 128;
 pub const MAX_CALLBACK_CHARS: usize = 2048;
-/// The most bytes of payload a goal carries.
-pub const MAX_PAYLOAD_BYTES: usize = 4096;
+/// The most bytes of payload a goal carries (a webhook's envelope: its body, headers
+/// and where it came from).
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// Why a goal was refused. [`GoalError::code`] is the stable machine-readable name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -326,7 +327,7 @@ pub enum Submitted {
     /// This submission's goal is stored (now, or by an earlier try of the same one).
     Stored(RunId),
     /// Another submission with the same idempotency key was stored first; this is it.
-    Earlier(SubmitGoal),
+    Earlier(Box<SubmitGoal>),
 }
 
 impl Submission {
@@ -430,7 +431,7 @@ impl Submission {
         if stored.run_id == self.command.run_id {
             Ok(Submitted::Stored(run_id))
         } else {
-            Ok(Submitted::Earlier(stored))
+            Ok(Submitted::Earlier(Box::new(stored)))
         }
     }
 }

@@ -84,11 +84,12 @@ pub(crate) async fn run(
     let handle = ctx.log.handle(run_id).await?;
     // A wake is recorded in its service's log before its own first event; one that has
     // its first event was recorded already.
-    if handle.events().is_empty() && !command.parent_run_id.is_empty() {
-        if let Err(reason) = crate::service::record_wake(ctx, run_id, command).await? {
-            tracing::info!(run_id = %run_id, reason, "a wake may not run");
-            return block(ctx, run_id, command, reason).await;
-        }
+    if handle.events().is_empty()
+        && !command.parent_run_id.is_empty()
+        && let Err(reason) = crate::service::record_wake(ctx, run_id, command).await?
+    {
+        tracing::info!(run_id = %run_id, reason, "a wake may not run");
+        return block(ctx, run_id, command, reason).await;
     }
     let mut exec = Exec {
         ctx,

@@ -11,12 +11,18 @@
 
 use std::time::Duration;
 
-use dispatch_bus::{RunId, subject};
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::{RunId, streams, subject};
 use dispatch_proto::api::Reply;
 use dispatch_proto::api::v1::{AddScheduleRequest, Schedule};
 use dispatch_proto::command::v1::SubmitGoal;
-use dispatch_proto::run::v1::{RunRequested, RunStarted, ServiceSchedule, run_event::Body};
+use dispatch_proto::run::v1::{
+    ListenerEntry, RunRequested, RunStarted, RunStatus, ServiceSchedule, run_event::Body,
+};
+use dispatch_runlog::RunHandle;
+use dispatch_runlog::service::{hook_key, listener_key};
 use dispatch_runlog::submit::record_request;
+use prost::Message as _;
 
 use crate::{Context, Error};
 
@@ -46,23 +52,27 @@ pub(crate) async fn start(ctx: &Context, run_id: RunId, command: &SubmitGoal) ->
             Ok(schedule) => schedule_ids.push(schedule.schedule_id),
             // The spec was checked on its way in; only a scheduler that disagrees gets
             // here, and asking again will not change its mind.
-            Err(e) => {
-                let reason = format!("schedule {}: {e}", i + 1);
-                tracing::warn!(run_id = %run_id, reason, "a service's schedule was refused");
-                return match run
-                    .finish(
-                        dispatch_proto::run::v1::RunStatus::Blocked,
-                        &reason,
-                        &reason,
-                        &ctx.owner,
-                    )
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => Ok(()),
-                    Err(e) => Err(e.into()),
-                };
-            }
+            Err(e) => return refuse(ctx, &mut run, format!("schedule {}: {e}", i + 1)).await,
+        }
+    }
+    let listeners = ctx
+        .bus
+        .jetstream()
+        .get_key_value(streams::LISTENERS_BUCKET)
+        .await;
+    let listeners = listeners.map_err(|e| dispatch_bus::Error::other("open the listeners", e))?;
+    for (i, listener) in spec.listeners.iter().enumerate() {
+        let entry = ListenerEntry {
+            service_run_id: run_id.to_string(),
+            index: i as u32 + 1,
+            listener: Some(listener.clone()),
+            goal: requested.goal.clone(),
+            conversation_id: requested.conversation_id.clone(),
+            timeout_ms: requested.timeout_ms,
+            ..Default::default()
+        };
+        if let Err(why) = put_listener(ctx, &listeners, &entry).await? {
+            return refuse(ctx, &mut run, format!("listener {}: {why}", i + 1)).await;
         }
     }
     let started = Body::RunStarted(RunStarted {
@@ -85,6 +95,76 @@ pub(crate) async fn start(ctx: &Context, run_id: RunId, command: &SubmitGoal) ->
     }
     tracing::info!(run_id = %run_id, schedules = sources.len(), "service started");
     Ok(())
+}
+
+/// Ends a service that cannot start `blocked` with `reason`.
+async fn refuse(ctx: &Context, run: &mut RunHandle, reason: String) -> Result<(), Error> {
+    tracing::warn!(run_id = %run.run_id(), reason, "a service cannot start");
+    match run
+        .finish(RunStatus::Blocked, &reason, &reason, &ctx.owner)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Stores a listener for ingress to serve: under the service's key, and a hook also
+/// under its own, which one live service at a time may hold. `Ok(Err(why))`: a hook
+/// another live service holds.
+async fn put_listener(
+    ctx: &Context,
+    bucket: &kv::Store,
+    entry: &ListenerEntry,
+) -> Result<Result<(), String>, Error> {
+    let service: RunId = entry.service_run_id.parse().expect("a run id");
+    let value: bytes::Bytes = entry.encode_to_vec().into();
+    let failed = |e: &dyn std::fmt::Display| dispatch_bus::Error::other("store a listener", e);
+    let hook = entry.listener.as_ref().map_or("", |l| l.hook.as_str());
+    if !hook.is_empty() {
+        let key = hook_key(hook);
+        loop {
+            match bucket.create(&key, value.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(failed(&e).into()),
+            }
+            let Some(held) = bucket.entry(&key).await.map_err(|e| failed(&e))? else {
+                continue;
+            };
+            let holder = ListenerEntry::decode(held.value.as_ref()).unwrap_or_default();
+            if holder.service_run_id == entry.service_run_id {
+                break;
+            }
+            // A hook outlives a service only until ingress notices; an ended holder's
+            // hook is free.
+            let ended = match holder.service_run_id.parse::<RunId>() {
+                Ok(other) => ctx.log.handle_tail(other).await?.is_finished(),
+                Err(_) => true,
+            };
+            if !ended {
+                return Ok(Err(format!(
+                    "hook {hook} is taken by service {}",
+                    holder.service_run_id
+                )));
+            }
+            match bucket.update(&key, value.clone(), held.revision).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(failed(&e).into()),
+            }
+        }
+    }
+    match bucket
+        .create(&listener_key(&service, entry.index), value)
+        .await
+    {
+        Ok(_) => Ok(Ok(())),
+        // Stored by an earlier try of this start.
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Ok(())),
+        Err(e) => Err(failed(&e).into()),
+    }
 }
 
 /// Asks the scheduler for the service's `i`th schedule, under an id made from the run

@@ -11,6 +11,7 @@ pub mod access;
 pub mod approvals;
 mod conversations;
 mod grpc;
+mod listeners;
 pub mod openapi;
 pub mod problem;
 mod schedules;
@@ -108,6 +109,8 @@ struct App {
     writes: Arc<writes::Writes>,
     /// Cancelled when the service stops, to end the streams it serves.
     stopping: CancellationToken,
+    /// Service runs' webhook listeners; `None` only in tests that build no bucket.
+    listeners: Option<Arc<listeners::Listeners>>,
 }
 
 impl Ingress {
@@ -140,6 +143,12 @@ impl Ingress {
             tracing::warn!(path = %keys.display(), "no API key store yet: every /v1 request is refused until a key is created (`dispatch api-key create`)");
         }
         let access = Arc::new(access::Access::new(keys, config.allowed_origins.clone()));
+        let listeners = listeners::Listeners::open(
+            &bus,
+            &config.common.workspace,
+            format!("{SERVICE}/{}", config.common.instance),
+        )
+        .await?;
         Ok(Self {
             config,
             app: Arc::new(App {
@@ -147,6 +156,7 @@ impl Ingress {
                 access,
                 writes: Default::default(),
                 stopping: CancellationToken::new(),
+                listeners: Some(listeners),
             }),
             listener,
             grpc,
@@ -185,6 +195,11 @@ impl Ingress {
             None => None,
         };
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
+        let listening = self
+            .app
+            .listeners
+            .clone()
+            .map(|listeners| tokio::spawn(listeners.run(self.app.clone(), shutdown.clone())));
         let probe = tokio::spawn(writes::watch(
             self.app.bus.clone(),
             SERVICE,
@@ -215,6 +230,9 @@ impl Ingress {
         shutdown.cancel();
         let _ = health.await;
         let _ = probe.await;
+        if let Some(listening) = listening {
+            let _ = listening.await;
+        }
         if let Some(mut grpc) = grpc {
             // A client that stops reading a stream must not hold the shutdown.
             if tokio::time::timeout(Duration::from_secs(10), &mut grpc)
@@ -261,6 +279,11 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
+        // Service runs' hooks: each checks its own secret or signature, not an API key.
+        .route(
+            "/hooks/{account}/{agent}/{channel}",
+            axum::routing::any(listeners::hook_wake),
+        )
         .route("/v1/openapi.json", get(openapi::serve))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(app)

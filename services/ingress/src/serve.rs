@@ -91,6 +91,9 @@ pub async fn serve(
                         .layer(tower_http::add_extension::AddExtensionLayer::new(
                             slot.clone(),
                         ))
+                        .layer(tower_http::add_extension::AddExtensionLayer::new(
+                            axum::extract::ConnectInfo(peer),
+                        ))
                         .service(service.clone()),
                 ),
             )

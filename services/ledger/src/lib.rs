@@ -24,6 +24,7 @@ use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::{Bus, ConversationId, ErrorKind, streams, subject};
 use dispatch_proto::ledger::v1::FeedbackDrained;
+use dispatch_proto::run::v1::ListenerEntry;
 use dispatch_service::layout;
 use futures::StreamExt;
 use prost::Message as _;
@@ -606,7 +607,13 @@ async fn answer_queries(
                 subject::query::RUNS => {
                     encode(parse(&request.payload).and_then(|q| runs(&state, q)))
                 }
-                subject::query::RUN => encode(parse(&request.payload).and_then(|q| run(&state, q))),
+                subject::query::RUN => {
+                    let view = parse(&request.payload).and_then(|q| run(&state, q));
+                    encode(match view {
+                        Ok(view) => Ok(with_listeners(&state, view).await),
+                        Err(e) => Err(e),
+                    })
+                }
                 subject::query::STATUS => encode(status(&state)),
                 subject::query::APPROVALS => {
                     encode(parse(&request.payload).and_then(|q| approvals(&state, q)))
@@ -762,6 +769,40 @@ fn run(state: &State, query: GetRunRequest) -> Reply<RunView> {
             )))
         }
     }
+}
+
+/// A service's view with where its listeners listen now: runtime state ingress keeps
+/// in the listeners bucket, not history (the log has the requests they handled).
+async fn with_listeners(state: &State, mut view: RunView) -> RunView {
+    let Some(service) = view.service.as_mut() else {
+        return view;
+    };
+    if service.listeners.iter().all(|l| l.listen_addr.is_empty()) || view.finished_at_ms.is_some() {
+        return view;
+    }
+    let Ok(run_id) = view.run_id.parse::<dispatch_bus::RunId>() else {
+        return view;
+    };
+    let Ok(bucket) = state
+        .bus
+        .jetstream()
+        .get_key_value(streams::LISTENERS_BUCKET)
+        .await
+    else {
+        return view;
+    };
+    for (i, listener) in service.listeners.iter_mut().enumerate() {
+        if listener.listen_addr.is_empty() {
+            continue;
+        }
+        let key = dispatch_runlog::service::listener_key(&run_id, i as u32 + 1);
+        if let Ok(Some(entry)) = bucket.entry(&key).await
+            && let Ok(entry) = ListenerEntry::decode(entry.value.as_ref())
+        {
+            listener.bound_addr = entry.bound_addr;
+        }
+    }
+    view
 }
 
 fn status(state: &State) -> Reply<LedgerStatusResponse> {

@@ -1,0 +1,862 @@
+//! Service runs' webhook listeners: the wake's front door.
+//!
+//! The dispatcher stores each listener of a service it starts in the `DISPATCH_LISTENERS`
+//! bucket. Every ingress copy follows the bucket:
+//! - a **bound** listener (`--listen ADDR`) is served by one copy at a time. A copy
+//!   claims it by writing its name into the entry with the revision it read (so one
+//!   claim wins), binds the address, records where it listens, and renews the claim
+//!   every few seconds; a claim not renewed within [`LEASE`] is taken over by another
+//!   copy. A copy that finds someone else's claim on a listener it serves lets it go.
+//! - a **hook** (`--hook account/agent/channel`) is served by every copy at
+//!   `/hooks/{account}/{agent}/{channel}` (there is no root webhook), read from the
+//!   bucket per request.
+//!
+//! A request wakes the service only if it passes the listener's checks, in this order,
+//! each with its own answer: the path (404), the method (405), the size of its head
+//! (431), the shared secret (401), the size of its body (413), the Standard Webhooks
+//! signature (401). It then becomes the wake's payload — an envelope of where it came
+//! from, its method and target, its headers (lowercased, auth-bearing ones redacted)
+//! and its body as text — and the wake's goal is stored: `202` with the run id, or `500`
+//! if it could not be. A signed request's `webhook-id` fixes the run id, so a redelivery
+//! makes no second run.
+//!
+//! When a listener's service has ended, the copy that notices removes its entries and
+//! stops serving it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use dispatch_bus::async_nats::jetstream::kv;
+use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
+use dispatch_bus::{RunId, streams, subject};
+use dispatch_proto::run::v1::{ListenerEntry, RunEvent, run_event::Body as EventBody};
+use dispatch_runlog::service::{
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, WAKE_WEBHOOK, hook_key, listener_key,
+};
+use dispatch_runlog::submit::{Goal, MAX_PAYLOAD_BYTES, Submission};
+use futures::StreamExt as _;
+use prost::Message as _;
+use sha2::Digest as _;
+use subtle::ConstantTimeEq as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::{App, accepted, error, serve};
+
+/// The origin of every wake a webhook starts.
+pub const ORIGIN: &str = "automation";
+
+/// How long a claim on a bound listener lasts without renewal, and how often the loop
+/// looks at the bucket's listeners (claims, renewals, ended services).
+pub const LEASE: Duration = Duration::from_secs(15);
+const TICK: Duration = Duration::from_secs(2);
+/// A claim is renewed once it is this old.
+const RENEW: Duration = Duration::from_secs(5);
+/// How often a listener's service is looked at to see whether it has ended.
+const ENDED_CHECK: Duration = Duration::from_secs(5);
+/// Connections one bound listener serves at once.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Headers whose names contain one of these are redacted in the wake's envelope.
+const AUTH_BEARING: [&str; 8] = [
+    "auth",
+    "secret",
+    "token",
+    "signature",
+    "cookie",
+    "key",
+    "password",
+    "session",
+];
+const REDACTED: &str = "********";
+
+/// What every listener shares: the bucket, the claims this copy holds, and the secrets
+/// signed listeners' keys come from.
+pub(crate) struct Listeners {
+    bucket: kv::Store,
+    runs: dispatch_bus::async_nats::jetstream::stream::Stream,
+    /// Opened at the first signed request: the workspace's secrets key may be made
+    /// after ingress starts (by the first `dispatch secret set`).
+    secrets: tokio::sync::OnceCell<dispatch_secrets::Store>,
+    bus: dispatch_bus::Bus,
+    workspace: std::path::PathBuf,
+    me: String,
+    /// Every listener entry, as the watch last delivered it, by key.
+    entries: Mutex<HashMap<String, (ListenerEntry, u64)>>,
+    /// The listeners this copy serves on their own address, by key.
+    bound: Mutex<HashMap<String, Bound>>,
+    /// When each entry's service was last seen not to have ended (unix ms).
+    checked: Mutex<HashMap<String, i64>>,
+}
+
+struct Bound {
+    stop: CancellationToken,
+    addr: SocketAddr,
+}
+
+impl Listeners {
+    pub(crate) async fn open(
+        bus: &dispatch_bus::Bus,
+        workspace: &std::path::Path,
+        me: String,
+    ) -> Result<Arc<Self>, dispatch_bus::Error> {
+        let bucket = bus
+            .jetstream()
+            .get_key_value(streams::LISTENERS_BUCKET)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the listeners bucket", e))?;
+        let runs = bus
+            .jetstream()
+            .get_stream(streams::RUNS)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the run logs", e))?;
+        Ok(Arc::new(Self {
+            bucket,
+            runs,
+            secrets: tokio::sync::OnceCell::new(),
+            bus: bus.clone(),
+            workspace: workspace.to_path_buf(),
+            me,
+            entries: Mutex::default(),
+            bound: Mutex::default(),
+            checked: Mutex::default(),
+        }))
+    }
+
+    /// Follows the bucket and keeps this copy's share of the bound listeners served,
+    /// until `shutdown`; then every bound listener is let go.
+    pub(crate) async fn run(self: Arc<Self>, app: Arc<App>, shutdown: CancellationToken) {
+        let watch = tokio::spawn(self.clone().watch(shutdown.clone()));
+        loop {
+            self.tick(&app).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+        let _ = watch.await;
+        let bound: Vec<(String, Bound)> =
+            self.bound.lock().expect("not poisoned").drain().collect();
+        for (key, bound) in bound {
+            bound.stop.cancel();
+            // Let another copy take it over at once rather than after the lease.
+            self.release(&key).await;
+        }
+    }
+
+    async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            match self.bucket.watch_with_history(">").await {
+                Ok(mut updates) => loop {
+                    let update = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        update = updates.next() => update,
+                    };
+                    match update {
+                        Some(Ok(entry)) => self.take(entry),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "the listeners watch failed; watching again");
+                            break;
+                        }
+                        None => break,
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot watch the listeners; trying again"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    fn take(&self, entry: kv::Entry) {
+        let mut entries = self.entries.lock().expect("not poisoned");
+        // Hooks are read per request; only the services' own keys are followed.
+        if entry.key.starts_with("hook.") {
+            return;
+        }
+        match entry.operation {
+            kv::Operation::Put => match ListenerEntry::decode(entry.value.as_ref()) {
+                Ok(listener) => {
+                    let newer = entries
+                        .get(&entry.key)
+                        .is_none_or(|(_, revision)| *revision < entry.revision);
+                    if newer {
+                        entries.insert(entry.key, (listener, entry.revision));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key = entry.key, error = %e, "a listener entry that does not decode; left alone");
+                    entries.remove(&entry.key);
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                entries.remove(&entry.key);
+            }
+        }
+    }
+
+    /// One look at every listener: claim, bind, renew, let go, and clear out the ones
+    /// whose service has ended.
+    async fn tick(&self, app: &Arc<App>) {
+        let now = now_ms();
+        let entries: Vec<(String, ListenerEntry, u64)> = self
+            .entries
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(k, (e, r))| (k.clone(), e.clone(), *r))
+            .collect();
+        // Bound listeners whose entry is gone.
+        let gone: Vec<String> = self
+            .bound
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .filter(|k| !entries.iter().any(|(key, _, _)| key == *k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.unbind(&key);
+        }
+        for (key, entry, revision) in entries {
+            let listener = entry.listener.clone().unwrap_or_default();
+            let mine = entry.bound_by == self.me;
+            let free = entry.bound_by.is_empty()
+                || now.saturating_sub(entry.claimed_at_ms) > LEASE.as_millis() as i64;
+            // The holder (or anyone, for a hook or an unclaimed listener) looks now and
+            // then whether the service has ended.
+            if (mine || free || listener.listen_addr.is_empty()) && self.due_for_check(&key, now) {
+                match self.service_ended(&entry.service_run_id).await {
+                    Ok(true) => {
+                        self.remove(&key, &entry, revision).await;
+                        continue;
+                    }
+                    Ok(false) => {
+                        self.checked
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(key.clone(), now);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "cannot tell whether a listener's service has ended")
+                    }
+                }
+            }
+            if listener.listen_addr.is_empty() {
+                continue;
+            }
+            let serving = self.bound.lock().expect("not poisoned").contains_key(&key);
+            if mine {
+                if !serving {
+                    self.bind(app, &key, entry, revision).await;
+                } else if now.saturating_sub(entry.claimed_at_ms) > RENEW.as_millis() as i64 {
+                    let mut renewed = entry;
+                    renewed.claimed_at_ms = now;
+                    if self.store(&key, renewed, revision).await.is_none() {
+                        // Someone else wrote it since: the watch says who holds it.
+                        tracing::info!(key, "a listener's claim changed under this copy");
+                    }
+                }
+            } else if free {
+                let mut claimed = entry;
+                claimed.bound_by = self.me.clone();
+                claimed.bound_addr = String::new();
+                claimed.claimed_at_ms = now;
+                if let Some(revision) = self.store(&key, claimed.clone(), revision).await {
+                    self.bind(app, &key, claimed, revision).await;
+                }
+            } else if serving {
+                tracing::info!(
+                    key,
+                    holder = entry.bound_by,
+                    "another copy holds this listener; letting it go"
+                );
+                self.unbind(&key);
+            }
+        }
+    }
+
+    fn due_for_check(&self, key: &str, now: i64) -> bool {
+        self.checked
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .is_none_or(|at| now.saturating_sub(*at) >= ENDED_CHECK.as_millis() as i64)
+    }
+
+    /// Binds a listener this copy has claimed and records where it listens.
+    async fn bind(&self, app: &Arc<App>, key: &str, mut entry: ListenerEntry, revision: u64) {
+        let listener = entry.listener.clone().unwrap_or_default();
+        let Ok(addr) = listener.listen_addr.parse::<SocketAddr>() else {
+            return;
+        };
+        let socket = match tokio::net::TcpListener::bind(addr).await {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::warn!(key, %addr, error = %e, "cannot bind a listener; trying again shortly");
+                return;
+            }
+        };
+        let Ok(bound_addr) = socket.local_addr() else {
+            return;
+        };
+        entry.bound_addr = bound_addr.to_string();
+        entry.claimed_at_ms = now_ms();
+        if self.store(key, entry, revision).await.is_none() {
+            // Lost the claim meanwhile: the socket closes as it drops.
+            return;
+        }
+        let stop = CancellationToken::new();
+        let router = Router::new().fallback(bound_wake).with_state(Target {
+            app: app.clone(),
+            key: key.to_owned(),
+        });
+        let limits = serve::Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+        };
+        let serving = stop.clone();
+        tokio::spawn(async move {
+            serve::serve(
+                socket,
+                router.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Duration::from_secs(30),
+                )),
+                limits,
+                serving,
+                Duration::from_secs(5),
+            )
+            .await;
+        });
+        tracing::info!(key, %bound_addr, "listener bound");
+        self.bound.lock().expect("not poisoned").insert(
+            key.to_owned(),
+            Bound {
+                stop,
+                addr: bound_addr,
+            },
+        );
+    }
+
+    fn unbind(&self, key: &str) {
+        if let Some(bound) = self.bound.lock().expect("not poisoned").remove(key) {
+            tracing::info!(key, addr = %bound.addr, "listener closed");
+            bound.stop.cancel();
+        }
+    }
+
+    /// Gives up this copy's claim on `key`, if it still holds it.
+    async fn release(&self, key: &str) {
+        let held = self.entries.lock().expect("not poisoned").get(key).cloned();
+        if let Some((mut entry, revision)) = held
+            && entry.bound_by == self.me
+        {
+            entry.bound_by.clear();
+            entry.bound_addr.clear();
+            entry.claimed_at_ms = 0;
+            let _ = self.store(key, entry, revision).await;
+        }
+    }
+
+    /// Writes `entry` if the bucket still holds `revision`; the new revision, or `None`
+    /// when someone wrote first.
+    async fn store(&self, key: &str, entry: ListenerEntry, revision: u64) -> Option<u64> {
+        match self
+            .bucket
+            .update(key, entry.encode_to_vec().into(), revision)
+            .await
+        {
+            Ok(new) => {
+                let mut entries = self.entries.lock().expect("not poisoned");
+                let newer = entries.get(key).is_none_or(|(_, r)| *r < new);
+                if newer {
+                    entries.insert(key.to_owned(), (entry, new));
+                }
+                Some(new)
+            }
+            Err(e) => {
+                if e.kind() != kv::UpdateErrorKind::WrongLastRevision {
+                    tracing::warn!(key, error = %e, "cannot update a listener");
+                }
+                None
+            }
+        }
+    }
+
+    /// Removes an ended service's listener (and its hook's key, if the hook is still
+    /// this service's) and stops serving it.
+    async fn remove(&self, key: &str, entry: &ListenerEntry, revision: u64) {
+        self.unbind(key);
+        let hook = entry.listener.as_ref().map_or("", |l| l.hook.as_str());
+        if !hook.is_empty() {
+            let hook_key = hook_key(hook);
+            if let Ok(Some(held)) = self.bucket.entry(&hook_key).await
+                && ListenerEntry::decode(held.value.as_ref())
+                    .is_ok_and(|h| h.service_run_id == entry.service_run_id)
+            {
+                let _ = self
+                    .bucket
+                    .delete_expect_revision(&hook_key, Some(held.revision))
+                    .await;
+            }
+        }
+        match self
+            .bucket
+            .delete_expect_revision(key, Some(revision))
+            .await
+        {
+            Ok(()) => tracing::info!(key, "its service has ended; listener removed"),
+            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {}
+            Err(e) => tracing::warn!(key, error = %e, "cannot remove a listener"),
+        }
+        self.checked.lock().expect("not poisoned").remove(key);
+    }
+
+    /// Whether the run `service` has ended (one read: its last event).
+    async fn service_ended(&self, service: &str) -> Result<bool, String> {
+        let Ok(run_id) = service.parse::<RunId>() else {
+            return Ok(true);
+        };
+        match self
+            .runs
+            .direct_get_last_for_subject(subject::run(&run_id).to_string())
+            .await
+        {
+            Ok(message) => Ok(matches!(
+                RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
+                Ok(Some(EventBody::RunFinished(_)))
+            )),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The Standard Webhooks key stored as secret `name`.
+    async fn signing_key(&self, name: &str) -> Result<standardwebhooks::Webhook, String> {
+        let store = self
+            .secrets
+            .get_or_try_init(|| async {
+                let path = dispatch_secrets::key_path(&self.workspace);
+                let key = dispatch_secrets::Key::load(&path).map_err(|e| e.to_string())?;
+                if key.is_none() {
+                    return Err(format!(
+                        "no secrets key at {} (`dispatch secret set` makes one)",
+                        path.display()
+                    ));
+                }
+                dispatch_secrets::Store::open(&self.bus, path, key)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        let value = store.value(name).await.map_err(|e| e.to_string())?;
+        standardwebhooks::Webhook::new(&value)
+            .map_err(|_| format!("secret {name} is not a Standard Webhooks key (whsec_…)"))
+    }
+}
+
+/// The listener a bound socket serves.
+#[derive(Clone)]
+struct Target {
+    app: Arc<App>,
+    key: String,
+}
+
+/// A request to a bound listener.
+async fn bound_wake(State(target): State<Target>, request: Request) -> Response {
+    let Some(listeners) = target.app.listeners.clone() else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such listener");
+    };
+    let found = listeners
+        .entries
+        .lock()
+        .expect("not poisoned")
+        .get(&target.key)
+        .map(|(entry, _)| entry.clone());
+    let Some(entry) = found else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this listener has closed",
+        );
+    };
+    let local = entry.bound_addr.clone();
+    wake(&target.app, &listeners, &entry, local, request, true).await
+}
+
+/// `/hooks/{account}/{agent}/{channel}`: a request to a service's hook.
+pub(crate) async fn hook_wake(
+    State(app): State<Arc<App>>,
+    Path((account, agent, channel)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    let not_found = || error(StatusCode::NOT_FOUND, "not_found", "no such hook");
+    let hook = format!("{account}/{agent}/{channel}");
+    let Some(listeners) = app.listeners.clone() else {
+        return not_found();
+    };
+    if dispatch_runlog::service::check_hook(&hook).is_err() {
+        return not_found();
+    }
+    let entry = match listeners.bucket.entry(&hook_key(&hook)).await {
+        Ok(Some(held)) if held.operation == kv::Operation::Put => {
+            match ListenerEntry::decode(held.value.as_ref()) {
+                Ok(entry) => entry,
+                Err(_) => return not_found(),
+            }
+        }
+        Ok(_) => return not_found(),
+        Err(e) => {
+            tracing::warn!(hook, error = %e, "cannot read a hook");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "hooks cannot be read right now; retry shortly",
+            );
+        }
+    };
+    // A hook of an ended service is no hook (the copy that notices removes it).
+    if matches!(
+        listeners.service_ended(&entry.service_run_id).await,
+        Ok(true)
+    ) {
+        return not_found();
+    }
+    let at = format!("/hooks/{hook}");
+    wake(&app, &listeners, &entry, at, request, false).await
+}
+
+/// Checks a request against its listener and, if it passes, stores the wake's goal.
+async fn wake(
+    app: &Arc<App>,
+    listeners: &Listeners,
+    entry: &ListenerEntry,
+    listener_at: String,
+    request: Request,
+    check_path: bool,
+) -> Response {
+    let listener = entry.listener.clone().unwrap_or_default();
+    let (parts, body) = request.into_parts();
+    let remote = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if check_path && !listener.path.is_empty() && parts.uri.path() != listener.path {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no listener on this path",
+        );
+    }
+    let methods: Vec<String> = if listener.methods.is_empty() {
+        vec!["POST".to_owned()]
+    } else {
+        listener.methods.clone()
+    };
+    if !methods.iter().any(|m| m == parts.method.as_str()) {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("this listener takes {}", methods.join(", ")),
+        );
+        if let Ok(allow) = HeaderValue::from_str(&methods.join(", ")) {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
+        return response;
+    }
+    let max_header = match listener.max_header_bytes {
+        0 => DEFAULT_MAX_HEADER_BYTES,
+        n => n,
+    } as usize;
+    let head_bytes = parts.method.as_str().len()
+        + parts.uri.to_string().len()
+        + parts
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head_bytes > max_header {
+        return error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request's head is {head_bytes} bytes; this listener takes {max_header}"),
+        );
+    }
+    if !listener.secret_sha256.is_empty()
+        && !secret_matches(&parts.headers, &listener.secret_sha256)
+    {
+        return unauthorized("a missing or wrong shared secret");
+    }
+    let max_body = match listener.max_body_bytes {
+        0 => DEFAULT_MAX_BODY_BYTES,
+        n => n,
+    } as usize;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("this listener takes bodies of at most {max_body} bytes"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return too_large();
+    }
+    let body = match axum::body::to_bytes(Body::new(body), max_body).await {
+        Ok(body) => body,
+        Err(e) if is_length_limit(&e) => return too_large(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request's body could not be read",
+            );
+        }
+    };
+    // A signed request names its delivery: its id fixes the wake's run.
+    let mut delivery: Option<(String, i64)> = None;
+    if !listener.signing_secret.is_empty() {
+        let webhook = match listeners.signing_key(&listener.signing_secret).await {
+            Ok(webhook) => webhook,
+            Err(e) => {
+                tracing::error!(
+                    service = entry.service_run_id,
+                    error = e,
+                    "a signed listener cannot verify"
+                );
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "listener_misconfigured",
+                    "this listener cannot check signatures; its owner has been told",
+                );
+            }
+        };
+        if let Err(e) = webhook.verify(&body, &parts.headers) {
+            return unauthorized(&format!("the Standard Webhooks signature: {e}"));
+        }
+        let id = header_text(&parts.headers, "webhook-id").unwrap_or_default();
+        let ts = header_text(&parts.headers, "webhook-timestamp")
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or_default();
+        delivery = Some((id.to_owned(), ts.saturating_mul(1000)));
+    }
+    let envelope = envelope(
+        &listener_at,
+        remote,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &body,
+    );
+    if envelope.len() > MAX_PAYLOAD_BYTES {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request makes a wake payload of {} bytes; at most {MAX_PAYLOAD_BYTES}",
+                envelope.len()
+            ),
+        );
+    }
+    let Ok(service) = entry.service_run_id.parse::<RunId>() else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such listener");
+    };
+    let goal = Goal::new(
+        &entry.goal,
+        &entry.conversation_id,
+        entry.timeout_ms,
+        ORIGIN,
+    )
+    .and_then(|goal| goal.with_payload(&envelope))
+    .and_then(|goal| goal.woken_by(service, WAKE_WEBHOOK, entry.index));
+    let goal = match goal {
+        Ok(goal) => goal,
+        Err(e) => {
+            tracing::error!(service = %service, error = %e, "a listener's wake does not check out");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "dispatch_failed",
+                "the wake could not be dispatched",
+            );
+        }
+    };
+    let submission = match delivery {
+        Some((id, at_ms)) => Submission::fired(
+            goal,
+            &format!("{}/{}", listener_key(&service, entry.index), id),
+            at_ms,
+        ),
+        None => Submission::new(goal),
+    };
+    match crate::store(app, &submission).await {
+        Ok(_) => accepted(submission.run_id().to_string(), false),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "dispatch_failed",
+            "the wake could not be dispatched; retry",
+        ),
+    }
+}
+
+fn unauthorized(why: &str) -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        format!("refused: {why}"),
+    )
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether the request carries the secret whose SHA-256 is `digest`, in
+/// `x-dispatch-secret` or `Authorization: Bearer`, compared in constant time.
+fn secret_matches(headers: &HeaderMap, digest: &[u8]) -> bool {
+    let bearer = header_text(headers, "authorization").and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then_some(token.trim())
+    });
+    [header_text(headers, "x-dispatch-secret"), bearer]
+        .into_iter()
+        .flatten()
+        .any(|token| {
+            bool::from(
+                sha2::Sha256::digest(token.as_bytes())
+                    .as_slice()
+                    .ct_eq(digest),
+            )
+        })
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The wake's payload: the request as data, its auth-bearing headers redacted.
+pub fn envelope(
+    listener: &str,
+    remote: Option<SocketAddr>,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> String {
+    let mut shown = serde_json::Map::new();
+    for (name, value) in headers {
+        let name = name.as_str().to_ascii_lowercase();
+        let value = if AUTH_BEARING.iter().any(|word| name.contains(word)) {
+            REDACTED.to_owned()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        match shown.get_mut(&name) {
+            Some(serde_json::Value::String(earlier)) => {
+                earlier.push_str(", ");
+                earlier.push_str(&value);
+            }
+            _ => {
+                shown.insert(name, serde_json::Value::String(value));
+            }
+        }
+    }
+    serde_json::json!({
+        "wake": WAKE_WEBHOOK,
+        "listener": listener,
+        "remote_addr": remote.map(|r| r.to_string()),
+        "method": method.as_str(),
+        "target": uri.path_and_query().map_or("/", |p| p.as_str()),
+        "headers": shown,
+        "body": String::from_utf8_lossy(body),
+    })
+    .to_string()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_envelope_redacts_auth_bearing_headers() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer hunter2"),
+            ("x-dispatch-secret", "hunter2"),
+            ("webhook-signature", "v1,abc"),
+            ("x-api-key", "k"),
+            ("cookie", "session=1"),
+            ("x-hub-signature-256", "sha256=1"),
+            ("content-type", "application/json"),
+            ("x-github-event", "issues"),
+        ] {
+            headers.insert(
+                axum::http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let text = envelope(
+            "127.0.0.1:9000",
+            Some("10.0.0.1:5555".parse().unwrap()),
+            &Method::POST,
+            &"/hook?x=1".parse().unwrap(),
+            &headers,
+            b"{\"a\": 1}",
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("v1,abc"), "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["headers"]["content-type"], "application/json");
+        assert_eq!(value["headers"]["x-github-event"], "issues");
+        assert_eq!(value["headers"]["authorization"], REDACTED);
+        assert_eq!(value["headers"]["x-hub-signature-256"], REDACTED);
+        assert_eq!(value["target"], "/hook?x=1");
+        assert_eq!(value["method"], "POST");
+        assert_eq!(value["remote_addr"], "10.0.0.1:5555");
+        assert_eq!(value["body"], "{\"a\": 1}");
+    }
+
+    #[test]
+    fn the_shared_secret_is_taken_from_either_header() {
+        let digest = sha2::Sha256::digest(b"hunter2").to_vec();
+        let with = |name: &'static str, value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            secret_matches(&headers, &digest)
+        };
+        assert!(with("x-dispatch-secret", "hunter2"));
+        assert!(with("authorization", "Bearer hunter2"));
+        assert!(with("authorization", "bearer hunter2"));
+        assert!(!with("authorization", "Basic hunter2"));
+        assert!(!with("x-dispatch-secret", "hunter3"));
+        assert!(!secret_matches(&HeaderMap::new(), &digest));
+    }
+}
