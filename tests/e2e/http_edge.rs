@@ -265,6 +265,19 @@ async fn the_api_describes_itself_in_openapi() -> anyhow::Result<()> {
     for path in ["/v1/runs", "/v1/runs/{id}", "/v1/tasks", "/healthz"] {
         assert!(doc["paths"][path]["get"].is_object(), "{path} is described");
     }
+    for path in [
+        "/v1/conversations/{id}/messages",
+        "/hooks/{account}/{agent}/{channel}",
+    ] {
+        assert!(
+            doc["paths"][path]["post"].is_object(),
+            "{path} is described"
+        );
+    }
+    let hook = &doc["paths"]["/hooks/{account}/{agent}/{channel}"]["post"];
+    for status in ["202", "401", "404", "405", "413", "431", "500"] {
+        assert!(hook["responses"][status].is_object(), "{status}: {hook}");
+    }
     assert_eq!(
         doc["components"]["securitySchemes"]["api_key"]["scheme"],
         "bearer"

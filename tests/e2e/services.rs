@@ -576,5 +576,34 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let (status, _) = send_signed(&hook, &signing, "msg_4", body, 0, false).await?;
     assert_eq!(status, 404);
+
+    // A chat message is a run of its conversation, recorded with origin `chat`.
+    let answer = stack
+        .http
+        .post(stack.url("/v1/conversations/chat-7/messages"))
+        .json(&serde_json::json!({"text": "Chat errand"}))
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 202);
+    let run: Value = answer.json().await?;
+    let chats = stack
+        .eventually(LIMIT, || async {
+            let ps = stack
+                .cli(&["ps", "-a", "--filter", "origin=chat", "--format", "json"])
+                .ok()?;
+            let runs: Vec<Value> = serde_json::from_str(&ps.stdout).ok()?;
+            (!runs.is_empty()).then_some(runs)
+        })
+        .await?;
+    assert_eq!(chats.len(), 1);
+    assert_eq!(chats[0]["run_id"], run["run_id"]);
+    assert_eq!(chats[0]["conversation_id"], "chat-7");
+    let bad = stack
+        .http
+        .post(stack.url("/v1/conversations/a.b/messages"))
+        .json(&serde_json::json!({"text": "x"}))
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
     Ok(())
 }

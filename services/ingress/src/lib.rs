@@ -271,6 +271,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
             get(conversations::transcript),
         )
         .route("/v1/conversations/{id}/ws", get(conversations::websocket))
+        .route("/v1/conversations/{id}/messages", post(post_message))
         .route_layer(axum::middleware::from_fn_with_state(
             app.access.clone(),
             access::check,
@@ -374,11 +375,7 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         Ok(key) => key,
         Err(response) => return *response,
     };
-    let direct = request
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let direct = wants_events(request.headers());
     let caller = access::Caller::id(request.extensions().get());
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
@@ -388,6 +385,95 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         Ok(goal) => goal,
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
     };
+    hand_over(&app, goal, idempotency_key, &caller, direct).await
+}
+
+/// A chat message: its text is the goal, the conversation is the path's.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest {
+    text: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// The origin of every run a chat message starts.
+pub const CHAT_ORIGIN: &str = "chat";
+
+#[utoipa::path(post, path = "/v1/conversations/{id}/messages", tag = "conversations",
+    params(("id" = String, Path, description = "The conversation"),
+        ("Idempotency-Key" = Option<String>, Header,
+        description = "Retries with the same key (within 10 minutes) return the same run")),
+    request_body(content = MessageRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Stored; the run starts soon (with `Accept: text/event-stream`, its output streams instead)", body = Accepted,
+            headers(("Location" = String, description = "The run's status URL"))),
+        (status = 400, description = "Invalid message, conversation or key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "Not confirmed stored (see detail)", body = problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+async fn post_message(
+    State(app): State<Arc<App>>,
+    Path(conversation): Path<String>,
+    request: Request,
+) -> Response {
+    if !is_json(request.headers()) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the message as JSON with `Content-Type: application/json`",
+        );
+    }
+    let idempotency_key = match idempotency_key(request.headers()) {
+        Ok(key) => key,
+        Err(response) => return *response,
+    };
+    let direct = wants_events(request.headers());
+    let caller = access::Caller::id(request.extensions().get());
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(e) => return body_error(e),
+    };
+    let message: MessageRequest = match serde_json::from_slice(&body) {
+        Ok(message) => message,
+        Err(e) if e.is_data() => {
+            return error(StatusCode::BAD_REQUEST, "invalid_goal", e.to_string());
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+    };
+    let goal = Goal::new(
+        &message.text,
+        &conversation,
+        message.timeout_ms.unwrap_or(0),
+        CHAT_ORIGIN,
+    );
+    match goal {
+        Ok(goal) => hand_over(&app, goal, idempotency_key, &caller, direct).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+    }
+}
+
+/// True when the client asks for the run's output as it streams.
+fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// Stores a checked goal and answers: `202` with the run, or the run's output as it
+/// streams (`direct`), or why it may not be stored.
+async fn hand_over(
+    app: &Arc<App>,
+    goal: Goal,
+    idempotency_key: Option<String>,
+    caller: &str,
+    direct: bool,
+) -> Response {
+    let app = app.clone();
     let conversation = goal.conversation().clone();
     // Direct mode: following the conversation before the goal is stored, so none of
     // the run's chunks can come before the reader.

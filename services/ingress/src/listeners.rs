@@ -495,6 +495,19 @@ async fn bound_wake(State(target): State<Target>, request: Request) -> Response 
 }
 
 /// `/hooks/{account}/{agent}/{channel}`: a request to a service's hook.
+#[utoipa::path(post, path = "/hooks/{account}/{agent}/{channel}", tag = "hooks",
+    params(("account" = String, Path), ("agent" = String, Path), ("channel" = String, Path)),
+    request_body(content = String, description = "Any body the hook's service takes (its text is the wake's payload)"),
+    responses(
+        (status = 202, description = "The service woke; the wake's run", body = crate::Accepted),
+        (status = 400, description = "Malformed HTTP or an unreadable body"),
+        (status = 401, description = "A missing or wrong shared secret, or a Standard Webhooks signature that does not verify", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such hook (there is no root webhook)", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 405, description = "A method the hook does not take", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "A body over the hook's limit", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 431, description = "A request head over the hook's limit", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 500, description = "The wake could not be dispatched", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn hook_wake(
     State(app): State<Arc<App>>,
     Path((account, agent, channel)): Path<(String, String, String)>,

@@ -10,6 +10,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
     info(title = "Dispatch", description = "Hand goals to Dispatch and watch them run"),
     paths(
         crate::post_goal,
+        crate::post_message,
+        crate::listeners::hook_wake,
         crate::list_runs,
         crate::get_run,
         crate::stops::stop_run,
@@ -29,6 +31,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
     ),
     components(schemas(
         crate::GoalRequest,
+        crate::MessageRequest,
+        dispatch_proto::api::v1::ServiceView,
+        dispatch_proto::api::v1::ListenerView,
         crate::Accepted,
         crate::problem::ProblemDoc,
         dispatch_proto::api::v1::RunView,
