@@ -9,6 +9,7 @@ mod schedules;
 mod streams;
 mod tools;
 mod turns;
+mod webhooks;
 
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,7 @@ const PACED_RUNS: usize = 1000;
 const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "ack",
     "append",
     "e2e",
@@ -43,6 +44,7 @@ const SECTIONS: [&str; 10] = [
     "gate",
     "streams",
     "schedules",
+    "webhooks",
     "growth",
 ];
 
@@ -100,6 +102,9 @@ async fn main() -> Result<()> {
     }
     if wants("schedules") {
         schedules::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("webhooks") {
+        webhooks::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if peer.is_some() {
         peer::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
