@@ -115,6 +115,22 @@ async fn a_service_wakes_on_its_schedule_and_interval_and_ends_stopped() -> Resu
     assert_eq!(schedules.len(), 2, "{schedules:?}");
     assert!(schedules.iter().all(|s| s["service_run_id"] == id.as_str()));
 
+    // A wake by hand, with a payload of its own.
+    let out = stack.cli(&["wake", &id, r#"{"by": "hand"}"#])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let manual: RunId = out.stdout.trim().parse()?;
+    let events = stack.wait_finished(manual, LIMIT).await?;
+    let child = requested(&events)?;
+    assert_eq!(
+        (child.wake.as_str(), child.payload.as_str()),
+        ("manual", r#"{"by": "hand"}"#)
+    );
+    assert!(
+        wakes(&log.read(&service).await?)
+            .iter()
+            .any(|w| w.run_id == manual.to_string() && w.wake == "manual")
+    );
+
     // A stop ends it at once (nothing runs an idle service), and its schedules go.
     let began = std::time::Instant::now();
     let out = stack.cli(&["stop", &id])?;
@@ -136,9 +152,27 @@ async fn a_service_wakes_on_its_schedule_and_interval_and_ends_stopped() -> Resu
             schedules.is_empty().then_some(())
         })
         .await?;
-    // No wake after the end: the log is sealed, and nothing more was woken.
+    // No wake after the end: the log is sealed, and nothing more was woken; a wake
+    // asked for now ends blocked without running.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(log.read(&service).await?.len(), events.len());
+    let out = stack.cli(&["wake", &id])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let late = stack
+        .wait_finished(out.stdout.trim().parse()?, LIMIT)
+        .await?;
+    assert_eq!(finished(&late).status, RunStatus::Blocked as i32);
+    assert_eq!(
+        finished(&late).reason,
+        format!("its service run {id} has ended")
+    );
+    let out = stack.cli(&["wake", &woke[0].run_id])?;
+    assert_eq!(out.code, Some(125));
+    assert!(
+        out.stderr.contains("is not a service run"),
+        "{}",
+        out.stderr
+    );
     Ok(())
 }
 

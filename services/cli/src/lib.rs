@@ -255,6 +255,13 @@ enum Command {
     /// Start a service: a long-lived run woken by schedules, an interval and webhooks,
     /// each wake a run of its own. Prints its run id; `dispatch stop` ends it.
     Serve(serve::ServeArgs),
+    /// Wake a service by hand: a run of its goal with this payload (prints its id).
+    Wake {
+        service: String,
+        /// Data the wake gets beside the service's goal.
+        #[arg(default_value = "")]
+        payload: String,
+    },
     /// Todos that become runs when due: add, ls, done.
     Todo {
         #[command(subcommand)]
@@ -721,6 +728,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Schedule { command } => schedule::run(&nats.connect().await?, command).await,
         Command::Todo { command } => todo::run(&nats.connect().await?, command).await,
         Command::Serve(args) => serve::run(&nats.connect().await?, &nats.workspace, args).await,
+        Command::Wake { service, payload } => {
+            let bus = nats.connect().await?;
+            let service = resolve(&bus, &service).await?;
+            let log = open_log(&bus).await?;
+            serve::wake(&bus, &log, service, &payload).await
+        }
         Command::Secret(command) => {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }

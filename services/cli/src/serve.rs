@@ -10,8 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dispatch_bus::{Bus, ConversationId};
+use dispatch_bus::{Bus, ConversationId, RunId};
 use dispatch_proto::run::v1::{Listener, ServiceSchedule, ServiceSpec};
+use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
 use sha2::Digest as _;
 use zeroize::Zeroizing;
@@ -112,6 +113,31 @@ pub async fn run(bus: &Bus, workspace: &Path, args: ServeArgs) -> Result<u8, Fai
         run_id.short(),
         run_id.short()
     );
+    Ok(exit::DONE)
+}
+
+/// `dispatch wake SERVICE [PAYLOAD]`: a manual wake, a run of the service's goal.
+pub async fn wake(bus: &Bus, log: &RunLog, service: RunId, payload: &str) -> Result<u8, Failure> {
+    let first = log.first_event(&service).await?;
+    let requested = match first.and_then(|e| e.event.body) {
+        Some(dispatch_proto::run::v1::run_event::Body::RunRequested(r))
+            if r.kind == dispatch_runlog::service::KIND =>
+        {
+            r
+        }
+        _ => return Err(Failure::new(format!("run {service} is not a service run"))),
+    };
+    let goal = Goal::new(
+        &requested.goal,
+        &requested.conversation_id,
+        requested.timeout_ms,
+        "cli",
+    )
+    .and_then(|goal| goal.with_payload(payload))
+    .and_then(|goal| goal.woken(service, dispatch_runlog::service::WAKE_MANUAL))
+    .map_err(|e| Failure::new(e.to_string()))?;
+    let run_id = submit_goal(bus, goal).await?;
+    println!("{run_id}");
     Ok(exit::DONE)
 }
 
