@@ -86,6 +86,12 @@ fn main() {
             format!("#[serde(skip_serializing_if = \"{skip}\")]"),
         );
     }
+    // A listener's shared-secret digest stays in the log (protobuf) and out of every
+    // JSON view of events (the events API, `logs --format json`).
+    build = build.field_attribute(
+        ".dispatch.run.v1.Listener.secret_sha256",
+        "#[serde(skip_serializing)]",
+    );
     build
         .compile_fds(descriptors)
         .expect("prost and tonic code generation");

@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
+use dispatch_bus::async_nats::jetstream::kv;
 use dispatch_bus::{RunId, streams};
-use dispatch_proto::run::v1::{RunRequested, RunStatus, ServiceWoken, run_event::Body};
+use dispatch_proto::command::v1::SubmitGoal;
+use dispatch_proto::run::v1::{
+    ListenerEntry, RunRequested, RunStatus, ServiceWoken, run_event::Body,
+};
 use dispatch_runlog::StoredEvent;
 use dispatch_tests::{Stack, finished};
 use serde_json::Value;
@@ -35,6 +39,40 @@ fn wakes(events: &[StoredEvent]) -> Vec<ServiceWoken> {
             _ => None,
         })
         .collect()
+}
+
+/// Every goal stored that wakes `service`.
+async fn wake_goals(stack: &Stack, service: &str) -> Result<Vec<SubmitGoal>> {
+    let stream = stack.bus.jetstream().get_stream(streams::GOALS).await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    let mut goals = Vec::new();
+    if last == 0 {
+        return Ok(goals);
+    }
+    let consumer = stream
+        .create_consumer(
+            dispatch_bus::async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: "dispatch.goal.*".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    while let Some(message) = futures::StreamExt::next(&mut messages).await {
+        let message = message?;
+        let seq = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
+        let goal = <SubmitGoal as prost::Message>::decode(message.payload.as_ref())?;
+        if goal.parent_run_id == service {
+            goals.push(goal);
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(goals)
 }
 
 fn inspect(stack: &Stack, run: &str) -> Result<Value> {
@@ -131,6 +169,40 @@ async fn a_service_wakes_on_its_schedule_and_interval_and_ends_stopped() -> Resu
             .any(|w| w.run_id == manual.to_string() && w.wake == "manual")
     );
 
+    // A goal from the bus that names the service but is not its goal never runs.
+    let forged = RunId::new();
+    let command = SubmitGoal {
+        run_id: forged.to_string(),
+        request_event_id: uuid::Uuid::now_v7().to_string(),
+        goal: "Something else entirely".into(),
+        conversation_id: "default".into(),
+        origin: "bus".into(),
+        kind: "heartbeat".into(),
+        parent_run_id: id.clone(),
+        wake: "schedule".into(),
+        ..Default::default()
+    };
+    stack
+        .bus
+        .append(
+            dispatch_bus::subject::goal(&forged),
+            &forged.to_string(),
+            None,
+            prost::Message::encode_to_vec(&command).into(),
+        )
+        .await?;
+    let events = stack.wait_finished(forged, LIMIT).await?;
+    assert_eq!(finished(&events).status, RunStatus::Blocked as i32);
+    assert_eq!(
+        finished(&events).reason,
+        format!("the wake is not of service {id}'s goal and sources")
+    );
+    assert!(
+        !wakes(&log.read(&service).await?)
+            .iter()
+            .any(|w| w.run_id == forged.to_string())
+    );
+
     // A stop ends it at once (nothing runs an idle service), and its schedules go.
     let began = std::time::Instant::now();
     let out = stack.cli(&["stop", &id])?;
@@ -152,9 +224,11 @@ async fn a_service_wakes_on_its_schedule_and_interval_and_ends_stopped() -> Resu
             schedules.is_empty().then_some(())
         })
         .await?;
-    // No wake after the end: the log is sealed, and nothing more was woken; a wake
-    // asked for now ends blocked without running.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // No wake after the end: no schedule fires for it any more; a wake asked for now
+    // ends blocked without running.
+    let woken_so_far = wake_goals(&stack, &id).await?.len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(wake_goals(&stack, &id).await?.len(), woken_so_far);
     assert_eq!(log.read(&service).await?.len(), events.len());
     let out = stack.cli(&["wake", &id])?;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -410,6 +484,7 @@ async fn a_bound_listener_answers_each_case_as_specified_and_never_keeps_the_sec
     assert_eq!(payload["headers"]["authorization"], "********");
 
     // Every refusal, each with its own status, and none makes a run.
+    let goals_before = stack.stream_messages(streams::GOALS).await?;
     let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
         (client.post(url("/hook")).body("{}"), 401),
         (
@@ -464,6 +539,7 @@ async fn a_bound_listener_answers_each_case_as_specified_and_never_keeps_the_sec
             assert_eq!(allow.as_ref().and_then(|a| a.to_str().ok()), Some("POST"));
         }
     }
+    assert_eq!(stack.stream_messages(streams::GOALS).await?, goals_before);
     // Malformed HTTP is answered 400 by the server itself.
     let mut raw = tokio::net::TcpStream::connect(&bound).await?;
     tokio::io::AsyncWriteExt::write_all(&mut raw, b"THIS IS NOT HTTP\r\n\r\n").await?;
@@ -478,8 +554,12 @@ async fn a_bound_listener_answers_each_case_as_specified_and_never_keeps_the_sec
     // The service's log has the two wakes, by its first listener; inspect counts them.
     let log = stack.log().await?;
     let service_id: RunId = service.parse()?;
-    let events = log.read(&service_id).await?;
-    let woke = wakes(&events);
+    let woke = stack
+        .eventually(LIMIT, || async {
+            let woke = wakes(&log.read(&service_id).await.ok()?);
+            (woke.len() >= 2).then_some(woke)
+        })
+        .await?;
     assert_eq!(woke.len(), 2, "{woke:?}");
     assert!(woke.iter().all(|w| w.wake == "webhook" && w.listener == 1));
     let view = inspect(&stack, &service)?;
@@ -543,7 +623,7 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::now_v7().as_bytes())
     );
-    secrets.set("HOOK_KEY", &signing).await?;
+    secrets.set("WEBHOOK_GITHUB", &signing).await?;
     let out = stack.cli(&[
         "serve",
         "--goal",
@@ -551,7 +631,7 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
         "--hook",
         "acme/triage/github",
         "--listen-signing-secret",
-        "HOOK_KEY",
+        "WEBHOOK_GITHUB",
     ])?;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let service = out.stdout.trim().to_owned();
@@ -566,9 +646,12 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
     // Signed by the library: accepted; the same webhook-id again is the same run.
     let (status, first) = send_signed(&hook, &signing, "msg_1", body, 0, false).await?;
     assert_eq!(status, 202, "{first}");
-    let (status, again) = send_signed(&hook, &signing, "msg_1", body, 0, false).await?;
-    assert_eq!(status, 202, "{again}");
-    assert_eq!(first["run_id"], again["run_id"], "one run per webhook-id");
+    // A sender re-signs each retry with a new timestamp: still the same delivery.
+    for skew in [-3, -90] {
+        let (status, again) = send_signed(&hook, &signing, "msg_1", body, skew, false).await?;
+        assert_eq!(status, 202, "{again}");
+        assert_eq!(first["run_id"], again["run_id"], "one run per webhook-id");
+    }
     let (status, other) = send_signed(&hook, &signing, "msg_2", body, 0, false).await?;
     assert_eq!(status, 202);
     assert_ne!(other["run_id"], first["run_id"]);
@@ -596,10 +679,36 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
     let unsigned = plain()?.post(&hook).body(body).send().await?;
     assert_eq!(unsigned.status(), 401);
 
-    // Two wakes in the service's log: a redelivery made none.
+    // Two wakes in the service's log: the retries made none.
     let log = stack.log().await?;
-    let events = log.read(&service.parse()?).await?;
-    assert_eq!(wakes(&events).len(), 2);
+    let service_id: RunId = service.parse()?;
+    stack
+        .eventually(LIMIT, || async {
+            (wakes(&log.read(&service_id).await.ok()?).len() >= 2).then_some(())
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(wakes(&log.read(&service_id).await?).len(), 2);
+    let mut stored: Vec<String> = wake_goals(&stack, &service)
+        .await?
+        .into_iter()
+        .map(|g| g.run_id)
+        .collect();
+    stored.dedup();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+
+    // A service's schedules are Dispatch's to make, not an API client's.
+    let forged = stack
+        .http
+        .post(stack.url("/v1/schedules"))
+        .json(&serde_json::json!({
+            "expression": "*/2 * * * * * *",
+            "goal": "Not the service's goal",
+            "service_run_id": service,
+        }))
+        .send()
+        .await?;
+    assert_eq!(forged.status(), 400);
 
     // No root webhook, no unknown hook; and none once the service has ended.
     for path in ["/hooks", "/hooks/acme/triage", "/hooks/acme/triage/gitlab"] {
@@ -639,5 +748,72 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
         .send()
         .await?;
     assert_eq!(bad.status(), 400);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bound_listener_moves_to_another_ingress_copy_when_its_holder_dies() -> Result<()> {
+    let mut stack = Stack::start(&["ledger", "dispatcher", "ingress", "ingress"]).await?;
+    let out = stack.cli(&[
+        "serve",
+        "--goal",
+        "Moving errand",
+        "--listen",
+        "127.0.0.1:0",
+        "--listen-shared-secret",
+        SECRET,
+    ])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let service: RunId = out.stdout.trim().parse()?;
+    let bucket = stack
+        .bus
+        .jetstream()
+        .get_key_value(streams::LISTENERS_BUCKET)
+        .await?;
+    let key = dispatch_runlog::service::listener_key(&service, 1);
+    let held = |bucket: kv::Store| {
+        let key = key.clone();
+        async move {
+            let entry = bucket.get(&key).await.ok()??;
+            let entry = <ListenerEntry as prost::Message>::decode(entry.as_ref()).ok()?;
+            (!entry.bound_addr.is_empty()).then_some((entry.bound_by, entry.bound_addr))
+        }
+    };
+    let (holder, addr) = stack.eventually(LIMIT, || held(bucket.clone())).await?;
+    let client = plain()?;
+    let post = |addr: String| {
+        client
+            .post(format!("http://{addr}/"))
+            .header("x-dispatch-secret", SECRET)
+            .body("{}")
+            .send()
+    };
+    assert_eq!(post(addr.clone()).await?.status(), 202);
+    // Exactly one copy serves it: the holder.
+    let instance = holder.strip_prefix("ingress/").context("an ingress copy")?;
+    let copy = stack
+        .services
+        .iter_mut()
+        .find(|s| s.instance == instance)
+        .context("the holder is one of the copies")?;
+    copy.kill().await?;
+    let (taker, moved) = stack
+        .eventually(LIMIT, || async {
+            let (by, at) = held(bucket.clone()).await?;
+            (by != holder).then_some((by, at))
+        })
+        .await?;
+    assert_ne!(taker, holder);
+    let answer = stack
+        .eventually(LIMIT, || async { post(moved.clone()).await.ok() })
+        .await?;
+    assert_eq!(answer.status(), 202);
+    // Both requests woke the service, one through each copy.
+    let log = stack.log().await?;
+    stack
+        .eventually(LIMIT, || async {
+            (wakes(&log.read(&service).await.ok()?).len() == 2).then_some(())
+        })
+        .await?;
     Ok(())
 }

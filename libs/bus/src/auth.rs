@@ -151,6 +151,11 @@ impl Identity {
                 p.publish
                     .allow
                     .push(format!("$KV.{}.>", streams::LISTENERS_BUCKET));
+                // Which run each signed webhook delivery woke.
+                p.look_up(&[streams::WEBHOOKS]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::WEBHOOKS_BUCKET));
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");

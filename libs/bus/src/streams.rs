@@ -39,7 +39,7 @@ pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; the last three are key-value buckets' (the tool
 /// catalogue's, [`crate::catalogue`], the secrets' and the schedules').
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -52,6 +52,7 @@ pub const ALL: [&str; 12] = [
     SECRETS,
     SCHEDULES,
     LISTENERS,
+    WEBHOOKS,
 ];
 
 /// The secrets bucket: names → values encrypted with the workspace's secrets key
@@ -111,6 +112,28 @@ fn listeners() -> async_nats::jetstream::kv::Config {
         description: "Dispatch service runs' webhook listeners, served by ingress".to_owned(),
         history: 1,
         max_value_size: MAX_LISTENER_BYTES,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The webhook deliveries bucket: which run each signed delivery (a listener's
+/// `webhook-id`) woke, so that its retries — re-signed, with a new timestamp, for as
+/// long as [`WEBHOOK_MEMORY`] — wake the same run. Ingress only.
+pub const WEBHOOKS_BUCKET: &str = "DISPATCH_WEBHOOKS";
+/// The stream behind [`WEBHOOKS_BUCKET`].
+pub const WEBHOOKS: &str = "KV_DISPATCH_WEBHOOKS";
+/// How long a delivery is remembered: longer than senders retry (Standard Webhooks
+/// senders retry for up to a few days).
+pub const WEBHOOK_MEMORY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn webhooks() -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: WEBHOOKS_BUCKET.to_owned(),
+        description: "Dispatch webhook deliveries and the runs they woke".to_owned(),
+        history: 1,
+        max_age: WEBHOOK_MEMORY,
+        max_value_size: 128,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     }
@@ -324,6 +347,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         (secrets(), "the secrets bucket"),
         (schedules(), "the schedules bucket"),
         (listeners(), "the listeners bucket"),
+        (webhooks(), "the webhook deliveries bucket"),
     ] {
         if bus.jetstream().get_key_value(&config.bucket).await.is_err() {
             bus.jetstream()

@@ -347,6 +347,44 @@ impl RunHandle {
             .await
     }
 
+    /// [`Self::finish`] for a handle on the log's tail (a service's): the note is drawn
+    /// from `requested` (the run's first event) rather than from the whole log, and the
+    /// tally is empty (a service has no leaves). Costs a few appends however long the
+    /// log is.
+    pub async fn finish_tail(
+        &mut self,
+        status: RunStatus,
+        reason: &str,
+        requested: &dispatch_proto::run::v1::RunRequested,
+        causation_id: &str,
+    ) -> Result<(), Error> {
+        let reason = slice_chars(reason, SUMMARY_CHARS);
+        let note = Body::FeedbackQueued(FeedbackQueued {
+            conversation_id: requested.conversation_id.clone(),
+            status: status as i32,
+            summary: reason.clone(),
+            goal: requested.goal.clone(),
+        });
+        let terminal = Body::RunFinished(RunFinished {
+            status: status as i32,
+            reason: reason.clone(),
+            summary: reason,
+            ..Default::default()
+        });
+        // The note is the event just before the end: on the tail if it was written.
+        let noted = |b: &Body| matches!(b, Body::FeedbackQueued(_)).then_some(());
+        let ended = |b: &Body| matches!(b, Body::RunFinished(_)).then_some(());
+        let result = async {
+            self.ensure(noted, note, causation_id).await?;
+            self.ensure(ended, terminal, causation_id).await
+        }
+        .await;
+        match result {
+            Err(e) if e.kind() == ErrorKind::Finished => Ok(()),
+            other => other,
+        }
+    }
+
     /// [`Self::finish`], recording what the run has to show for itself.
     pub async fn finish_with(
         &mut self,

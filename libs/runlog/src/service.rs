@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 
 use dispatch_bus::RunId;
+use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_proto::run::v1::{Listener, ServiceSpec, ServiceWoken, run_event::Body};
 use prost::Message as _;
 
@@ -96,7 +97,20 @@ pub fn check_spec(spec: &ServiceSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn check_listener(listener: &Listener) -> Result<(), String> {
+/// The prefixes a listener's signing secret's name starts with: ingress, which faces
+/// the internet, may read only those secrets.
+pub const SIGNING_SECRET_PREFIXES: [&str; 2] = ["WEBHOOK_", "webhook-"];
+
+/// Whether `name` may name a listener's signing secret.
+pub fn is_signing_secret_name(name: &str) -> bool {
+    SIGNING_SECRET_PREFIXES
+        .iter()
+        .any(|prefix| name.len() > prefix.len() && name.starts_with(prefix))
+        && is_name(name, 64)
+}
+
+/// Checks one listener by the rules of [`check_spec`].
+pub fn check_listener(listener: &Listener) -> Result<(), String> {
     match (listener.listen_addr.is_empty(), listener.hook.is_empty()) {
         (true, true) => return Err("it needs an address to listen on or a hook".into()),
         (false, false) => return Err("it has both an address and a hook; give one".into()),
@@ -141,9 +155,10 @@ fn check_listener(listener: &Listener) -> Result<(), String> {
     if !listener.secret_sha256.is_empty() && listener.secret_sha256.len() != 32 {
         return Err("the shared secret's digest is not a SHA-256".into());
     }
-    if !listener.signing_secret.is_empty() && !is_name(&listener.signing_secret, 64) {
+    if !listener.signing_secret.is_empty() && !is_signing_secret_name(&listener.signing_secret) {
         return Err(format!(
-            "signing secret {:?} is not a secret name (letters, digits, `_` and `-`)",
+            "signing secret {:?} must be a secret name starting with `WEBHOOK_` or \
+             `webhook-` (ingress reads no other secrets)",
             crate::slice_chars(&listener.signing_secret, 64)
         ));
     }
@@ -192,24 +207,43 @@ fn is_name(text: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
-/// Records in the service run `parent`'s log that it woke for `reason` and started
-/// `child`. Returns why not when the wake may not run: `parent` is not a service, or it
-/// has ended. Safe to repeat: the event's id is made from `child`, so a second append
-/// is dropped as a duplicate. It reads two events of the service's log, not all of it,
-/// so a service's thousandth wake costs what its first did.
+/// Records in the service run `parent`'s log that it woke and started the run `wake`
+/// names. Returns why not when the wake may not run: `parent` is not a service, the
+/// wake is not of the service's own goal (or names a listener it has not), or the
+/// service has ended. Safe to repeat: the event's id is made from the wake's run, so a
+/// second append is dropped as a duplicate. It reads two events of the service's log,
+/// not all of it, so a service's thousandth wake costs what its first did.
 pub async fn record_wake(
     log: &RunLog,
     parent: RunId,
-    child: &RunId,
-    reason: &str,
-    listener: u32,
+    wake: &SubmitGoal,
 ) -> Result<Result<(), String>, Error> {
-    let is_service = log.first_event(&parent).await?.is_some_and(
-        |first| matches!(first.event.body, Some(Body::RunRequested(r)) if r.kind == KIND),
-    );
-    if !is_service {
-        return Ok(Err(format!("run {parent} is not a service run")));
+    let child: RunId = match wake.run_id.parse() {
+        Ok(child) => child,
+        Err(e) => return Ok(Err(format!("the wake's run id: {e}"))),
+    };
+    let service = match log.first_event(&parent).await?.and_then(|e| e.event.body) {
+        Some(Body::RunRequested(r)) if r.kind == KIND => r,
+        _ => return Ok(Err(format!("run {parent} is not a service run"))),
+    };
+    // A wake runs the service's goal, in its conversation, with its budget: anything
+    // else is some other goal wearing the service's name.
+    let requested = crate::submit::requested(wake);
+    let listeners = service.service.as_ref().map_or(0, |s| s.listeners.len());
+    let listener_ok = match wake.wake.as_str() {
+        WAKE_WEBHOOK => (1..=listeners).contains(&(wake.listener as usize)),
+        _ => wake.listener == 0,
+    };
+    if requested.goal != service.goal
+        || requested.conversation_id != service.conversation_id
+        || requested.timeout_ms != service.timeout_ms
+        || !listener_ok
+    {
+        return Ok(Err(format!(
+            "the wake is not of service {parent}'s goal and sources"
+        )));
     }
+    let (reason, listener) = (wake.wake.as_str(), wake.listener);
     let mut tail = log.handle_tail(parent).await?;
     let body = Body::ServiceWoken(ServiceWoken {
         run_id: child.to_string(),
@@ -221,7 +255,7 @@ pub async fn record_wake(
             return Ok(Err(format!("its service run {parent} has ended")));
         }
         match tail
-            .append_with_id(wake_event_id(child), body.clone(), &child.to_string())
+            .append_with_id(wake_event_id(&child), body.clone(), &child.to_string())
             .await
         {
             Ok(_) => return Ok(Ok(())),
@@ -275,7 +309,7 @@ mod tests {
                 },
                 Listener {
                     hook: "acme/triage/github".into(),
-                    signing_secret: "GITHUB_WEBHOOK".into(),
+                    signing_secret: "WEBHOOK_GITHUB".into(),
                     ..Default::default()
                 },
             ],

@@ -36,6 +36,14 @@ pub async fn stop(
     by: &str,
 ) -> Result<Stopped, Error> {
     let grace = grace.min(MAX_GRACE);
+    // A service is stopped from its log's ends: its first event says what it is, and
+    // its tail takes the request and the end, however many wakes lie between.
+    if let Some(first) = log.first_event(&run_id).await?
+        && let Some(Body::RunRequested(requested)) = &first.event.body
+        && requested.kind == crate::service::KIND
+    {
+        return stop_service(log, run_id, requested, force, by).await;
+    }
     let mut handle = log.handle(run_id).await?;
     if handle.is_finished() {
         return Ok(Stopped::Already);
@@ -100,5 +108,49 @@ pub async fn stop(
             Err(e) => return Err(e),
         }
     }
+    Ok(Stopped::Now)
+}
+
+/// Stops a service: nothing runs an idle service, so it ends now, `stopped by <by>`
+/// (wakes already running are runs of their own, and go on).
+async fn stop_service(
+    log: &RunLog,
+    run_id: RunId,
+    requested: &dispatch_proto::run::v1::RunRequested,
+    force: bool,
+    by: &str,
+) -> Result<Stopped, Error> {
+    let mut tail = log.handle_tail(run_id).await?;
+    let request = Body::StopRequested(StopRequested {
+        grace_ms: 0,
+        force,
+        requested_by: by.to_owned(),
+    });
+    loop {
+        if tail.is_finished() {
+            return Ok(Stopped::Already);
+        }
+        // Asked already (a stop that did not get to the end): on with the end.
+        let asked = tail
+            .bodies()
+            .any(|b| matches!(b, Body::StopRequested(_) | Body::FeedbackQueued(_)));
+        if asked {
+            break;
+        }
+        match tail.append(request.clone(), by).await {
+            Ok(_) => break,
+            // A wake got in first: the handle has read it; ask again after it.
+            Err(e) if e.kind() == ErrorKind::Conflict => {}
+            Err(e) if e.kind() == ErrorKind::Finished => return Ok(Stopped::Already),
+            Err(e) => return Err(e),
+        }
+    }
+    tail.finish_tail(
+        RunStatus::Stopped,
+        &format!("stopped by {by}"),
+        requested,
+        by,
+    )
+    .await?;
     Ok(Stopped::Now)
 }

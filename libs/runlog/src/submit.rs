@@ -365,6 +365,19 @@ impl Submission {
         submission
     }
 
+    /// The submission of `goal` as the run `run_id`, chosen by the caller (a webhook
+    /// delivery's run, remembered across the sender's retries): storing it again is the
+    /// same run.
+    pub fn for_run(goal: Goal, run_id: RunId) -> Self {
+        let mut submission = Self::with_msg_id(goal, run_id, run_id.to_string());
+        submission.command.request_event_id = crate::derived_uuid(
+            crate::uuid_millis(&run_id.to_string()),
+            &format!("{run_id}/requested"),
+        )
+        .to_string();
+        submission
+    }
+
     fn with_msg_id(goal: Goal, run_id: RunId, msg_id: String) -> Self {
         let command = SubmitGoal {
             run_id: run_id.to_string(),

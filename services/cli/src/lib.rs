@@ -548,14 +548,15 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let run_id = resolve(&bus, &run).await?;
             let log = sealed_log(&bus, &workspace, &trust).await?;
             stop(&log, run_id, grace, force).await?;
-            let events = log.read(&run_id).await?;
-            let requested = events
-                .iter()
-                .find_map(|e| match &e.event.body {
-                    Some(Body::RunRequested(r)) => Some(r.clone()),
-                    _ => None,
-                })
-                .ok_or_else(|| Failure::new(format!("run {run_id} has no request to restart")))?;
+            // The request is the log's first event: one read, however long the log.
+            let requested = match log.first_event(&run_id).await?.and_then(|e| e.event.body) {
+                Some(Body::RunRequested(r)) => r,
+                _ => {
+                    return Err(Failure::new(format!(
+                        "run {run_id} has no request to restart"
+                    )));
+                }
+            };
             let goal = Goal::new(
                 &requested.goal,
                 &requested.conversation_id,

@@ -34,7 +34,8 @@ pub struct ServeArgs {
     /// The time zone of the --schedule expressions (IANA name; default UTC).
     #[arg(long, value_name = "ZONE", default_value = "")]
     tz: String,
-    /// An idle heartbeat: wake this often when nothing else does, e.g. 30s, 10m.
+    /// An idle heartbeat: wake every this long (on each multiple of it since the epoch,
+    /// whatever else woke it), e.g. 30s, 10m.
     #[arg(long, value_parser = parse_duration)]
     interval: Option<Duration>,
     /// Listen for webhooks on this address (served by ingress; port 0: any free one;
@@ -50,12 +51,13 @@ pub struct ServeArgs {
     /// Only these methods (405 otherwise; repeatable; default POST).
     #[arg(long, value_name = "METHOD")]
     listen_method: Vec<String>,
-    /// Requests must carry this in `x-dispatch-secret` or `Authorization: Bearer`
-    /// (401 otherwise). Only its SHA-256 is recorded.
+    /// Requests must carry this (16 characters at least) in `x-dispatch-secret` or
+    /// `Authorization: Bearer` (401 otherwise). Only its SHA-256 is recorded.
     #[arg(long, value_name = "TOKEN")]
     listen_shared_secret: Option<String>,
     /// Requests must be signed per Standard Webhooks with the key (`whsec_…`) stored
-    /// as this secret (`dispatch secret set NAME`).
+    /// as this secret (`dispatch secret set NAME`); its name starts with `WEBHOOK_` or
+    /// `webhook-` (ingress reads no other secrets).
     #[arg(long, value_name = "NAME")]
     listen_signing_secret: Option<String>,
     /// Largest request body taken (413 beyond it; default 8192).
@@ -141,8 +143,20 @@ pub async fn wake(bus: &Bus, log: &RunLog, service: RunId, payload: &str) -> Res
     Ok(exit::DONE)
 }
 
+/// The shortest shared secret taken: its digest is in the service's log, where a short
+/// one could be guessed back from it.
+const MIN_SECRET_CHARS: usize = 16;
+
 /// The service's spec from the file and the flags.
 fn spec(args: &ServeArgs, file: &Agentfile, secret: Option<&str>) -> Result<ServiceSpec, Failure> {
+    if let Some(secret) = secret
+        && secret.chars().count() < MIN_SECRET_CHARS
+    {
+        return Err(Failure::new(format!(
+            "the listeners' shared secret is too short: at least {MIN_SECRET_CHARS} characters \
+             (say `openssl rand -hex 16`)"
+        )));
+    }
     let mut schedules: Vec<ServiceSchedule> = Vec::new();
     let flag_schedules = args.schedule.iter().map(|e| (e.clone(), args.tz.clone()));
     for (expression, time_zone) in file.schedules.iter().cloned().chain(flag_schedules) {

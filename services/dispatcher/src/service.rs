@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use dispatch_bus::async_nats::jetstream::kv;
 use dispatch_bus::{RunId, streams, subject};
-use dispatch_proto::api::Reply;
 use dispatch_proto::api::v1::{AddScheduleRequest, Schedule};
+use dispatch_proto::api::{QueryError, Reply};
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_proto::run::v1::{
     ListenerEntry, RunRequested, RunStarted, RunStatus, ServiceSchedule, run_event::Body,
@@ -46,15 +46,8 @@ pub(crate) async fn start(ctx: &Context, run_id: RunId, command: &SubmitGoal) ->
             ..Default::default()
         });
     }
-    let mut schedule_ids = Vec::with_capacity(sources.len());
-    for (i, source) in sources.iter().enumerate() {
-        match add_schedule(ctx, &run_id, i, source, &requested).await? {
-            Ok(schedule) => schedule_ids.push(schedule.schedule_id),
-            // The spec was checked on its way in; only a scheduler that disagrees gets
-            // here, and asking again will not change its mind.
-            Err(e) => return refuse(ctx, &mut run, format!("schedule {}: {e}", i + 1)).await,
-        }
-    }
+    // Listeners first: a hook another service holds refuses the start before any
+    // schedule is made.
     let listeners = ctx
         .bus
         .jetstream()
@@ -73,6 +66,19 @@ pub(crate) async fn start(ctx: &Context, run_id: RunId, command: &SubmitGoal) ->
         };
         if let Err(why) = put_listener(ctx, &listeners, &entry).await? {
             return refuse(ctx, &mut run, format!("listener {}: {why}", i + 1)).await;
+        }
+    }
+    let mut schedule_ids = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        match add_schedule(ctx, &run_id, i, source, &requested).await? {
+            Ok(schedule) => schedule_ids.push(schedule.schedule_id),
+            // Not stored this time: the start is tried again.
+            Err(QueryError::Unavailable(e)) => {
+                return Err(dispatch_bus::Error::other("a service's schedule", e).into());
+            }
+            // The spec was checked on its way in; only a scheduler that disagrees gets
+            // here, and asking again will not change its mind.
+            Err(e) => return refuse(ctx, &mut run, format!("schedule {}: {e}", i + 1)).await,
         }
     }
     let started = Body::RunStarted(RunStarted {
@@ -209,12 +215,6 @@ pub(crate) async fn record_wake(
         Ok(parent) => parent,
         Err(e) => return Ok(Err(format!("its service run: {e}"))),
     };
-    Ok(dispatch_runlog::service::record_wake(
-        &ctx.log,
-        parent,
-        &run_id,
-        &command.wake,
-        command.listener,
-    )
-    .await?)
+    debug_assert_eq!(command.run_id, run_id.to_string());
+    Ok(dispatch_runlog::service::record_wake(&ctx.log, parent, command).await?)
 }

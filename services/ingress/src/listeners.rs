@@ -58,8 +58,13 @@ pub const LEASE: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_secs(2);
 /// A claim is renewed once it is this old.
 const RENEW: Duration = Duration::from_secs(5);
-/// How often a listener's service is looked at to see whether it has ended.
+/// How often the holder of a bound listener looks whether its service has ended, and
+/// how often a hook's is looked at by some copy (a request to an ended service's
+/// listener finds out for itself, so hooks are only tidied up).
 const ENDED_CHECK: Duration = Duration::from_secs(5);
+const HOOK_ENDED_CHECK: Duration = Duration::from_secs(60);
+/// How long this copy leaves a listener it could not bind before claiming it again.
+const BIND_BACKOFF: Duration = Duration::from_secs(30);
 /// Connections one bound listener serves at once.
 const MAX_CONNECTIONS: usize = 64;
 
@@ -87,12 +92,25 @@ pub(crate) struct Listeners {
     bus: dispatch_bus::Bus,
     workspace: std::path::PathBuf,
     me: String,
-    /// Every listener entry, as the watch last delivered it, by key.
-    entries: Mutex<HashMap<String, (ListenerEntry, u64)>>,
+    /// Which run each signed delivery woke.
+    webhooks: kv::Store,
+    /// Every listener entry, as the watch last delivered it, by key: the entry, its
+    /// revision, and when the server stored it (unix ms; claims are judged by the
+    /// server's clock, not by the claiming copy's).
+    entries: Mutex<HashMap<String, Stored>>,
     /// The listeners this copy serves on their own address, by key.
     bound: Mutex<HashMap<String, Bound>>,
     /// When each entry's service was last seen not to have ended (unix ms).
     checked: Mutex<HashMap<String, i64>>,
+    /// Listeners this copy could not bind, and when it may claim them again.
+    backoff: Mutex<HashMap<String, i64>>,
+}
+
+#[derive(Clone)]
+struct Stored {
+    entry: ListenerEntry,
+    revision: u64,
+    stored_ms: i64,
 }
 
 struct Bound {
@@ -116,6 +134,11 @@ impl Listeners {
             .get_stream(streams::RUNS)
             .await
             .map_err(|e| dispatch_bus::Error::other("open the run logs", e))?;
+        let webhooks = bus
+            .jetstream()
+            .get_key_value(streams::WEBHOOKS_BUCKET)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the webhook deliveries", e))?;
         Ok(Arc::new(Self {
             bucket,
             runs,
@@ -123,9 +146,11 @@ impl Listeners {
             bus: bus.clone(),
             workspace: workspace.to_path_buf(),
             me,
+            webhooks,
             entries: Mutex::default(),
             bound: Mutex::default(),
             checked: Mutex::default(),
+            backoff: Mutex::default(),
         }))
     }
 
@@ -187,9 +212,17 @@ impl Listeners {
                 Ok(listener) => {
                     let newer = entries
                         .get(&entry.key)
-                        .is_none_or(|(_, revision)| *revision < entry.revision);
+                        .is_none_or(|held| held.revision < entry.revision);
                     if newer {
-                        entries.insert(entry.key, (listener, entry.revision));
+                        let stored_ms = (entry.created.unix_timestamp_nanos() / 1_000_000) as i64;
+                        entries.insert(
+                            entry.key,
+                            Stored {
+                                entry: listener,
+                                revision: entry.revision,
+                                stored_ms,
+                            },
+                        );
                     }
                 }
                 Err(e) => {
@@ -207,33 +240,51 @@ impl Listeners {
     /// whose service has ended.
     async fn tick(&self, app: &Arc<App>) {
         let now = now_ms();
-        let entries: Vec<(String, ListenerEntry, u64)> = self
+        let entries: Vec<(String, Stored)> = self
             .entries
             .lock()
             .expect("not poisoned")
             .iter()
-            .map(|(k, (e, r))| (k.clone(), e.clone(), *r))
+            .map(|(k, stored)| (k.clone(), stored.clone()))
             .collect();
-        // Bound listeners whose entry is gone.
+        // Bound listeners whose entry is gone, and bookkeeping of entries that are.
         let gone: Vec<String> = self
             .bound
             .lock()
             .expect("not poisoned")
             .keys()
-            .filter(|k| !entries.iter().any(|(key, _, _)| key == *k))
+            .filter(|k| !entries.iter().any(|(key, _)| key == *k))
             .cloned()
             .collect();
         for key in gone {
             self.unbind(&key);
         }
-        for (key, entry, revision) in entries {
+        let live = |k: &String| entries.iter().any(|(key, _)| key == k);
+        self.checked
+            .lock()
+            .expect("not poisoned")
+            .retain(|k, _| live(k));
+        self.backoff
+            .lock()
+            .expect("not poisoned")
+            .retain(|k, until| live(k) && *until > now);
+        for (key, stored) in entries {
+            let Stored {
+                entry,
+                revision,
+                stored_ms,
+            } = stored;
             let listener = entry.listener.clone().unwrap_or_default();
             let mine = entry.bound_by == self.me;
-            let free = entry.bound_by.is_empty()
-                || now.saturating_sub(entry.claimed_at_ms) > LEASE.as_millis() as i64;
-            // The holder (or anyone, for a hook or an unclaimed listener) looks now and
-            // then whether the service has ended.
-            if (mine || free || listener.listen_addr.is_empty()) && self.due_for_check(&key, now) {
+            // Judged by when the server stored the claim: copies' clocks may differ.
+            let age = now.saturating_sub(stored_ms);
+            let lapsed = age > LEASE.as_millis() as i64;
+            let free = entry.bound_by.is_empty() || lapsed;
+            let hook = listener.listen_addr.is_empty();
+            // The holder of a bound listener (or anyone, for one nobody holds) looks
+            // now and then whether its service has ended; hooks, seldom.
+            let every = if hook { HOOK_ENDED_CHECK } else { ENDED_CHECK };
+            if (mine || free) && self.due_for_check(&key, now, every) {
                 match self.service_ended(&entry.service_run_id).await {
                     Ok(true) => {
                         self.remove(&key, &entry, revision).await;
@@ -250,22 +301,24 @@ impl Listeners {
                     }
                 }
             }
-            if listener.listen_addr.is_empty() {
+            if hook {
                 continue;
             }
             let serving = self.bound.lock().expect("not poisoned").contains_key(&key);
-            if mine {
-                if !serving {
-                    self.bind(app, &key, entry, revision).await;
-                } else if now.saturating_sub(entry.claimed_at_ms) > RENEW.as_millis() as i64 {
-                    let mut renewed = entry;
-                    renewed.claimed_at_ms = now;
-                    if self.store(&key, renewed, revision).await.is_none() {
-                        // Someone else wrote it since: the watch says who holds it.
-                        tracing::info!(key, "a listener's claim changed under this copy");
-                    }
+            if mine && lapsed && serving {
+                // This copy's claim ran out unrenewed (NATS away, say): another copy
+                // may hold the listener now, so this one stops serving it.
+                tracing::warn!(key, "this copy's claim on a listener lapsed; letting it go");
+                self.unbind(&key);
+            } else if mine && !lapsed && !serving {
+                self.bind(app, &key, entry, revision).await;
+            } else if mine && !lapsed && age > RENEW.as_millis() as i64 {
+                let mut renewed = entry;
+                renewed.claimed_at_ms = now;
+                if self.store(&key, renewed, revision).await.is_none() {
+                    tracing::info!(key, "a listener's claim changed under this copy");
                 }
-            } else if free {
+            } else if free && !serving && !self.backing_off(&key, now) {
                 let mut claimed = entry;
                 claimed.bound_by = self.me.clone();
                 claimed.bound_addr = String::new();
@@ -273,7 +326,7 @@ impl Listeners {
                 if let Some(revision) = self.store(&key, claimed.clone(), revision).await {
                     self.bind(app, &key, claimed, revision).await;
                 }
-            } else if serving {
+            } else if !mine && !free && serving {
                 tracing::info!(
                     key,
                     holder = entry.bound_by,
@@ -284,12 +337,20 @@ impl Listeners {
         }
     }
 
-    fn due_for_check(&self, key: &str, now: i64) -> bool {
+    fn backing_off(&self, key: &str, now: i64) -> bool {
+        self.backoff
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .is_some_and(|until| *until > now)
+    }
+
+    fn due_for_check(&self, key: &str, now: i64, every: Duration) -> bool {
         self.checked
             .lock()
             .expect("not poisoned")
             .get(key)
-            .is_none_or(|at| now.saturating_sub(*at) >= ENDED_CHECK.as_millis() as i64)
+            .is_none_or(|at| now.saturating_sub(*at) >= every.as_millis() as i64)
     }
 
     /// Binds a listener this copy has claimed and records where it listens.
@@ -301,7 +362,15 @@ impl Listeners {
         let socket = match tokio::net::TcpListener::bind(addr).await {
             Ok(socket) => socket,
             Err(e) => {
-                tracing::warn!(key, %addr, error = %e, "cannot bind a listener; trying again shortly");
+                // Let another copy (on another host, say) try it, and leave it a while.
+                tracing::warn!(key, %addr, error = %e, "cannot bind a listener; leaving it to other copies for a while");
+                self.backoff
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(key.to_owned(), now_ms() + BIND_BACKOFF.as_millis() as i64);
+                entry.bound_by.clear();
+                entry.claimed_at_ms = 0;
+                let _ = self.store(key, entry, revision).await;
                 return;
             }
         };
@@ -339,13 +408,16 @@ impl Listeners {
             .await;
         });
         tracing::info!(key, %bound_addr, "listener bound");
-        self.bound.lock().expect("not poisoned").insert(
+        let replaced = self.bound.lock().expect("not poisoned").insert(
             key.to_owned(),
             Bound {
                 stop,
                 addr: bound_addr,
             },
         );
+        if let Some(replaced) = replaced {
+            replaced.stop.cancel();
+        }
     }
 
     fn unbind(&self, key: &str) {
@@ -358,7 +430,11 @@ impl Listeners {
     /// Gives up this copy's claim on `key`, if it still holds it.
     async fn release(&self, key: &str) {
         let held = self.entries.lock().expect("not poisoned").get(key).cloned();
-        if let Some((mut entry, revision)) = held
+        if let Some(Stored {
+            mut entry,
+            revision,
+            ..
+        }) = held
             && entry.bound_by == self.me
         {
             entry.bound_by.clear();
@@ -378,9 +454,14 @@ impl Listeners {
         {
             Ok(new) => {
                 let mut entries = self.entries.lock().expect("not poisoned");
-                let newer = entries.get(key).is_none_or(|(_, r)| *r < new);
+                let newer = entries.get(key).is_none_or(|held| held.revision < new);
                 if newer {
-                    entries.insert(key.to_owned(), (entry, new));
+                    let stored = Stored {
+                        entry,
+                        revision: new,
+                        stored_ms: now_ms(),
+                    };
+                    entries.insert(key.to_owned(), stored);
                 }
                 Some(new)
             }
@@ -441,8 +522,37 @@ impl Listeners {
         }
     }
 
+    /// The run the delivery `id` to the service's `index`th listener wakes: the one
+    /// remembered for it, or a new one, remembered now. A sender re-signs each retry
+    /// with a new timestamp; its `webhook-id` stays, and so does the run.
+    async fn delivery_run(&self, service: &RunId, index: u32, id: &str) -> Result<RunId, String> {
+        let digest = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..16]);
+        let key = format!("{}.{digest}", listener_key(service, index));
+        let fresh = RunId::new();
+        match self.webhooks.create(&key, fresh.to_string().into()).await {
+            Ok(_) => Ok(fresh),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let held = self
+                    .webhooks
+                    .get(&key)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("a remembered delivery vanished")?;
+                std::str::from_utf8(&held)
+                    .ok()
+                    .and_then(|text| text.parse::<RunId>().ok())
+                    .ok_or_else(|| "a remembered delivery names no run".to_owned())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// The Standard Webhooks key stored as secret `name`.
     async fn signing_key(&self, name: &str) -> Result<standardwebhooks::Webhook, String> {
+        // Ingress faces the internet: it reads only secrets named for webhooks.
+        if !dispatch_runlog::service::is_signing_secret_name(name) {
+            return Err(format!("secret {name} is not a webhook signing secret"));
+        }
         let store = self
             .secrets
             .get_or_try_init(|| async {
@@ -482,7 +592,7 @@ async fn bound_wake(State(target): State<Target>, request: Request) -> Response 
         .lock()
         .expect("not poisoned")
         .get(&target.key)
-        .map(|(entry, _)| entry.clone());
+        .map(|held| held.entry.clone());
     let Some(entry) = found else {
         return error(
             StatusCode::NOT_FOUND,
@@ -538,13 +648,6 @@ pub(crate) async fn hook_wake(
             );
         }
     };
-    // A hook of an ended service is no hook (the copy that notices removes it).
-    if matches!(
-        listeners.service_ended(&entry.service_run_id).await,
-        Ok(true)
-    ) {
-        return not_found();
-    }
     let at = format!("/hooks/{hook}");
     wake(&app, &listeners, &entry, at, request, false).await
 }
@@ -559,6 +662,15 @@ async fn wake(
     check_path: bool,
 ) -> Response {
     let listener = entry.listener.clone().unwrap_or_default();
+    // The entry comes from a bucket: held to the same rules as a spec.
+    if let Err(e) = dispatch_runlog::service::check_listener(&listener) {
+        tracing::warn!(
+            service = entry.service_run_id,
+            error = e,
+            "a listener entry that does not check out"
+        );
+        return error(StatusCode::NOT_FOUND, "not_found", "no such listener");
+    }
     let (parts, body) = request.into_parts();
     let remote = parts
         .extensions
@@ -641,7 +753,7 @@ async fn wake(
         }
     };
     // A signed request names its delivery: its id fixes the wake's run.
-    let mut delivery: Option<(String, i64)> = None;
+    let mut delivery: Option<String> = None;
     if !listener.signing_secret.is_empty() {
         let webhook = match listeners.signing_key(&listener.signing_secret).await {
             Ok(webhook) => webhook,
@@ -662,10 +774,7 @@ async fn wake(
             return unauthorized(&format!("the Standard Webhooks signature: {e}"));
         }
         let id = header_text(&parts.headers, "webhook-id").unwrap_or_default();
-        let ts = header_text(&parts.headers, "webhook-timestamp")
-            .and_then(|t| t.parse::<i64>().ok())
-            .unwrap_or_default();
-        delivery = Some((id.to_owned(), ts.saturating_mul(1000)));
+        delivery = Some(id.to_owned());
     }
     let envelope = envelope(
         &listener_at,
@@ -688,6 +797,25 @@ async fn wake(
     let Ok(service) = entry.service_run_id.parse::<RunId>() else {
         return error(StatusCode::NOT_FOUND, "not_found", "no such listener");
     };
+    // Only now, past the checks a stranger cannot pass: is the service still there?
+    match listeners.service_ended(&entry.service_run_id).await {
+        Ok(false) => {}
+        Ok(true) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this listener's service has ended",
+            );
+        }
+        Err(e) => {
+            tracing::warn!(service = %service, error = e, "cannot tell whether a listener's service has ended");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "dispatch_failed",
+                "the wake could not be dispatched; retry",
+            );
+        }
+    }
     let goal = Goal::new(
         &entry.goal,
         &entry.conversation_id,
@@ -708,11 +836,17 @@ async fn wake(
         }
     };
     let submission = match delivery {
-        Some((id, at_ms)) => Submission::fired(
-            goal,
-            &format!("{}/{}", listener_key(&service, entry.index), id),
-            at_ms,
-        ),
+        Some(id) => match listeners.delivery_run(&service, entry.index, &id).await {
+            Ok(run_id) => Submission::for_run(goal, run_id),
+            Err(e) => {
+                tracing::warn!(service = %service, error = e, "cannot look up a webhook delivery");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "dispatch_failed",
+                    "the wake could not be dispatched; retry",
+                );
+            }
+        },
         None => Submission::new(goal),
     };
     match crate::store(app, &submission).await {

@@ -100,6 +100,15 @@ pub(crate) async fn add(State(app): State<Arc<App>>, request: Request) -> Respon
         Ok(asked) => asked,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_schedule", e.to_string()),
     };
+    // A service's schedules are the dispatcher's to make, from the service's own spec.
+    if !asked.service_run_id.is_empty() || !asked.schedule_id.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_schedule",
+            "service_run_id and schedule_id are set by Dispatch for a service's schedules; \
+             start a service with `dispatch serve`",
+        );
+    }
     asked.created_by = crate::stops::requested_by("http", &caller);
     let reply: Result<Reply<Schedule>, _> = app
         .bus
