@@ -49,7 +49,7 @@ pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
         let seeded_in = started.elapsed();
         settle(&bus).await?;
 
-        let raw = super::raw_publish_latencies(&bus, ACK_SAMPLES).await?;
+        let raw = super::raw_publish_latencies(&bus, ACK_SAMPLES, super::PAYLOAD).await?;
         let ack = super::post_latencies(&http_addr, &key, ACK_SAMPLES).await?;
         in_log += ACK_SAMPLES;
         settle(&bus).await?;

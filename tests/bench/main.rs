@@ -147,7 +147,7 @@ async fn ack_section(
     lines: &mut Vec<String>,
     results: &mut Results,
 ) -> Result<()> {
-    let raw = raw_publish_latencies(bus, ACK_SAMPLES).await?;
+    let raw = raw_publish_latencies(bus, ACK_SAMPLES, PAYLOAD).await?;
     let ingress = Service::start("ingress", nats, workspace, &["--listen", "127.0.0.1:0"]).await?;
     let http_addr = ingress.health().detail["http_addr"]
         .as_str()
@@ -425,8 +425,9 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn raw_publish_latencies(bus: &Bus, n: usize) -> Result<Vec<f64>> {
-    let payload = bytes::Bytes::from(vec![b'x'; PAYLOAD]);
+/// Raw JetStream: publish + ack of `n` messages of `size` bytes, one at a time (ms each).
+pub(crate) async fn raw_publish_latencies(bus: &Bus, n: usize, size: usize) -> Result<Vec<f64>> {
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let started = Instant::now();

@@ -73,16 +73,7 @@ pub async fn run(
     drop(ingress);
     drop(dispatcher);
     // Raw: publish + ack of a goal-sized message (the envelope is most of a wake's goal).
-    let payload = bytes::Bytes::from(vec![b'x'; 600]);
-    let mut raw = Vec::with_capacity(SAMPLES);
-    for i in 0..SAMPLES {
-        let started = Instant::now();
-        bus.jetstream()
-            .publish(format!("bench.hook.{}", i % 16), payload.clone())
-            .await?
-            .await?;
-        raw.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
+    let raw = crate::raw_publish_latencies(bus, SAMPLES, 600).await?;
     let (p50, p99) = (percentile(&hooks, 50.0), percentile(&hooks, 99.0));
     let (raw50, raw99) = (percentile(&raw, 50.0), percentile(&raw, 99.0));
     lines.push(format!(

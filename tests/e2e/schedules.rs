@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use dispatch_bus::{Bus, streams};
+use dispatch_bus::Bus;
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_tests::Stack;
-use futures::StreamExt as _;
-use prost::Message as _;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -19,34 +17,13 @@ const EVERY_TWO: &str = "*/2 * * * * * *";
 /// Every goal the schedules stored, by fire time (its run id's time), with how many
 /// were stored for that time.
 async fn fired(bus: &Bus) -> Result<BTreeMap<i64, Vec<SubmitGoal>>> {
-    let stream = bus.jetstream().get_stream(streams::GOALS).await?;
-    let last = stream.get_info().await?.state.last_sequence;
     let mut by_time: BTreeMap<i64, Vec<SubmitGoal>> = BTreeMap::new();
-    if last == 0 {
-        return Ok(by_time);
-    }
-    let consumer = stream
-        .create_consumer(
-            dispatch_bus::async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subject: "dispatch.goal.*".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let mut messages = consumer.messages().await?;
-    while let Some(message) = messages.next().await {
-        let message = message?;
-        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let seq = info.stream_sequence;
-        let goal = SubmitGoal::decode(message.payload.as_ref())?;
+    for goal in dispatch_tests::stored_goals(bus).await? {
         if goal.origin == "schedule" {
             let id = uuid::Uuid::parse_str(&goal.run_id)?;
             let (secs, nanos) = id.get_timestamp().context("a v7 id")?.to_unix();
             let ms = secs as i64 * 1000 + i64::from(nanos / 1_000_000);
             by_time.entry(ms).or_default().push(goal);
-        }
-        if seq >= last {
-            break;
         }
     }
     Ok(by_time)

@@ -43,36 +43,11 @@ fn wakes(events: &[StoredEvent]) -> Vec<ServiceWoken> {
 
 /// Every goal stored that wakes `service`.
 async fn wake_goals(stack: &Stack, service: &str) -> Result<Vec<SubmitGoal>> {
-    let stream = stack.bus.jetstream().get_stream(streams::GOALS).await?;
-    let last = stream.get_info().await?.state.last_sequence;
-    let mut goals = Vec::new();
-    if last == 0 {
-        return Ok(goals);
-    }
-    let consumer = stream
-        .create_consumer(
-            dispatch_bus::async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subject: "dispatch.goal.*".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let mut messages = consumer.messages().await?;
-    while let Some(message) = futures::StreamExt::next(&mut messages).await {
-        let message = message?;
-        let seq = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .stream_sequence;
-        let goal = <SubmitGoal as prost::Message>::decode(message.payload.as_ref())?;
-        if goal.parent_run_id == service {
-            goals.push(goal);
-        }
-        if seq >= last {
-            break;
-        }
-    }
-    Ok(goals)
+    let goals = dispatch_tests::stored_goals(&stack.bus).await?;
+    Ok(goals
+        .into_iter()
+        .filter(|g| g.parent_run_id == service)
+        .collect())
 }
 
 fn inspect(stack: &Stack, run: &str) -> Result<Value> {

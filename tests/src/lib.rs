@@ -592,3 +592,38 @@ pub fn files_holding(
     }
     found
 }
+
+/// Every goal stored in the goal stream, oldest first.
+pub async fn stored_goals(bus: &Bus) -> Result<Vec<dispatch_proto::command::v1::SubmitGoal>> {
+    use futures::StreamExt as _;
+    let stream = bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::GOALS)
+        .await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    let mut goals = Vec::new();
+    if last == 0 {
+        return Ok(goals);
+    }
+    let consumer = stream
+        .create_consumer(
+            dispatch_bus::async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: dispatch_bus::subject::GOALS_ALL.into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let seq = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
+        goals.push(prost::Message::decode(message.payload.as_ref())?);
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(goals)
+}

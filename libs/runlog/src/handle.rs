@@ -372,6 +372,12 @@ impl RunHandle {
             ..Default::default()
         });
         // The note is the event just before the end: on the tail if it was written.
+        self.end(note, terminal, causation_id).await
+    }
+
+    /// Appends the note, then the terminal event, each once; an end someone else wrote
+    /// first stands.
+    async fn end(&mut self, note: Body, terminal: Body, causation_id: &str) -> Result<(), Error> {
         let noted = |b: &Body| matches!(b, Body::FeedbackQueued(_)).then_some(());
         let ended = |b: &Body| matches!(b, Body::RunFinished(_)).then_some(());
         let result = async {
@@ -414,8 +420,6 @@ impl RunHandle {
             summary: summary.clone(),
             goal,
         });
-        let noted = |b: &Body| matches!(b, Body::FeedbackQueued(_)).then_some(());
-        let ended = |b: &Body| matches!(b, Body::RunFinished(_)).then_some(());
         let terminal = Body::RunFinished(RunFinished {
             status: status as i32,
             reason,
@@ -424,15 +428,7 @@ impl RunHandle {
             report: report.text,
             report_path: report.path,
         });
-        let result = async {
-            self.ensure(noted, note, causation_id).await?;
-            self.ensure(ended, terminal, causation_id).await
-        }
-        .await;
-        match result {
-            Err(e) if e.kind() == ErrorKind::Finished => Ok(()),
-            other => other,
-        }
+        self.end(note, terminal, causation_id).await
     }
 
     /// Records that a command about this run was given up after `deliveries`

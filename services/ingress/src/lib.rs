@@ -364,28 +364,53 @@ const STORE_ATTEMPTS: usize = 4;
     ),
     security(("api_key" = [])))]
 async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
-    if !is_json(request.headers()) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the goal as JSON with `Content-Type: application/json`",
-        );
-    }
-    let idempotency_key = match idempotency_key(request.headers()) {
-        Ok(key) => key,
+    let asked = match Asked::read(request, "goal").await {
+        Ok(asked) => asked,
         Err(response) => return *response,
     };
-    let direct = wants_events(request.headers());
-    let caller = access::Caller::id(request.extensions().get());
-    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
-        Ok(body) => body,
-        Err(e) => return body_error(e),
-    };
-    let goal = match validate(&body) {
-        Ok(goal) => goal,
-        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
-    };
-    hand_over(&app, goal, idempotency_key, &caller, direct).await
+    match validate(&asked.body) {
+        Ok(goal) => asked.hand_over(&app, goal).await,
+        Err((code, message)) => error(StatusCode::BAD_REQUEST, code, message),
+    }
+}
+
+/// A request to start a run, as `POST /v1/goals` and a chat message both take one: a
+/// JSON body, an optional `Idempotency-Key`, and whether the caller wants the run's
+/// output as it streams.
+struct Asked {
+    body: axum::body::Bytes,
+    idempotency_key: Option<String>,
+    caller: String,
+    direct: bool,
+}
+
+impl Asked {
+    /// Reads it, or answers why not (`what` names the body in the message).
+    async fn read(request: Request, what: &str) -> Result<Self, Box<Response>> {
+        if !is_json(request.headers()) {
+            return Err(Box::new(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("send the {what} as JSON with `Content-Type: application/json`"),
+            )));
+        }
+        let idempotency_key = idempotency_key(request.headers())?;
+        let direct = wants_events(request.headers());
+        let caller = access::Caller::id(request.extensions().get());
+        let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|e| Box::new(body_error(e)))?;
+        Ok(Self {
+            body,
+            idempotency_key,
+            caller,
+            direct,
+        })
+    }
+
+    async fn hand_over(self, app: &Arc<App>, goal: Goal) -> Response {
+        hand_over(app, goal, self.idempotency_key, &self.caller, self.direct).await
+    }
 }
 
 /// A chat message: its text is the goal, the conversation is the path's.
@@ -420,24 +445,11 @@ async fn post_message(
     Path(conversation): Path<String>,
     request: Request,
 ) -> Response {
-    if !is_json(request.headers()) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the message as JSON with `Content-Type: application/json`",
-        );
-    }
-    let idempotency_key = match idempotency_key(request.headers()) {
-        Ok(key) => key,
+    let asked = match Asked::read(request, "message").await {
+        Ok(asked) => asked,
         Err(response) => return *response,
     };
-    let direct = wants_events(request.headers());
-    let caller = access::Caller::id(request.extensions().get());
-    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
-        Ok(body) => body,
-        Err(e) => return body_error(e),
-    };
-    let message: MessageRequest = match serde_json::from_slice(&body) {
+    let message: MessageRequest = match serde_json::from_slice(&asked.body) {
         Ok(message) => message,
         Err(e) if e.is_data() => {
             return error(StatusCode::BAD_REQUEST, "invalid_goal", e.to_string());
@@ -451,7 +463,7 @@ async fn post_message(
         CHAT_ORIGIN,
     );
     match goal {
-        Ok(goal) => hand_over(&app, goal, idempotency_key, &caller, direct).await,
+        Ok(goal) => asked.hand_over(&app, goal).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
     }
 }
