@@ -159,6 +159,15 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
         "{stderr}"
     );
     assert!(stderr.contains("dispatch up"), "{stderr}");
+
+    // A list of servers (a cluster's), the first of them down, is taken; a malformed
+    // URL is called that, not unreachable.
+    let list = format!("nats://127.0.0.1:1, {}", stack.nats.url());
+    let out = stack.cli_with_env(&["ps"], &[("NATS_URL", &list)])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = stack.cli_with_env(&["ps"], &[("NATS_URL", "nats://127.0.0.1:42x2")])?;
+    assert_eq!(out.code, Some(125));
+    assert!(out.stderr.contains("bad NATS URL"), "{}", out.stderr);
     Ok(())
 }
 

@@ -161,13 +161,14 @@ impl Stack {
     pub fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Cli> {
         let output = std::process::Command::new(bin_dir().join("dispatch"))
             .args(args)
-            .envs(env.iter().copied())
             .env("NATS_URL", self.nats.url())
             .env(
                 "DISPATCH_NATS_NKEY",
                 self.nats.seed(dispatch_bus::Identity::Cli),
             )
             .env("DISPATCH_WORKSPACE", self.root())
+            // Last, so that the caller's settings win.
+            .envs(env.iter().copied())
             .output()
             .context("run dispatch")?;
         Ok(Cli {

@@ -37,6 +37,8 @@ pub enum ErrorKind {
     NoResponders,
     /// The server refused the credentials, or the identity may not do this.
     Denied,
+    /// A NATS URL that is not one (`--nats-url`, `NATS_URL`).
+    BadUrl,
     /// Anything else the server or client reported.
     Other,
 }
@@ -93,21 +95,30 @@ impl Bus {
         identity: Identity,
         credentials: &Credentials,
     ) -> Result<Self, Error> {
+        let servers = server_list(url)?;
         let options = async_nats::ConnectOptions::new()
             .name(format!("dispatch-{}", identity.name()))
             .custom_inbox_prefix(identity.inbox_prefix())
             .connection_timeout(Duration::from_secs(3))
             .max_reconnects(None)
-            // A permission the server refuses is logged by the process it refuses.
+            // Said once per outage, not per attempt; a permission the server refuses is
+            // logged by the process it refuses.
             .event_callback(|event| async move {
-                if let async_nats::Event::ServerError(error) = event {
-                    tracing::warn!(error = %error, "NATS server error");
+                match event {
+                    async_nats::Event::ServerError(error) => {
+                        tracing::warn!(error = %error, "NATS server error");
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("lost NATS; reconnecting");
+                    }
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    _ => {}
                 }
             });
         let client = credentials
             .apply(options)
             .await?
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|e| match e.kind() {
                 async_nats::ConnectErrorKind::AuthorizationViolation
@@ -227,6 +238,34 @@ impl Bus {
     }
 }
 
+/// The servers a NATS URL names: one URL, or several separated by commas (as compose
+/// and `NATS_URL` write a cluster's). A malformed one is named as such.
+pub fn server_list(url: &str) -> Result<Vec<async_nats::ServerAddr>, Error> {
+    let servers = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                Error::new(
+                    ErrorKind::BadUrl,
+                    format!(
+                        "bad NATS URL {u:?} ({e}); say nats://host:4222, or several \
+                         separated by commas"
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    if servers.is_empty() {
+        return Err(Error::new(
+            ErrorKind::BadUrl,
+            "no NATS URL given; say nats://host:4222",
+        ));
+    }
+    Ok(servers)
+}
+
 fn unreachable_error(url: &str, cause: impl std::fmt::Display) -> Error {
     Error::new(
         ErrorKind::Unreachable,
@@ -247,5 +286,29 @@ fn publish_error(err: jetstream::context::PublishError) -> Error {
             Error::new(ErrorKind::Unreachable, "connection to NATS lost")
         }
         _ => Error::other("publish", err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_is_taken_and_a_bad_url_is_named() {
+        assert_eq!(
+            server_list("nats://a:4222, nats://b:4223").unwrap().len(),
+            2
+        );
+        assert_eq!(server_list("nats://127.0.0.1:4222").unwrap().len(), 1);
+        for bad in ["nats://a:42x2", " , ", ""] {
+            let e = server_list(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::BadUrl, "{bad:?}");
+        }
+        assert!(
+            server_list("nats://a:42x2")
+                .unwrap_err()
+                .to_string()
+                .contains("bad NATS URL")
+        );
     }
 }
