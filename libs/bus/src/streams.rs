@@ -318,6 +318,79 @@ fn probe() -> Config {
     }
 }
 
+/// How long a process keeps declaring its streams and consumers against a JetStream
+/// that answers "timed out" or "not ready" (a cluster still electing its leaders when
+/// every process starts at once) before it gives up.
+pub const DECLARE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Whether a failure to declare a stream, bucket or consumer may go away if asked
+/// again: JetStream busy or still forming (a timeout, no responders, a 503, no leader
+/// yet). A refused permission or a configuration the server rejects does not.
+pub fn busy(error: &str) -> bool {
+    let error = error.to_ascii_lowercase();
+    [
+        "timed out",
+        "timeout",
+        "no responders",
+        "503",
+        "not available",
+        "no suitable peers",
+        "insufficient resources",
+        "leader",
+        "temporarily",
+        "not ready",
+    ]
+    .iter()
+    .any(|word| error.contains(word))
+}
+
+/// Runs `declare` until it succeeds, fails for good, or [`DECLARE_DEADLINE`] passes,
+/// backing off (100 ms doubling to 2 s, jittered) while JetStream is [`busy`]. Logs
+/// once when it first has to wait and once when it got through.
+pub async fn declare<T, E, F, Fut>(what: &str, mut declare: F) -> Result<T, Error>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    use backon::BackoffBuilder as _;
+    let mut delays = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(DECLARE_DEADLINE))
+        .build();
+    let mut waited = false;
+    loop {
+        match declare().await {
+            Ok(done) => {
+                if waited {
+                    tracing::info!(what, "declared once JetStream was ready");
+                }
+                return Ok(done);
+            }
+            Err(e) => {
+                let error = e.to_string();
+                match delays.next() {
+                    Some(delay) if busy(&error) => {
+                        if !waited {
+                            tracing::warn!(
+                                what,
+                                error,
+                                "JetStream is busy; declaring again shortly"
+                            );
+                            waited = true;
+                        }
+                        tokio::time::sleep(delay).await;
+                    }
+                    _ => return Err(Error::other(&format!("declare {what}"), error)),
+                }
+            }
+        }
+    }
+}
+
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
     let defaults = conversations(&ConversationKnobs::default());
@@ -332,11 +405,10 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         deliveries(),
     ] {
         let name = config.name.clone();
-        let stream = bus
-            .jetstream()
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| Error::other(&format!("declare stream {name}"), e))?;
+        let stream = declare(&format!("stream {name}"), || {
+            bus.jetstream().get_or_create_stream(config.clone())
+        })
+        .await?;
         if name == RUNS && stream.cached_info().config.republish.is_none() {
             add_feed(bus, stream.cached_info().config.clone()).await;
         }
@@ -350,10 +422,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         (webhooks(), "the webhook deliveries bucket"),
     ] {
         if bus.jetstream().get_key_value(&config.bucket).await.is_err() {
-            bus.jetstream()
-                .create_key_value(config)
-                .await
-                .map_err(|e| Error::other(&format!("declare {what}"), e))?;
+            declare(what, || bus.jetstream().create_key_value(config.clone())).await?;
         }
     }
     Ok(())
@@ -372,5 +441,67 @@ async fn add_feed(bus: &Bus, mut config: Config) {
             "the run-log stream has no run feeds and this identity cannot add them; run \
              `dispatch up` (or connect as admin) once to add them"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_jetstream_is_told_from_a_refusal() {
+        for busy_error in [
+            "jetstream request timed out",
+            "timed out: didn't receive any response",
+            "no responders",
+            "JetStream system temporarily unavailable (503)",
+            "no suitable peers for placement",
+        ] {
+            assert!(busy(busy_error), "{busy_error}");
+        }
+        for refusal in [
+            "Permissions Violation for Publish to \"$JS.API.STREAM.CREATE.X\"",
+            "stream name already in use with a different configuration",
+        ] {
+            assert!(!busy(refusal), "{refusal}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn declaring_rides_out_a_busy_spell_and_stops_at_a_refusal() {
+        let mut tries = 0;
+        let got = declare("stream X", || {
+            tries += 1;
+            let answer = if tries < 4 {
+                Err("jetstream request timed out")
+            } else {
+                Ok(tries)
+            };
+            async move { answer }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, 4);
+        let mut tries = 0;
+        let refused = declare("stream X", || {
+            tries += 1;
+            async { Err::<(), _>("Permissions Violation") }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(tries, 1);
+        assert!(refused.to_string().contains("declare stream X"));
+        let started = tokio::time::Instant::now();
+        let gave_up = declare("stream X", || async { Err::<(), _>("timed out") }).await;
+        assert!(gave_up.is_err());
+        let waited = started.elapsed();
+        assert!(
+            waited >= DECLARE_DEADLINE - Duration::from_secs(3),
+            "{waited:?}"
+        );
+        assert!(
+            waited <= DECLARE_DEADLINE + Duration::from_secs(3),
+            "{waited:?}"
+        );
     }
 }

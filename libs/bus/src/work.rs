@@ -245,25 +245,26 @@ where
     F: Fn(jetstream::Message, Slot) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let stream = bus
-        .jetstream()
-        .get_stream(queue.stream)
-        .await
-        .map_err(|e| Error::other(&format!("open stream {}", queue.stream), e))?;
+    let stream = crate::streams::declare(&format!("stream {}", queue.stream), || {
+        bus.jetstream().get_stream(queue.stream)
+    })
+    .await?;
     // Create or update: a consumer declared by an older release gets today's limits.
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(queue.consumer.to_owned()),
-            filter_subjects: queue.filter_subjects.clone(),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: queue.ack_wait,
-            max_deliver: MAX_DELIVER,
-            backoff: backoff(queue.ack_wait),
-            max_ack_pending: 100_000,
-            ..Default::default()
+    let config = pull::Config {
+        durable_name: Some(queue.consumer.to_owned()),
+        filter_subjects: queue.filter_subjects.clone(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: queue.ack_wait,
+        max_deliver: MAX_DELIVER,
+        backoff: backoff(queue.ack_wait),
+        max_ack_pending: 100_000,
+        ..Default::default()
+    };
+    let consumer: jetstream::consumer::Consumer<pull::Config> =
+        crate::streams::declare(&format!("consumer {}", queue.consumer), || {
+            stream.create_consumer(config.clone())
         })
-        .await
-        .map_err(|e| Error::other(&format!("declare consumer {}", queue.consumer), e))?;
+        .await?;
 
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
