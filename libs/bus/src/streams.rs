@@ -391,19 +391,46 @@ where
     }
 }
 
+/// The environment variable that sets how many replicas Dispatch's streams and buckets
+/// get (1 to 5), over what [`replicas`] finds.
+pub const REPLICAS_ENV: &str = "DISPATCH_STREAM_REPLICAS";
+
+/// How many replicas Dispatch's streams and buckets get: [`REPLICAS_ENV`] if it is set,
+/// else 3 when the server is part of a cluster and 1 on a single server. Every process
+/// works it out the same way, so whoever declares first declares what the rest want.
+/// (The conversation stream, a resume buffer, keeps the streamer's `--replicas`.)
+pub fn replicas(bus: &Bus) -> usize {
+    let set = std::env::var(REPLICAS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=5).contains(n));
+    set.unwrap_or_else(|| {
+        if bus.client().server_info().cluster.is_some() {
+            3
+        } else {
+            1
+        }
+    })
+}
+
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
+    let replicas = replicas(bus);
     let defaults = conversations(&ConversationKnobs::default());
-    for config in [
+    let replicated = [
         goals(),
         runs(),
         commands(),
         ledger(),
         probe(),
         policy(),
-        defaults,
         deliveries(),
-    ] {
+    ]
+    .map(|mut config| {
+        config.num_replicas = replicas;
+        config
+    });
+    for config in replicated.into_iter().chain([defaults]) {
         let name = config.name.clone();
         let stream = declare(&format!("stream {name}"), || {
             bus.jetstream().get_or_create_stream(config.clone())
@@ -412,20 +439,58 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         if name == RUNS && stream.cached_info().config.republish.is_none() {
             add_feed(bus, stream.cached_info().config.clone()).await;
         }
+        let have = stream.cached_info().config.num_replicas;
+        if have != config.num_replicas {
+            converge(bus, &stream.cached_info().config, config.num_replicas).await;
+        }
     }
     // An existing bucket is left as it is (create only, as for the streams above).
-    for (config, what) in [
+    for (mut config, what) in [
         (crate::catalogue::config(), "the tool catalogue"),
         (secrets(), "the secrets bucket"),
         (schedules(), "the schedules bucket"),
         (listeners(), "the listeners bucket"),
         (webhooks(), "the webhook deliveries bucket"),
     ] {
-        if bus.jetstream().get_key_value(&config.bucket).await.is_err() {
-            declare(what, || bus.jetstream().create_key_value(config.clone())).await?;
+        config.num_replicas = replicas;
+        match bus.jetstream().get_key_value(&config.bucket).await {
+            Ok(mut store) => {
+                if let Ok(info) = store.stream.info().await
+                    && info.config.num_replicas != replicas
+                {
+                    converge(bus, &info.config.clone(), replicas).await;
+                }
+            }
+            Err(_) => {
+                declare(what, || bus.jetstream().create_key_value(config.clone())).await?;
+            }
         }
     }
     Ok(())
+}
+
+/// Brings an existing stream to `replicas` in place. Only the admin may change a
+/// stream (`dispatch up`, or an operator connecting as admin); anyone else says what
+/// differs and goes on with the stream as it is.
+async fn converge(bus: &Bus, have: &Config, replicas: usize) {
+    let mut want = have.clone();
+    want.num_replicas = replicas;
+    match bus.jetstream().update_stream(want).await {
+        Ok(_) => tracing::info!(
+            stream = have.name,
+            from = have.num_replicas,
+            to = replicas,
+            "stream replicas changed"
+        ),
+        Err(e) => tracing::warn!(
+            stream = have.name,
+            have = have.num_replicas,
+            want = replicas,
+            error = %e,
+            "the stream's replicas differ from what this deployment wants and this identity \
+             cannot change them; connect as admin (`dispatch up`) once to change them"
+        ),
+    }
 }
 
 /// A run-log stream declared before run feeds existed gets its feed. Only the admin

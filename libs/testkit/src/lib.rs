@@ -34,6 +34,97 @@ pub struct NatsServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
+    /// Where the identities' seeds are: the server's own directory, or a cluster's.
+    auth: PathBuf,
+    /// A cluster node's name, route port and its peers' route ports.
+    node: Option<Node>,
+}
+
+struct Node {
+    name: String,
+    route_port: u16,
+    peers: Vec<u16>,
+}
+
+/// Three (or `n`) `nats-server`s with JetStream clustered on loopback, sharing one set
+/// of identities: what a deployment on several machines looks like, in one test.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    /// Holds the shared seeds; dropped with the cluster.
+    _auth: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `n` clustered servers on free loopback ports and waits until JetStream
+    /// has a meta leader (a stream can be declared).
+    pub async fn start(n: usize) -> Result<Self> {
+        let auth = tempfile::Builder::new()
+            .prefix("dispatch-cluster-")
+            .tempdir()?;
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let mut nodes = Vec::with_capacity(n);
+        for (i, route_port) in route_ports.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix("dispatch-nats-")
+                .tempdir()?;
+            nodes.push(NatsServer {
+                child: None,
+                dir,
+                port: 0,
+                auth: auth.path().to_path_buf(),
+                node: Some(Node {
+                    name: format!("node-{}", i + 1),
+                    route_port: *route_port,
+                    peers: route_ports
+                        .iter()
+                        .filter(|p| *p != route_port)
+                        .copied()
+                        .collect(),
+                }),
+            });
+        }
+        for node in &mut nodes {
+            node.spawn().await?;
+        }
+        let cluster = Self { nodes, _auth: auth };
+        let deadline = tokio::time::Instant::now() + STARTUP;
+        loop {
+            match cluster.bus().await {
+                Ok(_) => return Ok(cluster),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("the cluster did not come up: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Every node's URL, comma-separated, as `NATS_URL` names a cluster.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Connects as the admin identity through every node's URL (streams declared).
+    pub async fn bus(&self) -> Result<Bus> {
+        let first = self.nodes.first().context("a cluster has nodes")?;
+        Ok(Bus::connect(
+            &self.urls(),
+            Identity::Admin,
+            &first.credentials(Identity::Admin)?,
+        )
+        .await?)
+    }
+}
+
+/// A port free on loopback now (the kernel's choice; released for the caller to bind).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl NatsServer {
@@ -42,10 +133,13 @@ impl NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("dispatch-nats-")
             .tempdir()?;
+        let auth = dir.path().join("auth");
         let mut server = Self {
             child: None,
             dir,
             port: 0,
+            auth,
+            node: None,
         };
         server.spawn().await?;
         Ok(server)
@@ -82,7 +176,7 @@ impl NatsServer {
 
     /// Where `identity`'s nkey seed is.
     pub fn seed(&self, identity: Identity) -> PathBuf {
-        dispatch_bus::auth::seed_path(&self.dir.path().join("auth"), identity)
+        dispatch_bus::auth::seed_path(&self.auth, identity)
     }
 
     pub fn credentials(&self, identity: Identity) -> Result<Credentials> {
@@ -111,13 +205,27 @@ impl NatsServer {
             std::fs::remove_file(entry?.path())?;
         }
         let config = self.dir.path().join("nats.conf");
-        dispatch_bus::auth::write_server_config(&self.dir.path().join("auth"), &config)?;
+        dispatch_bus::auth::write_server_config(&self.auth, &config)?;
         let port = if self.port == 0 {
             "-1".to_owned()
         } else {
             self.port.to_string()
         };
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some(node) = &self.node {
+            let routes: Vec<String> = node
+                .peers
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            command
+                .args(["-n", &node.name, "--cluster_name", "dispatch-test"])
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{}", node.route_port))
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
+        let child = command
             .arg("-c")
             .arg(&config)
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "--store_dir"])
