@@ -193,25 +193,15 @@ impl RunLog {
     /// appending to a long-lived run (a service's wakes) without reading all of it.
     pub async fn handle_tail(&self, run_id: RunId) -> Result<RunHandle, Error> {
         let subject = subject::run(&run_id);
-        match self
+        let last = self
             .inner
             .stream
             .direct_get_last_for_subject(subject.as_str())
-            .await
-        {
-            Ok(last) => {
-                let events = vec![StoredEvent {
-                    event: decode(&run_id, last.sequence, &last.payload)?,
-                    stream_seq: last.sequence,
-                }];
-                chain::verify_from(&run_id, &events, &self.inner.trust)?;
-                Ok(RunHandle::partial(self.clone(), run_id, events))
-            }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
-                Ok(RunHandle::empty(self.clone(), run_id))
-            }
-            Err(e) => Err(unreachable(&run_id, e)),
-        }
+            .await;
+        Ok(match self.one_event(&run_id, last)? {
+            Some(last) => RunHandle::partial(self.clone(), run_id, vec![last]),
+            None => RunHandle::empty(self.clone(), run_id),
+        })
     }
 
     /// The run's first event, if it has one: one read, however long the log is. It is
@@ -219,33 +209,48 @@ impl RunLog {
     /// only what the envelope's own hash covers.
     pub async fn first_event(&self, run_id: &RunId) -> Result<Option<StoredEvent>, Error> {
         let subject = subject::run(run_id);
-        match self
+        let first = self
             .inner
             .stream
             .direct_get_next_for_subject(subject.as_str(), None)
-            .await
+            .await;
+        let first = self.one_event(run_id, first)?;
+        if let Some(first) = &first
+            && first.event.seq != 1
         {
-            Ok(first) => {
-                let events = vec![StoredEvent {
-                    event: decode(run_id, first.sequence, &first.payload)?,
-                    stream_seq: first.sequence,
-                }];
-                chain::verify_from(run_id, &events, &self.inner.trust)?;
-                let first = events.into_iter().next().expect("one");
-                if first.event.seq != 1 {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!(
-                            "run {run_id}: its first stored event has seq {}",
-                            first.event.seq
-                        ),
-                    ));
-                }
-                Ok(Some(first))
-            }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unreachable(run_id, e)),
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "run {run_id}: its first stored event has seq {}",
+                    first.event.seq
+                ),
+            ));
         }
+        Ok(first)
+    }
+
+    /// One message a direct get found on the run's subject, decoded and checked on its
+    /// own (its hash, its seal); `None` when the subject holds none.
+    fn one_event(
+        &self,
+        run_id: &RunId,
+        got: Result<
+            async_nats::jetstream::message::StreamMessage,
+            async_nats::jetstream::stream::DirectGetError,
+        >,
+    ) -> Result<Option<StoredEvent>, Error> {
+        let message = match got {
+            Ok(message) => message,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(unreachable(run_id, e)),
+        };
+        let events = [StoredEvent {
+            event: decode(run_id, message.sequence, &message.payload)?,
+            stream_seq: message.sequence,
+        }];
+        chain::verify_from(run_id, &events, &self.inner.trust)?;
+        let [event] = events;
+        Ok(Some(event))
     }
 
     /// A handle for a run id this process just made up, so its log is known to be empty:
@@ -535,6 +540,27 @@ pub fn decode(run_id: &RunId, stream_seq: u64, payload: &[u8]) -> Result<RunEven
 
 /// The longest reason or summary a terminal event carries, in characters.
 pub const SUMMARY_CHARS: usize = 300;
+
+/// Whether the run `run_id` has ended, by one direct get of its last message on the
+/// run-log stream `runs`: for services that only look up (the scheduler, ingress), as a
+/// signal, unverified. A run with no event yet (queued) has not ended; an id that is no
+/// run id names nothing that could still run, so it has.
+pub async fn has_ended(runs: &Stream, run_id: &str) -> Result<bool, String> {
+    let Ok(run_id) = run_id.parse::<RunId>() else {
+        return Ok(true);
+    };
+    match runs
+        .direct_get_last_for_subject(subject::run(&run_id).to_string())
+        .await
+    {
+        Ok(message) => Ok(matches!(
+            RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
+            Ok(Some(Body::RunFinished(_)))
+        )),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("read run {run_id}: {e}")),
+    }
+}
 
 /// A UUIDv7 made from `key` and a time: the same key and time give the same id,
 /// whoever makes it. For ids that every try of one thing must share (a fire's run,

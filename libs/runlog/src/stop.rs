@@ -126,24 +126,14 @@ async fn stop_service(
         force,
         requested_by: by.to_owned(),
     });
-    loop {
-        if tail.is_finished() {
-            return Ok(Stopped::Already);
-        }
-        // Asked already (a stop that did not get to the end): on with the end.
-        let asked = tail
-            .bodies()
-            .any(|b| matches!(b, Body::StopRequested(_) | Body::FeedbackQueued(_)));
-        if asked {
-            break;
-        }
-        match tail.append(request.clone(), by).await {
-            Ok(_) => break,
-            // A wake got in first: the handle has read it; ask again after it.
-            Err(e) if e.kind() == ErrorKind::Conflict => {}
-            Err(e) if e.kind() == ErrorKind::Finished => return Ok(Stopped::Already),
-            Err(e) => return Err(e),
-        }
+    // Asked already (a stop that did not get to the end): on with the end. A wake that
+    // gets in first is read, and the request goes after it.
+    let asked =
+        |b: &Body| matches!(b, Body::StopRequested(_) | Body::FeedbackQueued(_)).then_some(());
+    match tail.ensure(asked, request, by).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::Finished => return Ok(Stopped::Already),
+        Err(e) => return Err(e),
     }
     tail.finish_tail(
         RunStatus::Stopped,

@@ -85,11 +85,7 @@ pub async fn run(bus: &Bus, workspace: &Path, args: ServeArgs) -> Result<u8, Fai
              (see examples/Agentfile)",
         )
     })?;
-    let timeout = match (&args.timeout, &file.timeout) {
-        (Some(d), _) => Some(*d),
-        (None, Some(text)) => Some(parse_duration(text).map_err(Failure::new)?),
-        (None, None) => None,
-    };
+    let timeout = duration(args.timeout, file.timeout.as_deref())?;
     let timeout_ms = match timeout {
         None => 0,
         Some(d) if d < Duration::from_secs(1) => {
@@ -157,32 +153,20 @@ fn spec(args: &ServeArgs, file: &Agentfile, secret: Option<&str>) -> Result<Serv
              (say `openssl rand -hex 16`)"
         )));
     }
-    let mut schedules: Vec<ServiceSchedule> = Vec::new();
     let flag_schedules = args.schedule.iter().map(|e| (e.clone(), args.tz.clone()));
+    let mut schedules = Vec::new();
     for (expression, time_zone) in file.schedules.iter().cloned().chain(flag_schedules) {
         dispatch_cron::Expr::parse(&expression, &time_zone)
             .map_err(|e| Failure::new(format!("--schedule: {e}")))?;
-        let schedule = ServiceSchedule {
+        schedules.push(ServiceSchedule {
             expression,
             time_zone,
             payload: String::new(),
-        };
-        if !schedules.contains(&schedule) {
-            schedules.push(schedule);
-        }
+        });
     }
-    let interval = match (&args.interval, &file.interval) {
-        (Some(d), _) => Some(*d),
-        (None, Some(text)) => Some(parse_duration(text).map_err(Failure::new)?),
-        (None, None) => None,
-    };
-    let mut methods: Vec<String> = file.listen_methods.clone();
-    for method in &args.listen_method {
-        let method = method.to_ascii_uppercase();
-        if !methods.contains(&method) {
-            methods.push(method);
-        }
-    }
+    let interval = duration(args.interval, file.interval.as_deref())?;
+    let flag_methods = args.listen_method.iter().map(|m| m.to_ascii_uppercase());
+    let methods = merged(file.listen_methods.iter().cloned().chain(flag_methods));
     let policy = Listener {
         path: args
             .listen_path
@@ -207,27 +191,16 @@ fn spec(args: &ServeArgs, file: &Agentfile, secret: Option<&str>) -> Result<Serv
             .unwrap_or(0),
         ..Default::default()
     };
-    let mut listeners: Vec<Listener> = Vec::new();
-    let mut addrs: Vec<&String> = Vec::new();
-    for addr in file.listen.iter().chain(&args.listen) {
-        if !addrs.contains(&addr) {
-            addrs.push(addr);
-            listeners.push(Listener {
-                listen_addr: addr.clone(),
-                ..policy.clone()
-            });
-        }
-    }
-    let mut hooks: Vec<&String> = Vec::new();
-    for hook in file.hooks.iter().chain(&args.hook) {
-        if !hooks.contains(&hook) {
-            hooks.push(hook);
-            listeners.push(Listener {
-                hook: hook.clone(),
-                ..policy.clone()
-            });
-        }
-    }
+    // Every listener has the same policy: two are the same when their address or hook is.
+    let bound = file.listen.iter().chain(&args.listen).map(|addr| Listener {
+        listen_addr: addr.clone(),
+        ..policy.clone()
+    });
+    let hooks = file.hooks.iter().chain(&args.hook).map(|hook| Listener {
+        hook: hook.clone(),
+        ..policy.clone()
+    });
+    let listeners = merged(bound.chain(hooks));
     let has_policy = !policy.path.is_empty()
         || !policy.methods.is_empty()
         || secret.is_some()
@@ -243,10 +216,30 @@ fn spec(args: &ServeArgs, file: &Agentfile, secret: Option<&str>) -> Result<Serv
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        schedules,
+        schedules: merged(schedules),
         interval_ms: interval.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         listeners,
     })
+}
+
+/// `items` in order, each once: how the Agentfile's and the flags' lists combine.
+fn merged<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut kept = Vec::new();
+    for item in items {
+        if !kept.contains(&item) {
+            kept.push(item);
+        }
+    }
+    kept
+}
+
+/// A duration from its flag, else from the Agentfile's text of it, else none.
+fn duration(flag: Option<Duration>, file: Option<&str>) -> Result<Option<Duration>, Failure> {
+    match (flag, file) {
+        (Some(d), _) => Ok(Some(d)),
+        (None, Some(text)) => parse_duration(text).map(Some).map_err(Failure::new),
+        (None, None) => Ok(None),
+    }
 }
 
 /// The shared secret listeners require, if any: the flag's, or the value of the

@@ -109,8 +109,8 @@ struct App {
     writes: Arc<writes::Writes>,
     /// Cancelled when the service stops, to end the streams it serves.
     stopping: CancellationToken,
-    /// Service runs' webhook listeners; `None` only in tests that build no bucket.
-    listeners: Option<Arc<listeners::Listeners>>,
+    /// Service runs' webhook listeners.
+    listeners: Arc<listeners::Listeners>,
 }
 
 impl Ingress {
@@ -156,7 +156,7 @@ impl Ingress {
                 access,
                 writes: Default::default(),
                 stopping: CancellationToken::new(),
-                listeners: Some(listeners),
+                listeners,
             }),
             listener,
             grpc,
@@ -195,11 +195,12 @@ impl Ingress {
             None => None,
         };
         let health = tokio::spawn(health::serve(self.app.bus.clone(), me, shutdown.clone()));
-        let listening = self
-            .app
-            .listeners
-            .clone()
-            .map(|listeners| tokio::spawn(listeners.run(self.app.clone(), shutdown.clone())));
+        let listening = tokio::spawn(
+            self.app
+                .listeners
+                .clone()
+                .run(self.app.clone(), shutdown.clone()),
+        );
         let probe = tokio::spawn(writes::watch(
             self.app.bus.clone(),
             SERVICE,
@@ -230,9 +231,7 @@ impl Ingress {
         shutdown.cancel();
         let _ = health.await;
         let _ = probe.await;
-        if let Some(listening) = listening {
-            let _ = listening.await;
-        }
+        let _ = listening.await;
         if let Some(mut grpc) = grpc {
             // A client that stops reading a stream must not hold the shutdown.
             if tokio::time::timeout(Duration::from_secs(10), &mut grpc)
@@ -485,12 +484,11 @@ async fn hand_over(
     caller: &str,
     direct: bool,
 ) -> Response {
-    let app = app.clone();
     let conversation = goal.conversation().clone();
     // Direct mode: following the conversation before the goal is stored, so none of
     // the run's chunks can come before the reader.
     let live = if direct {
-        match conversations::chunks(&app, &conversation, conversations::Start::Next).await {
+        match conversations::chunks(app, &conversation, conversations::Start::Next).await {
             Ok(live) => Some(live),
             Err(response) => return response,
         }
@@ -502,7 +500,7 @@ async fn hand_over(
         Some(key) => Submission::idempotent(goal, &format!("{caller}\0{key}")),
         None => Submission::new(goal),
     };
-    match store(&app, &submission).await {
+    match store(app, &submission).await {
         Ok(Submitted::Stored(run_id)) => {
             return match live {
                 Some(live) => conversations::one_run(live, run_id.to_string()),
@@ -514,7 +512,7 @@ async fn hand_over(
                 // Asked again: the run so far from its transcript, then the rest.
                 let cursor = conversations::Cursor::of_run(&earlier.run_id);
                 let start = conversations::Start::After(cursor);
-                return match conversations::chunks(&app, &conversation, start).await {
+                return match conversations::chunks(app, &conversation, start).await {
                     Ok(chunks) => conversations::one_run(chunks, earlier.run_id),
                     Err(response) => response,
                 };

@@ -34,9 +34,8 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use dispatch_bus::async_nats::jetstream::kv;
-use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
-use dispatch_bus::{RunId, streams, subject};
-use dispatch_proto::run::v1::{ListenerEntry, RunEvent, run_event::Body as EventBody};
+use dispatch_bus::{RunId, streams};
+use dispatch_proto::run::v1::ListenerEntry;
 use dispatch_runlog::service::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, WAKE_WEBHOOK, hook_key, listener_key,
 };
@@ -505,21 +504,7 @@ impl Listeners {
 
     /// Whether the run `service` has ended (one read: its last event).
     async fn service_ended(&self, service: &str) -> Result<bool, String> {
-        let Ok(run_id) = service.parse::<RunId>() else {
-            return Ok(true);
-        };
-        match self
-            .runs
-            .direct_get_last_for_subject(subject::run(&run_id).to_string())
-            .await
-        {
-            Ok(message) => Ok(matches!(
-                RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
-                Ok(Some(EventBody::RunFinished(_)))
-            )),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.to_string()),
-        }
+        dispatch_runlog::has_ended(&self.runs, service).await
     }
 
     /// The run the delivery `id` to the service's `index`th listener wakes: the one
@@ -584,9 +569,7 @@ struct Target {
 
 /// A request to a bound listener.
 async fn bound_wake(State(target): State<Target>, request: Request) -> Response {
-    let Some(listeners) = target.app.listeners.clone() else {
-        return error(StatusCode::NOT_FOUND, "not_found", "no such listener");
-    };
+    let listeners = &target.app.listeners;
     let found = listeners
         .entries
         .lock()
@@ -601,7 +584,7 @@ async fn bound_wake(State(target): State<Target>, request: Request) -> Response 
         );
     };
     let local = entry.bound_addr.clone();
-    wake(&target.app, &listeners, &entry, local, request, true).await
+    wake(&target.app, listeners, &entry, local, request, true).await
 }
 
 /// `/hooks/{account}/{agent}/{channel}`: a request to a service's hook.
@@ -625,9 +608,7 @@ pub(crate) async fn hook_wake(
 ) -> Response {
     let not_found = || error(StatusCode::NOT_FOUND, "not_found", "no such hook");
     let hook = format!("{account}/{agent}/{channel}");
-    let Some(listeners) = app.listeners.clone() else {
-        return not_found();
-    };
+    let listeners = &app.listeners;
     if dispatch_runlog::service::check_hook(&hook).is_err() {
         return not_found();
     }
@@ -649,7 +630,7 @@ pub(crate) async fn hook_wake(
         }
     };
     let at = format!("/hooks/{hook}");
-    wake(&app, &listeners, &entry, at, request, false).await
+    wake(&app, listeners, &entry, at, request, false).await
 }
 
 /// Checks a request against its listener and, if it passes, stores the wake's goal.

@@ -93,6 +93,8 @@ struct State {
     trails: Notify,
     render: Notify,
     drains_applied: watch::Sender<u64>,
+    /// Where services' listeners are bound (ingress keeps it), for their views.
+    listeners: dispatch_bus::async_nats::jetstream::kv::Store,
 }
 
 impl Ledger {
@@ -117,7 +119,14 @@ impl Ledger {
             .await
             .map_err(|e| dispatch_bus::Error::new(ErrorKind::Other, e.to_string()))?
             .with_trust(self.views.trust().clone());
+        let listeners = self
+            .bus
+            .jetstream()
+            .get_key_value(streams::LISTENERS_BUCKET)
+            .await
+            .map_err(|e| dispatch_bus::Error::new(ErrorKind::Other, e.to_string()))?;
         let state = Arc::new(State {
+            listeners,
             log,
             trails: Notify::new(),
             bus: self.bus.clone(),
@@ -783,20 +792,12 @@ async fn with_listeners(state: &State, mut view: RunView) -> RunView {
     let Ok(run_id) = view.run_id.parse::<dispatch_bus::RunId>() else {
         return view;
     };
-    let Ok(bucket) = state
-        .bus
-        .jetstream()
-        .get_key_value(streams::LISTENERS_BUCKET)
-        .await
-    else {
-        return view;
-    };
     for (i, listener) in service.listeners.iter_mut().enumerate() {
         if listener.listen_addr.is_empty() {
             continue;
         }
         let key = dispatch_runlog::service::listener_key(&run_id, i as u32 + 1);
-        if let Ok(Some(entry)) = bucket.entry(&key).await
+        if let Ok(Some(entry)) = state.listeners.entry(&key).await
             && let Ok(entry) = ListenerEntry::decode(entry.value.as_ref())
         {
             listener.bound_addr = entry.bound_addr;

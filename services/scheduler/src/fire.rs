@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use dispatch_bus::RunId;
 use dispatch_bus::async_nats::jetstream::kv;
-use dispatch_bus::{RunId, subject};
 use dispatch_proto::api::v1::{MissedFires, Overlap, Schedule};
-use dispatch_proto::run::v1::{RunEvent, run_event::Body};
 use dispatch_runlog::submit::{Goal, Submission};
 use prost::Message as _;
 use tokio::task::JoinSet;
@@ -345,25 +344,5 @@ fn wake_payload(schedule: &Schedule, at: i64) -> String {
 
 /// Whether the run `run_id` has ended (no run at all has).
 async fn finished(shared: &Shared, run_id: &str) -> Result<bool, String> {
-    let Ok(run_id) = run_id.parse::<RunId>() else {
-        return Ok(true);
-    };
-    match shared
-        .runs
-        .direct_get_last_for_subject(subject::run(&run_id).to_string())
-        .await
-    {
-        Ok(message) => Ok(matches!(
-            RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
-            Ok(Some(Body::RunFinished(_)))
-        )),
-        // No event yet: the run is queued.
-        Err(e)
-            if e.kind()
-                == dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(format!("read run {run_id}: {e}")),
-    }
+    dispatch_runlog::has_ended(&shared.runs, run_id).await
 }
