@@ -19,7 +19,8 @@ const ACK_SAMPLES: usize = 200;
 const E2E_RUNS: usize = 300;
 
 pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
-    let (nats, workspace, bus) = super::fresh_server("dispatch-bench-growth-").await?;
+    let (nats, workspace, bus) =
+        super::fresh_server("dispatch-bench-growth-", Default::default()).await?;
     let mut services = Vec::new();
     for name in ["ledger", "policy", "connectors", "dispatcher", "ingress"] {
         let args: &[&str] = match name {

@@ -7,6 +7,7 @@ mod growth;
 mod peer;
 mod schedules;
 mod streams;
+mod sync;
 mod tools;
 mod turns;
 mod webhooks;
@@ -14,6 +15,7 @@ mod webhooks;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use dispatch_bus::durability::SyncPolicy;
 use dispatch_bus::{Bus, RunId, subject};
 use dispatch_proto::run::v1::{LeafStarted, RunEvent, RunStatus, run_event::Body};
 use dispatch_runlog::RunLog;
@@ -22,7 +24,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use serde_json::{Value, json};
 
-const ACK_SAMPLES: usize = 2000;
+pub(crate) const ACK_SAMPLES: usize = 2000;
 const APPEND_WRITERS: usize = 8;
 const APPENDS_PER_WRITER: usize = 1000;
 const E2E_RUNS: usize = 2000;
@@ -31,12 +33,13 @@ const E2E_CONCURRENCY: usize = 64;
 /// latency is measured, and how many goals that is.
 const PACED_RATE: u64 = 200;
 const PACED_RUNS: usize = 1000;
-const PAYLOAD: usize = 256;
+pub(crate) const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "ack",
     "append",
+    "sync",
     "e2e",
     "tools",
     "turns",
@@ -72,7 +75,7 @@ async fn main() -> Result<()> {
     let wants = |section: &str| {
         (chosen.is_empty() && peer.is_none()) || chosen.iter().any(|c| c == section)
     };
-    let (nats, workspace, bus) = fresh_server("dispatch-bench-").await?;
+    let (nats, workspace, bus) = fresh_server("dispatch-bench-", SyncPolicy::default()).await?;
     let mut results = serde_json::Map::new();
     let mut lines = Vec::new();
 
@@ -81,6 +84,9 @@ async fn main() -> Result<()> {
     }
     if wants("append") {
         append_section(&bus, &mut lines, &mut results).await?;
+    }
+    if wants("sync") {
+        sync::run(&mut lines, &mut results).await?;
     }
     if wants("e2e") {
         e2e_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
@@ -116,8 +122,9 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "Dispatch benchmarks (nats-server {}, same server for every raw figure; workspaces on {})",
+        "Dispatch benchmarks (nats-server {}, JetStream sync {} unless a line says otherwise, same server for every raw figure; workspaces on {})",
         nats_version(),
+        SyncPolicy::default(),
         filesystem_of(&std::env::temp_dir())
     );
     for line in &lines {
@@ -375,8 +382,11 @@ impl Stack {
 
 /// A nats-server of its own, an empty workspace, an admin connection, and the stream
 /// the raw figures are measured on.
-async fn fresh_server(prefix: &str) -> Result<(NatsServer, tempfile::TempDir, Bus)> {
-    let nats = NatsServer::start().await?;
+pub(crate) async fn fresh_server(
+    prefix: &str,
+    sync: SyncPolicy,
+) -> Result<(NatsServer, tempfile::TempDir, Bus)> {
+    let nats = NatsServer::start_with_sync(sync).await?;
     let workspace = tempfile::Builder::new().prefix(prefix).tempdir()?;
     let bus = nats.bus().await?;
     bus.jetstream()
@@ -440,7 +450,7 @@ pub(crate) async fn raw_publish_latencies(bus: &Bus, n: usize, size: usize) -> R
     Ok(out)
 }
 
-async fn post_latencies(addr: &str, key: &str, n: usize) -> Result<Vec<f64>> {
+pub(crate) async fn post_latencies(addr: &str, key: &str, n: usize) -> Result<Vec<f64>> {
     let http = dispatch_tests::http_client(key)?;
     let url = format!("http://{addr}/v1/goals");
     let body = json!({ "goal": "x".repeat(PAYLOAD - 12) });
@@ -466,7 +476,7 @@ async fn purge_goals(bus: &Bus) -> Result<()> {
     Ok(())
 }
 
-async fn raw_publish_rate(bus: &Bus) -> Result<f64> {
+pub(crate) async fn raw_publish_rate(bus: &Bus) -> Result<f64> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..APPEND_WRITERS {
@@ -487,7 +497,7 @@ async fn raw_publish_rate(bus: &Bus) -> Result<f64> {
     Ok((APPEND_WRITERS * APPENDS_PER_WRITER) as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn runlog_append_rate(bus: &Bus) -> Result<f64> {
+pub(crate) async fn runlog_append_rate(bus: &Bus) -> Result<f64> {
     let log = RunLog::open(bus, "bench").await?;
     let started = Instant::now();
     let mut tasks = Vec::new();

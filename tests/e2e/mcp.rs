@@ -212,7 +212,10 @@ async fn connectors_killed_mid_mcp_call_send_it_at_most_once() -> anyhow::Result
         .await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
     let error = failure(&events);
-    assert!(error.contains("interrupted"), "{error}");
+    assert!(
+        error.contains("interrupted") && error.contains("crashed"),
+        "{error}"
+    );
     assert_eq!(starts_of_the_mcp_call(&events), 1);
     // Long after the operation would have ended, the server was asked once.
     tokio::time::sleep(Duration::from_secs(2)).await;

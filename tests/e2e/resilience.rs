@@ -110,6 +110,18 @@ async fn a_killed_owner_is_replaced_and_no_call_runs_twice() -> anyhow::Result<(
         "the killed dispatcher cannot have finished the run"
     );
     assert!(finisher.starts_with("dispatcher/"));
+    // The views name the copy that carried the run on, not the one that died.
+    let shown = stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["inspect", &run_id.to_string()]).ok()?;
+            let view: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            (view["status"] == "done").then(|| view["owner"].as_str().map(str::to_owned))?
+        })
+        .await?;
+    assert_eq!(
+        shown, finisher,
+        "inspect names the owner after the takeover"
+    );
     let counted = stack.counted("takeover");
     let unique: BTreeSet<_> = counted.iter().collect();
     assert_eq!(counted.len(), 3, "count executions: {counted:?}");

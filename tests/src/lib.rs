@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: a whole stack (nats-server and service processes)
 //! in a temporary workspace, an HTTP client, and the `dispatch` CLI as a process.
 
+pub mod topology;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

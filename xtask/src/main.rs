@@ -11,6 +11,10 @@
 //!   `model` instead (building it first if need be).
 //! - `lint` — rustfmt check and clippy with warnings denied.
 //! - `chaos` — the chaos suite: SIGKILL each service and restart nats-server mid-run.
+//! - `cluster` — the topology of `deploy/topology.toml` on loopback (3 clustered
+//!   nats-servers, 2 copies of every service): ten fresh starts of everything at once,
+//!   then a node and a copy of every service SIGKILLed under load. About 5 minutes.
+//! - `compose` — render compose.yaml from `deploy/topology.toml` (and check it).
 //! - `bench` — benchmarks in a release build, each beside raw JetStream, written to
 //!   `target/bench/results.json`.
 //! - `fuzz [SECONDS]` — every fuzz target for SECONDS each (default 60), release build.
@@ -47,11 +51,15 @@ fn main() -> Result<()> {
         "test" => test(&root, &rest),
         "lint" => lint(&root),
         "chaos" => chaos(&root, &rest),
+        "cluster" => cluster(&root, &rest),
+        "compose" => compose(&root),
         "bench" => bench(&root, &rest),
         "fuzz" => fuzz(&root, &rest),
         "model" => model::model(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <install|up|test|lint|chaos|bench|fuzz|model> [args]");
+            eprintln!(
+                "usage: cargo xtask <install|up|test|lint|chaos|cluster|compose|bench|fuzz|model> [args]"
+            );
             eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
             eprintln!(
                 "  up        build and start the local stack, run a demo goal, stay up until Ctrl-C"
@@ -62,6 +70,10 @@ fn main() -> Result<()> {
             );
             eprintln!("  lint      cargo fmt --check and clippy -D warnings");
             eprintln!("  chaos     kill every service and nats-server while runs are in flight");
+            eprintln!(
+                "  cluster   3 nats nodes and 2 copies of every service on loopback: fresh starts, a node and a copy of each service killed under load"
+            );
+            eprintln!("  compose   render compose.yaml from deploy/topology.toml and check it");
             eprintln!(
                 "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e tools turns rebuild gate growth"
             );
@@ -331,6 +343,42 @@ fn chaos(root: &Path, args: &[String]) -> Result<()> {
         "--nocapture",
     ];
     cargo_test(root, &selection, args)
+}
+
+fn cluster(root: &Path, args: &[String]) -> Result<()> {
+    let selection = [
+        "-p",
+        "dispatch-tests",
+        "--test",
+        "scale_out",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ];
+    cargo_test(root, &selection, args)
+}
+
+/// Renders compose.yaml from the topology, then checks it (schema and shape) as CI does.
+fn compose(root: &Path) -> Result<()> {
+    let mcp = install_mcp_servers(root)?;
+    let selection = [
+        "-p",
+        "dispatch-tests",
+        "--test",
+        "cluster",
+        "compose_yaml_is_the_topology_and_valid",
+    ];
+    let write = std::ffi::OsStr::new("1");
+    cargo_test_with(
+        root,
+        &selection,
+        &[],
+        &[
+            ("DISPATCH_WRITE_COMPOSE", write),
+            ("DISPATCH_MCP_SERVERS", mcp.as_os_str()),
+        ],
+    )
 }
 
 /// `cargo test <selection> <args>` against a real nats-server. Integration tests start

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::catalogue;
+use crate::durability::SyncPolicy;
 use crate::streams::{self, consumers};
 use crate::{Error, ErrorKind, subject};
 
@@ -187,6 +188,10 @@ impl Identity {
                 ));
             }
             Identity::Connectors => {
+                // Asking whether the copy that started an unfinished call still runs.
+                p.publish
+                    .allow
+                    .push(format!("{}.*", subject::health("connectors")));
                 service(&mut p, "connectors");
                 p.read(&[streams::RUNS, catalogue::STREAM, streams::SECRETS]);
                 p.publish
@@ -241,6 +246,12 @@ impl Identity {
                 p.publish.allow.push(subject::GOALS_ALL.into());
             }
             Identity::Cli => {
+                // `dispatch status`: how far behind each durable consumer is.
+                for (stream, consumer, _) in DURABLES {
+                    p.publish
+                        .allow
+                        .push(format!("{JS_API}.CONSUMER.INFO.{stream}.{consumer}"));
+                }
                 p.read(&[
                     streams::RUNS,
                     streams::GOALS,
@@ -267,10 +278,15 @@ impl Identity {
         }
         // Readers pull from their ephemeral consumers by name, which a wildcard
         // matches; a service's durable consumer is named, so deny it to everyone else.
+        // Nobody but the admin deletes a durable, its owner included.
         for (stream, consumer, owner) in DURABLES {
+            let deny = &mut p.publish.deny;
+            deny.push(format!("{JS_API}.CONSUMER.DELETE.{stream}.{consumer}"));
             if owner != self {
-                let deny = &mut p.publish.deny;
-                deny.push(format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
+                for api in ["MSG.NEXT", "CREATE"] {
+                    deny.push(format!("{JS_API}.CONSUMER.{api}.{stream}.{consumer}"));
+                }
+                deny.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.{consumer}.>"));
             }
         }
         p
@@ -278,7 +294,7 @@ impl Identity {
 }
 
 /// Every durable consumer, with the one identity that takes work from it.
-const DURABLES: [(&str, &str, Identity); 6] = [
+pub const DURABLES: [(&str, &str, Identity); 6] = [
     (
         streams::GOALS,
         consumers::DISPATCHER_GOALS,
@@ -329,14 +345,19 @@ pub struct Rule {
 }
 
 impl Permissions {
-    /// Reading streams: direct gets, unnamed ordered consumers (create, pull, info),
-    /// live run events.
+    /// Reading streams: single messages ([`Self::look_up`]), unnamed ordered consumers
+    /// (create, pull, info), live run events.
     fn read(&mut self, read: &[&str]) {
+        self.look_up(read);
         for stream in read {
             let allow = &mut self.publish.allow;
-            allow.push(format!("{JS_API}.DIRECT.GET.{stream}"));
-            allow.push(format!("{JS_API}.DIRECT.GET.{stream}.>"));
             allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}"));
+            // An ordered consumer that lost its server (a node killed, a leader moved)
+            // recreates itself under a name of its own (`<name>_<n>`, with its filter)
+            // and deletes the one it had; durables stay denied to all but their owner.
+            allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.*"));
+            allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.*.>"));
+            allow.push(format!("{JS_API}.CONSUMER.DELETE.{stream}.*"));
             allow.push(format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.*"));
             // An ordered consumer asks for its own state when heartbeats stop (a NATS
             // restart); without this it stalls until the next restart.
@@ -348,16 +369,20 @@ impl Permissions {
         }
     }
 
-    /// Taking work from one durable consumer: declare it, pull, and acknowledge.
-    /// Direct gets from `streams`, nothing else of them: no consumers, no subscriptions.
+    /// Single messages of `streams` by sequence or subject (direct gets, and the
+    /// leader's answer where a follower's may be behind), nothing else of them: no
+    /// consumers, no subscriptions.
     fn look_up(&mut self, streams: &[&str]) {
         for stream in streams {
             let allow = &mut self.publish.allow;
             allow.push(format!("{JS_API}.DIRECT.GET.{stream}"));
             allow.push(format!("{JS_API}.DIRECT.GET.{stream}.>"));
+            // The leader's own answer, where a follower's may be behind (`reads`).
+            allow.push(format!("{JS_API}.STREAM.MSG.GET.{stream}"));
         }
     }
 
+    /// Taking work from one durable consumer: declare it, pull, and acknowledge.
     fn work(&mut self, stream: &str, consumer: &str) {
         let allow = &mut self.publish.allow;
         allow.push(format!("{JS_API}.CONSUMER.CREATE.{stream}.{consumer}"));
@@ -481,8 +506,9 @@ pub fn ensure_seeds(dir: &Path) -> Result<Vec<(Identity, String)>, Error> {
 
 /// The nats-server configuration (JSON, which nats-server reads as its own format)
 /// that admits exactly `users` with their permissions, JetStream enabled for the
-/// account. Listen address, port and store are left to the command line.
-pub fn server_config(users: &[(Identity, String)]) -> serde_json::Value {
+/// account, and JetStream syncing its files to disk as `sync` says. Listen address,
+/// port and store are left to the command line.
+pub fn server_config(users: &[(Identity, String)], sync: SyncPolicy) -> serde_json::Value {
     let users: Vec<serde_json::Value> = users
         .iter()
         .map(|(identity, public)| {
@@ -490,14 +516,15 @@ pub fn server_config(users: &[(Identity, String)]) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "jetstream": { "sync_interval": sync.server_value() },
         "accounts": { ACCOUNT: { "jetstream": "enabled", "users": users } }
     })
 }
 
 /// Writes [`server_config`] for the seeds in `seeds` to `path` (mode 0600).
-pub fn write_server_config(seeds: &Path, path: &Path) -> Result<(), Error> {
+pub fn write_server_config(seeds: &Path, path: &Path, sync: SyncPolicy) -> Result<(), Error> {
     let users = ensure_seeds(seeds)?;
-    let text = serde_json::to_vec_pretty(&server_config(&users))
+    let text = serde_json::to_vec_pretty(&server_config(&users, sync))
         .map_err(|e| Error::new(ErrorKind::Other, format!("encode server config: {e}")))?;
     write_private(path, &text)
         .map_err(|e| Error::new(ErrorKind::Other, format!("{}: {e}", path.display())))
@@ -604,10 +631,12 @@ mod tests {
     #[test]
     fn readers_cannot_take_over_a_durable_consumer() {
         for (stream, consumer, owner) in DURABLES {
-            for api in ["CONSUMER.CREATE", "CONSUMER.MSG.NEXT"] {
+            for api in ["CONSUMER.CREATE", "CONSUMER.MSG.NEXT", "CONSUMER.DELETE"] {
                 let subject = format!("$JS.API.{api}.{stream}.{consumer}");
                 for identity in Identity::ALL {
-                    let expected = identity == owner || identity == Identity::Admin;
+                    // Even the owner only declares and takes from its durable.
+                    let owns = identity == owner && api != "CONSUMER.DELETE";
+                    let expected = owns || identity == Identity::Admin;
                     assert_eq!(
                         may_publish(identity, &subject),
                         expected,
@@ -616,11 +645,18 @@ mod tests {
                 }
             }
         }
-        // ...while pulling from an ephemeral consumer of a stream it reads is fine.
+        // ...while pulling from an ephemeral consumer of a stream it reads is fine, and
+        // so is an ordered consumer recreating itself by name after its node went away.
         assert!(may_publish(
             Identity::Ledger,
             "$JS.API.CONSUMER.MSG.NEXT.DISPATCH_GOALS.x1Yz"
         ));
+        for subject in [
+            "$JS.API.CONSUMER.CREATE.KV_DISPATCH_LISTENERS.FLx2WV4a_1.$KV.DISPATCH_LISTENERS.>",
+            "$JS.API.CONSUMER.DELETE.KV_DISPATCH_LISTENERS.FLx2WV4a",
+        ] {
+            assert!(may_publish(Identity::Ingress, subject), "{subject}");
+        }
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub struct Health {
     pub service: String,
     pub instance: String,
     pub pid: u32,
+    /// Made afresh each time a process starts: a copy restarted under the same instance
+    /// name (and, in a container, maybe the same pid) answers with another one.
+    #[serde(default)]
+    pub boot: String,
     /// Service-specific facts, e.g. the HTTP address ingress listens on.
     #[serde(default)]
     pub detail: serde_json::Map<String, serde_json::Value>,
@@ -24,9 +28,16 @@ impl Health {
             service: service.to_owned(),
             instance: instance.to_owned(),
             pid: std::process::id(),
+            boot: boot_id().to_owned(),
             detail: Default::default(),
         }
     }
+}
+
+/// This process's [`Health::boot`].
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| uuid::Uuid::now_v7().simple().to_string())
 }
 
 /// A name for this process among the copies of its service: `<pid>-<random>`.

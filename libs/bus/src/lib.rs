@@ -4,14 +4,18 @@
 //! ([`streams`]), connecting with a useful error when NATS is not there, and the one
 //! primitive every append goes through: publish with `Nats-Msg-Id` (dedupe) and
 //! `Nats-Expected-Last-Subject-Sequence` (optimistic concurrency), whose lost race is a
-//! matchable [`ErrorKind::Conflict`]. It does not know what an event means: the run log
+//! matchable [`ErrorKind::Conflict`]; and the one way single messages are read back
+//! ([`reads`]), so a cluster answers as one server would. It does not know what an
+//! event means: the run log
 //! (`dispatch-runlog`) and the services do.
 
 pub mod answer;
 pub mod auth;
 pub mod catalogue;
+pub mod durability;
 pub mod health;
 pub mod ids;
+pub mod reads;
 pub mod streams;
 pub mod subject;
 pub mod work;
@@ -168,13 +172,28 @@ impl Bus {
                 seq.to_string().as_str(),
             );
         }
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, payload)
-            .await
-            .map_err(publish_error)?
-            .await
-            .map_err(publish_error)?;
+        // A clustered stream answers "duplicate message id is in process" while another
+        // publish of this very message is being replicated (two copies storing the same
+        // command at once): asked again a moment later, it says duplicate or stores it.
+        let mut in_process = 0;
+        let ack = loop {
+            let published = match self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match published {
+                Ok(ack) => break ack,
+                Err(e) if in_process < IN_PROCESS_RETRIES && e.to_string().contains("10158") => {
+                    in_process += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * in_process)).await;
+                }
+                Err(e) => return Err(publish_error(e)),
+            }
+        };
         Ok(Appended {
             stream_seq: ack.sequence,
             duplicate: ack.duplicate,
@@ -275,6 +294,10 @@ fn unreachable_error(url: &str, cause: impl std::fmt::Display) -> Error {
         ),
     )
 }
+
+/// How often an append that meets its own message still in process is tried again
+/// (20 ms more each time: about 4 s in all).
+const IN_PROCESS_RETRIES: u64 = 20;
 
 fn publish_error(err: jetstream::context::PublishError) -> Error {
     match err.kind() {

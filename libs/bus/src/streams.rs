@@ -323,6 +323,19 @@ fn probe() -> Config {
 /// every process starts at once) before it gives up.
 pub const DECLARE_DEADLINE: Duration = Duration::from_secs(60);
 
+/// How long one declaring request may take. A request that reaches a cluster still
+/// electing its leaders may get no answer at all; waiting JetStream's usual 5 s for
+/// each such request would stack up past any sensible start. Declaring twice is
+/// harmless (get-or-create), so a slow answer costs a retry, not a failure.
+pub const DECLARE_ATTEMPT: Duration = Duration::from_secs(3);
+
+/// A JetStream context whose requests give up after [`DECLARE_ATTEMPT`], for declaring.
+pub fn declaring(bus: &Bus) -> async_nats::jetstream::Context {
+    let mut js = bus.jetstream().clone();
+    js.set_timeout(DECLARE_ATTEMPT);
+    js
+}
+
 /// Whether a failure to declare a stream, bucket or consumer may go away if asked
 /// again: JetStream busy or still forming (a timeout, no responders, a 503, no leader
 /// yet). A refused permission or a configuration the server rejects does not.
@@ -398,7 +411,8 @@ pub const REPLICAS_ENV: &str = "DISPATCH_STREAM_REPLICAS";
 /// How many replicas Dispatch's streams and buckets get: [`REPLICAS_ENV`] if it is set,
 /// else 3 when the server is part of a cluster and 1 on a single server. Every process
 /// works it out the same way, so whoever declares first declares what the rest want.
-/// (The conversation stream, a resume buffer, keeps the streamer's `--replicas`.)
+/// (The conversation stream gets as many unless the streamer's `--replicas` says
+/// otherwise.)
 pub fn replicas(bus: &Bus) -> usize {
     let set = std::env::var(REPLICAS_ENV)
         .ok()
@@ -416,7 +430,11 @@ pub fn replicas(bus: &Bus) -> usize {
 /// Declares every stream. Safe to call from many processes at once.
 pub async fn ensure(bus: &Bus) -> Result<(), Error> {
     let replicas = replicas(bus);
-    let defaults = conversations(&ConversationKnobs::default());
+    let js = declaring(bus);
+    let defaults = conversations(&ConversationKnobs {
+        replicas,
+        ..Default::default()
+    });
     let replicated = [
         goals(),
         runs(),
@@ -433,14 +451,15 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
     for config in replicated.into_iter().chain([defaults]) {
         let name = config.name.clone();
         let stream = declare(&format!("stream {name}"), || {
-            bus.jetstream().get_or_create_stream(config.clone())
+            js.get_or_create_stream(config.clone())
         })
         .await?;
         if name == RUNS && stream.cached_info().config.republish.is_none() {
             add_feed(bus, stream.cached_info().config.clone()).await;
         }
+        // The conversation buffer's knobs are the streamer's to keep (`--replicas`).
         let have = stream.cached_info().config.num_replicas;
-        if have != config.num_replicas {
+        if have != config.num_replicas && name != CONVERSATIONS {
             converge(bus, &stream.cached_info().config, config.num_replicas).await;
         }
     }
@@ -453,7 +472,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         (webhooks(), "the webhook deliveries bucket"),
     ] {
         config.num_replicas = replicas;
-        match bus.jetstream().get_key_value(&config.bucket).await {
+        match js.get_key_value(&config.bucket).await {
             Ok(mut store) => {
                 if let Ok(info) = store.stream.info().await
                     && info.config.num_replicas != replicas
@@ -462,7 +481,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
                 }
             }
             Err(_) => {
-                declare(what, || bus.jetstream().create_key_value(config.clone())).await?;
+                declare(what, || js.create_key_value(config.clone())).await?;
             }
         }
     }

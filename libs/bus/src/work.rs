@@ -128,6 +128,53 @@ impl Delivery {
     }
 }
 
+/// Fetches failing one after another: each waits longer (50 ms doubling to 2 s,
+/// jittered, so copies that lost the same server spread out), and the outage is said
+/// once when it starts and once when it ends, not per attempt.
+struct Outage {
+    consumer: &'static str,
+    delays: Option<backon::ExponentialBackoff>,
+    failures: u64,
+}
+
+impl Outage {
+    fn new(consumer: &'static str) -> Self {
+        Self {
+            consumer,
+            delays: None,
+            failures: 0,
+        }
+    }
+
+    /// A fetch failed with `error`: how long to wait before the next.
+    fn failed(&mut self, error: &dyn std::fmt::Display) -> Duration {
+        use backon::BackoffBuilder as _;
+        self.failures += 1;
+        let delays = self.delays.get_or_insert_with(|| {
+            tracing::warn!(consumer = self.consumer, error = %error, "fetching failed; retrying with backoff until it works again");
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        delays.next().unwrap_or(Duration::from_secs(2))
+    }
+
+    /// A fetch worked: an outage, if there was one, is over.
+    fn over(&mut self) {
+        if self.delays.take().is_some() {
+            tracing::info!(
+                consumer = self.consumer,
+                failures = self.failures,
+                "fetching works again"
+            );
+            self.failures = 0;
+        }
+    }
+}
+
 /// How many times a transient failure is retried inside one delivery before the
 /// handler hands the message back (about half a minute of retrying).
 pub const TRANSIENT_RETRIES: usize = 7;
@@ -245,8 +292,9 @@ where
     F: Fn(jetstream::Message, Slot) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let js = crate::streams::declaring(bus);
     let stream = crate::streams::declare(&format!("stream {}", queue.stream), || {
-        bus.jetstream().get_stream(queue.stream)
+        js.get_stream(queue.stream)
     })
     .await?;
     // Create or update: a consumer declared by an older release gets today's limits.
@@ -269,6 +317,7 @@ where
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let tasks = TaskTracker::new();
+    let mut outage = Outage::new(queue.consumer);
     'fetch: loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -284,10 +333,10 @@ where
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(e) => {
-                tracing::warn!(consumer = queue.consumer, error = %e, "fetch failed, retrying");
+                let wait = outage.failed(&e);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = tokio::time::sleep(wait) => continue,
                 }
             }
         };
@@ -297,14 +346,25 @@ where
                 _ = shutdown.cancelled() => break 'fetch,
                 message = batch.next() => message,
             };
-            let Some(message) = message else { break };
+            let Some(message) = message else {
+                outage.over();
+                break;
+            };
             let message = match message {
                 Ok(message) => message,
                 Err(e) => {
-                    tracing::warn!(consumer = queue.consumer, error = %e, "fetch interrupted");
+                    // Its server gone, the stream without a leader: wait before asking
+                    // again rather than asking as fast as the answers come back.
+                    let wait = outage.failed(&e);
+                    drop(permit.take());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'fetch,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                     break;
                 }
             };
+            outage.over();
             let held = match permit.take() {
                 Some(p) => p,
                 None => permits

@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::Document;
 use dispatch_bus::async_nats::jetstream;
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::{Bus, ErrorKind, streams, subject};
 use dispatch_proto::policy::v1::PolicyVersion;
 use futures::StreamExt;
@@ -75,14 +74,10 @@ async fn stream(bus: &Bus) -> Result<jetstream::stream::Stream, Error> {
 async fn last(
     stream: &jetstream::stream::Stream,
 ) -> Result<Option<jetstream::message::StreamMessage>, Error> {
-    match stream
-        .direct_get_last_for_subject(subject::POLICY_DOCUMENT)
+    dispatch_bus::reads::Reader::new(stream.clone())
+        .last(subject::POLICY_DOCUMENT)
         .await
-    {
-        Ok(message) => Ok(Some(message)),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(store_error("read", e)),
-    }
+        .map_err(|e| store_error("read", e))
 }
 
 /// The document in force, if one was ever set.

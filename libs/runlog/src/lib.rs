@@ -16,7 +16,8 @@ pub mod submit;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use async_nats::jetstream::stream::Stream;
+use dispatch_bus::reads::Reader;
 use dispatch_bus::{Bus, RunId, async_nats, streams, subject};
 use dispatch_proto::run::v1::{RunEvent, run_event::Body};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -90,6 +91,8 @@ pub struct RunLog {
 struct Inner {
     bus: Bus,
     stream: Stream,
+    /// Single events, read as the stream's leader has them (`dispatch_bus::reads`).
+    reader: Reader,
     writer: String,
     sealer: Option<seal::Sealer>,
     trust: seal::Trust,
@@ -111,6 +114,7 @@ impl RunLog {
         Ok(Self {
             inner: Arc::new(Inner {
                 bus: bus.clone(),
+                reader: Reader::new(stream.clone()),
                 stream,
                 writer: writer.to_owned(),
                 sealer: None,
@@ -193,11 +197,7 @@ impl RunLog {
     /// appending to a long-lived run (a service's wakes) without reading all of it.
     pub async fn handle_tail(&self, run_id: RunId) -> Result<RunHandle, Error> {
         let subject = subject::run(&run_id);
-        let last = self
-            .inner
-            .stream
-            .direct_get_last_for_subject(subject.as_str())
-            .await;
+        let last = self.inner.reader.last(subject.as_str()).await;
         Ok(match self.one_event(&run_id, last)? {
             Some(last) => RunHandle::partial(self.clone(), run_id, vec![last]),
             None => RunHandle::empty(self.clone(), run_id),
@@ -209,11 +209,7 @@ impl RunLog {
     /// only what the envelope's own hash covers.
     pub async fn first_event(&self, run_id: &RunId) -> Result<Option<StoredEvent>, Error> {
         let subject = subject::run(run_id);
-        let first = self
-            .inner
-            .stream
-            .direct_get_next_for_subject(subject.as_str(), None)
-            .await;
+        let first = self.inner.reader.next(subject.as_str(), 1).await;
         let first = self.one_event(run_id, first)?;
         if let Some(first) = &first
             && first.event.seq != 1
@@ -234,15 +230,10 @@ impl RunLog {
     fn one_event(
         &self,
         run_id: &RunId,
-        got: Result<
-            async_nats::jetstream::message::StreamMessage,
-            async_nats::jetstream::stream::DirectGetError,
-        >,
+        got: Result<Option<async_nats::jetstream::message::StreamMessage>, dispatch_bus::Error>,
     ) -> Result<Option<StoredEvent>, Error> {
-        let message = match got {
-            Ok(message) => message,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(unreachable(run_id, e)),
+        let Some(message) = got.map_err(|e| unreachable(run_id, e))? else {
+            return Ok(None);
         };
         let events = [StoredEvent {
             event: decode(run_id, message.sequence, &message.payload)?,
@@ -334,17 +325,14 @@ impl RunLog {
         floor: Floor,
     ) -> Result<Option<Vec<StoredEvent>>, Error> {
         let subject = subject::run(run_id);
-        let last = match self
+        let last = self
             .inner
-            .stream
-            .direct_get_last_for_subject(subject.as_str())
+            .reader
+            .last(subject.as_str())
             .await
-        {
-            Ok(message) => message,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
-                return Ok(matches!(floor, Floor::After(_)).then(Vec::new));
-            }
-            Err(e) => return Err(unreachable(run_id, e)),
+            .map_err(|e| unreachable(run_id, e))?;
+        let Some(last) = last else {
+            return Ok(matches!(floor, Floor::After(_)).then(Vec::new));
         };
         match floor {
             Floor::After(after) if last.sequence <= after => return Ok(Some(Vec::new())),
@@ -375,10 +363,9 @@ impl RunLog {
             if below || prev >= current.stream_seq {
                 return Ok(None);
             }
-            let message = match self.inner.stream.direct_get(prev).await {
-                Ok(message) if message.subject == subject => message,
+            let message = match self.inner.reader.at(prev).await {
+                Ok(Some(message)) if message.subject == subject => message,
                 Ok(_) => return Ok(None),
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(unreachable(run_id, e)),
             };
             walked.push(StoredEvent {
@@ -393,14 +380,9 @@ impl RunLog {
         let mut next = after + 1;
         let mut out = Vec::new();
         loop {
-            let message = match self
-                .inner
-                .stream
-                .direct_get_next_for_subject(subject.as_str(), Some(next))
-                .await
-            {
-                Ok(message) => message,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(out),
+            let message = match self.inner.reader.next(subject.as_str(), next).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(out),
                 Err(e) => return Err(unreachable(run_id, e)),
             };
             let event = decode(run_id, message.sequence, &message.payload)?;
@@ -541,23 +523,20 @@ pub fn decode(run_id: &RunId, stream_seq: u64, payload: &[u8]) -> Result<RunEven
 /// The longest reason or summary a terminal event carries, in characters.
 pub const SUMMARY_CHARS: usize = 300;
 
-/// Whether the run `run_id` has ended, by one direct get of its last message on the
-/// run-log stream `runs`: for services that only look up (the scheduler, ingress), as a
+/// Whether the run `run_id` has ended, by one read of its last message on the run-log
+/// stream `runs`: for services that only look up (the scheduler, ingress), as a
 /// signal, unverified. A run with no event yet (queued) has not ended; an id that is no
 /// run id names nothing that could still run, so it has.
-pub async fn has_ended(runs: &Stream, run_id: &str) -> Result<bool, String> {
+pub async fn has_ended(runs: &Reader, run_id: &str) -> Result<bool, String> {
     let Ok(run_id) = run_id.parse::<RunId>() else {
         return Ok(true);
     };
-    match runs
-        .direct_get_last_for_subject(subject::run(&run_id).to_string())
-        .await
-    {
-        Ok(message) => Ok(matches!(
+    match runs.last(subject::run(&run_id).as_str()).await {
+        Ok(Some(message)) => Ok(matches!(
             RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
             Ok(Some(Body::RunFinished(_)))
         )),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+        Ok(None) => Ok(false),
         Err(e) => Err(format!("read run {run_id}: {e}")),
     }
 }

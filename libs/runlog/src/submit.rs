@@ -1,8 +1,8 @@
 //! Handing a goal to Dispatch — what ingress and the CLI both do — and turning a stored
 //! goal into the first event of its run.
 
-use async_nats::jetstream::stream::DirectGetErrorKind;
-use dispatch_bus::{Bus, ConversationId, RunId, async_nats, streams, subject};
+use dispatch_bus::reads::Reader;
+use dispatch_bus::{Bus, ConversationId, RunId, streams, subject};
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_proto::run::v1::{RunRequested, ServiceSpec, run_event::Body};
 use prost::Message as _;
@@ -456,10 +456,11 @@ async fn read_goal_at(bus: &Bus, seq: u64) -> Result<SubmitGoal, Error> {
         .get_stream(streams::GOALS)
         .await
         .map_err(|e| unreachable(format!("open stream {}: {e}", streams::GOALS)))?;
-    let message = stream
-        .direct_get(seq)
+    let message = Reader::new(stream)
+        .at(seq)
         .await
-        .map_err(|e| unreachable(format!("read goal at {seq}: {e}")))?;
+        .map_err(|e| unreachable(format!("read goal at {seq}: {e}")))?
+        .ok_or_else(|| unreachable(format!("no goal is stored at {seq}")))?;
     SubmitGoal::decode(message.payload.as_ref()).map_err(|e| {
         Error::new(
             ErrorKind::Corrupt,
@@ -480,11 +481,11 @@ pub async fn find_goal(bus: &Bus, run_id: &RunId) -> Result<Option<SubmitGoal>, 
                 format!("open stream {}: {e}", streams::GOALS),
             )
         })?;
-    match stream
-        .direct_get_last_for_subject(subject::goal(run_id).as_str())
+    match Reader::new(stream)
+        .last(subject::goal(run_id).as_str())
         .await
     {
-        Ok(message) => SubmitGoal::decode(message.payload.as_ref())
+        Ok(Some(message)) => SubmitGoal::decode(message.payload.as_ref())
             .map(Some)
             .map_err(|e| {
                 Error::new(
@@ -492,7 +493,7 @@ pub async fn find_goal(bus: &Bus, run_id: &RunId) -> Result<Option<SubmitGoal>, 
                     format!("goal of run {run_id} does not decode: {e}"),
                 )
             }),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Ok(None) => Ok(None),
         Err(e) => Err(Error::new(
             ErrorKind::Unreachable,
             format!("read goal of run {run_id}: {e}"),

@@ -22,12 +22,45 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use dispatch_bus::durability::SyncPolicy;
 use dispatch_bus::health::Health;
 use dispatch_bus::{Bus, Credentials, Identity};
 use tokio::process::{Child, Command};
 
 /// How long a spawned process gets to become healthy.
 pub const STARTUP: Duration = Duration::from_secs(30);
+
+/// Where services connect: one server, or a cluster reached through its server list.
+pub trait Nats {
+    /// The URL (or comma-separated server list) a service is given.
+    fn urls(&self) -> String;
+    /// Where `identity`'s nkey seed is.
+    fn seed(&self, identity: Identity) -> PathBuf;
+}
+
+impl Nats for NatsServer {
+    fn urls(&self) -> String {
+        self.url()
+    }
+    fn seed(&self, identity: Identity) -> PathBuf {
+        NatsServer::seed(self, identity)
+    }
+}
+
+impl Nats for NatsCluster {
+    fn urls(&self) -> String {
+        NatsCluster::urls(self)
+    }
+    fn seed(&self, identity: Identity) -> PathBuf {
+        dispatch_bus::auth::seed_path(self._auth.path(), identity)
+    }
+}
+
+/// Connects to `nats` as `identity` with its seed.
+pub async fn connect(nats: &impl Nats, identity: Identity) -> Result<Bus> {
+    let credentials = Credentials::nkey_file(&nats.seed(identity))?;
+    Ok(Bus::connect(&nats.urls(), identity, &credentials).await?)
+}
 
 /// A `nats-server` child with JetStream, owned by a test.
 pub struct NatsServer {
@@ -38,6 +71,8 @@ pub struct NatsServer {
     auth: PathBuf,
     /// A cluster node's name, route port and its peers' route ports.
     node: Option<Node>,
+    /// When JetStream syncs to disk (`always` unless a benchmark asks otherwise).
+    sync: SyncPolicy,
 }
 
 struct Node {
@@ -58,6 +93,28 @@ impl NatsCluster {
     /// Starts `n` clustered servers on free loopback ports and waits until JetStream
     /// has a meta leader (a stream can be declared).
     pub async fn start(n: usize) -> Result<Self> {
+        let cluster = Self::spawn(n).await?;
+        let deadline = tokio::time::Instant::now() + STARTUP;
+        loop {
+            match cluster.bus().await {
+                Ok(_) => return Ok(cluster),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("the cluster did not come up: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Starts `n` clustered servers and returns as soon as each listens: JetStream may
+    /// have no meta leader yet and nothing is declared, as on a fresh deployment where
+    /// every process starts at once.
+    pub async fn spawn(n: usize) -> Result<Self> {
+        Self::spawn_with(n, SyncPolicy::default()).await
+    }
+
+    /// [`Self::spawn`] with every node syncing JetStream to disk as `sync` says.
+    pub async fn spawn_with(n: usize, sync: SyncPolicy) -> Result<Self> {
         let auth = tempfile::Builder::new()
             .prefix("dispatch-cluster-")
             .tempdir()?;
@@ -72,6 +129,7 @@ impl NatsCluster {
                 dir,
                 port: 0,
                 auth: auth.path().to_path_buf(),
+                sync,
                 node: Some(Node {
                     name: format!("node-{}", i + 1),
                     route_port: *route_port,
@@ -86,17 +144,7 @@ impl NatsCluster {
         for node in &mut nodes {
             node.spawn().await?;
         }
-        let cluster = Self { nodes, _auth: auth };
-        let deadline = tokio::time::Instant::now() + STARTUP;
-        loop {
-            match cluster.bus().await {
-                Ok(_) => return Ok(cluster),
-                Err(e) if tokio::time::Instant::now() > deadline => {
-                    bail!("the cluster did not come up: {e}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        Ok(Self { nodes, _auth: auth })
     }
 
     /// Every node's URL, comma-separated, as `NATS_URL` names a cluster.
@@ -110,13 +158,12 @@ impl NatsCluster {
 
     /// Connects as the admin identity through every node's URL (streams declared).
     pub async fn bus(&self) -> Result<Bus> {
-        let first = self.nodes.first().context("a cluster has nodes")?;
-        Ok(Bus::connect(
-            &self.urls(),
-            Identity::Admin,
-            &first.credentials(Identity::Admin)?,
-        )
-        .await?)
+        connect(self, Identity::Admin).await
+    }
+
+    /// The node called `name` (as stream info names a leader).
+    pub fn node_named(&mut self, name: &str) -> Option<&mut NatsServer> {
+        self.nodes.iter_mut().find(|n| n.name() == Some(name))
     }
 }
 
@@ -130,6 +177,11 @@ fn free_port() -> Result<u16> {
 impl NatsServer {
     /// Starts a server on a random port with a fresh temporary store.
     pub async fn start() -> Result<Self> {
+        Self::start_with_sync(SyncPolicy::default()).await
+    }
+
+    /// [`Self::start`] with JetStream syncing to disk as `sync` says.
+    pub async fn start_with_sync(sync: SyncPolicy) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("dispatch-nats-")
             .tempdir()?;
@@ -140,6 +192,7 @@ impl NatsServer {
             port: 0,
             auth,
             node: None,
+            sync,
         };
         server.spawn().await?;
         Ok(server)
@@ -147,6 +200,16 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A cluster node's server name (`node-1`, …); none for a lone server.
+    pub fn name(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.name.as_str())
+    }
+
+    /// True while the server process runs (not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Where the server keeps its JetStream store.
@@ -205,7 +268,7 @@ impl NatsServer {
             std::fs::remove_file(entry?.path())?;
         }
         let config = self.dir.path().join("nats.conf");
-        dispatch_bus::auth::write_server_config(&self.auth, &config)?;
+        dispatch_bus::auth::write_server_config(&self.auth, &config, self.sync)?;
         let port = if self.port == 0 {
             "-1".to_owned()
         } else {
@@ -315,7 +378,7 @@ impl Service {
     /// `args`, and waits until it answers on its instance health subject.
     pub async fn start(
         service: &str,
-        nats: &NatsServer,
+        nats: &impl Nats,
         workspace: &Path,
         args: &[&str],
     ) -> Result<Self> {
@@ -325,7 +388,7 @@ impl Service {
     /// [`Self::start`] with extra environment variables for the process.
     pub async fn start_with_env(
         service: &str,
-        nats: &NatsServer,
+        nats: &impl Nats,
         workspace: &Path,
         args: &[&str],
         env: &[(&str, &str)],
@@ -346,7 +409,7 @@ impl Service {
             .open(workspace.join(format!(".{instance}.log")))?;
         let child = Command::new(&binary)
             .arg("--nats-url")
-            .arg(nats.url())
+            .arg(nats.urls())
             .arg("--nats-nkey")
             .arg(nats.seed(identity))
             .arg("--workspace")
@@ -365,7 +428,7 @@ impl Service {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawn {}", binary.display()))?;
-        let bus = nats.bus().await?;
+        let bus = connect(nats, Identity::Admin).await?;
         let health = wait_healthy(&bus, service, &instance).await?;
         Ok(Self {
             name: service.to_owned(),

@@ -22,6 +22,7 @@ mod gate;
 mod schedule;
 mod secret;
 mod serve;
+mod status;
 mod store_watch;
 mod todo;
 mod up;
@@ -55,6 +56,8 @@ pub mod exit {
     pub const CORRUPT: u8 = 4;
     /// `verify`/`replay`: the trail or log does not check out.
     pub const CHECK_FAILED: u8 = 1;
+    /// `status`: a stream cannot be read, has no leader, or has a replica offline.
+    pub const DEGRADED: u8 = 1;
     pub const ERROR: u8 = 125;
     /// Whoever read the output went away (as if by SIGPIPE).
     pub const PIPE_CLOSED: u8 = 141;
@@ -103,6 +106,20 @@ enum Command {
     /// Start the local stack in the foreground: nats-server (unless NATS_URL is set) and
     /// every service. Ctrl-C stops everything.
     Up(up::UpArgs),
+    /// Write what a NATS deployment of your own needs to admit Dispatch: an nkey seed per
+    /// identity (`<identity>.nk`, kept if present) and `nats.conf`, the server
+    /// configuration that admits exactly those identities with their permissions and
+    /// syncs JetStream as `--sync` says. Give every nats-server `-c nats.conf` and every
+    /// service its own seed (`--nats-nkey` / `DISPATCH_NATS_NKEY`).
+    #[command(name = "nats-config")]
+    NatsConfig {
+        /// The directory to write to (created with mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// `always` (fsync before every ack) or an interval such as `2m`.
+        #[arg(long, default_value = "always")]
+        sync: dispatch_bus::durability::SyncPolicy,
+    },
     /// Print a shell completion script: `dispatch completions bash > /etc/bash_completion.d/dispatch`.
     Completions {
         #[arg(value_enum)]
@@ -236,6 +253,14 @@ enum Command {
     },
     /// Print the public key that seals this workspace's runs (never creates one).
     Key,
+    /// The bus as JetStream reports it: each stream's replicas, leader, followers (and
+    /// how far behind they are) and size; each durable consumer's waiting, in-flight
+    /// and redelivered work. Exit code 1 when a stream has no leader or a replica is
+    /// offline.
+    Status {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// The tool catalogue: every tool a connector serves now, its risk class, and what
     /// the policy in force says of it before seeing any arguments.
     Tools {
@@ -390,6 +415,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "dispatch", &mut std::io::stdout());
+            Ok(exit::DONE)
+        }
+        Command::NatsConfig { out, sync } => {
+            let config = out.join("nats.conf");
+            dispatch_bus::auth::write_server_config(&out, &config, sync)?;
+            println!("{}", config.display());
             Ok(exit::DONE)
         }
         Command::Up(args) => {
@@ -711,6 +742,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             eprintln!("removed {} finished run(s)", ids.len());
             Ok(exit::DONE)
         }
+        Command::Status { format } => status::run(&nats.connect().await?, format).await,
         Command::Tools { format } => {
             let bus = nats.connect().await?;
             let store = dispatch_bus::catalogue::open(&bus).await?;

@@ -5,6 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dispatch_bus::auth::seed_path;
+use dispatch_bus::durability::SyncPolicy;
 use dispatch_bus::{Bus, Credentials, Identity};
 use dispatch_runlog::RunLog;
 use dispatch_runlog::submit::{Goal, submit_goal};
@@ -21,6 +22,12 @@ pub struct UpArgs {
     /// Port of the local nats-server (ignored when NATS_URL is set).
     #[arg(long, default_value_t = 4222)]
     nats_port: u16,
+    /// When the local nats-server syncs JetStream to disk: `always` (every write before
+    /// its acknowledgement, so an acked goal survives a power loss) or an interval such
+    /// as `2m` (acks from the page cache: survives a crash of the server, not of the
+    /// machine). Ignored when NATS_URL is set.
+    #[arg(long, env = "DISPATCH_NATS_SYNC", default_value = "always")]
+    nats_sync: SyncPolicy,
     /// Address ingress listens on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
@@ -151,8 +158,9 @@ async fn start_and_serve(
         None => {
             let seeds = layout::auth_dir(workspace);
             let config = layout::nats_config(workspace);
-            dispatch_bus::auth::write_server_config(&seeds, &config)?;
+            dispatch_bus::auth::write_server_config(&seeds, &config, args.nats_sync)?;
             let local = local_nats(workspace, logs, &config, args.nats_port)?;
+            eprintln!("  JetStream syncs to disk: {}", args.nats_sync);
             procs.push(local.start()?);
             let admin = Credentials::nkey_file(&seed_path(&seeds, Identity::Admin))?;
             let url = format!("nats://127.0.0.1:{}", args.nats_port);

@@ -81,6 +81,35 @@ pub struct Connectors {
     registry: Arc<Registry>,
 }
 
+/// Why a call the log shows started has no result, as far as can be told now: the
+/// process that started it still answers with the same boot id (a NATS outage kept its
+/// result from the log), or it does not (it died, or was restarted, mid-call).
+pub async fn why_unfinished(bus: &Bus, started: &ToolCallStarted) -> String {
+    let executor = &started.executor;
+    let alive = match executor.split_once('/') {
+        Some((service, instance)) if !started.executor_boot.is_empty() => bus
+            .request_json::<_, Health>(
+                subject::health_instance(service, instance),
+                &(),
+                Duration::from_secs(1),
+            )
+            .await
+            .is_ok_and(|health| health.boot == started.executor_boot),
+        _ => false,
+    };
+    if alive {
+        format!(
+            "interrupted by a NATS outage: {executor} started this call and still runs, but \
+             its result never reached the log; not executed again"
+        )
+    } else {
+        format!(
+            "interrupted: {executor} started this call and stopped before recording its \
+             result (it crashed, was killed or restarted); not executed again"
+        )
+    }
+}
+
 struct Context {
     log: RunLog,
     workspace: PathBuf,
@@ -515,24 +544,27 @@ async fn call_tool(
         Some(Decision::Ask) => approved(),
         _ => false,
     };
-    let started =
-        |b: &Body| matches!(b, Body::ToolCallStarted(s) if s.call_id == call_id).then_some(());
-    let interrupted = run.bodies().find_map(started).is_some();
-    let result = match (requested, allowed) {
-        (None, _) => Err("the run's log never requested this call".to_owned()),
-        (Some(_), false) => Err("the run's log holds no allow decision for this call".to_owned()),
+    let started = |b: &Body| match b {
+        Body::ToolCallStarted(s) if s.call_id == call_id => Some(s.clone()),
+        _ => None,
+    };
+    let interrupted = run.bodies().find_map(started);
+    let result = match (requested, allowed, interrupted) {
+        (None, _, _) => Err("the run's log never requested this call".to_owned()),
+        (Some(_), false, _) => {
+            Err("the run's log holds no allow decision for this call".to_owned())
+        }
         // Started before and never finished: its effect is unknown, so it is not run
         // again (at most once); the model sees the failure and can decide.
-        (Some(_), true) if interrupted => Err(
-            "interrupted: this call was started but its result was never recorded (its \
-                 connector stopped, or lost NATS for longer than it retries); not executed again"
-                .to_owned(),
-        ),
-        (Some(requested), true) => {
+        (Some(_), true, Some(interrupted)) => {
+            Err(why_unfinished(ctx.log.bus(), &interrupted).await)
+        }
+        (Some(requested), true, None) => {
             // The audit record comes first: if it cannot be appended, nothing runs.
             let audit = Body::ToolCallStarted(ToolCallStarted {
                 call_id: call_id.to_owned(),
                 executor: ctx.executor.clone(),
+                executor_boot: dispatch_bus::health::boot_id().to_owned(),
             });
             loop {
                 match run.append(audit.clone(), call_id).await.map(|_| ()) {

@@ -27,6 +27,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse as _, Response};
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use dispatch_bus::reads::Reader;
 use dispatch_bus::{ConversationId, streams, subject};
 use dispatch_proto::api::v1::{GetTranscriptRequest, GetTranscriptResponse, TranscriptRun};
 use dispatch_proto::api::{QueryError, Reply};
@@ -123,14 +124,17 @@ pub(crate) async fn chunks(
     let mut resumed = Vec::new();
     let mut served = HashMap::new();
     let deliver = match start {
-        Start::After(cursor) => match buffer.direct_get(cursor.seq).await {
-            Ok(message) if message.subject.as_str() == to.as_str() => {
+        Start::After(cursor) => match Reader::new(buffer.clone()).at(cursor.seq).await {
+            Ok(Some(message)) if message.subject.as_str() == to.as_str() => {
                 DeliverPolicy::ByStartSequence {
                     start_sequence: cursor.seq.saturating_add(1),
                 }
             }
-            Ok(_) => return Err(bad_cursor("the cursor is not a chunk of this conversation")),
-            Err(_) => match &cursor.run {
+            Ok(Some(_)) => {
+                return Err(bad_cursor("the cursor is not a chunk of this conversation"));
+            }
+            // Purged from the buffer (or unreadable now): the transcripts have it.
+            Ok(None) | Err(_) => match &cursor.run {
                 Some(run) => {
                     let id = format!("{}-{run}", cursor.seq);
                     for transcript in transcripts_since(app, conversation, run).await? {
@@ -623,12 +627,10 @@ pub(crate) async fn run_log(
         .await
         .map_err(|e| unavailable(&e))?;
     let log = subject::run(&run_id).to_string();
-    if runs
-        .direct_get_next_for_subject(log.clone(), Some(1))
-        .await
-        .is_err()
-    {
-        return Err(RunLogError::NoRun);
+    match Reader::new(runs.clone()).next(&log, 1).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(RunLogError::NoRun),
+        Err(e) => return Err(unavailable(&e)),
     }
     let messages = runs
         .create_consumer(pull::OrderedConfig {

@@ -564,13 +564,13 @@ async fn store(app: &App, submission: &Submission) -> Result<Submitted, dispatch
                 return Ok(submitted);
             }
             Err(e) => {
-                tracing::warn!(attempt, error = %e, "goal not stored yet");
+                tracing::debug!(attempt, error = %e, "goal not stored yet");
                 last_error = Some(e);
             }
         }
     }
     let error = last_error.expect("at least one attempt");
-    tracing::warn!(run_id = %submission.run_id(), error = %error, "goal not known to be stored");
+    tracing::debug!(run_id = %submission.run_id(), error = %error, "goal not known to be stored");
     app.writes.goal_not_stored(error.to_string());
     Err(error)
 }

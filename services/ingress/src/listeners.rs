@@ -84,7 +84,7 @@ const REDACTED: &str = "********";
 /// signed listeners' keys come from.
 pub(crate) struct Listeners {
     bucket: kv::Store,
-    runs: dispatch_bus::async_nats::jetstream::stream::Stream,
+    runs: dispatch_bus::reads::Reader,
     /// Opened at the first signed request: the workspace's secrets key may be made
     /// after ingress starts (by the first `dispatch secret set`).
     secrets: tokio::sync::OnceCell<dispatch_secrets::Store>,
@@ -133,6 +133,7 @@ impl Listeners {
             .get_stream(streams::RUNS)
             .await
             .map_err(|e| dispatch_bus::Error::other("open the run logs", e))?;
+        let runs = dispatch_bus::reads::Reader::new(runs);
         let webhooks = bus
             .jetstream()
             .get_key_value(streams::WEBHOOKS_BUCKET)

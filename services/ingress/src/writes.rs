@@ -46,6 +46,8 @@ struct GoalsFailing {
     since: Instant,
     last: Instant,
     why: String,
+    /// Goals answered 503 since.
+    goals: u64,
 }
 
 #[derive(Debug)]
@@ -66,22 +68,39 @@ pub struct Report {
 }
 
 impl Writes {
+    /// A goal was stored: an outage of goal writes, if there was one, is over (and
+    /// said once, with how many goals it turned away).
     pub fn goal_stored(&self) {
-        self.lock().goals_failing = None;
+        if let Some(failing) = self.lock().goals_failing.take() {
+            tracing::info!(
+                goals = failing.goals,
+                secs = failing.since.elapsed().as_secs(),
+                "goals are stored again"
+            );
+        }
     }
 
+    /// A goal could not be stored. Said once when goals start failing, not per goal:
+    /// during an outage every goal fails the same way.
     pub fn goal_not_stored(&self, why: String) {
         let mut state = self.lock();
         let now = Instant::now();
-        let since = state
+        let ongoing = state
             .goals_failing
             .take()
-            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
-            .map_or(now, |f| f.since);
+            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY);
+        if ongoing.is_none() {
+            tracing::warn!(
+                error = why,
+                "goals are not being stored; answering 503 until they are"
+            );
+        }
+        let (since, goals) = ongoing.map_or((now, 0), |f| (f.since, f.goals));
         state.goals_failing = Some(GoalsFailing {
             since,
             last: now,
             why,
+            goals: goals + 1,
         });
     }
 

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use dispatch_bus::async_nats::jetstream::stream::DirectGetErrorKind;
 use dispatch_bus::health::{self, Health};
+use dispatch_bus::reads::Reader;
 use dispatch_bus::{Bus, ConversationId, ErrorKind, streams, subject};
 use dispatch_proto::ledger::v1::FeedbackDrained;
 use dispatch_proto::run::v1::ListenerEntry;
@@ -50,6 +50,12 @@ const COMMIT_EVERY: usize = 4096;
 /// How long a caught-up projection gathers messages into one view transaction: the
 /// most a view lags its stream, traded for one commit per window under load.
 const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+
+/// How often a projection that has received nothing looks at its stream's last
+/// sequence. Two looks in a row that find the stream grown while nothing arrived mean
+/// the consumer is stuck (its server died, the stream's leader moved and the consumer
+/// did not follow): it is recreated from the views' cursor.
+const STALL_CHECK: Duration = Duration::from_secs(3);
 
 /// The least time between two renders of TASKS.org: a change is in the file within
 /// this long, and a busy stack renders once per interval, not once per change.
@@ -238,9 +244,31 @@ async fn follow(
     // rather than one per event.
     let mut window: Option<tokio::time::Instant> = None;
     let mut last_seq = cursor;
+    let mut stall_check = tokio::time::interval(STALL_CHECK);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    stall_check.reset();
+    // The stream's last sequence at the previous look, if nothing arrived since.
+    let mut quiet_since: Option<u64> = None;
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = stall_check.tick() => {
+                let Ok(info) = stream.get_info().await else {
+                    // Cannot tell now; the next look will.
+                    continue;
+                };
+                let end = info.state.last_sequence;
+                match quiet_since {
+                    Some(before) if end > before && end > last_seq => {
+                        commit(state, stream_name, &mut pending, last_seq)?;
+                        return Err(format!(
+                            "no message for {STALL_CHECK:?} while the stream grew from {before} to {end}; following again from {last_seq}"
+                        ));
+                    }
+                    _ => quiet_since = Some(end),
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(window.unwrap_or_else(tokio::time::Instant::now)), if window.is_some() => {
                 window = None;
                 commit(state, stream_name, &mut pending, last_seq)?;
@@ -266,6 +294,8 @@ async fn follow(
             return Err("consumer ended".into());
         };
         let message = message.map_err(|e| e.to_string())?;
+        quiet_since = None;
+        stall_check.reset();
         applied += 1;
         let (seq, left) = {
             let info = message.info().map_err(|e| e.to_string())?;
@@ -1077,14 +1107,11 @@ async fn last_drain_seq(state: &State, conversation: &ConversationId) -> Result<
         .get_stream(streams::LEDGER)
         .await
         .map_err(|e| e.to_string())?;
-    match stream
-        .direct_get_last_for_subject(subject::drain(conversation).as_str())
+    let last = Reader::new(stream)
+        .last(subject::drain(conversation).as_str())
         .await
-    {
-        Ok(message) => Ok(message.sequence),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e.to_string()),
-    }
+        .map_err(|e| e.to_string())?;
+    Ok(last.map_or(0, |message| message.sequence))
 }
 
 /// Waits (up to 5 s) until the views hold every ledger-stream message up to `seq`;

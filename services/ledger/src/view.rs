@@ -238,9 +238,17 @@ impl Fold for RunView {
             | Body::FeedbackQueued(_)
             | Body::OutputDelta(_) => {}
         }
+        // The owner is the dispatcher copy that last wrote to the run: after a takeover
+        // the copy carrying it on (and finishing it), not the one that died.
+        if view.owner.is_some() && event.writer.starts_with(DISPATCHER_WRITER) {
+            view.owner = Some(event.writer.clone());
+        }
         view
     }
 }
+
+/// How a dispatcher copy names itself as the writer of the events it appends.
+const DISPATCHER_WRITER: &str = "dispatcher/";
 
 /// What a run's request sets in its view beyond the goal: its kind, and a service's
 /// wake sources or a wake's service.

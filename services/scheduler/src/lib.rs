@@ -69,7 +69,7 @@ pub struct Scheduler {
     config: Config,
     bus: Bus,
     schedules: kv::Store,
-    runs: dispatch_bus::async_nats::jetstream::stream::Stream,
+    runs: dispatch_bus::reads::Reader,
 }
 
 /// What the fire loop, the fires it starts and the request handlers share.
@@ -78,7 +78,7 @@ struct Shared {
     bus: Bus,
     schedules: kv::Store,
     /// The run-log stream, for a run's last event (has the last run ended?).
-    runs: dispatch_bus::async_nats::jetstream::stream::Stream,
+    runs: dispatch_bus::reads::Reader,
     /// True once the book holds the whole bucket: requests wait for it.
     loaded: tokio::sync::watch::Receiver<bool>,
     book: Arc<Mutex<book::Book>>,
@@ -117,6 +117,7 @@ impl Scheduler {
             .get_stream(streams::RUNS)
             .await
             .map_err(|e| Error::Nats(format!("open the run-log stream: {e}")))?;
+        let runs = dispatch_bus::reads::Reader::new(runs);
         Ok(Self {
             config,
             bus,

@@ -72,7 +72,7 @@ async fn store(
 /// What every delivery needs.
 pub struct Deliverer {
     bus: Bus,
-    runs: jetstream::stream::Stream,
+    runs: dispatch_bus::reads::Reader,
     http: reqwest::Client,
     secrets: dispatch_secrets::Store,
     grants: dispatch_secrets::Grants,
@@ -111,7 +111,7 @@ impl Deliverer {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             bus: bus.clone(),
-            runs,
+            runs: dispatch_bus::reads::Reader::new(runs),
             http,
             secrets,
             grants,
@@ -220,16 +220,11 @@ impl Deliverer {
     /// The run's request and its terminal event (`None` while it has none).
     async fn run(&self, run_id: &RunId) -> Result<Option<(RunRequested, RunFinished)>, String> {
         let log = subject::run(run_id).to_string();
-        let first = self
-            .runs
-            .direct_get_next_for_subject(log.clone(), Some(1))
-            .await
-            .map_err(|e| e.to_string())?;
-        let last = self
-            .runs
-            .direct_get_last_for_subject(log)
-            .await
-            .map_err(|e| e.to_string())?;
+        let first = self.runs.next(&log, 1).await.map_err(|e| e.to_string())?;
+        let last = self.runs.last(&log).await.map_err(|e| e.to_string())?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Err("the run has no events".into());
+        };
         let first = dispatch_runlog::decode(run_id, first.sequence, &first.payload)
             .map_err(|e| e.to_string())?;
         let last = dispatch_runlog::decode(run_id, last.sequence, &last.payload)

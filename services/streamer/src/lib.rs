@@ -20,6 +20,7 @@ pub mod delivery;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use dispatch_chunks as chunks;
 use std::time::Duration;
@@ -89,19 +90,23 @@ pub struct Config {
     /// apart at first, then further (the command consumer's backoff).
     #[arg(long, env = "DISPATCH_DELIVERY_LEASE_MS", default_value_t = 5_000)]
     pub delivery_lease_ms: u64,
-    /// Replicas of the conversation stream (3 in a cluster multiplies its storage by 3).
-    #[arg(long, env = "DISPATCH_CONVERSATIONS_REPLICAS", default_value_t = 1,
+    /// Replicas of the conversation stream; by default as many as every other stream
+    /// (3 on a cluster, 1 on a single server: `DISPATCH_STREAM_REPLICAS`), so that
+    /// conversations keep streaming when a node goes. Fewer saves storage on a cluster.
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_REPLICAS",
           value_parser = clap::value_parser!(u8).range(1..=5))]
-    pub replicas: u8,
+    pub replicas: Option<u8>,
 }
 
 impl Config {
-    fn knobs(&self) -> ConversationKnobs {
+    fn knobs(&self, bus: &Bus) -> ConversationKnobs {
         ConversationKnobs {
             memory: self.memory,
             max_age: self.max_age,
             max_msgs_per_subject: self.max_msgs_per_subject,
-            replicas: usize::from(self.replicas),
+            replicas: self
+                .replicas
+                .map_or_else(|| streams::replicas(bus), usize::from),
         }
     }
 }
@@ -203,9 +208,10 @@ impl Streamer {
         let mut relay = Relay {
             bus: self.bus.clone(),
             js: js.clone(),
-            runs,
+            runs: dispatch_bus::reads::Reader::new(runs),
             buffer: conversations,
             purge_after: self.config.purge_after,
+            purges_failing: Arc::default(),
             consumer: consumer.clone(),
             conversations: HashMap::new(),
             streaming: HashMap::new(),
@@ -252,7 +258,7 @@ impl Streamer {
     /// Puts the configured knobs on the existing conversation stream. The storage
     /// kind cannot be changed on a stream that exists; that is said, not forced.
     async fn sync_knobs(&self) -> Result<(), Error> {
-        let want = streams::conversations(&self.config.knobs());
+        let want = streams::conversations(&self.config.knobs(&self.bus));
         let js = self.bus.jetstream();
         let mut stream = js
             .get_or_create_stream(want.clone())
@@ -294,10 +300,13 @@ impl Streamer {
 struct Relay {
     bus: Bus,
     js: jetstream::Context,
-    runs: jetstream::stream::Stream,
+    runs: dispatch_bus::reads::Reader,
     /// The conversation stream, to purge.
     buffer: jetstream::stream::Stream,
     purge_after: Duration,
+    /// Purges failing now (said once when they start failing and once when they work
+    /// again, not per conversation: an outage fails them all the same way).
+    purges_failing: Arc<AtomicBool>,
     consumer: consumer::PullConsumer,
     /// Each run's conversation, and whether it has a callback, learned from its
     /// first event.
@@ -389,9 +398,10 @@ impl Relay {
             "taking over: relaying what the last copy left unacknowledged"
         );
         for seq in from..first {
-            let message = match self.runs.direct_get(seq).await {
-                Ok(message) => message,
+            let message = match self.runs.at(seq).await {
+                Ok(Some(message)) => message,
                 // Gone (expired, or never a run event); nothing to relay.
+                Ok(None) => continue,
                 Err(e) => {
                     tracing::debug!(seq, error = %e, "not in the run-log stream");
                     continue;
@@ -460,6 +470,7 @@ impl Relay {
         }
         let buffer = self.buffer.clone();
         let after = self.purge_after;
+        let failing = self.purges_failing.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             match buffer
@@ -469,10 +480,16 @@ impl Relay {
                 .await
             {
                 Ok(purged) => {
-                    tracing::debug!(subject = %to, purged = purged.purged, "conversation buffer purged")
+                    tracing::debug!(subject = %to, purged = purged.purged, "conversation buffer purged");
+                    if failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("conversation buffers are purged again");
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(subject = %to, error = %e, "cannot purge a conversation buffer; max_age will")
+                    if !failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "cannot purge conversation buffers; their max_age will until purges work again");
+                    }
+                    tracing::debug!(subject = %to, error = %e, "conversation buffer not purged");
                 }
             }
         });
@@ -531,9 +548,10 @@ impl Relay {
             _ => {
                 let first = self
                     .runs
-                    .direct_get_next_for_subject(subject::run(run_id).to_string(), Some(1))
+                    .next(subject::run(run_id).as_str(), 1)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the run has no events")?;
                 let first = dispatch_runlog::decode(run_id, first.sequence, &first.payload)
                     .map_err(|e| e.to_string())?;
                 match first.body {
