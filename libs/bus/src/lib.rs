@@ -137,7 +137,8 @@ impl Bus {
                 ),
                 _ => unreachable_error(url, e),
             })?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
         let bus = Self { client, js };
         streams::ensure(&bus).await?;
         Ok(bus)
@@ -294,6 +295,14 @@ fn unreachable_error(url: &str, cause: impl std::fmt::Display) -> Error {
         ),
     )
 }
+
+/// How long a JetStream request (a publish's acknowledgement, a read, an info) waits
+/// for its answer. Left to async-nats, a publish waits 5 s and any other request 10 s;
+/// when a node dies, requests sent to it or to a stream still electing its next leader
+/// get no answer at all, so every such wait is added to the outage a run sees. Healthy
+/// answers come in well under a millisecond here, and every caller retries (appends are
+/// deduplicated by `Nats-Msg-Id`), so a short wait costs a retry, not a failure.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an append that meets its own message still in process is tried again
 /// (20 ms more each time: about 4 s in all).
