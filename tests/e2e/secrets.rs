@@ -145,7 +145,15 @@ async fn found_nowhere(
 #[tokio::test]
 async fn a_leased_secret_reaches_its_host_and_nothing_else() -> Result<()> {
     let (port, seen) = echo_server().await?;
-    let mut stack = Stack::start(&["ledger"]).await?;
+    // Every service exports traces and metrics, serves /metrics and logs JSON: the
+    // secret must be in none of them either.
+    let receiver = dispatch_tests::otlp::Receiver::start().await?;
+    let mut telemetry = receiver.env();
+    telemetry.push(("DISPATCH_LOG_FORMAT", "json".into()));
+    telemetry.push(("DISPATCH_METRICS_LISTEN", "127.0.0.1:0".into()));
+    let env: Vec<(&str, &str)> = telemetry.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut stack = Stack::start(&[]).await?;
+    stack.add_with_env("ledger", &[], &env).await?;
     std::fs::write(
         stack.root().join("dispatch.toml"),
         format!(
@@ -164,11 +172,21 @@ prefix = "Bearer "
     let policy = stack.root().join("policy.json");
     std::fs::write(&policy, POLICY)?;
     stack
-        .add_with("policy", &["--policy", policy.to_str().context("utf-8")?])
+        .add_with_env(
+            "policy",
+            &["--policy", policy.to_str().context("utf-8")?],
+            &env,
+        )
         .await?;
-    stack.add("connectors").await?;
-    stack.add("dispatcher").await?;
-    stack.add("ingress").await?;
+    stack.add_with_env("connectors", &[], &env).await?;
+    stack.add_with_env("dispatcher", &[], &env).await?;
+    stack
+        .add_with_env(
+            "ingress",
+            &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
+            &env,
+        )
+        .await?;
 
     // Set from stdin; `********` sent back keeps it; refused values change nothing.
     let set = set_secret(&stack, "planted", PLANTED)?;
@@ -229,7 +247,34 @@ prefix = "Bearer "
         listed.contains("planted") && listed.contains("********"),
         "{listed}"
     );
-    found_nowhere(&stack, run_id, &events, PLANTED).await
+    found_nowhere(&stack, run_id, &events, PLANTED).await?;
+    // Not in a span or a metric sent over OTLP (once the run's spans are there), nor
+    // in any service's /metrics.
+    stack
+        .eventually(LIMIT, || async {
+            receiver
+                .spans()
+                .iter()
+                .any(|s| s.name == "execute_tool http.request")
+                .then_some(())
+        })
+        .await?;
+    assert!(
+        !receiver.holds(PLANTED.as_bytes()),
+        "the OTLP receiver got the secret"
+    );
+    for service in &stack.services {
+        let addr = service.health().detail["metrics_addr"]
+            .as_str()
+            .context("metrics_addr")?;
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await?
+            .text()
+            .await?;
+        assert!(text.contains("target_info"), "{}: {text}", service.name);
+        assert!(!text.contains(PLANTED), "{}'s /metrics", service.name);
+    }
+    Ok(())
 }
 
 /// A free local port.

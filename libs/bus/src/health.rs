@@ -29,9 +29,25 @@ impl Health {
             instance: instance.to_owned(),
             pid: std::process::id(),
             boot: boot_id().to_owned(),
-            detail: Default::default(),
+            detail: METRICS_ADDR
+                .get()
+                .map(|addr| {
+                    serde_json::Map::from_iter([(
+                        "metrics_addr".to_owned(),
+                        addr.to_string().into(),
+                    )])
+                })
+                .unwrap_or_default(),
         }
     }
+}
+
+static METRICS_ADDR: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+
+/// Where this process serves `/metrics`, said in every health reply from now on (as
+/// `detail.metrics_addr`): a listener bound to port 0 is found this way.
+pub fn set_metrics_addr(addr: std::net::SocketAddr) {
+    let _ = METRICS_ADDR.set(addr);
 }
 
 /// This process's [`Health::boot`].

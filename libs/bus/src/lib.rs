@@ -15,9 +15,11 @@ pub mod catalogue;
 pub mod durability;
 pub mod health;
 pub mod ids;
+pub mod metrics;
 pub mod reads;
 pub mod streams;
 pub mod subject;
+pub mod trace;
 pub mod work;
 
 use std::time::Duration;
@@ -173,6 +175,7 @@ impl Bus {
                 seq.to_string().as_str(),
             );
         }
+        trace::inject(&mut headers);
         // A clustered stream answers "duplicate message id is in process" while another
         // publish of this very message is being replicated (two copies storing the same
         // command at once): asked again a moment later, it says duplicate or stores it.

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::{Bus, Error};
 
@@ -318,6 +319,11 @@ where
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let tasks = TaskTracker::new();
     let mut outage = Outage::new(queue.consumer);
+    tasks.spawn(crate::metrics::watch_consumer(
+        consumer.clone(),
+        queue.consumer,
+        shutdown.clone(),
+    ));
     'fetch: loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -376,14 +382,30 @@ where
             let handler = handler.clone();
             let renew = renew_lease(bus.client().clone(), message.reply.clone(), queue.ack_wait);
             let slot = Slot::new(permits.clone(), held);
-            tasks.spawn(async move {
-                // The command stays ours while the handler runs, however long it takes;
-                // if this process dies, renewals stop and the server redelivers it.
-                tokio::select! {
-                    _ = handler(message, slot) => {}
-                    _ = renew => unreachable!("renewing never ends"),
+            // The handler continues the trace the command was published in.
+            let span = tracing::info_span!(
+                "process",
+                otel.name = %format_args!("process {}", queue.stream),
+                otel.kind = "consumer",
+                messaging.system = "nats",
+                messaging.operation.type = "process",
+                messaging.destination.name = %message.subject,
+                messaging.consumer.group.name = queue.consumer,
+                messaging.nats.delivery = Delivery::of(&message).number,
+            );
+            crate::trace::follow(&span, message.headers.as_ref());
+            tasks.spawn(
+                async move {
+                    // The command stays ours while the handler runs, however long it
+                    // takes; if this process dies, renewals stop and the server
+                    // redelivers it.
+                    tokio::select! {
+                        _ = handler(message, slot) => {}
+                        _ = renew => unreachable!("renewing never ends"),
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
     }
     tasks.close();

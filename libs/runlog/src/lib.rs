@@ -152,6 +152,22 @@ impl RunLog {
         &self.inner.bus
     }
 
+    /// The span the run's first event was appended in, if its message carries one (its
+    /// `traceparent`, written when tracing is on): the run's trace, and the first
+    /// attempt's span a resumed run links to. One read, however long the log.
+    pub async fn trace_of(
+        &self,
+        run_id: &RunId,
+    ) -> Result<Option<opentelemetry::trace::SpanContext>, Error> {
+        let first = self
+            .inner
+            .reader
+            .next(subject::run(run_id).as_str(), 1)
+            .await
+            .map_err(|e| unreachable(run_id, e))?;
+        Ok(first.and_then(|m| dispatch_bus::trace::span_context(Some(&m.headers))))
+    }
+
     /// Reads a run's whole log and verifies its chain. An unknown run has an empty log.
     pub async fn read(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
         let events = self.read_after(run_id, 0).await?;

@@ -6,6 +6,7 @@ use dispatch_bus::{Bus, ConversationId, RunId, streams, subject};
 use dispatch_proto::command::v1::SubmitGoal;
 use dispatch_proto::run::v1::{RunRequested, ServiceSpec, run_event::Body};
 use prost::Message as _;
+use tracing::Instrument as _;
 
 use crate::{Error, ErrorKind, RunHandle};
 
@@ -409,6 +410,11 @@ impl Submission {
         self.command.run_id.parse().expect("made from a RunId")
     }
 
+    /// Where the goal came from (`api`, `chat`, `cli`, `schedule`, ...).
+    pub fn origin(&self) -> &str {
+        &self.command.origin
+    }
+
     /// True when `earlier` asks for the same thing as this submission.
     pub fn same_request(&self, earlier: &SubmitGoal) -> bool {
         let (a, b) = (&self.command, earlier);
@@ -424,9 +430,26 @@ impl Submission {
             && a.listener == b.listener
     }
 
-    /// Stores the goal (safe to call again after any failure).
+    /// Stores the goal (safe to call again after any failure), in a producer span whose
+    /// context the stored goal carries: the run's trace starts here.
     pub async fn submit(&self, bus: &Bus) -> Result<Submitted, Error> {
         let run_id = self.run_id();
+        let subject = subject::goal(&run_id);
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = "publish dispatch.goal",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "publish",
+            messaging.destination.name = subject.as_str(),
+            messaging.destination.template = "dispatch.goal.{run_id}",
+            run_id = %run_id,
+            origin = self.command.origin.as_str(),
+        );
+        self.store(bus, run_id).instrument(span).await
+    }
+
+    async fn store(&self, bus: &Bus, run_id: RunId) -> Result<Submitted, Error> {
         let appended = bus
             .append(
                 subject::goal(&run_id),

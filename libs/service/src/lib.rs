@@ -19,6 +19,7 @@ pub const SERVICES: [&str; 7] = [
 pub mod api_keys;
 pub mod config;
 pub mod hosts;
+pub mod telemetry;
 
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,8 @@ pub struct CommonArgs {
     pub trusted_keys: Vec<[u8; 32]>,
     #[command(flatten)]
     pub nats_auth: NatsAuth,
+    #[command(flatten)]
+    pub telemetry: telemetry::TelemetryArgs,
 }
 
 /// How a process authenticates to NATS. Without either flag, the identity's seed in
@@ -114,14 +117,13 @@ impl CommonArgs {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Sets up logs, traces and metrics for `service` as its flags and the `OTEL_*`
+/// variables say ([`telemetry`]); keep the value until the process ends.
+pub fn init_telemetry(
+    service: &str,
+    common: &CommonArgs,
+) -> Result<telemetry::Telemetry, telemetry::Error> {
+    telemetry::init(service, &common.instance, &common.telemetry)
 }
 
 /// Set by a supervisor (`dispatch up`) that holds the child's stdin open: when the

@@ -548,9 +548,16 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let bus = nats.connect().await?;
             let view: RunView =
                 query(&bus, subject::query::run(), &GetRunRequest { id: run }).await?;
+            let mut shown = serde_json::to_value(&view).expect("views serialize");
+            // Where the run is in a trace backend, when it ran with tracing on.
+            if let Ok(run_id) = view.run_id.parse::<RunId>()
+                && let Ok(Some(trace)) = open_log(&bus).await?.trace_of(&run_id).await
+            {
+                shown["trace_id"] = trace.trace_id().to_string().into();
+            }
             println!(
                 "{}",
-                serde_json::to_string_pretty(&view).expect("views serialize")
+                serde_json::to_string_pretty(&shown).expect("views serialize")
             );
             Ok(exit::DONE)
         }

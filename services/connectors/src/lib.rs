@@ -36,6 +36,7 @@ use dispatch_runlog::{RunHandle, RunLog};
 use dispatch_service::layout;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub const SERVICE: &str = "connectors";
 
@@ -502,7 +503,51 @@ async fn record(
     }
 }
 
+/// Executes `call` in a span of OpenTelemetry's GenAI `execute_tool` kind, a child of
+/// the span that asked for it.
 async fn call_tool(
+    ctx: &Context,
+    call: &CallTool,
+    shutdown: &CancellationToken,
+) -> Result<(), Rejected> {
+    let span = tracing::info_span!(
+        "execute_tool",
+        otel.name = %format_args!("execute_tool {}", call.tool),
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "execute_tool",
+        gen_ai.tool.name = call.tool.as_str(),
+        gen_ai.tool.call.id = call.call_id.as_str(),
+        connector = connector_of(&call.tool),
+        run_id = call.run_id.as_str(),
+    );
+    call_tool_in_span(ctx, call, shutdown)
+        .instrument(span)
+        .await
+}
+
+/// The connector a namespaced tool name (`fs.read_file`) belongs to.
+fn connector_of(tool: &str) -> &str {
+    tool.split_once('.')
+        .map_or(tool, |(connector, _)| connector)
+}
+
+/// How long tool calls take, by connector and outcome (`ok` / `error`).
+fn call_durations() -> &'static opentelemetry::metrics::Histogram<f64> {
+    static DURATIONS: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>> =
+        std::sync::OnceLock::new();
+    DURATIONS.get_or_init(|| {
+        opentelemetry::global::meter(dispatch_bus::metrics::METER)
+            .f64_histogram("dispatch.tool.duration")
+            .with_unit("s")
+            .with_description("Tool calls executed, by connector and outcome")
+            .with_boundaries(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .build()
+    })
+}
+
+async fn call_tool_in_span(
     ctx: &Context,
     call: &CallTool,
     shutdown: &CancellationToken,
@@ -584,8 +629,19 @@ async fn call_tool(
             }
             // If the run ends while the call is in flight (deadline, stop), the call is
             // abandoned: dropping its future cancels it, and nothing more is recorded.
+            let began = std::time::Instant::now();
             tokio::select! {
-                result = ctx.registry.call(&ctx.workspace, ctx.secrets.as_deref(), &run_id, call_id, &requested.tool, &requested.args_json) => result,
+                result = ctx.registry.call(&ctx.workspace, ctx.secrets.as_deref(), &run_id, call_id, &requested.tool, &requested.args_json) => {
+                    let outcome = if result.is_ok() { "ok" } else { "error" };
+                    call_durations().record(
+                        began.elapsed().as_secs_f64(),
+                        &[
+                            opentelemetry::KeyValue::new("connector", connector_of(&requested.tool).to_owned()),
+                            opentelemetry::KeyValue::new("outcome", outcome),
+                        ],
+                    );
+                    result
+                },
                 ended = async {
                     tokio::time::sleep(WATCH_CALLS_AFTER).await;
                     run.wait_until_finished().await
@@ -598,6 +654,9 @@ async fn call_tool(
         }
     };
     tracing::info!(run_id = %run_id, call_id, ok = result.is_ok(), "tool call executed");
+    if result.is_err() {
+        tracing::Span::current().record("otel.status_code", "ERROR");
+    }
     // Whatever the connector (an MCP server's error text, a long listing), the result
     // is bounded so that its event fits a NATS message.
     let body = match result {

@@ -21,7 +21,10 @@ use dispatch_runlog::submit::MAX_TIMEOUT_MS;
 use dispatch_runlog::{ErrorKind, Report, RunHandle, SUMMARY_CHARS, slice_bytes, slice_chars};
 use dispatch_service::layout;
 
-use crate::{Context, DEFAULT_TIMEOUT, Error};
+use crate::{Context, DEFAULT_TIMEOUT, Error, telemetry};
+use opentelemetry::KeyValue;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// How long the owner of a force-stopped run waits for the requester's terminal event.
 const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
@@ -78,6 +81,23 @@ pub(crate) async fn run(
     command: &SubmitGoal,
     slot: Slot,
 ) -> Result<(), Error> {
+    let span = tracing::info_span!(
+        "run",
+        run_id = %run_id,
+        origin = command.origin.as_str(),
+        status = tracing::field::Empty,
+    );
+    run_in_span(ctx, run_id, command, slot)
+        .instrument(span)
+        .await
+}
+
+async fn run_in_span(
+    ctx: &Context,
+    run_id: RunId,
+    command: &SubmitGoal,
+    slot: Slot,
+) -> Result<(), Error> {
     if command.kind == dispatch_runlog::service::KIND {
         return crate::service::start(ctx, run_id, command).await;
     }
@@ -110,6 +130,11 @@ pub(crate) async fn run(
             );
         }
         tracing::info!(run_id = %run_id, events = exec.run.events().len(), "resuming from the log");
+        // The copy that began the run did so in a span of its own; this one links to
+        // it, so a trace view leads from the take-over back to the first attempt.
+        if let Ok(Some(begun)) = ctx.log.trace_of(&run_id).await {
+            tracing::Span::current().add_link(begun);
+        }
     }
     let outcome = exec.drive().await;
     let report = exec.report();
@@ -231,6 +256,11 @@ impl Exec<'_> {
         if let Some(plan) = self.find(as_plan) {
             return Ok(plan);
         }
+        let span = tracing::info_span!("plan", run_id = %self.run.run_id());
+        self.author_plan(requested).instrument(span).await
+    }
+
+    async fn author_plan(&mut self, requested: &RunRequested) -> Result<PlanAuthored, Stop> {
         let mut rejected: Vec<PlanRejected> = self.all(as_rejected);
         loop {
             if rejected.len() >= 2 {
@@ -249,16 +279,24 @@ impl Exec<'_> {
             });
             let provider = &self.ctx.providers.author;
             let tools = self.ctx.offer.current().await.specs();
+            let goal = dispatch_runlog::submit::prompt_goal(requested);
+            let span = telemetry::model_span(provider.name(), "author");
             let answer = provider
                 .author(AuthorRequest {
-                    goal: dispatch_runlog::submit::prompt_goal(requested),
+                    goal: goal.clone(),
                     grammar: dispatch_plan::GRAMMAR,
                     previous_error,
                     temperature: AUTHOR_TEMPERATURE,
                     tools,
                 })
+                .instrument(span.clone())
                 .await
-                .map_err(|e| Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)))?;
+                .map_err(|e| {
+                    span.record("otel.status_code", "ERROR");
+                    Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS))
+                })?;
+            telemetry::model_used(&span, provider.name(), answer.usage);
+            telemetry::model_content(&span, &goal, &answer.text);
             match dispatch_plan::parse(&answer.text) {
                 Ok(plan) => {
                     let slug = dispatch_plan::slug(&requested.goal);
@@ -305,7 +343,13 @@ impl Exec<'_> {
             deadline_unix_ms: now_unix_ms().saturating_add(timeout.as_millis() as i64),
             ..Default::default()
         });
+        let first_start = self.find(as_started).is_none();
         let started = self.ensure(as_started, body).await?;
+        if first_start {
+            telemetry::metrics()
+                .started
+                .add(1, &[KeyValue::new("origin", self.command.origin.clone())]);
+        }
         let scratch = layout::run_dir(&self.ctx.workspace, self.run.run_id()).join(layout::SCRATCH);
         std::fs::create_dir_all(&scratch)
             .map_err(|e| Stop::Blocked(format!("cannot create {}: {e}", scratch.display())))?;
@@ -331,7 +375,15 @@ impl Exec<'_> {
                 title: leaf.title.clone(),
             });
             self.ensure(started_leaf(index), started).await?;
-            let (state, reason, answer) = self.leaf(requested, leaf).await?;
+            let span = tracing::info_span!(
+                "leaf",
+                run_id = %self.run.run_id(),
+                leaf = index,
+                state = tracing::field::Empty,
+            );
+            let (state, reason, answer) =
+                self.leaf(requested, leaf).instrument(span.clone()).await?;
+            span.record("state", state.as_str_name());
             tracing::info!(run_id = %self.run.run_id(), leaf = index, state = state.as_str_name(), "leaf finished");
             let finished = Body::LeafFinished(LeafFinished {
                 leaf: index,
@@ -375,7 +427,9 @@ impl Exec<'_> {
             }
             part = Part::new(leaf, turn, earlier.part + 1);
         }
-        let mut reply = std::pin::pin!(provider.turn(request));
+        let span = telemetry::model_span(provider.name(), "turn");
+        let prompt = telemetry::capture_content().then(|| format!("{:?}", request.history.last()));
+        let mut reply = std::pin::pin!(provider.turn(request).instrument(span.clone()));
         // First flush after DELTA_EVERY: an answer quicker than that is not streamed
         // at all (no events beyond its ModelTurn).
         let mut every =
@@ -406,10 +460,15 @@ impl Exec<'_> {
         let reply = match reply {
             Ok(reply) => reply,
             Err(e) => {
+                span.record("otel.status_code", "ERROR");
                 self.abandon(&mut part).await?;
                 return Err(Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS)));
             }
         };
+        telemetry::model_used(&span, provider.name(), reply.usage);
+        if let Some(prompt) = prompt {
+            telemetry::model_content(&span, &prompt, &reply.text);
+        }
         if part.sent.is_empty() {
             // Nothing went out while the model answered: the ModelTurn says it all.
             return Ok((reply, None));
@@ -586,6 +645,23 @@ impl Exec<'_> {
         leaf: u32,
         call: &ToolCall,
     ) -> Result<Result<String, String>, Stop> {
+        let span = tracing::info_span!(
+            "tool_call",
+            otel.name = %format_args!("tool_call {}", call.tool),
+            run_id = %self.run.run_id(),
+            leaf,
+            tool = call.tool.as_str(),
+            call_id = call.call_id.as_str(),
+            decision = tracing::field::Empty,
+        );
+        self.call_in_span(leaf, call).instrument(span).await
+    }
+
+    async fn call_in_span(
+        &mut self,
+        leaf: u32,
+        call: &ToolCall,
+    ) -> Result<Result<String, String>, Stop> {
         let call_id = call.call_id.clone();
         let risk = match self.find(requested_call(&call_id)) {
             Some(()) => Risk::Unspecified,
@@ -638,6 +714,7 @@ impl Exec<'_> {
                 }
             },
         };
+        tracing::Span::current().record("decision", decision.decision().as_str_name());
         match decision.decision() {
             Decision::Allow => {}
             Decision::Ask => {
@@ -792,6 +869,16 @@ impl Exec<'_> {
         if let Some(checked) = self.find(gate_for(&check_id)) {
             return Ok(checked);
         }
+        let span = tracing::info_span!(
+            "gate",
+            run_id = %self.run.run_id(),
+            leaf = leaf.index,
+            command = leaf.done_when.as_str(),
+        );
+        self.check_gate(leaf, check_id).instrument(span).await
+    }
+
+    async fn check_gate(&mut self, leaf: &PlanLeaf, check_id: String) -> Result<GateChecked, Stop> {
         let command = CheckGate {
             run_id: self.command.run_id.clone(),
             check_id: check_id.clone(),
@@ -841,7 +928,20 @@ impl Exec<'_> {
         self.run
             .finish_with(status, &reason, &summary, report, &self.command.run_id)
             .await?;
+        tracing::Span::current().record("status", status.word());
         tracing::info!(run_id = %self.run.run_id(), status = status.word(), reason, "run finished");
+        let labels = [
+            KeyValue::new("status", status.word()),
+            KeyValue::new("origin", self.command.origin.clone()),
+        ];
+        let metrics = telemetry::metrics();
+        metrics.finished.add(1, &labels);
+        if let Some(requested) = self.run.events().first() {
+            let ms = now_unix_ms()
+                .saturating_sub(requested.event.time_unix_ms)
+                .max(0);
+            metrics.duration.record(ms as f64 / 1000.0, &labels);
+        }
         Ok(())
     }
 

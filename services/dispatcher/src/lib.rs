@@ -20,6 +20,7 @@ mod execute;
 pub mod model;
 mod service;
 mod stops;
+mod telemetry;
 mod tools;
 
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ use dispatch_runlog::seal::Sealer;
 use dispatch_runlog::submit::check_command;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub const SERVICE: &str = "dispatcher";
 
@@ -271,7 +273,10 @@ async fn supervise(
 ) -> Result<(), Error> {
     let task = {
         let (ctx, command) = (ctx.clone(), command.clone());
-        tokio::spawn(async move { execute::run(&ctx, run_id, &command, slot).await })
+        // In the span of the goal's delivery: the run continues the goal's trace.
+        tokio::spawn(
+            async move { execute::run(&ctx, run_id, &command, slot).await }.in_current_span(),
+        )
     };
     // Dropping this future (shutdown) must not leave the run's task behind.
     let abort = task.abort_handle();

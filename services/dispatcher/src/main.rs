@@ -3,7 +3,8 @@ use dispatch_dispatcher::{Config, Dispatcher};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = dispatch_service::config::parse(dispatch_dispatcher::SERVICE);
-    dispatch_service::init_tracing();
+    let _telemetry =
+        dispatch_service::init_telemetry(dispatch_dispatcher::SERVICE, &config.common)?;
     let shutdown = dispatch_service::shutdown_on_signals();
     let providers = config.model.providers()?;
     Dispatcher::build(config, providers)

@@ -290,13 +290,49 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-                .layer(tower_http::trace::TraceLayer::new_for_http())
+                .layer(
+                    tower_http::trace::TraceLayer::new_for_http()
+                        .make_span_with(http_span)
+                        .on_response(http_response),
+                )
                 .layer(PropagateRequestIdLayer::new(request_id))
                 .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                     StatusCode::REQUEST_TIMEOUT,
                     request_timeout,
                 )),
         )
+}
+
+/// The span of one HTTP request (OpenTelemetry's HTTP server conventions), a child of
+/// the caller's span when the request carries a W3C `traceparent`.
+fn http_span(request: &axum::extract::Request) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let method = request.method().as_str();
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format_args!("{method} {}", route.as_deref().unwrap_or("")),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route.as_deref(),
+        url.path = request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    dispatch_bus::trace::follow_with(&span, |name| {
+        request.headers().get(name).and_then(|v| v.to_str().ok())
+    });
+    span
+}
+
+fn http_response(response: &Response, _latency: Duration, span: &tracing::Span) {
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// A problem response (RFC 9457) with `status` and the matchable `code`.
@@ -561,6 +597,15 @@ async fn store(app: &App, submission: &Submission) -> Result<Submitted, dispatch
         match submission.submit(&app.bus).await {
             Ok(submitted) => {
                 app.writes.goal_stored();
+                if matches!(submitted, Submitted::Stored(_)) {
+                    submitted_goals().add(
+                        1,
+                        &[opentelemetry::KeyValue::new(
+                            "origin",
+                            submission.origin().to_owned(),
+                        )],
+                    );
+                }
                 return Ok(submitted);
             }
             Err(e) => {
@@ -573,6 +618,18 @@ async fn store(app: &App, submission: &Submission) -> Result<Submitted, dispatch
     tracing::debug!(run_id = %submission.run_id(), error = %error, "goal not known to be stored");
     app.writes.goal_not_stored(error.to_string());
     Err(error)
+}
+
+/// Goals stored, by origin (`dispatch_runs_submitted_total{origin}`).
+fn submitted_goals() -> &'static opentelemetry::metrics::Counter<u64> {
+    static SUBMITTED: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    SUBMITTED.get_or_init(|| {
+        opentelemetry::global::meter(dispatch_bus::metrics::METER)
+            .u64_counter("dispatch.runs.submitted")
+            .with_description("Goals stored through this copy, by origin")
+            .build()
+    })
 }
 
 /// The answer to a stored goal.

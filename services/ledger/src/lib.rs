@@ -11,6 +11,7 @@
 //! Every copy keeps its own views; drains are serialised through the log with
 //! optimistic concurrency, so copies agree on which notes are gone.
 
+mod metrics;
 mod project;
 pub mod render;
 pub mod view;
@@ -141,6 +142,7 @@ impl Ledger {
             render: Notify::new(),
             drains_applied: watch::channel(drains_cursor).0,
         });
+        let _gauges = metrics::register(self.views.clone());
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(health::serve(
             self.bus.clone(),
@@ -258,6 +260,7 @@ async fn follow(
                     continue;
                 };
                 let end = info.state.last_sequence;
+                metrics::stream_end(stream_name, end, last_seq);
                 match quiet_since {
                     Some(before) if end > before && end > last_seq => {
                         commit(state, stream_name, &mut pending, last_seq)?;
@@ -302,6 +305,25 @@ async fn follow(
             (info.stream_sequence, info.pending)
         };
         last_seq = seq;
+        metrics::applied(stream_name, left);
+        // Live, each event's fold is a span in the trace of the run it belongs to;
+        // catching up (a rebuild, thousands of old events) makes none.
+        let span = if caught_up {
+            let span = tracing::info_span!(
+                "apply",
+                otel.name = %format_args!("ledger.apply {stream_name}"),
+                otel.kind = "consumer",
+                messaging.system = "nats",
+                messaging.operation.type = "process",
+                messaging.destination.name = %message.subject,
+                seq,
+            );
+            dispatch_bus::trace::follow(&span, message.headers.as_ref());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let _applying = span.enter();
         match stream_name {
             streams::RUNS => {
                 state

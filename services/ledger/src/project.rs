@@ -330,6 +330,21 @@ impl Views {
         (filler.items, next)
     }
 
+    /// How many approval requests wait for a person: the pending approvals of the runs
+    /// that wait for someone (a walk over those runs only).
+    pub fn approvals_waiting(&self) -> u64 {
+        let Ok(waiting) = self.store.tree(WAITING) else {
+            return 0;
+        };
+        waiting
+            .iter()
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|key| self.run(&String::from_utf8_lossy(&key)))
+            .map(|view| view.approvals.len() as u64)
+            .sum()
+    }
+
     /// What TASKS.org shows: every run that has not ended, and the newest `recent` runs
     /// whatever their state, newest first. Its cost is bounded by those two numbers.
     /// Also the id of the oldest of those newest runs when older runs exist (the

@@ -37,6 +37,7 @@ use dispatch_runlog::RunLog;
 use prost::Message as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use dispatch_rules::store::{self, InForce};
 
@@ -304,6 +305,28 @@ pub fn parse_approval_id(id: &str) -> Option<(RunId, String)> {
     Some((run.parse().ok()?, call.to_owned())).filter(|_| valid_call)
 }
 
+/// Decisions made, by effect (`dispatch_policy_decisions_total{decision}`).
+fn decisions() -> &'static opentelemetry::metrics::Counter<u64> {
+    static DECISIONS: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    DECISIONS.get_or_init(|| {
+        opentelemetry::global::meter(dispatch_bus::metrics::METER)
+            .u64_counter("dispatch.policy.decisions")
+            .with_description("Policy decisions made, by effect")
+            .build()
+    })
+}
+
+/// A decision as its policy rule names the effect: allow, deny, ask.
+fn effect_word(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Allow => "allow",
+        Decision::Deny => "deny",
+        Decision::Ask => "ask",
+        Decision::Unspecified => "unspecified",
+    }
+}
+
 fn risk_of(risk: i32) -> Risk {
     use dispatch_proto::run::v1::Risk as R;
     match R::try_from(risk).unwrap_or(R::Unspecified) {
@@ -321,7 +344,22 @@ fn now_unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Decides `check` in a span of its own (a child of the span that asked for it).
 async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
+    let span = tracing::info_span!(
+        "decide",
+        otel.name = "policy.decide",
+        run_id = check.run_id.as_str(),
+        call_id = check.call_id.as_str(),
+        tool = check.tool.as_str(),
+        decision = tracing::field::Empty,
+        rule = tracing::field::Empty,
+        version = tracing::field::Empty,
+    );
+    decide_in_span(gate, check).instrument(span).await
+}
+
+async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
     let Ok(run_id) = check.run_id.parse::<RunId>() else {
         tracing::warn!(
             run_id = check.run_id,
@@ -385,6 +423,17 @@ async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
             };
             body.decision = decision as i32;
             tracing::info!(run_id = %run_id, call_id, tool = requested.tool, decision = ?body.decision(), rule = body.rule, version = body.policy_version, "decided");
+            let span = tracing::Span::current();
+            span.record("decision", body.decision().as_str_name());
+            span.record("rule", body.rule.as_str());
+            span.record("version", body.policy_version);
+            decisions().add(
+                1,
+                &[opentelemetry::KeyValue::new(
+                    "decision",
+                    effect_word(body.decision()),
+                )],
+            );
             match run
                 .ensure(decided, Body::PolicyDecided(body), call_id)
                 .await

@@ -58,15 +58,10 @@ async fn store(
     id: &str,
     message: &impl prost::Message,
 ) -> Result<(), String> {
-    let mut headers = dispatch_bus::async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", id);
-    bus.jetstream()
-        .publish_with_headers(to, headers, message.encode_to_vec().into())
+    bus.append(to, id, None, message.encode_to_vec().into())
         .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// What every delivery needs.

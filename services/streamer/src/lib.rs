@@ -33,6 +33,7 @@ use dispatch_bus::streams::{self, ConversationKnobs};
 use dispatch_bus::{Bus, ConversationId, RunId, subject};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub const SERVICE: &str = "streamer";
 
@@ -327,6 +328,21 @@ impl Relay {
     /// an event that cannot be read is acknowledged and said (never redelivered
     /// forever), one whose chunks were refused comes back later.
     async fn relay(&mut self, message: jetstream::Message) {
+        // The chunks carry on the trace of the event they come from.
+        let span = tracing::info_span!(
+            "relay",
+            otel.name = "publish dispatch.conv",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "publish",
+            messaging.destination.template = "dispatch.conv.{account}.{agent}.{conversation}",
+            run_id = subject::run_id_of(&message.subject).map(|id| id.to_string()),
+        );
+        dispatch_bus::trace::follow(&span, message.headers.as_ref());
+        self.relay_in_span(message).instrument(span).await
+    }
+
+    async fn relay_in_span(&mut self, message: jetstream::Message) {
         let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         if std::mem::take(&mut self.fresh) {
             self.catch_up(stream_seq).await;
@@ -517,6 +533,7 @@ impl Relay {
                 event.seq.to_string().as_str(),
             );
             headers.insert(subject::conv::INDEX_HEADER, index.to_string().as_str());
+            dispatch_bus::trace::inject(&mut headers);
             let payload = serde_json::to_vec(chunk).map_err(|e| e.to_string())?;
             let ack = self
                 .js
