@@ -8,6 +8,7 @@ mod peer;
 mod schedules;
 mod streams;
 mod sync;
+mod telemetry;
 mod tools;
 mod turns;
 mod webhooks;
@@ -36,11 +37,12 @@ const PACED_RUNS: usize = 1000;
 pub(crate) const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "ack",
     "append",
     "sync",
     "e2e",
+    "telemetry",
     "tools",
     "turns",
     "rebuild",
@@ -90,6 +92,9 @@ async fn main() -> Result<()> {
     }
     if wants("e2e") {
         e2e_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
+    }
+    if wants("telemetry") {
+        telemetry::run(&mut lines, &mut results).await?;
     }
     if wants("tools") {
         tools::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
@@ -325,6 +330,15 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(nats: &NatsServer, workspace: &std::path::Path) -> Result<Self> {
+        Self::start_with_env(nats, workspace, &[]).await
+    }
+
+    /// [`Self::start`] with `env` set for every service.
+    pub async fn start_with_env(
+        nats: &NatsServer,
+        workspace: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let state = workspace.join(".dispatch/state/e2e-ledger");
         let state = state.to_str().context("state path")?;
         let mut services = Vec::new();
@@ -335,7 +349,7 @@ impl Stack {
             ("dispatcher", vec!["--max-runs", "512"]),
             ("ingress", vec!["--listen", "127.0.0.1:0"]),
         ] {
-            services.push(Service::start(name, nats, workspace, &args).await?);
+            services.push(Service::start_with_env(name, nats, workspace, &args, env).await?);
         }
         let http_addr = services[4].health().detail["http_addr"]
             .as_str()

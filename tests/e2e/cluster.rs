@@ -225,6 +225,11 @@ async fn compose_yaml_is_the_topology_and_valid() -> Result<()> {
                 env["DISPATCH_STREAM_REPLICAS"],
                 topology.nats.replicas.to_string()
             );
+            assert_eq!(
+                env["DISPATCH_METRICS_LISTEN"],
+                format!("0.0.0.0:{}", dispatch_tests::topology::METRICS_PORT),
+                "{name} serves /metrics"
+            );
             for node in &nodes {
                 assert_eq!(
                     spec["depends_on"][node.as_str()]["condition"],

@@ -25,6 +25,8 @@ fn up(workspace: &std::path::Path, nats_port: u16, http_port: u16) -> Command {
             &format!("127.0.0.1:{http_port}"),
             "--grpc",
             "127.0.0.1:0",
+            "--nats-monitor-port",
+            &free_port().to_string(),
         ])
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -68,6 +70,18 @@ async fn up_runs_a_demo_goal_end_to_end_and_cleans_up() -> anyhow::Result<()> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("Dispatch is up"), "{stderr}");
+    // nats-server's monitoring and every service's metrics are on loopback.
+    assert!(
+        stderr.contains("nats-server monitoring on http://127.0.0.1:"),
+        "{stderr}"
+    );
+    for service in dispatch_service::SERVICES {
+        assert!(
+            stderr.lines().any(|l| l.contains(&format!(" {service} "))
+                && l.contains("metrics on http://127.0.0.1:")),
+            "{service}: {stderr}"
+        );
+    }
     let tasks = std::fs::read_to_string(workspace.path().join("TASKS.org"))?;
     assert!(tasks.contains("* DONE Tidy the shared drive"), "{tasks}");
     // Every identity has its own private seed, and the local user an HTTP API key.

@@ -17,6 +17,8 @@ pub const DESCRIPTION: &str = "deploy/topology.toml";
 /// Set (to anything) to keep a deployment's workspace, with every copy's log, after
 /// the test.
 pub const KEEP_ENV: &str = "DISPATCH_KEEP_DEPLOYMENT";
+/// The port every service of the compose file serves `/metrics` on.
+pub const METRICS_PORT: u16 = 9464;
 /// Where the compose file rendered from it lives, from the repository root.
 pub const COMPOSE: &str = "compose.yaml";
 
@@ -119,7 +121,9 @@ impl Topology {
              # seeds and the servers' configuration once, into the `auth` volume.\n\
              # Each ingress copy is published on ports of its own (HTTP, gRPC): put your load\n\
              # balancer in front of them. Webhooks reach services through `/hooks/...` on any\n\
-             # copy.\n\
+             # copy. Every process serves Prometheus metrics on :{METRICS_PORT}/metrics inside the\n\
+             # network (nats nodes: :8222), logs JSON lines with trace ids, and exports traces\n\
+             # over OTLP once OTEL_EXPORTER_OTLP_ENDPOINT is set in its environment.\n\
              #\n\
              #   docker build -t dispatch:local .\n\
              #   docker compose up -d\n",
@@ -164,6 +168,8 @@ impl Topology {
                 ("DISPATCH_INSTANCE", instance.clone()),
                 ("DISPATCH_NATS_NKEY", format!("/auth/{service}.nk")),
                 ("DISPATCH_STREAM_REPLICAS", self.nats.replicas.to_string()),
+                ("DISPATCH_METRICS_LISTEN", format!("0.0.0.0:{METRICS_PORT}")),
+                ("DISPATCH_LOG_FORMAT", "json".into()),
                 ("RUST_LOG", "info".into()),
             ];
             match service {

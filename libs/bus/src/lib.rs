@@ -2,12 +2,12 @@
 //!
 //! It owns the subject names ([`subject`]), the streams and their declarations
 //! ([`streams`]), connecting with a useful error when NATS is not there, and the one
-//! primitive every append goes through: publish with `Nats-Msg-Id` (dedupe) and
+//! primitive every append goes through: publish with `Nats-Msg-Id` (dedupe),
 //! `Nats-Expected-Last-Subject-Sequence` (optimistic concurrency), whose lost race is a
-//! matchable [`ErrorKind::Conflict`]; and the one way single messages are read back
-//! ([`reads`]), so a cluster answers as one server would. It does not know what an
-//! event means: the run log
-//! (`dispatch-runlog`) and the services do.
+//! matchable [`ErrorKind::Conflict`], and the publishing span's W3C trace context
+//! ([`trace`]); the one way single messages are read back ([`reads`]), so a cluster
+//! answers as one server would; and the work-queue loop ([`work`]). It does not know
+//! what an event means: the run log (`dispatch-runlog`) and the services do.
 
 pub mod answer;
 pub mod auth;

@@ -1,6 +1,6 @@
 //! What every Dispatch service process has in common, so each `main.rs` stays a few
-//! lines: the flags that locate NATS and the workspace, tracing to stderr, and a
-//! shutdown token that SIGINT or SIGTERM cancels. Service logic lives in each
+//! lines: the flags that locate NATS and the workspace, telemetry (logs, traces, metrics:
+//! [`telemetry`]), and a shutdown token that SIGINT or SIGTERM cancels. Service logic lives in each
 //! service's own library.
 
 use std::path::PathBuf;

@@ -28,6 +28,15 @@ pub struct UpArgs {
     /// machine). Ignored when NATS_URL is set.
     #[arg(long, env = "DISPATCH_NATS_SYNC", default_value = "always")]
     nats_sync: SyncPolicy,
+    /// Port of the local nats-server's monitoring endpoint on 127.0.0.1 (`/varz`,
+    /// `/jsz`, `/healthz`); 0 turns it off. Ignored when NATS_URL is set.
+    #[arg(long, default_value_t = 8222)]
+    nats_monitor_port: u16,
+    /// First of the ports, on 127.0.0.1, the services serve Prometheus `/metrics` on
+    /// (one each, in the order they start); 0 (the default): any free port each, shown
+    /// as they come up.
+    #[arg(long, env = "DISPATCH_METRICS_PORT", default_value_t = 0)]
+    metrics_port: u16,
     /// Address ingress listens on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
@@ -52,6 +61,8 @@ pub(crate) struct LocalNats {
     pub binary: PathBuf,
     pub config: PathBuf,
     pub port: u16,
+    /// The monitoring port (`-m`), 0 for none.
+    pub monitor_port: u16,
     pub store: PathBuf,
     pub log: PathBuf,
 }
@@ -65,7 +76,12 @@ impl LocalNats {
     }
 
     pub(crate) fn start(&self) -> Result<Proc, Failure> {
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if self.monitor_port != 0 {
+            // Bound to the `-a` address, loopback.
+            command.args(["-m", &self.monitor_port.to_string()]);
+        }
+        let child = command
             .arg("-c")
             .arg(&self.config)
             .args([
@@ -159,7 +175,13 @@ async fn start_and_serve(
             let seeds = layout::auth_dir(workspace);
             let config = layout::nats_config(workspace);
             dispatch_bus::auth::write_server_config(&seeds, &config, args.nats_sync)?;
-            let local = local_nats(workspace, logs, &config, args.nats_port)?;
+            let local = local_nats(
+                workspace,
+                logs,
+                &config,
+                args.nats_port,
+                args.nats_monitor_port,
+            )?;
             eprintln!("  JetStream syncs to disk: {}", args.nats_sync);
             procs.push(local.start()?);
             let admin = Credentials::nkey_file(&seed_path(&seeds, Identity::Admin))?;
@@ -173,8 +195,17 @@ async fn start_and_serve(
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .ok_or_else(|| Failure::new("cannot tell where the dispatch binaries are"))?;
-    for service in SERVICES {
+    for (n, service) in SERVICES.into_iter().enumerate() {
         let binary = bin_dir.join(format!("dispatch-{service}"));
+        let metrics_port = match args.metrics_port {
+            0 => 0,
+            base => base.checked_add(n as u16).ok_or_else(|| {
+                Failure::new(format!(
+                    "--metrics-port {base}: the services need {} ports from it",
+                    SERVICES.len()
+                ))
+            })?,
+        };
         if !binary.exists() {
             return Err(Failure::new(format!(
                 "{} is missing; build the services with `cargo build --bins` (cargo xtask up does)",
@@ -199,6 +230,8 @@ async fn start_and_serve(
             .arg(workspace)
             .arg("--instance")
             .arg(&instance)
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             // The child stops when this process goes, however it goes: it holds the
             // write end of the child's stdin, which closes with it.
             .env(dispatch_service::EXIT_WITH_PARENT, "1")
@@ -238,6 +271,13 @@ async fn start_and_serve(
                     .and_then(|a| a.as_str())
                     .map(|a| format!(", gRPC on {a}")),
             )
+            .chain(
+                health
+                    .detail
+                    .get("metrics_addr")
+                    .and_then(|a| a.as_str())
+                    .map(|a| format!(", metrics on http://{a}/metrics")),
+            )
             .collect::<String>();
         eprintln!("  {service:<11} up (pid {}){extra}", health.pid);
     }
@@ -266,6 +306,7 @@ fn local_nats(
     logs: &Path,
     config: &Path,
     port: u16,
+    monitor_port: u16,
 ) -> Result<LocalNats, Failure> {
     let mut roots: Vec<PathBuf> = vec![workspace.to_path_buf()];
     // Running from target/<profile>/: the project root is two levels up.
@@ -302,10 +343,14 @@ fn local_nats(
         "  nats-server {version} on 127.0.0.1:{port}, store {}",
         store.display()
     );
+    if monitor_port != 0 {
+        eprintln!("  nats-server monitoring on http://127.0.0.1:{monitor_port} (/varz, /jsz)");
+    }
     Ok(LocalNats {
         binary,
         config: config.to_path_buf(),
         port,
+        monitor_port,
         store,
         log: logs.join("nats.log"),
     })
