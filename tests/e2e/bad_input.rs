@@ -199,7 +199,14 @@ impl Provider for Scripted {
         self.asked.lock().unwrap().push(request);
         let text = self.plans.lock().unwrap().pop_front().unwrap_or_default();
         let usage = dispatch_models::Usage::default();
-        async move { Ok(AuthorReply { text, usage }) }.boxed()
+        async move {
+            Ok(AuthorReply {
+                text,
+                usage,
+                cut_off: false,
+            })
+        }
+        .boxed()
     }
 
     fn turn(

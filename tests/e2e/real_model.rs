@@ -193,14 +193,30 @@ async fn a_real_model_lists_files_through_the_filesystem_server() -> anyhow::Res
         })
         .collect();
     let end = finished(&events);
+    let report = std::fs::read_to_string(stack.root().join(&end.report_path)).ok();
     eprintln!(
-        "run {run_id} ended {:?}; filesystem calls {fs_calls:?}; report at {:?}",
+        "run {run_id} ended {:?}; filesystem calls {fs_calls:?}; report at {:?}: {report:?}",
         end.status(),
         end.report_path
     );
     assert!(
         !fs_calls.is_empty(),
         "the model called no filesystem tool (see the events above)"
+    );
+    // The errand is done for real: the run wrote its report, and the report is about
+    // the files the filesystem server listed.
+    assert_eq!(
+        end.status(),
+        dispatch_proto::run::v1::RunStatus::Done,
+        "{}",
+        end.reason
+    );
+    let report = report.expect("the run wrote scratch/REPORT.org");
+    assert!(
+        ["notes.md", "todo.txt", "data.csv"]
+            .iter()
+            .any(|name| report.contains(name)),
+        "the report names none of the files: {report:?}"
     );
     Ok(())
 }

@@ -406,28 +406,8 @@ async fn wait_finished(
     limit: Duration,
 ) -> Result<Vec<dispatch_runlog::StoredEvent>> {
     let bus = deployment.cluster.bus().await?;
-    let trust = dispatch_runlog::seal::Trust::default()
-        .with_workspace_key(&dispatch_service::layout::seal_key(deployment.root()));
-    let log = dispatch_runlog::RunLog::open(&bus, "test")
-        .await?
-        .with_trust(trust);
-    let deadline = Instant::now() + limit;
-    loop {
-        match log.read(&run_id).await {
-            Ok(events)
-                if events
-                    .iter()
-                    .any(|e| matches!(e.event.body, Some(Body::RunFinished(_)))) =>
-            {
-                return Ok(events);
-            }
-            Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => return Err(e.into()),
-            other if Instant::now() > deadline => {
-                bail!("run {run_id} did not finish within {limit:?}: {other:?}")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let log = dispatch_tests::workspace_log(&bus, deployment.root()).await?;
+    dispatch_tests::wait_finished(&log, run_id, limit).await
 }
 
 /// The server name of `stream`'s leader.

@@ -65,6 +65,46 @@ pub fn http_client(key: &str) -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// The run logs as a reader in the workspace at `root` sees them: trusting its seal key.
+pub async fn workspace_log(bus: &Bus, root: &Path) -> Result<RunLog> {
+    let trust = dispatch_runlog::seal::Trust::default()
+        .with_workspace_key(&dispatch_service::layout::seal_key(root));
+    Ok(RunLog::open(bus, "test").await?.with_trust(trust))
+}
+
+/// Waits for a run's terminal event in `log` and returns its whole (verified) log.
+/// Rides out NATS being briefly away (a restart in a chaos test, a node killed).
+pub async fn wait_finished(
+    log: &RunLog,
+    run_id: RunId,
+    limit: Duration,
+) -> Result<Vec<StoredEvent>> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let late = tokio::time::Instant::now() > deadline;
+        match log.read(&run_id).await {
+            Ok(events)
+                if events
+                    .iter()
+                    .any(|e| matches!(e.event.body, Some(Body::RunFinished(_)))) =>
+            {
+                return Ok(events);
+            }
+            Ok(events) if late => {
+                bail!(
+                    "run {run_id} did not finish within {limit:?}; log has {} events",
+                    events.len()
+                );
+            }
+            Err(e) if late || e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
+                return Err(e.into());
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl Stack {
     /// nats-server and the named services, each started as a process and healthy.
     pub async fn start(services: &[&str]) -> Result<Self> {
@@ -182,39 +222,13 @@ impl Stack {
     }
 
     pub async fn log(&self) -> Result<RunLog> {
-        let trust = dispatch_runlog::seal::Trust::default()
-            .with_workspace_key(&dispatch_service::layout::seal_key(self.root()));
-        Ok(RunLog::open(&self.bus, "test").await?.with_trust(trust))
+        workspace_log(&self.bus, self.root()).await
     }
 
     /// Waits for a run's terminal event and returns its whole (verified) log. Rides out
     /// NATS being briefly away (a restart in a chaos test).
     pub async fn wait_finished(&self, run_id: RunId, limit: Duration) -> Result<Vec<StoredEvent>> {
-        let log = self.log().await?;
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let late = tokio::time::Instant::now() > deadline;
-            match log.read(&run_id).await {
-                Ok(events)
-                    if events
-                        .iter()
-                        .any(|e| matches!(e.event.body, Some(Body::RunFinished(_)))) =>
-                {
-                    return Ok(events);
-                }
-                Ok(events) if late => {
-                    bail!(
-                        "run {run_id} did not finish within {limit:?}; log has {} events",
-                        events.len()
-                    );
-                }
-                Err(e) if late || e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
-                    return Err(e.into());
-                }
-                _ => {}
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_finished(&self.log().await?, run_id, limit).await
     }
 
     /// Prints the last `lines` lines of every running service's log to stderr (for a

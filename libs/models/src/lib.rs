@@ -145,11 +145,21 @@ pub enum Exchange {
     },
 }
 
+/// What an earlier step of the plan found: its title, and what its tools returned and
+/// its model answered (bounded), for the steps after it to build on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierStep {
+    pub title: String,
+    pub found: String,
+}
+
 /// What the leaf's model is asked on each turn.
 #[derive(Debug, Clone)]
 pub struct TurnRequest {
     pub goal: String,
     pub leaf: Leaf,
+    /// The steps of the plan finished before this one, in order.
+    pub earlier: Vec<EarlierStep>,
     pub history: Vec<Exchange>,
     /// The tools on offer.
     pub tools: Vec<ToolSpec>,
@@ -184,6 +194,10 @@ pub struct TurnReply {
 pub struct AuthorReply {
     pub text: String,
     pub usage: Usage,
+    /// The model stopped at the token limit, not because it had finished: whatever
+    /// the text holds is not the whole of what it meant (a small model repeating one
+    /// line until the limit ends this way).
+    pub cut_off: bool,
 }
 
 /// What the permission gate's validator is asked about one tool call.

@@ -42,6 +42,7 @@ impl Provider for Offline {
         };
         async move {
             Ok(AuthorReply {
+                cut_off: false,
                 text,
                 usage: Usage::default(),
             })
@@ -379,6 +380,7 @@ mod tests {
         let mut history = Vec::new();
         for _ in 0..5 {
             let reply = turn(&TurnRequest {
+                earlier: Vec::new(),
                 goal: goal.into(),
                 leaf: leaf.clone(),
                 history: history.clone(),
@@ -490,6 +492,7 @@ mod tests {
         let plan = dispatch_plan::parse(&answer).unwrap();
         let leaf = plan.leaves[0].clone();
         let first = turn(&TurnRequest {
+            earlier: Vec::new(),
             goal: goal.into(),
             leaf: leaf.clone(),
             history: vec![],
@@ -512,6 +515,7 @@ mod tests {
             },
         ];
         let second = turn(&TurnRequest {
+            earlier: Vec::new(),
             goal: goal.into(),
             leaf,
             history,

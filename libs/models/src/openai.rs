@@ -320,6 +320,7 @@ impl Provider for OpenAi {
                 )
                 .await?;
             Ok(AuthorReply {
+                cut_off: answer.finish_reason.as_deref() == Some("length"),
                 text: answer.text,
                 usage: answer.usage,
             })
@@ -416,13 +417,28 @@ fn verdict_of(text: &str) -> Option<(crate::Verdict, String)> {
 
 const WORKER_PROMPT: &str = "You carry out one step of a plan. Use the tools to do \
 what the step asks; every path is relative to the run's directory, and files you make \
-go under scratch/. Call one tool at a time and look at its result before going on. When \
-the step is done, answer with one short paragraph saying what you did, and call no tool.";
+go under scratch/. Call one tool at a time and look at its result before going on. Tools \
+take their arguments literally: write the actual text, using what earlier steps found, \
+never a placeholder or a shell command such as $(...). When the step is done, answer \
+with one short paragraph saying what you did, and call no tool.";
 
 /// The messages of one leaf's turn: instructions, the step, and the turns so far.
 fn conversation(request: &TurnRequest) -> Vec<Message> {
     let leaf = &request.leaf;
-    let mut step = format!("The goal: {}\n\nThis step: {}", request.goal, leaf.title);
+    let mut step = format!("The goal: {}", request.goal);
+    if !request.earlier.is_empty() {
+        // A step that summarises or builds on what came before has nothing to go on
+        // but this: each step's conversation is its own.
+        step.push_str("\n\nWhat the earlier steps found:");
+        for earlier in &request.earlier {
+            step.push_str(&format!(
+                "\n\n## {}\n{}",
+                earlier.title,
+                earlier.found.trim()
+            ));
+        }
+    }
+    step.push_str(&format!("\n\nThis step: {}", leaf.title));
     if !leaf.body.trim().is_empty() {
         step.push_str(&format!("\n\n{}", leaf.body.trim()));
     }
@@ -598,6 +614,8 @@ struct Completion {
 #[derive(Deserialize)]
 struct CompletionChoice {
     message: CompletionMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -623,6 +641,8 @@ struct Chunk {
 #[derive(Deserialize)]
 struct ChunkChoice {
     delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -659,6 +679,8 @@ struct Answer {
     calls: Vec<PartialCall>,
     usage: Usage,
     bytes: usize,
+    /// Why the model stopped (`stop`, `length`, `tool_calls`), when the server said.
+    finish_reason: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -678,6 +700,7 @@ impl Answer {
             return Err("the completion has no choices".into());
         };
         answer.add_text(choice.message.content.as_deref().unwrap_or_default())?;
+        answer.finish_reason = choice.finish_reason;
         let calls = choice.message.tool_calls.unwrap_or_default();
         for (index, call) in calls.into_iter().enumerate() {
             answer.add_call(index, call.id, call.function)?;
@@ -690,6 +713,9 @@ impl Answer {
             self.usage = usage.into();
         }
         for choice in chunk.choices.unwrap_or_default() {
+            if choice.finish_reason.is_some() {
+                self.finish_reason = choice.finish_reason;
+            }
             let delta = choice.delta.unwrap_or_default();
             if let Some(text) = &delta.content {
                 self.add_text(text)?;

@@ -24,20 +24,34 @@ pub const MAX_PLAN_BYTES: usize = 64 * 1024;
 
 /// The grammar handed to the author model, verbatim.
 pub const GRAMMAR: &str = "\
-Answer with an org-mode outline and nothing else.
-- First line: `#+TITLE: <short title>`.
-- Then 3 to 7 top-level headlines, each `* TODO <what to do>`.
-- Under each headline, a drawer:
+Answer with an org-mode outline and nothing else, shaped like this example:
+
+#+TITLE: Summarise the notes
+* TODO Read the notes
   :PROPERTIES:
   :ORDERED: t
   :END:
+  Read scratch/notes.org with files.read_file.
+  :done-when: test -f scratch/notes.org
+* TODO Write the summary
+  :PROPERTIES:
+  :ORDERED: t
+  :END:
+  Write what the notes say, in a few sentences, to scratch/REPORT.org with files.write_file.
+  :done-when: test -s scratch/REPORT.org
+
+The rules:
+- First line: `#+TITLE: <short title>`.
+- Then 1 to 7 top-level headlines, each `* TODO <what to do>`, each once.
+- Under each headline, the drawer exactly as in the example, once.
 - Then one or more body lines saying how to do it, naming the tools to use from
   the list below (the files.* tools work on scratch/, relative to the run directory;
   other tools take the paths or arguments their own descriptions ask for).
 - Then exactly one gate line, `:done-when: <check>`, where <check> is one of
   `test -s|-f|-d|-e <path>`, `grep -q <text> <path>`, combined with `&&` or `||`.
   A gate that names any other command never passes.
-- The last headline writes the final answer to scratch/REPORT.org.";
+- The last headline writes the final answer to scratch/REPORT.org, as plain text:
+  tools take their arguments literally, and nothing like `$(...)` is ever run.";
 
 /// A validated plan.
 #[derive(Debug, Clone, PartialEq, Eq)]

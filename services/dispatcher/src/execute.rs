@@ -3,12 +3,15 @@
 //! Every step is "find it in the log, or do it and append it", so the same code runs a
 //! fresh goal and resumes an interrupted one.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::work::Slot;
 use dispatch_bus::{RunId, subject};
-use dispatch_models::{AUTHOR_TEMPERATURE, AuthorRequest, Delta, Exchange, TurnReply, TurnRequest};
+use dispatch_models::{
+    AUTHOR_TEMPERATURE, AuthorRequest, Delta, EarlierStep, Exchange, TurnReply, TurnRequest,
+};
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
     ApprovalRequested, ApprovalResolved, Decision, GateChecked, LeafFinished, LeafStarted,
@@ -25,6 +28,14 @@ use crate::{Context, DEFAULT_TIMEOUT, Error, telemetry};
 use opentelemetry::KeyValue;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The rejection code of a plan whose author stopped at the token limit.
+const CUT_OFF: &str = "cut_off";
+
+/// The most of one earlier step's findings a later step's model is shown, in characters.
+const EARLIER_STEP_CHARS: usize = 2_000;
+/// The most of all earlier steps' findings a step's model is shown, in characters.
+const EARLIER_CHARS: usize = 8_000;
 
 /// How long the owner of a force-stopped run waits for the requester's terminal event.
 const FORCED_STOP_WAIT: Duration = Duration::from_secs(10);
@@ -297,7 +308,19 @@ impl Exec<'_> {
                 })?;
             telemetry::model_used(&span, provider.name(), answer.usage);
             telemetry::model_content(&span, &goal, &answer.text);
-            match dispatch_plan::parse(&answer.text) {
+            // An outline cut off at the token limit is not the one the model meant, even
+            // when what arrived parses (a small model repeating a line until the limit).
+            let parsed = if answer.cut_off {
+                Err((
+                    CUT_OFF.to_owned(),
+                    "the outline stopped at the token limit before it was finished; write a \
+                     shorter one, each headline and drawer once"
+                        .to_owned(),
+                ))
+            } else {
+                dispatch_plan::parse(&answer.text).map_err(|e| (e.code().to_owned(), e.to_string()))
+            };
+            match parsed {
                 Ok(plan) => {
                     let slug = dispatch_plan::slug(&requested.goal);
                     let path =
@@ -315,12 +338,12 @@ impl Exec<'_> {
                     };
                     return self.ensure(as_plan, Body::PlanAuthored(body)).await;
                 }
-                Err(e) => {
-                    tracing::info!(run_id = %self.run.run_id(), attempt, code = e.code(), "plan rejected");
+                Err((code, message)) => {
+                    tracing::info!(run_id = %self.run.run_id(), attempt, code, "plan rejected");
                     let body = PlanRejected {
                         attempt,
-                        code: e.code().to_owned(),
-                        message: e.to_string(),
+                        code,
+                        message,
                         model: provider.name().to_owned(),
                         usage: Some(usage(answer.usage)),
                         answer: slice_bytes(&answer.text, MAX_ANSWER_BYTES).to_owned(),
@@ -552,6 +575,7 @@ impl Exec<'_> {
                     let request = TurnRequest {
                         goal: dispatch_runlog::submit::prompt_goal(requested),
                         leaf: from_proto_leaf(leaf),
+                        earlier: self.earlier_steps(leaf.index),
                         history: history.clone(),
                         tools,
                         deltas: None,
@@ -636,6 +660,68 @@ impl Exec<'_> {
                 answer,
             )
         })
+    }
+
+    /// What the leaves finished before `leaf` found, from the log: each one's tool
+    /// results and answer, cut to [`EARLIER_STEP_CHARS`] a step and, keeping the latest
+    /// steps, [`EARLIER_CHARS`] in all.
+    fn earlier_steps(&self, leaf: u32) -> Vec<EarlierStep> {
+        let plan = self.find(as_plan);
+        let title = |index: u32| {
+            plan.as_ref()
+                .and_then(|p| p.leaves.iter().find(|l| l.index == index))
+                .map_or_else(|| format!("step {index}"), |l| l.title.clone())
+        };
+        let mut calls: HashMap<&str, (u32, &str)> = HashMap::new();
+        let mut found: BTreeMap<u32, String> = BTreeMap::new();
+        let mut finished = BTreeSet::new();
+        for body in self.run.bodies() {
+            match body {
+                Body::ToolCallRequested(r) if r.leaf != leaf => {
+                    calls.insert(&r.call_id, (r.leaf, &r.tool));
+                }
+                Body::ToolCallCompleted(c) => {
+                    if let Some((at, tool)) = calls.get(c.call_id.as_str()) {
+                        let text = found.entry(*at).or_default();
+                        text.push_str(&format!("{tool} returned:\n{}\n", c.output));
+                    }
+                }
+                Body::ToolCallFailed(f) => {
+                    if let Some((at, tool)) = calls.get(f.call_id.as_str()) {
+                        let text = found.entry(*at).or_default();
+                        text.push_str(&format!("{tool} failed: {}\n", f.error));
+                    }
+                }
+                Body::LeafFinished(f) if f.leaf != leaf => {
+                    finished.insert(f.leaf);
+                    let text = found.entry(f.leaf).or_default();
+                    if !f.answer.trim().is_empty() {
+                        text.push_str(&format!("Its answer: {}\n", f.answer.trim()));
+                    }
+                    text.push_str(&format!("It ended: {}\n", f.reason));
+                }
+                _ => {}
+            }
+        }
+        let mut steps: Vec<EarlierStep> = found
+            .into_iter()
+            .filter(|(index, _)| finished.contains(index))
+            .map(|(index, text)| EarlierStep {
+                title: title(index),
+                found: slice_chars(&text, EARLIER_STEP_CHARS),
+            })
+            .collect();
+        let mut total = 0;
+        let keep = steps
+            .iter()
+            .rev()
+            .take_while(|s| {
+                total += s.title.chars().count() + s.found.chars().count();
+                total <= EARLIER_CHARS
+            })
+            .count();
+        steps.drain(..steps.len() - keep);
+        steps
     }
 
     /// Request → policy decision → connector result, each step found in the log or

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Records real answers of an OpenAI-compatible server for the provider's tests.
 
-    record.py BASE_URL OUT_DIR [--native]
+    record.py BASE_URL OUT_DIR [--native | --author]
 
 BASE_URL is up to and including /v1 (`cargo xtask model` serves
 http://127.0.0.1:8091/v1). Each scenario POSTs /chat/completions with a body shaped as
@@ -9,6 +9,9 @@ Dispatch's provider sends it and writes the response body byte for byte to
 OUT_DIR/<scenario>.sse (streamed) or .json, beside <scenario>.request.json.
 --native records the scenarios that need a server returning native tool_calls for a
 named tool_choice (llama-cpp-python with --chat_format chatml-function-calling).
+--author records only a plan given room to finish (1024 tokens): with the 1.5B model it
+ends by itself (`finish_reason: stop`), where the 0.5B model's plans run into their
+200-token limit.
 
 Only the standard library is used, so it runs with any python3.
 """
@@ -89,7 +92,7 @@ def user(text):
     return {"role": "user", "content": text}
 
 
-def scenarios(native):
+def scenarios(native, author_only):
     author = [system(GRAMMAR_HINT), user("Goal: Write the word hello into scratch/hello.txt")]
     worker = [system(WORKER_PROMPT), user(STEP)]
     after_call = worker + [
@@ -99,7 +102,9 @@ def scenarios(native):
              "arguments": json.dumps({"path": "scratch/hello.txt", "content": "hello"})}}]},
         {"role": "tool", "tool_call_id": "l0-t0-c0", "content": "wrote 5 bytes to scratch/hello.txt"},
     ]
-    if native:
+    if author_only:
+        yield "author.json", request(author, stream=False, max_tokens=1024)
+    elif native:
         named = {"type": "function", "function": {"name": "write_file"}}
         yield "native-call.sse", request(worker, TOOLS, tool_choice=named)
         yield "native-call.json", request(worker, TOOLS, stream=False, tool_choice=named)
@@ -113,8 +118,9 @@ def scenarios(native):
 def main():
     base, out = sys.argv[1].rstrip("/"), pathlib.Path(sys.argv[2])
     native = "--native" in sys.argv[3:]
+    author_only = "--author" in sys.argv[3:]
     out.mkdir(parents=True, exist_ok=True)
-    for name, body in scenarios(native):
+    for name, body in scenarios(native, author_only):
         data = json.dumps(body).encode()
         req = urllib.request.Request(base + "/chat/completions", data=data,
                                      headers={"Content-Type": "application/json"})
