@@ -153,7 +153,7 @@ async fn a_leased_secret_reaches_its_host_and_nothing_else() -> Result<()> {
     telemetry.push(("DISPATCH_METRICS_LISTEN", "127.0.0.1:0".into()));
     let env: Vec<(&str, &str)> = telemetry.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut stack = Stack::start(&[]).await?;
-    stack.add_with_env("ledger", &[], &env).await?;
+    stack.add_env("ledger", &env).await?;
     std::fs::write(
         stack.root().join("dispatch.toml"),
         format!(
@@ -178,15 +178,9 @@ prefix = "Bearer "
             &env,
         )
         .await?;
-    stack.add_with_env("connectors", &[], &env).await?;
-    stack.add_with_env("dispatcher", &[], &env).await?;
-    stack
-        .add_with_env(
-            "ingress",
-            &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
-            &env,
-        )
-        .await?;
+    stack.add_env("connectors", &env).await?;
+    stack.add_env("dispatcher", &env).await?;
+    stack.add_env("ingress", &env).await?;
 
     // Set from stdin; `********` sent back keeps it; refused values change nothing.
     let set = set_secret(&stack, "planted", PLANTED)?;

@@ -48,21 +48,15 @@ async fn traced_stack(receiver: &Receiver) -> Result<Stack> {
     let mut stack = Stack::start(&[]).await?;
     let policy = stack.test_policy()?;
     let policy = policy.to_str().context("utf-8")?.to_owned();
-    stack.add_with_env("ledger", &[], &env).await?;
+    stack.add_env("ledger", &env).await?;
     stack
         .add_with_env("policy", &["--policy", &policy], &env)
         .await?;
     stack
         .add_with_env("connectors", &["--test-tools"], &env)
         .await?;
-    stack.add_with_env("streamer", &[], &env).await?;
-    stack
-        .add_with_env(
-            "ingress",
-            &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
-            &env,
-        )
-        .await?;
+    stack.add_env("streamer", &env).await?;
+    stack.add_env("ingress", &env).await?;
     Ok(stack)
 }
 

@@ -141,12 +141,17 @@ impl Stack {
     }
 
     pub async fn add(&mut self, service: &str) -> Result<&Service> {
+        self.add_env(service, &[]).await
+    }
+
+    /// [`Self::add`] with `env` set for the process.
+    pub async fn add_env(&mut self, service: &str, env: &[(&str, &str)]) -> Result<&Service> {
         let args: &[&str] = if service == "ingress" {
             &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]
         } else {
             &[]
         };
-        self.add_with(service, args).await
+        self.add_with_env(service, args, env).await
     }
 
     pub fn service(&mut self, name: &str) -> Result<&mut Service> {
