@@ -11,7 +11,7 @@ use dispatch_models::offline::Offline;
 static OFFLINE: Offline = Offline {
     pace: std::time::Duration::ZERO,
 };
-use dispatch_models::{AuthorReply, AuthorRequest, Provider, TurnReply, TurnRequest};
+use dispatch_models::{AuthorReply, AuthorRequest, Exchange, Provider, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
 use dispatch_tests::{Stack, count, finished};
 use futures::FutureExt;
@@ -172,10 +172,12 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
 }
 
 /// An author model that answers with the given plans in turn and records what it was
-/// asked; leaves are driven by the offline provider.
+/// asked; leaves are driven by the offline provider unless a worker is given.
 struct Scripted {
     plans: Mutex<VecDeque<String>>,
     asked: Mutex<Vec<AuthorRequest>>,
+    worker: Option<fn(&TurnRequest) -> TurnReply>,
+    turns: Mutex<Vec<TurnRequest>>,
 }
 
 impl Scripted {
@@ -183,7 +185,15 @@ impl Scripted {
         Arc::new(Self {
             plans: Mutex::new(plans.iter().map(|p| (*p).to_owned()).collect()),
             asked: Mutex::new(Vec::new()),
+            worker: None,
+            turns: Mutex::new(Vec::new()),
         })
+    }
+
+    fn with_worker(plans: &[&str], worker: fn(&TurnRequest) -> TurnReply) -> Arc<Self> {
+        let mut scripted = Arc::into_inner(Self::new(plans)).expect("just made");
+        scripted.worker = Some(worker);
+        Arc::new(scripted)
     }
 }
 
@@ -213,7 +223,12 @@ impl Provider for Scripted {
         &self,
         request: TurnRequest,
     ) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
-        OFFLINE.turn(request)
+        let Some(worker) = self.worker else {
+            return OFFLINE.turn(request);
+        };
+        let reply = worker(&request);
+        self.turns.lock().unwrap().push(request);
+        async move { Ok(reply) }.boxed()
     }
 
     fn judge(
@@ -224,6 +239,19 @@ impl Provider for Scripted {
     }
 }
 
+/// Runs `goal` to its end on a dispatcher in this process that `model` drives.
+async fn run_scripted(
+    stack: &Stack,
+    model: Arc<Scripted>,
+    goal: &str,
+) -> anyhow::Result<Vec<dispatch_runlog::StoredEvent>> {
+    let shutdown = stack.dispatcher_in_process(model).await?;
+    let run_id = stack.submit(goal, "default", 0).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await;
+    shutdown.cancel();
+    events
+}
+
 #[tokio::test]
 async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_blocks()
 -> anyhow::Result<()> {
@@ -232,10 +260,7 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
         "```org\n#+TITLE: Thoughts\n* Some notes\nno tasks here\n```",
         "* TODO",
     ]);
-    let shutdown = stack.dispatcher_in_process(model.clone()).await?;
-    let run_id = stack.submit("Plan nothing", "default", 0).await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
-    shutdown.cancel();
+    let events = run_scripted(&stack, model.clone(), "Plan nothing").await?;
 
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Blocked as i32);
@@ -260,9 +285,15 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
     );
     let asked = model.asked.lock().unwrap();
     assert_eq!(asked.len(), 2, "exactly one retry");
-    assert!(asked[0].previous_error.is_none());
+    assert!(asked[0].retry.is_none());
     assert!((asked[0].temperature - 0.2).abs() < f32::EPSILON);
-    let fed_back = asked[1].previous_error.as_deref().unwrap();
+    let retry = asked[1].retry.as_ref().unwrap();
+    assert_eq!(
+        retry.answer.as_deref(),
+        Some("```org\n#+TITLE: Thoughts\n* Some notes\nno tasks here\n```"),
+        "the model is shown what it answered"
+    );
+    let fed_back = &retry.error;
     assert!(fed_back.contains("no_todo_headings"), "{fed_back}");
     assert_eq!(count(&events, "plan_authored"), 0);
     assert!(
@@ -279,12 +310,31 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
         * TODO Fetch with curl\n  Download it.\n  :done-when: curl -s https://example.com\n\
         * TODO Look outside\n  Peek.\n  :done-when: test -s ../../../../etc/passwd\n\
         * TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s scratch/note.org\n";
-    let model = Scripted::new(&[plan]);
-    let shutdown = stack.dispatcher_in_process(model).await?;
-    let run_id = stack.submit("Try to escape", "default", 0).await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
-    shutdown.cancel();
+    // The author is told once which gates can never pass; answering the same plan
+    // again, it gets it run, and those gates fail closed.
+    let model = Scripted::new(&[plan, plan]);
+    let events = run_scripted(&stack, model.clone(), "Try to escape").await?;
 
+    let rejected: Vec<(u32, String, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::PlanRejected(r)) => Some((r.attempt, r.code.clone(), r.message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    let (attempt, code, message) = &rejected[0];
+    assert_eq!((*attempt, code.as_str()), (1, "unusable_gate"));
+    assert!(
+        message.contains("\"Fetch with curl\"") && message.contains("\"Look outside\""),
+        "{message}"
+    );
+    assert!(!message.contains("Write a note"), "{message}");
+    let fed_back = model.asked.lock().unwrap()[1].retry.clone();
+    assert!(
+        fed_back.is_some_and(|r| r.error.contains("unusable_gate") && r.error.contains("curl")),
+        "the second request was not told why"
+    );
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32);
     assert!(
@@ -312,6 +362,100 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
         gates[1]
     );
     assert!(gates[2].0, "{:?}", gates[2]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_author_told_its_gate_can_never_pass_corrects_the_plan() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let model = Scripted::new(&[
+        "#+TITLE: Note\n* TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s /tmp/note.org\n",
+        "#+TITLE: Note\n* TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s scratch/note.org\n",
+    ]);
+    let events = run_scripted(&stack, model.clone(), "Write a note").await?;
+
+    let plan = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::PlanAuthored(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .expect("the corrected plan was accepted");
+    assert_eq!(plan.attempt, 2);
+    assert_eq!(plan.leaves[0].done_when, "test -s scratch/note.org");
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert!(
+        end.summary
+            .starts_with(r#"workflow finished: {"DONE": 1, "FAILED": 0}"#),
+        "{}",
+        end.summary
+    );
+    Ok(())
+}
+
+/// A worker that says it is done before doing anything, and writes the note only once
+/// told that the leaf's gate does not pass.
+fn hasty(request: &TurnRequest) -> TurnReply {
+    let told = request
+        .history
+        .iter()
+        .any(|e| matches!(e, Exchange::GateFailed { .. }));
+    let wrote = request
+        .history
+        .iter()
+        .any(|e| matches!(e, Exchange::ToolResult { .. }));
+    let (text, tool_calls) = match (told, wrote) {
+        (true, false) => (
+            "Writing it now.",
+            vec![dispatch_models::ToolCall::new(
+                "files.write_file",
+                r#"{"path": "scratch/note.org", "content": "a note"}"#,
+            )],
+        ),
+        _ => ("The step is done.", vec![]),
+    };
+    TurnReply {
+        text: text.into(),
+        tool_calls,
+        usage: Default::default(),
+        form: dispatch_models::CallForm::Native,
+    }
+}
+
+#[tokio::test]
+async fn a_model_that_finishes_before_its_gate_passes_is_told_and_goes_on() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let plan = "#+TITLE: Note\n* TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s scratch/note.org\n";
+    let model = Scripted::with_worker(&[plan], hasty);
+    let events = run_scripted(&stack, model.clone(), "Write a note").await?;
+
+    let gates: Vec<(String, bool, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::GateChecked(g)) => Some((g.check_id.clone(), g.passed, g.detail.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gates.len(), 2, "{gates:?}");
+    assert_eq!((gates[0].0.as_str(), gates[0].1), ("gate-l0", false));
+    assert_eq!((gates[1].0.as_str(), gates[1].1), ("gate-l0-1", true));
+    // The model's second turn was told which check failed and why.
+    let turns = model.turns.lock().unwrap();
+    assert_eq!(turns.len(), 3, "finish, write, finish");
+    let told = turns[1].history.last().cloned();
+    assert!(
+        matches!(&told, Some(Exchange::GateFailed { command, detail })
+            if command == "test -s scratch/note.org" && detail == &gates[0].2),
+        "{told:?}"
+    );
+    let end = finished(&events);
+    assert!(
+        end.summary
+            .starts_with(r#"workflow finished: {"DONE": 1, "FAILED": 0}"#),
+        "{}",
+        end.summary
+    );
     Ok(())
 }
 

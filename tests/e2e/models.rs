@@ -4,8 +4,9 @@
 //! Qwen2.5-Coder-0.5B, ran into its token limit while repeating its headlines, so the
 //! run shows the author's retry with that reason; the second, by the 1.5B model, ended by
 //! itself and is taken (one leaf, gated on `test -s scratch/hello.txt`), and the leaf's
-//! worker answers with text, so its gate fails — with each answer's tokens recorded and
-//! summed, and the key nowhere but on the wire.
+//! worker answers with text, so its gate fails; told so, twice, it answers with text
+//! again — with each answer's tokens recorded and summed, and the key nowhere but on the
+//! wire.
 
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 const KEY: &str = "sk-e2e-do-not-leak-4f1c9a";
 /// Leaves in the recorded plan the author's second answer holds.
 const LEAVES: usize = 1;
+/// The worker's turns on a leaf whose gate never passes: its first answer, then one for
+/// each time it is told the gate does not pass.
+const TURNS: usize = 3;
 
 #[tokio::test]
 async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_nowhere()
@@ -28,7 +32,7 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
         Reply::Replay("llama-server/author.sse"),
         Reply::Replay("llama-server-1.5b/author.json"),
     ];
-    script.extend((0..LEAVES).map(|_| Reply::Replay("llama-server/final.sse")));
+    script.extend((0..LEAVES * TURNS).map(|_| Reply::Replay("llama-server/final.sse")));
     let (stand_in, url) = StandIn::start(script).await;
     let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
     stack
@@ -51,9 +55,18 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
     let events = stack.wait_finished(run_id, LIMIT).await?;
 
     // The author was asked twice, the second time with the first answer's error; then
-    // the worker once for each leaf.
+    // the worker for each leaf, told after each answer but the last that the gate failed.
     let asked = stand_in.requests();
-    assert_eq!(asked.len(), 2 + LEAVES, "{asked:?}");
+    assert_eq!(asked.len(), 2 + LEAVES * TURNS, "{asked:?}");
+    let told = asked[2 + TURNS - 1].1["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default();
+    assert!(
+        told.contains("check `test -s scratch/hello.txt` does not pass"),
+        "{told}"
+    );
     assert!(
         asked
             .iter()
@@ -89,7 +102,7 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
             _ => None,
         })
         .collect();
-    assert_eq!(usages.len(), 2 + LEAVES, "{usages:?}");
+    assert_eq!(usages.len(), 2 + LEAVES * TURNS, "{usages:?}");
     for (model, usage) in &usages {
         assert_eq!(model, "openai:recorded");
         assert!(
@@ -97,7 +110,12 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
             "{usage:?}"
         );
     }
-    // The leaf's answer was text and wrote no file, so its gate failed.
+    // The leaf's answers were text and wrote no file, so its gate failed, three times.
+    let gates = events
+        .iter()
+        .filter(|e| matches!(&e.event.body, Some(Body::GateChecked(g)) if !g.passed))
+        .count();
+    assert_eq!(gates, TURNS);
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
     assert!(

@@ -33,11 +33,21 @@ pub struct AuthorRequest {
     pub goal: String,
     /// The plan grammar, verbatim.
     pub grammar: &'static str,
-    /// The validation error of the previous attempt, fed back for the one retry.
-    pub previous_error: Option<String>,
+    /// The previous attempt and why it was sent back, for the one retry.
+    pub retry: Option<Retry>,
     pub temperature: f32,
     /// The tools the plan's steps can use (the author sees names and descriptions).
     pub tools: Vec<ToolSpec>,
+}
+
+/// An author's previous answer and why it was sent back.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// What the model answered (bounded by the dispatcher), when it is worth showing
+    /// again: not an answer cut off at the token limit, which is mostly repetition.
+    pub answer: Option<String>,
+    /// What to correct: the rejection's code and message, worded as an instruction.
+    pub error: String,
 }
 
 /// A tool call as the model asks for it.
@@ -143,6 +153,9 @@ pub enum Exchange {
         tool: String,
         result: Result<String, String>,
     },
+    /// The model said the step was finished, but its `:done-when:` check did not pass:
+    /// the check and why, so the model can go on with the step.
+    GateFailed { command: String, detail: String },
 }
 
 /// What an earlier step of the plan found: its title, and what its tools returned and

@@ -426,7 +426,7 @@ mod tests {
             goal: "Compare  the\nprices of two sandboxes".into(),
             grammar: dispatch_plan::GRAMMAR,
             tools: Vec::new(),
-            previous_error: None,
+            retry: None,
             temperature: AUTHOR_TEMPERATURE,
         }))
         .expect("the offline provider never waits")
@@ -482,7 +482,7 @@ mod tests {
             goal: goal.into(),
             grammar: dispatch_plan::GRAMMAR,
             tools: Vec::new(),
-            previous_error: None,
+            retry: None,
             temperature: AUTHOR_TEMPERATURE,
         }))
         .expect("the offline provider never waits")

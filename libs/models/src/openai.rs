@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    AuthorReply, AuthorRequest, CallForm, Error, Exchange, Provider, ToolCall, ToolSpec, TurnReply,
-    TurnRequest, Usage,
+    AuthorReply, AuthorRequest, CallForm, Error, Exchange, Provider, Retry, ToolCall, ToolSpec,
+    TurnReply, TurnRequest, Usage,
 };
 
 /// Most bytes of text and tool arguments one answer may stream. An answer is recorded
@@ -308,11 +308,30 @@ impl Provider for OpenAi {
                     system.push_str(&format!("\n- {}: {about}", tool.name));
                 }
             }
-            let mut user = format!("Goal: {}", request.goal);
-            if let Some(error) = &request.previous_error {
-                user.push_str(&format!("\n\n{error}"));
-            }
-            let messages = vec![Message::system(system), Message::user(user)];
+            let goal = format!("Goal: {}", request.goal);
+            // A retry is the same conversation one exchange on: the model sees its own
+            // outline and is asked to correct it, rather than to start again. With no
+            // answer worth showing, the correction goes with the goal (some chat
+            // templates refuse two user messages in a row).
+            let messages = match request.retry {
+                None => vec![Message::system(system), Message::user(goal)],
+                Some(Retry {
+                    answer: Some(answer),
+                    error,
+                }) => vec![
+                    Message::system(system),
+                    Message::user(goal),
+                    Message::assistant(answer),
+                    Message::user(error),
+                ],
+                Some(Retry {
+                    answer: None,
+                    error,
+                }) => vec![
+                    Message::system(system),
+                    Message::user(format!("{goal}\n\n{error}")),
+                ],
+            };
             let answer = self
                 .complete(
                     &ChatRequest::new(&self.config, messages, &[], request.temperature),
@@ -469,6 +488,10 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
                     .collect(),
                 tool_call_id: None,
             }),
+            Exchange::GateFailed { command, detail } => messages.push(Message::user(format!(
+                "The step is not done yet: its check `{command}` does not pass ({detail}). \
+                 Go on with the step: make the calls it still needs, then answer."
+            ))),
             Exchange::ToolResult {
                 call_id, result, ..
             } => messages.push(Message {
@@ -568,6 +591,13 @@ impl Message {
     fn user(content: String) -> Self {
         Self {
             role: "user",
+            ..Self::system(content)
+        }
+    }
+
+    fn assistant(content: String) -> Self {
+        Self {
+            role: "assistant",
             ..Self::system(content)
         }
     }

@@ -6,9 +6,12 @@
 //!   array of them;
 //! - bare: the whole answer is such an object or array, or one such object per line.
 //!
-//! A call counts only if it names a tool on offer and its arguments are a JSON object
-//! (given as an object or as a string holding one): JSON that happens to be in an
-//! answer is not taken for a call. Nothing here recurses beyond serde_json's own limit.
+//! A call counts only if it names a tool on offer, or another tool of a connector on
+//! offer (`fs.write_file` when only `fs.read_file` is offered: a call the policy then
+//! refuses, so the model hears why, rather than text taken for its answer), and its
+//! arguments are a JSON object (given as an object or as a string holding one): JSON
+//! that happens to be in an answer is not taken for a call. Nothing here recurses
+//! beyond serde_json's own limit.
 
 use serde_json::Value;
 
@@ -20,16 +23,19 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
     if tools.is_empty() {
         return None;
     }
+    // Tags and fences mark where the calls are, so a marked block that is no call (a
+    // small model fences a "call" to its step's `test -s` check after a real one) is
+    // passed over; unmarked JSON counts only when all of it is calls.
     let tagged = between(text, "<tool_call>", "</tool_call>");
     if !tagged.is_empty() {
-        return calls(&tagged, tools).map(|c| (c, CallForm::Tagged));
+        return calls(&tagged, tools, Blocks::SomeCalls).map(|c| (c, CallForm::Tagged));
     }
     let fenced = fences(text);
     if !fenced.is_empty() {
-        return calls(&fenced, tools).map(|c| (c, CallForm::Fenced));
+        return calls(&fenced, tools, Blocks::SomeCalls).map(|c| (c, CallForm::Fenced));
     }
     let text = text.trim();
-    calls(&[text], tools)
+    calls(&[text], tools, Blocks::AllCalls)
         .or_else(|| {
             calls(
                 &text
@@ -37,37 +43,57 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
                     .filter(|l| !l.trim().is_empty())
                     .collect::<Vec<_>>(),
                 tools,
+                Blocks::AllCalls,
             )
         })
         .map(|c| (c, CallForm::Bare))
 }
 
-/// The calls in `blocks`, each a JSON object or an array of objects; `None` unless every
-/// block is one and they make at least one call.
-fn calls(blocks: &[&str], tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
+/// Which blocks of an answer must be calls for any of them to count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Blocks {
+    AllCalls,
+    SomeCalls,
+}
+
+/// The calls in `blocks`, each a JSON object or an array of objects; `None` if they
+/// make no call, or if one is not a call and `need` is [`Blocks::AllCalls`].
+fn calls(blocks: &[&str], tools: &[ToolSpec], need: Blocks) -> Option<Vec<ToolCall>> {
     let mut out = Vec::new();
     for block in blocks {
-        let value: Value = serde_json::from_str(block.trim()).ok()?;
-        let objects = match value {
-            Value::Array(items) => items,
-            object @ Value::Object(_) => vec![object],
-            _ => return None,
-        };
-        for object in objects {
-            out.push(call(&object, tools)?);
-            if out.len() > MAX_CALLS {
-                return None;
-            }
+        match block_calls(block, tools) {
+            Some(calls) => out.extend(calls),
+            None if need == Blocks::AllCalls => return None,
+            None => {}
+        }
+        if out.len() > MAX_CALLS {
+            return None;
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// The calls of one block, if it is wholly calls.
+fn block_calls(block: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
+    let objects = match serde_json::from_str(block.trim()).ok()? {
+        Value::Array(items) => items,
+        object @ Value::Object(_) => vec![object],
+        _ => return None,
+    };
+    if objects.len() > MAX_CALLS {
+        return None;
+    }
+    objects.iter().map(|object| call(object, tools)).collect()
 }
 
 /// `{"name", "arguments" | "parameters"}`, possibly inside `{"function": …}`.
 fn call(object: &Value, tools: &[ToolSpec]) -> Option<ToolCall> {
     let object = object.get("function").unwrap_or(object);
     let name = object.get("name")?.as_str()?;
-    let tool = crate::resolve(tools, name)?;
+    let tool = match crate::resolve(tools, name) {
+        Some(tool) => tool.name.clone(),
+        None => of_a_connector_on_offer(tools, name)?,
+    };
     let arguments = match object.get("arguments").or_else(|| object.get("parameters")) {
         None => Value::Object(Default::default()),
         Some(Value::String(text)) => serde_json::from_str(text).ok()?,
@@ -78,10 +104,29 @@ fn call(object: &Value, tools: &[ToolSpec]) -> Option<ToolCall> {
     }
     Some(ToolCall {
         id: String::new(),
-        tool: tool.name.clone(),
+        tool,
         args_json: arguments.to_string(),
     })
 }
+
+/// `name` as a tool name (`fs.write_file`, written `fs.write_file` or `fs__write_file`)
+/// if its connector serves a tool on offer.
+fn of_a_connector_on_offer(tools: &[ToolSpec], name: &str) -> Option<String> {
+    let (connector, tool) = name.split_once('.').or_else(|| name.split_once("__"))?;
+    let well_formed = |s: &str| {
+        !s.is_empty()
+            && s.len() <= MAX_TOOL_NAME
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    let offered = tools
+        .iter()
+        .any(|t| t.name.split_once('.').is_some_and(|(c, _)| c == connector));
+    (offered && well_formed(connector) && well_formed(tool)).then(|| format!("{connector}.{tool}"))
+}
+
+/// The longest connector or tool name taken from a model's text.
+const MAX_TOOL_NAME: usize = 64;
 
 /// The texts between each `open` and the next `close`.
 fn between<'t>(text: &'t str, open: &str, close: &str) -> Vec<&'t str> {
@@ -188,6 +233,55 @@ mod tests {
             assert_eq!(parse(text, &tools()), None, "{text:?}");
         }
         assert_eq!(parse(r#"{"name": "read_file"}"#, &[]), None);
+    }
+
+    #[test]
+    fn a_call_to_another_tool_of_a_connector_on_offer_is_a_call() {
+        let offered = vec![ToolSpec {
+            name: "fs.read_file".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object"}),
+        }];
+        for (text, tool) in [
+            (
+                "```json\n{\"name\": \"fs.write_file\", \"arguments\": {\"path\": \"a\"}}\n```",
+                Some("fs.write_file"),
+            ),
+            (
+                "<tool_call>{\"name\": \"fs__write_file\", \"arguments\": {}}</tool_call>",
+                Some("fs.write_file"),
+            ),
+            (
+                r#"{"name": "fs.read_file", "arguments": {}}"#,
+                Some("fs.read_file"),
+            ),
+            // Another connector, none, or a name no tool could have: text.
+            (r#"{"name": "web.fetch", "arguments": {}}"#, None),
+            (r#"{"name": "write_file", "arguments": {}}"#, None),
+            (r#"{"name": "fs.", "arguments": {}}"#, None),
+            (r#"{"name": "fs.rm -rf /", "arguments": {}}"#, None),
+        ] {
+            let got = parse(text, &offered).map(|(calls, _)| calls[0].tool.clone());
+            assert_eq!(got.as_deref(), tool, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_marked_block_that_is_no_call_is_passed_over() {
+        let write = r#"{"name": "write_file", "arguments": {"path": "scratch/a", "content": "x"}}"#;
+        let check = r#"{"name": "test", "arguments": {"path": "scratch/a"}}"#;
+        let fenced = format!("```json\n{write}\n```\n```json\n{check}\n```");
+        let tagged = format!("<tool_call>{check}</tool_call><tool_call>{write}</tool_call>");
+        for (text, form) in [(fenced, CallForm::Fenced), (tagged, CallForm::Tagged)] {
+            let (calls, got) = parse(&text, &tools()).expect("the real call");
+            assert_eq!(got, form);
+            assert_eq!(calls.len(), 1, "{calls:?}");
+            assert_eq!(calls[0].tool, "write_file");
+        }
+        // Unmarked, one line that is no call makes the whole answer text.
+        assert_eq!(parse(&format!("{write}\n{check}"), &tools()), None);
+        // Marked blocks none of which is a call are text.
+        assert_eq!(parse(&format!("```\n{check}\n```"), &tools()), None);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use dispatch_models::openai::{Config, OpenAi, Secret};
 use dispatch_models::{
-    AUTHOR_TEMPERATURE, AuthorRequest, CallForm, Delta, Exchange, Provider, ToolCall, ToolSpec,
-    TurnRequest,
+    AUTHOR_TEMPERATURE, AuthorRequest, CallForm, Delta, Exchange, Provider, Retry, ToolCall,
+    ToolSpec, TurnRequest,
 };
 use dispatch_testkit::model::{Reply, StandIn};
 use serde_json::{Value, json};
@@ -56,7 +56,7 @@ fn author_request() -> AuthorRequest {
     AuthorRequest {
         goal: "Write the word hello into scratch/hello.txt".into(),
         grammar: dispatch_plan::GRAMMAR,
-        previous_error: None,
+        retry: None,
         temperature: AUTHOR_TEMPERATURE,
         tools: vec![ToolSpec {
             name: "fs.list_directory".into(),
@@ -174,6 +174,34 @@ async fn the_history_goes_back_with_call_ids() {
     assert_eq!(messages[2]["tool_calls"][0]["id"], json!("l0-t0-c0"));
     assert_eq!(messages[3]["role"], json!("tool"));
     assert_eq!(messages[3]["tool_call_id"], json!("l0-t0-c0"));
+}
+
+#[tokio::test]
+async fn a_gate_that_did_not_pass_is_said_to_the_model() {
+    let (stand_in, url) = StandIn::start(vec![Reply::Replay("llama-server/final.sse")]).await;
+    let history = vec![
+        Exchange::Assistant {
+            text: "The step is done.".into(),
+            tool_calls: vec![],
+        },
+        Exchange::GateFailed {
+            command: "test -s scratch/REPORT.org".into(),
+            detail: "scratch/REPORT.org does not exist".into(),
+        },
+    ];
+    provider(&url).turn(turn_request(history)).await.unwrap();
+    let (_, body) = &stand_in.requests()[0];
+    let messages = body["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    assert_eq!(messages[2]["role"], json!("assistant"));
+    assert_eq!(messages[3]["role"], json!("user"));
+    let said = messages[3]["content"].as_str().unwrap();
+    assert!(
+        said.contains(
+            "`test -s scratch/REPORT.org` does not pass (scratch/REPORT.org does not exist)"
+        ),
+        "{said}"
+    );
 }
 
 #[tokio::test]
@@ -356,4 +384,40 @@ async fn a_turn_streams_its_text_and_says_when_it_starts_over() {
     // After the restart, the pieces are the answer, exactly, in several pieces.
     assert_eq!(text_of(&deltas[restart + 1..]), reply.text);
     assert!(deltas[restart + 1..].len() > 2, "{deltas:?}");
+}
+
+#[tokio::test]
+async fn a_retry_shows_the_model_its_outline_unless_it_was_cut_off() {
+    let error = "Your previous outline was invalid (unusable_gate: ...). Emit a corrected org outline only.";
+    for (answer, expected) in [
+        (
+            Some("* TODO x\n  :done-when: curl x"),
+            json!(["system", "user", "assistant", "user"]),
+        ),
+        (None, json!(["system", "user"])),
+    ] {
+        let (stand_in, url) =
+            StandIn::start(vec![Reply::Replay("llama-server-1.5b/author.json")]).await;
+        let request = AuthorRequest {
+            retry: Some(Retry {
+                answer: answer.map(str::to_owned),
+                error: error.into(),
+            }),
+            ..author_request()
+        };
+        provider(&url).author(request).await.unwrap();
+        let (_, body) = &stand_in.requests()[0];
+        let messages = body["messages"].as_array().unwrap();
+        let roles: Vec<&Value> = messages.iter().map(|m| &m["role"]).collect();
+        assert_eq!(json!(roles), expected, "{answer:?}");
+        let last = messages.last().unwrap()["content"].as_str().unwrap();
+        assert!(last.ends_with(error), "{last}");
+        if let Some(answer) = answer {
+            assert_eq!(messages[2]["content"], json!(answer));
+            assert_eq!(
+                messages[1]["content"],
+                json!("Goal: Write the word hello into scratch/hello.txt")
+            );
+        }
+    }
 }

@@ -49,7 +49,8 @@ The rules:
   other tools take the paths or arguments their own descriptions ask for).
 - Then exactly one gate line, `:done-when: <check>`, where <check> is one of
   `test -s|-f|-d|-e <path>`, `grep -q <text> <path>`, combined with `&&` or `||`.
-  A gate that names any other command never passes.
+  <path> is relative to the run directory, such as scratch/REPORT.org: a gate cannot
+  see files anywhere else. A gate that names any other command never passes.
 - The last headline writes the final answer to scratch/REPORT.org, as plain text:
   tools take their arguments literally, and nothing like `$(...)` is ever run.";
 
@@ -231,6 +232,60 @@ pub fn parse(answer: &str) -> Result<Plan, Error> {
         text,
     })
 }
+
+/// How many unusable gates [`Plan::unusable_gates`] describes: enough for the author to
+/// see the pattern, few enough that the message stays short.
+const MAX_GATE_FAULTS_TOLD: usize = 3;
+/// How much of a leaf's title such a description quotes.
+const MAX_TITLE_TOLD: usize = 80;
+
+impl Plan {
+    /// The leaves whose gate can never pass: it names a command the gate language does
+    /// not have, uses shell syntax, or looks outside the run directory. Such a plan is
+    /// well-formed (its gates fail closed when checked, and the other leaves can still
+    /// succeed), but an author with a retry left should be told, so the dispatcher sends
+    /// this back once as the `unusable_gate` code. `None` when every gate can pass.
+    pub fn unusable_gates(&self) -> Option<String> {
+        let faults: Vec<String> = self
+            .leaves
+            .iter()
+            .filter_map(|leaf| {
+                let source = leaf.done_when.as_deref()?;
+                let error = gate::parse(source).err()?;
+                let title: String = leaf.title.chars().take(MAX_TITLE_TOLD).collect();
+                Some(format!(
+                    "leaf {title:?}: `:done-when: {source}` can never pass ({}: {error})",
+                    error.code()
+                ))
+            })
+            .collect();
+        if faults.is_empty() {
+            return None;
+        }
+        let mut message = faults
+            .iter()
+            .take(MAX_GATE_FAULTS_TOLD)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        if faults.len() > MAX_GATE_FAULTS_TOLD {
+            message.push_str(&format!(
+                "; and {} more",
+                faults.len() - MAX_GATE_FAULTS_TOLD
+            ));
+        }
+        // Said as the edit to make: told only what was wrong, the 1.5B model wrote its
+        // outline again unchanged; told this, it changed the gates.
+        message.push_str(
+            ". Replace each such check with one of a file under scratch/ that its step \
+             writes, such as `test -s scratch/REPORT.org`",
+        );
+        Some(message)
+    }
+}
+
+/// The code under which [`Plan::unusable_gates`] is sent back to the author.
+pub const UNUSABLE_GATE: &str = "unusable_gate";
 
 /// A URL- and file-safe name for a goal: lowercase words joined by `-`, at most 48
 /// characters, never empty.
@@ -447,6 +502,49 @@ mod tests {
         );
         assert!(!plan.text.contains("```"));
         assert!(plan.text.starts_with("#+TITLE:"));
+    }
+
+    #[test]
+    fn tells_which_gates_can_never_pass() {
+        assert_eq!(parse(SEED_PLAN).unwrap().unusable_gates(), None);
+        let plan = parse(
+            "#+TITLE: t\n\
+             * TODO List /srv/data\n  :done-when: test -s /srv/data\n\
+             * TODO Fetch\n  :done-when: curl -s https://example.com\n\
+             * TODO Ungated\n\
+             * TODO Report\n  :done-when: test -s scratch/REPORT.org\n",
+        )
+        .unwrap();
+        let told = plan.unusable_gates().unwrap();
+        assert!(
+            told.starts_with(
+                "leaf \"List /srv/data\": `:done-when: test -s /srv/data` can never pass \
+                 (path_outside_run: path \"/srv/data\" is outside the run directory); \
+                 leaf \"Fetch\": `:done-when: curl -s https://example.com` can never pass \
+                 (unknown_command: "
+            ),
+            "{told}"
+        );
+        assert!(
+            !told.contains("Report") && !told.contains("Ungated"),
+            "{told}"
+        );
+        assert!(
+            told.ends_with("such as `test -s scratch/REPORT.org`"),
+            "{told}"
+        );
+
+        let many: String = (0..10)
+            .map(|i| {
+                format!(
+                    "* TODO Step {i} {}\n  :done-when: rm -rf /\n",
+                    "x".repeat(500)
+                )
+            })
+            .collect();
+        let told = parse(&many).unwrap().unusable_gates().unwrap();
+        assert!(told.contains("; and 7 more."), "{told}");
+        assert!(told.len() < 1_000, "{} bytes", told.len());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dispatch_bus::work::Slot;
 use dispatch_bus::{RunId, subject};
 use dispatch_models::{
-    AUTHOR_TEMPERATURE, AuthorRequest, Delta, EarlierStep, Exchange, TurnReply, TurnRequest,
+    AUTHOR_TEMPERATURE, AuthorRequest, Delta, EarlierStep, Exchange, Retry, TurnReply, TurnRequest,
 };
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
@@ -31,6 +31,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The rejection code of a plan whose author stopped at the token limit.
 const CUT_OFF: &str = "cut_off";
+/// How many answers the author model may give for one plan: the first, and one retry
+/// with the reason the first was sent back.
+const AUTHOR_ATTEMPTS: usize = 2;
+/// How many times a leaf's model, having said it finished, is told that the leaf's gate
+/// does not pass and given another turn (while turns are left).
+const GATE_RETRIES: u32 = 2;
 
 /// The most of one earlier step's findings a later step's model is shown, in characters.
 const EARLIER_STEP_CHARS: usize = 2_000;
@@ -274,19 +280,20 @@ impl Exec<'_> {
     async fn author_plan(&mut self, requested: &RunRequested) -> Result<PlanAuthored, Stop> {
         let mut rejected: Vec<PlanRejected> = self.all(as_rejected);
         loop {
-            if rejected.len() >= 2 {
-                let last = rejected.last().expect("two rejections");
+            if rejected.len() >= AUTHOR_ATTEMPTS {
+                let last = rejected.last().expect("every attempt rejected");
                 return Err(Stop::Blocked(format!(
                     "plan rejected: {}: {}",
                     last.code, last.message
                 )));
             }
             let attempt = rejected.len() as u32 + 1;
-            let previous_error = rejected.last().map(|r| {
-                format!(
+            let retry = rejected.last().map(|r| Retry {
+                answer: (r.code != CUT_OFF).then(|| r.answer.clone()),
+                error: format!(
                     "Your previous outline was invalid ({}: {}). Emit a corrected org outline only.",
                     r.code, r.message
-                )
+                ),
             });
             let provider = &self.ctx.providers.author;
             let tools = self.ctx.offer.current().await.specs();
@@ -296,7 +303,7 @@ impl Exec<'_> {
                 .author(AuthorRequest {
                     goal: goal.clone(),
                     grammar: dispatch_plan::GRAMMAR,
-                    previous_error,
+                    retry,
                     temperature: AUTHOR_TEMPERATURE,
                     tools,
                 })
@@ -318,7 +325,19 @@ impl Exec<'_> {
                         .to_owned(),
                 ))
             } else {
-                dispatch_plan::parse(&answer.text).map_err(|e| (e.code().to_owned(), e.to_string()))
+                dispatch_plan::parse(&answer.text)
+                    .map_err(|e| (e.code().to_owned(), e.to_string()))
+                    .and_then(|plan| {
+                        // A gate that can never pass is worth the retry while one is left;
+                        // on the last attempt the plan runs and such gates fail closed.
+                        let last_attempt = attempt as usize >= AUTHOR_ATTEMPTS;
+                        match plan.unusable_gates() {
+                            Some(told) if !last_attempt => {
+                                Err((dispatch_plan::UNUSABLE_GATE.to_owned(), told))
+                            }
+                            _ => Ok(plan),
+                        }
+                    })
             };
             match parsed {
                 Ok(plan) => {
@@ -563,7 +582,11 @@ impl Exec<'_> {
         leaf: &PlanLeaf,
     ) -> Result<(LeafState, String, String), Stop> {
         let mut history = Vec::new();
-        let mut done = false;
+        // Set when the model has finished: the leaf's gate as last checked, if it has one.
+        let mut finished: Option<Option<GateChecked>> = None;
+        let mut checks = 0;
+        // A gate that cannot be parsed fails however often it is checked.
+        let retry_gate = dispatch_plan::gate::parse(&leaf.done_when).is_ok();
         // The model's last words on the leaf: its answer.
         let mut answer = String::new();
         let max_turns = self.ctx.max_turns;
@@ -619,8 +642,22 @@ impl Exec<'_> {
             });
             answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
-                done = true;
-                break;
+                if leaf.done_when.is_empty() {
+                    finished = Some(None);
+                    break;
+                }
+                let gate = self.gate(leaf, checks).await?;
+                checks += 1;
+                let last_turn = turn + 1 >= max_turns;
+                if gate.passed || !retry_gate || checks > GATE_RETRIES || last_turn {
+                    finished = Some(Some(gate));
+                    break;
+                }
+                history.push(Exchange::GateFailed {
+                    command: gate.command,
+                    detail: gate.detail,
+                });
+                continue;
             }
             for call in &model_turn.tool_calls {
                 let result = self.tool_call(leaf.index, call).await?;
@@ -632,21 +669,20 @@ impl Exec<'_> {
             }
         }
         let answer = slice_bytes(&answer, MAX_ANSWER_BYTES).to_owned();
-        if !done {
+        let Some(gate) = finished else {
             return Ok((
                 LeafState::Failed,
                 format!("the model did not finish the leaf within {max_turns} turns"),
                 answer,
             ));
-        }
-        if leaf.done_when.is_empty() {
+        };
+        let Some(gate) = gate else {
             return Ok((
                 LeafState::Done,
                 "the model finished; the leaf has no gate".into(),
                 answer,
             ));
-        }
-        let gate = self.gate(leaf).await?;
+        };
         Ok(if gate.passed {
             (
                 LeafState::Done,
@@ -950,8 +986,13 @@ impl Exec<'_> {
         })
     }
 
-    async fn gate(&mut self, leaf: &PlanLeaf) -> Result<GateChecked, Stop> {
-        let check_id = format!("gate-l{}", leaf.index);
+    /// Checks the leaf's gate for the `nth` time (from 0), or finds that check's result
+    /// in the log.
+    async fn gate(&mut self, leaf: &PlanLeaf, nth: u32) -> Result<GateChecked, Stop> {
+        let check_id = match nth {
+            0 => format!("gate-l{}", leaf.index),
+            n => format!("gate-l{}-{n}", leaf.index),
+        };
         if let Some(checked) = self.find(gate_for(&check_id)) {
             return Ok(checked);
         }
