@@ -322,6 +322,10 @@ fn probe() -> Config {
 /// that answers "timed out" or "not ready" (a cluster still electing its leaders when
 /// every process starts at once) before it gives up.
 pub const DECLARE_DEADLINE: Duration = Duration::from_secs(60);
+/// The longest wait between two declaring attempts before jitter, which adds up to as
+/// much again: declaring gives up when the next wait would pass the deadline, so up to
+/// twice this before it.
+const DECLARE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// How long one declaring request may take. A request that reaches a cluster still
 /// electing its leaders may get no answer at all; waiting JetStream's usual 5 s for
@@ -369,7 +373,7 @@ where
     use backon::BackoffBuilder as _;
     let mut delays = backon::ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
+        .with_max_delay(DECLARE_MAX_DELAY)
         .with_jitter()
         .without_max_times()
         .with_total_delay(Some(DECLARE_DEADLINE))
@@ -580,7 +584,7 @@ mod tests {
         assert!(gave_up.is_err());
         let waited = started.elapsed();
         assert!(
-            waited >= DECLARE_DEADLINE - Duration::from_secs(3),
+            waited >= DECLARE_DEADLINE - 2 * DECLARE_MAX_DELAY,
             "{waited:?}"
         );
         assert!(
