@@ -518,11 +518,11 @@ const KEY: &str = "sk-otel-do-not-leak-7d2e0b";
 
 #[tokio::test]
 async fn a_model_turn_is_a_genai_span_with_its_tokens_and_no_key() -> Result<()> {
-    // The recorded author answer (a plan of one leaf) and the recorded worker answer.
-    let script = vec![
-        Reply::Replay("llama-server-1.5b/author.json"),
-        Reply::Replay("llama-server/final.sse"),
-    ];
+    // The recorded author answer (a plan of one leaf) and the recorded worker answer,
+    // which writes no file: given again each of the two times the worker is told that
+    // the leaf's gate does not pass.
+    let mut script = vec![Reply::Replay("llama-server-1.5b/author.json")];
+    script.extend((0..3).map(|_| Reply::Replay("llama-server/final.sse")));
     let (_stand_in, url) = StandIn::start(script).await;
     let receiver = Receiver::start().await?;
     let mut stack = traced_stack(&receiver).await?;
