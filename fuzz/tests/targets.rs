@@ -229,8 +229,9 @@ fn event_decoding_and_projection() {
     fuzz("event", payloads, |payload| {
         if let Ok(event) = dispatch_runlog::decode(&run_id, 1, &payload) {
             let trust = dispatch_runlog::seal::Trust::default();
-            let view = RunView::apply(None, &event, &trust);
-            let again = RunView::apply(Some(view.clone()), &event, &trust);
+            let on = dispatch_bus::subject::LogWriter::Dispatcher;
+            let view = RunView::apply(None, &event, on, 1, &trust);
+            let again = RunView::apply(Some(view.clone()), &event, on, 1, &trust);
             assert_eq!(view, again, "re-applying an event changed the view");
         }
         let _ = RunEvent::decode(payload.as_slice());

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dispatch_proto::run::v1::{LeafStarted, RunEvent, run_event::Body};
+use dispatch_proto::run::v1::{LeafStarted, RunEvent, WriterRole, run_event::Body};
 use dispatch_tests::{ALL, Stack};
 use prost::Message as _;
 
@@ -95,9 +95,20 @@ async fn finished_runs_are_sealed_exported_and_verifiable_offline() -> anyhow::R
 
 #[tokio::test]
 async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<()> {
-    let stack = Stack::start(&ALL).await?;
-    let run_id = stack.submit("Tamper with me", "default", 0).await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let mut stack = Stack::with_test_tools().await?;
+    stack.add("dispatcher").await?;
+    // A run that sleeps in its call: still live, so the forgery lands inside its record.
+    let run_id = stack
+        .submit(
+            "#+TITLE: Slow\n* TODO Sleep\n  - call: test.sleep {\"ms\": 30000}\n  :done-when: true\n",
+            "default",
+            0,
+        )
+        .await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    let events = stack.log().await?.read(&run_id).await?;
     // A rogue writer appends an event that does not link to the log.
     let forged = RunEvent {
         event_id: "forged".into(),
@@ -105,6 +116,7 @@ async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<
         seq: events.len() as u64 + 1,
         prev_hash: vec![7; 32],
         hash: vec![7; 32],
+        role: WriterRole::Dispatcher as i32,
         body: Some(Body::LeafStarted(LeafStarted {
             leaf: 9,
             title: "forged".into(),
@@ -114,7 +126,7 @@ async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<
     stack
         .bus
         .append(
-            dispatch_bus::subject::run(&run_id),
+            dispatch_tests::subject_of(&forged),
             "forged",
             None,
             forged.encode_to_vec().into(),
@@ -130,6 +142,69 @@ async fn replay_names_the_first_event_that_breaks_the_chain() -> anyhow::Result<
         "{}",
         replay.stderr
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_event_after_the_seal_spoils_nothing_and_is_flagged() -> anyhow::Result<()> {
+    let stack = Stack::start(&ALL).await?;
+    let run_id = stack.submit("Seal me", "default", 0).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let sealed = stack.get_json(&format!("/v1/runs/{run_id}")).await?;
+    assert_eq!(sealed["status"], "done", "{sealed}");
+    // Well linked to the seal, on policy's subject, as a stolen policy key could write it.
+    let last = &events.last().unwrap();
+    let mut late = RunEvent {
+        event_id: "late".into(),
+        run_id: run_id.to_string(),
+        seq: last.event.seq + 1,
+        prev_hash: last.event.hash.clone(),
+        prev_stream_seq: last.stream_seq,
+        role: WriterRole::Policy as i32,
+        body: Some(Body::PolicyDecided(Default::default())),
+        ..Default::default()
+    };
+    late.hash = dispatch_runlog::chain::hash(&late).to_vec();
+    let stored = stack
+        .bus
+        .append(
+            dispatch_tests::subject_of(&late),
+            "late",
+            None,
+            late.encode_to_vec().into(),
+        )
+        .await?;
+    // The view stays as sealed and says what follows, from where.
+    let view = stack
+        .eventually(LIMIT, || async {
+            let view = stack.get_json(&format!("/v1/runs/{run_id}")).await.ok()?;
+            view.get("tampered_after_seal").is_some().then_some(view)
+        })
+        .await?;
+    assert_eq!(view["status"], "done", "{view}");
+    assert_eq!(
+        view["tampered_after_seal"]["stream_seq"], stored.stream_seq,
+        "{view}"
+    );
+    assert_eq!(view["tampered_after_seal"]["messages"], 1, "{view}");
+    let inspect = stack.cli(&["inspect", &run_id.to_string()])?;
+    assert!(
+        inspect.stdout.contains("tampered_after_seal"),
+        "{inspect:?}"
+    );
+    // Replay, logs and wait read the record as sealed.
+    let replay = stack.cli(&["replay", &run_id.to_string()])?;
+    assert_eq!(replay.code, Some(0), "{replay:?}");
+    assert!(
+        replay.stdout.contains("tampered after seal: 1 message(s)"),
+        "{replay:?}"
+    );
+    let wait = stack.cli(&["wait", &run_id.to_string()])?;
+    assert_eq!(wait.code, Some(0), "{wait:?}");
+    let logs = stack.cli(&["logs", &run_id.to_string()])?;
+    assert_eq!(logs.code, Some(0), "{logs:?}");
+    assert_eq!(logs.stdout.lines().count(), events.len(), "{logs:?}");
+    assert!(logs.stderr.contains("after the run's seal"), "{logs:?}");
     Ok(())
 }
 

@@ -7,12 +7,15 @@
 //!   tool command, recording a removal, answering the ledger's queries, purging or
 //!   deleting the log.
 //!
-//! What an identity that may write (the admin, or a stolen service key) can still do
-//! is bounded by the seals: see `trust.rs`, whose forgeries are written as the admin.
+//! What a service's own key can write is bounded by its role: each writer role appends
+//! on its own subject of a run, and readers refuse any event its role may not write
+//! (`forgeries_with_each_services_own_key_are_refused_or_caught`). What the admin can
+//! write is bounded by the seals: see `trust.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dispatch_bus::subject::LogWriter;
 use dispatch_bus::{Identity, RunId, subject};
 use dispatch_proto::command::v1::CallTool;
 use dispatch_proto::ledger::v1::RunsRemoved;
@@ -154,8 +157,11 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
         }),
     );
     for raw in [&ingress, &ledger] {
-        raw.publish_refused(subject::run(&live).as_str(), stop.encode_to_vec())
-            .await?;
+        raw.publish_refused(
+            dispatch_tests::subject_of(&stop).as_str(),
+            stop.encode_to_vec(),
+        )
+        .await?;
     }
 
     // 2. A whole sealed run, as it would be shown `done`.
@@ -192,7 +198,10 @@ async fn every_forgery_is_refused_by_the_server() -> anyhow::Result<()> {
     );
     for event in &run {
         ingress
-            .publish_refused(subject::run(&forged).as_str(), event.encode_to_vec())
+            .publish_refused(
+                dispatch_tests::subject_of(event).as_str(),
+                event.encode_to_vec(),
+            )
             .await?;
     }
 
@@ -311,5 +320,387 @@ async fn a_tool_command_pointing_elsewhere_in_the_log_executes_nothing() -> anyh
         stack.counted("smuggled").is_empty(),
         "the smuggled call ran"
     );
+    Ok(())
+}
+
+/// The policy of the forgery test: counting and sleeping allowed, erasing sent to a
+/// person.
+const GATED: &str = r#"{"default": "deny", "rules": [
+  {"name": "counting", "effect": "allow", "tools": ["test.count", "test.sleep"]},
+  {"name": "erasing", "effect": "ask", "tools": ["test.erase"], "reason": "erasing needs a person"}
+]}"#;
+
+/// A plan of one leaf making one call.
+fn one_call(call: &str) -> String {
+    format!("#+TITLE: Forged\n* TODO Call\n  - call: {call}\n  :done-when: true\n")
+}
+
+/// The next event of `run_id`'s log as `role` would append it: linked to the log's
+/// last event, hashed, claiming `role`.
+async fn next_of(
+    stack: &Stack,
+    run_id: RunId,
+    role: dispatch_proto::run::v1::WriterRole,
+    body: Body,
+) -> anyhow::Result<dispatch_proto::run::v1::RunEvent> {
+    let events = stack.log().await?.read(&run_id).await?;
+    let last = events.last().expect("a started run");
+    let mut event = forged_event(&run_id, body);
+    event.seq = last.event.seq + 1;
+    event.prev_hash = last.event.hash.clone();
+    event.prev_stream_seq = last.stream_seq;
+    event.role = role as i32;
+    event.hash = chain::hash(&event).to_vec();
+    Ok(event)
+}
+
+/// Appends `event` on `on`'s subject of its run with the bus of whoever holds `raw`,
+/// as the holder of that identity's seed could: stored, or refused by the server.
+async fn append_as(
+    raw: &Raw,
+    on: LogWriter,
+    event: &dispatch_proto::run::v1::RunEvent,
+) -> anyhow::Result<()> {
+    let run_id: RunId = event.run_id.parse()?;
+    let subject = subject::run(&run_id, on);
+    let js = dispatch_bus::async_nats::jetstream::new(raw.client.clone());
+    let mut headers = dispatch_bus::async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        event.prev_stream_seq.to_string().as_str(),
+    );
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence-Subject",
+        subject::run_log(&run_id).as_str(),
+    );
+    js.publish_with_headers(subject, headers, event.encode_to_vec().into())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// The run's view until `done` says it has settled.
+async fn view_until(
+    stack: &Stack,
+    run_id: RunId,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let path = format!("/v1/runs/{run_id}");
+    stack
+        .eventually(LIMIT, || async {
+            let view = stack.get_json(&path).await.ok()?;
+            done(&view).then_some(view)
+        })
+        .await
+}
+
+/// Every forgery the review made, each with the seed of a service that holds write
+/// access to run logs but not for that kind: refused by the server where the subject
+/// is not the holder's, shown `corrupt` (and never acted on) where it is; an event
+/// after a seal is flagged and the run stays as sealed; a run no goal asked for ends.
+#[tokio::test]
+async fn forgeries_with_each_services_own_key_are_refused_or_caught() -> anyhow::Result<()> {
+    use dispatch_proto::run::v1::{
+        ApprovalResolved, Decision, PolicyDecided, RunStarted, ToolCallCompleted, WriterRole,
+    };
+    let mut stack = Stack::start(&["ledger"]).await?;
+    let path = stack.root().join("gated.json");
+    std::fs::write(&path, GATED)?;
+    let policy = path.to_str().unwrap().to_owned();
+    stack.add_with("policy", &["--policy", &policy]).await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    stack.add("dispatcher").await?;
+    stack.add("ingress").await?;
+    let connectors = Raw::connect(&stack, Identity::Connectors).await?;
+    let policy_key = Raw::connect(&stack, Identity::Policy).await?;
+    let dispatcher = Raw::connect(&stack, Identity::Dispatcher).await?;
+    let cli = Raw::connect(&stack, Identity::Cli).await?;
+
+    // 1. An approval "from policy", with connectors' key, for a run waiting on a person.
+    let waiting = stack
+        .submit(
+            &one_call(r#"test.erase {"key": "forged-approval"}"#),
+            "default",
+            0,
+        )
+        .await?;
+    stack
+        .wait_for_event(waiting, LIMIT, |b| matches!(b, Body::ApprovalRequested(_)))
+        .await?;
+    let events = stack.log().await?.read(&waiting).await?;
+    let asked = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ApprovalRequested(a)) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("asked");
+    let approve = Body::ApprovalResolved(ApprovalResolved {
+        approval_id: asked.approval_id.clone(),
+        call_id: asked.call_id.clone(),
+        decision: Decision::Allow as i32,
+        resolved_by: "policy".into(),
+        ..Default::default()
+    });
+    // On policy's subject: the server refuses.
+    let claimed = next_of(&stack, waiting, WriterRole::Policy, approve.clone()).await?;
+    assert!(
+        append_as(&connectors, LogWriter::Policy, &claimed)
+            .await
+            .is_err()
+    );
+    connectors
+        .refused(
+            "Publish",
+            subject::run(&waiting, LogWriter::Policy).as_str(),
+        )
+        .await?;
+    // On its own subject, claiming policy: stored, and the run shows corrupt.
+    append_as(&connectors, LogWriter::Connectors, &claimed).await?;
+    let view = view_until(&stack, waiting, |v| v["status"] == "corrupt").await?;
+    let reason = view["corrupt"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("stored on the connectors subject"),
+        "{view}"
+    );
+
+    // 2. A call's result, with policy's key, for a call that is running.
+    let running = stack
+        .submit(&one_call(r#"test.sleep {"ms": 30000}"#), "default", 0)
+        .await?;
+    stack
+        .wait_for_event(running, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    let result = next_of(
+        &stack,
+        running,
+        WriterRole::Policy,
+        Body::ToolCallCompleted(ToolCallCompleted {
+            call_id: "l0-t0-c0".into(),
+            output: "FORGED OUTPUT".into(),
+        }),
+    )
+    .await?;
+    append_as(&policy_key, LogWriter::Policy, &result).await?;
+    let view = view_until(&stack, running, |v| v["status"] == "corrupt").await?;
+    assert!(
+        view["corrupt"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tool_call_completed event written by policy"),
+        "{view}"
+    );
+
+    // 3. A decision allowing a call that waits for a person, with the dispatcher's key.
+    let decided = stack
+        .submit(
+            &one_call(r#"test.erase {"key": "forged-decision"}"#),
+            "default",
+            0,
+        )
+        .await?;
+    stack
+        .wait_for_event(decided, LIMIT, |b| matches!(b, Body::ApprovalRequested(_)))
+        .await?;
+    let allow = next_of(
+        &stack,
+        decided,
+        WriterRole::Dispatcher,
+        Body::PolicyDecided(PolicyDecided {
+            call_id: "l0-t0-c0".into(),
+            decision: Decision::Allow as i32,
+            rule: "counting".into(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    append_as(&dispatcher, LogWriter::Dispatcher, &allow).await?;
+    view_until(&stack, decided, |v| v["status"] == "corrupt").await?;
+
+    // 4. A stop, with connectors' key on its subject (corrupt) and with the CLI's key,
+    // which writes no run log at all (refused).
+    let stopped = stack
+        .submit(&one_call(r#"test.sleep {"ms": 30000}"#), "default", 0)
+        .await?;
+    stack
+        .wait_for_event(stopped, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
+        .await?;
+    let stop = next_of(
+        &stack,
+        stopped,
+        WriterRole::Connectors,
+        Body::StopRequested(StopRequested {
+            grace_ms: 0,
+            force: true,
+            requested_by: "forger".into(),
+        }),
+    )
+    .await?;
+    for on in LogWriter::ALL {
+        assert!(append_as(&cli, on, &stop).await.is_err(), "{on:?}");
+    }
+    append_as(&connectors, LogWriter::Connectors, &stop).await?;
+    view_until(&stack, stopped, |v| v["status"] == "corrupt").await?;
+
+    // None of it was acted on: nothing erased, no forged run ended `done` or `stopped`.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(stack.counted("forged-approval").is_empty());
+    assert!(stack.counted("forged-decision").is_empty());
+    for run in [waiting, running, decided, stopped] {
+        let view = stack.get_json(&format!("/v1/runs/{run}")).await?;
+        assert_eq!(view["status"], "corrupt", "{view}");
+    }
+
+    // 5. An event after a genuine seal, with policy's key: flagged, the run stays done.
+    let genuine = stack
+        .submit(&one_call(r#"test.count {"key": "genuine"}"#), "default", 0)
+        .await?;
+    let sealed = stack.wait_finished(genuine, LIMIT).await?;
+    let late = next_of(
+        &stack,
+        genuine,
+        WriterRole::Policy,
+        Body::PolicyDecided(PolicyDecided {
+            call_id: "l0-t0-c0".into(),
+            decision: Decision::Deny as i32,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    append_as(&policy_key, LogWriter::Policy, &late).await?;
+    let view = view_until(&stack, genuine, |v| v.get("tampered_after_seal").is_some()).await?;
+    assert_eq!(view["status"], "done", "{view}");
+    assert_eq!(stack.log().await?.read(&genuine).await?, sealed);
+
+    // 6. Ghosts, with the dispatcher's key: a run whose log starts without its request
+    // is corrupt; one that starts with a request no goal names is ended.
+    let headless = RunId::new();
+    let mut started = forged_event(
+        &headless,
+        Body::RunStarted(RunStarted {
+            owner: "forger".into(),
+            deadline_unix_ms: i64::MAX,
+            ..Default::default()
+        }),
+    );
+    chain::link(std::slice::from_mut(&mut started), None);
+    append_as(&dispatcher, LogWriter::Dispatcher, &started).await?;
+    let view = view_until(&stack, headless, |v| v["status"] == "corrupt").await?;
+    assert!(
+        view["corrupt"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("starts with run_started"),
+        "{view}"
+    );
+
+    let ghost = RunId::new();
+    let mut log = [
+        forged_event(
+            &ghost,
+            Body::RunRequested(RunRequested {
+                goal: "nobody asked".into(),
+                conversation_id: "default".into(),
+                origin: "forged".into(),
+                ..Default::default()
+            }),
+        ),
+        forged_event(
+            &ghost,
+            Body::RunStarted(RunStarted {
+                owner: "forger".into(),
+                deadline_unix_ms: i64::MAX,
+                ..Default::default()
+            }),
+        ),
+    ];
+    // Appended one by one, each naming where the one before it was stored.
+    let js = dispatch_bus::async_nats::jetstream::new(dispatcher.client.clone());
+    let (mut prev_hash, mut after) = (chain::GENESIS.to_vec(), 0);
+    for (i, event) in log.iter_mut().enumerate() {
+        event.seq = i as u64 + 1;
+        event.prev_hash = prev_hash;
+        event.prev_stream_seq = after;
+        event.hash = chain::hash(event).to_vec();
+        let ack = js
+            .publish(
+                subject::run(&ghost, LogWriter::Dispatcher),
+                event.encode_to_vec().into(),
+            )
+            .await?
+            .await?;
+        (prev_hash, after) = (event.hash.clone(), ack.sequence);
+    }
+    let view = view_until(&stack, ghost, |v| v["status"] == "blocked").await?;
+    assert!(
+        view["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("ghost:"),
+        "{view}"
+    );
+    let ended = stack.wait_finished(ghost, LIMIT).await?;
+    assert!(
+        ended
+            .last()
+            .unwrap()
+            .event
+            .writer
+            .starts_with("dispatcher/")
+    );
+    Ok(())
+}
+
+/// One message on the policy's subject that is not a version, with policy's own key:
+/// the last good version stays in force, the policy service still starts, `policy
+/// show` and `history` still answer (and say so), and the next `policy set` supersedes
+/// it.
+#[tokio::test]
+async fn garbage_on_the_policy_stream_locks_nothing() -> anyhow::Result<()> {
+    let mut stack = Stack::with_test_tools().await?;
+    let before = stack.cli(&["policy", "show", "--format", "json"])?;
+    assert_eq!(before.code, Some(0), "{before:?}");
+    let before: serde_json::Value = serde_json::from_str(&before.stdout)?;
+    let policy = Raw::connect(&stack, Identity::Policy).await?;
+    let js = dispatch_bus::async_nats::jetstream::new(policy.client.clone());
+    js.publish(
+        subject::POLICY_DOCUMENT,
+        b"\xff\xff garbage".to_vec().into(),
+    )
+    .await?
+    .await?;
+    // A policy copy starting now starts, with the last good version.
+    stack.service("policy")?.kill().await?;
+    stack.services.retain(|s| s.name != "policy");
+    stack.add("policy").await?;
+    let show = stack.cli(&["policy", "show", "--format", "json"])?;
+    assert_eq!(show.code, Some(0), "{show:?}");
+    assert!(show.stderr.contains("1 damaged message"), "{show:?}");
+    let shown: serde_json::Value = serde_json::from_str(&show.stdout)?;
+    assert_eq!(shown["version"], before["version"]);
+    let history = stack.cli(&["policy", "history", "--format", "json"])?;
+    assert_eq!(history.code, Some(0), "{history:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&history.stdout)?;
+    assert_eq!(rows.last().unwrap()["damaged"], true, "{rows:?}");
+    // Decisions go on under the last good version...
+    let run = stack
+        .submit(
+            &one_call(r#"test.count {"key": "still-decided"}"#),
+            "default",
+            0,
+        )
+        .await?;
+    stack.add("dispatcher").await?;
+    stack.wait_finished(run, LIMIT).await?;
+    assert_eq!(stack.counted("still-decided").len(), 1);
+    // ...and a change supersedes the damage.
+    let file = stack.root().join("next.json");
+    std::fs::write(&file, GATED)?;
+    let set = stack.cli(&["policy", "set", file.to_str().unwrap()])?;
+    assert_eq!(set.code, Some(0), "{set:?}");
+    let after = stack.cli(&["policy", "show", "--format", "json"])?;
+    assert!(!after.stderr.contains("damaged"), "{after:?}");
+    let after: serde_json::Value = serde_json::from_str(&after.stdout)?;
+    assert_eq!(after["version"], before["version"].as_u64().unwrap() + 1);
     Ok(())
 }

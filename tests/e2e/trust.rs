@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use dispatch_bus::{RunId, subject};
+use dispatch_bus::RunId;
 use dispatch_proto::run::v1::{
     LeafStarted, RunEvent, RunFinished, RunRequested, RunStatus, run_event::Body,
 };
@@ -51,11 +51,10 @@ fn done_bodies(goal: &str) -> Vec<Body> {
 
 async fn write(stack: &Stack, events: &[RunEvent]) -> anyhow::Result<()> {
     for event in events {
-        let run_id: RunId = event.run_id.parse()?;
         stack
             .bus
             .append(
-                subject::run(&run_id),
+                dispatch_tests::subject_of(event),
                 &event.event_id,
                 None,
                 event.encode_to_vec().into(),
@@ -218,6 +217,7 @@ async fn key_and_verify_find_the_workspace_and_never_make_a_key() -> anyhow::Res
         .map(|(i, event)| dispatch_runlog::StoredEvent {
             event,
             stream_seq: i as u64 + 1,
+            stored_as: dispatch_bus::subject::LogWriter::Dispatcher,
         })
         .collect();
     let trail = sub.join("_steps.jsonl");

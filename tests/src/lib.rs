@@ -35,9 +35,19 @@ pub fn forged_event(run_id: &RunId, body: Body) -> dispatch_proto::run::v1::RunE
         run_id: run_id.to_string(),
         time_unix_ms: 1_700_000_000_000,
         writer: "forger".into(),
+        // The role that writes this kind: a forgery that gets who-wrote-what right.
+        role: dispatch_runlog::roles::writer_for(&body) as i32,
         body: Some(body),
         ..Default::default()
     }
+}
+
+/// The subject of `event`'s run its role appends on (the dispatcher's for no role).
+pub fn subject_of(event: &dispatch_proto::run::v1::RunEvent) -> dispatch_bus::subject::Subject {
+    let run_id: RunId = event.run_id.parse().expect("a run id");
+    let writer = dispatch_runlog::roles::writer_of(event.role())
+        .unwrap_or(dispatch_bus::subject::LogWriter::Dispatcher);
+    dispatch_bus::subject::run(&run_id, writer)
 }
 
 /// Creates an API key in `workspace`'s store (as `dispatch api-key create` does).
@@ -467,7 +477,10 @@ pub async fn seed_finished_runs(
     let sealer = dispatch_runlog::seal::Sealer::load_or_create(
         &dispatch_service::layout::seal_key(workspace),
     )?;
-    let log = RunLog::open(bus, "seed").await?.with_sealer(sealer);
+    let log = RunLog::open(bus, "seed")
+        .await?
+        .writing_as(dispatch_bus::subject::LogWriter::Dispatcher)
+        .with_sealer(sealer);
     let numbered: Vec<(usize, RunId)> = run_ids.iter().copied().enumerate().collect();
     for chunk in numbered.chunks(200) {
         let mut writes = Vec::new();

@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::catalogue;
 use crate::durability::SyncPolicy;
 use crate::streams::{self, consumers};
+use crate::subject::LogWriter;
 use crate::{Error, ErrorKind, subject};
 
 /// The NATS account Dispatch's identities live in.
@@ -46,7 +47,7 @@ pub enum Identity {
     Ledger,
     Streamer,
     Scheduler,
-    /// The operator's `dispatch` CLI: submits, stops (sealing forced stops), prunes.
+    /// The operator's `dispatch` CLI: submits, asks for stops, prunes; writes no run log.
     Cli,
     /// Declares and updates streams (`dispatch up`, the test harness, an operator's
     /// tools). Never given to a service.
@@ -99,7 +100,7 @@ impl Identity {
             // Even the admin cannot delete a stream or rewrite the logs of truth, nor
             // speak for the server on the run feeds.
             p.publish.deny.push(format!("{JS_API}.STREAM.DELETE.>"));
-            p.publish.deny.push(subject::FEEDS_ALL.into());
+            p.publish.deny.push(FEEDS_ANY.into());
             for stream in [streams::RUNS, streams::LEDGER] {
                 p.publish
                     .deny
@@ -163,7 +164,9 @@ impl Identity {
                 p.read(&[streams::RUNS, streams::GOALS, catalogue::STREAM]);
                 p.work(streams::GOALS, consumers::DISPATCHER_GOALS);
                 p.work(streams::COMMANDS, consumers::DISPATCHER_STOPS);
-                p.publish.allow.push(subject::RUNS_ALL.into());
+                p.publish
+                    .allow
+                    .push(subject::runs_written_by(LogWriter::Dispatcher));
                 for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
                     p.publish.allow.push(command.into());
                 }
@@ -180,7 +183,9 @@ impl Identity {
                 p.publish.allow.push(catalogue_key(catalogue::POLICY_KEY));
                 p.publish.allow.push(subject::POLICY_DOCUMENT.into());
                 p.work(streams::COMMANDS, consumers::POLICY_CHECKS);
-                p.publish.allow.push(subject::RUNS_ALL.into());
+                p.publish
+                    .allow
+                    .push(subject::runs_written_by(LogWriter::Policy));
                 p.subscribe.allow.push(format!(
                     "{} {}",
                     subject::policy::ALL,
@@ -198,7 +203,9 @@ impl Identity {
                     .allow
                     .push(catalogue_key(&format!("{}>", catalogue::TOOLS_PREFIX)));
                 p.work(streams::COMMANDS, consumers::CONNECTOR_CALLS);
-                p.publish.allow.push(subject::RUNS_ALL.into());
+                p.publish
+                    .allow
+                    .push(subject::runs_written_by(LogWriter::Connectors));
             }
             Identity::Ledger => {
                 service(&mut p, "ledger");
@@ -206,6 +213,8 @@ impl Identity {
                 // Where a service's listeners are bound, for its view.
                 p.look_up(&[streams::LISTENERS]);
                 p.publish.allow.push(subject::DRAINS_ALL.into());
+                // Runs it finds that no goal asked for, for the dispatcher to end.
+                p.publish.allow.push(subject::cmd::GHOST.into());
                 p.subscribe.allow.push(format!(
                     "{} {}",
                     subject::query::ALL,
@@ -263,8 +272,8 @@ impl Identity {
                 p.publish.allow.push(subject::GOALS_ALL.into());
                 p.publish.allow.push(subject::policy::ALL.into());
                 p.publish.allow.push(subject::schedule::ALL.into());
-                // Stop requests, and the sealed terminal event of a forced stop.
-                p.publish.allow.push(subject::RUNS_ALL.into());
+                // Stopping runs, through the dispatcher: the CLI writes no run log.
+                p.publish.allow.push(subject::cmd::STOP.into());
                 p.publish.allow.push(subject::REMOVED.into());
                 p.publish.allow.push(subject::query::ALL.into());
                 p.publish.allow.push(subject::HEALTH_ALL.into());
@@ -323,6 +332,9 @@ pub const DURABLES: [(&str, &str, Identity); 6] = [
 fn catalogue_key(key: &str) -> String {
     format!("$KV.{}.{key}", catalogue::BUCKET)
 }
+
+/// Every feed subject, of any shape: only the server publishes there.
+const FEEDS_ANY: &str = "dispatch.feed.>";
 
 /// The JetStream API prefix (no domain: Dispatch's streams are in its own account).
 const JS_API: &str = "$JS.API";
@@ -561,6 +573,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RunId;
 
     fn may_publish(identity: Identity, subject: &str) -> bool {
         let p = identity.permissions();
@@ -583,18 +596,44 @@ mod tests {
     }
 
     #[test]
-    fn only_the_writers_of_a_log_may_append_to_it() {
-        let run = "dispatch.run.0197a0c8-0000-7000-8000-000000000000";
+    fn each_writer_appends_only_on_its_own_subject() {
+        let run: RunId = "0197a0c8-0000-7000-8000-000000000000".parse().unwrap();
+        for writer in LogWriter::ALL {
+            let on = subject::run(&run, writer);
+            for identity in Identity::ALL {
+                let expected = identity == Identity::Admin
+                    || matches!(
+                        (identity, writer),
+                        (Identity::Dispatcher, LogWriter::Dispatcher)
+                            | (Identity::Policy, LogWriter::Policy)
+                            | (Identity::Connectors, LogWriter::Connectors)
+                    );
+                assert_eq!(
+                    may_publish(identity, on.as_str()),
+                    expected,
+                    "{identity:?} {on}"
+                );
+            }
+        }
+        // Nobody but the admin writes outside the three roles' subjects of a run, nor
+        // under another account (tenancy gives each its own).
+        for stray in [
+            format!("dispatch.run.default.{run}.cli"),
+            format!("dispatch.run.default.{run}"),
+            format!("dispatch.run.acme.{run}.dispatcher"),
+        ] {
+            for identity in Identity::ALL {
+                assert_eq!(
+                    may_publish(identity, &stray),
+                    identity == Identity::Admin,
+                    "{identity:?} {stray}"
+                );
+            }
+        }
+        // ...and nobody at all, the admin included, speaks for the server on a feed.
         for identity in Identity::ALL {
-            let expected = matches!(
-                identity,
-                Identity::Dispatcher
-                    | Identity::Policy
-                    | Identity::Connectors
-                    | Identity::Cli
-                    | Identity::Admin
-            );
-            assert_eq!(may_publish(identity, run), expected, "{identity:?}");
+            let feed = format!("dispatch.feed.default.{run}.dispatcher");
+            assert!(!may_publish(identity, &feed), "{identity:?}");
         }
         for identity in Identity::ALL {
             let expected = identity == Identity::Dispatcher || identity == Identity::Admin;

@@ -170,11 +170,39 @@ impl Bus {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         if let Some(seq) = expected_last_subject_seq {
-            headers.insert(
-                "Nats-Expected-Last-Subject-Sequence",
-                seq.to_string().as_str(),
-            );
+            headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
         }
+        self.store(subject, headers, payload).await
+    }
+
+    /// Like [`Self::append`], with the expected sequence checked against the last
+    /// message on any subject `over` matches (a wildcard: every subject of one run's
+    /// log), not only on `subject`: writers on sibling subjects keep one order, and of
+    /// two appends after the same message exactly one is stored.
+    pub async fn append_over(
+        &self,
+        subject: subject::Subject,
+        msg_id: &str,
+        expected_last_seq: u64,
+        over: &str,
+        payload: Bytes,
+    ) -> Result<Appended, Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        headers.insert(
+            EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected_last_seq.to_string().as_str(),
+        );
+        headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT, over);
+        self.store(subject, headers, payload).await
+    }
+
+    async fn store(
+        &self,
+        subject: subject::Subject,
+        mut headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Appended, Error> {
         trace::inject(&mut headers);
         // A clustered stream answers "duplicate message id is in process" while another
         // publish of this very message is being replicated (two copies storing the same
@@ -306,6 +334,9 @@ fn unreachable_error(url: &str, cause: impl std::fmt::Display) -> Error {
 /// answers come in well under a millisecond here, and every caller retries (appends are
 /// deduplicated by `Nats-Msg-Id`), so a short wait costs a retry, not a failure.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
 
 /// How often an append that meets its own message still in process is tried again
 /// (20 ms more each time: about 4 s in all).

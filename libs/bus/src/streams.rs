@@ -206,7 +206,9 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
 fn runs() -> Config {
     Config {
         name: RUNS.to_owned(),
-        description: Some("Dispatch run event logs, one subject per run".to_owned()),
+        description: Some(
+            "Dispatch run event logs, one subject per run and writer role".to_owned(),
+        ),
         subjects: vec![subject::RUNS_ALL.to_owned()],
         storage: StorageType::File,
         retention: RetentionPolicy::Limits,
@@ -458,8 +460,8 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
             js.get_or_create_stream(config.clone())
         })
         .await?;
-        if name == RUNS && stream.cached_info().config.republish.is_none() {
-            add_feed(bus, stream.cached_info().config.clone()).await;
+        if name == RUNS && !has_writer_subjects(&stream.cached_info().config) {
+            add_writer_subjects(bus, stream.cached_info().config.clone()).await;
         }
         // The conversation buffer's knobs are the streamer's to keep (`--replicas`).
         let have = stream.cached_info().config.num_replicas;
@@ -516,18 +518,29 @@ async fn converge(bus: &Bus, have: &Config, replicas: usize) {
     }
 }
 
-/// A run-log stream declared before run feeds existed gets its feed. Only the admin
-/// may change a stream; anyone else is told, and its followers fall back to polling
-/// the log until the admin (`dispatch up`) has connected once.
-async fn add_feed(bus: &Bus, mut config: Config) {
+/// Whether a run-log stream has the subjects of writer roles and their feeds.
+fn has_writer_subjects(config: &Config) -> bool {
+    config.subjects == [subject::RUNS_ALL] && config.republish.as_ref() == Some(&feed())
+}
+
+/// A run-log stream declared before writer roles (one subject per run, or no feeds)
+/// is moved to one subject per run and role, with their feeds. Logs written before
+/// stay stored, under the retention, on subjects nothing reads any more. Only the
+/// admin may change a stream; anyone else is told, and nothing can append until the
+/// admin (`dispatch up`) has connected once.
+async fn add_writer_subjects(bus: &Bus, mut config: Config) {
+    config.subjects = vec![subject::RUNS_ALL.to_owned()];
     config.republish = Some(feed());
     match bus.jetstream().update_stream(config).await {
-        Ok(_) => tracing::info!(stream = RUNS, "run feeds added to the run-log stream"),
+        Ok(_) => tracing::info!(
+            stream = RUNS,
+            "the run-log stream moved to one subject per run and writer role"
+        ),
         Err(e) => tracing::warn!(
             stream = RUNS,
             error = %e,
-            "the run-log stream has no run feeds and this identity cannot add them; run \
-             `dispatch up` (or connect as admin) once to add them"
+            "the run-log stream is from before writer roles and this identity cannot move \
+             it; run `dispatch up` (or connect as admin) once"
         ),
     }
 }

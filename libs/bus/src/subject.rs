@@ -2,9 +2,11 @@
 //!
 //! Layout:
 //! - `dispatch.goal.<run_id>`: a submitted goal (stream `DISPATCH_GOALS`);
-//! - `dispatch.run.<run_id>`: one run's event log (stream `DISPATCH_RUNS`);
-//! - `dispatch.feed.<run_id>`: the events of that log the server stored, republished
-//!   with their stream sequences (written by the server only);
+//! - `dispatch.run.<account>.<run_id>.<role>`: one run's event log (stream
+//!   `DISPATCH_RUNS`), each writer role appending on its own subject (see [`LogWriter`]);
+//!   the stream keeps the run's events in one order across the three;
+//! - `dispatch.feed.<account>.<run_id>.<role>`: the events of that log the server
+//!   stored, republished with their stream sequences (written by the server only);
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
 //! - `dispatch.query.<name>`: core request/reply answered by the ledger;
@@ -18,8 +20,11 @@ use crate::{ConversationId, RunId};
 
 const RUN_PREFIX: &str = "dispatch.run.";
 
-/// All run logs, for stream declaration and projections.
-pub const RUNS_ALL: &str = "dispatch.run.*";
+/// The account every subject names until tenancy gives each its own.
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// All run logs, for stream declaration and projections: account, run, writer role.
+pub const RUNS_ALL: &str = "dispatch.run.*.*.*";
 /// All submitted goals.
 pub const GOALS_ALL: &str = "dispatch.goal.*";
 const GOAL_PREFIX: &str = "dispatch.goal.";
@@ -38,32 +43,114 @@ pub const COMMANDS_ALL: &str = "dispatch.cmd.*";
 /// All ledger-owned events.
 pub const LEDGER_ALL: &str = "dispatch.ledger.>";
 
-/// The subject of one run's event log.
-pub fn run(run_id: &RunId) -> Subject {
-    Subject::from(format!("{RUN_PREFIX}{run_id}"))
+/// Who appends to run logs: each role on a subject of its own under the run, which only
+/// that role's identity may publish to, so the server itself vouches for who wrote
+/// each stored event. Which event kinds each role may write is the run log's rule
+/// (`dispatch_runlog::roles`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogWriter {
+    Dispatcher,
+    Policy,
+    Connectors,
 }
 
-/// Every run's feed: the server republishes each event it stores on a run's log to
-/// `dispatch.feed.<run_id>`, with headers naming its stream sequence
-/// (`Nats-Sequence`) and that of the run's previous event (`Nats-Last-Sequence`).
-/// Only stored events appear there (a refused append never does), and no identity may
-/// publish to it.
-pub const FEEDS_ALL: &str = "dispatch.feed.*";
-const FEED_PREFIX: &str = "dispatch.feed.";
+impl LogWriter {
+    pub const ALL: [LogWriter; 3] = [
+        LogWriter::Dispatcher,
+        LogWriter::Policy,
+        LogWriter::Connectors,
+    ];
 
-/// One run's feed (see [`FEEDS_ALL`]).
-pub fn feed(run_id: &RunId) -> Subject {
-    Subject::from(format!("{FEED_PREFIX}{run_id}"))
+    /// The subject token naming this role.
+    pub fn token(self) -> &'static str {
+        match self {
+            LogWriter::Dispatcher => "dispatcher",
+            LogWriter::Policy => "policy",
+            LogWriter::Connectors => "connectors",
+        }
+    }
+
+    pub fn from_token(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.token() == token)
+    }
 }
 
-/// The republish destination for the run-log stream: `dispatch.run.<id>` →
-/// `dispatch.feed.<id>`.
-pub const FEED_TEMPLATE: &str = "dispatch.feed.{{wildcard(1)}}";
+/// A run-log (or feed) subject taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSubject {
+    pub account: String,
+    pub run_id: RunId,
+    pub writer: LogWriter,
+}
+
+/// The subject `writer` appends a run's events on.
+pub fn run(run_id: &RunId, writer: LogWriter) -> Subject {
+    Subject::from(format!(
+        "{RUN_PREFIX}{DEFAULT_ACCOUNT}.{run_id}.{}",
+        writer.token()
+    ))
+}
+
+/// Every subject of one run's log (a filter: the run's events from every writer, in
+/// the stream's order). It is also the subject an append's expected sequence is
+/// checked against (`Nats-Expected-Last-Subject-Sequence-Subject`), so the run keeps
+/// one order however many writers append.
+pub fn run_log(run_id: &RunId) -> String {
+    format!("{RUN_PREFIX}{DEFAULT_ACCOUNT}.{run_id}.*")
+}
+
+/// Every run-log subject `writer` may publish to: the publish permission of its
+/// identity. Tenancy narrows the account token.
+pub fn runs_written_by(writer: LogWriter) -> String {
+    format!("{RUN_PREFIX}{DEFAULT_ACCOUNT}.*.{}", writer.token())
+}
+
+/// Takes a run-log subject apart; `None` for anything else (another shape, a token
+/// that is no run id or no writer role).
+pub fn parse_run(subject: &str) -> Option<RunSubject> {
+    parse_three(subject.strip_prefix(RUN_PREFIX)?)
+}
+
+fn parse_three(rest: &str) -> Option<RunSubject> {
+    let mut tokens = rest.split('.');
+    let (account, run_id, writer) = (tokens.next()?, tokens.next()?, tokens.next()?);
+    if tokens.next().is_some() || account.is_empty() {
+        return None;
+    }
+    Some(RunSubject {
+        account: account.to_owned(),
+        run_id: run_id.parse().ok()?,
+        writer: LogWriter::from_token(writer)?,
+    })
+}
 
 /// The run id a run-log subject belongs to, if it is one.
 pub fn run_id_of(subject: &str) -> Option<RunId> {
-    subject.strip_prefix(RUN_PREFIX)?.parse().ok()
+    parse_run(subject).map(|s| s.run_id)
 }
+
+/// Every run's feed: the server republishes each event it stores on a run's log to
+/// `dispatch.feed.<account>.<run_id>.<role>`, with a header naming its stream sequence
+/// (`Nats-Sequence`; the run's previous event is named by the event itself, in
+/// `prev_stream_seq`). Only stored events appear there (a refused append never does),
+/// and no identity may publish to it.
+pub const FEEDS_ALL: &str = "dispatch.feed.*.*.*";
+const FEED_PREFIX: &str = "dispatch.feed.";
+
+/// One run's feed, every writer's (see [`FEEDS_ALL`]): a filter to subscribe to.
+pub fn feed(run_id: &RunId) -> Subject {
+    Subject::from(format!("{FEED_PREFIX}{DEFAULT_ACCOUNT}.{run_id}.*"))
+}
+
+/// Takes a feed subject apart: which run, and which writer's subject the event was
+/// stored on.
+pub fn parse_feed(subject: &str) -> Option<RunSubject> {
+    parse_three(subject.strip_prefix(FEED_PREFIX)?)
+}
+
+/// The republish destination for the run-log stream:
+/// `dispatch.run.<a>.<r>.<w>` → `dispatch.feed.<a>.<r>.<w>`.
+pub const FEED_TEMPLATE: &str = "dispatch.feed.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}";
 
 /// Command subjects; each is consumed by exactly one service's durable consumer.
 pub mod cmd {
@@ -73,8 +160,10 @@ pub mod cmd {
     pub const TOOL: &str = "dispatch.cmd.tool";
     pub const GATE: &str = "dispatch.cmd.gate";
     pub const DELIVER: &str = "dispatch.cmd.deliver";
-    /// Stop a run: how the front doors that do not write run logs stop one.
+    /// Stop a run: how the front doors, which write no run logs, stop one.
     pub const STOP: &str = "dispatch.cmd.stop";
+    /// End a run no goal asked for (the ledger finds them; the dispatcher checks).
+    pub const GHOST: &str = "dispatch.cmd.ghost";
 
     pub fn policy() -> Subject {
         Subject::from_static(POLICY)
@@ -90,6 +179,9 @@ pub mod cmd {
     }
     pub fn stop() -> Subject {
         Subject::from_static(STOP)
+    }
+    pub fn ghost() -> Subject {
+        Subject::from_static(GHOST)
     }
 }
 
@@ -117,7 +209,7 @@ pub mod conv {
     /// Every conversation's subject.
     pub const ALL: &str = "dispatch.conv.>";
     /// The account and agent of every conversation until tenancy lands.
-    pub const DEFAULT_ACCOUNT: &str = "default";
+    pub const DEFAULT_ACCOUNT: &str = super::DEFAULT_ACCOUNT;
     pub const DEFAULT_AGENT: &str = "default";
 
     /// The conversation key as one NATS-safe token: its base64url, without padding.
@@ -298,17 +390,39 @@ mod tests {
     #[test]
     fn run_subject_round_trips() {
         let id = RunId::new();
-        let subject = run(&id);
-        assert_eq!(run_id_of(subject.as_str()), Some(id));
+        for writer in LogWriter::ALL {
+            let subject = run(&id, writer);
+            let parsed = parse_run(subject.as_str()).unwrap();
+            assert_eq!(parsed.run_id, id);
+            assert_eq!(parsed.writer, writer);
+            assert_eq!(parsed.account, DEFAULT_ACCOUNT);
+            let fed = subject
+                .as_str()
+                .replacen("dispatch.run.", "dispatch.feed.", 1);
+            assert_eq!(parse_feed(&fed), Some(parsed));
+        }
         assert_eq!(run_id_of("dispatch.cmd.goal"), None);
-        assert_eq!(run_id_of("dispatch.run.not-a-uuid"), None);
+        assert_eq!(
+            run_id_of("dispatch.run.default.not-a-uuid.dispatcher"),
+            None
+        );
+        assert_eq!(run_id_of(&format!("dispatch.run.default.{id}")), None);
+        assert_eq!(
+            run_id_of(&format!("dispatch.run.default.{id}.ledger")),
+            None
+        );
+        assert_eq!(
+            run_id_of(&format!("dispatch.run.default.{id}.policy.x")),
+            None
+        );
+        assert_eq!(run_log(&id), format!("dispatch.run.default.{id}.*"));
     }
 
     #[test]
     fn goal_subject_round_trips() {
         let id = RunId::new();
         assert_eq!(run_id_of_goal(goal(&id).as_str()), Some(id));
-        assert_eq!(run_id_of_goal(run(&id).as_str()), None);
+        assert_eq!(run_id_of_goal(run(&id, LogWriter::Policy).as_str()), None);
     }
 
     #[test]

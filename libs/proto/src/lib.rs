@@ -11,6 +11,11 @@ pub mod run {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/dispatch.run.v1.rs"));
 
+        /// The rule a `PolicyDecided` names when the dispatcher refuses a call the run
+        /// saw denied already (no check is made): the one decision the dispatcher, not
+        /// policy, may write, and only as a denial.
+        pub const MEMO_RULE: &str = "denial-memo";
+
         impl RunStatus {
             /// The lowercase word people see (`done`, `blocked`, `stopped`).
             pub fn word(self) -> &'static str {

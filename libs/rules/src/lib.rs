@@ -167,7 +167,7 @@ impl Rule {
 pub const DEFAULT_RULE: &str = "default";
 /// The rule name a decision carries when an identical call was denied earlier in the
 /// run, and that denial stands for it.
-pub const MEMO_RULE: &str = "denial-memo";
+pub use dispatch_proto::run::v1::MEMO_RULE;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -4,6 +4,13 @@
 //! it replaced). A new version is appended with the last version's stream sequence as
 //! the expected one, so two changes made at once cannot both take the same number:
 //! one wins, the other is told and may try again on top of it.
+//!
+//! A message on the subject that is not a usable version (it does not decode, its
+//! document does not parse, or it does not match its hash) is damage, whoever wrote it:
+//! it is skipped with an alarm (a log line and `dispatch_policy_damaged_versions_total`),
+//! the newest good version before it stays in force, `dispatch policy history` lists
+//! it, and the next change is appended after it, superseding it. One bad record can
+//! neither stop the policy service nor lock the document.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,16 +49,47 @@ fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Store(format!("{what}: {e}"))
 }
 
+/// A message on the policy subject that is not a usable version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damaged {
+    pub stream_seq: u64,
+    /// Why it is not a version.
+    pub reason: String,
+}
+
+/// One message of the policy's history.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    Version(InForce),
+    Damaged(Damaged),
+}
+
+/// The document in force and where the policy's subject ends.
+#[derive(Debug, Clone, Default)]
+pub struct Current {
+    /// The newest version that checks out; `None` if none was ever set.
+    pub in_force: Option<InForce>,
+    /// The stream sequence of the subject's last message, good or not: what the next
+    /// version is appended after.
+    pub head: u64,
+    /// The damaged messages after the version in force, newest first.
+    pub skipped: Vec<Damaged>,
+}
+
+/// The most messages [`current`] looks back over for a good version: the stream keeps
+/// no more than this on the subject.
+const LOOK_BACK: u64 = streams::POLICY_HISTORY as u64;
+
 /// Decodes one stored version. A record that does not decode, or whose document does
-/// not parse or does not match its hash, is not a version (only the policy service
-/// writes here, so this is damage, not an attack; it is reported, not used).
-fn decode(payload: &[u8], stream_seq: u64) -> Result<InForce, Error> {
+/// not parse or does not match its hash, is not a version: it is reported, never used.
+fn decode(payload: &[u8], stream_seq: u64) -> Result<InForce, Damaged> {
+    let damaged = |reason: String| Damaged { stream_seq, reason };
     let record = PolicyVersion::decode(payload)
-        .map_err(|e| store_error(&format!("version at {stream_seq}"), e))?;
+        .map_err(|e| damaged(format!("not a policy version: {e}")))?;
     let document = Document::parse(&record.document_json)
-        .map_err(|e| store_error(&format!("version {}", record.version), e))?;
+        .map_err(|e| damaged(format!("version {}: {e}", record.version)))?;
     if document.hash() != record.hash {
-        return Err(Error::Store(format!(
+        return Err(damaged(format!(
             "version {} does not match its hash",
             record.version
         )));
@@ -61,6 +99,25 @@ fn decode(payload: &[u8], stream_seq: u64) -> Result<InForce, Error> {
         document,
         stream_seq,
     })
+}
+
+/// Says, once per message seen, that a damaged one is skipped.
+pub fn alarm(damaged: &Damaged) {
+    tracing::error!(
+        stream_seq = damaged.stream_seq,
+        reason = damaged.reason,
+        "skipping a damaged policy version; the last good version stays in force"
+    );
+    static DAMAGED: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    DAMAGED
+        .get_or_init(|| {
+            opentelemetry::global::meter(dispatch_bus::metrics::METER)
+                .u64_counter("dispatch.policy.damaged_versions")
+                .with_description("Messages on the policy subject that are not usable versions")
+                .build()
+        })
+        .add(1, &[]);
 }
 
 async fn stream(bus: &Bus) -> Result<jetstream::stream::Stream, Error> {
@@ -80,27 +137,61 @@ async fn last(
         .map_err(|e| store_error("read", e))
 }
 
-/// The document in force, if one was ever set.
-pub async fn current(bus: &Bus) -> Result<Option<InForce>, Error> {
-    match last(&stream(bus).await?).await? {
-        Some(message) => decode(&message.payload, message.sequence).map(Some),
-        None => Ok(None),
+/// The document in force: the newest stored version that checks out, looking back past
+/// damaged messages (each said, see [`alarm`]), and where the subject ends.
+pub async fn current(bus: &Bus) -> Result<Current, Error> {
+    let stream = stream(bus).await?;
+    let Some(newest) = last(&stream).await? else {
+        return Ok(Current::default());
+    };
+    let reader = dispatch_bus::reads::Reader::new(stream);
+    let head = newest.sequence;
+    let mut current = Current {
+        head,
+        ..Default::default()
+    };
+    let mut message = Some(newest);
+    // The stream holds nothing but this subject, so the message before is one back.
+    while let Some(found) = message {
+        match decode(&found.payload, found.sequence) {
+            Ok(version) => {
+                current.in_force = Some(version);
+                break;
+            }
+            Err(damaged) => {
+                alarm(&damaged);
+                current.skipped.push(damaged);
+            }
+        }
+        let before = found.sequence.saturating_sub(1);
+        if before == 0 || head - before >= LOOK_BACK {
+            break;
+        }
+        message = reader
+            .at(before)
+            .await
+            .map_err(|e| store_error("read", e))?
+            .filter(|m| m.subject.as_str() == subject::POLICY_DOCUMENT);
     }
+    Ok(current)
 }
 
-/// Appends `document` as the next version after `previous` (none: the first), unless
-/// it is the document in force already. Returns the version now in force and whether
-/// it is new.
+/// Appends `document` as the next version after the one in force in `current` (none:
+/// the first), after whatever the subject holds (damaged messages included, which it
+/// supersedes), unless it is the document in force already with nothing damaged after
+/// it. Returns the version now in force and whether it is new.
 pub async fn set(
     bus: &Bus,
-    previous: Option<&InForce>,
+    current: &Current,
     document: &Document,
     changed_by: &str,
     note: &str,
 ) -> Result<(InForce, bool), Error> {
     let hash = document.hash();
+    let previous = current.in_force.as_ref();
     if let Some(previous) = previous
         && previous.record.hash == hash
+        && current.skipped.is_empty()
     {
         return Ok((previous.clone(), false));
     }
@@ -115,7 +206,7 @@ pub async fn set(
         document_json: document.to_json(),
         note: note.to_owned(),
     };
-    let expected = previous.map_or(0, |p| p.stream_seq);
+    let expected = current.head;
     // The message id names the version and its content: a retry of this very append
     // is dropped as a duplicate, and a different change for the same number is not.
     let msg_id = format!("policy-v{}-{hash}", record.version);
@@ -141,8 +232,9 @@ pub async fn set(
     }
 }
 
-/// Every version kept, oldest first, at most `limit` (the newest ones).
-pub async fn history(bus: &Bus, limit: usize) -> Result<Vec<InForce>, Error> {
+/// Every message kept on the policy subject, versions and damaged ones, oldest first,
+/// at most `limit` (the newest ones).
+pub async fn history(bus: &Bus, limit: usize) -> Result<Vec<Entry>, Error> {
     let stream = stream(bus).await?;
     let Some(last) = last(&stream).await?.map(|m| m.sequence) else {
         return Ok(Vec::new());
@@ -169,10 +261,10 @@ pub async fn history(bus: &Bus, limit: usize) -> Result<Vec<InForce>, Error> {
             .info()
             .map_err(|e| store_error("read", e))?
             .stream_sequence;
-        match decode(&message.payload, seq) {
-            Ok(version) => versions.push_back(version),
-            Err(e) => tracing::warn!(error = %e, "skipping a damaged policy version"),
-        }
+        versions.push_back(match decode(&message.payload, seq) {
+            Ok(version) => Entry::Version(version),
+            Err(damaged) => Entry::Damaged(damaged),
+        });
         if versions.len() > limit {
             versions.pop_front();
         }
@@ -247,7 +339,7 @@ async fn follow_from(bus: &Bus, after: u64, tx: &watch::Sender<Arc<InForce>>) ->
                 );
                 tx.send_replace(Arc::new(version));
             }
-            Err(e) => tracing::error!(error = %e, "ignoring a damaged policy version"),
+            Err(damaged) => alarm(&damaged),
         }
     }
     Err(Error::Store("the stream ended".into()))

@@ -2,6 +2,7 @@
 //! own encoding, so editing, dropping or reordering any event breaks every later link.
 
 use dispatch_bus::RunId;
+use dispatch_bus::subject::LogWriter;
 use dispatch_proto::run::v1::RunEvent;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
@@ -27,30 +28,29 @@ pub fn hash(event: &RunEvent) -> [u8; 32] {
 
 /// Checks `events` as a contiguous stretch of `run_id`'s log following `before`
 /// (or starting the log when `before` is `None`): sequences without gaps, every
-/// `prev_hash` linking to its predecessor, every `hash` recomputing, the terminal event
-/// sealed by a key `trust` accepts, and nothing after it.
+/// `prev_hash` linking to its predecessor, every `hash` recomputing, every event written
+/// by the role its kind belongs to, on that role's subject ([`crate::roles`]), and the
+/// terminal event sealed by a key `trust` accepts.
+///
+/// Returns how many of `events` are the run's record: all of them, or those up to and
+/// including the terminal event. Whatever was stored after a valid seal is outside the
+/// record; it is not checked, and the caller leaves it out (and may say it is there).
 pub fn verify(
     run_id: &RunId,
     before: Option<&RunEvent>,
     events: &[StoredEvent],
     trust: &Trust,
-) -> Result<(), Error> {
-    let mut ended = before.is_some_and(is_terminal);
+) -> Result<usize, Error> {
+    if before.is_some_and(is_terminal) {
+        return Ok(0);
+    }
     let (mut seq, mut prev) = match before {
         Some(event) => (event.seq, event.hash.clone()),
         None => (0, GENESIS.to_vec()),
     };
-    for stored in events {
+    for (i, stored) in events.iter().enumerate() {
         let event = &stored.event;
-        let fail = |reason: &str| {
-            Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "run {run_id}: event seq {} fails verification: {reason}",
-                    event.seq
-                ),
-            )
-        };
+        let fail = |reason: &str| corrupt(run_id, event.seq, reason);
         if event.seq != seq + 1 {
             return Err(fail(&format!("expected seq {}", seq + 1)));
         }
@@ -60,36 +60,41 @@ pub fn verify(
         if event.hash != hash(event) {
             return Err(fail("hash does not match the event's content"));
         }
-        check_link(event, ended, trust).map_err(|reason| fail(&reason))?;
-        ended |= is_terminal(event);
+        check_link(event, Some(stored.stored_as), trust).map_err(|reason| fail(&reason))?;
+        if is_terminal(event) {
+            return Ok(i + 1);
+        }
         seq = event.seq;
         prev = event.hash.clone();
     }
-    Ok(())
+    Ok(events.len())
+}
+
+fn corrupt(run_id: &RunId, seq: u64, reason: &str) -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        format!("run {run_id}: event seq {seq} fails verification: {reason}"),
+    )
 }
 
 /// Checks `events` as a contiguous stretch of `run_id`'s log that starts somewhere
 /// inside it: like [`verify`], except that the first event's link to its predecessor,
 /// which the caller does not hold, is taken as it is.
-pub fn verify_from(run_id: &RunId, events: &[StoredEvent], trust: &Trust) -> Result<(), Error> {
+pub fn verify_from(run_id: &RunId, events: &[StoredEvent], trust: &Trust) -> Result<usize, Error> {
     let Some((first, rest)) = events.split_first() else {
-        return Ok(());
+        return Ok(0);
     };
     let event = &first.event;
-    let fail = |reason: String| {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "run {run_id}: event seq {} fails verification: {reason}",
-                event.seq
-            ),
-        )
-    };
     if event.hash != hash(event) {
-        return Err(fail("hash does not match the event's content".into()));
+        return Err(corrupt(
+            run_id,
+            event.seq,
+            "hash does not match the event's content",
+        ));
     }
-    check_link(event, false, trust).map_err(fail)?;
-    verify(run_id, Some(event), rest, trust)
+    check_link(event, Some(first.stored_as), trust)
+        .map_err(|reason| corrupt(run_id, event.seq, &reason))?;
+    Ok(1 + verify(run_id, Some(event), rest, trust)?)
 }
 
 /// Fills in the envelope of `events` so they form a valid log from seq 1: `seq`,
@@ -114,17 +119,20 @@ pub fn link(events: &mut [RunEvent], sealer: Option<&crate::seal::Sealer>) {
     }
 }
 
-fn is_terminal(event: &RunEvent) -> bool {
+pub(crate) fn is_terminal(event: &RunEvent) -> bool {
     matches!(event.body, Some(Body::RunFinished(_)))
 }
 
-/// The rules about seals one event must meet, given whether the run had ended before
-/// it: nothing follows the terminal event, the terminal event is sealed, and a seal is
-/// valid and by a trusted key.
-pub fn check_link(event: &RunEvent, ended_before: bool, trust: &Trust) -> Result<(), String> {
-    if ended_before {
-        return Err("an event follows the run's terminal event".into());
-    }
+/// The rules one event must meet on its own: it was written by a role that may write
+/// it, on that role's subject (`stored_as`; `None` for an exported trail, where the
+/// event's own `role`, which the seal covers, is checked alone — see [`crate::roles`]),
+/// the terminal event is sealed, and a seal is valid and by a trusted key.
+pub fn check_link(
+    event: &RunEvent,
+    stored_as: Option<LogWriter>,
+    trust: &Trust,
+) -> Result<(), String> {
+    crate::roles::check(event, stored_as)?;
     if is_terminal(event) && event.signature.is_empty() {
         return Err("the terminal event is not sealed".into());
     }
@@ -142,26 +150,36 @@ pub fn check_link(event: &RunEvent, ended_before: bool, trust: &Trust) -> Result
 
 #[cfg(test)]
 mod tests {
-    use dispatch_proto::run::v1::{LeafStarted, RunFinished};
+    use dispatch_proto::run::v1::{LeafStarted, RunFinished, RunRequested, WriterRole};
     use proptest::prelude::*;
 
     use super::*;
 
+    /// A run's request (its goal the first title), then a leaf per other title, all by
+    /// the dispatcher.
     fn chain(run_id: &RunId, titles: &[String]) -> Vec<StoredEvent> {
         let mut prev = GENESIS.to_vec();
         titles
             .iter()
             .enumerate()
             .map(|(i, title)| {
+                let body = match i {
+                    0 => Body::RunRequested(RunRequested {
+                        goal: title.clone(),
+                        ..Default::default()
+                    }),
+                    _ => Body::LeafStarted(LeafStarted {
+                        leaf: i as u32,
+                        title: title.clone(),
+                    }),
+                };
                 let mut event = RunEvent {
                     event_id: format!("e{i}"),
                     run_id: run_id.to_string(),
                     seq: i as u64 + 1,
                     prev_hash: prev.clone(),
-                    body: Some(Body::LeafStarted(LeafStarted {
-                        leaf: i as u32,
-                        title: title.clone(),
-                    })),
+                    role: WriterRole::Dispatcher as i32,
+                    body: Some(body),
                     ..Default::default()
                 };
                 event.hash = hash(&event).to_vec();
@@ -169,6 +187,7 @@ mod tests {
                 StoredEvent {
                     event,
                     stream_seq: i as u64 + 10,
+                    stored_as: LogWriter::Dispatcher,
                 }
             })
             .collect()
@@ -189,8 +208,10 @@ mod tests {
             let run_id = RunId::new();
             let mut events = chain(&run_id, &titles);
             let i = victim.index(events.len());
-            if let Some(Body::LeafStarted(leaf)) = events[i].event.body.as_mut() {
-                leaf.title.push('!');
+            match events[i].event.body.as_mut() {
+                Some(Body::LeafStarted(leaf)) => leaf.title.push('!'),
+                Some(Body::RunRequested(r)) => r.goal.push('!'),
+                _ => unreachable!("chain makes only these"),
             }
             let err = verify(&run_id, None, &events, &Trust::default()).unwrap_err();
             prop_assert_eq!(err.kind(), ErrorKind::Corrupt);
@@ -207,6 +228,7 @@ mod tests {
             run_id: last.run_id.clone(),
             seq: last.seq + 1,
             prev_hash: last.hash.clone(),
+            role: WriterRole::Dispatcher as i32,
             body: Some(Body::RunFinished(RunFinished::default())),
             ..Default::default()
         };
@@ -218,7 +240,11 @@ mod tests {
             event.signature = key.sign(&event.hash).to_vec();
         }
         let stream_seq = events.last().unwrap().stream_seq + 1;
-        events.push(StoredEvent { event, stream_seq });
+        events.push(StoredEvent {
+            event,
+            stream_seq,
+            stored_as: LogWriter::Dispatcher,
+        });
     }
 
     #[test]
@@ -232,7 +258,7 @@ mod tests {
 
         let mut sealed = chain(&run_id, &titles);
         finish(&mut sealed, Some(&ours));
-        assert!(verify(&run_id, None, &sealed, &trust).is_ok());
+        assert_eq!(verify(&run_id, None, &sealed, &trust).unwrap(), 3);
         // The workspace key, found by its file, is trusted too.
         let workspace = Trust::default().with_workspace_key(&dir.join("ours"));
         assert!(verify(&run_id, None, &sealed, &workspace).is_ok());
@@ -252,7 +278,8 @@ mod tests {
         let err = verify(&run_id, None, &unsealed, &trust).unwrap_err();
         assert!(err.to_string().contains("not sealed"), "{err}");
 
-        // Anything after the seal breaks the log, even a well-linked event.
+        // Anything after the seal is outside the record, even a well-linked event, and
+        // spoils nothing: the record is the log up to the seal.
         let mut after = sealed.clone();
         let last = after.last().unwrap().event.clone();
         let mut extra = RunEvent {
@@ -260,6 +287,7 @@ mod tests {
             run_id: last.run_id.clone(),
             seq: last.seq + 1,
             prev_hash: last.hash.clone(),
+            role: WriterRole::Dispatcher as i32,
             body: Some(Body::LeafStarted(LeafStarted::default())),
             ..Default::default()
         };
@@ -267,12 +295,17 @@ mod tests {
         after.push(StoredEvent {
             event: extra,
             stream_seq: 99,
+            stored_as: LogWriter::Dispatcher,
         });
-        let err = verify(&run_id, None, &after, &trust).unwrap_err();
-        assert!(
-            err.to_string().contains("follows the run's terminal event"),
-            "{err}"
+        assert_eq!(verify(&run_id, None, &after, &trust).unwrap(), 3);
+        assert_eq!(
+            verify(&run_id, Some(&after[2].event), &after[3..], &trust).unwrap(),
+            0
         );
+        // ...unless the seal itself is bad: then the log is corrupt where it is.
+        let mut forged_after = forged.clone();
+        forged_after.push(after[3].clone());
+        assert!(verify(&run_id, None, &forged_after, &trust).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -280,6 +313,32 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dispatch-chain-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn an_event_by_the_wrong_role_or_on_the_wrong_subject_is_caught() {
+        let run_id = RunId::new();
+        let trust = Trust::default();
+        let mut events = chain(&run_id, &["goal".into(), "a".into()]);
+        // Stored on the policy subject, though it names the dispatcher.
+        events[1].stored_as = LogWriter::Policy;
+        let err = verify(&run_id, None, &events, &trust).unwrap_err();
+        assert!(err.to_string().contains("seq 2 fails"), "{err}");
+        assert!(
+            err.to_string().contains("stored on the policy subject"),
+            "{err}"
+        );
+        // Named and stored as policy's, but a kind only the dispatcher writes.
+        let mut events = chain(&run_id, &["goal".into(), "a".into()]);
+        events[1].event.role = WriterRole::Policy as i32;
+        events[1].event.hash = hash(&events[1].event).to_vec();
+        events[1].stored_as = LogWriter::Policy;
+        let err = verify(&run_id, None, &events, &trust).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("leaf_started event written by policy"),
+            "{err}"
+        );
     }
 
     #[test]

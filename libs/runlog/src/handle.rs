@@ -85,14 +85,19 @@ impl RunHandle {
 
     /// Reads events appended since this handle last looked; returns how many.
     pub async fn refresh(&mut self) -> Result<usize, Error> {
+        // Past the run's seal nothing more belongs to its record.
+        if self.is_finished() {
+            return Ok(0);
+        }
         let after = self.events.last().map_or(0, |e| e.stream_seq);
-        let fresh = self.log.read_after(&self.run_id, after).await?;
-        chain::verify(
+        let mut fresh = self.log.read_after(&self.run_id, after).await?;
+        let record = chain::verify(
             &self.run_id,
             self.events.last().map(|e| &e.event),
             &fresh,
             self.log.trust(),
         )?;
+        fresh.truncate(record);
         let n = fresh.len();
         self.events.extend(fresh);
         Ok(n)
@@ -125,6 +130,20 @@ impl RunHandle {
                 format!("run {} is finished; nothing can be appended", self.run_id),
             ));
         }
+        let Some(writer) = self.log.role() else {
+            return Err(Error::new(
+                ErrorKind::Other,
+                format!(
+                    "run {}: this process writes no run log (it has no writer role)",
+                    self.run_id
+                ),
+            ));
+        };
+        let role = crate::roles::role_of(writer);
+        // Whatever this role may not write, readers would take for a forgery: it is
+        // never sent.
+        crate::roles::may_write(role, &body)
+            .map_err(|why| Error::new(ErrorKind::Other, format!("run {}: {why}", self.run_id)))?;
         let (seq, prev_hash, expected) = match self.events.last() {
             Some(last) => (last.event.seq + 1, last.event.hash.clone(), last.stream_seq),
             None => (1, chain::GENESIS.to_vec(), 0),
@@ -141,6 +160,7 @@ impl RunHandle {
             signer: Vec::new(),
             signature: Vec::new(),
             prev_stream_seq: expected,
+            role: role as i32,
             body: Some(body),
         };
         let sealer = matches!(event.body, Some(Body::RunFinished(_)))
@@ -156,10 +176,11 @@ impl RunHandle {
         let result = self
             .log
             .bus()
-            .append(
-                subject::run(&self.run_id),
+            .append_over(
+                subject::run(&self.run_id, writer),
                 &event.event_id,
-                Some(expected),
+                expected,
+                &subject::run_log(&self.run_id),
                 event.encode_to_vec().into(),
             )
             .await;
@@ -168,6 +189,7 @@ impl RunHandle {
                 self.events.push(StoredEvent {
                     event,
                     stream_seq: ack.stream_seq,
+                    stored_as: writer,
                 });
                 Ok(self.events.last().expect("just pushed"))
             }
@@ -284,19 +306,25 @@ impl RunHandle {
     /// Takes one feed message: the next event if it follows what this handle holds,
     /// nothing if the handle has it already, and a read of the log after a gap.
     async fn take_fed(&mut self, message: &async_nats::Message) -> Result<usize, Error> {
-        let Some((stream_seq, previous)) = crate::fed_sequences(message) else {
+        let (Some(stream_seq), Some(on)) = (
+            crate::fed_sequence(message),
+            subject::parse_feed(message.subject.as_str()).filter(|on| on.run_id == self.run_id),
+        ) else {
             return self.refresh().await;
         };
         let known = self.events.last().map_or(0, |e| e.stream_seq);
-        if stream_seq <= known {
+        // Nothing stored after the run's seal is part of its record.
+        if stream_seq <= known || self.is_finished() {
             return Ok(0);
         }
-        if previous != known {
+        let event = crate::decode(&self.run_id, stream_seq, &message.payload)?;
+        if event.prev_stream_seq != known {
             return self.refresh().await;
         }
         let fed = [StoredEvent {
-            event: crate::decode(&self.run_id, stream_seq, &message.payload)?,
+            event,
             stream_seq,
+            stored_as: on.writer,
         }];
         chain::verify(
             &self.run_id,

@@ -1,12 +1,15 @@
-//! The run log: one run's events, in order, hash-chained, on `dispatch.run.<run_id>`.
+//! The run log: one run's events, in order, hash-chained, on
+//! `dispatch.run.<account>.<run_id>.<role>` (one subject per writer role, one order).
 //!
 //! This crate owns how an event gets into a run's log (envelope, hash chain, dedupe by
-//! event id, optimistic concurrency on the subject's last sequence), how a log is read
-//! back and verified, and how a reader follows a live run. It does not decide what a
-//! run does next: that is the dispatcher's job, and projections belong to the ledger.
+//! event id, optimistic concurrency over the run's subjects), who may write which event
+//! ([`roles`]), how a log is read back and verified, and how a reader follows a live
+//! run. It does not decide what a run does next: that is the dispatcher's job, and
+//! projections belong to the ledger.
 
 pub mod chain;
 mod handle;
+pub mod roles;
 pub mod seal;
 pub mod service;
 pub mod steps;
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
 use dispatch_bus::reads::Reader;
+use dispatch_bus::subject::LogWriter;
 use dispatch_bus::{Bus, RunId, async_nats, streams, subject};
 use dispatch_proto::run::v1::{RunEvent, run_event::Body};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -73,11 +77,32 @@ impl From<dispatch_bus::Error> for Error {
     }
 }
 
-/// An event as stored: the decoded envelope and where the stream keeps it.
+/// An event as stored: the decoded envelope, where the stream keeps it, and whose
+/// subject the server stored it on (which only that role's identity may publish to).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
     pub event: RunEvent,
     pub stream_seq: u64,
+    pub stored_as: LogWriter,
+}
+
+/// Messages stored on a sealed run's subjects after its seal. They are outside the
+/// record: readers show the run as it was sealed and say that these are there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AfterSeal {
+    /// The stream sequence of the first one.
+    pub stream_seq: u64,
+    /// How many there are.
+    pub messages: u64,
+}
+
+/// A run's record as an auditor reads it ([`RunLog::read_every`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audited {
+    /// The verified record: the whole log, or up to and including its seal.
+    pub events: Vec<StoredEvent>,
+    /// What was stored after the seal, if anything.
+    pub after_seal: Option<AfterSeal>,
 }
 
 /// Access to every run's log. Cheap to clone.
@@ -94,12 +119,15 @@ struct Inner {
     /// Single events, read as the stream's leader has them (`dispatch_bus::reads`).
     reader: Reader,
     writer: String,
+    /// The role this process appends as; `None`: it writes no run log.
+    role: Option<LogWriter>,
     sealer: Option<seal::Sealer>,
     trust: seal::Trust,
 }
 
 impl RunLog {
-    /// Opens the run-log stream; `writer` names this process in the events it appends.
+    /// Opens the run-log stream for reading; `writer` names this process in the events
+    /// it appends once it is given a role ([`Self::writing_as`]).
     pub async fn open(bus: &Bus, writer: &str) -> Result<Self, Error> {
         let stream = bus
             .jetstream()
@@ -117,10 +145,19 @@ impl RunLog {
                 reader: Reader::new(stream.clone()),
                 stream,
                 writer: writer.to_owned(),
+                role: None,
                 sealer: None,
                 trust: seal::Trust::default(),
             }),
         })
+    }
+
+    /// Appends as `role`: on that role's subject of each run, which this process's
+    /// identity must be allowed to publish to, and only events that role may write
+    /// ([`roles::may_write`]).
+    pub fn writing_as(mut self, role: LogWriter) -> Self {
+        Arc::make_mut(&mut self.inner).role = Some(role);
+        self
     }
 
     /// Accepts seals by the keys of `trust` when reading. Until this is called no seal
@@ -162,16 +199,18 @@ impl RunLog {
         let first = self
             .inner
             .reader
-            .next(subject::run(run_id).as_str(), 1)
+            .next(&subject::run_log(run_id), 1)
             .await
             .map_err(|e| unreachable(run_id, e))?;
         Ok(first.and_then(|m| dispatch_bus::trace::span_context(Some(&m.headers))))
     }
 
     /// Reads a run's whole log and verifies its chain. An unknown run has an empty log.
+    /// A sealed run's log ends at its seal: anything stored after it is not returned.
     pub async fn read(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
-        let events = self.read_after(run_id, 0).await?;
-        chain::verify(run_id, None, &events, &self.inner.trust)?;
+        let mut events = self.read_after(run_id, 0).await?;
+        let record = chain::verify(run_id, None, &events, &self.inner.trust)?;
+        events.truncate(record);
         Ok(events)
     }
 
@@ -196,13 +235,14 @@ impl RunLog {
         anchor: impl Fn(&Body) -> bool,
     ) -> Result<RunHandle, Error> {
         if from > 0
-            && let Some(events) = self.read_from(&run_id, from).await?
+            && let Some(mut events) = self.read_from(&run_id, from).await?
             && events
                 .first()
                 .and_then(|e| e.event.body.as_ref())
                 .is_some_and(&anchor)
         {
-            chain::verify_from(&run_id, &events, &self.inner.trust)?;
+            let record = chain::verify_from(&run_id, &events, &self.inner.trust)?;
+            events.truncate(record);
             return Ok(RunHandle::partial(self.clone(), run_id, events));
         }
         self.handle(run_id).await
@@ -211,21 +251,25 @@ impl RunLog {
     /// Opens a handle holding only the run's last event: enough to append after it, or
     /// to see that the run has ended, for one read however long the log is. For
     /// appending to a long-lived run (a service's wakes) without reading all of it.
+    ///
+    /// If the last message is not an event that checks out on its own (something stored
+    /// after the run's seal, say), the whole log is read instead, which knows where the
+    /// record ends.
     pub async fn handle_tail(&self, run_id: RunId) -> Result<RunHandle, Error> {
-        let subject = subject::run(&run_id);
-        let last = self.inner.reader.last(subject.as_str()).await;
-        Ok(match self.one_event(&run_id, last)? {
-            Some(last) => RunHandle::partial(self.clone(), run_id, vec![last]),
-            None => RunHandle::empty(self.clone(), run_id),
-        })
+        let last = self.inner.reader.last(&subject::run_log(&run_id)).await;
+        match self.one_event(&run_id, last) {
+            Ok(Some(last)) => Ok(RunHandle::partial(self.clone(), run_id, vec![last])),
+            Ok(None) => Ok(RunHandle::empty(self.clone(), run_id)),
+            Err(e) if e.kind() == ErrorKind::Corrupt => self.handle(run_id).await,
+            Err(e) => Err(e),
+        }
     }
 
     /// The run's first event, if it has one: one read, however long the log is. It is
     /// not verified against the rest of the log; a reader acting on it alone trusts
     /// only what the envelope's own hash covers.
     pub async fn first_event(&self, run_id: &RunId) -> Result<Option<StoredEvent>, Error> {
-        let subject = subject::run(run_id);
-        let first = self.inner.reader.next(subject.as_str(), 1).await;
+        let first = self.inner.reader.next(&subject::run_log(run_id), 1).await;
         let first = self.one_event(run_id, first)?;
         if let Some(first) = &first
             && first.event.seq != 1
@@ -241,6 +285,18 @@ impl RunLog {
         Ok(first)
     }
 
+    /// When the server stored the run's first message (unix ms), if it has one: a time
+    /// no writer chooses, unlike the times events carry.
+    pub async fn first_stored_at_ms(&self, run_id: &RunId) -> Result<Option<u64>, Error> {
+        let first = self
+            .inner
+            .reader
+            .next(&subject::run_log(run_id), 1)
+            .await
+            .map_err(|e| unreachable(run_id, e))?;
+        Ok(first.map(|m| u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)))
+    }
+
     /// One message a direct get found on the run's subject, decoded and checked on its
     /// own (its hash, its seal); `None` when the subject holds none.
     fn one_event(
@@ -251,10 +307,7 @@ impl RunLog {
         let Some(message) = got.map_err(|e| unreachable(run_id, e))? else {
             return Ok(None);
         };
-        let events = [StoredEvent {
-            event: decode(run_id, message.sequence, &message.payload)?,
-            stream_seq: message.sequence,
-        }];
+        let events = [stored(run_id, &message)?];
         chain::verify_from(run_id, &events, &self.inner.trust)?;
         let [event] = events;
         Ok(Some(event))
@@ -268,28 +321,47 @@ impl RunLog {
     }
 
     /// Reads a run's whole log the way an auditor does: every message stored on the
-    /// run's subject, verified. [`Self::read`] follows the chain back from the last
+    /// run's subjects, verified. [`Self::read`] follows the chain back from the last
     /// message, so it would not see a message that is off the chain (one a forger
     /// appended without the concurrency check); this also asks the server how many
-    /// messages the subject holds, and if the chain does not account for all of them it
-    /// reads the subject front to back, where the stray message makes the log corrupt.
-    /// For the ledger's trails and `replay`.
-    pub async fn read_every(&self, run_id: &RunId) -> Result<Vec<StoredEvent>, Error> {
+    /// messages the run's subjects hold, and if the chain does not account for all of
+    /// them it reads the subjects front to back, where the stray message makes the log
+    /// corrupt, unless it was stored after a valid seal: then the record is the log up
+    /// to the seal, and what follows is counted in [`Audited::after_seal`].
+    /// For the ledger's trails, `replay` and `dispatch logs`.
+    pub async fn read_every(&self, run_id: &RunId) -> Result<Audited, Error> {
         let mut events = self.read_after(run_id, 0).await?;
-        if self.stored_on_subject(run_id).await? != events.len() as u64 {
+        let stored = self.stored_on_subjects(run_id).await?;
+        if stored != events.len() as u64 {
             events = self.scan_after(run_id, 0).await?;
         }
-        chain::verify(run_id, None, &events, &self.inner.trust)?;
-        Ok(events)
+        let record = chain::verify(run_id, None, &events, &self.inner.trust)?;
+        events.truncate(record);
+        let after_seal = match events.last() {
+            Some(last) if chain::is_terminal(&last.event) && stored > record as u64 => {
+                let next = self
+                    .inner
+                    .reader
+                    .next(&subject::run_log(run_id), last.stream_seq + 1)
+                    .await
+                    .map_err(|e| unreachable(run_id, e))?;
+                next.map(|message| AfterSeal {
+                    stream_seq: message.sequence,
+                    messages: stored - record as u64,
+                })
+            }
+            _ => None,
+        };
+        Ok(Audited { events, after_seal })
     }
 
-    /// How many messages the stream holds on the run's subject.
-    async fn stored_on_subject(&self, run_id: &RunId) -> Result<u64, Error> {
-        let subject = subject::run(run_id);
+    /// How many messages the stream holds on the run's subjects (every writer's).
+    async fn stored_on_subjects(&self, run_id: &RunId) -> Result<u64, Error> {
+        let filter = subject::run_log(run_id);
         let mut subjects = self
             .inner
             .stream
-            .info_with_subjects(subject.as_str())
+            .info_with_subjects(filter.as_str())
             .await
             .map_err(|e| unreachable(run_id, e))?;
         let mut count = 0;
@@ -298,8 +370,8 @@ impl RunLog {
             .await
             .map_err(|e| unreachable(run_id, e))?
         {
-            if name == subject.as_str() {
-                count = n as u64;
+            if subject::run_id_of(&name).as_ref() == Some(run_id) {
+                count += n as u64;
             }
         }
         Ok(count)
@@ -333,18 +405,18 @@ impl RunLog {
 
     /// Walks a run's log back from its newest event along `prev_stream_seq` down to
     /// `floor`, and returns what it passed, oldest first; `None` where the pointers do
-    /// not lead to the floor (a log from before they existed, a pointer off the run's
-    /// subject, a floor that is not one of the run's events).
+    /// not lead to the floor (a pointer off the run's subjects, a floor that is not one
+    /// of the run's events, a message that is not an event: whatever a forward scan
+    /// must sort out).
     async fn walk_back(
         &self,
         run_id: &RunId,
         floor: Floor,
     ) -> Result<Option<Vec<StoredEvent>>, Error> {
-        let subject = subject::run(run_id);
         let last = self
             .inner
             .reader
-            .last(subject.as_str())
+            .last(&subject::run_log(run_id))
             .await
             .map_err(|e| unreachable(run_id, e))?;
         let Some(last) = last else {
@@ -355,10 +427,10 @@ impl RunLog {
             Floor::At(at) if last.sequence < at => return Ok(None),
             _ => {}
         }
-        let mut walked = vec![StoredEvent {
-            event: decode(run_id, last.sequence, &last.payload)?,
-            stream_seq: last.sequence,
-        }];
+        let Ok(newest) = stored(run_id, &last) else {
+            return Ok(None);
+        };
+        let mut walked = vec![newest];
         loop {
             let current = walked.last().expect("one at least");
             let prev = current.event.prev_stream_seq;
@@ -380,38 +452,46 @@ impl RunLog {
                 return Ok(None);
             }
             let message = match self.inner.reader.at(prev).await {
-                Ok(Some(message)) if message.subject == subject => message,
-                Ok(_) => return Ok(None),
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(None),
                 Err(e) => return Err(unreachable(run_id, e)),
             };
-            walked.push(StoredEvent {
-                event: decode(run_id, prev, &message.payload)?,
-                stream_seq: prev,
-            });
+            match stored(run_id, &message) {
+                Ok(event) => walked.push(event),
+                Err(_) => return Ok(None),
+            }
         }
     }
 
+    /// Reads the run's subjects front to back from after stream sequence `after`, up to
+    /// and including the first terminal event: whatever follows it is outside the
+    /// record if its seal holds, which the caller's verification decides.
     async fn scan_after(&self, run_id: &RunId, after: u64) -> Result<Vec<StoredEvent>, Error> {
-        let subject = subject::run(run_id);
+        let filter = subject::run_log(run_id);
         let mut next = after + 1;
         let mut out = Vec::new();
         loop {
-            let message = match self.inner.reader.next(subject.as_str(), next).await {
+            let message = match self.inner.reader.next(&filter, next).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return Ok(out),
                 Err(e) => return Err(unreachable(run_id, e)),
             };
-            let event = decode(run_id, message.sequence, &message.payload)?;
             next = message.sequence + 1;
-            out.push(StoredEvent {
-                event,
-                stream_seq: message.sequence,
-            });
+            let event = stored(run_id, &message)?;
+            let terminal = chain::is_terminal(&event.event);
+            out.push(event);
+            if terminal {
+                return Ok(out);
+            }
         }
     }
 
     pub(crate) fn writer(&self) -> &str {
         &self.inner.writer
+    }
+
+    pub(crate) fn role(&self) -> Option<LogWriter> {
+        self.inner.role
     }
 
     pub(crate) fn sealer(&self) -> Option<&seal::Sealer> {
@@ -451,7 +531,7 @@ impl RunLog {
                     }
                     Err(_) => break,
                 };
-                let Some((stream_seq, _)) = fed_sequences(&message) else {
+                let Some(stream_seq) = fed_sequence(&message) else {
                     break;
                 };
                 if stream_seq <= after {
@@ -479,22 +559,19 @@ impl RunLog {
 
 /// The feed's header naming the event's stream sequence.
 const FEED_SEQUENCE: &str = "Nats-Sequence";
-/// The feed's header naming the stream sequence of the run's previous event (0: none).
-const FEED_PREVIOUS: &str = "Nats-Last-Sequence";
 
-/// A feed message's stream sequence and its run's previous event's, from the headers
-/// the server's republish sets; `None` if they are missing.
-pub(crate) fn fed_sequences(message: &async_nats::Message) -> Option<(u64, u64)> {
-    let header = |name: &str| -> Option<u64> {
-        message
-            .headers
-            .as_ref()?
-            .get_last(name)?
-            .as_str()
-            .parse()
-            .ok()
-    };
-    Some((header(FEED_SEQUENCE)?, header(FEED_PREVIOUS)?))
+/// A feed message's stream sequence, from the header the server's republish sets;
+/// `None` if it is missing. (The republish also names the previous message on the same
+/// subject, but a run's log spans its writers' subjects: the run's previous event is
+/// the one the event itself names, `prev_stream_seq`.)
+pub(crate) fn fed_sequence(message: &async_nats::Message) -> Option<u64> {
+    message
+        .headers
+        .as_ref()?
+        .get_last(FEED_SEQUENCE)?
+        .as_str()
+        .parse()
+        .ok()
 }
 
 /// Where a backward walk through a run's log stops.
@@ -504,6 +581,43 @@ enum Floor {
     After(u64),
     /// At the event stored at this stream sequence, which is read.
     At(u64),
+}
+
+/// One message of a run's subjects as a stored event: decoded, and the role whose
+/// subject it is on. A message on no writer's subject, or one that is not an event of
+/// this run, is corrupt.
+pub fn stored(
+    run_id: &RunId,
+    message: &async_nats::jetstream::message::StreamMessage,
+) -> Result<StoredEvent, Error> {
+    stored_at(run_id, &message.subject, message.sequence, &message.payload)
+}
+
+/// [`stored`] for a message as a consumer delivers it: its subject, stream sequence
+/// and payload.
+pub fn stored_at(
+    run_id: &RunId,
+    on: &str,
+    stream_seq: u64,
+    payload: &[u8],
+) -> Result<StoredEvent, Error> {
+    let writer = subject::parse_run(on)
+        .filter(|parsed| parsed.run_id == *run_id)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "run {run_id}: stream sequence {stream_seq} is on {on}, no subject of \
+                     the run's log"
+                ),
+            )
+        })?
+        .writer;
+    Ok(StoredEvent {
+        event: decode(run_id, stream_seq, payload)?,
+        stream_seq,
+        stored_as: writer,
+    })
 }
 
 fn unreachable(run_id: &RunId, e: impl std::fmt::Display) -> Error {
@@ -539,15 +653,20 @@ pub fn decode(run_id: &RunId, stream_seq: u64, payload: &[u8]) -> Result<RunEven
 /// The longest reason or summary a terminal event carries, in characters.
 pub const SUMMARY_CHARS: usize = 300;
 
-/// Whether the run `run_id` has ended, by one read of its last message on the run-log
-/// stream `runs`: for services that only look up (the scheduler, ingress), as a
-/// signal, unverified. A run with no event yet (queued) has not ended; an id that is no
-/// run id names nothing that could still run, so it has.
+/// Whether the run `run_id` has ended, by one read of the last message on its
+/// dispatcher's subject (where its terminal event is, and nothing after it but what a
+/// forger holding the dispatcher's key could put there) on the run-log stream `runs`:
+/// for services that only look up (the scheduler, ingress), as a signal, unverified. A
+/// run with no event yet (queued) has not ended; an id that is no run id names nothing
+/// that could still run, so it has.
 pub async fn has_ended(runs: &Reader, run_id: &str) -> Result<bool, String> {
     let Ok(run_id) = run_id.parse::<RunId>() else {
         return Ok(true);
     };
-    match runs.last(subject::run(&run_id).as_str()).await {
+    match runs
+        .last(subject::run(&run_id, LogWriter::Dispatcher).as_str())
+        .await
+    {
         Ok(Some(message)) => Ok(matches!(
             RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
             Ok(Some(Body::RunFinished(_)))

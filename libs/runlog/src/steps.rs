@@ -18,6 +18,9 @@ pub struct Step {
     pub run_id: String,
     pub kind: String,
     pub time_unix_ms: i64,
+    /// The role that wrote the event (`dispatcher`, `policy`, `connectors`): the last
+    /// token of the subject it was stored on, and the event's own `role`.
+    pub role: String,
     pub writer: String,
     pub causation_id: String,
     pub prev_hash: String,
@@ -39,6 +42,9 @@ impl Step {
             run_id: event.run_id.clone(),
             kind: event.body.as_ref().map_or("", Body::kind).to_owned(),
             time_unix_ms: event.time_unix_ms,
+            role: crate::roles::writer_of(event.role())
+                .map_or("", |w| w.token())
+                .to_owned(),
             writer: event.writer.clone(),
             causation_id: event.causation_id.clone(),
             prev_hash: hex::encode(&event.prev_hash),
@@ -79,8 +85,10 @@ pub struct Failed {
 }
 
 /// Checks an exported trail: every line decodes, matches its readable fields, links to
-/// the one before, recomputes its hash; the last is the terminal event, sealed by a
-/// key `trust` accepts.
+/// the one before, recomputes its hash, and was written by a role that may write it
+/// (the event's own `role`, which the seal covers: the subjects it was stored on are
+/// not in the file, and the sealer checked them); the last is the terminal event,
+/// sealed by a key `trust` accepts, and nothing follows it.
 pub fn verify(text: &str, trust: &crate::seal::Trust) -> Result<Verified, Failed> {
     let mut previous: Option<RunEvent> = None;
     for (i, line) in text.lines().enumerate() {
@@ -106,9 +114,15 @@ pub fn verify(text: &str, trust: &crate::seal::Trust) -> Result<Verified, Failed
         {
             return Err(fail("belongs to another run".into()));
         }
+        if previous.as_ref().is_some_and(chain::is_terminal) {
+            return Err(fail("follows the run's terminal event".into()));
+        }
+        let stored_as = crate::roles::writer_of(event.role())
+            .ok_or_else(|| fail("names no writer role".into()))?;
         let stored = [StoredEvent {
             event: event.clone(),
             stream_seq: seq,
+            stored_as,
         }];
         chain::verify(
             &event
@@ -146,7 +160,7 @@ pub fn verify(text: &str, trust: &crate::seal::Trust) -> Result<Verified, Failed
 
 #[cfg(test)]
 mod tests {
-    use dispatch_proto::run::v1::{LeafStarted, RunFinished};
+    use dispatch_proto::run::v1::{LeafStarted, RunFinished, RunRequested, WriterRole};
 
     use super::*;
     use crate::seal::{Sealer, Trust};
@@ -157,10 +171,16 @@ mod tests {
             .map(|seq| RunEvent {
                 event_id: format!("e{seq}"),
                 run_id: run_id.clone(),
+                role: WriterRole::Dispatcher as i32,
                 body: Some(if seq == 4 {
                     Body::RunFinished(RunFinished {
                         status: 1,
                         reason: "workflow finished".into(),
+                        ..Default::default()
+                    })
+                } else if seq == 1 {
+                    Body::RunRequested(RunRequested {
+                        goal: "leaf 1".into(),
                         ..Default::default()
                     })
                 } else {
@@ -178,6 +198,7 @@ mod tests {
             .map(|event| StoredEvent {
                 stream_seq: event.seq,
                 event,
+                stored_as: dispatch_bus::subject::LogWriter::Dispatcher,
             })
             .collect();
         export(&stored)

@@ -1,5 +1,6 @@
-//! Stopping a run, the same way for every door: the CLI (which writes logs itself) and
-//! the dispatcher (which does it for the HTTP and gRPC front doors, which do not).
+//! Stopping a run, the same way for every door. The front doors (the CLI, HTTP, gRPC)
+//! write no run log: they hand a `StopRun` command to the dispatcher ([`hand_over`]),
+//! which records the request and makes sure the run ends ([`stop`]).
 
 use std::time::Duration;
 
@@ -13,6 +14,57 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// The longest grace period a stop may ask for: past it, asking is waiting forever.
 pub const MAX_GRACE: Duration = Duration::from_secs(600);
+
+/// How many times a stop command is offered to NATS before the caller is told.
+const STORE_ATTEMPTS: u32 = 3;
+
+/// Hands the stop of `run_id` to the dispatcher: a `StopRun` command on
+/// `dispatch.cmd.stop`, which one dispatcher copy takes and carries out with [`stop`],
+/// naming `by`. One command per run and kind within the dedupe window: asking again
+/// while the first is carried out changes nothing, and a forced stop still gets
+/// through.
+pub async fn hand_over(
+    bus: &dispatch_bus::Bus,
+    run_id: &RunId,
+    grace: Duration,
+    force: bool,
+    by: &str,
+) -> Result<(), Error> {
+    let command = dispatch_proto::command::v1::StopRun {
+        run_id: run_id.to_string(),
+        grace_ms: u64::try_from(grace.min(MAX_GRACE).as_millis()).unwrap_or(u64::MAX),
+        force,
+        requested_by: by.to_owned(),
+    };
+    let msg_id = format!("stop-{run_id}-{}", if force { "forced" } else { "asked" });
+    let payload = prost::Message::encode_to_vec(&command);
+    let mut last_error = None;
+    for attempt in 0..STORE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        match bus
+            .append(
+                dispatch_bus::subject::cmd::stop(),
+                &msg_id,
+                None,
+                payload.clone().into(),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let e = crate::Error::from(last_error.expect("at least one attempt"));
+    Err(Error::new(
+        e.kind(),
+        format!(
+            "NATS did not store the stop command ({e}); ask again (it is never carried out \
+             twice)"
+        ),
+    ))
+}
 
 /// What a stop found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! The run log against a real nats-server: races, dedupe, chain checks.
 
 use dispatch_bus::RunId;
-use dispatch_proto::run::v1::{LeafStarted, run_event::Body};
+use dispatch_bus::subject::LogWriter;
+use dispatch_proto::run::v1::{LeafStarted, RunRequested, WriterRole, run_event::Body};
 use dispatch_runlog::{ErrorKind, RunLog};
 use dispatch_testkit::NatsServer;
 
@@ -12,6 +13,14 @@ fn leaf(n: u32) -> Body {
     })
 }
 
+/// The first event of every run.
+fn requested() -> Body {
+    Body::RunRequested(RunRequested {
+        goal: "a goal".into(),
+        ..Default::default()
+    })
+}
+
 #[tokio::test]
 async fn racing_writers_get_exactly_one_append_per_sequence() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
@@ -19,10 +28,17 @@ async fn racing_writers_get_exactly_one_append_per_sequence() -> anyhow::Result<
     let mut writers = Vec::new();
     for name in ["writer-a", "writer-b", "writer-c"] {
         // Separate connections, as separate processes would have.
-        let log = RunLog::open(&nats.bus().await?, name).await?;
+        let log = RunLog::open(&nats.bus().await?, name)
+            .await?
+            .writing_as(LogWriter::Dispatcher);
         writers.push(log);
     }
 
+    writers[0]
+        .handle(run_id)
+        .await?
+        .append(requested(), "")
+        .await?;
     let mut tasks = Vec::new();
     for (w, log) in writers.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
@@ -49,32 +65,36 @@ async fn racing_writers_get_exactly_one_append_per_sequence() -> anyhow::Result<
         "three writers on one subject never collided"
     );
 
-    let log = RunLog::open(&nats.bus().await?, "reader").await?;
+    let log = RunLog::open(&nats.bus().await?, "reader")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let events = log.read(&run_id).await?; // verifies the chain: no gap, no fork
-    assert_eq!(events.len(), 60);
+    assert_eq!(events.len(), 61);
     for (i, stored) in events.iter().enumerate() {
         assert_eq!(stored.event.seq, i as u64 + 1);
     }
     let mut ids: Vec<_> = events.iter().map(|e| e.event.event_id.clone()).collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 60, "an event was stored twice");
+    assert_eq!(ids.len(), 61, "an event was stored twice");
     Ok(())
 }
 
 #[tokio::test]
 async fn republishing_an_event_id_stores_it_once() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let run_id = RunId::new();
     // A writer that read the (empty) log before the append, then retries the same event.
     let mut stale = log.handle(run_id).await?;
     let mut first = log.handle(run_id).await?;
     first
-        .append_with_id("fixed-id".into(), leaf(1), "c")
+        .append_with_id("fixed-id".into(), requested(), "c")
         .await?;
     let again = stale
-        .append_with_id("fixed-id".into(), leaf(1), "c")
+        .append_with_id("fixed-id".into(), requested(), "c")
         .await?;
     assert_eq!(again.event.seq, 1);
     assert_eq!(stale.events().len(), 1);
@@ -85,7 +105,7 @@ async fn republishing_an_event_id_stores_it_once() -> anyhow::Result<()> {
     let ack = log
         .bus()
         .append(
-            dispatch_bus::subject::run(&run_id),
+            dispatch_bus::subject::run(&run_id, LogWriter::Dispatcher),
             "fixed-id",
             None,
             raw.into(),
@@ -99,9 +119,11 @@ async fn republishing_an_event_id_stores_it_once() -> anyhow::Result<()> {
 #[tokio::test]
 async fn nothing_follows_the_terminal_event() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let mut handle = log.handle(RunId::new()).await?;
-    handle.append(leaf(0), "").await?;
+    handle.append(requested(), "").await?;
     handle
         .append(
             Body::RunFinished(dispatch_proto::run::v1::RunFinished {
@@ -122,9 +144,11 @@ async fn the_log_survives_a_nats_server_restart_on_its_store() -> anyhow::Result
     let mut nats = NatsServer::start().await?;
     let run_id = RunId::new();
     {
-        let log = RunLog::open(&nats.bus().await?, "writer").await?;
+        let log = RunLog::open(&nats.bus().await?, "writer")
+            .await?
+            .writing_as(LogWriter::Dispatcher);
         let mut handle = log.handle(run_id).await?;
-        handle.append(leaf(0), "").await?;
+        handle.append(requested(), "").await?;
         handle.append(leaf(1), "").await?;
     }
     let url = nats.url();
@@ -134,7 +158,9 @@ async fn the_log_survives_a_nats_server_restart_on_its_store() -> anyhow::Result
         url,
         "a restart keeps the port, so clients reconnect"
     );
-    let log = RunLog::open(&nats.bus().await?, "reader").await?;
+    let log = RunLog::open(&nats.bus().await?, "reader")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let events = log.read(&run_id).await?;
     assert_eq!(events.len(), 2);
     Ok(())
@@ -150,14 +176,15 @@ async fn append_without_pointers(log: &RunLog, run_id: &RunId, n: u32) -> anyhow
             run_id: run_id.to_string(),
             seq: u64::from(i) + 1,
             prev_hash: prev.0.clone(),
-            body: Some(leaf(i)),
+            role: WriterRole::Dispatcher as i32,
+            body: Some(if i == 0 { requested() } else { leaf(i) }),
             ..Default::default()
         };
         event.hash = dispatch_runlog::chain::hash(&event).to_vec();
         let ack = log
             .bus()
             .append(
-                dispatch_bus::subject::run(run_id),
+                dispatch_bus::subject::run(run_id, LogWriter::Dispatcher),
                 &event.event_id,
                 Some(prev.1),
                 prost::Message::encode_to_vec(&event).into(),
@@ -171,13 +198,18 @@ async fn append_without_pointers(log: &RunLog, run_id: &RunId, n: u32) -> anyhow
 #[tokio::test]
 async fn a_log_is_read_back_along_its_pointers_between_other_runs_events() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let (ours, other) = (RunId::new(), RunId::new());
     let mut mine = log.handle(ours).await?;
     let mut theirs = log.handle(other).await?;
     for n in 0..5 {
-        mine.append(leaf(n), "").await?;
-        theirs.append(leaf(n), "").await?;
+        mine.append(if n == 0 { requested() } else { leaf(n) }, "")
+            .await?;
+        theirs
+            .append(if n == 0 { requested() } else { leaf(n) }, "")
+            .await?;
         theirs.append(leaf(n + 100), "").await?;
     }
     let events = log.read(&ours).await?;
@@ -195,14 +227,18 @@ async fn a_log_is_read_back_along_its_pointers_between_other_runs_events() -> an
             .await?
             .is_empty()
     );
-    assert_eq!(log.read_every(&ours).await?, events);
+    let audited = log.read_every(&ours).await?;
+    assert_eq!(audited.events, events);
+    assert_eq!(audited.after_seal, None);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_log_without_pointers_is_read_by_scanning() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let run_id = RunId::new();
     append_without_pointers(&log, &run_id, 4).await?;
     let events = log.read(&run_id).await?;
@@ -218,10 +254,13 @@ async fn a_log_without_pointers_is_read_by_scanning() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_message_off_the_chain_makes_the_audit_read_corrupt() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let run_id = RunId::new();
     let mut handle = log.handle(run_id).await?;
-    for n in 0..3 {
+    handle.append(requested(), "").await?;
+    for n in 1..3 {
         handle.append(leaf(n), "").await?;
     }
     let events = log.read(&run_id).await?;
@@ -234,7 +273,7 @@ async fn a_message_off_the_chain_makes_the_audit_read_corrupt() -> anyhow::Resul
     fork.hash = dispatch_runlog::chain::hash(&fork).to_vec();
     log.bus()
         .append(
-            dispatch_bus::subject::run(&run_id),
+            dispatch_bus::subject::run(&run_id, LogWriter::Dispatcher),
             &fork.event_id,
             None,
             prost::Message::encode_to_vec(&fork).into(),
@@ -253,7 +292,9 @@ async fn the_feed_carries_each_stored_event_with_its_sequences() -> anyhow::Resu
     use futures::StreamExt as _;
     let nats = NatsServer::start().await?;
     let bus = nats.bus().await?;
-    let log = RunLog::open(&bus, "writer").await?;
+    let log = RunLog::open(&bus, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let run_id = RunId::new();
     let mut feed = bus
         .client()
@@ -261,33 +302,35 @@ async fn the_feed_carries_each_stored_event_with_its_sequences() -> anyhow::Resu
         .await?;
     bus.client().flush().await?;
     let mut handle = log.handle(run_id).await?;
-    handle.append(leaf(0), "").await?;
+    handle.append(requested(), "").await?;
     handle.append(leaf(1), "").await?;
     // A refused append (a stale expectation) is never on the feed.
     let refused = log
         .bus()
-        .append(
-            dispatch_bus::subject::run(&run_id),
+        .append_over(
+            dispatch_bus::subject::run(&run_id, LogWriter::Dispatcher),
             "stale",
-            Some(0),
+            0,
+            &dispatch_bus::subject::run_log(&run_id),
             prost::Message::encode_to_vec(&handle.events()[0].event).into(),
         )
         .await;
     assert!(refused.is_err());
-    let mut previous = 0;
     for stored in handle.events().to_vec() {
         let message = tokio::time::timeout(std::time::Duration::from_secs(5), feed.next())
             .await?
             .expect("feed open");
+        assert_eq!(
+            message.subject.as_str(),
+            format!("dispatch.feed.default.{run_id}.dispatcher")
+        );
         let headers = message.headers.expect("feed headers");
         let header = |name: &str| headers.get_last(name).map(|v| v.as_str().to_owned());
         assert_eq!(header("Nats-Sequence"), Some(stored.stream_seq.to_string()));
-        assert_eq!(header("Nats-Last-Sequence"), Some(previous.to_string()));
         assert_eq!(
             message.payload.as_ref(),
             prost::Message::encode_to_vec(&stored.event)
         );
-        previous = stored.stream_seq;
     }
     let nothing_more =
         tokio::time::timeout(std::time::Duration::from_millis(300), feed.next()).await;
@@ -312,13 +355,16 @@ async fn the_feed_carries_each_stored_event_with_its_sequences() -> anyhow::Resu
 #[tokio::test]
 async fn a_handle_opened_at_a_position_reads_from_there_and_appends_on() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let (ours, other) = (RunId::new(), RunId::new());
     let mut mine = log.handle(ours).await?;
     let mut theirs = log.handle(other).await?;
     for n in 0..4 {
-        mine.append(leaf(n), "").await?;
-        theirs.append(leaf(n), "").await?;
+        let body = || if n == 0 { requested() } else { leaf(n) };
+        mine.append(body(), "").await?;
+        theirs.append(body(), "").await?;
     }
     let whole = log.read(&ours).await?;
     let is_leaf = |n: u32| move |b: &Body| matches!(b, Body::LeafStarted(l) if l.leaf == n);
@@ -350,21 +396,22 @@ async fn a_handle_opened_at_a_position_reads_from_there_and_appends_on() -> anyh
 #[tokio::test]
 async fn a_handle_opened_at_a_position_refuses_a_broken_chain_and_finishes_from_the_whole_log()
 -> anyhow::Result<()> {
-    use dispatch_proto::run::v1::{RunRequested, RunStatus};
+    use dispatch_proto::run::v1::RunStatus;
     let nats = NatsServer::start().await?;
     let keys = tempfile::tempdir()?;
     let sealer = dispatch_runlog::seal::Sealer::load_or_create(&keys.path().join("seal"))?;
     let log = RunLog::open(&nats.bus().await?, "writer")
         .await?
+        .writing_as(LogWriter::Dispatcher)
         .with_sealer(sealer);
     let run_id = RunId::new();
     let mut handle = log.handle(run_id).await?;
-    let requested = Body::RunRequested(RunRequested {
+    let request = Body::RunRequested(RunRequested {
         goal: "the goal".into(),
         conversation_id: "conv".into(),
         ..Default::default()
     });
-    handle.append(requested, "").await?;
+    handle.append(request, "").await?;
     handle.append(leaf(0), "").await?;
     let from = handle.events()[1].stream_seq;
 
@@ -388,19 +435,21 @@ async fn a_handle_opened_at_a_position_refuses_a_broken_chain_and_finishes_from_
     // An event after the position whose link is broken is refused.
     let run_id = RunId::new();
     let mut handle = log.handle(run_id).await?;
-    handle.append(leaf(0), "").await?;
+    handle.append(requested(), "").await?;
     let last = handle.events()[0].clone();
     let mut forged = last.event.clone();
     forged.event_id = RunId::new().to_string();
     forged.seq = 2;
+    forged.body = Some(leaf(1));
     forged.prev_hash = vec![7; 32];
     forged.prev_stream_seq = last.stream_seq;
     forged.hash = dispatch_runlog::chain::hash(&forged).to_vec();
     log.bus()
-        .append(
-            dispatch_bus::subject::run(&run_id),
+        .append_over(
+            dispatch_bus::subject::run(&run_id, LogWriter::Dispatcher),
             &forged.event_id,
-            Some(last.stream_seq),
+            last.stream_seq,
+            &dispatch_bus::subject::run_log(&run_id),
             prost::Message::encode_to_vec(&forged).into(),
         )
         .await?;
@@ -416,10 +465,12 @@ async fn a_handle_opened_at_a_position_refuses_a_broken_chain_and_finishes_from_
 async fn wait_for_finds_an_event_stored_before_or_after_it_starts() -> anyhow::Result<()> {
     use std::time::Duration;
     let nats = NatsServer::start().await?;
-    let log = RunLog::open(&nats.bus().await?, "writer").await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
     let run_id = RunId::new();
     let mut handle = log.handle(run_id).await?;
-    handle.append(leaf(0), "").await?;
+    handle.append(requested(), "").await?;
     let start = handle.events()[0].stream_seq;
     handle.append(leaf(1), "").await?;
     let leaf_no = |b: &Body| match b {
@@ -451,6 +502,226 @@ async fn wait_for_finds_an_event_stored_before_or_after_it_starts() -> anyhow::R
     assert!(
         waited < Duration::from_secs(30),
         "took the quiet period: {waited:?}"
+    );
+    Ok(())
+}
+
+/// Appends `event` as stored on `writer`'s subject of its run, without any check:
+/// what a process holding a writer's key (or the admin's) can put on the bus.
+async fn forge(log: &RunLog, writer: LogWriter, event: &dispatch_proto::run::v1::RunEvent) {
+    let run_id: RunId = event.run_id.parse().unwrap();
+    log.bus()
+        .append(
+            dispatch_bus::subject::run(&run_id, writer),
+            &event.event_id,
+            None,
+            prost::Message::encode_to_vec(event).into(),
+        )
+        .await
+        .unwrap();
+}
+
+/// The next event after the handle's last, linked and hashed, with `role` and `body`.
+fn next_event(
+    handle: &dispatch_runlog::RunHandle,
+    role: WriterRole,
+    body: Body,
+) -> dispatch_proto::run::v1::RunEvent {
+    let last = handle.events().last().unwrap();
+    let mut event = dispatch_proto::run::v1::RunEvent {
+        event_id: RunId::new().to_string(),
+        run_id: handle.run_id().to_string(),
+        seq: last.event.seq + 1,
+        prev_hash: last.event.hash.clone(),
+        prev_stream_seq: last.stream_seq,
+        role: role as i32,
+        body: Some(body),
+        ..Default::default()
+    };
+    event.hash = dispatch_runlog::chain::hash(&event).to_vec();
+    event
+}
+
+#[tokio::test]
+async fn an_event_written_by_the_wrong_role_makes_the_log_corrupt() -> anyhow::Result<()> {
+    use dispatch_proto::run::v1::{ApprovalResolved, Decision};
+    let nats = NatsServer::start().await?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
+    let approve = Body::ApprovalResolved(ApprovalResolved {
+        approval_id: "a".into(),
+        call_id: "c".into(),
+        decision: Decision::Allow as i32,
+        resolved_by: "policy".into(),
+        ..Default::default()
+    });
+    // Each forgery: the role the event names, and the subject it is stored on.
+    for (role, on, expected) in [
+        // connectors' key, honest about itself: a kind it may not write.
+        (
+            WriterRole::Connectors,
+            LogWriter::Connectors,
+            "approval_resolved event written by connectors",
+        ),
+        // connectors' key, claiming to be policy: the subject says otherwise.
+        (
+            WriterRole::Policy,
+            LogWriter::Connectors,
+            "stored on the connectors subject but names policy",
+        ),
+        // No role at all.
+        (
+            WriterRole::Unspecified,
+            LogWriter::Policy,
+            "stored on the policy subject but names no role",
+        ),
+    ] {
+        let run_id = RunId::new();
+        let mut handle = log.handle(run_id).await?;
+        handle.append(requested(), "").await?;
+        forge(&log, on, &next_event(&handle, role, approve.clone())).await;
+        let err = log.read(&run_id).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("seq 2 fails"), "{err}");
+        assert!(err.to_string().contains(expected), "{err}");
+        // A handle following the run refuses it too.
+        let err = handle
+            .wait_for_more(std::time::Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert_eq!(
+            log.read_every(&run_id).await.unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+    }
+    // The same approval, by policy on its own subject, is an event like any other.
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    handle.append(requested(), "").await?;
+    forge(
+        &log,
+        LogWriter::Policy,
+        &next_event(&handle, WriterRole::Policy, approve),
+    )
+    .await;
+    assert_eq!(log.read(&run_id).await?.len(), 2);
+    // And this process refuses to send what its role may not write.
+    let err = handle
+        .append(Body::ToolCallCompleted(Default::default()), "")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tool_call_completed event written by the dispatcher"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_identity_may_append_only_on_its_roles_subject() -> anyhow::Result<()> {
+    use dispatch_bus::Identity;
+    let nats = NatsServer::start().await?;
+    let run_id = RunId::new();
+    let dispatcher = RunLog::open(&nats.bus_as(Identity::Dispatcher).await?, "d")
+        .await?
+        .writing_as(LogWriter::Dispatcher);
+    let mut handle = dispatcher.handle(run_id).await?;
+    handle.append(requested(), "").await?;
+    // The policy identity writing as if it were connectors: the server refuses.
+    let policy_bus = nats.bus_as(Identity::Policy).await?;
+    let event = next_event(
+        &handle,
+        WriterRole::Connectors,
+        Body::ToolCallCompleted(Default::default()),
+    );
+    for (bus, on) in [
+        (&policy_bus, LogWriter::Connectors),
+        (&policy_bus, LogWriter::Dispatcher),
+    ] {
+        let refused = bus
+            .append(
+                dispatch_bus::subject::run(&run_id, on),
+                &event.event_id,
+                None,
+                prost::Message::encode_to_vec(&event).into(),
+            )
+            .await;
+        assert!(
+            refused.is_err(),
+            "policy appended on the {} subject",
+            on.token()
+        );
+    }
+    assert_eq!(dispatcher.read(&run_id).await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn what_follows_a_valid_seal_is_outside_the_record() -> anyhow::Result<()> {
+    use dispatch_proto::run::v1::RunStatus;
+    let nats = NatsServer::start().await?;
+    let keys = tempfile::tempdir()?;
+    let sealer = dispatch_runlog::seal::Sealer::load_or_create(&keys.path().join("seal"))?;
+    let log = RunLog::open(&nats.bus().await?, "writer")
+        .await?
+        .writing_as(LogWriter::Dispatcher)
+        .with_sealer(sealer);
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    handle.append(requested(), "").await?;
+    handle.append(leaf(1), "").await?;
+    handle
+        .finish(RunStatus::Done, "workflow finished", "all good", "")
+        .await?;
+    let sealed = log.read(&run_id).await?;
+    assert_eq!(sealed.len(), 4);
+
+    // A well-linked event on policy's subject, then bytes that are no event at all.
+    forge(
+        &log,
+        LogWriter::Policy,
+        &next_event(&handle, WriterRole::Policy, leaf(9)),
+    )
+    .await;
+    let garbage = log
+        .bus()
+        .append(
+            dispatch_bus::subject::run(&run_id, LogWriter::Connectors),
+            "garbage",
+            None,
+            b"not an event".to_vec().into(),
+        )
+        .await?;
+
+    // Every reader shows the run as it was sealed...
+    assert_eq!(log.read(&run_id).await?, sealed);
+    let mut fresh = log.handle(run_id).await?;
+    assert!(fresh.is_finished());
+    assert_eq!(fresh.events(), &sealed[..]);
+    assert_eq!(fresh.refresh().await?, 0);
+    assert!(log.handle_tail(run_id).await?.is_finished());
+    // ...and the auditor's read says what follows, from where.
+    let audited = log.read_every(&run_id).await?;
+    assert_eq!(audited.events, sealed);
+    let after = audited.after_seal.expect("flagged");
+    assert_eq!(after.messages, 2);
+    assert_eq!(after.stream_seq, sealed[3].stream_seq + 1);
+    assert!(after.stream_seq < garbage.stream_seq);
+    // Nothing can be appended after it through a handle.
+    let err = fresh.append(leaf(3), "").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Finished);
+    let ended = dispatch_bus::reads::Reader::new(
+        log.bus()
+            .jetstream()
+            .get_stream(dispatch_bus::streams::RUNS)
+            .await?,
+    );
+    assert_eq!(
+        dispatch_runlog::has_ended(&ended, &run_id.to_string()).await,
+        Ok(true)
     );
     Ok(())
 }

@@ -395,8 +395,16 @@ pub fn replayed(replayed: &dispatch_proto::api::v1::ReplayRunResponse) -> String
         TrailOutcome::Removed => "trail not written: it was deleted by prune --trails".to_owned(),
         TrailOutcome::Unspecified => "the ledger did not say what became of the trail".to_owned(),
     };
+    let after = match &run.tampered_after_seal {
+        Some(after) => format!(
+            "; tampered after seal: {} message(s) from stream sequence {} are not part of the \
+             record",
+            after.messages, after.stream_seq
+        ),
+        None => String::new(),
+    };
     format!(
-        "run {}: {} events, hash chain verified, {seal}; {views}; {trail}",
+        "run {}: {} events, hash chain verified, {seal}; {views}; {trail}{after}",
         run.run_id, replayed.events
     )
 }

@@ -78,10 +78,17 @@ async fn no_policy_service<T>(result: Result<T, dispatch_bus::Error>) -> Result<
 pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
     match command {
         PolicyCommand::Show { format } => {
-            let Some(version) = dispatch_rules::store::current(bus)
+            let current = dispatch_rules::store::current(bus)
                 .await
-                .map_err(|e| Failure::new(e.to_string()))?
-            else {
+                .map_err(|e| Failure::new(e.to_string()))?;
+            if !current.skipped.is_empty() {
+                eprintln!(
+                    "dispatch: {} damaged message(s) after this version are skipped (see \
+                     `dispatch policy history`); the next `dispatch policy set` supersedes them",
+                    current.skipped.len()
+                );
+            }
+            let Some(version) = current.in_force else {
                 return Err(Failure::new(
                     "no policy was ever set; the policy service puts the built-in one in force when it starts",
                 ));
@@ -146,10 +153,11 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 dispatch_rules::store::history(bus, dispatch_bus::streams::POLICY_HISTORY as usize)
                     .await
                     .map_err(|e| Failure::new(e.to_string()))?;
+            use dispatch_rules::store::Entry;
             let rows: Vec<serde_json::Value> = versions
                 .iter()
-                .map(|v| {
-                    serde_json::json!({
+                .map(|entry| match entry {
+                    Entry::Version(v) => serde_json::json!({
                         "version": v.record.version,
                         "hash": v.record.hash,
                         "previous_hash": v.record.previous_hash,
@@ -157,7 +165,12 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                         "changed_at_unix_ms": v.record.changed_at_unix_ms,
                         "note": v.record.note,
                         "rules": v.document.rules.len(),
-                    })
+                    }),
+                    Entry::Damaged(d) => serde_json::json!({
+                        "damaged": true,
+                        "stream_seq": d.stream_seq,
+                        "reason": d.reason,
+                    }),
                 })
                 .collect();
             match format {
@@ -170,15 +183,25 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                         "{:<8} {:<20} {:<24} {:<6} NOTE",
                         "VERSION", "HASH", "BY", "RULES"
                     );
-                    for v in &versions {
-                        println!(
-                            "{:<8} {:<20} {:<24} {:<6} {}",
-                            v.record.version,
-                            v.record.hash.chars().take(19).collect::<String>(),
-                            crate::format::clip(&v.record.changed_by, 24),
-                            v.document.rules.len(),
-                            v.record.note
-                        );
+                    for entry in &versions {
+                        match entry {
+                            Entry::Version(v) => println!(
+                                "{:<8} {:<20} {:<24} {:<6} {}",
+                                v.record.version,
+                                v.record.hash.chars().take(19).collect::<String>(),
+                                crate::format::clip(&v.record.changed_by, 24),
+                                v.document.rules.len(),
+                                crate::format::clip(&v.record.note, 200)
+                            ),
+                            Entry::Damaged(d) => println!(
+                                "{:<8} {:<20} {:<24} {:<6} {}",
+                                "DAMAGED",
+                                format!("stream seq {}", d.stream_seq),
+                                "-",
+                                "-",
+                                crate::format::clip(&d.reason, 200)
+                            ),
+                        }
                     }
                 }
             }

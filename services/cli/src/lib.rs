@@ -197,8 +197,10 @@ enum Command {
     },
     /// Show everything the ledger knows about a run, as JSON.
     Inspect { run: String },
-    /// Stop a run: its owner ends it `stopped`; after the grace period (or at once
-    /// with --force) the run is ended without waiting for the owner.
+    /// Stop a run: the stop goes to the dispatcher, which records it; the run's owner
+    /// ends it `stopped`, and after the grace period (or at once with --force) the
+    /// dispatcher ends it without waiting for the owner. Waits until the run has ended
+    /// (exit 3 if it has not within --timeout; the stop stays queued).
     Stop {
         run: String,
         /// How long the owner gets to end the run itself, e.g. 5s.
@@ -209,6 +211,12 @@ enum Command {
         grace_period_ms: Option<u64>,
         #[arg(long)]
         force: bool,
+        /// Hand the stop to the dispatcher and return at once.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// How long to wait for the run to end (default: the grace period and 30s).
+        #[arg(long, value_parser = parse_duration, conflicts_with = "detach")]
+        timeout: Option<Duration>,
     },
     /// Stop a run if it is live, then run its goal again as a new run (prints its id).
     Restart {
@@ -517,18 +525,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             if keep {
                 follow(&log, run_id, true, None).await.map(|_| exit::DONE)
             } else {
-                let events = match log.read_every(&run_id).await {
+                let audited = match log.read_every(&run_id).await {
                     Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
                         eprintln!("dispatch: {e}");
                         return Ok(exit::CORRUPT);
                     }
                     read => read?,
                 };
-                if events.is_empty() {
+                if audited.events.is_empty() {
                     return Err(Failure::new(format!("run {run_id} has no events")));
                 }
-                for stored in &events {
+                for stored in &audited.events {
                     println!("{}", format::event_line(&stored.event));
+                }
+                if let Some(after) = audited.after_seal {
+                    eprintln!(
+                        "dispatch: {} message(s) stored after the run's seal, from stream \
+                         sequence {}, are not part of its record",
+                        after.messages, after.stream_seq
+                    );
                 }
                 Ok(exit::DONE)
             }
@@ -566,13 +581,30 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             grace_period,
             grace_period_ms,
             force,
+            detach,
+            timeout,
         } => {
             let grace = grace_period_ms.map_or(grace_period, Duration::from_millis);
             let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = sealed_log(&bus, &workspace, &trust).await?;
-            stop(&log, run_id, grace, force).await?;
+            let log = open_log(&bus).await?;
+            let wait = match (detach, timeout) {
+                (true, _) => None,
+                (false, timeout) => Some(
+                    timeout
+                        .unwrap_or(grace.min(dispatch_runlog::stop::MAX_GRACE) + STOP_TAKEN_WITHIN),
+                ),
+            };
+            let ended = stop(&log, run_id, grace, force, wait).await?;
             println!("{run_id}");
+            if !ended && !detach {
+                eprintln!(
+                    "dispatch: the stop of run {run_id} is queued for the dispatcher, but the \
+                     run has not ended yet; is a dispatcher running (`dispatch status`)? It is \
+                     carried out when one takes it"
+                );
+                return Ok(exit::WAIT_TIMEOUT);
+            }
             Ok(exit::DONE)
         }
         Command::Restart {
@@ -584,8 +616,15 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let grace = grace_period_ms.map_or(grace_period, Duration::from_millis);
             let bus = nats.connect().await?;
             let run_id = resolve(&bus, &run).await?;
-            let log = sealed_log(&bus, &workspace, &trust).await?;
-            stop(&log, run_id, grace, force).await?;
+            let log = open_log(&bus).await?;
+            let wait = grace.min(dispatch_runlog::stop::MAX_GRACE) + STOP_TAKEN_WITHIN;
+            if !stop(&log, run_id, grace, force, Some(wait)).await? {
+                return Err(Failure::new(format!(
+                    "run {run_id} has not ended within {}s of asking it to stop; is a \
+                     dispatcher running (`dispatch status`)?",
+                    wait.as_secs()
+                )));
+            }
             // The request is the log's first event: one read, however long the log.
             let requested = match log.first_event(&run_id).await?.and_then(|e| e.event.body) {
                 Some(Body::RunRequested(r)) => r,
@@ -621,7 +660,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Rm { runs, force } => {
             let bus = nats.connect().await?;
-            let log = sealed_log(&bus, &workspace, &trust).await?;
+            let log = open_log(&bus).await?;
             let mut ids = Vec::new();
             for run in &runs {
                 let run_id = resolve(&bus, run).await?;
@@ -632,7 +671,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                             "run {run_id} has not ended; stop it first (dispatch stop) or use rm --force"
                         )));
                     }
-                    stop(&log, run_id, Duration::ZERO, true).await?;
+                    if !stop(&log, run_id, Duration::ZERO, true, Some(STOP_TAKEN_WITHIN)).await? {
+                        return Err(Failure::new(format!(
+                            "run {run_id} has not ended within {}s of stopping it; is a \
+                             dispatcher running (`dispatch status`)?",
+                            STOP_TAKEN_WITHIN.as_secs()
+                        )));
+                    }
                 }
                 ids.push(run_id);
             }
@@ -1019,14 +1064,47 @@ async fn follow_log(
     }
 }
 
-/// Asks a run to stop and makes sure it ends (see [`dispatch_runlog::stop::stop`]).
-async fn stop(log: &RunLog, run_id: RunId, grace: Duration, force: bool) -> Result<(), Failure> {
-    match dispatch_runlog::stop::stop(log, run_id, grace, force, "cli").await? {
-        dispatch_runlog::stop::Stopped::NoSuchRun => {
-            Err(Failure::new(format!("no run matches {run_id}")))
-        }
-        _ => Ok(()),
+/// How long `dispatch stop` waits, beyond the grace period, for a dispatcher to take
+/// the stop and end the run.
+const STOP_TAKEN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Asks a run to stop and, with `wait`, waits up to that long for it to end; returns
+/// whether it has. The CLI writes no run log: the stop goes to the dispatcher as a
+/// command (see [`dispatch_runlog::stop`]), which records it, and ends the run itself
+/// if the run's owner does not within `grace`.
+async fn stop(
+    log: &RunLog,
+    run_id: RunId,
+    grace: Duration,
+    force: bool,
+    wait: Option<Duration>,
+) -> Result<bool, Failure> {
+    let mut handle = log.handle(run_id).await?;
+    if handle.is_finished() {
+        return Ok(true);
     }
+    if handle.events().is_empty()
+        && dispatch_runlog::submit::find_goal(log.bus(), &run_id)
+            .await?
+            .is_none()
+    {
+        return Err(Failure::new(format!("no run matches {run_id}")));
+    }
+    dispatch_runlog::stop::hand_over(log.bus(), &run_id, grace, force, "cli").await?;
+    let Some(wait) = wait else {
+        return Ok(false);
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    while !handle.is_finished() {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        handle
+            .wait_for_more((deadline - now).min(Duration::from_secs(5)))
+            .await?;
+    }
+    Ok(true)
 }
 
 /// Asks on the terminal before audit evidence is deleted; refuses without one.
@@ -1073,26 +1151,6 @@ async fn remove(bus: &Bus, ids: &[RunId], trails: bool) -> Result<(), Failure> {
 fn parse_key(text: &str) -> Result<[u8; 32], Failure> {
     dispatch_runlog::seal::parse_public_key(text)
         .map_err(|e| Failure::new(format!("--public-key: {e}")))
-}
-
-/// The run log, sealing the terminal events this CLI writes (forced stops) with the
-/// workspace key, which must exist: the CLI never makes up a key of its own.
-async fn sealed_log(
-    bus: &Bus,
-    workspace: &std::path::Path,
-    trust: &Trust,
-) -> Result<RunLog, Failure> {
-    let path = dispatch_service::layout::seal_key(workspace);
-    let sealer = Sealer::load(&path).map_err(|e| {
-        Failure::new(format!(
-            "{e}; stopping a run seals it with the workspace key, which `dispatch up` (or the \
-             first dispatcher) creates: run this in the workspace, or pass --workspace"
-        ))
-    })?;
-    Ok(RunLog::open(bus, "cli")
-        .await?
-        .with_trust(trust.clone())
-        .with_sealer(sealer))
 }
 
 /// `500ms`, `90s`, `35m`, `1h`, `1h 30m`: one format for every duration flag.

@@ -296,6 +296,7 @@ impl Connectors {
             .await?;
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
             .await?
+            .writing_as(dispatch_bus::subject::LogWriter::Connectors)
             .with_trust(config.common.trust());
         Ok(Self {
             config,

@@ -120,6 +120,7 @@ impl Dispatcher {
         ))?;
         let log = RunLog::open(&bus, &owner)
             .await?
+            .writing_as(dispatch_bus::subject::LogWriter::Dispatcher)
             .with_trust(config.common.trust())
             .with_sealer(sealer);
         let offer = tools::Offer::new(dispatch_bus::catalogue::open(&bus).await?);

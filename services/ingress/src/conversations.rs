@@ -612,8 +612,9 @@ pub(crate) enum RunLogError {
     Unavailable(String),
 }
 
-/// `run_id`'s events after sequence `after`, verified one by one as they are read,
-/// live until its terminal event (included) or until ingress stops.
+/// `run_id`'s events after sequence `after`, verified one by one as they are read (the
+/// chain, who wrote each, the seal), live until its terminal event (included) or until
+/// ingress stops. An event that does not verify ends the stream before it.
 pub(crate) async fn run_log(
     app: &App,
     run_id: dispatch_bus::RunId,
@@ -626,7 +627,7 @@ pub(crate) async fn run_log(
         .get_stream(streams::RUNS)
         .await
         .map_err(|e| unavailable(&e))?;
-    let log = subject::run(&run_id).to_string();
+    let log = subject::run_log(&run_id);
     match Reader::new(runs.clone()).next(&log, 1).await {
         Ok(Some(_)) => {}
         Ok(None) => return Err(RunLogError::NoRun),
@@ -643,13 +644,33 @@ pub(crate) async fn run_log(
         .messages()
         .await
         .map_err(|e| unavailable(&e))?;
-    let events = messages.filter_map(move |message| {
-        let event = message.ok().and_then(|message| {
-            let stream_seq = message.info().ok()?.stream_sequence;
-            dispatch_runlog::decode(&run_id, stream_seq, &message.payload).ok()
-        });
-        std::future::ready(event.filter(|e| e.seq > after))
-    });
+    let trust = app.trust.clone();
+    let events = messages
+        .scan(None, move |before: &mut Option<dispatch_proto::run::v1::RunEvent>, message| {
+            let checked = message.ok().and_then(|message| {
+                let stream_seq = message.info().ok()?.stream_sequence;
+                let stored = dispatch_runlog::stored_at(
+                    &run_id,
+                    &message.subject,
+                    stream_seq,
+                    &message.payload,
+                )
+                .ok()?;
+                let fresh = [stored];
+                let record =
+                    dispatch_runlog::chain::verify(&run_id, before.as_ref(), &fresh, &trust);
+                if let Err(e) = &record {
+                    tracing::warn!(%run_id, error = %e, "a run's log does not verify; its event stream ends");
+                }
+                (record.ok()? == 1).then(|| {
+                    let [stored] = fresh;
+                    stored.event
+                })
+            });
+            *before = checked.clone();
+            std::future::ready(checked.map(Some))
+        })
+        .filter_map(move |event| std::future::ready(event.filter(|e| e.seq > after)));
     let stopping = app.stopping.clone();
     Ok(until(events, |event| {
         matches!(

@@ -111,6 +111,8 @@ struct App {
     stopping: CancellationToken,
     /// Service runs' webhook listeners.
     listeners: Arc<listeners::Listeners>,
+    /// Whose seals the run logs it serves are checked against.
+    trust: dispatch_runlog::seal::Trust,
 }
 
 impl Ingress {
@@ -149,6 +151,7 @@ impl Ingress {
             format!("{SERVICE}/{}", config.common.instance),
         )
         .await?;
+        let trust = config.common.trust();
         Ok(Self {
             config,
             app: Arc::new(App {
@@ -157,6 +160,7 @@ impl Ingress {
                 writes: Default::default(),
                 stopping: CancellationToken::new(),
                 listeners,
+                trust,
             }),
             listener,
             grpc,

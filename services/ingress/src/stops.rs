@@ -11,14 +11,10 @@ use axum::response::{IntoResponse, Response};
 use dispatch_bus::subject;
 use dispatch_proto::api::v1::{GetRunRequest, RunView};
 use dispatch_proto::api::{QueryError, Reply};
-use dispatch_proto::command::v1::StopRun;
 use dispatch_runlog::stop::{DEFAULT_GRACE, MAX_GRACE};
 use serde::Deserialize;
 
 use crate::{App, QUERY_TIMEOUT, error, problem};
-
-/// How many times the command is offered to NATS before the caller is told to retry.
-const STORE_ATTEMPTS: u32 = 3;
 
 /// Why a stop was not handed on.
 #[derive(Debug)]
@@ -72,37 +68,14 @@ pub(crate) async fn stop(
             run_id: view.run_id,
         });
     }
-    let command = StopRun {
-        run_id: view.run_id.clone(),
-        grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
-        force,
-        requested_by: by,
-    };
-    // One command per run and kind within the dedupe window: asking again while the
-    // first is being carried out changes nothing, and a forced stop still gets through.
-    let msg_id = format!(
-        "stop-{}-{}",
-        view.run_id,
-        if force { "forced" } else { "asked" }
-    );
-    let payload = dispatch_proto::Message::encode_to_vec(&command);
-    let mut last_error = String::new();
-    for attempt in 0..STORE_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-        }
-        match app
-            .bus
-            .append(subject::cmd::stop(), &msg_id, None, payload.clone().into())
-            .await
-        {
-            Ok(_) => return Ok(view.run_id),
-            Err(e) => last_error = e.to_string(),
-        }
+    let run_id = view
+        .run_id
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| Refused::Unavailable(e.to_string()))?;
+    match dispatch_runlog::stop::hand_over(&app.bus, &run_id, grace, force, &by).await {
+        Ok(()) => Ok(view.run_id),
+        Err(e) => Err(Refused::Unavailable(e.to_string())),
     }
-    Err(Refused::Unavailable(format!(
-        "NATS did not store the stop command; ask again (it is never carried out twice): {last_error}"
-    )))
 }
 
 /// The body of `POST /v1/runs/{id}/stop`; it may be empty.

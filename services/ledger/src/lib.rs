@@ -166,6 +166,7 @@ impl Ledger {
         ));
         tasks.spawn(answer_queries(state.clone(), shutdown.clone()));
         tasks.spawn(export_trails(state.clone(), shutdown.clone()));
+        tasks.spawn(find_ghosts(state.clone(), shutdown.clone()));
         let tasks_file = layout::tasks_file(&self.config.common.workspace);
         tasks.spawn(render_tasks(state.clone(), tasks_file, shutdown.clone()));
         state.render.notify_one();
@@ -380,6 +381,87 @@ fn commit(
     Ok(())
 }
 
+/// How often the runs whose start is new are checked against the goals. Most runs end
+/// before their first check, and an ended run needs no read.
+const GHOST_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Looks for the goal of every run whose log started (the views' `ghosts_due`): a run
+/// that has not ended, and that no goal on DISPATCH_GOALS names, was started by no
+/// dispatcher taking a goal, so nothing owns it. It goes to the dispatcher, which
+/// checks the same for itself and ends it `blocked` (`dispatch.cmd.ghost`).
+async fn find_ghosts(
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> Result<(), dispatch_bus::Error> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(GHOST_CHECK_EVERY) => {}
+        }
+        loop {
+            let due = state.views.ghosts_due(256);
+            if due.is_empty() || shutdown.is_cancelled() {
+                break;
+            }
+            let mut checked = 0;
+            for run_id in &due {
+                match check_ghost(&state, run_id).await {
+                    Ok(()) => {
+                        checked += 1;
+                        if let Err(e) = state.views.ghost_checked(run_id) {
+                            tracing::warn!(run_id, error = %e, "cannot mark a run's goal looked for");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(run_id, error = %e, "cannot look for a run's goal yet")
+                    }
+                }
+            }
+            if checked < due.len() {
+                break;
+            }
+        }
+    }
+}
+
+/// Looks for one run's goal, and hands the run to the dispatcher if none names it.
+async fn check_ghost(state: &State, run_id: &str) -> Result<(), String> {
+    let Some(view) = state.views.run(run_id) else {
+        return Ok(());
+    };
+    if view.status().is_terminal() {
+        return Ok(());
+    }
+    let id: dispatch_bus::RunId = run_id
+        .parse()
+        .map_err(|e: dispatch_bus::IdError| e.to_string())?;
+    if dispatch_runlog::submit::find_goal(&state.bus, &id)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Ok(());
+    }
+    tracing::warn!(
+        run_id,
+        "a run's log started with no goal; asking the dispatcher to end it"
+    );
+    let command = dispatch_proto::command::v1::EndGhost {
+        run_id: run_id.to_owned(),
+    };
+    state
+        .bus
+        .append(
+            subject::cmd::ghost(),
+            &format!("ghost-{run_id}"),
+            None,
+            prost::Message::encode_to_vec(&command).into(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Trails exported at the same time.
 const TRAILS_AT_ONCE: usize = 16;
 
@@ -461,7 +543,8 @@ async fn export_trail(state: &State, run_id: &str, force: bool) -> Result<u64, S
         return Ok(0);
     }
     let events = match state.log.read_every(&id).await {
-        Ok(events) => events,
+        // The trail is the record: up to the seal, whatever was stored after it.
+        Ok(audited) => audited.events,
         // No trail can ever be written for a log that does not verify: trying again
         // every few seconds would only repeat this line forever.
         Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
@@ -884,7 +967,7 @@ async fn replay(state: &State, query: ReplayRunRequest) -> Reply<ReplayRunRespon
             .parse()
             .map_err(|e: dispatch_bus::IdError| QueryError::BadRequest(e.to_string()))?,
     };
-    let events = state
+    let audited = state
         .log
         .read_every(&run_id)
         .await
@@ -892,15 +975,29 @@ async fn replay(state: &State, query: ReplayRunRequest) -> Reply<ReplayRunRespon
             dispatch_runlog::ErrorKind::Corrupt => QueryError::Corrupt(e.to_string()),
             _ => QueryError::Unavailable(e.to_string()),
         })?;
+    let events = audited.events;
     if events.is_empty() {
         return Err(QueryError::NotFound(format!("no run {run_id}")));
     }
-    let view = events
+    let mut view = events
         .iter()
         .fold(None, |view, stored| {
-            Some(RunView::apply(view, &stored.event, state.views.trust()))
+            Some(RunView::apply(
+                view,
+                &stored.event,
+                stored.stored_as,
+                stored.stream_seq,
+                state.views.trust(),
+            ))
         })
         .expect("at least one event");
+    if let Some(after) = audited.after_seal {
+        view.tampered_after_seal = Some(dispatch_proto::api::v1::TamperedAfterSeal {
+            stream_seq: after.stream_seq,
+            messages: after.messages,
+        });
+        view.last_stream_seq = view.last_stream_seq.max(after.stream_seq);
+    }
     let key = run_id.to_string();
     let removed = state.views.is_removed(&key);
     state

@@ -34,6 +34,10 @@ pub const DRAIN_IDS: &str = "drain_ids";
 /// the same commit as the terminal event's view, emptied by the exporter once the trail
 /// is written, so a ledger killed at any point catches up on start.
 pub const TRAILS_DUE: &str = "trails_due";
+/// Ids of runs whose log has started and whose goal has not been looked for yet. A log
+/// only a forger could have started (no goal on DISPATCH_GOALS names it) has no owner;
+/// the ledger hands such a run to the dispatcher to end (`dispatch.cmd.ghost`).
+pub const GHOSTS_DUE: &str = "ghosts_due";
 /// Index: `<short id><run id>` for every run, so the short id people type (the random
 /// tail of the id, see [`dispatch_bus::short_id`]) resolves by a prefix scan.
 pub const BY_SHORT_ID: &str = "by_short_id";
@@ -47,7 +51,7 @@ pub const WAITING: &str = "waiting";
 /// Index: `<origin>\0<run id>` for every run, so the runs of one origin (`schedule`,
 /// `cli`, …) are a prefix scan.
 pub const BY_ORIGIN: &str = "by_origin";
-pub const TREES: [&str; 13] = [
+pub const TREES: [&str; 14] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -61,9 +65,10 @@ pub const TREES: [&str; 13] = [
     ARCHIVE_DUE,
     WAITING,
     BY_ORIGIN,
+    GHOSTS_DUE,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 7;
+pub const SCHEMA: u32 = 8;
 
 /// The tombstone of a run removed together with its trail (`prune --trails`).
 const TRAIL_REMOVED: &[u8] = b"trail";
@@ -530,7 +535,7 @@ impl Views {
     ) {
         pending.last_seq = seq;
         pending.applied += 1;
-        let Some(run_id) = subject::run_id_of(subject_name) else {
+        let Some(on) = subject::parse_run(subject_name) else {
             tracing::warn!(
                 subject = subject_name,
                 seq,
@@ -538,6 +543,7 @@ impl Views {
             );
             return;
         };
+        let run_id = on.run_id;
         let key = run_id.to_string();
         let event = match dispatch_runlog::decode(&run_id, seq, payload) {
             Ok(event) => event,
@@ -549,7 +555,7 @@ impl Views {
                     return;
                 }
                 let current = pending.runs.remove(&key).or_else(|| self.run(&key));
-                let view = RunView::apply_garbage(current, &key, e.to_string());
+                let view = RunView::apply_garbage(current, &key, e.to_string(), seq);
                 pending.runs.insert(key, view);
                 return;
             }
@@ -571,7 +577,7 @@ impl Views {
             .as_ref()
             .map(|v| conversation_or_default(&v.conversation_id));
         let origin_before = current.as_ref().map(|v| v.origin.clone());
-        let view = RunView::apply(current, &event, &self.trust);
+        let view = RunView::apply(current, &event, on.writer, seq, &self.trust);
         let conversation = conversation_or_default(&view.conversation_id);
         if let Some(before) = before.filter(|b| *b != conversation) {
             // The goal named one conversation and the run's request another (a bad
@@ -597,8 +603,34 @@ impl Views {
                 Vec::new(),
             );
         }
+        // A run's start is checked against the goals later, once the commit is in.
+        if event.seq == 1
+            && matches!(event.body, Some(Body::RunRequested(_)))
+            && view.corrupt.is_none()
+        {
+            pending.batch.put(GHOSTS_DUE, &key, Vec::new());
+        }
         // The view is written once per batch, at commit, however many events touched it.
         pending.runs.insert(key, view);
+    }
+
+    /// Up to `limit` runs whose goal is due to be looked for, in id order.
+    pub fn ghosts_due(&self, limit: usize) -> Vec<String> {
+        let Ok(tree) = self.store.tree(GHOSTS_DUE) else {
+            return Vec::new();
+        };
+        tree.iter()
+            .keys()
+            .take(limit)
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect()
+    }
+
+    /// The run's goal was looked for (and the run handed on if it had none).
+    pub fn ghost_checked(&self, run_id: &str) -> Result<(), dispatch_views::Error> {
+        self.store.tree(GHOSTS_DUE)?.remove(run_id)?;
+        Ok(())
     }
 
     /// Replaces a run's view with one folded from its whole log (`dispatch replay`).

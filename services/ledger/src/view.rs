@@ -2,10 +2,11 @@
 //! itself is the front doors' contract (`dispatch_proto::api::v1::RunView`); how it is
 //! folded from a log is the ledger's.
 
+use dispatch_bus::subject::LogWriter;
 use dispatch_proto::api::v1::{
-    Corruption, ListenerView, PendingApproval, RunView, ServiceView, TaskStatus,
+    Corruption, ListenerView, PendingApproval, RunView, ServiceView, TamperedAfterSeal, TaskStatus,
 };
-use dispatch_proto::run::v1::{LeafState, RunEvent, RunStatus, run_event::Body};
+use dispatch_proto::run::v1::{LeafState, RunEvent, RunStatus, WriterRole, run_event::Body};
 use dispatch_runlog::seal::Trust;
 
 /// The most of a call's arguments, and of its rule and reason, a pending approval shows.
@@ -17,12 +18,36 @@ pub const MAX_PENDING_APPROVALS: usize = 32;
 
 /// Folding a run's events into its view.
 pub trait Fold: Sized {
-    /// A message on the run's subject that is not one of its events.
-    fn apply_garbage(view: Option<Self>, run_id: &str, error: String) -> Self;
+    /// A message on the run's subjects (at stream sequence `stream_seq`) that is not one
+    /// of its events.
+    fn apply_garbage(view: Option<Self>, run_id: &str, error: String, stream_seq: u64) -> Self;
     /// The view of a goal no dispatcher has taken yet.
     fn queued(command: &dispatch_proto::command::v1::SubmitGoal) -> Self;
-    /// Applies one event, verifying it against what came before.
-    fn apply(view: Option<Self>, event: &RunEvent, trust: &Trust) -> Self;
+    /// Applies one event, stored at `stream_seq` on `stored_as`'s subject, verifying it
+    /// against what came before.
+    fn apply(
+        view: Option<Self>,
+        event: &RunEvent,
+        stored_as: LogWriter,
+        stream_seq: u64,
+        trust: &Trust,
+    ) -> Self;
+}
+
+/// True once the view holds the run's valid seal: anything stored after it is outside
+/// the record.
+fn sealed(view: &RunView) -> bool {
+    view.corrupt.is_none() && view.finished_at_ms.is_some()
+}
+
+/// Counts a message stored after the run's seal, which changes nothing else.
+fn mark_after_seal(view: &mut RunView, stream_seq: u64) {
+    view.last_stream_seq = stream_seq;
+    let after = view.tampered_after_seal.get_or_insert(TamperedAfterSeal {
+        stream_seq,
+        messages: 0,
+    });
+    after.messages += 1;
 }
 
 /// A run's view before its first event is applied.
@@ -57,8 +82,14 @@ fn mark_corrupt(view: &mut RunView, seq: u64, reason: String) {
 }
 
 /// The checks an event must pass to be applied: it is the next in sequence, links to
-/// the last one applied, hashes to its own hash, and obeys the seal rules.
-fn check(view: &RunView, event: &RunEvent, trust: &Trust) -> Result<(), String> {
+/// the last one applied, hashes to its own hash, was written by its kind's role on
+/// that role's subject, and obeys the seal rules.
+fn check(
+    view: &RunView,
+    event: &RunEvent,
+    stored_as: LogWriter,
+    trust: &Trust,
+) -> Result<(), String> {
     if event.seq != view.last_seq + 1 {
         return Err(format!("expected seq {}", view.last_seq + 1));
     }
@@ -73,19 +104,25 @@ fn check(view: &RunView, event: &RunEvent, trust: &Trust) -> Result<(), String> 
     if event.hash != dispatch_runlog::chain::hash(event) {
         return Err("hash does not match the event's content".into());
     }
-    dispatch_runlog::chain::check_link(event, view.finished_at_ms.is_some(), trust)
+    dispatch_runlog::chain::check_link(event, Some(stored_as), trust)
 }
 
 impl Fold for RunView {
-    /// A message on the run's subject that is not one of its events.
-    fn apply_garbage(view: Option<Self>, run_id: &str, error: String) -> Self {
+    /// A message on the run's subjects that is not one of its events: after the run's
+    /// seal it is only counted; before, the log no longer verifies.
+    fn apply_garbage(view: Option<Self>, run_id: &str, error: String, stream_seq: u64) -> Self {
         let mut view = view.unwrap_or_else(|| {
             new_view(&RunEvent {
                 run_id: run_id.to_owned(),
                 ..Default::default()
             })
         });
-        if view.corrupt.is_none() {
+        if stream_seq <= view.last_stream_seq {
+            return view;
+        }
+        if sealed(&view) {
+            mark_after_seal(&mut view, stream_seq);
+        } else if view.corrupt.is_none() {
             let seq = view.last_seq + 1;
             mark_corrupt(&mut view, seq, error);
         }
@@ -112,18 +149,35 @@ impl Fold for RunView {
     }
 
     /// Applies one event, verifying it against what came before: events at or below
-    /// `last_seq` were applied already, and an event that fails verification marks the
-    /// run `corrupt` (see [`check`]) and stops it from changing any further.
-    fn apply(view: Option<Self>, event: &RunEvent, trust: &Trust) -> Self {
+    /// `last_seq` were applied already, an event that fails verification marks the run
+    /// `corrupt` (see [`check`]) and stops it from changing any further, and anything
+    /// stored after a valid seal is outside the record: counted, never applied.
+    fn apply(
+        view: Option<Self>,
+        event: &RunEvent,
+        stored_as: LogWriter,
+        stream_seq: u64,
+        trust: &Trust,
+    ) -> Self {
         let mut view = view.unwrap_or_else(|| new_view(event));
-        if view.corrupt.is_some() || event.seq <= view.last_seq && event.seq != 0 {
+        if view.corrupt.is_some() {
             return view;
         }
-        if let Err(reason) = check(&view, event, trust) {
+        // A redelivered message was applied (or counted) already.
+        if stream_seq <= view.last_stream_seq {
+            return view;
+        }
+        // After the seal, whatever it claims, a message is not part of the record.
+        if sealed(&view) {
+            mark_after_seal(&mut view, stream_seq);
+            return view;
+        }
+        if let Err(reason) = check(&view, event, stored_as, trust) {
             mark_corrupt(&mut view, event.seq, reason);
             return view;
         }
         view.last_seq = event.seq;
+        view.last_stream_seq = stream_seq;
         view.last_hash = hex::encode(&event.hash);
         let Some(body) = &event.body else { return view };
         match body {
@@ -240,7 +294,10 @@ impl Fold for RunView {
         }
         // The owner is the dispatcher copy that last wrote to the run: after a takeover
         // the copy carrying it on (and finishing it), not the one that died.
-        if view.owner.is_some() && event.writer.starts_with(DISPATCHER_WRITER) {
+        if view.owner.is_some()
+            && event.role() == WriterRole::Dispatcher
+            && event.writer.starts_with(DISPATCHER_WRITER)
+        {
             view.owner = Some(event.writer.clone());
         }
         view
@@ -310,12 +367,23 @@ mod tests {
             .map(|(i, body)| RunEvent {
                 run_id: "r".into(),
                 time_unix_ms: (i as i64 + 1) * 1000,
+                role: match body {
+                    Body::ApprovalRequested(_) | Body::ApprovalResolved(_) => WriterRole::Policy,
+                    _ => WriterRole::Dispatcher,
+                } as i32,
                 body: Some(body),
                 ..Default::default()
             })
             .collect();
         dispatch_runlog::chain::link(&mut events, Some(sealer));
         events
+    }
+
+    /// Applies `event` as stored on its own role's subject, at stream sequence `seq`
+    /// times ten (other runs' events between).
+    fn apply(view: Option<RunView>, event: &RunEvent, trust: &Trust) -> RunView {
+        let on = dispatch_runlog::roles::writer_of(event.role()).unwrap_or(LogWriter::Dispatcher);
+        RunView::apply(view, event, on, event.seq * 10, trust)
     }
 
     fn sealer(name: &str) -> Sealer {
@@ -371,7 +439,7 @@ mod tests {
         let mut view = None;
         let mut seen = Vec::new();
         for e in events {
-            let v = RunView::apply(view, e, trust);
+            let v = apply(view, e, trust);
             seen.push(v.status());
             view = Some(v);
         }
@@ -400,7 +468,7 @@ mod tests {
         // Re-delivering any event changes nothing.
         let again = events
             .iter()
-            .fold(done.clone(), |v, e| RunView::apply(Some(v), e, &trust));
+            .fold(done.clone(), |v, e| apply(Some(v), e, &trust));
         assert_eq!(again, done);
     }
 
@@ -445,7 +513,7 @@ mod tests {
         let fold = |events: &[RunEvent]| {
             events
                 .iter()
-                .fold(None, |v, e| Some(RunView::apply(v, e, &trust)))
+                .fold(None, |v, e| Some(apply(v, e, &trust)))
                 .unwrap()
         };
         // Sealed by a key nobody trusts.
@@ -476,10 +544,40 @@ mod tests {
         );
         late.push(extra[5].clone());
         let view = fold(&late);
-        assert_eq!(view.status(), TaskStatus::Corrupt);
+        assert_eq!(view.status(), TaskStatus::Done, "the sealed record stands");
+        assert_eq!(
+            view.tampered_after_seal,
+            Some(TamperedAfterSeal {
+                stream_seq: 60,
+                messages: 1
+            })
+        );
+        // ...and so does a message that is no event at all, counted once however often
+        // it is delivered.
+        let view = RunView::apply_garbage(Some(view), "r", "not an event".into(), 70);
+        let view = RunView::apply_garbage(Some(view), "r", "not an event".into(), 70);
+        assert_eq!(view.status(), TaskStatus::Done);
+        assert_eq!(view.tampered_after_seal.as_ref().unwrap().messages, 2);
+        assert!(view.corrupt.is_none());
+
+        // An approval written by connectors, or stored on their subject, is a forgery.
+        let mut log = bodies()[..2].to_vec();
+        log.push(Body::ApprovalResolved(ApprovalResolved {
+            approval_id: "r.l0-t0-c0".into(),
+            decision: dispatch_proto::run::v1::Decision::Allow as i32,
+            ..Default::default()
+        }));
+        let events = chain(log, &ours);
+        let view = RunView::apply(None, &events[0], LogWriter::Dispatcher, 1, &trust);
+        let view = RunView::apply(Some(view), &events[1], LogWriter::Dispatcher, 2, &trust);
+        let forged = RunView::apply(Some(view), &events[2], LogWriter::Connectors, 3, &trust);
+        assert_eq!(forged.status(), TaskStatus::Corrupt);
         assert!(
-            view.corrupt.unwrap().reason.contains("follows"),
-            "an event after the seal"
+            forged
+                .corrupt
+                .unwrap()
+                .reason
+                .contains("stored on the connectors subject"),
         );
     }
 }

@@ -123,6 +123,7 @@ impl PolicyService {
             .await?;
         let log = RunLog::open(&bus, &format!("{SERVICE}/{instance}"))
             .await?
+            .writing_as(dispatch_bus::subject::LogWriter::Policy)
             .with_trust(config.common.trust());
         Ok(Self {
             config,
@@ -193,21 +194,23 @@ async fn seed(
     instance: &str,
 ) -> Result<InForce, Error> {
     for _ in 0..5 {
+        // Damaged messages after the version in force are skipped (and said): the last
+        // good version stays in force, and the next change supersedes them.
         let current = store::current(bus).await?;
-        let (document, note) = match (seed, &current) {
+        let (document, note) = match (seed, &current.in_force) {
             (Some((document, from)), _) => (document.clone(), from.clone()),
-            (None, Some(current)) => return Ok(current.clone()),
+            (None, Some(in_force)) => return Ok(in_force.clone()),
             (None, None) => (Document::builtin(), "the built-in policy".to_owned()),
         };
         let by = format!("{SERVICE}/{instance}");
-        match store::set(bus, current.as_ref(), &document, &by, &note).await {
+        match store::set(bus, &current, &document, &by, &note).await {
             Ok((version, _)) => return Ok(version),
             Err(store::Error::Conflict) => continue,
             Err(e) => return Err(e.into()),
         }
     }
     // Five lost races in a row: whoever won is in force.
-    store::current(bus).await?.ok_or_else(|| {
+    store::current(bus).await?.in_force.ok_or_else(|| {
         Error::Store(store::Error::Store(
             "the policy document could not be put in force".into(),
         ))

@@ -81,7 +81,7 @@ async fn set(gate: &Gate, message: &async_nats::Message) -> SetPolicyResponse {
         Ok(current) => current,
         Err(e) => return refused(e.to_string()),
     };
-    match store::set(&gate.bus, current.as_ref(), &document, &who, &note).await {
+    match store::set(&gate.bus, &current, &document, &who, &note).await {
         Ok((version, added)) => {
             if added {
                 tracing::info!(

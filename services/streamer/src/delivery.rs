@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use dispatch_bus::async_nats::jetstream::{self, AckKind};
+use dispatch_bus::subject::LogWriter;
 use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
 use dispatch_proto::command::v1::{DeliverRun, DeliveryAttempt};
@@ -214,9 +215,15 @@ impl Deliverer {
 
     /// The run's request and its terminal event (`None` while it has none).
     async fn run(&self, run_id: &RunId) -> Result<Option<(RunRequested, RunFinished)>, String> {
-        let log = subject::run(run_id).to_string();
+        let log = subject::run_log(run_id);
         let first = self.runs.next(&log, 1).await.map_err(|e| e.to_string())?;
-        let last = self.runs.last(&log).await.map_err(|e| e.to_string())?;
+        // The terminal event is the dispatcher's; whatever another writer stored after
+        // it is not the run's end.
+        let last = self
+            .runs
+            .last(subject::run(run_id, LogWriter::Dispatcher).as_str())
+            .await
+            .map_err(|e| e.to_string())?;
         let (Some(first), Some(last)) = (first, last) else {
             return Err("the run has no events".into());
         };

@@ -441,10 +441,11 @@ impl Relay {
         stream_seq: u64,
         payload: &[u8],
     ) -> Result<(), Retry> {
-        let Some(run_id) = subject::run_id_of(subject) else {
+        let Some(on) = subject::parse_run(subject) else {
             tracing::warn!(subject, "not a run log subject; skipped");
             return Ok(());
         };
+        let run_id = on.run_id;
         let event = match dispatch_runlog::decode(&run_id, stream_seq, payload) {
             Ok(event) => event,
             Err(e) => {
@@ -452,6 +453,11 @@ impl Relay {
                 return Ok(());
             }
         };
+        // Nothing a role may not write reaches a conversation.
+        if let Err(why) = dispatch_runlog::roles::check(&event, Some(on.writer)) {
+            tracing::warn!(%run_id, stream_seq, why, "an event by the wrong writer; skipped");
+            return Ok(());
+        }
         let chunks = chunks::of(&run_id.to_string(), &event);
         if !chunks.is_empty() {
             let (conversation, callback) = self
@@ -565,7 +571,7 @@ impl Relay {
             _ => {
                 let first = self
                     .runs
-                    .next(subject::run(run_id).as_str(), 1)
+                    .next(&subject::run_log(run_id), 1)
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or("the run has no events")?;
