@@ -562,10 +562,33 @@ async fn file_tools_stay_inside_scratch_whatever_is_planted() -> anyhow::Result<
         })
         .collect();
     // Ours, and the offline worker's own try to make `cat scratch` pass by writing it.
-    for path in ["scratch/", "scratch/.", "scratch"] {
+    for path in ["scratch/", "scratch"] {
         let refusal = format!("path {path:?} names a directory, not a file");
         assert!(failed.contains(&refusal.as_str()), "{failed:?}");
     }
+    // A path with a `.` step never reaches the tool: the policy's path_prefix does not
+    // read it as inside scratch/, so the gate stops it.
+    let dotted = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r)) if r.args_json.contains(r#""scratch/.""#) => {
+                Some(r.call_id.clone())
+            }
+            _ => None,
+        })
+        .expect("the scratch/. write was requested");
+    let decided = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(Body::PolicyDecided(d)) if d.call_id == dotted => Some(d.clone()),
+            _ => None,
+        })
+        .expect("the scratch/. write was decided");
+    assert_eq!(
+        decided.decision(),
+        dispatch_proto::run::v1::Decision::Deny,
+        "{decided:?}"
+    );
     let gate = events
         .iter()
         .find_map(|e| match &e.event.body {

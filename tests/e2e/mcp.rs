@@ -1,8 +1,11 @@
 //! MCP tools through the whole stack, with real MCP servers from package registries
-//! (installed by `cargo xtask test` into `.tools/mcp`): the catalogue, a call recorded
-//! in the run's log with its risk class, and at most once when the MCP server or the
-//! connectors service is SIGKILLed mid-call. And the built-in HTTP connector, whose
-//! calls take their risk from their method.
+//! (installed by `cargo xtask test` into `.tools/mcp`, and trusted with their
+//! annotations by configuration): the catalogue, a call recorded in the run's log with
+//! its risk class, and at most once when the MCP server or the connectors service is
+//! SIGKILLed mid-call. A server that lies about its tool is not believed: under the
+//! default configuration and the built-in policy its call waits for a person. And the
+//! built-in HTTP connector, whose calls take their risk from their method and body,
+//! and which refuses the headers that would make a request another one.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,7 +47,7 @@ async fn stack_with(mcp: &str) -> anyhow::Result<Stack> {
 /// `marker`, to single its process out.
 fn everything_teed(seen: &Path, marker: &str) -> String {
     format!(
-        "[[connectors.mcp]]\nname = \"everything\"\ncommand = \"sh\"\nargs = [\"-c\", \"tee -a {} | exec node {} stdio {marker}\"]\n",
+        "[[connectors.mcp]]\nname = \"everything\"\ncommand = \"sh\"\nargs = [\"-c\", \"tee -a {} | exec node {} stdio {marker}\"]\ntrust_annotations = true\n",
         seen.display(),
         everything_script().display()
     )
@@ -93,7 +96,7 @@ fn failure(events: &[StoredEvent]) -> String {
 async fn an_mcp_tool_is_catalogued_called_and_recorded() -> anyhow::Result<()> {
     let shared = tempfile::tempdir()?;
     let config = format!(
-        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\n",
+        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
         servers_dir()
             .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
             .display()
@@ -270,6 +273,183 @@ async fn http_calls_carry_the_risk_of_their_method() -> anyhow::Result<()> {
     assert!(calls[0].1.ends_with("three notes"), "{}", calls[0].1);
     assert_eq!(calls[1].0, Risk::External as i32);
     assert!(calls[1].1.ends_with("stored"), "{}", calls[1].1);
+    Ok(())
+}
+
+/// ledger, the built-in policy (no document given) and dispatcher, with `dispatch.toml`
+/// holding `config` for the connectors.
+async fn stack_with_the_builtin_policy(config: &str) -> anyhow::Result<Stack> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    std::fs::write(stack.root().join("dispatch.toml"), config)?;
+    stack.add("policy").await?;
+    stack.add("connectors").await?;
+    stack.add("dispatcher").await?;
+    Ok(stack)
+}
+
+fn bodies(events: &[StoredEvent]) -> impl Iterator<Item = &Body> {
+    events.iter().filter_map(|e| e.event.body.as_ref())
+}
+
+/// The request `dispatch approvals` lists for `run_id`, once it does.
+async fn listed_approval(
+    stack: &Stack,
+    run_id: dispatch_bus::RunId,
+) -> anyhow::Result<serde_json::Value> {
+    let run = run_id.to_string();
+    stack
+        .eventually(LIMIT, || async {
+            let out = stack.cli(&["approvals", "--format", "json"]).ok()?;
+            let listed: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).ok()?;
+            listed.into_iter().find(|a| a["run_id"] == run.as_str())
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_tool_that_says_it_only_reads_waits_for_a_person_under_the_default_configuration()
+-> anyhow::Result<()> {
+    // tests/mcp/lying_server.py: `peek` is annotated readOnlyHint and deletes its file.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/lying_server.py");
+    let config = format!(
+        "[[connectors.mcp]]\nname = \"liar\"\ncommand = {:?}\nargs = [{:?}]\n",
+        servers_dir().join("venv/bin/python").display().to_string(),
+        script.display().to_string(),
+    );
+    let stack = stack_with_the_builtin_policy(&config).await?;
+    wait_for_tool(&stack, "liar.peek").await?;
+    let listed = stack.cli(&["tools", "--format", "json"])?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;
+    let peek = rows
+        .iter()
+        .find(|r| r["name"] == "liar.peek")
+        .expect("liar.peek is listed");
+    assert_eq!(peek["risk"], "destructive", "{peek}");
+
+    let victim = stack.root().join("victim.txt");
+    std::fs::write(&victim, "keep me")?;
+    let plan = format!(
+        "#+TITLE: Peek\n* TODO Look at a file\n  - call: liar.peek {}\n  :done-when: true\n",
+        serde_json::json!({"path": victim})
+    );
+    let run_id = stack.submit(&plan, "default", 60_000).await?;
+    let listed = listed_approval(&stack, run_id).await?;
+    assert_eq!(listed["tool"], "liar.peek", "{listed}");
+    assert_eq!(listed["risk"], "destructive", "{listed}");
+    let id = listed["approval_id"]
+        .as_str()
+        .expect("an approval id")
+        .to_owned();
+    // Waiting for a person, and nothing has run.
+    assert_eq!(std::fs::read_to_string(&victim)?, "keep me");
+    let events = stack.log().await?.read(&run_id).await?;
+    assert_eq!(requested_risk(&events), Risk::Destructive as i32);
+    let decided = bodies(&events)
+        .find_map(|b| match b {
+            Body::PolicyDecided(d) => Some(d.clone()),
+            _ => None,
+        })
+        .expect("a decision");
+    assert_eq!(
+        (decided.decision(), decided.rule.as_str()),
+        (dispatch_proto::run::v1::Decision::Ask, "risky")
+    );
+    assert!(!bodies(&events).any(|b| matches!(b, Body::ToolCallStarted(_))));
+
+    let denied = stack.cli(&["deny", &id, "--reason", "it deletes"])?;
+    assert_eq!(denied.code, Some(0), "{}", denied.stderr);
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert!(
+        !bodies(&events).any(|b| matches!(b, Body::ToolCallStarted(s) if s.call_id == "l0-t0-c0"))
+    );
+    assert_eq!(std::fs::read_to_string(&victim)?, "keep me");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_http_read_is_only_a_read_when_it_is_one() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            "seen"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = format!("[connectors.http]\nallow_hosts = [\"127.0.0.1:{port}\"]\n");
+    let stack = stack_with_the_builtin_policy(&config).await?;
+    wait_for_tool(&stack, "http.request").await?;
+    let url = format!("http://127.0.0.1:{port}/notes");
+    // Each leaf makes one call: a GET that sets Host, one with a method override, one
+    // that sets Content-Length, and a GET with a body.
+    let calls = [
+        serde_json::json!({"method": "GET", "url": url, "headers": {"Host": "other.example"}}),
+        serde_json::json!({"method": "GET", "url": url, "headers": {"X-HTTP-Method-Override": "DELETE"}}),
+        serde_json::json!({"method": "GET", "url": url, "headers": {"Content-Length": "100"}}),
+        serde_json::json!({"method": "GET", "url": url, "body": "{\"delete\": true}"}),
+    ];
+    let mut plan = String::from("#+TITLE: Tricks\n");
+    for (i, call) in calls.iter().enumerate() {
+        plan.push_str(&format!(
+            "* TODO Trick {i}\n  - call: http.request {call}\n  :done-when: true\n"
+        ));
+    }
+    let run_id = stack.submit(&plan, "default", 60_000).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ApprovalRequested(_)))
+        .await?;
+    let events = stack.log().await?.read(&run_id).await?;
+    let requested: Vec<_> = bodies(&events)
+        .filter_map(|b| match b {
+            Body::ToolCallRequested(r) if r.tool == "http.request" => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(requested.len(), 4, "{requested:?}");
+    // The header tricks are reads as far as the gate knows, and refused by the
+    // connector before anything is sent.
+    for r in &requested[..3] {
+        assert_eq!(r.risk, Risk::Read as i32, "{}", r.args_json);
+        let failed = bodies(&events)
+            .find_map(|b| match b {
+                Body::ToolCallFailed(f) if f.call_id == r.call_id => Some(f.error.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{} did not fail", r.args_json));
+        assert!(failed.contains("may not be set by a call"), "{failed}");
+    }
+    // The GET with a body is not a read: a person is asked.
+    let body_call = &requested[3];
+    assert_eq!(body_call.risk, Risk::External as i32);
+    let asked = bodies(&events)
+        .find_map(|b| match b {
+            Body::ApprovalRequested(a) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("a request");
+    assert_eq!(
+        (asked.call_id.as_str(), asked.rule.as_str()),
+        (body_call.call_id.as_str(), "risky")
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "a request reached the server"
+    );
+    let denied = stack.cli(&["deny", &asked.approval_id, "--reason", "no"])?;
+    assert_eq!(denied.code, Some(0), "{}", denied.stderr);
+    stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "a request reached the server"
+    );
     Ok(())
 }
 

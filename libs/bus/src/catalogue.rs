@@ -110,16 +110,21 @@ pub struct ToolEntry {
     /// When it was last put, by the putter's clock.
     pub refreshed_unix_ms: u64,
     /// A call whose argument is one of these values is only a `read`, whatever the
-    /// tool's own risk (`http.request` with `method` GET or HEAD).
+    /// tool's own risk (`http.request` with `method` GET or HEAD, and no `body`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_when: Option<ArgumentIn>,
 }
 
-/// An argument and the values (compared without case) that make a call a read.
+/// An argument and the values (compared without case) that make a call a read, and
+/// arguments that keep it from being one whatever that argument says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArgumentIn {
     pub argument: String,
     pub values: Vec<String>,
+    /// Arguments whose presence, with any value but `null`, makes the call the tool's
+    /// own risk (a GET with a body is not a read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unless: Vec<String>,
 }
 
 impl ToolEntry {
@@ -153,7 +158,11 @@ impl ToolEntry {
         let read = args
             .get(&read_when.argument)
             .and_then(|v| v.as_str())
-            .is_some_and(|v| read_when.values.iter().any(|r| r.eq_ignore_ascii_case(v)));
+            .is_some_and(|v| read_when.values.iter().any(|r| r.eq_ignore_ascii_case(v)))
+            && read_when
+                .unless
+                .iter()
+                .all(|a| args.get(a).is_none_or(serde_json::Value::is_null));
         if read { Risk::Read } else { self.risk }
     }
 
@@ -374,8 +383,17 @@ mod tests {
         entry.read_when = Some(ArgumentIn {
             argument: "method".into(),
             values: vec!["GET".into(), "HEAD".into()],
+            unless: vec!["body".into()],
         });
         assert_eq!(entry.risk_of_call(r#"{"method":"get"}"#), Risk::Read);
+        assert_eq!(
+            entry.risk_of_call(r#"{"method":"GET","body":null}"#),
+            Risk::Read
+        );
+        assert_eq!(
+            entry.risk_of_call(r#"{"method":"GET","body":""}"#),
+            Risk::External
+        );
         assert_eq!(entry.risk_of_call(r#"{"method":"POST"}"#), Risk::External);
         assert_eq!(entry.risk_of_call(r#"{"method":1}"#), Risk::External);
         assert_eq!(entry.risk_of_call("not json"), Risk::External);

@@ -6,10 +6,14 @@
 //! matches decides, with one of four effects: `allow`, `deny`, `ask` (a person
 //! decides) or `validate` (a validator model decides, and may hand it to a person).
 //!
-//! This crate owns the document's form, its checks and its matching. Where documents
-//! are stored and versioned, and who may change them, belongs to the policy service;
-//! the version of a document is its content hash ([`Document::hash`]).
+//! This crate owns the document's form, its checks and its matching, including how a
+//! call's arguments are read for paths and URLs ([`arguments`], [`path`], [`host`]).
+//! Where documents are stored and versioned, and who may change them, belongs to the
+//! policy service; the version of a document is its content hash ([`Document::hash`]).
 
+mod arguments;
+mod host;
+mod path;
 pub mod store;
 
 use dispatch_bus::catalogue::Risk;
@@ -47,17 +51,28 @@ impl Effect {
 }
 
 /// Conditions on a call's arguments. Every one given must hold.
+///
+/// Both look at every argument: the ones the tool's schema marks as paths
+/// (`"format": "path"`) or URLs (`"format": "uri"`), or, where it marks none, every
+/// string; and everything the schema does not describe ([`arguments`]). How a
+/// condition holds depends on the rule's effect, so that an argument the gate cannot
+/// read is never a reason to allow and never a way around a denial:
+///
+/// - in a rule that allows (`allow`, `validate`), the call must name at least one
+///   path (URL), and every one, read strictly, must lie under a prefix (on a host);
+///   one that cannot be read strictly ([`path`], [`host`]) makes the condition fail;
+/// - in a rule that stops (`deny`, `ask`), the condition holds when any path (URL),
+///   read any way a tool might read it, lies under a prefix (on a host), or when the
+///   arguments cannot be read at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct When {
-    /// Every path the call names (its `path`, `source`, `destination` and `paths`
-    /// arguments) lies under one of these. A relative prefix (`scratch/`) matches
-    /// relative paths, an absolute one (`/srv/shared/`) absolute paths; a path that
-    /// climbs with `..`, or a call that names no path, does not match.
+    /// Paths lie under one of these. A relative prefix (`scratch/`) matches relative
+    /// paths, an absolute one (`/srv/shared/`) absolute paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_prefix: Vec<String>,
-    /// The call's `url` argument is an http(s) URL whose host is one of these: a name
-    /// (`api.example.com`) or every name under a domain (`*.example.com`).
+    /// URLs are http(s) URLs whose host is one of these: a name (`api.example.com`),
+    /// an IP address, or every name under a domain (`*.example.com`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub url_host: Vec<String>,
 }
@@ -135,20 +150,14 @@ impl Rule {
             if prefix.trim_matches('/').is_empty() && !prefix.starts_with('/') {
                 return Err("an empty path prefix matches nothing".into());
             }
-            if normalize(prefix).is_none() {
-                return Err(format!("path prefix {prefix:?} may not climb with '..'"));
+            if path::prefix(prefix).is_none() {
+                return Err(format!(
+                    "path prefix {prefix:?} may not climb with '..' or hold a backslash or control character"
+                ));
             }
         }
         for host in &self.when.url_host {
-            let bare = host.strip_prefix("*.").unwrap_or(host);
-            let valid = !bare.is_empty()
-                && bare.len() <= 253
-                && bare.split('.').all(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                });
-            if !valid {
-                return Err(format!("url host {host:?} is not a host name or *.domain"));
-            }
+            host::Pattern::parse(host)?;
         }
         if self.reason.len() > 1024 {
             return Err("a reason may be at most 1024 bytes".into());
@@ -189,6 +198,10 @@ pub struct Call<'a> {
     pub risk: Risk,
     /// The run's origin; empty if unknown.
     pub origin: &'a str,
+    /// The tool's input schema (its catalogue entry's `parameters`), which says which
+    /// arguments are paths and URLs; `None` when unknown, and then every string may
+    /// be either.
+    pub schema: Option<&'a serde_json::Value>,
 }
 
 /// A decision and why.
@@ -331,8 +344,8 @@ impl Document {
 
     /// Decides one call: the first rule that matches, else the default.
     pub fn decide(&self, call: Call<'_>) -> Verdict {
-        let args: serde_json::Value = serde_json::from_str(call.args_json).unwrap_or_default();
-        if let Some(rule) = self.rules.iter().find(|r| r.matches(&call, &args)) {
+        let args: Option<serde_json::Value> = serde_json::from_str(call.args_json).ok();
+        if let Some(rule) = self.rules.iter().find(|r| r.matches(&call, args.as_ref())) {
             let reason = match rule.reason.as_str() {
                 "" => format!("{} by rule {}", rule.effect.word(), rule.name),
                 why => format!("{} by rule {}: {why}", rule.effect.word(), rule.name),
@@ -428,123 +441,105 @@ impl Rule {
         self.risk.is_empty() || self.risk.contains(&risk)
     }
 
-    fn matches(&self, call: &Call<'_>, args: &serde_json::Value) -> bool {
+    fn matches(&self, call: &Call<'_>, args: Option<&serde_json::Value>) -> bool {
         self.covers(call.tool)
             && self.risk_ok(call.risk)
             && (self.origin.is_empty() || self.origin.iter().any(|o| o == call.origin))
-            && self.when.holds(args)
+            && self.when.holds(args, call.schema, self.effect)
     }
 }
 
 impl When {
-    fn holds(&self, args: &serde_json::Value) -> bool {
-        if !self.path_prefix.is_empty() {
-            let paths = paths_of(args);
-            let under = |path: &String| {
-                normalize(path).is_some_and(|path| {
-                    self.path_prefix
+    /// Whether the conditions hold for a call with `args` (`None`: not JSON) and the
+    /// tool's `schema`, in a rule with `effect`.
+    fn holds(
+        &self,
+        args: Option<&serde_json::Value>,
+        schema: Option<&serde_json::Value>,
+        effect: Effect,
+    ) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let stops = matches!(effect, Effect::Deny | Effect::Ask);
+        let Some(Ok(named)) = args.map(|args| arguments::read(args, schema)) else {
+            // Arguments the gate cannot read stop a call, and allow none.
+            return stops;
+        };
+        (self.path_prefix.is_empty() || self.paths_hold(&named, stops))
+            && (self.url_host.is_empty() || self.hosts_hold(&named, stops))
+    }
+
+    fn paths_hold(&self, named: &arguments::Named<'_>, stops: bool) -> bool {
+        let prefixes: Vec<path::Steps> = self
+            .path_prefix
+            .iter()
+            .filter_map(|p| path::prefix(p))
+            .collect();
+        let under = |steps: &path::Steps| prefixes.iter().any(|p| steps.is_under(p));
+        if stops {
+            return named.odd_path
+                || named.paths().any(|p| {
+                    path::readings(p)
                         .iter()
-                        .filter_map(|p| normalize(p))
-                        .any(|prefix| is_under(&path, &prefix))
-                })
-            };
-            if paths.is_empty() || !paths.iter().all(under) {
-                return false;
+                        .any(|r| r.as_ref().is_none_or(under))
+                });
+        }
+        let mut some = false;
+        for p in named.paths() {
+            some = true;
+            match path::strict(p) {
+                Ok(readings) if readings.iter().all(under) => {}
+                _ => return false,
             }
         }
-        if !self.url_host.is_empty() {
-            let host = args
-                .get("url")
-                .and_then(|u| u.as_str())
-                .and_then(|u| url::Url::parse(u).ok())
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
-            let Some(host) = host else {
-                return false;
-            };
-            let allowed = self.url_host.iter().any(|pattern| {
-                let pattern = pattern.to_ascii_lowercase();
-                match pattern.strip_prefix("*.") {
-                    Some(domain) => host
-                        .strip_suffix(domain)
-                        .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
-                    None => host == pattern,
-                }
-            });
-            if !allowed {
-                return false;
+        some && !named.odd_path
+    }
+
+    fn hosts_hold(&self, named: &arguments::Named<'_>, stops: bool) -> bool {
+        let patterns: Vec<host::Pattern> = self
+            .url_host
+            .iter()
+            .filter_map(|h| host::Pattern::parse(h).ok())
+            .collect();
+        let admitted = |h: &host::Host| patterns.iter().any(|p| p.admits(h));
+        if stops {
+            return named.odd_url
+                || named
+                    .urls()
+                    .any(|(u, _)| host::readings(u).iter().any(admitted));
+        }
+        let mut some = false;
+        for (u, marked) in named.urls() {
+            if !marked && !host::looks_like_url(u) {
+                continue;
+            }
+            some = true;
+            match host::strict(u) {
+                Ok(h) if admitted(&h) => {}
+                _ => return false,
             }
         }
-        true
+        some && !named.odd_url
     }
 
     fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.path_prefix.is_empty() {
             parts.push(format!(
-                "every path it names is under {}",
+                "every path it names is plainly under {} (no '.' or '..' steps, \
+                 backslashes, lookalike characters or percent-encoding left after decoding)",
                 self.path_prefix.join(" or ")
             ));
         }
         if !self.url_host.is_empty() {
-            parts.push(format!("its url's host is {}", self.url_host.join(" or ")));
+            parts.push(format!(
+                "every URL it names is plainly http(s) on {}",
+                self.url_host.join(" or ")
+            ));
         }
         parts.join(" and ")
     }
-}
-
-/// The paths a call names: its `path`, `source`, `destination` and `paths`
-/// arguments (a non-string among them counts as a path that matches nothing).
-fn paths_of(args: &serde_json::Value) -> Vec<String> {
-    let mut paths = Vec::new();
-    let mut take = |value: &serde_json::Value| {
-        paths.push(
-            value
-                .as_str()
-                .map_or_else(|| "..".to_owned(), str::to_owned),
-        );
-    };
-    for key in ["path", "source", "destination"] {
-        if let Some(value) = args.get(key) {
-            take(value);
-        }
-    }
-    if let Some(list) = args.get("paths") {
-        match list.as_array() {
-            Some(items) => items.iter().for_each(&mut take),
-            None => take(list),
-        }
-    }
-    paths
-}
-
-/// A path with `.` and empty components dropped; `None` if it climbs with `..`.
-/// Absolute paths keep their leading `/`.
-fn normalize(path: &str) -> Option<String> {
-    let mut parts = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => return None,
-            part => parts.push(part),
-        }
-    }
-    let joined = parts.join("/");
-    Some(if path.starts_with('/') {
-        format!("/{joined}")
-    } else {
-        joined
-    })
-}
-
-fn is_under(path: &str, prefix: &str) -> bool {
-    if prefix == "/" {
-        return path.starts_with('/');
-    }
-    path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The line where the rule named `name` is written: where its `"name"` key is.

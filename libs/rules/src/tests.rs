@@ -6,6 +6,7 @@ fn call<'a>(tool: &'a str, args_json: &'a str, risk: Risk) -> Call<'a> {
         args_json,
         risk,
         origin: "cli",
+        schema: None,
     }
 }
 
@@ -28,10 +29,11 @@ fn the_builtin_policy_allows_reads_and_scratch_writes_and_asks_for_the_rest() {
         Effect::Allow
     );
     assert_eq!(
-        write("files.write_file", r#"{"path":"./scratch//a"}"#),
+        write("files.write_file", r#"{"path":"scratch//a/"}"#),
         Effect::Allow
     );
     for outside in [
+        r#"{"path":"./scratch/a"}"#,
         r#"{"path":"../../etc/passwd"}"#,
         r#"{"path":"scratch/../../x"}"#,
         r#"{"path":"/tmp/x"}"#,
@@ -95,6 +97,7 @@ fn rules_match_on_tool_risk_origin_and_arguments() {
             args_json: "{}",
             risk: Risk::Write,
             origin,
+            schema: None,
         })
         .effect
     };
@@ -185,10 +188,17 @@ fn bad_documents_are_refused_with_where_and_why() {
         r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow", "when": {"path_prefix": ["../up"]}}]}"#,
     );
     assert!(err.contains("'..'"), "{err}");
+    for host in ["a b", "*.1.2.3.4", "\u{e9}.example", "h:80"] {
+        let err = refused(&format!(
+            r#"{{"default": "deny", "rules": [{{"name": "x", "effect": "allow", "when": {{"url_host": [{}]}}}}]}}"#,
+            serde_json::to_string(host).unwrap()
+        ));
+        assert!(err.contains("is not a host name"), "{host}: {err}");
+    }
     let err = refused(
-        r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow", "when": {"url_host": ["a b"]}}]}"#,
+        r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow", "when": {"path_prefix": ["a\\b"]}}]}"#,
     );
-    assert!(err.contains("a b"), "{err}");
+    assert!(err.contains("backslash"), "{err}");
     let err = refused(
         r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow"}, {"name": "x", "effect": "deny"}]}"#,
     );
@@ -225,4 +235,381 @@ fn a_version_is_its_content() {
     let c = Document::parse(r#"{"rules": [{"name": "r", "effect": "ask"}], "default": "deny"}"#)
         .unwrap();
     assert_ne!(a.hash(), c.hash());
+}
+
+/// The schema of the built-in `files.write_file`: `path` marked a path.
+fn write_file_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "format": "path"},
+            "content": {"type": "string"}
+        },
+        "required": ["path", "content"],
+        "additionalProperties": false
+    })
+}
+
+/// An editing tool's schema as the Python SDK writes it: nested models by `$ref`.
+fn edit_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "format": "path"},
+            "edits": {"type": "array", "items": {"$ref": "#/$defs/Edit"}}
+        },
+        "$defs": {"Edit": {"type": "object", "properties": {
+            "path": {"type": "string", "format": "path"},
+            "oldText": {"type": "string"},
+            "newText": {"type": "string"}
+        }}}
+    })
+}
+
+fn decide_with(
+    doc: &Document,
+    tool: &str,
+    args: &serde_json::Value,
+    risk: Risk,
+    schema: Option<&serde_json::Value>,
+) -> Verdict {
+    let args = args.to_string();
+    doc.decide(Call {
+        tool,
+        args_json: &args,
+        risk,
+        origin: "cli",
+        schema,
+    })
+}
+
+#[test]
+fn a_scratch_write_is_allowed_only_when_every_path_it_names_plainly_is_in_scratch() {
+    use serde_json::json;
+    let doc = Document::builtin();
+    let write = write_file_schema();
+    let edit = edit_schema();
+    let long = format!("scratch/{}", "a/".repeat(3000));
+    let cases: Vec<(serde_json::Value, Option<&serde_json::Value>, Effect)> = vec![
+        // What the run-writes rule is for keeps working; content is not a path when
+        // the schema says which argument is.
+        (
+            json!({"path": "scratch/ok.txt", "content": "hi\n../../etc"}),
+            Some(&write),
+            Effect::Allow,
+        ),
+        (
+            json!({"path": "scratch//notes/a.org", "content": "x"}),
+            Some(&write),
+            Effect::Allow,
+        ),
+        (
+            json!({"path": "scratch/a b%20c.txt", "content": "x"}),
+            Some(&write),
+            Effect::Allow,
+        ),
+        (
+            json!({"path": "scratch/r\u{e9}sum\u{e9}.org", "content": "x"}),
+            Some(&write),
+            Effect::Allow,
+        ),
+        (
+            json!({"path": "scratch/a", "edits": [{"path": "scratch/b", "oldText": "/etc", "newText": "y"}]}),
+            Some(&edit),
+            Effect::Allow,
+        ),
+        // Another argument naming a path elsewhere: undeclared, by another name, nested.
+        (
+            json!({"path": "scratch/ok.txt", "target": "/etc/shadow"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/ok.txt", "target": "/etc/shadow"}),
+            None,
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/ok.txt", "content": "x", "dest": "TASKS.org"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/ok.txt", "dest": "scratch/../TASKS.org"}),
+            None,
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/a", "edits": [{"path": "/etc/passwd", "oldText": "x", "newText": "y"}]}),
+            Some(&edit),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/a", "edits": [{"path": "/etc/passwd"}]}),
+            None,
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/a", "edits": [{"path": "scratch/b", "to": "/etc/x"}]}),
+            Some(&edit),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/a", "extra": {"/etc/x": "scratch/b"}}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        // Without a schema every string is a path, content too.
+        (
+            json!({"path": "scratch/ok.txt", "content": "hello"}),
+            None,
+            Effect::Ask,
+        ),
+        // Encodings, separators, steps, absolute paths, lookalikes, control characters.
+        (
+            json!({"path": "scratch/%2e%2e/%2e%2e/etc/passwd", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/%252e%252e/x", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch%2f..%2f..%2fx", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch%2fa", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/\\..\\..\\x", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/%5c..%5cx", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "./scratch/a", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/./a", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/../../x", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "/tmp/run/scratch/a", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch\u{ff0f}..\u{ff0f}x", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/\u{2024}\u{2024}/x", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch\u{2215}..\u{2215}x", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/a\u{0}.txt", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": "scratch/%ff", "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": ["scratch/a"], "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (
+            json!({"path": 7, "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+        (json!({"content": "x"}), Some(&write), Effect::Ask),
+        (
+            json!({"path": long, "content": "x"}),
+            Some(&write),
+            Effect::Ask,
+        ),
+    ];
+    for (args, schema, expect) in cases {
+        let got = decide_with(&doc, "files.write_file", &args, Risk::Write, schema).effect;
+        assert_eq!(got, expect, "{args} (schema: {})", schema.is_some());
+    }
+    assert_eq!(
+        doc.decide(call("files.write_file", "not json", Risk::Write))
+            .effect,
+        Effect::Ask
+    );
+}
+
+#[test]
+fn a_rule_that_stops_a_path_stops_it_however_it_is_written() {
+    use serde_json::json;
+    let doc = Document::parse(
+        r#"{"default": "ask", "rules": [
+            {"name": "no-etc", "effect": "deny", "when": {"path_prefix": ["/etc/"]}},
+            {"name": "anything-else", "effect": "allow", "tools": ["fs.*"]}
+        ]}"#,
+    )
+    .unwrap();
+    let write = write_file_schema();
+    for args in [
+        json!({"path": "/etc/shadow", "content": "x"}),
+        json!({"path": "/tmp/../etc/shadow", "content": "x"}),
+        json!({"path": "/tmp/%2e%2e/etc/shadow", "content": "x"}),
+        json!({"path": "/tmp/%252e%252e/etc/shadow", "content": "x"}),
+        json!({"path": "\\etc\\shadow", "content": "x"}),
+        json!({"path": "\u{ff0f}etc\u{ff0f}shadow", "content": "x"}),
+        json!({"path": "../../../x", "content": "x"}),
+        json!({"path": "/srv/a", "target": "/etc/cron.d/x"}),
+        json!({"path": "/srv/a", "edits": [{"path": "/etc/x"}]}),
+        json!({"path": {"p": "/srv/a"}, "content": "x"}),
+    ] {
+        let verdict = decide_with(&doc, "fs.write_file", &args, Risk::Write, Some(&write));
+        assert_eq!(
+            (verdict.effect, verdict.rule.as_str()),
+            (Effect::Deny, "no-etc"),
+            "{args}"
+        );
+    }
+    assert_eq!(
+        doc.decide(call("fs.write_file", "not json", Risk::Write))
+            .effect,
+        Effect::Deny
+    );
+    for args in [
+        json!({"path": "/srv/a", "content": "see /etc/passwd\n"}),
+        json!({"path": "/srv/etc/x", "content": "x"}),
+        json!({"path": "/etcetera", "content": "x"}),
+    ] {
+        let got = decide_with(&doc, "fs.write_file", &args, Risk::Write, Some(&write)).effect;
+        assert_eq!(got, Effect::Allow, "{args}");
+    }
+}
+
+#[test]
+fn url_hosts_match_after_normalising_and_tricks_are_refused() {
+    use serde_json::json;
+    let doc = Document::parse(
+        r#"{"default": "deny", "rules": [
+            {"name": "no-metadata", "effect": "deny", "when": {"url_host": ["169.254.169.254", "metadata.google.internal"]}},
+            {"name": "api", "effect": "allow", "tools": ["http.request"], "when": {"url_host": ["api.example.com", "127.0.0.1", "*.internal.example"]}}
+        ]}"#,
+    )
+    .unwrap();
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "method": {"type": "string"},
+            "url": {"type": "string", "format": "uri"},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "body": {"type": "string"}
+        },
+        "additionalProperties": false
+    });
+    let http = |args: serde_json::Value, schema: Option<&serde_json::Value>| {
+        decide_with(&doc, "http.request", &args, Risk::External, schema).effect
+    };
+    let get = |url: &str| json!({"method": "GET", "url": url});
+    for url in [
+        "https://api.example.com/v1",
+        "https://API.example.com./v1",
+        "http://127.0.0.1:8080/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://2130706433/",
+        "http://0x7f.0.0.1/",
+        "https://a.internal.example./",
+    ] {
+        assert_eq!(http(get(url), Some(&schema)), Effect::Allow, "{url}");
+        assert_eq!(
+            http(get(url), None),
+            Effect::Allow,
+            "{url} without a schema"
+        );
+    }
+    // A body that mentions another host is not where the request goes, when the
+    // schema says which argument the URL is.
+    let posted =
+        json!({"method": "POST", "url": "https://api.example.com/", "body": "https://evil.net/"});
+    assert_eq!(http(posted.clone(), Some(&schema)), Effect::Allow);
+    assert_eq!(
+        http(posted, None),
+        Effect::Deny,
+        "without a schema every URL counts"
+    );
+    for url in [
+        "https://api.example.com.evil.net/",
+        "https://api.example.com\\@evil.net/",
+        "https://api.example.com@evil.net/",
+        "https://evil.net#@api.example.com",
+        "https://api%2eexample.com/",
+        "https://api.exam\tple.com/",
+        "https://api.example.com /",
+        "https://\u{ff41}pi.example.com/",
+        "https:api.example.com",
+        "https:\\\\api.example.com",
+        "ftp://api.example.com/",
+        "https://internal.example/",
+        "https://api.example.com../",
+        "api.example.com/v1",
+    ] {
+        assert_eq!(http(get(url), Some(&schema)), Effect::Deny, "{url}");
+    }
+    let two = json!({"method": "GET", "url": "https://api.example.com/", "callback": "https://evil.net/"});
+    assert_eq!(http(two, Some(&schema)), Effect::Deny);
+    let nested = json!({"method": "GET", "url": "https://api.example.com/", "extra": [{"u": "//evil.net/x"}]});
+    assert_eq!(http(nested, None), Effect::Deny);
+    // The metadata service, however it is written, in any argument.
+    for url in [
+        "http://169.254.169.254/latest",
+        "http://2852039166/",
+        "http://0xa9.0xfe.0xa9.0xfe/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://169.254.169.254./",
+        "http://api.example.com\\@169.254.169.254/",
+        "169.254.169.254/latest",
+        "http://metadata.google.internal./",
+        "http://METADATA.google.internal/",
+    ] {
+        let verdict = decide_with(
+            &doc,
+            "fetch.get",
+            &json!({"link": url}),
+            Risk::External,
+            None,
+        );
+        assert_eq!(
+            (verdict.effect, verdict.rule.as_str()),
+            (Effect::Deny, "no-metadata"),
+            "{url}"
+        );
+    }
 }

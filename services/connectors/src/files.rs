@@ -44,9 +44,11 @@ pub const CONNECTOR: &str = "files";
 
 /// The catalogue entries of the file tools. `write_file` replaces a file, but only
 /// inside the run's own scratch directory, which nothing outside the run reads: it is
-/// a `write`, not a `destructive`, tool.
+/// a `write`, not a `destructive`, tool. Each `path` is marked `"format": "path"`, so
+/// the policy's `path_prefix` judges it and not the content written.
 pub fn entries() -> Vec<ToolEntry> {
-    let path = |what: &str| serde_json::json!({"type": "string", "description": what});
+    let path =
+        |what: &str| serde_json::json!({"type": "string", "format": "path", "description": what});
     let object = |properties: serde_json::Value, required: &[&str]| {
         serde_json::json!({
             "type": "object",

@@ -23,8 +23,11 @@
 //! Nothing is reachable by default: without `allow_hosts` the connector serves no tool.
 //! A host entry without a port allows the scheme's default port only; `*.example.org`
 //! allows the subdomains of `example.org`, not `example.org` itself. Every redirect is
-//! checked against the same list. A call is a `read` for GET and HEAD and `external`
-//! otherwise. The answer is the status line, a few headers and the body as text, cut at
+//! checked against the same list. A call is a `read` for GET and HEAD without a body,
+//! and `external` otherwise. A call may not set the headers that would make the request
+//! another one than its arguments say ([`FORBIDDEN_HEADERS`], and any header naming a
+//! method): where it goes, how it is framed, which method the server acts on. The
+//! answer is the status line, a few headers and the body as text, cut at
 //! `max_body_bytes` (read no further than that).
 
 use std::collections::BTreeMap;
@@ -43,6 +46,43 @@ const TOOL: &str = "request";
 const MAX_REDIRECTS: usize = 5;
 /// Response headers shown to the model.
 const SHOWN_HEADERS: [&str; 4] = ["content-type", "content-length", "location", "retry-after"];
+
+/// Request headers a call may not set, with why. The policy judged the call by its
+/// URL and method, and a credential is leased for the URL's host; these would send it
+/// elsewhere (another virtual host, behind a proxy another host or path), frame it
+/// other than the client does (a wrong length hangs or smuggles), or hold the
+/// connection. Headers naming a method (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+/// `X-Method-Override`, …) are refused by [`forbidden`] as well.
+pub const FORBIDDEN_HEADERS: [(&str, &str); 14] = [
+    ("host", ROUTED),
+    ("forwarded", ROUTED),
+    ("x-forwarded-host", ROUTED),
+    ("x-original-url", ROUTED),
+    ("x-rewrite-url", ROUTED),
+    ("content-length", FRAMED),
+    ("transfer-encoding", FRAMED),
+    ("te", FRAMED),
+    ("trailer", FRAMED),
+    ("expect", FRAMED),
+    ("connection", FRAMED),
+    ("keep-alive", FRAMED),
+    ("proxy-connection", FRAMED),
+    ("upgrade", FRAMED),
+];
+const ROUTED: &str = "the request goes where its url says";
+const FRAMED: &str = "the connector frames the request and holds the connection itself";
+
+/// Why a call may not set the header `name`, if it may not.
+fn forbidden(name: &str) -> Option<&'static str> {
+    let name = name.trim().to_ascii_lowercase();
+    if name.contains("method") {
+        return Some("the method is the call's method argument");
+    }
+    FORBIDDEN_HEADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, why)| *why)
+}
 
 /// `[connectors.http]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -240,9 +280,13 @@ impl Http {
                 "type": "object",
                 "properties": {
                     "method": {"type": "string", "description": "GET, HEAD, POST, PUT, PATCH or DELETE"},
-                    "url": {"type": "string", "description": "http:// or https:// URL"},
-                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "body": {"type": "string", "description": "the request body, as text"},
+                    "url": {"type": "string", "format": "uri", "description": "http:// or https:// URL"},
+                    "headers": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "description": "request headers; not Host, Content-Length, Transfer-Encoding, Connection or method overrides",
+                    },
+                    "body": {"type": "string", "description": "the request body, as text (a GET or HEAD with one is not a read)"},
                 },
                 "required": ["method", "url"],
                 "additionalProperties": false,
@@ -252,6 +296,7 @@ impl Http {
         entry.read_when = Some(ArgumentIn {
             argument: "method".into(),
             values: vec!["GET".into(), "HEAD".into()],
+            unless: vec!["body".into()],
         });
         entry
     }
@@ -278,6 +323,11 @@ impl Http {
             }
             other => return Err(format!("method {other:?} is not one http.request makes")),
         };
+        for name in request.headers.keys() {
+            if let Some(why) = forbidden(name) {
+                return Err(format!("header {name:?} may not be set by a call: {why}"));
+            }
+        }
         let url =
             reqwest::Url::parse(&request.url).map_err(|e| format!("url {:?}: {e}", request.url))?;
         if !matches!(url.scheme(), "http" | "https") {

@@ -11,6 +11,8 @@
 //! env = { LOG_LEVEL = "warn" }      # added to a minimal environment (PATH, HOME, …)
 //! secret_env = { GITHUB_TOKEN = "github-token" }   # variable = a secret's name
 //! call_timeout_ms = 60000
+//! trust_annotations = false         # the default: see below
+//! risk = { read_text_file = "read", write_file = "write" }   # by the server's tool names
 //!
 //! [[connectors.mcp]]
 //! name = "search"
@@ -19,6 +21,15 @@
 //! bearer_token_secret = "search-token"  # or bearer_token_env = "SEARCH_TOKEN"
 //! secret_headers = { "X-Api-Key" = "search-key" }  # header = a secret's name
 //! ```
+//!
+//! A server does not rate its own tools. Its tool annotations (`readOnlyHint`, …) are
+//! hints the MCP specification says not to decide by unless the server is trusted, so
+//! by default every tool it lists is `destructive`, unless the table's `risk` rates it
+//! (or a policy rule names it). `trust_annotations = true` takes the annotations' word
+//! (for servers the operator vouches for, such as the reference servers the tests
+//! run); `risk` wins over them either way. An untrusted server's schemas also lose
+//! their `format` marks for paths and URLs, which would otherwise tell the policy
+//! which arguments its `path_prefix` and `url_host` conditions need not look at.
 //!
 //! A [`Server`] keeps its connection up: it connects (starting the process for stdio),
 //! runs the initialize handshake, lists the tools with their schemas and annotations,
@@ -118,6 +129,14 @@ pub struct ServerConfig {
     pub secret_headers: BTreeMap<String, String>,
     /// How long one call may take, in milliseconds.
     pub call_timeout_ms: Option<u64>,
+    /// Whether the server's tool annotations decide its tools' risk classes (and its
+    /// schemas' path and URL marks count). Off by default: a server does not rate its
+    /// own tools.
+    #[serde(default)]
+    pub trust_annotations: bool,
+    /// Risk classes by the server's tool names, over whatever the annotations say.
+    #[serde(default)]
+    pub risk: BTreeMap<String, Risk>,
 }
 
 impl ServerConfig {
@@ -211,7 +230,22 @@ impl ServerConfig {
                 "MCP server {name}: call_timeout_ms must be above 0"
             ));
         }
+        if let Some(tool) = self.risk.keys().find(|t| !catalogue::valid_tool_name(t)) {
+            return Err(format!(
+                "MCP server {name}: risk names {tool:?}, which is not a tool name (1-64 letters, digits, '_' or '-')"
+            ));
+        }
         Ok(())
+    }
+
+    /// The risk class of the server's tool `tool` annotated with `hints`: the `risk`
+    /// table's, else the annotations' if they are trusted, else `destructive`.
+    fn risk_of(&self, tool: &str, hints: Option<Hints>) -> Risk {
+        match self.risk.get(tool) {
+            Some(risk) => *risk,
+            None if self.trust_annotations => Risk::from_hints(hints),
+            None => Risk::Destructive,
+        }
     }
 
     /// The names of the secrets this server is given.
@@ -523,7 +557,10 @@ impl Server {
                     let tools = self.entries(&tools, &version);
                     let first = !matches!(*self.state.borrow(), State::Up(_));
                     if first {
-                        tracing::info!(server = name, version, tools = tools.len(), "MCP server up");
+                        tracing::info!(server = name, version, tools = tools.len(), trust_annotations = self.config.trust_annotations, "MCP server up");
+                        for rated in self.config.risk.keys().filter(|r| !tools.iter().any(|(t, _)| t == *r)) {
+                            tracing::warn!(server = name, tool = rated, "the risk table rates a tool the server does not list");
+                        }
                     }
                     if let Some(store) = store {
                         for (_, entry) in &tools {
@@ -582,14 +619,18 @@ impl Server {
                 .as_deref()
                 .or(tool.title.as_deref())
                 .unwrap_or_default();
+            let mut parameters = serde_json::Value::Object((*tool.input_schema).clone());
+            if !self.config.trust_annotations {
+                unmark(&mut parameters);
+            }
             out.push((
                 tool.name.to_string(),
                 ToolEntry {
                     name: format!("{name}.{}", tool.name),
                     connector: name.clone(),
                     description: description.chars().take(MAX_DESCRIPTION_CHARS).collect(),
-                    parameters: serde_json::Value::Object((*tool.input_schema).clone()),
-                    risk: Risk::from_hints(hints),
+                    parameters,
+                    risk: self.config.risk_of(&tool.name, hints),
                     version: version.to_owned(),
                     refreshed_unix_ms: now,
                     read_when: None,
@@ -664,6 +705,29 @@ impl Server {
             State::Down(why) => format!("the MCP server {name} is not running: {why}"),
             _ => format!("the MCP server {name} did not start within {STARTING_WAIT:?}"),
         })
+    }
+}
+
+/// Removes the `format` marks (`path`, `uri`, …) by which a schema tells the policy
+/// which arguments are paths and URLs, and so which others it need not judge. Without
+/// them every string is judged. The schema was parsed by serde_json, whose recursion
+/// limit bounds how deep this goes.
+fn unmark(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            let marked = map.get("format").and_then(|f| f.as_str()).is_some_and(|f| {
+                matches!(
+                    f,
+                    "path" | "uri" | "url" | "iri" | "uri-reference" | "iri-reference"
+                )
+            });
+            if marked {
+                map.remove("format");
+            }
+            map.values_mut().for_each(unmark);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unmark),
+        _ => {}
     }
 }
 
@@ -841,11 +905,99 @@ mod tests {
                 "name = \"fs\"\ncommand = \"x\"\nshell = true",
                 "unknown field",
             ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nrisk = { \"fs.read\" = \"read\" }",
+                "not a tool name",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\nrisk = { read = \"harmless\" }",
+                "unknown variant `harmless`",
+            ),
+            (
+                "name = \"fs\"\ncommand = \"x\"\ntrust_annotations = \"yes\"",
+                "invalid type",
+            ),
         ];
         for (toml, expect) in cases {
             let err = server(toml).unwrap_err();
             assert!(err.contains(expect), "{toml:?}: {err}");
         }
+    }
+
+    /// The entries a server with `toml` gets for tools listed with `tools` (JSON).
+    fn entries_of(toml: &str, tools: serde_json::Value) -> BTreeMap<String, ToolEntry> {
+        let config: ServerConfig = toml::from_str(toml).unwrap();
+        config.check(&[]).unwrap();
+        let server = Server::new(config, Path::new("."));
+        let tools: Vec<Tool> = serde_json::from_value(tools).unwrap();
+        server.entries(&tools, "1").into_iter().collect()
+    }
+
+    #[test]
+    fn a_server_does_not_rate_its_own_tools_unless_it_is_trusted() {
+        let listed = serde_json::json!([
+            {"name": "peek", "inputSchema": {"type": "object", "properties": {
+                "path": {"type": "string", "format": "path"},
+                "more": {"type": "array", "items": {"type": "string", "format": "uri"}}}},
+             "annotations": {"readOnlyHint": true}},
+            {"name": "add", "inputSchema": {"type": "object"},
+             "annotations": {"readOnlyHint": false, "destructiveHint": false, "openWorldHint": false}},
+            {"name": "plain", "inputSchema": {"type": "object"}}
+        ]);
+        let risks = |toml: &str| -> Vec<(String, Risk)> {
+            entries_of(toml, listed.clone())
+                .into_iter()
+                .map(|(name, entry)| (name, entry.risk))
+                .collect()
+        };
+        let base = "name = \"liar\"\ncommand = \"x\"\n";
+        let everything_destructive: Vec<(String, Risk)> = ["add", "peek", "plain"]
+            .iter()
+            .map(|t| ((*t).to_owned(), Risk::Destructive))
+            .collect();
+        assert_eq!(risks(base), everything_destructive);
+        assert_eq!(
+            risks(&format!("{base}trust_annotations = true\n")),
+            vec![
+                ("add".to_owned(), Risk::Write),
+                ("peek".to_owned(), Risk::Read),
+                ("plain".to_owned(), Risk::Destructive)
+            ]
+        );
+        // The operator's table wins, trusted or not.
+        for trust in ["false", "true"] {
+            let toml = format!(
+                "{base}trust_annotations = {trust}\nrisk = {{ peek = \"destructive\", plain = \"read\" }}\n"
+            );
+            let got = risks(&toml);
+            assert!(
+                got.contains(&("peek".to_owned(), Risk::Destructive)),
+                "{trust}: {got:?}"
+            );
+            assert!(
+                got.contains(&("plain".to_owned(), Risk::Read)),
+                "{trust}: {got:?}"
+            );
+        }
+        // An untrusted server's path and URL marks are gone; a trusted one's kept.
+        let untrusted = entries_of(base, listed.clone());
+        let schema = &untrusted["peek"].parameters;
+        assert!(
+            schema["properties"]["path"].get("format").is_none(),
+            "{schema}"
+        );
+        assert!(
+            schema["properties"]["more"]["items"]
+                .get("format")
+                .is_none(),
+            "{schema}"
+        );
+        assert_eq!(schema["properties"]["path"]["type"], "string");
+        let trusted = entries_of(&format!("{base}trust_annotations = true\n"), listed);
+        assert_eq!(
+            trusted["peek"].parameters["properties"]["path"]["format"],
+            "path"
+        );
     }
 
     #[test]

@@ -172,3 +172,100 @@ async fn a_get_is_a_read_and_anything_else_external() {
         Risk::External
     );
 }
+
+/// A server that counts every request it receives, whatever its method and path.
+async fn counting() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let app = Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            "counted"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_call_may_not_set_where_a_request_goes_how_it_is_framed_or_its_method() {
+    use std::sync::atomic::Ordering;
+    let (addr, seen) = counting().await;
+    let http = connector(addr, None);
+    let url = format!("http://127.0.0.1:{}/notes", addr.port());
+    let tricks = [
+        ("Host", "other.example"),
+        ("host", "127.0.0.1"),
+        (" HOST", "other.example"),
+        ("Content-Length", "1000"),
+        ("Transfer-Encoding", "chunked"),
+        ("Connection", "keep-alive, Upgrade"),
+        ("Keep-Alive", "timeout=600"),
+        ("Upgrade", "websocket"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Late"),
+        ("Expect", "100-continue"),
+        ("Proxy-Connection", "keep-alive"),
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("X-Method-Override", "PUT"),
+        ("X-Original-Method", "DELETE"),
+        ("X-Forwarded-Host", "other.example"),
+        ("Forwarded", "host=other.example"),
+        ("X-Original-URL", "/admin/delete"),
+        ("X-Rewrite-URL", "/admin/delete"),
+    ];
+    for (name, value) in tricks {
+        for method in ["GET", "POST"] {
+            let args = serde_json::json!({"method": method, "url": url, "headers": {name: value}});
+            let err = http
+                .call("request", &args.to_string(), Leasing::none())
+                .await
+                .unwrap_err();
+            assert!(
+                err.contains("may not be set by a call") && err.contains(name),
+                "{args}: {err}"
+            );
+        }
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "a refused request was sent");
+    // Ordinary headers still go.
+    let args = serde_json::json!({"method": "GET", "url": url, "headers": {"Accept": "text/plain", "X-Team": "ops"}});
+    let ok = http
+        .call("request", &args.to_string(), Leasing::none())
+        .await
+        .unwrap();
+    assert!(ok.ends_with("counted"), "{ok}");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_get_or_head_with_a_body_is_not_a_read() {
+    let addr = serve().await;
+    let entry = connector(addr, None).entry();
+    for (args, risk) in [
+        (r#"{"method":"GET","url":"x"}"#, Risk::Read),
+        (r#"{"method":"HEAD","url":"x","body":null}"#, Risk::Read),
+        (
+            r#"{"method":"GET","url":"x","headers":{"Accept":"*/*"}}"#,
+            Risk::Read,
+        ),
+        (
+            r#"{"method":"GET","url":"x","body":"DELETE everything"}"#,
+            Risk::External,
+        ),
+        (r#"{"method":"get","url":"x","body":""}"#, Risk::External),
+        (r#"{"method":"HEAD","url":"x","body":"x"}"#, Risk::External),
+        (
+            r#"{"method":"GET","url":"x","body":{"a":1}}"#,
+            Risk::External,
+        ),
+    ] {
+        assert_eq!(entry.risk_of_call(args), risk, "{args}");
+    }
+    assert_eq!(entry.parameters["properties"]["url"]["format"], "uri");
+}

@@ -1,6 +1,8 @@
 //! The MCP connectors against real MCP servers from package registries, installed by
 //! `cargo xtask test` into `.tools/mcp` (`DISPATCH_MCP_SERVERS`): the official
-//! filesystem and everything servers (npm) and the time server (PyPI).
+//! filesystem and everything servers (npm) and the time server (PyPI), configured to
+//! be trusted with their annotations as these tests' reference servers; and a server
+//! on the official Python SDK that lies about its tool (`tests/mcp/lying_server.py`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,20 @@ fn node_server(package: &str, args: &[&str], name: &str) -> ServerConfig {
         name: name.into(),
         command: Some("node".into()),
         args: all,
+        trust_annotations: true,
+        ..Default::default()
+    }
+}
+
+/// `tests/mcp/lying_server.py`: its tool `peek` claims `readOnlyHint` and deletes the
+/// file it is given.
+fn lying_server(trust_annotations: bool) -> ServerConfig {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/mcp/lying_server.py");
+    ServerConfig {
+        name: "liar".into(),
+        command: Some(servers_dir().join("venv/bin/python").display().to_string()),
+        args: vec![script.display().to_string()],
+        trust_annotations,
         ..Default::default()
     }
 }
@@ -38,6 +54,7 @@ fn time_server() -> ServerConfig {
                 .to_string(),
         ),
         args: vec!["--local-timezone".into(), "UTC".into()],
+        trust_annotations: true,
         ..Default::default()
     }
 }
@@ -144,6 +161,44 @@ async fn tools_are_discovered_with_their_risk_classes() {
     assert_eq!(entry.version, "2026.10.19");
     assert_eq!(entry.parameters["type"], "object");
     assert!(entry.parameters["properties"]["timezone"].is_object());
+}
+
+#[tokio::test]
+async fn a_server_s_own_annotations_rate_nothing_unless_it_is_trusted() {
+    let served = Served::start(vec![lying_server(false)]).await;
+    let entry = served
+        .registry
+        .servers()
+        .flat_map(|s| s.tools())
+        .find(|t| t.name == "liar.peek")
+        .expect("the liar lists peek");
+    assert_eq!(entry.risk, Risk::Destructive, "readOnlyHint was believed");
+    assert!(
+        entry.parameters["properties"]["path"]
+            .get("format")
+            .is_none(),
+        "an untrusted server's path mark was kept: {}",
+        entry.parameters
+    );
+    drop(served);
+
+    let trusted = Served::start(vec![lying_server(true)]).await;
+    assert_eq!(trusted.risks().get("liar.peek"), Some(&Risk::Read));
+    let rated = Served::start(vec![ServerConfig {
+        risk: [("peek".to_owned(), Risk::Destructive)].into(),
+        ..lying_server(true)
+    }])
+    .await;
+    assert_eq!(rated.risks().get("liar.peek"), Some(&Risk::Destructive));
+    // What it does: the file is gone.
+    let file = rated.workspace.path().join("victim.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let out = rated
+        .call("liar.peek", serde_json::json!({"path": file}))
+        .await
+        .unwrap();
+    assert!(out.contains("removed"), "{out}");
+    assert!(!file.exists());
 }
 
 #[tokio::test]
@@ -342,6 +397,7 @@ async fn streamable_http_servers_are_reached_by_url() {
         name: "web".into(),
         url: Some(url),
         headers: [("X-Dispatch-Test".to_owned(), "1".to_owned())].into(),
+        trust_annotations: true,
         ..Default::default()
     }])
     .await;

@@ -393,6 +393,9 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
     let decision = match existing {
         Some(decision) => decision,
         None => {
+            // The tool's schema says which arguments are paths and URLs; a tool no
+            // connector serves now has none, and then every string may be either.
+            let entry = dispatch_bus::catalogue::tool(&gate.catalogue, &requested.tool).await?;
             let in_force = gate.in_force.borrow().clone();
             let risk = risk_of(requested.risk);
             let verdict = in_force.document.decide(dispatch_rules::Call {
@@ -400,6 +403,7 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
                 args_json: &requested.args_json,
                 risk,
                 origin: &check.origin,
+                schema: entry.as_ref().map(|e| &e.parameters),
             });
             let mut body = PolicyDecided {
                 call_id: call_id.to_owned(),

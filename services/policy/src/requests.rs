@@ -118,16 +118,22 @@ async fn test(gate: &Gate, message: &async_nats::Message) -> TestPolicyResponse 
             clip(&request.args_json, 80)
         ));
     }
-    let risk = match catalogue_risk(gate, &request.tool, &request.args_json).await {
-        Ok(risk) => risk,
-        Err(e) => return refused(e),
+    let entry = match catalogue::tool(&gate.catalogue, &request.tool).await {
+        Ok(entry) => entry,
+        Err(e) => return refused(e.to_string()),
     };
+    // As a check decides: the catalogue's risk (destructive for a tool nobody
+    // serves), and the tool's schema for which arguments are paths and URLs.
+    let risk = entry
+        .as_ref()
+        .map_or(Risk::Destructive, |e| e.risk_of_call(&request.args_json));
     let in_force = gate.in_force.borrow().clone();
     let verdict = in_force.document.decide(dispatch_rules::Call {
         tool: &request.tool,
         args_json: &request.args_json,
         risk,
         origin: &request.origin,
+        schema: entry.as_ref().map(|e| &e.parameters),
     });
     TestPolicyResponse {
         error: String::new(),
@@ -138,14 +144,6 @@ async fn test(gate: &Gate, message: &async_nats::Message) -> TestPolicyResponse 
         policy_version: in_force.record.version,
         policy_hash: in_force.record.hash.clone(),
     }
-}
-
-/// The risk the catalogue gives a call; destructive for a tool nobody serves.
-async fn catalogue_risk(gate: &Gate, tool: &str, args_json: &str) -> Result<Risk, String> {
-    let entry = catalogue::tool(&gate.catalogue, tool)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(entry.map_or(Risk::Destructive, |entry| entry.risk_of_call(args_json)))
 }
 
 async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalResponse {
