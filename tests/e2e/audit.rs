@@ -178,7 +178,7 @@ async fn an_event_after_the_seal_spoils_nothing_and_is_flagged() -> anyhow::Resu
     let view = stack
         .eventually(LIMIT, || async {
             let view = stack.get_json(&format!("/v1/runs/{run_id}")).await.ok()?;
-            view.get("tampered_after_seal").is_some().then_some(view)
+            (!view["tampered_after_seal"].is_null()).then_some(view)
         })
         .await?;
     assert_eq!(view["status"], "done", "{view}");
@@ -255,5 +255,108 @@ async fn every_finished_run_gets_a_trail_though_the_ledger_is_killed() -> anyhow
         missing(),
         ids.len()
     );
+    Ok(())
+}
+
+/// A reader written from ARCHITECTURE.md alone — nats-py and a protobuf wire reader,
+/// no code of ours — applies the writer rule to the logs on the bus and agrees with the
+/// ledger: a genuine run passes; an approval written by connectors, one that claims
+/// policy from connectors' subject, and a log that starts without its request fail, at
+/// the sequence the ledger names.
+#[tokio::test]
+async fn an_independent_reader_applies_the_writer_rule_and_agrees() -> anyhow::Result<()> {
+    use dispatch_bus::Identity;
+    use dispatch_bus::subject::LogWriter;
+    use dispatch_proto::run::v1::{ApprovalResolved, Decision, RunStarted};
+    let stack = Stack::start(&ALL).await?;
+    let genuine = stack.submit("Read me independently", "default", 0).await?;
+    let events = stack.wait_finished(genuine, LIMIT).await?;
+
+    // Forgeries written as the admin (who may write anywhere): each breaks the rule.
+    let approve = Body::ApprovalResolved(ApprovalResolved {
+        approval_id: "x.l0-t0-c0".into(),
+        decision: Decision::Allow as i32,
+        ..Default::default()
+    });
+    let mut forged = Vec::new();
+    for (role, on) in [
+        (WriterRole::Connectors, LogWriter::Connectors),
+        (WriterRole::Policy, LogWriter::Connectors),
+    ] {
+        let run_id = dispatch_bus::RunId::new();
+        let mut log = vec![
+            dispatch_tests::forged_event(
+                &run_id,
+                Body::RunRequested(dispatch_proto::run::v1::RunRequested {
+                    goal: "forged".into(),
+                    ..Default::default()
+                }),
+            ),
+            dispatch_tests::forged_event(&run_id, approve.clone()),
+        ];
+        log[1].role = role as i32;
+        dispatch_runlog::chain::link(&mut log, None);
+        for (event, on) in log.iter().zip([LogWriter::Dispatcher, on]) {
+            stack
+                .bus
+                .append(
+                    dispatch_bus::subject::run(&run_id, on),
+                    &event.event_id,
+                    None,
+                    event.encode_to_vec().into(),
+                )
+                .await?;
+        }
+        forged.push(run_id);
+    }
+    let headless = dispatch_bus::RunId::new();
+    let mut start = vec![dispatch_tests::forged_event(
+        &headless,
+        Body::RunStarted(RunStarted::default()),
+    )];
+    dispatch_runlog::chain::link(&mut start, None);
+    stack
+        .bus
+        .append(
+            dispatch_tests::subject_of(&start[0]),
+            &start[0].event_id,
+            None,
+            start[0].encode_to_vec().into(),
+        )
+        .await?;
+    forged.push(headless);
+
+    // The reader connects as the CLI, which may read the run logs.
+    let seed = std::fs::read_to_string(stack.nats.seed(Identity::Cli))?;
+    let (_, raw) = nkeys::decode_seed(seed.trim())?;
+    let public = nkeys::KeyPair::from_seed(seed.trim())?.public_key();
+    let mut ids = vec![genuine.to_string()];
+    ids.extend(forged.iter().map(ToString::to_string));
+    let out = std::process::Command::new(dispatch_testkit::mcp_servers().join("venv/bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/mcp/audit_reader.py"))
+        .arg(stack.nats.url())
+        .args(&ids)
+        .env("DISPATCH_AUDIT_NKEY", public)
+        .env("DISPATCH_AUDIT_SEED_HEX", hex::encode(raw))
+        .env("DISPATCH_AUDIT_INBOX", Identity::Cli.inbox_prefix())
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let verdicts: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+
+    let genuine_verdict = &verdicts[genuine.to_string()];
+    assert_eq!(genuine_verdict["verdict"], "ok", "{verdicts}");
+    assert_eq!(genuine_verdict["events"], events.len(), "{verdicts}");
+    for run_id in &forged {
+        let verdict = &verdicts[run_id.to_string()];
+        assert_eq!(verdict["verdict"], "corrupt", "{verdicts}");
+        // The ledger says the same, at the same sequence.
+        let view = stack
+            .eventually(LIMIT, || async {
+                let view = stack.get_json(&format!("/v1/runs/{run_id}")).await.ok()?;
+                (view["status"] == "corrupt").then_some(view)
+            })
+            .await?;
+        assert_eq!(view["corrupt"]["seq"], verdict["seq"], "{view} {verdicts}");
+    }
     Ok(())
 }

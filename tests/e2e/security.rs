@@ -568,7 +568,7 @@ async fn forgeries_with_each_services_own_key_are_refused_or_caught() -> anyhow:
     )
     .await?;
     append_as(&policy_key, LogWriter::Policy, &late).await?;
-    let view = view_until(&stack, genuine, |v| v.get("tampered_after_seal").is_some()).await?;
+    let view = view_until(&stack, genuine, |v| !v["tampered_after_seal"].is_null()).await?;
     assert_eq!(view["status"], "done", "{view}");
     assert_eq!(stack.log().await?.read(&genuine).await?, sealed);
 
@@ -702,5 +702,49 @@ async fn garbage_on_the_policy_stream_locks_nothing() -> anyhow::Result<()> {
     assert!(!after.stderr.contains("damaged"), "{after:?}");
     let after: serde_json::Value = serde_json::from_str(&after.stdout)?;
     assert_eq!(after["version"], before["version"].as_u64().unwrap() + 1);
+    Ok(())
+}
+
+/// Goals that name a run and little else, as a holder of a key that may submit goals
+/// can store them: one that is no goal at all never shows; one that names its run but
+/// nothing a run needs gets a run, ended `blocked` with the reason. Neither stays
+/// `queued`.
+#[tokio::test]
+async fn a_goal_that_is_empty_or_names_only_its_run_never_stays_queued() -> anyhow::Result<()> {
+    let mut stack = Stack::start(&["ledger", "ingress"]).await?;
+    let cli = Raw::connect(&stack, Identity::Cli).await?;
+    let js = dispatch_bus::async_nats::jetstream::new(cli.client.clone());
+    let (empty, bare) = (RunId::new(), RunId::new());
+    js.publish(subject::goal(&empty), Vec::new().into())
+        .await?
+        .await?;
+    let only_id = dispatch_proto::command::v1::SubmitGoal {
+        run_id: bare.to_string(),
+        ..Default::default()
+    };
+    js.publish(subject::goal(&bare), only_id.encode_to_vec().into())
+        .await?
+        .await?;
+    stack.add("dispatcher").await?;
+    let view = view_until(&stack, bare, |v| v["status"] == "blocked").await?;
+    assert!(
+        view["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("rejected:"),
+        "{view}"
+    );
+    stack.commands_drained(LIMIT).await?;
+    let missing = stack
+        .http
+        .get(stack.url(&format!("/v1/runs/{empty}")))
+        .send()
+        .await?;
+    assert_eq!(missing.status(), 404);
+    let runs = stack.get_json("/v1/runs?all=true").await?;
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["run_id"], bare.to_string());
+    assert_eq!(runs[0]["status"], "blocked");
     Ok(())
 }

