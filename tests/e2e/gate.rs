@@ -532,9 +532,23 @@ async fn approvals_are_listed_page_by_page_and_answered_over_http() -> Result<()
         (a.as_str(), "{", 400, "invalid_json"),
         (
             "not-an-id",
-            r#"{"decision":"allow"}"#,
+            r#"{"decision":"allow","args_digest":"sha256:00"}"#,
             400,
             "invalid_approval",
+        ),
+        // An allowance must name the arguments the person saw...
+        (
+            a.as_str(),
+            r#"{"decision":"allow"}"#,
+            400,
+            "digest_required",
+        ),
+        // ...and holds only for those.
+        (
+            a.as_str(),
+            r#"{"decision":"allow","args_digest":"sha256:0123"}"#,
+            409,
+            "digest_mismatch",
         ),
     ] {
         let (got, problem) = answer_over_http(&stack, id, body).await?;
@@ -545,7 +559,12 @@ async fn approvals_are_listed_page_by_page_and_answered_over_http() -> Result<()
         );
     }
     let unknown = format!("{}.l0-t0-c0", RunId::new());
-    let (got, problem) = answer_over_http(&stack, &unknown, r#"{"decision":"allow"}"#).await?;
+    let (got, problem) = answer_over_http(
+        &stack,
+        &unknown,
+        r#"{"decision":"allow","args_digest":"sha256:00"}"#,
+    )
+    .await?;
     assert_eq!(
         (got, problem["code"].as_str()),
         (404, Some("not_found")),
@@ -553,7 +572,17 @@ async fn approvals_are_listed_page_by_page_and_answered_over_http() -> Result<()
     );
     assert!(stack.counted("http-a").is_empty());
 
-    let (got, answered) = answer_over_http(&stack, &a, r#"{"decision":"allow"}"#).await?;
+    // The request whole: the arguments as they will run, and their digest.
+    let detail = stack.get_json(&format!("/v1/approvals/{a}")).await?;
+    assert_eq!(detail["args_json"], r#"{"key":"http-a"}"#, "{detail}");
+    let digest = detail["args_digest"]
+        .as_str()
+        .context("a digest")?
+        .to_owned();
+    assert_eq!(page["approvals"][0]["args_digest"], digest.as_str());
+    assert_eq!(page["approvals"][0]["args_clipped"], false);
+    let allow = format!(r#"{{"decision":"allow","args_digest":"{digest}"}}"#);
+    let (got, answered) = answer_over_http(&stack, &a, &allow).await?;
     assert_eq!(got, 200, "{answered}");
     assert!(
         answered["resolved_by"]
@@ -664,16 +693,15 @@ async fn a_write_whose_audit_event_cannot_be_stored_does_not_happen() -> Result<
         .await?;
     let id = waiting_approval(&stack, run_id).await?;
 
-    // From now on the run's subject takes exactly one more event: the answer. The
-    // connector's audit event (ToolCallStarted) is refused by the server.
+    // From now on the run log takes exactly one more event: the answer (this is the
+    // only run). The connector's audit event (ToolCallStarted) is refused by the server.
     let js = stack.bus.jetstream();
     let mut runs = js.get_stream(dispatch_bus::streams::RUNS).await?;
-    let original = runs.info().await?.config.clone();
-    let held = stack.log().await?.read(&run_id).await?.len() as i64;
+    let info = runs.info().await?;
+    let original = info.config.clone();
     let mut refusing = original.clone();
-    refusing.max_messages_per_subject = held + 1;
+    refusing.max_messages = info.state.messages as i64 + 1;
     refusing.discard = DiscardPolicy::New;
-    refusing.discard_new_per_subject = true;
     js.update_stream(refusing).await?;
 
     let approved = stack.cli(&["approve", &id])?;
@@ -706,5 +734,87 @@ async fn a_write_whose_audit_event_cannot_be_stored_does_not_happen() -> Result<
     let started = position(|b| matches!(b, Body::ToolCallStarted(_))).context("no audit")?;
     let completed = position(|b| matches!(b, Body::ToolCallCompleted(_))).context("no result")?;
     assert!(started < completed);
+    Ok(())
+}
+
+/// A call whose arguments name a key twice (a person would be shown one value and the
+/// tool would run with the other) is refused when it is requested; long arguments are
+/// listed clipped, marked so, and whole one request away; an approval from the CLI
+/// names the digest it was shown, and another digest is refused.
+#[tokio::test]
+async fn approvals_show_exactly_what_will_run() -> Result<()> {
+    let stack = stack(POLICY, &[]).await?;
+    // The spoof: a safe-looking target, padding past the listing's clip, the real one.
+    let spoof = format!(
+        r#"test.erase {{"key": "spoofed", "target": "/srv/cache (routine, safe)", "pad": "{}", "target": "/"}}"#,
+        "x".repeat(2000)
+    );
+    let spoofed = stack.submit(&plan(&[&spoof]), "default", 60_000).await?;
+    let events = stack.wait_finished(spoofed, LIMIT).await?;
+    let decided = bodies(&events)
+        .find_map(|b| match b {
+            Body::PolicyDecided(d) => Some(d.clone()),
+            _ => None,
+        })
+        .context("a decision")?;
+    assert_eq!(decided.decision(), Decision::Deny);
+    assert_eq!(decided.rule, "arguments");
+    assert!(
+        decided.reason.contains("\"target\" is given twice"),
+        "{}",
+        decided.reason
+    );
+    assert!(
+        !bodies(&events).any(|b| matches!(b, Body::ApprovalRequested(_))),
+        "nobody was asked about it"
+    );
+    assert!(stack.counted("spoofed").is_empty());
+
+    // Long arguments, honestly given: listed clipped and marked, whole with --full.
+    let long = format!(
+        r#"test.erase {{"key": "long", "note": "{}"}}"#,
+        "y".repeat(3000)
+    );
+    let run_id = stack.submit(&plan(&[&long]), "default", 60_000).await?;
+    let id = waiting_approval(&stack, run_id).await?;
+    let listed = stack.cli(&["approvals"])?;
+    assert!(listed.stdout.contains("[clipped: 3"), "{}", listed.stdout);
+    let json = stack.cli(&["approvals", "--format", "json"])?;
+    let pending: Vec<serde_json::Value> = serde_json::from_str(&json.stdout)?;
+    let shown = pending
+        .iter()
+        .find(|p| p["approval_id"] == id.as_str())
+        .context("listed")?;
+    assert_eq!(shown["args_clipped"], true);
+    assert!(shown["args_json"].as_str().unwrap().len() <= 1024);
+    let full = stack.cli(&["approvals", "--full", "--format", "json"])?;
+    let pending: Vec<serde_json::Value> = serde_json::from_str(&full.stdout)?;
+    let whole = pending
+        .iter()
+        .find(|p| p["approval_id"] == id.as_str())
+        .context("listed")?;
+    assert_eq!(whole["args_clipped"], false);
+    assert!(
+        whole["args_json"]
+            .as_str()
+            .unwrap()
+            .contains(&"y".repeat(3000))
+    );
+    let digest = whole["args_digest"]
+        .as_str()
+        .context("a digest")?
+        .to_owned();
+    assert_eq!(digest, shown["args_digest"].as_str().unwrap());
+
+    // Another digest is refused and changes nothing; the shown one is taken.
+    let wrong = stack.cli(&["approve", &id, "--digest", "sha256:feed"])?;
+    assert_ne!(wrong.code, Some(0));
+    assert!(wrong.stderr.contains("not sha256:feed"), "{}", wrong.stderr);
+    assert!(stack.counted("long").is_empty());
+    let right = stack.cli(&["approve", &id, "--digest", &digest])?;
+    assert_eq!(right.code, Some(0), "{}", right.stderr);
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    assert_eq!(stack.counted("long").len(), 1);
     Ok(())
 }

@@ -126,7 +126,7 @@ impl Rule {
                 "rule name {name:?} must be 1-64 letters, digits, '-' or '_'"
             ));
         }
-        if name == DEFAULT_RULE || name == MEMO_RULE {
+        if name == DEFAULT_RULE || name == MEMO_RULE || name == ARGUMENTS_RULE {
             return Err(format!("{name:?} is a name the gate uses itself"));
         }
         for pattern in &self.tools {
@@ -177,6 +177,10 @@ pub const DEFAULT_RULE: &str = "default";
 /// The rule name a decision carries when an identical call was denied earlier in the
 /// run, and that denial stands for it.
 pub use dispatch_proto::run::v1::MEMO_RULE;
+/// The rule name a denial carries when the call's arguments have no canonical form (a
+/// key given twice, not one JSON object, too big): such a call is never judged by the
+/// document.
+pub const ARGUMENTS_RULE: &str = "arguments";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

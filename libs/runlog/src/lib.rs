@@ -7,6 +7,8 @@
 //! run. It does not decide what a run does next: that is the dispatcher's job, and
 //! projections belong to the ledger.
 
+pub mod approvals;
+pub mod args;
 pub mod chain;
 mod handle;
 pub mod roles;

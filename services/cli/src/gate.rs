@@ -5,6 +5,7 @@
 //! and records them; versions are read from the policy stream, and waiting approvals
 //! from the ledger's view of the runs in progress.
 
+use dispatch_runlog::RunLog;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -250,7 +251,10 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
 
 /// `dispatch approvals`: every approval request nobody has answered, oldest run first,
 /// asked of the ledger page by page.
-pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
+/// `dispatch approvals`: every request waiting for a person, its arguments clipped
+/// (and marked so), or with `log` (`--full`) read whole from each run's log, with
+/// their digest.
+pub async fn approvals(bus: &Bus, log: Option<&RunLog>, format: Format) -> Result<u8, Failure> {
     let mut pending = Vec::new();
     let mut after = None;
     loop {
@@ -269,11 +273,34 @@ pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
             None => break,
         }
     }
+    if let Some(log) = log {
+        for p in &mut pending {
+            if let Some(found) = dispatch_runlog::approvals::find(log, &p.approval_id).await? {
+                p.args_digest = dispatch_runlog::args::digest(&found.request.args_json);
+                p.args_bytes = found.request.args_json.len() as u64;
+                p.args_json = found.request.args_json;
+                p.args_clipped = false;
+            }
+        }
+    }
     match format {
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&pending).expect("approvals serialize")
         ),
+        Format::Table if log.is_some() => {
+            for p in &pending {
+                println!(
+                    "{}  {}  {}  rule {}\n  digest {}\n  {}\n",
+                    crate::format::clip(&p.approval_id, 120),
+                    crate::format::clip(&p.tool, 80),
+                    crate::format::clip(&p.risk, 16),
+                    crate::format::clip(&p.rule, 64),
+                    crate::format::clip(&p.args_digest, 80),
+                    exact(&p.args_json)
+                );
+            }
+        }
         Format::Table => {
             println!(
                 "{:<50} {:<24} {:<12} {:<16} {:<10} ARGS",
@@ -286,12 +313,12 @@ pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
                 let left = (p.expires_at_ms - now).max(0) / 1000;
                 println!(
                     "{:<50} {:<24} {:<12} {:<16} {:<10} {}",
-                    p.approval_id,
-                    p.tool,
-                    p.risk,
-                    p.rule,
+                    crate::format::clip(&p.approval_id, 120),
+                    crate::format::clip(&p.tool, 80),
+                    crate::format::clip(&p.risk, 16),
+                    crate::format::clip(&p.rule, 64),
                     format!("in {left}s"),
-                    crate::format::clip(&p.args_json, 60)
+                    args_cell(p)
                 );
             }
         }
@@ -299,12 +326,65 @@ pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
     Ok(exit::DONE)
 }
 
+/// The most of a call's arguments the table shows.
+const ARGS_CELL_CHARS: usize = 60;
+
+/// A call's arguments in the table: whole when they fit, else their start and a mark
+/// saying they are cut and where the rest is.
+fn args_cell(p: &dispatch_proto::api::v1::PendingApproval) -> String {
+    let shown = crate::format::clip(&p.args_json, ARGS_CELL_CHARS);
+    if p.args_clipped || p.args_json.chars().count() > ARGS_CELL_CHARS {
+        format!(
+            "{shown}… [clipped: {} bytes in all; dispatch approvals --full]",
+            p.args_bytes.max(p.args_json.len() as u64)
+        )
+    } else {
+        shown
+    }
+}
+
+/// The digest of the arguments approval `id` asks about, after showing them: for an
+/// `approve` that names none, the person allows what is printed here.
+pub async fn digest_of(log: &RunLog, id: &str) -> Result<String, Failure> {
+    let found = dispatch_runlog::approvals::find(log, id)
+        .await?
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "no approval request {}",
+                crate::format::clip(id, 120)
+            ))
+        })?;
+    let digest = dispatch_runlog::args::digest(&found.request.args_json);
+    eprintln!(
+        "allowing {} with {} ({digest})",
+        crate::format::clip(&found.request.tool, 80),
+        exact(&found.request.args_json)
+    );
+    Ok(digest)
+}
+
+/// Arguments exactly as they run, every character kept (a run of spaces is shown as
+/// it is: it may be what tells two arguments apart), and only what a terminal would
+/// act on instead of showing (controls, bidirectional overrides) written as `\u{…}`.
+fn exact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || dispatch_runlog::is_bidi_control(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `dispatch approve ID` / `dispatch deny ID --reason`: exactly one answer is recorded;
 /// whoever comes second is told who came first.
+/// `allow` carries the digest of the arguments allowed; `None` denies.
 pub async fn resolve(
     bus: &Bus,
     id: String,
-    allow: bool,
+    allow: Option<String>,
     reason: String,
     by: Option<String>,
 ) -> Result<u8, Failure> {
@@ -313,9 +393,10 @@ pub async fn resolve(
             subject::policy::resolve(),
             &ResolveApprovalRequest {
                 approval_id: id,
-                decision: if allow { "allow" } else { "deny" }.into(),
+                decision: if allow.is_some() { "allow" } else { "deny" }.into(),
                 resolved_by: person(by),
                 reason,
+                args_digest: allow.unwrap_or_default(),
             },
             TIMEOUT,
         )
@@ -328,5 +409,37 @@ pub async fn resolve(
             Ok(exit::DONE)
         }
         _ => Err(Failure::new(reply.message)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_are_shown_exactly_and_safely() {
+        assert_eq!(exact(r#"{"a":"x   y"}"#), r#"{"a":"x   y"}"#);
+        assert_eq!(
+            exact("a\u{1b}]52;c;x\u{7}b\u{202e}"),
+            "a\\u{1b}]52;c;x\\u{7}b\\u{202e}"
+        );
+    }
+
+    #[test]
+    fn a_clipped_cell_says_so() {
+        let mut p = dispatch_proto::api::v1::PendingApproval {
+            args_json: r#"{"target":"/srv/cache"}"#.into(),
+            args_bytes: 23,
+            ..Default::default()
+        };
+        assert_eq!(args_cell(&p), r#"{"target":"/srv/cache"}"#);
+        p.args_json = format!(r#"{{"target":"{}"}}"#, "x".repeat(100));
+        p.args_bytes = 5000;
+        p.args_clipped = true;
+        let cell = args_cell(&p);
+        assert!(
+            cell.contains("[clipped: 5000 bytes in all; dispatch approvals --full]"),
+            "{cell}"
+        );
     }
 }

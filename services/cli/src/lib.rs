@@ -315,15 +315,23 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Tool calls waiting for a person's approval.
+    /// Tool calls waiting for a person's approval (arguments clipped, and marked so).
     Approvals {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Each call's arguments whole, as they will run, with their digest.
+        #[arg(long)]
+        full: bool,
     },
-    /// Let a waiting tool call go ahead.
+    /// Let a waiting tool call go ahead, with the arguments it was asked with.
     Approve {
         /// The approval's id (`dispatch approvals` lists them).
         id: String,
+        /// The digest of the arguments you looked at (`dispatch approvals --full`): the
+        /// answer holds only for those. Without it, the call's arguments are printed
+        /// and allowed as they stand.
+        #[arg(long)]
+        digest: Option<String>,
         #[arg(long, default_value = "")]
         note: String,
         /// Who is answering; default: $USER.
@@ -822,21 +830,35 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Secret(command) => {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }
-        Command::Approvals { format } => gate::approvals(&nats.connect().await?, format).await,
+        Command::Approvals { format, full } => {
+            let bus = nats.connect().await?;
+            let log = full.then_some(open_log(&bus).await?);
+            gate::approvals(&bus, log.as_ref(), format).await
+        }
         Command::Attach {
             conversation,
             all,
             exit,
             format,
         } => attach::attach(&nats.connect().await?, &conversation, all, exit, format).await,
-        Command::Approve { id, note, by } => {
-            gate::resolve(&nats.connect().await?, id, true, note, by).await
+        Command::Approve {
+            id,
+            digest,
+            note,
+            by,
+        } => {
+            let bus = nats.connect().await?;
+            let digest = match digest {
+                Some(digest) => digest,
+                None => gate::digest_of(&open_log(&bus).await?, &id).await?,
+            };
+            gate::resolve(&bus, id, Some(digest), note, by).await
         }
         Command::Deny { id, reason, by } => {
             if reason.trim().is_empty() {
                 return Err(Failure::new("say why: --reason is told to the run's model"));
             }
-            gate::resolve(&nats.connect().await?, id, false, reason, by).await
+            gate::resolve(&nats.connect().await?, id, None, reason, by).await
         }
         Command::Tasks {
             conversation,

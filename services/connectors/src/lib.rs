@@ -595,11 +595,19 @@ async fn call_tool_in_span(
         _ => None,
     };
     let interrupted = run.bodies().find_map(started);
+    // Only arguments in their one form run: the form the policy judged and a person saw.
+    let unreadable = requested
+        .as_ref()
+        .and_then(|r| dispatch_runlog::args::is_canonical(&r.args_json).err());
     let result = match (requested, allowed, interrupted) {
         (None, _, _) => Err("the run's log never requested this call".to_owned()),
         (Some(_), false, _) => {
             Err("the run's log holds no allow decision for this call".to_owned())
         }
+        (Some(_), true, None) if unreadable.is_some() => Err(format!(
+            "the call's arguments are refused: {}",
+            unreadable.unwrap_or_default()
+        )),
         // Started before and never finished: its effect is unknown, so it is not run
         // again (at most once); the model sees the failure and can decide.
         (Some(_), true, Some(interrupted)) => {

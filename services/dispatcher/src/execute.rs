@@ -52,6 +52,9 @@ const REPORT_FILE: &str = "REPORT.org";
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 /// The most of a leaf's answer recorded in `LeafFinished`.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
+/// The most of a call's arguments recorded when they have no canonical form (the
+/// policy refuses such a call; this is only what it was).
+const UNREADABLE_ARGS_BYTES: usize = 16 * 1024;
 /// How often streamed model text is appended to the log, at most: a few events a
 /// second per streaming run, each soon on the conversation stream.
 const DELTA_EVERY: Duration = Duration::from_millis(50);
@@ -784,6 +787,7 @@ impl Exec<'_> {
         leaf: u32,
         call: &ToolCall,
     ) -> Result<Result<String, String>, Stop> {
+        let call = &self.recorded_form(call);
         let call_id = call.call_id.clone();
         let risk = match self.find(requested_call(&call_id)) {
             Some(()) => Risk::Unspecified,
@@ -865,6 +869,27 @@ impl Exec<'_> {
             .await?;
         self.wait_for(Awaited::Tool(&call_id), result_for(&call_id))
             .await
+    }
+
+    /// The call as it is (or will be) recorded: its arguments in canonical form, the one
+    /// form the policy checks, a person is shown and a connector runs
+    /// (`dispatch_runlog::args`). Arguments that have no such form (a key given twice,
+    /// not one object, too big) are recorded as written, cut to 16 KiB, and the policy
+    /// refuses the call, saying why. A call recorded already keeps its recorded form.
+    fn recorded_form(&self, call: &ToolCall) -> ToolCall {
+        let recorded = self.run.bodies().find_map(|b| match b {
+            Body::ToolCallRequested(r) if r.call_id == call.call_id => Some(r.args_json.clone()),
+            _ => None,
+        });
+        let args_json =
+            recorded.unwrap_or_else(|| match dispatch_runlog::args::canonical(&call.args_json) {
+                Ok(canonical) => canonical.json,
+                Err(_) => slice_bytes(&call.args_json, UNREADABLE_ARGS_BYTES).to_owned(),
+            });
+        ToolCall {
+            args_json,
+            ..call.clone()
+        }
     }
 
     /// Waits for a person's answer to the approval request of `call_id`, and denies it

@@ -1,9 +1,13 @@
-//! `GET /v1/approvals` and `POST /v1/approvals/{id}`: the approval queue over HTTP.
+//! `GET /v1/approvals`, `GET /v1/approvals/{id}` and `POST /v1/approvals/{id}`: the
+//! approval queue over HTTP.
 //!
-//! The list is the ledger's (`dispatch.query.approvals`), paged like runs; an answer
-//! goes to the policy service (`dispatch.req.policy.resolve`), which records it in the
-//! run's log, so an answer over HTTP and one from the CLI race on the same log and
-//! exactly one wins.
+//! The list is the ledger's (`dispatch.query.approvals`), paged like runs, each
+//! request's arguments clipped to 1 KiB and marked so; one request, read from its
+//! run's log, has them whole, with their digest. An answer goes to the policy service
+//! (`dispatch.req.policy.resolve`), which records it in the run's log, so an answer
+//! over HTTP and one from the CLI race on the same log and exactly one wins; an answer
+//! that allows must name the digest of the arguments the person was shown, and
+//! applies only to those.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +80,30 @@ pub struct Answer {
     /// Why; required to deny (the model is told it).
     #[serde(default)]
     reason: String,
+    /// The digest of the arguments the person was shown (`args_digest` of the listing
+    /// or of `GET /v1/approvals/{id}`): required to allow; the answer applies only to
+    /// those arguments.
+    #[serde(default)]
+    args_digest: String,
+}
+
+/// One approval request, its arguments whole.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApprovalDetail {
+    pub approval_id: String,
+    pub run_id: String,
+    pub tool: String,
+    /// The call's arguments exactly as they will run (canonical JSON), whole.
+    pub args_json: String,
+    /// `sha256:<hex>` of `args_json`: what an answer that allows names.
+    pub args_digest: String,
+    pub risk: String,
+    pub rule: String,
+    pub reason: String,
+    pub expires_at_ms: i64,
+    /// `allow` or `deny` once answered.
+    pub answered: Option<String>,
+    pub run_ended: bool,
 }
 
 /// What was recorded.
@@ -115,7 +143,69 @@ pub fn validate(body: &[u8]) -> Result<Answer, (&'static str, String)> {
             "say why when denying (reason): the run's model is told".into(),
         ));
     }
+    if answer.decision == "allow" && answer.args_digest.trim().is_empty() {
+        return Err((
+            "digest_required",
+            "to allow, name the digest of the arguments you were shown (args_digest, as \
+             GET /v1/approvals/{id} gives it)"
+                .into(),
+        ));
+    }
+    if answer.args_digest.len() > 128 {
+        return Err((
+            "invalid_digest",
+            "args_digest is sha256:<64 hex digits>".into(),
+        ));
+    }
     Ok(answer)
+}
+
+/// `GET /v1/approvals/{id}`: one approval request with its arguments whole and their
+/// digest, read from its run's log.
+#[utoipa::path(get, path = "/v1/approvals/{id}", tag = "approvals",
+    params(("id" = String, Path, description = "The approval id (`<run id>.<call id>`)")),
+    responses(
+        (status = 200, description = "The request, arguments whole", body = ApprovalDetail),
+        (status = 401, description = "No or unknown API key", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such approval request", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "The run log cannot be read", body = crate::problem::ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub(crate) async fn get_one(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match dispatch_runlog::approvals::find(&app.log, &id).await {
+        Ok(Some(found)) => {
+            let request = found.request;
+            let risk = dispatch_proto::run::v1::Risk::try_from(request.risk)
+                .map_or("destructive", |r| r.word());
+            axum::Json(ApprovalDetail {
+                approval_id: request.approval_id,
+                run_id: id.split_once('.').map_or("", |(run, _)| run).to_owned(),
+                tool: request.tool,
+                args_digest: dispatch_runlog::args::digest(&request.args_json),
+                args_json: request.args_json,
+                risk: risk.to_owned(),
+                rule: request.rule,
+                reason: request.reason,
+                expires_at_ms: request.expires_unix_ms,
+                answered: found.answered,
+                run_ended: found.run_ended,
+            })
+            .into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no approval request {}",
+                dispatch_runlog::one_line(&id, 120)
+            ),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the run's log cannot be read: {e}"),
+        ),
+    }
 }
 
 /// `POST /v1/approvals/{id}`: allow or deny one request. Exactly one answer is
@@ -163,6 +253,7 @@ pub(crate) async fn answer(
                 decision: answer.decision.clone(),
                 resolved_by: resolved_by.clone(),
                 reason: answer.reason,
+                args_digest: answer.args_digest,
             },
             RESOLVE_TIMEOUT,
         )
@@ -193,6 +284,7 @@ pub(crate) async fn answer(
         Outcome::RunEnded => error(StatusCode::CONFLICT, "run_ended", reply.message),
         Outcome::NotFound => error(StatusCode::NOT_FOUND, "not_found", reply.message),
         Outcome::Invalid => error(StatusCode::BAD_REQUEST, "invalid_approval", reply.message),
+        Outcome::DigestMismatch => error(StatusCode::CONFLICT, "digest_mismatch", reply.message),
         Outcome::Unspecified => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "policy_unavailable",
@@ -208,7 +300,7 @@ mod tests {
     #[test]
     fn answers_are_checked_field_by_field() {
         let long = format!(r#"{{"decision":"allow","reason":"{}"}}"#, "x".repeat(1025));
-        let cases: [(&str, &str); 7] = [
+        let cases: [(&str, &str); 8] = [
             ("{", "invalid_json"),
             ("{}", "invalid_answer"),
             (r#"{"decision":"maybe"}"#, "invalid_decision"),
@@ -216,6 +308,7 @@ mod tests {
             (r#"{"decision":"deny","reason":"  "}"#, "invalid_reason"),
             (r#"{"decision":"allow","by":"me"}"#, "invalid_answer"),
             (&long, "invalid_reason"),
+            (r#"{"decision":"allow"}"#, "digest_required"),
         ];
         for (body, code) in cases {
             let err = validate(body.as_bytes()).expect_err(body);
@@ -226,6 +319,6 @@ mod tests {
             (ok.decision.as_str(), ok.reason.as_str()),
             ("deny", "not today")
         );
-        assert!(validate(br#"{"decision":"allow"}"#).is_ok());
+        assert!(validate(br#"{"decision":"allow","args_digest":"sha256:00"}"#).is_ok());
     }
 }

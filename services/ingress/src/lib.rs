@@ -113,6 +113,8 @@ struct App {
     listeners: Arc<listeners::Listeners>,
     /// Whose seals the run logs it serves are checked against.
     trust: dispatch_runlog::seal::Trust,
+    /// Run logs, read (approval requests whole); ingress writes none.
+    log: dispatch_runlog::RunLog,
 }
 
 impl Ingress {
@@ -152,6 +154,11 @@ impl Ingress {
         )
         .await?;
         let trust = config.common.trust();
+        let log =
+            dispatch_runlog::RunLog::open(&bus, &format!("{SERVICE}/{}", config.common.instance))
+                .await
+                .map_err(|e| dispatch_bus::Error::other("open the run log", e))?
+                .with_trust(trust.clone());
         Ok(Self {
             config,
             app: Arc::new(App {
@@ -161,6 +168,7 @@ impl Ingress {
                 stopping: CancellationToken::new(),
                 listeners,
                 trust,
+                log,
             }),
             listener,
             grpc,
@@ -267,7 +275,10 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/runs/{id}/events", get(conversations::run_events))
         .route("/v1/tasks", get(get_tasks))
         .route("/v1/approvals", get(approvals::list))
-        .route("/v1/approvals/{id}", post(approvals::answer))
+        .route(
+            "/v1/approvals/{id}",
+            get(approvals::get_one).post(approvals::answer),
+        )
         .route("/v1/conversations/{id}/stream", get(conversations::stream))
         .route(
             "/v1/conversations/{id}/transcript",

@@ -24,6 +24,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::get_tasks,
         crate::approvals::list,
         crate::approvals::answer,
+        crate::approvals::get_one,
         crate::conversations::stream,
         crate::conversations::transcript,
         crate::conversations::run_events,
@@ -52,6 +53,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         dispatch_proto::api::v1::Overlap,
         crate::approvals::Answer,
         crate::approvals::Answered,
+        crate::approvals::ApprovalDetail,
         crate::conversations::TranscriptPage,
         crate::conversations::TranscriptEntry
     )),

@@ -34,9 +34,10 @@ pub const DRAIN_IDS: &str = "drain_ids";
 /// the same commit as the terminal event's view, emptied by the exporter once the trail
 /// is written, so a ledger killed at any point catches up on start.
 pub const TRAILS_DUE: &str = "trails_due";
-/// Ids of runs whose log has started and whose goal has not been looked for yet. A log
-/// only a forger could have started (no goal on DISPATCH_GOALS names it) has no owner;
-/// the ledger hands such a run to the dispatcher to end (`dispatch.cmd.ghost`).
+/// Ids of runs whose log has started, that have not ended, and whose goal has not been
+/// looked for yet (put with the run's request, taken out when it ends or is checked). A
+/// log only a forger could have started (no goal on DISPATCH_GOALS names it) has no
+/// owner; the ledger hands such a run to the dispatcher to end (`dispatch.cmd.ghost`).
 pub const GHOSTS_DUE: &str = "ghosts_due";
 /// Index: `<short id><run id>` for every run, so the short id people type (the random
 /// tail of the id, see [`dispatch_bus::short_id`]) resolves by a prefix scan.
@@ -831,6 +832,8 @@ impl Views {
             batch.put_guarded(&kept, RUNS, key, json);
             if view.status().is_terminal() {
                 batch.remove(ACTIVE, key);
+                // A run that ended (or shows corrupt) needs no look for its goal.
+                batch.remove(GHOSTS_DUE, key);
                 mark_archive_due(&mut batch, key);
             } else {
                 batch.put_guarded(&kept, ACTIVE, key, Vec::new());

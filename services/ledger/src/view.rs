@@ -247,6 +247,9 @@ impl Fold for RunView {
                         tool: dispatch_runlog::slice_bytes(&a.tool, APPROVAL_TEXT_BYTES).to_owned(),
                         args_json: dispatch_runlog::slice_bytes(&a.args_json, APPROVAL_ARGS_BYTES)
                             .to_owned(),
+                        args_clipped: a.args_json.len() > APPROVAL_ARGS_BYTES,
+                        args_bytes: a.args_json.len() as u64,
+                        args_digest: dispatch_runlog::slice_bytes(&a.args_digest, 80).to_owned(),
                         risk: risk.to_owned(),
                         rule: dispatch_runlog::slice_bytes(&a.rule, APPROVAL_TEXT_BYTES).to_owned(),
                         reason: dispatch_runlog::slice_bytes(&a.reason, APPROVAL_TEXT_BYTES)

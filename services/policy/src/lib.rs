@@ -292,21 +292,7 @@ fn requests_call(body: &Body, check: &CheckPolicy) -> bool {
     matches!(body, Body::ToolCallRequested(r) if r.call_id == check.call_id)
 }
 
-/// The id people use for the approval of `call_id` in `run_id`.
-pub fn approval_id(run_id: &RunId, call_id: &str) -> String {
-    format!("{run_id}.{call_id}")
-}
-
-/// The run and call an approval id names, if it is one.
-pub fn parse_approval_id(id: &str) -> Option<(RunId, String)> {
-    let (run, call) = id.split_once('.')?;
-    let valid_call = !call.is_empty()
-        && call.len() <= 64
-        && call
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    Some((run.parse().ok()?, call.to_owned())).filter(|_| valid_call)
-}
+pub use dispatch_runlog::approvals::{approval_id, parse_approval_id};
 
 /// Decisions made, by effect (`dispatch_policy_decisions_total{decision}`).
 fn decisions() -> &'static opentelemetry::metrics::Counter<u64> {
@@ -398,13 +384,23 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
             let entry = dispatch_bus::catalogue::tool(&gate.catalogue, &requested.tool).await?;
             let in_force = gate.in_force.borrow().clone();
             let risk = risk_of(requested.risk);
-            let verdict = in_force.document.decide(dispatch_rules::Call {
-                tool: &requested.tool,
-                args_json: &requested.args_json,
-                risk,
-                origin: &check.origin,
-                schema: entry.as_ref().map(|e| &e.parameters),
-            });
+            // Only arguments in their one form are judged: what is checked here is then
+            // what a person is shown and what runs.
+            let verdict = match dispatch_runlog::args::is_canonical(&requested.args_json) {
+                Ok(()) => in_force.document.decide(dispatch_rules::Call {
+                    tool: &requested.tool,
+                    args_json: &requested.args_json,
+                    risk,
+                    origin: &check.origin,
+                    schema: entry.as_ref().map(|e| &e.parameters),
+                }),
+                Err(why) => dispatch_rules::Verdict {
+                    effect: Effect::Deny,
+                    rule: dispatch_rules::ARGUMENTS_RULE.to_owned(),
+                    reason: format!("the call's arguments are refused: {why}"),
+                    approval_ttl_ms: None,
+                },
+            };
             let mut body = PolicyDecided {
                 call_id: call_id.to_owned(),
                 rule: verdict.rule.clone(),
@@ -472,6 +468,7 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
         rule: decision.rule.clone(),
         reason: decision.reason.clone(),
         expires_unix_ms: now_unix_ms().saturating_add(ttl.as_millis() as i64),
+        args_digest: dispatch_runlog::args::digest(&requested.args_json),
     });
     let asked =
         |b: &Body| matches!(b, Body::ApprovalRequested(a) if a.call_id == call_id).then_some(());
@@ -479,27 +476,5 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == dispatch_runlog::ErrorKind::Finished => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn approval_ids_name_a_run_and_a_call() {
-        let run = RunId::new();
-        let id = approval_id(&run, "l0-t2-c1");
-        assert_eq!(parse_approval_id(&id), Some((run, "l0-t2-c1".to_owned())));
-        for bad in [
-            "",
-            "nonsense",
-            &format!("{run}."),
-            &format!("{run}.a.b"),
-            &format!("{run}.a b"),
-            "x.l0-t0-c0",
-        ] {
-            assert_eq!(parse_approval_id(bad), None, "{bad}");
-        }
     }
 }

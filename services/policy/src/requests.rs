@@ -109,15 +109,21 @@ async fn test(gate: &Gate, message: &async_nats::Message) -> TestPolicyResponse 
     let Ok(request) = TestPolicyRequest::decode(message.payload.as_ref()) else {
         return refused("the request is not a TestPolicyRequest".into());
     };
-    if request.args_json.len() > 256 * 1024 {
-        return refused("the arguments are larger than 256 KiB".into());
-    }
-    if serde_json::from_str::<serde_json::Value>(&request.args_json).is_err() {
-        return refused(format!(
-            "the arguments are not JSON: {}",
-            clip(&request.args_json, 80)
-        ));
-    }
+    // As a call is recorded: in its one form, or refused (a key given twice, not one
+    // object, too big), as the gate would refuse it.
+    let args_json = match dispatch_runlog::args::canonical(&request.args_json) {
+        Ok(canonical) => canonical.json,
+        Err(why) => {
+            return refused(format!(
+                "the arguments are refused ({why}): {}",
+                clip(&request.args_json, 80)
+            ));
+        }
+    };
+    let request = TestPolicyRequest {
+        args_json,
+        ..request
+    };
     let entry = match catalogue::tool(&gate.catalogue, &request.tool).await {
         Ok(entry) => entry,
         Err(e) => return refused(e.to_string()),
@@ -197,13 +203,37 @@ async fn resolve(gate: &Gate, message: &async_nats::Message) -> ResolveApprovalR
         expired: false,
     });
     for _ in 0..MAX_RACES {
-        let asked = run
-            .bodies()
-            .any(|b| matches!(b, Body::ApprovalRequested(a) if a.call_id == call_id));
-        if !asked {
+        let asked = run.bodies().find_map(|b| match b {
+            Body::ApprovalRequested(a) if a.call_id == call_id => Some(a.args_digest.clone()),
+            _ => None,
+        });
+        let Some(asked_digest) = asked else {
             return answer(
                 Outcome::NotFound,
                 format!("no approval request {}", request.approval_id),
+            );
+        };
+        // An allowance holds only for the arguments the person was shown. A denial
+        // needs no digest (nothing runs), but one that names other arguments is refused
+        // too: the person was looking at something else.
+        let named = request.args_digest.trim();
+        if (decision == Decision::Allow || !named.is_empty()) && named != asked_digest {
+            return answer(
+                Outcome::DigestMismatch,
+                if named.is_empty() {
+                    format!(
+                        "to allow {}, name the digest of its arguments ({asked_digest}), as \
+                         the approval listing shows it",
+                        request.approval_id
+                    )
+                } else {
+                    format!(
+                        "{} asks about arguments with digest {asked_digest}, not {}; nothing was \
+                         recorded",
+                        request.approval_id,
+                        clip(named, 80)
+                    )
+                },
             );
         }
         let resolved = run.bodies().find_map(|b| match b {
