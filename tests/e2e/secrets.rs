@@ -127,8 +127,10 @@ async fn found_nowhere(
     }
     for path in [
         format!("/v1/runs/{run}"),
+        format!("/v1/runs/{run}/events"),
         "/v1/runs?all=true".into(),
         "/v1/tasks".into(),
+        "/v1/conversations/default/transcript".into(),
     ] {
         let body = stack
             .http
@@ -271,6 +273,24 @@ prefix = "Bearer "
     Ok(())
 }
 
+/// The forms a secret is passed on in by careless servers and models: as it is, in
+/// base64 (on its own and after `user:`, as Basic auth has it), URL-safe base64, hex in
+/// either case, percent-encoded, upper case.
+fn forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    vec![
+        secret.to_owned(),
+        STANDARD.encode(secret),
+        STANDARD.encode(format!("user:{secret}")),
+        URL_SAFE_NO_PAD.encode(secret),
+        hex::encode(secret),
+        hex::encode_upper(secret),
+        secret.bytes().map(|b| format!("%{b:02X}")).collect(),
+        secret.to_uppercase(),
+    ]
+}
+
 /// A free local port.
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -379,7 +399,11 @@ bearer_token_secret = "web-token"
 
     let (run_id, events) = run_calls(
         &stack,
-        &[("everything.get-env", "{}"), ("web.whoami", "{}")],
+        &[
+            ("everything.get-env", "{}"),
+            ("web.whoami", "{}"),
+            ("web.whoami_encoded", "{}"),
+        ],
     )
     .await?;
     assert_eq!(
@@ -394,8 +418,18 @@ bearer_token_secret = "web-token"
     assert!(env.contains(r#""EVERYTHING_TOKEN": "********""#), "{env}");
     let whoami = outcome(&events, "web.whoami").map_err(anyhow::Error::msg)?;
     assert_eq!(whoami, "authorization: Bearer ********");
+    // Passed back encoded every which way: masked in each form.
+    let encoded = outcome(&events, "web.whoami_encoded").map_err(anyhow::Error::msg)?;
+    // (A base64 form keeps at most its last character, which holds a few bits of the
+    // token's last byte and of whatever follows it.)
+    assert_eq!(encoded.lines().count(), 7, "{encoded}");
+    for line in encoded.lines() {
+        assert!(line.contains("********"), "{line:?} in {encoded}");
+    }
     found_nowhere(&stack, run_id, &events, PLANTED).await?;
-    found_nowhere(&stack, run_id, &events, WEB_TOKEN).await?;
+    for form in forms(WEB_TOKEN) {
+        found_nowhere(&stack, run_id, &events, &form).await?;
+    }
 
     // Rotated: the server is started again with the new value.
     let [before] = pids_with(&marker)[..] else {
@@ -425,5 +459,227 @@ bearer_token_secret = "web-token"
     let (_, events) = run_calls(&stack, &[("everything.get-env", "{}")]).await?;
     let error = outcome(&events, "everything.get-env").unwrap_err();
     assert!(error.contains("no secret named planted"), "{error}");
+    Ok(())
+}
+
+/// A server on a free local port that answers every request with the token of its
+/// `Authorization: Bearer` header encoded every which way, as a careless API might.
+async fn encoding_echo_server() -> Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let token = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization: Bearer "))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                let body = forms(&token)[1..].join("\n");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// A hostile OpenAI-compatible server: it answers each request with the next of
+/// `answers` (SSE bodies, made with [`sse_text`] and [`sse_call`]), and keeps every
+/// request it was sent.
+async fn scripted_model(answers: Vec<String>) -> Result<(String, Arc<Mutex<Vec<String>>>)> {
+    use axum::response::IntoResponse as _;
+    let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: String| {
+            let (answers, kept) = (answers.clone(), kept.clone());
+            async move {
+                kept.lock().unwrap().push(body);
+                let next = answers.lock().unwrap().pop_front().unwrap_or_default();
+                ([("content-type", "text/event-stream")], next).into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, seen))
+}
+
+fn sse_chunk(delta: serde_json::Value, finish: Option<&str>) -> String {
+    let chunk = serde_json::json!({
+        "id": "chatcmpl-hostile", "object": "chat.completion.chunk", "model": "hostile",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    format!("data: {chunk}\n\n")
+}
+
+/// An answer of `text`, streamed three characters at a time.
+fn sse_text(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = sse_chunk(serde_json::json!({"role": "assistant"}), None);
+    for piece in chars.chunks(3) {
+        let piece: String = piece.iter().collect();
+        out.push_str(&sse_chunk(serde_json::json!({"content": piece}), None));
+    }
+    out.push_str(&sse_chunk(serde_json::json!({}), Some("stop")));
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// An answer calling `function` with `arguments`, streamed five characters at a time.
+fn sse_call(function: &str, arguments: &str) -> String {
+    let chars: Vec<char> = arguments.chars().collect();
+    let mut out = sse_chunk(serde_json::json!({"role": "assistant"}), None);
+    for (i, piece) in chars.chunks(5).enumerate() {
+        let piece: String = piece.iter().collect();
+        let mut call = serde_json::json!({"index": 0, "function": {"arguments": piece}});
+        if i == 0 {
+            call["id"] = "call-1".into();
+            call["type"] = "function".into();
+            call["function"]["name"] = function.into();
+        }
+        out.push_str(&sse_chunk(serde_json::json!({"tool_calls": [call]}), None));
+    }
+    out.push_str(&sse_chunk(serde_json::json!({}), Some("tool_calls")));
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// A model that came by a secret (a server passed it back encoded, and the model
+/// decoded it) and writes it: in its streamed text, in a call's arguments, in a file
+/// through that call. What it wrote is recorded, streamed and run with the secret
+/// masked, and the secret, in any of its forms, is found in none of the store, the
+/// workspace, the logs, the trail, the HTTP and CLI answers, the transcript, or what
+/// the model is sent next.
+#[tokio::test]
+async fn a_secret_a_model_decodes_is_masked_in_all_it_writes() -> Result<()> {
+    let port = encoding_echo_server().await?;
+    let url = format!("http://127.0.0.1:{port}/token");
+    let plan = "#+TITLE: Keep the token\n* TODO Fetch the token and keep it\n  :done-when: test -s scratch/kept.txt\n";
+    let keep = serde_json::json!({
+        "path": "scratch/kept.txt",
+        "content": format!("the token is {PLANTED}, in hex {}", hex::encode(PLANTED)),
+    })
+    .to_string();
+    let (model_url, prompts) = scripted_model(vec![
+        sse_text(plan),
+        sse_call(
+            "http__request",
+            &serde_json::json!({"method": "GET", "url": url}).to_string(),
+        ),
+        sse_call("files__write_file", &keep),
+        sse_text(&format!(
+            "Done: I decoded {PLANTED} (or {}) and kept it.",
+            PLANTED.to_uppercase()
+        )),
+    ])
+    .await?;
+    let mut stack = Stack::start(&["ledger"]).await?;
+    std::fs::write(
+        stack.root().join("dispatch.toml"),
+        format!(
+            r#"
+[connectors.http]
+allow_hosts = ["127.0.0.1:{port}"]
+
+[[connectors.http.credentials]]
+host = "127.0.0.1:{port}"
+header = "Authorization"
+secret = "planted"
+prefix = "Bearer "
+"#
+        ),
+    )?;
+    let policy = stack.root().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default": "deny", "rules": [
+  {"name": "http", "effect": "allow", "tools": ["http.request"]},
+  {"name": "keep", "effect": "allow", "tools": ["files.write_file"]}
+]}"#,
+    )?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().context("utf-8")?])
+        .await?;
+    stack.add("connectors").await?;
+    let set = set_secret(&stack, "planted", PLANTED)?;
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    stack
+        .add_with(
+            "dispatcher",
+            &["--model-url", &model_url, "--model", "hostile"],
+        )
+        .await?;
+    stack.add("ingress").await?;
+
+    let run_id = stack
+        .submit("Fetch the token and keep it", "default", 60_000)
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(
+        finished(&events).status(),
+        RunStatus::Done,
+        "{}",
+        finished(&events).reason
+    );
+    // The server's encodings came back masked; what the model wrote is masked.
+    let fetched = outcome(&events, "http.request").map_err(anyhow::Error::msg)?;
+    assert!(fetched.matches("********").count() >= 6, "{fetched}");
+    let kept = std::fs::read_to_string(
+        dispatch_service::layout::run_dir(stack.root(), &run_id).join("scratch/kept.txt"),
+    )?;
+    assert_eq!(kept, "the token is ********, in hex ********");
+    let last_turn = events
+        .iter()
+        .rev()
+        .find_map(|e| match &e.event.body {
+            Some(Body::ModelTurn(t)) => Some(t.text.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        last_turn,
+        "Done: I decoded ******** (or ********) and kept it."
+    );
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::OutputDelta(d)) => Some(d.text.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!streamed.contains("planted"), "{streamed}");
+    // Nothing the model was sent after the call holds the secret in any form.
+    let sent = prompts.lock().unwrap().clone();
+    assert_eq!(sent.len(), 4, "author and three turns");
+    for form in forms(PLANTED) {
+        for prompt in &sent {
+            assert!(!prompt.contains(&form), "a prompt holds {form}: {prompt}");
+        }
+        found_nowhere(&stack, run_id, &events, &form).await?;
+    }
     Ok(())
 }

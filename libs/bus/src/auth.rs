@@ -161,7 +161,13 @@ impl Identity {
             }
             Identity::Dispatcher => {
                 service(&mut p, "dispatcher");
-                p.read(&[streams::RUNS, streams::GOALS, catalogue::STREAM]);
+                // The secrets' values, sealed: to scrub them from what models write.
+                p.read(&[
+                    streams::RUNS,
+                    streams::GOALS,
+                    catalogue::STREAM,
+                    streams::SECRETS,
+                ]);
                 p.work(streams::GOALS, consumers::DISPATCHER_GOALS);
                 p.work(streams::COMMANDS, consumers::DISPATCHER_STOPS);
                 p.publish

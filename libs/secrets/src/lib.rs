@@ -557,19 +557,23 @@ impl Lease {
     }
 }
 
-/// `text` with every occurrence of each of `secrets` replaced by [`MASK`], and a
-/// start of one cut off at the end of `text` (at least [`MIN_SCRUBBED_BYTES`] of it:
-/// output cut at a size limit) too. Values shorter than [`MIN_SCRUBBED_BYTES`] are not
-/// looked for (none can be stored).
+/// `text` with every occurrence of each of `secrets` replaced by [`MASK`] — as it is,
+/// and in the forms a tool, a server or a model is likely to pass it on in: with its
+/// letters' case changed, in hex (either case), percent-encoded byte by byte, and in
+/// base64 (standard and URL-safe, padded or not, and inside a longer base64 text at any
+/// alignment) — and a start of one cut off at the end of `text` (at least
+/// [`MIN_SCRUBBED_BYTES`] of it: output cut at a size limit) too. Values shorter than
+/// [`MIN_SCRUBBED_BYTES`] are not looked for (none can be stored).
+///
+/// Hand-written, not a crate's: what must be found is ours to say (the forms above),
+/// and the matching is plain substring search on each form.
 pub fn scrub<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = text.to_owned();
+    let secrets: Vec<&str> = secrets
+        .into_iter()
+        .filter(|s| s.len() >= MIN_SCRUBBED_BYTES)
+        .collect();
+    let mut out = mask(text, &spans(text, &secrets));
     for secret in secrets {
-        if secret.len() < MIN_SCRUBBED_BYTES {
-            continue;
-        }
-        if out.contains(secret) {
-            out = out.replace(secret, MASK);
-        }
         let cut = (MIN_SCRUBBED_BYTES..secret.len())
             .rev()
             .filter(|&n| secret.is_char_boundary(n))
@@ -580,6 +584,208 @@ pub fn scrub<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> Stri
         }
     }
     out
+}
+
+/// The shortest encoded form looked for: shorter ones would mask ordinary text.
+const MIN_FORM_CHARS: usize = 8;
+
+/// How `secret` may appear: each form with whether it is matched without regard to
+/// ASCII case.
+fn forms(secret: &str) -> Vec<(String, bool)> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let bytes = secret.as_bytes();
+    let mut forms = vec![(secret.to_owned(), true), (hex::encode(bytes), true)];
+    let percent: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+    forms.push((percent, true));
+    // Base64 of the secret inside a longer text: after 0, 1 or 2 bytes of whatever came
+    // before, the characters that only the secret's bits decide.
+    for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+        for before in 0..3usize {
+            let mut shifted = vec![0u8; before];
+            shifted.extend_from_slice(bytes);
+            let encoded = engine.encode(&shifted);
+            let first = (8 * before).div_ceil(6);
+            let last = 8 * (before + bytes.len()) / 6;
+            if last > first {
+                forms.push((encoded[first..last].to_owned(), false));
+            }
+        }
+    }
+    forms.retain(|(form, _)| form.len() >= MIN_FORM_CHARS || form == secret);
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// Where in `text` any form of any of `secrets` occurs: byte ranges, sorted, overlapping
+/// ones merged.
+fn spans(text: &str, secrets: &[&str]) -> Vec<(usize, usize)> {
+    let folded = text.to_ascii_lowercase();
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    for secret in secrets {
+        for (form, any_case) in forms(secret) {
+            let (haystack, needle) = if any_case {
+                (folded.as_str(), form.to_ascii_lowercase())
+            } else {
+                (text, form)
+            };
+            let mut from = 0;
+            while let Some(at) = haystack[from..].find(needle.as_str()) {
+                let start = from + at;
+                found.push((start, start + needle.len()));
+                from = start + needle.len().max(1);
+            }
+        }
+    }
+    found.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(found.len());
+    for (start, end) in found {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// `text` with each of `spans` (sorted, disjoint) replaced by [`MASK`]. ASCII case
+/// folding keeps byte offsets, so the spans are the text's own, and their ends fall on
+/// character boundaries (the forms are ASCII, or the secret itself).
+fn mask(text: &str, spans: &[(usize, usize)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for &(start, end) in spans {
+        out.push_str(&text[at..start]);
+        out.push_str(MASK);
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Every stored secret's value, kept current: for scrubbing text no lease covers, such
+/// as what a model writes after it decoded something it saw. Cheap to share.
+#[derive(Default)]
+pub struct Known {
+    values: std::sync::RwLock<Vec<Zeroizing<String>>>,
+}
+
+impl std::fmt::Debug for Known {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the values.
+        f.write_str("Known(********)")
+    }
+}
+
+impl Known {
+    /// Reads every secret `store` holds (the bucket's and the environment's), now and
+    /// again every `every` for as long as the returned value is held; a read that
+    /// fails keeps the last ones.
+    pub async fn watch(store: Store, every: std::time::Duration) -> std::sync::Arc<Self> {
+        let known = std::sync::Arc::new(Self::default());
+        known.reload(&store).await;
+        let held = std::sync::Arc::downgrade(&known);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match held.upgrade() {
+                    Some(known) => known.reload(&store).await,
+                    None => return,
+                }
+            }
+        });
+        known
+    }
+
+    async fn reload(&self, store: &Store) {
+        let listed = match store.list().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the secrets to scrub; keeping the last ones");
+                return;
+            }
+        };
+        let mut values = Vec::with_capacity(listed.len());
+        for entry in listed {
+            match store.value(&entry.name).await {
+                Ok(value) if value.len() >= MIN_SCRUBBED_BYTES => values.push(value),
+                Ok(_) => {}
+                // Removed meanwhile, or sealed with another key: nothing to look for.
+                Err(e) => tracing::debug!(name = entry.name, error = %e, "a secret not read"),
+            }
+        }
+        *self.values.write().unwrap_or_else(|e| e.into_inner()) = values;
+    }
+
+    /// A set of values, for tests and tools that hold them already.
+    pub fn of(values: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            values: std::sync::RwLock::new(values.into_iter().map(Zeroizing::new).collect()),
+        }
+    }
+
+    /// [`scrub`] with every known value.
+    pub fn scrub(&self, text: &str) -> String {
+        let values = self.values.read().unwrap_or_else(|e| e.into_inner());
+        scrub(text, values.iter().map(|v| v.as_str()))
+    }
+
+    /// How much text a streaming scrubber holds back: more than any form of any value
+    /// is long.
+    fn hold(&self) -> usize {
+        let values = self.values.read().unwrap_or_else(|e| e.into_inner());
+        values.iter().map(|v| v.len() * 3).max().unwrap_or(0)
+    }
+}
+
+/// Scrubs text that arrives in pieces (a model's streamed answer): each piece yields
+/// only text that no later piece can turn into part of a secret, and [`Self::finish`]
+/// the rest, so what is passed on in pieces is what [`Known::scrub`] makes of the whole.
+#[derive(Debug, Default)]
+pub struct Streaming {
+    raw: String,
+    /// Bytes of `raw` passed on.
+    passed: usize,
+}
+
+impl Streaming {
+    /// Takes `piece`; returns the scrubbed text that is safe to pass on now.
+    pub fn push(&mut self, piece: &str, known: &Known) -> String {
+        self.raw.push_str(piece);
+        let values = known.values.read().unwrap_or_else(|e| e.into_inner());
+        let secrets: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
+        let mut cut = self.raw.len().saturating_sub(known.hold());
+        while !self.raw.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let spans = spans(&self.raw, &secrets);
+        // A secret's form across the cut waits whole for the next piece.
+        for &(start, end) in &spans {
+            if start < cut && end > cut {
+                cut = start;
+            }
+        }
+        if cut <= self.passed {
+            return String::new();
+        }
+        let inside: Vec<(usize, usize)> = spans
+            .iter()
+            .filter(|(start, end)| *start >= self.passed && *end <= cut)
+            .map(|(start, end)| (start - self.passed, end - self.passed))
+            .collect();
+        let out = mask(&self.raw[self.passed..cut], &inside);
+        self.passed = cut;
+        out
+    }
+
+    /// The rest, scrubbed as the end of a text is (a start of a secret cut off there
+    /// is masked too).
+    pub fn finish(&mut self, known: &Known) -> String {
+        let rest = known.scrub(&self.raw[self.passed..]);
+        self.passed = self.raw.len();
+        rest
+    }
 }
 
 #[cfg(test)]

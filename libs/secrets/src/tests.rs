@@ -85,6 +85,52 @@ fn scrubbing_masks_every_occurrence_and_nothing_else() {
     assert_eq!(scrub("token: sk-", ["sk-planted"]), "token: sk-", "3 bytes");
 }
 
+#[test]
+fn scrubbing_finds_a_secret_in_the_forms_it_is_passed_on_in() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let secret = "sk-Planted?Value/42~";
+    let b64 = |text: &str| STANDARD.encode(text);
+    let cases = [
+        secret.to_owned(),
+        secret.to_uppercase(),
+        secret.to_lowercase(),
+        hex::encode(secret),
+        hex::encode_upper(secret),
+        secret.bytes().map(|b| format!("%{b:02x}")).collect(),
+        secret.bytes().map(|b| format!("%{b:02X}")).collect(),
+        b64(secret),
+        URL_SAFE_NO_PAD.encode(secret),
+        // Inside a longer base64 text, at each alignment: Basic auth, a JSON blob.
+        b64(&format!("user:{secret}")),
+        b64(&format!("u:{secret}")),
+        b64(&format!("{{\"token\": \"{secret}\", \"n\": 1}}")),
+        URL_SAFE_NO_PAD.encode(format!("ab{secret}cd")),
+    ];
+    for form in cases {
+        let text = format!("before {form} after");
+        let scrubbed = scrub(&text, [secret]);
+        assert!(scrubbed.contains(MASK), "{form}: {scrubbed}");
+        assert!(
+            scrubbed.starts_with("before ") && scrubbed.ends_with(" after"),
+            "{scrubbed}"
+        );
+        // What is left of a base64 form decodes to nothing of the secret.
+        for word in scrubbed.split([' ', '*']) {
+            for decoded in [STANDARD.decode(word), URL_SAFE_NO_PAD.decode(word)]
+                .into_iter()
+                .flatten()
+            {
+                let decoded = String::from_utf8_lossy(&decoded);
+                assert!(!decoded.contains("Planted"), "{form}: {scrubbed}");
+            }
+        }
+    }
+    // Ordinary text is left as it is.
+    let plain = "the planted value was replaced; see /42 for details";
+    assert_eq!(scrub(plain, [secret]), plain);
+}
+
 #[tokio::test]
 async fn the_store_keeps_sealed_values_leases_them_by_grant_and_keeps_on_mask() -> anyhow::Result<()>
 {
@@ -167,4 +213,31 @@ async fn the_store_keeps_sealed_values_leases_them_by_grant_and_keeps_on_mask() 
     assert!(!store.remove("token").await?);
     assert!(store.list().await?.is_empty());
     Ok(())
+}
+
+#[test]
+fn text_scrubbed_in_pieces_is_the_whole_text_scrubbed() {
+    use base64::Engine as _;
+    let secret = "sk-stream-Secret-99";
+    let known = Known::of([secret.to_owned()]);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("x:{secret}"));
+    let whole = format!(
+        "The key is {secret}, or {} in hex, or {encoded} in base64; done. Ends with {}",
+        hex::encode(secret),
+        &secret[..9]
+    );
+    for size in [1, 2, 3, 5, 7, 16, 64, 1000] {
+        let mut streaming = Streaming::default();
+        let mut passed = String::new();
+        let chars: Vec<char> = whole.chars().collect();
+        for piece in chars.chunks(size) {
+            let piece: String = piece.iter().collect();
+            let out = streaming.push(&piece, &known);
+            assert!(!out.contains("stream-Secret"), "{size}: {out}");
+            passed.push_str(&out);
+        }
+        passed.push_str(&streaming.finish(&known));
+        assert_eq!(passed, known.scrub(&whole), "pieces of {size}");
+        assert!(!passed.contains("stream-Secret"), "{passed}");
+    }
 }

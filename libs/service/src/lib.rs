@@ -123,7 +123,15 @@ pub fn init_telemetry(
     service: &str,
     common: &CommonArgs,
 ) -> Result<telemetry::Telemetry, telemetry::Error> {
+    private_files();
     telemetry::init(service, &common.instance, &common.telemetry)
+}
+
+/// From now on this process creates files only its owner may read (0600, directories
+/// 0700): logs, trails, views, run directories hold what runs did, and may hold what a
+/// tool returned. Children started from here inherit it.
+pub fn private_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
 /// Set by a supervisor (`dispatch up`) that holds the child's stdin open: when the

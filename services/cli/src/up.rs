@@ -120,12 +120,22 @@ pub async fn up(
     let workspace = workspace
         .canonicalize()
         .map_err(|e| Failure::new(format!("workspace {}: {e}", workspace.display())))?;
+    // Logs, the store, views and trails are its owner's alone (and every service it
+    // starts makes its files so too).
+    dispatch_service::private_files();
     // The key that seals this workspace's runs, made before any service starts, so
     // every reader trusts it from its first event.
     dispatch_runlog::seal::Sealer::load_or_create(&layout::seal_key(&workspace))?;
     // And the local user's API key, so the HTTP API is usable at once.
     crate::api_key::ensure_local(&workspace)?;
     let state = layout::state_dir(&workspace);
+    std::fs::create_dir_all(&state)
+        .map_err(|e| Failure::new(format!("{}: {e}", state.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Failure::new(format!("{}: {e}", state.display())))?;
+    }
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| Failure::new(format!("{}: {e}", logs.display())))?;
     // Take over SIGINT/SIGTERM before starting anything, so a signal that arrives while

@@ -302,7 +302,7 @@ impl Exec<'_> {
             let tools = self.ctx.offer.current().await.specs();
             let goal = dispatch_runlog::submit::prompt_goal(requested);
             let span = telemetry::model_span(provider.name(), "author");
-            let answer = provider
+            let mut answer = provider
                 .author(AuthorRequest {
                     goal: goal.clone(),
                     grammar: dispatch_plan::GRAMMAR,
@@ -317,6 +317,8 @@ impl Exec<'_> {
                     Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS))
                 })?;
             telemetry::model_used(&span, provider.name(), answer.usage);
+            // Nothing a model writes keeps a secret it may have come by.
+            answer.text = self.ctx.known.scrub(&answer.text);
             telemetry::model_content(&span, &goal, &answer.text);
             // An outline cut off at the token limit is not the one the model meant, even
             // when what arrived parses (a small model repeating a line until the limit).
@@ -486,7 +488,10 @@ impl Exec<'_> {
                 reply = &mut reply => break reply,
                 Some(delta) = deltas.recv() => match delta {
                     Delta::Text(text) => {
-                        part.pending.push_str(&text);
+                        // Scrubbed as it streams: what could still become part of a
+                        // secret waits for the text after it.
+                        let safe = part.scrubbed.push(&text, &self.ctx.known);
+                        part.pending.push_str(&safe);
                         if part.pending.len() >= DELTA_BYTES {
                             self.flush(&mut part).await?;
                         }
@@ -498,11 +503,16 @@ impl Exec<'_> {
         };
         while let Ok(delta) = deltas.try_recv() {
             match delta {
-                Delta::Text(text) => part.pending.push_str(&text),
+                Delta::Text(text) => {
+                    let safe = part.scrubbed.push(&text, &self.ctx.known);
+                    part.pending.push_str(&safe);
+                }
                 Delta::Restart => self.abandon(&mut part).await?,
             }
         }
-        let reply = match reply {
+        let rest = part.scrubbed.finish(&self.ctx.known);
+        part.pending.push_str(&rest);
+        let mut reply = match reply {
             Ok(reply) => reply,
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
@@ -511,6 +521,12 @@ impl Exec<'_> {
             }
         };
         telemetry::model_used(&span, provider.name(), reply.usage);
+        // Nothing a model writes keeps a secret it may have come by: not its text, and
+        // not the arguments of the calls it asks for (a secret it decoded, sent on).
+        reply.text = self.ctx.known.scrub(&reply.text);
+        for call in &mut reply.tool_calls {
+            call.args_json = self.ctx.known.scrub(&call.args_json);
+        }
         if let Some(prompt) = prompt {
             telemetry::model_content(&span, &prompt, &reply.text);
         }
@@ -1102,7 +1118,7 @@ impl Exec<'_> {
     fn report(&self) -> Report {
         let run_id = self.run.run_id();
         let run_dir = layout::run_dir(&self.ctx.workspace, run_id);
-        if let Some(text) = read_report(&run_dir) {
+        if let Some(text) = read_report(&run_dir).map(|text| self.ctx.known.scrub(&text)) {
             let path = run_dir.join(layout::SCRATCH).join(REPORT_FILE);
             let path = path
                 .strip_prefix(&self.ctx.workspace)
@@ -1261,6 +1277,8 @@ struct Part {
     sent: String,
     /// Text not appended yet.
     pending: String,
+    /// The model's text as it streams, scrubbed of secrets.
+    scrubbed: dispatch_secrets::Streaming,
 }
 
 impl Part {
@@ -1272,6 +1290,7 @@ impl Part {
             offset: 0,
             sent: String::new(),
             pending: String::new(),
+            scrubbed: Default::default(),
         }
     }
 

@@ -105,7 +105,12 @@ struct Context {
     lease: Duration,
     /// The tools leaves are offered.
     offer: tools::Offer,
+    /// Every secret's value, to scrub what models write (`dispatch_secrets::Known`).
+    known: Arc<dispatch_secrets::Known>,
 }
+
+/// How often the secrets scrubbed from models' text are read again.
+const SECRETS_REFRESH: Duration = Duration::from_secs(10);
 
 impl Dispatcher {
     pub async fn build(config: Config, providers: model::Providers) -> Result<Self, Error> {
@@ -124,9 +129,21 @@ impl Dispatcher {
             .with_trust(config.common.trust())
             .with_sealer(sealer);
         let offer = tools::Offer::new(dispatch_bus::catalogue::open(&bus).await?);
+        // A model that decoded a secret it saw must not put it in the log: what models
+        // write is scrubbed of every stored secret, in every form it may take.
+        let key_path = dispatch_secrets::key_path(&config.common.workspace);
+        let key = dispatch_secrets::Key::load(&key_path).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the secrets key; stored secrets are not scrubbed from models' text");
+            None
+        });
+        let store = dispatch_secrets::Store::open(&bus, key_path, key)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the secrets", e))?;
+        let known = dispatch_secrets::Known::watch(store, SECRETS_REFRESH).await;
         Ok(Self {
             ctx: Arc::new(Context {
                 offer,
+                known,
                 bus,
                 log,
                 providers,
