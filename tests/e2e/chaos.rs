@@ -2,12 +2,17 @@
 //! service in turn (starting a replacement) and restart nats-server on its store.
 //! Afterwards every run is terminal, every chain and seal verifies, no event is lost or
 //! duplicated, and the counting tool shows no side effect executed twice.
+//!
+//! And `dispatch up` as the supervisor: with runs in flight, its nats-server and then
+//! its dispatcher are SIGKILLed; it starts each again (nats-server on the same store
+//! and port), says so, and every run ends `done`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use dispatch_bus::RunId;
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_tests::up::{Up, port_closed, processes_mentioning, signal};
 use dispatch_tests::{Stack, count, finished};
 
 /// Runs submitted before the faults start, and after each fault.
@@ -156,4 +161,82 @@ fn denied(events: &[dispatch_runlog::StoredEvent]) -> usize {
         .iter()
         .filter(|e| matches!(&e.event.body, Some(Body::PolicyDecided(d)) if d.decision != dispatch_proto::run::v1::Decision::Allow as i32))
         .count()
+}
+
+#[tokio::test]
+#[ignore = "slow: run with `cargo xtask chaos`"]
+async fn dispatch_up_restarts_a_killed_nats_server_and_service_and_runs_resume()
+-> anyhow::Result<()> {
+    const LIMIT: Duration = Duration::from_secs(60);
+    // A short lease, so a run whose dispatcher died is taken back soon; the offline
+    // model paced, so runs are in flight when things die.
+    let mut up = Up::start("[dispatcher]\nlease_ms = 2000\noffline_pace_ms = 100\n").await?;
+    let mut runs = Vec::new();
+    submit(&up, &mut runs).await?;
+
+    // nats-server, SIGKILLed, is started again on its store and port: the runs from
+    // before are still there, and the services reconnect to the same address.
+    let nats = up.child_pid("nats-server").expect("up runs nats-server");
+    signal(nats, "KILL")?;
+    up.wait_said(
+        "dispatch: nats-server exited (killed by SIGKILL); restarting it in 500ms",
+        1,
+        LIMIT,
+    )
+    .await?;
+    up.wait_said("dispatch: nats-server restarted (pid", 1, LIMIT)
+        .await?;
+    let again = up.child_pid("nats-server");
+    assert!(again.is_some() && again != Some(nats), "{}", up.said());
+    submit(&up, &mut runs).await?;
+
+    // A service, SIGKILLed mid-run, is started again with its arguments; its runs
+    // are taken back from the log.
+    let dispatcher = up
+        .child_pid("dispatch-dispatcher")
+        .expect("up runs a dispatcher");
+    signal(dispatcher, "KILL")?;
+    up.wait_said(
+        "dispatch: dispatcher exited (killed by SIGKILL); restarting it in 500ms",
+        1,
+        LIMIT,
+    )
+    .await?;
+    up.wait_said("dispatch: dispatcher restarted (pid", 1, LIMIT)
+        .await?;
+    submit(&up, &mut runs).await?;
+
+    for run in &runs {
+        up.wait_status(run, "done", Duration::from_secs(240))
+            .await?;
+    }
+    let said = up.said();
+    assert!(!said.contains("leaving it down"), "{said}");
+    // The restarted dispatcher (its log appended to the killed one's) took over runs
+    // the killed one had begun.
+    let log = std::fs::read_to_string(up.workspace.path().join(".dispatch/logs/dispatcher.log"))?;
+    assert!(log.contains("resuming from the log"), "{log}");
+    eprintln!(
+        "chaos: {} runs done under dispatch up; it said:\n{said}",
+        runs.len()
+    );
+
+    assert_eq!(up.interrupt().await?, Some(0), "{}", up.said());
+    assert!(
+        port_closed(up.nats_port) && port_closed(up.http_port),
+        "a process outlived Ctrl-C"
+    );
+    let workspace = up.workspace.path().to_string_lossy().into_owned();
+    assert_eq!(processes_mentioning(&workspace), vec![]);
+    Ok(())
+}
+
+/// Submits a few more goals under `up`, asking again while ingress cannot take them.
+async fn submit(up: &Up, runs: &mut Vec<String>) -> anyhow::Result<()> {
+    for _ in 0..PER_FAULT * 2 {
+        let n = runs.len();
+        let goal = format!("Tidy the shared drive, pass {n}");
+        runs.push(up.submit(&goal, Duration::from_secs(60)).await?);
+    }
+    Ok(())
 }

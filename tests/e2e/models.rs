@@ -7,6 +7,9 @@
 //! worker answers with text, so its gate fails; told so, twice, it answers with text
 //! again — with each answer's tokens recorded and summed, and the key nowhere but on the
 //! wire.
+//!
+//! And a hostile server: runs whose worker is sent one endless line end `blocked` with
+//! the limit it broke, while another run on the same dispatcher still stops when asked.
 
 use std::time::Duration;
 
@@ -163,6 +166,107 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
     assert!(
         places.iter().any(|(p, _)| p.ends_with(".log")),
         "service logs were scanned"
+    );
+    Ok(())
+}
+
+/// Whether a request the stand-in saw is the worker's, for the goal holding `word`.
+fn worker_asked(body: &serde_json::Value, word: &str) -> bool {
+    let messages = &body["messages"];
+    let author = messages[0]["content"]
+        .as_str()
+        .is_some_and(|system| system.starts_with(dispatch_plan::GRAMMAR));
+    !author
+        && messages[1]["content"]
+            .as_str()
+            .is_some_and(|step| step.contains(word))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_model_server_blocks_its_runs_and_another_runs_stop_still_works()
+-> anyhow::Result<()> {
+    // Every run gets a one-leaf plan; then the worker of a "hostile" goal is sent 12 MiB
+    // of one line at full speed (what cost a dispatcher 46 CPU-seconds a run, and
+    // other runs their stops), and the worker of the "patient" one a stream that is
+    // alive and never answers.
+    let (stand_in, url) = StandIn::routed(|body| {
+        if worker_asked(body, "hostile") {
+            Reply::Unterminated(12 << 20)
+        } else if worker_asked(body, "patient") {
+            Reply::KeepAlive(Duration::from_millis(200))
+        } else {
+            Reply::Replay("llama-server-1.5b/author.json")
+        }
+    })
+    .await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
+    stack
+        .add_with(
+            "dispatcher",
+            &["--model-url", &url, "--model-timeout-ms", "120000"],
+        )
+        .await?;
+    let seen = |word: &'static str| {
+        let stand_in = stand_in.clone();
+        move || {
+            let stand_in = stand_in.clone();
+            async move {
+                let n = stand_in
+                    .requests()
+                    .iter()
+                    .filter(|(_, body)| worker_asked(body, word))
+                    .count();
+                (n > 0).then_some(n)
+            }
+        }
+    };
+    let patient = stack
+        .submit("Wait for the patient model to answer", "default", 0)
+        .await?;
+    stack.eventually(LIMIT, seen("patient")).await?;
+    let mut hostile = Vec::new();
+    const HOSTILE: usize = 3;
+    for n in 0..HOSTILE {
+        hostile.push(
+            stack
+                .submit(&format!("Listen to hostile server {n}"), "default", 0)
+                .await?,
+        );
+    }
+    stack
+        .eventually(LIMIT, || {
+            let count = seen("hostile");
+            async move { count().await.filter(|n| *n >= HOSTILE) }
+        })
+        .await?;
+
+    // The patient run, on the same dispatcher, still stops when asked.
+    let out = stack.cli(&["stop", &patient.to_string()])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let events = stack.wait_finished(patient, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Stopped as i32, "{}", end.reason);
+    assert_eq!(end.reason, "stopped by cli");
+
+    // Each hostile run ends blocked with the limit its server broke, long before the
+    // deadline, and its server is asked once.
+    for run_id in hostile {
+        let events = stack.wait_finished(run_id, LIMIT).await?;
+        let end = finished(&events);
+        assert_eq!(end.status, RunStatus::Blocked as i32, "{}", end.reason);
+        assert!(
+            end.reason.contains(&format!(
+                "a line of the event stream is longer than {} bytes",
+                dispatch_models::sse::MAX_LINE_BYTES
+            )),
+            "{}",
+            end.reason
+        );
+    }
+    assert_eq!(
+        seen("hostile")().await,
+        Some(HOSTILE),
+        "a broken server is not asked again"
     );
     Ok(())
 }

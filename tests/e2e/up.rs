@@ -1,60 +1,15 @@
-//! `dispatch up`: the local stack as one foreground process.
+//! `dispatch up`: the local stack as one foreground process, supervising its children.
+//! (Its restarts of a SIGKILLed nats-server and service, with runs in flight, are in
+//! the chaos suite, `tests/e2e/chaos.rs`.)
 
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use dispatch_testkit::bin_dir;
+use dispatch_tests::up::{
+    Up, command as up, free_port, port_closed, processes_mentioning, signal, wait_for_stack,
+};
 use tokio::process::Command;
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("bound").port()
-}
-
-fn up(workspace: &std::path::Path, nats_port: u16, http_port: u16) -> Command {
-    let mut command = Command::new(bin_dir().join("dispatch"));
-    command
-        .current_dir(workspace)
-        .env_remove("NATS_URL")
-        .env_remove("DISPATCH_WORKSPACE")
-        .args([
-            "up",
-            "--nats-port",
-            &nats_port.to_string(),
-            "--http",
-            &format!("127.0.0.1:{http_port}"),
-            "--grpc",
-            "127.0.0.1:0",
-            "--nats-monitor-port",
-            &free_port().to_string(),
-        ])
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
-
-/// Waits until ingress under `dispatch up` answers `/healthz` on `http_port`.
-async fn wait_for_stack(http_port: u16) {
-    let http = reqwest::Client::new();
-    let healthz = format!("http://127.0.0.1:{http_port}/healthz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(&healthz)
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stack never became healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn port_closed(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-}
 
 #[tokio::test]
 async fn up_runs_a_demo_goal_end_to_end_and_cleans_up() -> anyhow::Result<()> {
@@ -146,24 +101,6 @@ async fn ctrl_c_stops_the_whole_stack_cleanly() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Processes whose command line mentions `needle`, as (pid, command line).
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains(needle) {
-            out.push((pid, cmdline));
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn services_stop_when_up_is_killed() -> anyhow::Result<()> {
     let workspace = tempfile::tempdir()?;
@@ -205,6 +142,92 @@ async fn services_stop_when_up_is_killed() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_that_keeps_dying_is_left_down_until_asked_for_again() -> anyhow::Result<()> {
+    let mut up = Up::start("").await?;
+    let children = up.children();
+    assert_eq!(children, 1 + dispatch_tests::ALL.len());
+
+    // The scheduler dies each time it is started: five exits within a minute.
+    let mut killed = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !up.said().contains("leaving it down") {
+        if let Some(pid) = up.child_pid("dispatch-scheduler")
+            && killed.insert(pid)
+        {
+            signal(pid, "KILL")?;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "up never gave up on the scheduler; it said:\n{}",
+            up.said()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let said = up.said();
+    assert_eq!(killed.len(), 5, "{said}");
+    // Each exit and each restart was said, the waits doubling.
+    for wait in ["500ms", "1s", "2s", "4s"] {
+        assert!(
+            said.contains(&format!(
+                "dispatch: scheduler exited (killed by SIGKILL); restarting it in {wait}\n"
+            )),
+            "{wait}: {said}"
+        );
+    }
+    assert_eq!(
+        said.matches("dispatch: scheduler restarted (pid").count(),
+        4
+    );
+    // Given up on: which, why, where its log is, and how to have it back.
+    assert!(
+        said.contains(
+            "dispatch: scheduler exited (killed by SIGKILL), 5 times within 1m; leaving it down"
+        ),
+        "{said}"
+    );
+    assert!(said.contains(".dispatch/logs/scheduler.log"), "{said}");
+    let usr1 = format!("`kill -USR1 {}` starts it again", up.pid());
+    assert!(said.contains(&usr1), "{said}");
+
+    // The rest of the stack runs on without it, and it is not started again.
+    let run = up
+        .submit("Tidy the shared drive", Duration::from_secs(30))
+        .await?;
+    up.wait_status(&run, "done", Duration::from_secs(90))
+        .await?;
+    assert_eq!(up.child_pid("dispatch-scheduler"), None, "{}", up.said());
+    assert_eq!(up.children(), children - 1);
+
+    // Asked for, it comes back.
+    signal(up.pid(), "USR1")?;
+    up.wait_said(
+        "dispatch: scheduler restarted (pid",
+        5,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert!(
+        up.said()
+            .contains("dispatch: starting scheduler again, as asked")
+    );
+    assert!(
+        up.child_pid("dispatch-scheduler").is_some(),
+        "{}",
+        up.said()
+    );
+
+    // And Ctrl-C still stops everything.
+    assert_eq!(up.interrupt().await?, Some(0), "{}", up.said());
+    assert!(
+        port_closed(up.nats_port) && port_closed(up.http_port),
+        "a process outlived Ctrl-C"
+    );
+    let workspace = up.workspace.path().to_string_lossy().into_owned();
+    assert_eq!(processes_mentioning(&workspace), vec![]);
     Ok(())
 }
 

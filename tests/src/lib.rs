@@ -1,8 +1,10 @@
 //! Helpers for the end-to-end tests: a whole stack (nats-server and service processes)
-//! in a temporary workspace, an HTTP client, and the `dispatch` CLI as a process.
+//! in a temporary workspace, an HTTP client, the `dispatch` CLI as a process, and
+//! `dispatch up` itself as a user runs it ([`up`]).
 
 pub mod otlp;
 pub mod topology;
+pub mod up;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

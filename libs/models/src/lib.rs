@@ -4,10 +4,12 @@
 //! configured: deterministic, no network, and **not a language model**. It writes a
 //! valid plan for any goal and calls the built-in tools so every gate passes, so the
 //! whole pipeline runs on a machine with no model at all. [`openai::OpenAi`] talks to
-//! any OpenAI-compatible chat-completions server.
+//! any OpenAI-compatible chat-completions server; [`sse`] reads its event streams
+//! with every buffer bounded.
 
 pub mod offline;
 pub mod openai;
+pub mod sse;
 mod textcalls;
 
 use futures::future::BoxFuture;

@@ -1,25 +1,32 @@
 //! An OpenAI-compatible chat-completions provider: OpenAI, vLLM, Ollama, llama.cpp's
 //! `llama-server`, llama-cpp-python — anything serving `POST {base}/chat/completions`.
 //!
-//! Answers are streamed (server-sent events, parsed by `eventsource-stream`): text and
+//! Answers are streamed (server-sent events, read by [`crate::sse`]): text and
 //! `tool_calls` arrive as deltas and are put together here. Native tool calls come
 //! first; a model that writes its call as JSON in its text instead — fenced, bare, or in
 //! `<tool_call>` tags, as small local models do — is understood too, and the reply says
 //! which form it used ([`CallForm`]).
 //!
+//! The server is not trusted: a line, an event, a whole stream and an answer each have
+//! a limit, and passing one fails the call at once, naming it. [`Config::timeout`] is a
+//! wall-clock deadline on the whole call, retries and their waits included, however
+//! the server sends (or trickles) its bytes. Reading yields to the runtime as it goes
+//! (tokio's cooperative budget), so a server that streams as fast as it can does not
+//! hold a worker thread that other tasks — other runs' stop watches — need.
+//!
 //! Transient failures (429, 5xx, a refused or dropped connection, a stream cut short)
 //! are retried with jittered exponential backoff, waiting at least what `Retry-After`
-//! asks. The API key is a [`Secret`]: it is sent as a bearer token and nowhere else —
-//! not in `Debug`, not in errors (a server that echoes it gets it masked).
+//! asks, while the deadline leaves time. The API key is a [`Secret`]: it is sent as a
+//! bearer token and nowhere else — not in `Debug`, not in errors (a server that echoes
+//! it gets it masked).
 //!
 //! Dropping a call's future drops its connection: that is how a run's deadline or a
 //! stop cancels a model request, streaming or not.
 
 use std::time::Duration;
 
-use eventsource_stream::Eventsource as _;
 use futures::future::BoxFuture;
-use futures::{FutureExt as _, StreamExt as _};
+use futures::{FutureExt as _, Stream, StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -79,9 +86,10 @@ pub struct Config {
     pub model: String,
     /// Sent as `Authorization: Bearer …` when set.
     pub api_key: Option<Secret>,
-    /// The longest one request may take, streaming included; retries get their own.
+    /// The longest one call may take, from its first request to the whole answer,
+    /// retries and the waits between them included: a wall-clock deadline.
     pub timeout: Duration,
-    /// The longest a stream may go without sending anything.
+    /// The longest a response may go without sending a byte.
     pub idle_timeout: Duration,
     /// `max_tokens` of every request.
     pub max_tokens: u32,
@@ -143,13 +151,21 @@ impl OpenAi {
         })
     }
 
-    /// One chat completion, retried while the failure is transient; the text goes to
-    /// `deltas` as it streams in, and a retry after some went says so there.
+    /// One chat completion, retried while the failure is transient and the deadline
+    /// ([`Config::timeout`], on the whole call) leaves time; the text goes to `deltas`
+    /// as it streams in, and a retry after some went says so there.
     async fn complete(
         &self,
         request: &ChatRequest<'_>,
         deltas: Option<&crate::DeltaSink>,
     ) -> Result<Answer, Error> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let within = || {
+            format!(
+                "no complete answer within {} ms",
+                self.config.timeout.as_millis()
+            )
+        };
         let mut delays = backon::BackoffBuilder::build(
             backon::ExponentialBuilder::default()
                 .with_min_delay(self.config.backoff)
@@ -158,23 +174,19 @@ impl OpenAi {
                 .with_jitter(),
         );
         loop {
-            let failure = match tokio::time::timeout(
-                self.config.timeout,
-                self.attempt(request, deltas),
-            )
-            .await
-            {
-                Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(failure)) => failure,
-                Err(_) => Failure::transient(format!(
-                    "no complete answer within {} ms",
-                    self.config.timeout.as_millis()
-                )),
-            };
+            let failure =
+                match tokio::time::timeout_at(deadline, self.attempt(request, deltas)).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(failure)) => failure,
+                    Err(_) => return Err(self.error(within())),
+                };
             let Some(delay) = delays.next().filter(|_| failure.transient) else {
                 return Err(self.error(failure.message));
             };
             let delay = delay.max(failure.retry_after.unwrap_or_default());
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Err(self.error(format!("{} (not retried: {})", failure.message, within())));
+            }
             if let Some(deltas) = deltas {
                 let _ = deltas.send(crate::Delta::Restart);
             }
@@ -216,7 +228,8 @@ impl OpenAi {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if is_stream {
-            self.read_stream(response, deltas).await
+            let body = response.bytes_stream().map_err(|e| plain(&e));
+            read_stream(body, self.config.idle_timeout, deltas).await
         } else {
             let body = read_capped(response, MAX_ANSWER_BYTES * 2).await?;
             let completion: Completion = serde_json::from_slice(&body).map_err(|e| {
@@ -226,52 +239,6 @@ impl OpenAi {
                 ))
             })?;
             Answer::from_completion(completion).map_err(Failure::fatal)
-        }
-    }
-
-    async fn read_stream(
-        &self,
-        response: reqwest::Response,
-        deltas: Option<&crate::DeltaSink>,
-    ) -> Result<Answer, Failure> {
-        let mut events = response.bytes_stream().eventsource();
-        let mut answer = Answer::default();
-        loop {
-            let event = match tokio::time::timeout(self.config.idle_timeout, events.next()).await {
-                Err(_) => {
-                    return Err(Failure::transient(format!(
-                        "the stream sent nothing for {} s",
-                        self.config.idle_timeout.as_secs()
-                    )));
-                }
-                Ok(None) => {
-                    return Err(Failure::transient("the stream ended without [DONE]".into()));
-                }
-                Ok(Some(Err(e))) => {
-                    return Err(Failure::transient(format!("the stream broke: {e}")));
-                }
-                Ok(Some(Ok(event))) => event,
-            };
-            let data = event.data.trim();
-            if data == "[DONE]" {
-                return Ok(answer);
-            }
-            if data.is_empty() {
-                continue;
-            }
-            let chunk: Chunk = serde_json::from_str(data).map_err(|e| {
-                Failure::fatal(format!(
-                    "not a chat completion chunk: {e}: {}",
-                    excerpt(data)
-                ))
-            })?;
-            let before = answer.text.len();
-            answer.take(chunk).map_err(Failure::fatal)?;
-            if let Some(deltas) = deltas
-                && answer.text.len() > before
-            {
-                let _ = deltas.send(crate::Delta::Text(answer.text[before..].to_owned()));
-            }
         }
     }
 
@@ -875,6 +842,63 @@ impl Failure {
     }
 }
 
+/// Puts an answer together from an event stream's chunks. Every byte is read once
+/// and every buffer is bounded ([`crate::sse`], [`MAX_ANSWER_BYTES`]). The reading
+/// spends tokio's cooperative budget as it goes: a body that is always ready (a fast
+/// server, its bytes read by another thread) is otherwise read in one poll for as long
+/// as it lasts, holding the worker thread, and the call's deadline, checked only
+/// between polls, with it.
+async fn read_stream(
+    mut body: impl Stream<Item = Result<bytes::Bytes, String>> + Unpin,
+    idle_timeout: Duration,
+    deltas: Option<&crate::DeltaSink>,
+) -> Result<Answer, Failure> {
+    let mut events = crate::sse::Decoder::default();
+    let mut answer = Answer::default();
+    loop {
+        while let Some(data) = events.next_event() {
+            tokio::task::coop::consume_budget().await;
+            let data = data.trim();
+            if data == "[DONE]" {
+                return Ok(answer);
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let chunk: Chunk = serde_json::from_str(data).map_err(|e| {
+                Failure::fatal(format!(
+                    "not a chat completion chunk: {e}: {}",
+                    excerpt(data)
+                ))
+            })?;
+            let before = answer.text.len();
+            answer.take(chunk).map_err(Failure::fatal)?;
+            if let Some(deltas) = deltas
+                && answer.text.len() > before
+            {
+                let _ = deltas.send(crate::Delta::Text(answer.text[before..].to_owned()));
+            }
+        }
+        let bytes = match tokio::time::timeout(idle_timeout, body.next()).await {
+            Err(_) => {
+                return Err(Failure::transient(format!(
+                    "the stream sent nothing for {} s",
+                    idle_timeout.as_secs()
+                )));
+            }
+            Ok(None) => {
+                return Err(Failure::transient("the stream ended without [DONE]".into()));
+            }
+            Ok(Some(Err(e))) => {
+                return Err(Failure::transient(format!("the stream broke: {e}")));
+            }
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        events.feed(&bytes).map_err(Failure::fatal)?;
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
 /// Reads a body, refusing one longer than `max` bytes: a server's answer is held in
 /// memory, so its size is ours to bound.
 async fn read_capped(response: reqwest::Response, max: usize) -> Result<Vec<u8>, Failure> {
@@ -956,6 +980,55 @@ mod tests {
         assert_eq!(
             verdict_of(&long).unwrap().1.chars().count(),
             MAX_VERDICT_REASON
+        );
+    }
+
+    /// A body always ready with its next bytes, as a fast server's is when another
+    /// thread reads the socket; it notes at which chunk it first saw `other` done.
+    fn always_ready(
+        chunks: usize,
+        other: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        seen_at: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl Stream<Item = Result<bytes::Bytes, String>> + Unpin {
+        use std::sync::atomic::Ordering::SeqCst;
+        let nothing = bytes::Bytes::from_static(b"data: {\"choices\":[]}\n\n");
+        futures::stream::iter((0..chunks).map(move |i| {
+            if other.load(SeqCst) {
+                seen_at.fetch_min(i, SeqCst);
+            }
+            Ok(nothing.clone())
+        }))
+        .chain(futures::stream::iter([Ok(bytes::Bytes::from_static(
+            b"data: [DONE]\n\n",
+        ))]))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reading_a_stream_always_ready_lets_other_tasks_run() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        const CHUNKS: usize = 20_000;
+        // One thread: the other task runs only if reading gives the thread up.
+        let other = Arc::new(AtomicBool::new(false));
+        tokio::spawn({
+            let other = other.clone();
+            async move { other.store(true, SeqCst) }
+        });
+        let seen_at = Arc::new(AtomicUsize::new(usize::MAX));
+        let body = always_ready(CHUNKS, other, seen_at.clone());
+        let answer = read_stream(body, Duration::from_secs(60), None)
+            .await
+            .unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(answer.text, "");
+        let seen_at = seen_at.load(SeqCst);
+        assert!(
+            seen_at < CHUNKS / 10,
+            "the other task ran only after chunk {} of {CHUNKS} (none: not while reading)",
+            if seen_at == usize::MAX {
+                "none".to_owned()
+            } else {
+                seen_at.to_string()
+            }
         );
     }
 

@@ -3,7 +3,8 @@
 //! servers (`libs/testkit/captures/openai/record.py`: llama-server with Qwen2.5-Coder-0.5B, and
 //! llama-cpp-python for native streamed tool calls), replayed byte for byte; its
 //! failures (429 with Retry-After, 500, a stream cut off, a stream too slow for the
-//! deadline) are made on purpose.
+//! deadline) are made on purpose, and so are a hostile server's streams (a line that
+//! never ends, bytes trickled for ever, chunks that add nothing, sent without end).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -420,4 +421,109 @@ async fn a_retry_shows_the_model_its_outline_unless_it_was_cut_off() {
             );
         }
     }
+}
+
+/// A provider whose whole call may take `timeout`.
+fn provider_within(url: &str, timeout: Duration) -> OpenAi {
+    let mut config = Config::new(url, "hostile");
+    config.timeout = timeout;
+    config.backoff = Duration::from_millis(20);
+    OpenAi::new(config).unwrap()
+}
+
+/// Waits (generously) for the stand-in to see the client hang up.
+async fn hangs_up(stand_in: &StandIn) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stand_in.hung_up.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the client did not hang up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_line_that_never_ends_fails_the_call_at_the_line_limit() {
+    // 12 MiB of one line at full speed, then silence with the connection open: what
+    // cost a dispatcher 46 CPU-seconds and outlived its deadline.
+    let (stand_in, url) = StandIn::start(vec![Reply::Unterminated(12 << 20)]).await;
+    let err = provider_within(&url, Duration::from_secs(60))
+        .turn(turn_request(vec![]))
+        .await
+        .unwrap_err()
+        .to_string();
+    // Not the deadline: the limit, at once.
+    assert!(
+        err.contains(&format!(
+            "a line of the event stream is longer than {} bytes",
+            dispatch_models::sse::MAX_LINE_BYTES
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        stand_in.requests().len(),
+        1,
+        "a broken server is not asked again"
+    );
+    hangs_up(&stand_in).await;
+}
+
+#[tokio::test]
+async fn a_server_that_trickles_is_cut_at_the_deadline_of_the_whole_call() {
+    // One byte of a line every 100 ms: never silent, never an answer. Each attempt
+    // would get it again.
+    let (stand_in, url) = StandIn::start(
+        (0..4)
+            .map(|_| Reply::Trickle(Duration::from_millis(100)))
+            .collect(),
+    )
+    .await;
+    let started = Instant::now();
+    let err = provider_within(&url, Duration::from_millis(1500))
+        .turn(turn_request(vec![]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no complete answer within 1500 ms"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // The deadline is the call's, not each attempt's: no retry starts after it.
+    assert_eq!(stand_in.requests().len(), 1);
+    hangs_up(&stand_in).await;
+}
+
+#[tokio::test]
+async fn a_retry_the_deadline_leaves_no_time_for_is_not_made() {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::Status(503, Some("30"), "busy".into()),
+        Reply::Replay("llama-server/author.sse"),
+    ])
+    .await;
+    let err = provider_within(&url, Duration::from_secs(5))
+        .author(author_request())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("503"), "{err}");
+    assert!(
+        err.contains("not retried: no complete answer within 5000 ms"),
+        "{err}"
+    );
+    assert_eq!(stand_in.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_of_chunks_that_add_nothing_is_cut_at_the_stream_limit() {
+    let (stand_in, url) = StandIn::start(vec![Reply::Endless]).await;
+    let err = provider_within(&url, Duration::from_secs(120))
+        .turn(turn_request(vec![]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "the event stream is longer than {} bytes",
+            dispatch_models::sse::MAX_STREAM_BYTES
+        )),
+        "{err}"
+    );
+    assert_eq!(stand_in.requests().len(), 1);
+    hangs_up(&stand_in).await;
 }

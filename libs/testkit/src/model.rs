@@ -3,8 +3,10 @@
 //! real servers (`captures/openai/record.py`: llama-server with Qwen2.5-Coder-0.5B, and
 //! llama-cpp-python for native streamed tool calls), replayed byte for byte. Its
 //! failures (a status with `Retry-After`, a stream cut off, a stream too slow) are made
-//! on purpose. Each request takes the next scripted [`Reply`]; a request beyond the
-//! script gets a 500 saying so.
+//! on purpose, and so is a hostile server's stream (a line that never ends, sent at
+//! full speed or one byte at a time, a stream that never answers). Each request takes
+//! the next scripted [`Reply`] (a request beyond the script gets a 500 saying so), or
+//! the reply a route picks for it ([`StandIn::routed`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
+use futures::StreamExt as _;
 use serde_json::Value;
 
 /// What the stand-in does with one request.
@@ -27,6 +30,16 @@ pub enum Reply {
     CutAfter(&'static str, usize),
     /// Sends a recorded stream one event per interval.
     Slowly(&'static str, Duration),
+    /// Opens an event stream's `data:` line and sends `n` bytes of it with no line end,
+    /// as fast as the client takes them, then holds the connection open, silent.
+    Unterminated(usize),
+    /// Sends a `data:` line that never ends, one byte per interval, for ever.
+    Trickle(Duration),
+    /// Sends a comment line per interval, for ever: a stream alive that never answers.
+    KeepAlive(Duration),
+    /// Sends chunks that add nothing to an answer (`data: {"choices":[]}`), as fast as
+    /// the client takes them, for ever.
+    Endless,
 }
 
 impl std::fmt::Debug for Reply {
@@ -36,6 +49,10 @@ impl std::fmt::Debug for Reply {
             Reply::Status(code, ..) => write!(f, "Status({code})"),
             Reply::CutAfter(name, n) => write!(f, "CutAfter({name}, {n})"),
             Reply::Slowly(name, every) => write!(f, "Slowly({name}, {every:?})"),
+            Reply::Unterminated(n) => write!(f, "Unterminated({n})"),
+            Reply::Trickle(every) => write!(f, "Trickle({every:?})"),
+            Reply::KeepAlive(every) => write!(f, "KeepAlive({every:?})"),
+            Reply::Endless => write!(f, "Endless"),
         }
     }
 }
@@ -43,9 +60,13 @@ impl std::fmt::Debug for Reply {
 /// A request as the stand-in saw it: its `Authorization` header and JSON body.
 pub type Seen = (Option<String>, Value);
 
+/// Picks the reply to a request from its JSON body.
+pub type Route = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
+
 #[derive(Clone)]
 pub struct StandIn {
     replies: Arc<Mutex<VecDeque<Reply>>>,
+    route: Option<Route>,
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Set when a response body is dropped before it was sent whole.
     pub hung_up: Arc<AtomicBool>,
@@ -58,8 +79,19 @@ impl StandIn {
     /// Serves `replies` on a random loopback port; returns the stand-in and its base
     /// URL (`http://127.0.0.1:<port>/v1`).
     pub async fn start(replies: Vec<Reply>) -> (Self, String) {
+        Self::serve(replies, None).await
+    }
+
+    /// Serves the reply `route` picks for each request, by its body (the goal in its
+    /// messages, say); returns the stand-in and its base URL.
+    pub async fn routed(route: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> (Self, String) {
+        Self::serve(Vec::new(), Some(Arc::new(route))).await
+    }
+
+    async fn serve(replies: Vec<Reply>, route: Option<Route>) -> (Self, String) {
         let stand_in = StandIn {
             replies: Arc::new(Mutex::new(VecDeque::from(replies))),
+            route,
             seen: Arc::default(),
             hung_up: Arc::default(),
             busy: Arc::default(),
@@ -141,13 +173,18 @@ fn respond(stand_in: StandIn, headers: HeaderMap, body: Bytes) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let routed = stand_in.route.as_ref().map(|route| route(&json));
     stand_in.seen.lock().unwrap().push((auth.clone(), json));
-    let reply = stand_in
-        .replies
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or_else(|| Reply::Status(500, None, "the stand-in has no reply scripted".into()));
+    let reply = routed.unwrap_or_else(|| {
+        stand_in
+            .replies
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| {
+                Reply::Status(500, None, "the stand-in has no reply scripted".into())
+            })
+    });
     let builder = Response::builder();
     match reply {
         Reply::Replay(name) => builder
@@ -196,5 +233,60 @@ fn respond(stand_in: StandIn, headers: HeaderMap, body: Bytes) -> Response {
                 .body(Body::from_stream(chunks))
                 .unwrap()
         }
+        Reply::Unterminated(n) => {
+            const PIECE: usize = 64 * 1024;
+            let head = Bytes::from_static(br#"data: {"choices":[{"delta":{"content":""#);
+            let piece = Bytes::from(vec![b'x'; PIECE]);
+            let pieces =
+                (0..n.div_ceil(PIECE)).map(move |i| piece.slice(..PIECE.min(n - i * PIECE)));
+            let chunks = futures::stream::iter(std::iter::once(head).chain(pieces))
+                .chain(futures::stream::pending());
+            hostile(builder, stand_in.hung_up.clone(), chunks)
+        }
+        Reply::Trickle(every) => {
+            let head = Bytes::from_static(br#"data: {"choices":[{"delta":{"content":""#);
+            let bytes = futures::stream::unfold((), move |()| async move {
+                tokio::time::sleep(every).await;
+                Some((Bytes::from_static(b"x"), ()))
+            });
+            hostile(
+                builder,
+                stand_in.hung_up.clone(),
+                futures::stream::iter([head]).chain(bytes),
+            )
+        }
+        Reply::KeepAlive(every) => {
+            let lines = futures::stream::unfold((), move |()| async move {
+                tokio::time::sleep(every).await;
+                Some((Bytes::from_static(b": still thinking\n"), ()))
+            });
+            hostile(builder, stand_in.hung_up.clone(), lines)
+        }
+        Reply::Endless => {
+            let chunk = Bytes::from(b"data: {\"choices\":[]}\n\n".repeat(2048));
+            hostile(
+                builder,
+                stand_in.hung_up.clone(),
+                futures::stream::repeat(chunk),
+            )
+        }
     }
+}
+
+/// An event stream of `chunks` that never ends by itself; `hung_up` is set when the
+/// client drops it.
+fn hostile(
+    builder: axum::http::response::Builder,
+    hung_up: Arc<AtomicBool>,
+    chunks: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> Response {
+    let guard = HangUp(hung_up, false);
+    let chunks = chunks.map(move |chunk| {
+        let _held = &guard;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    builder
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(chunks))
+        .unwrap()
 }

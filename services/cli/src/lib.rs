@@ -24,6 +24,7 @@ mod secret;
 mod serve;
 mod status;
 mod store_watch;
+mod supervise;
 mod todo;
 mod up;
 
@@ -104,7 +105,8 @@ enum Format {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start the local stack in the foreground: nats-server (unless NATS_URL is set) and
-    /// every service. Ctrl-C stops everything.
+    /// every service, each started again if it dies (one that keeps dying is left down
+    /// and reported; SIGUSR1 starts it again). Ctrl-C or SIGTERM stops everything.
     Up(up::UpArgs),
     /// Write what a NATS deployment of your own needs to admit Dispatch: an nkey seed per
     /// identity (`<identity>.nk`, kept if present) and `nats.conf`, the server

@@ -22,7 +22,8 @@ use dispatch_bus::Bus;
 use dispatch_bus::health::{WriteRefused, probe_writes};
 
 use crate::Failure;
-use crate::up::{LocalNats, NATS, Proc};
+use crate::supervise::Supervisor;
+use crate::up::{LocalNats, NATS};
 
 /// How often the probe is written and the log read.
 pub const EVERY: Duration = Duration::from_secs(2);
@@ -83,8 +84,9 @@ impl StoreWatch {
         }
     }
 
-    /// One look: probe, read the log, and act. `procs` holds the nats-server to restart.
-    pub async fn check(&mut self, procs: &mut [Proc]) -> Result<(), Failure> {
+    /// One look: probe, read the log, and act. `children` holds the nats-server to
+    /// restart.
+    pub async fn check(&mut self, children: &mut Supervisor) -> Result<(), Failure> {
         let probe = probe_writes(&self.bus, "up").await;
         let logged = self.read_log();
         match &probe {
@@ -129,7 +131,7 @@ impl StoreWatch {
                 }
             }
         }
-        self.heal(procs).await
+        self.heal(children).await
     }
 
     /// Says what is wrong with the disk and what will happen or must be done.
@@ -163,7 +165,7 @@ impl StoreWatch {
     }
 
     /// Restarts the local nats-server if the episode calls for it and the disk has room.
-    async fn heal(&mut self, procs: &mut [Proc]) -> Result<(), Failure> {
+    async fn heal(&mut self, children: &mut Supervisor) -> Result<(), Failure> {
         let (Some(local), Some(episode)) = (&self.local, &mut self.episode) else {
             return Ok(());
         };
@@ -172,11 +174,8 @@ impl StoreWatch {
         {
             return Ok(());
         }
-        let Some(slot) = procs.iter_mut().find(|p| p.name() == NATS) else {
-            return Ok(());
-        };
         eprintln!("dispatch: restarting nats-server so it stores writes again");
-        local.restart(slot).await?;
+        children.restart(NATS).await;
         episode.needs_restart = false;
         episode.restarts += 1;
         let backoff = FIRST_BACKOFF

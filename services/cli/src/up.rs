@@ -1,5 +1,8 @@
-//! `dispatch up`: a whole local stack in the foreground.
+//! `dispatch up`: a whole local stack in the foreground, supervised
+//! ([`crate::supervise`]): a child that dies is started again, and Ctrl-C or SIGTERM
+//! stops them all.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -12,6 +15,7 @@ use dispatch_runlog::submit::{Goal, submit_goal};
 use dispatch_service::layout;
 use tokio::process::{Child, Command};
 
+use crate::supervise::{Launch, Supervisor};
 use crate::{Failure, exit};
 
 /// The services `up` starts, in start order.
@@ -51,12 +55,8 @@ pub struct UpArgs {
     exit_after_demo: bool,
 }
 
-pub(crate) struct Proc {
-    name: String,
-    child: Child,
-}
-
 /// How `up` starts its own nats-server, kept so it can start it again.
+#[derive(Clone)]
 pub(crate) struct LocalNats {
     pub binary: PathBuf,
     pub config: PathBuf,
@@ -68,20 +68,14 @@ pub(crate) struct LocalNats {
 }
 
 impl LocalNats {
-    /// Stops the server `running` is and starts a new one in its place.
-    pub(crate) async fn restart(&self, running: &mut Proc) -> Result<(), Failure> {
-        running.stop().await;
-        *running = self.start()?;
-        Ok(())
-    }
-
-    pub(crate) fn start(&self) -> Result<Proc, Failure> {
+    /// Starts the server on its port and store.
+    pub(crate) fn start(&self) -> Result<Child, Failure> {
         let mut command = Command::new(&self.binary);
         if self.monitor_port != 0 {
             // Bound to the `-a` address, loopback.
             command.args(["-m", &self.monitor_port.to_string()]);
         }
-        let child = command
+        command
             .arg("-c")
             .arg(&self.config)
             .args([
@@ -100,11 +94,7 @@ impl LocalNats {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| Failure::new(format!("start {}: {e}", self.binary.display())))?;
-        Ok(Proc {
-            name: NATS.into(),
-            child,
-        })
+            .map_err(|e| Failure::new(format!("start {}: {e}", self.binary.display())))
     }
 }
 
@@ -141,7 +131,7 @@ pub async fn up(
     // Take over SIGINT/SIGTERM before starting anything, so a signal that arrives while
     // the stack is still starting stops it cleanly instead of killing only this process.
     let mut signals = Signals::install()?;
-    let mut procs: Vec<Proc> = Vec::new();
+    let mut children = Supervisor::default();
 
     let result = start_and_serve(
         &workspace,
@@ -149,11 +139,11 @@ pub async fn up(
         nats_url,
         auth,
         &args,
-        &mut procs,
+        &mut children,
         &mut signals,
     )
     .await;
-    stop_all(&mut procs).await;
+    children.stop_all().await;
     match result {
         Ok(code) => Ok(code),
         Err(e) => {
@@ -169,7 +159,7 @@ async fn start_and_serve(
     nats_url: Option<String>,
     auth: &dispatch_service::NatsAuth,
     args: &UpArgs,
-    procs: &mut Vec<Proc>,
+    children: &mut Supervisor,
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
     // A local server admits only the identities whose seeds are in .dispatch/auth/;
@@ -193,13 +183,13 @@ async fn start_and_serve(
                 args.nats_monitor_port,
             )?;
             eprintln!("  JetStream syncs to disk: {}", args.nats_sync);
-            procs.push(local.start()?);
+            children.start(NATS, Launch::Nats(local.clone()))?;
             let admin = Credentials::nkey_file(&seed_path(&seeds, Identity::Admin))?;
             let url = format!("nats://127.0.0.1:{}", args.nats_port);
             (url, admin, Some(seeds), Some(local))
         }
     };
-    let bus = connect_with_retry(&url, &admin, procs).await?;
+    let bus = connect_with_retry(&url, &admin, children).await?;
 
     let bin_dir = std::env::current_exe()
         .ok()
@@ -222,50 +212,40 @@ async fn start_and_serve(
                 binary.display()
             )));
         }
-        let log = std::fs::File::create(logs.join(format!("{service}.log")))
-            .map_err(|e| Failure::new(format!("log file for {service}: {e}")))?;
         let instance = format!("{service}-local");
-        let mut command = Command::new(&binary);
-        command
-            .arg("--nats-url")
-            .arg(&url)
-            .args(seeds.iter().flat_map(|dir| {
-                let identity = Identity::of_service(service).expect("a Dispatch service");
-                [
-                    "--nats-nkey".into(),
-                    seed_path(dir, identity).into_os_string(),
-                ]
-            }))
-            .arg("--workspace")
-            .arg(workspace)
-            .arg("--instance")
-            .arg(&instance)
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            // The child stops when this process goes, however it goes: it holds the
-            // write end of the child's stdin, which closes with it.
-            .env(dispatch_service::EXIT_WITH_PARENT, "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
-        if service == "ingress" {
-            command
-                .arg("--listen")
-                .arg(&args.http)
-                .arg("--grpc-listen")
-                .arg(&args.grpc);
+        let mut service_args: Vec<OsString> = vec!["--nats-url".into(), url.clone().into()];
+        if let Some(dir) = &seeds {
+            let identity = Identity::of_service(service).expect("a Dispatch service");
+            service_args.push("--nats-nkey".into());
+            service_args.push(seed_path(dir, identity).into_os_string());
         }
-        let child = command
-            .spawn()
-            .map_err(|e| Failure::new(format!("start {}: {e}", binary.display())))?;
-        procs.push(Proc {
-            name: service.to_owned(),
-            child,
-        });
+        service_args.extend([
+            "--workspace".into(),
+            workspace.as_os_str().to_owned(),
+            "--instance".into(),
+            instance.clone().into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}").into(),
+        ]);
+        if service == "ingress" {
+            service_args.extend([
+                "--listen".into(),
+                args.http.clone().into(),
+                "--grpc-listen".into(),
+                args.grpc.clone().into(),
+            ]);
+        }
+        children.start(
+            service,
+            Launch::Service {
+                binary,
+                args: service_args,
+                log: logs.join(format!("{service}.log")),
+            },
+        )?;
         let health =
             dispatch_bus::health::wait(&bus, service, &instance, Duration::from_secs(30), || {
-                check_alive(procs).map_err(|e| e.to_string())
+                children.check_alive().map_err(|e| e.to_string())
             })
             .await?;
         let extra = health
@@ -307,7 +287,7 @@ async fn start_and_serve(
         "Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack."
     );
     let watch = crate::store_watch::StoreWatch::new(bus, local);
-    serve_until_signal(procs, signals, watch).await
+    serve_until_signal(children, signals, watch).await
 }
 
 /// Finds nats-server and says how `up` runs it.
@@ -369,11 +349,11 @@ fn local_nats(
 async fn connect_with_retry(
     url: &str,
     credentials: &Credentials,
-    procs: &mut [Proc],
+    children: &mut Supervisor,
 ) -> Result<Bus, Failure> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        check_alive(procs)?;
+        children.check_alive()?;
         match Bus::connect(url, Identity::Admin, credentials).await {
             Err(e) if e.kind() == dispatch_bus::ErrorKind::Denied => return Err(e.into()),
             Ok(bus) => return Ok(bus),
@@ -381,15 +361,6 @@ async fn connect_with_retry(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-}
-
-fn check_alive(procs: &mut [Proc]) -> Result<(), Failure> {
-    for proc in procs.iter_mut() {
-        if let Ok(Some(status)) = proc.child.try_wait() {
-            return Err(Failure::new(format!("{} exited ({status})", proc.name)));
-        }
-    }
-    Ok(())
 }
 
 async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
@@ -430,6 +401,8 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    /// Asks for the children left down after crash-looping.
+    revive: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -440,63 +413,30 @@ impl Signals {
         Ok(Self {
             interrupt: install(SignalKind::interrupt())?,
             terminate: install(SignalKind::terminate())?,
+            revive: install(SignalKind::user_defined1())?,
         })
     }
 }
 
 async fn serve_until_signal(
-    procs: &mut [Proc],
+    children: &mut Supervisor,
     signals: &mut Signals,
     mut watch: crate::store_watch::StoreWatch,
 ) -> Result<u8, Failure> {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut probe = tokio::time::interval(crate::store_watch::EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // A stop comes first: the children it stops are not to be restarted.
+            biased;
             _ = signals.interrupt.recv() => break,
             _ = signals.terminate.recv() => break,
-            _ = tick.tick() => check_alive(procs)?,
-            _ = probe.tick() => watch.check(procs).await?,
+            _ = signals.revive.recv() => children.revive(),
+            _ = tick.tick() => children.tend(),
+            _ = probe.tick() => watch.check(children).await?,
         }
     }
     eprintln!("stopping");
     Ok(exit::DONE)
-}
-
-/// SIGTERM every process, newest first (services before nats-server), then wait.
-async fn stop_all(procs: &mut Vec<Proc>) {
-    while let Some(proc) = procs.pop() {
-        stop(proc).await;
-    }
-}
-
-/// SIGTERM one process and wait for it, killing it after 10 s.
-async fn stop(mut proc: Proc) {
-    proc.stop().await
-}
-
-impl Proc {
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// SIGTERM the process and wait for it, killing it after 10 s.
-    async fn stop(&mut self) {
-        let proc = self;
-        if let Some(pid) = proc.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(10), proc.child.wait())
-            .await
-            .is_err()
-        {
-            eprintln!("{} did not stop within 10s; killing it", proc.name);
-            let _ = proc.child.kill().await;
-        }
-    }
 }

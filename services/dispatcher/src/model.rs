@@ -43,7 +43,8 @@ pub struct ModelArgs {
     /// The environment variable holding the API key, if the server wants one.
     #[arg(long, default_value = "DISPATCH_MODEL_API_KEY")]
     pub model_api_key_env: String,
-    /// The longest one model request may take, in milliseconds.
+    /// The longest one model call may take, in milliseconds: a wall-clock deadline from
+    /// its first request to the whole answer, retries and their waits included.
     #[arg(long, default_value_t = 300_000)]
     pub model_timeout_ms: u64,
     /// `max_tokens` of each request.
