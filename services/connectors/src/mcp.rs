@@ -86,6 +86,13 @@ const MAX_DESCRIPTION_CHARS: usize = 2_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long listing the tools may take.
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Listings in a row that fail (an error, not a timeout) before the connection is made
+/// again: a server that cannot say its tools is no use as it is.
+const LIST_FAILURES: u32 = 3;
+/// A stdio server's stderr: at most this many lines are logged per
+/// [`STDERR_WINDOW`]; the rest are counted, and the count is logged.
+const STDERR_LINES: u32 = 100;
+const STDERR_WINDOW: Duration = Duration::from_secs(10);
 /// How long a call waits for a server that is (re)starting.
 const STARTING_WAIT: Duration = Duration::from_secs(15);
 /// How often a connection's secrets are read again, to see whether they changed.
@@ -514,6 +521,7 @@ impl Server {
         let mut refresh = tokio::time::interval(catalogue::REFRESH);
         let mut check = tokio::time::interval(SECRET_CHECK);
         check.reset();
+        let mut failed_listings = 0u32;
         let why = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break "shutting down".to_owned(),
@@ -542,18 +550,32 @@ impl Server {
                     }
                 }
                 _ = refresh.tick() => {
+                    // A server that does not answer its listing is hung: its calls would
+                    // hang too. It is taken out of use and connected to again (a stdio
+                    // server's process started anew), not left wedged.
                     let tools = match tokio::time::timeout(LIST_TIMEOUT, peer.list_all_tools()).await {
                         Ok(Ok(tools)) => tools,
                         Ok(Err(e)) => {
                             let error = scrub(lease.as_deref(), e.to_string());
                             tracing::warn!(server = name, error, "tools/list failed");
+                            failed_listings += 1;
+                            if failed_listings >= LIST_FAILURES {
+                                self.state.send_replace(State::Starting);
+                                break format!(
+                                    "tools/list failed {failed_listings} times in a row ({error}); connecting again"
+                                );
+                            }
                             continue;
                         }
                         Err(_) => {
-                            tracing::warn!(server = name, "tools/list did not answer in time");
-                            continue;
+                            self.state.send_replace(State::Starting);
+                            break format!(
+                                "tools/list did not answer within {} s: the server is hung; connecting again",
+                                LIST_TIMEOUT.as_secs()
+                            );
                         }
                     };
+                    failed_listings = 0;
                     let tools = self.entries(&tools, &version);
                     let first = !matches!(*self.state.borrow(), State::Up(_));
                     if first {
@@ -804,19 +826,77 @@ pub fn cap(text: String) -> String {
     )
 }
 
-/// A stdio server's stderr, line by line, into this service's log.
+/// A stdio server's stderr, line by line, into this service's log: at most
+/// [`STDERR_LINES`] per [`STDERR_WINDOW`], so a server that floods its stderr cannot
+/// flood the log; what is left out is counted and said.
 async fn forward_stderr(
     server: String,
     stderr: tokio::process::ChildStderr,
     lease: Option<Arc<Lease>>,
 ) {
     let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(4096));
+    let mut gate = LineGate::new(Instant::now());
     while let Some(line) = lines.next().await {
-        match line {
-            Ok(line) => tracing::info!(server, "{}", scrub(lease.as_deref(), line)),
+        let line = match line {
+            Ok(line) => line,
             // An over-long line is skipped; the rest go on.
-            Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {}
+            Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => continue,
             Err(_) => break,
+        };
+        let (log, dropped) = gate.take(Instant::now());
+        if dropped > 0 {
+            tracing::warn!(
+                server,
+                lines = dropped,
+                window_s = STDERR_WINDOW.as_secs(),
+                "the server wrote more to stderr than is logged; these lines were left out"
+            );
+        }
+        if log {
+            tracing::info!(server, "{}", scrub(lease.as_deref(), line));
+        }
+    }
+    let (_, dropped) = gate.take(Instant::now() + STDERR_WINDOW);
+    if dropped > 0 {
+        tracing::warn!(
+            server,
+            lines = dropped,
+            "the server wrote more to stderr than is logged; these lines were left out"
+        );
+    }
+}
+
+/// Which stderr lines are logged: [`STDERR_LINES`] per window of [`STDERR_WINDOW`].
+struct LineGate {
+    window: Instant,
+    logged: u32,
+    dropped: u64,
+}
+
+impl LineGate {
+    fn new(now: Instant) -> Self {
+        Self {
+            window: now,
+            logged: 0,
+            dropped: 0,
+        }
+    }
+
+    /// For a line at `now`: whether to log it, and how many lines the window that just
+    /// ended left out (to be said once).
+    fn take(&mut self, now: Instant) -> (bool, u64) {
+        let mut ended = 0;
+        if now.duration_since(self.window) >= STDERR_WINDOW {
+            ended = std::mem::take(&mut self.dropped);
+            self.window = now;
+            self.logged = 0;
+        }
+        if self.logged < STDERR_LINES {
+            self.logged += 1;
+            (true, ended)
+        } else {
+            self.dropped += 1;
+            (false, ended)
         }
     }
 }
@@ -824,6 +904,18 @@ async fn forward_stderr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_stderr_is_logged_in_part_and_counted() {
+        let start = Instant::now();
+        let mut gate = LineGate::new(start);
+        let logged = (0..1000).filter(|_| gate.take(start).0).count();
+        assert_eq!(logged, STDERR_LINES as usize);
+        // The next window logs again and says how many the last one left out.
+        let later = start + STDERR_WINDOW;
+        assert_eq!(gate.take(later), (true, 1000 - u64::from(STDERR_LINES)));
+        assert_eq!(gate.take(later), (true, 0));
+    }
 
     fn server(toml: &str) -> Result<(), String> {
         let config: ServerConfig = toml::from_str(toml).map_err(|e| e.to_string())?;

@@ -410,3 +410,26 @@ async fn streamable_http_servers_are_reached_by_url() {
     drop(served);
     server.kill().await.unwrap();
 }
+
+/// A server that answers its handshake and then never its listing is hung: it is
+/// connected to again (its process started anew), not left wedged with no tools.
+#[tokio::test]
+async fn a_server_that_hangs_on_tools_list_is_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("hung-once");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/mcp/hung_server.py");
+    let hung = ServerConfig {
+        name: "hung".into(),
+        command: Some(servers_dir().join("venv/bin/python").display().to_string()),
+        args: vec![script.display().to_string(), marker.display().to_string()],
+        trust_annotations: true,
+        ..Default::default()
+    };
+    // Up within the listing's timeout, a reconnect and a start: not never.
+    let served = Served::start(vec![hung]).await;
+    assert!(marker.exists(), "the first process hung");
+    assert_eq!(
+        served.call("hung.ping", serde_json::json!({})).await,
+        Ok("pong".into())
+    );
+}
