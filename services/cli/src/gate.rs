@@ -82,7 +82,7 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 .await
                 .map_err(|e| Failure::new(e.to_string()))?;
             if !current.skipped.is_empty() {
-                eprintln!(
+                errln!(
                     "dispatch: {} damaged message(s) after this version are skipped (see \
                      `dispatch policy history`); the next `dispatch policy set` supersedes them",
                     current.skipped.len()
@@ -94,22 +94,24 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 ));
             };
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
-                    serde_json::json!({
+                    crate::terminal::json_line(&serde_json::json!({
                         "version": version.record.version,
                         "hash": version.record.hash,
                         "changed_by": version.record.changed_by,
                         "changed_at_unix_ms": version.record.changed_at_unix_ms,
                         "document": version.document,
-                    })
+                    }))
                 ),
                 Format::Table => {
-                    println!(
+                    outln!(
                         "# version {} {} (by {})",
-                        version.record.version, version.record.hash, version.record.changed_by
+                        version.record.version,
+                        crate::format::clip(&version.record.hash, usize::MAX),
+                        crate::format::clip(&version.record.changed_by, 200)
                     );
-                    println!("{}", version.record.document_json);
+                    outln!("{}", version.record.document_json);
                 }
             }
             Ok(exit::DONE)
@@ -139,12 +141,13 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
             }
             let version = reply.version.unwrap_or_default();
             if reply.unchanged {
-                println!(
+                outln!(
                     "unchanged: version {} ({}) is already in force",
-                    version.version, version.hash
+                    version.version,
+                    version.hash
                 );
             } else {
-                println!("version {} in force ({})", version.version, version.hash);
+                outln!("version {} in force ({})", version.version, version.hash);
             }
             Ok(exit::DONE)
         }
@@ -174,36 +177,8 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 })
                 .collect();
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).expect("rows serialize")
-                ),
-                Format::Table => {
-                    println!(
-                        "{:<8} {:<20} {:<24} {:<6} NOTE",
-                        "VERSION", "HASH", "BY", "RULES"
-                    );
-                    for entry in &versions {
-                        match entry {
-                            Entry::Version(v) => println!(
-                                "{:<8} {:<20} {:<24} {:<6} {}",
-                                v.record.version,
-                                v.record.hash.chars().take(19).collect::<String>(),
-                                crate::format::clip(&v.record.changed_by, 24),
-                                v.document.rules.len(),
-                                crate::format::clip(&v.record.note, 200)
-                            ),
-                            Entry::Damaged(d) => println!(
-                                "{:<8} {:<20} {:<24} {:<6} {}",
-                                "DAMAGED",
-                                format!("stream seq {}", d.stream_seq),
-                                "-",
-                                "-",
-                                crate::format::clip(&d.reason, 200)
-                            ),
-                        }
-                    }
-                }
+                Format::Json => crate::terminal::json(&rows),
+                Format::Table => out!("{}", crate::format::policy_history(&versions)),
             }
             Ok(exit::DONE)
         }
@@ -230,18 +205,15 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 return Err(Failure::new(reply.error));
             }
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
-                    serde_json::json!({
+                    crate::terminal::json_line(&serde_json::json!({
                         "effect": reply.effect, "rule": reply.rule, "reason": reply.reason,
                         "risk": reply.risk, "policy_version": reply.policy_version,
                         "policy_hash": reply.policy_hash,
-                    })
+                    }))
                 ),
-                Format::Table => println!(
-                    "{} (risk {}, rule {}, policy version {}): {}",
-                    reply.effect, reply.risk, reply.rule, reply.policy_version, reply.reason
-                ),
+                Format::Table => outln!("{}", crate::format::policy_tested(&reply)),
             }
             Ok(exit::DONE)
         }
@@ -270,31 +242,11 @@ pub async fn approvals(bus: &Bus, format: Format) -> Result<u8, Failure> {
         }
     }
     match format {
-        Format::Json => println!(
+        Format::Json => crate::terminal::json(&pending),
+        Format::Table => out!(
             "{}",
-            serde_json::to_string_pretty(&pending).expect("approvals serialize")
+            crate::format::approvals_table(&pending, crate::format::now_ms())
         ),
-        Format::Table => {
-            println!(
-                "{:<50} {:<24} {:<12} {:<16} {:<10} ARGS",
-                "ID", "TOOL", "RISK", "RULE", "EXPIRES"
-            );
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            for p in &pending {
-                let left = (p.expires_at_ms - now).max(0) / 1000;
-                println!(
-                    "{:<50} {:<24} {:<12} {:<16} {:<10} {}",
-                    p.approval_id,
-                    p.tool,
-                    p.risk,
-                    p.rule,
-                    format!("in {left}s"),
-                    crate::format::clip(&p.args_json, 60)
-                );
-            }
-        }
     }
     Ok(exit::DONE)
 }
@@ -324,7 +276,7 @@ pub async fn resolve(
     .await?;
     match reply.outcome() {
         Outcome::Resolved => {
-            println!("{}", reply.message);
+            outln!("{}", crate::format::clip(&reply.message, usize::MAX));
             Ok(exit::DONE)
         }
         _ => Err(Failure::new(reply.message)),
