@@ -472,6 +472,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .and_then(|goal| goal.with_payload(&payload))
                 .map_err(|e| Failure::new(e.to_string()))?;
             let bus = nats.connect().await?;
+            if goal.callback_url().is_some() {
+                // As at every door: a result that could not be signed is refused now,
+                // not given up after its last try.
+                dispatch_secrets::check_signing(&bus)
+                    .await
+                    .map_err(|e| Failure::new(format!("--callback: {e}")))?;
+            }
             let log = open_log(&bus).await?;
             let run_id = submit_goal(&bus, goal).await?;
             if detach {
