@@ -103,6 +103,7 @@ async fn no_printer_of_the_cli_and_no_org_file_passes_a_control_character_on() -
         vec!["tasks"],
         vec!["replay", id.as_str()],
         vec!["attach", "default", "--all", "--exit"],
+        vec!["deliveries"],
     ] {
         let out = cli(&stack, &args)?;
         assert_eq!(out.code, Some(0), "{args:?}: {out:?}");

@@ -20,6 +20,7 @@ mod terminal;
 mod agentfile;
 mod api_key;
 mod attach;
+mod deliveries;
 mod format;
 mod gate;
 mod schedule;
@@ -340,6 +341,14 @@ enum Command {
         reason: String,
         #[arg(long)]
         by: Option<String>,
+    },
+    /// Results POSTed to goals' callbacks: delivered, pending or given up (`ls`, the
+    /// default), every try of one run (`show RUN`), queued again (`resend RUN`).
+    Deliveries {
+        #[command(subcommand)]
+        command: Option<deliveries::DeliveriesCommand>,
+        #[command(flatten)]
+        list: deliveries::ListArgs,
     },
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
@@ -844,6 +853,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             gate::resolve(&nats.connect().await?, id, false, reason, by).await
         }
+        Command::Deliveries { command, list } => {
+            let bus = nats.connect().await?;
+            let log = open_log(&bus).await?;
+            deliveries::run(&bus, &log, command, list).await
+        }
         Command::Tasks {
             conversation,
             format,
@@ -984,7 +998,7 @@ async fn all_tasks(bus: &Bus, conversation: &str) -> Result<ListTasksResponse, F
 
 /// A full run id with a log is used as is; anything else must be a unique prefix the
 /// ledger knows.
-async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
+pub(crate) async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
     if let Ok(run_id) = id.parse::<RunId>() {
         let log = RunLog::open(bus, "cli").await?;
         let known = !log.read_after(&run_id, 0).await?.is_empty()

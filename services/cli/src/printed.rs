@@ -12,6 +12,7 @@
 use dispatch_proto::api::v1::{
     ListTasksResponse, Note, PendingApproval, ReplayRunResponse, RunView, Schedule, TaskStatus,
 };
+use dispatch_proto::command::v1::DeliveryAttempt;
 use dispatch_proto::policy::v1::{PolicyVersion, TestPolicyResponse};
 use dispatch_proto::run::v1::*;
 use proptest::prelude::*;
@@ -424,6 +425,36 @@ proptest! {
         };
         // Two tables, a blank line between.
         check("status", &crate::status::table(&status), 5)?;
+    }
+
+    #[test]
+    fn deliveries_are_a_line_a_delivery_and_a_try(t in hostile()) {
+        let attempt = DeliveryAttempt {
+            run_id: t.clone(),
+            attempt: 2,
+            url: t.clone(),
+            error: t.clone(),
+            webhook_id: t.clone(),
+            round: 2,
+            requested_by: t.clone(),
+            next_try_unix_ms: 5,
+            tries: 8,
+            ..Default::default()
+        };
+        let listed = crate::deliveries::Listed {
+            run_id: t.clone(),
+            state: crate::deliveries::State::Pending,
+            round: 2,
+            tries: 2,
+            max_tries: 8,
+            last_status: 0,
+            last_error: t.clone(),
+            last_try_at_unix_ms: 0,
+            next_try_at_unix_ms: Some(5),
+            url: t.clone(),
+        };
+        check("deliveries", &crate::deliveries::table(&[listed], 0), 2)?;
+        check("deliveries show", &crate::deliveries::tries_table(&[attempt.clone(), attempt]), 3)?;
     }
 
     #[test]
