@@ -551,8 +551,10 @@ async fn a_background_result_reaches_the_stream_and_a_signed_callback_that_faile
                 "5m",
                 "--callback-hosts",
                 &hosts,
-                "--delivery-lease-ms",
-                "500",
+                // Three tries half a second apart (the default schedule's waits are
+                // 5 s, then 5 min: see tests/e2e/deliveries.rs).
+                "--delivery-schedule",
+                "0s,500ms,500ms",
             ],
         )
         .await?;

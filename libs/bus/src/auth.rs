@@ -283,6 +283,10 @@ impl Identity {
                 p.publish.allow.push(subject::REMOVED.into());
                 p.publish.allow.push(subject::query::ALL.into());
                 p.publish.allow.push(subject::HEALTH_ALL.into());
+                // `dispatch deliveries`: the record read, a given-up delivery queued again
+                // (the streamer records it; the CLI writes no record).
+                p.read(&[streams::DELIVERIES]);
+                p.publish.allow.push(subject::cmd::DELIVER.into());
                 // `dispatch secret set/rm/ls` (values sealed with the workspace's key).
                 p.read(&[streams::SECRETS]);
                 p.publish
@@ -646,6 +650,51 @@ mod tests {
             assert_eq!(
                 may_publish(identity, subject::cmd::TOOL),
                 expected,
+                "{identity:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_streamer_records_deliveries_and_the_cli_queues_them_again() {
+        use Identity::*;
+        let run: RunId = "0197a0c8-0000-7000-8000-000000000000".parse().unwrap();
+        let record = subject::delivery(&run);
+        let read_record = format!("$JS.API.DIRECT.GET.{}", streams::DELIVERIES);
+        for identity in Identity::ALL {
+            assert_eq!(
+                may_publish(identity, record.as_str()),
+                matches!(identity, Streamer | Admin),
+                "{identity:?}"
+            );
+            assert_eq!(
+                may_publish(identity, subject::cmd::DELIVER),
+                matches!(identity, Streamer | Cli | Admin),
+                "{identity:?}"
+            );
+            assert_eq!(
+                may_publish(identity, &read_record),
+                matches!(identity, Streamer | Cli | Admin),
+                "{identity:?}"
+            );
+        }
+        // Whether the signing secret is set, asked at the doors that take callbacks:
+        // one direct get of its entry. Only the CLI writes the bucket.
+        let secret = format!(
+            "$JS.API.DIRECT.GET.{}.$KV.{}.webhook-signing",
+            streams::SECRETS,
+            streams::SECRETS_BUCKET
+        );
+        let put = format!("$KV.{}.webhook-signing", streams::SECRETS_BUCKET);
+        for identity in Identity::ALL {
+            assert_eq!(
+                may_publish(identity, &secret),
+                matches!(identity, Ingress | Cli | Connectors | Streamer | Admin),
+                "{identity:?}"
+            );
+            assert_eq!(
+                may_publish(identity, &put),
+                matches!(identity, Cli | Admin),
                 "{identity:?}"
             );
         }

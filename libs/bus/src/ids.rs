@@ -37,7 +37,9 @@ impl RunId {
 /// tail. Anything that is not a hyphenated UUID is returned as it is.
 pub fn short_id(run_id: &str) -> &str {
     match run_id.len() {
-        36 => &run_id[36 - RunId::SHORT_LEN..],
+        // 36 bytes need not be 36 characters: a string from elsewhere is not cut
+        // inside a character.
+        36 => run_id.get(36 - RunId::SHORT_LEN..).unwrap_or(run_id),
         _ => run_id,
     }
 }
@@ -110,6 +112,17 @@ impl FromStr for ConversationId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_id_is_the_tail_of_a_run_id_and_never_cuts_a_character() {
+        let id = "0197a0c8-0000-7000-8000-0123456789ab";
+        assert_eq!(short_id(id), "0123456789ab");
+        // 36 bytes, with a character across the cut: returned whole, not a panic.
+        let odd = format!("{}é{}", "x".repeat(23), "y".repeat(11));
+        assert_eq!(odd.len(), 36);
+        assert_eq!(short_id(&odd), odd);
+        assert_eq!(short_id("abc"), "abc");
+    }
 
     #[test]
     fn run_ids_parse_only_canonical_uuids() {

@@ -10,6 +10,11 @@
 //! message that kills its process every time ends with a recorded reason. Transient
 //! failures (NATS away for a moment) are retried inside one delivery while its lease
 //! is renewed, so an outage does not use up deliveries.
+//!
+//! A handler that keeps its own schedule of tries (the streamer's deliveries of run
+//! results, minutes to hours apart) takes its messages with [`Redelivery::Paced`]: no
+//! server backoff, each message handed back with the exact wait the handler asks for,
+//! and a bound on deliveries the handler settles before.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -279,6 +284,20 @@ async fn renew_lease(
 /// How long the loop waits for in-flight handlers after shutdown is requested.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
+/// When a work queue's messages come back after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// On the server's schedule: [`backoff`] from the lease, at most [`MAX_DELIVER`]
+    /// deliveries (the handler gives up after [`WORK_ATTEMPTS`]).
+    Backoff,
+    /// On the handler's: it hands a message back with `Nak(Some(delay))` and the server
+    /// keeps that delay exactly, which it does only for a consumer without a backoff (a
+    /// nak's delay is otherwise stretched by the backoff's steps). A message left
+    /// unacknowledged (its holder died) comes back one lease later. At most
+    /// `max_deliver` deliveries: the handler must settle a message before that.
+    Paced { max_deliver: i64 },
+}
+
 /// Fetches commands and runs `handler` on each, at most `concurrency` at a time (not
 /// counting handlers idle in [`Slot::idle`]), until `shutdown` fires; then waits up to
 /// [`DRAIN_GRACE`] for running handlers. Handlers ack their own messages.
@@ -293,19 +312,47 @@ where
     F: Fn(jetstream::Message, Slot) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    consume_with(
+        bus,
+        queue,
+        Redelivery::Backoff,
+        concurrency,
+        shutdown,
+        handler,
+    )
+    .await
+}
+
+/// [`consume`], with messages coming back after a failure as `redelivery` says.
+pub async fn consume_with<F, Fut>(
+    bus: &Bus,
+    queue: WorkQueue,
+    redelivery: Redelivery,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    handler: F,
+) -> Result<(), Error>
+where
+    F: Fn(jetstream::Message, Slot) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let js = crate::streams::declaring(bus);
     let stream = crate::streams::declare(&format!("stream {}", queue.stream), || {
         js.get_stream(queue.stream)
     })
     .await?;
     // Create or update: a consumer declared by an older release gets today's limits.
+    let (max_deliver, backoff) = match redelivery {
+        Redelivery::Backoff => (MAX_DELIVER, backoff(queue.ack_wait)),
+        Redelivery::Paced { max_deliver } => (max_deliver, Vec::new()),
+    };
     let config = pull::Config {
         durable_name: Some(queue.consumer.to_owned()),
         filter_subjects: queue.filter_subjects.clone(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: queue.ack_wait,
-        max_deliver: MAX_DELIVER,
-        backoff: backoff(queue.ack_wait),
+        max_deliver,
+        backoff,
         max_ack_pending: 100_000,
         ..Default::default()
     };

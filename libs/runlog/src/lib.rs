@@ -715,10 +715,17 @@ pub fn slice_bytes(text: &str, max: usize) -> &str {
     &text[..text.floor_char_boundary(max)]
 }
 
-/// Untrusted text (goals, model output, tool results) made safe for one line of a
-/// terminal or an org file: whitespace runs become one space, and control characters
-/// (NUL, ESC, BEL, C1 controls) and bidirectional overrides are written as `\u{…}`
-/// escapes instead of reaching a terminal raw. At most `max` characters are kept.
+/// Untrusted text (goals, plans, model output, tool results) made safe for one line of
+/// a terminal or an org file: whitespace runs become one space, and every character a
+/// terminal would act on ([`is_terminal_control`]) is written as a `\u{…}` escape
+/// instead of reaching it raw. At most `max` characters are kept.
+///
+/// The rule, here and in [`many_lines`]: text Dispatch did not write itself reaches a
+/// terminal or a file people read either as one line (this function) or as lines (a
+/// report: only its line feeds and tabs kept); in both, every other C0 control, DEL,
+/// every C1 control (U+0080–U+009F, U+009B CSI among them) and every bidirectional
+/// formatting character is escaped. A backslash is left as it is, so `\u{1b}` written
+/// by a model reads the same as an escaped ESC: it is text either way.
 pub fn one_line(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max));
     let mut chars = 0;
@@ -734,7 +741,7 @@ pub fn one_line(text: &str, max: usize) -> String {
             if chars >= max {
                 return out;
             }
-            if c.is_control() || is_bidi_control(c) {
+            if is_terminal_control(c) {
                 let escaped = format!("\\u{{{:x}}}", c as u32);
                 chars += escaped.len();
                 out.push_str(&escaped);
@@ -747,9 +754,38 @@ pub fn one_line(text: &str, max: usize) -> String {
     out
 }
 
-/// Characters that reorder how the text around them is displayed.
+/// Untrusted text that keeps its lines (a run's report, a plan written to
+/// `workflows/`): line feeds and tabs stay, a CR LF is a line feed, and every other
+/// character [`is_terminal_control`] names is written as a `\u{…}` escape (a lone CR
+/// too: it would let a line overwrite the one before it). See [`one_line`] for the rule.
+pub fn many_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if is_terminal_control(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Characters a terminal acts on instead of showing, or that change how the text
+/// around them is shown: C0 controls, DEL, C1 controls (`char::is_control`), and the
+/// bidirectional formatting characters ([`is_bidi_control`]).
+pub fn is_terminal_control(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
+}
+
+/// Characters that reorder how the text around them is displayed: the bidirectional
+/// marks (ALM, LRM, RLM), embeddings and overrides (LRE…RLO), and isolates (LRI…PDI).
 pub fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// How often a follower re-reads the log when no live notification arrives. Live
@@ -774,6 +810,18 @@ mod tests {
             "ring\\u{7} the \\u{1b}[2Jbell\\u{0} and \\u{202e}flip\\u{9b}31m now"
         );
         assert_eq!(one_line("a  b\tc", 3), "a b");
+    }
+
+    #[test]
+    fn lines_are_kept_and_everything_else_a_terminal_acts_on_is_escaped() {
+        let hostile =
+            "* Findings\r\n\u{1b}]52;c;aGk=\u{7}ok\tnow\rover \u{9b}2J \u{61c}\u{2067}x\u{7f}\n";
+        assert_eq!(
+            many_lines(hostile),
+            "* Findings\n\\u{1b}]52;c;aGk=\\u{7}ok\tnow\\u{d}over \\u{9b}2J \\u{61c}\\u{2067}x\\u{7f}\n"
+        );
+        // Escaping twice changes nothing: an escape is plain text.
+        assert_eq!(many_lines(&many_lines(hostile)), many_lines(hostile));
     }
 
     #[test]

@@ -202,6 +202,13 @@ impl Goal {
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_ms
     }
+
+    /// Where the run's result is POSTed when it ends, if anywhere. A door that takes
+    /// such a goal first makes sure the result can be signed
+    /// (`dispatch_secrets::check_signing`).
+    pub fn callback_url(&self) -> Option<&str> {
+        self.callback_url.as_deref()
+    }
 }
 
 /// Checks a stored goal command as the dispatcher takes it from `subject`: its ids,

@@ -1,13 +1,16 @@
 //! Secrets: named values that tools need (an API token) and nothing else may see.
 //!
 //! Where they live:
-//! - environment variables `DISPATCH_SECRET_<NAME>` of the connectors' process, for
-//!   local use (they win, as environment wins over files everywhere in Dispatch);
+//! - environment variables `DISPATCH_SECRET_<NAME>` of the process that uses them (the
+//!   connectors, the streamer), for local use (they win, as environment wins over
+//!   files everywhere in Dispatch);
 //! - the JetStream KV bucket `DISPATCH_SECRETS`, each value sealed with
 //!   XChaCha20-Poly1305 under a 256-bit key kept in `.dispatch/keys/secrets.key`
 //!   (mode 0600; a key file others can read is refused). The value's name is bound
 //!   into the seal, so a value moved under another name does not open. NATS holds only
-//!   ciphertext; only the CLI may write the bucket and only the connectors read it.
+//!   ciphertext; only the CLI may write the bucket. The connectors and the streamer
+//!   lease from it, ingress reads Standard Webhooks keys from it, and the front doors
+//!   ask whether the delivery signing secret is set.
 //!
 //! How they are used: connector configuration names a secret; for each call that needs
 //! it the connectors take a [`Lease`] scoped to that connector, that run and that call,
@@ -16,6 +19,9 @@
 //! event, so a server that echoes the credential back shows [`MASK`]. A connector that
 //! serves every run over one connection (an MCP server) takes a lease per connection
 //! instead, and checks with [`Store::still_current`] that its values were not changed.
+//!
+//! The streamer signs deliveries of run results with [`DELIVERY_SIGNING`] (leased like
+//! a connector's secret); the front doors only ask whether it is set ([`check_signing`]).
 //!
 //! What this crate does not do: decide which connector may use which secret (the
 //! connectors' configuration does, see `Grants`), or keep a value out of a process
@@ -46,6 +52,11 @@ pub const MAX_VALUE_BYTES: usize = 8 * 1024;
 /// and are too short to be credentials worth the name.
 pub const MIN_SCRUBBED_BYTES: usize = 4;
 
+/// The secret every delivery of a run's result to its callback is signed with
+/// (Standard Webhooks, a `whsec_…` value). The streamer signs with it; the front doors
+/// refuse a goal with a callback while it is not set ([`check_signing`]).
+pub const DELIVERY_SIGNING: &str = "webhook-signing";
+
 /// Version byte of the sealed format: `1 | nonce (24) | ciphertext+tag`.
 const SEALED_V1: u8 = 1;
 
@@ -65,6 +76,60 @@ pub enum Error {
     Key { path: String, why: String },
     #[error("secrets bucket: {0}")]
     Bucket(String),
+}
+
+/// Why a result delivered now could not be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsignable {
+    #[error(
+        "results cannot be delivered: no secret named {DELIVERY_SIGNING} signs them (set one with \
+         `dispatch secret set {DELIVERY_SIGNING}`, a whsec_… value), so a goal with a callback \
+         is refused"
+    )]
+    Missing,
+    #[error("cannot tell whether results can be delivered signed: {0}")]
+    Unknown(String),
+}
+
+impl Unsignable {
+    /// The stable, matchable name of the refusal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Unsignable::Missing => "no_signing_secret",
+            Unsignable::Unknown(_) => "secrets_unavailable",
+        }
+    }
+}
+
+/// Whether results delivered now could be signed: [`DELIVERY_SIGNING`] is set (see
+/// [`is_set`]). For the front doors, which refuse a goal with a callback otherwise; the
+/// value itself is the streamer's business (a value that does not open fails its tries).
+pub async fn check_signing(bus: &Bus) -> Result<(), Unsignable> {
+    match is_set(bus, DELIVERY_SIGNING).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Unsignable::Missing),
+        Err(e) => Err(Unsignable::Unknown(e.to_string())),
+    }
+}
+
+/// Whether a secret named `name` is set: in this process's environment
+/// ([`env_var`]), or stored in the bucket. One read of the bucket's entry; nothing is
+/// opened, so no key is needed, and no value is read into memory beyond its ciphertext.
+pub async fn is_set(bus: &Bus, name: &str) -> Result<bool, Error> {
+    check_name(name)?;
+    if std::env::var_os(env_var(name)).is_some() {
+        return Ok(true);
+    }
+    let bucket = bus
+        .jetstream()
+        .get_key_value(streams::SECRETS_BUCKET)
+        .await
+        .map_err(|e| Error::Bucket(e.to_string()))?;
+    match bucket.entry(name).await {
+        Ok(Some(entry)) => Ok(entry.operation == kv::Operation::Put),
+        Ok(None) => Ok(false),
+        Err(e) => Err(Error::Bucket(e.to_string())),
+    }
 }
 
 /// Checks a secret's name.

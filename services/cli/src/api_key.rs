@@ -29,19 +29,19 @@ pub fn run(workspace: &Path, command: ApiKeyCommand) -> Result<u8, Failure> {
                 .create(&name)
                 .map_err(|e| Failure::new(e.to_string()))?;
             store.save(&path).map_err(|e| Failure::new(e.to_string()))?;
-            println!("{key}");
+            outln!("{key}");
         }
         ApiKeyCommand::Ls => {
             let now = crate::format::now_ms();
             for key in &store.keys {
                 let age = crate::format::age(key.created_unix_ms, now);
-                println!("{}  {:<24} created {age} ago", key.id, key.name);
+                outln!("{}  {:<24} created {age} ago", key.id, key.name);
             }
         }
         ApiKeyCommand::Rm { id } => {
             let removed = store.remove(&id).map_err(|e| Failure::new(e.to_string()))?;
             store.save(&path).map_err(|e| Failure::new(e.to_string()))?;
-            eprintln!("revoked {} ({})", removed.id, removed.name);
+            errln!("revoked {} ({})", removed.id, removed.name);
         }
     }
     Ok(exit::DONE)

@@ -61,14 +61,15 @@ pub async fn attach(
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
         let ended = ended(&chunk);
-        let written = match format {
-            Format::Json => writeln!(
-                out,
-                "{}",
-                serde_json::json!({"id": format!("{seq}-{run}"), "chunk": chunk})
-            ),
-            Format::Table => show(&mut out, &chunk, &mut at_line_start),
+        let shown = match format {
+            Format::Json => {
+                let line = serde_json::json!({"id": format!("{seq}-{run}"), "chunk": chunk});
+                crate::terminal::json_line(&line) + "\n"
+            }
+            Format::Table => show(&chunk, &mut at_line_start),
         };
+        // What reaches the terminal goes through its one way out, escaped.
+        let written = out.write_all(crate::terminal::safe(&shown).as_bytes());
         if written.and_then(|()| out.flush()).is_err() {
             // Whoever read the output went away, as `dispatch logs X | head` does.
             return Ok(exit::PIPE_CLOSED);
@@ -93,81 +94,66 @@ fn ended(chunk: &Value) -> Option<u8> {
     }
 }
 
-/// Prints one chunk for a person: text as it comes, everything else on its own line.
-fn show(
-    out: &mut impl std::io::Write,
-    chunk: &Value,
-    at_line_start: &mut bool,
-) -> std::io::Result<()> {
-    let mut line = |out: &mut dyn std::io::Write, text: String| {
-        if !*at_line_start {
-            writeln!(out)?;
-        }
+/// One chunk as a person reads it: text as it comes (its lines kept), everything else
+/// on a line of its own. Model and tool text is untrusted: nothing in it reaches the
+/// terminal raw (see [`crate::terminal`]).
+pub(crate) fn show(chunk: &Value, at_line_start: &mut bool) -> String {
+    let mut line = |text: String| {
+        let before = if *at_line_start { "" } else { "\n" };
         *at_line_start = true;
-        writeln!(out, "{text}")
+        format!("{before}{text}\n")
     };
-    // Model and tool text is untrusted: no terminal control sequences get through.
-    let text = |v: &Value| printable(v.as_str().unwrap_or_default());
+    let word = |v: &Value| crate::format::clip(v.as_str().unwrap_or_default(), 120);
     match chunk["type"].as_str().unwrap_or_default() {
         "text-delta" => {
-            let delta = text(&chunk["delta"]);
+            let delta = dispatch_runlog::many_lines(chunk["delta"].as_str().unwrap_or_default());
             *at_line_start = delta.ends_with('\n');
-            write!(out, "{delta}")
+            delta
         }
-        "tool-input-available" => line(
-            out,
-            format!(
-                "→ {} {}",
-                text(&chunk["toolName"]),
-                one_line(&printable(&chunk["input"].to_string()))
-            ),
-        ),
-        "tool-output-available" => line(out, format!("← {}", one_line(&text(&chunk["output"])))),
-        "tool-output-error" => line(out, format!("✗ {}", one_line(&text(&chunk["errorText"])))),
-        "tool-output-denied" => line(out, "✗ denied".to_owned()),
-        "data-approval" if chunk["data"]["state"] == "waiting" => line(
-            out,
-            format!(
-                "… waiting for approval {} ({})",
-                text(&chunk["data"]["approval"]),
-                text(&chunk["data"]["tool"])
-            ),
-        ),
+        "tool-input-available" => line(format!(
+            "→ {} {}",
+            word(&chunk["toolName"]),
+            first_line(&chunk["input"].to_string())
+        )),
+        "tool-output-available" => line(format!(
+            "← {}",
+            first_line(chunk["output"].as_str().unwrap_or_default())
+        )),
+        "tool-output-error" => line(format!(
+            "✗ {}",
+            first_line(chunk["errorText"].as_str().unwrap_or_default())
+        )),
+        "tool-output-denied" => line("✗ denied".to_owned()),
+        "data-approval" if chunk["data"]["state"] == "waiting" => line(format!(
+            "… waiting for approval {} ({})",
+            word(&chunk["data"]["approval"]),
+            word(&chunk["data"]["tool"])
+        )),
         "data-run" => {
             let data = &chunk["data"];
             match data["status"].as_str().unwrap_or_default() {
-                "queued" => line(out, format!("● run {} queued", text(&data["run"]))),
-                "running" => Ok(()),
-                status => line(
-                    out,
-                    format!(
-                        "● run {} {status}: {}",
-                        text(&data["run"]),
-                        text(&data["reason"])
-                    ),
-                ),
+                "queued" => line(format!("● run {} queued", word(&data["run"]))),
+                "running" => String::new(),
+                _ => line(format!(
+                    "● run {} {}: {}",
+                    word(&data["run"]),
+                    word(&data["status"]),
+                    crate::format::clip(data["reason"].as_str().unwrap_or_default(), 300)
+                )),
             }
         }
         "data-leaf" if chunk["data"]["state"] == "doing" => {
-            line(out, format!("▸ {}", text(&chunk["data"]["title"])))
+            line(format!("▸ {}", word(&chunk["data"]["title"])))
         }
-        _ => Ok(()),
+        _ => String::new(),
     }
 }
 
-/// `text` without control characters but newlines and tabs (an escape sequence from a
-/// model or a tool could rewrite the terminal).
-fn printable(text: &str) -> String {
-    text.chars()
-        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
-        .collect()
-}
-
-/// The first line of `text`, at most 120 characters.
-fn one_line(text: &str) -> String {
+/// The first line of `text`, at most 120 characters, escaped; `…` when more was cut.
+fn first_line(text: &str) -> String {
     let first = text.lines().next().unwrap_or_default();
-    let cut: String = first.chars().take(120).collect();
-    if cut.len() < text.len() {
+    let cut = crate::format::clip(first, 120);
+    if first.len() < text.trim_end().len() || first.chars().count() > 120 {
         format!("{cut}…")
     } else {
         cut

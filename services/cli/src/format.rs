@@ -153,7 +153,14 @@ pub fn event_line(event: &RunEvent) -> String {
             }
         ),
     };
-    format!("#{:<3} {:<20} {}", event.seq, body.kind(), detail)
+    // Every field above is untrusted (a goal, a title, a model's words, a tool's
+    // output, a name from the bus): the whole detail is put on one line, escaped.
+    format!(
+        "#{:<3} {:<20} {}",
+        event.seq,
+        body.kind(),
+        clip(&detail, usize::MAX)
+    )
 }
 
 /// A finished run's report, to print after its events: a heading saying where it is,
@@ -167,15 +174,8 @@ pub fn report(finished: &dispatch_proto::run::v1::RunFinished) -> Option<String>
     } else {
         finished.report_path.clone()
     };
-    let mut out = format!("\n── report ({source}) ──\n");
-    for c in finished.report.trim_end().chars() {
-        let hidden = c.is_control() || dispatch_runlog::is_bidi_control(c);
-        if c == '\n' || c == '\t' || !hidden {
-            out.push(c);
-        } else {
-            out.push_str(&c.escape_unicode().to_string());
-        }
-    }
+    let mut out = format!("\n── report ({}) ──\n", clip(&source, usize::MAX));
+    out.push_str(&dispatch_runlog::many_lines(finished.report.trim_end()));
     out.push('\n');
     Some(out)
 }
@@ -220,7 +220,7 @@ pub fn ps_table(runs: &[RunView], now_ms: i64, short: bool) -> String {
 }
 
 /// Rows under a header in Docker's look: no borders, columns two spaces apart,
-/// nothing before the first.
+/// nothing before the first. Every cell is put on one line, escaped: a row is a line.
 pub fn plain_table<const N: usize>(
     header: [&str; N],
     rows: impl IntoIterator<Item = [String; N]>,
@@ -230,7 +230,7 @@ pub fn plain_table<const N: usize>(
         .load_preset(comfy_table::presets::NOTHING)
         .set_header(header);
     for row in rows {
-        table.add_row(row);
+        table.add_row(row.map(|cell| cell_text(&cell)));
     }
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
@@ -310,32 +310,22 @@ pub fn tools_table(rows: &[ToolRow]) -> String {
     if rows.is_empty() {
         return "no tools: no connectors copy has put any in the catalogue (is dispatch-connectors running?)\n".into();
     }
-    let mut table = comfy_table::Table::new();
-    table
-        .load_preset(comfy_table::presets::NOTHING)
-        .set_header(["TOOL", "CONNECTOR", "RISK", "POLICY", "DESCRIPTION"]);
-    for row in rows {
+    let rows = rows.iter().map(|row| {
         let policy = if row.rule.is_empty() {
             row.policy.to_owned()
         } else {
             format!("{} ({})", row.policy, row.rule)
         };
         let description = row.description.lines().next().unwrap_or_default();
-        table.add_row([
+        [
             row.name.clone(),
             row.connector.clone(),
             row.risk.word().to_owned(),
             policy,
             clip(description, 50),
-        ]);
-    }
-    for column in table.column_iter_mut() {
-        column.set_padding((0, 2));
-    }
-    table
-        .lines()
-        .map(|line| line.trim_end().to_owned() + "\n")
-        .collect()
+        ]
+    });
+    plain_table(["TOOL", "CONNECTOR", "RISK", "POLICY", "DESCRIPTION"], rows)
 }
 
 /// `dispatch tasks` as text: notes first (they are shown once), then the tasks.
@@ -348,8 +338,8 @@ pub fn tasks(reply: &ListTasksResponse) -> String {
         for note in &reply.feedback {
             out.push_str(&format!(
                 "  {} {}: {} ({})\n",
-                note.run_id,
-                note.status,
+                clip(&note.run_id, 36),
+                clip(&note.status, 16),
                 clip(&note.summary, 120),
                 clip(&note.goal, 60)
             ));
@@ -403,15 +393,141 @@ pub fn replayed(replayed: &dispatch_proto::api::v1::ReplayRunResponse) -> String
         ),
         None => String::new(),
     };
-    format!(
-        "run {}: {} events, hash chain verified, {seal}; {views}; {trail}{after}",
-        run.run_id, replayed.events
+    clip(
+        &format!(
+            "run {}: {} events, hash chain verified, {seal}; {views}; {trail}{after}",
+            run.run_id, replayed.events
+        ),
+        usize::MAX,
     )
+}
+
+/// `dispatch policy test` as one line.
+pub fn policy_tested(reply: &dispatch_proto::policy::v1::TestPolicyResponse) -> String {
+    clip(
+        &format!(
+            "{} (risk {}, rule {}, policy version {}): {}",
+            reply.effect, reply.risk, reply.rule, reply.policy_version, reply.reason
+        ),
+        usize::MAX,
+    )
+}
+
+/// `dispatch approvals` as a table: each waiting call with what it would run with.
+pub fn approvals_table(
+    pending: &[dispatch_proto::api::v1::PendingApproval],
+    now_ms: i64,
+) -> String {
+    let rows = pending.iter().map(|p| {
+        let left = (p.expires_at_ms - now_ms).max(0) / 1000;
+        [
+            p.approval_id.clone(),
+            p.tool.clone(),
+            p.risk.clone(),
+            p.rule.clone(),
+            format!("in {left}s"),
+            args_cell(p),
+        ]
+    });
+    plain_table(["ID", "TOOL", "RISK", "RULE", "EXPIRES", "ARGS"], rows)
+}
+
+/// The most of a call's arguments the approvals table shows.
+const ARGS_CELL_CHARS: usize = 60;
+
+/// A call's arguments in the approvals table: whole when they fit, else their start
+/// and a mark saying they are cut and where the rest is.
+fn args_cell(p: &dispatch_proto::api::v1::PendingApproval) -> String {
+    let shown = clip(&p.args_json, ARGS_CELL_CHARS);
+    if p.args_clipped || p.args_json.chars().count() > ARGS_CELL_CHARS {
+        format!(
+            "{shown}… [clipped: {} bytes in all; dispatch approvals --full]",
+            p.args_bytes.max(p.args_json.len() as u64)
+        )
+    } else {
+        shown
+    }
+}
+
+/// `dispatch approvals --full`: each request with its whole arguments, exactly as they
+/// will run (the terminal's escaping keeps every space), and their digest.
+pub fn approvals_full(pending: &[dispatch_proto::api::v1::PendingApproval]) -> String {
+    let mut out = String::new();
+    for p in pending {
+        out.push_str(&format!(
+            "{}  {}  {}  rule {}\n  digest {}\n  {}\n\n",
+            clip(&p.approval_id, 120),
+            clip(&p.tool, 80),
+            clip(&p.risk, 16),
+            clip(&p.rule, 64),
+            clip(&p.args_digest, 80),
+            p.args_json
+        ));
+    }
+    out
+}
+
+/// `dispatch policy history` as a table, oldest first.
+pub fn policy_history(versions: &[dispatch_rules::store::Entry]) -> String {
+    use dispatch_rules::store::Entry;
+    let rows = versions.iter().map(|entry| match entry {
+        Entry::Version(v) => [
+            v.record.version.to_string(),
+            v.record.hash.chars().take(19).collect(),
+            clip(&v.record.changed_by, 24),
+            v.document.rules.len().to_string(),
+            clip(&v.record.note, 200),
+        ],
+        Entry::Damaged(d) => [
+            "DAMAGED".to_owned(),
+            format!("stream seq {}", d.stream_seq),
+            "-".to_owned(),
+            "-".to_owned(),
+            clip(&d.reason, 200),
+        ],
+    });
+    plain_table(["VERSION", "HASH", "BY", "RULES", "NOTE"], rows)
+}
+
+/// A table cell: one line, escaped.
+fn cell_text(cell: &str) -> String {
+    clip(cell, usize::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clipped_approval_says_so_and_the_full_view_keeps_every_space() {
+        let mut p = dispatch_proto::api::v1::PendingApproval {
+            args_json: r#"{"target":"/srv/cache"}"#.into(),
+            args_bytes: 23,
+            ..Default::default()
+        };
+        assert_eq!(args_cell(&p), r#"{"target":"/srv/cache"}"#);
+        p.args_json = format!(r#"{{"target":"{}"}}"#, "x".repeat(100));
+        p.args_bytes = 5000;
+        p.args_clipped = true;
+        let cell = args_cell(&p);
+        assert!(
+            cell.contains("[clipped: 5000 bytes in all; dispatch approvals --full]"),
+            "{cell}"
+        );
+        p.args_json = r#"{"a":"x   y"}"#.into();
+        let full = approvals_full(&[p]);
+        assert!(full.contains(r#"{"a":"x   y"}"#), "{full}");
+        let safe = crate::terminal::safe(&approvals_full(&[
+            dispatch_proto::api::v1::PendingApproval {
+                args_json: "{\"a\":\"\u{1b}]52;c;x\u{7}\"}".into(),
+                ..Default::default()
+            },
+        ]));
+        assert!(
+            !safe.chars().any(|c| c == '\u{1b}' || c == '\u{7}'),
+            "{safe}"
+        );
+    }
 
     #[test]
     fn a_report_keeps_its_lines_and_escapes_what_would_hide_text() {

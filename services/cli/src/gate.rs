@@ -83,7 +83,7 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 .await
                 .map_err(|e| Failure::new(e.to_string()))?;
             if !current.skipped.is_empty() {
-                eprintln!(
+                errln!(
                     "dispatch: {} damaged message(s) after this version are skipped (see \
                      `dispatch policy history`); the next `dispatch policy set` supersedes them",
                     current.skipped.len()
@@ -95,22 +95,24 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 ));
             };
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
-                    serde_json::json!({
+                    crate::terminal::json_line(&serde_json::json!({
                         "version": version.record.version,
                         "hash": version.record.hash,
                         "changed_by": version.record.changed_by,
                         "changed_at_unix_ms": version.record.changed_at_unix_ms,
                         "document": version.document,
-                    })
+                    }))
                 ),
                 Format::Table => {
-                    println!(
+                    outln!(
                         "# version {} {} (by {})",
-                        version.record.version, version.record.hash, version.record.changed_by
+                        version.record.version,
+                        crate::format::clip(&version.record.hash, usize::MAX),
+                        crate::format::clip(&version.record.changed_by, 200)
                     );
-                    println!("{}", version.record.document_json);
+                    outln!("{}", version.record.document_json);
                 }
             }
             Ok(exit::DONE)
@@ -140,12 +142,13 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
             }
             let version = reply.version.unwrap_or_default();
             if reply.unchanged {
-                println!(
+                outln!(
                     "unchanged: version {} ({}) is already in force",
-                    version.version, version.hash
+                    version.version,
+                    version.hash
                 );
             } else {
-                println!("version {} in force ({})", version.version, version.hash);
+                outln!("version {} in force ({})", version.version, version.hash);
             }
             Ok(exit::DONE)
         }
@@ -175,36 +178,8 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 })
                 .collect();
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).expect("rows serialize")
-                ),
-                Format::Table => {
-                    println!(
-                        "{:<8} {:<20} {:<24} {:<6} NOTE",
-                        "VERSION", "HASH", "BY", "RULES"
-                    );
-                    for entry in &versions {
-                        match entry {
-                            Entry::Version(v) => println!(
-                                "{:<8} {:<20} {:<24} {:<6} {}",
-                                v.record.version,
-                                v.record.hash.chars().take(19).collect::<String>(),
-                                crate::format::clip(&v.record.changed_by, 24),
-                                v.document.rules.len(),
-                                crate::format::clip(&v.record.note, 200)
-                            ),
-                            Entry::Damaged(d) => println!(
-                                "{:<8} {:<20} {:<24} {:<6} {}",
-                                "DAMAGED",
-                                format!("stream seq {}", d.stream_seq),
-                                "-",
-                                "-",
-                                crate::format::clip(&d.reason, 200)
-                            ),
-                        }
-                    }
-                }
+                Format::Json => crate::terminal::json(&rows),
+                Format::Table => out!("{}", crate::format::policy_history(&versions)),
             }
             Ok(exit::DONE)
         }
@@ -231,18 +206,15 @@ pub async fn policy(bus: &Bus, command: PolicyCommand) -> Result<u8, Failure> {
                 return Err(Failure::new(reply.error));
             }
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
-                    serde_json::json!({
+                    crate::terminal::json_line(&serde_json::json!({
                         "effect": reply.effect, "rule": reply.rule, "reason": reply.reason,
                         "risk": reply.risk, "policy_version": reply.policy_version,
                         "policy_hash": reply.policy_hash,
-                    })
+                    }))
                 ),
-                Format::Table => println!(
-                    "{} (risk {}, rule {}, policy version {}): {}",
-                    reply.effect, reply.risk, reply.rule, reply.policy_version, reply.reason
-                ),
+                Format::Table => outln!("{}", crate::format::policy_tested(&reply)),
             }
             Ok(exit::DONE)
         }
@@ -284,63 +256,14 @@ pub async fn approvals(bus: &Bus, log: Option<&RunLog>, format: Format) -> Resul
         }
     }
     match format {
-        Format::Json => println!(
+        Format::Json => crate::terminal::json(&pending),
+        Format::Table if log.is_some() => out!("{}", crate::format::approvals_full(&pending)),
+        Format::Table => out!(
             "{}",
-            serde_json::to_string_pretty(&pending).expect("approvals serialize")
+            crate::format::approvals_table(&pending, crate::format::now_ms())
         ),
-        Format::Table if log.is_some() => {
-            for p in &pending {
-                println!(
-                    "{}  {}  {}  rule {}\n  digest {}\n  {}\n",
-                    crate::format::clip(&p.approval_id, 120),
-                    crate::format::clip(&p.tool, 80),
-                    crate::format::clip(&p.risk, 16),
-                    crate::format::clip(&p.rule, 64),
-                    crate::format::clip(&p.args_digest, 80),
-                    exact(&p.args_json)
-                );
-            }
-        }
-        Format::Table => {
-            println!(
-                "{:<50} {:<24} {:<12} {:<16} {:<10} ARGS",
-                "ID", "TOOL", "RISK", "RULE", "EXPIRES"
-            );
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            for p in &pending {
-                let left = (p.expires_at_ms - now).max(0) / 1000;
-                println!(
-                    "{:<50} {:<24} {:<12} {:<16} {:<10} {}",
-                    crate::format::clip(&p.approval_id, 120),
-                    crate::format::clip(&p.tool, 80),
-                    crate::format::clip(&p.risk, 16),
-                    crate::format::clip(&p.rule, 64),
-                    format!("in {left}s"),
-                    args_cell(p)
-                );
-            }
-        }
     }
     Ok(exit::DONE)
-}
-
-/// The most of a call's arguments the table shows.
-const ARGS_CELL_CHARS: usize = 60;
-
-/// A call's arguments in the table: whole when they fit, else their start and a mark
-/// saying they are cut and where the rest is.
-fn args_cell(p: &dispatch_proto::api::v1::PendingApproval) -> String {
-    let shown = crate::format::clip(&p.args_json, ARGS_CELL_CHARS);
-    if p.args_clipped || p.args_json.chars().count() > ARGS_CELL_CHARS {
-        format!(
-            "{shown}… [clipped: {} bytes in all; dispatch approvals --full]",
-            p.args_bytes.max(p.args_json.len() as u64)
-        )
-    } else {
-        shown
-    }
 }
 
 /// The digest of the arguments approval `id` asks about, after showing them: for an
@@ -355,27 +278,12 @@ pub async fn digest_of(log: &RunLog, id: &str) -> Result<String, Failure> {
             ))
         })?;
     let digest = dispatch_runlog::args::digest(&found.request.args_json);
-    eprintln!(
+    errln!(
         "allowing {} with {} ({digest})",
         crate::format::clip(&found.request.tool, 80),
-        exact(&found.request.args_json)
+        found.request.args_json
     );
     Ok(digest)
-}
-
-/// Arguments exactly as they run, every character kept (a run of spaces is shown as
-/// it is: it may be what tells two arguments apart), and only what a terminal would
-/// act on instead of showing (controls, bidirectional overrides) written as `\u{…}`.
-fn exact(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() || dispatch_runlog::is_bidi_control(c) {
-            out.push_str(&format!("\\u{{{:x}}}", c as u32));
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `dispatch approve ID` / `dispatch deny ID --reason`: exactly one answer is recorded;
@@ -405,41 +313,9 @@ pub async fn resolve(
     .await?;
     match reply.outcome() {
         Outcome::Resolved => {
-            println!("{}", reply.message);
+            outln!("{}", crate::format::clip(&reply.message, usize::MAX));
             Ok(exit::DONE)
         }
         _ => Err(Failure::new(reply.message)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arguments_are_shown_exactly_and_safely() {
-        assert_eq!(exact(r#"{"a":"x   y"}"#), r#"{"a":"x   y"}"#);
-        assert_eq!(
-            exact("a\u{1b}]52;c;x\u{7}b\u{202e}"),
-            "a\\u{1b}]52;c;x\\u{7}b\\u{202e}"
-        );
-    }
-
-    #[test]
-    fn a_clipped_cell_says_so() {
-        let mut p = dispatch_proto::api::v1::PendingApproval {
-            args_json: r#"{"target":"/srv/cache"}"#.into(),
-            args_bytes: 23,
-            ..Default::default()
-        };
-        assert_eq!(args_cell(&p), r#"{"target":"/srv/cache"}"#);
-        p.args_json = format!(r#"{{"target":"{}"}}"#, "x".repeat(100));
-        p.args_bytes = 5000;
-        p.args_clipped = true;
-        let cell = args_cell(&p);
-        assert!(
-            cell.contains("[clipped: 5000 bytes in all; dispatch approvals --full]"),
-            "{cell}"
-        );
     }
 }

@@ -14,9 +14,13 @@
 //! | 1 | `verify`, `replay`: the trail or log does not check out |
 //! | 125 | dispatch itself failed: bad arguments, NATS unreachable, unknown run |
 
+#[macro_use]
+mod terminal;
+
 mod agentfile;
 mod api_key;
 mod attach;
+mod deliveries;
 mod format;
 mod gate;
 mod schedule;
@@ -348,6 +352,14 @@ enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Results POSTed to goals' callbacks: delivered, pending or given up (`ls`, the
+    /// default), every try of one run (`show RUN`), queued again (`resend RUN`).
+    Deliveries {
+        #[command(subcommand)]
+        command: Option<deliveries::DeliveriesCommand>,
+        #[command(flatten)]
+        list: deliveries::ListArgs,
+    },
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
         #[arg(long, default_value = ConversationId::DEFAULT)]
@@ -386,23 +398,24 @@ pub async fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli: Cli = match dispatch_service::config::parse_from("dispatch", args) {
         Ok(cli) => cli,
         Err(dispatch_service::config::Error::Args(e)) => {
-            let code = if e.use_stderr() {
-                exit::ERROR
-            } else {
-                exit::DONE
-            };
-            let _ = e.print();
-            return ExitCode::from(code);
+            if !e.use_stderr() {
+                // --help, --version: the CLI's own words, in colour where it can.
+                let _ = e.print();
+                return ExitCode::from(exit::DONE);
+            }
+            // An error quotes what was typed, which may hold anything: plain, escaped.
+            err!("{}", e.render());
+            return ExitCode::from(exit::ERROR);
         }
         Err(e) => {
-            eprintln!("dispatch: {e}");
+            errln!("dispatch: {e}");
             return ExitCode::from(exit::ERROR);
         }
     };
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("dispatch: {e}");
+            errln!("dispatch: {e}");
             ExitCode::from(exit::ERROR)
         }
     }
@@ -438,7 +451,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::NatsConfig { out, sync } => {
             let config = out.join("nats.conf");
             dispatch_bus::auth::write_server_config(&out, &config, sync)?;
-            println!("{}", config.display());
+            outln!("{}", config.display());
             Ok(exit::DONE)
         }
         Command::Up(args) => {
@@ -478,13 +491,20 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .and_then(|goal| goal.with_payload(&payload))
                 .map_err(|e| Failure::new(e.to_string()))?;
             let bus = nats.connect().await?;
+            if goal.callback_url().is_some() {
+                // As at every door: a result that could not be signed is refused now,
+                // not given up after its last try.
+                dispatch_secrets::check_signing(&bus)
+                    .await
+                    .map_err(|e| Failure::new(format!("--callback: {e}")))?;
+            }
             let log = open_log(&bus).await?;
             let run_id = submit_goal(&bus, goal).await?;
             if detach {
-                println!("{run_id}");
+                outln!("{run_id}");
                 return Ok(exit::DONE);
             }
-            eprintln!("run {run_id}");
+            errln!("run {run_id}");
             follow(&log, run_id, true, None).await
         }
         Command::Ps {
@@ -507,22 +527,19 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             let runs = list_runs(&bus, request).await?;
             if runs.is_empty() && !all {
-                eprintln!(
+                errln!(
                     "dispatch: no queued or running runs; `dispatch ps -a` shows finished ones too"
                 );
             }
             if quiet {
                 for run in &runs {
-                    println!("{}", run.run_id);
+                    outln!("{}", run.run_id);
                 }
             } else {
                 match format {
-                    Format::Json => println!(
-                        "{}",
-                        serde_json::to_string_pretty(&runs).expect("views serialize")
-                    ),
+                    Format::Json => crate::terminal::json(&runs),
                     Format::Table => {
-                        print!("{}", format::ps_table(&runs, format::now_ms(), !no_trunc))
+                        out!("{}", format::ps_table(&runs, format::now_ms(), !no_trunc))
                     }
                 }
             }
@@ -537,7 +554,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             } else {
                 let audited = match log.read_every(&run_id).await {
                     Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
-                        eprintln!("dispatch: {e}");
+                        errln!("dispatch: {e}");
                         return Ok(exit::CORRUPT);
                     }
                     read => read?,
@@ -546,13 +563,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     return Err(Failure::new(format!("run {run_id} has no events")));
                 }
                 for stored in &audited.events {
-                    println!("{}", format::event_line(&stored.event));
+                    outln!("{}", format::event_line(&stored.event));
                 }
                 if let Some(after) = audited.after_seal {
-                    eprintln!(
+                    errln!(
                         "dispatch: {} message(s) stored after the run's seal, from stream \
                          sequence {}, are not part of its record",
-                        after.messages, after.stream_seq
+                        after.messages,
+                        after.stream_seq
                     );
                 }
                 Ok(exit::DONE)
@@ -580,10 +598,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             {
                 shown["trace_id"] = trace.trace_id().to_string().into();
             }
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&shown).expect("views serialize")
-            );
+            crate::terminal::json(&shown);
             Ok(exit::DONE)
         }
         Command::Stop {
@@ -606,9 +621,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 ),
             };
             let ended = stop(&log, run_id, grace, force, wait).await?;
-            println!("{run_id}");
+            outln!("{run_id}");
             if !ended && !detach {
-                eprintln!(
+                errln!(
                     "dispatch: the stop of run {run_id} is queued for the dispatcher, but the \
                      run has not ended yet; is a dispatcher running (`dispatch status`)? It is \
                      carried out when one takes it"
@@ -665,7 +680,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             })
             .map_err(|e| Failure::new(format!("run {run_id} cannot be restarted: {e}")))?;
             let new_id = submit_goal(&bus, goal).await?;
-            println!("{new_id}");
+            outln!("{new_id}");
             Ok(exit::DONE)
         }
         Command::Rm { runs, force } => {
@@ -693,7 +708,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             remove(&bus, &ids, false).await?;
             for id in &ids {
-                println!("{id}");
+                outln!("{id}");
             }
             Ok(exit::DONE)
         }
@@ -711,11 +726,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 })?;
             match reply {
                 Ok(replayed) => {
-                    println!("{}", format::replayed(&replayed));
+                    outln!("{}", format::replayed(&replayed));
                     Ok(exit::DONE)
                 }
                 Err(dispatch_proto::api::QueryError::Corrupt(message)) => {
-                    eprintln!("dispatch: {message}");
+                    errln!("dispatch: {message}");
                     Ok(exit::CHECK_FAILED)
                 }
                 Err(e) => Err(Failure::new(e.to_string())),
@@ -751,14 +766,17 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             };
             match dispatch_runlog::steps::verify(&text, &trust) {
                 Ok(verified) => {
-                    println!(
+                    // The trail is a file from anywhere: what it says is one line.
+                    outln!(
                         "verified {} events of run {}, sealed by {} (trusted: {whose})",
-                        verified.events, verified.run_id, verified.signer
+                        verified.events,
+                        format::clip(&verified.run_id, 64),
+                        format::clip(&verified.signer, 128)
                     );
                     Ok(exit::DONE)
                 }
                 Err(failed) => {
-                    eprintln!(
+                    errln!(
                         "dispatch: {}: {failed} (trusted keys: {whose})",
                         file.display()
                     );
@@ -768,7 +786,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Key => match Sealer::load(&key_path) {
             Ok(sealer) => {
-                println!("{}", sealer.public_hex());
+                outln!("{}", sealer.public_hex());
                 Ok(exit::DONE)
             }
             Err(_) if found.is_none() => Err(Failure::new(format!(
@@ -794,14 +812,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .filter_map(|r| r.run_id.parse().ok())
                 .collect();
             if trails && !force && !ids.is_empty() && !confirm_trail_removal(ids.len())? {
-                eprintln!("nothing removed");
+                errln!("nothing removed");
                 return Ok(exit::DONE);
             }
             remove(&bus, &ids, trails).await?;
             for id in &ids {
-                println!("{id}");
+                outln!("{id}");
             }
-            eprintln!("removed {} finished run(s)", ids.len());
+            errln!("removed {} finished run(s)", ids.len());
             Ok(exit::DONE)
         }
         Command::Status { format } => status::run(&nats.connect().await?, format).await,
@@ -811,11 +829,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let snapshot = dispatch_bus::catalogue::Snapshot::read(&store).await?;
             let rows = format::tool_rows(&snapshot);
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).expect("rows serialize")
-                ),
-                Format::Table => print!("{}", format::tools_table(&rows)),
+                Format::Json => crate::terminal::json(&rows),
+                Format::Table => out!("{}", format::tools_table(&rows)),
             }
             Ok(exit::DONE)
         }
@@ -862,6 +877,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             gate::resolve(&nats.connect().await?, id, None, reason, by).await
         }
+        Command::Deliveries { command, list } => {
+            let bus = nats.connect().await?;
+            let log = open_log(&bus).await?;
+            deliveries::run(&bus, &log, command, list).await
+        }
         Command::Tasks {
             conversation,
             format,
@@ -872,11 +892,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let bus = nats.connect().await?;
             let reply = all_tasks(&bus, &conversation).await?;
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&reply).expect("replies serialize")
-                ),
-                Format::Table => print!("{}", format::tasks(&reply)),
+                Format::Json => crate::terminal::json(&reply),
+                Format::Table => out!("{}", format::tasks(&reply)),
             }
             Ok(exit::DONE)
         }
@@ -1005,7 +1022,7 @@ async fn all_tasks(bus: &Bus, conversation: &str) -> Result<ListTasksResponse, F
 
 /// A full run id with a log is used as is; anything else must be a unique prefix the
 /// ledger knows.
-async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
+pub(crate) async fn resolve(bus: &Bus, id: &str) -> Result<RunId, Failure> {
     if let Ok(run_id) = id.parse::<RunId>() {
         let log = RunLog::open(bus, "cli").await?;
         let known = !log.read_after(&run_id, 0).await?.is_empty()
@@ -1037,7 +1054,7 @@ async fn follow(
 ) -> Result<u8, Failure> {
     match follow_log(log, run_id, print, limit).await {
         Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => {
-            eprintln!("dispatch: {e}");
+            errln!("dispatch: {e}");
             Ok(exit::CORRUPT)
         }
         other => other.map_err(Failure::from),
@@ -1056,14 +1073,14 @@ async fn follow_log(
     loop {
         for stored in &handle.events()[shown..] {
             if print {
-                println!("{}", format::event_line(&stored.event));
+                outln!("{}", format::event_line(&stored.event));
             }
             if let Some(Body::RunFinished(f)) = &stored.event.body {
                 let status = RunStatus::try_from(f.status).unwrap_or(RunStatus::Blocked);
                 if !print {
-                    println!("{}", status.word());
+                    outln!("{}", status.word());
                 } else if let Some(report) = format::report(f) {
-                    print!("{report}");
+                    out!("{report}");
                 }
                 return Ok(match status {
                     RunStatus::Done => exit::DONE,
@@ -1077,7 +1094,7 @@ async fn follow_log(
             Some(deadline) => {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
-                    eprintln!("dispatch: run {run_id} has not ended yet");
+                    errln!("dispatch: run {run_id} has not ended yet");
                     return Ok(exit::WAIT_TIMEOUT);
                 }
                 (deadline - now).min(Duration::from_secs(5))
@@ -1139,7 +1156,7 @@ fn confirm_trail_removal(runs: usize) -> Result<bool, Failure> {
             "prune --trails deletes audit trails; confirm on a terminal, or pass --force",
         ));
     }
-    eprint!("delete the audit trails (_steps.jsonl) of {runs} run(s) too? [y/N] ");
+    err!("delete the audit trails (_steps.jsonl) of {runs} run(s) too? [y/N] ");
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
     std::io::stdin()
@@ -1182,6 +1199,9 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("{text:?} is not a duration like 90s, 35m or 1h ({e})"))
 }
+
+#[cfg(test)]
+mod printed;
 
 #[cfg(test)]
 mod tests {

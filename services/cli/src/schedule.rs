@@ -107,9 +107,9 @@ pub async fn run(bus: &Bus, command: ScheduleCommand) -> Result<u8, Failure> {
             };
             let schedule: Schedule = ask(bus, subject::schedule::add(), &request).await?;
             if quiet {
-                println!("{}", schedule.schedule_id);
+                outln!("{}", schedule.schedule_id);
             } else {
-                println!(
+                outln!(
                     "{}  next fire {}",
                     schedule.schedule_id,
                     when(schedule.next_fire_at_ms)
@@ -120,11 +120,8 @@ pub async fn run(bus: &Bus, command: ScheduleCommand) -> Result<u8, Failure> {
         ScheduleCommand::Ls { format } => {
             let all: Vec<Schedule> = every(bus).await?.into_iter().filter(|s| !s.todo).collect();
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&all).expect("schedules serialize")
-                ),
-                Format::Table => print!("{}", table(&all)),
+                Format::Json => crate::terminal::json(&all),
+                Format::Table => out!("{}", table(&all)),
             }
             Ok(exit::DONE)
         }
@@ -160,7 +157,7 @@ pub(crate) async fn every(bus: &Bus) -> Result<Vec<Schedule>, Failure> {
 
 async fn one(bus: &Bus, to: subject::Subject, schedule_id: String) -> Result<u8, Failure> {
     let schedule: Schedule = ask(bus, to, &ScheduleIdRequest { schedule_id }).await?;
-    println!("{}", schedule.schedule_id);
+    outln!("{}", schedule.schedule_id);
     Ok(exit::DONE)
 }
 
@@ -187,7 +184,7 @@ pub(crate) fn when(unix_ms: i64) -> String {
     crate::format::utc(unix_ms)
 }
 
-fn table(schedules: &[Schedule]) -> String {
+pub(crate) fn table(schedules: &[Schedule]) -> String {
     let rows = schedules.iter().map(|s| {
         [
             dispatch_bus::short_id(&s.schedule_id).to_owned(),

@@ -45,8 +45,8 @@ pub async fn run(bus: &Bus, workspace: &Path, command: SecretCommand) -> Result<
             let key = Key::load_or_create(&path).map_err(failure)?;
             let store = Store::open(bus, path, Some(key)).await.map_err(failure)?;
             match store.set(&name, &value).await.map_err(failure)? {
-                Set::Stored => eprintln!("secret {name} stored"),
-                Set::Kept => eprintln!("secret {name} unchanged ({MASK} keeps the stored value)"),
+                Set::Stored => errln!("secret {name} stored"),
+                Set::Kept => errln!("secret {name} unchanged ({MASK} keeps the stored value)"),
             }
             Ok(exit::DONE)
         }
@@ -55,12 +55,9 @@ pub async fn run(bus: &Bus, workspace: &Path, command: SecretCommand) -> Result<
             let store = Store::open(bus, path, key).await.map_err(failure)?;
             let listed = store.list().await.map_err(failure)?;
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&listed).expect("names serialize")
-                ),
+                Format::Json => crate::terminal::json(&listed),
                 Format::Table => {
-                    println!("{:<32} {:<10} {:<6} UPDATED", "NAME", "VALUE", "SOURCE");
+                    outln!("{:<32} {:<10} {:<6} UPDATED", "NAME", "VALUE", "SOURCE");
                     let now = crate::format::now_ms();
                     for secret in &listed {
                         let updated = if secret.updated_unix_ms > 0 {
@@ -72,9 +69,11 @@ pub async fn run(bus: &Bus, workspace: &Path, command: SecretCommand) -> Result<
                             dispatch_secrets::Source::Store => "store",
                             dispatch_secrets::Source::Env => "env",
                         };
-                        println!(
+                        outln!(
                             "{:<32} {:<10} {:<6} {updated}",
-                            secret.name, secret.value, source
+                            secret.name,
+                            secret.value,
+                            source
                         );
                     }
                 }
@@ -85,7 +84,7 @@ pub async fn run(bus: &Bus, workspace: &Path, command: SecretCommand) -> Result<
             let key = Key::load(&path).map_err(failure)?;
             let store = Store::open(bus, path, key).await.map_err(failure)?;
             if store.remove(&name).await.map_err(failure)? {
-                eprintln!("secret {name} removed");
+                errln!("secret {name} removed");
                 Ok(exit::DONE)
             } else {
                 Err(Failure::new(format!("no stored secret named {name}")))

@@ -104,8 +104,8 @@ pub async fn run(bus: &Bus, workspace: &Path, args: ServeArgs) -> Result<u8, Fai
         .and_then(|goal| goal.with_service(spec))
         .map_err(|e| Failure::new(e.to_string()))?;
     let run_id = submit_goal(bus, goal).await?;
-    println!("{run_id}");
-    eprintln!(
+    outln!("{run_id}");
+    errln!(
         "service {run_id} started: `dispatch inspect {}` shows its wakes, `dispatch stop {}` \
          ends it",
         run_id.short(),
@@ -135,7 +135,7 @@ pub async fn wake(bus: &Bus, log: &RunLog, service: RunId, payload: &str) -> Res
     .and_then(|goal| goal.woken(service, dispatch_runlog::service::WAKE_MANUAL))
     .map_err(|e| Failure::new(e.to_string()))?;
     let run_id = submit_goal(bus, goal).await?;
-    println!("{run_id}");
+    outln!("{run_id}");
     Ok(exit::DONE)
 }
 

@@ -11,49 +11,49 @@ use serde::Serialize;
 use crate::{Failure, Format, exit, format};
 
 #[derive(Debug, Serialize)]
-struct StreamStatus {
-    stream: String,
-    replicas: usize,
+pub(crate) struct StreamStatus {
+    pub(crate) stream: String,
+    pub(crate) replicas: usize,
     /// The server leading it (a single server leads every stream); none while it
     /// has no leader.
-    leader: Option<String>,
-    followers: Vec<Follower>,
-    messages: u64,
-    bytes: u64,
-    last_sequence: u64,
+    pub(crate) leader: Option<String>,
+    pub(crate) followers: Vec<Follower>,
+    pub(crate) messages: u64,
+    pub(crate) bytes: u64,
+    pub(crate) last_sequence: u64,
     /// Why its state could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct Follower {
-    server: String,
-    current: bool,
-    offline: bool,
+pub(crate) struct Follower {
+    pub(crate) server: String,
+    pub(crate) current: bool,
+    pub(crate) offline: bool,
     /// Operations behind the leader.
-    lag: u64,
+    pub(crate) lag: u64,
     /// Milliseconds since the leader last heard from it.
-    active_ms: u128,
+    pub(crate) active_ms: u128,
 }
 
 #[derive(Debug, Serialize)]
-struct ConsumerStatus {
-    stream: String,
-    consumer: String,
+pub(crate) struct ConsumerStatus {
+    pub(crate) stream: String,
+    pub(crate) consumer: String,
     /// Messages not yet delivered to any copy.
-    pending: u64,
+    pub(crate) pending: u64,
     /// Delivered, neither acknowledged nor given up yet.
-    ack_pending: usize,
-    redelivered: usize,
+    pub(crate) ack_pending: usize,
+    pub(crate) redelivered: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct Status {
-    streams: Vec<StreamStatus>,
-    consumers: Vec<ConsumerStatus>,
+pub(crate) struct Status {
+    pub(crate) streams: Vec<StreamStatus>,
+    pub(crate) consumers: Vec<ConsumerStatus>,
 }
 
 pub async fn run(bus: &Bus, output: Format) -> Result<u8, Failure> {
@@ -136,11 +136,8 @@ pub async fn run(bus: &Bus, output: Format) -> Result<u8, Failure> {
         });
     }
     match output {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&status).expect("status serializes")
-        ),
-        Format::Table => print!("{}", table(&status)),
+        Format::Json => crate::terminal::json(&status),
+        Format::Table => out!("{}", table(&status)),
     }
     let broken = status.streams.iter().any(|s| {
         s.error.is_some()
@@ -149,7 +146,7 @@ pub async fn run(bus: &Bus, output: Format) -> Result<u8, Failure> {
     Ok(if broken { exit::DEGRADED } else { exit::DONE })
 }
 
-fn table(status: &Status) -> String {
+pub(crate) fn table(status: &Status) -> String {
     let streams = status.streams.iter().map(|s| {
         let followers = if let Some(error) = &s.error {
             error.clone()

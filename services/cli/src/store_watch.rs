@@ -113,7 +113,7 @@ impl StoreWatch {
                     next_restart: Instant::now(),
                     last_told: Instant::now(),
                 });
-                eprintln!("dispatch: NATS is not storing writes ({why})");
+                errln!("dispatch: NATS is not storing writes ({why})");
                 self.tell();
             }
             (Some(episode), Some(_)) => {
@@ -125,7 +125,7 @@ impl StoreWatch {
             }
             (Some(episode), None) => {
                 if !episode.needs_restart && probe.is_ok() {
-                    eprintln!("dispatch: NATS stores writes again");
+                    errln!("dispatch: NATS stores writes again");
                     self.episode = None;
                     return Ok(());
                 }
@@ -138,11 +138,11 @@ impl StoreWatch {
     fn tell(&self) {
         match &self.local {
             Some(local) => match free_space(&local.store) {
-                Some(space) if space.has_room() => eprintln!(
+                Some(space) if space.has_room() => errln!(
                     "dispatch: the store's disk has room ({} free); restarting nats-server",
                     mib(space.available)
                 ),
-                Some(space) => eprintln!(
+                Some(space) => errln!(
                     "dispatch: the disk holding {} has {} of {} free. Free some space there: \
                      dispatch up restarts nats-server once {} are free",
                     local.store.display(),
@@ -150,13 +150,13 @@ impl StoreWatch {
                     mib(space.total),
                     mib(space.room())
                 ),
-                None => eprintln!(
+                None => errln!(
                     "dispatch: cannot read the free space of {}; free space there, then \
                      stop and start `dispatch up`",
                     local.store.display()
                 ),
             },
-            None => eprintln!(
+            None => errln!(
                 "dispatch: free space on the external nats-server's store, then restart \
                  nats-server (`nats-server --signal stop` and start it again); the services \
                  reconnect by themselves"
@@ -174,7 +174,7 @@ impl StoreWatch {
         {
             return Ok(());
         }
-        eprintln!("dispatch: restarting nats-server so it stores writes again");
+        errln!("dispatch: restarting nats-server so it stores writes again");
         children.restart(NATS).await;
         episode.needs_restart = false;
         episode.restarts += 1;

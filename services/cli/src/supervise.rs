@@ -168,7 +168,7 @@ impl Proc {
             .await
             .is_err()
         {
-            eprintln!("{} did not stop within 10s; killing it", self.name);
+            errln!("{} did not stop within 10s; killing it", self.name);
             let _ = child.kill().await;
         }
         self.state = State::Down;
@@ -179,7 +179,7 @@ impl Proc {
         match self.launch.spawn(false) {
             Ok(child) => {
                 let pid = child.id().map_or("gone".to_owned(), |p| p.to_string());
-                eprintln!("dispatch: {} restarted (pid {pid})", self.name);
+                errln!("dispatch: {} restarted (pid {pid})", self.name);
                 self.state = State::Running(child);
             }
             Err(e) => self.exited(&e.to_string()),
@@ -190,7 +190,7 @@ impl Proc {
     fn exited(&mut self, why: &str) {
         match self.restarts.exited(Instant::now()) {
             Verdict::RestartIn(delay) => {
-                eprintln!(
+                errln!(
                     "dispatch: {} exited ({why}); restarting it in {}",
                     self.name,
                     humantime::format_duration(delay)
@@ -198,7 +198,7 @@ impl Proc {
                 self.state = State::Waiting(Instant::now() + delay);
             }
             Verdict::GiveUp => {
-                eprintln!(
+                errln!(
                     "dispatch: {} exited ({why}), {GIVE_UP_AFTER} times within {}; leaving it \
                      down. Its log: {}. Once it is fixed, `kill -USR1 {}` starts it again \
                      (or stop and start `dispatch up`)",
@@ -266,7 +266,7 @@ impl Supervisor {
     pub(crate) fn revive(&mut self) {
         for proc in &mut self.procs {
             if matches!(proc.state, State::Down) {
-                eprintln!("dispatch: starting {} again, as asked", proc.name);
+                errln!("dispatch: starting {} again, as asked", proc.name);
                 proc.restarts = Restarts::default();
                 proc.start_again();
             }

@@ -37,13 +37,13 @@ pub enum TodoCommand {
 
 /// A todo as `ls` shows it.
 #[derive(Debug, serde::Serialize)]
-struct Listed {
-    todo_id: String,
-    text: String,
-    due_at_ms: i64,
+pub(crate) struct Listed {
+    pub(crate) todo_id: String,
+    pub(crate) text: String,
+    pub(crate) due_at_ms: i64,
     /// `pending` until it is due, then its run's status.
-    state: String,
-    run_id: Option<String>,
+    pub(crate) state: String,
+    pub(crate) run_id: Option<String>,
 }
 
 pub async fn run(bus: &Bus, command: TodoCommand) -> Result<u8, Failure> {
@@ -66,7 +66,7 @@ pub async fn run(bus: &Bus, command: TodoCommand) -> Result<u8, Failure> {
                 ..Default::default()
             };
             let todo: Schedule = ask(bus, subject::schedule::add(), &request).await?;
-            println!("{}", todo.schedule_id);
+            outln!("{}", todo.schedule_id);
             Ok(exit::DONE)
         }
         TodoCommand::Ls { format } => {
@@ -77,24 +77,8 @@ pub async fn run(bus: &Bus, command: TodoCommand) -> Result<u8, Failure> {
                 }
             }
             match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&listed).expect("todos serialize")
-                ),
-                Format::Table => {
-                    let rows = listed.iter().map(|t| {
-                        [
-                            dispatch_bus::short_id(&t.todo_id).to_owned(),
-                            when(t.due_at_ms),
-                            t.state.clone(),
-                            crate::format::clip(&t.text, 60),
-                        ]
-                    });
-                    print!(
-                        "{}",
-                        crate::format::plain_table(["ID", "DUE", "STATE", "TODO"], rows)
-                    );
-                }
+                Format::Json => crate::terminal::json(&listed),
+                Format::Table => out!("{}", table(&listed)),
             }
             Ok(exit::DONE)
         }
@@ -120,10 +104,23 @@ pub async fn run(bus: &Bus, command: TodoCommand) -> Result<u8, Failure> {
                 },
             )
             .await?;
-            println!("{}", done.schedule_id);
+            outln!("{}", done.schedule_id);
             Ok(exit::DONE)
         }
     }
+}
+
+/// `dispatch todo ls` as a table.
+pub(crate) fn table(listed: &[Listed]) -> String {
+    let rows = listed.iter().map(|t| {
+        [
+            dispatch_bus::short_id(&t.todo_id).to_owned(),
+            when(t.due_at_ms),
+            t.state.clone(),
+            crate::format::clip(&t.text, 60),
+        ]
+    });
+    crate::format::plain_table(["ID", "DUE", "STATE", "TODO"], rows)
 }
 
 /// The todo with the state of its run, as the ledger has it.

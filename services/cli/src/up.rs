@@ -147,7 +147,7 @@ pub async fn up(
     match result {
         Ok(code) => Ok(code),
         Err(e) => {
-            eprintln!("dispatch: logs are in {}", logs.display());
+            errln!("dispatch: logs are in {}", logs.display());
             Err(e)
         }
     }
@@ -167,7 +167,7 @@ async fn start_and_serve(
     // operator configured (flags or environment, inherited by every service).
     let (url, admin, seeds, local) = match nats_url {
         Some(url) => {
-            eprintln!("using NATS at {url}");
+            errln!("using NATS at {url}");
             let credentials = auth.credentials(workspace, Identity::Admin)?;
             (url, credentials, None, None)
         }
@@ -182,7 +182,7 @@ async fn start_and_serve(
                 args.nats_port,
                 args.nats_monitor_port,
             )?;
-            eprintln!("  JetStream syncs to disk: {}", args.nats_sync);
+            errln!("  JetStream syncs to disk: {}", args.nats_sync);
             children.start(NATS, Launch::Nats(local.clone()))?;
             let admin = Credentials::nkey_file(&seed_path(&seeds, Identity::Admin))?;
             let url = format!("nats://127.0.0.1:{}", args.nats_port);
@@ -269,9 +269,9 @@ async fn start_and_serve(
                     .map(|a| format!(", metrics on http://{a}/metrics")),
             )
             .collect::<String>();
-        eprintln!("  {service:<11} up (pid {}){extra}", health.pid);
+        errln!("  {service:<11} up (pid {}){extra}", health.pid);
     }
-    eprintln!(
+    errln!(
         "Dispatch is up. NATS {url}, workspace {}\nHTTP API key (send as `Authorization: Bearer <key>`): {}",
         workspace.display(),
         dispatch_service::api_keys::local_key_path(workspace).display()
@@ -283,7 +283,7 @@ async fn start_and_serve(
             return Ok(code);
         }
     }
-    eprintln!(
+    errln!(
         "Try: dispatch run \"<a goal>\", dispatch ps -a, dispatch tasks. Ctrl-C stops the stack."
     );
     let watch = crate::store_watch::StoreWatch::new(bus, local);
@@ -329,12 +329,12 @@ fn local_nats(
     let store = layout::state_dir(workspace).join("nats");
     std::fs::create_dir_all(&store)
         .map_err(|e| Failure::new(format!("{}: {e}", store.display())))?;
-    eprintln!(
+    errln!(
         "  nats-server {version} on 127.0.0.1:{port}, store {}",
         store.display()
     );
     if monitor_port != 0 {
-        eprintln!("  nats-server monitoring on http://127.0.0.1:{monitor_port} (/varz, /jsz)");
+        errln!("  nats-server monitoring on http://127.0.0.1:{monitor_port} (/varz, /jsz)");
     }
     Ok(LocalNats {
         binary,
@@ -371,7 +371,7 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
         .map_err(|e| Failure::new(format!("demo goal: {e}")))?;
     let run_id = submit_goal(bus, goal.clone()).await?;
     let goal = goal.goal();
-    eprintln!("\ndemo goal {goal:?} → run {run_id}");
+    errln!("\ndemo goal {goal:?} → run {run_id}");
     let code = crate::follow(&log, run_id, true, Some(Duration::from_secs(120))).await?;
     // The ledger renders TASKS.org a moment after the run ends; wait for this run's
     // entry to show its finish before printing the file.
@@ -387,13 +387,13 @@ async fn demo(bus: &Bus, workspace: &Path, goal: &str) -> Result<u8, Failure> {
                 .is_some_and(|e| e.contains(":FINISHED:"))
         });
         if finished || tokio::time::Instant::now() > deadline {
-            eprintln!("\n{} now reads:\n{text}", tasks.display());
+            errln!("\n{} now reads:\n{text}", tasks.display());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if code != exit::DONE {
-        eprintln!("the demo run did not end done (exit code {code})");
+        errln!("the demo run did not end done (exit code {code})");
     }
     Ok(code)
 }
@@ -437,6 +437,6 @@ async fn serve_until_signal(
             _ = probe.tick() => watch.check(children).await?,
         }
     }
-    eprintln!("stopping");
+    errln!("stopping");
     Ok(exit::DONE)
 }

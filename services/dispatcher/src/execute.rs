@@ -1419,12 +1419,18 @@ pub(crate) fn tally_json(tally: &[TallyEntry]) -> String {
 /// another plan holds that name, and returns the workspace-relative path. The same plan
 /// text written again reuses its file, so a resumed run does not leave copies. Two
 /// names at most are tried, however many runs share the slug.
+///
+/// The plan is the author model's text: the file gets it with its lines and tabs, and
+/// every other control character escaped (`dispatch_runlog::many_lines`), so opening
+/// or `cat`ing it cannot drive a terminal. The log keeps the text as the model wrote it.
 fn write_workflow(
     workspace: &Path,
     slug: &str,
     run_id: &RunId,
     text: &str,
 ) -> std::io::Result<String> {
+    let text = dispatch_runlog::many_lines(text);
+    let text = text.as_str();
     let dir = layout::workflows_dir(workspace);
     std::fs::create_dir_all(&dir)?;
     for name in [
@@ -1579,6 +1585,22 @@ mod tests {
         // Any number of plans under one slug costs two names at most.
         let third = format!("workflows/x-{}.org", c.short());
         assert_eq!(write_workflow(&dir, "x", &c, "c").unwrap(), third);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_workflow_file_keeps_the_plan_lines_and_no_control_character() {
+        let dir = tempfile_dir();
+        let run = RunId::new();
+        let plan = "#+TITLE: \u{1b}]52;c;aGk=\u{7}\r\n* TODO \u{9b}2J\u{202e}fdp.exe\n\t- step\n";
+        let path = write_workflow(&dir, "x", &run, plan).unwrap();
+        let written = std::fs::read_to_string(dir.join(&path)).unwrap();
+        assert_eq!(
+            written,
+            "#+TITLE: \\u{1b}]52;c;aGk=\\u{7}\n* TODO \\u{9b}2J\\u{202e}fdp.exe\n\t- step\n"
+        );
+        // Resumed, the run finds its own file, not a second one.
+        assert_eq!(write_workflow(&dir, "x", &run, plan).unwrap(), path);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -226,6 +226,13 @@ impl Dispatch for Service {
         )
         .and_then(|goal| goal.with_callback(&body.callback_url))
         .map_err(|e| Status::invalid_argument(format!("{}: {e}", e.code())))?;
+        if let Err(refused) = crate::deliverable(&self.app, &goal).await {
+            let message = format!("{}: callback_url: {refused}", refused.code());
+            return Err(match refused {
+                dispatch_secrets::Unsignable::Missing => Status::failed_precondition(message),
+                dispatch_secrets::Unsignable::Unknown(_) => Status::unavailable(message),
+            });
+        }
         let submission = match body.idempotency_key.as_str() {
             "" => Submission::new(goal),
             key if key.len() > 255 || key.chars().any(char::is_control) => {

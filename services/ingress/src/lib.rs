@@ -5,7 +5,8 @@
 //! else is a query the ledger answers over the bus. Every `/v1` request needs an API key
 //! ([`access`]); the socket has connection, header, body and request limits
 //! ([`serve`]). Bad requests get an RFC 9457 problem with a specific `code` and publish
-//! nothing.
+//! nothing; so does a goal with a `callback_url` while no `webhook-signing` secret
+//! could sign its result (`no_signing_secret`), rather than a delivery given up later.
 
 pub mod access;
 pub mod approvals;
@@ -403,14 +404,14 @@ const STORE_ATTEMPTS: usize = 4;
     responses(
         (status = 202, description = "Stored; the run starts soon", body = Accepted,
             headers(("Location" = String, description = "The run's status URL"))),
-        (status = 400, description = "Invalid goal, body or key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid goal, body or key; or a callback_url while no webhook-signing secret could sign its delivery (`no_signing_secret`)", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 403, description = "Origin not allowed", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 408, description = "Body or request too slow", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 422, description = "Idempotency-Key reused for another goal", body = problem::ProblemDoc, content_type = "application/problem+json"),
-        (status = 503, description = "Not confirmed stored (see detail)", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "Not confirmed stored (see detail), or whether a callback's delivery could be signed cannot be told now (`secrets_unavailable`)", body = problem::ProblemDoc, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
@@ -418,10 +419,31 @@ async fn post_goal(State(app): State<Arc<App>>, request: Request) -> Response {
         Ok(asked) => asked,
         Err(response) => return *response,
     };
-    match validate(&asked.body) {
-        Ok(goal) => asked.hand_over(&app, goal).await,
-        Err((code, message)) => error(StatusCode::BAD_REQUEST, code, message),
+    let goal = match validate(&asked.body) {
+        Ok(goal) => goal,
+        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+    };
+    if let Err(refused) = deliverable(&app, &goal).await {
+        let status = match refused {
+            dispatch_secrets::Unsignable::Missing => StatusCode::BAD_REQUEST,
+            dispatch_secrets::Unsignable::Unknown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        return error(status, refused.code(), format!("callback_url: {refused}"));
     }
+    asked.hand_over(&app, goal).await
+}
+
+/// A goal with a callback is taken only while its result could be delivered signed:
+/// refused at the door, nothing stored, rather than accepted and given up later. One
+/// read of the secrets bucket (is `webhook-signing` there), only for such goals.
+pub(crate) async fn deliverable(
+    app: &App,
+    goal: &Goal,
+) -> Result<(), dispatch_secrets::Unsignable> {
+    if goal.callback_url().is_none() {
+        return Ok(());
+    }
+    dispatch_secrets::check_signing(&app.bus).await
 }
 
 /// A request to start a run, as `POST /v1/goals` and a chat message both take one: a

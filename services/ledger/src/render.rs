@@ -76,6 +76,8 @@ pub fn day_key_range(day: &str) -> Option<(String, String)> {
     Some((prefix(start), prefix(end)))
 }
 
+/// Every text of an entry is on one line, escaped (`one_line`): the goal and summary
+/// are anyone's words, and nothing read from the log reaches the file raw.
 fn push_entry(out: &mut String, run: &RunView) {
     out.push('\n');
     out.push_str(&format!(
@@ -84,9 +86,9 @@ fn push_entry(out: &mut String, run: &RunView) {
         headline(&run.goal)
     ));
     out.push_str("  :PROPERTIES:\n");
-    out.push_str(&format!("  :ID: {}\n", run.run_id));
+    out.push_str(&format!("  :ID: {}\n", one_line(&run.run_id, 64)));
     if let Some(file) = &run.workflow {
-        out.push_str(&format!("  :FILE: {file}\n"));
+        out.push_str(&format!("  :FILE: {}\n", one_line(file, 300)));
     }
     if let Some(started) = run.started_at_ms {
         out.push_str(&format!("  :STARTED: {}\n", timestamp(started)));
@@ -205,5 +207,52 @@ mod tests {
             "{HEADER}\n* DONE Research E2B and Daytona pricing\n  :PROPERTIES:\n  :ID: 0193-abc\n  :FILE: workflows/research-e2b.org\n  :STARTED: [2026-06-11 04:58:28]\n  :FINISHED: [2026-06-11 04:59:28]\n  :END:\n  workflow finished: {{\"DONE\": 3, \"FAILED\": 0}}\n"
         );
         assert_eq!(org, expected);
+    }
+
+    /// What a hostile goal, summary or path would use on a terminal or an editor.
+    const HOSTILE: &[&str] = &[
+        "\u{1b}]52;c;aGk=\u{7}",
+        "\u{1b}[2J",
+        "\u{9b}31m",
+        "\u{85}",
+        "\r",
+        "\n",
+        "\t",
+        "\u{7f}",
+        "\u{0}",
+        "\u{202e}",
+        "\u{2066}",
+        "\u{61c}",
+        "* DONE forged",
+        "  :END:",
+        "ok",
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn tasks_org_holds_no_control_character_and_a_line_per_field(
+            parts in proptest::collection::vec(proptest::sample::select(HOSTILE), 0..10),
+        ) {
+            let text = parts.concat();
+            let run = RunView {
+                run_id: text.clone(),
+                goal: format!("g{text}"),
+                status: TaskStatus::Blocked as i32,
+                workflow: Some(text.clone()),
+                started_at_ms: Some(1),
+                finished_at_ms: Some(2),
+                summary: Some(format!("s{text}")),
+                ..Default::default()
+            };
+            let org = tasks_org(&[run]);
+            proptest::prop_assert!(
+                !org.chars().any(|c| dispatch_runlog::is_terminal_control(c) && c != '\n'),
+                "{org:?}"
+            );
+            // The header, a blank line, the headline, the drawer's six lines, the summary:
+            // a line feed in a field never makes a line of its own.
+            proptest::prop_assert_eq!(org.lines().count(), HEADER.lines().count() + 9);
+            proptest::prop_assert_eq!(org.matches("\n* ").count(), 1);
+        }
     }
 }

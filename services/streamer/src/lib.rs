@@ -87,10 +87,18 @@ pub struct Config {
     /// or addresses, `*.suffix`, either with `:port`; none by default.
     #[arg(long, env = "DISPATCH_CALLBACK_HOSTS", value_delimiter = ',')]
     pub callback_hosts: Vec<String>,
-    /// Lease on a delivery, in milliseconds: tries of a failing callback come this long
-    /// apart at first, then further (the command consumer's backoff).
+    /// Lease on a delivery being tried, in milliseconds: a copy that dies mid-try has
+    /// the delivery taken over this long after it stopped renewing it.
     #[arg(long, env = "DISPATCH_DELIVERY_LEASE_MS", default_value_t = 5_000)]
     pub delivery_lease_ms: u64,
+    /// When a delivery is tried: the wait before each try, the first from the run's end
+    /// (or an operator's re-send), each later one from the try before; after the last
+    /// the delivery is given up until re-sent (`dispatch deliveries resend`). The
+    /// default is the schedule Standard Webhooks suggests.
+    #[arg(long, env = "DISPATCH_DELIVERY_SCHEDULE",
+          default_value = delivery::Schedule::STANDARD_WEBHOOKS,
+          value_parser = delivery::Schedule::parse)]
+    pub delivery_schedule: delivery::Schedule,
     /// Replicas of the conversation stream; by default as many as every other stream
     /// (3 on a cluster, 1 on a single server: `DISPATCH_STREAM_REPLICAS`), so that
     /// conversations keep streaming when a node goes. Fewer saves storage on a cluster.
@@ -195,9 +203,14 @@ impl Streamer {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let deliverer = delivery::Deliverer::new(&self.bus, &self.config.common.workspace, allowed)
-            .await
-            .map_err(Error::Config)?;
+        let deliverer = delivery::Deliverer::new(
+            &self.bus,
+            &self.config.common.workspace,
+            allowed,
+            self.config.delivery_schedule.clone(),
+        )
+        .await
+        .map_err(Error::Config)?;
         let deliveries = tokio::spawn(Arc::new(deliverer).serve(
             Duration::from_millis(self.config.delivery_lease_ms.max(300)),
             shutdown.clone(),
