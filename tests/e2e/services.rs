@@ -609,12 +609,26 @@ async fn a_hook_takes_standard_webhooks_signed_by_the_python_library_once_per_id
         "WEBHOOK_GITHUB",
     ])?;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("started"), "{}", out.stderr);
     let service = out.stdout.trim().to_owned();
     stack
         .eventually(LIMIT, || async {
             (inspect(&stack, &service).ok()?["status"] == "doing").then_some(())
         })
         .await?;
+    // A second service on the same hook is refused, and `serve` says so.
+    let taken = stack.cli(&[
+        "serve",
+        "--goal",
+        "Same hook",
+        "--hook",
+        "acme/triage/github",
+        "--listen-signing-secret",
+        "WEBHOOK_GITHUB",
+    ])?;
+    assert_ne!(taken.code, Some(0), "{taken:?}");
+    assert!(taken.stderr.contains("was refused"), "{}", taken.stderr);
+    assert!(!taken.stderr.contains("started"), "{}", taken.stderr);
     let hook = stack.url("/hooks/acme/triage/github");
     let body = r#"{"action": "opened"}"#;
 

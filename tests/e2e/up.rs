@@ -337,6 +337,30 @@ async fn a_full_disk_is_reported_and_healed_once_space_is_freed() -> anyhow::Res
         health["hint"].as_str().unwrap_or("").contains("Free space"),
         "{health}"
     );
+    // Once ingress knows, a goal is refused at once, saying why (`writes_refused` is
+    // answered without trying to store it): not after its tries time out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = submit("While ingress knows").await?;
+        let status = response.status();
+        let problem: serde_json::Value = response.json().await.unwrap_or_default();
+        if problem["code"] == "writes_refused" {
+            assert_eq!(status, 503, "{problem}");
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Free space"),
+                "{problem}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "goals were not refused at once: {problem}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !said().contains("Free some space") {
         assert!(

@@ -679,7 +679,8 @@ mod tests {
             );
         }
         // Whether the signing secret is set, asked at the doors that take callbacks:
-        // one direct get of its entry. Only the CLI writes the bucket.
+        // one direct get of its entry (the dispatcher reads every secret, sealed, to
+        // scrub them from what models write). Only the CLI writes the bucket.
         let secret = format!(
             "$JS.API.DIRECT.GET.{}.$KV.{}.webhook-signing",
             streams::SECRETS,
@@ -689,7 +690,10 @@ mod tests {
         for identity in Identity::ALL {
             assert_eq!(
                 may_publish(identity, &secret),
-                matches!(identity, Ingress | Cli | Connectors | Streamer | Admin),
+                matches!(
+                    identity,
+                    Ingress | Cli | Connectors | Streamer | Dispatcher | Admin
+                ),
                 "{identity:?}"
             );
             assert_eq!(

@@ -837,7 +837,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Policy { command } => gate::policy(&nats.connect().await?, command).await,
         Command::Schedule { command } => schedule::run(&nats.connect().await?, command).await,
         Command::Todo { command } => todo::run(&nats.connect().await?, command).await,
-        Command::Serve(args) => serve::run(&nats.connect().await?, &nats.workspace, args).await,
+        Command::Serve(args) => {
+            let bus = nats.connect().await?;
+            let log = open_log(&bus).await?;
+            serve::run(&bus, &log, &nats.workspace, args).await
+        }
         Command::Wake { service, payload } => {
             let bus = nats.connect().await?;
             let service = resolve(&bus, &service).await?;

@@ -5,7 +5,10 @@
 //! schedules, listeners and methods are merged without duplicates. A shared secret is
 //! resolved here — from the flag, or the `SECRET` the file names, read from the
 //! environment and then the secret store — and only its SHA-256 leaves this process.
-//! The run id is printed at once; the service lives in the stack until `dispatch stop`.
+//! The run id is printed at once; then `serve` waits for a dispatcher to start the
+//! service (or refuse it: a hook another service holds, a schedule the scheduler
+//! refuses) and says which, unless `--detach`. The service lives in the stack until
+//! `dispatch stop`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -72,9 +75,20 @@ pub struct ServeArgs {
     /// Each wake's kill-switch budget, e.g. 90s, 35m.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Print the service's run id and return, without waiting to see it started.
+    #[arg(short = 'd', long)]
+    detach: bool,
 }
 
-pub async fn run(bus: &Bus, workspace: &Path, args: ServeArgs) -> Result<u8, Failure> {
+/// How long `serve` waits for a dispatcher to start the service or refuse it.
+const START_WAIT: Duration = Duration::from_secs(30);
+
+pub async fn run(
+    bus: &Bus,
+    log: &RunLog,
+    workspace: &Path,
+    args: ServeArgs,
+) -> Result<u8, Failure> {
     let file = match &args.agentfile {
         Some(path) => agentfile::read(path).map_err(Failure::new)?,
         None => Agentfile::default(),
@@ -105,13 +119,53 @@ pub async fn run(bus: &Bus, workspace: &Path, args: ServeArgs) -> Result<u8, Fai
         .map_err(|e| Failure::new(e.to_string()))?;
     let run_id = submit_goal(bus, goal).await?;
     outln!("{run_id}");
-    errln!(
-        "service {run_id} started: `dispatch inspect {}` shows its wakes, `dispatch stop {}` \
-         ends it",
-        run_id.short(),
-        run_id.short()
-    );
-    Ok(exit::DONE)
+    if args.detach {
+        return Ok(exit::DONE);
+    }
+    match started(log, run_id).await? {
+        Some(Ok(())) => {
+            errln!(
+                "service {run_id} started: `dispatch inspect {}` shows its wakes, `dispatch \
+                 stop {}` ends it",
+                run_id.short(),
+                run_id.short()
+            );
+            Ok(exit::DONE)
+        }
+        Some(Err(reason)) => Err(Failure::new(format!(
+            "service {run_id} was refused: {reason}"
+        ))),
+        None => {
+            errln!(
+                "service {run_id} is queued, not started yet: is a dispatcher running \
+                 (`dispatch status`)? `dispatch inspect {}` shows when it starts",
+                run_id.short()
+            );
+            Ok(exit::WAIT_TIMEOUT)
+        }
+    }
+}
+
+/// Whether the service run started (`Ok`), was refused (`Err` with the reason), or
+/// neither within [`START_WAIT`] (`None`).
+async fn started(log: &RunLog, run_id: RunId) -> Result<Option<Result<(), String>>, Failure> {
+    use dispatch_proto::run::v1::run_event::Body;
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    let mut handle = log.handle(run_id).await?;
+    loop {
+        for body in handle.bodies() {
+            match body {
+                Body::RunStarted(_) => return Ok(Some(Ok(()))),
+                Body::RunFinished(f) => return Ok(Some(Err(f.reason.clone()))),
+                _ => {}
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        handle.wait_for_more(deadline - now).await?;
+    }
 }
 
 /// `dispatch wake SERVICE [PAYLOAD]`: a manual wake, a run of the service's goal.

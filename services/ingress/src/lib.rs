@@ -601,7 +601,22 @@ async fn hand_over(
             .with_run(earlier.run_id)
             .into_response();
         }
-        Err(_) => {}
+        Err(StoreError::Refused(why)) => {
+            let mut response = problem::Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "writes_refused",
+                format!(
+                    "JetStream is refusing writes ({why}); the goal was not stored. {}",
+                    writes::HINT
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return response;
+        }
+        Err(StoreError::NotConfirmed(_)) => {}
     }
     let run_id = submission.run_id();
     let detail = if idempotency_key.is_some() {
@@ -625,9 +640,14 @@ async fn hand_over(
 /// Stores `submission`, trying [`STORE_ATTEMPTS`] times: storing it again is safe (the
 /// server drops the duplicate), so the answer is definite: stored, or not known to be
 /// stored after every try. `/healthz` hears of the outcome.
-async fn store(app: &App, submission: &Submission) -> Result<Submitted, dispatch_runlog::Error> {
+async fn store(app: &App, submission: &Submission) -> Result<Submitted, StoreError> {
+    // With JetStream refusing writes (its disk full), trying would only time out.
+    let attempts = match app.writes.admit().map_err(StoreError::Refused)? {
+        writes::Admit::Tries => STORE_ATTEMPTS,
+        writes::Admit::Once => 1,
+    };
     let mut last_error = None;
-    for attempt in 0..STORE_ATTEMPTS {
+    for attempt in 0..attempts {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
@@ -654,7 +674,18 @@ async fn store(app: &App, submission: &Submission) -> Result<Submitted, dispatch
     let error = last_error.expect("at least one attempt");
     tracing::debug!(run_id = %submission.run_id(), error = %error, "goal not known to be stored");
     app.writes.goal_not_stored(error.to_string());
-    Err(error)
+    Err(StoreError::NotConfirmed(error))
+}
+
+/// Why a goal was not stored.
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    /// JetStream is known to refuse writes: not tried, so certainly not stored.
+    #[error("JetStream is refusing writes ({0}); the goal was not stored")]
+    Refused(String),
+    /// Tried, and not confirmed: it may or may not be stored.
+    #[error(transparent)]
+    NotConfirmed(dispatch_runlog::Error),
 }
 
 /// Goals stored, by origin (`dispatch_runs_submitted_total{origin}`).

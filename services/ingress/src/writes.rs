@@ -28,6 +28,18 @@ its store is (or was) full. Free space there; `dispatch up` restarts its own nat
 space comes back, an external nats-server must be restarted (`nats-server --signal stop`, \
 then start it again)";
 
+/// While writes fail, how often one goal is tried all the same.
+pub const CANARY_EVERY: Duration = Duration::from_secs(10);
+
+/// How a goal is to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// As usual, trying again after a failure.
+    Tries,
+    /// Once: writes are failing, and this goal tells whether they still do.
+    Once,
+}
+
 #[derive(Debug, Default)]
 pub struct Writes {
     state: Mutex<State>,
@@ -39,6 +51,8 @@ struct State {
     /// Goals not stored: since when, the last failure, and why (cleared by one stored
     /// goal, forgotten [`GOAL_FAILURE_MEMORY`] after the last failure).
     goals_failing: Option<GoalsFailing>,
+    /// When a goal was last let through to be tried while writes were failing.
+    tried: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -126,6 +140,46 @@ impl Writes {
         });
     }
 
+    /// Whether to try storing a goal now, and how; `Err` says why not. While writes
+    /// are known to fail — the last probe (within three probe intervals) was refused,
+    /// or goals have failed and none was stored since — a goal is answered at once
+    /// instead of after every try to store it has timed out; one goal per
+    /// [`CANARY_EVERY`] is still tried, once, so that the goals' own stream coming back
+    /// is seen (the probe's may never have failed).
+    pub fn admit(&self) -> Result<Admit, String> {
+        let mut state = self.lock();
+        let probe = match &state.probe {
+            Some(Probe {
+                at,
+                outcome: Err(WriteRefused::Refused(why)),
+            }) if at.elapsed() < 3 * PROBE_EVERY => {
+                Some(format!("a probe write was refused: {why}"))
+            }
+            _ => None,
+        };
+        let goals = state
+            .goals_failing
+            .as_ref()
+            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
+            .map(|f| {
+                format!(
+                    "goals have not been stored for {}s: {}",
+                    f.since.elapsed().as_secs(),
+                    f.why
+                )
+            });
+        let Some(why) = probe.or(goals) else {
+            return Ok(Admit::Tries);
+        };
+        match state.tried {
+            Some(at) if at.elapsed() < CANARY_EVERY => Err(why),
+            _ => {
+                state.tried = Some(Instant::now());
+                Ok(Admit::Once)
+            }
+        }
+    }
+
     pub fn report(&self) -> Report {
         let state = self.lock();
         let probe_problem = match &state.probe {
@@ -186,6 +240,24 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn while_writes_fail_goals_are_answered_at_once_but_one_per_interval_is_tried() {
+        let writes = Writes::default();
+        assert_eq!(writes.admit(), Ok(Admit::Tries));
+        writes.probed(Err(WriteRefused::Refused("insufficient resources".into())));
+        assert_eq!(writes.admit(), Ok(Admit::Once), "the first is tried, once");
+        let why = writes.admit().unwrap_err();
+        assert!(why.contains("insufficient resources"), "{why}");
+        writes.probed(Err(WriteRefused::Disconnected));
+        assert_eq!(writes.admit(), Ok(Admit::Tries), "not a JetStream refusal");
+        // The goals' stream fails while the probe's does not.
+        writes.probed(Ok(()));
+        writes.goal_not_stored("timed out".into());
+        assert!(writes.admit().unwrap_err().contains("timed out"));
+        writes.goal_stored();
+        assert_eq!(writes.admit(), Ok(Admit::Tries));
+    }
 
     #[test]
     fn a_refused_probe_or_unstored_goals_mean_not_accepting() {
