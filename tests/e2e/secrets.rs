@@ -156,21 +156,7 @@ async fn a_leased_secret_reaches_its_host_and_nothing_else() -> Result<()> {
     let env: Vec<(&str, &str)> = telemetry.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut stack = Stack::start(&[]).await?;
     stack.add_env("ledger", &env).await?;
-    std::fs::write(
-        stack.root().join("dispatch.toml"),
-        format!(
-            r#"
-[connectors.http]
-allow_hosts = ["127.0.0.1:{port}"]
-
-[[connectors.http.credentials]]
-host = "127.0.0.1:{port}"
-header = "Authorization"
-secret = "planted"
-prefix = "Bearer "
-"#
-        ),
-    )?;
+    lease_for_http(&stack, port)?;
     let policy = stack.root().join("policy.json");
     std::fs::write(&policy, POLICY)?;
     stack
@@ -289,6 +275,27 @@ fn forms(secret: &str) -> Vec<String> {
         secret.bytes().map(|b| format!("%{b:02X}")).collect(),
         secret.to_uppercase(),
     ]
+}
+
+/// Configures the HTTP connector to reach 127.0.0.1:`port` with the secret `planted`
+/// as its bearer token.
+fn lease_for_http(stack: &Stack, port: u16) -> Result<()> {
+    std::fs::write(
+        stack.root().join("dispatch.toml"),
+        format!(
+            r#"
+[connectors.http]
+allow_hosts = ["127.0.0.1:{port}"]
+
+[[connectors.http.credentials]]
+host = "127.0.0.1:{port}"
+header = "Authorization"
+secret = "planted"
+prefix = "Bearer "
+"#
+        ),
+    )?;
+    Ok(())
 }
 
 /// A free local port.
@@ -594,21 +601,7 @@ async fn a_secret_a_model_decodes_is_masked_in_all_it_writes() -> Result<()> {
     ])
     .await?;
     let mut stack = Stack::start(&["ledger"]).await?;
-    std::fs::write(
-        stack.root().join("dispatch.toml"),
-        format!(
-            r#"
-[connectors.http]
-allow_hosts = ["127.0.0.1:{port}"]
-
-[[connectors.http.credentials]]
-host = "127.0.0.1:{port}"
-header = "Authorization"
-secret = "planted"
-prefix = "Bearer "
-"#
-        ),
-    )?;
+    lease_for_http(&stack, port)?;
     let policy = stack.root().join("policy.json");
     std::fs::write(
         &policy,

@@ -376,9 +376,9 @@ impl RunHandle {
     }
 
     /// [`Self::finish`] for a handle on the log's tail (a service's): the note is drawn
-    /// from `requested` (the run's first event) rather than from the whole log, and the
-    /// tally is empty (a service has no leaves). Costs a few appends however long the
-    /// log is.
+    /// from `requested` (the run's first event), and the tally is empty (a service has
+    /// no leaves). Before it seals, the whole log is read and verified once (the seal
+    /// vouches for all of it): a cost paid once, when a service ends.
     pub async fn finish_tail(
         &mut self,
         status: RunStatus,
@@ -404,8 +404,13 @@ impl RunHandle {
     }
 
     /// Appends the note, then the terminal event, each once; an end someone else wrote
-    /// first stands.
+    /// first stands. The seal certifies the whole chain and who wrote each event, so a
+    /// handle that holds only part of the log reads and verifies all of it first.
     async fn end(&mut self, note: Body, terminal: Body, causation_id: &str) -> Result<(), Error> {
+        if !self.whole {
+            self.events = self.log.read(&self.run_id).await?;
+            self.whole = true;
+        }
         let noted = |b: &Body| matches!(b, Body::FeedbackQueued(_)).then_some(());
         let ended = |b: &Body| matches!(b, Body::RunFinished(_)).then_some(());
         let result = async {

@@ -198,13 +198,20 @@ impl RunLog {
         &self,
         run_id: &RunId,
     ) -> Result<Option<opentelemetry::trace::SpanContext>, Error> {
-        let first = self
-            .inner
+        let first = self.first_message(run_id).await?;
+        Ok(first.and_then(|m| dispatch_bus::trace::span_context(Some(&m.headers))))
+    }
+
+    /// The first message stored on the run's subjects, as it is stored.
+    async fn first_message(
+        &self,
+        run_id: &RunId,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, Error> {
+        self.inner
             .reader
             .next(&subject::run_log(run_id), 1)
             .await
-            .map_err(|e| unreachable(run_id, e))?;
-        Ok(first.and_then(|m| dispatch_bus::trace::span_context(Some(&m.headers))))
+            .map_err(|e| unreachable(run_id, e))
     }
 
     /// Reads a run's whole log and verifies its chain. An unknown run has an empty log.
@@ -290,12 +297,7 @@ impl RunLog {
     /// When the server stored the run's first message (unix ms), if it has one: a time
     /// no writer chooses, unlike the times events carry.
     pub async fn first_stored_at_ms(&self, run_id: &RunId) -> Result<Option<u64>, Error> {
-        let first = self
-            .inner
-            .reader
-            .next(&subject::run_log(run_id), 1)
-            .await
-            .map_err(|e| unreachable(run_id, e))?;
+        let first = self.first_message(run_id).await?;
         Ok(first.map(|m| u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)))
     }
 

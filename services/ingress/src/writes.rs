@@ -157,18 +157,7 @@ impl Writes {
             }
             _ => None,
         };
-        let goals = state
-            .goals_failing
-            .as_ref()
-            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
-            .map(|f| {
-                format!(
-                    "goals have not been stored for {}s: {}",
-                    f.since.elapsed().as_secs(),
-                    f.why
-                )
-            });
-        let Some(why) = probe.or(goals) else {
+        let Some(why) = probe.or_else(|| goals_failing(&state)) else {
             return Ok(Admit::Tries);
         };
         match state.tried {
@@ -191,17 +180,7 @@ impl Writes {
                 outcome: Err(e), ..
             }) => Some(format!("a probe write was not stored: {e}")),
         };
-        let goal_problem = state
-            .goals_failing
-            .as_ref()
-            .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
-            .map(|f| {
-                format!(
-                    "goals have not been stored for {}s: {}",
-                    f.since.elapsed().as_secs(),
-                    f.why
-                )
-            });
+        let goal_problem = goals_failing(&state);
         let problem = match (probe_problem, goal_problem) {
             (Some(a), Some(b)) => Some(format!("{a}; {b}")),
             (a, b) => a.or(b),
@@ -218,6 +197,22 @@ impl Writes {
         // while holding the lock leaves nothing half-written.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Why goals are failing, if a goal was not stored within [`GOAL_FAILURE_MEMORY`] and
+/// none has been since.
+fn goals_failing(state: &State) -> Option<String> {
+    state
+        .goals_failing
+        .as_ref()
+        .filter(|f| f.last.elapsed() < GOAL_FAILURE_MEMORY)
+        .map(|f| {
+            format!(
+                "goals have not been stored for {}s: {}",
+                f.since.elapsed().as_secs(),
+                f.why
+            )
+        })
 }
 
 /// Writes the probe every [`PROBE_EVERY`] until `shutdown`.
