@@ -512,7 +512,9 @@ pub(crate) async fn raw_publish_rate(bus: &Bus) -> Result<f64> {
 }
 
 pub(crate) async fn runlog_append_rate(bus: &Bus) -> Result<f64> {
-    let log = RunLog::open(bus, "bench").await?;
+    let log = RunLog::open(bus, "bench")
+        .await?
+        .writing_as(dispatch_bus::subject::LogWriter::Dispatcher);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..APPEND_WRITERS {

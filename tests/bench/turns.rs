@@ -87,7 +87,9 @@ pub async fn run(bus: &Bus, lines: &mut Vec<String>, results: &mut Results) -> R
     let (stand_in, url) = StandIn::start(Vec::new()).await;
     stand_in.script((0..TURNS + WARM_UP).map(|_| Reply::Replay(STREAM)));
     let provider: Arc<dyn Provider> = Arc::new(OpenAi::new(Config::new(&url, "bench"))?);
-    let log = RunLog::open(bus, "bench/turns").await?;
+    let log = RunLog::open(bus, "bench/turns")
+        .await?
+        .writing_as(dispatch_bus::subject::LogWriter::Dispatcher);
     let mut run = log.new_run(RunId::new());
     run.append(
         Body::RunRequested(RunRequested {

@@ -819,12 +819,29 @@ impl Streaming {
     pub fn push(&mut self, piece: &str, known: &Known) -> String {
         self.raw.push_str(piece);
         let values = known.values.read().unwrap_or_else(|e| e.into_inner());
+        if values.is_empty() {
+            // Nothing to look for: everything passes as it comes.
+            let out = self.raw[self.passed..].to_owned();
+            self.passed = self.raw.len();
+            return out;
+        }
         let secrets: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
-        let mut cut = self.raw.len().saturating_sub(known.hold());
+        let hold = known.hold();
+        let mut cut = self.raw.len().saturating_sub(hold);
         while !self.raw.is_char_boundary(cut) {
             cut -= 1;
         }
-        let spans = spans(&self.raw, &secrets);
+        // Only the text not passed on yet is looked at (a form ending there could start
+        // no earlier than a form's length before it): each piece costs what is held,
+        // not what was said before it.
+        let mut from = self.passed.saturating_sub(hold);
+        while !self.raw.is_char_boundary(from) {
+            from -= 1;
+        }
+        let spans: Vec<(usize, usize)> = spans(&self.raw[from..], &secrets)
+            .into_iter()
+            .map(|(start, end)| (start + from, end + from))
+            .collect();
         // A secret's form across the cut waits whole for the next piece.
         for &(start, end) in &spans {
             if start < cut && end > cut {

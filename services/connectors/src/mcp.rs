@@ -62,6 +62,7 @@ use dispatch_bus::async_nats::jetstream::kv;
 use dispatch_bus::catalogue::{self, Hints, Risk, ToolEntry};
 use dispatch_secrets::{Grants, Lease, Scope, Store};
 use futures::StreamExt as _;
+use process_wrap::tokio::{CommandWrap, ProcessGroup};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
     ContentBlock, Implementation, JsonObject, ResourceContents, Tool,
@@ -410,11 +411,16 @@ impl Server {
         let handshake = async {
             match (&self.config.command, &self.config.url) {
                 (Some(command), _) => {
-                    let (process, stderr) =
-                        TokioChildProcess::builder(self.command(command, lease.map(|l| &**l))?)
-                            .stderr(std::process::Stdio::piped())
-                            .spawn()
-                            .map_err(|e| format!("cannot start {command:?}: {e}"))?;
+                    // The server leads a process group of its own, and the whole group
+                    // is killed when the connection ends: a server started through a
+                    // wrapper (`npx`, `uvx`, `sh -c`) leaves no orphan behind.
+                    let mut wrapped =
+                        CommandWrap::from(self.command(command, lease.map(|l| &**l))?);
+                    wrapped.wrap(ProcessGroup::leader());
+                    let (process, stderr) = TokioChildProcess::builder(wrapped)
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .map_err(|e| format!("cannot start {command:?}: {e}"))?;
                     if let Some(stderr) = stderr {
                         tokio::spawn(forward_stderr(name.clone(), stderr, lease.cloned()));
                     }

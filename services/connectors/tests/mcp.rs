@@ -412,16 +412,28 @@ async fn streamable_http_servers_are_reached_by_url() {
 }
 
 /// A server that answers its handshake and then never its listing is hung: it is
-/// connected to again (its process started anew), not left wedged with no tools.
+/// connected to again (its process started anew), not left wedged with no tools. The
+/// hung process is gone, though it was started through a shell that does not pass
+/// signals on: its whole process group is killed.
 #[tokio::test]
 async fn a_server_that_hangs_on_tools_list_is_started_again() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("hung-once");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/mcp/hung_server.py");
+    let python = servers_dir().join("venv/bin/python");
     let hung = ServerConfig {
         name: "hung".into(),
-        command: Some(servers_dir().join("venv/bin/python").display().to_string()),
-        args: vec![script.display().to_string(), marker.display().to_string()],
+        command: Some("sh".into()),
+        // `; true`: the shell waits for the server instead of becoming it.
+        args: vec![
+            "-c".into(),
+            format!(
+                "{} {} {}; true",
+                python.display(),
+                script.display(),
+                marker.display()
+            ),
+        ],
         trust_annotations: true,
         ..Default::default()
     };
@@ -432,4 +444,15 @@ async fn a_server_that_hangs_on_tools_list_is_started_again() {
         served.call("hung.ping", serde_json::json!({})).await,
         Ok("pong".into())
     );
+    // The live connection's shell and server; the hung pair killed, none orphaned.
+    let marker = marker.display().to_string();
+    let mut alive = pids_with(&marker).len();
+    for _ in 0..50 {
+        if alive == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        alive = pids_with(&marker).len();
+    }
+    assert_eq!(alive, 2, "processes left with the marker");
 }

@@ -21,12 +21,13 @@ pub mod requests;
 
 pub mod validator;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::async_nats::jetstream::{self, AckKind, kv};
-use dispatch_bus::catalogue::Risk;
+use dispatch_bus::catalogue::{Risk, ToolEntry};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::work::{self, Delivery, WorkQueue};
 use dispatch_bus::{Bus, RunId, streams, subject};
@@ -87,7 +88,7 @@ pub enum Error {
 pub(crate) struct Gate {
     pub log: RunLog,
     pub bus: Bus,
-    pub catalogue: kv::Store,
+    pub catalogue: Catalogue,
     pub in_force: watch::Receiver<Arc<InForce>>,
     pub validator: validator::Validator,
     pub approval_ttl: Duration,
@@ -159,7 +160,7 @@ impl PolicyService {
         let gate = Gate {
             log: self.log.clone(),
             bus: self.bus.clone(),
-            catalogue,
+            catalogue: Catalogue::new(catalogue),
             in_force,
             validator: self.validator.clone(),
             approval_ttl: Duration::from_millis(self.config.approval_ttl_ms),
@@ -333,6 +334,55 @@ fn now_unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// How long a catalogue entry read for a decision is used again: the entries change
+/// when a connector starts or a server changes its tools, not between one call and
+/// the next, and a read per decision is a round trip on every call's path.
+const CATALOGUE_FRESH: Duration = Duration::from_secs(2);
+
+/// The most entries kept; past it the cache starts over.
+const CATALOGUE_CACHED: usize = 1024;
+
+/// The tool catalogue, each entry read at most every [`CATALOGUE_FRESH`]. Cheap to
+/// clone.
+#[derive(Clone)]
+pub(crate) struct Catalogue {
+    store: kv::Store,
+    cached: Arc<Mutex<HashMap<String, Cached>>>,
+}
+
+/// An entry (or that there is none) and when it was read.
+type Cached = (Instant, Option<ToolEntry>);
+
+impl Catalogue {
+    fn new(store: kv::Store) -> Self {
+        Self {
+            store,
+            cached: Default::default(),
+        }
+    }
+
+    /// The live entry of `tool`, if a connector serves it.
+    pub(crate) async fn tool(&self, tool: &str) -> Result<Option<ToolEntry>, dispatch_bus::Error> {
+        let fresh = {
+            let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+            cached
+                .get(tool)
+                .filter(|(at, _)| at.elapsed() < CATALOGUE_FRESH)
+                .map(|(_, entry)| entry.clone())
+        };
+        if let Some(entry) = fresh {
+            return Ok(entry);
+        }
+        let entry = dispatch_bus::catalogue::tool(&self.store, tool).await?;
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.len() >= CATALOGUE_CACHED {
+            cached.clear();
+        }
+        cached.insert(tool.to_owned(), (Instant::now(), entry.clone()));
+        Ok(entry)
+    }
+}
+
 /// Decides `check` in a span of its own (a child of the span that asked for it).
 async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
     let span = tracing::info_span!(
@@ -381,7 +431,7 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
         None => {
             // The tool's schema says which arguments are paths and URLs; a tool no
             // connector serves now has none, and then every string may be either.
-            let entry = dispatch_bus::catalogue::tool(&gate.catalogue, &requested.tool).await?;
+            let entry = gate.catalogue.tool(&requested.tool).await?;
             let in_force = gate.in_force.borrow().clone();
             let risk = risk_of(requested.risk);
             // Only arguments in their one form are judged: what is checked here is then

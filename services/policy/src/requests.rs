@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dispatch_bus::async_nats;
-use dispatch_bus::catalogue::{self, Risk};
+use dispatch_bus::catalogue::Risk;
 use dispatch_bus::subject;
 use dispatch_proto::policy::v1::{
     ResolveApprovalRequest, ResolveApprovalResponse, SetPolicyRequest, SetPolicyResponse,
@@ -124,7 +124,7 @@ async fn test(gate: &Gate, message: &async_nats::Message) -> TestPolicyResponse 
         args_json,
         ..request
     };
-    let entry = match catalogue::tool(&gate.catalogue, &request.tool).await {
+    let entry = match gate.catalogue.tool(&request.tool).await {
         Ok(entry) => entry,
         Err(e) => return refused(e.to_string()),
     };
