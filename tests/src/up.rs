@@ -122,7 +122,7 @@ pub struct Up {
 
 impl Up {
     /// Starts `dispatch up` in a fresh workspace holding `dispatch_toml` (if not empty)
-    /// and waits until its ingress is healthy.
+    /// and waits until its ingress is healthy and `up` says the stack is up.
     pub async fn start(dispatch_toml: &str) -> Result<Self> {
         let workspace = tempfile::tempdir()?;
         if !dispatch_toml.is_empty() {
@@ -147,6 +147,11 @@ impl Up {
         if healthy.await.is_err() {
             bail!("the stack never became healthy; up said:\n{}", up.said());
         }
+        // Ingress answers before `up` has seen every service's health: only once it says
+        // the stack is up does it tend its children (a child dying before that fails
+        // the start).
+        up.wait_said("Dispatch is up.", 1, Duration::from_secs(30))
+            .await?;
         Ok(up)
     }
 

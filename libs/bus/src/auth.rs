@@ -642,7 +642,7 @@ mod tests {
         }
         // ...and nobody at all, the admin included, speaks for the server on a feed.
         for identity in Identity::ALL {
-            let feed = format!("dispatch.feed.default.{run}.dispatcher");
+            let feed = format!("dispatch.feed.default.{run}");
             assert!(!may_publish(identity, &feed), "{identity:?}");
         }
         for identity in Identity::ALL {

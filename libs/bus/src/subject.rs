@@ -5,8 +5,9 @@
 //! - `dispatch.run.<account>.<run_id>.<role>`: one run's event log (stream
 //!   `DISPATCH_RUNS`), each writer role appending on its own subject (see [`LogWriter`]);
 //!   the stream keeps the run's events in one order across the three;
-//! - `dispatch.feed.<account>.<run_id>.<role>`: the events of that log the server
-//!   stored, republished with their stream sequences (written by the server only);
+//! - `dispatch.feed.<account>.<run_id>`: the events of that log the server stored,
+//!   republished with their stream sequences and stored subjects (written by the
+//!   server only);
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
 //! - `dispatch.query.<name>`: core request/reply answered by the ledger;
@@ -130,27 +131,35 @@ pub fn run_id_of(subject: &str) -> Option<RunId> {
 }
 
 /// Every run's feed: the server republishes each event it stores on a run's log to
-/// `dispatch.feed.<account>.<run_id>.<role>`, with a header naming its stream sequence
-/// (`Nats-Sequence`; the run's previous event is named by the event itself, in
-/// `prev_stream_seq`). Only stored events appear there (a refused append never does),
-/// and no identity may publish to it.
-pub const FEEDS_ALL: &str = "dispatch.feed.*.*.*";
+/// `dispatch.feed.<account>.<run_id>`, with headers naming its stream sequence
+/// (`Nats-Sequence`) and the subject it was stored on (`Nats-Subject`, which says whose
+/// role wrote it); the run's previous event is named by the event itself, in
+/// `prev_stream_seq`. Only stored events appear there (a refused append never does),
+/// and no identity may publish to it. One literal subject per run, not one per writer:
+/// a follower's subscription is then a literal one, which the server files in its
+/// subject cache at no cost, where each wildcard subscription made and dropped walks it.
+pub const FEEDS_ALL: &str = "dispatch.feed.*.*";
 const FEED_PREFIX: &str = "dispatch.feed.";
 
-/// One run's feed, every writer's (see [`FEEDS_ALL`]): a filter to subscribe to.
+/// One run's feed, every writer's (see [`FEEDS_ALL`]).
 pub fn feed(run_id: &RunId) -> Subject {
-    Subject::from(format!("{FEED_PREFIX}{DEFAULT_ACCOUNT}.{run_id}.*"))
+    Subject::from(format!("{FEED_PREFIX}{DEFAULT_ACCOUNT}.{run_id}"))
 }
 
-/// Takes a feed subject apart: which run, and which writer's subject the event was
-/// stored on.
-pub fn parse_feed(subject: &str) -> Option<RunSubject> {
-    parse_three(subject.strip_prefix(FEED_PREFIX)?)
+/// The run a feed subject belongs to, if it is one.
+pub fn feed_run(subject: &str) -> Option<RunId> {
+    let rest = subject.strip_prefix(FEED_PREFIX)?;
+    let (account, run_id) = rest.split_once('.')?;
+    if account.is_empty() || run_id.contains('.') {
+        return None;
+    }
+    run_id.parse().ok()
 }
 
 /// The republish destination for the run-log stream:
-/// `dispatch.run.<a>.<r>.<w>` → `dispatch.feed.<a>.<r>.<w>`.
-pub const FEED_TEMPLATE: &str = "dispatch.feed.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}";
+/// `dispatch.run.<a>.<r>.<w>` → `dispatch.feed.<a>.<r>` (the writer's subject rides
+/// along in the `Nats-Subject` header).
+pub const FEED_TEMPLATE: &str = "dispatch.feed.{{wildcard(1)}}.{{wildcard(2)}}";
 
 /// Command subjects; each is consumed by exactly one service's durable consumer.
 pub mod cmd {
@@ -396,10 +405,7 @@ mod tests {
             assert_eq!(parsed.run_id, id);
             assert_eq!(parsed.writer, writer);
             assert_eq!(parsed.account, DEFAULT_ACCOUNT);
-            let fed = subject
-                .as_str()
-                .replacen("dispatch.run.", "dispatch.feed.", 1);
-            assert_eq!(parse_feed(&fed), Some(parsed));
+            assert_eq!(feed_run(feed(&id).as_str()), Some(id));
         }
         assert_eq!(run_id_of("dispatch.cmd.goal"), None);
         assert_eq!(

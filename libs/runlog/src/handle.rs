@@ -308,7 +308,7 @@ impl RunHandle {
     async fn take_fed(&mut self, message: &async_nats::Message) -> Result<usize, Error> {
         let (Some(stream_seq), Some(on)) = (
             crate::fed_sequence(message),
-            subject::parse_feed(message.subject.as_str()).filter(|on| on.run_id == self.run_id),
+            crate::fed_subject(message).filter(|on| on.run_id == self.run_id),
         ) else {
             return self.refresh().await;
         };

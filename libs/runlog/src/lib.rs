@@ -564,6 +564,16 @@ impl RunLog {
 /// The feed's header naming the event's stream sequence.
 const FEED_SEQUENCE: &str = "Nats-Sequence";
 
+/// The feed's header naming the subject the event was stored on.
+const FEED_SUBJECT: &str = "Nats-Subject";
+
+/// Which run's subject, and so which writer's, a feed message was stored on: from the
+/// header the server's republish sets (no client may publish on a feed); `None` if it
+/// is missing or not a run-log subject.
+pub(crate) fn fed_subject(message: &async_nats::Message) -> Option<subject::RunSubject> {
+    subject::parse_run(message.headers.as_ref()?.get_last(FEED_SUBJECT)?.as_str())
+}
+
 /// A feed message's stream sequence, from the header the server's republish sets;
 /// `None` if it is missing. (The republish also names the previous message on the same
 /// subject, but a run's log spans its writers' subjects: the run's previous event is

@@ -322,11 +322,16 @@ async fn the_feed_carries_each_stored_event_with_its_sequences() -> anyhow::Resu
             .expect("feed open");
         assert_eq!(
             message.subject.as_str(),
-            format!("dispatch.feed.default.{run_id}.dispatcher")
+            format!("dispatch.feed.default.{run_id}")
         );
         let headers = message.headers.expect("feed headers");
         let header = |name: &str| headers.get_last(name).map(|v| v.as_str().to_owned());
         assert_eq!(header("Nats-Sequence"), Some(stored.stream_seq.to_string()));
+        // Whose subject it was stored on: the writer's role, said by the server.
+        assert_eq!(
+            header("Nats-Subject"),
+            Some(format!("dispatch.run.default.{run_id}.dispatcher"))
+        );
         assert_eq!(
             message.payload.as_ref(),
             prost::Message::encode_to_vec(&stored.event)
