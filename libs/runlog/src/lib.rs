@@ -569,23 +569,29 @@ const FEED_SUBJECT: &str = "Nats-Subject";
 
 /// Which run's subject, and so which writer's, a feed message was stored on: from the
 /// header the server's republish sets (no client may publish on a feed); `None` if it
-/// is missing or not a run-log subject.
+/// is missing, given more than once, or not a run-log subject.
 pub(crate) fn fed_subject(message: &async_nats::Message) -> Option<subject::RunSubject> {
-    subject::parse_run(message.headers.as_ref()?.get_last(FEED_SUBJECT)?.as_str())
+    subject::parse_run(republished(message, FEED_SUBJECT)?)
+}
+
+/// The value of a header the server's republish sets, if the feed message holds it
+/// exactly once. The republish keeps the stored message's own headers and adds its
+/// after them, so a writer that set one of these names itself would put a second
+/// value on the feed: such a message is not taken at its word, and the reader falls
+/// back to reading the log, where the server's own account of the subject stands.
+fn republished<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    let headers = message.headers.as_ref()?;
+    let mut values = headers.get_all(name);
+    let value = values.next()?;
+    values.next().is_none().then_some(value.as_str())
 }
 
 /// A feed message's stream sequence, from the header the server's republish sets;
-/// `None` if it is missing. (The republish also names the previous message on the same
-/// subject, but a run's log spans its writers' subjects: the run's previous event is
-/// the one the event itself names, `prev_stream_seq`.)
+/// `None` if it is missing or given more than once. (The republish also names the
+/// previous message on the same subject, but a run's log spans its writers' subjects:
+/// the run's previous event is the one the event itself names, `prev_stream_seq`.)
 pub(crate) fn fed_sequence(message: &async_nats::Message) -> Option<u64> {
-    message
-        .headers
-        .as_ref()?
-        .get_last(FEED_SEQUENCE)?
-        .as_str()
-        .parse()
-        .ok()
+    republished(message, FEED_SEQUENCE)?.parse().ok()
 }
 
 /// Where a backward walk through a run's log stops.
@@ -808,6 +814,41 @@ pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A feed message as the server's republish builds it: the stored message's own
+    /// headers first, then the server's.
+    fn fed(own: &[(&str, &str)]) -> async_nats::Message {
+        let mut headers = async_nats::HeaderMap::new();
+        let run = "01a24d4a-7e16-728a-b61b-d6b88d3764bd";
+        let stored = format!("dispatch.run.default.{run}.connectors");
+        for (name, value) in own {
+            headers.append(*name, *value);
+        }
+        headers.append(FEED_SUBJECT, stored.as_str());
+        headers.append(FEED_SEQUENCE, "7");
+        async_nats::Message {
+            subject: format!("dispatch.feed.default.{run}").into(),
+            reply: None,
+            payload: Default::default(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn a_feed_header_a_writer_set_itself_is_not_believed() {
+        let honest = fed(&[]);
+        let on = fed_subject(&honest).expect("the server's subject");
+        assert_eq!(on.writer, LogWriter::Connectors);
+        assert_eq!(fed_sequence(&honest), Some(7));
+        // A connectors seed claiming the dispatcher's subject, or another sequence:
+        // two values, and neither is taken (the reader reads the log instead).
+        let claim = "dispatch.run.default.01a24d4a-7e16-728a-b61b-d6b88d3764bd.dispatcher";
+        assert_eq!(fed_subject(&fed(&[(FEED_SUBJECT, claim)])), None);
+        assert_eq!(fed_sequence(&fed(&[(FEED_SEQUENCE, "1")])), None);
+    }
 
     #[test]
     fn control_characters_never_reach_the_file_raw() {
