@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use dispatch_bus::RunId;
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
-use dispatch_tests::up::{Up, port_closed, processes_mentioning, signal};
+use dispatch_tests::up::{Up, signal};
 use dispatch_tests::{Stack, count, finished};
 
 /// Runs submitted before the faults start, and after each fault.
@@ -221,13 +221,7 @@ async fn dispatch_up_restarts_a_killed_nats_server_and_service_and_runs_resume()
         runs.len()
     );
 
-    assert_eq!(up.interrupt().await?, Some(0), "{}", up.said());
-    assert!(
-        port_closed(up.nats_port) && port_closed(up.http_port),
-        "a process outlived Ctrl-C"
-    );
-    let workspace = up.workspace.path().to_string_lossy().into_owned();
-    assert_eq!(processes_mentioning(&workspace), vec![]);
+    up.interrupt_leaves_nothing().await?;
     Ok(())
 }
 

@@ -271,4 +271,23 @@ impl Up {
         let exit = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await??;
         Ok(exit.code())
     }
+
+    /// Ctrl-C, and then nothing of the stack is left: `up` exits 0, its ports are
+    /// closed, and no process mentions its workspace.
+    pub async fn interrupt_leaves_nothing(&mut self) -> Result<()> {
+        let code = self.interrupt().await?;
+        anyhow::ensure!(
+            code == Some(0),
+            "up exited {code:?}; it said:\n{}",
+            self.said()
+        );
+        anyhow::ensure!(
+            port_closed(self.nats_port) && port_closed(self.http_port),
+            "a process outlived Ctrl-C"
+        );
+        let workspace = self.workspace.path().to_string_lossy().into_owned();
+        let left = processes_mentioning(&workspace);
+        anyhow::ensure!(left.is_empty(), "processes outlived Ctrl-C: {left:?}");
+        Ok(())
+    }
 }
