@@ -183,6 +183,50 @@ async fn a_goal_is_accepted_with_no_dispatcher_and_carried_out_later() -> anyhow
     Ok(())
 }
 
+/// The status URL a 202 names answers at once: the goal is stored before the 202 is
+/// sent, and a run the views have not caught up with is found by its goal.
+#[tokio::test]
+async fn a_run_reads_queued_the_moment_its_202_is_sent() -> anyhow::Result<()> {
+    use dispatch_proto::api::v1::{GetRunRequest, TaskStatus};
+    // No dispatcher: every run stays queued, so the only right answer is `queued`.
+    let stack = Stack::start(&["ledger", "ingress"]).await?;
+    let mut grpc = stack.grpc_client().await?;
+    for i in 0..1000 {
+        let (run_id, reply) = post_goal(&stack, json!({ "goal": format!("Errand {i}") })).await?;
+        let status_url = reply["status_url"].as_str().unwrap();
+        let response = stack.http.get(stack.url(status_url)).send().await?;
+        assert_eq!(
+            response.status(),
+            200,
+            "run {i} ({run_id}) read as {response:?}"
+        );
+        let view: Value = response.json().await?;
+        assert_eq!(view["status"], "queued", "{view}");
+        assert_eq!(view["goal"], format!("Errand {i}"));
+        if i % 100 == 0 {
+            let view = grpc
+                .get_run(GetRunRequest {
+                    id: run_id.to_string(),
+                })
+                .await?
+                .into_inner();
+            assert_eq!(view.status(), TaskStatus::Queued);
+            let inspect = stack.cli(&["inspect", &run_id.to_string()])?;
+            assert_eq!(inspect.code, Some(0), "{}", inspect.stderr);
+            let view: Value = serde_json::from_str(&inspect.stdout)?;
+            assert_eq!(view["status"], "queued");
+        }
+    }
+    // An id no goal names is still not found.
+    let unknown = stack
+        .http
+        .get(stack.url(&format!("/v1/runs/{}", RunId::new())))
+        .send()
+        .await?;
+    assert_eq!(unknown.status(), 404);
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_ledger_rebuilds_its_views_byte_for_byte_from_the_logs() -> anyhow::Result<()> {
     let mut stack = Stack::start(&ALL).await?;

@@ -160,7 +160,6 @@ async fn run_id_of(response: reqwest::Response) -> Result<RunId> {
 async fn a_goal_with_a_callback_is_refused_at_every_door_while_nothing_could_sign_its_result()
 -> Result<()> {
     use dispatch_proto::api::v1::SubmitGoalRequest;
-    use dispatch_proto::api::v1::dispatch_client::DispatchClient;
     let mut stack = Stack::start(&["ledger"]).await?;
     stack.add("ingress").await?;
     let callback = "http://127.0.0.1:9/hooks/dispatch";
@@ -181,15 +180,7 @@ async fn a_goal_with_a_callback_is_refused_at_every_door_while_nothing_could_sig
     );
 
     // gRPC: FAILED_PRECONDITION, its message led by the same code.
-    let channel = tonic::transport::Channel::from_shared(stack.grpc_url())?
-        .connect()
-        .await?;
-    let key: tonic::metadata::MetadataValue<_> = format!("Bearer {}", stack.api_key).parse()?;
-    let mut client =
-        DispatchClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", key.clone());
-            Ok(request)
-        });
+    let mut client = stack.grpc_client().await?;
     let status = client
         .submit_goal(SubmitGoalRequest {
             goal: PLAN.into(),

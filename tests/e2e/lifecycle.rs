@@ -127,7 +127,6 @@ async fn stop_ends_unowned_runs_escalates_past_the_grace_and_force_does_not_wait
 #[tokio::test]
 async fn http_and_grpc_stop_runs_through_the_dispatcher() -> anyhow::Result<()> {
     use dispatch_proto::api::v1::StopRunRequest;
-    use dispatch_proto::api::v1::dispatch_client::DispatchClient;
     let mut stack = Stack::with_test_tools().await?;
     stack.add("dispatcher").await?;
     stack.add("ingress").await?;
@@ -191,15 +190,7 @@ async fn http_and_grpc_stop_runs_through_the_dispatcher() -> anyhow::Result<()> 
     assert_eq!(stack.log().await?.read(&asked).await?.len(), events.len());
 
     // gRPC, forced: the dispatcher ends it without waiting for the owner.
-    let channel = tonic::transport::Channel::from_shared(stack.grpc_url())?
-        .connect()
-        .await?;
-    let key: tonic::metadata::MetadataValue<_> = format!("Bearer {}", stack.api_key).parse()?;
-    let mut client =
-        DispatchClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", key.clone());
-            Ok(request)
-        });
+    let mut client = stack.grpc_client().await?;
     let forced = stack.submit(SLOW, "default", 0).await?;
     wait_started_call(&stack, forced).await?;
     let stopped = client

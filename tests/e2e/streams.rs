@@ -754,12 +754,7 @@ async fn grpc_clients_submit_read_watch_and_resume_with_the_same_keys() -> Resul
     let channel = tonic::transport::Channel::from_shared(stack.grpc_url())?
         .connect()
         .await?;
-    let key: tonic::metadata::MetadataValue<_> = format!("Bearer {}", stack.api_key).parse()?;
-    let mut client =
-        DispatchClient::with_interceptor(channel.clone(), move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", key.clone());
-            Ok(request)
-        });
+    let mut client = stack.grpc_client().await?;
 
     // Without a key: refused.
     let mut anonymous = DispatchClient::new(channel.clone());

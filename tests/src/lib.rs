@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use dispatch_bus::{Bus, RunId};
+use dispatch_proto::api::v1::dispatch_client::DispatchClient;
 use dispatch_proto::run::v1::{RunFinished, run_event::Body};
 use dispatch_runlog::{RunLog, StoredEvent};
 use dispatch_testkit::{NatsServer, Service, bin_dir};
+use tonic::service::interceptor::InterceptedService;
 
 /// Every service, in the order a stack starts them.
 pub use dispatch_service::SERVICES as ALL;
@@ -27,6 +29,25 @@ pub struct Stack {
     pub http: reqwest::Client,
     /// A key from the workspace's API key store, as `dispatch api-key create` makes.
     pub api_key: String,
+}
+
+/// ingress's gRPC client as [`Stack::grpc_client`] makes it.
+pub type GrpcClient = DispatchClient<InterceptedService<tonic::transport::Channel, BearerKey>>;
+
+/// Puts an API key on every gRPC request.
+#[derive(Clone)]
+pub struct BearerKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
 }
 
 /// An event of `run_id` as a forger would write it: a fresh id and a fixed time, not
@@ -197,6 +218,15 @@ impl Stack {
     /// `http://<ingress gRPC addr>`.
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.ingress_addr("grpc_addr"))
+    }
+
+    /// A gRPC client of ingress that sends [`Self::api_key`] with every request.
+    pub async fn grpc_client(&self) -> Result<GrpcClient> {
+        let channel = tonic::transport::Channel::from_shared(self.grpc_url())?
+            .connect()
+            .await?;
+        let key = format!("Bearer {}", self.api_key).parse()?;
+        Ok(DispatchClient::with_interceptor(channel, BearerKey(key)))
     }
 
     /// An address ingress reports in its health (`http_addr`, `grpc_addr`).

@@ -752,7 +752,10 @@ async fn answer_queries(
                     encode(parse(&request.payload).and_then(|q| runs(&state, q)))
                 }
                 subject::query::RUN => {
-                    let view = parse(&request.payload).and_then(|q| run(&state, q));
+                    let view = match parse::<GetRunRequest>(&request.payload) {
+                        Ok(q) => run_or_goal(&state, q).await,
+                        Err(e) => Err(e),
+                    };
                     encode(match view {
                         Ok(view) => Ok(with_listeners(&state, view).await),
                         Err(e) => Err(e),
@@ -912,6 +915,27 @@ fn run(state: &State, query: GetRunRequest) -> Reply<RunView> {
                 ids.join(", ")
             )))
         }
+    }
+}
+
+/// The run `query` names; for a whole run id the views do not hold yet, its goal: a
+/// goal accepted a moment ago (its 202 sent, the projection not there yet) reads
+/// `queued`, never "no such run".
+async fn run_or_goal(state: &State, query: GetRunRequest) -> Reply<RunView> {
+    let found = run(state, query.clone());
+    let Err(QueryError::NotFound(_)) = &found else {
+        return found;
+    };
+    let Ok(run_id) = query.id.trim().parse::<dispatch_bus::RunId>() else {
+        return found;
+    };
+    if state.views.is_removed(&run_id.to_string()) {
+        return found;
+    }
+    match dispatch_runlog::submit::find_goal(&state.bus, &run_id).await {
+        Ok(Some(goal)) => Ok(RunView::queued(&goal)),
+        Ok(None) => found,
+        Err(e) => Err(QueryError::Unavailable(e.to_string())),
     }
 }
 
