@@ -1,21 +1,12 @@
 //! Bad input gets a specific error and changes nothing.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_bus::streams::{COMMANDS, GOALS, RUNS};
-use dispatch_models::offline::Offline;
-
-/// The offline provider, answering at once.
-static OFFLINE: Offline = Offline {
-    pace: std::time::Duration::ZERO,
-};
-use dispatch_models::{AuthorReply, AuthorRequest, Exchange, Provider, TurnReply, TurnRequest};
+use dispatch_models::{Exchange, TurnReply, TurnRequest};
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
+use dispatch_tests::scripted::{Scripted, run_scripted};
 use dispatch_tests::{Stack, count, finished};
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -171,87 +162,6 @@ async fn malformed_cli_input_gets_a_message_and_a_nonzero_exit() -> anyhow::Resu
     Ok(())
 }
 
-/// An author model that answers with the given plans in turn and records what it was
-/// asked; leaves are driven by the offline provider unless a worker is given.
-struct Scripted {
-    plans: Mutex<VecDeque<String>>,
-    asked: Mutex<Vec<AuthorRequest>>,
-    worker: Option<fn(&TurnRequest) -> TurnReply>,
-    turns: Mutex<Vec<TurnRequest>>,
-}
-
-impl Scripted {
-    fn new(plans: &[&str]) -> Arc<Self> {
-        Arc::new(Self {
-            plans: Mutex::new(plans.iter().map(|p| (*p).to_owned()).collect()),
-            asked: Mutex::new(Vec::new()),
-            worker: None,
-            turns: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn with_worker(plans: &[&str], worker: fn(&TurnRequest) -> TurnReply) -> Arc<Self> {
-        let mut scripted = Arc::into_inner(Self::new(plans)).expect("just made");
-        scripted.worker = Some(worker);
-        Arc::new(scripted)
-    }
-}
-
-impl Provider for Scripted {
-    fn name(&self) -> &str {
-        "scripted"
-    }
-
-    fn author(
-        &self,
-        request: AuthorRequest,
-    ) -> BoxFuture<'_, Result<AuthorReply, dispatch_models::Error>> {
-        self.asked.lock().unwrap().push(request);
-        let text = self.plans.lock().unwrap().pop_front().unwrap_or_default();
-        let usage = dispatch_models::Usage::default();
-        async move {
-            Ok(AuthorReply {
-                text,
-                usage,
-                cut_off: false,
-            })
-        }
-        .boxed()
-    }
-
-    fn turn(
-        &self,
-        request: TurnRequest,
-    ) -> BoxFuture<'_, Result<TurnReply, dispatch_models::Error>> {
-        let Some(worker) = self.worker else {
-            return OFFLINE.turn(request);
-        };
-        let reply = worker(&request);
-        self.turns.lock().unwrap().push(request);
-        async move { Ok(reply) }.boxed()
-    }
-
-    fn judge(
-        &self,
-        request: dispatch_models::JudgeRequest,
-    ) -> BoxFuture<'_, Result<dispatch_models::Judgement, dispatch_models::Error>> {
-        OFFLINE.judge(request)
-    }
-}
-
-/// Runs `goal` to its end on a dispatcher in this process that `model` drives.
-async fn run_scripted(
-    stack: &Stack,
-    model: Arc<Scripted>,
-    goal: &str,
-) -> anyhow::Result<Vec<dispatch_runlog::StoredEvent>> {
-    let shutdown = stack.dispatcher_in_process(model).await?;
-    let run_id = stack.submit(goal, "default", 0).await?;
-    let events = stack.wait_finished(run_id, LIMIT).await;
-    shutdown.cancel();
-    events
-}
-
 #[tokio::test]
 async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_blocks()
 -> anyhow::Result<()> {
@@ -335,13 +245,20 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
         fed_back.is_some_and(|r| r.error.contains("unusable_gate") && r.error.contains("curl")),
         "the second request was not told why"
     );
+    // Those gates failed closed, so the run is blocked, saying which step failed first.
     let end = finished(&events);
-    assert_eq!(end.status, RunStatus::Done as i32);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
     assert!(
         end.summary
             .starts_with(r#"workflow finished: {"DONE": 1, "FAILED": 2}"#),
         "{}",
         end.summary
+    );
+    assert!(
+        end.reason
+            .starts_with("2 of 3 steps failed: step 1 (\"Fetch with curl\"): gate failed: "),
+        "{}",
+        end.reason
     );
     let gates: Vec<(bool, String)> = events
         .iter()
@@ -589,17 +506,17 @@ async fn file_tools_stay_inside_scratch_whatever_is_planted() -> anyhow::Result<
         dispatch_proto::run::v1::Decision::Deny,
         "{decided:?}"
     );
-    let gate = events
-        .iter()
-        .find_map(|e| match &e.event.body {
-            Some(Body::GateChecked(g)) if g.command == "cat scratch" => Some(g.clone()),
-            _ => None,
-        })
-        .expect("the cat gate was checked");
-    assert!(!gate.passed, "{}", gate.detail);
-    assert!(gate.detail.contains("directory"), "{}", gate.detail);
+    // The step's last call failed and was not tried again: it is FAILED, and so the
+    // run is blocked, however its gate would read.
     let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32, "{}", end.reason);
     assert!(end.summary.contains("\"FAILED\": 1"), "{}", end.summary);
+    assert!(
+        end.reason
+            .starts_with("1 of 2 steps failed: step 2 (\"Write\"): "),
+        "{}",
+        end.reason
+    );
     Ok(())
 }
 

@@ -209,6 +209,13 @@ async fn connectors_killed_mid_mcp_call_send_it_at_most_once() -> anyhow::Result
     stack
         .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallStarted(_)))
         .await?;
+    // Killed once the request has reached the server (after its audit record, before
+    // its answer): killed sooner, the server would rightly never have been asked.
+    stack
+        .eventually(LIMIT, || async {
+            (!calls_sent(seen.path()).is_empty()).then_some(())
+        })
+        .await?;
     stack.service("connectors")?.kill().await?;
     stack
         .add_with("connectors", &["--lease-ms", "1500"])

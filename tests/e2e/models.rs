@@ -119,13 +119,19 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
         .filter(|e| matches!(&e.event.body, Some(Body::GateChecked(g)) if !g.passed))
         .count();
     assert_eq!(gates, TURNS);
+    // A leaf that was not shown done leaves the run blocked, not done.
     let end = finished(&events);
-    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert_eq!(end.status, RunStatus::Blocked as i32, "{}", end.reason);
     assert!(
         end.summary
             .starts_with(r#"workflow finished: {"DONE": 0, "FAILED": 1}"#),
         "{}",
         end.summary
+    );
+    assert!(
+        end.reason.starts_with("1 of 1 steps failed: step 1 "),
+        "{}",
+        end.reason
     );
 
     // `inspect` sums the tokens.
@@ -134,7 +140,7 @@ async fn a_real_models_answers_are_recorded_with_their_tokens_and_the_key_leaks_
         .eventually(LIMIT, || async {
             let out = stack.cli(&["inspect", &run_id.to_string()]).ok()?;
             let view: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-            (view["status"] == "done").then_some(out.stdout)
+            (view["status"] == "blocked").then_some(out.stdout)
         })
         .await?;
     let view: serde_json::Value = serde_json::from_str(&inspect)?;

@@ -3,6 +3,7 @@
 //! `dispatch up` itself as a user runs it ([`up`]).
 
 pub mod otlp;
+pub mod scripted;
 pub mod topology;
 pub mod up;
 

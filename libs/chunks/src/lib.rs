@@ -132,7 +132,11 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                 l.leaf,
                 json!({
                     "leaf": l.leaf,
-                    "state": if l.state() == LeafState::Done { "done" } else { "failed" },
+                    "state": match l.state() {
+                        LeafState::Done => "done",
+                        LeafState::Skipped => "skipped",
+                        _ => "failed",
+                    },
                     "reason": cut(&l.reason),
                 }),
             ),

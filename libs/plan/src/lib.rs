@@ -47,7 +47,8 @@ The rules:
 - Then one or more body lines saying how to do it, naming the tools to use from
   the list below (the files.* tools work on scratch/, relative to the run directory;
   other tools take the paths or arguments their own descriptions ask for).
-- Then exactly one gate line, `:done-when: <check>`, where <check> is one of
+- Then exactly one gate line, `:done-when: <check>`: a step without one is sent
+  back, because a step counts as done only when its check passes. <check> is one of
   `test -s|-f|-d|-e <path>`, `grep -q <text> <path>`, combined with `&&` or `||`.
   <path> is relative to the run directory, such as scratch/REPORT.org: a gate cannot
   see files anywhere else. A gate that names any other command never passes.
@@ -286,6 +287,51 @@ impl Plan {
 
 /// The code under which [`Plan::unusable_gates`] is sent back to the author.
 pub const UNUSABLE_GATE: &str = "unusable_gate";
+
+/// The code under which [`Plan::gateless_leaves`] is sent back to the author.
+pub const NO_GATE: &str = "no_gate";
+
+impl Plan {
+    /// The leaves with no `:done-when:` gate, said as the edit to make. A leaf is done
+    /// only when a check shows it done, so a plan with such a leaf cannot succeed: it
+    /// goes back to the author (and, on its last attempt, is refused). `None` when every
+    /// leaf has a gate.
+    pub fn gateless_leaves(&self) -> Option<String> {
+        let titles: Vec<String> = self
+            .leaves
+            .iter()
+            .filter(|leaf| leaf.done_when.is_none())
+            .map(|leaf| {
+                format!(
+                    "{:?}",
+                    leaf.title.chars().take(MAX_TITLE_TOLD).collect::<String>()
+                )
+            })
+            .collect();
+        if titles.is_empty() {
+            return None;
+        }
+        let mut named = titles
+            .iter()
+            .take(MAX_GATE_FAULTS_TOLD)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if titles.len() > MAX_GATE_FAULTS_TOLD {
+            named.push_str(&format!(
+                " and {} more",
+                titles.len() - MAX_GATE_FAULTS_TOLD
+            ));
+        }
+        Some(format!(
+            "{} of {} steps have no `:done-when:` line ({named}); a step counts as done \
+             only when its check passes, so give each step one line such as \
+             `:done-when: test -s scratch/REPORT.org` naming what that step makes",
+            titles.len(),
+            self.leaves.len()
+        ))
+    }
+}
 
 /// A URL- and file-safe name for a goal: lowercase words joined by `-`, at most 48
 /// characters, never empty.
@@ -545,6 +591,30 @@ mod tests {
         let told = parse(&many).unwrap().unusable_gates().unwrap();
         assert!(told.contains("; and 7 more."), "{told}");
         assert!(told.len() < 1_000, "{} bytes", told.len());
+    }
+
+    #[test]
+    fn tells_which_steps_have_no_gate() {
+        assert_eq!(parse(SEED_PLAN).unwrap().gateless_leaves(), None);
+        let plan = parse(
+            "#+TITLE: t\n\
+             * TODO Read\n  :done-when: test -s scratch/notes.org\n\
+             * TODO Think it over\n  Nothing to check.\n\
+             * TODO Report\n",
+        )
+        .unwrap();
+        assert_eq!(
+            plan.gateless_leaves().unwrap(),
+            "2 of 3 steps have no `:done-when:` line (\"Think it over\", \"Report\"); a step \
+             counts as done only when its check passes, so give each step one line such as \
+             `:done-when: test -s scratch/REPORT.org` naming what that step makes"
+        );
+        let many: String = (0..10).map(|i| format!("* TODO Step {i}\n")).collect();
+        let told = parse(&many).unwrap().gateless_leaves().unwrap();
+        assert!(
+            told.starts_with("10 of 10 steps have no `:done-when:` line (\"Step 0\", \"Step 1\", \"Step 2\" and 7 more)"),
+            "{told}"
+        );
     }
 
     #[test]

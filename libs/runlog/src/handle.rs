@@ -339,17 +339,17 @@ impl RunHandle {
 
     /// The leaf tally so far: `DONE` and `FAILED` counts, in that order.
     pub fn tally(&self) -> Vec<TallyEntry> {
-        let (mut done, mut failed) = (0, 0);
+        let (mut done, mut failed, mut skipped) = (0, 0, 0);
         for body in self.bodies() {
             if let Body::LeafFinished(f) = body {
-                if f.state == LeafState::Done as i32 {
-                    done += 1;
-                } else {
-                    failed += 1;
+                match f.state() {
+                    LeafState::Done => done += 1,
+                    LeafState::Skipped => skipped += 1,
+                    _ => failed += 1,
                 }
             }
         }
-        vec![
+        let mut tally = vec![
             TallyEntry {
                 state: "DONE".into(),
                 count: done,
@@ -358,7 +358,15 @@ impl RunHandle {
                 state: "FAILED".into(),
                 count: failed,
             },
-        ]
+        ];
+        // Said only when there were some, so a tally reads as it always has.
+        if skipped > 0 {
+            tally.push(TallyEntry {
+                state: "SKIPPED".into(),
+                count: skipped,
+            });
+        }
+        tally
     }
 
     /// Ends the run: the feedback note for its conversation, then the one terminal

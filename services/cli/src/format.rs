@@ -134,10 +134,10 @@ pub fn event_line(event: &RunEvent) -> String {
         Body::LeafFinished(f) => format!(
             "leaf {} {}: {}",
             f.leaf + 1,
-            if f.state == LeafState::Done as i32 {
-                "DONE"
-            } else {
-                "FAILED"
+            match f.state() {
+                LeafState::Done => "DONE",
+                LeafState::Skipped => "SKIPPED",
+                _ => "FAILED",
             },
             f.reason
         ),

@@ -237,6 +237,8 @@ mod tests {
             ("grep -q root scratch/pw", "symlink"),
             ("test -s scratch/REPORT.org; rm -rf /", "unsupported_syntax"),
             ("grep -qE '(' scratch/REPORT.org", "invalid"),
+            // As real cat fails on a directory.
+            ("cat scratch", "directory"),
         ];
         for (gate, expect) in cases {
             let outcome = check(dir.path(), gate);

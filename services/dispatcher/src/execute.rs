@@ -160,12 +160,22 @@ async fn run_in_span(
     let report = exec.report();
     let (status, reason, summary) = match outcome {
         Ok(tally) => {
-            let mut summary = format!("workflow finished: {}", tally_json(&tally));
-            let opening = opening_lines(&report.text);
-            if !opening.is_empty() {
-                summary = format!("{summary}\n{opening}");
+            let tally_line = format!("workflow finished: {}", tally_json(&tally));
+            match exec.unfinished() {
+                // Done only when every leaf was shown done.
+                None => {
+                    let opening = opening_lines(&report.text);
+                    let summary = match opening.is_empty() {
+                        true => tally_line,
+                        false => format!("{tally_line}\n{opening}"),
+                    };
+                    (RunStatus::Done, "workflow finished".to_owned(), summary)
+                }
+                Some(reason) => {
+                    let summary = format!("{tally_line}\n{reason}");
+                    (RunStatus::Blocked, reason, summary)
+                }
             }
-            (RunStatus::Done, "workflow finished".to_owned(), summary)
         }
         Err(Stop::Blocked(reason)) => (RunStatus::Blocked, reason.clone(), reason),
         Err(Stop::Stopped(reason)) => (RunStatus::Stopped, reason.clone(), reason),
@@ -333,6 +343,10 @@ impl Exec<'_> {
                 dispatch_plan::parse(&answer.text)
                     .map_err(|e| (e.code().to_owned(), e.to_string()))
                     .and_then(|plan| {
+                        // A leaf with no gate can never be shown done: always sent back.
+                        if let Some(told) = plan.gateless_leaves() {
+                            return Err((dispatch_plan::NO_GATE.to_owned(), told));
+                        }
                         // A gate that can never pass is worth the retry while one is left;
                         // on the last attempt the plan runs and such gates fail closed.
                         let last_attempt = attempt as usize >= AUTHOR_ATTEMPTS;
@@ -415,6 +429,28 @@ impl Exec<'_> {
         for leaf in &plan.leaves {
             let index = leaf.index;
             if self.find(finished_leaf(index)).is_some() {
+                continue;
+            }
+            // An ordered leaf builds on the ones before it: after a failure it would
+            // only build on what is not there.
+            if leaf.ordered
+                && let Some(failed) = self.find(failed_leaf)
+            {
+                let title = plan
+                    .leaves
+                    .iter()
+                    .find(|l| l.index == failed)
+                    .map_or("", |l| l.title.as_str());
+                let skipped = Body::LeafFinished(LeafFinished {
+                    leaf: index,
+                    state: LeafState::Skipped as i32,
+                    reason: slice_chars(
+                        &format!("not run: step {} ({title:?}) before it failed", failed + 1),
+                        SUMMARY_CHARS,
+                    ),
+                    answer: String::new(),
+                });
+                self.ensure(finished_leaf(index), skipped).await?;
                 continue;
             }
             let started = Body::LeafStarted(LeafStarted {
@@ -594,58 +630,31 @@ impl Exec<'_> {
         Ok(false)
     }
 
-    /// One leaf's agent loop and gate.
+    /// One leaf's agent loop and gate. The leaf is DONE only when its gate passed after
+    /// the model said it finished; it is FAILED when the model says it could not do the
+    /// step, when its last tool call failed and was not tried again, when it has no
+    /// gate, or when the gate does not pass.
     async fn leaf(
         &mut self,
         requested: &RunRequested,
         leaf: &PlanLeaf,
     ) -> Result<(LeafState, String, String), Stop> {
         let mut history = Vec::new();
-        // Set when the model has finished: the leaf's gate as last checked, if it has one.
-        let mut finished: Option<Option<GateChecked>> = None;
+        // Set when the model has finished: how the leaf ended.
+        let mut finished: Option<Result<GateChecked, String>> = None;
         let mut checks = 0;
         // A gate that cannot be parsed fails however often it is checked.
         let retry_gate = dispatch_plan::gate::parse(&leaf.done_when).is_ok();
         // The model's last words on the leaf: its answer.
         let mut answer = String::new();
+        // The last tool call of the leaf, if it failed: a step that ends on a failure
+        // it did not try again did not do what it set out to.
+        let mut failed_call: Option<String> = None;
         let max_turns = self.ctx.max_turns;
         for turn in 0..max_turns {
             let model_turn = match self.find(model_turn(leaf.index, turn)) {
                 Some(recorded) => recorded,
-                None => {
-                    let tools = self.ctx.offer.current().await.specs();
-                    let request = TurnRequest {
-                        goal: dispatch_runlog::submit::prompt_goal(requested),
-                        leaf: from_proto_leaf(leaf),
-                        earlier: self.earlier_steps(leaf.index),
-                        history: history.clone(),
-                        tools,
-                        deltas: None,
-                    };
-                    let (reply, streamed) = self.streamed_turn(leaf.index, turn, request).await?;
-                    let provider = &self.ctx.providers.worker;
-                    let body = Body::ModelTurn(ModelTurn {
-                        leaf: leaf.index,
-                        turn,
-                        text: reply.text,
-                        tool_calls: reply
-                            .tool_calls
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, call)| ToolCall {
-                                call_id: format!("l{}-t{turn}-c{i}", leaf.index),
-                                tool: call.tool,
-                                args_json: call.args_json,
-                            })
-                            .collect(),
-                        model: provider.name().to_owned(),
-                        usage: Some(usage(reply.usage)),
-                        call_form: reply.form.word().to_owned(),
-                        streamed: streamed.is_some(),
-                        streamed_part: streamed.unwrap_or_default(),
-                    });
-                    self.ensure(model_turn(leaf.index, turn), body).await?
-                }
+                None => self.model_turn(requested, leaf, turn, &history).await?,
             };
             history.push(Exchange::Assistant {
                 text: model_turn.text.clone(),
@@ -661,15 +670,28 @@ impl Exec<'_> {
             });
             answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
+                if let Some(said) = crate::answer::admits_unfinished(&model_turn.text) {
+                    finished = Some(Err(format!("the model said the step is not done: {said}")));
+                    break;
+                }
+                if let Some(failed) = failed_call.take() {
+                    finished = Some(Err(slice_chars(
+                        &format!("its last tool call failed and was not tried again: {failed}"),
+                        SUMMARY_CHARS,
+                    )));
+                    break;
+                }
                 if leaf.done_when.is_empty() {
-                    finished = Some(None);
+                    finished = Some(Err(
+                        "the leaf has no :done-when: gate, so nothing shows it done".into(),
+                    ));
                     break;
                 }
                 let gate = self.gate(leaf, checks).await?;
                 checks += 1;
                 let last_turn = turn + 1 >= max_turns;
                 if gate.passed || !retry_gate || checks > GATE_RETRIES || last_turn {
-                    finished = Some(Some(gate));
+                    finished = Some(Ok(gate));
                     break;
                 }
                 history.push(Exchange::GateFailed {
@@ -680,6 +702,10 @@ impl Exec<'_> {
             }
             for call in &model_turn.tool_calls {
                 let result = self.tool_call(leaf.index, call).await?;
+                failed_call = result
+                    .as_ref()
+                    .err()
+                    .map(|error| format!("{}: {error}", call.tool));
                 history.push(Exchange::ToolResult {
                     call_id: call.call_id.clone(),
                     tool: call.tool.clone(),
@@ -688,33 +714,70 @@ impl Exec<'_> {
             }
         }
         let answer = slice_bytes(&answer, MAX_ANSWER_BYTES).to_owned();
-        let Some(gate) = finished else {
-            return Ok((
+        Ok(match finished {
+            None => (
                 LeafState::Failed,
                 format!("the model did not finish the leaf within {max_turns} turns"),
                 answer,
-            ));
-        };
-        let Some(gate) = gate else {
-            return Ok((
-                LeafState::Done,
-                "the model finished; the leaf has no gate".into(),
+            ),
+            Some(Err(reason)) => (
+                LeafState::Failed,
+                slice_chars(&reason, SUMMARY_CHARS),
                 answer,
-            ));
-        };
-        Ok(if gate.passed {
-            (
+            ),
+            Some(Ok(gate)) if gate.passed => (
                 LeafState::Done,
                 format!("gate passed: {}", gate.command),
                 answer,
-            )
-        } else {
-            (
+            ),
+            Some(Ok(gate)) => (
                 LeafState::Failed,
                 slice_chars(&format!("gate failed: {}", gate.detail), SUMMARY_CHARS),
                 answer,
-            )
+            ),
         })
+    }
+
+    /// Asks the worker model for turn `turn` of `leaf` and records its answer.
+    async fn model_turn(
+        &mut self,
+        requested: &RunRequested,
+        leaf: &PlanLeaf,
+        turn: u32,
+        history: &[Exchange],
+    ) -> Result<ModelTurn, Stop> {
+        let tools = self.ctx.offer.current().await.specs();
+        let request = TurnRequest {
+            goal: dispatch_runlog::submit::prompt_goal(requested),
+            leaf: from_proto_leaf(leaf),
+            earlier: self.earlier_steps(leaf.index),
+            history: history.to_vec(),
+            tools,
+            deltas: None,
+        };
+        let (reply, streamed) = self.streamed_turn(leaf.index, turn, request).await?;
+        let provider = &self.ctx.providers.worker;
+        let body = Body::ModelTurn(ModelTurn {
+            leaf: leaf.index,
+            turn,
+            text: reply.text,
+            tool_calls: reply
+                .tool_calls
+                .into_iter()
+                .enumerate()
+                .map(|(i, call)| ToolCall {
+                    call_id: format!("l{}-t{turn}-c{i}", leaf.index),
+                    tool: call.tool,
+                    args_json: call.args_json,
+                })
+                .collect(),
+            model: provider.name().to_owned(),
+            usage: Some(usage(reply.usage)),
+            call_form: reply.form.word().to_owned(),
+            streamed: streamed.is_some(),
+            streamed_part: streamed.unwrap_or_default(),
+        });
+        self.ensure(model_turn(leaf.index, turn), body).await
     }
 
     /// What the leaves finished before `leaf` found, from the log: each one's tool
@@ -1113,6 +1176,44 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// Why the run's plan did not succeed, if a leaf did not end DONE: `2 of 4 steps
+    /// failed: step 2 ("Compare the prices"): gate failed: …` (and how many were not run).
+    fn unfinished(&self) -> Option<String> {
+        let plan = self.find(as_plan)?;
+        let ended: Vec<LeafFinished> = self.all(|b| match b {
+            Body::LeafFinished(f) => Some(f.clone()),
+            _ => None,
+        });
+        let of = |state: LeafState| ended.iter().filter(|f| f.state() == state).count();
+        let (done, failed, skipped) = (
+            of(LeafState::Done),
+            of(LeafState::Failed),
+            of(LeafState::Skipped),
+        );
+        let total = plan.leaves.len();
+        if done == total {
+            return None;
+        }
+        let first = ended.iter().find(|f| f.state() == LeafState::Failed);
+        let mut reason = format!("{failed} of {total} steps failed");
+        if skipped > 0 {
+            reason.push_str(&format!(", {skipped} not run"));
+        }
+        if let Some(first) = first {
+            let title = plan
+                .leaves
+                .iter()
+                .find(|l| l.index == first.leaf)
+                .map_or("", |l| l.title.as_str());
+            reason.push_str(&format!(
+                ": step {} ({title:?}): {}",
+                first.leaf + 1,
+                first.reason
+            ));
+        }
+        Some(slice_chars(&reason, SUMMARY_CHARS))
+    }
+
     /// What the run has to show: `scratch/REPORT.org` if it wrote one, else the last
     /// answer a leaf gave.
     fn report(&self) -> Report {
@@ -1308,6 +1409,14 @@ impl Part {
 
 fn started_leaf(leaf: u32) -> impl Fn(&Body) -> Option<()> {
     move |b| matches!(b, Body::LeafStarted(s) if s.leaf == leaf).then_some(())
+}
+
+/// The index of a leaf that ended FAILED.
+fn failed_leaf(b: &Body) -> Option<u32> {
+    match b {
+        Body::LeafFinished(f) if f.state() == LeafState::Failed => Some(f.leaf),
+        _ => None,
+    }
 }
 
 fn finished_leaf(leaf: u32) -> impl Fn(&Body) -> Option<()> {

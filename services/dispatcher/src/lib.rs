@@ -16,6 +16,7 @@
 //! It also takes stop commands (`dispatch.cmd.stop`) for the front doors that write no
 //! run logs: it records the request, and ends the run itself if the owner does not.
 
+mod answer;
 mod execute;
 pub mod model;
 mod service;

@@ -222,10 +222,11 @@ impl Fold for RunView {
                 }
             }
             Body::LeafFinished(f) => {
-                if f.state == LeafState::Done as i32 {
-                    view.leaves_done += 1;
-                } else {
-                    view.leaves_failed += 1;
+                match f.state() {
+                    LeafState::Done => view.leaves_done += 1,
+                    // Not run: neither done nor failed.
+                    LeafState::Skipped => {}
+                    _ => view.leaves_failed += 1,
                 }
             }
             Body::ApprovalRequested(a) => {

@@ -1,0 +1,223 @@
+//! A run says `done` only when every step was shown done: a step needs a gate, a step
+//! whose model says it could not finish or whose last call failed is FAILED, a step
+//! after a failed one in an ordered plan is not run, and a run with a step not DONE
+//! ends `blocked`, saying how many and which came first.
+
+use dispatch_models::{CallForm, Exchange, ToolCall, TurnReply, TurnRequest};
+use dispatch_proto::run::v1::{LeafFinished, LeafState, RunStatus, run_event::Body};
+use dispatch_runlog::StoredEvent;
+use dispatch_tests::scripted::{Scripted, run_scripted};
+use dispatch_tests::{Stack, finished};
+
+fn leaves(events: &[StoredEvent]) -> Vec<LeafFinished> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::LeafFinished(f)) => Some(f.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn said(text: &str, tool_calls: Vec<ToolCall>) -> TurnReply {
+    TurnReply {
+        text: text.into(),
+        tool_calls,
+        usage: Default::default(),
+        form: CallForm::Native,
+    }
+}
+
+fn results(request: &TurnRequest) -> usize {
+    request
+        .history
+        .iter()
+        .filter(|e| matches!(e, Exchange::ToolResult { .. }))
+        .count()
+}
+
+#[tokio::test]
+async fn a_plan_with_a_step_without_a_gate_is_sent_back_then_refused() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let gateless = "#+TITLE: Notes\n\
+        * TODO Read the notes\n  Read scratch/notes.org.\n  :done-when: test -d scratch\n\
+        * TODO Think them over\n  Nothing to check.\n";
+    let model = Scripted::new(&[gateless, gateless]);
+    let events = run_scripted(&stack, model.clone(), "Think it over").await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(
+        end.reason.starts_with(
+            "plan rejected: no_gate: 1 of 2 steps have no `:done-when:` line (\"Think them over\")"
+        ),
+        "{}",
+        end.reason
+    );
+    let retry = model.asked.lock().unwrap()[1].retry.clone();
+    assert!(
+        retry.is_some_and(|r| r.error.contains("no_gate") && r.error.contains("Think them over")),
+        "the second request was not told why"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.event.body, Some(Body::LeafStarted(_)))),
+        "a step of a refused plan ran"
+    );
+
+    // Told, an author that adds the gate gets its plan run.
+    let gated = "#+TITLE: Notes\n\
+        * TODO Read the notes\n  :done-when: test -d scratch\n\
+        * TODO Think them over\n  :done-when: test -s scratch/thoughts.org\n";
+    let model = Scripted::new(&[gateless, gated]);
+    let events = run_scripted(&stack, model, "Think it over").await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    Ok(())
+}
+
+/// The first step's gate can never pass: the ordered steps after it are not run, the
+/// unordered one is, and the run is blocked with the tally.
+#[tokio::test]
+async fn a_failed_step_blocks_the_run_and_the_ordered_steps_after_it() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let ordered = "  :PROPERTIES:\n  :ORDERED: t\n  :END:\n";
+    let plan = format!(
+        "#+TITLE: Chain\n\
+         * TODO Find the source\n{ordered}  :done-when: false\n\
+         * TODO Build on it\n{ordered}  :done-when: test -s scratch/built.org\n\
+         * TODO Note the date\n  :done-when: test -s scratch/date.org\n\
+         * TODO Report\n{ordered}  :done-when: test -s scratch/REPORT.org\n"
+    );
+    let model = Scripted::new(&[&plan]);
+    let events = run_scripted(&stack, model, "Chain the steps").await?;
+    let states: Vec<(u32, LeafState)> = leaves(&events)
+        .iter()
+        .map(|f| (f.leaf, f.state()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (0, LeafState::Failed),
+            (1, LeafState::Skipped),
+            (2, LeafState::Done),
+            (3, LeafState::Skipped),
+        ]
+    );
+    let skipped = &leaves(&events)[1];
+    assert_eq!(
+        skipped.reason,
+        "not run: step 1 (\"Find the source\") before it failed"
+    );
+    assert!(
+        !events.iter().any(
+            |e| matches!(&e.event.body, Some(Body::LeafStarted(s)) if s.leaf == 1 || s.leaf == 3)
+        ),
+        "a step that was not run was started"
+    );
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(
+        end.reason.starts_with(
+            "1 of 4 steps failed, 2 not run: step 1 (\"Find the source\"): gate failed: "
+        ),
+        "{}",
+        end.reason
+    );
+    assert!(
+        end.summary.starts_with(
+            "workflow finished: {\"DONE\": 1, \"FAILED\": 1, \"SKIPPED\": 2}\n1 of 4 steps failed"
+        ),
+        "{}",
+        end.summary
+    );
+    Ok(())
+}
+
+/// Says the step is not done, on a step whose gate would pass.
+fn gives_up(_: &TurnRequest) -> TurnReply {
+    said("I looked for the file. The step is not done.", vec![])
+}
+
+/// Reads a file that is not there, then says it is finished without trying again.
+fn ignores_a_failure(request: &TurnRequest) -> TurnReply {
+    match results(request) {
+        0 => said(
+            "Reading the notes.",
+            vec![ToolCall::new(
+                "files.read_file",
+                r#"{"path": "scratch/missing.org"}"#,
+            )],
+        ),
+        _ => said("I read the notes and summarised them.", vec![]),
+    }
+}
+
+/// Reads a file that is not there, then writes it and reads it again.
+fn tries_again(request: &TurnRequest) -> TurnReply {
+    match results(request) {
+        0 => said(
+            "Reading the notes.",
+            vec![ToolCall::new(
+                "files.read_file",
+                r#"{"path": "scratch/missing.org"}"#,
+            )],
+        ),
+        1 => said(
+            "It is not there; writing it.",
+            vec![ToolCall::new(
+                "files.write_file",
+                r#"{"path": "scratch/missing.org", "content": "found"}"#,
+            )],
+        ),
+        _ => said("I wrote the notes.", vec![]),
+    }
+}
+
+#[tokio::test]
+async fn a_step_is_failed_when_its_model_gives_up_or_ends_on_a_failed_call() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let plan = "#+TITLE: Notes\n* TODO Read the notes\n  :done-when: true\n";
+
+    let model = Scripted::with_worker(&[plan], gives_up);
+    let events = run_scripted(&stack, model, "Give up").await?;
+    let leaf = &leaves(&events)[0];
+    assert_eq!(leaf.state(), LeafState::Failed);
+    assert_eq!(
+        leaf.reason,
+        "the model said the step is not done: The step is not done."
+    );
+    // It said so: its gate, which would pass, was not what decided.
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.event.body, Some(Body::GateChecked(_))))
+    );
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert_eq!(
+        end.reason,
+        "1 of 1 steps failed: step 1 (\"Read the notes\"): the model said the step is not \
+         done: The step is not done."
+    );
+
+    let model = Scripted::with_worker(&[plan], ignores_a_failure);
+    let events = run_scripted(&stack, model, "Ignore a failure").await?;
+    let leaf = &leaves(&events)[0];
+    assert_eq!(leaf.state(), LeafState::Failed);
+    assert!(
+        leaf.reason
+            .starts_with("its last tool call failed and was not tried again: files.read_file: "),
+        "{}",
+        leaf.reason
+    );
+    assert_eq!(finished(&events).status, RunStatus::Blocked as i32);
+
+    // A failure the model got past is no failure of the step.
+    let model = Scripted::with_worker(&[plan], tries_again);
+    let events = run_scripted(&stack, model, "Try again").await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert_eq!(leaves(&events)[0].reason, "gate passed: true");
+    Ok(())
+}
