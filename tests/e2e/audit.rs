@@ -150,8 +150,13 @@ async fn an_event_after_the_seal_spoils_nothing_and_is_flagged() -> anyhow::Resu
     let stack = Stack::start(&ALL).await?;
     let run_id = stack.submit("Seal me", "default", 0).await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
-    let sealed = stack.get_json(&format!("/v1/runs/{run_id}")).await?;
-    assert_eq!(sealed["status"], "done", "{sealed}");
+    // The ledger's view follows the log a moment later.
+    stack
+        .eventually(LIMIT, || async {
+            let view = stack.get_json(&format!("/v1/runs/{run_id}")).await.ok()?;
+            (view["status"] == "done").then_some(())
+        })
+        .await?;
     // Well linked to the seal, on policy's subject, as a stolen policy key could write it.
     let last = &events.last().unwrap();
     let mut late = RunEvent {

@@ -373,6 +373,67 @@ async fn a_tool_that_says_it_only_reads_waits_for_a_person_under_the_default_con
     Ok(())
 }
 
+/// `scratch/` is the run's own to the built-in file tools only: the filesystem server
+/// would make `scratch/REPORT.org` a directory in its shared folder, so under the
+/// built-in policy its relative write waits for a person, where the same path through
+/// `files.write_file` is allowed.
+#[tokio::test]
+async fn the_scratch_rule_does_not_allow_the_filesystem_server_s_relative_writes()
+-> anyhow::Result<()> {
+    let shared = tempfile::tempdir()?;
+    let config = format!(
+        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
+        servers_dir()
+            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
+            .display()
+            .to_string(),
+        shared.path().display().to_string(),
+    );
+    let stack = stack_with_the_builtin_policy(&config).await?;
+    wait_for_tool(&stack, "fs.create_directory").await?;
+    let listed = stack.cli(&["tools", "--format", "json"])?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;
+    let create = rows
+        .iter()
+        .find(|r| r["name"] == "fs.create_directory")
+        .expect("fs.create_directory is listed");
+    assert_eq!(create["risk"], "write", "{create}");
+
+    let plan = "#+TITLE: Make room
+* TODO Make the report's place
+  \
+        - call: files.write_file {\"path\": \"scratch/ours.org\", \"content\": \"x\"}\n  \
+        - call: fs.create_directory {\"path\": \"scratch/REPORT.org\"}\n  \
+        :done-when: test -s scratch/ours.org\n";
+    let run_id = stack.submit(plan, "default", 60_000).await?;
+    let listed = listed_approval(&stack, run_id).await?;
+    assert_eq!(listed["tool"], "fs.create_directory", "{listed}");
+    let events = stack.log().await?.read(&run_id).await?;
+    let decisions: Vec<(String, dispatch_proto::run::v1::Decision, String)> = bodies(&events)
+        .filter_map(|b| match b {
+            Body::PolicyDecided(d) => Some((d.call_id.clone(), d.decision(), d.rule.clone())),
+            _ => None,
+        })
+        .collect();
+    use dispatch_proto::run::v1::Decision;
+    assert_eq!(
+        decisions,
+        [
+            (
+                "l0-t0-c0".to_owned(),
+                Decision::Allow,
+                "run-writes".to_owned()
+            ),
+            ("l0-t0-c1".to_owned(), Decision::Ask, "default".to_owned()),
+        ]
+    );
+    // Nothing was made in the shared folder while it waits.
+    assert!(std::fs::read_dir(shared.path())?.next().is_none());
+    let stopped = stack.cli(&["stop", &run_id.to_string()])?;
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_http_read_is_only_a_read_when_it_is_one() -> anyhow::Result<()> {
     use std::sync::Arc;

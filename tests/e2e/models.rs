@@ -293,3 +293,94 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Whether a request the stand-in saw is the author's (asked for an outline).
+fn author_asked(body: &serde_json::Value) -> bool {
+    body["messages"][0]["content"]
+        .as_str()
+        .is_some_and(|system| system.contains("org-mode outline"))
+}
+
+/// The kill switch is a wall for the whole run: an author that never answers is cut by
+/// the run's deadline, not kept past it by the model client's own longer timeout.
+#[tokio::test]
+async fn a_slow_author_is_cut_by_the_run_s_deadline() -> anyhow::Result<()> {
+    let (stand_in, url) = StandIn::routed(|body| {
+        if author_asked(body) {
+            Reply::KeepAlive(Duration::from_millis(200))
+        } else {
+            Reply::Replay("llama-server/final.sse")
+        }
+    })
+    .await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
+    stack
+        .add_with(
+            "dispatcher",
+            &["--model-url", &url, "--model-timeout-ms", "300000"],
+        )
+        .await?;
+    let begun = std::time::Instant::now();
+    let run_id = stack.submit("Plan slowly", "default", 3_000).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32, "{}", end.reason);
+    assert_eq!(
+        end.reason,
+        "timed out after 3s while the plan was being written"
+    );
+    assert!(
+        begun.elapsed() < Duration::from_secs(30),
+        "ended after {:?}",
+        begun.elapsed()
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.event.body, Some(Body::RunStarted(_)))),
+        "the run started without a plan"
+    );
+    assert_eq!(stand_in.requests().len(), 1);
+    Ok(())
+}
+
+/// A model request that times out is made again while the run has time: the worker's
+/// first answer never comes within the model timeout, the second is the recorded one.
+#[tokio::test]
+async fn a_model_request_that_times_out_is_asked_again_within_the_deadline() -> anyhow::Result<()> {
+    let worker_calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = worker_calls.clone();
+    let (_stand_in, url) = StandIn::routed(move |body| {
+        if author_asked(body) {
+            Reply::Replay("llama-server-1.5b/author.json")
+        } else if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Reply::KeepAlive(Duration::from_millis(200))
+        } else {
+            Reply::Replay("llama-server/final.sse")
+        }
+    })
+    .await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
+    stack
+        .add_with(
+            "dispatcher",
+            &["--model-url", &url, "--model-timeout-ms", "1500"],
+        )
+        .await?;
+    let run_id = stack
+        .submit("Write the word hello into scratch/hello.txt", "default", 0)
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let first_turn = events.iter().find_map(|e| match &e.event.body {
+        Some(Body::ModelTurn(t)) if t.leaf == 0 && t.turn == 0 => Some(t.clone()),
+        _ => None,
+    });
+    assert!(first_turn.is_some(), "{}", finished(&events).reason);
+    assert!(worker_calls.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert!(
+        !finished(&events).reason.contains("no complete answer"),
+        "{}",
+        finished(&events).reason
+    );
+    Ok(())
+}

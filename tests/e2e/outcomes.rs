@@ -221,3 +221,60 @@ async fn a_step_is_failed_when_its_model_gives_up_or_ends_on_a_failed_call() -> 
     assert_eq!(leaves(&events)[0].reason, "gate passed: true");
     Ok(())
 }
+
+/// Asks for the same write twice in one turn, its arguments spelt two ways.
+fn repeats_itself(request: &TurnRequest) -> TurnReply {
+    match results(request) {
+        0 => said(
+            "Writing the note.",
+            vec![
+                ToolCall::new(
+                    "files.write_file",
+                    r#"{"path": "scratch/note.org", "content": "a note"}"#,
+                ),
+                ToolCall::new(
+                    "files.write_file",
+                    r#"{"content":"a note","path":"scratch/note.org"}"#,
+                ),
+            ],
+        ),
+        _ => said("I wrote the note.", vec![]),
+    }
+}
+
+#[tokio::test]
+async fn a_call_asked_for_twice_in_one_turn_runs_once() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let plan = "#+TITLE: Note\n* TODO Write a note\n  :done-when: test -s scratch/note.org\n";
+    let model = Scripted::with_worker(&[plan], repeats_itself);
+    let events = run_scripted(&stack, model.clone(), "Write once").await?;
+    let requested: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r)) => Some(r.call_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(requested, ["l0-t0-c0"]);
+    let turns = model.turns.lock().unwrap();
+    let told: Vec<String> = turns[1]
+        .history
+        .iter()
+        .filter_map(|e| match e {
+            Exchange::ToolResult {
+                call_id,
+                result: Ok(text),
+                ..
+            } => Some(format!("{call_id}: {text}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_eq!(
+        told[1],
+        "l0-t0-c1: not run: this is the same call as l0-t0-c0, made once in this turn; \
+         its result is above"
+    );
+    assert_eq!(finished(&events).status, RunStatus::Done as i32);
+    Ok(())
+}

@@ -24,6 +24,10 @@ pub const AUTHOR_TEMPERATURE: f32 = 0.2;
 pub enum Error {
     #[error("model provider {provider} failed: {message}")]
     Provider { provider: String, message: String },
+    /// No whole answer came within the provider's timeout. Asking again may do
+    /// better, so a caller with time left may.
+    #[error("model provider {provider} failed: {message}")]
+    TimedOut { provider: String, message: String },
     /// The provider cannot be built from its configuration.
     #[error("model configuration: {0}")]
     Config(String),

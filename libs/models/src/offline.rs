@@ -212,7 +212,7 @@ fn turn(request: &TurnRequest) -> TurnReply {
             .collect();
         return reply(format!("Reading {}.", inputs.join(", ")), calls);
     }
-    if !wrote {
+    if !wrote && !targets.is_empty() {
         let sources: Vec<String> = request
             .history
             .iter()
@@ -293,7 +293,9 @@ fn targets(leaf: &dispatch_plan::Leaf) -> Vec<(String, Vec<String>)> {
             }
         });
     }
-    if out.is_empty() {
+    // A leaf with no gate leaves a note of its own; one whose gate names no file
+    // (`true`) needs none.
+    if leaf.done_when.is_none() {
         out.push((format!("scratch/leaf-{}.org", leaf.index + 1), Vec::new()));
     }
     out

@@ -178,14 +178,18 @@ impl OpenAi {
                 match tokio::time::timeout_at(deadline, self.attempt(request, deltas)).await {
                     Ok(Ok(answer)) => return Ok(answer),
                     Ok(Err(failure)) => failure,
-                    Err(_) => return Err(self.error(within())),
+                    Err(_) => return Err(self.timed_out(within())),
                 };
             let Some(delay) = delays.next().filter(|_| failure.transient) else {
                 return Err(self.error(failure.message));
             };
             let delay = delay.max(failure.retry_after.unwrap_or_default());
             if tokio::time::Instant::now() + delay >= deadline {
-                return Err(self.error(format!("{} (not retried: {})", failure.message, within())));
+                return Err(self.timed_out(format!(
+                    "{} (not retried: {})",
+                    failure.message,
+                    within()
+                )));
             }
             if let Some(deltas) = deltas {
                 let _ = deltas.send(crate::Delta::Restart);
@@ -244,6 +248,13 @@ impl OpenAi {
 
     fn error(&self, message: String) -> Error {
         Error::Provider {
+            provider: self.name.clone(),
+            message: self.mask(&message),
+        }
+    }
+
+    fn timed_out(&self, message: String) -> Error {
+        Error::TimedOut {
             provider: self.name.clone(),
             message: self.mask(&message),
         }

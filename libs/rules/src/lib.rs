@@ -71,15 +71,37 @@ pub struct When {
     /// paths, an absolute one (`/srv/shared/`) absolute paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_prefix: Vec<String>,
+    /// The connectors a relative prefix speaks for: those that read a relative path
+    /// inside the run's own directory. Left out, the built-in `files` connector
+    /// ([`RUN_PATH_CONNECTORS`]). Another connector's server makes of a relative path
+    /// whatever it makes of it (the filesystem MCP server: a path in its shared
+    /// folder), so `scratch/` allows none of its calls unless it is named here. An
+    /// absolute prefix speaks for every connector; a rule that stops a call (`deny`,
+    /// `ask`) applies every prefix to every connector.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_connectors: Vec<String>,
     /// URLs are http(s) URLs whose host is one of these: a name (`api.example.com`),
     /// an IP address, or every name under a domain (`*.example.com`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub url_host: Vec<String>,
 }
 
+/// The connectors whose relative paths are inside the run's directory, when a rule
+/// names none: the built-in `files`.
+pub const RUN_PATH_CONNECTORS: [&str; 1] = ["files"];
+
 impl When {
     fn is_empty(&self) -> bool {
         self.path_prefix.is_empty() && self.url_host.is_empty()
+    }
+
+    /// Whether a relative prefix speaks for the calls of `tool`'s connector.
+    fn relative_prefixes_speak_for(&self, tool: &str) -> bool {
+        let connector = tool.split_once('.').map_or(tool, |(c, _)| c);
+        match self.path_connectors.is_empty() {
+            true => RUN_PATH_CONNECTORS.contains(&connector),
+            false => self.path_connectors.iter().any(|c| c == connector),
+        }
     }
 }
 
@@ -155,6 +177,27 @@ impl Rule {
                     "path prefix {prefix:?} may not climb with '..' or hold a backslash or control character"
                 ));
             }
+        }
+        for connector in &self.when.path_connectors {
+            if connector.is_empty()
+                || connector.len() > 64
+                || !connector
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "path connector {connector:?} must be a connector's name (1-64 letters, digits, '-' or '_')"
+                ));
+            }
+        }
+        if !self.when.path_connectors.is_empty()
+            && !self.when.path_prefix.iter().any(|p| !p.starts_with('/'))
+        {
+            return Err(
+                "path_connectors names the connectors a relative path_prefix speaks for; \
+                 this rule has no relative path_prefix"
+                    .into(),
+            );
         }
         for host in &self.when.url_host {
             host::Pattern::parse(host)?;
@@ -267,7 +310,7 @@ impl Document {
                     vec![Risk::Write],
                     When {
                         path_prefix: vec!["scratch/".into()],
-                        url_host: Vec::new(),
+                        ..When::default()
                     },
                     "writes inside the run's own scratch/",
                 ),
@@ -449,7 +492,7 @@ impl Rule {
         self.covers(call.tool)
             && self.risk_ok(call.risk)
             && (self.origin.is_empty() || self.origin.iter().any(|o| o == call.origin))
-            && self.when.holds(args, call.schema, self.effect)
+            && self.when.holds(call.tool, args, call.schema, self.effect)
     }
 }
 
@@ -458,6 +501,7 @@ impl When {
     /// tool's `schema`, in a rule with `effect`.
     fn holds(
         &self,
+        tool: &str,
         args: Option<&serde_json::Value>,
         schema: Option<&serde_json::Value>,
         effect: Effect,
@@ -470,14 +514,18 @@ impl When {
             // Arguments the gate cannot read stop a call, and allow none.
             return stops;
         };
-        (self.path_prefix.is_empty() || self.paths_hold(&named, stops))
+        (self.path_prefix.is_empty() || self.paths_hold(tool, &named, stops))
             && (self.url_host.is_empty() || self.hosts_hold(&named, stops))
     }
 
-    fn paths_hold(&self, named: &arguments::Named<'_>, stops: bool) -> bool {
+    fn paths_hold(&self, tool: &str, named: &arguments::Named<'_>, stops: bool) -> bool {
+        // What allows a call reads a relative prefix only for the connectors it speaks
+        // for; what stops one reads every prefix for every connector.
+        let relative = stops || self.relative_prefixes_speak_for(tool);
         let prefixes: Vec<path::Steps> = self
             .path_prefix
             .iter()
+            .filter(|p| relative || p.starts_with('/'))
             .filter_map(|p| path::prefix(p))
             .collect();
         let under = |steps: &path::Steps| prefixes.iter().any(|p| steps.is_under(p));
@@ -535,6 +583,16 @@ impl When {
                  backslashes, lookalike characters or percent-encoding left after decoding)",
                 self.path_prefix.join(" or ")
             ));
+            if self.path_prefix.iter().any(|p| !p.starts_with('/')) {
+                let connectors = match self.path_connectors.is_empty() {
+                    true => RUN_PATH_CONNECTORS.join(", "),
+                    false => self.path_connectors.join(", "),
+                };
+                parts.push(format!(
+                    "a relative path is the run's own only for the {connectors} connector's \
+                     tools"
+                ));
+            }
         }
         if !self.url_host.is_empty() {
             parts.push(format!(

@@ -62,6 +62,72 @@ fn the_builtin_policy_allows_reads_and_scratch_writes_and_asks_for_the_rest() {
     }
 }
 
+/// `scratch/` is the run's own only to the built-in files connector: the filesystem MCP
+/// server resolves the same relative path in its shared folder, so the built-in
+/// `run-writes` allows none of its calls, and a rule may name the connectors it means.
+#[test]
+fn a_relative_prefix_speaks_only_for_the_connectors_that_read_it_in_the_run() {
+    let doc = Document::builtin();
+    let write = |tool, args| doc.decide(call(tool, args, Risk::Write));
+    let ours = write("files.write_file", r#"{"path":"scratch/REPORT.org"}"#);
+    assert_eq!(
+        (ours.effect, ours.rule.as_str()),
+        (Effect::Allow, "run-writes")
+    );
+    let theirs = write("fs.create_directory", r#"{"path":"scratch/REPORT.org"}"#);
+    assert_eq!(
+        (theirs.effect, theirs.rule.as_str()),
+        (Effect::Ask, DEFAULT_RULE)
+    );
+    assert!(
+        theirs
+            .reason
+            .contains("a relative path is the run's own only for the files connector's tools"),
+        "{}",
+        theirs.reason
+    );
+
+    let named = Document::parse(
+        r#"{"default": "ask", "rules": [
+            {"name": "shared", "effect": "allow", "risk": ["write"],
+             "when": {"path_prefix": ["scratch/", "/srv/shared/"], "path_connectors": ["fs"]}},
+            {"name": "no-scratch", "effect": "deny", "tools": ["files.*"],
+             "when": {"path_prefix": ["scratch/secret/"], "path_connectors": ["fs"]}}
+        ]}"#,
+    )
+    .unwrap();
+    let decide = |tool, args| named.decide(call(tool, args, Risk::Write)).effect;
+    assert_eq!(
+        decide("fs.write_file", r#"{"path":"scratch/a"}"#),
+        Effect::Allow
+    );
+    // Named, fs speaks for the prefix, and files no longer does.
+    assert_eq!(
+        decide("files.write_file", r#"{"path":"scratch/a"}"#),
+        Effect::Ask
+    );
+    // An absolute prefix speaks for every connector.
+    assert_eq!(
+        decide("files.write_file", r#"{"path":"/srv/shared/a"}"#),
+        Effect::Allow
+    );
+    // What stops a call reads every prefix for every connector.
+    assert_eq!(
+        decide("files.write_file", r#"{"path":"scratch/secret/a"}"#),
+        Effect::Deny
+    );
+
+    let refused = |text: &str| Document::parse(text).unwrap_err().to_string();
+    let err = refused(
+        r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow", "when": {"path_prefix": ["/srv/"], "path_connectors": ["fs"]}}]}"#,
+    );
+    assert!(err.contains("no relative path_prefix"), "{err}");
+    let err = refused(
+        r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow", "when": {"path_prefix": ["scratch/"], "path_connectors": ["f s"]}}]}"#,
+    );
+    assert!(err.contains("connector's name"), "{err}");
+}
+
 #[test]
 fn rules_match_on_tool_risk_origin_and_arguments() {
     let doc = Document::parse(

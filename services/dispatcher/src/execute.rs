@@ -64,6 +64,10 @@ const DELTA_BYTES: usize = 2048;
 /// How often a run waiting for approval looks at its log when its feed is quiet.
 const APPROVAL_POLL: Duration = Duration::from_secs(5);
 
+/// How many times one model request is made when it times out, while the run's
+/// deadline leaves time (the deadline cuts any of them short).
+const MODEL_TRIES: u32 = 3;
+
 /// How long the stop watcher trusts a quiet feed before it reads the log itself.
 const STOP_WATCH_QUIET: Duration = Duration::from_secs(5);
 
@@ -259,23 +263,50 @@ impl Exec<'_> {
         Stop::Stopped(stop_reason(stop))
     }
 
+    /// The plan and its leaves, within the run's deadline: the kill switch is a wall
+    /// for the whole run, armed when the run is requested, so an author stuck on a slow
+    /// model is cut by it as a leaf would be.
     async fn drive_plan(&mut self) -> Result<Vec<TallyEntry>, Stop> {
         let requested = self.requested().await?;
-        let plan = self.plan(&requested).await?;
         // The log is read back, not trusted to be sane: a timeout beyond the longest a
         // goal may ask for is held to that.
         let timeout = match requested.timeout_ms {
             0 => DEFAULT_TIMEOUT,
             ms => Duration::from_millis(ms.min(MAX_TIMEOUT_MS)),
         };
-        let deadline = self.started(timeout).await?;
-        match tokio::time::timeout_at(deadline, self.leaves(&requested, &plan)).await {
+        let deadline_ms = self.deadline_ms(timeout);
+        let left = deadline_ms.saturating_sub(now_unix_ms()).max(0) as u64;
+        let wall = tokio::time::Instant::now() + Duration::from_millis(left);
+        let work = async {
+            let plan = self.plan(&requested).await?;
+            self.started(deadline_ms).await?;
+            self.leaves(&requested, &plan).await
+        };
+        match tokio::time::timeout_at(wall, work).await {
             Ok(result) => result,
             Err(_) if self.waiting_for_approval() => {
                 Err(Stop::Blocked("timed out waiting for approval".into()))
             }
+            Err(_) if self.find(as_plan).is_none() => Err(Stop::Blocked(format!(
+                "timed out after {} while the plan was being written",
+                human(timeout)
+            ))),
             Err(_) => Err(Stop::Blocked(format!("timed out after {}", human(timeout)))),
         }
+    }
+
+    /// When the run's time is up, in Unix milliseconds: `timeout` after it was
+    /// requested (its first event), or the deadline its start recorded.
+    fn deadline_ms(&self, timeout: Duration) -> i64 {
+        if let Some(started) = self.find(as_started) {
+            return started.deadline_unix_ms;
+        }
+        let requested_at = self
+            .run
+            .events()
+            .first()
+            .map_or_else(now_unix_ms, |e| e.event.time_unix_ms);
+        requested_at.saturating_add(timeout.as_millis() as i64)
     }
 
     async fn requested(&mut self) -> Result<RunRequested, Stop> {
@@ -312,20 +343,34 @@ impl Exec<'_> {
             let tools = self.ctx.offer.current().await.specs();
             let goal = dispatch_runlog::submit::prompt_goal(requested);
             let span = telemetry::model_span(provider.name(), "author");
-            let mut answer = provider
-                .author(AuthorRequest {
-                    goal: goal.clone(),
-                    grammar: dispatch_plan::GRAMMAR,
-                    retry,
-                    temperature: AUTHOR_TEMPERATURE,
-                    tools,
-                })
-                .instrument(span.clone())
-                .await
-                .map_err(|e| {
-                    span.record("otel.status_code", "ERROR");
-                    Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS))
-                })?;
+            let request = AuthorRequest {
+                goal: goal.clone(),
+                grammar: dispatch_plan::GRAMMAR,
+                retry,
+                temperature: AUTHOR_TEMPERATURE,
+                tools,
+            };
+            let mut timeouts = 0;
+            let mut answer = loop {
+                match provider
+                    .author(request.clone())
+                    .instrument(span.clone())
+                    .await
+                {
+                    Err(dispatch_models::Error::TimedOut { message, .. })
+                        if timeouts + 1 < MODEL_TRIES =>
+                    {
+                        timeouts += 1;
+                        tracing::warn!(run_id = %self.run.run_id(), timeouts, reason = %message, "the author model timed out; asking again within the run's deadline");
+                    }
+                    answer => {
+                        break answer.map_err(|e| {
+                            span.record("otel.status_code", "ERROR");
+                            Stop::Blocked(slice_chars(&e.to_string(), SUMMARY_CHARS))
+                        })?;
+                    }
+                }
+            };
             telemetry::model_used(&span, provider.name(), answer.usage);
             // Nothing a model writes keeps a secret it may have come by.
             answer.text = self.ctx.known.scrub(&answer.text);
@@ -397,15 +442,15 @@ impl Exec<'_> {
         }
     }
 
-    /// Records the start and returns the run's deadline as an instant.
-    async fn started(&mut self, timeout: Duration) -> Result<tokio::time::Instant, Stop> {
+    /// Records the start, with the run's deadline, and makes its scratch directory.
+    async fn started(&mut self, deadline_unix_ms: i64) -> Result<(), Stop> {
         let body = Body::RunStarted(RunStarted {
             owner: self.ctx.owner.clone(),
-            deadline_unix_ms: now_unix_ms().saturating_add(timeout.as_millis() as i64),
+            deadline_unix_ms,
             ..Default::default()
         });
         let first_start = self.find(as_started).is_none();
-        let started = self.ensure(as_started, body).await?;
+        self.ensure(as_started, body).await?;
         if first_start {
             telemetry::metrics()
                 .started
@@ -414,11 +459,7 @@ impl Exec<'_> {
         let scratch = layout::run_dir(&self.ctx.workspace, self.run.run_id()).join(layout::SCRATCH);
         std::fs::create_dir_all(&scratch)
             .map_err(|e| Stop::Blocked(format!("cannot create {}: {e}", scratch.display())))?;
-        let left = started
-            .deadline_unix_ms
-            .saturating_sub(now_unix_ms())
-            .clamp(0, MAX_TIMEOUT_MS as i64) as u64;
-        Ok(tokio::time::Instant::now() + Duration::from_millis(left))
+        Ok(())
     }
 
     async fn leaves(
@@ -489,8 +530,6 @@ impl Exec<'_> {
         mut request: TurnRequest,
     ) -> Result<(TurnReply, Option<u32>), Stop> {
         let provider = self.ctx.providers.worker.clone();
-        let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel();
-        request.deltas = Some(sink);
         // A part this turn streamed before (a resumed run) is void: end it, go on in
         // the next one.
         let earlier = self
@@ -512,42 +551,24 @@ impl Exec<'_> {
         }
         let span = telemetry::model_span(provider.name(), "turn");
         let prompt = telemetry::capture_content().then(|| format!("{:?}", request.history.last()));
-        let mut reply = std::pin::pin!(provider.turn(request).instrument(span.clone()));
-        // First flush after DELTA_EVERY: an answer quicker than that is not streamed
-        // at all (no events beyond its ModelTurn).
-        let mut every =
-            tokio::time::interval_at(tokio::time::Instant::now() + DELTA_EVERY, DELTA_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut timeouts = 0;
         let reply = loop {
-            tokio::select! {
-                biased;
-                reply = &mut reply => break reply,
-                Some(delta) = deltas.recv() => match delta {
-                    Delta::Text(text) => {
-                        // Scrubbed as it streams: what could still become part of a
-                        // secret waits for the text after it.
-                        let safe = part.scrubbed.push(&text, &self.ctx.known);
-                        part.pending.push_str(&safe);
-                        if part.pending.len() >= DELTA_BYTES {
-                            self.flush(&mut part).await?;
-                        }
-                    }
-                    Delta::Restart => self.abandon(&mut part).await?,
-                },
-                _ = every.tick() => self.flush(&mut part).await?,
+            let (sink, deltas) = tokio::sync::mpsc::unbounded_channel();
+            request.deltas = Some(sink);
+            let asked = provider.turn(request.clone()).instrument(span.clone());
+            match self.stream_into(&mut part, asked, deltas).await? {
+                Err(dispatch_models::Error::TimedOut { message, .. })
+                    if timeouts + 1 < MODEL_TRIES =>
+                {
+                    timeouts += 1;
+                    tracing::warn!(run_id = %self.run.run_id(), leaf, turn, timeouts, reason = %message, "the worker model timed out; asking again within the run's deadline");
+                    // What this answer streamed is void; the next starts a new part.
+                    part.scrubbed = Default::default();
+                    self.abandon(&mut part).await?;
+                }
+                reply => break reply,
             }
         };
-        while let Ok(delta) = deltas.try_recv() {
-            match delta {
-                Delta::Text(text) => {
-                    let safe = part.scrubbed.push(&text, &self.ctx.known);
-                    part.pending.push_str(&safe);
-                }
-                Delta::Restart => self.abandon(&mut part).await?,
-            }
-        }
-        let rest = part.scrubbed.finish(&self.ctx.known);
-        part.pending.push_str(&rest);
         let mut reply = match reply {
             Ok(reply) => reply,
             Err(e) => {
@@ -576,6 +597,55 @@ impl Exec<'_> {
             return Ok((reply, None));
         }
         Ok((reply, Some(part.part)))
+    }
+
+    /// Waits for `asked`, appending the text it streams to `part` as it comes
+    /// (scrubbed of secrets), and returns its answer.
+    async fn stream_into(
+        &mut self,
+        part: &mut Part,
+        asked: impl std::future::Future<Output = Result<TurnReply, dispatch_models::Error>>,
+        mut deltas: tokio::sync::mpsc::UnboundedReceiver<Delta>,
+    ) -> Result<Result<TurnReply, dispatch_models::Error>, Stop> {
+        let mut asked = std::pin::pin!(asked);
+        // First flush after DELTA_EVERY: an answer quicker than that is not streamed
+        // at all (no events beyond its ModelTurn).
+        let mut every =
+            tokio::time::interval_at(tokio::time::Instant::now() + DELTA_EVERY, DELTA_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reply = loop {
+            tokio::select! {
+                biased;
+                reply = &mut asked => break reply,
+                Some(delta) = deltas.recv() => match delta {
+                    Delta::Text(text) => {
+                        // Scrubbed as it streams: what could still become part of a
+                        // secret waits for the text after it.
+                        let safe = part.scrubbed.push(&text, &self.ctx.known);
+                        part.pending.push_str(&safe);
+                        if part.pending.len() >= DELTA_BYTES {
+                            self.flush(part).await?;
+                        }
+                    }
+                    Delta::Restart => self.abandon(part).await?,
+                },
+                _ = every.tick() => self.flush(part).await?,
+            }
+        };
+        while let Ok(delta) = deltas.try_recv() {
+            match delta {
+                Delta::Text(text) => {
+                    let safe = part.scrubbed.push(&text, &self.ctx.known);
+                    part.pending.push_str(&safe);
+                }
+                Delta::Restart => self.abandon(part).await?,
+            }
+        }
+        if reply.is_ok() {
+            let rest = part.scrubbed.finish(&self.ctx.known);
+            part.pending.push_str(&rest);
+        }
+        Ok(reply)
     }
 
     /// Appends the text gathered in `part`, if any; text not appended stays gathered
@@ -700,7 +770,26 @@ impl Exec<'_> {
                 });
                 continue;
             }
+            // A call asked for twice in one turn (same tool, same canonical arguments)
+            // runs once; the model is told that the second was the same call.
+            let mut asked: Vec<(ToolCall, &str)> = Vec::new();
             for call in &model_turn.tool_calls {
+                let form = self.recorded_form(call);
+                if let Some((_, first)) = asked
+                    .iter()
+                    .find(|(a, _)| a.tool == form.tool && a.args_json == form.args_json)
+                {
+                    history.push(Exchange::ToolResult {
+                        call_id: call.call_id.clone(),
+                        tool: call.tool.clone(),
+                        result: Ok(format!(
+                            "not run: this is the same call as {first}, made once in this \
+                             turn; its result is above"
+                        )),
+                    });
+                    continue;
+                }
+                asked.push((form, &call.call_id));
                 let result = self.tool_call(leaf.index, call).await?;
                 failed_call = result
                     .as_ref()

@@ -933,8 +933,9 @@ async fn run_or_goal(state: &State, query: GetRunRequest) -> Reply<RunView> {
         return found;
     }
     match dispatch_runlog::submit::find_goal(&state.bus, &run_id).await {
-        Ok(Some(goal)) => Ok(RunView::queued(&goal)),
-        Ok(None) => found,
+        // Read as the views read goals: one that does not name its own run is none.
+        Ok(Some(goal)) if goal.run_id == run_id.to_string() => Ok(RunView::queued(&goal)),
+        Ok(_) => found,
         Err(e) => Err(QueryError::Unavailable(e.to_string())),
     }
 }
