@@ -434,6 +434,137 @@ async fn the_scratch_rule_does_not_allow_the_filesystem_server_s_relative_writes
     Ok(())
 }
 
+/// A gate sees what a run did outside its directory through one read-only call, made
+/// through the policy: it passes on the filesystem server's read (and on the text the
+/// read holds), and fails closed on a write tool, a denied read and a read the policy
+/// would only ask a person about, none of which runs.
+#[tokio::test]
+async fn a_call_gate_passes_on_a_real_read_and_fails_closed_on_anything_else() -> anyhow::Result<()>
+{
+    let shared = tempfile::tempdir()?;
+    std::fs::write(
+        shared.path().join("CHANGELOG.txt"),
+        "v1.0: the first release\n",
+    )?;
+    let config = format!(
+        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
+        servers_dir()
+            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
+            .display()
+            .to_string(),
+        shared.path().display().to_string(),
+    );
+    let mut stack = Stack::start(&["ledger"]).await?;
+    std::fs::write(stack.root().join("dispatch.toml"), &config)?;
+    let policy = stack.root().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default": "deny", "rules": [
+  {"name": "no-listing", "effect": "deny", "tools": ["fs.list_directory"]},
+  {"name": "ask-tree", "effect": "ask", "tools": ["fs.directory_tree"]},
+  {"name": "fs-reads", "effect": "allow", "tools": ["fs.*"], "risk": ["read"]},
+  {"name": "fs-writes", "effect": "allow", "tools": ["fs.write_file"]}
+]}"#,
+    )?;
+    stack
+        .add_with("policy", &["--policy", policy.to_str().unwrap()])
+        .await?;
+    stack.add("connectors").await?;
+    stack.add("dispatcher").await?;
+    wait_for_tool(&stack, "fs.get_file_info").await?;
+
+    let changelog = shared.path().join("CHANGELOG.txt");
+    let written = shared.path().join("out.txt");
+    let args = |path: &Path| serde_json::json!({ "path": path }).to_string();
+    let gates = [
+        format!("call fs.get_file_info {}", args(&changelog)),
+        format!(
+            "call fs.read_text_file {} contains \"v1.0\"",
+            args(&changelog)
+        ),
+        format!(
+            "call fs.read_text_file {} contains \"v9.9\"",
+            args(&changelog)
+        ),
+        format!(
+            "call fs.write_file {}",
+            serde_json::json!({ "path": written, "content": "x" })
+        ),
+        format!("call fs.list_directory {}", args(shared.path())),
+        format!("call fs.directory_tree {}", args(shared.path())),
+    ];
+    let mut plan = "#+TITLE: Look outside\n".to_owned();
+    for (i, gate) in gates.iter().enumerate() {
+        plan.push_str(&format!("* TODO Check {i}\n  :done-when: {gate}\n"));
+    }
+    let run_id = stack.submit(&plan, "default", 60_000).await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    // Each leaf's first check, as recorded.
+    let first: Vec<(bool, String)> = (0..gates.len())
+        .map(|i| {
+            bodies(&events)
+                .find_map(|b| match b {
+                    Body::GateChecked(g) if g.check_id == format!("gate-l{i}") => {
+                        Some((g.passed, g.detail.clone()))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("gate {i} was not checked"))
+        })
+        .collect();
+    assert!(
+        first[0].0 && first[0].1.starts_with("fs.get_file_info returned: "),
+        "{:?}",
+        first[0]
+    );
+    assert!(
+        first[1].0 && first[1].1.contains("v1.0: the first release"),
+        "{:?}",
+        first[1]
+    );
+    assert!(
+        !first[2].0
+            && first[2]
+                .1
+                .starts_with("fs.read_text_file returned no \"v9.9\""),
+        "{:?}",
+        first[2]
+    );
+    assert!(
+        !first[3].0
+            && first[3]
+                .1
+                .contains("rule gate: a gate may only read, and fs.write_file is destructive"),
+        "{:?}",
+        first[3]
+    );
+    assert!(
+        !first[4].0 && first[4].1.contains("rule no-listing"),
+        "{:?}",
+        first[4]
+    );
+    assert!(
+        !first[5].0 && first[5].1.contains("rule gate: a gate's call runs only when the policy allows it outright; rule ask-tree would ask"),
+        "{:?}",
+        first[5]
+    );
+    // Nothing was written, nobody was asked, and no gate's call ran as a tool call.
+    assert!(!written.exists());
+    assert!(!bodies(&events).any(|b| matches!(b, Body::ApprovalRequested(_))));
+    assert!(
+        !bodies(&events)
+            .any(|b| matches!(b, Body::ToolCallStarted(_) | Body::ToolCallCompleted(_)))
+    );
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(
+        end.reason.starts_with("4 of 6 steps failed: step 3 "),
+        "{}",
+        end.reason
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_http_read_is_only_a_read_when_it_is_one() -> anyhow::Result<()> {
     use std::sync::Arc;

@@ -10,6 +10,10 @@
 //! crash is the same chunk, and any copy of the streamer produces the same stream.
 
 use dispatch_proto::run::v1::{Decision, LeafState, RunEvent, TallyEntry, run_event::Body};
+
+/// How the call id of a gate's call starts (the gate's check id, `gate-l<leaf>[-<n>]`);
+/// a model's calls are `l<leaf>-t<turn>-c<n>`.
+const GATE_CALL_PREFIX: &str = "gate-";
 use serde_json::{Value, json};
 
 /// Most characters of a goal, a report or a tool's output put in one chunk; the rest
@@ -80,6 +84,9 @@ pub fn of(run_id: &str, event: &RunEvent) -> Vec<Value> {
                 json!({"type": "text-end", "id": id}),
             ]
         }
+        // A gate's call is the gate's business, not a tool call of the model's.
+        Body::ToolCallRequested(c) if c.gate => Vec::new(),
+        Body::PolicyDecided(d) if d.call_id.starts_with(GATE_CALL_PREFIX) => Vec::new(),
         Body::ToolCallRequested(c) => vec![json!({
             "type": "tool-input-available",
             "toolCallId": c.call_id,

@@ -7,6 +7,10 @@
 //! else (an unknown command, pipes, redirections, `$`, globs, paths leaving the run
 //! directory) is an error, so the gate fails closed.
 //!
+//! What a run did outside its directory is seen by a gate of another form, whole on
+//! its own: `call <connector.tool> <json> [contains <text>]`, a read-only tool call
+//! made through the policy like any other ([`CallCheck`]).
+//!
 //! A gate is also bounded: at most [`MAX_GATE_BYTES`] bytes and [`MAX_COMMANDS`]
 //! commands, and `!` may not be stacked more than [`MAX_NEGATIONS`] deep. The parser
 //! never recurses, and the bounds keep the tree shallow enough that walking it cannot
@@ -23,7 +27,9 @@ pub const MAX_NEGATIONS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GateError {
-    #[error("unknown command {0:?}: gates may use test, [, grep, ls, cat, true, false")]
+    #[error(
+        "unknown command {0:?}: gates may use test, [, grep, ls, cat, true, false, or be one `call <tool> <json>` of a read-only tool"
+    )]
     UnknownCommand(String),
     #[error("unsupported shell syntax {0:?}: gates are not run by a shell")]
     Unsupported(String),
@@ -76,7 +82,25 @@ pub enum Check {
     /// `test a = b` (true) / `test a != b` (false)
     StringEquals(String, String, bool),
     Grep(Grep),
+    /// `call <connector.tool> <json> [contains <text>]`: passes when the read-only call
+    /// succeeds (and its result holds the text). It is a whole gate on its own, checked
+    /// through the policy and run by the connectors, never by this interpreter.
+    Call(CallCheck),
 }
+
+/// A gate that asks a read-only tool what the run did outside its own directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallCheck {
+    /// The namespaced tool, `fs.get_file_info`.
+    pub tool: String,
+    /// The arguments: one JSON object, as written.
+    pub args_json: String,
+    /// Text the call's result must hold, if any.
+    pub contains: Option<String>,
+}
+
+/// The word a call gate starts with.
+pub const CALL: &str = "call";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grep {
@@ -100,6 +124,11 @@ pub fn parse(source: &str) -> Result<Gate, GateError> {
             source.len()
         )));
     }
+    if let Some(rest) = source.trim_start().strip_prefix(CALL)
+        && rest.starts_with(char::is_whitespace)
+    {
+        return call(rest).map(Gate::Check);
+    }
     let tokens = tokenize(source)?;
     let operators = tokens
         .iter()
@@ -122,7 +151,84 @@ pub fn parse(source: &str) -> Result<Gate, GateError> {
     Ok(gate)
 }
 
+/// `<connector.tool> <json object> [contains <text>]`, after `call`.
+fn call(rest: &str) -> Result<Check, GateError> {
+    let rest = rest.trim_start();
+    let (tool, rest) = rest
+        .split_once(char::is_whitespace)
+        .ok_or_else(|| GateError::Syntax("call takes a tool and its arguments as JSON".into()))?;
+    let named = tool.split_once('.').is_some_and(|(connector, name)| {
+        let ok = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 64
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        ok(connector) && ok(name)
+    });
+    if !named {
+        return Err(GateError::Syntax(format!(
+            "call names {tool:?}; a tool is named <connector>.<tool>, as the catalogue lists it"
+        )));
+    }
+    let mut values = serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
+    let args = match values.next() {
+        Some(Ok(value @ serde_json::Value::Object(_))) => value,
+        Some(Ok(_)) | None => {
+            return Err(GateError::Syntax(
+                "call's arguments are one JSON object, such as {\"path\": \"/srv/a.txt\"}".into(),
+            ));
+        }
+        Some(Err(e)) => {
+            return Err(GateError::Syntax(format!(
+                "call's arguments are not JSON: {e}"
+            )));
+        }
+    };
+    let after = rest[values.byte_offset()..].trim();
+    let contains = match after {
+        "" => None,
+        _ => {
+            let text = after
+                .strip_prefix("contains")
+                .filter(|t| t.starts_with(char::is_whitespace))
+                .map(str::trim)
+                .ok_or_else(|| {
+                    GateError::Syntax(format!(
+                        "unexpected {after:?} after the call's arguments; only `contains <text>` may follow"
+                    ))
+                })?;
+            let unquoted = match text.as_bytes() {
+                [b'"', .., b'"'] | [b'\'', .., b'\''] if text.len() >= 2 => {
+                    &text[1..text.len() - 1]
+                }
+                _ => text,
+            };
+            if unquoted.is_empty() {
+                return Err(GateError::Syntax(
+                    "contains needs the text to look for".into(),
+                ));
+            }
+            Some(unquoted.to_owned())
+        }
+    };
+    Ok(Check::Call(CallCheck {
+        tool: tool.to_owned(),
+        args_json: args.to_string(),
+        contains,
+    }))
+}
+
 impl Gate {
+    /// The call this gate makes, if it is a call gate.
+    pub fn call(&self) -> Option<&CallCheck> {
+        match self {
+            Gate::Check(Check::Call(call)) => Some(call),
+            _ => None,
+        }
+    }
+
     /// Every path the gate looks at, in order.
     pub fn paths(&self) -> Vec<&str> {
         let mut out = Vec::new();
@@ -459,6 +565,46 @@ mod tests {
             let err = parse(source).unwrap_err();
             assert_eq!(err.code(), code, "{source:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_call_gate_names_a_tool_its_arguments_and_what_the_result_holds() {
+        let call = |source: &str| parse(source).map(|g| g.call().cloned());
+        assert_eq!(
+            call(r#"call fs.get_file_info {"path": "/srv/docs/CHANGELOG.txt"}"#).unwrap(),
+            Some(CallCheck {
+                tool: "fs.get_file_info".into(),
+                args_json: r#"{"path":"/srv/docs/CHANGELOG.txt"}"#.into(),
+                contains: None,
+            })
+        );
+        let with_text =
+            call(r#"  call fs.read_text_file {"path": "/a b/c"} contains "v1.0 (final)""#).unwrap();
+        assert_eq!(with_text.unwrap().contains.as_deref(), Some("v1.0 (final)"));
+        let bare = call(r#"call web.fetch {"url": "http://x/"} contains BoxFleet"#).unwrap();
+        assert_eq!(bare.unwrap().contains.as_deref(), Some("BoxFleet"));
+        assert_eq!(call("test -s scratch/a").unwrap(), None);
+        for (source, said) in [
+            ("call", "unknown command"),
+            ("call fs.get_file_info", "a tool and its arguments"),
+            (r#"call get_file_info {"path": "/a"}"#, "<connector>.<tool>"),
+            (r#"call fs.x ["/a"]"#, "one JSON object"),
+            (r#"call fs.x {"path": "/a""#, "not JSON"),
+            (
+                r#"call fs.x {"path": "/a"} && rm -rf /"#,
+                "only `contains <text>` may follow",
+            ),
+            (
+                r#"call fs.x {} contains"#,
+                "only `contains <text>` may follow",
+            ),
+            (r#"call fs.x {} contains """#, "the text to look for"),
+        ] {
+            let error = parse(source).unwrap_err().to_string();
+            assert!(error.contains(said), "{source}: {error}");
+        }
+        // A call is no file the offline worker or the interpreter could make pass.
+        assert!(parse(r#"call fs.x {}"#).unwrap().paths().is_empty());
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl Rule {
                 "rule name {name:?} must be 1-64 letters, digits, '-' or '_'"
             ));
         }
-        if name == DEFAULT_RULE || name == MEMO_RULE || name == ARGUMENTS_RULE {
+        if [DEFAULT_RULE, MEMO_RULE, ARGUMENTS_RULE, GATE_RULE].contains(&name.as_str()) {
             return Err(format!("{name:?} is a name the gate uses itself"));
         }
         for pattern in &self.tools {
@@ -224,6 +224,9 @@ pub use dispatch_proto::run::v1::MEMO_RULE;
 /// key given twice, not one JSON object, too big): such a call is never judged by the
 /// document.
 pub const ARGUMENTS_RULE: &str = "arguments";
+/// The rule name a denial carries when a gate's call is one a gate may not make: not a
+/// read, or one the document would not allow outright (a gate never waits for a person).
+pub const GATE_RULE: &str = "gate";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -269,8 +269,12 @@ fn bad_documents_are_refused_with_where_and_why() {
         r#"{"default": "deny", "rules": [{"name": "x", "effect": "allow"}, {"name": "x", "effect": "deny"}]}"#,
     );
     assert!(err.contains("both named \"x\""), "{err}");
-    let err = refused(r#"{"default": "deny", "rules": [{"name": "default", "effect": "allow"}]}"#);
-    assert!(err.contains("uses itself"), "{err}");
+    for name in ["default", "gate", "arguments"] {
+        let err = refused(&format!(
+            r#"{{"default": "deny", "rules": [{{"name": "{name}", "effect": "allow"}}]}}"#
+        ));
+        assert!(err.contains("uses itself"), "{err}");
+    }
     let err = refused(
         r#"{"default": "deny", "rules": [{"name": "x", "effect": "ask", "approval_ttl_ms": 0}]}"#,
     );

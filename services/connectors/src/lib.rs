@@ -236,6 +236,15 @@ impl Registry {
         }
     }
 
+    /// The catalogue entry this copy serves for `tool` now, if any.
+    fn entry(&self, tool: &str) -> Option<ToolEntry> {
+        let (connector, _) = tool.split_once('.')?;
+        match self.servers.get(connector) {
+            Some(server) => server.tools().into_iter().find(|e| e.name == tool),
+            None => self.builtin_entries().into_iter().find(|e| e.name == tool),
+        }
+    }
+
     fn names(&self) -> Vec<&str> {
         let mut names = vec![files::CONNECTOR];
         if self.test_tools {
@@ -710,9 +719,14 @@ async fn check_gate(ctx: &Context, check: &CheckGate) -> Result<(), Rejected> {
     }
     let run_dir = layout::run_dir(&ctx.workspace, &run_id);
     let source = check.command.clone();
-    let outcome = tokio::task::spawn_blocking(move || gate::check(&run_dir, &source))
-        .await
-        .map_err(|e| Rejected::Malformed(format!("gate panicked: {e}")))?;
+    let outcome = match dispatch_plan::gate::parse(&source) {
+        Ok(parsed) if parsed.call().is_some() => {
+            call_gate(ctx, &run_id, &run, check_id, &check.command).await
+        }
+        _ => tokio::task::spawn_blocking(move || gate::check(&run_dir, &source))
+            .await
+            .map_err(|e| Rejected::Malformed(format!("gate panicked: {e}")))?,
+    };
     tracing::info!(run_id = %run_id, check_id, passed = outcome.passed, "gate checked");
     let body = Body::GateChecked(GateChecked {
         leaf: check.leaf,
@@ -722,4 +736,95 @@ async fn check_gate(ctx: &Context, check: &CheckGate) -> Result<(), Rejected> {
         check_id: check_id.to_owned(),
     });
     record(&mut run, has_result, body, check_id).await
+}
+
+/// The most of a call gate's result quoted as its evidence, in characters.
+const EVIDENCE_CHARS: usize = 400;
+
+/// Checks a `call …` gate: the call the run's log requested for it (its call id is the
+/// check's id) runs only if the policy allowed it and this copy's catalogue says it
+/// reads; it passes when the call succeeds and its result holds the gate's text.
+/// Anything else fails closed, saying why.
+async fn call_gate(
+    ctx: &Context,
+    run_id: &RunId,
+    run: &RunHandle,
+    check_id: &str,
+    source: &str,
+) -> gate::Outcome {
+    let failed = |detail: String| gate::Outcome {
+        passed: false,
+        detail,
+    };
+    let requested = run.bodies().find_map(|b| match b {
+        Body::ToolCallRequested(r) if r.call_id == check_id && r.gate => Some(r.clone()),
+        _ => None,
+    });
+    let Some(requested) = requested else {
+        return failed("the run's log never requested the gate's call".into());
+    };
+    // The gate's text, which the dispatcher sent, names the same tool and what the
+    // result must hold.
+    let named = dispatch_plan::gate::parse(source)
+        .ok()
+        .and_then(|g| g.call().map(|c| (c.tool.clone(), c.contains.clone())));
+    let Some((tool, contains)) = named.filter(|(tool, _)| *tool == requested.tool) else {
+        return failed("the gate's call is not the one its gate names".into());
+    };
+    let decided = run.bodies().find_map(|b| match b {
+        Body::PolicyDecided(d) if d.call_id == check_id => Some(d.clone()),
+        _ => None,
+    });
+    match decided {
+        Some(d) if d.decision() == Decision::Allow => {}
+        Some(d) => {
+            return failed(format!(
+                "the policy did not allow the gate's call {tool}: rule {}: {}",
+                d.rule, d.reason
+            ));
+        }
+        None => return failed(format!("the policy never decided the gate's call {tool}")),
+    }
+    match ctx.registry.entry(&tool) {
+        Some(entry) if entry.risk_of_call(&requested.args_json) == catalogue::Risk::Read => {}
+        Some(entry) => {
+            return failed(format!(
+                "a gate may only read, and {tool} is {}",
+                entry.risk_of_call(&requested.args_json).word()
+            ));
+        }
+        None => return failed(format!("no connector here serves {tool}")),
+    }
+    if let Err(why) = dispatch_runlog::args::is_canonical(&requested.args_json) {
+        return failed(format!("the gate's call's arguments are refused: {why}"));
+    }
+    let result = ctx
+        .registry
+        .call(
+            &ctx.workspace,
+            ctx.secrets.as_deref(),
+            run_id,
+            check_id,
+            &tool,
+            &requested.args_json,
+        )
+        .await;
+    match result {
+        Ok(output) => {
+            let quoted = dispatch_runlog::slice_chars(&output, EVIDENCE_CHARS);
+            match &contains {
+                Some(text) if !output.contains(text.as_str()) => {
+                    failed(format!("{tool} returned no {text:?}: {quoted}"))
+                }
+                _ => gate::Outcome {
+                    passed: true,
+                    detail: format!("{tool} returned: {quoted}"),
+                },
+            }
+        }
+        Err(error) => failed(format!(
+            "{tool} failed: {}",
+            dispatch_runlog::slice_chars(&error, EVIDENCE_CHARS)
+        )),
+    }
 }

@@ -973,6 +973,7 @@ impl Exec<'_> {
             tool: call.tool.clone(),
             args_json: call.args_json.clone(),
             risk: risk as i32,
+            gate: false,
         });
         self.ensure(requested_call(&call_id), requested).await?;
         let at_request = self.position(requested_call(&call_id));
@@ -1139,7 +1140,9 @@ impl Exec<'_> {
             let Body::ToolCallRequested(earlier) = b else {
                 return None;
             };
-            if earlier.call_id == call.call_id
+            // A gate's call is denied by rules of its own.
+            if earlier.gate
+                || earlier.call_id == call.call_id
                 || earlier.tool != call.tool
                 || normalized(&earlier.args_json) != same
             {
@@ -1199,17 +1202,85 @@ impl Exec<'_> {
     }
 
     async fn check_gate(&mut self, leaf: &PlanLeaf, check_id: String) -> Result<GateChecked, Stop> {
+        // A call gate's call is requested and decided like any call, and then checked
+        // by the connectors, which make it only if it was allowed as a read.
+        // Its result can only come after what this copy has read.
+        let mut from_stream_seq = self.run.events().last().map_or(0, |e| e.stream_seq);
+        if let Ok(gate) = dispatch_plan::gate::parse(&leaf.done_when)
+            && let Some(call) = gate.call()
+        {
+            self.gate_call(leaf.index, &check_id, call).await?;
+            // The connectors read the call's request and decision too.
+            from_stream_seq = self.position(requested_call(&check_id));
+        }
         let command = CheckGate {
             run_id: self.command.run_id.clone(),
             check_id: check_id.clone(),
             leaf: leaf.index,
             command: leaf.done_when.clone(),
-            // Its result can only come after what this copy has read.
-            from_stream_seq: self.run.events().last().map_or(0, |e| e.stream_seq),
+            from_stream_seq,
         };
         self.send(subject::cmd::gate(), &check_id, &command).await?;
         self.wait_for(Awaited::Gate(&check_id), gate_for(&check_id))
             .await
+    }
+
+    /// Requests the call of a leaf's call gate (its call id is the check's id) and waits
+    /// for the policy's decision on it. Whatever the decision, the gate is then checked:
+    /// the connectors fail it closed if the call may not run.
+    async fn gate_call(
+        &mut self,
+        leaf: u32,
+        check_id: &str,
+        call: &dispatch_plan::gate::CallCheck,
+    ) -> Result<(), Stop> {
+        if self.find(decision_for(check_id)).is_some() {
+            return Ok(());
+        }
+        let form = self.recorded_form(&ToolCall {
+            call_id: check_id.to_owned(),
+            tool: call.tool.clone(),
+            args_json: call.args_json.clone(),
+        });
+        let risk = match self.find(requested_call(check_id)) {
+            Some(()) => Risk::Unspecified,
+            None => risk_of(
+                self.ctx
+                    .offer
+                    .current()
+                    .await
+                    .risk(&form.tool, &form.args_json),
+            ),
+        };
+        let requested = Body::ToolCallRequested(ToolCallRequested {
+            call_id: check_id.to_owned(),
+            leaf,
+            tool: form.tool.clone(),
+            args_json: form.args_json.clone(),
+            risk: risk as i32,
+            gate: true,
+        });
+        self.ensure(requested_call(check_id), requested).await?;
+        let command = CheckPolicy {
+            run_id: self.command.run_id.clone(),
+            call_id: check_id.to_owned(),
+            tool: form.tool.clone(),
+            args_json: form.args_json.clone(),
+            from_stream_seq: self.position(requested_call(check_id)),
+            origin: self
+                .find(as_requested)
+                .map(|r| r.origin)
+                .unwrap_or_default(),
+        };
+        self.send(
+            subject::cmd::policy(),
+            &format!("{check_id}/policy"),
+            &command,
+        )
+        .await?;
+        self.wait_for(Awaited::Policy(check_id), decision_for(check_id))
+            .await?;
+        Ok(())
     }
 
     /// Publishes a command for this run. Its message id is `<run_id>/<key>`, so sending it

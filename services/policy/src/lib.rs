@@ -451,6 +451,34 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
                     approval_ttl_ms: None,
                 },
             };
+            // A gate's call is a read the document allows outright, or nothing: a gate
+            // never writes and never waits for a person.
+            let verdict = match (requested.gate, verdict.effect) {
+                (false, _) | (true, Effect::Deny) => verdict,
+                (true, _) if risk != Risk::Read => dispatch_rules::Verdict {
+                    effect: Effect::Deny,
+                    rule: dispatch_rules::GATE_RULE.to_owned(),
+                    reason: format!(
+                        "a gate may only read, and {} is {}",
+                        requested.tool,
+                        risk.word()
+                    ),
+                    approval_ttl_ms: None,
+                },
+                (true, Effect::Allow) => verdict,
+                (true, effect) => dispatch_rules::Verdict {
+                    effect: Effect::Deny,
+                    rule: dispatch_rules::GATE_RULE.to_owned(),
+                    reason: format!(
+                        "a gate's call runs only when the policy allows it outright; rule {} \
+                         would {} ({})",
+                        verdict.rule,
+                        effect.word(),
+                        verdict.reason
+                    ),
+                    approval_ttl_ms: None,
+                },
+            };
             let mut body = PolicyDecided {
                 call_id: call_id.to_owned(),
                 rule: verdict.rule.clone(),
