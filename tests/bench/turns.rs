@@ -62,6 +62,7 @@ fn request() -> TurnRequest {
             body: String::new(),
             done_when: Some("test -s scratch/hello.txt".into()),
             ordered: false,
+            tools: Vec::new(),
         },
         history: vec![
             Exchange::Assistant {

@@ -214,14 +214,14 @@ async fn a_plan_without_todo_headlines_is_retried_once_with_the_error_then_block
 }
 
 #[tokio::test]
-async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::Result<()> {
+async fn a_plan_whose_gates_can_never_pass_is_sent_back_then_refused() -> anyhow::Result<()> {
     let stack = Stack::start(&["policy", "connectors"]).await?;
     let plan = "#+TITLE: Sneaky\n\
         * TODO Fetch with curl\n  Download it.\n  :done-when: curl -s https://example.com\n\
         * TODO Look outside\n  Peek.\n  :done-when: test -s ../../../../etc/passwd\n\
         * TODO Write a note\n  Write scratch/note.org.\n  :done-when: test -s scratch/note.org\n";
-    // The author is told once which gates can never pass; answering the same plan
-    // again, it gets it run, and those gates fail closed.
+    // The author is told which gates can never pass; answering the same plan again, it
+    // is refused: a step whose gate can never pass can never be shown done.
     let model = Scripted::new(&[plan, plan]);
     let events = run_scripted(&stack, model.clone(), "Try to escape").await?;
 
@@ -232,7 +232,7 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
             _ => None,
         })
         .collect();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
     let (attempt, code, message) = &rejected[0];
     assert_eq!((*attempt, code.as_str()), (1, "unusable_gate"));
     assert!(
@@ -245,40 +245,20 @@ async fn gates_with_unknown_commands_or_outside_paths_fail_closed() -> anyhow::R
         fed_back.is_some_and(|r| r.error.contains("unusable_gate") && r.error.contains("curl")),
         "the second request was not told why"
     );
-    // Those gates failed closed, so the run is blocked, saying which step failed first.
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Blocked as i32);
     assert!(
-        end.summary
-            .starts_with(r#"workflow finished: {"DONE": 1, "FAILED": 2}"#),
-        "{}",
-        end.summary
-    );
-    assert!(
-        end.reason
-            .starts_with("2 of 3 steps failed: step 1 (\"Fetch with curl\"): gate failed: "),
+        end.reason.starts_with("plan rejected: unusable_gate: "),
         "{}",
         end.reason
     );
-    let gates: Vec<(bool, String)> = events
-        .iter()
-        .filter_map(|e| match &e.event.body {
-            Some(Body::GateChecked(g)) => Some((g.passed, g.detail.clone())),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(gates.len(), 3);
     assert!(
-        !gates[0].0 && gates[0].1.contains("unknown_command"),
-        "{:?}",
-        gates[0]
+        !events.iter().any(|e| matches!(
+            e.event.body,
+            Some(Body::LeafStarted(_) | Body::GateChecked(_))
+        )),
+        "a step of a refused plan ran"
     );
-    assert!(
-        !gates[1].0 && gates[1].1.contains("path_outside_run"),
-        "{:?}",
-        gates[1]
-    );
-    assert!(gates[2].0, "{:?}", gates[2]);
     Ok(())
 }
 

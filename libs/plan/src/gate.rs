@@ -129,6 +129,13 @@ pub fn parse(source: &str) -> Result<Gate, GateError> {
     {
         return call(rest).map(Gate::Check);
     }
+    // `fs.get_file_info {"path": …}`: a tool and its arguments with `call` left out, as
+    // small models write it; no command of the file checks has a dot in its name.
+    let trimmed = source.trim_start();
+    let first = trimmed.split_whitespace().next().unwrap_or_default();
+    if first.contains('.') && trimmed[first.len()..].trim_start().starts_with('{') {
+        return call(trimmed).map(Gate::Check);
+    }
     let tokens = tokenize(source)?;
     let operators = tokens
         .iter()
@@ -584,6 +591,14 @@ mod tests {
         let bare = call(r#"call web.fetch {"url": "http://x/"} contains BoxFleet"#).unwrap();
         assert_eq!(bare.unwrap().contains.as_deref(), Some("BoxFleet"));
         assert_eq!(call("test -s scratch/a").unwrap(), None);
+        // With `call` left out, as small models write it.
+        assert_eq!(
+            call(r#"fs.get_file_info {"path": "/a"}"#)
+                .unwrap()
+                .unwrap()
+                .tool,
+            "fs.get_file_info"
+        );
         for (source, said) in [
             ("call", "unknown command"),
             ("call fs.get_file_info", "a tool and its arguments"),

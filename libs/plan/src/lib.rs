@@ -30,12 +30,14 @@ Answer with an org-mode outline and nothing else, shaped like this example:
 * TODO Read the notes
   :PROPERTIES:
   :ORDERED: t
+  :TOOLS: files.read_file
   :END:
   Read scratch/notes.org with files.read_file.
   :done-when: test -f scratch/notes.org
 * TODO Write the summary
   :PROPERTIES:
   :ORDERED: t
+  :TOOLS: files.write_file
   :END:
   Write what the notes say, in a few sentences, to scratch/REPORT.org with files.write_file.
   :done-when: test -s scratch/REPORT.org
@@ -43,7 +45,9 @@ Answer with an org-mode outline and nothing else, shaped like this example:
 The rules:
 - First line: `#+TITLE: <short title>`.
 - Then 1 to 7 top-level headlines, each `* TODO <what to do>`, each once.
-- Under each headline, the drawer exactly as in the example, once.
+- Under each headline, the drawer as in the example, once, its `:TOOLS:` line naming
+  the tools from the list below that the step uses (the step is offered those, and
+  can search for others).
 - Then one or more body lines saying how to do it, naming the tools to use from
   the list below (the files.* tools work on scratch/, relative to the run directory;
   other tools take the paths or arguments their own descriptions ask for).
@@ -78,6 +82,9 @@ pub struct Leaf {
     pub body: String,
     pub done_when: Option<String>,
     pub ordered: bool,
+    /// The tools the author named for this leaf (`:TOOLS: fs.read_text_file
+    /// files.write_file`), in order, each once; empty when it named none.
+    pub tools: Vec<String>,
 }
 
 /// Why a plan was rejected. `code()` is the stable machine-readable name.
@@ -294,6 +301,45 @@ impl Plan {
 /// The code under which [`Plan::unusable_gates`] is sent back to the author.
 pub const UNUSABLE_GATE: &str = "unusable_gate";
 
+/// The code under which [`Plan::unknown_tools`] is sent back to the author.
+pub const UNKNOWN_TOOL: &str = "unknown_tool";
+
+impl Plan {
+    /// The tools leaves name that `known` does not hold, said as the edit to make;
+    /// `None` when every named tool is known.
+    pub fn unknown_tools(&self, known: &[&str]) -> Option<String> {
+        let mut unknown: Vec<&str> = Vec::new();
+        for leaf in &self.leaves {
+            for tool in &leaf.tools {
+                if !known.contains(&tool.as_str()) && !unknown.contains(&tool.as_str()) {
+                    unknown.push(tool);
+                }
+            }
+        }
+        if unknown.is_empty() {
+            return None;
+        }
+        let told: Vec<String> = unknown
+            .iter()
+            .take(MAX_GATE_FAULTS_TOLD)
+            .map(|t| format!("{:?}", t.chars().take(MAX_TITLE_TOLD).collect::<String>()))
+            .collect();
+        Some(format!(
+            "`:TOOLS:` names {} that no connector serves; name tools from the list, as it \
+             writes them (<connector>.<tool>)",
+            told.join(", ")
+        ))
+    }
+
+    /// The plan with the tools no connector serves left out of its leaves.
+    pub fn without_unknown_tools(mut self, known: &[&str]) -> Self {
+        for leaf in &mut self.leaves {
+            leaf.tools.retain(|t| known.contains(&t.as_str()));
+        }
+        self
+    }
+}
+
 /// The code under which [`Plan::gateless_leaves`] is sent back to the author.
 pub const NO_GATE: &str = "no_gate";
 
@@ -451,9 +497,29 @@ fn leaves(nodes: &[Node]) -> Vec<Leaf> {
             body: trim_lines(&node.body),
             done_when,
             ordered: property("ORDERED").is_some_and(|v| v == "t"),
+            tools: property("TOOLS").map_or_else(Vec::new, |v| tool_names(&v)),
         });
     }
     out
+}
+
+/// The most tools one leaf may name.
+pub const MAX_LEAF_TOOLS: usize = 16;
+
+/// `fs.read_text_file, files.write_file` or the same with spaces: each name once, at
+/// most [`MAX_LEAF_TOOLS`].
+fn tool_names(value: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for name in value
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .map(|n| n.trim_matches(|c: char| c == '`' || c == '"' || c == '\''))
+        .filter(|n| !n.is_empty())
+    {
+        if !names.iter().any(|n| n == name) && names.len() < MAX_LEAF_TOOLS {
+            names.push(name.to_owned());
+        }
+    }
+    names
 }
 
 fn headline(line: &str) -> Option<(usize, &str)> {

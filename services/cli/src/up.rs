@@ -53,6 +53,14 @@ pub struct UpArgs {
     /// Stop the stack after the demo instead of staying up.
     #[arg(long, requires = "demo")]
     exit_after_demo: bool,
+    /// Base URL of an OpenAI-compatible model server, up to and including `/v1`
+    /// (`cargo xtask model` serves `http://127.0.0.1:8091/v1`), for the dispatcher's
+    /// author and worker; unset, runs use the offline provider, which is not a model.
+    #[arg(long = "model", env = "DISPATCH_MODEL_URL", value_name = "URL")]
+    model_url: Option<String>,
+    /// The model's name on that server.
+    #[arg(long, env = "DISPATCH_MODEL", requires = "model_url")]
+    model_name: Option<String>,
 }
 
 /// How `up` starts its own nats-server, kept so it can start it again.
@@ -162,6 +170,15 @@ async fn start_and_serve(
     children: &mut Supervisor,
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
+    if let Some(url) = &args.model_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(Failure::new(format!(
+                "--model {url:?} is not a model server's base URL; give one such as \
+                 http://127.0.0.1:8091/v1"
+            )));
+        }
+        errln!("  model: {url} (author and worker)");
+    }
     // A local server admits only the identities whose seeds are in .dispatch/auth/;
     // each service gets its own. An external one is reached with the credentials the
     // operator configured (flags or environment, inherited by every service).
@@ -227,6 +244,14 @@ async fn start_and_serve(
             "--metrics-listen".into(),
             format!("127.0.0.1:{metrics_port}").into(),
         ]);
+        if service == "dispatcher" {
+            if let Some(url) = &args.model_url {
+                service_args.extend(["--model-url".into(), url.into()]);
+            }
+            if let Some(name) = &args.model_name {
+                service_args.extend(["--model".into(), name.into()]);
+            }
+        }
         if service == "ingress" {
             service_args.extend([
                 "--listen".into(),

@@ -16,6 +16,7 @@ pub mod files;
 pub mod gate;
 pub mod http;
 pub mod mcp;
+mod search;
 mod test_tools;
 
 use std::collections::BTreeMap;
@@ -119,6 +120,38 @@ struct Context {
     secrets: Option<Arc<dispatch_secrets::Store>>,
     /// `connectors/<instance>`, recorded in `ToolCallStarted`.
     executor: String,
+    /// The tool catalogue, which `tools.search` reads.
+    catalogue: kv::Store,
+}
+
+impl Context {
+    /// Runs `tool` for call `call_id` of `run_id`: `tools.search` here, with the
+    /// catalogue, and every other tool by its connector.
+    async fn call(
+        &self,
+        run_id: &RunId,
+        call_id: &str,
+        tool: &str,
+        args_json: &str,
+    ) -> Result<String, String> {
+        if tool
+            .strip_prefix(search::CONNECTOR)
+            .and_then(|t| t.strip_prefix('.'))
+            == Some(search::TOOL)
+        {
+            return search::search(&self.catalogue, args_json).await;
+        }
+        self.registry
+            .call(
+                &self.workspace,
+                self.secrets.as_deref(),
+                run_id,
+                call_id,
+                tool,
+                args_json,
+            )
+            .await
+    }
 }
 
 /// The connectors this copy serves.
@@ -147,7 +180,12 @@ impl Registry {
         workspace: &std::path::Path,
         test_tools: bool,
     ) -> Result<Self, Error> {
-        let reserved = [files::CONNECTOR, test_tools::CONNECTOR, http::CONNECTOR];
+        let reserved = [
+            files::CONNECTOR,
+            test_tools::CONNECTOR,
+            http::CONNECTOR,
+            search::CONNECTOR,
+        ];
         let mut servers = BTreeMap::new();
         let mut grants = dispatch_secrets::Grants::default();
         for config in configs {
@@ -183,6 +221,7 @@ impl Registry {
     /// Entries of the built-in connectors' tools.
     fn builtin_entries(&self) -> Vec<ToolEntry> {
         let mut entries = files::entries();
+        entries.push(search::entry());
         if self.test_tools {
             entries.extend(test_tools::entries());
         }
@@ -246,7 +285,7 @@ impl Registry {
     }
 
     fn names(&self) -> Vec<&str> {
-        let mut names = vec![files::CONNECTOR];
+        let mut names = vec![files::CONNECTOR, search::CONNECTOR];
         if self.test_tools {
             names.push(test_tools::CONNECTOR);
         }
@@ -339,7 +378,7 @@ impl Connectors {
         };
         let store = catalogue::open(&self.bus).await?;
         let connectors = tokio::spawn(self.registry.clone().serve(
-            Some(store),
+            Some(store.clone()),
             secrets.clone(),
             shutdown.clone(),
         ));
@@ -354,6 +393,7 @@ impl Connectors {
             registry: self.registry.clone(),
             secrets,
             executor: format!("{SERVICE}/{instance}"),
+            catalogue: store,
         });
         let stop = shutdown.clone();
         work::consume(
@@ -649,7 +689,7 @@ async fn call_tool_in_span(
             // abandoned: dropping its future cancels it, and nothing more is recorded.
             let began = std::time::Instant::now();
             tokio::select! {
-                result = ctx.registry.call(&ctx.workspace, ctx.secrets.as_deref(), &run_id, call_id, &requested.tool, &requested.args_json) => {
+                result = ctx.call(&run_id, call_id, &requested.tool, &requested.args_json) => {
                     let outcome = if result.is_ok() { "ok" } else { "error" };
                     call_durations().record(
                         began.elapsed().as_secs_f64(),
@@ -799,15 +839,7 @@ async fn call_gate(
         return failed(format!("the gate's call's arguments are refused: {why}"));
     }
     let result = ctx
-        .registry
-        .call(
-            &ctx.workspace,
-            ctx.secrets.as_deref(),
-            run_id,
-            check_id,
-            &tool,
-            &requested.args_json,
-        )
+        .call(run_id, check_id, &tool, &requested.args_json)
         .await;
     match result {
         Ok(output) => {

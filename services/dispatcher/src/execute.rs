@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dispatch_bus::work::Slot;
 use dispatch_bus::{RunId, subject};
 use dispatch_models::{
-    AUTHOR_TEMPERATURE, AuthorRequest, Delta, EarlierStep, Exchange, Retry, TurnReply, TurnRequest,
+    AUTHOR_TEMPERATURE, AuthorRequest, Delta, EarlierStep, Exchange, Retry, ToolSpec, TurnReply,
+    TurnRequest,
 };
 use dispatch_proto::command::v1::{CallTool, CheckGate, CheckPolicy, SubmitGoal};
 use dispatch_proto::run::v1::{
@@ -63,6 +64,9 @@ const DELTA_BYTES: usize = 2048;
 
 /// How often a run waiting for approval looks at its log when its feed is quiet.
 const APPROVAL_POLL: Duration = Duration::from_secs(5);
+
+/// The built-in tool that finds other tools by words (the connectors' `tools.search`).
+const SEARCH_TOOL: &str = "tools.search";
 
 /// How many times one model request is made when it times out, while the run's
 /// deadline leaves time (the deadline cuts any of them short).
@@ -341,6 +345,7 @@ impl Exec<'_> {
             });
             let provider = &self.ctx.providers.author;
             let tools = self.ctx.offer.current().await.specs();
+            let known: Vec<String> = tools.iter().map(|t| t.name.clone()).collect();
             let goal = dispatch_runlog::submit::prompt_goal(requested);
             let span = telemetry::model_span(provider.name(), "author");
             let request = AuthorRequest {
@@ -392,14 +397,24 @@ impl Exec<'_> {
                         if let Some(told) = plan.gateless_leaves() {
                             return Err((dispatch_plan::NO_GATE.to_owned(), told));
                         }
-                        // A gate that can never pass is worth the retry while one is left;
-                        // on the last attempt the plan runs and such gates fail closed.
+                        // A tool no connector serves is worth the retry while one is
+                        // left; on the last attempt it is left out, and the step can
+                        // search for what it needs.
                         let last_attempt = attempt as usize >= AUTHOR_ATTEMPTS;
-                        match plan.unusable_gates() {
+                        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+                        let plan = match plan.unknown_tools(&known) {
                             Some(told) if !last_attempt => {
-                                Err((dispatch_plan::UNUSABLE_GATE.to_owned(), told))
+                                return Err((dispatch_plan::UNKNOWN_TOOL.to_owned(), told));
                             }
-                            _ => Ok(plan),
+                            Some(_) => plan.without_unknown_tools(&known),
+                            None => plan,
+                        };
+                        // A gate that can never pass makes a step that can never be
+                        // shown done, so the plan cannot succeed: sent back, and refused
+                        // on its last attempt rather than run to a certain `blocked`.
+                        match plan.unusable_gates() {
+                            Some(told) => Err((dispatch_plan::UNUSABLE_GATE.to_owned(), told)),
+                            None => Ok(plan),
                         }
                     })
             };
@@ -835,7 +850,7 @@ impl Exec<'_> {
         turn: u32,
         history: &[Exchange],
     ) -> Result<ModelTurn, Stop> {
-        let tools = self.ctx.offer.current().await.specs();
+        let tools = self.leaf_tools(leaf, self.ctx.offer.current().await.specs());
         let request = TurnRequest {
             goal: dispatch_runlog::submit::prompt_goal(requested),
             leaf: from_proto_leaf(leaf),
@@ -867,6 +882,52 @@ impl Exec<'_> {
             streamed_part: streamed.unwrap_or_default(),
         });
         self.ensure(model_turn(leaf.index, turn), body).await
+    }
+
+    /// The tools `leaf`'s model is offered, of those on offer: all of them when its
+    /// author named none; else the ones it named, `tools.search`, and what searches in
+    /// this leaf found (read from their results in the log, so a resumed leaf is
+    /// offered the same).
+    fn leaf_tools(&self, leaf: &PlanLeaf, on_offer: Vec<ToolSpec>) -> Vec<ToolSpec> {
+        if leaf.tools.is_empty() {
+            return on_offer;
+        }
+        let searches: Vec<&str> = self
+            .run
+            .bodies()
+            .filter_map(|b| match b {
+                Body::ToolCallRequested(r)
+                    if r.leaf == leaf.index && !r.gate && r.tool == SEARCH_TOOL =>
+                {
+                    Some(r.call_id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let found: Vec<&str> = self
+            .run
+            .bodies()
+            .filter_map(|b| match b {
+                Body::ToolCallCompleted(c) if searches.contains(&c.call_id.as_str()) => {
+                    Some(c.output.as_str())
+                }
+                _ => None,
+            })
+            .flat_map(|output| {
+                output.lines().filter_map(|line| {
+                    let rest = line.strip_prefix("- ")?;
+                    rest.split_once(' ').map(|(name, _)| name)
+                })
+            })
+            .collect();
+        on_offer
+            .into_iter()
+            .filter(|t| {
+                t.name == SEARCH_TOOL
+                    || leaf.tools.contains(&t.name)
+                    || found.contains(&t.name.as_str())
+            })
+            .collect()
     }
 
     /// What the leaves finished before `leaf` found, from the log: each one's tool
@@ -1661,6 +1722,7 @@ fn to_proto_leaf(leaf: &dispatch_plan::Leaf) -> PlanLeaf {
         body: leaf.body.clone(),
         done_when: leaf.done_when.clone().unwrap_or_default(),
         ordered: leaf.ordered,
+        tools: leaf.tools.clone(),
     }
 }
 
@@ -1672,6 +1734,7 @@ fn from_proto_leaf(leaf: &PlanLeaf) -> dispatch_plan::Leaf {
         body: leaf.body.clone(),
         done_when: Some(leaf.done_when.clone()).filter(|g| !g.is_empty()),
         ordered: leaf.ordered,
+        tools: leaf.tools.clone(),
     }
 }
 
