@@ -641,8 +641,9 @@ async fn recorder(upstream: String, dir: PathBuf) -> anyhow::Result<String> {
 
 use axum::response::IntoResponse as _;
 
-/// The recorded answers of `errand`, in order, as the stand-in replays them.
-fn recorded(errand: &str) -> Vec<Reply> {
+/// The recorded answers of `errand`, in order, as the stand-in replays them: the
+/// recording's folder and site address, which its goal names, swapped for `fixture`'s.
+fn recorded(errand: &str, fixture: &Fixture) -> Vec<Reply> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../libs/testkit/captures/openai")
         .join(CAPTURES)
@@ -651,15 +652,47 @@ fn recorded(errand: &str) -> Vec<Reply> {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".sse") || n.ends_with(".json") && !n.ends_with(".request.json"))
         .collect();
     names.sort();
+    let first_request = names
+        .iter()
+        .find(|n| n.ends_with(".request.json"))
+        .expect("a recording starts with a request");
+    let asked: Value = serde_json::from_slice(&std::fs::read(dir.join(first_request)).unwrap())
+        .expect("a recorded request is JSON");
+    let goal = asked["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let mut swaps = Vec::new();
+    // The folder: what stands before `/docs` in the goal.
+    if let Some(at) = goal.find("/docs") {
+        let start = goal[..at].rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        swaps.push((
+            goal[start..at].to_owned(),
+            fixture.shared.display().to_string(),
+        ));
+    }
+    // The site: `http://127.0.0.1:<port>`.
+    if let Some(at) = goal.find("http://127.0.0.1:") {
+        let rest = &goal[at + "http://".len()..];
+        let end = rest
+            .char_indices()
+            .find(|(i, c)| *i > "127.0.0.1:".len() - 1 && !c.is_ascii_digit())
+            .map_or(rest.len(), |(i, _)| i);
+        swaps.push((
+            rest[..end].to_owned(),
+            fixture.site.trim_start_matches("http://").to_owned(),
+        ));
+    }
     names
         .into_iter()
+        .filter(|n| n.ends_with(".sse") || n.ends_with(".json") && !n.ends_with(".request.json"))
         .map(|n| {
-            Reply::Replay(Box::leak(
-                format!("{CAPTURES}/{errand}/{n}").into_boxed_str(),
-            ))
+            let name: &'static str = Box::leak(format!("{CAPTURES}/{errand}/{n}").into_boxed_str());
+            Reply::Rewritten(name, swaps.clone())
         })
         .collect()
 }
@@ -675,7 +708,7 @@ async fn recorded_errands_end_right() -> anyhow::Result<()> {
             .find(|e| e.name == *name)
             .expect("a recorded errand is an errand");
         let (_dir, fixture) = fixture().await?;
-        let (_stand_in, url) = StandIn::start(recorded(name)).await;
+        let (_stand_in, url) = StandIn::start(recorded(name, &fixture)).await;
         outcomes.push(run_errand(&fixture, &url, &errand).await?);
     }
     print_table(&outcomes);

@@ -162,6 +162,9 @@ pub enum Exchange {
     /// The model said the step was finished, but its `:done-when:` check did not pass:
     /// the check and why, so the model can go on with the step.
     GateFailed { command: String, detail: String },
+    /// The model said the step is not done without having made a single call: it is
+    /// told to use the tools first (once).
+    GaveUpUntried,
 }
 
 /// What an earlier step of the plan found: its title, and what its tools returned and

@@ -44,6 +44,12 @@ pub const MAX_ANSWER_BYTES: usize = 128 * 1024;
 pub const MAX_CALLS: usize = 16;
 /// Most bytes of an error answer read (for its message).
 const ERROR_BODY_BYTES: usize = 4096;
+/// The most tokens a plan may take: seven headlines with their drawers, bodies and gates
+/// fit in well under half of it. A small model that repeats a line until its limit
+/// (the 1.5B one, asked for an outline, at 8.7 tokens a second on two cores) is cut
+/// off here rather than at the worker's limit, minutes later.
+const AUTHOR_MAX_TOKENS: u32 = 1024;
+
 /// The longest `Retry-After` honoured; a server asking for more gets this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -310,12 +316,9 @@ impl Provider for OpenAi {
                     Message::user(format!("{goal}\n\n{error}")),
                 ],
             };
-            let answer = self
-                .complete(
-                    &ChatRequest::new(&self.config, messages, &[], request.temperature),
-                    None,
-                )
-                .await?;
+            let mut chat = ChatRequest::new(&self.config, messages, &[], request.temperature);
+            chat.max_tokens = chat.max_tokens.min(AUTHOR_MAX_TOKENS);
+            let answer = self.complete(&chat, None).await?;
             Ok(AuthorReply {
                 cut_off: answer.finish_reason.as_deref() == Some("length"),
                 text: answer.text,
@@ -468,6 +471,7 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
                     .collect(),
                 tool_call_id: None,
             }),
+            Exchange::GaveUpUntried => messages.push(Message::user(GAVE_UP_UNTRIED.to_owned())),
             Exchange::GateFailed { command, detail } => messages.push(Message::user(format!(
                 "The step is not done yet: its check `{command}` does not pass ({detail}). \
                  Go on with the step: make the calls it still needs, then answer."
@@ -492,6 +496,11 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
     }
     messages
 }
+
+/// Said to a model that gave a step up without trying a tool.
+const GAVE_UP_UNTRIED: &str = "You have not used any tool yet. Do the step with the tools \
+offered: make the call it needs (read the file, fetch the page, write the file) and look \
+at the result. Answer NOT DONE: only when a call's result shows the step cannot be done.";
 
 /// Said after the tool results of the last turn.
 const CONTINUE: &str = "Those are the results. If the step is done, answer with one short \

@@ -24,22 +24,24 @@ pub const MAX_PLAN_BYTES: usize = 64 * 1024;
 
 /// The grammar handed to the author model, verbatim.
 pub const GRAMMAR: &str = "\
-Answer with an org-mode outline and nothing else, shaped like this example:
+Answer with an org-mode outline and nothing else. Its title and steps come from the
+goal; only their shape comes from this example, written for the goal \"Count the lines
+of /srv/logs/app.log\":
 
-#+TITLE: Summarise the notes
-* TODO Read the notes
+#+TITLE: Count the lines of app.log
+* TODO Read /srv/logs/app.log
   :PROPERTIES:
   :ORDERED: t
-  :TOOLS: files.read_file
+  :TOOLS: fs.read_text_file
   :END:
-  Read scratch/notes.org with files.read_file.
-  :done-when: test -f scratch/notes.org
-* TODO Write the summary
+  Read /srv/logs/app.log with fs.read_text_file.
+  :done-when: call fs.get_file_info {\"path\": \"/srv/logs/app.log\"}
+* TODO Write the count
   :PROPERTIES:
   :ORDERED: t
   :TOOLS: files.write_file
   :END:
-  Write what the notes say, in a few sentences, to scratch/REPORT.org with files.write_file.
+  Count the lines read and write the number to scratch/REPORT.org with files.write_file.
   :done-when: test -s scratch/REPORT.org
 
 The rules:

@@ -24,6 +24,10 @@ use serde_json::Value;
 pub enum Reply {
     /// Replays a recorded body (`.sse` as an event stream, `.json` as JSON).
     Replay(&'static str),
+    /// Replays a recorded answer with some text swapped (`(from, to)`: a recording's
+    /// temporary directory and port for today's), its streamed text and calls put
+    /// together in one chunk first, so a swap cannot fall between two chunks.
+    Rewritten(&'static str, Vec<(String, String)>),
     /// Answers with a status, an optional `Retry-After` and a body.
     Status(u16, Option<&'static str>, String),
     /// Sends the first `n` bytes of a recorded stream, then breaks the connection.
@@ -46,6 +50,7 @@ impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Reply::Replay(name) => write!(f, "Replay({name})"),
+            Reply::Rewritten(name, swaps) => write!(f, "Rewritten({name}, {swaps:?})"),
             Reply::Status(code, ..) => write!(f, "Status({code})"),
             Reply::CutAfter(name, n) => write!(f, "CutAfter({name}, {n})"),
             Reply::Slowly(name, every) => write!(f, "Slowly({name}, {every:?})"),
@@ -129,6 +134,72 @@ pub fn capture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// A recorded answer with `swaps` made: a JSON body as it is; an event stream with its
+/// text and tool calls gathered into its first chunk, then its closing chunks (finish
+/// reason, usage) with their deltas emptied, then `[DONE]`.
+fn rewritten(name: &str, swaps: &[(String, String)]) -> Vec<u8> {
+    let swap = |text: &str| {
+        swaps
+            .iter()
+            .fold(text.to_owned(), |text, (from, to)| text.replace(from, to))
+    };
+    let text = String::from_utf8(capture(name)).expect("a recording is text");
+    if !name.ends_with(".sse") {
+        return swap(&text).into_bytes();
+    }
+    let mut content = String::new();
+    let mut calls: std::collections::BTreeMap<u64, (Value, String)> = Default::default();
+    let mut first: Option<Value> = None;
+    let mut closing = Vec::new();
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        let delta = &chunk["choices"][0]["delta"];
+        content.push_str(delta["content"].as_str().unwrap_or_default());
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let index = call["index"].as_u64().unwrap_or_default();
+            let entry = calls
+                .entry(index)
+                .or_insert_with(|| (call.clone(), String::new()));
+            entry
+                .1
+                .push_str(call["function"]["arguments"].as_str().unwrap_or_default());
+        }
+        first.get_or_insert_with(|| chunk.clone());
+        let closes = !chunk["choices"][0]["finish_reason"].is_null()
+            || !chunk["usage"].is_null()
+            || chunk["choices"].as_array().is_some_and(|c| c.is_empty());
+        if closes {
+            if let Some(delta) = chunk["choices"][0].get_mut("delta") {
+                *delta = serde_json::json!({});
+            }
+            closing.push(chunk);
+        }
+    }
+    let mut merged = first.unwrap_or_default();
+    let mut delta = serde_json::json!({"role": "assistant", "content": swap(&content)});
+    if !calls.is_empty() {
+        delta["tool_calls"] = calls
+            .into_values()
+            .map(|(mut call, arguments)| {
+                call["function"]["arguments"] = Value::String(swap(&arguments));
+                call
+            })
+            .collect();
+    }
+    merged["choices"] = serde_json::json!([{"index": 0, "delta": delta, "finish_reason": null}]);
+    if let Some(object) = merged.as_object_mut() {
+        object.remove("usage");
+    }
+    let mut out = format!("data: {merged}\n\n");
+    for chunk in closing {
+        out.push_str(&format!("data: {chunk}\n\n"));
+    }
+    out.push_str("data: [DONE]\n\n");
+    out.into_bytes()
+}
+
 fn kind_of(name: &str) -> &'static str {
     if name.ends_with(".sse") {
         "text/event-stream"
@@ -190,6 +261,10 @@ fn respond(stand_in: StandIn, headers: HeaderMap, body: Bytes) -> Response {
         Reply::Replay(name) => builder
             .header(header::CONTENT_TYPE, kind_of(name))
             .body(Body::from(capture(name)))
+            .unwrap(),
+        Reply::Rewritten(name, swaps) => builder
+            .header(header::CONTENT_TYPE, kind_of(name))
+            .body(Body::from(rewritten(name, &swaps)))
             .unwrap(),
         Reply::Status(code, retry_after, body) => {
             let mut builder = builder.status(StatusCode::from_u16(code).unwrap());

@@ -755,7 +755,16 @@ impl Exec<'_> {
             });
             answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
-                if let Some(said) = crate::answer::admits_unfinished(&model_turn.text) {
+                let untried = !history
+                    .iter()
+                    .any(|e| matches!(e, Exchange::ToolResult { .. } | Exchange::GaveUpUntried));
+                let said = crate::answer::admits_unfinished(&model_turn.text);
+                // Given up before a single call: told once to try, while turns are left.
+                if said.is_some() && untried && turn + 1 < max_turns {
+                    history.push(Exchange::GaveUpUntried);
+                    continue;
+                }
+                if let Some(said) = said {
                     finished = Some(Err(format!("the model said the step is not done: {said}")));
                     break;
                 }
