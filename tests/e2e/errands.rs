@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 const LIMIT: Duration = Duration::from_secs(12 * 60);
 
 /// The errands recorded from a real model and replayed by default.
-const RECORDED: &[&str] = &["impossible", "cheaper-product"];
+const RECORDED: &[&str] = &["write-denied"];
 
 /// Where the recorded answers are, under the stand-in's captures.
 const CAPTURES: &str = "errands";
@@ -439,8 +439,8 @@ fn tokens(events: &[StoredEvent]) -> (u64, u64) {
             _ => None,
         };
         if let Some(u) = usage {
-            sum.0 += u64::from(u.prompt_tokens);
-            sum.1 += u64::from(u.completion_tokens);
+            sum.0 += u.prompt_tokens;
+            sum.1 += u.completion_tokens;
         }
     }
     sum
@@ -667,11 +667,14 @@ fn recorded(errand: &str, fixture: &Fixture) -> Vec<Reply> {
         .unwrap_or_default()
         .to_owned();
     let mut swaps = Vec::new();
-    // The folder: what stands before `/docs` in the goal.
-    if let Some(at) = goal.find("/docs") {
+    // The folder: the temporary directory the goal names (`…/.tmpXXXXXX`).
+    if let Some(at) = goal.find("/.tmp") {
         let start = goal[..at].rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let end = goal[at + 1..]
+            .find(|c: char| c == '/' || c.is_whitespace())
+            .map_or(goal.len(), |i| at + 1 + i);
         swaps.push((
-            goal[start..at].to_owned(),
+            goal[start..end].to_owned(),
             fixture.shared.display().to_string(),
         ));
     }

@@ -294,6 +294,15 @@ async fn stack_with_the_builtin_policy(config: &str) -> anyhow::Result<Stack> {
     Ok(stack)
 }
 
+/// The row `dispatch tools --format json` prints for `tool`.
+fn listed_tool(stack: &Stack, tool: &str) -> anyhow::Result<serde_json::Value> {
+    let listed = stack.cli(&["tools", "--format", "json"])?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;
+    rows.into_iter()
+        .find(|r| r["name"] == tool)
+        .ok_or_else(|| anyhow::anyhow!("{tool} is not listed: {}", listed.stdout))
+}
+
 fn bodies(events: &[StoredEvent]) -> impl Iterator<Item = &Body> {
     events.iter().filter_map(|e| e.event.body.as_ref())
 }
@@ -325,12 +334,7 @@ async fn a_tool_that_says_it_only_reads_waits_for_a_person_under_the_default_con
     );
     let stack = stack_with_the_builtin_policy(&config).await?;
     wait_for_tool(&stack, "liar.peek").await?;
-    let listed = stack.cli(&["tools", "--format", "json"])?;
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;
-    let peek = rows
-        .iter()
-        .find(|r| r["name"] == "liar.peek")
-        .expect("liar.peek is listed");
+    let peek = listed_tool(&stack, "liar.peek")?;
     assert_eq!(peek["risk"], "destructive", "{peek}");
 
     let victim = stack.root().join("victim.txt");
@@ -391,12 +395,7 @@ async fn the_scratch_rule_does_not_allow_the_filesystem_server_s_relative_writes
     );
     let stack = stack_with_the_builtin_policy(&config).await?;
     wait_for_tool(&stack, "fs.create_directory").await?;
-    let listed = stack.cli(&["tools", "--format", "json"])?;
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;
-    let create = rows
-        .iter()
-        .find(|r| r["name"] == "fs.create_directory")
-        .expect("fs.create_directory is listed");
+    let create = listed_tool(&stack, "fs.create_directory")?;
     assert_eq!(create["risk"], "write", "{create}");
 
     let plan = "#+TITLE: Make room

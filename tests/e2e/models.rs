@@ -205,13 +205,7 @@ async fn a_hostile_model_server_blocks_its_runs_and_another_runs_stop_still_work
         }
     })
     .await;
-    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
-    stack
-        .add_with(
-            "dispatcher",
-            &["--model-url", &url, "--model-timeout-ms", "120000"],
-        )
-        .await?;
+    let stack = stack_on(&url, "120000").await?;
     let seen = |word: &'static str| {
         let stand_in = stand_in.clone();
         move || {
@@ -294,6 +288,19 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// ledger, policy and connectors, and a dispatcher on the model server at `url` whose
+/// calls may take `timeout_ms`.
+async fn stack_on(url: &str, timeout_ms: &str) -> anyhow::Result<Stack> {
+    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
+    stack
+        .add_with(
+            "dispatcher",
+            &["--model-url", url, "--model-timeout-ms", timeout_ms],
+        )
+        .await?;
+    Ok(stack)
+}
+
 /// Whether a request the stand-in saw is the author's (asked for an outline).
 fn author_asked(body: &serde_json::Value) -> bool {
     body["messages"][0]["content"]
@@ -313,13 +320,7 @@ async fn a_slow_author_is_cut_by_the_run_s_deadline() -> anyhow::Result<()> {
         }
     })
     .await;
-    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
-    stack
-        .add_with(
-            "dispatcher",
-            &["--model-url", &url, "--model-timeout-ms", "300000"],
-        )
-        .await?;
+    let stack = stack_on(&url, "300000").await?;
     let begun = std::time::Instant::now();
     let run_id = stack.submit("Plan slowly", "default", 3_000).await?;
     let events = stack.wait_finished(run_id, LIMIT).await?;
@@ -360,13 +361,7 @@ async fn a_model_request_that_times_out_is_asked_again_within_the_deadline() -> 
         }
     })
     .await;
-    let mut stack = Stack::start(&["ledger", "policy", "connectors"]).await?;
-    stack
-        .add_with(
-            "dispatcher",
-            &["--model-url", &url, "--model-timeout-ms", "1500"],
-        )
-        .await?;
+    let stack = stack_on(&url, "1500").await?;
     let run_id = stack
         .submit("Write the word hello into scratch/hello.txt", "default", 0)
         .await?;

@@ -420,9 +420,8 @@ what the step asks; every path is relative to the run's directory, and files you
 go under scratch/. Call one tool at a time and look at its result before going on. Tools \
 take their arguments literally: write the actual text, using what earlier steps found, \
 never a placeholder or a shell command such as $(...). When the step is done, answer \
-with one short paragraph saying what you did, and call no tool. If you cannot do the \
-step, say so: answer with a paragraph that starts with NOT DONE: and says why, and call \
-no tool. Never say a step is done when a call it needed failed.";
+with one short paragraph saying what you did, and call no tool. Never say a step is \
+done when a call it needed failed.";
 
 /// The messages of one leaf's turn: instructions, the step, and the turns so far.
 fn conversation(request: &TurnRequest) -> Vec<Message> {

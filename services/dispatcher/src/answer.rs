@@ -1,7 +1,9 @@
 //! What a worker's last answer says about its step: whether the model admits that the
 //! step is not done.
 //!
-//! The worker is told to open such an answer with `NOT DONE:`. Small models say it
+//! Once a call's result is in, the worker is told to open such an answer with `NOT
+//! DONE:` (told so before any call, the 1.5B model answered it at once, calling no
+//! tool, on every errand of the suite). Small models say it
 //! in their own words instead ("The step is not done.", "I could not find the file"),
 //! and a leaf whose model said so must not pass as done because a file happens to
 //! exist. The words are matched in the model's own answer only, never in the step's

@@ -1027,27 +1027,7 @@ impl Exec<'_> {
     ) -> Result<Result<String, String>, Stop> {
         let call = &self.recorded_form(call);
         let call_id = call.call_id.clone();
-        let risk = match self.find(requested_call(&call_id)) {
-            Some(()) => Risk::Unspecified,
-            None => risk_of(
-                self.ctx
-                    .offer
-                    .current()
-                    .await
-                    .risk(&call.tool, &call.args_json),
-            ),
-        };
-        let requested = Body::ToolCallRequested(ToolCallRequested {
-            call_id: call_id.clone(),
-            leaf,
-            tool: call.tool.clone(),
-            args_json: call.args_json.clone(),
-            risk: risk as i32,
-            gate: false,
-        });
-        self.ensure(requested_call(&call_id), requested).await?;
-        let at_request = self.position(requested_call(&call_id));
-
+        let at_request = self.request(leaf, call, false).await?;
         let decision = match self.find(decision_for(&call_id)) {
             Some(decision) => decision,
             // Denied before in this run: denied again, with no check and no new request.
@@ -1056,27 +1036,7 @@ impl Exec<'_> {
                     self.ensure(decision_for(&call_id), Body::PolicyDecided(memo))
                         .await?
                 }
-                None => {
-                    let command = CheckPolicy {
-                        run_id: self.command.run_id.clone(),
-                        call_id: call_id.clone(),
-                        tool: call.tool.clone(),
-                        args_json: call.args_json.clone(),
-                        from_stream_seq: at_request,
-                        origin: self
-                            .find(as_requested)
-                            .map(|r| r.origin)
-                            .unwrap_or_default(),
-                    };
-                    self.send(
-                        subject::cmd::policy(),
-                        &format!("{call_id}/policy"),
-                        &command,
-                    )
-                    .await?;
-                    self.wait_for(Awaited::Policy(&call_id), decision_for(&call_id))
-                        .await?
-                }
+                None => self.decide(call, at_request).await?,
             },
         };
         tracing::Span::current().record("decision", decision.decision().as_str_name());
@@ -1312,31 +1272,47 @@ impl Exec<'_> {
             tool: call.tool.clone(),
             args_json: call.args_json.clone(),
         });
-        let risk = match self.find(requested_call(check_id)) {
+        let at_request = self.request(leaf, &form, true).await?;
+        self.decide(&form, at_request).await?;
+        Ok(())
+    }
+
+    /// Records that `call` (in its recorded form) is requested, marked as a gate's or
+    /// not, unless the log holds its request; returns where the request is stored.
+    async fn request(&mut self, leaf: u32, call: &ToolCall, gate: bool) -> Result<u64, Stop> {
+        let call_id = call.call_id.as_str();
+        let risk = match self.find(requested_call(call_id)) {
             Some(()) => Risk::Unspecified,
             None => risk_of(
                 self.ctx
                     .offer
                     .current()
                     .await
-                    .risk(&form.tool, &form.args_json),
+                    .risk(&call.tool, &call.args_json),
             ),
         };
         let requested = Body::ToolCallRequested(ToolCallRequested {
-            call_id: check_id.to_owned(),
+            call_id: call_id.to_owned(),
             leaf,
-            tool: form.tool.clone(),
-            args_json: form.args_json.clone(),
+            tool: call.tool.clone(),
+            args_json: call.args_json.clone(),
             risk: risk as i32,
-            gate: true,
+            gate,
         });
-        self.ensure(requested_call(check_id), requested).await?;
+        self.ensure(requested_call(call_id), requested).await?;
+        Ok(self.position(requested_call(call_id)))
+    }
+
+    /// Asks the policy about the call requested at stream sequence `at_request`, and
+    /// waits for its decision in the log.
+    async fn decide(&mut self, call: &ToolCall, at_request: u64) -> Result<PolicyDecided, Stop> {
+        let call_id = call.call_id.as_str();
         let command = CheckPolicy {
             run_id: self.command.run_id.clone(),
-            call_id: check_id.to_owned(),
-            tool: form.tool.clone(),
-            args_json: form.args_json.clone(),
-            from_stream_seq: self.position(requested_call(check_id)),
+            call_id: call_id.to_owned(),
+            tool: call.tool.clone(),
+            args_json: call.args_json.clone(),
+            from_stream_seq: at_request,
             origin: self
                 .find(as_requested)
                 .map(|r| r.origin)
@@ -1344,13 +1320,12 @@ impl Exec<'_> {
         };
         self.send(
             subject::cmd::policy(),
-            &format!("{check_id}/policy"),
+            &format!("{call_id}/policy"),
             &command,
         )
         .await?;
-        self.wait_for(Awaited::Policy(check_id), decision_for(check_id))
-            .await?;
-        Ok(())
+        self.wait_for(Awaited::Policy(call_id), decision_for(call_id))
+            .await
     }
 
     /// Publishes a command for this run. Its message id is `<run_id>/<key>`, so sending it
