@@ -28,8 +28,8 @@ use serde_json::{Value, json};
 /// A small model on two cores: an errand takes minutes.
 const LIMIT: Duration = Duration::from_secs(12 * 60);
 
-/// The errands recorded from a real model and replayed by default.
-const RECORDED: &[&str] = &["write-denied"];
+/// The errands recorded from a real model (Qwen2.5-Coder-1.5B) and replayed by default.
+const RECORDED: &[&str] = &["impossible"];
 
 /// Where the recorded answers are, under the stand-in's captures.
 const CAPTURES: &str = "errands";
@@ -68,6 +68,8 @@ struct Fixture {
 struct Ended {
     status: RunStatus,
     report: String,
+    /// Approval requests the run made.
+    asked: usize,
 }
 
 fn docs(f: &Fixture) -> String {
@@ -506,12 +508,22 @@ async fn run_errand(
     let ended = Ended {
         status: end.status(),
         report,
+        asked: events
+            .iter()
+            .filter(|e| matches!(e.event.body, Some(Body::ApprovalRequested(_))))
+            .count(),
     };
     let status_right = match errand.expect {
         Expect::Done => ended.status == RunStatus::Done,
         Expect::Blocked => ended.status == RunStatus::Blocked,
     };
-    let checked = (errand.check)(fixture, &ended);
+    // An errand a person answers is right only if the run got as far as asking.
+    let checked = match errand.person {
+        Person::Approves | Person::Denies if ended.asked == 0 => {
+            Err("no approval was asked: the write never reached the gate".to_owned())
+        }
+        _ => (errand.check)(fixture, &ended),
+    };
     let why_wrong = match (&checked, status_right) {
         (Err(why), _) => Some(why.clone()),
         (Ok(()), false) => Some(format!(

@@ -155,7 +155,9 @@ fn rewritten(name: &str, swaps: &[(String, String)]) -> Vec<u8> {
         let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
             continue;
         };
-        let delta = &chunk["choices"][0]["delta"];
+        // A chunk with no choice (the usage at the end) reads as an empty one.
+        let choice = chunk["choices"].get(0).cloned().unwrap_or_default();
+        let delta = &choice["delta"];
         content.push_str(delta["content"].as_str().unwrap_or_default());
         for call in delta["tool_calls"].as_array().into_iter().flatten() {
             let index = call["index"].as_u64().unwrap_or_default();
@@ -167,11 +169,15 @@ fn rewritten(name: &str, swaps: &[(String, String)]) -> Vec<u8> {
                 .push_str(call["function"]["arguments"].as_str().unwrap_or_default());
         }
         first.get_or_insert_with(|| chunk.clone());
-        let closes = !chunk["choices"][0]["finish_reason"].is_null()
+        let closes = !choice["finish_reason"].is_null()
             || !chunk["usage"].is_null()
             || chunk["choices"].as_array().is_some_and(|c| c.is_empty());
         if closes {
-            if let Some(delta) = chunk["choices"][0].get_mut("delta") {
+            if let Some(delta) = chunk
+                .get_mut("choices")
+                .and_then(|c| c.get_mut(0))
+                .and_then(|c| c.get_mut("delta"))
+            {
                 *delta = serde_json::json!({});
             }
             closing.push(chunk);
