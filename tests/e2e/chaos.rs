@@ -24,7 +24,7 @@ fn plan(n: usize) -> String {
     format!(
         "#+TITLE: Chaos {n}\n\
          * TODO Count and wait\n  - call: test.count {{\"key\": \"chaos\"}}\n  - call: test.sleep {{\"ms\": {}}}\n  :done-when: true\n\
-         * TODO Count again\n  - call: test.count {{\"key\": \"chaos\"}}\n  - call: test.sleep {{\"ms\": {}}}\n  - call: test.count {{\"key\": \"chaos\"}}\n  :done-when: true\n",
+         * TODO Count again\n  - call: test.count {{\"key\": \"chaos\"}}\n  - call: test.sleep {{\"ms\": {}}}\n  - call: test.count {{\"key\": \"chaos\", \"note\": \"again\"}}\n  :done-when: true\n",
         800 + (n * 137) % 1200,
         600 + (n * 53) % 900
     )

@@ -723,8 +723,25 @@ async fn recorded_errands_end_right() -> anyhow::Result<()> {
             .find(|e| e.name == *name)
             .expect("a recorded errand is an errand");
         let (_dir, fixture) = fixture().await?;
-        let (_stand_in, url) = StandIn::start(recorded(name, &fixture)).await;
+        let (stand_in, url) = StandIn::start(recorded(name, &fixture)).await;
         outcomes.push(run_errand(&fixture, &url, &errand).await?);
+        // Each step named its tools: its model was offered those and tools.search,
+        // not every tool on offer.
+        for (_, body) in stand_in.requests() {
+            let offered: Vec<&str> = body["tools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["function"]["name"].as_str())
+                .collect();
+            if offered.is_empty() {
+                continue;
+            }
+            assert!(
+                offered.contains(&"tools__search") && offered.len() <= 3,
+                "{name}: a worker was offered {offered:?}"
+            );
+        }
     }
     print_table(&outcomes);
     for o in &outcomes {

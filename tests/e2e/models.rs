@@ -379,3 +379,53 @@ async fn a_model_request_that_times_out_is_asked_again_within_the_deadline() -> 
     );
     Ok(())
 }
+
+/// A plan the 1.5B model wrote (for "which file in a folder mentions a kill switch")
+/// whose first step has no gate: sent back with the reason, and, written the same
+/// again, refused, so no step runs that nothing could show done.
+#[tokio::test]
+async fn a_real_plan_with_a_step_without_a_gate_is_sent_back_then_refused() -> anyhow::Result<()> {
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::Replay("llama-server-1.5b/gateless-plan.sse"),
+        Reply::Replay("llama-server-1.5b/gateless-plan.sse"),
+    ])
+    .await;
+    let stack = stack_on(&url, "120000").await?;
+    let run_id = stack
+        .submit("Find which file mentions a kill switch", "default", 0)
+        .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let codes: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::PlanRejected(r)) => Some(r.code.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(codes, ["no_gate", "no_gate"]);
+    let retry = stand_in.requests()[1].1["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        retry.contains("no_gate") && retry.contains("\"Read the notes\""),
+        "{retry}"
+    );
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(
+        end.reason
+            .starts_with("plan rejected: no_gate: 1 of 2 steps"),
+        "{}",
+        end.reason
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.event.body, Some(Body::LeafStarted(_)))),
+        "a step of a refused plan ran"
+    );
+    Ok(())
+}

@@ -115,6 +115,15 @@ pub async fn up(
     auth: &dispatch_service::NatsAuth,
     args: UpArgs,
 ) -> Result<u8, Failure> {
+    // Checked before anything is made: a bad flag changes nothing.
+    if let Some(url) = &args.model_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(Failure::new(format!(
+            "--model {url:?} is not a model server's base URL; give one such as \
+             http://127.0.0.1:8091/v1"
+        )));
+    }
     let workspace = workspace
         .canonicalize()
         .map_err(|e| Failure::new(format!("workspace {}: {e}", workspace.display())))?;
@@ -171,12 +180,6 @@ async fn start_and_serve(
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
     if let Some(url) = &args.model_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Failure::new(format!(
-                "--model {url:?} is not a model server's base URL; give one such as \
-                 http://127.0.0.1:8091/v1"
-            )));
-        }
         errln!("  model: {url} (author and worker)");
     }
     // A local server admits only the identities whose seeds are in .dispatch/auth/;
