@@ -191,7 +191,10 @@ async fn dispatch_up_restarts_a_killed_nats_server_and_service_and_runs_resume()
     submit(&up, &mut runs).await?;
 
     // A service, SIGKILLed mid-run, is started again with its arguments; its runs
-    // are taken back from the log.
+    // are taken back from the log. Killed once it runs one: killed sooner, it has
+    // nothing to take back.
+    let newest = runs.last().expect("runs were submitted").clone();
+    up.wait_status(&newest, "doing", LIMIT).await?;
     let dispatcher = up
         .child_pid("dispatch-dispatcher")
         .expect("up runs a dispatcher");

@@ -18,6 +18,19 @@ const LIMIT: Duration = Duration::from_secs(90);
 
 use dispatch_testkit::{kill_processes_with, mcp_servers as servers_dir};
 
+/// `dispatch.toml` for the official filesystem server, as connector `fs`, trusted with
+/// its annotations, serving `shared`.
+fn fs_server(shared: &Path) -> String {
+    format!(
+        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
+        servers_dir()
+            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
+            .display()
+            .to_string(),
+        shared.display().to_string(),
+    )
+}
+
 fn everything_script() -> PathBuf {
     servers_dir().join("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
 }
@@ -95,14 +108,7 @@ fn failure(events: &[StoredEvent]) -> String {
 #[tokio::test]
 async fn an_mcp_tool_is_catalogued_called_and_recorded() -> anyhow::Result<()> {
     let shared = tempfile::tempdir()?;
-    let config = format!(
-        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
-        servers_dir()
-            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
-            .display()
-            .to_string(),
-        shared.path().display().to_string(),
-    );
+    let config = fs_server(shared.path());
     let mut stack = stack_with(&config).await?;
     stack.add("connectors").await?;
     stack.add("dispatcher").await?;
@@ -385,14 +391,7 @@ async fn a_tool_that_says_it_only_reads_waits_for_a_person_under_the_default_con
 async fn the_scratch_rule_does_not_allow_the_filesystem_server_s_relative_writes()
 -> anyhow::Result<()> {
     let shared = tempfile::tempdir()?;
-    let config = format!(
-        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
-        servers_dir()
-            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
-            .display()
-            .to_string(),
-        shared.path().display().to_string(),
-    );
+    let config = fs_server(shared.path());
     let stack = stack_with_the_builtin_policy(&config).await?;
     wait_for_tool(&stack, "fs.create_directory").await?;
     let create = listed_tool(&stack, "fs.create_directory")?;
@@ -445,14 +444,7 @@ async fn a_call_gate_passes_on_a_real_read_and_fails_closed_on_anything_else() -
         shared.path().join("CHANGELOG.txt"),
         "v1.0: the first release\n",
     )?;
-    let config = format!(
-        "[[connectors.mcp]]\nname = \"fs\"\ncommand = \"node\"\nargs = [{:?}, {:?}]\ntrust_annotations = true\n",
-        servers_dir()
-            .join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
-            .display()
-            .to_string(),
-        shared.path().display().to_string(),
-    );
+    let config = fs_server(shared.path());
     let mut stack = Stack::start(&["ledger"]).await?;
     std::fs::write(stack.root().join("dispatch.toml"), &config)?;
     let policy = stack.root().join("policy.json");
