@@ -188,13 +188,35 @@ async fn dispatch_up_restarts_a_killed_nats_server_and_service_and_runs_resume()
         .await?;
     let again = up.child_pid("nats-server");
     assert!(again.is_some() && again != Some(nats), "{}", up.said());
-    submit(&up, &mut runs).await?;
-
     // A service, SIGKILLed mid-run, is started again with its arguments; its runs
-    // are taken back from the log. Killed once it runs one: killed sooner, it has
-    // nothing to take back.
-    let newest = runs.last().expect("runs were submitted").clone();
-    up.wait_status(&newest, "doing", LIMIT).await?;
+    // are taken back from the log. Killed while it runs a goal: killed before or
+    // after, it has nothing to take back; a batch that ends unseen is followed by
+    // another.
+    let mut in_flight = false;
+    for _ in 0..5 {
+        submit(&up, &mut runs).await?;
+        let batch = runs[runs.len() - PER_FAULT * 2..].to_vec();
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while !in_flight && tokio::time::Instant::now() < deadline {
+            let mut statuses = Vec::new();
+            for run in &batch {
+                statuses.push(up.status_of(run).await?);
+            }
+            in_flight = statuses.iter().any(|s| s == "doing");
+            if statuses.iter().all(|s| s == "done") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if in_flight {
+            break;
+        }
+    }
+    assert!(
+        in_flight,
+        "no batch of runs was seen running; up said:\n{}",
+        up.said()
+    );
     let dispatcher = up
         .child_pid("dispatch-dispatcher")
         .expect("up runs a dispatcher");

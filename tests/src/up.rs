@@ -233,6 +233,22 @@ impl Up {
         }
     }
 
+    /// Run `run_id`'s status as ingress shows it now (empty if it cannot say).
+    pub async fn status_of(&self, run_id: &str) -> Result<String> {
+        let token = self.token()?;
+        let response = self
+            .http
+            .get(format!(
+                "http://127.0.0.1:{}/v1/runs/{run_id}",
+                self.http_port
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        let view: serde_json::Value = response.json().await.unwrap_or_default();
+        Ok(view["status"].as_str().unwrap_or_default().to_owned())
+    }
+
     /// Waits until run `run_id` is `status`, as ingress shows it.
     pub async fn wait_status(&self, run_id: &str, status: &str, limit: Duration) -> Result<()> {
         let token = self.token()?;
