@@ -233,8 +233,8 @@ impl Up {
         }
     }
 
-    /// Run `run_id`'s status as ingress shows it now (empty if it cannot say).
-    pub async fn status_of(&self, run_id: &str) -> Result<String> {
+    /// Run `run_id` as ingress shows it now (`null` if it cannot say).
+    async fn view_of(&self, run_id: &str) -> Result<serde_json::Value> {
         let token = self.token()?;
         let response = self
             .http
@@ -245,27 +245,21 @@ impl Up {
             .bearer_auth(&token)
             .send()
             .await?;
-        let view: serde_json::Value = response.json().await.unwrap_or_default();
+        Ok(response.json().await.unwrap_or_default())
+    }
+
+    /// Run `run_id`'s status as ingress shows it now (empty if it cannot say).
+    pub async fn status_of(&self, run_id: &str) -> Result<String> {
+        let view = self.view_of(run_id).await?;
         Ok(view["status"].as_str().unwrap_or_default().to_owned())
     }
 
     /// Waits until run `run_id` is `status`, as ingress shows it.
     pub async fn wait_status(&self, run_id: &str, status: &str, limit: Duration) -> Result<()> {
-        let token = self.token()?;
         let deadline = tokio::time::Instant::now() + limit;
         let mut last = serde_json::Value::Null;
         loop {
-            if let Ok(response) = self
-                .http
-                .get(format!(
-                    "http://127.0.0.1:{}/v1/runs/{run_id}",
-                    self.http_port
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                && let Ok(view) = response.json::<serde_json::Value>().await
-            {
+            if let Ok(view) = self.view_of(run_id).await {
                 if view["status"] == status {
                     return Ok(());
                 }
