@@ -53,6 +53,7 @@ fn request() -> TurnRequest {
         },
     ];
     TurnRequest {
+        chat: None,
         earlier: Vec::new(),
         goal: "Write the word hello into scratch/hello.txt".into(),
         leaf: dispatch_plan::Leaf {

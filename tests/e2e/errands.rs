@@ -597,62 +597,6 @@ fn print_table(outcomes: &[Outcome]) {
     );
 }
 
-/// A proxy to a real model server that keeps every answer, in order, under `dir`.
-async fn recorder(upstream: String, dir: PathBuf) -> anyhow::Result<String> {
-    std::fs::create_dir_all(&dir)?;
-    let count = Arc::new(Mutex::new(0usize));
-    let http = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let (upstream, dir, count, http) =
-            (upstream.clone(), dir.clone(), count.clone(), http.clone());
-        async move {
-            let path = request.uri().path().trim_start_matches("/v1").to_owned();
-            let body = axum::body::to_bytes(request.into_body(), 16 << 20)
-                .await
-                .unwrap_or_default();
-            let sent = http
-                .post(format!("{upstream}{path}"))
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await;
-            let Ok(response) = sent else {
-                return (axum::http::StatusCode::BAD_GATEWAY, Vec::new()).into_response();
-            };
-            let status = response.status();
-            let streamed = response
-                .headers()
-                .get("content-type")
-                .is_some_and(|t| t.to_str().unwrap_or_default().contains("event-stream"));
-            let bytes = response.bytes().await.unwrap_or_default().to_vec();
-            let n = {
-                let mut c = count.lock().unwrap();
-                *c += 1;
-                *c
-            };
-            let ext = if streamed { "sse" } else { "json" };
-            let _ = std::fs::write(dir.join(format!("{n:02}.{ext}")), &bytes);
-            let _ = std::fs::write(dir.join(format!("{n:02}.{ext}.request.json")), &body);
-            let kind = if streamed {
-                "text/event-stream"
-            } else {
-                "application/json"
-            };
-            axum::response::Response::builder()
-                .status(status.as_u16())
-                .header("content-type", kind)
-                .body(axum::body::Body::from(bytes))
-                .unwrap()
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(url)
-}
-
-use axum::response::IntoResponse as _;
-
 /// The recorded answers of `errand`, in order, as the stand-in replays them: the
 /// recording's folder and site address, which its goal names, swapped for `fixture`'s.
 fn recorded(errand: &str, fixture: &Fixture) -> Vec<Reply> {
@@ -771,7 +715,7 @@ async fn errands_against_a_model() -> anyhow::Result<()> {
         }
         let (_dir, fixture) = fixture().await?;
         let model_url = match &record {
-            Some(dir) => recorder(url.clone(), dir.join(errand.name)).await?,
+            Some(dir) => dispatch_tests::recorder(url.clone(), dir.join(errand.name)).await?,
             None => url.clone(),
         };
         eprintln!("errand {} …", errand.name);

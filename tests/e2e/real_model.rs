@@ -222,3 +222,56 @@ async fn a_real_model_lists_files_through_the_filesystem_server() -> anyhow::Res
     );
     Ok(())
 }
+
+/// The model's URL, or a recording proxy in front of it when `DISPATCH_RECORD_DIR` is
+/// set (its answers kept under `<dir>/<name>`, for the stand-in to replay in CI).
+async fn model_or_recorder(name: &str) -> anyhow::Result<String> {
+    let (url, _) = model();
+    match std::env::var_os("DISPATCH_RECORD_DIR") {
+        Some(dir) => dispatch_tests::recorder(url, std::path::PathBuf::from(dir).join(name)).await,
+        None => Ok(url),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a real model server: cargo xtask test --real-model"]
+async fn a_real_model_answers_the_second_turn_from_the_first() -> anyhow::Result<()> {
+    let url = model_or_recorder("remembers").await?;
+    let (_, name) = model();
+    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &["--max-turns", "4"],
+            &[
+                ("DISPATCH_MODEL_URL", url.as_str()),
+                ("DISPATCH_MODEL", name.as_str()),
+            ],
+        )
+        .await?;
+    let mut answers = Vec::new();
+    for text in [
+        "My favourite colour is teal. Please remember that.",
+        "What is my favourite colour? Answer in one word.",
+    ] {
+        let answer = stack
+            .http
+            .post(stack.url("/v1/conversations/colours/messages"))
+            .json(&serde_json::json!({ "text": text }))
+            .send()
+            .await?;
+        anyhow::ensure!(answer.status() == 202, "{}", answer.text().await?);
+        let body: serde_json::Value = answer.json().await?;
+        let run_id: dispatch_bus::RunId = body["run_id"].as_str().unwrap_or_default().parse()?;
+        let events = stack.wait_finished_or_show(run_id, LIMIT).await?;
+        print(&events);
+        answers.push(finished(&events).summary.clone());
+    }
+    eprintln!("the model answered {answers:?}");
+    assert!(
+        answers[1].to_lowercase().contains("teal"),
+        "the second answer does not say teal: {:?}",
+        answers[1]
+    );
+    Ok(())
+}

@@ -384,6 +384,8 @@ impl Stack {
             },
             max_runs: 4,
             lease_ms: dispatch_dispatcher::DEFAULT_LEASE.as_millis() as u64,
+            chat_history_chars: 24_000,
+            chat_history_turns: 50,
             model: dispatch_dispatcher::model::ModelArgs::offline(),
         };
         let providers = dispatch_dispatcher::model::Providers::both(provider);
@@ -716,4 +718,61 @@ pub async fn stored_goals(bus: &Bus) -> Result<Vec<dispatch_proto::command::v1::
         }
     }
     Ok(goals)
+}
+
+/// A proxy to a real model server that keeps every answer, in order, under `dir`.
+pub async fn recorder(upstream: String, dir: PathBuf) -> anyhow::Result<String> {
+    std::fs::create_dir_all(&dir)?;
+    let count = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (upstream, dir, count, http) =
+            (upstream.clone(), dir.clone(), count.clone(), http.clone());
+        async move {
+            let path = request.uri().path().trim_start_matches("/v1").to_owned();
+            let body = axum::body::to_bytes(request.into_body(), 16 << 20)
+                .await
+                .unwrap_or_default();
+            let sent = http
+                .post(format!("{upstream}{path}"))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            let Ok(response) = sent else {
+                return axum::response::IntoResponse::into_response((
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    Vec::<u8>::new(),
+                ));
+            };
+            let status = response.status();
+            let streamed = response
+                .headers()
+                .get("content-type")
+                .is_some_and(|t| t.to_str().unwrap_or_default().contains("event-stream"));
+            let bytes = response.bytes().await.unwrap_or_default().to_vec();
+            let n = {
+                let mut c = count.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let ext = if streamed { "sse" } else { "json" };
+            let _ = std::fs::write(dir.join(format!("{n:02}.{ext}")), &bytes);
+            let _ = std::fs::write(dir.join(format!("{n:02}.{ext}.request.json")), &body);
+            let kind = if streamed {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
+            axum::response::Response::builder()
+                .status(status.as_u16())
+                .header("content-type", kind)
+                .body(axum::body::Body::from(bytes))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
 }

@@ -155,6 +155,9 @@ impl Identity {
                     .push(format!("$KV.{}.>", streams::LISTENERS_BUCKET));
                 // Which run each signed webhook delivery woke.
                 p.look_up(&[streams::WEBHOOKS]);
+                // Whether a conversation has a turn running (a message that must not
+                // wait is refused at the door).
+                p.look_up(&[streams::TURNS]);
                 p.publish
                     .allow
                     .push(format!("$KV.{}.>", streams::WEBHOOKS_BUCKET));
@@ -176,6 +179,13 @@ impl Identity {
                 for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
                     p.publish.allow.push(command.into());
                 }
+                // Chat turns: their conversations' heads, and the feedback notes drained
+                // at the top of each turn.
+                p.read(&[streams::TURNS]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::TURNS_BUCKET));
+                p.publish.allow.push(subject::query::TASKS.into());
                 // A service run's schedules and listeners.
                 p.publish.allow.push(subject::schedule::ADD.into());
                 p.look_up(&[streams::LISTENERS]);

@@ -37,9 +37,9 @@ pub const DELIVERIES: &str = "DISPATCH_DELIVERIES";
 /// (see [`crate::health::probe_writes`]). Holds nothing anyone reads.
 pub const PROBE: &str = "DISPATCH_PROBE";
 
-/// Every stream, in declaration order; the last three are key-value buckets' (the tool
-/// catalogue's, [`crate::catalogue`], the secrets' and the schedules').
-pub const ALL: [&str; 13] = [
+/// Every stream, in declaration order; from the tool catalogue's ([`crate::catalogue`])
+/// on, the streams behind key-value buckets.
+pub const ALL: [&str; 14] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -53,6 +53,7 @@ pub const ALL: [&str; 13] = [
     SCHEDULES,
     LISTENERS,
     WEBHOOKS,
+    TURNS,
 ];
 
 /// The secrets bucket: names → values encrypted with the workspace's secrets key
@@ -115,6 +116,39 @@ fn listeners() -> async_nats::jetstream::kv::Config {
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     }
+}
+
+/// The conversations' turns bucket: one `ConversationHead` (protobuf) per conversation,
+/// under [`turns_key`]: its newest chat turn and the one before. Dispatchers take the
+/// head by compare-and-set when a turn joins the conversation, so its turns form one
+/// chain; the history kept lets a turn that was interrupted between taking the head and
+/// recording its place find the place again.
+pub const TURNS_BUCKET: &str = "DISPATCH_TURNS";
+/// The stream behind [`TURNS_BUCKET`].
+pub const TURNS: &str = "KV_DISPATCH_TURNS";
+/// How many heads of one conversation are kept (the most a bucket keeps).
+pub const TURNS_HISTORY: i64 = 64;
+
+fn turns() -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: TURNS_BUCKET.to_owned(),
+        description: "Dispatch conversations: the newest turn of each".to_owned(),
+        history: TURNS_HISTORY,
+        max_value_size: 1024,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The key of `conversation`'s head in [`TURNS_BUCKET`]: account, agent and the
+/// conversation's token, as in its stream's subject.
+pub fn turns_key(conversation: &crate::ConversationId) -> String {
+    format!(
+        "{}.{}.{}",
+        crate::subject::conv::DEFAULT_ACCOUNT,
+        crate::subject::conv::DEFAULT_AGENT,
+        crate::subject::conv::token(conversation)
+    )
 }
 
 /// The webhook deliveries bucket: which run each signed delivery (a listener's
@@ -476,6 +510,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         (schedules(), "the schedules bucket"),
         (listeners(), "the listeners bucket"),
         (webhooks(), "the webhook deliveries bucket"),
+        (turns(), "the conversations' turns bucket"),
     ] {
         config.num_replicas = replicas;
         match js.get_key_value(&config.bucket).await {

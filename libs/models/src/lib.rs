@@ -175,11 +175,40 @@ pub struct EarlierStep {
     pub found: String,
 }
 
+/// A chat turn's conversation: what the model is shown before its own turns so far
+/// (`TurnRequest::history`). Built from the logs, the same every time it is built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chat {
+    /// How many earlier turns of the conversation are left out (the oldest; the model
+    /// is told so).
+    pub left_out: u64,
+    /// The earlier turns given, oldest first.
+    pub earlier: Vec<ChatTurn>,
+    /// Errands of this conversation that ended since its last turn: one line each
+    /// (drained at the top of this turn, so said once).
+    pub notes: Vec<String>,
+    /// The new message.
+    pub message: String,
+}
+
+/// One earlier turn of a conversation: the message, and what the model did with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChatTurn {
+    pub message: String,
+    /// Its answers, calls and their results, in order.
+    pub exchanges: Vec<Exchange>,
+    /// How it ended when it did not end with an answer (stopped, blocked), in words.
+    pub cut_short: Option<String>,
+}
+
 /// What the leaf's model is asked on each turn.
 #[derive(Debug, Clone)]
 pub struct TurnRequest {
     pub goal: String,
     pub leaf: Leaf,
+    /// Set for a chat turn: the conversation, instead of a plan's step (`leaf` then
+    /// holds the message as its body, and `earlier` is empty).
+    pub chat: Option<Chat>,
     /// The steps of the plan finished before this one, in order.
     pub earlier: Vec<EarlierStep>,
     pub history: Vec<Exchange>,

@@ -134,6 +134,45 @@ fn is_outline(goal: &str) -> bool {
     })
 }
 
+/// A chat turn, offline: the message's `call:` lines are called on the first turn;
+/// then the answer says, in fixed words, what it was told — the message, how many
+/// earlier turns it was given (and the first words of the last one), the notes it was
+/// handed, and the calls' results — so that what reached the model can be seen.
+fn chat_turn(chat: &crate::Chat, history: &[Exchange]) -> TurnReply {
+    let explicit = explicit_calls(&chat.message);
+    if history.is_empty() && !explicit.is_empty() {
+        let names: Vec<&str> = explicit.iter().map(|c| c.tool.as_str()).collect();
+        return reply(format!("Calling {}.", names.join(", ")), explicit);
+    }
+    let mut text = format!(
+        "Offline model (not a language model). You said: {}.",
+        one_line(&chat.message, 200)
+    );
+    match chat.earlier.last() {
+        None => text.push_str(" This is the first turn I was given."),
+        Some(last) => text.push_str(&format!(
+            " I was given {} earlier turns; the last one said: {}.",
+            chat.earlier.len(),
+            one_line(&last.message, 200)
+        )),
+    }
+    if chat.left_out > 0 {
+        text.push_str(&format!(" {} older turns were left out.", chat.left_out));
+    }
+    for note in &chat.notes {
+        text.push_str(&format!(" Note: {}.", one_line(note, 300)));
+    }
+    for exchange in history {
+        if let Exchange::ToolResult { tool, result, .. } = exchange {
+            match result {
+                Ok(out) => text.push_str(&format!(" {tool} returned: {}.", one_line(out, 300))),
+                Err(e) => text.push_str(&format!(" {tool} failed: {}.", one_line(e, 300))),
+            }
+        }
+    }
+    reply(text, Vec::new())
+}
+
 /// The `call: <tool> <json>` lines of a leaf's body.
 fn explicit_calls(body: &str) -> Vec<ToolCall> {
     body.lines()
@@ -150,6 +189,9 @@ fn explicit_calls(body: &str) -> Vec<ToolCall> {
 }
 
 fn turn(request: &TurnRequest) -> TurnReply {
+    if let Some(chat) = &request.chat {
+        return chat_turn(chat, &request.history);
+    }
     let explicit = explicit_calls(&request.leaf.body);
     let turns_taken = request
         .history
@@ -187,6 +229,7 @@ fn turn(request: &TurnRequest) -> TurnReply {
         .nth(skip)
         .map_or(request.history.len(), |(i, _)| i);
     let request = &TurnRequest {
+        chat: None,
         history: request.history[from..].to_vec(),
         ..request.clone()
     };
@@ -382,6 +425,7 @@ mod tests {
         let mut history = Vec::new();
         for _ in 0..5 {
             let reply = turn(&TurnRequest {
+                chat: None,
                 earlier: Vec::new(),
                 goal: goal.into(),
                 leaf: leaf.clone(),
@@ -494,6 +538,7 @@ mod tests {
         let plan = dispatch_plan::parse(&answer).unwrap();
         let leaf = plan.leaves[0].clone();
         let first = turn(&TurnRequest {
+            chat: None,
             earlier: Vec::new(),
             goal: goal.into(),
             leaf: leaf.clone(),
@@ -517,6 +562,7 @@ mod tests {
             },
         ];
         let second = turn(&TurnRequest {
+            chat: None,
             earlier: Vec::new(),
             goal: goal.into(),
             leaf,

@@ -423,8 +423,13 @@ never a placeholder or a shell command such as $(...). When the step is done, an
 with one short paragraph saying what you did, and call no tool. Never say a step is \
 done when a call it needed failed.";
 
-/// The messages of one leaf's turn: instructions, the step, and the turns so far.
+/// The messages of one leaf's turn: instructions, the step, and the turns so far; or
+/// of a chat turn: the conversation, then the turns so far.
 fn conversation(request: &TurnRequest) -> Vec<Message> {
+    if let Some(chat) = &request.chat {
+        let hands_off = request.tools.iter().any(|t| t.name == HAND_OFF_TOOL);
+        return chat_conversation(chat, &request.history, hands_off);
+    }
     let leaf = &request.leaf;
     let mut step = format!("The goal: {}", request.goal);
     if !request.earlier.is_empty() {
@@ -452,7 +457,64 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
         Message::system(WORKER_PROMPT.to_owned()),
         Message::user(step),
     ];
-    for exchange in &request.history {
+    push_exchanges(&mut messages, &request.history, "");
+    // Small models answer a tool result by making the same call again; a word after
+    // the results reminds them how a step ends.
+    if matches!(request.history.last(), Some(Exchange::ToolResult { .. })) {
+        messages.push(Message::user(CONTINUE.to_owned()));
+    }
+    messages
+}
+
+/// A chat turn's messages: the instructions (saying how many older turns are left
+/// out), each earlier turn as it went (its calls' ids made unique to it), the new
+/// message (after the notes of errands that ended since), and this turn so far.
+fn chat_conversation(chat: &crate::Chat, history: &[Exchange], hands_off: bool) -> Vec<Message> {
+    let mut system = CHAT_PROMPT.to_owned();
+    if hands_off {
+        system.push_str(CHAT_HAND_OFF);
+    }
+    if chat.left_out > 0 {
+        system.push_str(&format!(
+            "\n\n({} older turns of this conversation are left out here.)",
+            chat.left_out
+        ));
+    }
+    let mut messages = vec![Message::system(system)];
+    for (i, turn) in chat.earlier.iter().enumerate() {
+        messages.push(Message::user(turn.message.clone()));
+        push_exchanges(&mut messages, &turn.exchanges, &format!("h{i}-"));
+        if let Some(why) = &turn.cut_short {
+            messages.push(Message::assistant(format!(
+                "(This turn ended before an answer: {why}.)"
+            )));
+        }
+    }
+    let message = if chat.notes.is_empty() {
+        chat.message.clone()
+    } else {
+        format!(
+            "[From Dispatch, not typed by the user: errands of this conversation that \
+             ended since the last turn]\n{}\n\n[The user's new message]\n{}",
+            chat.notes
+                .iter()
+                .map(|n| format!("- {n}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            chat.message
+        )
+    };
+    messages.push(Message::user(message));
+    push_exchanges(&mut messages, history, "");
+    if matches!(history.last(), Some(Exchange::ToolResult { .. })) {
+        messages.push(Message::user(CHAT_CONTINUE.to_owned()));
+    }
+    messages
+}
+
+/// Appends `exchanges` as messages, each call id prefixed with `ids`.
+fn push_exchanges(messages: &mut Vec<Message>, exchanges: &[Exchange], ids: &str) {
+    for exchange in exchanges {
         match exchange {
             Exchange::Assistant { text, tool_calls } => messages.push(Message {
                 role: "assistant",
@@ -460,7 +522,7 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
                 tool_calls: tool_calls
                     .iter()
                     .map(|call| WireCall {
-                        id: call.id.clone(),
+                        id: format!("{ids}{}", call.id),
                         kind: "function",
                         function: WireFunction {
                             name: crate::wire_name(&call.tool),
@@ -484,17 +546,31 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
                     Err(reason) => format!("error: {reason}"),
                 }),
                 tool_calls: Vec::new(),
-                tool_call_id: Some(call_id.clone()),
+                tool_call_id: Some(format!("{ids}{call_id}")),
             }),
         }
     }
-    // Small models answer a tool result by making the same call again; a word after
-    // the results reminds them how a step ends.
-    if matches!(request.history.last(), Some(Exchange::ToolResult { .. })) {
-        messages.push(Message::user(CONTINUE.to_owned()));
-    }
-    messages
 }
+
+/// A chat turn's instructions.
+const CHAT_PROMPT: &str = "You are an assistant in an ongoing conversation. The \
+conversation so far comes first; answer the user's newest message, using what was said \
+before. Use the tools offered when they help: call one tool at a time and look at its \
+result before going on. When you have the answer, reply in plain words and call no \
+tool.";
+
+/// The tool that hands work off to a planned run.
+const HAND_OFF_TOOL: &str = "dispatch.dispatch";
+
+/// Added to a chat turn's instructions when the hand-off tool is offered.
+const CHAT_HAND_OFF: &str = " Work that takes long can be handed off with \
+dispatch__dispatch, which returns at once: say that you handed it off; its result \
+reaches you in a later turn.";
+
+/// Said after the tool results of a chat turn's last answer.
+const CHAT_CONTINUE: &str = "Those are the results. If you can answer now, reply to \
+the user in plain words and call no tool; if a call failed, try it another way; \
+otherwise make the next call.";
 
 /// Said to a model that gave a step up without trying a tool.
 const GAVE_UP_UNTRIED: &str = "You have not used any tool yet. Do the step with the tools \

@@ -39,6 +39,7 @@ fn tools() -> Vec<ToolSpec> {
 
 fn turn_request(history: Vec<Exchange>) -> TurnRequest {
     TurnRequest {
+        chat: None,
         earlier: Vec::new(),
         goal: "Write the word hello into a file".into(),
         leaf: dispatch_plan::parse(

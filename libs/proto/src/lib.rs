@@ -67,6 +67,8 @@ pub mod run {
                     Body::ApprovalResolved(_) => "approval_resolved",
                     Body::OutputDelta(_) => "output_delta",
                     Body::ServiceWoken(_) => "service_woken",
+                    Body::TurnOrdered(_) => "turn_ordered",
+                    Body::TurnContext(_) => "turn_context",
                 }
             }
         }

@@ -17,6 +17,7 @@ pub mod service;
 pub mod steps;
 pub mod stop;
 pub mod submit;
+pub mod turn;
 
 use std::sync::Arc;
 use std::time::Duration;

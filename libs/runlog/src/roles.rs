@@ -35,7 +35,8 @@ pub fn writer_of(role: WriterRole) -> Option<LogWriter> {
 /// Whether `role` may write `body`; `Err` says why not.
 ///
 /// - the dispatcher: the run's lifecycle (`RunRequested`, `RunStarted`, `ServiceWoken`,
-///   `StopRequested`, `FeedbackQueued`, `RunFinished`), plans (`PlanAuthored`,
+///   `StopRequested`, `FeedbackQueued`, `RunFinished`), a chat turn's place and context
+///   (`TurnOrdered`, `TurnContext`), plans (`PlanAuthored`,
 ///   `PlanRejected`), leaves and turns (`LeafStarted`, `LeafFinished`, `ModelTurn`,
 ///   `OutputDelta`), call requests (`ToolCallRequested`); and two refusals that only
 ///   ever deny: a `PolicyDecided` that denies under the `denial-memo` rule, and an
@@ -52,6 +53,8 @@ pub fn may_write(role: WriterRole, body: &Body) -> Result<(), String> {
         | Body::PlanRejected(_)
         | Body::RunStarted(_)
         | Body::ServiceWoken(_)
+        | Body::TurnOrdered(_)
+        | Body::TurnContext(_)
         | Body::LeafStarted(_)
         | Body::LeafFinished(_)
         | Body::ModelTurn(_)

@@ -43,8 +43,10 @@ pub enum GoalError {
     Callback(String),
     #[error("payload must be at most {MAX_PAYLOAD_BYTES} bytes (it has {0})")]
     Payload(usize),
-    #[error("kind must be job, heartbeat or service (got {0:?})")]
+    #[error("kind must be job, heartbeat, service or turn (got {0:?})")]
     Kind(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("service: {0}")]
     Service(String),
     #[error("wake: {0}")]
@@ -52,8 +54,9 @@ pub enum GoalError {
 }
 
 /// The kinds of run: a `job` does its goal once; a `heartbeat` is woken by a payload; a
-/// `service` is long-lived, and each of its wakes is a heartbeat run of its goal.
-pub const KINDS: [&str; 3] = ["job", "heartbeat", crate::service::KIND];
+/// `service` is long-lived, and each of its wakes is a heartbeat run of its goal; a
+/// `turn` is one chat message's agent loop over its conversation (no plan).
+pub const KINDS: [&str; 4] = ["job", "heartbeat", crate::service::KIND, crate::turn::KIND];
 
 impl GoalError {
     pub fn code(&self) -> &'static str {
@@ -69,6 +72,7 @@ impl GoalError {
             GoalError::Callback(_) => "invalid_callback",
             GoalError::Payload(_) => "invalid_payload",
             GoalError::Kind(_) => "invalid_kind",
+            GoalError::Busy(_) => "invalid_busy",
             GoalError::Service(_) => "invalid_service",
             GoalError::Wake(_) => "invalid_wake",
         }
@@ -89,6 +93,10 @@ pub struct Goal {
     service: Option<ServiceSpec>,
     /// A wake's: the service run it wakes, why, and by which listener (0: none).
     wake: Option<(RunId, String, u32)>,
+    /// A chat turn's: what it does when a turn of its conversation is running.
+    busy: Option<crate::turn::Busy>,
+    /// A hand-off's: the chat turn that started it.
+    parent: Option<RunId>,
 }
 
 impl Goal {
@@ -128,7 +136,31 @@ impl Goal {
             kind: KINDS[0].to_owned(),
             service: None,
             wake: None,
+            busy: None,
+            parent: None,
         })
+    }
+
+    /// The goal as a chat message: a turn of its conversation (the agent loop over the
+    /// conversation's history, no plan), doing `busy` when a turn is running.
+    pub fn turn(mut self, busy: crate::turn::Busy) -> Self {
+        self.kind = crate::turn::KIND.to_owned();
+        self.service = None;
+        self.wake = None;
+        self.busy = Some(busy);
+        self.parent = None;
+        self
+    }
+
+    /// The goal as a job a chat turn hands off (`dispatch.dispatch`): a planned run of
+    /// the turn's conversation whose parent is the turn.
+    pub fn handed_off_by(mut self, turn: RunId) -> Self {
+        self.kind = KINDS[0].to_owned();
+        self.service = None;
+        self.wake = None;
+        self.busy = None;
+        self.parent = Some(turn);
+        self
     }
 
     /// The goal, with its result POSTed to `url` when the run ends (empty: none).
@@ -156,8 +188,12 @@ impl Goal {
                 "a service run is started with its spec (`dispatch serve`)".into(),
             ));
         }
+        if kind == crate::turn::KIND {
+            return Ok(self.turn(crate::turn::Busy::Queue));
+        }
         self.kind = kind.to_owned();
         self.service = None;
+        self.busy = None;
         Ok(self)
     }
 
@@ -168,6 +204,8 @@ impl Goal {
         self.kind = crate::service::KIND.to_owned();
         self.service = Some(spec);
         self.wake = None;
+        self.busy = None;
+        self.parent = None;
         Ok(self)
     }
 
@@ -187,6 +225,8 @@ impl Goal {
         check_wake(reason)?;
         self.kind = KINDS[1].to_owned();
         self.service = None;
+        self.busy = None;
+        self.parent = None;
         self.wake = Some((parent, reason.to_owned(), listener));
         Ok(self)
     }
@@ -247,7 +287,26 @@ pub fn check_command(subject: &str, command: &SubmitGoal) -> Result<RunId, GoalE
         }
         (None, false) => {}
     }
-    if !command.parent_run_id.is_empty() || !command.wake.is_empty() {
+    if !command.busy.is_empty() {
+        command
+            .busy
+            .parse::<crate::turn::Busy>()
+            .map_err(GoalError::Busy)?;
+        if command.kind != crate::turn::KIND {
+            return Err(GoalError::Busy("only a chat turn has a busy mode".into()));
+        }
+    }
+    // A job with a parent and no wake is a chat turn's hand-off.
+    let handed_off = command.wake.is_empty() && command.kind == KINDS[0];
+    if handed_off && !command.parent_run_id.is_empty() {
+        let parent: RunId = command
+            .parent_run_id
+            .parse()
+            .map_err(|e| GoalError::Wake(format!("the turn that handed it off: {e}")))?;
+        if parent == run_id {
+            return Err(GoalError::Wake("a run cannot hand itself off".into()));
+        }
+    } else if !command.parent_run_id.is_empty() || !command.wake.is_empty() {
         let parent: RunId = command
             .parent_run_id
             .parse()
@@ -399,10 +458,11 @@ impl Submission {
             payload: goal.payload,
             kind: goal.kind,
             service: goal.service,
-            parent_run_id: goal
-                .wake
-                .as_ref()
-                .map_or_else(String::new, |(parent, _, _)| parent.to_string()),
+            parent_run_id: match (&goal.wake, &goal.parent) {
+                (Some((parent, _, _)), _) | (None, Some(parent)) => parent.to_string(),
+                (None, None) => String::new(),
+            },
+            busy: goal.busy.map(|b| b.word().to_owned()).unwrap_or_default(),
             listener: goal.wake.as_ref().map_or(0, |(_, _, listener)| *listener),
             wake: goal.wake.map(|(_, reason, _)| reason).unwrap_or_default(),
         };
@@ -435,6 +495,7 @@ impl Submission {
             && a.parent_run_id == b.parent_run_id
             && a.wake == b.wake
             && a.listener == b.listener
+            && a.busy == b.busy
     }
 
     /// Stores the goal (safe to call again after any failure), in a producer span whose
@@ -573,6 +634,12 @@ pub fn requested(command: &SubmitGoal) -> RunRequested {
         wake: match check_wake(&command.wake) {
             Ok(()) => command.wake.clone(),
             Err(_) => String::new(),
+        },
+        busy: match command.busy.parse::<crate::turn::Busy>() {
+            Ok(busy) if command.kind == crate::turn::KIND && !command.busy.is_empty() => {
+                busy.word().to_owned()
+            }
+            _ => String::new(),
         },
     }
 }

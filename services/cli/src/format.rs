@@ -50,6 +50,22 @@ pub fn event_line(event: &RunEvent) -> String {
         ),
         Body::RunStarted(s) => format!("owner {}", s.owner),
         Body::ServiceWoken(w) => format!("woke ({}): run {}", w.wake, w.run_id),
+        Body::TurnOrdered(t) if t.previous_run_id.is_empty() => {
+            format!("turn {} of its conversation", t.number)
+        }
+        Body::TurnOrdered(t) => format!(
+            "turn {} of its conversation, after run {}",
+            t.number, t.previous_run_id
+        ),
+        Body::TurnContext(c) => format!(
+            "context: {} earlier turns{}, {} notes drained",
+            c.earlier_run_ids.len(),
+            match c.left_out {
+                0 => String::new(),
+                n => format!(" ({n} older left out)"),
+            },
+            c.notes.len()
+        ),
         Body::LeafStarted(l) => format!("leaf {}: {}", l.leaf + 1, l.title),
         Body::OutputDelta(d) if d.abandoned => format!(
             "leaf {} turn {} part {}: streamed text void (asked again)",

@@ -46,9 +46,11 @@ fn kind_index(body: &Body) -> usize {
         Body::ApprovalResolved(_) => 18,
         Body::OutputDelta(_) => 19,
         Body::ServiceWoken(_) => 20,
+        Body::TurnOrdered(_) => 21,
+        Body::TurnContext(_) => 22,
     }
 }
-const KINDS: usize = 21;
+const KINDS: usize = 23;
 
 /// One event of every kind (two of some, for their other shapes), every text in it `t`.
 fn every_event(t: &str) -> Vec<RunEvent> {
@@ -209,6 +211,20 @@ fn every_event(t: &str) -> Vec<RunEvent> {
             run_id: s(),
             wake: s(),
             listener: 1,
+        }),
+        Body::TurnOrdered(TurnOrdered {
+            previous_run_id: s(),
+            number: 2,
+        }),
+        Body::TurnContext(TurnContext {
+            earlier_run_ids: vec![s()],
+            left_out: 1,
+            notes: vec![TurnNote {
+                run_id: s(),
+                status: s(),
+                summary: s(),
+                goal: s(),
+            }],
         }),
     ];
     bodies

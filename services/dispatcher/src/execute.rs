@@ -26,6 +26,9 @@ use dispatch_runlog::{ErrorKind, Report, RunHandle, SUMMARY_CHARS, slice_bytes, 
 use dispatch_service::layout;
 
 use crate::{Context, DEFAULT_TIMEOUT, Error, telemetry};
+
+mod chat;
+pub(crate) use chat::{Budget, TurnCache};
 use opentelemetry::KeyValue;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -141,6 +144,7 @@ async fn run_in_span(
     }
     let mut exec = Exec {
         ctx,
+        resumed: !handle.events().is_empty(),
         run: handle,
         command,
         slot: Some(slot),
@@ -167,6 +171,7 @@ async fn run_in_span(
     let outcome = exec.drive().await;
     let report = exec.report();
     let (status, reason, summary) = match outcome {
+        Ok(_) if command.kind == dispatch_runlog::turn::KIND => exec.turn_outcome(),
         Ok(tally) => {
             let tally_line = format!("workflow finished: {}", tally_json(&tally));
             match exec.unfinished() {
@@ -206,6 +211,7 @@ pub(crate) async fn block(
         run: ctx.log.handle(run_id).await?,
         command,
         slot: None,
+        resumed: true,
     };
     if exec.run.is_finished() {
         return Ok(());
@@ -236,6 +242,8 @@ struct Exec<'a> {
     /// This run's share of the copy's `--max-runs`, given back while it waits for a
     /// person (none when only settling a run).
     slot: Option<Slot>,
+    /// The log had events before this attempt: an earlier one was interrupted.
+    resumed: bool,
 }
 
 impl Exec<'_> {
@@ -246,8 +254,14 @@ impl Exec<'_> {
         }
         let read = self.run.events().last().map_or(0, |e| e.stream_seq);
         let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id(), read);
+        let work = async {
+            match self.command.kind == dispatch_runlog::turn::KIND {
+                true => self.drive_turn().await,
+                false => self.drive_plan().await,
+            }
+        };
         let stop = tokio::select! {
-            result = self.drive_plan() => return result,
+            result = work => return result,
             stop = watch => stop,
         };
         Err(self.stopped(&stop).await)
@@ -272,12 +286,7 @@ impl Exec<'_> {
     /// model is cut by it as a leaf would be.
     async fn drive_plan(&mut self) -> Result<Vec<TallyEntry>, Stop> {
         let requested = self.requested().await?;
-        // The log is read back, not trusted to be sane: a timeout beyond the longest a
-        // goal may ask for is held to that.
-        let timeout = match requested.timeout_ms {
-            0 => DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(ms.min(MAX_TIMEOUT_MS)),
-        };
+        let timeout = self.timeout_of(&requested);
         let deadline_ms = self.deadline_ms(timeout);
         let left = deadline_ms.saturating_sub(now_unix_ms()).max(0) as u64;
         let wall = tokio::time::Instant::now() + Duration::from_millis(left);
@@ -296,6 +305,15 @@ impl Exec<'_> {
                 human(timeout)
             ))),
             Err(_) => Err(Stop::Blocked(format!("timed out after {}", human(timeout)))),
+        }
+    }
+
+    /// The run's kill-switch budget. The log is read back, not trusted to be sane: a
+    /// timeout beyond the longest a goal may ask for is held to that.
+    fn timeout_of(&self, requested: &RunRequested) -> Duration {
+        match requested.timeout_ms {
+            0 => DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(ms.min(MAX_TIMEOUT_MS)),
         }
     }
 
@@ -861,6 +879,7 @@ impl Exec<'_> {
     ) -> Result<ModelTurn, Stop> {
         let tools = self.leaf_tools(leaf, self.ctx.offer.current().await.specs());
         let request = TurnRequest {
+            chat: None,
             goal: dispatch_runlog::submit::prompt_goal(requested),
             leaf: from_proto_leaf(leaf),
             earlier: self.earlier_steps(leaf.index),
@@ -869,27 +888,13 @@ impl Exec<'_> {
             deltas: None,
         };
         let (reply, streamed) = self.streamed_turn(leaf.index, turn, request).await?;
-        let provider = &self.ctx.providers.worker;
-        let body = Body::ModelTurn(ModelTurn {
-            leaf: leaf.index,
+        let body = model_turn_body(
+            leaf.index,
             turn,
-            text: reply.text,
-            tool_calls: reply
-                .tool_calls
-                .into_iter()
-                .enumerate()
-                .map(|(i, call)| ToolCall {
-                    call_id: format!("l{}-t{turn}-c{i}", leaf.index),
-                    tool: call.tool,
-                    args_json: call.args_json,
-                })
-                .collect(),
-            model: provider.name().to_owned(),
-            usage: Some(usage(reply.usage)),
-            call_form: reply.form.word().to_owned(),
-            streamed: streamed.is_some(),
-            streamed_part: streamed.unwrap_or_default(),
-        });
+            reply,
+            streamed,
+            self.ctx.providers.worker.name(),
+        );
         self.ensure(model_turn(leaf.index, turn), body).await
     }
 
@@ -1610,6 +1615,36 @@ impl Part {
             abandoned,
         }
     }
+}
+
+/// The `ModelTurn` recording `reply`, its calls given ids from the leaf and turn.
+fn model_turn_body(
+    leaf: u32,
+    turn: u32,
+    reply: TurnReply,
+    streamed: Option<u32>,
+    model: &str,
+) -> Body {
+    Body::ModelTurn(ModelTurn {
+        leaf,
+        turn,
+        text: reply.text,
+        tool_calls: reply
+            .tool_calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, call)| ToolCall {
+                call_id: format!("l{leaf}-t{turn}-c{i}"),
+                tool: call.tool,
+                args_json: call.args_json,
+            })
+            .collect(),
+        model: model.to_owned(),
+        usage: Some(usage(reply.usage)),
+        call_form: reply.form.word().to_owned(),
+        streamed: streamed.is_some(),
+        streamed_part: streamed.unwrap_or_default(),
+    })
 }
 
 fn started_leaf(leaf: u32) -> impl Fn(&Body) -> Option<()> {

@@ -66,6 +66,13 @@ pub struct Config {
     /// long is taken over by another copy. Renewed every third of it.
     #[arg(long, env = "DISPATCH_LEASE_MS", default_value_t = DEFAULT_LEASE.as_millis() as u64)]
     pub lease_ms: u64,
+    /// The most characters of earlier turns a chat turn's model is shown (about four
+    /// to a token); older turns are left out, and the model is told how many.
+    #[arg(long, env = "DISPATCH_CHAT_HISTORY_CHARS", default_value_t = 24_000)]
+    pub chat_history_chars: usize,
+    /// The most earlier turns a chat turn's model is shown.
+    #[arg(long, env = "DISPATCH_CHAT_HISTORY_TURNS", default_value_t = 50)]
+    pub chat_history_turns: usize,
     #[command(flatten)]
     pub model: model::ModelArgs,
 }
@@ -108,6 +115,13 @@ struct Context {
     offer: tools::Offer,
     /// Every secret's value, to scrub what models write (`dispatch_secrets::Known`).
     known: Arc<dispatch_secrets::Known>,
+    /// The conversations' heads (`KV_DISPATCH_TURNS`): where each chat turn takes its
+    /// place.
+    turns: jetstream::kv::Store,
+    /// Finished chat turns as their conversations' history shows them.
+    turn_cache: execute::TurnCache,
+    /// How much of its conversation a chat turn's model is shown.
+    chat_budget: execute::Budget,
 }
 
 /// How often the secrets scrubbed from models' text are read again.
@@ -141,8 +155,19 @@ impl Dispatcher {
             .await
             .map_err(|e| dispatch_bus::Error::other("open the secrets", e))?;
         let known = dispatch_secrets::Known::watch(store, SECRETS_REFRESH).await;
+        let turns = bus
+            .jetstream()
+            .get_key_value(streams::TURNS_BUCKET)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the conversations' turns", e))?;
         Ok(Self {
             ctx: Arc::new(Context {
+                turns,
+                turn_cache: execute::TurnCache::default(),
+                chat_budget: execute::Budget {
+                    chars: config.chat_history_chars,
+                    turns: config.chat_history_turns,
+                },
                 offer,
                 known,
                 bus,

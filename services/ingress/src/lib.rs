@@ -11,6 +11,8 @@
 pub mod access;
 pub mod approvals;
 mod conversations;
+
+use dispatch_runlog::turn::Busy;
 mod grpc;
 mod listeners;
 pub mod openapi;
@@ -116,6 +118,8 @@ struct App {
     trust: dispatch_runlog::seal::Trust,
     /// Run logs, read (approval requests whole); ingress writes none.
     log: dispatch_runlog::RunLog,
+    /// The conversations' heads: whether a conversation has a turn running.
+    turns: dispatch_bus::reads::Reader,
 }
 
 impl Ingress {
@@ -160,6 +164,12 @@ impl Ingress {
                 .await
                 .map_err(|e| dispatch_bus::Error::other("open the run log", e))?
                 .with_trust(trust.clone());
+        let turns = bus
+            .jetstream()
+            .get_stream(dispatch_bus::streams::TURNS)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the conversations' turns", e))?;
+        let turns = dispatch_bus::reads::Reader::new(turns);
         Ok(Self {
             config,
             app: Arc::new(App {
@@ -170,6 +180,7 @@ impl Ingress {
                 listeners,
                 trust,
                 log,
+                turns,
             }),
             listener,
             grpc,
@@ -485,13 +496,19 @@ impl Asked {
     }
 }
 
-/// A chat message: its text is the goal, the conversation is the path's.
+/// A chat message: a turn of the path's conversation, the agent loop over the
+/// conversation with this text as its newest message.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageRequest {
     text: String,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// What to do while a turn of the conversation is still running: `queue` (the
+    /// default: this turn runs after it), `interrupt` (that turn is asked to stop; this
+    /// one runs after it, with both messages) or `reject` (409, nothing stored).
+    #[serde(default)]
+    busy: Option<String>,
 }
 
 /// The origin of every run a chat message starts.
@@ -503,9 +520,10 @@ pub const CHAT_ORIGIN: &str = "chat";
         description = "Retries with the same key (within 10 minutes) return the same run")),
     request_body(content = MessageRequest, content_type = "application/json"),
     responses(
-        (status = 202, description = "Stored; the run starts soon (with `Accept: text/event-stream`, its output streams instead)", body = Accepted,
+        (status = 202, description = "Stored; the turn starts once the one before it has ended (with `Accept: text/event-stream`, its output streams instead)", body = Accepted,
             headers(("Location" = String, description = "The run's status URL"))),
-        (status = 400, description = "Invalid message, conversation or key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid message, conversation, busy mode or key", body = problem::ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "`busy: reject` and a turn of the conversation is running (`turn_running`, naming it); nothing stored", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown API key", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = problem::ProblemDoc, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = problem::ProblemDoc, content_type = "application/problem+json"),
@@ -528,16 +546,66 @@ async fn post_message(
         }
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
     };
+    let busy = match message.busy.as_deref().unwrap_or_default().parse::<Busy>() {
+        Ok(busy) => busy,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_busy", e),
+    };
     let goal = Goal::new(
         &message.text,
         &conversation,
         message.timeout_ms.unwrap_or(0),
         CHAT_ORIGIN,
     );
-    match goal {
-        Ok(goal) => asked.hand_over(&app, goal).await,
-        Err(e) => error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+    let goal = match goal {
+        Ok(goal) => goal.turn(busy),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+    };
+    if busy == Busy::Reject {
+        match running_turn(&app, goal.conversation()).await {
+            Ok(None) => {}
+            Ok(Some(running)) => {
+                return problem::Problem::new(
+                    StatusCode::CONFLICT,
+                    "turn_running",
+                    format!("turn {running} of this conversation is still running; send the message again once it has ended, or with busy: queue or interrupt"),
+                )
+                .with_run(running.to_string())
+                .into_response();
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("cannot tell whether a turn of this conversation runs: {e}"),
+                );
+            }
+        }
     }
+    asked.hand_over(&app, goal).await
+}
+
+/// The conversation's newest turn, if it has not ended. (The dispatcher checks again
+/// when the turn takes its place: a turn that got in between still rejects it.)
+async fn running_turn(
+    app: &App,
+    conversation: &dispatch_bus::ConversationId,
+) -> Result<Option<dispatch_bus::RunId>, String> {
+    let key = dispatch_bus::streams::turns_key(conversation);
+    let subject = format!("$KV.{}.{key}", dispatch_bus::streams::TURNS_BUCKET);
+    let head = app.turns.last(&subject).await.map_err(|e| e.to_string())?;
+    // None, or the head deleted (a KV delete marker has no payload).
+    let Some(head) = head.filter(|m| !m.payload.is_empty()) else {
+        return Ok(None);
+    };
+    let head = <dispatch_proto::run::v1::ConversationHead as prost::Message>::decode(
+        head.payload.as_ref(),
+    )
+    .map_err(|e| format!("the conversation's head does not decode: {e}"))?;
+    let Ok(last) = head.last_run_id.parse::<dispatch_bus::RunId>() else {
+        return Ok(None);
+    };
+    let tail = app.log.handle_tail(last).await.map_err(|e| e.to_string())?;
+    Ok((!tail.is_finished()).then_some(last))
 }
 
 /// True when the client asks for the run's output as it streams.

@@ -590,7 +590,9 @@ impl Views {
         if let Some(before) = origin_before.filter(|b| *b != view.origin) {
             pending.batch.remove(BY_ORIGIN, note_key(&before, &key));
         }
-        if let Some(note) = note_of(&event) {
+        // A chat turn's answer is in its conversation already (the next turn's history):
+        // it leaves no note to drain.
+        if let Some(note) = note_of(&event).filter(|_| view.kind != dispatch_runlog::turn::KIND) {
             let note_id = note_key(&conversation, &key);
             pending.batch.put(
                 NOTES,

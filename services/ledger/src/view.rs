@@ -294,6 +294,8 @@ impl Fold for RunView {
             | Body::ToolCallFailed(_)
             | Body::GateChecked(_)
             | Body::FeedbackQueued(_)
+            | Body::TurnOrdered(_)
+            | Body::TurnContext(_)
             | Body::OutputDelta(_) => {}
         }
         // The owner is the dispatcher copy that last wrote to the run: after a takeover

@@ -1,0 +1,356 @@
+//! Conversations: a chat message is a turn, the agent loop over the conversation's
+//! history, one turn at a time per conversation (real nats-server, real service
+//! processes; the model is the OpenAI-compatible stand-in replaying answers the local
+//! Qwen2.5-Coder-1.5B gave, or the offline provider where only the runtime is tried).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dispatch_bus::RunId;
+use dispatch_proto::run::v1::{RunStatus, TurnContext, TurnOrdered, run_event::Body};
+use dispatch_runlog::StoredEvent;
+use dispatch_testkit::model::{Reply, StandIn};
+use dispatch_tests::{Stack, finished};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Sends `text` to `conversation` (with `busy` if given); the answer's status and body.
+async fn say(
+    stack: &Stack,
+    conversation: &str,
+    text: &str,
+    busy: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut body = json!({ "text": text });
+    if let Some(busy) = busy {
+        body["busy"] = json!(busy);
+    }
+    let answer = stack
+        .http
+        .post(stack.url(&format!("/v1/conversations/{conversation}/messages")))
+        .json(&body)
+        .send()
+        .await?;
+    let status = answer.status().as_u16();
+    Ok((status, answer.json().await.unwrap_or(Value::Null)))
+}
+
+/// Sends `text` and returns the turn's run id (the message must be taken).
+async fn turn(stack: &Stack, conversation: &str, text: &str) -> anyhow::Result<RunId> {
+    let (status, body) = say(stack, conversation, text, None).await?;
+    anyhow::ensure!(status == 202, "{status}: {body}");
+    Ok(body["run_id"].as_str().context("a run id")?.parse()?)
+}
+
+fn bodies(events: &[StoredEvent]) -> impl Iterator<Item = &Body> {
+    events.iter().filter_map(|e| e.event.body.as_ref())
+}
+
+fn ordered(events: &[StoredEvent]) -> TurnOrdered {
+    bodies(events)
+        .find_map(|b| match b {
+            Body::TurnOrdered(t) => Some(t.clone()),
+            _ => None,
+        })
+        .expect("a turn records its place")
+}
+
+fn context(events: &[StoredEvent]) -> TurnContext {
+    bodies(events)
+        .find_map(|b| match b {
+            Body::TurnContext(c) => Some(c.clone()),
+            _ => None,
+        })
+        .expect("a turn records its context")
+}
+
+/// The time (unix ms) of the first event `pick` accepts.
+fn time_of(events: &[StoredEvent], pick: impl Fn(&Body) -> bool) -> i64 {
+    events
+        .iter()
+        .find(|e| e.event.body.as_ref().is_some_and(&pick))
+        .map(|e| e.event.time_unix_ms)
+        .expect("the event is there")
+}
+
+/// The recorded answers of the two-turn conversation (Qwen2.5-Coder-1.5B on
+/// llama-server, `cargo xtask test --real-model` with `DISPATCH_RECORD_DIR`).
+/// Its first turn called `files.write_file` to note the colour, then answered; the
+/// second answered from the first.
+const REMEMBERED: [&str; 3] = [
+    "llama-server-1.5b/chat/remembers/01.sse",
+    "llama-server-1.5b/chat/remembers/02.sse",
+    "llama-server-1.5b/chat/remembers/03.sse",
+];
+
+#[tokio::test]
+async fn the_second_turn_is_given_the_first_and_answers_from_it() -> anyhow::Result<()> {
+    let (stand_in, url) =
+        StandIn::start(REMEMBERED.iter().map(|name| Reply::Replay(name)).collect()).await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &["--model-url", &url, "--model", "recorded"],
+            &[],
+        )
+        .await?;
+    let first = turn(&stack, "colours", FIRST).await?;
+    let one = stack.wait_finished_or_show(first, LIMIT).await?;
+    assert_eq!(finished(&one).status(), RunStatus::Done);
+    let second = turn(&stack, "colours", SECOND).await?;
+    let two = stack.wait_finished_or_show(second, LIMIT).await?;
+    let end = finished(&two);
+    assert_eq!(end.status(), RunStatus::Done, "{}", end.reason);
+
+    // On the wire: the second turn's request holds the first turn as it went — the
+    // message, the call and its result, the answer — in order, then the new message.
+    // No plan was written for either.
+    let asked = stand_in.requests();
+    assert_eq!(
+        asked.len(),
+        3,
+        "two model requests in turn 1, one in turn 2"
+    );
+    let answer_one = finished(&one).summary.clone();
+    let messages = asked[2].1["messages"]
+        .as_array()
+        .context("messages")?
+        .clone();
+    let said: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap_or_default(),
+                m["content"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(said.len(), 6, "{said:?}");
+    assert_eq!(said[0].0, "system");
+    assert_eq!(said[1], ("user", FIRST));
+    assert_eq!(said[2].0, "assistant");
+    let call = &messages[2]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "files__write_file", "{call}");
+    assert_eq!(said[3].0, "tool");
+    assert_eq!(messages[3]["tool_call_id"], call["id"]);
+    assert_eq!(said[4], ("assistant", answer_one.as_str()));
+    assert_eq!(said[5], ("user", SECOND));
+    // The first turn was given no history: the instructions and its message.
+    assert_eq!(asked[0].1["messages"].as_array().map(Vec::len), Some(2));
+    for events in [&one, &two] {
+        assert!(!bodies(events).any(|b| matches!(b, Body::PlanAuthored(_))));
+    }
+    // The answer that refers back is recorded.
+    assert!(
+        end.summary.to_lowercase().contains("teal"),
+        "the recorded answer: {:?}",
+        end.summary
+    );
+    assert_eq!(ordered(&two).previous_run_id, first.to_string());
+    assert_eq!(context(&two).earlier_run_ids, vec![first.to_string()]);
+    // A turn leaves no feedback note to drain: its answer is the conversation.
+    let out = stack.cli(&["tasks", "--conversation", "colours", "--format", "json"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let tasks: Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(
+        tasks["feedback"].as_array().map(Vec::len),
+        Some(0),
+        "{tasks}"
+    );
+    Ok(())
+}
+
+const FIRST: &str = "My favourite colour is teal. Please remember that.";
+const SECOND: &str = "What is my favourite colour? Answer in one word.";
+
+/// A stack whose dispatchers run the offline provider at `pace` a word: only the
+/// runtime is tried, and a turn takes a second or two.
+async fn offline_stack(dispatchers: usize, extra: &[&str]) -> anyhow::Result<Stack> {
+    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
+    for _ in 0..dispatchers {
+        stack
+            .add_with_env("dispatcher", extra, &[("DISPATCH_OFFLINE_PACE_MS", "60")])
+            .await?;
+    }
+    Ok(stack)
+}
+
+#[tokio::test]
+async fn messages_sent_at_once_run_one_turn_at_a_time_across_two_dispatchers() -> anyhow::Result<()>
+{
+    let stack = offline_stack(2, &[]).await?;
+    let mut runs = Vec::new();
+    for i in 1..=4 {
+        runs.push(turn(&stack, "busy", &format!("Message number {i}")).await?);
+    }
+    let mut logs = Vec::new();
+    for run in &runs {
+        let events = stack.wait_finished_or_show(*run, LIMIT).await?;
+        assert_eq!(finished(&events).status(), RunStatus::Done);
+        logs.push(events);
+    }
+    // One chain: each turn names the one before it, numbered 1 to 4.
+    let mut by_number: Vec<(u64, &Vec<StoredEvent>, RunId)> = logs
+        .iter()
+        .zip(&runs)
+        .map(|(events, run)| (ordered(events).number, events, *run))
+        .collect();
+    by_number.sort_by_key(|(n, ..)| *n);
+    let numbers: Vec<u64> = by_number.iter().map(|(n, ..)| *n).collect();
+    assert_eq!(numbers, vec![1, 2, 3, 4]);
+    for pair in by_number.windows(2) {
+        let (_, before, before_id) = &pair[0];
+        let (_, after, _) = &pair[1];
+        assert_eq!(ordered(after).previous_run_id, before_id.to_string());
+        // Never two at once: a turn starts after the one before it has ended.
+        let ended = time_of(before, |b| matches!(b, Body::RunFinished(_)));
+        let started = time_of(after, |b| matches!(b, Body::RunStarted(_)));
+        assert!(
+            started >= ended,
+            "a turn started at {started}, before {ended}"
+        );
+        // And it was given the turns before it.
+        assert_eq!(
+            context(after).earlier_run_ids.len() as u64,
+            ordered(after).number - 1
+        );
+    }
+    // Both dispatchers took turns (they share the goals), yet none overlapped.
+    let owners: std::collections::BTreeSet<String> = logs
+        .iter()
+        .filter_map(|events| {
+            bodies(events).find_map(|b| match b {
+                Body::RunStarted(s) => Some(s.owner.clone()),
+                _ => None,
+            })
+        })
+        .collect();
+    eprintln!("turns run by {owners:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_busy_conversation_rejects_or_is_interrupted_as_the_message_asks() -> anyhow::Result<()> {
+    let stack = offline_stack(1, &[]).await?;
+    // A long first turn: its answer repeats a long message, a word every 60 ms.
+    let long = format!("Please listen: {}", "word ".repeat(120));
+    let first = turn(&stack, "talk", &long).await?;
+    stack
+        .eventually(LIMIT, || async {
+            let events = stack.log().await.ok()?.read(&first).await.ok()?;
+            bodies(&events)
+                .any(|b| matches!(b, Body::RunStarted(_)))
+                .then_some(())
+        })
+        .await?;
+    // `reject`: 409, naming the running turn; nothing stored.
+    let (status, body) = say(&stack, "talk", "Are you there?", Some("reject")).await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "turn_running", "{body}");
+    assert_eq!(body["run_id"], first.to_string(), "{body}");
+    // A bad mode changes nothing either.
+    let (status, body) = say(&stack, "talk", "x", Some("later")).await?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_busy", "{body}");
+
+    // `interrupt`: the running turn ends `stopped`, and the new one runs after it,
+    // given both messages.
+    let (status, body) = say(&stack, "talk", "Stop, new question.", Some("interrupt")).await?;
+    assert_eq!(status, 202, "{body}");
+    let second: RunId = body["run_id"].as_str().context("run id")?.parse()?;
+    let one = stack.wait_finished_or_show(first, LIMIT).await?;
+    let end = finished(&one);
+    assert_eq!(end.status(), RunStatus::Stopped, "{}", end.reason);
+    assert!(end.reason.contains("interrupt"), "{}", end.reason);
+    let two = stack.wait_finished_or_show(second, LIMIT).await?;
+    assert_eq!(finished(&two).status(), RunStatus::Done);
+    assert_eq!(context(&two).earlier_run_ids, vec![first.to_string()]);
+    // The offline model says what it was given: the stopped turn's message.
+    assert!(
+        finished(&two).summary.contains("1 earlier turns"),
+        "{}",
+        finished(&two).summary
+    );
+    // Once nothing runs, `reject` is taken.
+    let (status, body) = say(&stack, "talk", "And now?", Some("reject")).await?;
+    assert_eq!(status, 202, "{body}");
+    let third: RunId = body["run_id"].as_str().context("run id")?.parse()?;
+    let three = stack.wait_finished_or_show(third, LIMIT).await?;
+    assert_eq!(finished(&three).status(), RunStatus::Done);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_long_conversation_gives_the_model_only_what_its_budget_holds() -> anyhow::Result<()> {
+    let stack = offline_stack(1, &["--chat-history-turns", "3"]).await?;
+    let mut last = None;
+    for i in 1..=7 {
+        let run = turn(&stack, "long", &format!("Message {i}")).await?;
+        last = Some(stack.wait_finished_or_show(run, LIMIT).await?);
+    }
+    let events = last.expect("seven turns");
+    let given = context(&events);
+    assert_eq!(given.earlier_run_ids.len(), 3);
+    assert_eq!(given.left_out, 3);
+    let summary = finished(&events).summary.clone();
+    assert!(summary.contains("3 older turns were left out"), "{summary}");
+    assert!(
+        summary.contains("the last one said: Message 6"),
+        "{summary}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_turn_resumed_after_its_dispatcher_is_killed_asks_with_the_same_context()
+-> anyhow::Result<()> {
+    // Turn 1 as recorded; turn 2's first request is answered slowly, and its
+    // dispatcher is killed while it waits; the next copy asks again.
+    let (stand_in, url) = StandIn::start(vec![
+        Reply::Replay(REMEMBERED[0]),
+        Reply::Replay(REMEMBERED[1]),
+        Reply::Slowly(REMEMBERED[2], Duration::from_secs(5)),
+        Reply::Replay(REMEMBERED[2]),
+    ])
+    .await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
+    let dispatcher = [
+        "--model-url",
+        url.as_str(),
+        "--model",
+        "recorded",
+        "--lease-ms",
+        "1500",
+    ];
+    stack.add_with_env("dispatcher", &dispatcher, &[]).await?;
+    let first = turn(&stack, "again", FIRST).await?;
+    stack.wait_finished_or_show(first, LIMIT).await?;
+    let second = turn(&stack, "again", SECOND).await?;
+    stack
+        .eventually(LIMIT, || async {
+            (stand_in.requests().len() == 3).then_some(())
+        })
+        .await?;
+    stack.service("dispatcher")?.kill().await?;
+    stack.services.retain(|s| s.name != "dispatcher");
+    stack.add_with_env("dispatcher", &dispatcher, &[]).await?;
+    let events = stack.wait_finished_or_show(second, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    let asked = stand_in.requests();
+    assert_eq!(asked.len(), 4);
+    // Byte for byte the same conversation, rebuilt from the logs by another process.
+    let before = serde_json::to_string(&asked[2].1["messages"])?;
+    let after = serde_json::to_string(&asked[3].1["messages"])?;
+    assert_eq!(before, after);
+    assert!(before.contains(FIRST) && before.contains(SECOND));
+    // Placed and given its context once, by the first copy.
+    assert_eq!(
+        bodies(&events)
+            .filter(|b| matches!(b, Body::TurnOrdered(_) | Body::TurnContext(_)))
+            .count(),
+        2
+    );
+    Ok(())
+}
