@@ -354,3 +354,110 @@ async fn a_turn_resumed_after_its_dispatcher_is_killed_asks_with_the_same_contex
     );
     Ok(())
 }
+
+/// A planned errand that takes a few seconds: a call of the test connector's `sleep`.
+const SLOW_ERRAND: &str = "#+TITLE: Slow errand\\n* TODO Wait a while\\n  - call: test.sleep {\\\"ms\\\": 3000, \\\"marker\\\": \\\"scratch/slept.txt\\\"}\\n  :done-when: test -s scratch/slept.txt";
+
+#[tokio::test]
+async fn a_turn_hands_an_errand_off_and_the_next_turn_hears_how_it_ended() -> anyhow::Result<()> {
+    let mut stack = Stack::start(&["ledger", "policy", "ingress", "dispatcher"]).await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    // Turn 1 hands the errand off (the offline model makes the `call:` line's call).
+    let handing = turn(
+        &stack,
+        "seam",
+        &format!("Please do this in the background.\ncall: dispatch.dispatch {{\"goal\": \"{SLOW_ERRAND}\"}}"),
+    )
+    .await?;
+    let one = stack.wait_finished_or_show(handing, LIMIT).await?;
+    assert_eq!(finished(&one).status(), RunStatus::Done);
+    let started = result_of(&one).context("dispatch.dispatch ran")?;
+    let errand: RunId = started
+        .split("started run ")
+        .nth(1)
+        .and_then(|rest| rest.get(..36))
+        .context("the call's result names the errand's run")?
+        .parse()?;
+    // The errand is the conversation's, its parent the turn; the turn ended first.
+    let errand_log = stack.wait_finished_or_show(errand, LIMIT).await?;
+    let requested = bodies(&errand_log)
+        .find_map(|b| match b {
+            Body::RunRequested(r) => Some(r.clone()),
+            _ => None,
+        })
+        .context("a request")?;
+    assert_eq!(requested.conversation_id, "seam");
+    assert_eq!(requested.origin, "chat");
+    assert_eq!(requested.parent_run_id, handing.to_string());
+    assert_eq!(
+        finished(&errand_log).status(),
+        RunStatus::Done,
+        "{}",
+        finished(&errand_log).reason
+    );
+    let turn_ended = time_of(&one, |b| matches!(b, Body::RunFinished(_)));
+    let errand_ended = time_of(&errand_log, |b| matches!(b, Body::RunFinished(_)));
+    assert!(turn_ended < errand_ended, "the turn waited for the errand");
+
+    // Turn 2 starts with the errand's note drained into its context, and relays it.
+    let two = stack
+        .wait_finished_or_show(turn(&stack, "seam", "Anything new?").await?, LIMIT)
+        .await?;
+    let notes = context(&two).notes;
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0].run_id, errand.to_string());
+    assert_eq!(notes[0].status, "done");
+    // (The whole answer is the run's report; its summary is the first 300 characters.)
+    let relayed = finished(&two).report.clone();
+    assert!(
+        relayed.contains(&format!("(run {errand}) ended done")),
+        "{relayed}"
+    );
+
+    // A second drain is empty: the note was handed out once.
+    let three = stack
+        .wait_finished_or_show(
+            turn(&stack, "seam", "call: dispatch.tasks {}").await?,
+            LIMIT,
+        )
+        .await?;
+    assert!(context(&three).notes.is_empty());
+    let listed = result_of(&three).context("dispatch.tasks ran")?;
+    assert!(listed.contains("No new notes."), "{listed}");
+    assert!(
+        listed.contains(&format!("run {errand} is done")),
+        "{listed}"
+    );
+
+    // Only this conversation's runs: another's is not found.
+    let other = stack
+        .submit("Someone else's errand", "elsewhere", 0)
+        .await?;
+    let four = stack
+        .wait_finished_or_show(
+            turn(
+                &stack,
+                "seam",
+                &format!("call: dispatch.status {{\"run_id\": \"{other}\"}}"),
+            )
+            .await?,
+            LIMIT,
+        )
+        .await?;
+    let refused = bodies(&four)
+        .find_map(|b| match b {
+            Body::ToolCallFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .context("dispatch.status refused")?;
+    assert!(refused.contains("in this conversation"), "{refused}");
+    Ok(())
+}
+
+/// The output of the turn's one completed call.
+fn result_of(events: &[StoredEvent]) -> Option<String> {
+    bodies(events).find_map(|b| match b {
+        Body::ToolCallCompleted(c) => Some(c.output.clone()),
+        _ => None,
+    })
+}

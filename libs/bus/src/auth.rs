@@ -222,6 +222,14 @@ impl Identity {
                 p.publish
                     .allow
                     .push(subject::runs_written_by(LogWriter::Connectors));
+                // The hand-off tools of chat turns (`dispatch.*`): a goal for the
+                // conversation (read back when its id was stored already), its tasks
+                // and notes, one of its runs, a stop through the dispatcher.
+                p.publish.allow.push(subject::GOALS_ALL.into());
+                p.look_up(&[streams::GOALS]);
+                p.publish.allow.push(subject::query::TASKS.into());
+                p.publish.allow.push(subject::query::RUN.into());
+                p.publish.allow.push(subject::cmd::STOP.into());
             }
             Identity::Ledger => {
                 service(&mut p, "ledger");

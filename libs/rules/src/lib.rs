@@ -317,6 +317,16 @@ impl Document {
                     },
                     "writes inside the run's own scratch/",
                 ),
+                Rule {
+                    tools: vec!["dispatch.dispatch".into(), "dispatch.stop".into()],
+                    ..rule(
+                        "hand-off",
+                        Effect::Allow,
+                        Vec::new(),
+                        When::default(),
+                        "a conversation hands work to a run of its own, which has its own gate",
+                    )
+                },
                 rule(
                     "risky",
                     Effect::Ask,

@@ -28,10 +28,10 @@ pub fn event_line(event: &RunEvent) -> String {
             r.goal,
             r.conversation_id,
             r.origin,
-            if r.parent_run_id.is_empty() {
-                String::new()
-            } else {
-                format!(", a {} wake of {}", r.wake, r.parent_run_id)
+            match (r.parent_run_id.is_empty(), r.wake.is_empty()) {
+                (true, _) => String::new(),
+                (false, true) => format!(", handed off by turn {}", r.parent_run_id),
+                (false, false) => format!(", a {} wake of {}", r.wake, r.parent_run_id),
             }
         ),
         Body::PlanAuthored(p) => format!(

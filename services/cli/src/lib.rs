@@ -669,7 +669,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             // A service comes back with every wake source its log recorded.
             .and_then(|goal| match (requested.kind.as_str(), &requested.service) {
                 ("service", Some(spec)) => goal.with_service(spec.clone()),
-                (_, _) if !requested.parent_run_id.is_empty() => {
+                (_, _) if !requested.wake.is_empty() => {
                     let parent = requested.parent_run_id.parse().map_err(|e| {
                         dispatch_runlog::submit::GoalError::Wake(format!("its service: {e}"))
                     })?;

@@ -8,12 +8,14 @@
 //! Tools are served by connectors and named `<connector>.<tool>`: the built-in
 //! `files` connector works on the run's `scratch/` ([`files`]), the built-in `http`
 //! connector reaches the hosts its allowlist names ([`http`]), and each configured MCP
-//! server is one more ([`mcp`]). Every copy puts the tools it serves in the tool
+//! server is one more ([`mcp`]); chat turns hand work off through the built-in
+//! `dispatch` connector (`handoff`). Every copy puts the tools it serves in the tool
 //! catalogue ([`dispatch_bus::catalogue`]), where the dispatcher finds what to offer.
 //! Gates are evaluated by the interpreter in [`gate`], confined to the run directory.
 
 pub mod files;
 pub mod gate;
+mod handoff;
 pub mod http;
 pub mod mcp;
 mod search;
@@ -141,6 +143,21 @@ impl Context {
         {
             return search::search(&self.catalogue, args_json).await;
         }
+        if let Some(name) = tool
+            .strip_prefix(handoff::CONNECTOR)
+            .and_then(|t| t.strip_prefix('.'))
+        {
+            let requested = match self.log.first_event(run_id).await {
+                Ok(Some(first)) => match first.event.body {
+                    Some(Body::RunRequested(requested)) => requested,
+                    _ => return Err("the run's log does not start with its request".into()),
+                },
+                Ok(None) => return Err("the run has no log".into()),
+                Err(e) => return Err(format!("cannot read the run's request: {e}")),
+            };
+            let bus = self.log.bus();
+            return handoff::call(bus, run_id, &requested, call_id, name, args_json).await;
+        }
         self.registry
             .call(
                 &self.workspace,
@@ -185,6 +202,7 @@ impl Registry {
             test_tools::CONNECTOR,
             http::CONNECTOR,
             search::CONNECTOR,
+            handoff::CONNECTOR,
         ];
         let mut servers = BTreeMap::new();
         let mut grants = dispatch_secrets::Grants::default();
@@ -222,6 +240,7 @@ impl Registry {
     fn builtin_entries(&self) -> Vec<ToolEntry> {
         let mut entries = files::entries();
         entries.push(search::entry());
+        entries.extend(handoff::entries());
         if self.test_tools {
             entries.extend(test_tools::entries());
         }
@@ -285,7 +304,7 @@ impl Registry {
     }
 
     fn names(&self) -> Vec<&str> {
-        let mut names = vec![files::CONNECTOR, search::CONNECTOR];
+        let mut names = vec![files::CONNECTOR, search::CONNECTOR, handoff::CONNECTOR];
         if self.test_tools {
             names.push(test_tools::CONNECTOR);
         }

@@ -136,7 +136,7 @@ async fn run_in_span(
     // A wake is recorded in its service's log before its own first event; one that has
     // its first event was recorded already.
     if handle.events().is_empty()
-        && !command.parent_run_id.is_empty()
+        && !command.wake.is_empty()
         && let Err(reason) = crate::service::record_wake(ctx, run_id, command).await?
     {
         tracing::info!(run_id = %run_id, reason, "a wake may not run");
@@ -362,7 +362,7 @@ impl Exec<'_> {
                 ),
             });
             let provider = &self.ctx.providers.author;
-            let tools = self.ctx.offer.current().await.specs();
+            let tools = self.ctx.offer.current().await.plan_specs();
             let known: Vec<String> = tools.iter().map(|t| t.name.clone()).collect();
             let goal = dispatch_runlog::submit::prompt_goal(requested);
             let span = telemetry::model_span(provider.name(), "author");
@@ -877,7 +877,7 @@ impl Exec<'_> {
         turn: u32,
         history: &[Exchange],
     ) -> Result<ModelTurn, Stop> {
-        let tools = self.leaf_tools(leaf, self.ctx.offer.current().await.specs());
+        let tools = self.leaf_tools(leaf, self.ctx.offer.current().await.plan_specs());
         let request = TurnRequest {
             chat: None,
             goal: dispatch_runlog::submit::prompt_goal(requested),

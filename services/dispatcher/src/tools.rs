@@ -12,6 +12,9 @@ use dispatch_rules::{Document, Effect};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+/// The tools of the hand-off connector (chat turns only).
+const HAND_OFF_PREFIX: &str = "dispatch.";
+
 /// How long one reading of the catalogue serves.
 const MAX_AGE: Duration = Duration::from_secs(2);
 
@@ -50,10 +53,22 @@ impl Offered {
         Self { tools, all }
     }
 
-    /// The tools as the model is offered them.
+    /// The tools as a chat turn's model is offered them: every one on offer.
     pub fn specs(&self) -> Vec<ToolSpec> {
+        self.specs_where(|_| true)
+    }
+
+    /// The tools as a plan's author and its steps are offered them: all but the
+    /// hand-off (`dispatch.*`), which is a conversation's. A step that starts planned
+    /// runs would be a loop with no person in it.
+    pub fn plan_specs(&self) -> Vec<ToolSpec> {
+        self.specs_where(|name| !name.starts_with(HAND_OFF_PREFIX))
+    }
+
+    fn specs_where(&self, keep: impl Fn(&str) -> bool) -> Vec<ToolSpec> {
         self.tools
             .values()
+            .filter(|t| keep(&t.name))
             .map(|t| ToolSpec {
                 name: t.name.clone(),
                 description: t.description.clone(),
