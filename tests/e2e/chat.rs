@@ -165,13 +165,21 @@ async fn the_second_turn_is_given_the_first_and_answers_from_it() -> anyhow::Res
 const FIRST: &str = "My favourite colour is teal. Please remember that.";
 const SECOND: &str = "What is my favourite colour? Answer in one word.";
 
-/// A stack whose dispatchers run the offline provider at `pace` a word: only the
-/// runtime is tried, and a turn takes a second or two.
+/// A stack whose dispatchers run the offline provider, 60 ms a word: only the runtime
+/// is tried, and a turn takes a second or two.
 async fn offline_stack(dispatchers: usize, extra: &[&str]) -> anyhow::Result<Stack> {
+    paced_stack(dispatchers, extra, "60").await
+}
+
+async fn paced_stack(dispatchers: usize, extra: &[&str], pace_ms: &str) -> anyhow::Result<Stack> {
     let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
     for _ in 0..dispatchers {
         stack
-            .add_with_env("dispatcher", extra, &[("DISPATCH_OFFLINE_PACE_MS", "60")])
+            .add_with_env(
+                "dispatcher",
+                extra,
+                &[("DISPATCH_OFFLINE_PACE_MS", pace_ms)],
+            )
             .await?;
     }
     Ok(stack)
@@ -284,7 +292,7 @@ async fn a_busy_conversation_rejects_or_is_interrupted_as_the_message_asks() -> 
 
 #[tokio::test]
 async fn a_long_conversation_gives_the_model_only_what_its_budget_holds() -> anyhow::Result<()> {
-    let stack = offline_stack(1, &["--chat-history-turns", "3"]).await?;
+    let stack = paced_stack(1, &["--chat-history-turns", "3"], "0").await?;
     let mut last = None;
     for i in 1..=7 {
         let run = turn(&stack, "long", &format!("Message {i}")).await?;
@@ -460,4 +468,110 @@ fn result_of(events: &[StoredEvent]) -> Option<String> {
         Body::ToolCallCompleted(c) => Some(c.output.clone()),
         _ => None,
     })
+}
+
+#[tokio::test]
+async fn memory_kept_in_one_conversation_is_recalled_in_another_and_bounded() -> anyhow::Result<()>
+{
+    let stack = paced_stack(1, &[], "0").await?;
+    let remember = r#"call: memory.remember {"kind": "preference", "key": "Favourite colour", "text": "The user's favourite colour is teal"}"#;
+    let one = stack
+        .wait_finished_or_show(turn(&stack, "monday", remember).await?, LIMIT)
+        .await?;
+    assert_eq!(
+        result_of(&one).as_deref(),
+        Some("remembered under \"favourite-colour\" (preference)")
+    );
+    // The change is in the turn's log: the call, the policy's allow, the result.
+    let allowed = bodies(&one).any(|b| {
+        matches!(b, Body::PolicyDecided(d) if d.rule == "memory"
+            && d.decision() == dispatch_proto::run::v1::Decision::Allow)
+    });
+    assert!(allowed, "the memory rule allowed the change");
+
+    // Another conversation of the same owner recalls it by words.
+    let recall = r#"call: memory.recall {"query": "What colours does the user like?"}"#;
+    let two = stack
+        .wait_finished_or_show(turn(&stack, "tuesday", recall).await?, LIMIT)
+        .await?;
+    let found = result_of(&two).context("memory.recall ran")?;
+    assert!(
+        found.contains("[preference] favourite-colour: The user's favourite colour is teal"),
+        "{found}"
+    );
+
+    // People see it too, over HTTP and in the CLI, and can remove it.
+    let page: Value = stack
+        .http
+        .get(stack.url("/v1/memory?q=teal"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(page["entries"][0]["key"], "favourite-colour", "{page}");
+    let out = stack.cli(&["memory", "ls", "--format", "json"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
+    assert_eq!(listed.len(), 1);
+    let out = stack.cli(&["memory", "rm", "favourite-colour"])?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = stack.cli(&["memory", "rm", "favourite-colour"])?;
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr
+            .contains("nothing is remembered under favourite-colour"),
+        "{}",
+        out.stderr
+    );
+
+    // An agent writing in a loop is stopped with a clear error: 20 changes a run.
+    let lines: Vec<String> = (0..22)
+        .map(|i| {
+            format!(
+                r#"call: memory.remember {{"kind": "note", "key": "n{i}", "text": "note {i}"}}"#
+            )
+        })
+        .collect();
+    let many = stack
+        .wait_finished_or_show(turn(&stack, "loop", &lines.join("\n")).await?, LIMIT)
+        .await?;
+    let completed = bodies(&many)
+        .filter(|b| matches!(b, Body::ToolCallCompleted(_)))
+        .count();
+    let refused: Vec<String> = bodies(&many)
+        .filter_map(|b| match b {
+            Body::ToolCallFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(completed, 20, "{refused:?}");
+    assert_eq!(refused.len(), 2);
+    assert!(
+        refused[0].contains("the most one run may (20)"),
+        "{}",
+        refused[0]
+    );
+    // Bad input changes nothing.
+    let bad = stack
+        .wait_finished_or_show(
+            turn(
+                &stack,
+                "loop",
+                r#"call: memory.remember {"kind": "secret", "text": "x"}"#,
+            )
+            .await?,
+            LIMIT,
+        )
+        .await?;
+    let why = bodies(&bad)
+        .find_map(|b| match b {
+            Body::ToolCallFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .context("refused")?;
+    assert!(why.contains("kind must be one of"), "{why}");
+    let out = stack.cli(&["memory", "ls", "--format", "json"])?;
+    let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
+    assert_eq!(listed.len(), 20);
+    Ok(())
 }

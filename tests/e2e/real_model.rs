@@ -275,3 +275,71 @@ async fn a_real_model_answers_the_second_turn_from_the_first() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs a real model server: cargo xtask test --real-model"]
+async fn a_real_model_hands_an_errand_off_and_hears_of_it_next_turn() -> anyhow::Result<()> {
+    let url = model_or_recorder("hands-off").await?;
+    let (_, name) = model();
+    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &["--max-turns", "4"],
+            &[
+                ("DISPATCH_MODEL_URL", url.as_str()),
+                ("DISPATCH_MODEL", name.as_str()),
+            ],
+        )
+        .await?;
+    let say = |text: &'static str| {
+        let stack = &stack;
+        async move {
+            let answer = stack
+                .http
+                .post(stack.url("/v1/conversations/seam/messages"))
+                .json(&serde_json::json!({ "text": text }))
+                .send()
+                .await?;
+            anyhow::ensure!(answer.status() == 202, "{}", answer.text().await?);
+            let body: serde_json::Value = answer.json().await?;
+            let run_id: dispatch_bus::RunId =
+                body["run_id"].as_str().unwrap_or_default().parse()?;
+            let events = stack.wait_finished_or_show(run_id, LIMIT).await?;
+            print(&events);
+            anyhow::Ok(events)
+        }
+    };
+    let one = say(
+        "Hand this off to run in the background with the dispatch tool: write the word \
+         hello into the file scratch/hello.txt.",
+    )
+    .await?;
+    let errand = one.iter().find_map(|e| match &e.event.body {
+        Some(Body::ToolCallCompleted(c)) if c.output.starts_with("started run ") => c
+            .output
+            .get(12..48)
+            .and_then(|id| id.parse::<dispatch_bus::RunId>().ok()),
+        _ => None,
+    });
+    let Some(errand) = errand else {
+        anyhow::bail!("the model did not hand the errand off (see its turn above)");
+    };
+    let errand_log = stack.wait_finished_or_show(errand, LIMIT).await?;
+    eprintln!("the errand ended {:?}", finished(&errand_log).status());
+    let two = say("Is the background work finished? What did it say?").await?;
+    let drained = two.iter().find_map(|e| match &e.event.body {
+        Some(Body::TurnContext(c)) => Some(c.notes.clone()),
+        _ => None,
+    });
+    let drained = drained.unwrap_or_default();
+    assert!(
+        drained.iter().any(|n| n.run_id == errand.to_string()),
+        "the errand's note was not drained into the next turn: {drained:?}"
+    );
+    eprintln!(
+        "the model relayed: {:?}",
+        finished(&two).report.chars().take(400).collect::<String>()
+    );
+    Ok(())
+}

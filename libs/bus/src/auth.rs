@@ -158,6 +158,8 @@ impl Identity {
                 // Whether a conversation has a turn running (a message that must not
                 // wait is refused at the door).
                 p.look_up(&[streams::TURNS]);
+                // What agents remember, for people to read (`GET /v1/memory`).
+                p.read(&[streams::MEMORY]);
                 p.publish
                     .allow
                     .push(format!("$KV.{}.>", streams::WEBHOOKS_BUCKET));
@@ -230,6 +232,11 @@ impl Identity {
                 p.publish.allow.push(subject::query::TASKS.into());
                 p.publish.allow.push(subject::query::RUN.into());
                 p.publish.allow.push(subject::cmd::STOP.into());
+                // The memory tools: the owners' entries, read and written.
+                p.read(&[streams::MEMORY]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::MEMORY_BUCKET));
             }
             Identity::Ledger => {
                 service(&mut p, "ledger");
@@ -310,6 +317,11 @@ impl Identity {
                 p.publish
                     .allow
                     .push(format!("$KV.{}.*", streams::SECRETS_BUCKET));
+                // `dispatch memory ls/rm`: what agents remember, read and removed.
+                p.read(&[streams::MEMORY]);
+                p.publish
+                    .allow
+                    .push(format!("$KV.{}.>", streams::MEMORY_BUCKET));
             }
             Identity::Admin => unreachable!("handled above"),
         }

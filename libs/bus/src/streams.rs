@@ -39,7 +39,7 @@ pub const PROBE: &str = "DISPATCH_PROBE";
 
 /// Every stream, in declaration order; from the tool catalogue's ([`crate::catalogue`])
 /// on, the streams behind key-value buckets.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     GOALS,
     RUNS,
     COMMANDS,
@@ -54,6 +54,7 @@ pub const ALL: [&str; 14] = [
     LISTENERS,
     WEBHOOKS,
     TURNS,
+    MEMORY,
 ];
 
 /// The secrets bucket: names → values encrypted with the workspace's secrets key
@@ -135,6 +136,24 @@ fn turns() -> async_nats::jetstream::kv::Config {
         description: "Dispatch conversations: the newest turn of each".to_owned(),
         history: TURNS_HISTORY,
         max_value_size: 1024,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The memory bucket: what conversations' agents keep, one JSON entry per key under
+/// `<account>.<agent>.<key>` (`dispatch-memory`). The connectors write it from the
+/// `memory` tools; ingress and the CLI read it, and the CLI removes entries.
+pub const MEMORY_BUCKET: &str = "DISPATCH_MEMORY";
+/// The stream behind [`MEMORY_BUCKET`].
+pub const MEMORY: &str = "KV_DISPATCH_MEMORY";
+
+fn memory() -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: MEMORY_BUCKET.to_owned(),
+        description: "Dispatch memory: what agents keep per owner".to_owned(),
+        history: 1,
+        max_value_size: 4 * 1024,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     }
@@ -511,6 +530,7 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
         (listeners(), "the listeners bucket"),
         (webhooks(), "the webhook deliveries bucket"),
         (turns(), "the conversations' turns bucket"),
+        (memory(), "the memory bucket"),
     ] {
         config.num_replicas = replicas;
         match js.get_key_value(&config.bucket).await {

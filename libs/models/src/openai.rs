@@ -567,10 +567,11 @@ const CHAT_HAND_OFF: &str = " Work that takes long can be handed off with \
 dispatch__dispatch, which returns at once: say that you handed it off; its result \
 reaches you in a later turn.";
 
-/// Said after the tool results of a chat turn's last answer.
-const CHAT_CONTINUE: &str = "Those are the results. If you can answer now, reply to \
-the user in plain words and call no tool; if a call failed, try it another way; \
-otherwise make the next call.";
+/// Said after the tool results of a chat turn's last answer. (Told "if you can answer
+/// now, reply", the 1.5B model answered "I can answer now.")
+const CHAT_CONTINUE: &str = "Those are the results. Now reply to the user in plain \
+words, saying what the results show; call another tool only if you still need one, \
+and if a call failed, try it another way.";
 
 /// Said to a model that gave a step up without trying a tool.
 const GAVE_UP_UNTRIED: &str = "You have not used any tool yet. Do the step with the tools \

@@ -75,7 +75,7 @@ fn calls(blocks: &[&str], tools: &[ToolSpec], need: Blocks) -> Option<Vec<ToolCa
 
 /// The calls of one block, if it is wholly calls.
 fn block_calls(block: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
-    let objects = match serde_json::from_str(block.trim()).ok()? {
+    let objects = match json_or_doubled(block.trim())? {
         Value::Array(items) => items,
         object @ Value::Object(_) => vec![object],
         _ => return None,
@@ -84,6 +84,24 @@ fn block_calls(block: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
         return None;
     }
     objects.iter().map(|object| call(object, tools)).collect()
+}
+
+/// `block` as JSON; or, when it opens with a doubled brace (`{{"name": …}}`, as the
+/// 1.5B Qwen model writes calls now and then, as if escaping a template), as the JSON
+/// inside one pair of braces less, with up to two stray closing braces more dropped.
+fn json_or_doubled(block: &str) -> Option<Value> {
+    if let Ok(value) = serde_json::from_str(block) {
+        return Some(value);
+    }
+    let inner = block.strip_prefix("{{")?;
+    let mut inner = format!("{{{inner}");
+    for _ in 0..3 {
+        inner = inner.strip_suffix('}')?.trim_end().to_owned();
+        if let Ok(value @ Value::Object(_)) = serde_json::from_str(&inner) {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// `{"name", "arguments" | "parameters"}`, possibly inside `{"function": …}`.
@@ -213,6 +231,28 @@ mod tests {
             one(wrapped),
             ("read_file".into(), "{}".into(), CallForm::Fenced)
         );
+    }
+
+    #[test]
+    fn a_call_in_doubled_braces_is_read() {
+        // As the 1.5B model wrote them (recorded), with one or two stray braces more.
+        for text in [
+            r#"{{"name": "read_file", "arguments": {"path": "p"}}}"#,
+            r#"{{"name": "read_file", "arguments": {"path": "p"}}}}"#,
+            "{{\"name\": \"read_file\", \"arguments\": {\"path\": \"p\"}}}}\nI did it.",
+        ] {
+            let (tool, args, _) = one(text.lines().next().unwrap_or_default());
+            assert_eq!(
+                (tool.as_str(), args.as_str()),
+                ("read_file", r#"{"path":"p"}"#)
+            );
+        }
+        // Not a way around the rules: still only a call to a tool on offer.
+        assert_eq!(
+            parse(r#"{{"name": "rm_rf", "arguments": {}}}"#, &tools()),
+            None
+        );
+        assert_eq!(parse("{{ not json }}", &tools()), None);
     }
 
     #[test]

@@ -282,8 +282,9 @@ pub enum Error {
 
 impl Document {
     /// The policy in force when none was ever set: reads are allowed, and writes
-    /// inside the run's scratch directory; destructive and external calls, and
-    /// anything else, wait for a person.
+    /// inside the run's scratch directory, a conversation's hand-off and the agent's
+    /// own memory; destructive and external calls, and anything else, wait for a
+    /// person.
     pub fn builtin() -> Self {
         let rule = |name: &str, effect, risk: Vec<Risk>, when: When, reason: &str| Rule {
             name: name.into(),
@@ -325,6 +326,16 @@ impl Document {
                         Vec::new(),
                         When::default(),
                         "a conversation hands work to a run of its own, which has its own gate",
+                    )
+                },
+                Rule {
+                    tools: vec!["memory.remember".into(), "memory.forget".into()],
+                    ..rule(
+                        "memory",
+                        Effect::Allow,
+                        Vec::new(),
+                        When::default(),
+                        "what the agent keeps for itself: recorded in the run's log, not gated",
                     )
                 },
                 rule(

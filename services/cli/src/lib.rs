@@ -23,6 +23,7 @@ mod attach;
 mod deliveries;
 mod format;
 mod gate;
+mod memory;
 mod schedule;
 mod secret;
 mod serve;
@@ -134,6 +135,9 @@ enum Command {
     /// Manage the secrets tools use (values from stdin, never shown).
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// What the agents remember: list it, or forget entries.
+    #[command(subcommand)]
+    Memory(memory::MemoryCommand),
     /// Manage the API keys HTTP clients authenticate with.
     #[command(subcommand, name = "api-key")]
     ApiKey(api_key::ApiKeyCommand),
@@ -848,6 +852,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let log = open_log(&bus).await?;
             serve::wake(&bus, &log, service, &payload).await
         }
+        Command::Memory(command) => memory::run(&nats.connect().await?, command).await,
         Command::Secret(command) => {
             secret::run(&nats.connect().await?, &nats.workspace, command).await
         }

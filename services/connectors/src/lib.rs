@@ -9,7 +9,7 @@
 //! `files` connector works on the run's `scratch/` ([`files`]), the built-in `http`
 //! connector reaches the hosts its allowlist names ([`http`]), and each configured MCP
 //! server is one more ([`mcp`]); chat turns hand work off through the built-in
-//! `dispatch` connector (`handoff`). Every copy puts the tools it serves in the tool
+//! `dispatch` connector (`handoff`) and keep what they learn with the `memory` one. Every copy puts the tools it serves in the tool
 //! catalogue ([`dispatch_bus::catalogue`]), where the dispatcher finds what to offer.
 //! Gates are evaluated by the interpreter in [`gate`], confined to the run directory.
 
@@ -18,6 +18,7 @@ pub mod gate;
 mod handoff;
 pub mod http;
 pub mod mcp;
+mod memory;
 mod search;
 mod test_tools;
 
@@ -124,6 +125,8 @@ struct Context {
     executor: String,
     /// The tool catalogue, which `tools.search` reads.
     catalogue: kv::Store,
+    /// What agents remember (the `memory` tools).
+    memory: dispatch_memory::Memory,
 }
 
 impl Context {
@@ -147,16 +150,25 @@ impl Context {
             .strip_prefix(handoff::CONNECTOR)
             .and_then(|t| t.strip_prefix('.'))
         {
-            let requested = match self.log.first_event(run_id).await {
-                Ok(Some(first)) => match first.event.body {
-                    Some(Body::RunRequested(requested)) => requested,
-                    _ => return Err("the run's log does not start with its request".into()),
-                },
-                Ok(None) => return Err("the run has no log".into()),
-                Err(e) => return Err(format!("cannot read the run's request: {e}")),
-            };
+            let requested = self.requested(run_id).await?;
             let bus = self.log.bus();
             return handoff::call(bus, run_id, &requested, call_id, name, args_json).await;
+        }
+        if let Some(name) = tool
+            .strip_prefix(memory::CONNECTOR)
+            .and_then(|t| t.strip_prefix('.'))
+        {
+            let requested = self.requested(run_id).await?;
+            return memory::call(
+                &self.memory,
+                &self.log,
+                run_id,
+                &requested,
+                call_id,
+                name,
+                args_json,
+            )
+            .await;
         }
         self.registry
             .call(
@@ -168,6 +180,23 @@ impl Context {
                 args_json,
             )
             .await
+    }
+}
+
+impl Context {
+    /// The run's first event, its request: who asked and for which conversation.
+    async fn requested(
+        &self,
+        run_id: &RunId,
+    ) -> Result<dispatch_proto::run::v1::RunRequested, String> {
+        match self.log.first_event(run_id).await {
+            Ok(Some(first)) => match first.event.body {
+                Some(Body::RunRequested(requested)) => Ok(requested),
+                _ => Err("the run's log does not start with its request".into()),
+            },
+            Ok(None) => Err("the run has no log".into()),
+            Err(e) => Err(format!("cannot read the run's request: {e}")),
+        }
     }
 }
 
@@ -203,6 +232,7 @@ impl Registry {
             http::CONNECTOR,
             search::CONNECTOR,
             handoff::CONNECTOR,
+            memory::CONNECTOR,
         ];
         let mut servers = BTreeMap::new();
         let mut grants = dispatch_secrets::Grants::default();
@@ -241,6 +271,7 @@ impl Registry {
         let mut entries = files::entries();
         entries.push(search::entry());
         entries.extend(handoff::entries());
+        entries.extend(memory::entries());
         if self.test_tools {
             entries.extend(test_tools::entries());
         }
@@ -304,7 +335,12 @@ impl Registry {
     }
 
     fn names(&self) -> Vec<&str> {
-        let mut names = vec![files::CONNECTOR, search::CONNECTOR, handoff::CONNECTOR];
+        let mut names = vec![
+            files::CONNECTOR,
+            search::CONNECTOR,
+            handoff::CONNECTOR,
+            memory::CONNECTOR,
+        ];
         if self.test_tools {
             names.push(test_tools::CONNECTOR);
         }
@@ -406,7 +442,11 @@ impl Connectors {
             mcp_servers = self.registry.servers.len(),
             "connectors ready"
         );
+        let memory = dispatch_memory::Memory::open(&self.bus)
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?;
         let ctx = Arc::new(Context {
+            memory,
             log: self.log.clone(),
             workspace: self.config.common.workspace.clone(),
             registry: self.registry.clone(),

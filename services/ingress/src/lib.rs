@@ -11,6 +11,7 @@
 pub mod access;
 pub mod approvals;
 mod conversations;
+mod memory;
 
 use dispatch_runlog::turn::Busy;
 mod grpc;
@@ -120,6 +121,8 @@ struct App {
     log: dispatch_runlog::RunLog,
     /// The conversations' heads: whether a conversation has a turn running.
     turns: dispatch_bus::reads::Reader,
+    /// What the agents remember.
+    memory: dispatch_memory::Memory,
 }
 
 impl Ingress {
@@ -170,6 +173,9 @@ impl Ingress {
             .await
             .map_err(|e| dispatch_bus::Error::other("open the conversations' turns", e))?;
         let turns = dispatch_bus::reads::Reader::new(turns);
+        let memory = dispatch_memory::Memory::open(&bus)
+            .await
+            .map_err(|e| dispatch_bus::Error::other("open the memory", e))?;
         Ok(Self {
             config,
             app: Arc::new(App {
@@ -181,6 +187,7 @@ impl Ingress {
                 trust,
                 log,
                 turns,
+                memory,
             }),
             listener,
             grpc,
@@ -286,6 +293,7 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         .route("/v1/schedules/{id}/resume", post(schedules::resume))
         .route("/v1/runs/{id}/events", get(conversations::run_events))
         .route("/v1/tasks", get(get_tasks))
+        .route("/v1/memory", get(memory::list))
         .route("/v1/approvals", get(approvals::list))
         .route(
             "/v1/approvals/{id}",

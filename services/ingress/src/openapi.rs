@@ -22,6 +22,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::schedules::pause,
         crate::schedules::resume,
         crate::get_tasks,
+        crate::memory::list,
         crate::approvals::list,
         crate::approvals::answer,
         crate::approvals::get_one,
@@ -55,7 +56,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         crate::approvals::Answered,
         crate::approvals::ApprovalDetail,
         crate::conversations::TranscriptPage,
-        crate::conversations::TranscriptEntry
+        crate::conversations::TranscriptEntry,
+        crate::memory::MemoryPage,
+        crate::memory::MemoryEntry
     )),
     modifiers(&BearerKeys)
 )]
