@@ -42,6 +42,7 @@ fn main() {
         "ListRunsRequest",
         "GetRunRequest",
         "ListTasksRequest",
+        "SearchRunsRequest",
         "ListApprovalsRequest",
         "GetTranscriptRequest",
         "ReplayRunRequest",

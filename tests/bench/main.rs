@@ -2,6 +2,7 @@
 //! measured in the same run on the same nats-server. Prints a table and writes
 //! `<target dir>/bench/results.json`. Figures, not assertions: a shared machine is noisy.
 
+mod chat;
 mod gate;
 mod growth;
 mod peer;
@@ -37,7 +38,7 @@ const PACED_RUNS: usize = 1000;
 pub(crate) const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "ack",
     "append",
     "sync",
@@ -45,6 +46,7 @@ const SECTIONS: [&str; 13] = [
     "telemetry",
     "tools",
     "turns",
+    "chat",
     "rebuild",
     "gate",
     "streams",
@@ -101,6 +103,9 @@ async fn main() -> Result<()> {
     }
     if wants("turns") {
         turns::run(&bus, &mut lines, &mut results).await?;
+    }
+    if wants("chat") {
+        chat::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("rebuild") {
         rebuild_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;

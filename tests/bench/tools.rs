@@ -43,11 +43,20 @@ async fn one_run(bus: &Bus, goal: &str) -> Result<Duration> {
 pub async fn watch_run(
     bus: &Bus,
     goal: &str,
+    seen: impl FnMut(Instant, &Body),
+) -> Result<Duration> {
+    let goal = dispatch_runlog::submit::Goal::new(goal, "default", 0, "bench")?;
+    watch_goal(bus, goal, seen).await
+}
+
+/// [`watch_run`] for a goal made by the caller (a chat turn, say).
+pub async fn watch_goal(
+    bus: &Bus,
+    goal: dispatch_runlog::submit::Goal,
     mut seen: impl FnMut(Instant, &Body),
 ) -> Result<Duration> {
     let mut events = bus.client().subscribe(subject::RUNS_ALL).await?;
     let started = Instant::now();
-    let goal = dispatch_runlog::submit::Goal::new(goal, "default", 0, "bench")?;
     let run_id = dispatch_runlog::submit::submit_goal(bus, goal)
         .await?
         .to_string();

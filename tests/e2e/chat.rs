@@ -150,6 +150,36 @@ async fn the_second_turn_is_given_the_first_and_answers_from_it() -> anyhow::Res
     );
     assert_eq!(ordered(&two).previous_run_id, first.to_string());
     assert_eq!(context(&two).earlier_run_ids, vec![first.to_string()]);
+    // After a reload, a `useChat` client gets the whole conversation from the
+    // transcript, as UI messages: each turn's message and its answer, oldest first.
+    let page: Value = stack
+        .http
+        .get(stack.url("/v1/conversations/colours/transcript"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut said = Vec::new();
+    for run in page["runs"].as_array().context("runs")?.iter().rev() {
+        for message in run["messages"].as_array().context("messages")? {
+            let text: String = message["parts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["type"] == "text")
+                .filter_map(|p| p["text"].as_str())
+                .collect();
+            said.push((
+                message["role"].as_str().unwrap_or_default().to_owned(),
+                text,
+            ));
+        }
+    }
+    assert_eq!(said.len(), 4, "{said:?}");
+    assert_eq!(said[0], ("user".to_owned(), FIRST.to_owned()));
+    assert_eq!(said[2], ("user".to_owned(), SECOND.to_owned()));
+    assert_eq!(said[3].0, "assistant");
+    assert!(said[3].1.contains(end.summary.trim()), "{said:?}");
     // A turn leaves no feedback note to drain: its answer is the conversation.
     let out = stack.cli(&["tasks", "--conversation", "colours", "--format", "json"])?;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -500,6 +530,28 @@ async fn memory_kept_in_one_conversation_is_recalled_in_another_and_bounded() ->
         "{found}"
     );
 
+    // Another agent's memory is another prefix: it sees none of this one's. (Agents
+    // come with accounts; the store keeps owners apart already.)
+    let store = dispatch_memory::Memory::open(&stack.bus).await?;
+    let other = dispatch_memory::Owner {
+        account: "default".into(),
+        agent: "helpdesk".into(),
+    };
+    assert!(store.list(&other).await?.is_empty());
+    store
+        .remember(
+            &other,
+            "note",
+            Some("favourite colour"),
+            "The helpdesk's own note",
+            "",
+        )
+        .await?;
+    let mine = store.list(&dispatch_memory::Owner::default()).await?;
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].text, "The user's favourite colour is teal");
+    assert!(store.forget(&other, "favourite colour").await?);
+
     // People see it too, over HTTP and in the CLI, and can remove it.
     let page: Value = stack
         .http
@@ -573,5 +625,181 @@ async fn memory_kept_in_one_conversation_is_recalled_in_another_and_bounded() ->
     let out = stack.cli(&["memory", "ls", "--format", "json"])?;
     let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
     assert_eq!(listed.len(), 20);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_turn_finds_and_reads_earlier_conversations_through_history() -> anyhow::Result<()> {
+    let stack = paced_stack(1, &[], "0").await?;
+    let earlier = turn(&stack, "week-1", "We settled on quince jam for the picnic.").await?;
+    stack.wait_finished_or_show(earlier, LIMIT).await?;
+    // The ledger has it (the index is written with the run's view).
+    stack
+        .eventually(LIMIT, || async {
+            let view: Value = stack
+                .http
+                .get(stack.url(&format!("/v1/runs/{earlier}")))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (view["status"] == "done").then_some(())
+        })
+        .await?;
+    let searched = stack
+        .wait_finished_or_show(
+            turn(
+                &stack,
+                "week-2",
+                r#"call: history.search {"query": "What jam did we pick?"}"#,
+            )
+            .await?,
+            LIMIT,
+        )
+        .await?;
+    let found = result_of(&searched).context("history.search ran")?;
+    assert!(
+        found.contains(&format!("- turn {earlier} in week-1 (done)")),
+        "{found}"
+    );
+    assert!(found.contains("quince jam"), "{found}");
+    let read = stack
+        .wait_finished_or_show(
+            turn(
+                &stack,
+                "week-2",
+                &format!(r#"call: history.read {{"run_id": "{earlier}"}}"#),
+            )
+            .await?,
+            LIMIT,
+        )
+        .await?;
+    let text = result_of(&read).context("history.read ran")?;
+    assert!(
+        text.starts_with("asked: We settled on quince jam for the picnic."),
+        "{text}"
+    );
+    assert!(text.contains("it ended done"), "{text}");
+    let whole = stack
+        .wait_finished_or_show(
+            turn(
+                &stack,
+                "week-2",
+                r#"call: history.read {"conversation": "week-1"}"#,
+            )
+            .await?,
+            LIMIT,
+        )
+        .await?;
+    let text = result_of(&whole).context("history.read ran")?;
+    assert!(text.contains(&earlier.to_string()), "{text}");
+    let nothing = stack
+        .wait_finished_or_show(
+            turn(
+                &stack,
+                "week-2",
+                r#"call: history.search {"query": "zeppelin"}"#,
+            )
+            .await?,
+            LIMIT,
+        )
+        .await?;
+    assert_eq!(
+        result_of(&nothing).as_deref(),
+        Some("nothing earlier matches \"zeppelin\"")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn dispatch_chat_in_a_terminal_sends_each_line_as_a_turn_and_shows_the_answers()
+-> anyhow::Result<()> {
+    let stack = paced_stack(1, &[], "0").await?;
+    let input = "Hello there, I am Ada.\n\ncall: files.write_file {\"path\": \"scratch/hi.txt\", \"content\": \"hi\"}\n";
+    let out = stack.cli_with_input(&["chat", "terminal-1"], input)?;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // The first answer, then the second turn's call, its result and its answer, which
+    // was given the first turn.
+    assert!(
+        out.stdout.contains("You said: Hello there, I am Ada."),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("→ files.write_file"), "{}", out.stdout);
+    assert!(out.stdout.contains("← "), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("the last one said: Hello there, I am Ada."),
+        "{}",
+        out.stdout
+    );
+    // Both are turns of that conversation, recorded with origin chat.
+    let ps = stack.cli(&[
+        "ps",
+        "-a",
+        "--filter",
+        "conversation=terminal-1",
+        "--format",
+        "json",
+    ])?;
+    let runs: Vec<Value> = serde_json::from_str(&ps.stdout)?;
+    assert_eq!(runs.len(), 2, "{}", ps.stdout);
+    assert!(
+        runs.iter()
+            .all(|r| r["origin"] == "chat" && r["kind"] == "turn")
+    );
+    // A bad conversation is refused before anything is sent.
+    let out = stack.cli_with_input(&["chat", "a.b"], "hi\n")?;
+    assert_ne!(out.code, Some(0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_500_turn_conversation_keeps_the_model_request_within_its_budget() -> anyhow::Result<()> {
+    // Every turn's answer is the recorded "Teal": the stand-in sees each request.
+    let (stand_in, url) = StandIn::routed(|_| Reply::Replay(REMEMBERED[2])).await;
+    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
+    stack
+        .add_with_env(
+            "dispatcher",
+            &["--model-url", &url, "--model", "recorded"],
+            &[],
+        )
+        .await?;
+    let mut sizes = Vec::new();
+    let mut last = Vec::new();
+    for i in 1..=500 {
+        // A long message each time, so that the characters run out before the turns.
+        let text = format!("Message {i}: {}", "tell me about teal. ".repeat(40));
+        last = stack
+            .wait_finished_or_show(turn(&stack, "long-500", &text).await?, LIMIT)
+            .await?;
+        let asked = stand_in.requests();
+        let body = &asked.last().context("a request")?.1;
+        sizes.push(serde_json::to_string(&body["messages"])?.len());
+    }
+    let given = context(&last);
+    assert!(given.left_out > 400, "{given:?}");
+    assert!(!given.earlier_run_ids.is_empty());
+    // What the model is shown stops growing once the budget is full: the history part
+    // of the request at turn 500 is no larger than at turn 100, and within the budget
+    // (24,000 characters of history, the instructions and the new message besides).
+    let (at_100, at_500) = (sizes[99], sizes[499]);
+    assert!(at_500 <= at_100 + 1_000, "{at_100} → {at_500}");
+    assert!(at_500 < 24_000 + 8_000, "{at_500}");
+    let asked = stand_in.requests();
+    let system = asked.last().context("a request")?.1["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        system.contains(&format!(
+            "({} older turns of this conversation are left out here.)",
+            given.left_out
+        )),
+        "{system}"
+    );
     Ok(())
 }

@@ -233,11 +233,11 @@ async fn model_or_recorder(name: &str) -> anyhow::Result<String> {
     }
 }
 
-#[tokio::test]
-#[ignore = "needs a real model server: cargo xtask test --real-model"]
-async fn a_real_model_answers_the_second_turn_from_the_first() -> anyhow::Result<()> {
-    let url = model_or_recorder("remembers").await?;
-    let (_, name) = model();
+/// ledger, policy, connectors and ingress, then a dispatcher on the model (or on a
+/// recorder in front of it, keeping its answers under `name`).
+async fn chat_stack_on_the_model(name: &str) -> anyhow::Result<Stack> {
+    let url = model_or_recorder(name).await?;
+    let (_, model_name) = model();
     let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
     stack
         .add_with_env(
@@ -245,10 +245,17 @@ async fn a_real_model_answers_the_second_turn_from_the_first() -> anyhow::Result
             &["--max-turns", "4"],
             &[
                 ("DISPATCH_MODEL_URL", url.as_str()),
-                ("DISPATCH_MODEL", name.as_str()),
+                ("DISPATCH_MODEL", model_name.as_str()),
             ],
         )
         .await?;
+    Ok(stack)
+}
+
+#[tokio::test]
+#[ignore = "needs a real model server: cargo xtask test --real-model"]
+async fn a_real_model_answers_the_second_turn_from_the_first() -> anyhow::Result<()> {
+    let stack = chat_stack_on_the_model("remembers").await?;
     let mut answers = Vec::new();
     for text in [
         "My favourite colour is teal. Please remember that.",
@@ -279,19 +286,7 @@ async fn a_real_model_answers_the_second_turn_from_the_first() -> anyhow::Result
 #[tokio::test]
 #[ignore = "needs a real model server: cargo xtask test --real-model"]
 async fn a_real_model_hands_an_errand_off_and_hears_of_it_next_turn() -> anyhow::Result<()> {
-    let url = model_or_recorder("hands-off").await?;
-    let (_, name) = model();
-    let mut stack = Stack::start(&["ledger", "policy", "connectors", "ingress"]).await?;
-    stack
-        .add_with_env(
-            "dispatcher",
-            &["--max-turns", "4"],
-            &[
-                ("DISPATCH_MODEL_URL", url.as_str()),
-                ("DISPATCH_MODEL", name.as_str()),
-            ],
-        )
-        .await?;
+    let stack = chat_stack_on_the_model("hands-off").await?;
     let say = |text: &'static str| {
         let stack = &stack;
         async move {

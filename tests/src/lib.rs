@@ -250,7 +250,17 @@ impl Stack {
 
     /// Runs the `dispatch` CLI against this stack with `env` set besides.
     pub fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Cli> {
-        let output = std::process::Command::new(bin_dir().join("dispatch"))
+        self.cli_run(args, env, None)
+    }
+
+    /// Runs the `dispatch` CLI against this stack with `input` on its standard input.
+    pub fn cli_with_input(&self, args: &[&str], input: &str) -> Result<Cli> {
+        self.cli_run(args, &[], Some(input))
+    }
+
+    fn cli_run(&self, args: &[&str], env: &[(&str, &str)], input: Option<&str>) -> Result<Cli> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(bin_dir().join("dispatch"))
             .args(args)
             .env("NATS_URL", self.nats.url())
             .env(
@@ -260,8 +270,17 @@ impl Stack {
             .env("DISPATCH_WORKSPACE", self.root())
             // Last, so that the caller's settings win.
             .envs(env.iter().copied())
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .context("run dispatch")?;
+        let mut stdin = child.stdin.take().context("the CLI's stdin")?;
+        if let Some(input) = input {
+            stdin.write_all(input.as_bytes())?;
+        }
+        drop(stdin);
+        let output = child.wait_with_output().context("run dispatch")?;
         Ok(Cli {
             code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -232,6 +232,9 @@ impl Identity {
                 p.publish.allow.push(subject::query::TASKS.into());
                 p.publish.allow.push(subject::query::RUN.into());
                 p.publish.allow.push(subject::cmd::STOP.into());
+                // The history tools: earlier runs found by words, a conversation's runs.
+                p.publish.allow.push(subject::query::SEARCH.into());
+                p.publish.allow.push(subject::query::RUNS.into());
                 // The memory tools: the owners' entries, read and written.
                 p.read(&[streams::MEMORY]);
                 p.publish

@@ -278,6 +278,11 @@ pub mod query {
     pub const STATUS: &str = "dispatch.query.status";
     pub const APPROVALS: &str = "dispatch.query.approvals";
     pub const TRANSCRIPT: &str = "dispatch.query.transcript";
+    pub const SEARCH: &str = "dispatch.query.search";
+
+    pub fn search() -> Subject {
+        Subject::from_static(SEARCH)
+    }
 
     pub fn transcript() -> Subject {
         Subject::from_static(TRANSCRIPT)

@@ -186,13 +186,7 @@ impl Memory {
             ))?,
         };
         let path = format!("{}.{key}", owner.prefix());
-        let known = self
-            .kv
-            .entry(&path)
-            .await
-            .map_err(|e| Error::Store(e.to_string()))?
-            .is_some_and(|e| e.operation == kv::Operation::Put);
-        if !known && self.list(owner).await?.len() >= MAX_ENTRIES {
+        if !self.holds(&path).await? && self.list(owner).await?.len() >= MAX_ENTRIES {
             return Err(Error::Full);
         }
         let entry = Entry {
@@ -214,12 +208,7 @@ impl Memory {
     pub async fn forget(&self, owner: &Owner, key: &str) -> Result<bool, Error> {
         let key = normalise(key)?;
         let path = format!("{}.{key}", owner.prefix());
-        let known = self
-            .kv
-            .entry(&path)
-            .await
-            .map_err(|e| Error::Store(e.to_string()))?
-            .is_some_and(|e| e.operation == kv::Operation::Put);
+        let known = self.holds(&path).await?;
         if known {
             self.kv
                 .purge(&path)
@@ -227,6 +216,18 @@ impl Memory {
                 .map_err(|e| Error::Store(e.to_string()))?;
         }
         Ok(known)
+    }
+}
+
+impl Memory {
+    /// Whether the bucket holds an entry at `path` (not removed).
+    async fn holds(&self, path: &str) -> Result<bool, Error> {
+        Ok(self
+            .kv
+            .entry(path)
+            .await
+            .map_err(|e| Error::Store(e.to_string()))?
+            .is_some_and(|e| e.operation == kv::Operation::Put))
     }
 }
 

@@ -20,9 +20,11 @@ mod terminal;
 mod agentfile;
 mod api_key;
 mod attach;
+mod chat;
 mod deliveries;
 mod format;
 mod gate;
+mod mcp;
 mod memory;
 mod schedule;
 mod secret;
@@ -310,6 +312,12 @@ enum Command {
         #[command(subcommand)]
         command: todo::TodoCommand,
     },
+    /// Talk to a conversation: each line typed is a turn (the agent loop over the
+    /// conversation); its answer streams, tool calls shown. Ctrl-D or Ctrl-C leaves.
+    Chat {
+        /// The conversation (default: a new one, named when it starts).
+        conversation: Option<String>,
+    },
     /// Follow a conversation's stream: the model's words as they come, tool calls and
     /// results, each run's start and end.
     Attach {
@@ -364,6 +372,10 @@ enum Command {
         #[command(flatten)]
         list: deliveries::ListArgs,
     },
+    /// Serve Dispatch to an MCP client over stdio (Claude Desktop, an IDE): the tools
+    /// dispatch, tasks, status, stop, approvals, approve and deny, and each finished
+    /// run's report as a resource. Logs go to stderr.
+    Mcp,
     /// The conversation's tasks, and its feedback notes (each shown once).
     Tasks {
         #[arg(long, default_value = ConversationId::DEFAULT)]
@@ -861,6 +873,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let log = full.then_some(open_log(&bus).await?);
             gate::approvals(&bus, log.as_ref(), format).await
         }
+        Command::Chat { conversation } => {
+            let bus = nats.connect().await?;
+            let log = open_log(&bus).await?;
+            chat::chat(&bus, &log, conversation).await
+        }
         Command::Attach {
             conversation,
             all,
@@ -890,6 +907,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let bus = nats.connect().await?;
             let log = open_log(&bus).await?;
             deliveries::run(&bus, &log, command, list).await
+        }
+        Command::Mcp => {
+            let bus = nats.connect().await?;
+            let log = open_log(&bus).await?;
+            mcp::serve(bus, log).await
         }
         Command::Tasks {
             conversation,

@@ -9,13 +9,15 @@
 //! `files` connector works on the run's `scratch/` ([`files`]), the built-in `http`
 //! connector reaches the hosts its allowlist names ([`http`]), and each configured MCP
 //! server is one more ([`mcp`]); chat turns hand work off through the built-in
-//! `dispatch` connector (`handoff`) and keep what they learn with the `memory` one. Every copy puts the tools it serves in the tool
+//! `dispatch` connector (`handoff`), keep what they learn with the `memory` one and read
+//! earlier runs and conversations with the `history` one. Every copy puts the tools it serves in the tool
 //! catalogue ([`dispatch_bus::catalogue`]), where the dispatcher finds what to offer.
 //! Gates are evaluated by the interpreter in [`gate`], confined to the run directory.
 
 pub mod files;
 pub mod gate;
 mod handoff;
+mod history;
 pub mod http;
 pub mod mcp;
 mod memory;
@@ -155,6 +157,12 @@ impl Context {
             return handoff::call(bus, run_id, &requested, call_id, name, args_json).await;
         }
         if let Some(name) = tool
+            .strip_prefix(history::CONNECTOR)
+            .and_then(|t| t.strip_prefix('.'))
+        {
+            return history::call(self.log.bus(), &self.log, name, args_json).await;
+        }
+        if let Some(name) = tool
             .strip_prefix(memory::CONNECTOR)
             .and_then(|t| t.strip_prefix('.'))
         {
@@ -232,6 +240,7 @@ impl Registry {
             http::CONNECTOR,
             search::CONNECTOR,
             handoff::CONNECTOR,
+            history::CONNECTOR,
             memory::CONNECTOR,
         ];
         let mut servers = BTreeMap::new();
@@ -272,6 +281,7 @@ impl Registry {
         entries.push(search::entry());
         entries.extend(handoff::entries());
         entries.extend(memory::entries());
+        entries.extend(history::entries());
         if self.test_tools {
             entries.extend(test_tools::entries());
         }
@@ -339,6 +349,7 @@ impl Registry {
             files::CONNECTOR,
             search::CONNECTOR,
             handoff::CONNECTOR,
+            history::CONNECTOR,
             memory::CONNECTOR,
         ];
         if self.test_tools {

@@ -812,37 +812,9 @@ impl Exec<'_> {
                 });
                 continue;
             }
-            // A call asked for twice in one turn (same tool, same canonical arguments)
-            // runs once; the model is told that the second was the same call.
-            let mut asked: Vec<(ToolCall, &str)> = Vec::new();
-            for call in &model_turn.tool_calls {
-                let form = self.recorded_form(call);
-                if let Some((_, first)) = asked
-                    .iter()
-                    .find(|(a, _)| a.tool == form.tool && a.args_json == form.args_json)
-                {
-                    history.push(Exchange::ToolResult {
-                        call_id: call.call_id.clone(),
-                        tool: call.tool.clone(),
-                        result: Ok(format!(
-                            "not run: this is the same call as {first}, made once in this \
-                             turn; its result is above"
-                        )),
-                    });
-                    continue;
-                }
-                asked.push((form, &call.call_id));
-                let result = self.tool_call(leaf.index, call).await?;
-                failed_call = result
-                    .as_ref()
-                    .err()
-                    .map(|error| format!("{}: {error}", call.tool));
-                history.push(Exchange::ToolResult {
-                    call_id: call.call_id.clone(),
-                    tool: call.tool.clone(),
-                    result,
-                });
-            }
+            failed_call = self
+                .turn_calls(leaf.index, &model_turn.tool_calls, &mut history)
+                .await?;
         }
         let answer = slice_bytes(&answer, MAX_ANSWER_BYTES).to_owned();
         Ok(match finished {
@@ -867,6 +839,49 @@ impl Exec<'_> {
                 answer,
             ),
         })
+    }
+
+    /// Makes the calls of one model answer in order, each through the policy and a
+    /// connector, and adds their results to `history`. A call asked for twice in one
+    /// answer (same tool, same canonical arguments) runs once; the model is told that
+    /// the second was the same call. Returns the last call's failure, if it failed.
+    async fn turn_calls(
+        &mut self,
+        leaf: u32,
+        calls: &[ToolCall],
+        history: &mut Vec<Exchange>,
+    ) -> Result<Option<String>, Stop> {
+        let mut asked: Vec<(ToolCall, &str)> = Vec::new();
+        let mut failed = None;
+        for call in calls {
+            let form = self.recorded_form(call);
+            if let Some((_, first)) = asked
+                .iter()
+                .find(|(a, _)| a.tool == form.tool && a.args_json == form.args_json)
+            {
+                history.push(Exchange::ToolResult {
+                    call_id: call.call_id.clone(),
+                    tool: call.tool.clone(),
+                    result: Ok(format!(
+                        "not run: this is the same call as {first}, made once in this \
+                         turn; its result is above"
+                    )),
+                });
+                continue;
+            }
+            asked.push((form, &call.call_id));
+            let result = self.tool_call(leaf, call).await?;
+            failed = result
+                .as_ref()
+                .err()
+                .map(|error| format!("{}: {error}", call.tool));
+            history.push(Exchange::ToolResult {
+                call_id: call.call_id.clone(),
+                tool: call.tool.clone(),
+                result,
+            });
+        }
+        Ok(failed)
     }
 
     /// Asks the worker model for turn `turn` of `leaf` and records its answer.

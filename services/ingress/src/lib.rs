@@ -16,6 +16,7 @@ mod memory;
 use dispatch_runlog::turn::Busy;
 mod grpc;
 mod listeners;
+mod mcp;
 pub mod openapi;
 pub mod problem;
 mod schedules;
@@ -306,6 +307,8 @@ fn router(app: Arc<App>, request_timeout: Duration) -> Router {
         )
         .route("/v1/conversations/{id}/ws", get(conversations::websocket))
         .route("/v1/conversations/{id}/messages", post(post_message))
+        // MCP over streamable HTTP; nested before the layer below, so it needs the key too.
+        .nest_service("/mcp", mcp::service(&app))
         .route_layer(axum::middleware::from_fn_with_state(
             app.access.clone(),
             access::check,

@@ -36,7 +36,7 @@ use dispatch_proto::api::v1::{
     GetRunRequest, GetTranscriptRequest, GetTranscriptResponse, LedgerStatusResponse,
     ListApprovalsRequest, ListApprovalsResponse, ListRunsRequest, ListRunsResponse,
     ListTasksRequest, ListTasksResponse, Note, ReplayRunRequest, ReplayRunResponse, RunView,
-    TrailOutcome, TranscriptRun,
+    SearchRunsRequest, TrailOutcome, TranscriptRun,
 };
 use dispatch_proto::api::{self, QueryError, Reply};
 use dispatch_runlog::RunLog;
@@ -779,6 +779,9 @@ async fn answer_queries(
                     };
                     encode(answer)
                 }
+                subject::query::SEARCH => encode(
+                    parse::<SearchRunsRequest>(&request.payload).and_then(|q| search(&state, q)),
+                ),
                 subject::query::TASKS => {
                     let answer = match parse::<ListTasksRequest>(&request.payload) {
                         Ok(q) => tasks(&state, q).await,
@@ -1119,6 +1122,36 @@ async fn transcript(state: &State, query: GetTranscriptRequest) -> Reply<GetTran
         runs.push(run);
     }
     Ok(GetTranscriptResponse { runs, next })
+}
+
+/// The most runs one search answers with.
+const MAX_SEARCHED: u32 = 50;
+
+fn search(state: &State, query: SearchRunsRequest) -> Reply<ListRunsResponse> {
+    let limit = query.limit.unwrap_or(10);
+    if !(1..=MAX_SEARCHED).contains(&limit) {
+        return Err(QueryError::BadRequest(format!(
+            "limit must be between 1 and {MAX_SEARCHED}"
+        )));
+    }
+    if query.query.chars().count() > 1_000 {
+        return Err(QueryError::BadRequest(
+            "the query is over 1,000 characters".into(),
+        ));
+    }
+    // Bounded like any page: as many runs as fit half a reply.
+    let budget = reply_budget(state);
+    let mut used = 0;
+    let runs = state
+        .views
+        .search(&query.query, limit as usize)
+        .into_iter()
+        .take_while(|view| {
+            used += serde_json::to_vec(view).map_or(0, |b| b.len());
+            used <= budget
+        })
+        .collect();
+    Ok(ListRunsResponse { runs, next: None })
 }
 
 async fn tasks(state: &State, query: ListTasksRequest) -> Reply<ListTasksResponse> {

@@ -52,7 +52,10 @@ pub const WAITING: &str = "waiting";
 /// Index: `<origin>\0<run id>` for every run, so the runs of one origin (`schedule`,
 /// `cli`, …) are a prefix scan.
 pub const BY_ORIGIN: &str = "by_origin";
-pub const TREES: [&str; 14] = [
+/// Index: `<word>\0<run id>` for every word of a finished run's goal and summary
+/// ([`index_words`]), so a search costs the runs that hold its words, not every run.
+pub const WORDS: &str = "words";
+pub const TREES: [&str; 15] = [
     RUNS,
     NOTES,
     DRAINED,
@@ -67,9 +70,41 @@ pub const TREES: [&str; 14] = [
     WAITING,
     BY_ORIGIN,
     GHOSTS_DUE,
+    WORDS,
 ];
 /// The layout of the trees above; a store of another layout is rebuilt from the log.
-pub const SCHEMA: u32 = 8;
+pub const SCHEMA: u32 = 9;
+
+/// The most words of one run indexed.
+const INDEXED_WORDS: usize = 64;
+/// The most runs one word of a search reads from the index.
+const SEARCHED_PER_WORD: usize = 2_000;
+/// The most words of a query searched.
+const QUERY_WORDS: usize = 8;
+
+/// The words a run is found by: lower-case, letters and digits, three or more, a
+/// plural's `s` dropped, each once, at most [`INDEXED_WORDS`] (and at most 32 bytes
+/// each), in the order they first appear.
+pub fn index_words(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for word in text.split(|c: char| !c.is_alphanumeric()) {
+        if word.chars().count() < 3 || word.len() > 32 {
+            continue;
+        }
+        let word = word.to_lowercase();
+        let word = match word.strip_suffix('s') {
+            Some(stem) if stem.chars().count() >= 3 => stem.to_owned(),
+            _ => word,
+        };
+        if !out.contains(&word) {
+            out.push(word);
+        }
+        if out.len() >= INDEXED_WORDS {
+            break;
+        }
+    }
+    out
+}
 
 /// The tombstone of a run removed together with its trail (`prune --trails`).
 const TRAIL_REMOVED: &[u8] = b"trail";
@@ -213,6 +248,35 @@ impl Views {
 
     pub fn cursor(&self, source: &str) -> Result<u64, dispatch_views::Error> {
         self.store.cursor(source)
+    }
+
+    /// Finished runs holding the words of `query`: most words first, then newest; at
+    /// most `limit`. Reads at most [`SEARCHED_PER_WORD`] index entries a word.
+    pub fn search(&self, query: &str, limit: usize) -> Vec<RunView> {
+        let Ok(words) = self.store.tree(WORDS) else {
+            return Vec::new();
+        };
+        let mut hits: std::collections::HashMap<String, usize> = Default::default();
+        for word in index_words(query).into_iter().take(QUERY_WORDS) {
+            let prefix = format!("{word}\0");
+            for entry in words.scan_prefix(prefix.as_bytes()).take(SEARCHED_PER_WORD) {
+                let Ok((key, _)) = entry else { break };
+                if let Some(run) = key
+                    .get(prefix.len()..)
+                    .and_then(|r| std::str::from_utf8(r).ok())
+                {
+                    *hits.entry(run.to_owned()).or_default() += 1;
+                }
+            }
+        }
+        let mut ranked: Vec<(usize, String)> = hits.into_iter().map(|(run, n)| (n, run)).collect();
+        // Run ids are UUIDv7: a larger id is a newer run.
+        ranked.sort_by(|(a, x), (b, y)| b.cmp(a).then_with(|| y.cmp(x)));
+        ranked
+            .into_iter()
+            .filter_map(|(_, run)| self.run(&run))
+            .take(limit)
+            .collect()
     }
 
     pub fn run(&self, run_id: &str) -> Option<RunView> {
@@ -854,6 +918,17 @@ impl Views {
             );
             batch.put_guarded(&kept, BY_SHORT_ID, short_id_key(key), Vec::new());
             batch.put_guarded(&kept, BY_ORIGIN, note_key(&view.origin, key), Vec::new());
+            // A finished run is found by the words of its goal and its summary.
+            if view.status().is_terminal() && view.corrupt.is_none() {
+                let text = format!(
+                    "{} {}",
+                    view.goal,
+                    view.summary.as_deref().unwrap_or_default()
+                );
+                for word in index_words(&text) {
+                    batch.put_guarded(&kept, WORDS, note_key(&word, key), Vec::new());
+                }
+            }
         }
         self.store.commit(source, pending.last_seq, batch)
     }
@@ -888,5 +963,23 @@ pub fn conversation_or_default(conversation: &str) -> String {
         ConversationId::DEFAULT.to_owned()
     } else {
         conversation.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_words;
+
+    #[test]
+    fn runs_are_indexed_by_their_words_once_each() {
+        assert_eq!(
+            index_words("Summarise the TODOs in notes.md; the todos, again!"),
+            ["summarise", "the", "todo", "note", "again"]
+        );
+        // Short words and very long tokens are left out; the count is bounded.
+        assert!(index_words("a an ok").is_empty());
+        assert!(index_words(&"x".repeat(40)).is_empty());
+        let many: String = (0..200).map(|i| format!("word{i} ")).collect();
+        assert_eq!(index_words(&many).len(), 64);
     }
 }

@@ -6,7 +6,8 @@
 //! 2. **Its wait.** It runs only once every turn before it has ended (queued by
 //!    default; `interrupt` asks them to stop first; `reject` ends it instead, and it
 //!    never joins the chain). A turn that started did so after the ones before it
-//!    ended, so the wait walks back only past turns that ended without starting.
+//!    ended, so the wait walks back only past turns that ended without starting. A
+//!    waiting turn holds no share of the copy's `--max-runs`.
 //! 3. **Its context** (`TurnContext`): the feedback notes drained at its top (drain id
 //!    = the turn's run id, so asking again hands out the same notes), and the earlier
 //!    turns that fit the history budget, newest first until the budget or the turn cap
@@ -26,8 +27,8 @@ use dispatch_models::{Chat, ChatTurn, Exchange};
 use dispatch_proto::api::Reply;
 use dispatch_proto::api::v1::{ListTasksRequest, ListTasksResponse};
 use dispatch_proto::run::v1::{
-    ConversationHead, LeafState, ModelTurn, RunRequested, RunStatus, ToolCall, TurnContext,
-    TurnNote, TurnOrdered, run_event::Body,
+    ConversationHead, LeafState, ModelTurn, RunRequested, RunStatus, TurnContext, TurnNote,
+    TurnOrdered, run_event::Body,
 };
 use dispatch_runlog::turn::Busy;
 use dispatch_runlog::{SUMMARY_CHARS, StoredEvent, slice_chars};
@@ -268,7 +269,12 @@ impl Exec<'_> {
             }
             tracing::info!(run_id = %me, %running, "waiting for the conversation's running turn");
             let mut handle = self.ctx.log.handle(running).await?;
-            handle.wait_until_finished().await?;
+            // A queued turn only waits: it gives its share of `--max-runs` back meanwhile,
+            // so a busy conversation cannot crowd out other runs.
+            match self.slot.clone() {
+                Some(slot) => slot.idle(handle.wait_until_finished()).await?,
+                None => handle.wait_until_finished().await?,
+            }
         }
         Ok(())
     }
@@ -489,31 +495,8 @@ impl Exec<'_> {
                 answered = Some(model_turn.text.clone());
                 break;
             }
-            let mut asked: Vec<(ToolCall, String)> = Vec::new();
-            for call in &model_turn.tool_calls {
-                let form = self.recorded_form(call);
-                if let Some((_, first)) = asked
-                    .iter()
-                    .find(|(a, _)| a.tool == form.tool && a.args_json == form.args_json)
-                {
-                    history.push(Exchange::ToolResult {
-                        call_id: call.call_id.clone(),
-                        tool: call.tool.clone(),
-                        result: Ok(format!(
-                            "not run: this is the same call as {first}, made once in this \
-                             turn; its result is above"
-                        )),
-                    });
-                    continue;
-                }
-                asked.push((form, call.call_id.clone()));
-                let result = self.tool_call(0, call).await?;
-                history.push(Exchange::ToolResult {
-                    call_id: call.call_id.clone(),
-                    tool: call.tool.clone(),
-                    result,
-                });
-            }
+            self.turn_calls(0, &model_turn.tool_calls, &mut history)
+                .await?;
         }
         let (state, reason, answer) = match answered {
             Some(answer) => (LeafState::Done, "answered".to_owned(), answer),
