@@ -247,3 +247,73 @@ async fn dispatch_mcp_serves_the_same_tools_over_stdio() -> Result<()> {
 fn path(path: &Path) -> Result<&str> {
     path.to_str().context("the path is UTF-8")
 }
+
+/// A one-step plan whose first call is a write the built-in policy asks a person about
+/// (the test connector's `count`, a write with no path); its second notes it in scratch.
+const ASKS: &str = "#+TITLE: Asks first\n* TODO Count and note it\n  - call: test.count {\"key\": \"asked\"}\n  - call: files.write_file {\"path\": \"scratch/done.txt\", \"content\": \"x\"}\n  :done-when: test -s scratch/done.txt";
+
+#[tokio::test]
+async fn an_mcp_client_answers_approvals_and_stops_a_run() -> Result<()> {
+    let mut stack = Stack::start(&["ledger", "policy", "ingress", "dispatcher"]).await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    let url = stack.url("/mcp");
+    let printed = match client(
+        &["answers", &url, ASKS],
+        &[("DISPATCH_MCP_KEY", &stack.api_key)],
+    )
+    .await
+    {
+        Ok(printed) => printed,
+        Err(e) => {
+            stack.print_service_logs(40);
+            return Err(e);
+        }
+    };
+    let runs = printed.event("runs")?;
+    let run =
+        |name: &str| -> Result<RunId> { Ok(runs[name].as_str().context("a run id")?.parse()?) };
+    // A digest other than the one shown allows nothing.
+    let wrong = printed.event("wrong_digest")?;
+    assert_eq!(wrong["is_error"], true, "{wrong}");
+    assert!(
+        wrong["text"].as_str().unwrap().contains("digest_mismatch"),
+        "{wrong}"
+    );
+    let approved = printed.event("approved")?;
+    assert_eq!(approved["structured"]["outcome"], "resolved", "{approved}");
+    assert!(
+        approved["structured"]["resolved_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("api key "),
+        "{approved}"
+    );
+    let denied = printed.event("denied")?;
+    assert_eq!(denied["is_error"], false, "{denied}");
+    // Exactly one answer wins.
+    let again = printed.event("again")?;
+    assert_eq!(again["is_error"], true, "{again}");
+    assert!(
+        again["text"].as_str().unwrap().contains("already_decided"),
+        "{again}"
+    );
+    assert_eq!(printed.event("stopped")?["is_error"], false);
+
+    let ended = |events: &[dispatch_runlog::StoredEvent]| finished(events).status();
+    assert_eq!(
+        ended(&stack.wait_finished_or_show(run("approved")?, LIMIT).await?),
+        RunStatus::Done
+    );
+    assert_eq!(
+        ended(&stack.wait_finished_or_show(run("denied")?, LIMIT).await?),
+        RunStatus::Blocked
+    );
+    let stopped = stack.wait_finished_or_show(run("stopped")?, LIMIT).await?;
+    assert_eq!(ended(&stopped), RunStatus::Stopped);
+    assert!(
+        finished(&stopped).reason.contains("(mcp)"),
+        "{}",
+        finished(&stopped).reason
+    );
+    Ok(())
+}

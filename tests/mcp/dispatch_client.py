@@ -4,6 +4,9 @@ asserts on them.
 
   dispatch_client.py http URL GOAL           the API key in DISPATCH_MCP_KEY
   dispatch_client.py refused URL             no key: the server must refuse it
+  dispatch_client.py answers URL GOAL        three runs of GOAL (a call that waits for a
+                                             person): one approved, one denied, one
+                                             stopped; the API key in DISPATCH_MCP_KEY
   dispatch_client.py stdio DISPATCH RUN_ID   `DISPATCH mcp`, with NATS_URL,
                                              DISPATCH_NATS_NKEY and DISPATCH_WORKSPACE
                                              passed on from this environment
@@ -97,6 +100,59 @@ async def over_http(url, goal):
             emit("report", texts=[getattr(c, "text", None) for c in report.contents])
 
 
+async def answers(url, goal):
+    key = os.environ["DISPATCH_MCP_KEY"]
+    http = httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=httpx2.Timeout(30, read=60),
+    )
+    async with http, streamable_http_client(url, http_client=http) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            runs = []
+            for name in ("approved", "denied", "stopped"):
+                dispatched = await session.call_tool("dispatch", {"goal": goal})
+                if dispatched.is_error:
+                    emit("dispatch_error", **answered(dispatched))
+                    sys.exit(1)
+                runs.append(dispatched.structured_content["run_id"])
+            emit("runs", approved=runs[0], denied=runs[1], stopped=runs[2])
+
+            # Each run waits for a person: wait until all three ask.
+            waiting = {}
+            with anyio.move_on_after(NOTE_TIMEOUT_S):
+                while len(waiting) < 3:
+                    listed = await session.call_tool("approvals", {})
+                    for each in listed.structured_content["approvals"]:
+                        if each["run_id"] in runs:
+                            waiting[each["run_id"]] = each
+                    if len(waiting) < 3:
+                        await anyio.sleep(POLL_S)
+            emit("waiting", count=len(waiting))
+            if len(waiting) < 3:
+                sys.exit(1)
+            first, second = waiting[runs[0]], waiting[runs[1]]
+
+            wrong = await session.call_tool(
+                "approve", {"approval_id": first["approval_id"], "args_digest": "sha256:" + "0" * 64}
+            )
+            emit("wrong_digest", **answered(wrong))
+            approved = await session.call_tool(
+                "approve", {"approval_id": first["approval_id"], "args_digest": first["args_digest"]}
+            )
+            emit("approved", **answered(approved))
+            denied = await session.call_tool(
+                "deny", {"approval_id": second["approval_id"], "reason": "not today"}
+            )
+            emit("denied", **answered(denied))
+            again = await session.call_tool(
+                "approve", {"approval_id": second["approval_id"], "args_digest": second["args_digest"]}
+            )
+            emit("again", **answered(again))
+            stopped = await session.call_tool("stop", {"run_id": runs[2]})
+            emit("stopped", **answered(stopped))
+
+
 async def refused(url):
     statuses = []
 
@@ -139,6 +195,8 @@ def main():
         anyio.run(over_http, *args)
     elif mode == "refused":
         anyio.run(refused, *args)
+    elif mode == "answers":
+        anyio.run(answers, *args)
     elif mode == "stdio":
         anyio.run(over_stdio, *args)
     else:
