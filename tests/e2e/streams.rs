@@ -744,6 +744,56 @@ async fn the_vercel_ai_sdk_reads_a_run_and_assembles_its_message() -> Result<()>
 }
 
 #[tokio::test]
+async fn the_vercel_ai_sdk_reads_chat_turns_as_they_stream() -> Result<()> {
+    let stack = stack(1).await?;
+    let script = dispatch_testkit::mcp_servers().join("ai_sdk_reader.mjs");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/mcp/ai_sdk_reader.mjs"),
+        &script,
+    )?;
+    let url = stack.url("/v1/conversations/sdk-chat/messages");
+    let mut texts = Vec::new();
+    for said in ["My name is Grace.", "What is my name?"] {
+        let body = serde_json::json!({ "text": said }).to_string();
+        let out = tokio::process::Command::new("node")
+            .arg(&script)
+            .args([&url, &stack.api_key, &body])
+            .output()
+            .await?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let message: Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(message["role"], "assistant");
+        let parts = message["parts"].as_array().context("parts")?;
+        let run = parts
+            .iter()
+            .find(|p| p["type"] == "data-run")
+            .context("the turn's state")?;
+        assert_eq!(run["data"]["status"], "done", "{parts:?}");
+        texts.push(
+            parts
+                .iter()
+                .filter(|p| p["type"] == "text")
+                .filter_map(|p| p["text"].as_str())
+                .collect::<String>(),
+        );
+    }
+    // The second turn's answer, as the SDK assembled it, was given the first.
+    assert!(
+        texts[0].contains("You said: My name is Grace."),
+        "{texts:?}"
+    );
+    assert!(
+        texts[1].contains("the last one said: My name is Grace."),
+        "{texts:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn grpc_clients_submit_read_watch_and_resume_with_the_same_keys() -> Result<()> {
     use dispatch_proto::api::v1::dispatch_client::DispatchClient;
     use dispatch_proto::api::v1::{
