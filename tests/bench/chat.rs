@@ -38,13 +38,6 @@ async fn one_turn(bus: &Bus, conversation: &str, n: usize) -> Result<(f64, u64, 
     Ok((took.as_secs_f64() * 1e3, context.0, context.1))
 }
 
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
 pub async fn run(
     bus: &Bus,
     nats: &dispatch_testkit::NatsServer,
@@ -64,7 +57,7 @@ pub async fn run(
                 * 1e3,
         );
     }
-    let load_before = load();
+    let load_before = crate::load_average();
     let started = Instant::now();
     let (mut early, mut late) = (Vec::new(), Vec::new());
     let mut last_context = (0, 0);
@@ -79,7 +72,7 @@ pub async fn run(
         last_context = (earlier, left_out);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let load_after = load();
+    let load_after = crate::load_average();
     let (planned_p50, early_p50, late_p50) = (
         percentile(&planned, 50.0),
         percentile(&early, 50.0),
@@ -87,7 +80,7 @@ pub async fn run(
     );
     let ratio = late_p50 / early_p50;
     lines.push(format!(
-        "chat      a turn's overhead (goal stored → turn ended, offline model): p50 {early_p50:.1} ms at turns 1-{WINDOW}, {late_p50:.1} ms at turns {}-{TURNS} ({ratio:.2}×; its context held {} earlier turns, {} left out), beside {planned_p50:.1} ms for a one-leaf planned run; {TURNS} turns one after another in {seconds:.1} s (load {load_before} → {load_after})",
+        "chat      a turn's overhead (goal stored → turn ended, offline model): p50 {early_p50:.1} ms at turns 1-{WINDOW}, {late_p50:.1} ms at turns {}-{TURNS} ({ratio:.2}×; its context held {} earlier turns, {} left out), beside {planned_p50:.1} ms for a one-leaf planned run; {TURNS} turns one after another in {seconds:.1} s",
         TURNS - WINDOW + 1,
         last_context.0,
         last_context.1,

@@ -71,7 +71,7 @@ pub async fn run(
     let waiting = waiting(nats, workspace).await?;
     let growth_mib = waiting.grown_kib as f64 / 1024.0;
     lines.push(format!(
-        "gate      {WAITING} runs waiting for approval at once on a dispatcher with --max-runs 32: all reached their request in {:.1} s; the dispatcher grew {growth_mib:.1} MiB ({:.0} KiB per waiting run; target < 50 MB: {})",
+        "gate      (small stack: policy, connectors, dispatcher) {WAITING} runs waiting for approval at once on a dispatcher with --max-runs 32: all reached their request in {:.1} s; the dispatcher grew {growth_mib:.1} MiB ({:.0} KiB per waiting run; target < 50 MB: {})",
         waiting.took.as_secs_f64(),
         waiting.grown_kib as f64 / WAITING as f64,
         verdict(growth_mib * 1.048_576 < 50.0)

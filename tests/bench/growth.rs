@@ -69,7 +69,7 @@ pub async fn run(lines: &mut Vec<String>) -> Result<Value> {
 
         let (ack_p50, raw_p50) = (super::percentile(&ack, 50.0), super::percentile(&raw, 50.0));
         lines.push(format!(
-            "growth    {level:>6} runs in the log: ack p50 {ack_p50:.3} ms with the stack running the acked goals ({:.2}x raw {raw_p50:.3} ms), e2e {rate:.0} runs/s, ledger {cpu_us_per_event:.0} µs CPU/event (seeded in {:.0} s)",
+            "growth    (small stack: ledger, policy, connectors, dispatcher, ingress) {level:>6} runs in the log: ack p50 {ack_p50:.3} ms with the stack running the acked goals ({:.2}x raw {raw_p50:.3} ms), e2e {rate:.0} runs/s, ledger {cpu_us_per_event:.0} µs CPU/event (seeded in {:.0} s)",
             ack_p50 / raw_p50,
             seeded_in.as_secs_f64()
         ));

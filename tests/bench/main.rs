@@ -82,55 +82,85 @@ async fn main() -> Result<()> {
     let (nats, workspace, bus) = fresh_server("dispatch-bench-", SyncPolicy::default()).await?;
     let mut results = serde_json::Map::new();
     let mut lines = Vec::new();
+    // The machine's load beside each section's figures: a figure from a busy machine
+    // says less, and a ratio from rounds under different loads says nothing.
+    let mut section_load: Option<(usize, f64)> = None;
+    let mut mark = |lines: &mut Vec<String>, name: &str| {
+        if let Some((from, before)) = section_load.take() {
+            let after = load_average();
+            if lines.len() > from {
+                lines.push(format!("          (load {before:.2} → {after:.2})"));
+            }
+        }
+        if !name.is_empty() {
+            section_load = Some((lines.len(), load_average()));
+        }
+    };
 
     if wants("ack") {
+        mark(&mut lines, "ack");
         ack_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("append") {
+        mark(&mut lines, "append");
         append_section(&bus, &mut lines, &mut results).await?;
     }
     if wants("sync") {
+        mark(&mut lines, "sync");
         sync::run(&mut lines, &mut results).await?;
     }
     if wants("e2e") {
+        mark(&mut lines, "e2e");
         e2e_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("telemetry") {
+        mark(&mut lines, "telemetry");
         telemetry::run(&mut lines, &mut results).await?;
     }
     if wants("tools") {
+        mark(&mut lines, "tools");
         tools::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("turns") {
+        mark(&mut lines, "turns");
         turns::run(&bus, &mut lines, &mut results).await?;
     }
     if wants("chat") {
+        mark(&mut lines, "chat");
         chat::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("rebuild") {
+        mark(&mut lines, "rebuild");
         rebuild_section(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("gate") {
+        mark(&mut lines, "gate");
         gate::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("streams") {
+        mark(&mut lines, "streams");
         streams::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("schedules") {
+        mark(&mut lines, "schedules");
         schedules::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("webhooks") {
+        mark(&mut lines, "webhooks");
         webhooks::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if peer.is_some() {
+        mark(&mut lines, "peer");
         peer::run(&bus, &nats, workspace.path(), &mut lines, &mut results).await?;
     }
     if wants("growth") {
+        mark(&mut lines, "growth");
         // The cost of one more run at 1k, 10k and 50k runs in the log.
         let growth = growth::run(&mut lines).await?;
         results.insert("growth".into(), growth);
     }
 
+    mark(&mut lines, "");
     println!(
         "Dispatch benchmarks (nats-server {}, JetStream sync {} unless a line says otherwise, same server for every raw figure; workspaces on {})",
         nats_version(),
@@ -346,17 +376,24 @@ impl Stack {
     ) -> Result<Self> {
         let state = workspace.join(".dispatch/state/e2e-ledger");
         let state = state.to_str().context("state path")?;
+        // The stack `dispatch up` runs: every service, the streamer and the scheduler
+        // included (the streamer stores a run's chunks: leaving it out flatters the
+        // figures).
         let mut services = Vec::new();
-        for (name, args) in [
-            ("ledger", vec!["--state-dir", state]),
-            ("policy", vec![]),
-            ("connectors", vec![]),
-            ("dispatcher", vec!["--max-runs", "512"]),
-            ("ingress", vec!["--listen", "127.0.0.1:0"]),
-        ] {
+        for name in dispatch_service::SERVICES {
+            let args: Vec<&str> = match name {
+                "ledger" => vec!["--state-dir", state],
+                "dispatcher" => vec!["--max-runs", "512"],
+                "ingress" => vec!["--listen", "127.0.0.1:0"],
+                _ => vec![],
+            };
             services.push(Service::start_with_env(name, nats, workspace, &args, env).await?);
         }
-        let http_addr = services[4].health().detail["http_addr"]
+        let ingress = services
+            .iter()
+            .find(|s| s.name == "ingress")
+            .context("ingress runs")?;
+        let http_addr = ingress.health().detail["http_addr"]
             .as_str()
             .context("ingress address")?
             .to_owned();
@@ -434,6 +471,14 @@ fn filesystem_of(path: &std::path::Path) -> String {
         })
         .max_by_key(|(len, _)| *len)
         .map_or_else(|| "an unknown filesystem".into(), |(_, fs)| fs)
+}
+
+/// The machine's one-minute load average (`/proc/loadavg`), or NaN where there is none.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 pub fn verdict(met: bool) -> &'static str {

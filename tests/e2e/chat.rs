@@ -803,3 +803,56 @@ async fn a_500_turn_conversation_keeps_the_model_request_within_its_budget() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_turn_after_one_stopped_while_queued_still_waits_for_the_running_one()
+-> anyhow::Result<()> {
+    let stack = offline_stack(1, &[]).await?;
+    let long = format!("Please listen: {}", "word ".repeat(80));
+    let running = turn(&stack, "queue", &long).await?;
+    stack
+        .eventually(LIMIT, || async {
+            let events = stack.log().await.ok()?.read(&running).await.ok()?;
+            bodies(&events)
+                .any(|b| matches!(b, Body::RunStarted(_)))
+                .then_some(())
+        })
+        .await?;
+    // Queued behind it, then stopped before it ever started.
+    let queued = turn(&stack, "queue", "Second").await?;
+    stack
+        .eventually(LIMIT, || async {
+            let events = stack.log().await.ok()?.read(&queued).await.ok()?;
+            bodies(&events)
+                .any(|b| matches!(b, Body::TurnOrdered(_)))
+                .then_some(())
+        })
+        .await?;
+    let stopped = stack
+        .http
+        .post(stack.url(&format!("/v1/runs/{queued}/stop")))
+        .send()
+        .await?;
+    assert_eq!(stopped.status(), 202);
+    let queued_log = stack.wait_finished_or_show(queued, LIMIT).await?;
+    assert_eq!(finished(&queued_log).status(), RunStatus::Stopped);
+    assert!(!bodies(&queued_log).any(|b| matches!(b, Body::RunStarted(_))));
+    // The next one follows the stopped one in the chain, and still waits for the
+    // running one: never two at once.
+    let third = turn(&stack, "queue", "Third").await?;
+    let third_log = stack.wait_finished_or_show(third, LIMIT).await?;
+    let first_log = stack.wait_finished_or_show(running, LIMIT).await?;
+    assert_eq!(ordered(&third_log).previous_run_id, queued.to_string());
+    let ended = time_of(&first_log, |b| matches!(b, Body::RunFinished(_)));
+    let started = time_of(&third_log, |b| matches!(b, Body::RunStarted(_)));
+    assert!(
+        started >= ended,
+        "the third turn started at {started}, before {ended}"
+    );
+    // Its context holds both earlier turns, the stopped one shown as it ended.
+    assert_eq!(
+        context(&third_log).earlier_run_ids,
+        vec![running.to_string(), queued.to_string()]
+    );
+    Ok(())
+}

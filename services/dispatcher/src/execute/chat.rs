@@ -229,19 +229,14 @@ impl Exec<'_> {
     /// from the head's history (its last [`streams::TURNS_HISTORY`] values).
     async fn lost_place(&self, heads: &kv::Store, key: &str, me: &RunId) -> Option<TurnOrdered> {
         // Only a turn that was tried before can have lost its place.
-        if self.resumed {
-            let mut history = heads.history(key).await.ok()?;
-            while let Some(Ok(entry)) = history.next().await {
-                let head = ConversationHead::decode(entry.value.as_ref()).ok()?;
-                if head.last_run_id == me.to_string() {
-                    return Some(TurnOrdered {
-                        previous_run_id: head.previous_run_id,
-                        number: head.number,
-                    });
-                }
-            }
+        if !self.resumed {
+            return None;
         }
-        None
+        let head = head_naming(heads, key, me).await?;
+        Some(TurnOrdered {
+            previous_run_id: head.previous_run_id,
+            number: head.number,
+        })
     }
 
     /// Waits until no turn before this one runs; with `interrupt`, asks each to stop.
@@ -285,7 +280,12 @@ impl Exec<'_> {
     async fn running_before(&self, from: RunId) -> Result<Option<RunId>, Stop> {
         let mut at = Some(from);
         while let Some(run) = at {
-            let events = self.ctx.log.read(&run).await?;
+            let events = match self.ctx.log.read(&run).await {
+                Ok(events) => events,
+                // A log that does not verify is never continued: nothing runs it.
+                Err(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
             let ended = events
                 .iter()
                 .any(|e| matches!(e.event.body, Some(Body::RunFinished(_))));
@@ -298,12 +298,33 @@ impl Exec<'_> {
             if started {
                 return Ok(None);
             }
-            at = events.iter().find_map(|e| match &e.event.body {
-                Some(Body::TurnOrdered(t)) => t.previous_run_id.parse().ok(),
+            let ordered = events.iter().find_map(|e| match &e.event.body {
+                Some(Body::TurnOrdered(t)) => Some(t.previous_run_id.parse().ok()),
                 _ => None,
             });
+            at = match ordered {
+                Some(previous) => previous,
+                // Stopped after it took the head and before it recorded its place: the
+                // head's history still says which turn it followed.
+                None => self.previous_in_history(&events, &run).await,
+            };
         }
         Ok(None)
+    }
+
+    /// The turn `run` followed, from its conversation head's history, for a turn that
+    /// took the head but never recorded it (`events` is its log).
+    async fn previous_in_history(&self, events: &[StoredEvent], run: &RunId) -> Option<RunId> {
+        let conversation = events.iter().find_map(|e| match &e.event.body {
+            Some(Body::RunRequested(r)) => r.conversation_id.parse::<ConversationId>().ok(),
+            _ => None,
+        })?;
+        let key = streams::turns_key(&conversation);
+        head_naming(&self.ctx.turns, &key, run)
+            .await?
+            .previous_run_id
+            .parse()
+            .ok()
     }
 
     /// The turn's context: recorded, or put together now (the notes drained, the
@@ -558,6 +579,19 @@ impl Exec<'_> {
             }
         }
     }
+}
+
+/// The value of the head at `key` that named `run` as its last turn, from the head's
+/// history (its last [`streams::TURNS_HISTORY`] values), if it is still there.
+async fn head_naming(heads: &kv::Store, key: &str, run: &RunId) -> Option<ConversationHead> {
+    let mut history = heads.history(key).await.ok()?;
+    while let Some(Ok(entry)) = history.next().await {
+        let head = ConversationHead::decode(entry.value.as_ref()).ok()?;
+        if head.last_run_id == run.to_string() {
+            return Some(head);
+        }
+    }
+    None
 }
 
 fn place_of(ordered: &TurnOrdered) -> Place {
