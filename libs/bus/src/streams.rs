@@ -127,8 +127,11 @@ fn listeners() -> async_nats::jetstream::kv::Config {
 pub const TURNS_BUCKET: &str = "DISPATCH_TURNS";
 /// The stream behind [`TURNS_BUCKET`].
 pub const TURNS: &str = "KV_DISPATCH_TURNS";
-/// How many heads of one conversation are kept (the most a bucket keeps).
-pub const TURNS_HISTORY: i64 = 64;
+/// How many heads of one conversation are kept. They are read only by a turn that took
+/// the head and stopped before recording its place (or by a turn walking past such a
+/// one), a window of milliseconds in which few other turns of the same conversation can
+/// take the head; the store grows with conversations times this, not with their turns.
+pub const TURNS_HISTORY: i64 = 8;
 
 fn turns() -> async_nats::jetstream::kv::Config {
     async_nats::jetstream::kv::Config {
