@@ -6,10 +6,12 @@
 //! directory) with one service whose handler takes five `ctx.run` steps: as many
 //! durable steps as a one-leaf Dispatch run records (plan, model turn, policy
 //! decision, tool call, gate). Both get the same load: goals POSTed 64 at a time,
-//! answered 202 at once (fire and forget), then counted as they complete; and a paced
-//! load for the ack latency of a stack that is busy but not saturated. CPU is read
-//! from `/proc` for every process of each stack (Dispatch's services and nats-server;
-//! restate-server and the Node.js service).
+//! answered at once (fire and forget), then counted as they complete, each side from its
+//! own record as a client would read it (Dispatch: each run's terminal event on the bus;
+//! Restate: each invocation's output, attached to with its invocation id); and a paced
+//! load for the ack latency of a stack that is busy but not saturated. Dispatch is the
+//! stack `dispatch up` runs. CPU is read from `/proc` for every process of each stack
+//! (Dispatch's services and nats-server; restate-server and the Node.js service).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -292,32 +294,87 @@ impl Restate {
         reply["finished"].as_u64().context("counter reply")
     }
 
-    /// `n` invocations sent `concurrency` at a time, counted until all have finished.
+    /// `n` invocations sent `concurrency` at a time, each counted complete when
+    /// Restate's own record gives its output: the client attaches to every invocation
+    /// (`GET /restate/invocation/<id>/attach`, as a client waiting for a result does),
+    /// not the handler's counter. The handler's count is checked against it.
     async fn fire(&self, http: &reqwest::Client, n: usize, concurrency: usize) -> Result<Load> {
         let before = self.finished(http).await?;
         let url = self.send_url();
         let started = Instant::now();
-        let acks = futures::stream::iter(0..n)
-            .map(|_| super::post_goal(http, &url))
+        let sent = futures::stream::iter(0..n)
+            .map(|_| send(http, &url))
             .buffer_unordered(concurrency)
             .collect::<Vec<_>>()
             .await
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while self.finished(http).await? < before + n as u64 {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "restate did not finish within 300 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let outputs = futures::stream::iter(sent.iter().map(|(_, id)| id))
+            .map(|id| self.output(http, id))
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(
+            outputs.iter().all(|o| o == "done"),
+            "an invocation's output was not \"done\""
+        );
+        let counted = self.finished(http).await? - before;
+        anyhow::ensure!(
+            counted == n as u64,
+            "restate gave {n} outputs but its handler counted {counted}"
+        );
         Ok(Load {
-            acks,
-            elapsed: started.elapsed(),
+            acks: sent.into_iter().map(|(ack, _)| ack).collect(),
+            elapsed,
             runs: n,
         })
     }
+
+    /// The output of invocation `id`, once it has one.
+    async fn output(&self, http: &reqwest::Client, id: &str) -> Result<String> {
+        let url = format!(
+            "http://127.0.0.1:{}/restate/invocation/{id}/attach",
+            self.ingress
+        );
+        let reply = http
+            .get(&url)
+            .timeout(Duration::from_secs(300))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            reply.status().is_success(),
+            "GET {url} answered {}",
+            reply.status()
+        );
+        Ok(reply
+            .json::<Value>()
+            .await?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
+
+/// Sends one invocation as a client would; its ack latency (ms) and invocation id.
+async fn send(http: &reqwest::Client, url: &str) -> Result<(f64, String)> {
+    let sent = Instant::now();
+    let response = http
+        .post(url)
+        .json(&json!({ "goal": super::ONE_LEAF_PLAN }))
+        .send()
+        .await?;
+    let status = response.status();
+    anyhow::ensure!(status.is_success(), "POST {url} answered {status}");
+    let ack = sent.elapsed().as_secs_f64() * 1000.0;
+    let body: Value = response.json().await?;
+    let id = body["invocationId"]
+        .as_str()
+        .with_context(|| format!("no invocationId in {body}"))?
+        .to_owned();
+    Ok((ack, id))
 }
 
 /// The restate-server binary itself: `node_modules/.bin/restate-server` is a Node.js
