@@ -65,6 +65,16 @@ fn context(events: &[StoredEvent]) -> TurnContext {
         .expect("a turn records its context")
 }
 
+/// Waits until the log of `run` holds an event `pick` accepts.
+async fn recorded(stack: &Stack, run: RunId, pick: impl Fn(&Body) -> bool) -> anyhow::Result<()> {
+    stack
+        .eventually(LIMIT, || async {
+            let events = stack.log().await.ok()?.read(&run).await.ok()?;
+            bodies(&events).any(&pick).then_some(())
+        })
+        .await
+}
+
 /// The time (unix ms) of the first event `pick` accepts.
 fn time_of(events: &[StoredEvent], pick: impl Fn(&Body) -> bool) -> i64 {
     events
@@ -275,14 +285,7 @@ async fn a_busy_conversation_rejects_or_is_interrupted_as_the_message_asks() -> 
     // A long first turn: its answer repeats a long message, a word every 60 ms.
     let long = format!("Please listen: {}", "word ".repeat(120));
     let first = turn(&stack, "talk", &long).await?;
-    stack
-        .eventually(LIMIT, || async {
-            let events = stack.log().await.ok()?.read(&first).await.ok()?;
-            bodies(&events)
-                .any(|b| matches!(b, Body::RunStarted(_)))
-                .then_some(())
-        })
-        .await?;
+    recorded(&stack, first, |b| matches!(b, Body::RunStarted(_))).await?;
     // `reject`: 409, naming the running turn; nothing stored.
     let (status, body) = say(&stack, "talk", "Are you there?", Some("reject")).await?;
     assert_eq!(status, 409, "{body}");
@@ -810,24 +813,10 @@ async fn a_turn_after_one_stopped_while_queued_still_waits_for_the_running_one()
     let stack = offline_stack(1, &[]).await?;
     let long = format!("Please listen: {}", "word ".repeat(80));
     let running = turn(&stack, "queue", &long).await?;
-    stack
-        .eventually(LIMIT, || async {
-            let events = stack.log().await.ok()?.read(&running).await.ok()?;
-            bodies(&events)
-                .any(|b| matches!(b, Body::RunStarted(_)))
-                .then_some(())
-        })
-        .await?;
+    recorded(&stack, running, |b| matches!(b, Body::RunStarted(_))).await?;
     // Queued behind it, then stopped before it ever started.
     let queued = turn(&stack, "queue", "Second").await?;
-    stack
-        .eventually(LIMIT, || async {
-            let events = stack.log().await.ok()?.read(&queued).await.ok()?;
-            bodies(&events)
-                .any(|b| matches!(b, Body::TurnOrdered(_)))
-                .then_some(())
-        })
-        .await?;
+    recorded(&stack, queued, |b| matches!(b, Body::TurnOrdered(_))).await?;
     let stopped = stack
         .http
         .post(stack.url(&format!("/v1/runs/{queued}/stop")))
@@ -853,6 +842,34 @@ async fn a_turn_after_one_stopped_while_queued_still_waits_for_the_running_one()
     assert_eq!(
         context(&third_log).earlier_run_ids,
         vec![running.to_string(), queued.to_string()]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_turn_that_hands_off_in_a_loop_is_stopped_at_ten_runs() -> anyhow::Result<()> {
+    let stack = paced_stack(1, &[], "0").await?;
+    let lines: Vec<String> = (0..12)
+        .map(|i| format!(r#"call: dispatch.dispatch {{"goal": "Errand number {i}"}}"#))
+        .collect();
+    let events = stack
+        .wait_finished_or_show(turn(&stack, "loop-off", &lines.join("\n")).await?, LIMIT)
+        .await?;
+    let started = bodies(&events)
+        .filter(|b| matches!(b, Body::ToolCallCompleted(_)))
+        .count();
+    let refused: Vec<String> = bodies(&events)
+        .filter_map(|b| match b {
+            Body::ToolCallFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, 10, "{refused:?}");
+    assert_eq!(refused.len(), 2);
+    assert!(
+        refused[0].contains("the most one turn may (10)"),
+        "{}",
+        refused[0]
     );
     Ok(())
 }

@@ -32,6 +32,9 @@ pub const CONNECTOR: &str = "dispatch";
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most tasks `dispatch.tasks` lists.
 const TASKS_LISTED: u32 = 20;
+/// The most runs one turn may hand off: a model calling `dispatch.dispatch` in a loop
+/// is stopped with a clear error rather than starting runs without end.
+const MAX_HAND_OFFS: usize = 10;
 /// How long a stopped run's owner has to end it by itself.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -109,6 +112,7 @@ struct NoArgs {}
 /// `requested`.
 pub async fn call(
     bus: &Bus,
+    log: &dispatch_runlog::RunLog,
     run_id: &RunId,
     requested: &RunRequested,
     call_id: &str,
@@ -129,6 +133,13 @@ pub async fn call(
     match name {
         "dispatch" => {
             let args: DispatchArgs = parse(name, args)?;
+            let made = crate::calls_made(log, run_id, call_id, &["dispatch.dispatch"]).await?;
+            if made >= MAX_HAND_OFFS {
+                return Err(format!(
+                    "this turn has handed off {made} runs, the most one turn may \
+                     ({MAX_HAND_OFFS}); tell the user what is still to do instead"
+                ));
+            }
             hand_off(bus, run_id, conversation, call_id, args).await
         }
         "tasks" => {

@@ -154,7 +154,8 @@ impl Context {
         {
             let requested = self.requested(run_id).await?;
             let bus = self.log.bus();
-            return handoff::call(bus, run_id, &requested, call_id, name, args_json).await;
+            return handoff::call(bus, &self.log, run_id, &requested, call_id, name, args_json)
+                .await;
         }
         if let Some(name) = tool
             .strip_prefix(history::CONNECTOR)
@@ -189,6 +190,38 @@ impl Context {
             )
             .await
     }
+}
+
+/// How many calls of `tools` the run `run_id` has made and completed, besides
+/// `call_id`, read from its log: the built-in tools that bound what one run may do
+/// (memory changes, hand-offs) count from the record, whichever copy made the calls.
+async fn calls_made(
+    log: &RunLog,
+    run_id: &RunId,
+    call_id: &str,
+    tools: &[&str],
+) -> Result<usize, String> {
+    let events = log
+        .read(run_id)
+        .await
+        .map_err(|e| format!("cannot read the run's log: {e}"))?;
+    let asked: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::ToolCallRequested(r))
+                if r.call_id != call_id && tools.contains(&r.tool.as_str()) =>
+            {
+                Some(r.call_id.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    Ok(events
+        .iter()
+        .filter(|e| {
+            matches!(&e.event.body, Some(Body::ToolCallCompleted(c)) if asked.contains(&c.call_id.as_str()))
+        })
+        .count())
 }
 
 impl Context {

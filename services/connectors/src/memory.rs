@@ -6,7 +6,7 @@
 use dispatch_bus::RunId;
 use dispatch_bus::catalogue::{Risk, ToolEntry};
 use dispatch_memory::{KINDS, MAX_CHANGES_PER_RUN, Memory, Owner};
-use dispatch_proto::run::v1::{RunRequested, run_event::Body};
+use dispatch_proto::run::v1::RunRequested;
 use dispatch_runlog::RunLog;
 use serde::Deserialize;
 
@@ -143,28 +143,8 @@ pub async fn call(
 /// Refuses a change past [`MAX_CHANGES_PER_RUN`] in one run: an agent writing memory in
 /// a loop is stopped with a clear error, counted from the run's own log.
 async fn changes_left(log: &RunLog, run_id: &RunId, call_id: &str) -> Result<(), String> {
-    let events = log
-        .read(run_id)
-        .await
-        .map_err(|e| format!("cannot read the run's log: {e}"))?;
-    let changes: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match &e.event.body {
-            Some(Body::ToolCallRequested(r))
-                if r.call_id != call_id
-                    && (r.tool == "memory.remember" || r.tool == "memory.forget") =>
-            {
-                Some(r.call_id.as_str())
-            }
-            _ => None,
-        })
-        .collect();
-    let made = events
-        .iter()
-        .filter(|e| {
-            matches!(&e.event.body, Some(Body::ToolCallCompleted(c)) if changes.contains(&c.call_id.as_str()))
-        })
-        .count();
+    let made =
+        crate::calls_made(log, run_id, call_id, &["memory.remember", "memory.forget"]).await?;
     if made >= MAX_CHANGES_PER_RUN {
         return Err(format!(
             "this run has changed memory {made} times, the most one run may \

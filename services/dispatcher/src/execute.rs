@@ -759,18 +759,7 @@ impl Exec<'_> {
                 Some(recorded) => recorded,
                 None => self.model_turn(requested, leaf, turn, &history).await?,
             };
-            history.push(Exchange::Assistant {
-                text: model_turn.text.clone(),
-                tool_calls: model_turn
-                    .tool_calls
-                    .iter()
-                    .map(|c| dispatch_models::ToolCall {
-                        id: c.call_id.clone(),
-                        tool: c.tool.clone(),
-                        args_json: c.args_json.clone(),
-                    })
-                    .collect(),
-            });
+            history.push(assistant_exchange(&model_turn));
             answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
                 let untried = !history
@@ -1629,6 +1618,22 @@ impl Part {
             text,
             abandoned,
         }
+    }
+}
+
+/// A recorded model answer as the model is shown it again: its text and its calls.
+fn assistant_exchange(turn: &ModelTurn) -> Exchange {
+    Exchange::Assistant {
+        text: turn.text.clone(),
+        tool_calls: turn
+            .tool_calls
+            .iter()
+            .map(|c| dispatch_models::ToolCall {
+                id: c.call_id.clone(),
+                tool: c.tool.clone(),
+                args_json: c.args_json.clone(),
+            })
+            .collect(),
     }
 }
 

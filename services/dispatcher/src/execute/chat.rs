@@ -500,18 +500,7 @@ impl Exec<'_> {
                 Some(recorded) => recorded,
                 None => self.chat_model_turn(&leaf, chat, turn, &history).await?,
             };
-            history.push(Exchange::Assistant {
-                text: model_turn.text.clone(),
-                tool_calls: model_turn
-                    .tool_calls
-                    .iter()
-                    .map(|c| dispatch_models::ToolCall {
-                        id: c.call_id.clone(),
-                        tool: c.tool.clone(),
-                        args_json: c.args_json.clone(),
-                    })
-                    .collect(),
-            });
+            history.push(super::assistant_exchange(&model_turn));
             if model_turn.tool_calls.is_empty() {
                 answered = Some(model_turn.text.clone());
                 break;
