@@ -3,6 +3,7 @@
 //! `<target dir>/bench/results.json`. Figures, not assertions: a shared machine is noisy.
 
 mod chat;
+mod cost;
 mod gate;
 mod growth;
 mod peer;
@@ -35,6 +36,9 @@ const E2E_CONCURRENCY: usize = 64;
 /// latency is measured, and how many goals that is.
 const PACED_RATE: u64 = 200;
 const PACED_RUNS: usize = 1000;
+/// The runs over which what a run stores and syncs is counted, and how many at a time.
+const COST_RUNS: usize = 200;
+const COST_CONCURRENCY: usize = 16;
 pub(crate) const PAYLOAD: usize = 256;
 
 /// The sections, in the order they run; `cargo xtask bench e2e growth` runs only those.
@@ -320,8 +324,69 @@ async fn e2e_section(
         rss.insert(name, json!({ "idle_mb": idle_mb, "peak_mb": peak as f64 / 1024.0, "target_met": idle_mb <= 20.0 }));
     }
     results.insert("rss".into(), Value::Object(rss));
+    cost_pass(bus, nats, &stack, lines, results).await?;
     // Gone for good before the rebuild, so only the fresh ledger answers its queries.
     stack.kill().await
+}
+
+/// What a one-leaf run stores and syncs, counted over runs of their own (see
+/// [`cost`]).
+async fn cost_pass(
+    bus: &Bus,
+    nats: &NatsServer,
+    stack: &Stack,
+    lines: &mut Vec<String>,
+    results: &mut Results,
+) -> Result<()> {
+    // Nothing of the runs before (the paced ones) is still being relayed or folded.
+    caught_up(bus).await?;
+    let before = cost::stored(bus).await?;
+    let counter = match nats.pid() {
+        Some(pid) => cost::SyncCounter::attach(pid).await?,
+        None => None,
+    };
+    e2e_http(
+        bus,
+        &stack.http_addr,
+        &stack.key,
+        COST_RUNS,
+        COST_CONCURRENCY,
+    )
+    .await?;
+    caught_up(bus).await?;
+    // The streamer purges a finished run's chunks `--purge-after` (10 s) later: that
+    // is part of what the run costs.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let fsyncs = match counter {
+        Some(counter) => Some(counter.count().await? as f64 / COST_RUNS as f64),
+        None => None,
+    };
+    let after = cost::stored(bus).await?;
+    let (disk, memory, by_stream) = cost::per_run(&before, &after, COST_RUNS);
+    lines.push(format!(
+        "stored    {disk:.1} messages on disk and {memory:.1} in memory per one-leaf run: {} (target on disk ≤ 18: {})",
+        by_stream
+            .iter()
+            .map(|(name, in_memory, per)| format!(
+                "{name} {per:.1}{}",
+                if *in_memory { " (memory)" } else { "" }
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        verdict(disk <= 18.0)
+    ));
+    lines.push(match fsyncs {
+        Some(fsyncs) => format!(
+            "fsyncs    {fsyncs:.1} per one-leaf run by nats-server (strace -c over {COST_RUNS} runs, {COST_CONCURRENCY} at a time) (target ≤ 20: {})",
+            verdict(fsyncs <= 20.0)
+        ),
+        None => "fsyncs    not measured: this machine has no strace".to_owned(),
+    });
+    results.insert(
+        "stored".into(),
+        cost::json(disk, memory, &by_stream, fsyncs),
+    );
+    Ok(())
 }
 
 /// View rebuild: a fresh ledger over the whole run stream (whatever the sections before
@@ -833,14 +898,17 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// Waits until the ledger has folded everything in the run log and written every
-/// trail: what a run leaves behind is billed to it, and seeding ends thousands of runs
+/// trail, and the streamer has relayed every event: what a run leaves behind is billed
+/// to it, and seeding ends thousands of runs
 /// at once whose trails must not be billed to the runs measured after.
 pub async fn caught_up(bus: &Bus) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let target = stream_last_seq(bus, dispatch_bus::streams::RUNS).await?;
         let status = ledger_status(bus, Duration::from_secs(5)).await;
-        if status.is_some_and(|s| s.runs_cursor >= target && !s.trails_due) {
+        if status.is_some_and(|s| s.runs_cursor >= target && !s.trails_due)
+            && streamer_caught_up(bus).await?
+        {
             return Ok(());
         }
         anyhow::ensure!(
@@ -848,6 +916,22 @@ pub async fn caught_up(bus: &Bus) -> Result<()> {
             "the ledger did not catch up within 600 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the streamer has relayed every run event (its consumer has none pending or
+/// unacknowledged); true when no streamer runs here.
+async fn streamer_caught_up(bus: &Bus) -> Result<bool> {
+    let runs = bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::RUNS)
+        .await?;
+    match runs
+        .consumer_info(dispatch_bus::streams::consumers::STREAMER)
+        .await
+    {
+        Ok(info) => Ok(info.num_pending == 0 && info.num_ack_pending == 0),
+        Err(_) => Ok(true),
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use dispatch_bus::RunId;
 use dispatch_proto::run::v1::{RunStatus, run_event::Body};
 use dispatch_tests::{SseEvent, Stack, finished, read_sse};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -325,6 +325,102 @@ async fn a_persisted_run_is_purged_and_a_late_client_gets_it_from_the_transcript
         .filter_map(|p| p["text"].as_str())
         .collect();
     assert_eq!(said, model_text(&events));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nats_restart_ends_open_streams_and_clients_resume_without_a_gap() -> Result<()> {
+    let mut stack = stack(1).await?;
+    let conversation = "chat-restart";
+    // The buffer is kept in memory: a single server that restarts comes back without it.
+    let mut buffer = stack
+        .bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::CONVERSATIONS)
+        .await?;
+    let before = buffer.info().await?.clone();
+    assert_eq!(
+        before.config.storage,
+        dispatch_bus::async_nats::jetstream::stream::StorageType::Memory
+    );
+    let first = open(&stack, conversation, None).await?;
+    let watcher = open(&stack, conversation, None).await?;
+    let run_id = stack.submit(PLAN, conversation, 120_000).await?;
+    let head = read_sse(first, 6, LIMIT, |_| false).await?;
+    let cursor = head.last().and_then(|e| e.id.clone()).context("an id")?;
+
+    stack.nats.restart().await?;
+    // An open stream ends with the connection (chunks it had not taken may be gone),
+    // rather than going on past a gap.
+    let cut = read_sse(watcher, 10_000, LIMIT, |_| false).await?;
+    assert!(
+        !cut.iter().any(|e| e.data["type"] == "finish"),
+        "the run cannot have ended yet: {cut:?}"
+    );
+
+    // The streamer makes the buffer again, counting on from above the lost one.
+    stack
+        .eventually(LIMIT, || async {
+            let mut stream = stack
+                .bus
+                .jetstream()
+                .get_stream(dispatch_bus::streams::CONVERSATIONS)
+                .await
+                .ok()?;
+            let info = stream.info().await.ok()?;
+            (info.created != before.created).then_some(())
+        })
+        .await?;
+    buffer = stack
+        .bus
+        .jetstream()
+        .get_stream(dispatch_bus::streams::CONVERSATIONS)
+        .await?;
+    assert!(buffer.info().await?.state.first_sequence > before.state.last_sequence);
+
+    // Back with its cursor, the client gets its run whole from the transcript, then
+    // the rest live: together, every chunk of the run, none twice.
+    let rest = read_sse(
+        open(&stack, conversation, Some(&cursor)).await?,
+        10_000,
+        LIMIT,
+        ends(run_id),
+    )
+    .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    // (The transcript gives each turn's text whole, so the pieces differ from the
+    // live ones; what they say and do may not.)
+    let of_kind = |chunks: &[Value], kind: &str, field: &str| -> Vec<Value> {
+        chunks
+            .iter()
+            .filter(|c| c["type"] == kind)
+            .map(|c| c[field].clone())
+            .collect()
+    };
+    let data: Vec<Value> = rest.iter().map(|e| e.data.clone()).collect();
+    let want = expected(run_id, &events);
+    assert_eq!(
+        of_kind(&data, "start", "messageId"),
+        [json!(run_id.to_string())]
+    );
+    assert_eq!(
+        data.last().map(|c| c["type"].clone()),
+        Some(json!("finish"))
+    );
+    for (kind, field) in [
+        ("tool-input-available", "toolCallId"),
+        ("tool-output-available", "toolCallId"),
+        ("start-step", "type"),
+        ("finish-step", "type"),
+    ] {
+        assert_eq!(
+            of_kind(&data, kind, field),
+            of_kind(&want, kind, field),
+            "a gap or a duplicate in {kind} after the restart"
+        );
+    }
+    assert_eq!(text_of(&rest), model_text(&events));
     Ok(())
 }
 

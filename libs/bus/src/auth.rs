@@ -264,8 +264,9 @@ impl Identity {
                 p.publish.allow.push(subject::cmd::DELIVER.into());
                 p.work(streams::COMMANDS, consumers::DELIVERIES);
                 p.publish.allow.push(subject::DELIVERIES_ALL.into());
-                // Keeping its stream's knobs in line, and purging persisted turns.
-                for api in ["UPDATE", "PURGE"] {
+                // Keeping its stream's knobs in line (and its storage: made again),
+                // and purging persisted turns.
+                for api in ["UPDATE", "PURGE", "DELETE"] {
                     p.publish
                         .allow
                         .push(format!("{JS_API}.STREAM.{api}.{}", streams::CONVERSATIONS));

@@ -78,6 +78,8 @@ impl Error {
 pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// How many times the connection has been lost so far.
+    lost: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The outcome of a successful append.
@@ -102,6 +104,8 @@ impl Bus {
         credentials: &Credentials,
     ) -> Result<Self, Error> {
         let servers = server_list(url)?;
+        let (lost_tx, lost) = tokio::sync::watch::channel(0u64);
+        let lost_tx = std::sync::Arc::new(lost_tx);
         let options = async_nats::ConnectOptions::new()
             .name(format!("dispatch-{}", identity.name()))
             .custom_inbox_prefix(identity.inbox_prefix())
@@ -109,16 +113,20 @@ impl Bus {
             .max_reconnects(None)
             // Said once per outage, not per attempt; a permission the server refuses is
             // logged by the process it refuses.
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::ServerError(error) => {
-                        tracing::warn!(error = %error, "NATS server error");
+            .event_callback(move |event| {
+                let lost_tx = lost_tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::ServerError(error) => {
+                            tracing::warn!(error = %error, "NATS server error");
+                        }
+                        async_nats::Event::Disconnected => {
+                            lost_tx.send_modify(|n| *n += 1);
+                            tracing::warn!("lost NATS; reconnecting");
+                        }
+                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        _ => {}
                     }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("lost NATS; reconnecting");
-                    }
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    _ => {}
                 }
             });
         let client = credentials
@@ -141,7 +149,7 @@ impl Bus {
             })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(REQUEST_TIMEOUT);
-        let bus = Self { client, js };
+        let bus = Self { client, js, lost };
         streams::ensure(&bus).await?;
         Ok(bus)
     }
@@ -152,6 +160,14 @@ impl Bus {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// Changes each time the connection to NATS is lost (the count so far). A reader
+    /// that must not miss a message it was not acknowledged for (an ordered consumer
+    /// over a buffer that a restarted server may have lost) ends when it changes, and
+    /// its client resumes from its cursor.
+    pub fn connection_losses(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.lost.clone()
     }
 
     /// Publishes `payload` to a stream subject and waits for the server's ack.

@@ -212,7 +212,9 @@ pub mod consumers {
 /// line with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationKnobs {
-    /// Memory is faster and cheaper, and lost when NATS restarts.
+    /// Memory (the default) costs no disk write or sync per chunk; a single server
+    /// that restarts loses it (a cluster keeps it while a node restarts), and readers
+    /// then resume from the runs' transcripts. File storage keeps it on disk.
     pub memory: bool,
     /// The backstop: chunks of a turn that never persisted expire after this long.
     pub max_age: Duration,
@@ -224,7 +226,7 @@ pub struct ConversationKnobs {
 impl Default for ConversationKnobs {
     fn default() -> Self {
         Self {
-            memory: false,
+            memory: true,
             max_age: Duration::from_secs(180),
             max_msgs_per_subject: 100_000,
             replicas: 1,
@@ -252,8 +254,22 @@ pub fn conversations(knobs: &ConversationKnobs) -> Config {
         // Long enough to collapse a chunk published again after a streamer copy died.
         duplicate_window: Duration::from_secs(120).min(knobs.max_age),
         allow_direct: true,
+        first_sequence: Some(fresh_first_sequence()),
         ..Default::default()
     }
+}
+
+/// Where a conversation stream made now starts counting: the time in microseconds.
+/// The stream is a buffer that may be lost (memory storage on a server that restarts)
+/// or replaced (its storage changed), and one made again starts above every sequence
+/// an earlier one used (none stores a chunk a microsecond for its whole life), so a
+/// client's cursor from before never names a chunk of the new one. Readers in
+/// JavaScript keep such a number exactly (below 2^53 until the 23rd century).
+fn fresh_first_sequence() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |since| since.as_micros() as u64)
+        .max(1)
 }
 
 /// How long a re-published message with the same `Nats-Msg-Id` is recognised.

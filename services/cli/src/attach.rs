@@ -5,7 +5,9 @@
 //! chunk still buffered. As text it prints the model's words as they arrive, a line
 //! per tool call and result, and each run's start and end; `--format json` prints each
 //! chunk as a JSON line with its cursor. `--exit` returns after the next run ends, with
-//! the exit code of `dispatch wait` (0 done, 1 blocked, 2 stopped).
+//! the exit code of `dispatch wait` (0 done, 1 blocked, 2 stopped). It ends with an
+//! error when the connection to NATS is lost (the buffer may have lost what it had not
+//! shown yet).
 
 use std::io::Write as _;
 
@@ -48,7 +50,21 @@ pub async fn attach(
         .map_err(|e| Failure::new(format!("cannot follow the conversation: {e}")))?;
     let mut out = std::io::stdout().lock();
     let mut at_line_start = true;
-    while let Some(message) = chunks.next().await {
+    // The buffer may be kept in memory: a connection lost may have lost chunks not yet
+    // read, and going on past them would show the conversation with a hole.
+    let mut losses = bus.connection_losses();
+    losses.borrow_and_update();
+    loop {
+        let message = tokio::select! {
+            message = chunks.next() => message,
+            _ = losses.changed() => {
+                return Err(Failure::new(
+                    "lost the connection to NATS; chunks not yet shown may be gone from the buffer \
+                     (`dispatch logs RUN` has every event of a run): attach again to go on",
+                ));
+            }
+        };
+        let Some(message) = message else { break };
         let Ok(message) = message else { continue };
         let Ok(chunk) = serde_json::from_slice::<Value>(&message.payload) else {
             continue;

@@ -66,6 +66,20 @@ impl Cursor {
         }
     }
 
+    /// Whether `message` is a chunk of the cursor's run (true for a cursor that names
+    /// none).
+    fn names_run_of(
+        &self,
+        message: &dispatch_bus::async_nats::jetstream::message::StreamMessage,
+    ) -> bool {
+        self.run.as_deref().is_none_or(|run| {
+            message
+                .headers
+                .get(subject::conv::RUN_HEADER)
+                .is_some_and(|value| value.as_str() == run)
+        })
+    }
+
     pub(crate) fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
         let (seq, run) = match text.split_once('-') {
@@ -125,16 +139,20 @@ pub(crate) async fn chunks(
     let mut served = HashMap::new();
     let deliver = match start {
         Start::After(cursor) => match Reader::new(buffer.clone()).at(cursor.seq).await {
-            Ok(Some(message)) if message.subject.as_str() == to.as_str() => {
+            // The chunk the client read last, still buffered: what follows it is too.
+            Ok(Some(message))
+                if message.subject.as_str() == to.as_str() && cursor.names_run_of(&message) =>
+            {
                 DeliverPolicy::ByStartSequence {
                     start_sequence: cursor.seq.saturating_add(1),
                 }
             }
-            Ok(Some(_)) => {
+            Ok(Some(message)) if message.subject.as_str() != to.as_str() => {
                 return Err(bad_cursor("the cursor is not a chunk of this conversation"));
             }
-            // Purged from the buffer (or unreadable now): the transcripts have it.
-            Ok(None) | Err(_) => match &cursor.run {
+            // Purged from the buffer, or in a buffer made since (this sequence holds
+            // another run's chunk), or unreadable now: the transcripts have it.
+            Ok(_) | Err(_) => match &cursor.run {
                 Some(run) => {
                     let id = format!("{}-{run}", cursor.seq);
                     for transcript in transcripts_since(app, conversation, run).await? {
@@ -169,6 +187,12 @@ pub(crate) async fn chunks(
         .messages()
         .await
         .map_err(|e| unavailable(&e))?;
+    // A stream made again (its storage changed) deletes the consumer; the client
+    // resumes from its cursor.
+    let live = live.take_while(|message| {
+        std::future::ready(!matches!(message, Err(e)
+            if e.kind() == pull::OrderedErrorKind::ConsumerDeleted))
+    });
     let live = live.filter_map(move |message| {
         let chunk = message.ok().and_then(|message| {
             let seq = message.info().ok()?.stream_sequence;
@@ -199,9 +223,18 @@ pub(crate) async fn chunks(
         async move { chunk }
     });
     let stopping = app.stopping.clone();
+    // A lost connection may have lost buffered chunks this reader had not taken yet (a
+    // single server keeps the buffer in memory): the stream ends there, and the client
+    // resumes from its cursor, exactly, from the transcripts if need be.
+    let mut losses = app.bus.connection_losses();
+    losses.borrow_and_update();
+    let lost = async move {
+        let _ = losses.changed().await;
+    };
+    let ended = futures::future::select(Box::pin(stopping.cancelled_owned()), Box::pin(lost));
     Ok(futures::stream::iter(resumed)
         .chain(live)
-        .take_until(async move { stopping.cancelled_owned().await })
+        .take_until(ended)
         .boxed())
 }
 

@@ -67,9 +67,12 @@ const MAX_REMEMBERED_RUNS: usize = 100_000;
 pub struct Config {
     #[command(flatten)]
     pub common: dispatch_service::CommonArgs,
-    /// Keep the conversation stream in memory (faster, lost when NATS restarts). Only
-    /// takes effect when the stream is created.
-    #[arg(long, env = "DISPATCH_CONVERSATIONS_MEMORY")]
+    /// Keep the conversation stream in memory (`true`, the default: no disk write or
+    /// sync per chunk; a single server that restarts loses it, and readers resume from
+    /// the transcripts) or on disk (`false`). A stream with the other storage is made
+    /// again (it holds only a resume buffer).
+    #[arg(long, env = "DISPATCH_CONVERSATIONS_MEMORY", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
     pub memory: bool,
     /// Backstop: chunks of a turn that never persisted expire after this long.
     #[arg(long, env = "DISPATCH_CONVERSATIONS_MAX_AGE", default_value = "3m", value_parser = parse_duration)]
@@ -164,6 +167,11 @@ impl Streamer {
             shutdown.clone(),
         ));
         self.sync_knobs().await?;
+        let keeper = tokio::spawn(keep_buffer(
+            self.bus.clone(),
+            streams::conversations(&self.config.knobs(&self.bus)),
+            shutdown.clone(),
+        ));
         let js = self.bus.jetstream();
         let runs = js
             .get_stream(streams::RUNS)
@@ -266,11 +274,14 @@ impl Streamer {
         }
         let _ = health.await;
         let _ = deliveries.await;
+        let _ = keeper.await;
         Ok(())
     }
 
-    /// Puts the configured knobs on the existing conversation stream. The storage
-    /// kind cannot be changed on a stream that exists; that is said, not forced.
+    /// Puts the configured knobs on the conversation stream, making it if it is
+    /// missing. Its storage cannot change in place: a stream with the other storage is
+    /// deleted and made again. It is only a resume buffer: readers of the old one end,
+    /// and resume from the runs' transcripts.
     async fn sync_knobs(&self) -> Result<(), Error> {
         let want = streams::conversations(&self.config.knobs(&self.bus));
         let js = self.bus.jetstream();
@@ -278,7 +289,7 @@ impl Streamer {
             .get_or_create_stream(want.clone())
             .await
             .map_err(|e| nats("declare the conversation stream")(&e))?;
-        let have = stream
+        let mut have = stream
             .info()
             .await
             .map_err(|e| nats("read the conversation stream")(&e))?
@@ -288,9 +299,18 @@ impl Streamer {
             tracing::warn!(
                 have = ?have.storage,
                 want = ?want.storage,
-                "the conversation stream's storage cannot be changed in place; delete the stream \
-                 (it holds only a resume buffer) to change it"
+                "the conversation stream has another storage; making it again (it holds only a resume buffer)"
             );
+            js.delete_stream(streams::CONVERSATIONS)
+                .await
+                .map_err(|e| nats("delete the conversation stream")(&e))?;
+            have = js
+                .get_or_create_stream(want.clone())
+                .await
+                .map_err(|e| nats("make the conversation stream again")(&e))?
+                .cached_info()
+                .config
+                .clone();
         }
         let changed = have.max_age != want.max_age
             || have.max_messages_per_subject != want.max_messages_per_subject
@@ -299,6 +319,7 @@ impl Streamer {
         if changed {
             let update = jetstream::stream::Config {
                 storage: have.storage,
+                first_sequence: have.first_sequence,
                 ..want
             };
             js.update_stream(update)
@@ -308,6 +329,50 @@ impl Streamer {
         }
         Ok(())
     }
+}
+
+/// How often the conversation stream is looked for.
+const KEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Makes the conversation stream again whenever it is missing: a single nats-server
+/// that restarts comes back without a stream kept in memory. Every copy does this (a
+/// standby copy too, so readers find the stream while nothing streams); when two make
+/// it at once, one is made and the other finds it.
+async fn keep_buffer(bus: Bus, want: jetstream::stream::Config, shutdown: CancellationToken) {
+    let js = bus.jetstream();
+    let mut missing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(KEEP_EVERY) => {}
+        }
+        match js.get_stream(streams::CONVERSATIONS).await {
+            Ok(_) => missing = false,
+            Err(e) if stream_not_found(&e) => {
+                // A fresh start sequence: above every one the lost stream used.
+                let mut config = want.clone();
+                config.first_sequence =
+                    streams::conversations(&ConversationKnobs::default()).first_sequence;
+                match js.get_or_create_stream(config).await {
+                    Ok(_) => tracing::warn!(
+                        "the conversation stream was gone (a nats-server restarted with it in memory); made it again"
+                    ),
+                    Err(e) if !missing => {
+                        tracing::warn!(error = %e, "cannot make the conversation stream again")
+                    }
+                    Err(_) => {}
+                }
+                missing = true;
+            }
+            // NATS away: nothing to tell yet.
+            Err(_) => {}
+        }
+    }
+}
+
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(error)
+        if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// What the pinned copy keeps while relaying.
