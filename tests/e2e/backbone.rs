@@ -341,3 +341,24 @@ async fn a_report_planted_as_a_link_is_not_read() -> anyhow::Result<()> {
     assert_eq!(end.report, answer);
     Ok(())
 }
+
+#[tokio::test]
+async fn processes_starting_at_once_all_declare_the_streams() -> anyhow::Result<()> {
+    // Every process declares every stream when it connects. The conversation stream is
+    // made with the time as its first sequence, so makers at the same moment ask with
+    // different configurations; the server refuses all but one, and each of those must
+    // take the stream that was made.
+    let nats = dispatch_testkit::NatsServer::start().await?;
+    let connects: Vec<_> = (0..8).map(|_| nats.bus()).collect();
+    for bus in futures::future::join_all(connects).await {
+        bus?;
+    }
+    let mut stream = nats
+        .bus()
+        .await?
+        .jetstream()
+        .get_stream(dispatch_bus::streams::CONVERSATIONS)
+        .await?;
+    assert!(stream.info().await?.config.first_sequence.unwrap_or(0) > 1);
+    Ok(())
+}

@@ -103,6 +103,26 @@ async fn whole(stack: &Stack, conversation: &str, run_id: RunId) -> Result<Vec<S
     .await
 }
 
+/// What a client back with `cursor` reads up to the end of `run_id`'s message, and
+/// the run's log once it has ended `done`.
+async fn resume_to_the_end(
+    stack: &Stack,
+    conversation: &str,
+    cursor: &str,
+    run_id: RunId,
+) -> Result<(Vec<SseEvent>, Vec<dispatch_runlog::StoredEvent>)> {
+    let rest = read_sse(
+        open(stack, conversation, Some(cursor)).await?,
+        10_000,
+        LIMIT,
+        ends(run_id),
+    )
+    .await?;
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    assert_eq!(finished(&events).status(), RunStatus::Done);
+    Ok((rest, events))
+}
+
 #[tokio::test]
 async fn a_client_that_drops_and_resumes_gets_exactly_the_rest() -> Result<()> {
     let stack = stack(1).await?;
@@ -117,15 +137,7 @@ async fn a_client_that_drops_and_resumes_gets_exactly_the_rest() -> Result<()> {
     let cursor = head.last().and_then(|e| e.id.clone()).context("an id")?;
 
     // Dropped mid-run; back with the cursor, it gets the rest as it happens.
-    let rest = read_sse(
-        open(&stack, conversation, Some(&cursor)).await?,
-        10_000,
-        LIMIT,
-        ends(run_id),
-    )
-    .await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
-    assert_eq!(finished(&events).status(), RunStatus::Done);
+    let (rest, events) = resume_to_the_end(&stack, conversation, &cursor, run_id).await?;
 
     // Together: exactly what the buffer holds, which is exactly what the log says.
     let all = whole(&stack, conversation, run_id).await?;
@@ -380,15 +392,7 @@ async fn a_nats_restart_ends_open_streams_and_clients_resume_without_a_gap() -> 
 
     // Back with its cursor, the client gets its run whole from the transcript, then
     // the rest live: together, every chunk of the run, none twice.
-    let rest = read_sse(
-        open(&stack, conversation, Some(&cursor)).await?,
-        10_000,
-        LIMIT,
-        ends(run_id),
-    )
-    .await?;
-    let events = stack.wait_finished(run_id, LIMIT).await?;
-    assert_eq!(finished(&events).status(), RunStatus::Done);
+    let (rest, events) = resume_to_the_end(&stack, conversation, &cursor, run_id).await?;
     // (The transcript gives each turn's text whole, so the pieces differ from the
     // live ones; what they say and do may not.)
     let of_kind = |chunks: &[Value], kind: &str, field: &str| -> Vec<Value> {

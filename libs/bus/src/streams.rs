@@ -259,6 +259,29 @@ pub fn conversations(knobs: &ConversationKnobs) -> Config {
     }
 }
 
+/// The conversation stream, made with `config` if it is missing. Makers ask with
+/// different first sequences (the time), so when two make it at once the server
+/// refuses one (the name is taken with another configuration), and that one takes the
+/// stream the other made.
+pub async fn get_or_create_conversations(
+    js: &async_nats::jetstream::Context,
+    config: Config,
+) -> Result<async_nats::jetstream::stream::Stream, String> {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    match js.get_or_create_stream(config).await {
+        Ok(stream) => Ok(stream),
+        Err(e)
+            if matches!(e.kind(), CreateStreamErrorKind::JetStream(error)
+            if error.error_code() == async_nats::jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+        {
+            js.get_stream(CONVERSATIONS)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Where a conversation stream made now starts counting: the time in microseconds.
 /// The stream is a buffer that may be lost (memory storage on a server that restarts)
 /// or replaced (its storage changed), and one made again starts above every sequence
@@ -528,8 +551,14 @@ pub async fn ensure(bus: &Bus) -> Result<(), Error> {
     });
     for config in replicated.into_iter().chain([defaults]) {
         let name = config.name.clone();
-        let stream = declare(&format!("stream {name}"), || {
-            js.get_or_create_stream(config.clone())
+        let stream = declare(&format!("stream {name}"), || async {
+            if name == CONVERSATIONS {
+                get_or_create_conversations(&js, config.clone()).await
+            } else {
+                js.get_or_create_stream(config.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         })
         .await?;
         if name == RUNS && !has_writer_subjects(&stream.cached_info().config) {

@@ -285,8 +285,7 @@ impl Streamer {
     async fn sync_knobs(&self) -> Result<(), Error> {
         let want = streams::conversations(&self.config.knobs(&self.bus));
         let js = self.bus.jetstream();
-        let mut stream = js
-            .get_or_create_stream(want.clone())
+        let mut stream = streams::get_or_create_conversations(js, want.clone())
             .await
             .map_err(|e| nats("declare the conversation stream")(&e))?;
         let mut have = stream
@@ -304,8 +303,7 @@ impl Streamer {
             js.delete_stream(streams::CONVERSATIONS)
                 .await
                 .map_err(|e| nats("delete the conversation stream")(&e))?;
-            have = js
-                .get_or_create_stream(want.clone())
+            have = streams::get_or_create_conversations(js, want.clone())
                 .await
                 .map_err(|e| nats("make the conversation stream again")(&e))?
                 .cached_info()
@@ -353,7 +351,7 @@ async fn keep_buffer(bus: Bus, want: jetstream::stream::Config, shutdown: Cancel
                 let mut config = want.clone();
                 config.first_sequence =
                     streams::conversations(&ConversationKnobs::default()).first_sequence;
-                match js.get_or_create_stream(config).await {
+                match streams::get_or_create_conversations(js, config).await {
                     Ok(_) => tracing::warn!(
                         "the conversation stream was gone (a nats-server restarted with it in memory); made it again"
                     ),
