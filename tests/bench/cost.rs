@@ -99,6 +99,13 @@ fn calls_in(summary: &str) -> u64 {
         .sum()
 }
 
+/// Streams written on a clock whatever runs: each service's write probe, the tool
+/// catalogue's refresh. Shown, not counted as what a run stores.
+const PERIODIC: [&str; 2] = [
+    dispatch_bus::streams::PROBE,
+    dispatch_bus::catalogue::STREAM,
+];
+
 /// The per-run figures from the streams' sequences before and after `runs` runs.
 pub fn per_run(
     before: &BTreeMap<String, (bool, u64)>,
@@ -113,10 +120,10 @@ pub fn per_run(
         if per == 0.0 {
             continue;
         }
-        if in_memory {
-            memory += per;
-        } else {
-            disk += per;
+        match (PERIODIC.contains(&name.as_str()), in_memory) {
+            (true, _) => {}
+            (false, true) => memory += per,
+            (false, false) => disk += per,
         }
         by_stream.push((name.clone(), in_memory, per));
     }

@@ -364,7 +364,7 @@ async fn cost_pass(
     let after = cost::stored(bus).await?;
     let (disk, memory, by_stream) = cost::per_run(&before, &after, COST_RUNS);
     lines.push(format!(
-        "stored    {disk:.1} messages on disk and {memory:.1} in memory per one-leaf run: {} (target on disk ≤ 18: {})",
+        "stored    {disk:.1} messages on disk and {memory:.1} in memory per one-leaf run: {} (target on disk ≤ 18: {}; the probes and the tool catalogue are written on a clock, not per run)",
         by_stream
             .iter()
             .map(|(name, in_memory, per)| format!(
