@@ -75,6 +75,20 @@ async fn recorded(stack: &Stack, run: RunId, pick: impl Fn(&Body) -> bool) -> an
         .await
 }
 
+/// How many of a run's calls completed, and the errors of those that failed.
+fn completed_and_refused(events: &[StoredEvent]) -> (usize, Vec<String>) {
+    let completed = bodies(events)
+        .filter(|b| matches!(b, Body::ToolCallCompleted(_)))
+        .count();
+    let refused = bodies(events)
+        .filter_map(|b| match b {
+            Body::ToolCallFailed(f) => Some(f.error.clone()),
+            _ => None,
+        })
+        .collect();
+    (completed, refused)
+}
+
 /// The time (unix ms) of the first event `pick` accepts.
 fn time_of(events: &[StoredEvent], pick: impl Fn(&Body) -> bool) -> i64 {
     events
@@ -590,15 +604,7 @@ async fn memory_kept_in_one_conversation_is_recalled_in_another_and_bounded() ->
     let many = stack
         .wait_finished_or_show(turn(&stack, "loop", &lines.join("\n")).await?, LIMIT)
         .await?;
-    let completed = bodies(&many)
-        .filter(|b| matches!(b, Body::ToolCallCompleted(_)))
-        .count();
-    let refused: Vec<String> = bodies(&many)
-        .filter_map(|b| match b {
-            Body::ToolCallFailed(f) => Some(f.error.clone()),
-            _ => None,
-        })
-        .collect();
+    let (completed, refused) = completed_and_refused(&many);
     assert_eq!(completed, 20, "{refused:?}");
     assert_eq!(refused.len(), 2);
     assert!(
@@ -855,15 +861,7 @@ async fn a_turn_that_hands_off_in_a_loop_is_stopped_at_ten_runs() -> anyhow::Res
     let events = stack
         .wait_finished_or_show(turn(&stack, "loop-off", &lines.join("\n")).await?, LIMIT)
         .await?;
-    let started = bodies(&events)
-        .filter(|b| matches!(b, Body::ToolCallCompleted(_)))
-        .count();
-    let refused: Vec<String> = bodies(&events)
-        .filter_map(|b| match b {
-            Body::ToolCallFailed(f) => Some(f.error.clone()),
-            _ => None,
-        })
-        .collect();
+    let (started, refused) = completed_and_refused(&events);
     assert_eq!(started, 10, "{refused:?}");
     assert_eq!(refused.len(), 2);
     assert!(

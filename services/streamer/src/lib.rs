@@ -169,7 +169,7 @@ impl Streamer {
         self.sync_knobs().await?;
         let keeper = tokio::spawn(keep_buffer(
             self.bus.clone(),
-            streams::conversations(&self.config.knobs(&self.bus)),
+            self.config.knobs(&self.bus),
             shutdown.clone(),
         ));
         let js = self.bus.jetstream();
@@ -336,7 +336,7 @@ const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// that restarts comes back without a stream kept in memory. Every copy does this (a
 /// standby copy too, so readers find the stream while nothing streams); when two make
 /// it at once, one is made and the other finds it.
-async fn keep_buffer(bus: Bus, want: jetstream::stream::Config, shutdown: CancellationToken) {
+async fn keep_buffer(bus: Bus, knobs: ConversationKnobs, shutdown: CancellationToken) {
     let js = bus.jetstream();
     let mut missing = false;
     loop {
@@ -347,10 +347,8 @@ async fn keep_buffer(bus: Bus, want: jetstream::stream::Config, shutdown: Cancel
         match js.get_stream(streams::CONVERSATIONS).await {
             Ok(_) => missing = false,
             Err(e) if stream_not_found(&e) => {
-                // A fresh start sequence: above every one the lost stream used.
-                let mut config = want.clone();
-                config.first_sequence =
-                    streams::conversations(&ConversationKnobs::default()).first_sequence;
+                // Made now, so it counts from above every sequence the lost one used.
+                let config = streams::conversations(&knobs);
                 match streams::get_or_create_conversations(js, config).await {
                     Ok(_) => tracing::warn!(
                         "the conversation stream was gone (a nats-server restarted with it in memory); made it again"
