@@ -362,3 +362,71 @@ async fn processes_starting_at_once_all_declare_the_streams() -> anyhow::Result<
     assert!(stream.info().await?.config.first_sequence.unwrap_or(0) > 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_ask_is_taken_once_while_in_hand_and_finds_nobody_when_nobody_serves()
+-> anyhow::Result<()> {
+    use dispatch_bus::ask::{self, Asked};
+    use dispatch_bus::subject::Subject;
+
+    let nats = dispatch_testkit::NatsServer::start().await?;
+    let bus = nats.bus().await?;
+    let subject = Subject::from_static("dispatch.ask.test");
+    let step = bytes::Bytes::from_static(b"step one");
+    assert_eq!(
+        ask::ask(&bus, subject.clone(), step.clone()).await?,
+        Asked::Nobody,
+        "no copy serves the subject yet"
+    );
+
+    // A copy whose handler holds each step until told to let go, counting the runs.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn({
+        let (bus, runs, shutdown) = (nats.bus().await?, runs.clone(), shutdown.clone());
+        async move {
+            ask::serve(&bus, "dispatch.ask.test", "test", 4, shutdown, move |_| {
+                let (runs, mut released) = (runs.clone(), released.clone());
+                async move {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = released.wait_for(|go| *go).await;
+                }
+            })
+            .await
+        }
+    });
+    let taken = async {
+        loop {
+            match ask::ask(&bus, subject.clone(), step.clone()).await? {
+                Asked::Nobody => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return anyhow::Ok(other),
+            }
+        }
+    };
+    assert_eq!(tokio::time::timeout(LIMIT, taken).await??, Asked::Taken);
+    assert_eq!(
+        ask::ask(&bus, subject.clone(), step.clone()).await?,
+        Asked::InHand,
+        "asked again while the step is in hand"
+    );
+    let other = bytes::Bytes::from_static(b"step two");
+    assert_eq!(ask::ask(&bus, subject.clone(), other).await?, Asked::Taken);
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // Once the handler is done, the same step asked again is taken again: the asker
+    // asks only while the log shows no answer, so this is a step whose taker failed.
+    release.send(true)?;
+    let again = async {
+        loop {
+            match ask::ask(&bus, subject.clone(), step.clone()).await? {
+                Asked::InHand => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => return anyhow::Ok(other),
+            }
+        }
+    };
+    assert_eq!(tokio::time::timeout(LIMIT, again).await??, Asked::Taken);
+    shutdown.cancel();
+    serving.await??;
+    Ok(())
+}

@@ -34,7 +34,7 @@ async fn start(stack: &mut Stack, service: &str) -> anyhow::Result<()> {
     let policy = stack.root().join("test-policy.json");
     let policy = policy.to_str().unwrap().to_owned();
     let args: Vec<&str> = match service {
-        "policy" => vec!["--policy", &policy, "--lease-ms", LEASE],
+        "policy" => vec!["--policy", &policy],
         "connectors" => vec!["--test-tools", "--lease-ms", LEASE],
         "dispatcher" => vec!["--lease-ms", LEASE],
         "ingress" => vec!["--listen", "127.0.0.1:0"],

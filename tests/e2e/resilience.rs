@@ -301,3 +301,60 @@ async fn feedback_survives_every_restart_and_concurrent_drains_split_it() -> any
     assert_eq!(all, want);
     Ok(())
 }
+
+/// A policy check is an ask, stored nowhere: one made while no policy copy is up is made
+/// again until one is, and the run goes on with one decision.
+#[tokio::test]
+async fn a_policy_check_asked_while_no_policy_is_up_is_asked_again() -> anyhow::Result<()> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    stack
+        .add_with("dispatcher", &["--lease-ms", "1000"])
+        .await?;
+    let plan = "#+TITLE: Ask again\n* TODO Count once\n  - call: test.count {\"key\": \"asked\"}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 0).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::ToolCallRequested(_)))
+        .await?;
+    // Long enough for the first ask to find nobody.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = stack.log().await?.read(&run_id).await?;
+    assert_eq!(count(&events, "policy_decided"), 0, "no policy is up yet");
+    let policy = stack.test_policy()?;
+    let policy = policy.to_str().unwrap().to_owned();
+    stack.add_with("policy", &["--policy", &policy]).await?;
+
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert_eq!(count(&events, "policy_decided"), 1);
+    assert_eq!(stack.counted("asked").len(), 1);
+    Ok(())
+}
+
+/// The same for a gate check, which the connectors make: asked again until a copy is up.
+#[tokio::test]
+async fn a_gate_check_asked_while_no_connector_is_up_is_asked_again() -> anyhow::Result<()> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    let policy = stack.test_policy()?;
+    let policy = policy.to_str().unwrap().to_owned();
+    stack.add_with("policy", &["--policy", &policy]).await?;
+    stack
+        .add_with("dispatcher", &["--lease-ms", "1000"])
+        .await?;
+    let plan = "#+TITLE: Gate later\n* TODO Write nothing\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 0).await?;
+    stack
+        .wait_for_event(run_id, LIMIT, |b| matches!(b, Body::LeafStarted(_)))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = stack.log().await?.read(&run_id).await?;
+    assert_eq!(count(&events, "gate_checked"), 0, "no connector is up yet");
+    stack.add_with("connectors", &["--test-tools"]).await?;
+
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    assert_eq!(count(&events, "gate_checked"), 1);
+    Ok(())
+}

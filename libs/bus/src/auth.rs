@@ -178,7 +178,7 @@ impl Identity {
                 p.publish
                     .allow
                     .push(subject::runs_written_by(LogWriter::Dispatcher));
-                for command in [subject::cmd::POLICY, subject::cmd::TOOL, subject::cmd::GATE] {
+                for command in [subject::cmd::TOOL, subject::ask::POLICY, subject::ask::GATE] {
                     p.publish.allow.push(command.into());
                 }
                 // Chat turns: their conversations' heads, and the feedback notes drained
@@ -200,7 +200,11 @@ impl Identity {
                 p.read(&[streams::RUNS, streams::POLICY, catalogue::STREAM]);
                 p.publish.allow.push(catalogue_key(catalogue::POLICY_KEY));
                 p.publish.allow.push(subject::POLICY_DOCUMENT.into());
-                p.work(streams::COMMANDS, consumers::POLICY_CHECKS);
+                p.subscribe.allow.push(format!(
+                    "{} {}",
+                    subject::ask::POLICY,
+                    subject::ask::POLICY_GROUP
+                ));
                 p.publish
                     .allow
                     .push(subject::runs_written_by(LogWriter::Policy));
@@ -221,6 +225,11 @@ impl Identity {
                     .allow
                     .push(catalogue_key(&format!("{}>", catalogue::TOOLS_PREFIX)));
                 p.work(streams::COMMANDS, consumers::CONNECTOR_CALLS);
+                p.subscribe.allow.push(format!(
+                    "{} {}",
+                    subject::ask::GATE,
+                    subject::ask::CONNECTORS_GROUP
+                ));
                 p.publish
                     .allow
                     .push(subject::runs_written_by(LogWriter::Connectors));
@@ -347,7 +356,7 @@ impl Identity {
 }
 
 /// Every durable consumer, with the one identity that takes work from it.
-pub const DURABLES: [(&str, &str, Identity); 6] = [
+pub const DURABLES: [(&str, &str, Identity); 5] = [
     (
         streams::GOALS,
         consumers::DISPATCHER_GOALS,
@@ -357,11 +366,6 @@ pub const DURABLES: [(&str, &str, Identity); 6] = [
         streams::COMMANDS,
         consumers::DISPATCHER_STOPS,
         Identity::Dispatcher,
-    ),
-    (
-        streams::COMMANDS,
-        consumers::POLICY_CHECKS,
-        Identity::Policy,
     ),
     (
         streams::COMMANDS,

@@ -10,6 +10,7 @@
 //! what an event means: the run log (`dispatch-runlog`) and the services do.
 
 pub mod answer;
+pub mod ask;
 pub mod auth;
 pub mod catalogue;
 pub mod durability;

@@ -200,7 +200,6 @@ pub mod consumers {
     pub const DISPATCHER_GOALS: &str = "dispatcher-goals";
     /// The dispatcher's consumer of stop commands.
     pub const DISPATCHER_STOPS: &str = "dispatcher-stops";
-    pub const POLICY_CHECKS: &str = "policy-checks";
     pub const CONNECTOR_CALLS: &str = "connector-calls";
     /// The streamer's consumer of every run's events (pinned: one copy at a time).
     pub const STREAMER: &str = "streamer";

@@ -9,6 +9,8 @@
 //!   republished with their stream sequences and stored subjects (written by the
 //!   server only);
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
+//! - `dispatch.ask.<kind>`: asks to carry out a step the run's log requests (core
+//!   publish to a queue group, stored nowhere: see `ask`);
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
 //! - `dispatch.query.<name>`: core request/reply answered by the ledger;
 //! - `dispatch.conv.<account>.<agent>.<conv_token>`: a conversation's stream of output
@@ -165,23 +167,15 @@ pub const FEED_TEMPLATE: &str = "dispatch.feed.{{wildcard(1)}}.{{wildcard(2)}}";
 pub mod cmd {
     use super::Subject;
 
-    pub const POLICY: &str = "dispatch.cmd.policy";
     pub const TOOL: &str = "dispatch.cmd.tool";
-    pub const GATE: &str = "dispatch.cmd.gate";
     pub const DELIVER: &str = "dispatch.cmd.deliver";
     /// Stop a run: how the front doors, which write no run logs, stop one.
     pub const STOP: &str = "dispatch.cmd.stop";
     /// End a run no goal asked for (the ledger finds them; the dispatcher checks).
     pub const GHOST: &str = "dispatch.cmd.ghost";
 
-    pub fn policy() -> Subject {
-        Subject::from_static(POLICY)
-    }
     pub fn tool() -> Subject {
         Subject::from_static(TOOL)
-    }
-    pub fn gate() -> Subject {
-        Subject::from_static(GATE)
     }
     pub fn deliver() -> Subject {
         Subject::from_static(DELIVER)
@@ -191,6 +185,28 @@ pub mod cmd {
     }
     pub fn ghost() -> Subject {
         Subject::from_static(GHOST)
+    }
+}
+
+/// Ask subjects (`dispatch_bus::ask`): core publishes, stored nowhere, each taken by one
+/// copy of its service in the service's queue group.
+pub mod ask {
+    use super::Subject;
+
+    /// Decide the call a run's log requests (`CheckPolicy`).
+    pub const POLICY: &str = "dispatch.ask.policy";
+    /// The policy's queue group, for asks as for its requests.
+    pub const POLICY_GROUP: &str = super::policy::POLICY_GROUP;
+    /// Check the gate of a leaf (`CheckGate`).
+    pub const GATE: &str = "dispatch.ask.gate";
+    /// The connectors' queue group for asks.
+    pub const CONNECTORS_GROUP: &str = "dispatch-connectors";
+
+    pub fn policy() -> Subject {
+        Subject::from_static(POLICY)
+    }
+    pub fn gate() -> Subject {
+        Subject::from_static(GATE)
     }
 }
 

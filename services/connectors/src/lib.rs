@@ -1,7 +1,8 @@
 //! The connectors service: where tool calls are executed.
 //!
-//! It takes tool-call and gate-check commands from a durable consumer shared by its
-//! copies. A tool call runs only if the run's log holds an allow decision for it and
+//! It takes tool-call commands from a durable consumer shared by its copies, and gate
+//! checks asked of its queue group (`dispatch.ask.gate`, see `dispatch_bus::ask`). A
+//! tool call runs only if the run's log holds an allow decision for it and
 //! no result yet — the call id is the idempotency key — and its result is appended to
 //! the run's log.
 //!
@@ -29,7 +30,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_bus::async_nats::jetstream::{self, AckKind, kv};
+use dispatch_bus::async_nats::{
+    self,
+    jetstream::{self, AckKind, kv},
+};
 use dispatch_bus::catalogue::{self, ToolEntry};
 use dispatch_bus::health::{self, Health};
 use dispatch_bus::work::{self, Delivery, WorkQueue};
@@ -498,62 +502,35 @@ impl Connectors {
             executor: format!("{SERVICE}/{instance}"),
             catalogue: store,
         });
+        // Gate checks come as asks (stored nowhere); tool calls, which must run at most
+        // once and may take long, as work-queue commands.
+        let gate_ctx = ctx.clone();
         let stop = shutdown.clone();
-        work::consume(
+        let gates = dispatch_bus::ask::serve(
+            &self.bus,
+            subject::ask::GATE,
+            subject::ask::CONNECTORS_GROUP,
+            self.config.concurrency,
+            shutdown.clone(),
+            move |message| gate_asked(gate_ctx.clone(), message, stop.clone()),
+        );
+        let stop = shutdown.clone();
+        let calls = work::consume(
             &self.bus,
             WorkQueue {
                 stream: streams::COMMANDS,
                 consumer: streams::consumers::CONNECTOR_CALLS,
-                filter_subjects: vec![subject::cmd::TOOL.to_owned(), subject::cmd::GATE.to_owned()],
+                filter_subjects: vec![subject::cmd::TOOL.to_owned()],
                 ack_wait: Duration::from_millis(self.config.lease_ms.max(300)),
             },
             self.config.concurrency,
             shutdown,
             move |message, _slot| handle(ctx.clone(), message, stop.clone()),
-        )
-        .await?;
+        );
+        tokio::try_join!(gates, calls)?;
         let _ = health.await;
         let _ = connectors.await;
         Ok(())
-    }
-}
-
-/// A command the connectors carry out.
-enum Command {
-    Tool(CallTool),
-    Gate(CheckGate),
-}
-
-impl Command {
-    fn decode(message: &jetstream::Message) -> Result<Self, String> {
-        match message.subject.as_str() {
-            subject::cmd::TOOL => CallTool::decode(message.payload.as_ref())
-                .map(Command::Tool)
-                .map_err(|e| e.to_string()),
-            subject::cmd::GATE => CheckGate::decode(message.payload.as_ref())
-                .map(Command::Gate)
-                .map_err(|e| e.to_string()),
-            other => Err(format!("unexpected subject {other}")),
-        }
-    }
-
-    /// The run, the command's name in `CommandAbandoned`, and the step's key.
-    fn step(&self) -> (&str, &'static str, &str) {
-        match self {
-            Command::Tool(c) => (&c.run_id, "tool", &c.call_id),
-            Command::Gate(c) => (&c.run_id, "gate", &c.check_id),
-        }
-    }
-
-    /// Opens the run's log where this command's business begins: at the request of the
-    /// call, or where the sender of a gate check had read to. Everything the command
-    /// needs to know (the request, the decision, an earlier result or start) comes
-    /// after that.
-    async fn open(&self, ctx: &Context) -> Result<(RunId, RunHandle), Rejected> {
-        match self {
-            Command::Tool(call) => open_call(ctx, call).await,
-            Command::Gate(check) => open(ctx, &check.run_id, check.from_stream_seq, |_| true).await,
-        }
     }
 }
 
@@ -574,27 +551,47 @@ async fn open(
     Ok((run_id, ctx.log.handle_at(run_id, from, anchor).await?))
 }
 
+/// Carries out a tool-call command from the work queue.
 async fn handle(ctx: Arc<Context>, message: jetstream::Message, shutdown: CancellationToken) {
     let delivery = Delivery::of(&message);
-    let command = match Command::decode(&message) {
-        Ok(command) => command,
-        Err(reason) => {
-            tracing::warn!(subject = %message.subject, reason, "dropping a malformed command");
+    let call = match CallTool::decode(message.payload.as_ref()) {
+        Ok(call) => call,
+        Err(e) => {
+            tracing::warn!(subject = %message.subject, error = %e, "dropping a command that is not a CallTool");
             let _ = message.ack_with(AckKind::Term).await;
             return;
         }
     };
-    let (run_id, kind, key) = command.step();
-    let what = format!("{kind} {run_id}/{key}");
+    let what = format!("tool {}/{}", call.run_id, call.call_id);
     let outcome = work::retry(&what, &shutdown, Rejected::is_transient, || async {
-        match &command {
-            _ if delivery.give_up() => give_up(&ctx, &command, delivery).await,
-            Command::Tool(call) => call_tool(&ctx, call, &shutdown).await,
-            Command::Gate(check) => check_gate(&ctx, check).await,
+        match &call {
+            _ if delivery.give_up() => give_up(&ctx, &call, delivery).await,
+            call => call_tool(&ctx, call, &shutdown).await,
         }
     })
     .await;
     work::settle(&message, &what, outcome, Rejected::is_transient).await;
+}
+
+/// Checks the gate an ask names. Transient failures are tried again here; if they last,
+/// the dispatcher asks again later, and gives the run up after a few copies took the
+/// check and none answered.
+async fn gate_asked(ctx: Arc<Context>, message: async_nats::Message, shutdown: CancellationToken) {
+    let check = match CheckGate::decode(message.payload.as_ref()) {
+        Ok(check) => check,
+        Err(e) => {
+            tracing::warn!(error = %e, "dropping a gate ask that is not a CheckGate");
+            return;
+        }
+    };
+    let what = format!("gate {}/{}", check.run_id, check.check_id);
+    let outcome = work::retry(&what, &shutdown, Rejected::is_transient, || {
+        check_gate(&ctx, &check)
+    })
+    .await;
+    if let Some(Err(e)) = outcome {
+        tracing::warn!(run_id = check.run_id, check_id = check.check_id, error = %e, "cannot check the gate; the dispatcher will ask again");
+    }
 }
 
 enum Rejected {
@@ -632,12 +629,11 @@ impl From<dispatch_runlog::Error> for Rejected {
 }
 
 /// Records in the run's log that the command was given up, so the run ends `blocked`.
-async fn give_up(ctx: &Context, command: &Command, delivery: Delivery) -> Result<(), Rejected> {
-    let (_, kind, key) = command.step();
-    let (run_id, mut run) = command.open(ctx).await?;
-    let reason = delivery.give_up_reason(&format!("the {kind} command"));
-    tracing::error!(run_id = %run_id, key, reason, "giving up");
-    run.abandon(kind, key, (delivery.number - 1) as u32, &reason)
+async fn give_up(ctx: &Context, call: &CallTool, delivery: Delivery) -> Result<(), Rejected> {
+    let (run_id, mut run) = open_call(ctx, call).await?;
+    let reason = delivery.give_up_reason("the tool command");
+    tracing::error!(run_id = %run_id, call_id = call.call_id, reason, "giving up");
+    run.abandon("tool", &call.call_id, (delivery.number - 1) as u32, &reason)
         .await?;
     Ok(())
 }

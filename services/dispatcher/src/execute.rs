@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dispatch_bus::ask::Asked;
 use dispatch_bus::work::Slot;
 use dispatch_bus::{RunId, subject};
 use dispatch_models::{
@@ -1259,9 +1260,8 @@ impl Exec<'_> {
             command: leaf.done_when.clone(),
             from_stream_seq,
         };
-        self.send(subject::cmd::gate(), &check_id, &command).await?;
-        self.wait_for(Awaited::Gate(&check_id), gate_for(&check_id))
-            .await
+        let asked = (Awaited::Gate(&check_id), subject::ask::gate());
+        self.asking(asked, &command, gate_for(&check_id)).await
     }
 
     /// Requests the call of a leaf's call gate (its call id is the check's id) and waits
@@ -1327,14 +1327,8 @@ impl Exec<'_> {
                 .map(|r| r.origin)
                 .unwrap_or_default(),
         };
-        self.send(
-            subject::cmd::policy(),
-            &format!("{call_id}/policy"),
-            &command,
-        )
-        .await?;
-        self.wait_for(Awaited::Policy(call_id), decision_for(call_id))
-            .await
+        let asked = (Awaited::Policy(call_id), subject::ask::policy());
+        self.asking(asked, &command, decision_for(call_id)).await
     }
 
     /// Publishes a command for this run. Its message id is `<run_id>/<key>`, so sending it
@@ -1499,6 +1493,79 @@ impl Exec<'_> {
                 return Err(Stop::Finished);
             }
             self.run.wait_for_more(Duration::from_secs(5)).await?;
+        }
+    }
+
+    /// Asks the service that carries out `awaited` for it (`dispatch_bus::ask`), and
+    /// waits for its answer in the log, asking again each time the log stays quiet for
+    /// a while: the ask is stored nowhere, so an ask nobody took, or whose taker died, is
+    /// made again. A step that [`ASK_TAKES`] asks were taken for and that is still
+    /// unanswered is given up, and the run ends `blocked` saying so.
+    async fn asking<T>(
+        &mut self,
+        (awaited, subject): (Awaited<'_>, subject::Subject),
+        ask: &impl prost::Message,
+        pick: impl Fn(&Body) -> Option<T>,
+    ) -> Result<T, Stop> {
+        let payload = bytes::Bytes::from(ask.encode_to_vec());
+        let mut takes = 0;
+        let mut quiet = self.ctx.lease.min(ASK_QUIET_FIRST);
+        let mut said_nobody = false;
+        loop {
+            if let Some(found) = self.find(&pick) {
+                return Ok(found);
+            }
+            if let Some(reason) = self.find(|b| awaited.abandoned(b)) {
+                return Err(Stop::Blocked(slice_chars(&reason, SUMMARY_CHARS)));
+            }
+            if self.run.is_finished() {
+                return Err(Stop::Finished);
+            }
+            match dispatch_bus::ask::ask(&self.ctx.bus, subject.clone(), payload.clone()).await {
+                Ok(Asked::Taken) => takes += 1,
+                Ok(Asked::InHand) => {}
+                Ok(Asked::Nobody) if !said_nobody => {
+                    said_nobody = true;
+                    tracing::info!(run_id = %self.run.run_id(), step = %awaited, "no copy took the step; asking again until one does");
+                }
+                Ok(Asked::Nobody) => {}
+                Err(e) => {
+                    tracing::debug!(run_id = %self.run.run_id(), step = %awaited, error = %e, "cannot ask; asking again")
+                }
+            }
+            if takes > ASK_TAKES {
+                return Err(Stop::Blocked(slice_chars(
+                    &format!("{awaited}: taken {ASK_TAKES} times and never answered"),
+                    SUMMARY_CHARS,
+                )));
+            }
+            let until = tokio::time::Instant::now() + quiet;
+            while self.find(&pick).is_none() && !self.run.is_finished() {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                self.run.wait_for_more(left).await?;
+            }
+            quiet = (quiet * 2).min(ASK_QUIET_MAX);
+        }
+    }
+}
+/// How long the log may stay quiet before a step is first asked for again (or the
+/// dispatcher's lease, if shorter); each time after, twice as long.
+const ASK_QUIET_FIRST: Duration = Duration::from_secs(5);
+/// The longest the log may stay quiet before a step is asked for again.
+const ASK_QUIET_MAX: Duration = Duration::from_secs(60);
+/// How many asks may be taken, each by a copy that then never answered, before the step
+/// is given up: as many as the tries of a work-queue command.
+const ASK_TAKES: u32 = dispatch_bus::work::WORK_ATTEMPTS as u32;
+
+impl std::fmt::Display for Awaited<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Awaited::Policy(key) => write!(f, "the policy check of call {key}"),
+            Awaited::Tool(key) => write!(f, "the tool call {key}"),
+            Awaited::Gate(key) => write!(f, "the gate check {key}"),
         }
     }
 }

@@ -5,10 +5,10 @@
 //!   change (`dispatch policy set`) is checked, numbered, hashed and appended there as
 //!   its own audited record. The version in force is mirrored into the tool catalogue,
 //!   where dispatchers read which tools not to offer at all.
-//! - It takes policy-check commands from a durable consumer shared by its copies,
-//!   decides each call (`allow`, `deny`, `ask`, or `validate` by the validator model,
+//! - It takes policy checks asked of its queue group (`dispatch.ask.policy`, see
+//!   `dispatch_bus::ask`), decides each call (`allow`, `deny`, `ask`, or `validate` by the validator model,
 //!   which fails closed to `ask`), and appends the decision, naming the version and the
-//!   rule, to the run's log, once, whatever the number of deliveries. An `ask` also
+//!   rule, to the run's log, once, however many times it is asked. An `ask` also
 //!   appends an `ApprovalRequested` the run then waits on.
 //! - It answers requests on `dispatch.req.policy.*`: set a document, dry-run a call,
 //!   and resolve an approval, where of two answers given at once exactly one is
@@ -26,11 +26,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dispatch_bus::async_nats::jetstream::{self, AckKind, kv};
+use dispatch_bus::async_nats::{self, jetstream::kv};
 use dispatch_bus::catalogue::{Risk, ToolEntry};
 use dispatch_bus::health::{self, Health};
-use dispatch_bus::work::{self, Delivery, WorkQueue};
-use dispatch_bus::{Bus, RunId, streams, subject};
+use dispatch_bus::work;
+use dispatch_bus::{Bus, RunId, subject};
 use dispatch_proto::command::v1::CheckPolicy;
 use dispatch_proto::run::v1::{ApprovalRequested, Decision, PolicyDecided, run_event::Body};
 pub use dispatch_rules::{DEFAULT_RULE, Document, Effect, MEMO_RULE};
@@ -53,10 +53,6 @@ pub struct Config {
     /// it, the document in force stays; when none was ever set, the built-in one is.
     #[arg(long, env = "DISPATCH_POLICY")]
     pub policy: Option<PathBuf>,
-    /// Lease on a command in milliseconds: if this copy dies mid-command, another copy
-    /// gets it this long after the last renewal.
-    #[arg(long, env = "DISPATCH_LEASE_MS", default_value_t = 10_000)]
-    pub lease_ms: u64,
     /// Most checks this copy handles at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -167,17 +163,13 @@ impl PolicyService {
         };
         let requests = tokio::spawn(requests::serve(gate.clone(), shutdown.clone()));
         let stop = shutdown.clone();
-        work::consume(
+        dispatch_bus::ask::serve(
             &self.bus,
-            WorkQueue {
-                stream: streams::COMMANDS,
-                consumer: streams::consumers::POLICY_CHECKS,
-                filter_subjects: vec![subject::cmd::POLICY.to_owned()],
-                ack_wait: Duration::from_millis(self.config.lease_ms.max(300)),
-            },
+            subject::ask::POLICY,
+            subject::ask::POLICY_GROUP,
             self.config.concurrency,
             shutdown,
-            move |message, _slot| handle(gate.clone(), message, stop.clone()),
+            move |message| handle(gate.clone(), message, stop.clone()),
         )
         .await?;
         let _ = requests.await;
@@ -241,51 +233,27 @@ async fn mirror(
     }
 }
 
-async fn handle(gate: Gate, message: jetstream::Message, shutdown: CancellationToken) {
-    let delivery = Delivery::of(&message);
+/// Decides the call an ask names. Transient failures are tried again here; if they
+/// last, the dispatcher asks again later, and gives the run up after a few copies took
+/// the check and none answered.
+async fn handle(gate: Gate, message: async_nats::Message, shutdown: CancellationToken) {
     let check = match CheckPolicy::decode(message.payload.as_ref()) {
         Ok(check) => check,
         Err(e) => {
-            tracing::warn!(error = %e, "dropping a policy command that is not a CheckPolicy");
-            let _ = message.ack_with(AckKind::Term).await;
+            tracing::warn!(error = %e, "dropping a policy ask that is not a CheckPolicy");
             return;
         }
     };
     let what = format!("policy check {}/{}", check.run_id, check.call_id);
-    let outcome = work::retry(&what, &shutdown, transient, || async {
-        if delivery.give_up() {
-            give_up(&gate.log, &check, delivery).await
-        } else {
-            decide(&gate, &check).await
-        }
-    })
-    .await;
-    work::settle(&message, &what, outcome, transient).await;
+    let outcome = work::retry(&what, &shutdown, transient, || decide(&gate, &check)).await;
+    if let Some(Err(e)) = outcome {
+        tracing::warn!(run_id = check.run_id, call_id = check.call_id, error = %e, "cannot decide the call; the dispatcher will ask again");
+    }
 }
 
 /// Everything but a log that does not verify may go away if tried again.
 fn transient(e: &Error) -> bool {
     !matches!(e, Error::Log(e) if e.kind() == dispatch_runlog::ErrorKind::Corrupt)
-}
-
-/// Records in the run's log that its check was given up, so the run ends `blocked`.
-async fn give_up(log: &RunLog, check: &CheckPolicy, delivery: Delivery) -> Result<(), Error> {
-    let Ok(run_id) = check.run_id.parse::<RunId>() else {
-        return Ok(());
-    };
-    let reason = delivery.give_up_reason("the policy check");
-    tracing::error!(run_id = %run_id, call_id = check.call_id, reason, "giving up");
-    let mut run = log
-        .handle_at(run_id, check.from_stream_seq, |b| requests_call(b, check))
-        .await?;
-    run.abandon(
-        "policy",
-        &check.call_id,
-        (delivery.number - 1) as u32,
-        &reason,
-    )
-    .await?;
-    Ok(())
 }
 
 /// True for the event requesting the call `check` is about, where the log is read from.
