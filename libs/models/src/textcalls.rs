@@ -4,7 +4,9 @@
 //! - tagged: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, one or more;
 //! - fenced: a ```` ```json ```` (or bare ```` ``` ````) block holding such an object, or an
 //!   array of them;
-//! - bare: the whole answer is such an object or array, or one such object per line.
+//! - bare: the whole answer is such an object or array, or one such object per line;
+//!   or its first lines are such objects and the rest is prose (`{"name": …}` and then a
+//!   line saying what it is for, as small models write).
 //!
 //! A call counts only if it names a tool on offer, or another tool of a connector on
 //! offer (`fs.write_file` when only `fs.read_file` is offered: a call the policy then
@@ -46,7 +48,26 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
                 Blocks::AllCalls,
             )
         })
+        .or_else(|| calls_then_prose(text, tools))
         .map(|c| (c, CallForm::Bare))
+}
+
+/// The calls on the answer's first lines, when prose follows them: the first line that
+/// is no call must be no JSON either, so an answer with a broken or foreign object
+/// among its calls is still text.
+fn calls_then_prose(text: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match block_calls(line, tools) {
+            Some(calls) => out.extend(calls),
+            None if out.is_empty() || line.trim_start().starts_with(['{', '[']) => return None,
+            None => break,
+        }
+        if out.len() > MAX_CALLS {
+            return None;
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// Which blocks of an answer must be calls for any of them to count.
@@ -231,6 +252,28 @@ mod tests {
             one(wrapped),
             ("read_file".into(), "{}".into(), CallForm::Fenced)
         );
+    }
+
+    #[test]
+    fn calls_followed_by_prose_are_read() {
+        let read = r#"{"name": "read_file", "arguments": {"path": "p"}}"#;
+        let write = r#"{"name": "write_file", "arguments": {"path": "q", "content": "x"}}"#;
+        let text = format!("{read}\nI asked for the file; I will sum it up next.");
+        assert_eq!(
+            one(&text),
+            ("read_file".into(), r#"{"path":"p"}"#.into(), CallForm::Bare)
+        );
+        let (calls, _) = parse(&format!("{read}\n\n{write}\nBoth asked."), &tools()).unwrap();
+        assert_eq!(calls.len(), 2);
+        // Prose first, a foreign or broken object after the calls, or too many: text.
+        for text in [
+            format!("I will read it.\n{read}"),
+            format!("{read}\n{{\"name\": \"test\", \"arguments\": {{}}}}\nThen done."),
+            format!("{read}\n{{\"name\": \"write_file\", \"arg\nDone."),
+            format!("{}\nToo many.", vec![read; MAX_CALLS + 1].join("\n")),
+        ] {
+            assert_eq!(parse(&text, &tools()), None, "{text:?}");
+        }
     }
 
     #[test]
