@@ -76,6 +76,44 @@ async fn a_plan_with_a_step_without_a_gate_is_sent_back_then_refused() -> anyhow
     Ok(())
 }
 
+/// A model's gate that passes whatever the step did shows nothing done: sent back like
+/// a missing one, and refused on the last attempt. The same plan given as the goal (the
+/// offline provider runs it as written) is its writer's choice, and runs.
+#[tokio::test]
+async fn a_model_plan_whose_gate_passes_whatever_happens_is_sent_back() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let blind = "#+TITLE: Notes\n\
+        * TODO Read the notes\n  :done-when: test -d scratch\n\
+        * TODO Think them over\n  :done-when: test -s scratch/thoughts.org || true\n";
+    let model = Scripted::new(&[blind, blind]);
+    let events = run_scripted(&stack, model.clone(), "Think it over").await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert!(
+        end.reason.starts_with(
+            "plan rejected: blind_gate: 1 of 2 steps have a check that passes whatever the \
+             step did (\"Think them over\""
+        ),
+        "{}",
+        end.reason
+    );
+    let retry = model.asked.lock().unwrap()[1].retry.clone();
+    assert!(
+        retry.is_some_and(|r| r.error.contains("blind_gate")),
+        "the second request was not told why"
+    );
+
+    let mut stack = stack;
+    stack.add("dispatcher").await?;
+    let run_id = stack.submit(blind, "default", 0).await?;
+    let events = stack
+        .wait_finished(run_id, std::time::Duration::from_secs(60))
+        .await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
+    Ok(())
+}
+
 /// The first step's gate can never pass: the ordered steps after it are not run, the
 /// unordered one is, and the run is blocked with the tally.
 #[tokio::test]
@@ -177,7 +215,7 @@ fn tries_again(request: &TurnRequest) -> TurnReply {
 #[tokio::test]
 async fn a_step_is_failed_when_its_model_gives_up_or_ends_on_a_failed_call() -> anyhow::Result<()> {
     let stack = Stack::start(&["policy", "connectors"]).await?;
-    let plan = "#+TITLE: Notes\n* TODO Read the notes\n  :done-when: true\n";
+    let plan = "#+TITLE: Notes\n* TODO Read the notes\n  :done-when: test -d scratch\n";
 
     let model = Scripted::with_worker(&[plan], gives_up);
     let events = run_scripted(&stack, model, "Give up").await?;
@@ -218,7 +256,7 @@ async fn a_step_is_failed_when_its_model_gives_up_or_ends_on_a_failed_call() -> 
     let events = run_scripted(&stack, model, "Try again").await?;
     let end = finished(&events);
     assert_eq!(end.status, RunStatus::Done as i32, "{}", end.reason);
-    assert_eq!(leaves(&events)[0].reason, "gate passed: true");
+    assert_eq!(leaves(&events)[0].reason, "gate passed: test -d scratch");
     Ok(())
 }
 

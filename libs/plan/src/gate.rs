@@ -88,6 +88,20 @@ pub enum Check {
     Call(CallCheck),
 }
 
+impl Check {
+    /// The check's result when it looks at nothing but its own text; `None` when it
+    /// looks at the world (a file, a tool).
+    pub fn constant(&self) -> Option<bool> {
+        match self {
+            Check::True => Some(true),
+            Check::False => Some(false),
+            Check::StringNonEmpty(s, want) => Some(s.is_empty() != *want),
+            Check::StringEquals(a, b, want) => Some((a == b) == *want),
+            _ => None,
+        }
+    }
+}
+
 /// A gate that asks a read-only tool what the run did outside its own directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallCheck {
@@ -233,6 +247,35 @@ impl Gate {
         match self {
             Gate::Check(Check::Call(call)) => Some(call),
             _ => None,
+        }
+    }
+
+    /// True when the gate passes whatever the step did: `true`, `! false`, `test -n x`,
+    /// `test -s a || true`. Each check that looks at the world is taken as able to go
+    /// either way, so this finds every gate that passes on its constants alone.
+    pub fn passes_whatever_happens(&self) -> bool {
+        !self.outcomes().1
+    }
+
+    /// Whether the gate can pass, and whether it can fail.
+    fn outcomes(&self) -> (bool, bool) {
+        match self {
+            Gate::Check(check) => match check.constant() {
+                Some(value) => (value, !value),
+                None => (true, true),
+            },
+            Gate::Not(inner) => {
+                let (pass, fail) = inner.outcomes();
+                (fail, pass)
+            }
+            Gate::And(a, b) => {
+                let ((a_pass, a_fail), (b_pass, b_fail)) = (a.outcomes(), b.outcomes());
+                (a_pass && b_pass, a_fail || b_fail)
+            }
+            Gate::Or(a, b) => {
+                let ((a_pass, a_fail), (b_pass, b_fail)) = (a.outcomes(), b.outcomes());
+                (a_pass || b_pass, a_fail && b_fail)
+            }
         }
     }
 

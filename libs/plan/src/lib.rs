@@ -387,6 +387,52 @@ impl Plan {
     }
 }
 
+/// The code under which [`Plan::blind_gates`] is sent back to the author.
+pub const BLIND_GATE: &str = "blind_gate";
+
+impl Plan {
+    /// The leaves whose gate passes whatever the step did (`true`, `test -s a || true`),
+    /// said as the edit to make: such a gate shows nothing done. A
+    /// model's plan with one goes back like a plan with a step without a gate; a plan a
+    /// person wrote (the offline provider runs it as given) may use one on purpose.
+    /// `None` when every gate can fail, or cannot be read (that is
+    /// [`Plan::unusable_gates`]' to say).
+    pub fn blind_gates(&self) -> Option<String> {
+        let blind: Vec<String> = self
+            .leaves
+            .iter()
+            .filter_map(|leaf| {
+                let source = leaf.done_when.as_deref()?;
+                let blind = gate::parse(source).ok()?.passes_whatever_happens();
+                blind.then(|| {
+                    let title: String = leaf.title.chars().take(MAX_TITLE_TOLD).collect();
+                    format!("{title:?} (`:done-when: {source}`)")
+                })
+            })
+            .collect();
+        if blind.is_empty() {
+            return None;
+        }
+        let mut named = blind
+            .iter()
+            .take(MAX_GATE_FAULTS_TOLD)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if blind.len() > MAX_GATE_FAULTS_TOLD {
+            named.push_str(&format!(" and {} more", blind.len() - MAX_GATE_FAULTS_TOLD));
+        }
+        Some(format!(
+            "{} of {} steps have a check that passes whatever the step did ({named}); \
+             check what the step makes, such as `:done-when: test -s scratch/REPORT.org`, \
+             or, for a step that acts outside the run, one read-only tool call that shows \
+             it done",
+            blind.len(),
+            self.leaves.len()
+        ))
+    }
+}
+
 /// A URL- and file-safe name for a goal: lowercase words joined by `-`, at most 48
 /// characters, never empty.
 pub fn slug(goal: &str) -> String {
@@ -690,6 +736,29 @@ mod tests {
         assert!(
             told.starts_with("10 of 10 steps have no `:done-when:` line (\"Step 0\", \"Step 1\", \"Step 2\" and 7 more)"),
             "{told}"
+        );
+    }
+
+    #[test]
+    fn tells_which_steps_have_a_gate_that_looks_at_nothing() {
+        assert_eq!(parse(SEED_PLAN).unwrap().blind_gates(), None);
+        let plan = parse(
+            "#+TITLE: t\n\
+             * TODO Read\n  :done-when: test -s scratch/notes.org && ! false\n\
+             * TODO Nod\n  :done-when: test -s scratch/notes.org || true\n\
+             * TODO Agree\n  :done-when: ! false && test -n yes && test a = a\n\
+             * TODO Look\n  :done-when: call fs.get_file_info {\"path\": \"/srv\"}\n\
+             * TODO Broken\n  :done-when: rm -rf /\n\
+             * TODO None\n",
+        )
+        .unwrap();
+        assert_eq!(
+            plan.blind_gates().unwrap(),
+            "2 of 6 steps have a check that passes whatever the step did (\"Nod\" \
+             (`:done-when: test -s scratch/notes.org || true`), \"Agree\" (`:done-when: ! \
+             false && test -n yes && test a = a`)); check what the step makes, such as `:done-when: \
+             test -s scratch/REPORT.org`, or, for a step that acts outside the run, one \
+             read-only tool call that shows it done"
         );
     }
 

@@ -416,6 +416,14 @@ impl Exec<'_> {
                         if let Some(told) = plan.gateless_leaves() {
                             return Err((dispatch_plan::NO_GATE.to_owned(), told));
                         }
+                        // Nor with a gate that looks at nothing, when a model wrote it:
+                        // a plan given as the goal (the offline provider runs it as
+                        // written) is its writer's to make.
+                        if provider.name() != dispatch_models::offline::NAME
+                            && let Some(told) = plan.blind_gates()
+                        {
+                            return Err((dispatch_plan::BLIND_GATE.to_owned(), told));
+                        }
                         // A tool no connector serves is worth the retry while one is
                         // left; on the last attempt it is left out, and the step can
                         // search for what it needs.
