@@ -358,3 +358,49 @@ async fn a_gate_check_asked_while_no_connector_is_up_is_asked_again() -> anyhow:
     assert_eq!(count(&events, "gate_checked"), 1);
     Ok(())
 }
+
+/// A copy that takes every policy check and never answers (broken, or hostile with the
+/// policy's own seed) cannot keep a run waiting: after 7 takes the run ends `blocked`,
+/// saying which check was never answered.
+#[tokio::test]
+async fn a_check_taken_again_and_again_and_never_answered_blocks_the_run() -> anyhow::Result<()> {
+    let mut stack = Stack::start(&["ledger"]).await?;
+    stack.add_with("connectors", &["--test-tools"]).await?;
+    let taker = stack.nats.bus_as(dispatch_bus::Identity::Policy).await?;
+    let takes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn({
+        let (takes, shutdown) = (takes.clone(), shutdown.clone());
+        async move {
+            dispatch_bus::ask::serve(
+                &taker,
+                dispatch_bus::subject::ask::POLICY,
+                dispatch_bus::subject::ask::POLICY_GROUP,
+                4,
+                shutdown,
+                move |_| {
+                    takes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async {}
+                },
+            )
+            .await
+        }
+    });
+    stack.add_with("dispatcher", &["--lease-ms", "500"]).await?;
+    let plan = "#+TITLE: Never answered\n* TODO Count once\n  - call: test.count {\"key\": \"unanswered\"}\n  :done-when: true\n";
+    let run_id = stack.submit(plan, "default", 0).await?;
+
+    let events = stack.wait_finished(run_id, LIMIT).await?;
+    let end = finished(&events);
+    assert_eq!(end.status, RunStatus::Blocked as i32);
+    assert_eq!(
+        end.reason,
+        "the policy check of call l0-t0-c0: taken 7 times and never answered"
+    );
+    assert_eq!(takes.load(std::sync::atomic::Ordering::SeqCst), 7);
+    assert_eq!(count(&events, "policy_decided"), 0);
+    assert!(stack.counted("unanswered").is_empty(), "the call never ran");
+    shutdown.cancel();
+    serving.await??;
+    Ok(())
+}

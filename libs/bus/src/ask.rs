@@ -1,7 +1,8 @@
 //! Asks: a nudge to whichever copy of a service is up, to carry out a step that a run's
 //! log already requests (a policy decision on a requested call, a leaf's gate check).
 //!
-//! An ask is a core publish to a queue group, stored nowhere. The step it names is
+//! An ask is a core request to a queue group, stored nowhere; the copy that takes it
+//! says so at once, before it does the work. The step it names is
 //! stored already: the run's log holds the request, and the answer is an event the
 //! asked service appends to that log. So the asker needs no queue to keep the ask for
 //! it; it waits on the log and asks again while the answer does not come (nobody was up,
@@ -86,9 +87,9 @@ impl Drop for InHand {
 /// Takes the asks on `subject` in queue group `group`, says to each asker that it took
 /// it, and runs `handler` on each, at most `concurrency` at once (past that, asks wait
 /// in the subscription). An ask that this copy is handling already (the same bytes: the
-/// asker asked again before the answer came) is answered "in hand" and not run again. Returns when `shutdown` fires, after waiting up to
-/// [`crate::work::DRAIN_GRACE`] for running handlers; fails only when the subscription
-/// cannot be made.
+/// asker asked again before the answer came) is answered "in hand" and not run again.
+/// Returns when `shutdown` fires, after waiting up to [`crate::work::DRAIN_GRACE`] for
+/// running handlers; fails only when the subscription cannot be made.
 pub async fn serve<F, Fut>(
     bus: &Bus,
     subject: &'static str,

@@ -1491,17 +1491,27 @@ impl Exec<'_> {
         pick: impl Fn(&Body) -> Option<T>,
     ) -> Result<T, Stop> {
         loop {
-            if let Some(found) = self.find(&pick) {
-                return Ok(found);
-            }
-            if let Some(reason) = self.find(|b| awaited.abandoned(b)) {
-                return Err(Stop::Blocked(slice_chars(&reason, SUMMARY_CHARS)));
-            }
-            if self.run.is_finished() {
-                return Err(Stop::Finished);
+            if let Some(settled) = self.settled(awaited, &pick) {
+                return settled;
             }
             self.run.wait_for_more(Duration::from_secs(5)).await?;
         }
+    }
+
+    /// How the awaited step stands in the log: answered (what `pick` finds), given up
+    /// (the run ends `blocked` with the reason), the run over, or `None` while open.
+    fn settled<T>(
+        &self,
+        awaited: Awaited<'_>,
+        pick: &impl Fn(&Body) -> Option<T>,
+    ) -> Option<Result<T, Stop>> {
+        if let Some(found) = self.find(pick) {
+            return Some(Ok(found));
+        }
+        if let Some(reason) = self.find(|b| awaited.abandoned(b)) {
+            return Some(Err(Stop::Blocked(slice_chars(&reason, SUMMARY_CHARS))));
+        }
+        self.run.is_finished().then_some(Err(Stop::Finished))
     }
 
     /// Asks the service that carries out `awaited` for it (`dispatch_bus::ask`), and
@@ -1520,14 +1530,15 @@ impl Exec<'_> {
         let mut quiet = self.ctx.lease.min(ASK_QUIET_FIRST);
         let mut said_nobody = false;
         loop {
-            if let Some(found) = self.find(&pick) {
-                return Ok(found);
+            if let Some(settled) = self.settled(awaited, &pick) {
+                return settled;
             }
-            if let Some(reason) = self.find(|b| awaited.abandoned(b)) {
-                return Err(Stop::Blocked(slice_chars(&reason, SUMMARY_CHARS)));
-            }
-            if self.run.is_finished() {
-                return Err(Stop::Finished);
+            // Each take had its quiet time to be answered in.
+            if takes >= ASK_TAKES {
+                return Err(Stop::Blocked(slice_chars(
+                    &format!("{awaited}: taken {takes} times and never answered"),
+                    SUMMARY_CHARS,
+                )));
             }
             match dispatch_bus::ask::ask(&self.ctx.bus, subject.clone(), payload.clone()).await {
                 Ok(Asked::Taken) => takes += 1,
@@ -1541,28 +1552,24 @@ impl Exec<'_> {
                     tracing::debug!(run_id = %self.run.run_id(), step = %awaited, error = %e, "cannot ask; asking again")
                 }
             }
-            if takes > ASK_TAKES {
-                return Err(Stop::Blocked(slice_chars(
-                    &format!("{awaited}: taken {ASK_TAKES} times and never answered"),
-                    SUMMARY_CHARS,
-                )));
-            }
             let until = tokio::time::Instant::now() + quiet;
-            while self.find(&pick).is_none() && !self.run.is_finished() {
+            while self.settled(awaited, &pick).is_none() {
                 let left = until.saturating_duration_since(tokio::time::Instant::now());
                 if left.is_zero() {
                     break;
                 }
                 self.run.wait_for_more(left).await?;
             }
-            quiet = (quiet * 2).min(ASK_QUIET_MAX);
+            quiet = (quiet * 2).min(ASK_QUIET_MAX.min(self.ctx.lease * 4));
         }
     }
 }
+
 /// How long the log may stay quiet before a step is first asked for again (or the
 /// dispatcher's lease, if shorter); each time after, twice as long.
 const ASK_QUIET_FIRST: Duration = Duration::from_secs(5);
-/// The longest the log may stay quiet before a step is asked for again.
+/// The longest the log may stay quiet before a step is asked for again (or four of the
+/// dispatcher's leases, if shorter).
 const ASK_QUIET_MAX: Duration = Duration::from_secs(60);
 /// How many asks may be taken, each by a copy that then never answered, before the step
 /// is given up: as many as the tries of a work-queue command.
