@@ -416,9 +416,9 @@ impl Exec<'_> {
                         if let Some(told) = plan.gateless_leaves() {
                             return Err((dispatch_plan::NO_GATE.to_owned(), told));
                         }
-                        // Nor with a gate that looks at nothing, when a model wrote it:
-                        // a plan given as the goal (the offline provider runs it as
-                        // written) is its writer's to make.
+                        // Nor one whose gate passes whatever the step did, when a model
+                        // wrote it: a plan given as the goal (the offline provider runs
+                        // it as written) is its writer's to make.
                         if provider.name() != dispatch_models::offline::NAME
                             && let Some(told) = plan.blind_gates()
                         {

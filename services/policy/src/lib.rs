@@ -6,10 +6,10 @@
 //!   its own audited record. The version in force is mirrored into the tool catalogue,
 //!   where dispatchers read which tools not to offer at all.
 //! - It takes policy checks asked of its queue group (`dispatch.ask.policy`, see
-//!   `dispatch_bus::ask`), decides each call (`allow`, `deny`, `ask`, or `validate` by the validator model,
-//!   which fails closed to `ask`), and appends the decision, naming the version and the
-//!   rule, to the run's log, once, however many times it is asked. An `ask` also
-//!   appends an `ApprovalRequested` the run then waits on.
+//!   `dispatch_bus::ask`), decides each call (`allow`, `deny`, `ask`, or `validate` by
+//!   the validator model, which fails closed to `ask`), and appends the decision, naming
+//!   the version and the rule, to the run's log, once, however many times it is asked.
+//!   An `ask` also appends an `ApprovalRequested` the run then waits on.
 //! - It answers requests on `dispatch.req.policy.*`: set a document, dry-run a call,
 //!   and resolve an approval, where of two answers given at once exactly one is
 //!   recorded (optimistic concurrency on the run's log).
