@@ -250,6 +250,24 @@ pub fn parse(answer: &str) -> Result<Plan, Error> {
 /// How many unusable gates [`Plan::unusable_gates`] describes: enough for the author to
 /// see the pattern, few enough that the message stays short.
 const MAX_GATE_FAULTS_TOLD: usize = 3;
+/// The first [`MAX_GATE_FAULTS_TOLD`] of `items` joined by `sep`, and how many more
+/// (`<more> N more`) if there are.
+fn told(items: &[String], sep: &str, more: &str) -> String {
+    let mut out = items
+        .iter()
+        .take(MAX_GATE_FAULTS_TOLD)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(sep);
+    if items.len() > MAX_GATE_FAULTS_TOLD {
+        out.push_str(&format!(
+            "{more} {} more",
+            items.len() - MAX_GATE_FAULTS_TOLD
+        ));
+    }
+    out
+}
+
 /// How much of a leaf's title such a description quotes.
 const MAX_TITLE_TOLD: usize = 80;
 
@@ -276,18 +294,7 @@ impl Plan {
         if faults.is_empty() {
             return None;
         }
-        let mut message = faults
-            .iter()
-            .take(MAX_GATE_FAULTS_TOLD)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("; ");
-        if faults.len() > MAX_GATE_FAULTS_TOLD {
-            message.push_str(&format!(
-                "; and {} more",
-                faults.len() - MAX_GATE_FAULTS_TOLD
-            ));
-        }
+        let mut message = told(&faults, "; ", "; and");
         // Said as the edit to make: told only what was wrong, the 1.5B model wrote its
         // outline again unchanged; told this, it changed the gates.
         message.push_str(
@@ -365,18 +372,7 @@ impl Plan {
         if titles.is_empty() {
             return None;
         }
-        let mut named = titles
-            .iter()
-            .take(MAX_GATE_FAULTS_TOLD)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if titles.len() > MAX_GATE_FAULTS_TOLD {
-            named.push_str(&format!(
-                " and {} more",
-                titles.len() - MAX_GATE_FAULTS_TOLD
-            ));
-        }
+        let named = told(&titles, ", ", " and");
         Some(format!(
             "{} of {} steps have no `:done-when:` line ({named}); a step counts as done \
              only when its check passes, so give each step one line such as \
@@ -413,15 +409,7 @@ impl Plan {
         if blind.is_empty() {
             return None;
         }
-        let mut named = blind
-            .iter()
-            .take(MAX_GATE_FAULTS_TOLD)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if blind.len() > MAX_GATE_FAULTS_TOLD {
-            named.push_str(&format!(" and {} more", blind.len() - MAX_GATE_FAULTS_TOLD));
-        }
+        let named = told(&blind, ", ", " and");
         Some(format!(
             "{} of {} steps have a check that passes whatever the step did ({named}); \
              check what the step makes, such as `:done-when: test -s scratch/REPORT.org`, \
