@@ -10,7 +10,7 @@
 //!   server only);
 //! - `dispatch.cmd.<kind>`: commands on the work-queue stream `DISPATCH_COMMANDS`;
 //! - `dispatch.ask.<kind>`: asks to carry out a step the run's log requests (core
-//!   publish to a queue group, stored nowhere: see `ask`);
+//!   requests to a queue group, stored nowhere: see `ask`);
 //! - `dispatch.ledger.drain.<conversation>`: feedback drains (stream `DISPATCH_LEDGER`);
 //! - `dispatch.query.<name>`: core request/reply answered by the ledger;
 //! - `dispatch.conv.<account>.<agent>.<conv_token>`: a conversation's stream of output
@@ -188,7 +188,7 @@ pub mod cmd {
     }
 }
 
-/// Ask subjects (`dispatch_bus::ask`): core publishes, stored nowhere, each taken by one
+/// Ask subjects (`dispatch_bus::ask`): core requests, stored nowhere, each taken by one
 /// copy of its service in the service's queue group.
 pub mod ask {
     use super::Subject;
