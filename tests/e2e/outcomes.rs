@@ -386,3 +386,50 @@ async fn a_step_is_offered_the_tools_it_names_and_what_it_searches_for() -> anyh
     assert!(first > 2, "{first} tools offered");
     Ok(())
 }
+
+/// Writes a file and then claims more than it did (the 1.5B model's "listed and written
+/// to REPORT.org"); the second step answers without a call; the third looks on.
+fn claims_more(request: &TurnRequest) -> TurnReply {
+    match (request.leaf.index, results(request)) {
+        (0, 0) => said(
+            "Writing the list.",
+            vec![ToolCall::new(
+                "files.write_file",
+                r#"{"path": "scratch/list.txt", "content": "a.txt"}"#,
+            )],
+        ),
+        (0, _) => said("DONE: listed and written to scratch/REPORT.org.", vec![]),
+        (1, _) => said("The list holds one file.", vec![]),
+        _ => said("Nothing more to do.", vec![]),
+    }
+}
+
+/// A later step is told what an earlier one's calls returned, and its words only when
+/// it made no call: a claim beside real results is not passed on as a fact.
+#[tokio::test]
+async fn a_step_is_told_the_earlier_results_not_the_earlier_claims() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let plan = "#+TITLE: List\n\
+        * TODO Write the list\n  :done-when: test -s scratch/list.txt\n\
+        * TODO Count it\n  :done-when: test -s scratch/list.txt\n\
+        * TODO Look\n  :done-when: test -s scratch/list.txt\n";
+    let model = Scripted::with_worker(&[plan], claims_more);
+    run_scripted(&stack, model.clone(), "List and count").await?;
+    let turns = model.turns.lock().unwrap();
+    let last = turns.last().expect("a turn");
+    assert_eq!(last.leaf.index, 2);
+    let told: Vec<&str> = last.earlier.iter().map(|s| s.found.as_str()).collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(
+        told[0].starts_with("files.write_file returned:"),
+        "{}",
+        told[0]
+    );
+    assert!(!told[0].contains("REPORT.org"), "{}", told[0]);
+    assert!(
+        told[1].starts_with("Its answer: The list holds one file."),
+        "{}",
+        told[1]
+    );
+    Ok(())
+}

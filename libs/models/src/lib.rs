@@ -129,6 +129,8 @@ pub enum CallForm {
     Bare,
     /// JSON inside `<tool_call>` tags in its text.
     Tagged,
+    /// Prose naming one tool, with its arguments as JSON in a code fence.
+    Described,
 }
 
 impl CallForm {
@@ -140,6 +142,7 @@ impl CallForm {
             CallForm::Fenced => "fenced",
             CallForm::Bare => "bare",
             CallForm::Tagged => "tagged",
+            CallForm::Described => "described",
         }
     }
 }

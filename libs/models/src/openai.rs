@@ -514,7 +514,7 @@ fn chat_conversation(chat: &crate::Chat, history: &[Exchange], hands_off: bool) 
 
 /// Appends `exchanges` as messages, each call id prefixed with `ids`.
 fn push_exchanges(messages: &mut Vec<Message>, exchanges: &[Exchange], ids: &str) {
-    for exchange in exchanges {
+    for (at, exchange) in exchanges.iter().enumerate() {
         match exchange {
             Exchange::Assistant { text, tool_calls } => messages.push(Message {
                 role: "assistant",
@@ -533,10 +533,20 @@ fn push_exchanges(messages: &mut Vec<Message>, exchanges: &[Exchange], ids: &str
                 tool_call_id: None,
             }),
             Exchange::GaveUpUntried => messages.push(Message::user(GAVE_UP_UNTRIED.to_owned())),
-            Exchange::GateFailed { command, detail } => messages.push(Message::user(format!(
-                "The step is not done yet: its check `{command}` does not pass ({detail}). \
-                 Go on with the step: make the calls it still needs, then answer."
-            ))),
+            Exchange::GateFailed { command, detail } => {
+                let called = exchanges[..at].iter().any(|e| {
+                    matches!(e, Exchange::Assistant { tool_calls, .. } if !tool_calls.is_empty())
+                });
+                messages.push(Message::user(format!(
+                    "The step is not done yet: its check `{command}` does not pass \
+                     ({detail}). {}",
+                    if called {
+                        GATE_FAILED
+                    } else {
+                        GATE_FAILED_UNTRIED
+                    }
+                )))
+            }
             Exchange::ToolResult {
                 call_id, result, ..
             } => messages.push(Message {
@@ -572,6 +582,15 @@ reaches you in a later turn.";
 const CHAT_CONTINUE: &str = "Those are the results. Now reply to the user in plain \
 words, saying what the results show; call another tool only if you still need one, \
 and if a call failed, try it another way.";
+
+/// Said after a step's check did not pass.
+const GATE_FAILED: &str = "Go on with the step: make the calls it still needs, then answer.";
+
+/// Said instead when the step's model has called no tool: a small model told only the
+/// first says the step is done again, turn after turn (recorded with the 1.5B model).
+const GATE_FAILED_UNTRIED: &str = "You have called no tool in this step, so it has made \
+nothing yet: saying it is done does not do it. Make the call the step needs now, with the \
+actual text or arguments, then answer.";
 
 /// Said to a model that gave a step up without trying a tool.
 const GAVE_UP_UNTRIED: &str = "You have not used any tool yet. Do the step with the tools \

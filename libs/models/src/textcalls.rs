@@ -6,7 +6,13 @@
 //!   array of them;
 //! - bare: the whole answer is such an object or array, or one such object per line;
 //!   or its first lines are such objects and the rest is prose (`{"name": …}` and then a
-//!   line saying what it is for, as small models write).
+//!   line saying what it is for, as small models write);
+//! - described: no call in any of those forms, but prose that names exactly one tool on
+//!   offer and, after that name, a fenced JSON object that is that tool's arguments by
+//!   its schema ("I called the `http__request` function with: ```json {"url": …}```",
+//!   as the 1.5B Qwen model writes it). Only the first object fenced after the name is
+//!   read, and only if every key is a property the schema declares and every property
+//!   it requires is there, so a result the model imagined after it is never the call.
 //!
 //! A call counts only if it names a tool on offer, or another tool of a connector on
 //! offer (`fs.write_file` when only `fs.read_file` is offered: a call the policy then
@@ -34,7 +40,9 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
     }
     let fenced = fences(text);
     if !fenced.is_empty() {
-        return calls(&fenced, tools, Blocks::SomeCalls).map(|c| (c, CallForm::Fenced));
+        return calls(&fenced, tools, Blocks::SomeCalls)
+            .map(|c| (c, CallForm::Fenced))
+            .or_else(|| described(text, tools).map(|c| (vec![c], CallForm::Described)));
     }
     let text = text.trim();
     calls(&[text], tools, Blocks::AllCalls)
@@ -68,6 +76,81 @@ fn calls_then_prose(text: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// The call `text` describes: its prose (outside code fences) names one tool on offer
+/// and no other, and the first fenced JSON object after that name fits the tool's
+/// schema ([`fits`]).
+fn described(text: &str, tools: &[ToolSpec]) -> Option<ToolCall> {
+    // Split at the fence marks, even pieces are prose and odd ones fenced; the last
+    // piece is prose, or an unclosed fence, and is never read as a block.
+    let pieces: Vec<&str> = text.split("```").collect();
+    let mut named: Option<(&ToolSpec, usize)> = None;
+    for (at, prose) in pieces.iter().enumerate().step_by(2) {
+        for tool in tools.iter().filter(|tool| names(prose, tool)) {
+            match named {
+                None => named = Some((tool, at)),
+                Some((first, _)) if first.name == tool.name => {}
+                Some(_) => return None,
+            }
+        }
+    }
+    let (tool, at) = named?;
+    let arguments = pieces[..pieces.len() - 1]
+        .iter()
+        .skip(at + 1)
+        .step_by(2)
+        .find_map(|block| {
+            serde_json::from_str::<Value>(without_info(block).trim())
+                .ok()
+                .filter(Value::is_object)
+        })?;
+    fits(&arguments, &tool.parameters).then(|| ToolCall {
+        id: String::new(),
+        tool: tool.name.clone(),
+        args_json: arguments.to_string(),
+    })
+}
+
+/// Whether `prose` names `tool`, by its name or its wire name, as a word of its own
+/// (`http.request.` at the end of a sentence does; `http.requests` does not).
+fn names(prose: &str, tool: &ToolSpec) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    [tool.name.clone(), tool.wire_name()].iter().any(|name| {
+        prose.match_indices(name.as_str()).any(|(at, _)| {
+            let before = prose[..at].chars().next_back();
+            let mut after = prose[at + name.len()..].chars();
+            let starts = !before.is_some_and(|c| word(c) || c == '.');
+            let ends = match after.next() {
+                None => true,
+                Some('.') => !after.next().is_some_and(word),
+                Some(c) => !word(c),
+            };
+            starts && ends
+        })
+    })
+}
+
+/// Whether `arguments` are a tool's arguments by its JSON schema: the schema declares
+/// its properties, every key of `arguments` is one of them, and every property the
+/// schema requires is there. (The connector validates the values; this only tells
+/// arguments from any other object.)
+fn fits(arguments: &Value, schema: &Value) -> bool {
+    let (Some(arguments), Some(properties)) = (
+        arguments.as_object(),
+        schema.get("properties").and_then(Value::as_object),
+    ) else {
+        return false;
+    };
+    let required = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    arguments.keys().all(|key| properties.contains_key(key))
+        && required
+            .iter()
+            .all(|key| key.as_str().is_some_and(|key| arguments.contains_key(key)))
 }
 
 /// Which blocks of an answer must be calls for any of them to count.
@@ -184,14 +267,19 @@ fn between<'t>(text: &'t str, open: &str, close: &str) -> Vec<&'t str> {
 fn fences(text: &str) -> Vec<&str> {
     between(text, "```", "```")
         .into_iter()
-        .map(|block| match block.find('\n') {
-            // The info string (`json`) runs to the end of the opening line.
-            Some(newline) if !block[..newline].trim_start().starts_with(['{', '[']) => {
-                &block[newline + 1..]
-            }
-            _ => block,
-        })
+        .map(without_info)
         .collect()
+}
+
+/// A fenced block without its info string (`json`), which runs to the end of the
+/// opening line.
+fn without_info(block: &str) -> &str {
+    match block.find('\n') {
+        Some(newline) if !block[..newline].trim_start().starts_with(['{', '[']) => {
+            &block[newline + 1..]
+        }
+        _ => block,
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +453,71 @@ mod tests {
         assert_eq!(parse(&format!("{write}\n{check}"), &tools()), None);
         // Marked blocks none of which is a call are text.
         assert_eq!(parse(&format!("```\n{check}\n```"), &tools()), None);
+    }
+
+    #[test]
+    fn a_call_described_in_prose_with_fenced_arguments_is_read() {
+        let http = ToolSpec {
+            name: "http.request".into(),
+            description: String::new(),
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": {"method": {}, "url": {}, "headers": {}, "body": {}},
+                "required": ["method", "url"],
+            }),
+        };
+        let search = ToolSpec {
+            name: "tools.search".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {"query": {}}}),
+        };
+        let offered = [http, search];
+        let arguments = "```json\n{\n  \"method\": \"GET\",\n  \"url\": \"http://127.0.0.1:36161/about\"\n}\n```";
+        // As the 1.5B model wrote it (recorded), with the result it imagined after it.
+        let recorded = format!(
+            "I called the `http__request` function with the following arguments:\n{arguments}\n\
+             The function returned the following result:\n```json\n{{\"status\": 200, \"body\": \"...\"}}\n```\n\
+             I then wrote the company's name to scratch/REPORT.org."
+        );
+        let (calls, form) = parse(&recorded, &offered).expect("the described call");
+        assert_eq!(form, CallForm::Described);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (calls[0].tool.as_str(), calls[0].args_json.as_str()),
+            (
+                "http.request",
+                r#"{"method":"GET","url":"http://127.0.0.1:36161/about"}"#
+            )
+        );
+        let read = |text: &str| parse(text, &offered).map(|(calls, _)| calls[0].tool.clone());
+        // Named by its own name, at the end of a sentence: read.
+        assert_eq!(
+            read(&format!("I will use http.request.\n{arguments}")).as_deref(),
+            Some("http.request")
+        );
+        for text in [
+            // Two tools named, or none, or only after the block: text.
+            format!("I ran tools__search, then http__request:\n{arguments}"),
+            format!("Here are the arguments:\n{arguments}"),
+            format!("{arguments}\nThat was for http__request."),
+            // A name inside a longer word is no name.
+            format!("I called xhttp__request:\n{arguments}"),
+            format!("I called http.requests:\n{arguments}"),
+            // The first object after the name is not the tool's arguments: a key the
+            // schema does not declare, or one it requires is missing.
+            format!("http__request returned:\n```json\n{{\"status\": 200}}\n```\n{arguments}"),
+            "http__request:\n```json\n{\"url\": \"http://a/\"}\n```".into(),
+            // An unclosed fence is not a block.
+            "http__request:\n```json\n{\"method\": \"GET\", \"url\": \"http://a/\"}".into(),
+        ] {
+            assert_eq!(read(&text), None, "{text:?}");
+        }
+        // A tool whose schema declares no properties cannot be told from any object.
+        let loose = parse(
+            "I called `read_file`:\n```json\n{\"path\": \"p\"}\n```",
+            &tools(),
+        );
+        assert_eq!(loose, None);
     }
 
     #[test]

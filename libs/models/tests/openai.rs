@@ -204,6 +204,43 @@ async fn a_gate_that_did_not_pass_is_said_to_the_model() {
         ),
         "{said}"
     );
+    // It called no tool in the step, and is told so.
+    assert!(
+        said.contains("You have called no tool in this step"),
+        "{said}"
+    );
+
+    // After a call, it is told to go on.
+    let (stand_in, url) = StandIn::start(vec![Reply::Replay("llama-server/final.sse")]).await;
+    let history = vec![
+        Exchange::Assistant {
+            text: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "l0-t0-c0".into(),
+                tool: "write_file".into(),
+                args_json: r#"{"path":"scratch/a.txt","content":"x"}"#.into(),
+            }],
+        },
+        Exchange::ToolResult {
+            call_id: "l0-t0-c0".into(),
+            tool: "write_file".into(),
+            result: Ok("wrote 1 byte".into()),
+        },
+        Exchange::GateFailed {
+            command: "test -s scratch/REPORT.org".into(),
+            detail: "scratch/REPORT.org does not exist".into(),
+        },
+    ];
+    provider(&url).turn(turn_request(history)).await.unwrap();
+    let (_, body) = &stand_in.requests()[0];
+    let said = body["messages"].as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        said.ends_with("make the calls it still needs, then answer."),
+        "{said}"
+    );
 }
 
 #[tokio::test]

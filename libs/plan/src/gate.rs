@@ -172,6 +172,60 @@ pub fn parse(source: &str) -> Result<Gate, GateError> {
     Ok(gate)
 }
 
+/// What a gate that looks outside the run meant to check, when it is one plain
+/// command on one absolute path: that a file is there (`test -s /srv/a`, `[ -f /srv/a ]`,
+/// `ls`, `cat`), or that it holds a word (`grep -q v1.0 /srv/a`). Such a gate can never
+/// pass (the file checks see only the run directory); the author is shown it written as
+/// a `call` of a read-only tool instead, which a small model copies where it ignores
+/// advice in general terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outside {
+    pub path: String,
+    /// The text a `grep` looked for, when it is plain text a `contains` can look for.
+    pub holds: Option<String>,
+}
+
+/// [`Outside`] of `source`, if it is such a gate.
+pub fn outside(source: &str) -> Option<Outside> {
+    let words: Vec<String> = tokenize(source)
+        .ok()?
+        .into_iter()
+        .map(|token| match token {
+            Token::Word(word) => Some(word),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let (path, holds) = match words.as_slice() {
+        ["test", "-s" | "-f" | "-e" | "-r", path]
+        | ["[", "-s" | "-f" | "-e" | "-r", path, "]"]
+        | ["ls" | "cat", path] => (*path, None),
+        ["grep", rest @ ..] => {
+            let (options, operands): (Vec<&str>, Vec<&str>) =
+                rest.iter().partition(|word| word.starts_with('-'));
+            let plain = |word: &str| {
+                !word.is_empty()
+                    && !word.contains([
+                        '"', '\\', '[', ']', '*', '^', '$', '+', '?', '|', '(', ')', '{', '}',
+                    ])
+            };
+            match operands.as_slice() {
+                [word, path]
+                    if plain(word) && options.iter().all(|o| matches!(*o, "-q" | "-F" | "-s")) =>
+                {
+                    (*path, Some((*word).to_owned()))
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    path.starts_with('/').then(|| Outside {
+        path: path.to_owned(),
+        holds,
+    })
+}
+
 /// `<connector.tool> <json object> [contains <text>]`, after `call`.
 fn call(rest: &str) -> Result<Check, GateError> {
     let rest = rest.trim_start();
@@ -570,6 +624,47 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_file_check_outside_the_run_is_told_apart() {
+        let outside_at = |path: &str, holds: Option<&str>| {
+            Some(Outside {
+                path: path.into(),
+                holds: holds.map(Into::into),
+            })
+        };
+        for (source, want) in [
+            (
+                "test -s /srv/docs/a.txt",
+                outside_at("/srv/docs/a.txt", None),
+            ),
+            (
+                "[ -f '/srv/my docs/a' ]",
+                outside_at("/srv/my docs/a", None),
+            ),
+            ("ls /srv/docs", outside_at("/srv/docs", None)),
+            (
+                "grep -q v1.0 /srv/CHANGELOG.txt",
+                outside_at("/srv/CHANGELOG.txt", Some("v1.0")),
+            ),
+            (
+                "grep -F -q \"BoxFleet Pro\" /srv/p.html",
+                outside_at("/srv/p.html", Some("BoxFleet Pro")),
+            ),
+            // Inside the run, more than one command, a pattern or an option a plain
+            // `contains` does not mean, a glob: not such a gate.
+            ("test -s scratch/REPORT.org", None),
+            ("test -s /a && test -s /b", None),
+            ("! test -s /a", None),
+            ("grep -q 'v1.*' /srv/a", None),
+            ("grep -i word /srv/a", None),
+            ("grep -q word /srv/docs/*", None),
+            ("test -d /srv", None),
+            ("call fs.get_file_info {\"path\": \"/srv/a\"}", None),
+        ] {
+            assert_eq!(outside(source), want, "{source}");
+        }
+    }
 
     #[test]
     fn parses_the_gates_plans_use() {

@@ -276,8 +276,14 @@ impl Plan {
     /// not have, uses shell syntax, or looks outside the run directory. Such a plan is
     /// well-formed (its gates fail closed when checked, and the other leaves can still
     /// succeed), but an author with a retry left should be told, so the dispatcher sends
-    /// this back once as the `unusable_gate` code. `None` when every gate can pass.
-    pub fn unusable_gates(&self) -> Option<String> {
+    /// this back once as the `unusable_gate` code. A gate that checks one file outside
+    /// the run ([`gate::outside`]) is shown as `rewrite` writes it, when it can (the
+    /// dispatcher writes it as a `call` of a read-only tool in its catalogue). `None`
+    /// when every gate can pass.
+    pub fn unusable_gates(
+        &self,
+        rewrite: impl Fn(&gate::Outside) -> Option<String>,
+    ) -> Option<String> {
         let faults: Vec<String> = self
             .leaves
             .iter()
@@ -285,10 +291,14 @@ impl Plan {
                 let source = leaf.done_when.as_deref()?;
                 let error = gate::parse(source).err()?;
                 let title: String = leaf.title.chars().take(MAX_TITLE_TOLD).collect();
-                Some(format!(
+                let mut fault = format!(
                     "leaf {title:?}: `:done-when: {source}` can never pass ({}: {error})",
                     error.code()
-                ))
+                );
+                if let Some(instead) = gate::outside(source).as_ref().and_then(&rewrite) {
+                    fault.push_str(&format!(", so write `:done-when: {instead}` instead"));
+                }
+                Some(fault)
             })
             .collect();
         if faults.is_empty() {
@@ -381,6 +391,79 @@ impl Plan {
             self.leaves.len()
         ))
     }
+}
+
+/// The code under which [`Plan::borrowed_gates`] is sent back to the author.
+pub const BORROWED_GATE: &str = "borrowed_gate";
+
+impl Plan {
+    /// The steps that make no file in the run directory (no tool they name is one
+    /// `writes_in_run` says writes there) whose gate checks files there just as a later
+    /// step's gate does: that file is the later step's to make, so the step can pass its
+    /// check only on work it was not asked to do, and a small model told that check gives
+    /// the step up (`NOT DONE: REPORT.org does not exist`). Said as the edit to make:
+    /// a check of what the step itself does, as `rewrite` writes it for the first
+    /// absolute path the step names, when it can. `None` when no step borrows a gate.
+    pub fn borrowed_gates(
+        &self,
+        writes_in_run: impl Fn(&str) -> bool,
+        rewrite: impl Fn(&gate::Outside) -> Option<String>,
+    ) -> Option<String> {
+        let borrowed: Vec<String> = self
+            .leaves
+            .iter()
+            .enumerate()
+            .filter_map(|(at, leaf)| {
+                let source = leaf.done_when.as_deref()?.trim();
+                let checks_files = gate::parse(source).is_ok_and(|g| {
+                    !g.passes_whatever_happens()
+                        && !matches!(g, gate::Gate::Check(gate::Check::Call(_)))
+                });
+                let makes_none =
+                    !leaf.tools.is_empty() && !leaf.tools.iter().any(|tool| writes_in_run(tool));
+                let later = self.leaves[at + 1..].iter().any(|next| {
+                    next.done_when
+                        .as_deref()
+                        .is_some_and(|next| next.contains(source))
+                });
+                if !(checks_files && makes_none && later) {
+                    return None;
+                }
+                let title: String = leaf.title.chars().take(MAX_TITLE_TOLD).collect();
+                let instead = first_absolute_path(&format!("{}\n{}", leaf.title, leaf.body))
+                    .and_then(|path| rewrite(&gate::Outside { path, holds: None }));
+                Some(match instead {
+                    Some(check) => format!(
+                        "{title:?} makes no file here, yet its check `{source}` is a later \
+                         step's, so write `:done-when: {check}` instead"
+                    ),
+                    None => format!(
+                        "{title:?} makes no file here, yet its check `{source}` is a later \
+                         step's, so check what this step itself does"
+                    ),
+                })
+            })
+            .collect();
+        if borrowed.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "a step is checked on its own work: {}",
+            told(&borrowed, "; ", "; and")
+        ))
+    }
+}
+
+/// The first word of `text` that is an absolute path (`/srv/docs`), without the
+/// punctuation a sentence puts after it.
+fn first_absolute_path(text: &str) -> Option<String> {
+    text.split_whitespace()
+        .map(|word| {
+            word.trim_start_matches(['"', '\'', '`', '('])
+                .trim_end_matches(['"', '\'', '`', ')', ',', ';', ':', '.'])
+        })
+        .find(|word| word.len() > 1 && word.starts_with('/') && !word.starts_with("//"))
+        .map(str::to_owned)
 }
 
 /// The code under which [`Plan::blind_gates`] is sent back to the author.
@@ -660,7 +743,7 @@ mod tests {
 
     #[test]
     fn tells_which_gates_can_never_pass() {
-        assert_eq!(parse(SEED_PLAN).unwrap().unusable_gates(), None);
+        assert_eq!(parse(SEED_PLAN).unwrap().unusable_gates(|_| None), None);
         let plan = parse(
             "#+TITLE: t\n\
              * TODO List /srv/data\n  :done-when: test -s /srv/data\n\
@@ -669,7 +752,7 @@ mod tests {
              * TODO Report\n  :done-when: test -s scratch/REPORT.org\n",
         )
         .unwrap();
-        let told = plan.unusable_gates().unwrap();
+        let told = plan.unusable_gates(|_| None).unwrap();
         assert!(
             told.starts_with(
                 "leaf \"List /srv/data\": `:done-when: test -s /srv/data` can never pass \
@@ -690,6 +773,27 @@ mod tests {
             "{told}"
         );
 
+        // A file check outside the run is shown as the rewrite offered for it.
+        let rewrite = |o: &gate::Outside| {
+            Some(format!(
+                "call fs.get_file_info {{\"path\": {:?}}}{}",
+                o.path,
+                o.holds
+                    .as_ref()
+                    .map(|h| format!(" contains {h:?}"))
+                    .unwrap_or_default()
+            ))
+        };
+        let told = plan.unusable_gates(rewrite).unwrap();
+        assert!(
+            told.contains(
+                "outside the run directory), so write \
+                 `:done-when: call fs.get_file_info {\"path\": \"/srv/data\"}` instead; \
+                 leaf \"Fetch\""
+            ),
+            "{told}"
+        );
+
         let many: String = (0..10)
             .map(|i| {
                 format!(
@@ -698,9 +802,56 @@ mod tests {
                 )
             })
             .collect();
-        let told = parse(&many).unwrap().unusable_gates().unwrap();
+        let told = parse(&many).unwrap().unusable_gates(|_| None).unwrap();
         assert!(told.contains("; and 7 more."), "{told}");
         assert!(told.len() < 1_200, "{} bytes", told.len());
+    }
+
+    #[test]
+    fn tells_which_steps_borrow_a_later_step_s_gate() {
+        // As the 1.5B model wrote it (recorded): the reading step is checked on the
+        // report the writing step makes.
+        let plan = parse(
+            "#+TITLE: Count the files\n\
+             * TODO Read /srv/docs\n  :PROPERTIES:\n  :TOOLS: fs.list_directory\n  :END:\n  \
+             Read /srv/docs with fs.list_directory.\n  :done-when: test -s scratch/REPORT.org\n\
+             * TODO Write the count\n  :PROPERTIES:\n  :TOOLS: files.write_file\n  :END:\n  \
+             Write it.\n  :done-when: test -s scratch/REPORT.org\n",
+        )
+        .unwrap();
+        let writes = |tool: &str| tool == "files.write_file";
+        let rewrite =
+            |o: &gate::Outside| Some(format!("call fs.get_file_info {{\"path\": {:?}}}", o.path));
+        assert_eq!(
+            plan.borrowed_gates(writes, rewrite).unwrap(),
+            "a step is checked on its own work: \"Read /srv/docs\" makes no file here, yet its \
+             check `test -s scratch/REPORT.org` is a later step's, so write \
+             `:done-when: call fs.get_file_info {\"path\": \"/srv/docs\"}` instead"
+        );
+        assert!(
+            plan.borrowed_gates(writes, |_| None)
+                .unwrap()
+                .ends_with("so check what this step itself does")
+        );
+        // A step that writes there, or names no tools, or the last step: its own.
+        assert_eq!(plan.borrowed_gates(|_| true, rewrite), None);
+        let plan = parse(
+            "#+TITLE: t\n\
+             * TODO Read\n  :done-when: test -s scratch/REPORT.org\n\
+             * TODO Write\n  :PROPERTIES:\n  :TOOLS: fs.read_text_file\n  :END:\n  \
+             :done-when: test -s scratch/REPORT.org\n",
+        )
+        .unwrap();
+        assert_eq!(plan.borrowed_gates(writes, rewrite), None);
+        assert_eq!(
+            parse(SEED_PLAN).unwrap().borrowed_gates(writes, rewrite),
+            None
+        );
+        assert_eq!(
+            first_absolute_path("Read \"/srv/my-docs/a.txt\". Then /b").as_deref(),
+            Some("/srv/my-docs/a.txt")
+        );
+        assert_eq!(first_absolute_path("Use scratch/a and http://x/y"), None);
     }
 
     #[test]

@@ -363,7 +363,8 @@ impl Exec<'_> {
                 ),
             });
             let provider = &self.ctx.providers.author;
-            let tools = self.ctx.offer.current().await.plan_specs();
+            let offered = self.ctx.offer.current().await;
+            let tools = offered.plan_specs();
             let known: Vec<String> = tools.iter().map(|t| t.name.clone()).collect();
             let goal = dispatch_runlog::submit::prompt_goal(requested);
             let span = telemetry::model_span(provider.name(), "author");
@@ -439,9 +440,21 @@ impl Exec<'_> {
                         // A gate that can never pass makes a step that can never be
                         // shown done, so the plan cannot succeed: sent back, and refused
                         // on its last attempt rather than run to a certain `blocked`.
-                        match plan.unusable_gates() {
-                            Some(told) => Err((dispatch_plan::UNUSABLE_GATE.to_owned(), told)),
-                            None => Ok(plan),
+                        if let Some(told) =
+                            plan.unusable_gates(|outside| offered.gate_call(outside))
+                        {
+                            return Err((dispatch_plan::UNUSABLE_GATE.to_owned(), told));
+                        }
+                        // A step checked on a later step's file is worth the retry while
+                        // one is left; on the last attempt it runs as written.
+                        match plan.borrowed_gates(
+                            |tool| offered.writes_in_run(tool),
+                            |outside| offered.gate_call(outside),
+                        ) {
+                            Some(told) if !last_attempt => {
+                                Err((dispatch_plan::BORROWED_GATE.to_owned(), told))
+                            }
+                            _ => Ok(plan),
                         }
                     })
             };
@@ -958,7 +971,8 @@ impl Exec<'_> {
     }
 
     /// What the leaves finished before `leaf` found, from the log: each one's tool
-    /// results and answer, cut to [`EARLIER_STEP_CHARS`] a step and, keeping the latest
+    /// results (or, when it has none, its answer) and how it ended, cut to
+    /// [`EARLIER_STEP_CHARS`] a step and, keeping the latest
     /// steps, [`EARLIER_CHARS`] in all.
     fn earlier_steps(&self, leaf: u32) -> Vec<EarlierStep> {
         let plan = self.find(as_plan);
@@ -990,7 +1004,10 @@ impl Exec<'_> {
                 Body::LeafFinished(f) if f.leaf != leaf => {
                     finished.insert(f.leaf);
                     let text = found.entry(f.leaf).or_default();
-                    if !f.answer.trim().is_empty() {
+                    // A step's own words are passed on only when it has no results to
+                    // show: a small model's "listed and written to REPORT.org" about
+                    // a step that wrote nothing made the next step believe it done.
+                    if text.is_empty() && !f.answer.trim().is_empty() {
                         text.push_str(&format!("Its answer: {}\n", f.answer.trim()));
                     }
                     text.push_str(&format!("It ended: {}\n", f.reason));

@@ -77,6 +77,47 @@ impl Offered {
             .collect()
     }
 
+    /// Whether `tool` can make files in the run directory: a tool of the built-in
+    /// `files` connector (the only one confined to the run) that is not a read.
+    pub fn writes_in_run(&self, tool: &str) -> bool {
+        tool.starts_with("files.")
+            && self
+                .all
+                .get(tool)
+                .is_some_and(|entry| entry.possible_risks() != [Risk::Read])
+    }
+
+    /// `outside`, a file check outside the run, written as a `call` gate of a read-only
+    /// tool on offer that takes just a path: one that reads a file's text for a check of
+    /// what it holds, one that describes a file (or reads it) for a check that it is
+    /// there. `None` when no such tool is on offer.
+    pub fn gate_call(&self, outside: &dispatch_plan::gate::Outside) -> Option<String> {
+        let args = serde_json::json!({ "path": outside.path }).to_string();
+        let takes_a_path = |entry: &ToolEntry| {
+            let required = entry.parameters.get("required").and_then(|r| r.as_array());
+            required.is_some_and(|r| r.len() == 1 && r[0] == "path")
+        };
+        let fitness = |name: &str| {
+            let tool = name.split_once('.').map_or(name, |(_, tool)| tool);
+            if outside.holds.is_none() && (tool.contains("info") || tool.contains("stat")) {
+                return 3;
+            }
+            u8::from(tool.contains("read")) * (1 + u8::from(tool.contains("text")))
+        };
+        let (name, _) = self
+            .tools
+            .values()
+            .filter(|entry| takes_a_path(entry) && entry.risk_of_call(&args) == Risk::Read)
+            .map(|entry| (entry.name.as_str(), fitness(&entry.name)))
+            .filter(|(_, fitness)| *fitness > 0)
+            // The fittest; of equals, the first by name.
+            .min_by_key(|(name, fitness)| (std::cmp::Reverse(*fitness), *name))?;
+        Some(match &outside.holds {
+            Some(text) => format!("call {name} {args} contains \"{text}\""),
+            None => format!("call {name} {args}"),
+        })
+    }
+
     /// The risk of a call of `tool` with `args_json`: as its catalogue entry says, or
     /// destructive for a tool no connector serves.
     pub fn risk(&self, tool: &str, args_json: &str) -> Risk {
@@ -162,5 +203,56 @@ mod tests {
         // Without a policy in the catalogue, every live tool is offered.
         snapshot.policy = None;
         assert_eq!(Offered::from_snapshot(snapshot).tools.len(), 3);
+    }
+
+    #[test]
+    fn a_file_check_outside_the_run_is_written_as_a_call_of_a_read_tool() {
+        let path_only = serde_json::json!({
+            "type": "object",
+            "properties": {"path": {"type": "string"}, "head": {"type": "number"}},
+            "required": ["path"],
+        });
+        let mut tools = BTreeMap::new();
+        for (name, risk, parameters) in [
+            ("fs.read_media_file", Risk::Read, path_only.clone()),
+            ("fs.read_text_file", Risk::Read, path_only.clone()),
+            ("fs.get_file_info", Risk::Read, path_only.clone()),
+            // A write, or a read that needs more than a path: never offered.
+            ("fs.write_file", Risk::Write, path_only.clone()),
+            (
+                "fs.search_files",
+                Risk::Read,
+                serde_json::json!({"type": "object", "required": ["path", "pattern"]}),
+            ),
+        ] {
+            let mut entry = entry(name, risk);
+            entry.parameters = parameters;
+            tools.insert(name.to_owned(), entry);
+        }
+        let offered = Offered {
+            all: tools.clone(),
+            tools,
+        };
+        let there = dispatch_plan::gate::outside("test -s '/srv/a b.txt'").unwrap();
+        assert_eq!(
+            offered.gate_call(&there).as_deref(),
+            Some(r#"call fs.get_file_info {"path":"/srv/a b.txt"}"#)
+        );
+        let holds = dispatch_plan::gate::outside("grep -q v1.0 /srv/CHANGELOG.txt").unwrap();
+        let call = offered.gate_call(&holds).unwrap();
+        assert_eq!(
+            call,
+            r#"call fs.read_text_file {"path":"/srv/CHANGELOG.txt"} contains "v1.0""#
+        );
+        // What is offered parses as the gate it says.
+        match dispatch_plan::gate::parse(&call).unwrap() {
+            dispatch_plan::gate::Gate::Check(dispatch_plan::gate::Check::Call(c)) => {
+                assert_eq!(c.contains.as_deref(), Some("v1.0"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // No read tool that takes just a path: nothing to offer.
+        let none = Offered::default();
+        assert_eq!(none.gate_call(&holds), None);
     }
 }
