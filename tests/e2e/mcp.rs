@@ -432,6 +432,55 @@ async fn the_scratch_rule_does_not_allow_the_filesystem_server_s_relative_writes
     Ok(())
 }
 
+/// A call of a tool its connector does not serve (a name a model guessed, recorded from
+/// the 1.5B model: `files.list_directory`) is refused at once with the names there are,
+/// not put to a person; a tool of a connector that serves nothing now is decided as
+/// before (its connector may be starting).
+#[tokio::test]
+async fn a_tool_its_connector_does_not_serve_is_refused_not_asked() -> anyhow::Result<()> {
+    let stack = stack_with_the_builtin_policy("").await?;
+    wait_for_tool(&stack, "files.read_file").await?;
+    let plan = "#+TITLE: Guess
+* TODO List the folder
+  \
+        - call: files.list_directory {\"path\": \"scratch\"}\n  \
+        - call: nowhere.list {\"path\": \"scratch\"}\n  \
+        :done-when: test -d scratch\n";
+    let run_id = stack.submit(plan, "default", 60_000).await?;
+    let listed = listed_approval(&stack, run_id).await?;
+    // Only the call of a connector that serves nothing waits for a person.
+    assert_eq!(listed["tool"], "nowhere.list", "{listed}");
+    let events = stack.log().await?.read(&run_id).await?;
+    let decided: Vec<_> = bodies(&events)
+        .filter_map(|b| match b {
+            Body::PolicyDecided(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    use dispatch_proto::run::v1::Decision;
+    assert_eq!(decided[0].call_id, "l0-t0-c0");
+    assert_eq!(
+        (decided[0].decision(), decided[0].rule.as_str()),
+        (Decision::Deny, dispatch_rules::NO_SUCH_TOOL_RULE)
+    );
+    assert!(
+        decided[0].reason.starts_with(
+            "the files connector has no tool \"files.list_directory\"; it serves files."
+        ) && decided[0].reason.contains("files.list_files"),
+        "{}",
+        decided[0].reason
+    );
+    assert_eq!(
+        bodies(&events)
+            .filter(|b| matches!(b, Body::ApprovalRequested(_)))
+            .count(),
+        1
+    );
+    let stopped = stack.cli(&["stop", &run_id.to_string()])?;
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    Ok(())
+}
+
 /// A gate sees what a run did outside its directory through one read-only call, made
 /// through the policy: it passes on the filesystem server's read (and on the text the
 /// read holds), and fails closed on a write tool, a denied read and a read the policy

@@ -121,8 +121,9 @@ pub struct ToolEntry {
 pub struct ArgumentIn {
     pub argument: String,
     pub values: Vec<String>,
-    /// Arguments whose presence, with any value but `null`, makes the call the tool's
-    /// own risk (a GET with a body is not a read).
+    /// Arguments whose presence, with any value but `null` or `""`, makes the call the
+    /// tool's own risk (a GET with a body is not a read; one with `"body": ""`, as small
+    /// models write it, has none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unless: Vec<String>,
 }
@@ -162,7 +163,7 @@ impl ToolEntry {
             && read_when
                 .unless
                 .iter()
-                .all(|a| args.get(a).is_none_or(serde_json::Value::is_null));
+                .all(|a| args.get(a).is_none_or(|v| v.is_null() || v == ""));
         if read { Risk::Read } else { self.risk }
     }
 
@@ -390,8 +391,17 @@ mod tests {
             entry.risk_of_call(r#"{"method":"GET","body":null}"#),
             Risk::Read
         );
+        // An empty text is no body (and the connector sends none); any other is one.
         assert_eq!(
             entry.risk_of_call(r#"{"method":"GET","body":""}"#),
+            Risk::Read
+        );
+        assert_eq!(
+            entry.risk_of_call(r#"{"method":"GET","body":" "}"#),
+            Risk::External
+        );
+        assert_eq!(
+            entry.risk_of_call(r#"{"method":"GET","body":0}"#),
             Risk::External
         );
         assert_eq!(entry.risk_of_call(r#"{"method":"POST"}"#), Risk::External);

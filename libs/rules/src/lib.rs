@@ -227,6 +227,9 @@ pub const ARGUMENTS_RULE: &str = "arguments";
 /// The rule name a denial carries when a gate's call is one a gate may not make: not a
 /// read, or one the document would not allow outright (a gate never waits for a person).
 pub const GATE_RULE: &str = "gate";
+/// The rule name a denial carries when the call names a tool its connector does not
+/// serve (a model that guessed a name): no person could make it run, so none is asked.
+pub const NO_SUCH_TOOL_RULE: &str = "no-such-tool";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

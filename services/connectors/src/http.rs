@@ -26,7 +26,10 @@
 //! checked against the same list. A call is a `read` for GET and HEAD without a body,
 //! and `external` otherwise. A call may not set the headers that would make the request
 //! another one than its arguments say ([`FORBIDDEN_HEADERS`], and any header naming a
-//! method): where it goes, how it is framed, which method the server acts on. The
+//! method): where it goes, how it is framed, which method the server acts on. A `Host`
+//! naming the url's own host and port, `Connection: keep-alive` or `close`, and
+//! `Content-Length: 0` without a body say only what is sent anyway, and are left out
+//! rather than refused. The
 //! answer is the status line, a few headers and the body as text, cut at
 //! `max_body_bytes` (read no further than that).
 
@@ -71,6 +74,33 @@ pub const FORBIDDEN_HEADERS: [(&str, &str); 14] = [
 ];
 const ROUTED: &str = "the request goes where its url says";
 const FRAMED: &str = "the connector frames the request and holds the connection itself";
+
+/// Whether the header `name: value` says only what the connector sends anyway (and
+/// can be left out): a `Host` of the url's own ([`own_host`]), a `Connection` that
+/// asks for the connection the client keeps or closes as it sees fit, or a
+/// `Content-Length: 0` on a request with no body.
+fn sent_anyway(url: &reqwest::Url, bodiless: bool, name: &str, value: &str) -> bool {
+    match name.to_ascii_lowercase().as_str() {
+        "host" => own_host(url, value),
+        "content-length" => bodiless && value.trim() == "0",
+        "connection" => {
+            value.trim().eq_ignore_ascii_case("keep-alive")
+                || value.trim().eq_ignore_ascii_case("close")
+        }
+        _ => false,
+    }
+}
+
+/// Whether `value`, a `Host` header, names `url`'s own host and port: `host:port`, or
+/// the host alone when the url's port is its scheme's default.
+fn own_host(url: &reqwest::Url, value: &str) -> bool {
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return false;
+    };
+    let value = value.trim();
+    value.eq_ignore_ascii_case(&format!("{host}:{port}"))
+        || url.port().is_none() && value.eq_ignore_ascii_case(host)
+}
 
 /// Why a call may not set the header `name`, if it may not.
 fn forbidden(name: &str) -> Option<&'static str> {
@@ -314,7 +344,7 @@ impl Http {
                 "unknown tool {tool:?}; the http connector has request"
             ));
         }
-        let request: Request = serde_json::from_str(args_json)
+        let mut request: Request = serde_json::from_str(args_json)
             .map_err(|e| format!("bad arguments for http.request: {e}"))?;
         let method = request.method.to_ascii_uppercase();
         let method = match method.as_str() {
@@ -323,13 +353,20 @@ impl Http {
             }
             other => return Err(format!("method {other:?} is not one http.request makes")),
         };
+        let url =
+            reqwest::Url::parse(&request.url).map_err(|e| format!("url {:?}: {e}", request.url))?;
+        // What the connector sends anyway, small models write as browsers do: a `Host`
+        // naming the url's own host, `Connection: keep-alive` or `close`. Left out, not
+        // refused; any other value of those is refused below.
+        let bodiless = request.body.as_deref().is_none_or(str::is_empty);
+        request
+            .headers
+            .retain(|name, value| !sent_anyway(&url, bodiless, name, value));
         for name in request.headers.keys() {
             if let Some(why) = forbidden(name) {
                 return Err(format!("header {name:?} may not be set by a call: {why}"));
             }
         }
-        let url =
-            reqwest::Url::parse(&request.url).map_err(|e| format!("url {:?}: {e}", request.url))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("url {url}: only http and https"));
         }
@@ -384,7 +421,8 @@ impl Http {
             }
         }
         let mut builder = client.request(method, url).headers(headers);
-        if let Some(body) = request.body {
+        // An empty body is none: such a GET was judged a read, and is sent as one.
+        if let Some(body) = request.body.filter(|b| !b.is_empty()) {
             builder = builder.body(body);
         }
         let scrub = |text: String| match &lease {
@@ -506,6 +544,21 @@ mod tests {
         for bad in ["", "*.", "a b", "host:port", "http://x", ".example.com"] {
             assert!(Allowed::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_host_header_is_the_url_s_own_or_refused() {
+        let own = |url: &str, host: &str| own_host(&reqwest::Url::parse(url).unwrap(), host);
+        assert!(own("http://127.0.0.1:41155/about", "127.0.0.1:41155"));
+        assert!(own("https://API.example.com/v1", "api.example.com"));
+        assert!(own("https://api.example.com/v1", "api.example.com:443"));
+        assert!(own("http://[::1]:8080/", "[::1]:8080"));
+        // Another host, another port, the host without its explicit port, or padding.
+        assert!(!own("http://127.0.0.1:41155/", "other.example"));
+        assert!(!own("http://127.0.0.1:41155/", "127.0.0.1:41156"));
+        assert!(!own("http://127.0.0.1:41155/", "127.0.0.1"));
+        assert!(!own("https://api.example.com/", "api.example.com:80"));
+        assert!(!own("https://api.example.com/", "api.example.com.evil.net"));
     }
 
     #[test]

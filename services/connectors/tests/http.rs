@@ -241,6 +241,30 @@ async fn a_call_may_not_set_where_a_request_goes_how_it_is_framed_or_its_method(
         .unwrap();
     assert!(ok.ends_with("counted"), "{ok}");
     assert_eq!(seen.load(Ordering::SeqCst), 1);
+    // A length of 0 on a request with a body is a framing trick still.
+    let args = serde_json::json!({"method": "POST", "url": url, "body": "x", "headers": {"Content-Length": "0"}});
+    let err = http
+        .call("request", &args.to_string(), Leasing::none())
+        .await
+        .unwrap_err();
+    assert!(err.contains("may not be set by a call"), "{err}");
+    // So does a call that sets only what is sent anyway, as a small model copies it
+    // from a browser: its own host and port, a connection kept alive or closed.
+    for (name, value) in [
+        ("Host", format!("127.0.0.1:{}", addr.port())),
+        ("host", format!("127.0.0.1:{}", addr.port())),
+        ("Connection", "keep-alive".to_owned()),
+        ("Connection", "close".to_owned()),
+        ("Content-Length", "0".to_owned()),
+    ] {
+        let args = serde_json::json!({"method": "GET", "url": url, "headers": {name: value}});
+        let ok = http
+            .call("request", &args.to_string(), Leasing::none())
+            .await
+            .unwrap();
+        assert!(ok.ends_with("counted"), "{args}: {ok}");
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 6);
 }
 
 #[tokio::test]
@@ -258,7 +282,10 @@ async fn a_get_or_head_with_a_body_is_not_a_read() {
             r#"{"method":"GET","url":"x","body":"DELETE everything"}"#,
             Risk::External,
         ),
-        (r#"{"method":"get","url":"x","body":""}"#, Risk::External),
+        // An empty body is none (the connector sends no body for it).
+        (r#"{"method":"GET","url":"x","body":""}"#, Risk::Read),
+        (r#"{"method":"get","url":"x","body":""}"#, Risk::Read),
+        (r#"{"method":"get","url":"x","body":" "}"#, Risk::External),
         (r#"{"method":"HEAD","url":"x","body":"x"}"#, Risk::External),
         (
             r#"{"method":"GET","url":"x","body":{"a":1}}"#,

@@ -351,6 +351,47 @@ impl Catalogue {
     }
 }
 
+/// How many of a connector's tools a denial of a tool it does not serve names.
+const TOOLS_NAMED: usize = 12;
+
+impl Catalogue {
+    /// Why `tool` is no tool at all, when its connector is live and serves others
+    /// (`None` when the connector serves nothing now: it may be starting, and the call
+    /// is decided as any other).
+    async fn no_such_tool(&self, tool: &str) -> Option<String> {
+        let (connector, _) = tool.split_once('.')?;
+        let snapshot = match dispatch_bus::catalogue::Snapshot::read(&self.store).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the tool catalogue");
+                return None;
+            }
+        };
+        let served: Vec<&str> = snapshot
+            .tools
+            .keys()
+            .filter(|name| name.split_once('.').is_some_and(|(c, _)| c == connector))
+            .map(String::as_str)
+            .collect();
+        if served.is_empty() {
+            return None;
+        }
+        let mut named = served
+            .iter()
+            .take(TOOLS_NAMED)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if served.len() > TOOLS_NAMED {
+            named.push_str(&format!(" and {} more", served.len() - TOOLS_NAMED));
+        }
+        let shown: String = tool.chars().take(80).collect();
+        Some(format!(
+            "the {connector} connector has no tool {shown:?}; it serves {named}"
+        ))
+    }
+}
+
 /// Decides `check` in a span of its own (a child of the span that asked for it).
 async fn decide(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
     let span = tracing::info_span!(
@@ -417,6 +458,21 @@ async fn decide_in_span(gate: &Gate, check: &CheckPolicy) -> Result<(), Error> {
                     rule: dispatch_rules::ARGUMENTS_RULE.to_owned(),
                     reason: format!("the call's arguments are refused: {why}"),
                     approval_ttl_ms: None,
+                },
+            };
+            // A tool its connector does not serve (while that connector serves others)
+            // is a name the model guessed: refused with the names there are, rather
+            // than put to a person whose yes could run nothing.
+            let verdict = match entry {
+                Some(_) => verdict,
+                None => match gate.catalogue.no_such_tool(&requested.tool).await {
+                    Some(reason) => dispatch_rules::Verdict {
+                        effect: Effect::Deny,
+                        rule: dispatch_rules::NO_SUCH_TOOL_RULE.to_owned(),
+                        reason,
+                        approval_ttl_ms: None,
+                    },
+                    None => verdict,
                 },
             };
             // A gate's call is a read the document allows outright, or nothing: a gate
