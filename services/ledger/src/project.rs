@@ -121,6 +121,9 @@ pub struct Views {
 #[derive(Default)]
 pub struct Pending {
     runs: HashMap<String, RunView>,
+    /// What the store held of each run in `runs` when the batch first touched it
+    /// (`None`: no view), so the commit writes only the index entries that change.
+    before: HashMap<String, Option<Indexed>>,
     /// Views of goals not yet taken, written only where no view exists.
     queued: Vec<(String, RunView)>,
     removed: Vec<(String, bool)>,
@@ -144,6 +147,28 @@ impl Pending {
     /// How many runs ended in this batch (their trails are due once it is committed).
     pub fn finished(&self) -> usize {
         self.finished
+    }
+}
+
+/// What a stored view puts in the indexes beside its own entry: a run's index entries
+/// are written with its view, in one commit, so they are what its stored view says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Indexed {
+    conversation: String,
+    origin: String,
+    ended: bool,
+    waiting: bool,
+}
+
+impl Indexed {
+    fn of(view: &RunView) -> Self {
+        let ended = view.status().is_terminal();
+        Self {
+            conversation: conversation_or_default(&view.conversation_id),
+            origin: view.origin.clone(),
+            ended,
+            waiting: !ended && !view.approvals.is_empty(),
+        }
     }
 }
 
@@ -619,7 +644,7 @@ impl Views {
                 if self.is_removed(&key) {
                     return;
                 }
-                let current = pending.runs.remove(&key).or_else(|| self.run(&key));
+                let current = self.take(pending, &key);
                 let view = RunView::apply_garbage(current, &key, e.to_string(), seq);
                 pending.runs.insert(key, view);
                 return;
@@ -633,27 +658,12 @@ impl Views {
         }
         // Tombstones are looked up when a run first enters the batch; one written later
         // by the other stream's projection still wins at commit (guarded put).
-        let current = match pending.runs.remove(&key) {
-            Some(view) => Some(view),
-            None if self.is_removed(&key) => return,
-            None => self.run(&key),
-        };
-        let before = current
-            .as_ref()
-            .map(|v| conversation_or_default(&v.conversation_id));
-        let origin_before = current.as_ref().map(|v| v.origin.clone());
+        if !pending.runs.contains_key(&key) && self.is_removed(&key) {
+            return;
+        }
+        let current = self.take(pending, &key);
         let view = RunView::apply(current, &event, on.writer, seq, &self.trust);
         let conversation = conversation_or_default(&view.conversation_id);
-        if let Some(before) = before.filter(|b| *b != conversation) {
-            // The goal named one conversation and the run's request another (a bad
-            // one replaced by the default): the index follows the run.
-            pending
-                .batch
-                .remove(BY_CONVERSATION, note_key(&before, &key));
-        }
-        if let Some(before) = origin_before.filter(|b| *b != view.origin) {
-            pending.batch.remove(BY_ORIGIN, note_key(&before, &key));
-        }
         // A chat turn's answer is in its conversation already (the next turn's history):
         // it leaves no note to drain.
         if let Some(note) = note_of(&event).filter(|_| view.kind != dispatch_runlog::turn::KIND) {
@@ -679,6 +689,19 @@ impl Views {
         }
         // The view is written once per batch, at commit, however many events touched it.
         pending.runs.insert(key, view);
+    }
+
+    /// The run's view as this batch has it so far: from the batch, or else from the
+    /// store, noting what the store held for the commit ([`Pending::before`]).
+    fn take(&self, pending: &mut Pending, key: &str) -> Option<RunView> {
+        if let Some(view) = pending.runs.remove(key) {
+            return Some(view);
+        }
+        let stored = self.run(key);
+        pending
+            .before
+            .insert(key.to_owned(), stored.as_ref().map(Indexed::of));
+        stored
     }
 
     /// Up to `limit` runs whose goal is due to be looked for, in id order.
@@ -795,15 +818,23 @@ impl Views {
             Ok(removed) => {
                 let trails = removed.trails;
                 for run_id in removed.run_ids {
-                    let known = pending.runs.remove(&run_id).or_else(|| self.run(&run_id));
-                    if let Some(view) = known {
-                        let conversation = conversation_or_default(&view.conversation_id);
+                    // The entries the store holds: those of the stored view (the
+                    // batch's own changes to it were never written).
+                    let pending_view = pending.runs.remove(&run_id);
+                    let stored = match pending.before.remove(&run_id) {
+                        Some(before) => before,
+                        None => pending_view
+                            .or_else(|| self.run(&run_id))
+                            .as_ref()
+                            .map(Indexed::of),
+                    };
+                    if let Some(stored) = stored {
                         pending
                             .batch
-                            .remove(BY_CONVERSATION, note_key(&conversation, &run_id));
+                            .remove(BY_CONVERSATION, note_key(&stored.conversation, &run_id));
                         pending
                             .batch
-                            .remove(BY_ORIGIN, note_key(&view.origin, &run_id));
+                            .remove(BY_ORIGIN, note_key(&stored.origin, &run_id));
                     }
                     pending.batch.remove(RUNS, &run_id);
                     pending.batch.remove(ACTIVE, &run_id);
@@ -896,30 +927,55 @@ impl Views {
             let kept: [(&str, &[u8]); 1] = [(REMOVED, key.as_bytes())];
             let json = serde_json::to_vec(view).expect("views serialize");
             batch.put_guarded(&kept, RUNS, key, json);
-            if view.status().is_terminal() {
-                batch.remove(ACTIVE, key);
-                // A run that ended (or shows corrupt) needs no look for its goal.
-                batch.remove(GHOSTS_DUE, key);
+            // The index entries are written where they change: a run's first view, a
+            // conversation or origin replaced (a bad one by the default), its end, an
+            // approval waiting or answered. Most commits of a run write its view alone.
+            let now = Indexed::of(view);
+            let before = pending.before.get(key).cloned().flatten();
+            if now.ended {
                 mark_archive_due(&mut batch, key);
-            } else {
-                batch.put_guarded(&kept, ACTIVE, key, Vec::new());
             }
-            if view.status().is_terminal() || view.approvals.is_empty() {
-                batch.remove(WAITING, key);
-            } else {
-                batch.put_guarded(&kept, WAITING, key, Vec::new());
+            if before.as_ref().is_none_or(|b| !b.ended) {
+                if now.ended {
+                    batch.remove(ACTIVE, key);
+                    // A run that ended (or shows corrupt) needs no look for its goal.
+                    batch.remove(GHOSTS_DUE, key);
+                } else if before.is_none() {
+                    batch.put_guarded(&kept, ACTIVE, key, Vec::new());
+                }
             }
-            let conversation = conversation_or_default(&view.conversation_id);
-            batch.put_guarded(
-                &kept,
-                BY_CONVERSATION,
-                note_key(&conversation, key),
-                Vec::new(),
-            );
-            batch.put_guarded(&kept, BY_SHORT_ID, short_id_key(key), Vec::new());
-            batch.put_guarded(&kept, BY_ORIGIN, note_key(&view.origin, key), Vec::new());
-            // A finished run is found by the words of its goal and its summary.
-            if view.status().is_terminal() && view.corrupt.is_none() {
+            match (before.as_ref().map(|b| b.waiting), now.waiting) {
+                (Some(true), false) => batch.remove(WAITING, key),
+                (None | Some(false), true) => batch.put_guarded(&kept, WAITING, key, Vec::new()),
+                _ => {}
+            }
+            if before
+                .as_ref()
+                .is_none_or(|b| b.conversation != now.conversation)
+            {
+                if let Some(b) = &before {
+                    batch.remove(BY_CONVERSATION, note_key(&b.conversation, key));
+                }
+                batch.put_guarded(
+                    &kept,
+                    BY_CONVERSATION,
+                    note_key(&now.conversation, key),
+                    Vec::new(),
+                );
+            }
+            if before.as_ref().is_none_or(|b| b.origin != now.origin) {
+                if let Some(b) = &before {
+                    batch.remove(BY_ORIGIN, note_key(&b.origin, key));
+                }
+                batch.put_guarded(&kept, BY_ORIGIN, note_key(&now.origin, key), Vec::new());
+            }
+            if before.is_none() {
+                batch.put_guarded(&kept, BY_SHORT_ID, short_id_key(key), Vec::new());
+            }
+            // A finished run is found by the words of its goal and its summary, indexed
+            // once, when it ends.
+            let ends_now = now.ended && before.as_ref().is_none_or(|b| !b.ended);
+            if ends_now && view.corrupt.is_none() {
                 let text = format!(
                     "{} {}",
                     view.goal,
