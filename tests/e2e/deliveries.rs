@@ -24,12 +24,6 @@ const WAITS_MS: [i64; 4] = [0, 1_000, 4_000, 4_000];
 /// A short plan the offline model runs as it is.
 const PLAN: &str = "#+TITLE: Delivered\n* TODO Wait a little\n  - call: test.sleep {\"ms\": 50}\n  :done-when: true\n";
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A fresh Standard Webhooks secret.
 fn whsec() -> String {
     format!(
@@ -43,31 +37,6 @@ async fn secrets(stack: &Stack) -> Result<dispatch_secrets::Store> {
     let key_path = dispatch_secrets::key_path(stack.root());
     let key = dispatch_secrets::Key::load_or_create(&key_path)?;
     Ok(dispatch_secrets::Store::open(&stack.bus, key_path, Some(key)).await?)
-}
-
-/// A receiver on the Standard Webhooks library, answering 500 to its first
-/// `fail_first` requests; what it got is in `log`, a JSON line per request.
-fn receiver(
-    port: u16,
-    secret: &str,
-    fail_first: u32,
-    log: &std::path::Path,
-) -> Result<tokio::process::Child> {
-    Ok(
-        tokio::process::Command::new(dispatch_testkit::mcp_servers().join("venv/bin/python"))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/mcp/webhook_receiver.py"
-            ))
-            .args([
-                &port.to_string(),
-                secret,
-                &fail_first.to_string(),
-                log.to_str().context("utf-8")?,
-            ])
-            .kill_on_drop(true)
-            .spawn()?,
-    )
 }
 
 /// What a receiver got so far.
@@ -246,7 +215,6 @@ async fn a_goal_with_a_callback_is_refused_at_every_door_while_nothing_could_sig
 #[tokio::test]
 async fn deliveries_wait_out_a_missing_secret_keep_to_the_schedule_and_are_resent_after_giving_up()
 -> Result<()> {
-    let (patient_port, failing_port) = (free_port()?, free_port()?);
     let mut stack = Stack::with_test_tools().await?;
     let secret = whsec();
     let store = secrets(&stack).await?;
@@ -256,8 +224,10 @@ async fn deliveries_wait_out_a_missing_secret_keep_to_the_schedule_and_are_resen
     // One receiver answers at once; the other fails its first four requests.
     let patient_log = stack.root().join("patient.jsonl");
     let failing_log = stack.root().join("failing.jsonl");
-    let _patient = receiver(patient_port, &secret, 0, &patient_log)?;
-    let _failing = receiver(failing_port, &secret, 4, &failing_log)?;
+    let (_patient, patient_port) =
+        dispatch_tests::webhook_receiver(&secret, 0, &patient_log).await?;
+    let (_failing, failing_port) =
+        dispatch_tests::webhook_receiver(&secret, 4, &failing_log).await?;
     let hosts = format!("127.0.0.1:{patient_port},127.0.0.1:{failing_port}");
     stack
         .add_with(

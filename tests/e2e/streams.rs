@@ -612,10 +612,6 @@ async fn dispatch_attach_follows_a_conversation_in_a_terminal() -> Result<()> {
 async fn a_background_result_reaches_the_stream_and_a_signed_callback_that_failed_twice()
 -> Result<()> {
     use base64::Engine as _;
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.local_addr()?.port()
-    };
     let mut stack = Stack::with_test_tools().await?;
     // The signing secret, stored as `dispatch secret set webhook-signing` would.
     let key_path = dispatch_secrets::key_path(stack.root());
@@ -628,20 +624,7 @@ async fn a_background_result_reaches_the_stream_and_a_signed_callback_that_faile
     secrets.set("webhook-signing", &secret).await?;
     // A receiver on the Standard Webhooks library that answers 500 twice first.
     let log = stack.root().join("received.jsonl");
-    let _receiver =
-        tokio::process::Command::new(dispatch_testkit::mcp_servers().join("venv/bin/python"))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/mcp/webhook_receiver.py"
-            ))
-            .args([
-                &port.to_string(),
-                &secret,
-                "2",
-                log.to_str().context("utf-8")?,
-            ])
-            .kill_on_drop(true)
-            .spawn()?;
+    let (_receiver, port) = dispatch_tests::webhook_receiver(&secret, 2, &log).await?;
     let hosts = format!("127.0.0.1:{port}");
     stack
         .add_with(

@@ -7,6 +7,10 @@ Every request is appended to LOG as one JSON line: {"verified", "status", "heade
 "body"}.
 
 Usage: python webhook_receiver.py PORT SECRET FAIL_FIRST LOG
+
+PORT 0 takes a free port; the port listened on is printed on the first line of
+standard output once the socket is bound (a port picked by the caller beforehand can be
+taken by another test before the receiver binds it).
 """
 
 import json
@@ -50,4 +54,6 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
-ThreadingHTTPServer(("127.0.0.1", PORT), Receiver).serve_forever()
+server = ThreadingHTTPServer(("127.0.0.1", PORT), Receiver)
+print(server.server_address[1], flush=True)
+server.serve_forever()

@@ -795,3 +795,39 @@ pub async fn recorder(upstream: String, dir: PathBuf) -> anyhow::Result<String> 
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(url)
 }
+
+/// A webhook receiver on the Standard Webhooks library (`tests/mcp/webhook_receiver.py`),
+/// answering 500 to its first `fail_first` requests, each request a JSON line in `log`;
+/// with the port it listens on. It binds a free port itself and says which, so no other
+/// test can take the port between its choice and its bind.
+pub async fn webhook_receiver(
+    secret: &str,
+    fail_first: u32,
+    log: &Path,
+) -> Result<(tokio::process::Child, u16)> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child =
+        tokio::process::Command::new(dispatch_testkit::mcp_servers().join("venv/bin/python"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/mcp/webhook_receiver.py"
+            ))
+            .args(["0", secret, &fail_first.to_string()])
+            .arg(log)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+    let stdout = child.stdout.take().context("the receiver's stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("the webhook receiver did not say its port within 30 s")??;
+    let port = line
+        .trim()
+        .parse()
+        .with_context(|| format!("the webhook receiver said {line:?}, not a port"))?;
+    Ok((child, port))
+}
