@@ -39,17 +39,18 @@ fn request() -> TurnRequest {
         ToolSpec {
             name: "files.read_file".into(),
             description: "Read a file of the run's workspace".into(),
-            parameters: schema(json!({"path": {"type": "string"}})),
+            parameters: schema(json!({"path": {"type": "string"}})).into(),
         },
         ToolSpec {
             name: "files.write_file".into(),
             description: "Write a file of the run's workspace".into(),
-            parameters: schema(json!({"path": {"type": "string"}, "content": {"type": "string"}})),
+            parameters: schema(json!({"path": {"type": "string"}, "content": {"type": "string"}}))
+                .into(),
         },
         ToolSpec {
             name: "files.list_files".into(),
             description: "List a directory of the run's workspace".into(),
-            parameters: schema(json!({"path": {"type": "string"}})),
+            parameters: schema(json!({"path": {"type": "string"}})).into(),
         },
     ];
     TurnRequest {

@@ -12,6 +12,8 @@ pub mod openai;
 pub mod sse;
 mod textcalls;
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -78,14 +80,15 @@ impl ToolCall {
     }
 }
 
-/// A tool on offer to the model.
+/// A tool on offer to the model. Every turn of every run is offered the catalogue's
+/// tools, so the description and the schema are shared, not copied per request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolSpec {
     /// Namespaced by its connector: `files.read_file`.
     pub name: String,
-    pub description: String,
+    pub description: Arc<str>,
     /// The JSON schema of its arguments.
-    pub parameters: serde_json::Value,
+    pub parameters: Arc<serde_json::Value>,
 }
 
 impl ToolSpec {
@@ -319,8 +322,8 @@ mod tests {
     fn tools_are_found_by_their_name_or_their_wire_name() {
         let spec = |name: &str| ToolSpec {
             name: name.into(),
-            description: String::new(),
-            parameters: serde_json::json!({"type": "object"}),
+            description: "".into(),
+            parameters: serde_json::json!({"type": "object"}).into(),
         };
         let tools = [spec("files.write_file"), spec("fs.a__b")];
         assert_eq!(tools[0].wire_name(), "files__write_file");

@@ -291,8 +291,8 @@ mod tests {
             .into_iter()
             .map(|name| ToolSpec {
                 name: name.into(),
-                description: String::new(),
-                parameters: serde_json::json!({"type": "object"}),
+                description: "".into(),
+                parameters: serde_json::json!({"type": "object"}).into(),
             })
             .collect()
     }
@@ -410,8 +410,8 @@ mod tests {
     fn a_call_to_another_tool_of_a_connector_on_offer_is_a_call() {
         let offered = vec![ToolSpec {
             name: "fs.read_file".into(),
-            description: String::new(),
-            parameters: serde_json::json!({"type": "object"}),
+            description: "".into(),
+            parameters: serde_json::json!({"type": "object"}).into(),
         }];
         for (text, tool) in [
             (
@@ -459,17 +459,18 @@ mod tests {
     fn a_call_described_in_prose_with_fenced_arguments_is_read() {
         let http = ToolSpec {
             name: "http.request".into(),
-            description: String::new(),
+            description: "".into(),
             parameters: serde_json::json!({
                 "type": "object",
                 "properties": {"method": {}, "url": {}, "headers": {}, "body": {}},
                 "required": ["method", "url"],
-            }),
+            })
+            .into(),
         };
         let search = ToolSpec {
             name: "tools.search".into(),
-            description: String::new(),
-            parameters: serde_json::json!({"type": "object", "properties": {"query": {}}}),
+            description: "".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {"query": {}}}).into(),
         };
         let offered = [http, search];
         let arguments = "```json\n{\n  \"method\": \"GET\",\n  \"url\": \"http://127.0.0.1:36161/about\"\n}\n```";

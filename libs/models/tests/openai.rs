@@ -31,8 +31,9 @@ fn tools() -> Vec<ToolSpec> {
         .into_iter()
         .map(|name| ToolSpec {
             name: name.into(),
-            description: format!("{name} under scratch/"),
-            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            description: format!("{name} under scratch/").into(),
+            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}})
+                .into(),
         })
         .collect()
 }
@@ -63,7 +64,7 @@ fn author_request() -> AuthorRequest {
         tools: vec![ToolSpec {
             name: "fs.list_directory".into(),
             description: "List a directory.\nMore detail the author does not need.".into(),
-            parameters: json!({"type": "object"}),
+            parameters: json!({"type": "object"}).into(),
         }],
     }
 }

@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dispatch_bus::{RunId, async_nats, subject};
@@ -6,6 +7,7 @@ use dispatch_proto::run::v1::{
 };
 use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
+use tokio::sync::broadcast;
 
 use crate::{
     Error, ErrorKind, FOLLOW_POLL, RunLog, SUMMARY_CHARS, StoredEvent, chain, slice_chars,
@@ -29,7 +31,50 @@ pub struct RunHandle {
     /// False for a handle opened at a position ([`RunLog::handle_at`]): `events` then
     /// starts there, not at the run's first event.
     whole: bool,
-    live: Option<async_nats::Subscriber>,
+    live: Option<Live>,
+}
+
+/// Where a handle's feed messages come from.
+enum Live {
+    /// Its own subscription to the run's feed.
+    Own(async_nats::Subscriber),
+    /// A watcher's, passed on ([`RunLog::share_feed`]); `caught_up` once the handle
+    /// has read the log since it was handed the feed.
+    Shared {
+        messages: broadcast::Receiver<Arc<async_nats::Message>>,
+        caught_up: bool,
+    },
+}
+
+impl Live {
+    /// The next feed message; `None` when the feed has ended. Messages a shared feed
+    /// dropped while the handle did not read (the oldest go first) are skipped: the
+    /// handle finds the gap at the next one.
+    async fn next(&mut self) -> Option<Arc<async_nats::Message>> {
+        match self {
+            Live::Own(subscriber) => subscriber.next().await.map(Arc::new),
+            Live::Shared { messages, .. } => loop {
+                match messages.recv().await {
+                    Ok(message) => return Some(message),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            },
+        }
+    }
+
+    fn next_ready(&mut self) -> Option<Arc<async_nats::Message>> {
+        match self {
+            Live::Own(subscriber) => subscriber.next().now_or_never().flatten().map(Arc::new),
+            Live::Shared { messages, .. } => loop {
+                match messages.try_recv() {
+                    Ok(message) => return Some(message),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
+            },
+        }
+    }
 }
 
 impl RunHandle {
@@ -259,8 +304,15 @@ impl RunHandle {
     /// across a reconnect) or a quiet [`FOLLOW_POLL`] makes the handle read the log.
     pub async fn wait_for_more(&mut self, timeout: Duration) -> Result<usize, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if self.live.is_none() {
-            self.live = Some(self.log.subscribe(&self.run_id).await?);
+        let catch_up = match &mut self.live {
+            None => {
+                self.live = Some(Live::Own(self.log.subscribe(&self.run_id).await?));
+                true
+            }
+            Some(Live::Shared { caught_up, .. }) => !std::mem::replace(caught_up, true),
+            Some(Live::Own(_)) => false,
+        };
+        if catch_up {
             // Whatever was stored before the subscription took effect.
             let n = self.refresh().await?;
             if n > 0 {
@@ -273,9 +325,21 @@ impl RunHandle {
         result
     }
 
+    /// Feeds this handle the messages of a watcher's subscription
+    /// ([`RunLog::share_feed`]) instead of its own.
+    pub(crate) fn follow_shared(
+        &mut self,
+        messages: broadcast::Receiver<Arc<async_nats::Message>>,
+    ) {
+        self.live = Some(Live::Shared {
+            messages,
+            caught_up: false,
+        });
+    }
+
     async fn follow(
         &mut self,
-        live: &mut async_nats::Subscriber,
+        live: &mut Live,
         deadline: tokio::time::Instant,
     ) -> Result<usize, Error> {
         loop {
@@ -288,10 +352,16 @@ impl RunHandle {
                 Ok(Some(message)) => {
                     let mut n = self.take_fed(&message).await?;
                     // Take whatever else is already here in the same pass.
-                    while let Some(Some(message)) = live.next().now_or_never() {
+                    while let Some(message) = live.next_ready() {
                         n += self.take_fed(&message).await?;
                     }
                     n
+                }
+                // The watcher sharing its feed is gone: the handle subscribes itself,
+                // and reads what it may have missed meanwhile.
+                Ok(None) if matches!(live, Live::Shared { .. }) => {
+                    *live = Live::Own(self.log.subscribe(&self.run_id).await?);
+                    self.refresh().await?
                 }
                 // The subscription ended (the client is closing) or the feed was quiet:
                 // the log itself has the answer.

@@ -188,6 +188,14 @@ impl RunLog {
         &self.inner.trust
     }
 
+    /// The run's terminal event, if its log has one ([`ended_as`]).
+    pub async fn ended_as(
+        &self,
+        run_id: &RunId,
+    ) -> Result<Option<dispatch_proto::run::v1::RunFinished>, String> {
+        ended_as(&self.inner.reader, run_id).await
+    }
+
     pub fn bus(&self) -> &Bus {
         &self.inner.bus
     }
@@ -514,11 +522,62 @@ impl RunLog {
     pub async fn wait_for<T>(
         &self,
         run_id: &RunId,
-        mut after: u64,
+        after: u64,
         quiet: Duration,
         pick: impl Fn(&Body) -> Option<T>,
     ) -> Result<T, Error> {
         let mut feed = self.subscribe(run_id).await?;
+        self.wait_on(&mut feed, None, run_id, after, quiet, pick)
+            .await
+    }
+
+    /// Subscribes to the run's feed once for two readers: a watcher that waits with
+    /// [`Self::wait_for_shared`], and `handle`, which is handed every feed message the
+    /// watcher receives instead of subscribing itself. A run's executor watches for a
+    /// stop while its handle follows the run: one subscription, so each event is
+    /// delivered to the process once, not twice.
+    pub async fn share_feed(&self, handle: &mut RunHandle) -> Result<SharedFeed, Error> {
+        let feed = self.subscribe(handle.run_id()).await?;
+        let (to_handle, from_watcher) = tokio::sync::broadcast::channel(SHARED_FEED_BUFFER);
+        handle.follow_shared(from_watcher);
+        Ok(SharedFeed {
+            run_id: *handle.run_id(),
+            feed,
+            to_handle,
+        })
+    }
+
+    /// [`Self::wait_for`] on a feed shared with a handle ([`Self::share_feed`]): every
+    /// message is passed on to the handle after `pick` has seen it. When this returns,
+    /// the handle is fed no more and subscribes by itself when it next waits.
+    pub async fn wait_for_shared<T>(
+        &self,
+        mut shared: SharedFeed,
+        after: u64,
+        quiet: Duration,
+        pick: impl Fn(&Body) -> Option<T>,
+    ) -> Result<T, Error> {
+        let run_id = shared.run_id;
+        self.wait_on(
+            &mut shared.feed,
+            Some(&shared.to_handle),
+            &run_id,
+            after,
+            quiet,
+            pick,
+        )
+        .await
+    }
+
+    async fn wait_on<T>(
+        &self,
+        feed: &mut async_nats::Subscriber,
+        to_handle: Option<&tokio::sync::broadcast::Sender<Arc<async_nats::Message>>>,
+        run_id: &RunId,
+        mut after: u64,
+        quiet: Duration,
+        pick: impl Fn(&Body) -> Option<T>,
+    ) -> Result<T, Error> {
         loop {
             for stored in self.read_after(run_id, after).await? {
                 after = stored.stream_seq;
@@ -536,16 +595,25 @@ impl RunLog {
                     }
                     Err(_) => break,
                 };
-                let Some(stream_seq) = fed_sequence(&message) else {
-                    break;
+                let stream_seq = fed_sequence(&message);
+                let found = match stream_seq {
+                    Some(stream_seq) if stream_seq > after => {
+                        after = stream_seq;
+                        let event = decode(run_id, stream_seq, &message.payload)?;
+                        event.body.as_ref().and_then(&pick)
+                    }
+                    _ => None,
                 };
-                if stream_seq <= after {
-                    continue;
+                // A handle that is behind is not waited for: past the buffer its oldest
+                // messages are dropped, and it reads the log when it finds the gap.
+                if let Some(to_handle) = to_handle {
+                    let _ = to_handle.send(Arc::new(message));
                 }
-                after = stream_seq;
-                let event = decode(run_id, stream_seq, &message.payload)?;
-                if let Some(found) = event.body.as_ref().and_then(&pick) {
+                if let Some(found) = found {
                     return Ok(found);
+                }
+                if stream_seq.is_none() {
+                    break;
                 }
             }
         }
@@ -684,15 +752,27 @@ pub async fn has_ended(runs: &Reader, run_id: &str) -> Result<bool, String> {
     let Ok(run_id) = run_id.parse::<RunId>() else {
         return Ok(true);
     };
+    Ok(ended_as(runs, &run_id).await?.is_some())
+}
+
+/// The terminal event of run `run_id`, if its log has one: [`has_ended`]'s one read,
+/// as unverified.
+pub async fn ended_as(
+    runs: &Reader,
+    run_id: &RunId,
+) -> Result<Option<dispatch_proto::run::v1::RunFinished>, String> {
     match runs
-        .last(subject::run(&run_id, LogWriter::Dispatcher).as_str())
+        .last(subject::run(run_id, LogWriter::Dispatcher).as_str())
         .await
     {
-        Ok(Some(message)) => Ok(matches!(
-            RunEvent::decode(message.payload.as_ref()).map(|e| e.body),
-            Ok(Some(Body::RunFinished(_)))
-        )),
-        Ok(None) => Ok(false),
+        Ok(Some(message)) => Ok(match RunEvent::decode(message.payload.as_ref()) {
+            Ok(RunEvent {
+                body: Some(Body::RunFinished(finished)),
+                ..
+            }) => Some(finished),
+            _ => None,
+        }),
+        Ok(None) => Ok(None),
         Err(e) => Err(format!("read run {run_id}: {e}")),
     }
 }
@@ -811,6 +891,18 @@ pub fn is_bidi_control(c: char) -> bool {
 /// notifications ride core NATS and can be missed across a reconnect; the poll makes
 /// that a delay, never a hang.
 pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+/// How many feed messages a shared feed holds for its handle ([`RunLog::share_feed`])
+/// while the handle is not reading; past that the oldest are dropped (most are the
+/// handle's own appends), and the handle reads the log when it finds a gap.
+const SHARED_FEED_BUFFER: usize = 256;
+
+/// A run's feed subscribed once for a watcher and a handle ([`RunLog::share_feed`]).
+pub struct SharedFeed {
+    run_id: RunId,
+    feed: async_nats::Subscriber,
+    to_handle: tokio::sync::broadcast::Sender<Arc<async_nats::Message>>,
+}
 
 #[cfg(test)]
 mod tests {

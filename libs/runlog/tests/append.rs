@@ -511,6 +511,58 @@ async fn wait_for_finds_an_event_stored_before_or_after_it_starts() -> anyhow::R
     Ok(())
 }
 
+/// A watcher and a handle on one subscription: the watcher finds what it waits for and
+/// the handle is fed the same messages; once the watcher is gone the handle follows
+/// the run by itself.
+#[tokio::test]
+async fn a_shared_feed_serves_the_watcher_and_the_handle() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let nats = NatsServer::start().await?;
+    let open = |name: &'static str| {
+        let nats = &nats;
+        async move {
+            anyhow::Ok(
+                RunLog::open(&nats.bus().await?, name)
+                    .await?
+                    .writing_as(LogWriter::Dispatcher),
+            )
+        }
+    };
+    let (log, other) = (open("executor").await?, open("other").await?);
+    let run_id = RunId::new();
+    let mut handle = log.handle(run_id).await?;
+    handle.append(requested(), "").await?;
+    let after = handle.events()[0].stream_seq;
+    let shared = log.share_feed(&mut handle).await?;
+    let leaf_no = |b: &Body| match b {
+        Body::LeafStarted(l) if l.leaf == 2 => Some(l.leaf),
+        _ => None,
+    };
+    let watcher = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            log.wait_for_shared(shared, after, Duration::from_secs(30), leaf_no)
+                .await
+        })
+    };
+    // Another process appends; the handle takes each event from the watcher's feed.
+    let mut writer = other.handle(run_id).await?;
+    writer.append(leaf(1), "").await?;
+    assert_eq!(handle.wait_for_more(Duration::from_secs(5)).await?, 1);
+    writer.append(leaf(2), "").await?;
+    let found = tokio::time::timeout(Duration::from_secs(10), watcher).await???;
+    assert_eq!(found, 2);
+    assert_eq!(handle.wait_for_more(Duration::from_secs(5)).await?, 1);
+    // The watcher returned and dropped the feed: the handle subscribes by itself and
+    // still sees the next event, well before the wait runs out.
+    writer.append(leaf(3), "").await?;
+    let begun = std::time::Instant::now();
+    assert_eq!(handle.wait_for_more(Duration::from_secs(20)).await?, 1);
+    assert!(begun.elapsed() < Duration::from_secs(20));
+    assert_eq!(handle.events().len(), 4);
+    Ok(())
+}
+
 /// Appends `event` as stored on `writer`'s subject of its run, without any check:
 /// what a process holding a writer's key (or the admin's) can put on the bus.
 async fn forge(log: &RunLog, writer: LogWriter, event: &dispatch_proto::run::v1::RunEvent) {

@@ -41,8 +41,11 @@ struct Op {
     tree: String,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
-    guards: Vec<(String, Vec<u8>)>,
+    guards: Vec<Guard>,
 }
+
+/// A key in a tree whose presence skips an op: `(tree, key)`.
+type Guard = (String, Vec<u8>);
 
 /// Changes to apply together with a cursor move.
 #[derive(Debug, Default, Clone)]
@@ -80,7 +83,7 @@ impl Batch {
         tree: &str,
         key: impl AsRef<[u8]>,
         value: Option<Vec<u8>>,
-        guards: Vec<(String, Vec<u8>)>,
+        guards: Vec<Guard>,
     ) {
         self.ops.push(Op {
             tree: tree.to_owned(),
@@ -155,15 +158,18 @@ impl ViewStore {
     /// Applies `batch` and moves `source`'s cursor to `seq`, atomically. Returns false
     /// (and changes nothing) when `seq` was already applied.
     pub fn commit(&self, source: &str, seq: u64, batch: Batch) -> Result<bool, Error> {
+        // The transaction spans the trees the batch reads or writes, not every tree:
+        // sled's cost per transaction grows with the trees in it.
+        let mut names: Vec<&str> = Vec::new();
+        let mut all: Vec<&sled::Tree> = vec![&self.cursors];
         for op in &batch.ops {
-            self.tree(&op.tree)?;
-            for (guard, _) in &op.guards {
-                self.tree(guard)?;
+            for name in std::iter::once(&op.tree).chain(op.guards.iter().map(|(g, _)| g)) {
+                if !names.contains(&name.as_str()) {
+                    all.push(self.tree(name)?);
+                    names.push(name);
+                }
             }
         }
-        let mut all: Vec<&sled::Tree> = vec![&self.cursors];
-        all.extend(self.trees.iter().map(|(_, t)| t));
-        let names: Vec<&str> = self.trees.iter().map(|(n, _)| n.as_str()).collect();
         let result = all.as_slice().transaction(|txs| {
             let cursors = &txs[0];
             let current = cursors
@@ -180,11 +186,21 @@ impl ViewStore {
                     .expect("checked above")
                     + 1
             };
+            // A view's entries come one after another under the same guards: those
+            // are read once, not once per entry.
+            let mut last: Option<(&[Guard], bool)> = None;
             for op in &batch.ops {
-                let mut guarded = false;
-                for (guard, key) in &op.guards {
-                    guarded |= txs[index(guard)].get(key.as_slice())?.is_some();
-                }
+                let guarded = match last {
+                    Some((guards, guarded)) if guards == op.guards.as_slice() => guarded,
+                    _ => {
+                        let mut guarded = false;
+                        for (guard, key) in &op.guards {
+                            guarded |= txs[index(guard)].get(key.as_slice())?.is_some();
+                        }
+                        last = Some((op.guards.as_slice(), guarded));
+                        guarded
+                    }
+                };
                 if guarded {
                     continue;
                 }

@@ -254,7 +254,9 @@ impl Exec<'_> {
             return Err(self.stopped(&stop).await);
         }
         let read = self.run.events().last().map_or(0, |e| e.stream_seq);
-        let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id(), read);
+        // One subscription to the run's feed serves the watcher and the handle.
+        let shared = self.ctx.log.share_feed(&mut self.run).await.ok();
+        let watch = watch_for_stop(self.ctx.log.clone(), *self.run.run_id(), read, shared);
         let work = async {
             match self.command.kind == dispatch_runlog::turn::KIND {
                 true => self.drive_turn().await,
@@ -1640,15 +1642,29 @@ fn stop_reason(stop: &StopRequested) -> String {
 
 /// Resolves when a stop request is stored in the run's log after stream sequence
 /// `after`; never, if none is before the run ends. It follows the run's feed without a
-/// handle of its own, so the executor's handle stays the one that verifies and appends.
-async fn watch_for_stop(log: dispatch_runlog::RunLog, run_id: RunId, after: u64) -> StopRequested {
+/// handle of its own, so the executor's handle stays the one that verifies and appends;
+/// `shared`, the feed it passes on to that handle, until the first error (the handle
+/// then subscribes itself).
+async fn watch_for_stop(
+    log: dispatch_runlog::RunLog,
+    run_id: RunId,
+    after: u64,
+    mut shared: Option<dispatch_runlog::SharedFeed>,
+) -> StopRequested {
     let seen = |b: &Body| match b {
         Body::StopRequested(stop) => Some(Some(stop.clone())),
         Body::RunFinished(_) => Some(None),
         _ => None,
     };
     loop {
-        match log.wait_for(&run_id, after, STOP_WATCH_QUIET, seen).await {
+        let found = match shared.take() {
+            Some(shared) => {
+                log.wait_for_shared(shared, after, STOP_WATCH_QUIET, seen)
+                    .await
+            }
+            None => log.wait_for(&run_id, after, STOP_WATCH_QUIET, seen).await,
+        };
+        match found {
             Ok(Some(stop)) => return stop,
             Ok(None) => return std::future::pending().await,
             Err(e) => {

@@ -35,6 +35,9 @@ pub struct Offered {
     pub tools: BTreeMap<String, ToolEntry>,
     /// Every live tool, offered or not.
     all: BTreeMap<String, ToolEntry>,
+    /// [`Self::tools`] as a model is offered them, made once per reading: every turn
+    /// of every run is offered them, and a spec's schema is shared, not copied.
+    on_offer: Vec<ToolSpec>,
 }
 
 impl Offered {
@@ -50,7 +53,23 @@ impl Offered {
                 })
             })
             .collect();
-        Self { tools, all }
+        Self::new(tools, all)
+    }
+
+    fn new(tools: BTreeMap<String, ToolEntry>, all: BTreeMap<String, ToolEntry>) -> Self {
+        let on_offer = tools
+            .values()
+            .map(|t| ToolSpec {
+                name: t.name.clone(),
+                description: t.description.as_str().into(),
+                parameters: Arc::new(t.parameters.clone()),
+            })
+            .collect();
+        Self {
+            tools,
+            all,
+            on_offer,
+        }
     }
 
     /// The tools as a chat turn's model is offered them: every one on offer.
@@ -66,14 +85,10 @@ impl Offered {
     }
 
     fn specs_where(&self, keep: impl Fn(&str) -> bool) -> Vec<ToolSpec> {
-        self.tools
-            .values()
+        self.on_offer
+            .iter()
             .filter(|t| keep(&t.name))
-            .map(|t| ToolSpec {
-                name: t.name.clone(),
-                description: t.description.clone(),
-                parameters: t.parameters.clone(),
-            })
+            .cloned()
             .collect()
     }
 
@@ -229,10 +244,7 @@ mod tests {
             entry.parameters = parameters;
             tools.insert(name.to_owned(), entry);
         }
-        let offered = Offered {
-            all: tools.clone(),
-            tools,
-        };
+        let offered = Offered::new(tools.clone(), tools);
         let there = dispatch_plan::gate::outside("test -s '/srv/a b.txt'").unwrap();
         assert_eq!(
             offered.gate_call(&there).as_deref(),

@@ -72,6 +72,14 @@ pub(crate) async fn stop(
         .run_id
         .parse()
         .map_err(|e: dispatch_bus::IdError| Refused::Unavailable(e.to_string()))?;
+    // The ledger's view trails the log by a commit: a run whose log has its end has
+    // ended, whatever the view says yet.
+    if let Ok(Some(end)) = app.log.ended_as(&run_id).await {
+        return Err(Refused::Ended {
+            status: end.status().word().to_owned(),
+            run_id: view.run_id,
+        });
+    }
     match dispatch_runlog::stop::hand_over(&app.bus, &run_id, grace, force, &by).await {
         Ok(()) => Ok(view.run_id),
         Err(e) => Err(Refused::Unavailable(e.to_string())),

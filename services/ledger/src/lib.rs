@@ -604,6 +604,7 @@ async fn render_tasks(
     shutdown: CancellationToken,
 ) -> Result<(), dispatch_bus::Error> {
     let mut last = None;
+    let mut entries = render::Entries::default();
     let mut archives = Archives::default();
     loop {
         tokio::select! {
@@ -611,7 +612,7 @@ async fn render_tasks(
             _ = state.render.notified() => {}
         }
         let (runs, oldest_shown) = state.views.for_tasks_org(render::RECENT);
-        let content = render::tasks_org(&runs);
+        let content = entries.tasks_org(&runs);
         if last.as_ref() != Some(&content) {
             match render::write_atomically(&path, &content) {
                 Ok(()) => last = Some(content),

@@ -239,7 +239,13 @@ impl<T: serde::Serialize> Filler<T> {
 
     /// Takes `item` if it fits; false (and full from now on) if it does not.
     fn take(&mut self, item: T) -> bool {
-        let size = serde_json::to_vec(&item).map_or(0, |b| b.len()) + 1;
+        // Sized only where a bound on bytes can be reached: encoding a view just to
+        // measure it costs as much as decoding it did.
+        let size = if self.bounds.bytes == usize::MAX {
+            0
+        } else {
+            serde_json::to_vec(&item).map_or(0, |b| b.len()) + 1
+        };
         let fits = self.items.len() < self.bounds.limit
             && (self.items.is_empty() || self.used + size <= self.bounds.bytes);
         if fits {
@@ -441,45 +447,40 @@ impl Views {
     }
 
     /// What TASKS.org shows: every run that has not ended, and the newest `recent` runs
-    /// whatever their state, newest first. Its cost is bounded by those two numbers.
-    /// Also the id of the oldest of those newest runs when older runs exist (the
-    /// archive boundary).
-    pub fn for_tasks_org(&self, recent: usize) -> (Vec<RunView>, Option<String>) {
-        let unbounded = Bounds {
-            limit: usize::MAX,
-            bytes: usize::MAX,
+    /// whatever their state, newest first, each as its stored view, undecoded (the
+    /// renderer decodes only the views that changed since it last rendered them). Its
+    /// cost is bounded by those two numbers. Also the id of the oldest of those newest
+    /// runs when older runs exist (the archive boundary).
+    pub fn for_tasks_org(
+        &self,
+        recent: usize,
+    ) -> (Vec<(String, impl AsRef<[u8]> + use<>)>, Option<String>) {
+        let (Ok(runs), Ok(active)) = (self.store.tree(RUNS), self.store.tree(ACTIVE)) else {
+            return (Vec::new(), None);
         };
-        let live = self.page(
-            Filter {
-                all: false,
-                conversation: None,
-                origin: None,
-            },
-            None,
-            unbounded,
-        );
-        let newest = self.page(
-            Filter {
-                all: true,
-                conversation: None,
-                origin: None,
-            },
-            None,
-            Bounds {
-                limit: recent.max(1),
-                ..unbounded
-            },
-        );
-        let oldest_shown = newest.next.clone();
-        let mut runs: std::collections::BTreeMap<String, RunView> = newest
-            .runs
-            .into_iter()
-            .chain(live.runs)
-            .map(|v| (v.run_id.clone(), v))
-            .collect();
-        let mut out: Vec<RunView> = std::mem::take(&mut runs).into_values().collect();
-        out.reverse();
-        (out, oldest_shown)
+        let recent = recent.max(1);
+        let mut shown = std::collections::BTreeMap::new();
+        let mut oldest_shown = None;
+        for (taken, item) in runs.iter().rev().enumerate() {
+            let Ok((key, stored)) = item else { continue };
+            let run_id = String::from_utf8_lossy(&key).into_owned();
+            if taken == recent {
+                // Older runs exist: the boundary is the oldest of the newest.
+                oldest_shown = shown.keys().next().cloned();
+                break;
+            }
+            shown.insert(run_id, stored);
+        }
+        // Live runs are in `active` until the commit of their end.
+        for key in active.iter().keys().filter_map(Result::ok) {
+            let run_id = String::from_utf8_lossy(&key).into_owned();
+            if !shown.contains_key(&run_id)
+                && let Ok(Some(stored)) = runs.get(&key)
+            {
+                shown.insert(run_id, stored);
+            }
+        }
+        (shown.into_iter().rev().collect(), oldest_shown)
     }
 
     /// Days before `before` whose archives are due, each with its change token.

@@ -1,6 +1,8 @@
 //! TASKS.org: the ledger rendered for people and for git. Generated, one direction
 //! only; hand edits are overwritten on the next change.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher as _, RandomState};
 use std::io::Write as _;
 
 use dispatch_proto::api::v1::RunView;
@@ -21,6 +23,41 @@ pub fn tasks_org(runs: &[RunView]) -> String {
         push_entry(&mut out, run);
     }
     out
+}
+
+/// TASKS.org's entries as last rendered, by run, each with a digest of the stored view
+/// it came from. TASKS.org is rendered again every second while runs change, from up
+/// to [`RECENT`] views and every live one; a view unchanged since the last render is
+/// not decoded again. It holds the entries of the file's runs, no more.
+#[derive(Default)]
+pub struct Entries {
+    by_run: HashMap<String, (u64, String)>,
+    /// Keyed per process, so no goal can be written to collide with another view.
+    keys: RandomState,
+}
+
+impl Entries {
+    /// TASKS.org of `views` (run id and stored view, newest first). A stored view that
+    /// does not decode is left out, as a listing leaves it out.
+    pub fn tasks_org(&mut self, views: &[(String, impl AsRef<[u8]>)]) -> String {
+        let mut out = String::from(HEADER);
+        let mut now = HashMap::with_capacity(views.len());
+        for (run_id, stored) in views {
+            let stored = stored.as_ref();
+            let digest = self.keys.hash_one(stored);
+            let entry = match self.by_run.remove(run_id) {
+                Some((was, entry)) if was == digest => entry,
+                _ => match serde_json::from_slice::<RunView>(stored) {
+                    Ok(view) => entry(&view),
+                    Err(_) => continue,
+                },
+            };
+            out.push_str(&entry);
+            now.insert(run_id.clone(), (digest, entry));
+        }
+        self.by_run = now;
+        out
+    }
 }
 
 /// Where the archive of `day` (`YYYY-MM-DD`) goes, under the workspace.
@@ -168,6 +205,39 @@ mod tests {
         assert_ne!(day_of_run(&next.to_string()).unwrap(), day);
         assert_eq!(day_of_run("nope"), None);
         assert_eq!(day_key_range("2026-13-01"), None);
+    }
+
+    #[test]
+    fn entries_of_unchanged_views_are_kept_and_changed_ones_rendered_again() {
+        let view = |id: &str, status: TaskStatus, goal: &str| RunView {
+            run_id: id.into(),
+            goal: goal.into(),
+            status: status as i32,
+            ..Default::default()
+        };
+        let stored = |views: &[RunView]| -> Vec<(String, Vec<u8>)> {
+            views
+                .iter()
+                .map(|v| (v.run_id.clone(), serde_json::to_vec(v).unwrap()))
+                .collect()
+        };
+        let mut entries = Entries::default();
+        let first = [
+            view("b", TaskStatus::Doing, "second goal"),
+            view("a", TaskStatus::Done, "first goal"),
+        ];
+        assert_eq!(entries.tasks_org(&stored(&first)), tasks_org(&first));
+        // One view changes, one is new, one is gone from the file; a view that does not
+        // decode is left out.
+        let second = [
+            view("c", TaskStatus::Waiting, "third goal"),
+            view("b", TaskStatus::Blocked, "second goal"),
+        ];
+        let mut views = stored(&second);
+        views.push(("x".into(), b"{not a view".to_vec()));
+        assert_eq!(entries.tasks_org(&views), tasks_org(&second));
+        assert_eq!(entries.by_run.len(), 2);
+        assert!(!entries.by_run.contains_key("a"));
     }
 
     #[test]
