@@ -694,6 +694,84 @@ async fn recorded_errands_end_right() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Told its step's check had not passed, the 1.5B model searched for tools and asked for
+/// the same listing three times in one turn (recorded in `count-files`, whose gate the
+/// model had made one no step could pass). Replayed: the listing runs once and the
+/// model is told the other two were the same call; the search widens what the step is
+/// offered; and the run ends blocked, not done.
+#[tokio::test]
+async fn a_recorded_turn_that_searches_and_repeats_a_call() -> anyhow::Result<()> {
+    let errand = errands()
+        .into_iter()
+        .find(|e| e.name == "count-files")
+        .expect("count-files is an errand");
+    let (_dir, fixture) = fixture().await?;
+    let (stand_in, url) = StandIn::start(recorded(errand.name, &fixture)).await;
+    let outcome = run_errand(&fixture, &url, &errand).await?;
+    assert_eq!(outcome.status, "blocked", "{:?}", outcome.why_wrong);
+    assert!(!outcome.done_but_wrong);
+    let requests: Vec<Value> = stand_in.requests().into_iter().map(|(_, b)| b).collect();
+    let offered = |body: &Value| -> Vec<String> {
+        let mut names: Vec<String> = body["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["function"]["name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    let results = |body: &Value| -> Vec<(String, String)> {
+        body["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["role"] == "tool")
+            .map(|m| {
+                (
+                    m["tool_call_id"].as_str().unwrap_or_default().to_owned(),
+                    m["content"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // The request after the turn of four calls is the first to answer its fourth.
+    let after = requests
+        .iter()
+        .position(|b| results(b).iter().any(|(id, _)| id == "l0-t2-c3"))
+        .expect("the turn of four calls was answered");
+    let told = results(&requests[after]);
+    let of = |id: &str| {
+        told.iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, text)| text.as_str())
+            .unwrap_or_default()
+    };
+    assert!(
+        of("l0-t2-c0").starts_with("tools that match \"read file\""),
+        "{told:?}"
+    );
+    assert!(of("l0-t2-c1").contains("budget.txt"), "{told:?}");
+    for again in ["l0-t2-c2", "l0-t2-c3"] {
+        assert_eq!(
+            of(again),
+            "not run: this is the same call as l0-t2-c1, made once in this turn; its \
+             result is above"
+        );
+    }
+    // Before the search the step had the tool it named and the search; after it, what
+    // the search found as well.
+    assert_eq!(
+        offered(&requests[after - 1]),
+        ["fs__list_directory", "tools__search"]
+    );
+    let widened = offered(&requests[after]);
+    for found in ["files__read_file", "fs__read_text_file"] {
+        assert!(widened.iter().any(|n| n == found), "{widened:?}");
+    }
+    Ok(())
+}
+
 /// Every errand against the model server of `DISPATCH_ERRANDS_MODEL_URL`
 /// (`cargo xtask errands --model-url URL`).
 #[tokio::test]

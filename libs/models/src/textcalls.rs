@@ -58,6 +58,7 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
         })
         .or_else(|| calls_then_prose(text, tools))
         .map(|c| (c, CallForm::Bare))
+        .or_else(|| described(text, tools).map(|c| (vec![c], CallForm::Described)))
 }
 
 /// The calls on the answer's first lines, when prose follows them: the first line that
@@ -79,32 +80,50 @@ fn calls_then_prose(text: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
 }
 
 /// The call `text` describes: its prose (outside code fences) names one tool on offer
-/// and no other, and the first fenced JSON object after that name fits the tool's
-/// schema ([`fits`]).
+/// and no other, and the first JSON object after that name — in a fenced block, or in
+/// inline code (`` `{"path": "a"}` ``) — fits the tool's schema ([`fits`]).
 fn described(text: &str, tools: &[ToolSpec]) -> Option<ToolCall> {
     // Split at the fence marks, even pieces are prose and odd ones fenced; the last
     // piece is prose, or an unclosed fence, and is never read as a block.
     let pieces: Vec<&str> = text.split("```").collect();
-    let mut named: Option<(&ToolSpec, usize)> = None;
+    let mut named: Option<(&ToolSpec, usize, usize)> = None;
     for (at, prose) in pieces.iter().enumerate().step_by(2) {
-        for tool in tools.iter().filter(|tool| names(prose, tool)) {
+        for tool in tools.iter() {
+            let Some(offset) = named_at(prose, tool) else {
+                continue;
+            };
             match named {
-                None => named = Some((tool, at)),
-                Some((first, _)) if first.name == tool.name => {}
+                None => named = Some((tool, at, offset)),
+                Some((first, _, _)) if first.name == tool.name => {}
                 Some(_) => return None,
             }
         }
     }
-    let (tool, at) = named?;
-    let arguments = pieces[..pieces.len() - 1]
-        .iter()
-        .skip(at + 1)
-        .step_by(2)
-        .find_map(|block| {
-            serde_json::from_str::<Value>(without_info(block).trim())
-                .ok()
-                .filter(Value::is_object)
-        })?;
+    let (tool, at, offset) = named?;
+    let last = pieces.len() - 1;
+    // What follows the name, in order: inline code of the prose, fenced blocks.
+    let mut after: Vec<&str> = Vec::new();
+    for (i, piece) in pieces.iter().enumerate().skip(at) {
+        if i % 2 == 1 {
+            if i < last {
+                after.push(without_info(piece));
+            }
+            continue;
+        }
+        let mut start = 0;
+        for (n, span) in piece.split('`').enumerate() {
+            // Odd parts are inline code; one that holds the name itself is not after it.
+            if n % 2 == 1 && (i > at || start > offset) {
+                after.push(span);
+            }
+            start += span.len() + 1;
+        }
+    }
+    let arguments = after.iter().find_map(|code| {
+        serde_json::from_str::<Value>(code.trim())
+            .ok()
+            .filter(Value::is_object)
+    })?;
     fits(&arguments, &tool.parameters).then(|| ToolCall {
         id: String::new(),
         tool: tool.name.clone(),
@@ -112,23 +131,26 @@ fn described(text: &str, tools: &[ToolSpec]) -> Option<ToolCall> {
     })
 }
 
-/// Whether `prose` names `tool`, by its name or its wire name, as a word of its own
+/// Where `prose` first names `tool`, by its name or its wire name, as a word of its own
 /// (`http.request.` at the end of a sentence does; `http.requests` does not).
-fn names(prose: &str, tool: &ToolSpec) -> bool {
+fn named_at(prose: &str, tool: &ToolSpec) -> Option<usize> {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    [tool.name.clone(), tool.wire_name()].iter().any(|name| {
-        prose.match_indices(name.as_str()).any(|(at, _)| {
-            let before = prose[..at].chars().next_back();
-            let mut after = prose[at + name.len()..].chars();
-            let starts = !before.is_some_and(|c| word(c) || c == '.');
-            let ends = match after.next() {
-                None => true,
-                Some('.') => !after.next().is_some_and(word),
-                Some(c) => !word(c),
-            };
-            starts && ends
+    [tool.name.clone(), tool.wire_name()]
+        .iter()
+        .filter_map(|name| {
+            prose.match_indices(name.as_str()).find_map(|(at, _)| {
+                let before = prose[..at].chars().next_back();
+                let mut after = prose[at + name.len()..].chars();
+                let starts = !before.is_some_and(|c| word(c) || c == '.');
+                let ends = match after.next() {
+                    None => true,
+                    Some('.') => !after.next().is_some_and(word),
+                    Some(c) => !word(c),
+                };
+                (starts && ends).then_some(at)
+            })
         })
-    })
+        .min()
 }
 
 /// Whether `arguments` are a tool's arguments by its JSON schema: the schema declares
@@ -513,6 +535,26 @@ mod tests {
         ] {
             assert_eq!(read(&text), None, "{text:?}");
         }
+        // Its arguments in inline code (recorded, a later run): read; the same words
+        // naming two tools, as its next turn wrote them, are a story, not a call.
+        let inline = "I called the `http__request` function with the arguments \
+            `{\"method\": \"GET\", \"url\": \"http://127.0.0.1:36795/about\"}`. The function \
+            returned the status, headers, and body of the request.";
+        let (calls, form) = parse(inline, &offered).expect("the described call");
+        assert_eq!(form, CallForm::Described);
+        assert_eq!(
+            calls[0].args_json,
+            r#"{"method":"GET","url":"http://127.0.0.1:36795/about"}"#
+        );
+        let story = "I called the `tools__search` function with the arguments \
+            `{\"query\": \"fetch web page\"}`. I then called the `http__request` function \
+            with the arguments `{\"method\": \"GET\", \"url\": \"http://a/\"}`.";
+        assert_eq!(parse(story, &offered), None);
+        // Inline code before the name, or holding the name, is not its arguments.
+        assert_eq!(
+            read("With `{\"method\": \"GET\", \"url\": \"http://a/\"}` I called `http__request`."),
+            None
+        );
         // A tool whose schema declares no properties cannot be told from any object.
         let loose = parse(
             "I called `read_file`:\n```json\n{\"path\": \"p\"}\n```",

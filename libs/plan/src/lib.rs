@@ -398,8 +398,8 @@ pub const BORROWED_GATE: &str = "borrowed_gate";
 
 impl Plan {
     /// The steps that make no file in the run directory (no tool they name is one
-    /// `writes_in_run` says writes there) whose gate checks files there just as a later
-    /// step's gate does: that file is the later step's to make, so the step can pass its
+    /// `writes_in_run` says writes there) whose gate checks a file that a later step's
+    /// gate checks too: that file is the later step's to make, so the step can pass its
     /// check only on work it was not asked to do, and a small model told that check gives
     /// the step up (`NOT DONE: REPORT.org does not exist`). Said as the edit to make:
     /// a check of what the step itself does, as `rewrite` writes it for the first
@@ -415,18 +415,24 @@ impl Plan {
             .enumerate()
             .filter_map(|(at, leaf)| {
                 let source = leaf.done_when.as_deref()?.trim();
-                let checks_files = gate::parse(source).is_ok_and(|g| {
+                let own = gate::parse(source).ok().filter(|g| {
                     !g.passes_whatever_happens()
                         && !matches!(g, gate::Gate::Check(gate::Check::Call(_)))
-                });
+                })?;
                 let makes_none =
                     !leaf.tools.is_empty() && !leaf.tools.iter().any(|tool| writes_in_run(tool));
+                // The same check, or another of the same file (`grep -q … scratch/R.org`
+                // after `test -s scratch/R.org`).
+                let checked = own.paths();
                 let later = self.leaves[at + 1..].iter().any(|next| {
-                    next.done_when
-                        .as_deref()
-                        .is_some_and(|next| next.contains(source))
+                    let Some(next) = next.done_when.as_deref() else {
+                        return false;
+                    };
+                    next.contains(source)
+                        || gate::parse(next)
+                            .is_ok_and(|g| g.paths().iter().any(|p| checked.contains(p)))
                 });
-                if !(checks_files && makes_none && later) {
+                if !(makes_none && later) {
                     return None;
                 }
                 let title: String = leaf.title.chars().take(MAX_TITLE_TOLD).collect();
@@ -846,6 +852,21 @@ mod tests {
         assert_eq!(
             parse(SEED_PLAN).unwrap().borrowed_gates(writes, rewrite),
             None
+        );
+        // Another check of the same file (recorded: the fetching step checked the
+        // report that the writing step greps).
+        let plan = parse(
+            "#+TITLE: t\n\
+             * TODO Fetch the name from http://127.0.0.1:36795/about\n  :PROPERTIES:\n  \
+             :TOOLS: http.request\n  :END:\n  :done-when: test -s scratch/REPORT.org\n\
+             * TODO Write the name\n  :PROPERTIES:\n  :TOOLS: files.write_file\n  :END:\n  \
+             :done-when: grep -q \"About us\" scratch/REPORT.org && grep -q Name scratch/REPORT.org\n",
+        )
+        .unwrap();
+        assert!(
+            plan.borrowed_gates(writes, rewrite)
+                .unwrap()
+                .contains("check `test -s scratch/REPORT.org` is a later step's"),
         );
         assert_eq!(
             first_absolute_path("Read \"/srv/my-docs/a.txt\". Then /b").as_deref(),
