@@ -38,6 +38,25 @@ fn tools() -> Vec<ToolSpec> {
         .collect()
 }
 
+/// A turn's history of one `write_file` call with `args_json`, answered `result`.
+fn wrote(args_json: &str, result: &str) -> Vec<Exchange> {
+    vec![
+        Exchange::Assistant {
+            text: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "l0-t0-c0".into(),
+                tool: "write_file".into(),
+                args_json: args_json.into(),
+            }],
+        },
+        Exchange::ToolResult {
+            call_id: "l0-t0-c0".into(),
+            tool: "write_file".into(),
+            result: Ok(result.into()),
+        },
+    ]
+}
+
 fn turn_request(history: Vec<Exchange>) -> TurnRequest {
     TurnRequest {
         chat: None,
@@ -152,21 +171,10 @@ async fn native_streamed_tool_calls_are_put_together_from_their_deltas() {
 #[tokio::test]
 async fn the_history_goes_back_with_call_ids() {
     let (stand_in, url) = StandIn::start(vec![Reply::Replay("llama-server/final.sse")]).await;
-    let history = vec![
-        Exchange::Assistant {
-            text: String::new(),
-            tool_calls: vec![ToolCall {
-                id: "l0-t0-c0".into(),
-                tool: "write_file".into(),
-                args_json: r#"{"path":"scratch/hello.txt","content":"hello"}"#.into(),
-            }],
-        },
-        Exchange::ToolResult {
-            call_id: "l0-t0-c0".into(),
-            tool: "write_file".into(),
-            result: Ok("wrote 5 bytes".into()),
-        },
-    ];
+    let history = wrote(
+        r#"{"path":"scratch/hello.txt","content":"hello"}"#,
+        "wrote 5 bytes",
+    );
     let reply = provider(&url).turn(turn_request(history)).await.unwrap();
     // The recorded model answered with one JSON call per line until its token limit cut
     // the last one off: that is text, not calls.
@@ -213,25 +221,11 @@ async fn a_gate_that_did_not_pass_is_said_to_the_model() {
 
     // After a call, it is told to go on.
     let (stand_in, url) = StandIn::start(vec![Reply::Replay("llama-server/final.sse")]).await;
-    let history = vec![
-        Exchange::Assistant {
-            text: String::new(),
-            tool_calls: vec![ToolCall {
-                id: "l0-t0-c0".into(),
-                tool: "write_file".into(),
-                args_json: r#"{"path":"scratch/a.txt","content":"x"}"#.into(),
-            }],
-        },
-        Exchange::ToolResult {
-            call_id: "l0-t0-c0".into(),
-            tool: "write_file".into(),
-            result: Ok("wrote 1 byte".into()),
-        },
-        Exchange::GateFailed {
-            command: "test -s scratch/REPORT.org".into(),
-            detail: "scratch/REPORT.org does not exist".into(),
-        },
-    ];
+    let mut history = wrote(r#"{"path":"scratch/a.txt","content":"x"}"#, "wrote 1 byte");
+    history.extend([Exchange::GateFailed {
+        command: "test -s scratch/REPORT.org".into(),
+        detail: "scratch/REPORT.org does not exist".into(),
+    }]);
     provider(&url).turn(turn_request(history)).await.unwrap();
     let (_, body) = &stand_in.requests()[0];
     let said = body["messages"].as_array().unwrap().last().unwrap()["content"]
