@@ -122,7 +122,7 @@ async fn a_failed_step_blocks_the_run_and_the_ordered_steps_after_it() -> anyhow
     let ordered = "  :PROPERTIES:\n  :ORDERED: t\n  :END:\n";
     let plan = format!(
         "#+TITLE: Chain\n\
-         * TODO Find the source\n{ordered}  :done-when: false\n\
+         * TODO Find the source\n{ordered}  - call: files.write_file {{\"path\": \"scratch/source.org\", \"content\": \"x\"}}\n  :done-when: false\n\
          * TODO Build on it\n{ordered}  :done-when: test -s scratch/built.org\n\
          * TODO Note the date\n  :done-when: test -s scratch/date.org\n\
          * TODO Report\n{ordered}  :done-when: test -s scratch/REPORT.org\n"
@@ -378,6 +378,22 @@ async fn a_step_is_offered_the_tools_it_names_and_what_it_searches_for() -> anyh
         "{searched:?}"
     );
 
+    // A step checked on a file under scratch/ is offered the write that makes it, named
+    // or not.
+    let plan = "#+TITLE: Note\n* TODO Read and note\n  :PROPERTIES:\n  :TOOLS: files.read_file\n  :END:\n  :done-when: test -s scratch/found.org\n";
+    let model = Scripted::with_worker(&[plan], searches_then_writes);
+    run_scripted(&stack, model.clone(), "Read and note").await?;
+    let mut first: Vec<String> = model.turns.lock().unwrap()[0]
+        .tools
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    first.sort();
+    assert_eq!(
+        first,
+        ["files.read_file", "files.write_file", "tools.search"]
+    );
+
     // Named by no :TOOLS: line, a step is offered everything on offer.
     let plan = "#+TITLE: All\n* TODO Write\n  :done-when: test -s scratch/found.org\n";
     let model = Scripted::with_worker(&[plan], searches_then_writes);
@@ -388,7 +404,8 @@ async fn a_step_is_offered_the_tools_it_names_and_what_it_searches_for() -> anyh
 }
 
 /// Writes a file and then claims more than it did (the 1.5B model's "listed and written
-/// to REPORT.org"); the second step answers without a call; the third looks on.
+/// to REPORT.org"); the second step answers without a call, even when told to make one;
+/// the third looks on.
 fn claims_more(request: &TurnRequest) -> TurnReply {
     match (request.leaf.index, results(request)) {
         (0, 0) => said(
@@ -428,6 +445,14 @@ async fn a_step_is_told_the_earlier_results_not_the_earlier_claims() -> anyhow::
     assert!(!told[0].contains("REPORT.org"), "{}", told[0]);
     assert!(
         told[1].starts_with("Its answer: The list holds one file."),
+        "{}",
+        told[1]
+    );
+    // How a step ended is said when it was not done: the second made no call, and was
+    // told to once, so nothing showed it done, whatever its gate said.
+    assert!(!told[0].contains("It ended"), "{}", told[0]);
+    assert!(
+        told[1].contains("It ended: the model made no tool call in the step"),
         "{}",
         told[1]
     );

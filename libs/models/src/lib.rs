@@ -171,6 +171,9 @@ pub enum Exchange {
     /// The model said the step is not done without having made a single call: it is
     /// told to use the tools first (once).
     GaveUpUntried,
+    /// The model said the step is done without having made a single call: it is told
+    /// that it has made nothing yet (once).
+    DoneUntried,
 }
 
 /// What an earlier step of the plan found: its title, and what its tools returned and

@@ -1,7 +1,9 @@
 //! Tool calls written as JSON in a model's text, for models that do not use the API's
 //! `tool_calls` (Qwen2.5-Coder on llama-server answers with a fenced JSON object):
 //!
-//! - tagged: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, one or more;
+//! - tagged: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, one or more; or
+//!   in `<tools>` tags, the tags the Qwen template puts around the tools' signatures
+//!   (the 1.5B model writes its call in them now and then);
 //! - fenced: a ```` ```json ```` (or bare ```` ``` ````) block holding such an object, or an
 //!   array of them;
 //! - bare: the whole answer is such an object or array, or one such object per line;
@@ -18,12 +20,17 @@
 //! offer (`fs.write_file` when only `fs.read_file` is offered: a call the policy then
 //! refuses, so the model hears why, rather than text taken for its answer), and its
 //! arguments are a JSON object (given as an object or as a string holding one): JSON
-//! that happens to be in an answer is not taken for a call. Nothing here recurses
-//! beyond serde_json's own limit.
+//! that happens to be in an answer is not taken for a call. A call written out again
+//! is the same call, made once: a small model repeats one until its token limit. An
+//! answer that writes out more than 16 different calls, or more than 64 in all, makes
+//! none. Nothing here recurses beyond serde_json's own limit.
 
 use serde_json::Value;
 
 use crate::openai::MAX_CALLS;
+
+/// The most calls one answer may write out, the same call written again included.
+const MAX_WRITTEN_CALLS: usize = 4 * MAX_CALLS;
 use crate::{CallForm, ToolCall, ToolSpec};
 
 /// The calls `text` writes out, and how; `None` if it writes none.
@@ -34,7 +41,10 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
     // Tags and fences mark where the calls are, so a marked block that is no call (a
     // small model fences a "call" to its step's `test -s` check after a real one) is
     // passed over; unmarked JSON counts only when all of it is calls.
-    let tagged = between(text, "<tool_call>", "</tool_call>");
+    let mut tagged = between(text, "<tool_call>", "</tool_call>");
+    if tagged.is_empty() {
+        tagged = between(text, "<tools>", "</tools>");
+    }
     if !tagged.is_empty() {
         return calls(&tagged, tools, Blocks::SomeCalls).map(|c| (c, CallForm::Tagged));
     }
@@ -65,18 +75,20 @@ pub fn parse(text: &str, tools: &[ToolSpec]) -> Option<(Vec<ToolCall>, CallForm)
 /// is no call must be no JSON either, so an answer with a broken or foreign object
 /// among its calls is still text.
 fn calls_then_prose(text: &str, tools: &[ToolSpec]) -> Option<Vec<ToolCall>> {
-    let mut out = Vec::new();
+    let mut out = Written::default();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         match block_calls(line, tools) {
-            Some(calls) => out.extend(calls),
-            None if out.is_empty() || line.trim_start().starts_with(['{', '[']) => return None,
+            Some(calls) => out.add(calls),
+            None if out.calls.is_empty() || line.trim_start().starts_with(['{', '[']) => {
+                return None;
+            }
             None => break,
         }
-        if out.len() > MAX_CALLS {
+        if out.too_many() {
             return None;
         }
     }
-    (!out.is_empty()).then_some(out)
+    out.calls()
 }
 
 /// The call `text` describes: its prose (outside code fences) names one tool on offer
@@ -185,18 +197,48 @@ enum Blocks {
 /// The calls in `blocks`, each a JSON object or an array of objects; `None` if they
 /// make no call, or if one is not a call and `need` is [`Blocks::AllCalls`].
 fn calls(blocks: &[&str], tools: &[ToolSpec], need: Blocks) -> Option<Vec<ToolCall>> {
-    let mut out = Vec::new();
+    let mut out = Written::default();
     for block in blocks {
         match block_calls(block, tools) {
-            Some(calls) => out.extend(calls),
+            Some(calls) => out.add(calls),
             None if need == Blocks::AllCalls => return None,
             None => {}
         }
-        if out.len() > MAX_CALLS {
+        if out.too_many() {
             return None;
         }
     }
-    (!out.is_empty()).then_some(out)
+    out.calls()
+}
+
+/// The calls an answer writes out, each once: a call written out again is the same
+/// call (the 1.5B model, told a step is not done, writes one fetch sixteen times over
+/// until its token limit, and means one fetch).
+#[derive(Default)]
+struct Written {
+    calls: Vec<ToolCall>,
+    written: usize,
+}
+
+impl Written {
+    fn add(&mut self, calls: Vec<ToolCall>) {
+        for call in calls {
+            self.written += 1;
+            if !self.calls.contains(&call) {
+                self.calls.push(call);
+            }
+        }
+    }
+
+    /// More than one answer may make: more than [`MAX_CALLS`] different calls, or
+    /// more than [`MAX_WRITTEN_CALLS`] written out in all.
+    fn too_many(&self) -> bool {
+        self.calls.len() > MAX_CALLS || self.written > MAX_WRITTEN_CALLS
+    }
+
+    fn calls(self) -> Option<Vec<ToolCall>> {
+        (!self.calls.is_empty()).then_some(self.calls)
+    }
 }
 
 /// The calls of one block, if it is wholly calls.
@@ -345,15 +387,21 @@ mod tests {
                 CallForm::Bare
             )
         );
-        let tagged = "I will read it.\n<tool_call>\n{\"name\": \"read_file\", \"parameters\": {\"path\": \"p\"}}\n</tool_call>";
-        assert_eq!(
-            one(tagged),
-            (
-                "read_file".into(),
-                r#"{"path":"p"}"#.into(),
-                CallForm::Tagged
-            )
-        );
+        // The second as the 1.5B model wrote it, in the tags its template puts around the
+        // tools' signatures (errands).
+        for tagged in [
+            "I will read it.\n<tool_call>\n{\"name\": \"read_file\", \"parameters\": {\"path\": \"p\"}}\n</tool_call>",
+            "<tools> {\"name\": \"read_file\", \"arguments\": {\"path\":\"p\"}} </tools>",
+        ] {
+            assert_eq!(
+                one(tagged),
+                (
+                    "read_file".into(),
+                    r#"{"path":"p"}"#.into(),
+                    CallForm::Tagged
+                )
+            );
+        }
         let lines = "{\"name\": \"read_file\", \"arguments\": {}}\n\n{\"name\": \"write_file\", \"arguments\": {}}\n";
         let (calls, form) = parse(lines, &tools()).unwrap();
         assert_eq!((calls.len(), form), (2, CallForm::Bare));
@@ -380,7 +428,13 @@ mod tests {
             format!("I will read it.\n{read}"),
             format!("{read}\n{{\"name\": \"test\", \"arguments\": {{}}}}\nThen done."),
             format!("{read}\n{{\"name\": \"write_file\", \"arg\nDone."),
-            format!("{}\nToo many.", vec![read; MAX_CALLS + 1].join("\n")),
+            format!(
+                "{}\nToo many.",
+                (0..=MAX_CALLS)
+                    .map(|i| format!(r#"{{"name": "read_file", "arguments": {{"path": "p{i}"}}}}"#))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
         ] {
             assert_eq!(parse(&text, &tools()), None, "{text:?}");
         }
@@ -564,11 +618,30 @@ mod tests {
     }
 
     #[test]
+    fn a_call_written_again_and_again_is_one_call() {
+        let call = "```json\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"p\"}}\n```\n";
+        // As the 1.5B model wrote one: over and over until its token limit cut the last.
+        let again = format!("{}```json\n{{\"name\": \"read", call.repeat(MAX_CALLS + 4));
+        let (calls, form) = parse(&again, &tools()).unwrap();
+        assert_eq!((calls.len(), form), (1, CallForm::Fenced));
+        let lines = "{\"name\": \"read_file\", \"arguments\": {}}\n";
+        let parsed = |n: usize| parse(&lines.repeat(n), &tools()).map(|(c, _)| c.len());
+        assert_eq!(parsed(MAX_CALLS + 1), Some(1));
+        assert_eq!(parsed(MAX_WRITTEN_CALLS), Some(1));
+        assert_eq!(parsed(MAX_WRITTEN_CALLS + 1), None);
+    }
+
+    #[test]
     fn too_many_calls_are_none() {
-        let call = r#"{"name": "read_file", "arguments": {}}"#;
-        let many = format!("[{}]", vec![call; MAX_CALLS + 1].join(","));
+        let calls = |n: usize| {
+            (0..n)
+                .map(|i| format!(r#"{{"name": "read_file", "arguments": {{"path": "p{i}"}}}}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let many = format!("[{}]", calls(MAX_CALLS + 1));
         assert_eq!(parse(&many, &tools()), None);
-        let enough = format!("[{}]", vec![call; MAX_CALLS].join(","));
+        let enough = format!("[{}]", calls(MAX_CALLS));
         assert_eq!(
             parse(&enough, &tools()).map(|(c, _)| c.len()),
             Some(MAX_CALLS)

@@ -77,12 +77,14 @@ const FRAMED: &str = "the connector frames the request and holds the connection 
 
 /// Whether the header `name: value` says only what the connector sends anyway (and
 /// can be left out): a `Host` of the url's own ([`own_host`]), a `Connection` that
-/// asks for the connection the client keeps or closes as it sees fit, or a
-/// `Content-Length: 0` on a request with no body.
+/// asks for the connection the client keeps or closes as it sees fit, a
+/// `Content-Length: 0` on a request with no body, or a `Transfer-Encoding: identity`
+/// (no coding, which is how the connector sends any body).
 fn sent_anyway(url: &reqwest::Url, bodiless: bool, name: &str, value: &str) -> bool {
     match name.to_ascii_lowercase().as_str() {
         "host" => own_host(url, value),
         "content-length" => bodiless && value.trim() == "0",
+        "transfer-encoding" => value.trim().eq_ignore_ascii_case("identity"),
         "connection" => {
             value.trim().eq_ignore_ascii_case("keep-alive")
                 || value.trim().eq_ignore_ascii_case("close")
@@ -356,7 +358,8 @@ impl Http {
         let url =
             reqwest::Url::parse(&request.url).map_err(|e| format!("url {:?}: {e}", request.url))?;
         // What the connector sends anyway, small models write as browsers do: a `Host`
-        // naming the url's own host, `Connection: keep-alive` or `close`. Left out, not
+        // naming the url's own host, `Connection: keep-alive` or `close`, `Content-Length:
+        // 0` without a body, `Transfer-Encoding: identity`. Left out, not
         // refused; any other value of those is refused below.
         let bodiless = request.body.as_deref().is_none_or(str::is_empty);
         request

@@ -249,13 +249,15 @@ async fn a_call_may_not_set_where_a_request_goes_how_it_is_framed_or_its_method(
         .unwrap_err();
     assert!(err.contains("may not be set by a call"), "{err}");
     // So does a call that sets only what is sent anyway, as a small model copies it
-    // from a browser: its own host and port, a connection kept alive or closed.
+    // from a browser: its own host and port, a connection kept alive or closed, no
+    // body's length or coding.
     for (name, value) in [
         ("Host", format!("127.0.0.1:{}", addr.port())),
         ("host", format!("127.0.0.1:{}", addr.port())),
         ("Connection", "keep-alive".to_owned()),
         ("Connection", "close".to_owned()),
         ("Content-Length", "0".to_owned()),
+        ("Transfer-Encoding", "identity".to_owned()),
     ] {
         let args = serde_json::json!({"method": "GET", "url": url, "headers": {name: value}});
         let ok = http
@@ -264,7 +266,7 @@ async fn a_call_may_not_set_where_a_request_goes_how_it_is_framed_or_its_method(
             .unwrap();
         assert!(ok.ends_with("counted"), "{args}: {ok}");
     }
-    assert_eq!(seen.load(Ordering::SeqCst), 6);
+    assert_eq!(seen.load(Ordering::SeqCst), 7);
 }
 
 #[tokio::test]

@@ -57,6 +57,9 @@ const REPORT_FILE: &str = "REPORT.org";
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 /// The most of a leaf's answer recorded in `LeafFinished`.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
+/// Why a leaf whose model made no tool call is FAILED, whatever its gate says.
+const NO_CALL: &str = "the model made no tool call in the step, so nothing shows the \
+                       step's own work: its gate would pass without it";
 /// The most of a call's arguments recorded when they have no canonical form (the
 /// policy refuses such a call; this is only what it was).
 const UNREADABLE_ARGS_BYTES: usize = 16 * 1024;
@@ -71,6 +74,9 @@ const APPROVAL_POLL: Duration = Duration::from_secs(5);
 
 /// The built-in tool that finds other tools by words (the connectors' `tools.search`).
 const SEARCH_TOOL: &str = "tools.search";
+/// The built-in tool that writes a file under `scratch/`: offered to every step whose
+/// gate checks such a file, whatever tools its author named.
+const SCRATCH_WRITE_TOOL: &str = "files.write_file";
 
 /// How many times one model request is made when it times out, while the run's
 /// deadline leaves time (the deadline cuts any of them short).
@@ -760,7 +766,8 @@ impl Exec<'_> {
     /// One leaf's agent loop and gate. The leaf is DONE only when its gate passed after
     /// the model said it finished; it is FAILED when the model says it could not do the
     /// step, when its last tool call failed and was not tried again, when it has no
-    /// gate, or when the gate does not pass.
+    /// gate, when its model made no tool call (told once to make one), or when the gate
+    /// does not pass.
     async fn leaf(
         &mut self,
         requested: &RunRequested,
@@ -786,9 +793,14 @@ impl Exec<'_> {
             history.push(assistant_exchange(&model_turn));
             answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
-                let untried = !history
-                    .iter()
-                    .any(|e| matches!(e, Exchange::ToolResult { .. } | Exchange::GaveUpUntried));
+                let untried = !history.iter().any(|e| {
+                    matches!(
+                        e,
+                        Exchange::ToolResult { .. }
+                            | Exchange::GaveUpUntried
+                            | Exchange::DoneUntried
+                    )
+                });
                 let said = crate::answer::admits_unfinished(&model_turn.text);
                 // Given up before a single call: told once to try, while turns are left.
                 if said.is_some() && untried && turn + 1 < max_turns {
@@ -810,6 +822,23 @@ impl Exec<'_> {
                     finished = Some(Err(
                         "the leaf has no :done-when: gate, so nothing shows it done".into(),
                     ));
+                    break;
+                }
+                // A step whose model made no call did nothing a gate could see: one
+                // that passes would have passed without it (a path outside the run read
+                // by `call`, a file an earlier step made). Told once to make its calls.
+                // The offline provider is no model: its turns are the plan's `call:`
+                // lines, and a leaf written with none makes none, as its writer meant.
+                let scripted = model_turn.model == dispatch_models::offline::NAME;
+                let called = history
+                    .iter()
+                    .any(|e| matches!(e, Exchange::ToolResult { .. }));
+                if !scripted && !called {
+                    if untried && turn + 1 < max_turns {
+                        history.push(Exchange::DoneUntried);
+                        continue;
+                    }
+                    finished = Some(Err(NO_CALL.into()));
                     break;
                 }
                 let gate = self.gate(leaf, checks).await?;
@@ -927,13 +956,20 @@ impl Exec<'_> {
     }
 
     /// The tools `leaf`'s model is offered, of those on offer: all of them when its
-    /// author named none; else the ones it named, `tools.search`, and what searches in
-    /// this leaf found (read from their results in the log, so a resumed leaf is
-    /// offered the same).
+    /// author named none; else the ones it named, `tools.search`, the built-in write
+    /// when its gate checks a file under `scratch/` (a step named "Fetch the page" with
+    /// only `http.request` and checked on `scratch/page.html` could not make the file
+    /// its check looks for: errands, recorded), and what searches in this leaf found
+    /// (read from their results in the log, so a resumed leaf is offered the same).
     fn leaf_tools(&self, leaf: &PlanLeaf, on_offer: Vec<ToolSpec>) -> Vec<ToolSpec> {
         if leaf.tools.is_empty() {
             return on_offer;
         }
+        let checks_scratch = dispatch_plan::gate::parse(&leaf.done_when).is_ok_and(|gate| {
+            gate.paths()
+                .iter()
+                .any(|p| p.trim_start_matches("./").starts_with("scratch/"))
+        });
         let searches: Vec<&str> = self
             .run
             .bodies()
@@ -967,13 +1003,15 @@ impl Exec<'_> {
             .filter(|t| {
                 t.name == SEARCH_TOOL
                     || leaf.tools.contains(&t.name)
+                    || (checks_scratch && t.name == SCRATCH_WRITE_TOOL)
                     || found.contains(&t.name.as_str())
             })
             .collect()
     }
 
     /// What the leaves finished before `leaf` found, from the log: each one's tool
-    /// results (or, when it has none, its answer) and how it ended, cut to
+    /// results (or, when it has none, its answer) and, unless it was done, how it
+    /// ended, cut to
     /// [`EARLIER_STEP_CHARS`] a step and, keeping the latest
     /// steps, [`EARLIER_CHARS`] in all.
     fn earlier_steps(&self, leaf: u32) -> Vec<EarlierStep> {
@@ -1012,7 +1050,13 @@ impl Exec<'_> {
                     if text.is_empty() && !f.answer.trim().is_empty() {
                         text.push_str(&format!("Its answer: {}\n", f.answer.trim()));
                     }
-                    text.push_str(&format!("It ended: {}\n", f.reason));
+                    // How a step that was not done ended; a done one's gate is left
+                    // out: after a listing of three files, the 1.5B model counted the
+                    // line "It ended: gate passed: …" as a fourth (2 answers in 3 said
+                    // 4 with it, 1 in 4 without; errands, recorded).
+                    if f.state() != LeafState::Done {
+                        text.push_str(&format!("It ended: {}\n", f.reason));
+                    }
                 }
                 _ => {}
             }
