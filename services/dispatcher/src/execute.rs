@@ -1011,9 +1011,8 @@ impl Exec<'_> {
 
     /// What the leaves finished before `leaf` found, from the log: each one's tool
     /// results (or, when it has none, its answer) and, unless it was done, how it
-    /// ended, cut to
-    /// [`EARLIER_STEP_CHARS`] a step and, keeping the latest
-    /// steps, [`EARLIER_CHARS`] in all.
+    /// ended, cut to [`EARLIER_STEP_CHARS`] a step and, keeping the latest steps,
+    /// [`EARLIER_CHARS`] in all.
     fn earlier_steps(&self, leaf: u32) -> Vec<EarlierStep> {
         let plan = self.find(as_plan);
         let title = |index: u32| {
