@@ -291,8 +291,8 @@ async fn an_author_told_its_gate_can_never_pass_corrects_the_plan() -> anyhow::R
     Ok(())
 }
 
-/// A worker that says it is done before doing anything, and writes the note only once
-/// told that the leaf's gate does not pass.
+/// A worker that writes a draft, says it is done before writing the note, and writes the
+/// note only once told that the leaf's gate does not pass.
 fn hasty(request: &TurnRequest) -> TurnReply {
     let told = request
         .history
@@ -301,15 +301,17 @@ fn hasty(request: &TurnRequest) -> TurnReply {
     let wrote = request
         .history
         .iter()
-        .any(|e| matches!(e, Exchange::ToolResult { .. }));
+        .filter(|e| matches!(e, Exchange::ToolResult { .. }))
+        .count();
+    let write = |path: &str| {
+        vec![dispatch_models::ToolCall::new(
+            "files.write_file",
+            &format!(r#"{{"path": "{path}", "content": "a note"}}"#),
+        )]
+    };
     let (text, tool_calls) = match (told, wrote) {
-        (true, false) => (
-            "Writing it now.",
-            vec![dispatch_models::ToolCall::new(
-                "files.write_file",
-                r#"{"path": "scratch/note.org", "content": "a note"}"#,
-            )],
-        ),
+        (false, 0) => ("Writing a draft.", write("scratch/draft.org")),
+        (true, 1) => ("Writing it now.", write("scratch/note.org")),
         _ => ("The step is done.", vec![]),
     };
     TurnReply {
@@ -337,10 +339,10 @@ async fn a_model_that_finishes_before_its_gate_passes_is_told_and_goes_on() -> a
     assert_eq!(gates.len(), 2, "{gates:?}");
     assert_eq!((gates[0].0.as_str(), gates[0].1), ("gate-l0", false));
     assert_eq!((gates[1].0.as_str(), gates[1].1), ("gate-l0-1", true));
-    // The model's second turn was told which check failed and why.
+    // The model's third turn was told which check failed and why.
     let turns = model.turns.lock().unwrap();
-    assert_eq!(turns.len(), 3, "finish, write, finish");
-    let told = turns[1].history.last().cloned();
+    assert_eq!(turns.len(), 4, "draft, finish, write, finish");
+    let told = turns[2].history.last().cloned();
     assert!(
         matches!(&told, Some(Exchange::GateFailed { command, detail })
             if command == "test -s scratch/note.org" && detail == &gates[0].2),
