@@ -306,7 +306,7 @@ fn hasty(request: &TurnRequest) -> TurnReply {
     let write = |path: &str| {
         vec![dispatch_models::ToolCall::new(
             "files.write_file",
-            &format!(r#"{{"path": "{path}", "content": "a note"}}"#),
+            format!(r#"{{"path": "{path}", "content": "a note"}}"#),
         )]
     };
     let (text, tool_calls) = match (told, wrote) {
