@@ -462,17 +462,16 @@ fn conversation(request: &TurnRequest) -> Vec<Message> {
     // the results reminds them how a step ends. How a step is given up is said only
     // when a call failed: said after calls that all went well, the 1.5B model answers
     // "NOT DONE" to results that show the step done (recorded; see CONTINUE).
-    let last_turn = request
-        .history
-        .iter()
-        .rev()
-        .map_while(|e| match e {
-            Exchange::ToolResult { result, .. } => Some(result.is_err()),
-            _ => None,
-        })
-        .collect::<Vec<bool>>();
-    if !last_turn.is_empty() {
-        let failed = last_turn.contains(&true);
+    if matches!(request.history.last(), Some(Exchange::ToolResult { .. })) {
+        let failed = request
+            .history
+            .iter()
+            .rev()
+            .map_while(|e| match e {
+                Exchange::ToolResult { result, .. } => Some(result.is_err()),
+                _ => None,
+            })
+            .any(|failed| failed);
         messages.push(Message::user(
             if failed {
                 CONTINUE_AFTER_A_FAILURE

@@ -793,14 +793,13 @@ impl Exec<'_> {
             history.push(assistant_exchange(&model_turn));
             answer = model_turn.text.clone();
             if model_turn.tool_calls.is_empty() {
-                let untried = !history.iter().any(|e| {
-                    matches!(
-                        e,
-                        Exchange::ToolResult { .. }
-                            | Exchange::GaveUpUntried
-                            | Exchange::DoneUntried
-                    )
-                });
+                let called = history
+                    .iter()
+                    .any(|e| matches!(e, Exchange::ToolResult { .. }));
+                let told = history
+                    .iter()
+                    .any(|e| matches!(e, Exchange::GaveUpUntried | Exchange::DoneUntried));
+                let untried = !called && !told;
                 let said = crate::answer::admits_unfinished(&model_turn.text);
                 // Given up before a single call: told once to try, while turns are left.
                 if said.is_some() && untried && turn + 1 < max_turns {
@@ -830,9 +829,6 @@ impl Exec<'_> {
                 // The offline provider is no model: its turns are the plan's `call:`
                 // lines, and a leaf written with none makes none, as its writer meant.
                 let scripted = model_turn.model == dispatch_models::offline::NAME;
-                let called = history
-                    .iter()
-                    .any(|e| matches!(e, Exchange::ToolResult { .. }));
                 if !scripted && !called {
                     if untried && turn + 1 < max_turns {
                         history.push(Exchange::DoneUntried);
