@@ -448,42 +448,85 @@ fn tokens(events: &[StoredEvent]) -> (u64, u64) {
     sum
 }
 
-/// What first went wrong in a run whose result is wrong, and whose it was: the
-/// runtime's when a service gave up a command, a run was orphaned or an executor
-/// failed; the model's when its plan was refused, a step it ran failed its gate or
-/// it said it could not finish, or it wrote a wrong report.
-fn first_cause(events: &[StoredEvent]) -> Value {
-    let runtime_words = [
+/// Whose a failure's reason says it was: the runtime's when a service gave up, a run
+/// was orphaned, a process panicked or something could not be reached or done; the
+/// model's otherwise. What the model itself said (its "NOT DONE: … cannot be read"),
+/// and a refused plan (quoting the author's gates), are the model's whatever their
+/// words.
+fn whose(reason: &str) -> &'static str {
+    const MODEL_SAID: [&str; 2] = ["the model said the step is not done: ", "plan rejected: "];
+    const RUNTIME_WORDS: [&str; 5] = [
         "abandoned",
         "orphaned",
         "panicked",
         "unreachable",
         "cannot ",
     ];
+    // A run's reason names its first failed step's: look at the step's own words.
+    let own = reason.split_once("): ").map_or(reason, |(_, step)| step);
+    if MODEL_SAID
+        .iter()
+        .any(|m| own.starts_with(m) || reason.starts_with(m))
+    {
+        return "model";
+    }
+    match RUNTIME_WORDS.iter().any(|w| reason.contains(w)) {
+        true => "runtime",
+        false => "model",
+    }
+}
+
+/// What first went wrong in a run whose result is wrong, and whose it was: the
+/// runtime's when a service gave up a command, or a step or the run failed for a
+/// reason of the runtime's ([`whose`]); the model's when its plan was refused, a step
+/// it ran failed its gate or it said it could not finish, or it wrote a wrong report.
+fn first_cause(events: &[StoredEvent]) -> Value {
     for e in events {
         let (kind, text) = match &e.event.body {
             Some(Body::CommandAbandoned(a)) => {
                 ("runtime", format!("{} {}: {}", a.command, a.key, a.reason))
             }
-            Some(Body::LeafFinished(f)) if f.state() == LeafState::Failed => {
-                let whose = match runtime_words.iter().any(|w| f.reason.contains(w)) {
-                    true => "runtime",
-                    false => "model",
-                };
-                (whose, format!("leaf {} failed: {}", f.leaf + 1, f.reason))
-            }
+            Some(Body::LeafFinished(f)) if f.state() == LeafState::Failed => (
+                whose(&f.reason),
+                format!("leaf {} failed: {}", f.leaf + 1, f.reason),
+            ),
             Some(Body::RunFinished(f)) if f.status() != RunStatus::Done => {
-                let whose = match runtime_words.iter().any(|w| f.reason.contains(w)) {
-                    true => "runtime",
-                    false => "model",
-                };
-                (whose, f.reason.clone())
+                (whose(&f.reason), f.reason.clone())
             }
             _ => continue,
         };
         return json!({"whose": kind, "seq": e.event.seq, "event": e.event.body.as_ref().map(|b| b.kind()), "what": text});
     }
     json!({"whose": "model", "what": "the run ended done with a report its checker refused"})
+}
+
+#[test]
+fn whose_a_failure_was_is_read_from_the_runtime_s_words_not_the_model_s() {
+    // Run 12's write-denied: the model's own words said "cannot".
+    assert_eq!(
+        whose(
+            "the model said the step is not done: NOT DONE: The path \"/tmp/x\" is outside \
+             scratch/ and cannot be read."
+        ),
+        "model"
+    );
+    assert_eq!(
+        whose(
+            "1 of 2 steps failed, 1 not run: step 1 (\"Read /tmp/x\"): the model said the step \
+             is not done: it cannot be read"
+        ),
+        "model"
+    );
+    assert_eq!(
+        whose("plan rejected: unusable_gate: `test -s /x` cannot pass"),
+        "model"
+    );
+    assert_eq!(
+        whose("its last tool call failed and was not tried again: fs.read: server unreachable"),
+        "runtime"
+    );
+    assert_eq!(whose("run orphaned: its owner stopped"), "runtime");
+    assert_eq!(whose("gate failed: scratch/a does not exist"), "model");
 }
 
 async fn run_errand(

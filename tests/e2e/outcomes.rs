@@ -458,3 +458,56 @@ async fn a_step_is_told_the_earlier_results_not_the_earlier_claims() -> anyhow::
     );
     Ok(())
 }
+
+/// Looks for a tool, finds one, and says the step is done without using it (the 1.5B
+/// model's `tools.search` for "kill switch", then "The step is done.", recorded).
+fn only_searches(request: &TurnRequest) -> TurnReply {
+    match results(request) {
+        0 => said(
+            "Looking for a writer.",
+            vec![ToolCall::new(
+                "tools.search",
+                r#"{"query": "write a file"}"#,
+            )],
+        ),
+        _ => said("The step is done.", vec![]),
+    }
+}
+
+/// Looking for tools is no part of a step's work: a step whose only call was
+/// `tools.search` is told once that it has done nothing yet, then FAILED, and its gate
+/// (here one that passes whatever happens, as a file an earlier step made would) is not
+/// what decides.
+#[tokio::test]
+async fn a_step_that_only_looked_for_tools_has_not_done_its_work() -> anyhow::Result<()> {
+    let stack = Stack::start(&["policy", "connectors"]).await?;
+    let plan = "#+TITLE: Note\n* TODO Write the note\n  :done-when: test -d scratch\n";
+    let model = Scripted::with_worker(&[plan], only_searches);
+    let events = run_scripted(&stack, model.clone(), "Only search").await?;
+
+    let turns = model.turns.lock().unwrap();
+    assert_eq!(turns.len(), 3, "search, done, done when told");
+    assert!(matches!(
+        turns[2].history.last(),
+        Some(Exchange::DoneUntried)
+    ));
+    let searched = events.iter().any(
+        |e| matches!(&e.event.body, Some(Body::ToolCallCompleted(c)) if c.call_id == "l0-t0-c0"),
+    );
+    assert!(searched, "the search ran");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.event.body, Some(Body::GateChecked(_))))
+    );
+    let leaf = &leaves(&events)[0];
+    assert_eq!(leaf.state(), LeafState::Failed);
+    assert!(
+        leaf.reason
+            .starts_with("the model made no tool call in the step other than looking for tools"),
+        "{}",
+        leaf.reason
+    );
+    assert_eq!(finished(&events).status, RunStatus::Blocked as i32);
+    Ok(())
+}

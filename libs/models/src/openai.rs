@@ -629,14 +629,15 @@ const GATE_FAILED: &str = "Go on with the step: make the calls it still needs, t
 /// done before any call): a small model told only the first says the step is done
 /// again, turn after turn (recorded with the 1.5B model). It does not name the way to
 /// give up, which the 1.5B model then takes (errands, recorded).
-const GATE_FAILED_UNTRIED: &str = "You have called no tool in this step, so it has made \
-nothing yet: saying it is done does not do it. Make the call the step needs now, with the \
-actual text or arguments, then answer.";
+const GATE_FAILED_UNTRIED: &str = "You have called no tool in this step that does its work \
+(tools.search only finds tools), so it has made nothing yet: saying it is done does not do \
+it. Make the call the step needs now, with the actual text or arguments, then answer.";
 
 /// Said to a model that gave a step up without trying a tool.
-const GAVE_UP_UNTRIED: &str = "You have not used any tool yet. Do the step with the tools \
-offered: make the call it needs (read the file, fetch the page, write the file) and look \
-at the result. Answer NOT DONE: only when a call's result shows the step cannot be done.";
+const GAVE_UP_UNTRIED: &str = "You have not used a tool for the step yet (tools.search \
+only finds tools). Do the step with the tools offered: make the call it needs (read the \
+file, fetch the page, write the file) and look at the result. Answer NOT DONE: only when a \
+call's result shows the step cannot be done.";
 
 /// Said after the tool results of the last turn when every call went well. It does not
 /// name the way to give a step up: told "if the step cannot be done, answer starting
