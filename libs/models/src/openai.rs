@@ -630,8 +630,10 @@ const GATE_FAILED: &str = "Go on with the step: make the calls it still needs, t
 /// again, turn after turn (recorded with the 1.5B model). It does not name the way to
 /// give up, which the 1.5B model then takes (errands, recorded). Nor does it name
 /// `tools.search`, which does none of a step's work: told "(tools.search only finds
-/// tools)", the 1.5B model answered with a search 10 times in 10; without it, it wrote
-/// the step's file 8 times in 10 (errands, recorded).
+/// tools)", the 1.5B model answered with a search 10 times in 10; without it, it called
+/// the step's write 8 times in 10 (4 with the listing it had, the others with made-up
+/// or `$(...)` text), against once with the older "You have called no tool in this
+/// step" (errands, recorded).
 const GATE_FAILED_UNTRIED: &str = "You have called no tool in this step that does its work, \
 so it has made nothing yet: saying it is done does not do it. Make the call the step needs \
 now, with the actual text or arguments, then answer.";
