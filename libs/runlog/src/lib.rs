@@ -894,8 +894,11 @@ pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
 /// How many feed messages a shared feed holds for its handle ([`RunLog::share_feed`])
 /// while the handle is not reading; past that the oldest are dropped (most are the
-/// handle's own appends), and the handle reads the log when it finds a gap.
-const SHARED_FEED_BUFFER: usize = 256;
+/// handle's own appends), and the handle reads the log when it finds a gap. The
+/// channel allocates every slot up front, for every run the dispatcher holds: 256
+/// slots were 10 KiB per run waiting for approval (`cargo xtask bench gate`, 57 → 67
+/// KiB per waiting run); a one-leaf run appends 14 events in all.
+const SHARED_FEED_BUFFER: usize = 32;
 
 /// A run's feed subscribed once for a watcher and a handle ([`RunLog::share_feed`]).
 pub struct SharedFeed {
