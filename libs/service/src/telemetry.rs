@@ -179,7 +179,6 @@ pub fn init(service: &str, instance: &str, args: &TelemetryArgs) -> Result<Telem
     Ok(Telemetry { tracer, meter })
 }
 
-/// Binds `addr` and serves `GET /metrics` from `registry` on a task of its own.
 /// The process's subscriber: log lines filtered by `levels`, and spans for `tracer`.
 fn subscriber(
     levels: EnvFilter,
@@ -221,6 +220,7 @@ fn subscriber(
     tracing_subscriber::registry().with(fmt).with(otel)
 }
 
+/// Binds `addr` and serves `GET /metrics` from `registry` on a task of its own.
 fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> Result<SocketAddr, Error> {
     let listen = |source| Error::Listen { addr, source };
     let listener = std::net::TcpListener::bind(addr).map_err(listen)?;
